@@ -1,0 +1,206 @@
+//! The `Communicator` trait and an in-process implementation (threads as
+//! ranks) for tests and single-machine expert parallelism.
+
+use crate::error::{Error, Result};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// A group of ranks that exchange bytes. Expert-parallel ops are written on
+/// top of it; MPI, NCCL and RCCL implement it in their own crates.
+pub trait Communicator: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// All-to-all with variable counts: `send[r]` goes to rank `r`; the
+    /// result's entry `r` is what rank `r` sent here. Collective: every rank
+    /// calls it in the same order.
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
+    /// Waits until every rank arrives.
+    fn barrier(&self) -> Result<()>;
+}
+
+struct State {
+    /// mailbox[dst][src]
+    mailbox: Vec<Vec<Option<Vec<u8>>>>,
+    arrived: usize,
+    generation: u64,
+    /// Set when a rank leaves (drops its handle) while others may wait.
+    broken: Option<usize>,
+}
+
+struct Shared {
+    world: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+    timeout: Duration,
+}
+
+/// One rank of an in-process group. Create a group with
+/// [`ThreadComm::group`] and move each handle into its own thread.
+///
+/// Collectives time out (default 60 s) instead of hanging, and a rank that
+/// drops its handle breaks the group so the others fail fast.
+pub struct ThreadComm {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl ThreadComm {
+    /// A group of `world` ranks with the default 60 s timeout.
+    pub fn group(world: usize) -> Vec<ThreadComm> {
+        Self::group_with_timeout(world, Duration::from_secs(60))
+    }
+
+    /// A group whose collectives fail after `timeout`.
+    pub fn group_with_timeout(world: usize, timeout: Duration) -> Vec<ThreadComm> {
+        let shared = Arc::new(Shared {
+            world,
+            state: Mutex::new(State {
+                mailbox: vec![vec![None; world]; world],
+                arrived: 0,
+                generation: 0,
+                broken: None,
+            }),
+            cv: Condvar::new(),
+            timeout,
+        });
+        (0..world)
+            .map(|rank| ThreadComm {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Comm {
+            rank: self.rank,
+            msg: msg.into(),
+        }
+    }
+
+    /// Barrier on the shared state; `deposit` runs under the lock on arrival.
+    fn rendezvous(&self, deposit: impl FnOnce(&mut State)) -> Result<()> {
+        let mut st = self
+            .shared
+            .state
+            .lock()
+            .map_err(|_| self.err("group lock poisoned"))?;
+        if let Some(r) = st.broken {
+            return Err(self.err(format!("rank {r} left the group")));
+        }
+        deposit(&mut st);
+        let gen = st.generation;
+        st.arrived += 1;
+        if st.arrived == self.shared.world {
+            st.arrived = 0;
+            st.generation += 1;
+            self.shared.cv.notify_all();
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + self.shared.timeout;
+        while st.generation == gen {
+            if let Some(r) = st.broken {
+                return Err(self.err(format!("rank {r} left the group")));
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                st.broken = Some(self.rank);
+                self.shared.cv.notify_all();
+                return Err(self.err(format!(
+                    "collective timed out after {:?}",
+                    self.shared.timeout
+                )));
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .map_err(|_| self.err("group lock poisoned"))?
+                .0;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ThreadComm {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            if st.broken.is_none() && std::thread::panicking() {
+                st.broken = Some(self.rank);
+            }
+            self.shared.cv.notify_all();
+        }
+    }
+}
+
+impl Communicator for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let world = self.shared.world;
+        if send.len() != world {
+            return Err(self.err(format!(
+                "all_to_all_v needs {world} send buffers, got {}",
+                send.len()
+            )));
+        }
+        let me = self.rank;
+        self.rendezvous(|st| {
+            for (dst, buf) in send.into_iter().enumerate() {
+                st.mailbox[dst][me] = Some(buf);
+            }
+        })?;
+        let recv: Vec<Vec<u8>> = {
+            let mut st = self
+                .shared
+                .state
+                .lock()
+                .map_err(|_| self.err("group lock poisoned"))?;
+            st.mailbox[me]
+                .iter_mut()
+                .map(|m| m.take().unwrap_or_default())
+                .collect()
+        };
+        // Second rendezvous: nobody refills a mailbox before its owner emptied it.
+        self.rendezvous(|_| {})?;
+        Ok(recv)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.rendezvous(|_| {})
+    }
+}
+
+/// Runs `f(rank, comm)` on `world` threads and collects the results in rank
+/// order. A panic in any rank becomes an error instead of a hang.
+pub fn run_ranks<T: Send>(
+    world: usize,
+    f: impl Fn(usize, &ThreadComm) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let comms = ThreadComm::group(world);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, c)| {
+                let f = &f;
+                s.spawn(move || f(r, &c))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Comm {
+                        rank: r,
+                        msg: "rank panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    })
+}

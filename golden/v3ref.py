@@ -1,0 +1,305 @@
+"""An independent, straightforward DeepSeek-V3 forward pass (SPEC sections 5, 6, 8).
+
+Numerics modes (class ``Numerics``):
+
+* ``f32``  weights dequantized to f32 (q.float()*s), every activation f32,
+           torch f32 matmuls.  Used to cross-check transformers.
+* ``f64``  weights dequantized exactly in f64, every activation f64.  The
+           "exact" reference used to measure f32 noise.
+* ``bf16`` SPEC section 8 bf16 mode.  Weights dequantized to bf16
+           (bf16(q.float()*s)); every tensor passed between ops is bf16.
+           Each op computes internally in f64 (``acc``; f32 for the
+           measurement variant) from its bf16 inputs and rounds its output
+           once to bf16 (RNE).  GEMMs therefore accumulate in f64, which is
+           "f32 accumulation or better"; see README.
+* ``fp8``  as bf16, but each linear with an FP8 weight runs act_quant
+           (f32 arithmetic, float scales) and the FP8 GEMM of SPEC section 3
+           with the checkpoint's e4m3 weight and weight_scale_inv directly;
+           kv_b_proj is used dequantized to bf16 inside the absorbed
+           attention, as DeepSeek's inference code does.
+
+Attention formulation: ``naive`` (kv_b_proj expands c into per-head k_nope
+and v) or ``absorbed`` (DeepSeek's default: q_nope is absorbed into the
+latent space with W_UK, attention runs over [c || k_pe] with V = c, and W_UV
+maps back).  In every mode the attention core -- QK^T, scale, causal mask,
+softmax, PV -- is one fused op: computed in ``acc`` from its (rounded)
+inputs, rounded once at the output, like FlashMLA.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from quant import act_quant, dequant_f32, dequant_f64, fp8_gemm
+
+FP8_LINEAR_SUFFIXES = (
+    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+    "gate_proj", "up_proj", "down_proj",
+)
+
+
+# ------------------------------------------------------------------ RoPE
+def yarn_mscale(f, x):
+    # SPEC: mscale(f, x) = 0.1 x ln(f) + 1.  For f <= 1 this is exactly 1.
+    if f <= 1:
+        return 1.0
+    return 0.1 * x * math.log(f) + 1.0
+
+
+def rope_freqs(d, theta, factor, orig_max, beta_fast, beta_slow):
+    """freq'_i (SPEC section 8), evaluated in f64 and rounded to f32."""
+    i = torch.arange(d // 2, dtype=torch.float64)
+    freq = theta ** (-2.0 * i / d)
+    if factor > 1:
+        def corr(beta):
+            return d * math.log(orig_max / (2 * math.pi * beta)) / (2 * math.log(theta))
+        low = max(math.floor(corr(beta_fast)), 0)
+        high = min(math.ceil(corr(beta_slow)), d - 1)
+        if high == low:  # not reachable for V3; the usual guard
+            high = low + 0.001
+        ramp = ((i - low) / (high - low)).clamp(0, 1)
+        freq = freq * (1 - ramp) + (freq / factor) * ramp
+    return freq.to(torch.float32)
+
+
+def rope_angles(positions, freqs32):
+    """angle = pos * freq' as one f32 multiply (SPEC: 'angle ... in f32')."""
+    return positions.to(torch.float32)[:, None] * freqs32[None, :]
+
+
+def apply_rope(x, angles, cs_scale, acc):
+    """Interleaved pairs (x[2i], x[2i+1]) rotated by angles[..., i].
+
+    x [T, ..., 64] (acc dtype), angles [T, 32] f32.  cos/sin are evaluated in
+    acc from the f32 angle and multiplied by cs_scale.
+    """
+    a = angles.to(acc)
+    shape = [a.shape[0]] + [1] * (x.dim() - 2) + [a.shape[1]]
+    c = (torch.cos(a) * cs_scale).reshape(shape)
+    s = (torch.sin(a) * cs_scale).reshape(shape)
+    x0 = x[..., 0::2]
+    x1 = x[..., 1::2]
+    y = torch.empty_like(x)
+    y[..., 0::2] = x0 * c - x1 * s
+    y[..., 1::2] = x1 * c + x0 * s
+    return y
+
+
+# ------------------------------------------------------------------ MoE gate
+def noaux_tc(scores, bias, n_group, topk_group, topk, route_scale):
+    """SPEC section 6 with explicit lower-index tie breaking.
+
+    scores [T, E] (sigmoid already applied).  Returns (idx sorted ascending,
+    weights in the same order, margins) where margins is a dict of the
+    decision gaps per token (group boundary and expert boundary).
+    """
+    T, E = scores.shape
+    sb = scores + bias.to(scores.dtype)
+    gsz = E // n_group
+    g = sb.reshape(T, n_group, gsz)
+    top2 = torch.sort(g, dim=-1, descending=True, stable=True).values[..., :2].sum(-1)
+    gord = torch.sort(top2, dim=-1, descending=True, stable=True)
+    keep_groups = gord.indices[:, :topk_group]
+    keep = torch.zeros(T, n_group, dtype=torch.bool)
+    keep.scatter_(1, keep_groups, True)
+    keep = keep.unsqueeze(-1).expand(T, n_group, gsz).reshape(T, E)
+    masked = sb.masked_fill(~keep, float("-inf"))
+    eord = torch.sort(masked, dim=-1, descending=True, stable=True)
+    idx = eord.indices[:, :topk].sort(dim=-1).values
+    w = scores.gather(1, idx)
+    w = w / (w.sum(-1, keepdim=True) + 1e-20) * route_scale
+    if topk_group < n_group:
+        gm = gord.values[:, topk_group - 1] - gord.values[:, topk_group]
+    else:
+        gm = torch.full((T,), float("inf"), dtype=scores.dtype)
+    em = eord.values[:, topk - 1] - eord.values[:, topk]
+    return idx, w, {"group": gm, "expert": em}
+
+
+# ------------------------------------------------------------------ numerics
+class Numerics:
+    def __init__(self, mode, acc=None, attn="naive"):
+        assert mode in ("f32", "f64", "bf16", "fp8")
+        self.mode = mode
+        self.attn = attn
+        if mode == "f32":
+            self.acc = torch.float32
+        elif mode == "f64":
+            self.acc = torch.float64
+        else:
+            self.acc = acc or torch.float64
+        self.rounds = mode in ("bf16", "fp8")
+
+    def r(self, x):
+        """Round an op output to the between-op dtype."""
+        if self.rounds:
+            return x.to(torch.bfloat16).to(self.acc)
+        return x.to(self.acc)
+
+
+class V3Model:
+    """Holds the checkpoint (HF names) and runs the forward in one mode."""
+
+    def __init__(self, cfg, ckpt, num: Numerics):
+        self.cfg = cfg
+        self.ckpt = ckpt
+        self.num = num
+        self.H = cfg["num_attention_heads"]
+        self.dn = cfg["qk_nope_head_dim"]
+        self.dr = cfg["qk_rope_head_dim"]
+        self.dv = cfg["v_head_dim"]
+        self.kvr = cfg["kv_lora_rank"]
+        self.eps = cfg["rms_norm_eps"]
+        rs = cfg["rope_scaling"]
+        f = rs["factor"]
+        self.freqs = rope_freqs(self.dr, cfg["rope_theta"], f, rs["original_max_position_embeddings"],
+                                rs["beta_fast"], rs["beta_slow"])
+        self.cs_scale = yarn_mscale(f, rs["mscale"]) / yarn_mscale(f, rs["mscale_all_dim"])
+        m = yarn_mscale(f, rs["mscale_all_dim"])
+        self.softmax_scale = (self.dn + self.dr) ** -0.5 * m * m
+        self._wcache = {}
+
+    # weights -------------------------------------------------------------
+    def w(self, name):
+        """Dequantized (or plain) weight in the mode's compute dtype."""
+        if name in self._wcache:
+            return self._wcache[name]
+        t = self.ckpt[name]
+        sname = name + "_scale_inv"
+        if sname in self.ckpt:
+            s = self.ckpt[sname]
+            if self.num.mode == "f64":
+                v = dequant_f64(t, s)
+            elif self.num.mode == "f32":
+                v = dequant_f32(t, s)
+            else:
+                v = dequant_f32(t, s).to(torch.bfloat16).to(self.num.acc)
+        else:
+            v = t.to(self.num.acc)
+        self._wcache[name] = v
+        return v
+
+    def linear(self, x, prefix, allow_fp8=True):
+        name = prefix + ".weight"
+        if self.num.mode == "fp8" and allow_fp8 and (name + "_scale_inv") in self.ckpt:
+            q, s = act_quant(x, "float", "e4m3", check=False)
+            y = fp8_gemm(q, s, self.ckpt[name], self.ckpt[name + "_scale_inv"], acc=self.num.acc)
+            return self.num.r(y)
+        return self.num.r(x @ self.w(name).T)
+
+    def rmsnorm(self, x, wname):
+        w = self.w(wname)
+        y = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * w
+        return self.num.r(y)
+
+    # blocks --------------------------------------------------------------
+    def attention(self, x, L, positions, form=None):
+        form = form or self.num.attn
+        p = f"model.layers.{L}.self_attn"
+        r = self.num.r
+        T = x.shape[0]
+        H, dn, dr = self.H, self.dn, self.dr
+        angles = rope_angles(positions, self.freqs)
+        q = self.linear(self.rmsnorm(self.linear(x, p + ".q_a_proj"), p + ".q_a_layernorm.weight"),
+                        p + ".q_b_proj").reshape(T, H, dn + dr)
+        q_nope = q[..., :dn]
+        q_pe = r(apply_rope(q[..., dn:], angles, self.cs_scale, self.num.acc))
+        kv = self.linear(x, p + ".kv_a_proj_with_mqa")
+        c = self.rmsnorm(kv[:, :self.kvr], p + ".kv_a_layernorm.weight")
+        k_pe = r(apply_rope(kv[:, self.kvr:], angles, self.cs_scale, self.num.acc))
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        if form == "naive":
+            kvb = self.linear(c, p + ".kv_b_proj").reshape(T, H, dn + self.dv)
+            k_nope, v = kvb[..., :dn], kvb[..., dn:]
+            s = (torch.einsum("thd,shd->hts", q_nope, k_nope)
+                 + torch.einsum("thr,sr->hts", q_pe, k_pe)) * self.softmax_scale
+            s = s.masked_fill(~mask, float("-inf"))
+            pr = torch.softmax(s, dim=-1)
+            o = r(torch.einsum("hts,shd->thd", pr, v))
+        else:
+            wkv = self.w(p + ".kv_b_proj.weight").reshape(H, dn + self.dv, self.kvr)
+            w_uk, w_uv = wkv[:, :dn], wkv[:, dn:]
+            q_lat = r(torch.einsum("thd,hdc->thc", q_nope, w_uk))
+            s = (torch.einsum("thc,sc->hts", q_lat, c)
+                 + torch.einsum("thr,sr->hts", q_pe, k_pe)) * self.softmax_scale
+            s = s.masked_fill(~mask, float("-inf"))
+            pr = torch.softmax(s, dim=-1)
+            o_lat = r(torch.einsum("hts,sc->thc", pr, c))
+            o = r(torch.einsum("thc,hdc->thd", o_lat, w_uv))
+        return self.linear(o.reshape(T, H * self.dv), p + ".o_proj")
+
+    def mlp(self, x, prefix):
+        g = self.linear(x, prefix + ".gate_proj")
+        u = self.linear(x, prefix + ".up_proj")
+        a = self.num.r(F.silu(g) * u)
+        return self.linear(a, prefix + ".down_proj")
+
+    def gate(self, x, L):
+        p = f"model.layers.{L}.mlp.gate"
+        cfg = self.cfg
+        logits = x @ self.w(p + ".weight").T  # f32 (acc) scores: SPEC section 6
+        scores = torch.sigmoid(logits)
+        idx, w, margins = noaux_tc(scores, self.w(p + ".e_score_correction_bias"), cfg["n_group"],
+                                   cfg["topk_group"], cfg["num_experts_per_tok"],
+                                   cfg["routed_scaling_factor"])
+        return idx, self.num.r(w), margins
+
+    def moe(self, x, L):
+        p = f"model.layers.{L}.mlp"
+        idx, w, margins = self.gate(x, L)
+        T = x.shape[0]
+        acc = torch.zeros_like(x)
+        for e in range(self.cfg["n_routed_experts"]):
+            sel = (idx == e)
+            rows = sel.any(-1).nonzero().reshape(-1)
+            if len(rows) == 0:
+                continue
+            y = self.mlp(x[rows], f"{p}.experts.{e}")
+            we = (w[rows] * sel[rows].to(w.dtype)).sum(-1, keepdim=True)
+            acc[rows] += we * y
+        z = self.mlp(x, f"{p}.shared_experts")
+        out = self.num.r(acc + z)
+        assert T == out.shape[0]
+        return out, idx, w, margins
+
+    def ffn(self, x, L):
+        if L < self.cfg["first_k_dense_replace"]:
+            return self.mlp(x, f"model.layers.{L}.mlp"), None, None, None
+        return self.moe(x, L)
+
+    def layer(self, h, L, positions):
+        """One decoder layer: returns taps and the new hidden state."""
+        a = self.attention(self.rmsnorm(h, f"model.layers.{L}.input_layernorm.weight"), L, positions)
+        hm = self.num.r(h + a)
+        f, idx, w, mg = self.ffn(self.rmsnorm(hm, f"model.layers.{L}.post_attention_layernorm.weight"), L)
+        return a, f, idx, w, mg, self.num.r(hm + f)
+
+    def forward(self, tokens):
+        positions = torch.arange(len(tokens), dtype=torch.int64)
+        h = self.num.r(self.w("model.embed_tokens.weight")[tokens])
+        taps = {}
+        margins = {}
+        for L in range(self.cfg["num_hidden_layers"]):
+            taps[f"layers.{L}.input"] = h
+            a, f, idx, w, mg, h = self.layer(h, L, positions)
+            taps[f"layers.{L}.attn_out"] = a
+            taps[f"layers.{L}.ffn_out"] = f
+            if idx is not None:
+                taps[f"layers.{L}.topk_idx"] = idx
+                taps[f"layers.{L}.topk_weights"] = w
+                margins[L] = mg
+        fn = self.rmsnorm(h, "model.norm.weight")
+        taps["final_norm_out"] = fn
+        taps["logits"] = self.num.r(fn @ self.w("lm_head.weight").T)
+        return taps, margins
+
+    # teacher forcing -----------------------------------------------------
+    def tf_attn(self, h_in, L):
+        positions = torch.arange(h_in.shape[0], dtype=torch.int64)
+        h = self.num.r(h_in.to(self.num.acc))
+        return self.attention(self.rmsnorm(h, f"model.layers.{L}.input_layernorm.weight"), L, positions)
+
+    def tf_ffn(self, h_mid, L):
+        hm = self.num.r(h_mid.to(self.num.acc))
+        return self.ffn(self.rmsnorm(hm, f"model.layers.{L}.post_attention_layernorm.weight"), L)
