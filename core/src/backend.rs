@@ -199,6 +199,9 @@ pub trait Backend: Send + Sync {
     fn add(&self, op: &mut Checked<Add<'_>>) -> Result<()> {
         Err(self.unsupported(op.kind()))
     }
+    fn copy_window(&self, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
+        Err(self.unsupported(op.kind()))
+    }
     fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
         Err(self.unsupported(op.kind()))
     }

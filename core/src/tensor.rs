@@ -50,7 +50,14 @@ impl std::fmt::Debug for HostTensor {
 impl HostTensor {
     /// Wraps raw bytes; fails when their length does not match the shape.
     pub fn from_bytes(dtype: DType, shape: &[usize], data: Vec<u8>) -> Result<Self> {
-        let want = numel(shape) * dtype.size();
+        let want = shape
+            .iter()
+            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "{dtype} tensor of shape {shape:?} is too large (its byte size overflows)"
+                ))
+            })?;
         if data.len() != want {
             return Err(Error::Other(format!(
                 "{dtype} tensor of shape {shape:?} needs {want} bytes, got {}",
@@ -255,7 +262,12 @@ impl HostTensor {
         if dtype == self.dtype {
             return self.clone();
         }
-        if !dtype.is_float() && !self.dtype.is_float() {
+        // UE8M0 holds scale values, not integers: convert through f32.
+        if !dtype.is_float()
+            && !self.dtype.is_float()
+            && dtype != DType::E8M0
+            && self.dtype != DType::E8M0
+        {
             let v = self.to_i64_vec();
             return match dtype {
                 DType::I32 | DType::I64 => HostTensor::from_index(dtype, &self.shape, &v),
@@ -275,7 +287,7 @@ impl HostTensor {
 
     /// Position and value of the first NaN or infinity, if any.
     pub fn first_non_finite(&self) -> Option<(Vec<usize>, f32)> {
-        if !self.dtype.is_float() {
+        if !self.dtype.is_float() && self.dtype != DType::E8M0 {
             return None;
         }
         (0..self.numel())

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+mod copy;
 mod dense;
 mod ep;
 mod mla;
@@ -174,6 +175,9 @@ macro_rules! reference_ops {
         }
         fn add(&self, op: &mut Checked<Add<'_>>) -> Result<()> {
             dense::add(op)
+        }
+        fn copy_window(&self, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
+            copy::copy_window(op)
         }
         fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
             ep::get_dispatch_layout(op)

@@ -125,6 +125,7 @@ pub struct GemmDims {
     pub k: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_fp8_operands(
     op: &'static str,
     a: &Tensor,
@@ -518,11 +519,7 @@ impl OpArgs for Rope<'_> {
             expect_finite_param(OP, "mscale", y.mscale)?;
             expect_finite_param(OP, "mscale_all_dim", y.mscale_all_dim)?;
         }
-        let heads = if t * d == 0 {
-            0
-        } else {
-            self.x.numel() / (t * d)
-        };
+        let heads = self.x.numel().checked_div(t * d).unwrap_or(0);
         Ok(RopeDims {
             tokens: t,
             heads,

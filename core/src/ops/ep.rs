@@ -286,7 +286,8 @@ impl OpArgs for LowLatencyDispatch<'_> {
     const KIND: OpKind = OpKind::LowLatencyDispatch;
     fn validate(&self) -> Result<LowLatencyDims> {
         const OP: &str = "low_latency_dispatch";
-        expect_dtype(OP, "x", self.x, &[DType::BF16])?;
+        // bf16 is DeepEP's payload; f32 serves deepport's f32 numerics mode (carried bit-exact).
+        expect_dtype(OP, "x", self.x, &[DType::BF16, DType::F32])?;
         let xs = expect_rank(OP, "x", self.x, 2, "[N, hidden]")?;
         let (n, hidden) = (xs[0], xs[1]);
         ensure(n <= self.max_tokens_per_rank, OP, "x", || {
@@ -363,7 +364,7 @@ impl OpArgs for LowLatencyCombine<'_> {
         const OP: &str = "low_latency_combine";
         let h = self.handle;
         let e_local = h.num_experts / h.world_size.max(1);
-        expect_dtype(OP, "x", self.x, &[DType::BF16])?;
+        expect_dtype(OP, "x", self.x, &[DType::BF16, DType::F32])?;
         expect_shape(
             OP,
             "x",
@@ -389,7 +390,7 @@ impl OpArgs for LowLatencyCombine<'_> {
             &[h.num_tokens, k],
             "[N, k]",
         )?;
-        expect_dtype(OP, "out", self.out, &[DType::BF16])?;
+        expect_dtype(OP, "out", self.out, &[DType::BF16, DType::F32])?;
         expect_shape(
             OP,
             "out",

@@ -13,11 +13,13 @@
 //! for host-side data, and the conformance suite tests it with out-of-range
 //! inputs. Semantics of every op: `SPEC.md`.
 
+mod copy;
 mod dense;
 mod ep;
 pub mod index;
 mod mla;
 
+pub use copy::*;
 pub use dense::*;
 pub use ep::*;
 pub use mla::*;
@@ -52,6 +54,7 @@ pub enum OpKind {
     SiluMul,
     Embedding,
     Add,
+    CopyWindow,
     GetDispatchLayout,
     Dispatch,
     Combine,
@@ -60,7 +63,7 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 19] = [
+    pub const ALL: [OpKind; 20] = [
         OpKind::ActQuant,
         OpKind::WeightDequant,
         OpKind::Fp8Gemm,
@@ -75,6 +78,7 @@ impl OpKind {
         OpKind::SiluMul,
         OpKind::Embedding,
         OpKind::Add,
+        OpKind::CopyWindow,
         OpKind::GetDispatchLayout,
         OpKind::Dispatch,
         OpKind::Combine,
@@ -99,6 +103,7 @@ impl OpKind {
             OpKind::SiluMul => "silu_mul",
             OpKind::Embedding => "embedding",
             OpKind::Add => "add",
+            OpKind::CopyWindow => "copy_window",
             OpKind::GetDispatchLayout => "get_dispatch_layout",
             OpKind::Dispatch => "dispatch",
             OpKind::Combine => "combine",
@@ -240,6 +245,7 @@ local_ops! {
     SiluMul => silu_mul,
     Embedding => embedding,
     Add => add,
+    CopyWindow => copy_window,
     GetDispatchLayout => get_dispatch_layout,
 }
 
