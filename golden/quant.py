@@ -171,3 +171,21 @@ def quantize_weight(w: np.ndarray, scale_mult: np.ndarray):
 
 def log_uniform(rng, lo, hi, shape):
     return np.exp(rng.uniform(math.log(lo), math.log(hi), size=shape))
+
+
+def to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round to bf16 (RNE) with a single rounding, also from float64.
+
+    torch converts f64 -> bf16 through f32, which double-rounds; here the
+    f64 -> f32 step uses round-to-odd, which makes the second (RNE) step
+    exact-once.
+    """
+    if x.dtype != torch.float64:
+        return x.to(torch.bfloat16)
+    y = x.to(torch.float32)
+    over = y.to(torch.float64).abs() > x.abs()
+    y = torch.where(over, torch.nextafter(y, torch.zeros_like(y)), y)
+    inexact = y.to(torch.float64) != x
+    bits = y.view(torch.int32)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32).to(torch.bfloat16)

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from quant import act_quant, dequant_f32, dequant_f64, fp8_gemm
+from quant import act_quant, dequant_f32, dequant_f64, fp8_gemm, to_bf16
 
 FP8_LINEAR_SUFFIXES = (
     "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
@@ -134,7 +134,7 @@ class Numerics:
     def r(self, x):
         """Round an op output to the between-op dtype."""
         if self.rounds:
-            return x.to(torch.bfloat16).to(self.acc)
+            return to_bf16(x).to(self.acc)
         return x.to(self.acc)
 
 
@@ -174,7 +174,7 @@ class V3Model:
             elif self.num.mode == "f32":
                 v = dequant_f32(t, s)
             else:
-                v = dequant_f32(t, s).to(torch.bfloat16).to(self.num.acc)
+                v = to_bf16(dequant_f32(t, s)).to(self.num.acc)
         else:
             v = t.to(self.num.acc)
         self._wcache[name] = v

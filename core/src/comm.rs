@@ -123,9 +123,13 @@ impl ThreadComm {
 }
 
 impl Drop for ThreadComm {
+    /// A rank that leaves breaks the group: a rank still waiting in (or
+    /// later entering) a collective that the departed rank will never join
+    /// fails at once instead of waiting for the timeout. A collective the
+    /// departed rank completed is unaffected (its generation already moved).
     fn drop(&mut self) {
         if let Ok(mut st) = self.shared.state.lock() {
-            if st.broken.is_none() && std::thread::panicking() {
+            if st.broken.is_none() {
                 st.broken = Some(self.rank);
             }
             self.shared.cv.notify_all();
