@@ -301,7 +301,7 @@ impl OpArgs for Fp8GroupedMasked<'_> {
     }
 }
 
-/// Plain GEMM, "NT": `d[m, n] = Σ_k a[m,k]·b[n,k]`, f32 accumulation, one
+/// Plain GEMM, "NT": `d[m, n] = Σ_k a[m,k]·b[n,k]`, accumulation in f32 or wider (cpu-ref: f64), one
 /// rounding to `d`'s dtype. f32, bf16 or f16 operands.
 #[derive(Debug)]
 pub struct Gemm<'a> {
@@ -339,7 +339,7 @@ pub struct RowDims {
 }
 
 /// RMSNorm over the last dim: `y = x / sqrt(mean(x²) + eps) · weight`,
-/// computed in f32, one rounding to `y`'s dtype.
+/// computed in f32 or wider (cpu-ref: f64), one rounding to `y`'s dtype.
 #[derive(Debug)]
 pub struct RmsNorm<'a> {
     pub x: &'a Tensor,
@@ -631,7 +631,7 @@ impl OpArgs for MoeGate<'_> {
     }
 }
 
-/// SwiGLU activation: `out = silu(gate) · up`, f32 math, one rounding.
+/// SwiGLU activation: `out = silu(gate) · up`, f32-or-wider math, one rounding.
 #[derive(Debug)]
 pub struct SiluMul<'a> {
     pub gate: &'a Tensor,
@@ -689,7 +689,7 @@ impl OpArgs for SiluMul<'_> {
     }
 }
 
-/// Elementwise `out = a + b` in f32, one rounding.
+/// Elementwise `out = a + b` in f32 or wider, one rounding.
 #[derive(Debug)]
 pub struct Add<'a> {
     pub a: &'a Tensor,
