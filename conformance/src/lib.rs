@@ -1,0 +1,40 @@
+//! deepport-conformance: the conformance suite of deepport and the library
+//! behind the `deepport` command-line program.
+//!
+//! * [`registry`]: every backend compiled into this build (one cargo
+//!   feature per backend);
+//! * [`opspec`]: the table of ops that `deepport op` runs on a user's
+//!   safetensors file: tensor names, parameters and defaults, and one runner
+//!   per op;
+//! * [`judge`]: comparison metrics (`calc_diff`, ulp-based elementwise
+//!   tolerances, exact bytes, set equality of routings) and the [`judge::Check`]
+//!   they produce;
+//! * [`cases`]: the built-in cases of `deepport run` (small, deterministic,
+//!   adversarial inputs);
+//! * [`runner`]: runs cases on a backend and on `cpu-ref`, judges, reports.
+#![forbid(unsafe_code)]
+
+pub mod cases;
+pub mod error;
+pub mod judge;
+pub mod list;
+pub mod opspec;
+pub mod rng;
+pub mod runner;
+
+pub use error::CliError;
+
+use deepport_core::registry::Registry;
+
+/// The name of the reference backend every other backend is judged against.
+pub const REFERENCE_BACKEND: &str = "cpu-ref";
+
+/// Every backend compiled into this build, by name. Each backend crate adds
+/// itself under its own cargo feature.
+pub fn registry() -> Registry {
+    #[allow(unused_mut)]
+    let mut reg = Registry::new();
+    #[cfg(feature = "cpu")]
+    deepport_cpu::register(&mut reg);
+    reg
+}

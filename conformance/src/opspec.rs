@@ -1,0 +1,1285 @@
+//! The ops that `deepport op` runs on a user's tensors, as one table of
+//! [`OpSpec`]s: tensor names, parameters with their defaults, help text, and
+//! one small runner per op that builds core's typed arguments.
+//!
+//! Everything generic lives here once: parsing `k=v` parameters against the
+//! spec, looking tensors up by name with errors that name the file and list
+//! what it holds, dtype conversions, poisoned output allocation, validation
+//! before launch, and the `--help` table. The built-in cases of
+//! `deepport run` go through the same path.
+
+use crate::error::CliError;
+use deepport_core::backend::{alloc_poisoned, Backend, Tensor};
+use deepport_core::ops::*;
+use deepport_core::tensor::unravel;
+use deepport_core::{DType, Error, HostTensor};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// Result type of this module.
+pub type CliResult<T> = Result<T, CliError>;
+
+/// Named output tensors.
+pub type Outputs = BTreeMap<String, HostTensor>;
+
+/// The type of a parameter value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A real number (`1e-6`, `2.5`).
+    Float,
+    /// A non-negative integer.
+    Int,
+    /// `true`/`false`/`1`/`0`.
+    Bool,
+    /// One of a fixed list of words.
+    Choice(&'static [&'static str]),
+}
+
+impl ParamKind {
+    fn describe(self) -> String {
+        match self {
+            ParamKind::Float => "a number".into(),
+            ParamKind::Int => "a non-negative integer".into(),
+            ParamKind::Bool => "true, false, 1 or 0".into(),
+            ParamKind::Choice(c) => format!("one of {}", c.join(", ")),
+        }
+    }
+}
+
+/// Default of a parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamDefault {
+    /// A literal value, parsed like a command-line value.
+    Value(&'static str),
+    /// Derived from the inputs; the text says how.
+    Computed(&'static str),
+}
+
+/// One parameter of an op.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub kind: ParamKind,
+    pub default: ParamDefault,
+    pub help: &'static str,
+}
+
+/// One tensor of an op, with its layout and dtypes for the help text.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorSpec {
+    pub name: &'static str,
+    pub optional: bool,
+    pub doc: &'static str,
+}
+
+/// Runs an op: inputs and parsed parameters in, named host outputs out.
+pub type RunFn = fn(&dyn Backend, &Inputs, &mut Params) -> CliResult<Outputs>;
+
+/// Everything the command line knows about one op.
+#[derive(Clone, Copy)]
+pub struct OpSpec {
+    /// Command-line name (kebab-case).
+    pub name: &'static str,
+    pub kind: OpKind,
+    pub summary: &'static str,
+    pub inputs: &'static [TensorSpec],
+    pub outputs: &'static [TensorSpec],
+    pub params: &'static [ParamSpec],
+    pub run: RunFn,
+}
+
+impl std::fmt::Debug for OpSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OpSpec({})", self.name)
+    }
+}
+
+impl OpSpec {
+    /// The spec of a parameter by name.
+    pub fn param(&self, name: &str) -> Option<&'static ParamSpec> {
+        self.params.iter().find(|p| p.name == name)
+    }
+}
+
+// ---- parameters ----------------------------------------------------------
+
+/// A parsed parameter value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Float(f32),
+    Int(usize),
+    Bool(bool),
+    Choice(&'static str),
+}
+
+impl Value {
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Float(v) => serde_json::Number::from_f64(*v as f64)
+                .map_or_else(|| serde_json::Value::String(v.to_string()), Into::into),
+            Value::Int(v) => (*v).into(),
+            Value::Bool(v) => (*v).into(),
+            Value::Choice(v) => (*v).into(),
+        }
+    }
+}
+
+fn parse_value(op: &str, p: &ParamSpec, raw: &str) -> CliResult<Value> {
+    let bad = || {
+        CliError::usage(format!(
+            "{op}: parameter `{}` got `{raw}`, expected {}",
+            p.name,
+            p.kind.describe()
+        ))
+    };
+    let s = raw.trim();
+    Ok(match p.kind {
+        ParamKind::Float => Value::Float(s.parse::<f32>().map_err(|_| bad())?),
+        ParamKind::Int => Value::Int(s.parse::<usize>().map_err(|_| bad())?),
+        ParamKind::Bool => Value::Bool(match s.to_ascii_lowercase().as_str() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => return Err(bad()),
+        }),
+        ParamKind::Choice(c) => Value::Choice(c.iter().copied().find(|w| *w == s).ok_or_else(bad)?),
+    })
+}
+
+/// The parameters of one op invocation: what the user gave plus literal
+/// defaults; computed defaults are filled in by the op's runner, so that
+/// [`Params::to_json`] records every value the op actually used.
+#[derive(Clone, Debug)]
+pub struct Params {
+    op: &'static str,
+    values: BTreeMap<&'static str, Value>,
+}
+
+impl Params {
+    /// Parses `k=v` strings against the op's parameter specs. Unknown names,
+    /// malformed values and repeated names are usage errors that list the
+    /// valid parameters.
+    pub fn parse(spec: &OpSpec, args: &[String]) -> CliResult<Params> {
+        let valid = || {
+            if spec.params.is_empty() {
+                format!("{} takes no parameters", spec.name)
+            } else {
+                format!(
+                    "valid parameters of {}: {}",
+                    spec.name,
+                    spec.params
+                        .iter()
+                        .map(|p| p.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        };
+        let mut given: BTreeMap<&'static str, Value> = BTreeMap::new();
+        for a in args {
+            let Some((k, v)) = a.split_once('=') else {
+                return Err(CliError::usage(format!(
+                    "{}: parameter `{a}` is not of the form name=value; {}",
+                    spec.name,
+                    valid()
+                )));
+            };
+            let k = k.trim();
+            let p = spec.param(k).ok_or_else(|| {
+                CliError::usage(format!(
+                    "{}: unknown parameter `{k}`; {}",
+                    spec.name,
+                    valid()
+                ))
+            })?;
+            let val = parse_value(spec.name, p, v)?;
+            if given.insert(p.name, val).is_some() {
+                return Err(CliError::usage(format!(
+                    "{}: parameter `{k}` is given more than once",
+                    spec.name
+                )));
+            }
+        }
+        for p in spec.params {
+            if let (ParamDefault::Value(d), false) = (p.default, given.contains_key(p.name)) {
+                given.insert(p.name, parse_value(spec.name, p, d)?);
+            }
+        }
+        Ok(Params {
+            op: spec.name,
+            values: given,
+        })
+    }
+
+    fn internal(&self, name: &str, want: &str) -> CliError {
+        CliError::Failed(Error::Other(format!(
+            "internal: {} parameter `{name}` is not a {want} in the op table",
+            self.op
+        )))
+    }
+
+    /// A float parameter (given or literal default).
+    pub fn float(&self, name: &str) -> CliResult<f32> {
+        match self.values.get(name) {
+            Some(Value::Float(v)) => Ok(*v),
+            _ => Err(self.internal(name, "float with a default")),
+        }
+    }
+
+    /// A float parameter whose default is computed: the given value, or
+    /// `default` (which is then recorded).
+    pub fn float_or(&mut self, name: &'static str, default: f32) -> CliResult<f32> {
+        match self.values.get(name) {
+            Some(Value::Float(v)) => Ok(*v),
+            Some(_) => Err(self.internal(name, "float")),
+            None => {
+                self.values.insert(name, Value::Float(default));
+                Ok(default)
+            }
+        }
+    }
+
+    /// An integer parameter whose default is computed (see [`Params::float_or`]).
+    pub fn int_or(&mut self, name: &'static str, default: usize) -> CliResult<usize> {
+        match self.values.get(name) {
+            Some(Value::Int(v)) => Ok(*v),
+            Some(_) => Err(self.internal(name, "integer")),
+            None => {
+                self.values.insert(name, Value::Int(default));
+                Ok(default)
+            }
+        }
+    }
+
+    pub fn int(&self, name: &str) -> CliResult<usize> {
+        match self.values.get(name) {
+            Some(Value::Int(v)) => Ok(*v),
+            _ => Err(self.internal(name, "integer with a default")),
+        }
+    }
+
+    pub fn bool(&self, name: &str) -> CliResult<bool> {
+        match self.values.get(name) {
+            Some(Value::Bool(v)) => Ok(*v),
+            _ => Err(self.internal(name, "bool with a default")),
+        }
+    }
+
+    pub fn choice(&self, name: &str) -> CliResult<&'static str> {
+        match self.values.get(name) {
+            Some(Value::Choice(v)) => Ok(v),
+            _ => Err(self.internal(name, "choice with a default")),
+        }
+    }
+
+    /// Every parameter value the op used, as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.values
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_json()))
+                .collect(),
+        )
+    }
+}
+
+// ---- inputs --------------------------------------------------------------
+
+/// The input tensors of one invocation and where they came from.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    /// The file (or a description of the built-in case), for messages.
+    pub source: String,
+    pub op: &'static str,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+impl Inputs {
+    pub fn new(
+        source: impl Into<String>,
+        op: &'static str,
+        tensors: BTreeMap<String, HostTensor>,
+    ) -> Self {
+        Inputs {
+            source: source.into(),
+            op,
+            tensors,
+        }
+    }
+
+    fn held(&self) -> String {
+        if self.tensors.is_empty() {
+            "no tensors".into()
+        } else {
+            self.tensors.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    }
+
+    /// A required tensor; a missing one is a usage error that names the
+    /// file and the tensor and lists the tensors present.
+    pub fn get(&self, name: &str) -> CliResult<&HostTensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            CliError::usage(format!(
+                "{}: {} needs tensor `{name}`, which is missing; the file holds: {}",
+                self.source,
+                self.op,
+                self.held()
+            ))
+        })
+    }
+
+    /// An optional tensor.
+    pub fn opt(&self, name: &str) -> Option<&HostTensor> {
+        self.tensors.get(name)
+    }
+
+    /// Tensors the op does not use, for a warning.
+    pub fn unused(&self, spec: &OpSpec) -> Vec<String> {
+        self.tensors
+            .keys()
+            .filter(|k| !spec.inputs.iter().any(|t| t.name == *k))
+            .cloned()
+            .collect()
+    }
+
+    /// A float tensor converted to f32 (exact from bf16, f16 and FP8);
+    /// other dtypes are passed on for the op's validation to reject.
+    pub fn as_f32(&self, name: &str) -> CliResult<HostTensor> {
+        Ok(convert_float(self.get(name)?, DType::F32))
+    }
+
+    /// An index tensor converted to i32; a value outside the i32 range is a
+    /// usage error naming the tensor, position and value. Non-integer
+    /// dtypes are passed on for the op's validation to reject.
+    pub fn as_i32(&self, name: &str) -> CliResult<HostTensor> {
+        let t = self.get(name)?;
+        if t.dtype() != DType::I64 {
+            return Ok(t.clone());
+        }
+        let v = t.to_i64_vec();
+        if let Some(i) = v.iter().position(|&x| i32::try_from(x).is_err()) {
+            return Err(CliError::usage(format!(
+                "{}: tensor `{name}` holds {} at {:?}, which does not fit in i32 ({} needs i32 indices)",
+                self.source,
+                v[i],
+                unravel(i, t.shape()),
+                self.op
+            )));
+        }
+        Ok(t.to_dtype(DType::I32))
+    }
+}
+
+/// Converts a float tensor to another float dtype; anything else unchanged.
+fn convert_float(t: &HostTensor, to: DType) -> HostTensor {
+    if t.dtype().is_float() && to.is_float() {
+        t.to_dtype(to)
+    } else {
+        t.clone()
+    }
+}
+
+// ---- running -------------------------------------------------------------
+
+/// Dim `i` of a host tensor, 0 when it has fewer dims (validation reports it).
+fn dim(t: &HostTensor, i: usize) -> usize {
+    t.shape().get(i).copied().unwrap_or(0)
+}
+
+/// Last dim, 0 for a scalar.
+fn last(t: &HostTensor) -> usize {
+    t.shape().last().copied().unwrap_or(0)
+}
+
+fn up(b: &dyn Backend, t: &HostTensor) -> CliResult<Tensor> {
+    b.upload(t).map_err(CliError::Failed)
+}
+
+/// An output tensor, poisoned with NaN (floats) or all-ones bytes.
+fn out(b: &dyn Backend, dtype: DType, shape: &[usize]) -> CliResult<Tensor> {
+    alloc_poisoned(b, dtype, shape).map_err(CliError::Failed)
+}
+
+fn down(b: &dyn Backend, t: &Tensor) -> CliResult<HostTensor> {
+    b.download(t).map_err(CliError::Failed)
+}
+
+/// Validates (errors are [`CliError::Invalid`]), asks the backend whether it
+/// supports these dtypes, and launches (errors are [`CliError::Failed`]).
+fn launch<A: LocalOp>(b: &dyn Backend, op: A) -> CliResult<()> {
+    let mut c = op.check().map_err(CliError::Invalid)?;
+    if let deepport_core::Support::NotSupported(reason) = b.supports(A::KIND, &c.args().dtypes()) {
+        return Err(CliError::Failed(Error::not_supported(
+            b.name(),
+            A::KIND.name(),
+            reason,
+        )));
+    }
+    A::launch(&mut c, b).map_err(CliError::Failed)?;
+    b.synchronize().map_err(CliError::Failed)
+}
+
+fn outputs(b: &dyn Backend, items: &[(&str, &Tensor)]) -> CliResult<Outputs> {
+    items
+        .iter()
+        .map(|(n, t)| Ok((n.to_string(), down(b, t)?)))
+        .collect()
+}
+
+/// bf16 stays bf16; every other activation dtype computes to f32.
+fn attention_out_dtype(q: DType) -> DType {
+    if q == DType::BF16 {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// The dtype of both inputs when they agree, f32 otherwise.
+fn common_dtype(a: DType, b: DType) -> DType {
+    if a == b {
+        a
+    } else {
+        DType::F32
+    }
+}
+
+fn out_dtype(p: &Params) -> CliResult<DType> {
+    let s = p.choice("out_dtype")?;
+    DType::parse(s).ok_or_else(|| CliError::usage(format!("unknown dtype `{s}`")))
+}
+
+fn run_act_quant(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let xh = i.get("x")?;
+    let fmt = if p.choice("format")? == "e4m3fnuz" {
+        DType::F8E4M3Fnuz
+    } else {
+        DType::F8E4M3
+    };
+    let scale_fmt = ScaleFmt::parse(p.choice("scale_fmt")?).unwrap_or_default();
+    let (m, k) = (dim(xh, 0), dim(xh, 1));
+    let x = up(b, xh)?;
+    let mut q = out(b, fmt, &[m, k])?;
+    let mut s = out(b, DType::F32, &[m, k / QBLOCK])?;
+    launch(
+        b,
+        ActQuant {
+            x: &x,
+            q: &mut q,
+            s: &mut s,
+            scale_fmt,
+        },
+    )?;
+    outputs(b, &[("q", &q), ("s", &s)])
+}
+
+fn run_weight_dequant(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let wh = i.get("w")?;
+    let w = up(b, wh)?;
+    let s = up(b, &i.as_f32("s")?)?;
+    let mut o = out(b, out_dtype(p)?, &[dim(wh, 0), dim(wh, 1)])?;
+    launch(
+        b,
+        WeightDequant {
+            w: &w,
+            s: &s,
+            out: &mut o,
+        },
+    )?;
+    outputs(b, &[("out", &o)])
+}
+
+/// Uploads the four FP8 GEMM operands (scales converted to f32).
+fn fp8_operands(b: &dyn Backend, i: &Inputs) -> CliResult<[Tensor; 4]> {
+    Ok([
+        up(b, i.get("a")?)?,
+        up(b, &i.as_f32("sa")?)?,
+        up(b, i.get("b")?)?,
+        up(b, &i.as_f32("sb")?)?,
+    ])
+}
+
+fn run_fp8_gemm(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let (m, n) = (dim(i.get("a")?, 0), dim(i.get("b")?, 0));
+    let [a, sa, bb, sb] = fp8_operands(b, i)?;
+    let mut d = out(b, out_dtype(p)?, &[m, n])?;
+    launch(
+        b,
+        Fp8Gemm {
+            a: &a,
+            sa: &sa,
+            b: &bb,
+            sb: &sb,
+            d: &mut d,
+        },
+    )?;
+    outputs(b, &[("d", &d)])
+}
+
+fn run_fp8_grouped_contiguous(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let (m, n) = (dim(i.get("a")?, 0), dim(i.get("b")?, 1));
+    let [a, sa, bb, sb] = fp8_operands(b, i)?;
+    let mi = up(b, i.get("m_indices")?)?;
+    let mut d = out(b, out_dtype(p)?, &[m, n])?;
+    launch(
+        b,
+        Fp8GroupedContiguous {
+            a: &a,
+            sa: &sa,
+            b: &bb,
+            sb: &sb,
+            m_indices: &mi,
+            d: &mut d,
+        },
+    )?;
+    outputs(b, &[("d", &d)])
+}
+
+fn run_fp8_grouped_masked(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let ah = i.get("a")?;
+    let (g, m, n) = (dim(ah, 0), dim(ah, 1), dim(i.get("b")?, 1));
+    let [a, sa, bb, sb] = fp8_operands(b, i)?;
+    let mm = up(b, i.get("masked_m")?)?;
+    let mut d = out(b, out_dtype(p)?, &[g, m, n])?;
+    launch(
+        b,
+        Fp8GroupedMasked {
+            a: &a,
+            sa: &sa,
+            b: &bb,
+            sb: &sb,
+            masked_m: &mm,
+            d: &mut d,
+        },
+    )?;
+    outputs(b, &[("d", &d)])
+}
+
+fn run_gemm(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let (ah, bh) = (i.get("a")?, i.get("b")?);
+    let (a, bb) = (up(b, ah)?, up(b, bh)?);
+    let mut d = out(b, out_dtype(p)?, &[dim(ah, 0), dim(bh, 0)])?;
+    launch(
+        b,
+        Gemm {
+            a: &a,
+            b: &bb,
+            d: &mut d,
+        },
+    )?;
+    outputs(b, &[("d", &d)])
+}
+
+fn run_mla_decode(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let qh = i.get("q")?;
+    let kh = convert_float(i.get("kcache")?, qh.dtype());
+    let (bs, s_q, h_q, d) = (dim(qh, 0), dim(qh, 1), dim(qh, 2), last(qh));
+    let scale = p.float_or("softmax_scale", (d as f32).powf(-0.5))?;
+    let causal = p.bool("causal")?;
+    let dv = p.int("head_dim_v")?;
+    let q = up(b, qh)?;
+    let kcache = up(b, &kh)?;
+    let block_table = up(b, &i.as_i32("block_table")?)?;
+    let cache_seqlens = up(b, &i.as_i32("cache_seqlens")?)?;
+    let mut o = out(b, attention_out_dtype(qh.dtype()), &[bs, s_q, h_q, dv])?;
+    let mut lse = out(b, DType::F32, &[bs, h_q, s_q])?;
+    launch(
+        b,
+        MlaDecode {
+            q: &q,
+            kcache: &kcache,
+            block_table: &block_table,
+            cache_seqlens: &cache_seqlens,
+            out: &mut o,
+            lse: &mut lse,
+            softmax_scale: scale,
+            causal,
+        },
+    )?;
+    outputs(b, &[("out", &o), ("lse", &lse)])
+}
+
+fn run_mla_prefill(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let qn = i.get("q_nope")?;
+    let qp = i.get("q_pe")?;
+    let (t, h) = (dim(qn, 0), dim(qn, 1));
+    let scale = p.float_or("softmax_scale", ((last(qn) + last(qp)) as f32).powf(-0.5))?;
+    let form = MlaForm::parse(p.choice("form")?).unwrap_or_default();
+    let dv = p.int("head_dim_v")?;
+    let q_nope = up(b, qn)?;
+    let q_pe = up(b, qp)?;
+    let latent = up(b, i.get("latent")?)?;
+    let k_pe = up(b, i.get("k_pe")?)?;
+    let wkv_b = up(b, i.get("wkv_b")?)?;
+    let mut o = out(b, attention_out_dtype(qn.dtype()), &[t, h, dv])?;
+    launch(
+        b,
+        MlaPrefill {
+            q_nope: &q_nope,
+            q_pe: &q_pe,
+            latent: &latent,
+            k_pe: &k_pe,
+            wkv_b: &wkv_b,
+            out: &mut o,
+            softmax_scale: scale,
+            form,
+        },
+    )?;
+    outputs(b, &[("out", &o)])
+}
+
+fn run_moe_gate(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let xh = i.get("x")?;
+    let topk = p.int("topk")?;
+    let x = up(b, xh)?;
+    let weight = up(b, i.get("weight")?)?;
+    let bias = match i.opt("bias") {
+        Some(_) => Some(up(b, &i.as_f32("bias")?)?),
+        None => None,
+    };
+    let t = dim(xh, 0);
+    let mut idx = out(b, DType::I64, &[t, topk])?;
+    let mut w = out(b, DType::F32, &[t, topk])?;
+    launch(
+        b,
+        MoeGate {
+            x: &x,
+            weight: &weight,
+            bias: bias.as_ref(),
+            topk_idx: &mut idx,
+            topk_weights: &mut w,
+            n_group: p.int("n_group")?,
+            topk_group: p.int("topk_group")?,
+            topk,
+            route_scale: p.float("route_scale")?,
+        },
+    )?;
+    outputs(b, &[("topk_idx", &idx), ("topk_weights", &w)])
+}
+
+fn run_rms_norm(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let xh = i.get("x")?;
+    let x = up(b, xh)?;
+    let weight = up(b, i.get("weight")?)?;
+    let mut y = out(b, xh.dtype(), xh.shape())?;
+    launch(
+        b,
+        RmsNorm {
+            x: &x,
+            weight: &weight,
+            y: &mut y,
+            eps: p.float("eps")?,
+        },
+    )?;
+    outputs(b, &[("y", &y)])
+}
+
+fn run_rope(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let xh = i.get("x")?;
+    let factor = p.float("factor")?;
+    let yarn = if factor == 1.0 {
+        None
+    } else {
+        Some(Yarn {
+            factor,
+            original_max_position_embeddings: p.int("original_max_position_embeddings")?,
+            beta_fast: p.float("beta_fast")?,
+            beta_slow: p.float("beta_slow")?,
+            mscale: p.float("mscale")?,
+            mscale_all_dim: p.float("mscale_all_dim")?,
+        })
+    };
+    let config = RopeConfig {
+        theta: p.float("theta")?,
+        yarn,
+    };
+    let x = up(b, xh)?;
+    let positions = up(b, i.get("positions")?)?;
+    let mut y = out(b, xh.dtype(), xh.shape())?;
+    launch(
+        b,
+        Rope {
+            x: &x,
+            positions: &positions,
+            y: &mut y,
+            config,
+        },
+    )?;
+    outputs(b, &[("y", &y)])
+}
+
+fn run_silu_mul(b: &dyn Backend, i: &Inputs, _p: &mut Params) -> CliResult<Outputs> {
+    let (gh, uh) = (i.get("gate")?, i.get("up")?);
+    let (gate, upt) = (up(b, gh)?, up(b, uh)?);
+    let mut o = out(b, common_dtype(gh.dtype(), uh.dtype()), gh.shape())?;
+    launch(
+        b,
+        SiluMul {
+            gate: &gate,
+            up: &upt,
+            out: &mut o,
+        },
+    )?;
+    outputs(b, &[("out", &o)])
+}
+
+fn run_add(b: &dyn Backend, i: &Inputs, _p: &mut Params) -> CliResult<Outputs> {
+    let (ah, bh) = (i.get("a")?, i.get("b")?);
+    let (a, bb) = (up(b, ah)?, up(b, bh)?);
+    let mut o = out(b, common_dtype(ah.dtype(), bh.dtype()), ah.shape())?;
+    launch(
+        b,
+        Add {
+            a: &a,
+            b: &bb,
+            out: &mut o,
+        },
+    )?;
+    outputs(b, &[("out", &o)])
+}
+
+fn run_embedding(b: &dyn Backend, i: &Inputs, _p: &mut Params) -> CliResult<Outputs> {
+    let (th, ih) = (i.get("table")?, i.get("ids")?);
+    let (table, ids) = (up(b, th)?, up(b, ih)?);
+    let mut o = out(b, th.dtype(), &[dim(ih, 0), dim(th, 1)])?;
+    launch(
+        b,
+        Embedding {
+            table: &table,
+            ids: &ids,
+            out: &mut o,
+        },
+    )?;
+    outputs(b, &[("out", &o)])
+}
+
+fn run_copy_window(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let (sh, dh) = (i.get("src")?, i.get("dst")?);
+    let (s_rows, s_cols) = as_matrix(sh.shape());
+    let src_origin = (p.int("src_row")?, p.int("src_col")?);
+    let dst_origin = (p.int("dst_row")?, p.int("dst_col")?);
+    let size = (
+        p.int_or("rows", s_rows.saturating_sub(src_origin.0))?,
+        p.int_or("cols", s_cols.saturating_sub(src_origin.1))?,
+    );
+    let src = up(b, sh)?;
+    let mut dst = up(b, dh)?;
+    launch(
+        b,
+        CopyWindow {
+            src: &src,
+            dst: &mut dst,
+            src_origin,
+            dst_origin,
+            size,
+        },
+    )?;
+    outputs(b, &[("dst", &dst)])
+}
+
+// ---- the table -----------------------------------------------------------
+
+const fn t(name: &'static str, doc: &'static str) -> TensorSpec {
+    TensorSpec {
+        name,
+        optional: false,
+        doc,
+    }
+}
+
+const fn p(
+    name: &'static str,
+    kind: ParamKind,
+    default: &'static str,
+    help: &'static str,
+) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind,
+        default: ParamDefault::Value(default),
+        help,
+    }
+}
+
+const FLOAT: ParamKind = ParamKind::Float;
+const INT: ParamKind = ParamKind::Int;
+const BOOL: ParamKind = ParamKind::Bool;
+const OUT_BF16_F32: ParamKind = ParamKind::Choice(&["bf16", "f32"]);
+const OUT_ACT: ParamKind = ParamKind::Choice(&["bf16", "f32", "f16"]);
+
+const FP8_A: TensorSpec = t("a", "[m, k] e4m3 (or e4m3fnuz)");
+const FP8_SA: TensorSpec = t(
+    "sa",
+    "[m, ceil(k/128)] scales (any float dtype, used as f32)",
+);
+const FP8_SB: TensorSpec = t(
+    "sb",
+    "[ceil(n/128), ceil(k/128)] 128x128 block scales (used as f32)",
+);
+const FP8_SB_GROUPED: TensorSpec = t(
+    "sb",
+    "[G, ceil(n/128), ceil(k/128)] 128x128 block scales (used as f32)",
+);
+
+/// Every op that `deepport op` runs, in help order.
+pub static OPS: &[OpSpec] = &[
+    OpSpec {
+        name: "act-quant",
+        kind: OpKind::ActQuant,
+        summary: "per-token, 128-group FP8 quantization: x ≈ q·s (SPEC §2)",
+        inputs: &[t("x", "[m, k] f32/bf16/f16, k a multiple of 128")],
+        outputs: &[
+            t("q", "[m, k] e4m3 (e4m3fnuz with format=e4m3fnuz)"),
+            t("s", "[m, k/128] f32 scales"),
+        ],
+        params: &[
+            p(
+                "scale_fmt",
+                ParamKind::Choice(&["float", "ue8m0"]),
+                "float",
+                "float: s = amax/448; ue8m0: s rounded up to a power of two",
+            ),
+            p(
+                "format",
+                ParamKind::Choice(&["e4m3", "e4m3fnuz"]),
+                "e4m3",
+                "FP8 format of q (e4m3fnuz: AMD MI300, max 240)",
+            ),
+        ],
+        run: run_act_quant,
+    },
+    OpSpec {
+        name: "weight-dequant",
+        kind: OpKind::WeightDequant,
+        summary: "block-scaled weight dequantization: out[i,j] = w[i,j]·s[i/128, j/128]",
+        inputs: &[
+            t("w", "[n, k] e4m3 (or e4m3fnuz)"),
+            t("s", "[ceil(n/128), ceil(k/128)] scales (used as f32)"),
+        ],
+        outputs: &[t("out", "[n, k] in out_dtype")],
+        params: &[p("out_dtype", OUT_ACT, "bf16", "dtype of out")],
+        run: run_weight_dequant,
+    },
+    OpSpec {
+        name: "fp8-gemm",
+        kind: OpKind::Fp8Gemm,
+        summary: "FP8 block-scaled GEMM, DeepGEMM NT: d = Σ_kb (a·bᵀ)_kb · sa · sb (SPEC §3)",
+        inputs: &[FP8_A, FP8_SA, t("b", "[n, k] e4m3, same format as a"), FP8_SB],
+        outputs: &[t("d", "[m, n] in out_dtype")],
+        params: &[p("out_dtype", OUT_BF16_F32, "bf16", "dtype of d")],
+        run: run_fp8_gemm,
+    },
+    OpSpec {
+        name: "fp8-grouped-contiguous",
+        kind: OpKind::Fp8GroupedContiguous,
+        summary: "grouped FP8 GEMM, contiguous layout (MoE prefill, SPEC §3.1)",
+        inputs: &[
+            t("a", "[m_sum, k] e4m3"),
+            t("sa", "[m_sum, ceil(k/128)] scales (used as f32)"),
+            t("b", "[G, n, k] e4m3"),
+            FP8_SB_GROUPED,
+            t(
+                "m_indices",
+                "[m_sum] i32/i64: group of each row, constant per 128 rows, -1 = padding",
+            ),
+        ],
+        outputs: &[t("d", "[m_sum, n] in out_dtype (padding rows unspecified)")],
+        params: &[p("out_dtype", OUT_BF16_F32, "bf16", "dtype of d")],
+        run: run_fp8_grouped_contiguous,
+    },
+    OpSpec {
+        name: "fp8-grouped-masked",
+        kind: OpKind::Fp8GroupedMasked,
+        summary: "grouped FP8 GEMM, masked layout (MoE decode, SPEC §3.2)",
+        inputs: &[
+            t("a", "[G, m_max, k] e4m3"),
+            t("sa", "[G, m_max, ceil(k/128)] scales (used as f32)"),
+            t("b", "[G, n, k] e4m3"),
+            FP8_SB_GROUPED,
+            t("masked_m", "[G] i32/i64: rows computed per group"),
+        ],
+        outputs: &[t(
+            "d",
+            "[G, m_max, n] in out_dtype (rows >= masked_m[g] are not computed: left NaN)",
+        )],
+        params: &[p("out_dtype", OUT_BF16_F32, "bf16", "dtype of d")],
+        run: run_fp8_grouped_masked,
+    },
+    OpSpec {
+        name: "gemm",
+        kind: OpKind::Gemm,
+        summary: "plain GEMM, NT: d = a·bᵀ, f32 accumulation",
+        inputs: &[
+            t("a", "[m, k] f32/bf16/f16"),
+            t("b", "[n, k] f32/bf16/f16"),
+        ],
+        outputs: &[t("d", "[m, n] in out_dtype")],
+        params: &[p("out_dtype", OUT_ACT, "f32", "dtype of d")],
+        run: run_gemm,
+    },
+    OpSpec {
+        name: "mla-decode",
+        kind: OpKind::MlaDecode,
+        summary: "MLA decode over a paged latent cache, FlashMLA semantics (SPEC §4)",
+        inputs: &[
+            t("q", "[b, s_q, h_q, d] bf16/f32/f16 (d = 576 for DeepSeek)"),
+            t(
+                "kcache",
+                "[num_blocks, block_size, h_kv, d], converted to q's dtype; V = first head_dim_v channels",
+            ),
+            t("block_table", "[b, max_blocks] i32/i64 (used as i32)"),
+            t("cache_seqlens", "[b] i32/i64 (used as i32)"),
+        ],
+        outputs: &[
+            t("out", "[b, s_q, h_q, head_dim_v], bf16 when q is bf16, else f32"),
+            t("lse", "[b, h_q, s_q] f32, natural log; +inf for empty rows"),
+        ],
+        params: &[
+            ParamSpec {
+                name: "softmax_scale",
+                kind: FLOAT,
+                default: ParamDefault::Computed("d^-0.5, d = last dim of q"),
+                help: "scale of q·kᵀ",
+            },
+            p(
+                "causal",
+                BOOL,
+                "false",
+                "bottom-right aligned causal mask (meaningful for s_q > 1)",
+            ),
+            p("head_dim_v", INT, "512", "channels of V (the first of K)"),
+        ],
+        run: run_mla_decode,
+    },
+    OpSpec {
+        name: "mla-prefill",
+        kind: OpKind::MlaPrefill,
+        summary: "causal MLA prefill over a contiguous latent cache, naive or absorbed (SPEC §5)",
+        inputs: &[
+            t("q_nope", "[T, H, dn] f32/bf16/f16"),
+            t("q_pe", "[T, H, dr] (rope applied)"),
+            t("latent", "[S, dc] normalized latent c, S >= T"),
+            t("k_pe", "[S, dr] roped key shared by all heads"),
+            t(
+                "wkv_b",
+                "[H·(dn + head_dim_v), dc] kv_b_proj: per head dn rows W_UK then head_dim_v rows W_UV",
+            ),
+        ],
+        outputs: &[t("out", "[T, H, head_dim_v], bf16 when q_nope is bf16, else f32")],
+        params: &[
+            ParamSpec {
+                name: "softmax_scale",
+                kind: FLOAT,
+                default: ParamDefault::Computed("(dn + dr)^-0.5"),
+                help: "scale of the attention scores",
+            },
+            p(
+                "form",
+                ParamKind::Choice(&["naive", "absorb"]),
+                "absorb",
+                "naive: expand kv_b_proj·c per head; absorb: fold W_UK/W_UV into q and out",
+            ),
+            p("head_dim_v", INT, "128", "V head dim dv"),
+        ],
+        run: run_mla_prefill,
+    },
+    OpSpec {
+        name: "moe-gate",
+        kind: OpKind::MoeGate,
+        summary: "DeepSeek-V3 noaux_tc MoE router: sigmoid scores, group-limited top-k (SPEC §6)",
+        inputs: &[
+            t("x", "[T, dim] f32/bf16/f16"),
+            t("weight", "[E, dim] f32/bf16/f16"),
+            TensorSpec {
+                name: "bias",
+                optional: true,
+                doc: "[E] e_score_correction_bias (used as f32), optional",
+            },
+        ],
+        outputs: &[
+            t("topk_idx", "[T, topk] i64 expert ids"),
+            t("topk_weights", "[T, topk] f32"),
+        ],
+        params: &[
+            p("n_group", INT, "8", "expert groups"),
+            p("topk_group", INT, "4", "groups kept per token"),
+            p("topk", INT, "8", "experts per token"),
+            p("route_scale", FLOAT, "2.5", "routed_scaling_factor"),
+        ],
+        run: run_moe_gate,
+    },
+    OpSpec {
+        name: "rms-norm",
+        kind: OpKind::RmsNorm,
+        summary: "RMSNorm over the last dim: y = x / sqrt(mean(x²) + eps) · weight",
+        inputs: &[
+            t("x", "[.., dim] f32/bf16/f16"),
+            t("weight", "[dim] f32/bf16/f16"),
+        ],
+        outputs: &[t("y", "same shape and dtype as x")],
+        params: &[p("eps", FLOAT, "1e-6", "added to the mean square")],
+        run: run_rms_norm,
+    },
+    OpSpec {
+        name: "rope",
+        kind: OpKind::Rope,
+        summary: "rotary embedding on interleaved pairs, optional YaRN (SPEC §8)",
+        inputs: &[
+            t("x", "[T, .., d] f32/bf16/f16, d even"),
+            t("positions", "[T] i32/i64"),
+        ],
+        outputs: &[t("y", "same shape and dtype as x")],
+        params: &[
+            p("theta", FLOAT, "10000", "rope_theta"),
+            p("factor", FLOAT, "1", "YaRN factor; 1 means no YaRN"),
+            p(
+                "original_max_position_embeddings",
+                INT,
+                "4096",
+                "YaRN L0 (used when factor > 1)",
+            ),
+            p("beta_fast", FLOAT, "32", "YaRN beta_fast"),
+            p("beta_slow", FLOAT, "1", "YaRN beta_slow"),
+            p("mscale", FLOAT, "1", "YaRN mscale"),
+            p("mscale_all_dim", FLOAT, "1", "YaRN mscale_all_dim"),
+        ],
+        run: run_rope,
+    },
+    OpSpec {
+        name: "silu-mul",
+        kind: OpKind::SiluMul,
+        summary: "SwiGLU activation: out = silu(gate) · up",
+        inputs: &[
+            t("gate", "any shape, f32/bf16/f16"),
+            t("up", "same shape as gate"),
+        ],
+        outputs: &[t("out", "same shape; the inputs' dtype when they agree, else f32")],
+        params: &[],
+        run: run_silu_mul,
+    },
+    OpSpec {
+        name: "add",
+        kind: OpKind::Add,
+        summary: "elementwise out = a + b",
+        inputs: &[t("a", "any shape, f32/bf16/f16"), t("b", "same shape as a")],
+        outputs: &[t("out", "same shape; the inputs' dtype when they agree, else f32")],
+        params: &[],
+        run: run_add,
+    },
+    OpSpec {
+        name: "embedding",
+        kind: OpKind::Embedding,
+        summary: "row gather: out[t] = table[ids[t]]",
+        inputs: &[
+            t("table", "[V, dim] f32/bf16/f16"),
+            t("ids", "[T] i32/i64, each in [0, V)"),
+        ],
+        outputs: &[t("out", "[T, dim] in the table's dtype")],
+        params: &[],
+        run: run_embedding,
+    },
+    OpSpec {
+        name: "copy-window",
+        kind: OpKind::CopyWindow,
+        summary: "copy a rows×cols window of src into dst, converting dtype (one rounding)",
+        inputs: &[
+            t("src", "any shape f32/bf16/f16, viewed as [rows, last dim]"),
+            t("dst", "any shape f32/bf16/f16, viewed as [rows, last dim]"),
+        ],
+        outputs: &[t("dst", "dst with the window overwritten (elements outside it kept)")],
+        params: &[
+            p("src_row", INT, "0", "window origin in src: row"),
+            p("src_col", INT, "0", "window origin in src: column"),
+            p("dst_row", INT, "0", "window origin in dst: row"),
+            p("dst_col", INT, "0", "window origin in dst: column"),
+            ParamSpec {
+                name: "rows",
+                kind: INT,
+                default: ParamDefault::Computed("the rest of src below src_row"),
+                help: "window rows",
+            },
+            ParamSpec {
+                name: "cols",
+                kind: INT,
+                default: ParamDefault::Computed("the rest of src right of src_col"),
+                help: "window columns",
+            },
+        ],
+        run: run_copy_window,
+    },
+];
+
+/// Looks an op up by its command-line name (kebab- or snake-case).
+pub fn find(name: &str) -> Option<&'static OpSpec> {
+    let n = name.replace('_', "-");
+    OPS.iter().find(|o| o.name == n)
+}
+
+/// Names of every op, in table order.
+pub fn names() -> Vec<&'static str> {
+    OPS.iter().map(|o| o.name).collect()
+}
+
+/// Runs `spec` on `backend` with `inputs` and `params` (which gains the
+/// computed defaults). Outputs come back in the op's natural dtypes.
+pub fn run(
+    spec: &OpSpec,
+    backend: &dyn Backend,
+    inputs: &Inputs,
+    params: &mut Params,
+) -> CliResult<Outputs> {
+    (spec.run)(backend, inputs, params)
+}
+
+/// The metadata `deepport op` writes into its output file.
+pub fn output_metadata(spec: &OpSpec, backend: &str, params: &Params) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("op".to_string(), spec.name.to_string()),
+        ("backend".to_string(), backend.to_string()),
+        ("params".to_string(), params.to_json().to_string()),
+    ])
+}
+
+/// The per-op table of `deepport op --help`.
+pub fn help_table() -> String {
+    let mut s = String::from("OPS (inputs -> outputs, parameters with defaults):\n");
+    for o in OPS {
+        let _ = writeln!(s, "\n  {}  —  {}", o.name, o.summary);
+        for (label, list) in [("in ", o.inputs), ("out", o.outputs)] {
+            for (j, t) in list.iter().enumerate() {
+                let head = if j == 0 { label } else { "   " };
+                let _ = writeln!(s, "    {head}  {:<14} {}", t.name, t.doc);
+            }
+        }
+        for (j, p) in o.params.iter().enumerate() {
+            let head = if j == 0 { "par" } else { "   " };
+            let default = match p.default {
+                ParamDefault::Value(v) => v.to_string(),
+                ParamDefault::Computed(c) => c.to_string(),
+            };
+            let values = match p.kind {
+                ParamKind::Choice(c) => format!("={}", c.join("|")),
+                ParamKind::Bool => "=true|false".into(),
+                ParamKind::Int => "=N".into(),
+                ParamKind::Float => "=X".into(),
+            };
+            let _ = writeln!(
+                s,
+                "    {head}  {}{values}  (default {default}): {}",
+                p.name, p.help
+            );
+        }
+    }
+    s.push_str(
+        "\nInputs of any float dtype are accepted where an op computes in f32; index \
+         tensors may be i32 or i64. Outputs are poisoned with NaN before the op runs, so \
+         anything an op leaves unwritten reads NaN.\n",
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_consistent() {
+        let mut seen = std::collections::BTreeSet::new();
+        for o in OPS {
+            assert!(seen.insert(o.name), "duplicate op {}", o.name);
+            assert_eq!(o.kind.name(), o.name.replace('-', "_"));
+            assert_eq!(find(o.kind.name()).map(|f| f.name), Some(o.name));
+            // Every literal default parses.
+            let params = Params::parse(o, &[]).expect(o.name);
+            for ps in o.params {
+                match ps.default {
+                    ParamDefault::Value(_) => assert!(params.values.contains_key(ps.name)),
+                    ParamDefault::Computed(_) => assert!(!params.values.contains_key(ps.name)),
+                }
+            }
+        }
+        assert_eq!(OPS.len(), 15);
+    }
+
+    #[test]
+    fn params_parse_and_reject() {
+        let spec = find("mla-decode").unwrap();
+        let p = Params::parse(spec, &["causal=1".into(), "head_dim_v=64".into()]).unwrap();
+        assert!(p.bool("causal").unwrap());
+        assert_eq!(p.int("head_dim_v").unwrap(), 64);
+        let p = Params::parse(spec, &["causal=FALSE".into()]).unwrap();
+        assert!(!p.bool("causal").unwrap());
+        let e = Params::parse(spec, &["causal=maybe".into()]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("causal"), "{e}");
+        let e = Params::parse(spec, &["nope=1".into()]).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("nope") && m.contains("softmax_scale") && m.contains("head_dim_v"),
+            "{m}"
+        );
+        let e = Params::parse(spec, &["causal".into()]).unwrap_err();
+        assert!(e.to_string().contains("name=value"));
+        let e = Params::parse(spec, &["causal=1".into(), "causal=0".into()]).unwrap_err();
+        assert!(e.to_string().contains("more than once"));
+        let e = Params::parse(spec, &["head_dim_v=-3".into()]).unwrap_err();
+        assert!(e.to_string().contains("head_dim_v"));
+        let aq = find("act_quant").unwrap();
+        let e = Params::parse(aq, &["format=e5m2".into()]).unwrap_err();
+        assert!(e.to_string().contains("e4m3fnuz"), "{e}");
+    }
+
+    #[test]
+    fn computed_default_is_recorded() {
+        let spec = find("mla-decode").unwrap();
+        let mut p = Params::parse(spec, &[]).unwrap();
+        assert_eq!(p.float_or("softmax_scale", 0.25).unwrap(), 0.25);
+        let j = p.to_json();
+        assert_eq!(j["softmax_scale"], 0.25);
+        assert_eq!(j["causal"], false);
+        assert_eq!(j["head_dim_v"], 512);
+        let mut p = Params::parse(spec, &["softmax_scale=0.5".into()]).unwrap();
+        assert_eq!(p.float_or("softmax_scale", 0.25).unwrap(), 0.5);
+    }
+
+    #[test]
+    fn index_conversion_checks_range() {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "block_table".to_string(),
+            HostTensor::from_i64(&[1, 3], &[0, 5, 1 << 40]),
+        );
+        m.insert("ok".to_string(), HostTensor::from_i64(&[2], &[-1, 7]));
+        let i = Inputs::new("in.safetensors", "mla-decode", m);
+        let e = i.as_i32("block_table").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("block_table") && msg.contains("[0, 2]"),
+            "{msg}"
+        );
+        let ok = i.as_i32("ok").unwrap();
+        assert_eq!(ok.dtype(), DType::I32);
+        assert_eq!(ok.to_i64_vec(), vec![-1, 7]);
+        let e = i.get("q").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("in.safetensors")
+                && msg.contains("`q`")
+                && msg.contains("block_table, ok"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn help_lists_every_op_and_param() {
+        let h = help_table();
+        for o in OPS {
+            assert!(h.contains(o.name), "{}", o.name);
+            for p in o.params {
+                assert!(h.contains(p.name), "{}.{}", o.name, p.name);
+            }
+            for t in o.inputs.iter().chain(o.outputs) {
+                assert!(h.contains(t.name));
+            }
+        }
+    }
+}
