@@ -16,11 +16,14 @@
 
 pub mod cases;
 pub mod error;
+#[cfg(feature = "cpu")]
+pub mod faulty;
 pub mod judge;
 pub mod list;
 pub mod opspec;
 pub mod rng;
 pub mod runner;
+pub mod suite;
 
 pub use error::CliError;
 
@@ -36,5 +39,7 @@ pub fn registry() -> Registry {
     let mut reg = Registry::new();
     #[cfg(feature = "cpu")]
     deepport_cpu::register(&mut reg);
+    #[cfg(feature = "cpu")]
+    faulty::register_if_enabled(&mut reg);
     reg
 }
