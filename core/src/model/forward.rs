@@ -1,0 +1,1314 @@
+//! The DeepSeek-V3 forward pass (SPEC.md §5, §8) over any [`Backend`].
+//!
+//! Every computation is an op of [`crate::ops`]; the model only moves
+//! handles around. Weights are uploaded once by [`Model::load`]. Host round
+//! trips during a forward pass are limited to the per-expert token counts of
+//! the MoE dispatch (a few integers per MoE layer) and, when asked for, the
+//! taps; the logits come back at the end.
+//!
+//! # Numerics (SPEC.md §8)
+//!
+//! * [`Numerics::F32`]: FP8 weights dequantized to f32 with the
+//!   `weight_dequant` op, every activation f32.
+//! * [`Numerics::Bf16`]: FP8 weights dequantized to bf16, every tensor
+//!   between ops bf16 (each op rounds its output once). The MoE top-k
+//!   weights are rounded to bf16 before the combine, as DeepSeek's gate
+//!   returns them in the activation dtype.
+//! * [`Numerics::Fp8`]: as bf16, but every linear with an FP8 weight runs
+//!   `act_quant` then `fp8_gemm` with the checkpoint's e4m3 weight and
+//!   scales (bf16 output). `kv_b_proj` is used dequantized (bf16) inside the
+//!   attention, as DeepSeek does. A linear whose input width is not a
+//!   multiple of 128 cannot be quantized per 128-group and uses its
+//!   dequantized bf16 weight instead (no DeepSeek-V3 linear is like that).
+//!
+//! # Attention
+//!
+//! Prefill ([`PrefillPath::Fused`], the default) runs `mla_prefill` over
+//! the contiguous latent `c` and rope key (form naive or absorbed) and
+//! writes both into the paged latent cache. Decode writes the new token's
+//! `[c ‖ k_pe]` into the cache and runs `mla_decode` with
+//! `q = [q_nope·W_UK ‖ q_pe]` per head, then maps the latent output back
+//! with `W_UV` per head (weight slices prepared at load time).
+//! [`PrefillPath::Paged`] runs a prompt through those decode kernels
+//! (causal `mla_decode`, bottom-right aligned). The two prefill paths agree
+//! in f32; in bf16/fp8 they differ in where they round: the fused op keeps
+//! `q_nope·W_UK` and `Σ p·c` unrounded, the paged path rounds them to the
+//! activation dtype between ops, which is where DeepSeek's absorbed
+//! attention (and the golden data) round them.
+//!
+//! Each layer's cache is one device tensor `[num_blocks, 64, 1, 576]`
+//! (576 = `kv_lora_rank + qk_rope_head_dim`), written with `copy_window`
+//! on its `[num_blocks·64, 576]` matrix view. Pages are handed out in order
+//! (block `i` of the sequence is page `i`); the cache grows (doubling, one
+//! copy) when a sequence outgrows it.
+//!
+//! # MoE
+//!
+//! `moe_gate` → `low_latency_dispatch` over a world of one
+//! ([`ThreadComm::group`]`(1)`) → for each expert that received tokens, its
+//! rows are copied out, run through the expert's SwiGLU and copied back
+//! into a `[E, T, hidden]` buffer → `low_latency_combine` with the top-k
+//! weights → plus the shared experts' output. With shared experts the
+//! combine writes f32 and the add rounds once, so routed + shared is
+//! rounded once (SPEC.md §8).
+
+use super::checkpoint::Checkpoint;
+use super::config::ModelConfig;
+use crate::backend::{Backend, Tensor};
+use crate::comm::ThreadComm;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ops::{self, *};
+use crate::tensor::HostTensor;
+use std::collections::BTreeMap;
+
+/// Tokens per page of the latent cache (FlashMLA's block size).
+pub const CACHE_BLOCK: usize = 64;
+
+/// The op name used in the model's own errors.
+const OP: &str = "model";
+
+/// Float dtypes accepted for norms, embeddings, router and lm_head weights.
+const FLOATS: &[DType] = &[DType::BF16, DType::F16, DType::F32];
+
+/// The numerics mode of a forward pass (SPEC.md §8).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Numerics {
+    /// Weights dequantized to f32, every activation f32.
+    F32,
+    /// Weights dequantized to bf16, every tensor between ops bf16.
+    #[default]
+    Bf16,
+    /// As bf16, with act_quant + FP8 GEMM for every FP8 linear.
+    Fp8,
+}
+
+impl Numerics {
+    pub const ALL: [Numerics; 3] = [Numerics::F32, Numerics::Bf16, Numerics::Fp8];
+
+    /// The dtype of every tensor passed between ops.
+    pub fn act_dtype(self) -> DType {
+        match self {
+            Numerics::F32 => DType::F32,
+            Numerics::Bf16 | Numerics::Fp8 => DType::BF16,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Numerics::F32 => "f32",
+            Numerics::Bf16 => "bf16",
+            Numerics::Fp8 => "fp8",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|n| n.name() == s)
+    }
+}
+
+impl std::fmt::Display for Numerics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which kernels a prefill's attention runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillPath {
+    /// `mla_prefill` over the contiguous latent, in the chosen
+    /// [`MlaForm`]. The attention is one op: `q_nope·W_UK` and `Σ p·c`
+    /// are not rounded on their own.
+    #[default]
+    Fused,
+    /// The decode kernels on the whole prompt: per-head `q_nope·W_UK`
+    /// GEMMs, causal `mla_decode` over the paged cache, per-head `W_UV`
+    /// GEMMs (always absorbed). `q_lat` and the latent output are tensors
+    /// between ops, rounded to the activation dtype, exactly where
+    /// DeepSeek's absorbed attention rounds them.
+    Paged,
+}
+
+impl PrefillPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefillPath::Fused => "fused",
+            PrefillPath::Paged => "paged",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [PrefillPath::Fused, PrefillPath::Paged]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+}
+
+/// How [`Model::load_with`] prepares a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub numerics: Numerics,
+    /// Prefill attention form with [`PrefillPath::Fused`] (decode always
+    /// runs absorbed over the cache).
+    pub form: MlaForm,
+    /// Activation scale format of `act_quant` in FP8 mode.
+    pub scale_fmt: ScaleFmt,
+    /// Kernels of the prefill attention.
+    pub prefill: PrefillPath,
+}
+
+/// The MoE routing of one layer: per token, the chosen experts sorted
+/// ascending and their weights in the same order.
+#[derive(Clone, Debug)]
+pub struct Routing {
+    /// `[T, k]` i64, each row ascending.
+    pub topk_idx: HostTensor,
+    /// `[T, k]` f32, in the order of `topk_idx`.
+    pub topk_weights: HostTensor,
+}
+
+impl Routing {
+    /// Sorts each token's (expert, weight) pairs by expert index.
+    fn sorted(idx: &HostTensor, w: &HostTensor) -> Result<Routing> {
+        let shape = idx.shape().to_vec();
+        let k = shape.last().copied().unwrap_or(0);
+        let iv = idx.to_i64_vec();
+        let wv = w.to_f32_vec();
+        let mut oi = Vec::with_capacity(iv.len());
+        let mut ow = Vec::with_capacity(wv.len());
+        for (ri, rw) in iv.chunks(k.max(1)).zip(wv.chunks(k.max(1))) {
+            let mut pairs: Vec<(i64, f32)> = ri.iter().copied().zip(rw.iter().copied()).collect();
+            pairs.sort_by_key(|p| p.0);
+            oi.extend(pairs.iter().map(|p| p.0));
+            ow.extend(pairs.iter().map(|p| p.1));
+        }
+        Ok(Routing {
+            topk_idx: HostTensor::from_i64(&shape, &oi),
+            topk_weights: HostTensor::from_f32(DType::F32, &shape, &ow),
+        })
+    }
+}
+
+/// Intermediate tensors of a forward pass, by the golden data's names:
+/// `layers.{i}.input` (hidden entering layer i), `layers.{i}.attn_out`,
+/// `layers.{i}.ffn_out` (both before the residual add), for MoE layers
+/// `layers.{i}.topk_idx` (i64, ascending per token) and
+/// `layers.{i}.topk_weights` (f32, same order), `final_norm_out` and
+/// `logits`. Float taps are f32 host tensors holding the mode's values.
+#[derive(Clone, Debug, Default)]
+pub struct Taps {
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+impl Taps {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn get(&self, name: &str) -> Option<&HostTensor> {
+        self.tensors.get(name)
+    }
+    fn put(&mut self, b: &dyn Backend, name: String, t: &Tensor) -> Result<()> {
+        let h = b.download(t)?;
+        let h = if h.dtype().is_float() {
+            h.to_dtype(DType::F32)
+        } else {
+            h
+        };
+        self.tensors.insert(name, h);
+        Ok(())
+    }
+}
+
+/// What [`Model::layer_forward`] returns (f32 host tensors).
+#[derive(Clone, Debug)]
+pub struct LayerOutput {
+    /// `MLA(input_layernorm(input))`, `[T, hidden]`.
+    pub attn_out: HostTensor,
+    /// `FFN(post_attention_layernorm(input + attn))`, `[T, hidden]`.
+    pub ffn_out: HostTensor,
+    /// MoE layers only.
+    pub routing: Option<Routing>,
+}
+
+// ---- weights ----------------------------------------------------------------
+
+/// A linear layer ready to run.
+enum Linear {
+    /// `[out, in]` in the activation dtype.
+    Dense(Tensor),
+    /// The checkpoint's e4m3 weight `[out, in]` and f32 block scales.
+    Fp8 { w: Tensor, s: Tensor },
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Moe {
+    /// `[E, hidden]`.
+    router: Tensor,
+    /// `e_score_correction_bias [E]` f32.
+    bias: Tensor,
+    experts: Vec<Mlp>,
+    shared: Option<Mlp>,
+}
+
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+enum QProj {
+    /// `q_a_proj` → `q_a_layernorm` → `q_b_proj`.
+    Lora { a: Linear, norm: Tensor, b: Linear },
+    /// `q_proj` (no query compression).
+    Direct(Linear),
+}
+
+struct Attention {
+    q: QProj,
+    kv_a: Linear,
+    kv_norm: Tensor,
+    /// `kv_b_proj` dequantized, `[H·(dn+dv), dc]`.
+    wkv_b: Tensor,
+    /// Per head `W_UKᵀ [dc, dn]` (so that `gemm(q_nope, ·)` = `q_nope·W_UK`).
+    w_uk_t: Vec<Tensor>,
+    /// Per head `W_UV [dv, dc]` (so that `gemm(o_lat, ·)` = `o_lat·W_UVᵀ`).
+    w_uv: Vec<Tensor>,
+    o_proj: Linear,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    ffn: Ffn,
+}
+
+// ---- execution context ----------------------------------------------------------
+
+/// Model dimensions and op parameters, copied out of the config.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    hidden: usize,
+    heads: usize,
+    dn: usize,
+    dr: usize,
+    dv: usize,
+    dc: usize,
+    experts: usize,
+    topk: usize,
+    n_group: usize,
+    topk_group: usize,
+    route_scale: f32,
+    eps: f32,
+    softmax_scale: f32,
+    rope: RopeConfig,
+}
+
+impl Dims {
+    fn of(cfg: &ModelConfig) -> Dims {
+        Dims {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            dn: cfg.qk_nope_head_dim,
+            dr: cfg.qk_rope_head_dim,
+            dv: cfg.v_head_dim,
+            dc: cfg.kv_lora_rank,
+            experts: cfg.n_routed_experts,
+            topk: cfg.num_experts_per_tok,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            route_scale: cfg.routed_scaling_factor as f32,
+            eps: cfg.rms_norm_eps as f32,
+            softmax_scale: cfg.softmax_scale(),
+            rope: cfg.rope_config(),
+        }
+    }
+}
+
+/// Everything an op call needs besides its tensors.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    b: &'a dyn Backend,
+    act: DType,
+    scale_fmt: ScaleFmt,
+    d: Dims,
+}
+
+/// The per-step index tensors shared by every layer.
+struct Step {
+    /// `[T]` i64, absolute positions.
+    positions: Tensor,
+    /// First position of the step.
+    start: usize,
+    /// `[1, num_blocks]` i32 (decode only).
+    block_table: Option<Tensor>,
+    /// `[1]` i32 = start + T (decode only).
+    seqlens: Option<Tensor>,
+}
+
+/// Which attention path a layer runs.
+enum AttnPath<'c> {
+    /// `mla_prefill` over this step's tokens (start must be 0); writes the
+    /// cache when given one.
+    Fused {
+        form: MlaForm,
+        cache: Option<&'c mut Tensor>,
+    },
+    /// Writes the cache, then `mla_decode` over it (causal when the step
+    /// has several tokens).
+    Paged { cache: &'c mut Tensor },
+}
+
+fn rows_of(t: &Tensor) -> usize {
+    as_matrix(t.shape()).0
+}
+
+impl Ctx<'_> {
+    fn alloc(&self, shape: &[usize]) -> Result<Tensor> {
+        self.b.alloc(self.act, shape)
+    }
+
+    fn copy(
+        &self,
+        src: &Tensor,
+        dst: &mut Tensor,
+        src_origin: (usize, usize),
+        dst_origin: (usize, usize),
+        size: (usize, usize),
+    ) -> Result<()> {
+        ops::run(
+            self.b,
+            CopyWindow {
+                src,
+                dst,
+                src_origin,
+                dst_origin,
+                size,
+            },
+        )
+    }
+
+    /// A new `[rows, cols]` tensor holding a window of `src`'s matrix view.
+    fn window(
+        &self,
+        src: &Tensor,
+        row: usize,
+        col: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Tensor> {
+        let mut out = self.alloc(&[rows, cols])?;
+        self.copy(src, &mut out, (row, col), (0, 0), (rows, cols))?;
+        Ok(out)
+    }
+
+    /// `a [m, k]` · `w [n, k]`ᵀ in the activation dtype.
+    fn gemm(&self, a: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let mut d = self.alloc(&[rows_of(a), w.shape()[0]])?;
+        ops::run(self.b, Gemm { a, b: w, d: &mut d })?;
+        Ok(d)
+    }
+
+    fn linear(&self, x: &Tensor, l: &Linear) -> Result<Tensor> {
+        match l {
+            Linear::Dense(w) => self.gemm(x, w),
+            Linear::Fp8 { w, s } => {
+                let (m, k) = as_matrix(x.shape());
+                let mut q = self.b.alloc(w.dtype(), &[m, k])?;
+                let mut sa = self.b.alloc(DType::F32, &[m, k / QBLOCK])?;
+                ops::run(
+                    self.b,
+                    ActQuant {
+                        x,
+                        q: &mut q,
+                        s: &mut sa,
+                        scale_fmt: self.scale_fmt,
+                    },
+                )?;
+                let mut d = self.alloc(&[m, w.shape()[0]])?;
+                ops::run(
+                    self.b,
+                    Fp8Gemm {
+                        a: &q,
+                        sa: &sa,
+                        b: w,
+                        sb: s,
+                        d: &mut d,
+                    },
+                )?;
+                Ok(d)
+            }
+        }
+    }
+
+    fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let mut y = self.alloc(x.shape())?;
+        ops::run(
+            self.b,
+            RmsNorm {
+                x,
+                weight,
+                y: &mut y,
+                eps: self.d.eps,
+            },
+        )?;
+        Ok(y)
+    }
+
+    fn rope(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let mut y = self.alloc(x.shape())?;
+        ops::run(
+            self.b,
+            Rope {
+                x,
+                positions,
+                y: &mut y,
+                config: self.d.rope,
+            },
+        )?;
+        Ok(y)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let mut out = self.alloc(a.shape())?;
+        ops::run(
+            self.b,
+            Add {
+                a,
+                b,
+                out: &mut out,
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// SwiGLU: `down(silu(gate x) ⊙ up x)`.
+    fn mlp(&self, x: &Tensor, m: &Mlp) -> Result<Tensor> {
+        let g = self.linear(x, &m.gate)?;
+        let u = self.linear(x, &m.up)?;
+        let mut a = self.alloc(g.shape())?;
+        ops::run(
+            self.b,
+            SiluMul {
+                gate: &g,
+                up: &u,
+                out: &mut a,
+            },
+        )?;
+        self.linear(&a, &m.down)
+    }
+
+    /// Writes this step's `[c ‖ k_pe]` rows into a layer's paged cache.
+    /// Page `i` of the sequence is block `i` of the cache.
+    fn write_cache(
+        &self,
+        cache: &mut Tensor,
+        start: usize,
+        latent: &Tensor,
+        k_pe: &Tensor,
+    ) -> Result<()> {
+        let (dc, dr) = (self.d.dc, self.d.dr);
+        let t = rows_of(latent);
+        let end = start + t;
+        let mut p = start;
+        while p < end {
+            let (blk, off) = (p / CACHE_BLOCK, p % CACHE_BLOCK);
+            let n = (CACHE_BLOCK - off).min(end - p);
+            let row = blk * CACHE_BLOCK + off;
+            self.copy(latent, cache, (p - start, 0), (row, 0), (n, dc))?;
+            self.copy(k_pe, cache, (p - start, 0), (row, dc), (n, dr))?;
+            p += n;
+        }
+        Ok(())
+    }
+
+    /// MLA of one layer on normalized input `x [T, hidden]`.
+    fn attention(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        step: &Step,
+        path: AttnPath<'_>,
+    ) -> Result<Tensor> {
+        let Dims {
+            heads: h,
+            dn,
+            dr,
+            dv,
+            dc,
+            ..
+        } = self.d;
+        let t = rows_of(x);
+        let qk = dn + dr;
+        let mut q = match &a.q {
+            QProj::Lora { a: qa, norm, b: qb } => {
+                let c = self.linear(x, qa)?;
+                let cn = self.norm(&c, norm)?;
+                self.linear(&cn, qb)?
+            }
+            QProj::Direct(l) => self.linear(x, l)?,
+        };
+        let kv = self.linear(x, &a.kv_a)?;
+        let c_raw = self.window(&kv, 0, 0, t, dc)?;
+        let kpe_raw = self.window(&kv, 0, dc, t, dr)?;
+        let latent = self.norm(&c_raw, &a.kv_norm)?;
+        let k_pe = self.rope(&kpe_raw, &step.positions)?;
+        // q viewed as [T·H, dn + dr]: one row per (token, head).
+        q.reshape(&[t * h, qk])?;
+        let mut qpe_raw = self.window(&q, 0, dn, t * h, dr)?;
+        qpe_raw.reshape(&[t, h, dr])?;
+        let q_pe = self.rope(&qpe_raw, &step.positions)?;
+        let o = match path {
+            AttnPath::Fused { form, cache } => {
+                if let Some(cache) = cache {
+                    self.write_cache(cache, step.start, &latent, &k_pe)?;
+                }
+                let mut q_nope = self.window(&q, 0, 0, t * h, dn)?;
+                q_nope.reshape(&[t, h, dn])?;
+                let mut out = self.alloc(&[t, h, dv])?;
+                ops::run(
+                    self.b,
+                    MlaPrefill {
+                        q_nope: &q_nope,
+                        q_pe: &q_pe,
+                        latent: &latent,
+                        k_pe: &k_pe,
+                        wkv_b: &a.wkv_b,
+                        out: &mut out,
+                        softmax_scale: self.d.softmax_scale,
+                        form,
+                    },
+                )?;
+                out.reshape(&[t, h * dv])?;
+                out
+            }
+            AttnPath::Paged { cache } => {
+                self.write_cache(cache, step.start, &latent, &k_pe)?;
+                q.reshape(&[t, h * qk])?;
+                self.decode_attention(a, &q, &q_pe, cache, step)?
+            }
+        };
+        self.linear(&o, &a.o_proj)
+    }
+
+    /// Absorbed attention over the paged cache: `q [T, H·(dn+dr)]`,
+    /// `q_pe [T, H, dr]` (roped) → `[T, H·dv]`.
+    fn decode_attention(
+        &self,
+        a: &Attention,
+        q: &Tensor,
+        q_pe: &Tensor,
+        cache: &Tensor,
+        step: &Step,
+    ) -> Result<Tensor> {
+        let Dims {
+            heads: h,
+            dn,
+            dr,
+            dv,
+            dc,
+            ..
+        } = self.d;
+        let t = rows_of(q);
+        let (qk, dl) = (dn + dr, dc + dr);
+        let (Some(block_table), Some(seqlens)) = (&step.block_table, &step.seqlens) else {
+            return Err(Error::Other(
+                "model: paged attention step without a block table".into(),
+            ));
+        };
+        let mut qm = self.alloc(&[t, h * dl])?;
+        for hh in 0..h {
+            let qn = self.window(q, 0, hh * qk, t, dn)?;
+            let ql = self.gemm(&qn, &a.w_uk_t[hh])?;
+            self.copy(&ql, &mut qm, (0, 0), (0, hh * dl), (t, dc))?;
+        }
+        qm.reshape(&[t * h, dl])?;
+        self.copy(q_pe, &mut qm, (0, 0), (0, dc), (t * h, dr))?;
+        qm.reshape(&[1, t, h, dl])?;
+        let mut out = self.alloc(&[1, t, h, dc])?;
+        let mut lse = self.b.alloc(DType::F32, &[1, h, t])?;
+        ops::run(
+            self.b,
+            MlaDecode {
+                q: &qm,
+                kcache: cache,
+                block_table,
+                cache_seqlens: seqlens,
+                out: &mut out,
+                lse: &mut lse,
+                softmax_scale: self.d.softmax_scale,
+                causal: t > 1,
+            },
+        )?;
+        out.reshape(&[t, h * dc])?;
+        let mut o = self.alloc(&[t, h * dv])?;
+        for hh in 0..h {
+            let ol = self.window(&out, 0, hh * dc, t, dc)?;
+            let oh = self.gemm(&ol, &a.w_uv[hh])?;
+            self.copy(&oh, &mut o, (0, 0), (0, hh * dv), (t, dv))?;
+        }
+        Ok(o)
+    }
+
+    /// The MoE FFN on normalized input `x [T, hidden]`; returns its output
+    /// and the device routing `(topk_idx, topk_weights)`.
+    fn moe(&self, comm: &ThreadComm, m: &Moe, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = self.d;
+        let t = rows_of(x);
+        let mut idx = self.b.alloc(DType::I64, &[t, d.topk])?;
+        let mut w = self.b.alloc(DType::F32, &[t, d.topk])?;
+        ops::run(
+            self.b,
+            MoeGate {
+                x,
+                weight: &m.router,
+                bias: Some(&m.bias),
+                topk_idx: &mut idx,
+                topk_weights: &mut w,
+                n_group: d.n_group,
+                topk_group: d.topk_group,
+                topk: d.topk,
+                route_scale: d.route_scale,
+            },
+        )?;
+        if self.act != DType::F32 {
+            // DeepSeek's gate returns its weights in the activation dtype.
+            let mut wr = self.alloc(&[t, d.topk])?;
+            self.copy(&w, &mut wr, (0, 0), (0, 0), (t, d.topk))?;
+            self.copy(&wr, &mut w, (0, 0), (0, 0), (t, d.topk))?;
+        }
+        let disp = ops::low_latency_dispatch(
+            self.b,
+            comm,
+            LowLatencyDispatch {
+                x,
+                topk_idx: &idx,
+                num_experts: d.experts,
+                max_tokens_per_rank: t,
+                use_fp8: false,
+                ue8m0: false,
+            },
+        )?;
+        let counts = self.b.download(&disp.recv_count)?.to_i64_vec();
+        if counts.len() != d.experts {
+            return Err(Error::Other(format!(
+                "model: low_latency_dispatch returned {} expert counts for {} experts",
+                counts.len(),
+                d.experts
+            )));
+        }
+        let cap = t; // max_tokens_per_rank · world (1)
+        let mut y = self.alloc(&[d.experts, cap, d.hidden])?;
+        for (e, &n) in counts.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            if n < 0 || n as usize > cap {
+                return Err(Error::Other(format!(
+                    "model: low_latency_dispatch says expert {e} received {n} tokens, outside [0, {cap}]"
+                )));
+            }
+            let n = n as usize;
+            let xe = self.window(&disp.recv_x, e * cap, 0, n, d.hidden)?;
+            let ye = self.mlp(&xe, &m.experts[e])?;
+            self.copy(&ye, &mut y, (0, 0), (e * cap, 0), (n, d.hidden))?;
+        }
+        // With shared experts the combine stays f32 so that routed + shared
+        // is rounded once (SPEC.md §8: the MoE combine rounds once).
+        let combined_dtype = if m.shared.is_some() {
+            DType::F32
+        } else {
+            self.act
+        };
+        let mut out = self.b.alloc(combined_dtype, &[t, d.hidden])?;
+        ops::low_latency_combine(
+            self.b,
+            comm,
+            LowLatencyCombine {
+                x: &y,
+                topk_idx: &idx,
+                topk_weights: &w,
+                handle: &disp.handle,
+                out: &mut out,
+            },
+        )?;
+        let out = match &m.shared {
+            Some(s) => {
+                let z = self.mlp(x, s)?;
+                self.add(&out, &z)?
+            }
+            None => out,
+        };
+        Ok((out, idx, w))
+    }
+
+    /// The FFN of a layer; routing tensors for MoE layers.
+    fn ffn(
+        &self,
+        comm: &ThreadComm,
+        f: &Ffn,
+        x: &Tensor,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        match f {
+            Ffn::Dense(m) => Ok((self.mlp(x, m)?, None)),
+            Ffn::Moe(m) => {
+                let (out, idx, w) = self.moe(comm, m, x)?;
+                Ok((out, Some((idx, w))))
+            }
+        }
+    }
+}
+
+// ---- loading ----------------------------------------------------------------
+
+struct Loader<'a> {
+    b: &'a dyn Backend,
+    ckpt: &'a Checkpoint,
+    act: DType,
+    numerics: Numerics,
+}
+
+impl Loader<'_> {
+    /// A float tensor of the given shape, converted to the activation dtype.
+    fn float(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let h = self.ckpt.get_checked(name, FLOATS, shape)?;
+        self.b.upload(&h.to_dtype(self.act))
+    }
+
+    /// A linear weight `[out, in]` dequantized to the activation dtype
+    /// (FP8 weights through the `weight_dequant` op).
+    fn dequantized(&self, prefix: &str, out: usize, inp: usize) -> Result<Tensor> {
+        let lw = self.ckpt.linear(prefix, out, inp)?;
+        match lw.scale {
+            None => self.b.upload(&lw.weight.to_dtype(self.act)),
+            Some(s) => {
+                let w = self.b.upload(&lw.weight)?;
+                let s = self.b.upload(&s)?;
+                let mut o = self.b.alloc(self.act, &[out, inp])?;
+                ops::run(
+                    self.b,
+                    WeightDequant {
+                        w: &w,
+                        s: &s,
+                        out: &mut o,
+                    },
+                )?;
+                Ok(o)
+            }
+        }
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        if self.numerics == Numerics::Fp8 && inp % QBLOCK == 0 {
+            let lw = self.ckpt.linear(prefix, out, inp)?;
+            if let Some(s) = lw.scale {
+                return Ok(Linear::Fp8 {
+                    w: self.b.upload(&lw.weight)?,
+                    s: self.b.upload(&s)?,
+                });
+            }
+            return Ok(Linear::Dense(self.b.upload(&lw.weight.to_dtype(self.act))?));
+        }
+        Ok(Linear::Dense(self.dequantized(prefix, out, inp)?))
+    }
+
+    fn mlp(&self, prefix: &str, hidden: usize, inter: usize) -> Result<Mlp> {
+        Ok(Mlp {
+            gate: self.linear(&format!("{prefix}.gate_proj"), inter, hidden)?,
+            up: self.linear(&format!("{prefix}.up_proj"), inter, hidden)?,
+            down: self.linear(&format!("{prefix}.down_proj"), hidden, inter)?,
+        })
+    }
+
+    fn attention(&self, cfg: &ModelConfig, i: usize) -> Result<Attention> {
+        let p = format!("model.layers.{i}.self_attn");
+        let d = Dims::of(cfg);
+        let (h, hidden) = (d.heads, d.hidden);
+        let qk = d.dn + d.dr;
+        let q = match cfg.q_lora_rank {
+            Some(r) => QProj::Lora {
+                a: self.linear(&format!("{p}.q_a_proj"), r, hidden)?,
+                norm: self.float(&format!("{p}.q_a_layernorm.weight"), &[r])?,
+                b: self.linear(&format!("{p}.q_b_proj"), h * qk, r)?,
+            },
+            None => QProj::Direct(self.linear(&format!("{p}.q_proj"), h * qk, hidden)?),
+        };
+        let kv_a = self.linear(&format!("{p}.kv_a_proj_with_mqa"), d.dc + d.dr, hidden)?;
+        let kv_norm = self.float(&format!("{p}.kv_a_layernorm.weight"), &[d.dc])?;
+        let wkv_b = self.dequantized(&format!("{p}.kv_b_proj"), h * (d.dn + d.dv), d.dc)?;
+        // Per-head slices. W_UKᵀ needs a transpose, which no op does: it is
+        // built once here from the dequantized weight.
+        let wh = self.b.download(&wkv_b)?.to_f32_vec();
+        let ctx = Ctx {
+            b: self.b,
+            act: self.act,
+            scale_fmt: ScaleFmt::Float,
+            d,
+        };
+        let mut w_uk_t = Vec::with_capacity(h);
+        let mut w_uv = Vec::with_capacity(h);
+        for hh in 0..h {
+            let base = hh * (d.dn + d.dv);
+            let mut tr = vec![0f32; d.dc * d.dn];
+            for r in 0..d.dn {
+                for c in 0..d.dc {
+                    tr[c * d.dn + r] = wh[(base + r) * d.dc + c];
+                }
+            }
+            // Values came from the activation dtype: the conversion is exact.
+            w_uk_t.push(
+                self.b
+                    .upload(&HostTensor::from_f32(self.act, &[d.dc, d.dn], &tr))?,
+            );
+            w_uv.push(ctx.window(&wkv_b, base + d.dn, 0, d.dv, d.dc)?);
+        }
+        Ok(Attention {
+            q,
+            kv_a,
+            kv_norm,
+            wkv_b,
+            w_uk_t,
+            w_uv,
+            o_proj: self.linear(&format!("{p}.o_proj"), hidden, h * d.dv)?,
+        })
+    }
+
+    fn ffn(&self, cfg: &ModelConfig, i: usize) -> Result<Ffn> {
+        let p = format!("model.layers.{i}.mlp");
+        let hidden = cfg.hidden_size;
+        if !cfg.is_moe_layer(i) {
+            return Ok(Ffn::Dense(self.mlp(&p, hidden, cfg.intermediate_size)?));
+        }
+        let e = cfg.n_routed_experts;
+        let router = self.float(&format!("{p}.gate.weight"), &[e, hidden])?;
+        let bias_h =
+            self.ckpt
+                .get_checked(&format!("{p}.gate.e_score_correction_bias"), FLOATS, &[e])?;
+        let bias = self.b.upload(&bias_h.to_dtype(DType::F32))?;
+        let experts = (0..e)
+            .map(|x| {
+                self.mlp(
+                    &format!("{p}.experts.{x}"),
+                    hidden,
+                    cfg.moe_intermediate_size,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shared = if cfg.n_shared_experts > 0 {
+            Some(self.mlp(
+                &format!("{p}.shared_experts"),
+                hidden,
+                cfg.n_shared_experts * cfg.moe_intermediate_size,
+            )?)
+        } else {
+            None
+        };
+        Ok(Ffn::Moe(Moe {
+            router,
+            bias,
+            experts,
+            shared,
+        }))
+    }
+}
+
+// ---- the model ----------------------------------------------------------------
+
+/// A DeepSeek-V3 model on a backend, with its latent cache.
+pub struct Model<'b> {
+    b: &'b dyn Backend,
+    cfg: ModelConfig,
+    opts: LoadOptions,
+    dims: Dims,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    comm: ThreadComm,
+    /// One `[blocks, 64, 1, dc + dr]` cache per layer (empty before the
+    /// first step).
+    caches: Vec<Tensor>,
+    blocks: usize,
+    seq_len: usize,
+}
+
+impl std::fmt::Debug for Model<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Model({} layers, {}, {}, on {}, {} cached tokens)",
+            self.layers.len(),
+            self.opts.numerics,
+            self.opts.form.name(),
+            self.b.name(),
+            self.seq_len
+        )
+    }
+}
+
+impl<'b> Model<'b> {
+    /// Loads a model: every weight is read from `ckpt`, prepared for
+    /// `numerics` and uploaded once. The FP8 activation scale format is the
+    /// checkpoint's (`quantization_config.scale_fmt`).
+    pub fn load(
+        backend: &'b dyn Backend,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        numerics: Numerics,
+        form: MlaForm,
+    ) -> Result<Self> {
+        let opts = LoadOptions {
+            numerics,
+            form,
+            scale_fmt: cfg.act_scale_fmt(),
+            prefill: PrefillPath::Fused,
+        };
+        Self::load_with(backend, ckpt, cfg, opts)
+    }
+
+    /// Loads a model with explicit options.
+    pub fn load_with(
+        backend: &'b dyn Backend,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let act = opts.numerics.act_dtype();
+        let ld = Loader {
+            b: backend,
+            ckpt,
+            act,
+            numerics: opts.numerics,
+        };
+        let (v, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = ld.float("model.embed_tokens.weight", &[v, hidden])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: ld.float(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                attn: ld.attention(cfg, i)?,
+                post_norm: ld.float(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                ffn: ld.ffn(cfg, i)?,
+            });
+        }
+        let norm = ld.float("model.norm.weight", &[hidden])?;
+        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            ld.float("model.embed_tokens.weight", &[v, hidden])?
+        } else {
+            ld.float("lm_head.weight", &[v, hidden])?
+        };
+        let comm = ThreadComm::group(1)
+            .pop()
+            .ok_or_else(|| Error::Other("model: ThreadComm::group(1) returned no rank".into()))?;
+        Ok(Model {
+            b: backend,
+            cfg: cfg.clone(),
+            opts,
+            dims: Dims::of(cfg),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            comm,
+            caches: Vec::new(),
+            blocks: 0,
+            seq_len: 0,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn options(&self) -> LoadOptions {
+        self.opts
+    }
+    pub fn backend(&self) -> &'b dyn Backend {
+        self.b
+    }
+    /// Tokens in the latent cache.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+    /// Forgets the cached sequence (the cache memory is kept).
+    pub fn reset(&mut self) {
+        self.seq_len = 0;
+    }
+
+    fn ctx(&self) -> Ctx<'b> {
+        Ctx {
+            b: self.b,
+            act: self.opts.numerics.act_dtype(),
+            scale_fmt: self.opts.scale_fmt,
+            d: self.dims,
+        }
+    }
+
+    /// Grows every layer's cache to hold `tokens` positions (doubling),
+    /// keeping the cached sequence.
+    fn ensure_capacity(&mut self, tokens: usize) -> Result<()> {
+        let need = tokens.div_ceil(CACHE_BLOCK).max(1);
+        if need <= self.blocks && self.caches.len() == self.layers.len() {
+            return Ok(());
+        }
+        let blocks = need.max(2 * self.blocks);
+        let ctx = self.ctx();
+        let dl = self.dims.dc + self.dims.dr;
+        let mut caches = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            let mut c = ctx.alloc(&[blocks, CACHE_BLOCK, 1, dl])?;
+            if self.seq_len > 0 {
+                if let Some(old) = self.caches.get(li) {
+                    ctx.copy(old, &mut c, (0, 0), (0, 0), (self.seq_len, dl))?;
+                }
+            }
+            caches.push(c);
+        }
+        self.caches = caches;
+        self.blocks = blocks;
+        Ok(())
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::invalid(OP, "tokens", "must not be empty"));
+        }
+        let v = self.cfg.vocab_size;
+        if let Some((i, &tok)) = tokens.iter().enumerate().find(|(_, &x)| x as usize >= v) {
+            return Err(Error::IndexOutOfRange {
+                op: OP,
+                arg: "tokens",
+                position: vec![i],
+                value: tok as i64,
+                range: format!("[0, {v})"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the prompt from position 0 (replacing any cached sequence) and
+    /// returns the logits `[T, vocab]` as f32.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<HostTensor> {
+        self.run_step(tokens, false, None)
+    }
+
+    /// [`Model::prefill`], filling `taps`.
+    pub fn prefill_with_taps(&mut self, tokens: &[u32], taps: &mut Taps) -> Result<HostTensor> {
+        self.run_step(tokens, false, Some(taps))
+    }
+
+    /// Appends one token to the cached sequence and returns its logits
+    /// `[1, vocab]` as f32.
+    pub fn decode(&mut self, token: u32) -> Result<HostTensor> {
+        self.run_step(&[token], true, None)
+    }
+
+    /// [`Model::decode`], filling `taps`.
+    pub fn decode_with_taps(&mut self, token: u32, taps: &mut Taps) -> Result<HostTensor> {
+        self.run_step(&[token], true, Some(taps))
+    }
+
+    /// Appends several tokens at once through the paged-cache (decode)
+    /// path, causal among themselves; returns their logits `[T, vocab]`.
+    pub fn extend(&mut self, tokens: &[u32]) -> Result<HostTensor> {
+        self.run_step(tokens, true, None)
+    }
+
+    /// The index tensors of a step of `t` tokens from `start`; with
+    /// `blocks`, the block table (page `i` = block `i`) and sequence length
+    /// of the paged path.
+    fn step(&self, start: usize, t: usize, blocks: Option<usize>) -> Result<Step> {
+        let pos: Vec<i64> = (start..start + t).map(|p| p as i64).collect();
+        let positions = self.b.upload(&HostTensor::from_i64(&[t], &pos))?;
+        let (block_table, seqlens) = match blocks {
+            Some(nb) => {
+                let table: Vec<i32> = (0..nb as i32).collect();
+                (
+                    Some(self.b.upload(&HostTensor::from_i32(&[1, nb], &table))?),
+                    Some(
+                        self.b
+                            .upload(&HostTensor::from_i32(&[1], &[(start + t) as i32]))?,
+                    ),
+                )
+            }
+            None => (None, None),
+        };
+        Ok(Step {
+            positions,
+            start,
+            block_table,
+            seqlens,
+        })
+    }
+
+    fn run_step(
+        &mut self,
+        tokens: &[u32],
+        decode: bool,
+        mut taps: Option<&mut Taps>,
+    ) -> Result<HostTensor> {
+        self.check_tokens(tokens)?;
+        let t = tokens.len();
+        let start = if decode { self.seq_len } else { 0 };
+        let total = start
+            .checked_add(t)
+            .filter(|&n| n <= i32::MAX as usize)
+            .ok_or_else(|| Error::invalid(OP, "tokens", "sequence too long"))?;
+        if !decode {
+            self.seq_len = 0;
+        }
+        self.ensure_capacity(total)?;
+        let ctx = self.ctx();
+        let b = self.b;
+        let paged = decode || self.opts.prefill == PrefillPath::Paged;
+        let step = self.step(start, t, paged.then_some(self.blocks))?;
+        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+        let ids = b.upload(&HostTensor::from_i64(&[t], &ids))?;
+        let mut h = ctx.alloc(&[t, self.dims.hidden])?;
+        ops::run(
+            b,
+            Embedding {
+                table: &self.embed,
+                ids: &ids,
+                out: &mut h,
+            },
+        )?;
+        let form = self.opts.form;
+        for (li, (layer, cache)) in self.layers.iter().zip(self.caches.iter_mut()).enumerate() {
+            if let Some(tp) = taps.as_deref_mut() {
+                tp.put(b, format!("layers.{li}.input"), &h)?;
+            }
+            let xn = ctx.norm(&h, &layer.input_norm)?;
+            let path = if paged {
+                AttnPath::Paged { cache }
+            } else {
+                AttnPath::Fused {
+                    form,
+                    cache: Some(cache),
+                }
+            };
+            let a = ctx.attention(&layer.attn, &xn, &step, path)?;
+            let hm = ctx.add(&h, &a)?;
+            let xn2 = ctx.norm(&hm, &layer.post_norm)?;
+            let (f, routing) = ctx.ffn(&self.comm, &layer.ffn, &xn2)?;
+            h = ctx.add(&hm, &f)?;
+            if let Some(tp) = taps.as_deref_mut() {
+                tp.put(b, format!("layers.{li}.attn_out"), &a)?;
+                tp.put(b, format!("layers.{li}.ffn_out"), &f)?;
+                if let Some((idx, w)) = routing {
+                    let r = Routing::sorted(&b.download(&idx)?, &b.download(&w)?)?;
+                    tp.tensors
+                        .insert(format!("layers.{li}.topk_idx"), r.topk_idx);
+                    tp.tensors
+                        .insert(format!("layers.{li}.topk_weights"), r.topk_weights);
+                }
+            }
+        }
+        self.seq_len = total;
+        let fnorm = ctx.norm(&h, &self.norm)?;
+        let logits = ctx.gemm(&fnorm, &self.lm_head)?;
+        let out = b.download(&logits)?.to_dtype(DType::F32);
+        if let Some(tp) = taps {
+            tp.put(b, "final_norm_out".into(), &fnorm)?;
+            tp.tensors.insert("logits".into(), out.clone());
+        }
+        Ok(out)
+    }
+
+    /// One layer, teacher forced: `input [T, hidden]` (any float dtype; it
+    /// is converted to the mode's activation dtype) at positions `0..T`.
+    /// The attention runs the prefill path (form of the load options) and
+    /// leaves the cache alone. The FFN input is `input + attn_out`, where
+    /// `attn_out` is `attn_teacher` when given (e.g. the golden attention
+    /// output, so the FFN is judged on its own), else this layer's own
+    /// attention output.
+    pub fn layer_forward(
+        &self,
+        i: usize,
+        input: &HostTensor,
+        attn_teacher: Option<&HostTensor>,
+    ) -> Result<LayerOutput> {
+        let layer = self.layers.get(i).ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "layer",
+                format!(
+                    "index {i} out of range: the model has {} layers",
+                    self.layers.len()
+                ),
+            )
+        })?;
+        let hidden = self.dims.hidden;
+        let check = |arg: &'static str, x: &HostTensor| -> Result<usize> {
+            let s = x.shape();
+            if !x.dtype().is_float() || s.len() != 2 || s[1] != hidden || s[0] == 0 {
+                return Err(Error::invalid(
+                    OP,
+                    arg,
+                    format!(
+                        "must be a float [T, {hidden}] tensor with T ≥ 1, got {} {s:?}",
+                        x.dtype()
+                    ),
+                ));
+            }
+            Ok(s[0])
+        };
+        let t = check("input", input)?;
+        if let Some(a) = attn_teacher {
+            if check("attn_teacher", a)? != t {
+                return Err(Error::invalid(
+                    OP,
+                    "attn_teacher",
+                    format!("has {:?} rows, input has {t}", a.shape()),
+                ));
+            }
+        }
+        let ctx = self.ctx();
+        let b = self.b;
+        let act = ctx.act;
+        let h = b.upload(&input.to_dtype(act))?;
+        let xn = ctx.norm(&h, &layer.input_norm)?;
+        let a = match self.opts.prefill {
+            PrefillPath::Fused => ctx.attention(
+                &layer.attn,
+                &xn,
+                &self.step(0, t, None)?,
+                AttnPath::Fused {
+                    form: self.opts.form,
+                    cache: None,
+                },
+            )?,
+            PrefillPath::Paged => {
+                // A scratch cache for this call; the model's cache is untouched.
+                let blocks = t.div_ceil(CACHE_BLOCK);
+                let dl = self.dims.dc + self.dims.dr;
+                let mut scratch = ctx.alloc(&[blocks, CACHE_BLOCK, 1, dl])?;
+                ctx.attention(
+                    &layer.attn,
+                    &xn,
+                    &self.step(0, t, Some(blocks))?,
+                    AttnPath::Paged {
+                        cache: &mut scratch,
+                    },
+                )?
+            }
+        };
+        let hm = match attn_teacher {
+            Some(at) => ctx.add(&h, &b.upload(&at.to_dtype(act))?)?,
+            None => ctx.add(&h, &a)?,
+        };
+        let xn2 = ctx.norm(&hm, &layer.post_norm)?;
+        let (f, routing) = ctx.ffn(&self.comm, &layer.ffn, &xn2)?;
+        let routing = match routing {
+            Some((idx, w)) => Some(Routing::sorted(&b.download(&idx)?, &b.download(&w)?)?),
+            None => None,
+        };
+        Ok(LayerOutput {
+            attn_out: b.download(&a)?.to_dtype(DType::F32),
+            ffn_out: b.download(&f)?.to_dtype(DType::F32),
+            routing,
+        })
+    }
+}
