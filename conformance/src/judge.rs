@@ -6,6 +6,7 @@
 //! NaN is never "close" to a number: wherever the reference is finite and the
 //! actual value is not (a poisoned output left unwritten), the check fails.
 
+use crate::suite::{Metric, Outcome, Tolerance};
 use deepport_core::tensor::unravel;
 use deepport_core::{DType, HostTensor};
 
@@ -75,25 +76,38 @@ pub fn ulp(dtype: DType, x: f32) -> f64 {
 
 /// The result of one metric on one case: its value, the threshold, and
 /// whether it passed, with a human-readable detail (worst position, …).
+///
+/// Every metric is "lower is better": a check passes when its value is
+/// within `threshold`, and a failing check whose value is still within
+/// `warn` (≥ `threshold`) makes the case a
+/// [`Outcome::QualityWarning`] instead of a failure (see [`verdict`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Check {
     /// Metric name, e.g. `out.calc_diff`, `q.exact`.
     pub metric: String,
     pub value: f64,
+    /// Pass threshold.
     pub threshold: f64,
+    /// Quality-warning threshold (equal to `threshold` when there is none).
+    pub warn: f64,
     pub passed: bool,
     /// Worst position and values, or why the check failed.
     pub detail: String,
+    /// Position of the worst element, where the metric has one.
+    pub worst_index: Option<Vec<usize>>,
 }
 
 impl Check {
-    fn new(metric: String, value: f64, threshold: f64, passed: bool, detail: String) -> Self {
+    /// A check with no quality-warning band (`warn = threshold`).
+    pub fn new(metric: String, value: f64, threshold: f64, passed: bool, detail: String) -> Self {
         Check {
             metric,
             value,
             threshold,
+            warn: threshold,
             passed,
             detail,
+            worst_index: None,
         }
     }
 
@@ -101,11 +115,57 @@ impl Check {
     pub fn broken(metric: impl Into<String>, detail: impl Into<String>) -> Self {
         Check::new(metric.into(), f64::NAN, 0.0, false, detail.into())
     }
+
+    /// Sets the quality-warning threshold (never below the pass threshold).
+    pub fn with_warn(mut self, warn: f64) -> Self {
+        self.warn = if warn >= self.threshold {
+            warn
+        } else {
+            self.threshold
+        };
+        self
+    }
+
+    /// Records the position of the worst element.
+    pub fn with_worst(mut self, index: Option<Vec<usize>>) -> Self {
+        self.worst_index = index;
+        self
+    }
+
+    /// A failing check whose value is within its warning threshold.
+    pub fn within_warn(&self) -> bool {
+        !self.passed && self.value <= self.warn
+    }
 }
 
 /// Whether every check passed (an empty list does not pass).
 pub fn all_passed(checks: &[Check]) -> bool {
     !checks.is_empty() && checks.iter().all(|c| c.passed)
+}
+
+/// The outcome of a judged case: `Pass` when every check passed,
+/// `QualityWarning` when every failing check is within its warning
+/// threshold, else `Fail`. An empty list is a `Fail` (nothing was judged).
+pub fn verdict(checks: &[Check]) -> Outcome {
+    if checks.is_empty() {
+        Outcome::Fail
+    } else if checks.iter().all(|c| c.passed) {
+        Outcome::Pass
+    } else if checks.iter().all(|c| c.passed || c.within_warn()) {
+        Outcome::QualityWarning
+    } else {
+        Outcome::Fail
+    }
+}
+
+/// The check that decides the outcome: the first failing check outside its
+/// warning band, else the first failing one, else the first one.
+pub fn deciding(checks: &[Check]) -> Option<&Check> {
+    checks
+        .iter()
+        .find(|c| !c.passed && !c.within_warn())
+        .or_else(|| checks.iter().find(|c| !c.passed))
+        .or_else(|| checks.first())
 }
 
 /// The check to show in a one-line report: the first failing one, or the
@@ -155,6 +215,7 @@ pub fn exact(name: &str, a: &HostTensor, r: &HostTensor) -> Check {
         ),
     };
     Check::new(metric, bad as f64, 0.0, bad == 0, detail)
+        .with_worst(first.map(|i| unravel(i, a.shape())))
 }
 
 fn show(t: &HostTensor, i: usize) -> String {
@@ -266,7 +327,7 @@ impl<'a> Cmp<'a> {
                 self.r[i]
             )
         });
-        Check::new(metric, bad as f64, 0.0, bad == 0, detail)
+        Check::new(metric, bad as f64, 0.0, bad == 0, detail).with_worst(first.map(|i| self.pos(i)))
     }
 
     /// Elementwise `|a − r| ≤ tol(r)`. The value is the worst ratio
@@ -314,7 +375,7 @@ impl<'a> Cmp<'a> {
                 tol(self.r[i])
             )
         });
-        Check::new(metric, worst, 1.0, worst <= 1.0, detail)
+        Check::new(metric, worst, 1.0, worst <= 1.0, detail).with_worst(at.map(|i| self.pos(i)))
     }
 
     /// `|a − r| ≤ ulps · ulp(dtype, r) + abs`: "within `ulps` units in the
@@ -361,7 +422,7 @@ impl<'a> Cmp<'a> {
                 self.r[i]
             )
         });
-        Check::new(metric, worst, 1.0, worst < 1.0, detail)
+        Check::new(metric, worst, 1.0, worst < 1.0, detail).with_worst(at.map(|i| self.pos(i)))
     }
 
     /// `calc_diff` over the judged elements where both values are finite
@@ -405,11 +466,39 @@ impl<'a> Cmp<'a> {
     }
 }
 
+/// Whether each token's selection is a selection at all: `topk` distinct,
+/// non-negative expert ids (an unwritten or garbage output is not a
+/// "different routing"). The value is the number of invalid tokens.
+pub fn routing_validity(name: &str, idx: &[i64], topk: usize) -> Check {
+    let metric = format!("{name}.valid");
+    if topk == 0 || !idx.len().is_multiple_of(topk) {
+        return Check::broken(metric, format!("{} ids are not rows of {topk}", idx.len()));
+    }
+    let mut bad = 0usize;
+    let mut first = None;
+    for (t, row) in idx.chunks(topk).enumerate() {
+        let mut v = row.to_vec();
+        v.sort_unstable();
+        let distinct = v.windows(2).all(|w| w[0] != w[1]);
+        if !distinct || v.first().is_some_and(|&e| e < 0) {
+            bad += 1;
+            first.get_or_insert((t, row.to_vec()));
+        }
+    }
+    let detail = first.as_ref().map_or(String::new(), |(t, row)| {
+        format!("{bad} tokens have repeated or negative expert ids; token {t}: {row:?}")
+    });
+    Check::new(metric, bad as f64, 0.0, bad == 0, detail).with_worst(first.map(|f| vec![f.0]))
+}
+
 /// Judges two MoE routings (SPEC.md §6): per token, the *set* of chosen
 /// experts must be equal, and the weights, after sorting by expert id,
-/// within `weight_tol`. Tokens marked in `near_tie` (the selection sits on
-/// a near-tie of scores) may differ: they are counted in the detail, not
-/// failed. Returns the set check and the weight check.
+/// within `weight_tol`. A token whose selection sits on a near-tie of
+/// scores may differ — reported, not failed — but only among the experts
+/// of its tie band: `near_tie[t]` lists the experts that may be swapped
+/// for one another (empty: the token is not a near-tie), and a selection
+/// that differs by any other expert, or repeats an expert, fails. Returns
+/// the set check and the weight check.
 #[allow(clippy::too_many_arguments)]
 pub fn routing(
     name: &str,
@@ -418,7 +507,7 @@ pub fn routing(
     idx_r: &[i64],
     w_r: &[f32],
     topk: usize,
-    near_tie: Option<&[bool]>,
+    near_tie: Option<&[Vec<i64>]>,
     weight_tol: f64,
 ) -> Vec<Check> {
     let set_metric = format!("{name}.set_mismatch");
@@ -428,7 +517,7 @@ pub fn routing(
         || idx_a.len() != n
         || w_a.len() != n
         || w_r.len() != n
-        || n % topk != 0
+        || !n.is_multiple_of(topk)
         || near_tie.is_some_and(|t| t.len() != n / topk)
     {
         return vec![Check::broken(
@@ -459,7 +548,16 @@ pub fn routing(
         let pr = sorted(idx_r, w_r, t);
         let same = pa.iter().map(|p| p.0).eq(pr.iter().map(|p| p.0));
         if !same {
-            if near_tie.is_some_and(|nt| nt[t]) {
+            let band = near_tie.map_or(&[][..], |nt| nt[t].as_slice());
+            let ea: Vec<i64> = pa.iter().map(|p| p.0).collect();
+            let er: Vec<i64> = pr.iter().map(|p| p.0).collect();
+            let distinct = ea.windows(2).all(|w| w[0] != w[1]);
+            let within = ea
+                .iter()
+                .filter(|e| !er.contains(e))
+                .chain(er.iter().filter(|e| !ea.contains(e)))
+                .all(|e| band.contains(e));
+            if !band.is_empty() && distinct && within {
                 excused += 1;
             } else {
                 bad += 1;
@@ -496,15 +594,389 @@ pub fn routing(
         format!("worst at token {t}, expert {e}: {a} vs reference {r}")
     });
     vec![
-        Check::new(set_metric, bad as f64, 0.0, bad == 0, set_detail),
+        Check::new(set_metric, bad as f64, 0.0, bad == 0, set_detail)
+            .with_worst(first_bad.as_ref().map(|f| vec![f.0])),
         Check::new(
             w_metric,
             worst_w,
             weight_tol,
             worst_w <= weight_tol,
             w_detail,
-        ),
+        )
+        .with_worst(worst_at.map(|w| vec![w.0])),
     ]
+}
+
+impl Cmp<'_> {
+    /// Normalized mean squared error `Σ(a−r)² / Σr²` over the judged
+    /// elements where both are finite (`0` when both are all zero; NaN when
+    /// a position is finite on one side only, which fails every threshold).
+    pub fn nmse(&self, threshold: f64) -> Check {
+        let metric = format!("{}.nmse", self.name);
+        if let Err(e) = self.sizes_ok() {
+            return Check::broken(metric, e);
+        }
+        let (mut num, mut den, mut lone) = (0.0f64, 0.0f64, 0usize);
+        let mut worst = (0.0f64, None);
+        for i in self.selected() {
+            let (a, r) = (self.a[i], self.r[i]);
+            match (a.is_finite(), r.is_finite()) {
+                (true, true) => {
+                    let d = (a as f64 - r as f64).powi(2);
+                    if worst.1.is_none() || d > worst.0 {
+                        worst = (d, Some(i));
+                    }
+                    num += d;
+                    den += (r as f64).powi(2);
+                }
+                (false, false) if class(a) == class(r) => {}
+                _ => {
+                    lone += 1;
+                    worst.1.get_or_insert(i);
+                }
+            }
+        }
+        let v = if lone > 0 {
+            f64::NAN
+        } else if den == 0.0 {
+            if num == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            num / den
+        };
+        let detail = if lone > 0 {
+            format!("{lone} positions are finite on one side only")
+        } else {
+            worst.1.map_or(String::new(), |i| {
+                format!(
+                    "largest error at {:?}: {} vs reference {}",
+                    self.pos(i),
+                    self.a[i],
+                    self.r[i]
+                )
+            })
+        };
+        Check::new(metric, v, threshold, v <= threshold, detail)
+            .with_worst(worst.1.map(|i| self.pos(i)))
+    }
+}
+
+/// Per-row cosine similarity of two row-major `[rows, n]` matrices (f64).
+/// A row with a non-finite value, or a zero row against a non-zero one,
+/// has cosine −1; two zero rows have cosine 1.
+pub fn row_cosines(a: &[f32], r: &[f32], n: usize) -> Vec<f64> {
+    if n == 0 || a.len() != r.len() {
+        return vec![-1.0];
+    }
+    a.chunks(n)
+        .zip(r.chunks(n))
+        .map(|(x, y)| {
+            let (mut xy, mut xx, mut yy) = (0.0f64, 0.0f64, 0.0f64);
+            for (&p, &q) in x.iter().zip(y) {
+                let (p, q) = (p as f64, q as f64);
+                xy += p * q;
+                xx += p * p;
+                yy += q * q;
+            }
+            if xx == 0.0 && yy == 0.0 {
+                1.0
+            } else {
+                let c = xy / (xx.sqrt() * yy.sqrt());
+                if c.is_finite() {
+                    c
+                } else {
+                    -1.0
+                }
+            }
+        })
+        .collect()
+}
+
+/// `1 − cos` of each row pair of two `[rows, n]` matrices, reduced by the
+/// mean (or, with `use_min`, by the worst row). The worst row is reported.
+pub fn cosine(name: &str, a: &[f32], r: &[f32], n: usize, use_min: bool, threshold: f64) -> Check {
+    let metric = format!(
+        "{name}.{}",
+        if use_min { "1-cos_min" } else { "1-cos_mean" }
+    );
+    if n == 0 || a.len() != r.len() || !a.len().is_multiple_of(n) {
+        return Check::broken(
+            metric,
+            format!("{} values vs reference {} (rows of {n})", a.len(), r.len()),
+        );
+    }
+    let cos = row_cosines(a, r, n);
+    let (mut worst, mut at) = (f64::INFINITY, 0usize);
+    for (i, &c) in cos.iter().enumerate() {
+        if c < worst {
+            worst = c;
+            at = i;
+        }
+    }
+    let mean = cos.iter().sum::<f64>() / cos.len().max(1) as f64;
+    let v = 1.0 - if use_min { worst } else { mean };
+    let detail = format!("cosine mean {mean:.6}, worst row {at}: {worst:.6}");
+    Check::new(metric, v, threshold, v <= threshold, detail).with_worst(Some(vec![at]))
+}
+
+/// Index of the largest value of a row (the first on ties; NaN never wins).
+fn argmax(row: &[f32]) -> usize {
+    let mut best = (0usize, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// The fraction of rows of two `[rows, n]` matrices whose argmax differs.
+pub fn top1_mismatch(name: &str, a: &[f32], r: &[f32], n: usize, threshold: f64) -> Check {
+    let metric = format!("{name}.top1_mismatch");
+    if n == 0 || a.len() != r.len() || !a.len().is_multiple_of(n) || a.is_empty() {
+        return Check::broken(
+            metric,
+            format!("{} values vs reference {} (rows of {n})", a.len(), r.len()),
+        );
+    }
+    let rows = a.len() / n;
+    let mut bad = 0usize;
+    let mut first = None;
+    for (i, (x, y)) in a.chunks(n).zip(r.chunks(n)).enumerate() {
+        let (ax, ay) = (argmax(x), argmax(y));
+        if ax != ay {
+            bad += 1;
+            first.get_or_insert((i, ax, ay));
+        }
+    }
+    let v = bad as f64 / rows as f64;
+    let detail = first.map_or(String::new(), |(i, ax, ay)| {
+        format!("{bad} of {rows} rows differ; first: row {i} argmax {ax}, reference {ay}")
+    });
+    Check::new(metric, v, threshold, v <= threshold, detail).with_worst(first.map(|f| vec![f.0]))
+}
+
+/// Rows whose order is undefined, compared by a key (SPEC §7: low-latency
+/// dispatch slots, keyed by source rank and token). `a_keys`/`r_keys` hold
+/// `key_width` integers per row; every reference key must appear exactly
+/// once among the actual rows with bit-identical bytes, and no other key
+/// may appear. The value is the number of missing, extra, duplicated or
+/// differing rows.
+pub fn keyed(
+    name: &str,
+    a: &HostTensor,
+    a_keys: &[i64],
+    r: &HostTensor,
+    r_keys: &[i64],
+    key_width: usize,
+) -> Check {
+    use std::collections::BTreeMap;
+    let metric = format!("{name}.keyed");
+    let rows = |t: &HostTensor, keys: &[i64]| -> Result<usize, String> {
+        if key_width == 0 || !keys.len().is_multiple_of(key_width) {
+            return Err(format!(
+                "{} key values are not rows of {key_width}",
+                keys.len()
+            ));
+        }
+        let n = keys.len() / key_width;
+        let lead = t.shape().first().copied().unwrap_or(0);
+        if lead != n {
+            return Err(format!("{n} keys for {lead} rows ({:?})", t.shape()));
+        }
+        Ok(n)
+    };
+    if a.dtype() != r.dtype() || a.shape().get(1..) != r.shape().get(1..) {
+        return Check::broken(
+            metric,
+            format!(
+                "got {} {:?}, reference {} {:?}",
+                a.dtype(),
+                a.shape(),
+                r.dtype(),
+                r.shape()
+            ),
+        );
+    }
+    let (na, nr) = match (rows(a, a_keys), rows(r, r_keys)) {
+        (Ok(x), Ok(y)) => (x, y),
+        (Err(e), _) => return Check::broken(metric, format!("backend: {e}")),
+        (_, Err(e)) => return Check::broken(metric, format!("reference: {e}")),
+    };
+    let row_bytes = |t: &HostTensor, n: usize| t.bytes().len().checked_div(n).unwrap_or(0);
+    let (ba, br) = (row_bytes(a, na), row_bytes(r, nr));
+    let mut by_key: BTreeMap<&[i64], Vec<usize>> = BTreeMap::new();
+    for i in 0..na {
+        by_key
+            .entry(&a_keys[i * key_width..(i + 1) * key_width])
+            .or_default()
+            .push(i);
+    }
+    let mut bad = 0usize;
+    let mut first: Option<String> = None;
+    let mut worst = None;
+    let mut seen = 0usize;
+    for j in 0..nr {
+        let key = &r_keys[j * key_width..(j + 1) * key_width];
+        match by_key.get(key).map(|v| v.as_slice()) {
+            Some([i]) => {
+                seen += 1;
+                if a.bytes()[i * ba..(i + 1) * ba] != r.bytes()[j * br..(j + 1) * br] {
+                    bad += 1;
+                    worst.get_or_insert(vec![j]);
+                    first.get_or_insert_with(|| {
+                        format!("row with key {key:?} differs (backend row {i}, reference row {j})")
+                    });
+                }
+            }
+            Some(v) => {
+                seen += v.len();
+                bad += 1;
+                worst.get_or_insert(vec![j]);
+                first.get_or_insert_with(|| format!("key {key:?} appears {} times", v.len()));
+            }
+            None => {
+                bad += 1;
+                worst.get_or_insert(vec![j]);
+                first.get_or_insert_with(|| format!("key {key:?} is missing"));
+            }
+        }
+    }
+    // Keys the reference does not have.
+    let extra = na.saturating_sub(seen);
+    if extra > 0 {
+        bad += extra;
+        first.get_or_insert_with(|| format!("{extra} rows with keys the reference does not have"));
+    }
+    let detail = first.map_or(String::new(), |f| format!("{bad} bad rows; {f}"));
+    Check::new(metric, bad as f64, 0.0, bad == 0, detail).with_worst(worst)
+}
+
+/// A tolerance parameter, or `default` when the entry does not set it.
+pub fn param(t: &Tolerance, name: &str, default: f64) -> f64 {
+    t.params.get(name).copied().unwrap_or(default)
+}
+
+/// Applies a tolerance's thresholds to a computed check: its pass
+/// threshold (strict `<` when `params.strict` is 1), its warning threshold
+/// and the metric label.
+pub fn thresholded(mut c: Check, t: &Tolerance) -> Check {
+    let strict = param(t, "strict", 0.0) != 0.0;
+    c.threshold = t.pass;
+    c.passed = if strict {
+        c.value < t.pass
+    } else {
+        c.value <= t.pass
+    };
+    c.with_warn(t.warn)
+}
+
+fn params_label(t: &Tolerance) -> String {
+    let p: Vec<String> = t
+        .params
+        .iter()
+        .filter(|(k, _)| k.as_str() != "strict")
+        .map(|(k, v)| format!("{k}={v:e}"))
+        .collect();
+    if p.is_empty() {
+        String::new()
+    } else {
+        format!("({})", p.join(","))
+    }
+}
+
+/// Judges one output with one tolerance entry of the catalogue, for the
+/// metrics that need nothing but the two tensors: `calc_diff`,
+/// `elementwise`, `abs_or_rel`, `nmse`, `exact`, `cosine` and
+/// `top1_mismatch` (rows are the last dim). `mask` restricts the judged
+/// elements (float metrics only). `set_equality` and `keyed` need more than
+/// two tensors and are judged by the case (see [`routing`], [`keyed`]);
+/// asked here, they give a broken check.
+pub fn apply(
+    name: &str,
+    t: &Tolerance,
+    a: &HostTensor,
+    r: &HostTensor,
+    mask: Option<&[bool]>,
+) -> Check {
+    if t.metric == Metric::Exact {
+        return thresholded(exact(name, a, r), t);
+    }
+    if a.dtype() != r.dtype() || a.shape() != r.shape() {
+        return Check::broken(
+            format!("{name}.layout"),
+            format!(
+                "got {} {:?}, reference {} {:?}",
+                a.dtype(),
+                a.shape(),
+                r.dtype(),
+                r.shape()
+            ),
+        );
+    }
+    if !r.dtype().is_float() {
+        return Check::broken(
+            format!("{name}.{:?}", t.metric),
+            format!(
+                "metric {:?} needs a float output, got {}",
+                t.metric,
+                r.dtype()
+            ),
+        );
+    }
+    let (av, rv) = (a.to_f32_vec(), r.to_f32_vec());
+    let mut cmp = Cmp::new(name, &av, &rv, r.shape());
+    if let Some(m) = mask {
+        cmp = cmp.masked(m);
+    }
+    let n = r.shape().last().copied().unwrap_or(1);
+    let c = match t.metric {
+        Metric::CalcDiff => cmp.calc_diff(t.pass, false),
+        Metric::Nmse => cmp.nmse(t.pass),
+        Metric::Elementwise => {
+            let (abs, rel, ulps, rms_rel) = (
+                param(t, "abs", 0.0),
+                param(t, "rel", 0.0),
+                param(t, "ulps", 0.0),
+                param(t, "rms_rel", 0.0),
+            );
+            let rms_v = if rms_rel != 0.0 {
+                rms(&cmp.selected_values().1)
+            } else {
+                0.0
+            };
+            let dtype = r.dtype();
+            let mut c = cmp.tolerance(&format!("elementwise{}", params_label(t)), |v| {
+                abs + rel * (v as f64).abs() + ulps * ulp(dtype, v) + rms_rel * rms_v
+            });
+            if rms_rel != 0.0 {
+                c.detail
+                    .push_str(&format!(" (rms of the reference {rms_v:.4e})"));
+            }
+            c
+        }
+        Metric::AbsOrRel => {
+            let mut c = cmp.abs_or_rel(param(t, "abs", 0.0), param(t, "rel", 0.0));
+            c.metric = format!("{name}.abs_or_rel{}", params_label(t));
+            c
+        }
+        Metric::Cosine => {
+            let (sa, sr) = cmp.selected_values();
+            let n = if mask.is_some() { sa.len().max(1) } else { n };
+            cosine(name, &sa, &sr, n, param(t, "min", 0.0) != 0.0, t.pass)
+        }
+        Metric::Top1Mismatch => top1_mismatch(name, &av, &rv, n, t.pass),
+        Metric::Exact | Metric::SetEquality | Metric::Keyed => {
+            return Check::broken(
+                format!("{name}.{:?}", t.metric),
+                "this metric is judged by the case, not by judge::apply",
+            )
+        }
+    };
+    thresholded(c, t)
 }
 
 #[cfg(test)]
@@ -682,21 +1154,204 @@ mod tests {
         let idx_c = [3i64, 5, 1, 7];
         let c = routing("g", &idx_c, &w_r, &idx_r, &w_r, 2, None, 1e-6);
         assert!(!c[0].passed && c[0].value == 1.0);
-        let c = routing(
-            "g",
-            &idx_c,
-            &w_r,
-            &idx_r,
-            &w_r,
-            2,
-            Some(&[false, true]),
-            1e-6,
-        );
+        // Token 1 is a near tie between experts 2 and 7: excused.
+        let band = [vec![], vec![2i64, 7]];
+        let c = routing("g", &idx_c, &w_r, &idx_r, &w_r, 2, Some(&band), 1e-6);
         assert!(all_passed(&c), "{c:?}");
         assert!(c[0].detail.contains("near-tie"));
+        // ... but not a swap with an expert outside the tie band.
+        let idx_d = [3i64, 5, 1, 9];
+        let c = routing("g", &idx_d, &w_r, &idx_r, &w_r, 2, Some(&band), 1e-6);
+        assert!(!c[0].passed, "{c:?}");
+        // ... nor a repeated expert.
+        let idx_e = [3i64, 5, 7, 7];
+        let band2 = [vec![], vec![1i64, 2, 7]];
+        let c = routing("g", &idx_e, &w_r, &idx_r, &w_r, 2, Some(&band2), 1e-6);
+        assert!(!c[0].passed, "{c:?}");
         // Mismatched sizes are a failure.
         let c = routing("g", &idx_a[..2], &w_a, &idx_r, &w_r, 2, None, 1e-6);
         assert!(!all_passed(&c));
+    }
+
+    fn tol(metric: Metric, pass: f64, warn: f64, params: &[(&str, f64)]) -> Tolerance {
+        Tolerance {
+            metric,
+            pass,
+            warn,
+            params: params.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            reason: "test".into(),
+        }
+    }
+
+    #[test]
+    fn verdict_distinguishes_pass_warning_and_fail() {
+        let ok = Check::new("a".into(), 0.5, 1.0, true, String::new());
+        let warned = Check::new("b".into(), 3.0, 1.0, false, String::new()).with_warn(10.0);
+        let failed = Check::new("c".into(), 30.0, 1.0, false, String::new()).with_warn(10.0);
+        let nan = Check::new("d".into(), f64::NAN, 1.0, false, String::new()).with_warn(10.0);
+        assert_eq!(verdict(&[]), Outcome::Fail);
+        assert_eq!(verdict(std::slice::from_ref(&ok)), Outcome::Pass);
+        assert_eq!(
+            verdict(&[ok.clone(), warned.clone()]),
+            Outcome::QualityWarning
+        );
+        assert_eq!(
+            verdict(&[ok.clone(), warned.clone(), failed.clone()]),
+            Outcome::Fail
+        );
+        assert_eq!(verdict(&[warned.clone(), nan]), Outcome::Fail);
+        assert_eq!(
+            deciding(&[ok.clone(), warned.clone(), failed.clone()])
+                .unwrap()
+                .metric,
+            "c"
+        );
+        assert_eq!(deciding(&[ok.clone(), warned]).unwrap().metric, "b");
+        // A warn threshold below the pass threshold is raised to it.
+        assert_eq!(ok.with_warn(0.1).warn, 1.0);
+    }
+
+    #[test]
+    fn nmse_is_its_definition_and_fails() {
+        let r = [1.0f32, -2.0, 2.0];
+        let a = [1.0f32, -2.0, 2.3];
+        let c = Cmp::new("o", &a, &r, &[3]).nmse(1e-2);
+        let want = 0.3f64.powi(2) / 9.0;
+        assert!((c.value - want).abs() < 1e-7, "{c:?}");
+        assert!(c.passed);
+        assert_eq!(c.worst_index, Some(vec![2]));
+        assert!(!Cmp::new("o", &a, &r, &[3]).nmse(1e-3).passed);
+        let nan = [1.0f32, f32::NAN, 2.0];
+        assert!(Cmp::new("o", &nan, &r, &[3]).nmse(1.0).value.is_nan());
+        assert_eq!(Cmp::new("o", &[0.0], &[0.0], &[1]).nmse(0.0).value, 0.0);
+        assert!(!Cmp::new("o", &[1.0], &[0.0], &[1]).nmse(1e9).passed);
+    }
+
+    #[test]
+    fn cosine_and_top1_fail_on_decorrelated_rows() {
+        let r = [1.0f32, 2.0, 3.0, 3.0, 2.0, 1.0];
+        // Scale-invariant: 2·r has cosine 1.
+        let a: Vec<f32> = r.iter().map(|x| x * 2.0).collect();
+        let c = cosine("l", &a, &r, 3, false, 1e-6);
+        assert!(c.passed && c.value.abs() < 1e-12, "{c:?}");
+        // Row 1 reversed: its cosine is 10/14.
+        let b = [1.0f32, 2.0, 3.0, 1.0, 2.0, 3.0];
+        let c = cosine("l", &b, &r, 3, true, 0.1);
+        assert!((c.value - (1.0 - 10.0 / 14.0)).abs() < 1e-9, "{c:?}");
+        assert!(!c.passed);
+        assert_eq!(c.worst_index, Some(vec![1]));
+        let c = cosine("l", &b, &r, 3, false, 0.1);
+        assert!((c.value - (1.0 - 12.0 / 14.0)).abs() < 1e-9 && !c.passed);
+        let t = top1_mismatch("l", &b, &r, 3, 0.4);
+        assert_eq!((t.value, t.passed), (0.5, false));
+        assert!(top1_mismatch("l", &a, &r, 3, 0.0).passed);
+        assert!(!cosine("l", &[1.0, f32::NAN, 0.0], &[1.0, 1.0, 1.0], 3, false, 1.0).passed);
+        assert!(!top1_mismatch("l", &r[..4], &r, 3, 1.0).passed);
+    }
+
+    #[test]
+    fn keyed_rows_compare_by_key() {
+        let r = HostTensor::from_f32(DType::BF16, &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let keys = [0i64, 1, 0, 2, 1, 0];
+        // The same rows in another order, keys moved with them.
+        let a = HostTensor::from_f32(DType::BF16, &[3, 2], &[5.0, 6.0, 1.0, 2.0, 3.0, 4.0]);
+        let akeys = [1i64, 0, 0, 1, 0, 2];
+        assert!(keyed("x", &a, &akeys, &r, &keys, 2).passed);
+        // One row's bytes differ.
+        let b = HostTensor::from_f32(DType::BF16, &[3, 2], &[5.0, 6.0, 1.0, 2.5, 3.0, 4.0]);
+        let c = keyed("x", &b, &akeys, &r, &keys, 2);
+        assert_eq!((c.passed, c.value), (false, 1.0));
+        assert_eq!(c.worst_index, Some(vec![0]));
+        // A key missing (replaced by another).
+        let c = keyed("x", &a, &[9, 9, 0, 1, 0, 2], &r, &keys, 2);
+        assert!(!c.passed && c.value == 2.0, "{c:?}");
+        // A row too few.
+        let short = HostTensor::from_f32(DType::BF16, &[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        assert!(!keyed("x", &short, &keys[..4], &r, &keys, 2).passed);
+        // Keys that do not match the rows are a broken check.
+        assert!(!keyed("x", &a, &akeys[..4], &r, &keys, 2).passed);
+        assert!(!keyed("x", &a, &akeys, &r, &keys, 0).passed);
+    }
+
+    #[test]
+    fn apply_uses_the_tolerance_entry() {
+        let r = HostTensor::from_f32(DType::F32, &[4], &[1.0, -2.0, 100.0, 0.0]);
+        let a = HostTensor::from_f32(DType::F32, &[4], &[1.0, -2.0, 100.5, 1e-3]);
+        // abs 2e-3 + rel 1e-2: 0.5 ≤ 1.002 at 100, 1e-3 ≤ 2e-3 at 0.
+        let t = tol(
+            Metric::Elementwise,
+            1.0,
+            10.0,
+            &[("abs", 2e-3), ("rel", 1e-2)],
+        );
+        let c = apply("y", &t, &a, &r, None);
+        assert!(c.passed, "{c:?}");
+        // rel 1e-3: 0.5 / 0.102 ≈ 4.9 → outside pass, inside warn.
+        let t = tol(
+            Metric::Elementwise,
+            1.0,
+            10.0,
+            &[("abs", 2e-3), ("rel", 1e-3)],
+        );
+        let c = apply("y", &t, &a, &r, None);
+        assert!(!c.passed && c.within_warn(), "{c:?}");
+        assert_eq!(c.worst_index, Some(vec![2]));
+        // rms_rel uses the reference's rms (50.02…): 0.5 ≤ 1e-2·50.
+        let t = tol(Metric::Elementwise, 1.0, 1.0, &[("rms_rel", 1e-2)]);
+        assert!(apply("y", &t, &a, &r, None).passed);
+        let t = tol(Metric::Elementwise, 1.0, 1.0, &[("rms_rel", 1e-3)]);
+        assert!(!apply("y", &t, &a, &r, None).passed);
+        // Masked elements are not judged.
+        let t = tol(Metric::Elementwise, 1.0, 1.0, &[]);
+        let m = [true, true, false, false];
+        assert!(apply("y", &t, &a, &r, Some(&m)).passed);
+        assert!(!apply("y", &t, &a, &r, None).passed);
+        // calc_diff with strict: equal to the threshold fails.
+        let (x, y) = (
+            HostTensor::from_f32(DType::F32, &[2], &[1.0, 0.0]),
+            HostTensor::from_f32(DType::F32, &[2], &[0.0, 1.0]),
+        );
+        assert!(apply("d", &tol(Metric::CalcDiff, 1.0, 1.0, &[]), &x, &y, None).passed);
+        assert!(
+            !apply(
+                "d",
+                &tol(Metric::CalcDiff, 1.0, 1.0, &[("strict", 1.0)]),
+                &x,
+                &y,
+                None
+            )
+            .passed
+        );
+        // abs_or_rel (strict like FlashMLA).
+        let t = tol(
+            Metric::AbsOrRel,
+            1.0,
+            10.0,
+            &[("abs", 1e-3), ("rel", 1e-3), ("strict", 1.0)],
+        );
+        let c = apply("o", &t, &a, &r, None);
+        assert!(!c.passed && c.within_warn(), "{c:?}");
+        // nmse, exact, and layout mismatches.
+        assert!(!apply("o", &tol(Metric::Nmse, 1e-9, 1e-9, &[]), &a, &r, None).passed);
+        assert!(apply("o", &tol(Metric::Nmse, 1e-9, 1e-9, &[]), &r, &r, None).passed);
+        assert!(!apply("o", &tol(Metric::Exact, 0.0, 0.0, &[]), &a, &r, None).passed);
+        let r16 = r.to_dtype(DType::BF16);
+        assert!(!apply("o", &tol(Metric::Nmse, 1.0, 1.0, &[]), &a, &r16, None).passed);
+        // Metrics that need the case's context are broken here.
+        assert!(!apply("o", &tol(Metric::SetEquality, 0.0, 0.0, &[]), &r, &r, None).passed);
+        assert!(!apply("o", &tol(Metric::Keyed, 0.0, 0.0, &[]), &r, &r, None).passed);
+        // Float metrics on integer outputs are broken, not a panic.
+        let i = HostTensor::from_i32(&[2], &[1, 2]);
+        assert!(!apply("o", &tol(Metric::CalcDiff, 1.0, 1.0, &[]), &i, &i, None).passed);
+    }
+
+    #[test]
+    fn routing_validity_rejects_garbage() {
+        assert!(routing_validity("g", &[1, 2, 3, 0], 2).passed);
+        let c = routing_validity("g", &[1, 1, 3, 0, -1, 2], 2);
+        assert_eq!((c.passed, c.value), (false, 2.0));
+        assert_eq!(c.worst_index, Some(vec![0]));
+        assert!(!routing_validity("g", &[1, 2, 3], 2).passed);
     }
 
     #[test]

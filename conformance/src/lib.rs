@@ -9,20 +9,23 @@
 //! * [`judge`]: comparison metrics (`calc_diff`, ulp-based elementwise
 //!   tolerances, exact bytes, set equality of routings) and the [`judge::Check`]
 //!   they produce;
-//! * [`cases`]: the built-in cases of `deepport run` (small, deterministic,
-//!   adversarial inputs);
-//! * [`runner`]: runs cases on a backend and on `cpu-ref`, judges, reports.
+//! * [`cases`]: the op families of the conformance suite and their case
+//!   builders (small, deterministic, adversarial inputs);
+//! * [`suite`]: the conformance suite: catalogue, execution (`deepport
+//!   run`), waivers and reports.
 #![forbid(unsafe_code)]
 
 pub mod cases;
 pub mod error;
 #[cfg(feature = "cpu")]
 pub mod faulty;
+pub mod forward_cmd;
+pub mod golden;
 pub mod judge;
 pub mod list;
+pub mod model_check;
 pub mod opspec;
 pub mod rng;
-pub mod runner;
 pub mod suite;
 
 pub use error::CliError;
@@ -39,6 +42,8 @@ pub fn registry() -> Registry {
     let mut reg = Registry::new();
     #[cfg(feature = "cpu")]
     deepport_cpu::register(&mut reg);
+    #[cfg(feature = "wgpu")]
+    deepport_wgpu::register(&mut reg);
     #[cfg(feature = "cpu")]
     faulty::register_if_enabled(&mut reg);
     reg

@@ -4,9 +4,10 @@
 
 use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, Parser, Subcommand};
-use deepport_conformance::error::{CliError, EXIT_FAILURE};
+use deepport_conformance::error::CliError;
 use deepport_conformance::opspec::{self, Inputs, Params};
-use deepport_conformance::{cases, list, registry, runner};
+use deepport_conformance::suite::{exec, report};
+use deepport_conformance::{list, registry};
 use deepport_core::tensor::{read_safetensors, write_safetensors};
 use deepport_core::Error;
 use std::io::Write;
@@ -29,7 +30,10 @@ op are in SPEC.md.
 This program:
   deepport list          which backends this build has and whether they run here
   deepport op NAME ...   run one op on tensors from a safetensors file
-  deepport run ...       judge backends against cpu-ref on built-in cases";
+  deepport run ...       judge backends with the conformance suite (profiles smoke,
+                         full, v3-mustpass; --isolate, --report DIR)
+  deepport report merge  merge run reports into a cases x backends matrix
+  deepport verify DIR    check a v3-mustpass submission";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -73,20 +77,70 @@ backend fails (op not supported, backend unavailable, index out of range, device
         after_long_help = opspec::help_table()
     )]
     Op(OpCmd),
-    /// Judge backends against cpu-ref on the built-in cases.
+    /// Judge backends against cpu-ref on the conformance suite's cases.
     #[command(
-        long_about = "Run every built-in case (small deterministic inputs covering every op: \
-partial 128-blocks, NaN in cache slots that must not be read, permuted block tables, \
-padding rows, YaRN, 4 in-process expert-parallel ranks, ...) on each chosen backend and \
-on cpu-ref, and judge the outputs with the metrics of SPEC.md (exact bytes for \
-act_quant and dispatch payloads, calc_diff and elementwise bounds for GEMMs and \
-attention, set equality for routing, ulp bounds elsewhere).
+        long_about = "Run the cases of a profile of the conformance suite (conformance/cases/*.yaml: \
+DeepGEMM's, FlashMLA's and DeepEP's shape grids, the small ops, golden data from an \
+independent PyTorch reference) on each chosen backend and judge the outputs against \
+cpu-ref (or the stored golden outputs) with the metrics of SPEC.md.
 
-Prints a table (case, outcome, metric, value, threshold, time) and a summary line. \
-Outcomes: PASS, FAIL, NOT SUPPORTED (the backend lacks the op: never a pass), ERROR. \
-Exit status 0 only when every case passed; 1 otherwise; 2 for a usage error."
+Outcomes: Pass; QualityWarning (outside the pass threshold, inside the warning \
+threshold: still conformant); Fail (wrong numbers, NaN/inf in the wrong places, an \
+error from a backend that claimed support); NotSupported (the backend lacks the op: \
+never a pass); Crash and Timeout (with --isolate, each case runs in its own process, so \
+a segfault or a hang is recorded and the run goes on).
+
+Prints a progress line on stderr, then a table per op family and the summary lines \
+`run: N passed, N quality warnings, N failed, N not supported, N crashed, N timed out` \
+and `conformance: N passed, N failed, N skipped` (skipped = not supported or waived).
+
+Exit status: 0 when nothing is Fail, Crash or Timeout (waived results excepted) and no \
+waiver is unneeded; 1 otherwise; 2 for a usage error (unknown backend or profile, no \
+matching case, a malformed waiver file)."
     )]
-    Run(RunCmd),
+    Run(exec::RunArgs),
+    /// Reports: merge several runs into one cases x backends matrix.
+    #[command(subcommand)]
+    Report(ReportCmd),
+    /// Check a submission (a `run --profile v3-mustpass --report DIR` directory).
+    Verify(report::VerifyArgs),
+    /// Run the DeepSeek-V3 forward pass from a Hugging Face checkpoint, and
+    /// optionally judge it per layer and tap against golden data.
+    #[command(
+        long_about = "Run the DeepSeek-V3 forward pass (prefill from position 0) on a backend, \
+from a Hugging Face checkpoint directory (FP8 weights with 128x128 weight_scale_inv, or bf16), \
+in a numerics mode of SPEC.md §8. Writes `logits` [T, vocab] f32 and, with --taps, \
+layers.{i}.input/attn_out/ffn_out/topk_idx/topk_weights.
+
+With --golden DIR (holding golden_{mode}.safetensors, e.g. golden/model) it judges the run: \
+f32 tightly end to end; bf16 and fp8 per layer with teacher forcing and end to end \
+statistically. It prints each layer and tap with its metric and verdict and names the first \
+layer and op that left tolerance. Exit status 1 when a check fails.",
+        after_help = "Example: deepport forward --backend cpu --checkpoint golden/model --golden golden/model --mode fp8"
+    )]
+    Forward(deepport_conformance::forward_cmd::ForwardArgs),
+    /// Golden data: verify it against its manifest.
+    #[command(subcommand)]
+    Golden(GoldenCmd),
+    /// Run one case in this process and print its result (used by `run --isolate`).
+    #[command(name = "case-exec", hide = true)]
+    CaseExec(exec::child::CaseExecArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum GoldenCmd {
+    /// Check every golden file against golden/manifest.yaml (SHA-256 and
+    /// size); names each file that is missing or altered.
+    Verify {
+        /// Golden directory (default: golden/ of this source tree, or $DEEPPORT_GOLDEN).
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReportCmd {
+    /// Merge run directories into a Markdown matrix of cases x backends.
+    Merge(report::MergeArgs),
 }
 
 fn op_names() -> PossibleValuesParser {
@@ -114,22 +168,6 @@ struct OpCmd {
     /// An op parameter as name=value; repeat for several (see the table below).
     #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
     params: Vec<String>,
-}
-
-#[derive(Args, Debug)]
-struct RunCmd {
-    /// Backend to judge; repeat to judge several in turn.
-    #[arg(long, short, value_name = "NAME", default_values_t = vec!["cpu".to_string()])]
-    backend: Vec<String>,
-    /// Run only cases whose id contains this text; repeat to add more.
-    #[arg(long, short, value_name = "TEXT")]
-    filter: Vec<String>,
-    /// Also write one JSON object per case and backend to this file.
-    #[arg(long, value_name = "FILE")]
-    jsonl: Option<PathBuf>,
-    /// Print the ids of the built-in cases and exit.
-    #[arg(long)]
-    list_cases: bool,
 }
 
 fn io_err(e: std::io::Error) -> CliError {
@@ -192,25 +230,27 @@ fn cmd_op(c: OpCmd) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_run(c: RunCmd) -> Result<ExitCode, CliError> {
-    let all = cases::builtin();
-    let mut out = std::io::stdout().lock();
-    if c.list_cases {
-        for case in runner::select(&all, &c.filter) {
-            writeln!(out, "{}", case.id).map_err(io_err)?;
+fn cmd_golden_verify(dir: Option<PathBuf>) -> Result<ExitCode, CliError> {
+    use deepport_conformance::golden;
+    let dir = dir.unwrap_or_else(golden::default_dir);
+    let v = golden::verify(&dir).map_err(CliError::usage)?;
+    for (path, problem) in &v.problems {
+        match problem {
+            golden::Problem::Missing => println!("MISSING  {path}"),
+            golden::Problem::Altered {
+                expected_size,
+                actual_size,
+            } => {
+                println!("ALTERED  {path} (size {actual_size}, manifest {expected_size}, or SHA-256 differs)")
+            }
         }
-        return Ok(ExitCode::SUCCESS);
     }
-    let opts = runner::RunOptions {
-        backends: c.backend,
-        filters: c.filter,
-        jsonl: c.jsonl,
-    };
-    let summary = runner::run(&registry(), &all, &opts, &mut out)?;
-    Ok(if summary.all_passed() {
+    let bad = v.problems.len();
+    println!("golden verify: {} passed, {} failed", v.checked - bad, bad);
+    Ok(if bad == 0 {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(EXIT_FAILURE as u8)
+        ExitCode::from(1)
     })
 }
 
@@ -219,7 +259,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::List { json } => cmd_list(json),
         Command::Op(c) => cmd_op(c),
-        Command::Run(c) => cmd_run(c),
+        Command::Run(a) => return exec::run_main(a),
+        Command::Report(ReportCmd::Merge(a)) => return report::merge_main(a),
+        Command::Verify(a) => return report::verify_main(a),
+        Command::CaseExec(a) => return exec::child::case_exec_main(a),
+        Command::Forward(a) => match deepport_conformance::forward_cmd::run(&a) {
+            Ok(true) => Ok(ExitCode::SUCCESS),
+            Ok(false) => Ok(ExitCode::from(1)),
+            Err(e) => Err(e),
+        },
+        Command::Golden(GoldenCmd::Verify { dir }) => cmd_golden_verify(dir),
     };
     match result {
         Ok(code) => code,

@@ -48,7 +48,7 @@ fn version_and_help() {
     let o = deepport(&["--help"]);
     assert!(o.status.success());
     let s = stdout(&o);
-    for cmd in ["list", "op", "run"] {
+    for cmd in ["list", "op", "run", "report", "verify"] {
         assert!(s.contains(cmd), "{s}");
     }
     assert!(s.contains("DeepSeek-V3"), "{s}");
@@ -383,15 +383,15 @@ fn op_help_documents_every_op() {
 }
 
 #[test]
-fn run_on_cpu_passes_every_case() {
+fn run_on_cpu_passes_every_smoke_case() {
     let dir = scratch("run");
-    let jsonl = dir.join("report.jsonl");
+    let report = dir.join("report");
     let o = deepport(&[
         "run",
         "--backend",
         "cpu",
-        "--jsonl",
-        jsonl.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
     ]);
     let s = stdout(&o);
     assert!(
@@ -399,46 +399,65 @@ fn run_on_cpu_passes_every_case() {
         "deepport run failed:\n{s}\n{}",
         stderr(&o)
     );
+    // The machine-readable closing line comes last.
     let last = s.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("run: ") && last.ends_with(" passed, 0 failed, 0 not supported, 0 errors"),
+        last.starts_with("conformance: ") && last.ends_with(" passed, 0 failed, 0 skipped"),
         "{last}"
     );
-    let n: usize = last["run: ".len()..]
+    let n: usize = last["conformance: ".len()..]
         .split(' ')
         .next()
         .unwrap()
         .parse()
         .unwrap();
-    let report = std::fs::read_to_string(&jsonl).unwrap();
-    assert_eq!(report.lines().count(), n);
-    for line in report.lines() {
+    assert!(n >= 20, "{last}");
+    let run = s
+        .lines()
+        .find(|l| l.starts_with("run: "))
+        .unwrap_or_else(|| panic!("no run line in\n{s}"));
+    assert!(
+        run.contains(" 0 failed, 0 not supported, 0 crashed, 0 timed out"),
+        "{run}"
+    );
+    // The same cases are listed by --list-cases.
+    let o = deepport(&["run", "--list-cases"]);
+    assert_eq!(stdout(&o).lines().count(), n);
+    // The report has one result per case, every one conformant, on cpu.
+    let results = std::fs::read_to_string(report.join("results.jsonl")).unwrap();
+    assert_eq!(results.lines().count(), n);
+    for line in results.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert_eq!(v["outcome"], "PASS", "{line}");
+        assert!(
+            v["outcome"] == "Pass" || v["outcome"] == "QualityWarning",
+            "{line}"
+        );
         assert_eq!(v["backend"], "cpu");
+        assert!(v["seed"].as_u64().is_some(), "{line}");
     }
-    // Every op appears among the cases.
-    for op in [
-        "act_quant(",
-        "weight_dequant(",
-        "fp8_gemm(",
-        "fp8_grouped_contiguous(",
-        "fp8_grouped_masked(",
-        "gemm(",
-        "mla_decode(",
-        "mla_prefill(",
-        "rms_norm(",
-        "rope(",
-        "moe_gate(",
-        "silu_mul(",
-        "embedding(",
-        "add(",
-        "get_dispatch_layout(",
-        "dispatch_combine(",
-        "low_latency_dispatch_combine(",
-        "copy_window(",
+    // One table per op family, covering every op.
+    for family in [
+        "act_quant",
+        "weight_dequant",
+        "fp8_gemm",
+        "fp8_grouped_contiguous",
+        "fp8_grouped_masked",
+        "gemm",
+        "mla_decode",
+        "mla_prefill",
+        "rms_norm",
+        "rope",
+        "moe_gate",
+        "silu_mul",
+        "embedding",
+        "add",
+        "copy_window",
+        "ep",
     ] {
-        assert!(s.lines().any(|l| l.starts_with(op)), "no {op} case in\n{s}");
+        assert!(
+            s.contains(&format!("\n== {family} on cpu: ")),
+            "no {family} table in\n{s}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -450,11 +469,35 @@ fn run_usage_errors() {
     assert!(stderr(&o).contains("nope") && stderr(&o).contains("cpu-ref"));
     let o = deepport(&["run", "--filter", "no-such-case"]);
     assert_eq!(o.status.code(), Some(2));
-    let o = deepport(&["run", "--list-cases", "--filter", "mla_decode"]);
+    assert!(stderr(&o).contains("no-such-case"), "{}", stderr(&o));
+    let o = deepport(&["run", "--profile", "nightly"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = deepport(&["run", "--jobs", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = deepport(&["run", "--timeout", "-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = deepport(&["run", "--list-cases", "--filter", "mla_decode(*"]);
     assert!(o.status.success());
     let s = stdout(&o);
     assert!(
-        s.lines().count() >= 3 && s.lines().all(|l| l.starts_with("mla_decode(")),
+        s.lines().count() >= 2 && s.lines().all(|l| l.starts_with("mla_decode(")),
         "{s}"
     );
+    // A filter without wildcards matches ids containing it.
+    let o = deepport(&["run", "--list-cases", "--filter", "mla_decode"]);
+    let sub = stdout(&o);
+    assert!(sub.lines().all(|l| l.contains("mla_decode")), "{sub}");
+    assert!(s.lines().all(|l| sub.lines().any(|m| m == l)), "{sub}");
+    // Filters add up.
+    let o = deepport(&[
+        "run",
+        "--list-cases",
+        "--filter",
+        "mla_decode(*",
+        "--filter",
+        "rope(*",
+    ]);
+    let s2 = stdout(&o);
+    assert!(s2.lines().any(|l| l.starts_with("rope(")), "{s2}");
+    assert!(s2.lines().count() > s.lines().count());
 }

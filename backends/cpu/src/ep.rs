@@ -231,7 +231,7 @@ fn same<T: PartialEq + std::fmt::Debug>(
 
 /// Experts per rank, or `Error::Invalid` unless `E` is a positive multiple of `R`.
 fn experts_per_rank(op: &'static str, num_experts: usize, world: usize) -> Result<usize> {
-    if world == 0 || num_experts < world || num_experts % world != 0 {
+    if world == 0 || num_experts < world || !num_experts.is_multiple_of(world) {
         return Err(Error::invalid(
             op,
             "num_experts",

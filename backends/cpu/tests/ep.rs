@@ -133,7 +133,7 @@ fn expected_recv(all: &[Input], r: usize) -> Vec<(usize, usize)> {
 }
 
 fn index_dtype(rank: usize) -> DType {
-    if rank % 2 == 0 {
+    if rank.is_multiple_of(2) {
         DType::I64
     } else {
         DType::I32

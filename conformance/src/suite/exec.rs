@@ -1,1 +1,713 @@
-//! (being written)
+//! Runs catalogue cases on backends and classifies each result.
+//!
+//! For each case and backend: build the case ([`catalogue::build`]), run it
+//! on the backend under test (the op runners allocate every output poisoned
+//! with NaN), get the reference outputs (the case's stored `expected`
+//! outputs for golden cases, else `cpu-ref`'s, cached on disk by
+//! [`refcache`]), judge them with the case's judge, and classify with
+//! [`judge::verdict`]:
+//!
+//! * the backend says `NotSupported` → [`Outcome::NotSupported`];
+//! * any other error, or a panic, from a backend that claimed support →
+//!   [`Outcome::Fail`] with the message;
+//! * the reference failing → `Fail` with `reference failed: …`;
+//! * no result within the time limit → [`Outcome::Timeout`] (in process, the
+//!   hung case's thread is abandoned; with `--isolate` its process is killed);
+//! * with `--isolate`, a case process killed by a signal or exiting
+//!   without a result → [`Outcome::Crash`] ([`child`]).
+//!
+//! [`run_main`] is `deepport run`: selection, scheduling over `--jobs`
+//! workers, progress, waivers ([`super::waivers`]), tables and summary
+//! ([`output`]), reports ([`super::report::write_all`]) and the exit status.
+
+pub mod child;
+pub mod output;
+pub mod refcache;
+
+pub use refcache::RefCache;
+
+use super::catalogue;
+use super::waivers::{Date, Waivers};
+use super::{CaseResult, CaseSpec, Outcome, RunInfo, SUITE_VERSION};
+use crate::cases::Case;
+use crate::error::{EXIT_FAILURE, EXIT_USAGE};
+use crate::judge::{self, Check};
+use crate::opspec::Outputs;
+use deepport_core::backend::{Backend, DeviceInfo};
+use deepport_core::registry::Registry;
+use deepport_core::Error;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// The default per-case time limit, in seconds.
+pub const DEFAULT_TIMEOUT_S: f64 = 300.0;
+
+/// The text of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs `f`, turning a panic into `Err("panicked: …")`.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(format!("panicked: {}", panic_message(p.as_ref()))))
+}
+
+/// A result with the identity fields filled and everything else empty
+/// (outcome `Fail` until classified).
+pub fn blank_result(spec: &CaseSpec, backend: &str, info: &DeviceInfo) -> CaseResult {
+    CaseResult {
+        id: spec.id.clone(),
+        backend: backend.to_string(),
+        device: info.device.clone(),
+        driver: info.driver.clone(),
+        outcome: Outcome::Fail,
+        metric: None,
+        value: None,
+        threshold: None,
+        worst_index: None,
+        seed: spec.seed,
+        duration_s: 0.0,
+        message: String::new(),
+        waiver: None,
+    }
+}
+
+/// Fills `res` from the judge's checks: the outcome from
+/// [`judge::verdict`], metric, value, threshold and worst index from the
+/// deciding check ([`judge::deciding`]), and for anything but a pass its
+/// detail and the other failing metrics as the message.
+pub fn classify(res: &mut CaseResult, checks: &[Check]) {
+    res.outcome = judge::verdict(checks);
+    let Some(c) = judge::deciding(checks) else {
+        res.message = "the judge produced no check".into();
+        return;
+    };
+    res.metric = Some(c.metric.clone());
+    res.value = Some(c.value);
+    res.threshold = Some(c.threshold);
+    res.worst_index = c.worst_index.clone();
+    if res.outcome != Outcome::Pass {
+        let mut msg = c.detail.clone();
+        let others: Vec<&str> = checks
+            .iter()
+            .filter(|o| !o.passed && !std::ptr::eq(*o, c))
+            .map(|o| o.metric.as_str())
+            .collect();
+        if !others.is_empty() {
+            if !msg.is_empty() {
+                msg.push_str("; ");
+            }
+            msg.push_str(&format!(
+                "also outside the pass threshold: {}",
+                others.join(", ")
+            ));
+        }
+        res.message = msg;
+    }
+}
+
+/// The reference a case is judged against.
+#[derive(Clone, Copy)]
+pub struct Reference<'a> {
+    /// The reference backend (`cpu-ref`).
+    pub backend: &'a dyn Backend,
+    /// The on-disk cache of its outputs.
+    pub cache: &'a RefCache,
+}
+
+/// Runs a built case on `backend` and judges it. Never panics: a panic of
+/// the backend, the reference or the judge is a `Fail` with its message.
+pub fn run_case(
+    spec: &CaseSpec,
+    case: &Case,
+    backend: &dyn Backend,
+    info: &DeviceInfo,
+    reference: Reference<'_>,
+) -> CaseResult {
+    let mut res = blank_result(spec, backend.name(), info);
+    let t0 = Instant::now();
+    let actual = catch_unwind(AssertUnwindSafe(|| (case.run)(backend)));
+    res.duration_s = t0.elapsed().as_secs_f64();
+    let actual = match actual {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            res.outcome = if e.is_not_supported() {
+                Outcome::NotSupported
+            } else {
+                Outcome::Fail
+            };
+            res.message = e.to_string();
+            return res;
+        }
+        Err(p) => {
+            res.message = format!("panicked: {}", panic_message(p.as_ref()));
+            return res;
+        }
+    };
+    let computed;
+    let expected: &Outputs = match &case.expected {
+        Some(e) => e,
+        None => {
+            let (r, _) = reference.cache.get_or_compute(spec, || {
+                guarded(|| (case.run)(reference.backend).map_err(|e| e.to_string()))
+            });
+            match r {
+                Ok(r) => {
+                    computed = r;
+                    &computed
+                }
+                Err(e) => {
+                    res.message = format!(
+                        "reference failed: {} on {}: {e}",
+                        spec.id,
+                        reference.backend.name()
+                    );
+                    return res;
+                }
+            }
+        }
+    };
+    match guarded(|| Ok((case.judge)(&actual, expected))) {
+        Ok(checks) => classify(&mut res, &checks),
+        Err(e) => res.message = format!("the judge failed: {e}"),
+    }
+    res
+}
+
+/// Builds the case of `spec` and runs it ([`run_case`]); a case that cannot
+/// be built is a `Fail` naming the catalogue entry.
+pub fn run_spec(
+    spec: &CaseSpec,
+    backend: &dyn Backend,
+    info: &DeviceInfo,
+    reference: Reference<'_>,
+) -> CaseResult {
+    match guarded(|| catalogue::build(spec).map_err(|e| e.to_string())) {
+        Ok(case) => run_case(spec, &case, backend, info, reference),
+        Err(e) => {
+            let mut res = blank_result(spec, backend.name(), info);
+            res.message = format!("cannot build the case ({}): {e}", spec.origin);
+            res
+        }
+    }
+}
+
+/// A result for a case that did not finish within `limit`.
+pub fn timeout_result(
+    spec: &CaseSpec,
+    backend: &str,
+    info: &DeviceInfo,
+    limit: Duration,
+    how: &str,
+) -> CaseResult {
+    let mut res = blank_result(spec, backend, info);
+    res.outcome = Outcome::Timeout;
+    res.duration_s = limit.as_secs_f64();
+    res.message = format!(
+        "no result within {} s; {how}",
+        output::fmt_secs(limit.as_secs_f64())
+    );
+    res
+}
+
+/// Runs one case in process on a thread of its own and waits at most
+/// `limit`. A case that does not finish is a `Timeout`; its thread is
+/// abandoned (it cannot be stopped) and ends with the process.
+pub fn run_in_thread(
+    spec: &CaseSpec,
+    backend: &Arc<dyn Backend>,
+    info: &DeviceInfo,
+    reference: &Arc<dyn Backend>,
+    cache: &RefCache,
+    limit: Duration,
+) -> CaseResult {
+    let (tx, rx) = mpsc::channel();
+    let (s, b, i, r, c) = (
+        spec.clone(),
+        Arc::clone(backend),
+        info.clone(),
+        Arc::clone(reference),
+        cache.clone(),
+    );
+    let spawned = std::thread::Builder::new()
+        .name(format!("case {}", spec.id))
+        .stack_size(64 << 20)
+        .spawn(move || {
+            let res = run_spec(
+                &s,
+                b.as_ref(),
+                &i,
+                Reference {
+                    backend: r.as_ref(),
+                    cache: &c,
+                },
+            );
+            let _ = tx.send(res);
+        });
+    if let Err(e) = spawned {
+        let mut res = blank_result(spec, backend.name(), info);
+        res.message = format!("cannot start a thread for the case: {e}");
+        return res;
+    }
+    match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(mpsc::RecvTimeoutError::Timeout) => timeout_result(
+            spec,
+            backend.name(),
+            info,
+            limit,
+            "its thread was abandoned (use --isolate to kill hung cases)",
+        ),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            let mut res = blank_result(spec, backend.name(), info);
+            res.message = "the case's thread ended without a result".into();
+            res
+        }
+    }
+}
+
+/// How a run executes its cases.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    /// Run each case in a child process ([`child`]).
+    pub isolate: bool,
+    /// Cases run at once (at least 1).
+    pub jobs: usize,
+    /// Per-case time limit.
+    pub timeout: Duration,
+    /// The catalogue directory (passed to child processes).
+    pub cases_dir: PathBuf,
+    pub refcache: RefCache,
+}
+
+/// One backend of a run, created once.
+pub struct RunBackend {
+    pub name: String,
+    pub backend: Arc<dyn Backend>,
+    pub info: DeviceInfo,
+}
+
+/// Runs every spec on every backend (backend-major order), `jobs` at a
+/// time, calling `on_result` as each finishes. Results come back in
+/// backend-major, catalogue order.
+pub fn execute(
+    backends: &[RunBackend],
+    specs: &[CaseSpec],
+    reference: &Arc<dyn Backend>,
+    opts: &ExecOptions,
+    on_result: &mut dyn FnMut(&CaseResult),
+) -> Vec<CaseResult> {
+    let total = backends.len() * specs.len();
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = mpsc::channel::<(usize, CaseResult)>();
+    let mut results: Vec<Option<CaseResult>> = (0..total).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.clamp(1, total.max(1)) {
+            let tx = tx.clone();
+            let next = &next;
+            scope.spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                if k >= total {
+                    break;
+                }
+                let (b, spec) = (&backends[k / specs.len()], &specs[k % specs.len()]);
+                let r = if opts.isolate {
+                    child::run_isolated(spec, &b.name, &b.info, opts)
+                } else {
+                    run_in_thread(
+                        spec,
+                        &b.backend,
+                        &b.info,
+                        reference,
+                        &opts.refcache,
+                        opts.timeout,
+                    )
+                };
+                if tx.send((k, r)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        for (k, r) in rx {
+            on_result(&r);
+            results[k] = Some(r);
+        }
+    });
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| {
+            r.unwrap_or_else(|| {
+                // A worker died (it cannot: every case is guarded); keep the
+                // row rather than lose it.
+                let b = &backends[k / specs.len()];
+                let mut res = blank_result(&specs[k % specs.len()], &b.name, &b.info);
+                res.message = "internal: the case produced no result".into();
+                res
+            })
+        })
+        .collect()
+}
+
+/// `deepport run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Backend to judge (see `deepport list`); repeat to judge several.
+    /// Default: cpu.
+    #[arg(long, short, value_name = "NAME")]
+    pub backend: Vec<String>,
+    /// Case profile: smoke (quick), full (whole grids) or v3-mustpass
+    /// (everything DeepSeek-V3 inference needs).
+    #[arg(long, short, value_name = "PROFILE", default_value = "smoke",
+          value_parser = clap::builder::PossibleValuesParser::new(catalogue::PROFILES))]
+    pub profile: String,
+    /// Run only cases whose id matches this glob (`*` any text, `?` one
+    /// character; a filter without either matches ids containing it);
+    /// repeat to add more. See `--list-cases`.
+    #[arg(long, short, value_name = "GLOB")]
+    pub filter: Vec<String>,
+    /// Run each case in a child process, so that a crash or a hang is
+    /// recorded (Crash, Timeout) and the run goes on. Without it a crash
+    /// ends the run and a hung case is abandoned on its thread.
+    #[arg(long)]
+    pub isolate: bool,
+    /// Cases to run at once.
+    #[arg(long, short, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: u16,
+    /// Per-case time limit in seconds (a case over it is a Timeout).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_S,
+          value_parser = parse_timeout)]
+    pub timeout: f64,
+    /// Write run.json, results.jsonl, junit.xml and summary.md here (one
+    /// subdirectory per backend when there are several).
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Waiver file (default: conformance/waivers.yaml when present).
+    #[arg(long, value_name = "FILE")]
+    pub waivers: Option<PathBuf>,
+    /// Print the ids of the selected cases and exit.
+    #[arg(long)]
+    pub list_cases: bool,
+    /// The case catalogue directory (default: conformance/cases, or
+    /// $DEEPPORT_CASES).
+    #[arg(long, value_name = "DIR")]
+    pub cases: Option<PathBuf>,
+    /// Compute every reference anew instead of using the cache in
+    /// target/deepport-refcache (or $DEEPPORT_REFCACHE).
+    #[arg(long)]
+    pub no_refcache: bool,
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e7 => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}
+
+/// Prints `error: …` and returns the exit status.
+fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// The specs of `profile` matching any of `filters` (all when none), in
+/// catalogue order, each once. A filter without `*` or `?` matches the ids
+/// that contain it.
+pub fn select_many(specs: &[CaseSpec], profile: &str, filters: &[String]) -> Vec<CaseSpec> {
+    if filters.is_empty() {
+        return catalogue::select(specs, profile, None);
+    }
+    let mut keep = std::collections::BTreeSet::new();
+    for f in filters {
+        let glob = if f.contains(['*', '?']) {
+            f.clone()
+        } else {
+            format!("*{f}*")
+        };
+        for s in catalogue::select(specs, profile, Some(&glob)) {
+            keep.insert(s.id);
+        }
+    }
+    catalogue::select(specs, profile, None)
+        .into_iter()
+        .filter(|s| keep.contains(&s.id))
+        .collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` now.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let d = Date::from_unix_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!("{d}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The command line, with arguments that need it quoted.
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Creates the backends of a run; unknown names are usage errors.
+fn create_backends(reg: &Registry, names: &[String]) -> Result<Vec<RunBackend>, (i32, String)> {
+    let mut out = Vec::new();
+    for name in names {
+        if out.iter().any(|b: &RunBackend| &b.name == name) {
+            continue;
+        }
+        match reg.create(name) {
+            Ok(b) => {
+                let info = b.info();
+                out.push(RunBackend {
+                    name: name.clone(),
+                    backend: Arc::from(b),
+                    info,
+                });
+            }
+            Err(e @ Error::UnknownBackend { .. }) => return Err((EXIT_USAGE, e.to_string())),
+            Err(e) => {
+                return Err((
+                    EXIT_FAILURE,
+                    format!("backend `{name}` cannot run here: {e}"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `deepport run`: see [`RunArgs`] and the module documentation.
+pub fn run_main(args: RunArgs) -> ExitCode {
+    let cases_dir = args.cases.clone().unwrap_or_else(catalogue::default_dir);
+    let all = match catalogue::load(&cases_dir) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let specs = select_many(&all, &args.profile, &args.filter);
+    if specs.is_empty() {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "no case of profile `{}` matches {}; `deepport run --list-cases --profile {}` shows them",
+                args.profile,
+                if args.filter.is_empty() {
+                    "(no filter)".to_string()
+                } else {
+                    args.filter.join(", ")
+                },
+                args.profile
+            ),
+        );
+    }
+    if args.list_cases {
+        let mut s = String::new();
+        for spec in &specs {
+            s.push_str(&spec.id);
+            s.push('\n');
+        }
+        return match std::io::Write::write_all(&mut std::io::stdout().lock(), s.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_FAILURE, format!("writing to stdout: {e}")),
+        };
+    }
+    let waivers = match args.waivers.clone().or_else(Waivers::default_path) {
+        Some(p) => match Waivers::load(&p) {
+            Ok(w) => w,
+            Err(e) => return fail(EXIT_USAGE, e),
+        },
+        None => Waivers::default(),
+    };
+    let names = if args.backend.is_empty() {
+        vec!["cpu".to_string()]
+    } else {
+        args.backend.clone()
+    };
+    let reg = crate::registry();
+    let backends = match create_backends(&reg, &names) {
+        Ok(b) => b,
+        Err((code, msg)) => return fail(code, msg),
+    };
+    let reference: Arc<dyn Backend> = match reg.create(crate::REFERENCE_BACKEND) {
+        Ok(b) => Arc::from(b),
+        Err(e) => {
+            return fail(
+                EXIT_FAILURE,
+                format!(
+                    "the reference backend `{}` is needed to judge: {e}",
+                    crate::REFERENCE_BACKEND
+                ),
+            )
+        }
+    };
+    let opts = ExecOptions {
+        isolate: args.isolate,
+        jobs: usize::from(args.jobs),
+        timeout: Duration::from_secs_f64(args.timeout),
+        cases_dir,
+        refcache: if args.no_refcache {
+            RefCache::disabled()
+        } else {
+            RefCache::from_env()
+        },
+    };
+    let started = utc_now();
+    for b in &backends {
+        println!(
+            "backend {}: {} | {} (judged against {}); profile {}, {} case(s){}",
+            b.name,
+            b.info.device,
+            b.info.driver,
+            crate::REFERENCE_BACKEND,
+            args.profile,
+            specs.len(),
+            if opts.isolate {
+                ", each in its own process"
+            } else {
+                ""
+            }
+        );
+    }
+    let mut progress = output::Progress::new(backends.len() * specs.len());
+    let t0 = Instant::now();
+    let mut results = execute(&backends, &specs, &reference, &opts, &mut |r| {
+        progress.update(r)
+    });
+    progress.finish();
+    let wall = t0.elapsed().as_secs_f64();
+    let wrep = waivers.apply(&mut results, Date::today());
+    for w in &wrep.warnings {
+        eprintln!("warning: {w}");
+    }
+
+    let mut out = String::new();
+    let families: std::collections::BTreeMap<&str, &str> = specs
+        .iter()
+        .map(|s| (s.id.as_str(), s.family.as_str()))
+        .collect();
+    let mut ok = wrep.unneeded.is_empty();
+    for (bi, b) in backends.iter().enumerate() {
+        let rs = &results[bi * specs.len()..(bi + 1) * specs.len()];
+        out.push_str(&output::tables(rs, &families));
+        let counts = output::Counts::of(rs);
+        ok &= counts.run_ok();
+        out.push_str(&counts.notices(&b.name, rs));
+        if args.profile == super::report::MUSTPASS_PROFILE {
+            out.push_str(&output::v3_claim(&b.name, rs, !args.filter.is_empty()));
+        }
+        if backends.len() > 1 {
+            out.push_str(&format!(
+                "{}\n\n",
+                counts.run_line(&format!("run ({})", b.name))
+            ));
+        }
+    }
+    let total = output::Counts::of(&results);
+    if !wrep.unneeded.is_empty() {
+        out.push_str(&format!(
+            "\n{} waiver(s) no longer needed (delete them from {}):\n",
+            wrep.unneeded.len(),
+            waivers
+                .path
+                .as_deref()
+                .map_or("the waiver file".into(), |p| p.display().to_string())
+        ));
+        for u in &wrep.unneeded {
+            out.push_str(&format!("  {u}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "{}  [{} s]\n",
+        total.run_line("run"),
+        output::fmt_secs(wall)
+    ));
+    out.push_str(&total.closing_line("conformance"));
+    out.push('\n');
+    if let Err(e) = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        return fail(EXIT_FAILURE, format!("writing to stdout: {e}"));
+    }
+
+    if let Some(dir) = &args.report {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(|| PathBuf::from("."));
+        let (git_commit, git_dirty) = super::report::git_state(&repo);
+        for (bi, b) in backends.iter().enumerate() {
+            let rs = &results[bi * specs.len()..(bi + 1) * specs.len()];
+            let info = RunInfo {
+                suite_version: SUITE_VERSION.to_string(),
+                profile: args.profile.clone(),
+                backend: b.name.clone(),
+                device: b.info.device.clone(),
+                driver: b.info.driver.clone(),
+                vendor: b.info.vendor.clone(),
+                git_commit: git_commit.clone(),
+                git_dirty,
+                started_utc: started.clone(),
+                host: hostname(),
+                command: command_line(),
+            };
+            let d = if backends.len() > 1 {
+                dir.join(&b.name)
+            } else {
+                dir.clone()
+            };
+            if let Err(e) = super::report::write_all(&d, &info, rs) {
+                return fail(
+                    EXIT_FAILURE,
+                    format!("writing the report to {}: {e}", d.display()),
+                );
+            }
+            eprintln!("report: wrote {}", d.display());
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE as u8)
+    }
+}
+
+#[cfg(all(test, feature = "cpu"))]
+mod mutants;
+#[cfg(all(test, feature = "cpu"))]
+mod tests;

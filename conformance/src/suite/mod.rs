@@ -15,6 +15,7 @@
 pub mod catalogue;
 pub mod exec;
 pub mod report;
+pub mod waivers;
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};

@@ -350,7 +350,7 @@ impl ModelConfig {
         positive("qk_nope_head_dim", self.qk_nope_head_dim)?;
         positive("v_head_dim", self.v_head_dim)?;
         positive("max_position_embeddings", self.max_position_embeddings)?;
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "qk_rope_head_dim",
                 format!(
@@ -399,7 +399,7 @@ impl ModelConfig {
             let e = self.n_routed_experts;
             positive("moe_intermediate_size", self.moe_intermediate_size)?;
             positive("n_group", self.n_group)?;
-            if e % self.n_group != 0 || e / self.n_group < 2 {
+            if !e.is_multiple_of(self.n_group) || e / self.n_group < 2 {
                 return Err(invalid(
                     "n_group",
                     format!(
@@ -535,7 +535,9 @@ impl ModelConfig {
 
     /// Whether layer `i` has a MoE FFN (else a dense SwiGLU).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_routed_experts > 0 && i >= self.first_k_dense_replace && i % self.moe_layer_freq == 0
+        self.n_routed_experts > 0
+            && i >= self.first_k_dense_replace
+            && i.is_multiple_of(self.moe_layer_freq)
     }
 
     /// Query/key head dim: `qk_nope_head_dim + qk_rope_head_dim` (192 for V3).

@@ -800,7 +800,7 @@ impl Loader<'_> {
     }
 
     fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        if self.numerics == Numerics::Fp8 && inp % QBLOCK == 0 {
+        if self.numerics == Numerics::Fp8 && inp.is_multiple_of(QBLOCK) {
             let lw = self.ckpt.linear(prefix, out, inp)?;
             if let Some(s) = lw.scale {
                 return Ok(Linear::Fp8 {

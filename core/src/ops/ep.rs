@@ -35,7 +35,7 @@ pub struct LayoutDims {
 fn check_world(op: &'static str, num_experts: usize, world: usize) -> Result<()> {
     ensure(world >= 1, op, "world_size", || "must be ≥ 1".into())?;
     ensure(
-        num_experts >= world && num_experts % world == 0,
+        num_experts >= world && num_experts.is_multiple_of(world),
         op,
         "num_experts",
         || format!("must be a positive multiple of the world size {world}, got {num_experts}"),

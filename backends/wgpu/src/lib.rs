@@ -1,0 +1,342 @@
+//! deepport's wgpu backend (`wgpu`): every op as a WGSL compute kernel.
+//!
+//! * Runs wherever wgpu finds an adapter: Vulkan always (including lavapipe,
+//!   Mesa's CPU Vulkan driver, which CI uses), Metal and DX12 behind the
+//!   `metal` and `dx12` features.
+//! * Tensors live in device storage buffers ([`WgpuStorage`]); f16, bf16 and
+//!   FP8 are packed into 32-bit words and converted by bit manipulation in
+//!   `shaders/common.wgsl`, so no adapter feature is required (SHADER_F16 and
+//!   SUBGROUP are requested when present and reported in `info()`, but no
+//!   kernel depends on them or on a subgroup size).
+//! * Ops record into batched command buffers and never block; `download`
+//!   and `synchronize` wait. Index checks run on the device and their errors
+//!   surface at the next `download`/`synchronize` (see [`ctx`]).
+//! * Pipelines compile once per shader variant and are cached.
+//! * Device loss, out-of-memory, validation and shader compile failures are
+//!   [`Error::Device`] values naming the op (or shader); nothing panics. A
+//!   missing driver makes the backend *unavailable* with the reason.
+//!
+//! Ops not implemented yet answer `NotSupported` (see [`kernels`]).
+
+#![forbid(unsafe_code)]
+
+pub mod ctx;
+mod kernels;
+
+pub use ctx::{WgpuOptions, WgpuStorage};
+
+use ctx::{buffer, Ctx, BACKEND};
+use deepport_core::backend::{Backend, DeviceInfo, Support, Tensor};
+use deepport_core::comm::Communicator;
+use deepport_core::ops::*;
+use deepport_core::{DType, Error, HostTensor, Result};
+use kernels::OpTable;
+
+/// The wgpu backend.
+pub struct Wgpu {
+    pub(crate) ctx: Ctx,
+    table: OpTable,
+}
+
+impl std::fmt::Debug for Wgpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Wgpu({})", self.ctx.adapter_info.name)
+    }
+}
+
+fn vendor_name(id: u32) -> String {
+    match id {
+        0x10de => "NVIDIA".into(),
+        0x1002 | 0x1022 => "AMD".into(),
+        0x8086 => "Intel".into(),
+        0x106b => "Apple".into(),
+        0x13b5 => "ARM".into(),
+        0x5143 => "Qualcomm".into(),
+        0x1010 => "Imagination".into(),
+        0x10005 => "Mesa".into(),
+        0 => "unknown".into(),
+        other => format!("0x{other:04x}"),
+    }
+}
+
+impl Wgpu {
+    pub const NAME: &'static str = BACKEND;
+
+    /// Probes for an adapter and creates the backend; [`Error::Unavailable`]
+    /// with the reason when there is none.
+    pub fn new() -> Result<Self> {
+        Self::with_options(WgpuOptions::default())
+    }
+
+    /// [`Wgpu::new`] with options.
+    pub fn with_options(opts: WgpuOptions) -> Result<Self> {
+        // wgpu reports failures as values, but a driver bug must not take
+        // the caller down either.
+        let ctx = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Ctx::new(&opts)))
+            .unwrap_or_else(|p| {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::Unavailable {
+                    backend: BACKEND.into(),
+                    reason: format!("wgpu panicked while probing: {msg}"),
+                })
+            })?;
+        Ok(Self {
+            ctx,
+            table: kernels::table(),
+        })
+    }
+
+    /// Whether the device has native f16 arithmetic (`SHADER_F16`).
+    pub fn has_shader_f16(&self) -> bool {
+        self.ctx.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// What wgpu says about the adapter (name, driver, subgroup sizes, …).
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.ctx.adapter_info
+    }
+
+    /// The device limits (the adapter's full limits).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.ctx.limits
+    }
+
+    /// The workgroups per dispatch dimension in use (device limit, or the
+    /// cap from [`WgpuOptions`]).
+    pub fn max_workgroups_per_dim(&self) -> u32 {
+        self.ctx.max_groups()
+    }
+
+    /// Test hook: compiles a WGSL kernel (entry point `main`, a `struct
+    /// Params`, the common library in scope) and reports compile errors.
+    #[doc(hidden)]
+    pub fn debug_compile(&self, name: &str, wgsl: &str) -> Result<()> {
+        self.ctx.compile_only(name, wgsl)
+    }
+
+    /// Test hook: destroys the device, as a driver reset would; every later
+    /// call must fail with [`Error::Device`].
+    #[doc(hidden)]
+    pub fn debug_lose_device(&self) {
+        self.ctx.destroy();
+    }
+
+    fn tensor(&self, dtype: DType, shape: &[usize], buf: wgpu::Buffer, bytes: u64) -> Tensor {
+        Tensor::new(dtype, shape, Box::new(WgpuStorage { buffer: buf, bytes }))
+    }
+
+    fn nbytes(dtype: DType, shape: &[usize]) -> Result<u64> {
+        shape
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .map(|n| n as u64)
+            .ok_or_else(|| ctx::dev_err(format!("tensor {shape:?} of {dtype} is too large")))
+    }
+}
+
+impl Backend for Wgpu {
+    fn name(&self) -> &str {
+        BACKEND
+    }
+
+    fn info(&self) -> DeviceInfo {
+        let i = &self.ctx.adapter_info;
+        let mut extras = Vec::new();
+        if self.ctx.features.contains(wgpu::Features::SHADER_F16) {
+            extras.push("f16");
+        }
+        if self.ctx.features.contains(wgpu::Features::SUBGROUP) {
+            extras.push("subgroups");
+        }
+        DeviceInfo {
+            backend: BACKEND.into(),
+            device: format!("{} ({:?}, {:?})", i.name, i.device_type, i.backend),
+            driver: format!(
+                "{} {} (wgpu 30{}{})",
+                i.driver,
+                i.driver_info,
+                if extras.is_empty() { "" } else { "; " },
+                extras.join(", ")
+            )
+            .trim()
+            .to_string(),
+            vendor: vendor_name(i.vendor),
+        }
+    }
+
+    fn supports(&self, op: OpKind, dtypes: &[DType]) -> Support {
+        self.table.supports(op, dtypes)
+    }
+
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let bytes = Self::nbytes(dtype, shape)?;
+        let buf = self.ctx.create_buffer("alloc", bytes)?;
+        Ok(self.tensor(dtype, shape, buf, bytes))
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
+        let buf = self.ctx.upload_bytes("upload", host.bytes())?;
+        Ok(self.tensor(host.dtype(), host.shape(), buf, host.bytes().len() as u64))
+    }
+
+    fn download(&self, t: &Tensor) -> Result<HostTensor> {
+        let s = t.storage::<WgpuStorage>(BACKEND)?;
+        let bytes = self.ctx.read_bytes("download", &s.buffer, s.bytes)?;
+        HostTensor::from_bytes(t.dtype(), t.shape(), bytes)
+    }
+
+    fn write(&self, dst: &mut Tensor, src: &HostTensor) -> Result<()> {
+        if src.dtype() != dst.dtype() || src.shape() != dst.shape() {
+            return Err(Error::Other(format!(
+                "write: host tensor {} {:?} differs from device tensor {} {:?}",
+                src.dtype(),
+                src.shape(),
+                dst.dtype(),
+                dst.shape()
+            )));
+        }
+        self.ctx.write_bytes("write", buffer(dst)?, src.bytes())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.ctx.synchronize()
+    }
+
+    fn act_quant(&self, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
+        (self
+            .table
+            .act_quant
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn weight_dequant(&self, op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
+        (self
+            .table
+            .weight_dequant
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn fp8_gemm(&self, op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
+        (self
+            .table
+            .fp8_gemm
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn fp8_grouped_contiguous(&self, op: &mut Checked<Fp8GroupedContiguous<'_>>) -> Result<()> {
+        (self
+            .table
+            .fp8_grouped_contiguous
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn fp8_grouped_masked(&self, op: &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()> {
+        (self
+            .table
+            .fp8_grouped_masked
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn gemm(&self, op: &mut Checked<Gemm<'_>>) -> Result<()> {
+        (self.table.gemm.ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn mla_decode(&self, op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
+        (self
+            .table
+            .mla_decode
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn mla_prefill(&self, op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
+        (self
+            .table
+            .mla_prefill
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn rms_norm(&self, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
+        (self
+            .table
+            .rms_norm
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn rope(&self, op: &mut Checked<Rope<'_>>) -> Result<()> {
+        (self.table.rope.ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn moe_gate(&self, op: &mut Checked<MoeGate<'_>>) -> Result<()> {
+        (self
+            .table
+            .moe_gate
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn silu_mul(&self, op: &mut Checked<SiluMul<'_>>) -> Result<()> {
+        (self
+            .table
+            .silu_mul
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn embedding(&self, op: &mut Checked<Embedding<'_>>) -> Result<()> {
+        (self
+            .table
+            .embedding
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn add(&self, op: &mut Checked<Add<'_>>) -> Result<()> {
+        (self.table.add.ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn copy_window(&self, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
+        (self
+            .table
+            .copy_window
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
+        (self
+            .table
+            .get_dispatch_layout
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+    }
+    fn dispatch(
+        &self,
+        comm: &dyn Communicator,
+        op: &Checked<Dispatch<'_>>,
+    ) -> Result<DispatchOutput> {
+        (self
+            .table
+            .dispatch
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
+    }
+    fn combine(&self, comm: &dyn Communicator, op: &mut Checked<Combine<'_>>) -> Result<()> {
+        (self
+            .table
+            .combine
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
+    }
+    fn low_latency_dispatch(
+        &self,
+        comm: &dyn Communicator,
+        op: &Checked<LowLatencyDispatch<'_>>,
+    ) -> Result<LowLatencyDispatchOutput> {
+        (self
+            .table
+            .low_latency_dispatch
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
+    }
+    fn low_latency_combine(
+        &self,
+        comm: &dyn Communicator,
+        op: &mut Checked<LowLatencyCombine<'_>>,
+    ) -> Result<()> {
+        (self
+            .table
+            .low_latency_combine
+            .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
+    }
+}
+
+/// Registers `wgpu`. Creating it probes for an adapter and returns
+/// [`Error::Unavailable`] with the reason when there is none.
+pub fn register(reg: &mut deepport_core::registry::Registry) {
+    reg.register(
+        BACKEND,
+        "WGSL compute through wgpu (Vulkan; lavapipe on the CPU)",
+        || Ok(Box::new(Wgpu::new()?)),
+    );
+}

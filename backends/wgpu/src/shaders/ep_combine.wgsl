@@ -1,0 +1,51 @@
+// Combine sums: out[t, c] = Σ over the entries p of token t (CSR: offs[t] ..
+// offs[t+1], entries (record, weight index)) of y[record, c], times
+// w[weight index] when WEIGHTED; accumulated in f32 in entry order and
+// rounded once to the output dtype. Records hold Y_DT elements from lane 0
+// of word `off`. One invocation per output word.
+struct Params {
+    total: u32,
+    hidden: u32,
+    stride: u32,
+    off: u32,
+}
+
+fn y_at(rec: u32, c: u32) -> f32 {
+    let per = dt_per_word(Y_DT);
+    let word = b_recs[rec * P.stride + P.off + c / per];
+    return dt_decode(Y_DT, dt_lane(Y_DT, word, c));
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = wg_lin(wid, nwg) * 256u + lid;
+    let first = w * OUT_PER;
+    if first >= P.total {
+        return;
+    }
+    let bits = 32u / OUT_PER;
+    let mask = dt_lane_mask(OUT_DT);
+    var word = 0u;
+    for (var l = 0u; l < OUT_PER; l = l + 1u) {
+        let i = first + l;
+        if i < P.total {
+            let t = i / P.hidden;
+            let c = i % P.hidden;
+            var acc = 0.0;
+            for (var p = b_offs[t]; p < b_offs[t + 1u]; p = p + 1u) {
+                let y = y_at(b_ents[2u * p], c);
+                if WEIGHTED {
+                    acc = acc + ld_w(b_ents[2u * p + 1u]) * y;
+                } else {
+                    acc = acc + y;
+                }
+            }
+            word = word | ((enc_out(acc) & mask) << (l * bits));
+        }
+    }
+    stw_out(w, word);
+}

@@ -1,0 +1,40 @@
+// Packs rows of a tensor into word-aligned records (the send buffer of an
+// expert-parallel exchange): record r's field at word `off` receives the
+// `row_bytes` bytes of source row rows[r], starting at lane 0 of its first
+// word; the bytes past the row in its last word are zero. One invocation per
+// record word. Works on raw bytes, so any dtype is carried bit-exact.
+struct Params {
+    total: u32,
+    words: u32,
+    row_bytes: u32,
+    stride: u32,
+    off: u32,
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = wg_lin(wid, nwg) * 256u + lid;
+    if i >= P.total {
+        return;
+    }
+    let r = i / P.words;
+    let w = i % P.words;
+    let b0 = b_rows[r] * P.row_bytes + w * 4u;
+    var word = 0u;
+    if (b0 & 3u) == 0u && w * 4u + 4u <= P.row_bytes {
+        word = b_src[b0 / 4u];
+    } else {
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            if w * 4u + j < P.row_bytes {
+                let b = b0 + j;
+                let byte = (b_src[b / 4u] >> ((b % 4u) * 8u)) & 0xffu;
+                word = word | (byte << (j * 8u));
+            }
+        }
+    }
+    b_dst[r * P.stride + P.off + w] = word;
+}

@@ -1,0 +1,24 @@
+// Packs the top-k expert ids of the tokens rows[r] into records as i32 words
+// (−1 stays 0xffffffff). One invocation per (record, k) entry.
+struct Params {
+    total: u32,
+    k: u32,
+    stride: u32,
+    off: u32,
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = wg_lin(wid, nwg) * 256u + lid;
+    if i >= P.total {
+        return;
+    }
+    let r = i / P.k;
+    let j = i % P.k;
+    let v = ldi_topk(b_rows[r] * P.k + j);
+    b_dst[r * P.stride + P.off + j] = v.x;
+}

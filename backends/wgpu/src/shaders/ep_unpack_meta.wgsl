@@ -1,0 +1,51 @@
+// The routing part of a received normal-dispatch record: global expert ids
+// become local ids (i64) or −1 when the expert lives on another rank, the
+// weights are copied bit-exact there and 0 elsewhere, and each distinct
+// local expert of the row counts once in `counts` (zeroed beforehand). One
+// invocation per received row.
+struct Params {
+    rows: u32,
+    k: u32,
+    stride: u32,
+    id_off: u32,
+    w_off: u32,
+    lo: u32,
+    epr: u32,
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = wg_lin(wid, nwg) * 256u + lid;
+    if r >= P.rows {
+        return;
+    }
+    let base = r * P.stride;
+    for (var j = 0u; j < P.k; j = j + 1u) {
+        let g = b_recs[base + P.id_off + j];
+        let o = r * P.k + j;
+        // Unsigned wrap-around: ids below lo (and −1) land far above epr.
+        let l = g - P.lo;
+        if l < P.epr {
+            b_idx[2u * o] = l;
+            b_idx[2u * o + 1u] = 0u;
+            b_wts[o] = b_recs[base + P.w_off + j];
+            var dup = false;
+            for (var q = 0u; q < j; q = q + 1u) {
+                if b_recs[base + P.id_off + q] == g {
+                    dup = true;
+                }
+            }
+            if !dup {
+                atomicAdd(&b_counts[l], 1u);
+            }
+        } else {
+            b_idx[2u * o] = 0xffffffffu;
+            b_idx[2u * o + 1u] = 0xffffffffu;
+            b_wts[o] = 0u;
+        }
+    }
+}

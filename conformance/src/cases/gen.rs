@@ -1,0 +1,181 @@
+//! Input generation for the case builders: deterministic (from the case's
+//! seed, [`crate::rng::Rng`]) and cheap enough for real-size cases — large
+//! tensors are converted to their dtype chunk by chunk, so a bf16 or FP8
+//! tensor never needs a full f32 copy.
+
+use crate::rng::Rng;
+use deepport_core::{DType, HostTensor};
+
+/// Elements converted per chunk by [`tensor_from_fn`].
+const CHUNK: usize = 1 << 20;
+
+/// Fills `out` with standard normal values times `scale` (Box–Muller, both
+/// values of each pair used).
+pub fn fill_normal(rng: &mut Rng, out: &mut [f32], scale: f32) {
+    let mut it = out.chunks_mut(2);
+    for pair in &mut it {
+        let u1 = 1.0 - rng.uniform();
+        let u2 = rng.uniform();
+        let r = (-2.0 * u1.ln()).sqrt() * scale as f64;
+        let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+        pair[0] = (r * c) as f32;
+        if let Some(x) = pair.get_mut(1) {
+            *x = (r * s) as f32;
+        }
+    }
+}
+
+/// `n` normal values times `scale`.
+pub fn normals(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    fill_normal(rng, &mut v, scale);
+    v
+}
+
+/// A tensor of `dtype` whose element `i` (row-major) is `f(i)`, rounded once
+/// to the dtype; converted in chunks.
+pub fn tensor_from_fn(
+    dtype: DType,
+    shape: &[usize],
+    mut f: impl FnMut(usize) -> f32,
+) -> HostTensor {
+    let n: usize = shape.iter().product();
+    if n <= CHUNK {
+        let v: Vec<f32> = (0..n).map(&mut f).collect();
+        return HostTensor::from_f32(dtype, shape, &v);
+    }
+    let mut bytes = Vec::with_capacity(n * dtype.size());
+    let mut buf = Vec::with_capacity(CHUNK);
+    let mut i = 0;
+    while i < n {
+        let m = CHUNK.min(n - i);
+        buf.clear();
+        buf.extend((i..i + m).map(&mut f));
+        bytes.extend_from_slice(HostTensor::from_f32(dtype, &[m], &buf).bytes());
+        i += m;
+    }
+    HostTensor::from_bytes(dtype, shape, bytes)
+        .unwrap_or_else(|_| HostTensor::from_f32(dtype, shape, &[]))
+}
+
+/// A stream of normal values times a scale, generated in blocks.
+pub struct NormalStream<'r> {
+    rng: &'r mut Rng,
+    scale: f32,
+    buf: Vec<f32>,
+    at: usize,
+}
+
+impl<'r> NormalStream<'r> {
+    pub fn new(rng: &'r mut Rng, scale: f32) -> Self {
+        NormalStream {
+            rng,
+            scale,
+            buf: vec![0.0; 4096],
+            at: 4096,
+        }
+    }
+
+    pub fn next_value(&mut self) -> f32 {
+        if self.at == self.buf.len() {
+            fill_normal(self.rng, &mut self.buf, self.scale);
+            self.at = 0;
+        }
+        self.at += 1;
+        self.buf[self.at - 1]
+    }
+}
+
+/// Normal values times `scale`, rounded to `dtype`.
+pub fn normal(rng: &mut Rng, dtype: DType, shape: &[usize], scale: f32) -> HostTensor {
+    let n: usize = shape.iter().product();
+    if n <= CHUNK {
+        return HostTensor::from_f32(dtype, shape, &normals(rng, n, scale));
+    }
+    let mut s = NormalStream::new(rng, scale);
+    tensor_from_fn(dtype, shape, |_| s.next_value())
+}
+
+/// Random FP8 values (normal · 64, saturating at the format's maximum).
+pub fn fp8(rng: &mut Rng, fmt: DType, shape: &[usize]) -> HostTensor {
+    normal(rng, fmt, shape, 64.0)
+}
+
+/// Random positive scales in [0.25e-3, 2e-3) (f32).
+pub fn scales(rng: &mut Rng, shape: &[usize]) -> HostTensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.range_f32(0.25, 2.0) * 1e-3).collect();
+    HostTensor::from_f32(DType::F32, shape, &v)
+}
+
+/// Sets whole rows of a row-major tensor to NaN (the FP8 NaN code for FP8
+/// tensors), so a kernel that reads rows it must not read poisons its
+/// output. `rows[i]` marks row `i`; rows are `numel / rows.len()` wide.
+pub fn poison_rows(t: HostTensor, rows: &[bool]) -> HostTensor {
+    if rows.is_empty() || !rows.iter().any(|&p| p) {
+        return t;
+    }
+    let (dtype, shape) = (t.dtype(), t.shape().to_vec());
+    let size = dtype.size();
+    let row = t.numel() / rows.len();
+    let nan = HostTensor::from_f32(dtype, &[1], &[f32::NAN]).into_bytes();
+    let mut bytes = t.into_bytes();
+    for (i, &p) in rows.iter().enumerate() {
+        if p {
+            for e in i * row..(i + 1) * row {
+                bytes[e * size..(e + 1) * size].copy_from_slice(&nan);
+            }
+        }
+    }
+    HostTensor::from_bytes(dtype, &shape, bytes)
+        .unwrap_or_else(|_| HostTensor::from_f32(dtype, &shape, &[]))
+}
+
+/// A per-element mask from a per-row mask (rows `width` wide).
+pub fn row_mask(rows: &[bool], width: usize) -> Vec<bool> {
+    rows.iter()
+        .flat_map(|&r| std::iter::repeat_n(r, width))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_conversion_matches_direct() {
+        let shape = [3, CHUNK / 2 + 7];
+        let f = |i: usize| (i as f32 * 0.37).sin() * 300.0;
+        for d in [DType::BF16, DType::F8E4M3, DType::F32] {
+            let a = tensor_from_fn(d, &shape, f);
+            let v: Vec<f32> = (0..shape[0] * shape[1]).map(f).collect();
+            let b = HostTensor::from_f32(d, &shape, &v);
+            assert_eq!(a.bytes(), b.bytes(), "{d}");
+            assert_eq!(a.shape(), &shape);
+        }
+    }
+
+    #[test]
+    fn normal_values_are_deterministic_and_normal() {
+        let a = normals(&mut Rng::new(5), 200_001, 2.0);
+        let b = normals(&mut Rng::new(5), 200_001, 2.0);
+        assert_eq!(a, b);
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(mean.abs() < 0.02, "{mean}");
+        assert!((var - 4.0).abs() < 0.08, "{var}");
+        let big = normal(&mut Rng::new(6), DType::BF16, &[CHUNK + 3], 1.0);
+        assert_eq!(big.numel(), CHUNK + 3);
+        assert!(big.to_f32_vec().iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn poison_rows_marks_whole_rows() {
+        let t = HostTensor::from_f32(DType::F8E4M3, &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let v = poison_rows(t, &[false, true, false]).to_f32_vec();
+        assert_eq!(&v[..2], &[1.0, 2.0]);
+        assert!(v[2].is_nan() && v[3].is_nan());
+        assert_eq!(&v[4..], &[5.0, 6.0]);
+        assert_eq!(row_mask(&[true, false], 2), vec![true, true, false, false]);
+    }
+}
