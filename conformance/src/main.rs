@@ -33,7 +33,10 @@ This program:
   deepport run ...       judge backends with the conformance suite (profiles smoke,
                          full, v3-mustpass; --isolate, --report DIR)
   deepport report merge  merge run reports into a cases x backends matrix
-  deepport verify DIR    check a v3-mustpass submission";
+  deepport verify DIR    check a v3-mustpass submission
+  deepport forward ...   the DeepSeek-V3 forward pass from a Hugging Face checkpoint,
+                         optionally judged per layer against golden data
+  deepport golden verify check the golden data against its manifest";
 
 #[derive(Parser, Debug)]
 #[command(

@@ -446,30 +446,32 @@ fn device_loss_is_an_error() {
 
 #[test]
 fn oversized_tensors_are_errors() {
-    // Beyond the storage binding limit (capped here to 1 KiB): NotSupported,
-    // naming the size and the limit. Beyond max_buffer_size: a Device error.
+    // A row beyond the storage binding limit (capped here to 16 KiB) cannot
+    // be split: NotSupported, naming the size and the limit. Beyond
+    // max_buffer_size: a Device error.
     let Some(w) = own(WgpuOptions {
-        max_storage_binding: Some(1024),
+        max_storage_binding: Some(16384),
         ..Default::default()
     }) else {
         return;
     };
-    let a = up(&w, &host(DType::F32, &[512], &[1.0; 512]));
-    let mut out = w.alloc(DType::F32, &[512]).unwrap();
+    let a = up(&w, &host(DType::F32, &[2, 5000], &vec![1.0; 10_000]));
+    let b = up(&w, &host(DType::F32, &[3, 5000], &vec![1.0; 15_000]));
+    let mut d = w.alloc(DType::F32, &[2, 3]).unwrap();
     let e = run(
         &w,
-        Add {
+        Gemm {
             a: &a,
-            b: &a,
-            out: &mut out,
+            b: &b,
+            d: &mut d,
         },
     )
     .unwrap_err();
     match &e {
         Error::NotSupported { op, reason, .. } => {
-            assert_eq!(op, "add");
+            assert_eq!(op, "gemm");
             assert!(
-                reason.contains("2048") && reason.contains("1024"),
+                reason.contains("20000") && reason.contains("16384"),
                 "{reason}"
             );
         }
@@ -482,19 +484,251 @@ fn oversized_tensors_are_errors() {
         Error::Device { msg, .. } => assert!(msg.contains("max_buffer_size"), "{msg}"),
         other => panic!("expected Device, got {other:?}"),
     }
-    // Small tensors still work on this backend.
-    let b = up(&w, &host(DType::F32, &[2], &[1.0, 2.0]));
-    let mut o = poisoned(&w, DType::F32, &[2]);
+}
+
+#[test]
+fn every_op_beyond_the_binding_limit() {
+    // With storage bindings capped at 16 KiB every tensor below is larger
+    // than one binding: the ops must process them in windows (element, row
+    // or table-row ranges) and still match the reference.
+    let Some(w) = own(WgpuOptions {
+        max_storage_binding: Some(16384),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let mut rng = Rng::new(13);
+    // act_quant: x 200 × 128 bf16 (51 KiB).
+    let x = host(
+        DType::BF16,
+        &[200, 128],
+        &act_quant_inputs(&mut rng, 200, 128, 19),
+    );
+    let (g, r) = both(&w, &[&x], |b, t| {
+        let mut q = poisoned(b, DType::F8E4M3, &[200, 128]);
+        let mut s = poisoned(b, DType::F32, &[200, 1]);
+        run(
+            b,
+            ActQuant {
+                x: &t[0],
+                q: &mut q,
+                s: &mut s,
+                scale_fmt: ScaleFmt::Ue8m0,
+            },
+        )
+        .unwrap();
+        vec![q, s]
+    });
+    assert_bytes("windowed act_quant q", &g[0], &r[0]);
+    assert_bytes("windowed act_quant s", &g[1], &r[1]);
+    // add and silu_mul over 10 001 elements.
+    let a = host(DType::F32, &[10_001], &rng.normals(10_001, 2.0));
+    let b2 = host(DType::BF16, &[10_001], &rng.normals(10_001, 1.0));
+    let (g, r) = both(&w, &[&a, &b2], |b, t| {
+        let mut o1 = poisoned(b, DType::BF16, &[10_001]);
+        let mut o2 = poisoned(b, DType::F32, &[10_001]);
+        run(
+            b,
+            SiluMul {
+                gate: &t[0],
+                up: &t[1],
+                out: &mut o1,
+            },
+        )
+        .unwrap();
+        run(
+            b,
+            Add {
+                a: &t[0],
+                b: &t[1],
+                out: &mut o2,
+            },
+        )
+        .unwrap();
+        vec![o1, o2]
+    });
+    assert_close("windowed silu_mul", &g[0], &r[0], |_, v| {
+        ulp(DType::BF16, v)
+    });
+    assert_bytes("windowed add", &g[1], &r[1]);
+    // weight_dequant: 700 × 20 e4m3 → f32 (56 KiB out; 128-row units).
+    let wq = host(DType::F8E4M3, &[700, 20], &rng.normals(14_000, 50.0));
+    let sv: Vec<f32> = (0..6).map(|i| 1e-3 * (i + 1) as f32).collect();
+    let ws = host(DType::F32, &[6, 1], &sv);
+    let (g, r) = both(&w, &[&wq, &ws], |b, t| {
+        let mut o = poisoned(b, DType::F32, &[700, 20]);
+        run(
+            b,
+            WeightDequant {
+                w: &t[0],
+                s: &t[1],
+                out: &mut o,
+            },
+        )
+        .unwrap();
+        vec![o]
+    });
+    assert_bytes("windowed weight_dequant", &g[0], &r[0]);
+    // gemm: a 130 × 40 f32, b 300 × 40 bf16, d 130 × 300 bf16: ranges of
+    // rows of a and d and of rows of b.
+    let a = host(DType::F32, &[130, 40], &rng.normals(5200, 1.0));
+    let bm = host(DType::BF16, &[300, 40], &rng.normals(12_000, 1.0));
+    let (g, r) = both(&w, &[&a, &bm], |b, t| {
+        let mut d = poisoned(b, DType::BF16, &[130, 300]);
+        run(
+            b,
+            Gemm {
+                a: &t[0],
+                b: &t[1],
+                d: &mut d,
+            },
+        )
+        .unwrap();
+        vec![d]
+    });
+    assert_close("windowed gemm", &g[0], &r[0], |_, v| {
+        ulp(DType::BF16, v) + 1e-4
+    });
+    // rms_norm: 200 rows of 70.
+    let xr = host(DType::F32, &[200, 70], &rng.normals(14_000, 1.0));
+    let wr = host(DType::F32, &[70], &rng.normals(70, 1.0));
+    let (g, r) = both(&w, &[&xr, &wr], |b, t| {
+        let mut y = poisoned(b, DType::BF16, &[200, 70]);
+        run(
+            b,
+            RmsNorm {
+                x: &t[0],
+                weight: &t[1],
+                y: &mut y,
+                eps: 1e-6,
+            },
+        )
+        .unwrap();
+        vec![y]
+    });
+    assert_close("windowed rms_norm", &g[0], &r[0], |_, v| {
+        ulp(DType::BF16, v)
+    });
+    // embedding: a 100 × 77 f32 table (30 KiB) in row windows, odd dim, bf16 out.
+    let table = host(DType::F32, &[100, 77], &rng.normals(7700, 1.0));
+    let ids: Vec<i64> = (0..300).map(|i| (i * 37 % 100) as i64).collect();
+    let idt = HostTensor::from_i64(&[300], &ids);
+    let (g, r) = both(&w, &[&table, &idt], |b, t| {
+        let mut o = poisoned(b, DType::BF16, &[300, 77]);
+        run(
+            b,
+            Embedding {
+                table: &t[0],
+                ids: &t[1],
+                out: &mut o,
+            },
+        )
+        .unwrap();
+        vec![o]
+    });
+    assert_bytes("windowed embedding", &g[0], &r[0]);
+    // copy_window: f32 200 × 77 → bf16 205 × 81.
+    let src = host(DType::F32, &[200, 77], &rng.normals(200 * 77, 1.0));
+    let dst0 = host(DType::BF16, &[205, 81], &rng.normals(205 * 81, 1.0));
+    let go = |b: &dyn Backend| {
+        let s = up(b, &src);
+        let mut d = up(b, &dst0);
+        run(
+            b,
+            CopyWindow {
+                src: &s,
+                dst: &mut d,
+                src_origin: (1, 2),
+                dst_origin: (3, 1),
+                size: (198, 75),
+            },
+        )
+        .unwrap();
+        down(b, &d)
+    };
+    assert_bytes("windowed copy_window", &go(&w), &go(&CpuRef));
+    // rope: 90 tokens × 4 heads × 64, bf16.
+    let xr = host(DType::BF16, &[90, 4, 64], &rng.normals(90 * 256, 1.0));
+    let pv: Vec<i64> = (0..90).map(|i| i * 1000 + 7).collect();
+    let pos = HostTensor::from_i64(&[90], &pv);
+    let (g, r) = both(&w, &[&xr, &pos], |b, t| {
+        let mut y = poisoned(b, DType::BF16, &[90, 4, 64]);
+        run(
+            b,
+            Rope {
+                x: &t[0],
+                positions: &t[1],
+                y: &mut y,
+                config: RopeConfig::default(),
+            },
+        )
+        .unwrap();
+        vec![y]
+    });
+    assert_close("windowed rope", &g[0], &r[0], |_, v| {
+        ulp(DType::BF16, v) + 1e-6
+    });
+    // moe_gate: 300 tokens.
+    let xg = host(DType::F32, &[300, 32], &rng.normals(300 * 32, 1.0));
+    let wg = host(DType::F32, &[16, 32], &rng.normals(16 * 32, 0.2));
+    let (g, r) = both(&w, &[&xg, &wg], |b, t| {
+        let mut idx = poisoned(b, DType::I32, &[300, 4]);
+        let mut wts = poisoned(b, DType::F32, &[300, 4]);
+        run(
+            b,
+            MoeGate {
+                x: &t[0],
+                weight: &t[1],
+                bias: None,
+                topk_idx: &mut idx,
+                topk_weights: &mut wts,
+                n_group: 4,
+                topk_group: 2,
+                topk: 4,
+                route_scale: 1.0,
+            },
+        )
+        .unwrap();
+        vec![idx, wts]
+    });
+    assert_eq!(
+        g[0].to_i64_vec(),
+        r[0].to_i64_vec(),
+        "windowed moe_gate experts"
+    );
+    assert_close("windowed moe_gate weights", &g[1], &r[1], |_, _| 1e-6);
+    // A check over several windows reports the global position and value.
+    let mut v = vec![1.0f32; 10_000];
+    v[9_000] = f32::NAN;
+    v[9_999] = f32::INFINITY;
+    let x = up(&w, &host(DType::F32, &[40, 250], &v[..]));
+    let _ = x;
+    let xq = up(
+        &w,
+        &host(DType::F32, &[10_000 / 128 * 128 / 128, 128], &v[..9_984]),
+    );
+    let m = 9_984 / 128;
+    let mut q = poisoned(&w, DType::F8E4M3, &[m, 128]);
+    let mut s = poisoned(&w, DType::F32, &[m, 1]);
     run(
         &w,
-        Add {
-            a: &b,
-            b: &b,
-            out: &mut o,
+        ActQuant {
+            x: &xq,
+            q: &mut q,
+            s: &mut s,
+            scale_fmt: ScaleFmt::Float,
         },
     )
     .unwrap();
-    assert_eq!(down(&w, &o).to_f32_vec(), vec![2.0, 4.0]);
+    match w.synchronize().unwrap_err() {
+        Error::NonFinite {
+            position, value, ..
+        } => {
+            assert_eq!(position, vec![9_000 / 128, 9_000 % 128]);
+            assert!(value.is_nan());
+        }
+        other => panic!("expected NonFinite, got {other:?}"),
+    }
 }
 
 #[test]

@@ -33,20 +33,22 @@ fn weight_dequant(w: &Wgpu, op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
         .output("out", a.out.dtype());
     let per = (4 / a.out.dtype().size()) as u32;
     // Units of 128 rows, so that each range starts a scale row.
-    let plan = w.ctx.plan_rows(
-        OP,
-        blocks128(d.n),
-        &[128 * k * ew, 128 * k * eo, kb as u64 * 4],
-    )?;
+    let plan = w
+        .ctx
+        .plan_rows(OP, blocks128(d.n), &[128 * k * ew, 128 * k * eo])?;
     for (b0, b1) in plan {
         let (r0, r1) = (b0 * 128, (b1 * 128).min(d.n));
         let total = ((r1 - r0) * d.k) as u32;
         rec.dispatch_win(
             &sh,
-            Params::new().u32(total).u32(d.k as u32).u32(kb as u32),
+            Params::new()
+                .u32(total)
+                .u32(d.k as u32)
+                .u32(kb as u32)
+                .u32(b0 as u32),
             &[
                 Win::rows(buffer(a.w)?, k * ew, r0, r1),
-                Win::rows(buffer(a.s)?, kb as u64 * 4, b0, b1),
+                Win::whole(buffer(a.s)?),
                 Win::rows(buffer(a.out)?, k * eo, r0, r1),
             ],
             groups(total.div_ceil(per), 256),

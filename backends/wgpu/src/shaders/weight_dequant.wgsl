@@ -1,9 +1,11 @@
 // out[i, j] = w[i, j] · s[i/128, j/128]: the f32 product (correctly rounded
 // in WGSL), then one rounding to out's dtype. One invocation per output word.
+// w and out may be windows of rows starting at row 128·`sblock` (s is whole).
 struct Params {
     total: u32,
     k: u32,
     kb: u32,
+    sblock: u32,
 }
 
 @compute @workgroup_size(256)
@@ -25,7 +27,7 @@ fn main(
         if i < P.total {
             let r = i / P.k;
             let c = i % P.k;
-            let v = ld_w(i) * ld_s((r / 128u) * P.kb + c / 128u);
+            let v = ld_w(i) * ld_s((r / 128u + P.sblock) * P.kb + c / 128u);
             word = word | ((enc_out(v) & mask) << (l * bits));
         }
     }
