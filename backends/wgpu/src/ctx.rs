@@ -4,12 +4,12 @@
 //!
 //! # How an op runs
 //!
-//! A kernel module calls [`Ctx::begin`] with its op name and gets a [`Rec`]:
+//! A kernel module calls `Ctx::begin` with its op name and gets a `Rec`:
 //! it holds the submission state, a fresh command encoder and three wgpu
-//! error scopes (validation, out-of-memory, internal). [`Rec::dispatch`]
-//! takes a [`Shader`] (WGSL body plus generated bindings), a [`Params`]
+//! error scopes (validation, out-of-memory, internal). `Rec::dispatch`
+//! takes a `Shader` (WGSL body plus generated bindings), a `Params`
 //! uniform block, the buffers and a linear workgroup count; the pipeline is
-//! compiled once per (shader, generated header) and cached. [`Rec::finish`]
+//! compiled once per (shader, generated header) and cached. `Rec::finish`
 //! finishes the encoder and pops the scopes, so a validation error names the
 //! op; the command buffer then waits in a batch. Batches are submitted
 //! without waiting when they grow large, and on `download`/`synchronize`
@@ -20,7 +20,7 @@
 //! Index values (token ids, positions, …) live on the device. Kernels never
 //! read out of bounds (they clamp); a check kernel records the first bad
 //! position in a small status buffer, and the error
-//! ([`Error::IndexOutOfRange`], [`Error::NonFinite`]) is returned by the next
+//! (`Error::IndexOutOfRange`, `Error::NonFinite`) is returned by the next
 //! `download` or `synchronize`, like an asynchronous CUDA error. Whatever is
 //! downloaded in that call is discarded.
 //!
@@ -28,10 +28,13 @@
 //!
 //! The device is created with the adapter's full limits. Dispatches beyond
 //! `max_compute_workgroups_per_dimension` are split over y and z (kernels
-//! use [`wg_lin`](../shaders/common.wgsl)). A tensor larger than
-//! `max_storage_buffer_binding_size` (or 4 GiB) cannot be bound: ops on it
-//! return `NotSupported` naming the size and the limit; a tensor larger than
-//! `max_buffer_size` cannot be allocated (`Error::Device`).
+//! use `wg_lin` from `shaders/common.wgsl`). A tensor larger than
+//! `max_storage_buffer_binding_size` (128 MiB on lavapipe) is bound in
+//! windows (`Win`): kernels run once per range of rows that
+//! `Ctx::plan_rows` sizes to the limit, with aligned offsets. Only when a
+//! single row does not fit does an op return `NotSupported`, naming the row
+//! size and the limit. A tensor larger than `max_buffer_size` cannot be
+//! allocated (`Error::Device` naming both).
 
 use deepport_core::backend::{Storage, Tensor};
 use deepport_core::tensor::unravel;

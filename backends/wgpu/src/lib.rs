@@ -3,20 +3,23 @@
 //! * Runs wherever wgpu finds an adapter: Vulkan always (including lavapipe,
 //!   Mesa's CPU Vulkan driver, which CI uses), Metal and DX12 behind the
 //!   `metal` and `dx12` features.
-//! * Tensors live in device storage buffers ([`WgpuStorage`]); f16, bf16 and
+//! * Tensors live in device storage buffers (`WgpuStorage`); f16, bf16 and
 //!   FP8 are packed into 32-bit words and converted by bit manipulation in
 //!   `shaders/common.wgsl`, so no adapter feature is required (SHADER_F16 and
 //!   SUBGROUP are requested when present and reported in `info()`, but no
 //!   kernel depends on them or on a subgroup size).
 //! * Ops record into batched command buffers and never block; `download`
 //!   and `synchronize` wait. Index checks run on the device and their errors
-//!   surface at the next `download`/`synchronize` (see [`ctx`]).
+//!   surface at the next `download`/`synchronize` (see `ctx`).
 //! * Pipelines compile once per shader variant and are cached.
+//! * Limits are queried, not assumed: dispatches beyond 65535 workgroups are
+//!   split over y/z, tensors beyond the storage binding limit are bound in
+//!   windows, and no kernel depends on a subgroup size.
 //! * Device loss, out-of-memory, validation and shader compile failures are
-//!   [`Error::Device`] values naming the op (or shader); nothing panics. A
+//!   `Error::Device` values naming the op (or shader); nothing panics. A
 //!   missing driver makes the backend *unavailable* with the reason.
 //!
-//! Ops not implemented yet answer `NotSupported` (see [`kernels`]).
+//! Ops not implemented yet answer `NotSupported` (see `kernels`).
 
 #![forbid(unsafe_code)]
 

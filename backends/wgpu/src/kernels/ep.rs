@@ -39,6 +39,20 @@
 //!   and f32 scales quantized on the device with act_quant's kernel);
 //! * both combines: the row in the combine input's dtype (bf16 or f32).
 //!
+//! # Limits
+//!
+//! Every kernel binds its tensors and staging buffers in windows that fit
+//! `max_storage_buffer_binding_size` (`Win`): records and
+//! rows in ranges from `Ctx::plan_rows`; the rows a pack
+//! gathers, or the records an unpack scatters, in windows of their own
+//! (a record outside the bound window is left to the dispatch that binds
+//! it; unpack passes after the first merge their bytes into the row words).
+//! Combine reorders the returned records on the host into entry order, so a
+//! window of output tokens reads one contiguous range of records and sums in
+//! the same order as without windows: results are bit-identical. Only rows
+//! that cannot be placed alone (one token's returned records, say) give
+//! `NotSupported`.
+//!
 //! One backend may serve several ranks (it is `Sync`; an op holds the
 //! context lock only while recording or waiting on the device, never across
 //! the exchange). Deferred errors belong to the backend, though: with a
@@ -51,7 +65,7 @@
 //! copy per (token, k) entry and pairs the copies back up in order.
 
 use super::{groups, OpTable};
-use crate::ctx::{buffer, u32_of, Params, Rec, Shader};
+use crate::ctx::{buffer, u32_of, Params, Rec, Shader, Win};
 use crate::Wgpu;
 use deepport_core::backend::{Backend, Tensor};
 use deepport_core::comm::Communicator;
@@ -119,68 +133,139 @@ fn read_topk(w: &Wgpu, op: &'static str, t: &Tensor, num_experts: usize) -> Resu
     Ok(w.download(t)?.to_i64_vec())
 }
 
+/// Rows `[start, end)`.
+type Range = (usize, usize);
+
 /// Records pack kernels that fill `n` records of `stride` words in `dst`;
-/// record `r` takes its fields from source row `rows[r]`.
+/// record `r` takes its fields from source row `rows[r]`. Records, and the
+/// source rows, are processed in windows that fit one storage binding.
 struct Pack<'r, 'a> {
     rec: &'r mut Rec<'a>,
     op: &'static str,
-    rows: &'r wgpu::Buffer,
-    n: usize,
+    rows: &'r [usize],
+    rows_buf: &'r wgpu::Buffer,
     stride: usize,
     dst: &'r wgpu::Buffer,
 }
 
 impl Pack<'_, '_> {
-    /// Field at word `off`: the `row_bytes` bytes of each listed row of `src`.
-    fn field(&mut self, src: &wgpu::Buffer, row_bytes: usize, off: usize) -> Result<()> {
+    /// Windows of records (with their `rows` entries), and for each the
+    /// windows of source rows (of `row_bytes`, `src_rows` in all) it uses.
+    fn windows(&self, src_rows: usize, row_bytes: u64) -> Result<Vec<(Range, Vec<Range>)>> {
+        let ctx = self.rec.ctx();
+        let recs = ctx.plan_rows(self.op, self.rows.len(), &[self.stride as u64 * 4])?;
+        let srcs = ctx.plan_rows(self.op, src_rows, &[row_bytes])?;
+        Ok(recs
+            .into_iter()
+            .map(|(r0, r1)| {
+                let used = srcs
+                    .iter()
+                    .copied()
+                    .filter(|&(s0, s1)| {
+                        srcs.len() == 1 || self.rows[r0..r1].iter().any(|&t| t >= s0 && t < s1)
+                    })
+                    .collect();
+                ((r0, r1), used)
+            })
+            .collect())
+    }
+
+    /// Field at word `off`: the `row_bytes` bytes of each listed row of `src`
+    /// (`src_rows` rows).
+    fn field(
+        &mut self,
+        src: &wgpu::Buffer,
+        src_rows: usize,
+        row_bytes: usize,
+        off: usize,
+    ) -> Result<()> {
         let op = self.op;
         let per = words(row_bytes);
-        let total = u32_of(op, "packed words", self.n * per)?;
-        if total == 0 {
+        u32_of(op, "packed words", self.rows.len() * per)?;
+        u32_of(op, "source bytes", src_rows * row_bytes)?;
+        if self.rows.is_empty() || per == 0 {
             return Ok(());
         }
         let sh = Shader::new("ep_pack", PACK_WGSL)
             .raw("src", false)
             .raw("rows", false)
             .raw("dst", true);
-        let p = Params::new()
-            .u32(total)
-            .u32(per as u32)
-            .u32(u32_of(op, "row bytes", row_bytes)?)
-            .u32(self.stride as u32)
-            .u32(off as u32);
-        let bufs = [src, self.rows, self.dst];
-        self.rec.dispatch(&sh, p, &bufs, groups(total, 256))
+        let rb = row_bytes as u64;
+        let rec_bytes = self.stride as u64 * 4;
+        let align = self.rec.ctx().binding_align();
+        for ((r0, r1), srcs) in self.windows(src_rows, rb)? {
+            let total = ((r1 - r0) * per) as u32;
+            for (s0, s1) in srcs {
+                let (rows, rows_at) = words_win(self.rows_buf, r0, r1, align);
+                let p = Params::new()
+                    .u32(total)
+                    .u32(per as u32)
+                    .u32(row_bytes as u32)
+                    .u32(self.stride as u32)
+                    .u32(off as u32)
+                    .u32(s0 as u32)
+                    .u32((s1 - s0) as u32)
+                    .u32((r0 - rows_at) as u32);
+                let bufs = [
+                    Win::rows(src, rb, s0, s1),
+                    rows,
+                    Win::rows(self.dst, rec_bytes, r0, r1),
+                ];
+                self.rec.dispatch_win(&sh, p, &bufs, groups(total, 256))?;
+            }
+        }
+        Ok(())
     }
 
-    /// Field at word `off`: the k expert ids of each listed token as i32.
+    /// Field at word `off`: the k expert ids of each listed token as i32
+    /// (`topk` is `[tokens, k]`).
     fn ids(&mut self, topk: &Tensor, k: usize, off: usize) -> Result<()> {
-        let total = u32_of(self.op, "packed ids", self.n * k)?;
-        if total == 0 {
+        u32_of(self.op, "packed ids", self.rows.len() * k)?;
+        if self.rows.is_empty() || k == 0 {
             return Ok(());
         }
         let sh = Shader::new("ep_pack_ids", PACK_IDS_WGSL)
             .input("topk", topk.dtype())
             .raw("rows", false)
             .raw("dst", true);
-        let p = Params::new()
-            .u32(total)
-            .u32(k as u32)
-            .u32(self.stride as u32)
-            .u32(off as u32);
-        let bufs = [buffer(topk)?, self.rows, self.dst];
-        self.rec.dispatch(&sh, p, &bufs, groups(total, 256))
+        let rb = (k * topk.dtype().size()) as u64;
+        let tokens = topk.numel() / k;
+        let rec_bytes = self.stride as u64 * 4;
+        let align = self.rec.ctx().binding_align();
+        for ((r0, r1), srcs) in self.windows(tokens, rb)? {
+            let total = ((r1 - r0) * k) as u32;
+            for (s0, s1) in srcs {
+                let (rows, rows_at) = words_win(self.rows_buf, r0, r1, align);
+                let p = Params::new()
+                    .u32(total)
+                    .u32(k as u32)
+                    .u32(self.stride as u32)
+                    .u32(off as u32)
+                    .u32(s0 as u32)
+                    .u32((s1 - s0) as u32)
+                    .u32((r0 - rows_at) as u32);
+                let bufs = [
+                    Win::rows(buffer(topk)?, rb, s0, s1),
+                    rows,
+                    Win::rows(self.dst, rec_bytes, r0, r1),
+                ];
+                self.rec.dispatch_win(&sh, p, &bufs, groups(total, 256))?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Records unpack kernels that scatter fields of received records (of
-/// `stride` words) into dense tensors of `nrows` rows: `map[i]` names the
+/// Records unpack kernels that scatter fields of received records (`nrecs`
+/// of `stride` words) into dense tensors of `nrows` rows: `map[i]` names the
 /// record of row `i` (`NONE`: the row is zero); without a map row `i` comes
-/// from record `i`.
+/// from record `i`. Rows and records are processed in windows that fit one
+/// storage binding.
 struct Unpack<'r, 'a> {
     rec: &'r mut Rec<'a>,
     op: &'static str,
     recs: &'r wgpu::Buffer,
+    nrecs: usize,
     map: Option<&'r wgpu::Buffer>,
     nrows: usize,
     stride: usize,
@@ -190,114 +275,267 @@ impl Unpack<'_, '_> {
     /// Rows of `row_bytes` bytes of `dst` from the field at word `off`.
     fn field(&mut self, dst: &Tensor, row_bytes: usize, off: usize) -> Result<()> {
         let op = self.op;
-        let total_bytes = u32_of(op, "received bytes", self.nrows * row_bytes)?;
-        let total_words = total_bytes.div_ceil(4);
-        if total_words == 0 {
+        u32_of(op, "received bytes", self.nrows * row_bytes)?;
+        u32_of(op, "received records", self.nrecs * self.stride * 4)?;
+        if self.nrows * row_bytes == 0 {
             return Ok(());
         }
         let sh = Shader::new("ep_unpack", UNPACK_WGSL)
             .raw("recs", false)
             .raw("map", false)
             .raw("dst", true);
-        let p = Params::new()
-            .u32(total_words)
-            .u32(total_bytes)
-            .u32(row_bytes as u32)
-            .u32(self.stride as u32)
-            .u32(off as u32)
-            .u32(self.map.is_none() as u32);
-        // Without a map the binding is a placeholder (the records themselves).
-        let map = self.map.unwrap_or(self.recs);
-        let bufs = [self.recs, map, buffer(dst)?];
-        self.rec.dispatch(&sh, p, &bufs, groups(total_words, 256))
+        let ctx = self.rec.ctx();
+        let rb = row_bytes as u64;
+        let rec_bytes = self.stride as u64 * 4;
+        let dst_buf = buffer(dst)?;
+        // (dst rows, records) windows per dispatch.
+        let mut plan: Vec<((usize, usize), (usize, usize))> = Vec::new();
+        match self.map {
+            None => {
+                for (r0, r1) in ctx.plan_rows(op, self.nrows, &[rb, rec_bytes])? {
+                    plan.push(((r0, r1), (r0, r1)));
+                }
+            }
+            Some(_) => {
+                let mut recs = ctx.plan_rows(op, self.nrecs, &[rec_bytes])?;
+                if recs.is_empty() {
+                    recs.push((0, 0));
+                }
+                for rows in ctx.plan_rows(op, self.nrows, &[rb])? {
+                    plan.extend(recs.iter().map(|&r| (rows, r)));
+                }
+            }
+        }
+        let mut prev_rows = None;
+        for ((r0, r1), (e0, e1)) in plan {
+            // Later windows of records merge into the rows the first wrote.
+            let merge = prev_rows == Some(r0);
+            prev_rows = Some(r0);
+            let total_bytes = ((r1 - r0) * row_bytes) as u32;
+            let total_words = total_bytes.div_ceil(4);
+            let recs = if e1 > e0 {
+                Win::rows(self.recs, rec_bytes, e0, e1)
+            } else {
+                word0(self.recs)
+            };
+            // Without a map the binding is a placeholder (the records themselves).
+            let (map, map_at) = match self.map {
+                Some(m) => words_win(m, r0, r1, ctx.binding_align()),
+                None => (recs, r0),
+            };
+            let p = Params::new()
+                .u32(total_words)
+                .u32(total_bytes)
+                .u32(row_bytes as u32)
+                .u32(self.stride as u32)
+                .u32(off as u32)
+                .u32(self.map.is_none() as u32)
+                .u32(r0 as u32)
+                .u32(e0 as u32)
+                .u32((e1 - e0) as u32)
+                .u32(merge as u32)
+                .u32((r0 - map_at) as u32);
+            let bufs = [recs, map, Win::rows(dst_buf, rb, r0, r1)];
+            self.rec
+                .dispatch_win(&sh, p, &bufs, groups(total_words, 256))?;
+        }
+        Ok(())
+    }
+}
+
+/// The first word of a buffer: the binding of a window that holds nothing.
+fn word0(buf: &wgpu::Buffer) -> Win<'_> {
+    Win {
+        buf,
+        offset: 0,
+        size: 4.min(buf.size()),
+    }
+}
+
+/// Words `[e0, e1)` of a buffer from an aligned offset, and the word the
+/// window starts at (the first word when the range is empty).
+fn words_win(buf: &wgpu::Buffer, e0: usize, e1: usize, align: u64) -> (Win<'_>, usize) {
+    if e1 > e0 {
+        Win::elems(buf, 4, e0, e1, align)
+    } else {
+        (word0(buf), 0)
     }
 }
 
 /// Rows that came back to be combined: records of `stride` words holding
-/// `dtype` elements, and per output token the CSR list `offs[t]..offs[t+1]`
-/// of `ents` pairs (record, weight index).
+/// `dtype` elements in entry order, and per output token the CSR list
+/// `offs[t]..offs[t+1]` of its entries (entry `p` is record `p`, weighted
+/// by weight index `wi[p]`).
 struct Returned {
     dtype: DType,
     recs: Vec<u8>,
     stride: usize,
     offs: Vec<u32>,
-    ents: Vec<u32>,
+    wi: Vec<u32>,
 }
 
 impl Returned {
+    /// `recs` holds records in arrival order; `lists[t]` names token `t`'s
+    /// (record, weight index) pairs. Every record is used at most once.
     fn new<T: Copy>(
         op: &'static str,
         dtype: DType,
-        recs: Vec<u8>,
+        recs: &[u8],
         stride: usize,
         lists: &[Vec<T>],
         pair: impl Fn(T) -> [u32; 2],
     ) -> Result<Self> {
+        let rec_bytes = stride * 4;
         let mut offs = Vec::with_capacity(lists.len() + 1);
-        let mut ents = Vec::new();
+        let mut wi = Vec::new();
+        let mut ordered = Vec::with_capacity(recs.len());
         offs.push(0);
         for l in lists {
             for &e in l {
-                ents.extend(pair(e));
+                let [r, w] = pair(e);
+                let at = r as usize * rec_bytes;
+                let rec = recs.get(at..at + rec_bytes).ok_or_else(|| {
+                    Error::Other(format!("{op}: internal: record {r} out of range"))
+                })?;
+                ordered.extend_from_slice(rec);
+                wi.push(w);
             }
-            offs.push(u32_of(op, "combine entries", ents.len() / 2)?);
+            offs.push(u32_of(op, "combine entries", wi.len())?);
         }
         Ok(Returned {
             dtype,
-            recs,
+            recs: ordered,
             stride,
             offs,
-            ents,
+            wi,
         })
     }
 
+    /// Windows of output tokens `[t0, t1)` whose bindings (output rows of
+    /// `out_row` bytes, their records, CSR offsets and weight indices, and
+    /// `k` weights per token when weighted) each fit one storage binding.
+    fn plan(
+        &self,
+        w: &Wgpu,
+        op: &'static str,
+        out_row: u64,
+        k: Option<usize>,
+    ) -> Result<Vec<(usize, usize)>> {
+        let ctx = &w.ctx;
+        let (limit, align) = (ctx.max_binding(), ctx.binding_align());
+        let n = self.offs.len() - 1;
+        let granule =
+            (align >> out_row.trailing_zeros().min(align.trailing_zeros())).max(1) as usize;
+        let rec_bytes = self.stride as u64 * 4;
+        let span = |e0: u64, e1: u64| {
+            // Win::elems rounds the start down to the alignment.
+            (e1 - e0) + e0 % align + 4
+        };
+        let fits = |t0: usize, t1: usize| {
+            let (e0, e1) = (self.offs[t0] as u64, self.offs[t1] as u64);
+            let mut ok = (t1 - t0) as u64 * out_row + 4 <= limit
+                && span(e0 * rec_bytes, e1 * rec_bytes) <= limit
+                && span(e0 * 4, e1 * 4) <= limit
+                && span(t0 as u64 * 4, (t1 as u64 + 1) * 4) <= limit;
+            if let Some(k) = k {
+                let kb = k as u64 * 4;
+                ok &= span(t0 as u64 * kb, t1 as u64 * kb) <= limit;
+            }
+            ok
+        };
+        let mut out = Vec::new();
+        let mut t0 = 0;
+        while t0 < n {
+            if fits(t0, n) {
+                out.push((t0, n));
+                break;
+            }
+            let mut t1 = t0;
+            while t1 + granule < n && fits(t0, t1 + granule) {
+                t1 += granule;
+            }
+            if t1 == t0 {
+                return Err(Error::not_supported(
+                    "wgpu",
+                    op.to_string(),
+                    format!(
+                        "the rows of {granule} output token(s) do not fit this adapter's storage binding limit of {limit} bytes"
+                    ),
+                ));
+            }
+            out.push((t0, t1));
+            t0 = t1;
+        }
+        Ok(out)
+    }
+
     /// Records the sums into `out [N, hidden]`, weighted by `weights` (f32,
-    /// indexed by the entries' weight index) when given.
+    /// `[N, k]`, indexed by the entries' weight index) when given.
     fn sum(
         &self,
         w: &Wgpu,
         op: &'static str,
         out: &Tensor,
         hidden: usize,
-        weights: Option<&Tensor>,
+        weights: Option<(&Tensor, usize)>,
     ) -> Result<()> {
-        let total = u32_of(op, "output elements", out.numel())?;
-        if total == 0 {
+        u32_of(op, "output elements", out.numel())?;
+        u32_of(op, "returned bytes", self.recs.len())?;
+        if out.numel() == 0 {
             return Ok(());
         }
+        let out_row = (hidden * out.dtype().size()) as u64;
+        let plan = self.plan(w, op, out_row, weights.map(|(_, k)| k))?;
         let recs = w.ctx.upload_bytes(op, &self.recs)?;
         let offs = upload_u32(w, op, &self.offs)?;
-        let ents = upload_u32(w, op, &self.ents)?;
+        let wi = upload_u32(w, op, &self.wi)?;
+        let align = w.ctx.binding_align();
         let mut rec = w.ctx.begin(op)?;
-        let dummy;
-        let wbuf = match weights {
-            Some(t) => buffer(t)?,
-            None => {
-                dummy = rec.scratch(4)?;
-                &dummy
-            }
-        };
+        let dummy = rec.scratch(4)?;
         let code = crate::ctx::dtype_code(self.dtype)?;
         let sh = Shader::new("ep_combine", COMBINE_WGSL)
             .constant("WEIGHTED", weights.is_some())
             .constant("Y_DT", format!("{code}u"))
             .raw("recs", false)
             .raw("offs", false)
-            .raw("ents", false)
+            .raw("wi", false)
             .input("w", DType::F32)
             .output("out", out.dtype());
-        let per = (4 / out.dtype().size()) as u32;
-        let p = Params::new()
-            .u32(total)
-            .u32(u32_of(op, "hidden", hidden)?)
-            .u32(self.stride as u32)
-            .u32(0);
-        rec.dispatch(
-            &sh,
-            p,
-            &[&recs, &offs, &ents, wbuf, buffer(out)?],
-            groups(total.div_ceil(per), 256),
-        )?;
+        let per = 4 / out.dtype().size();
+        let out_buf = buffer(out)?;
+        let stride = self.stride;
+        for (t0, t1) in plan {
+            let (e0, e1) = (self.offs[t0] as usize, self.offs[t1] as usize);
+            let (offs_w, ob) = Win::elems(&offs, 4, t0, t1 + 1, align);
+            let (recs_w, rb) = words_win(&recs, e0 * stride, e1 * stride, align);
+            let (wi_w, wb) = words_win(&wi, e0, e1, align);
+            let (w_w, w_base) = match weights {
+                Some((t, k)) => words_win(buffer(t)?, t0 * k, t1 * k, align),
+                None => (Win::whole(&dummy), 0),
+            };
+            let total = ((t1 - t0) * hidden) as u32;
+            let p = Params::new()
+                .u32(total)
+                .u32(u32_of(op, "hidden", hidden)?)
+                .u32(stride as u32)
+                .u32(0)
+                .u32((t0 - ob) as u32)
+                .u32(rb as u32)
+                .u32(wb as u32)
+                .u32(w_base as u32);
+            rec.dispatch_win(
+                &sh,
+                p,
+                &[
+                    recs_w,
+                    offs_w,
+                    wi_w,
+                    w_w,
+                    Win::rows(out_buf, out_row, t0, t1),
+                ],
+                groups(total.div_ceil(per as u32), 256),
+            )?;
+        }
         rec.finish()
     }
 }
@@ -524,37 +762,61 @@ fn get_dispatch_layout(w: &Wgpu, op: &mut Checked<GetDispatchLayout<'_>>) -> Res
     let (n, k, e, world) = (d.tokens, d.topk, d.num_experts, d.world_size);
     let epr = experts_per_rank(OP, e, world)?;
     u32_of(OP, "topk_idx elements", n * k)?;
-    let in_rank = u32_of(OP, "is_token_in_rank elements", n * world)?;
-    let in_rank_words = in_rank.div_ceil(4);
-    let (n32, e32, r32) = (n as u32, u32_of(OP, "num_experts", e)?, world as u32);
-    let clear = r32.max(e32).max(in_rank_words);
-    let p = Params::new()
-        .u32(n32)
-        .u32(u32_of(OP, "top-k", k)?)
-        .u32(e32)
-        .u32(r32)
-        .u32(epr as u32)
-        .u32(in_rank_words);
+    u32_of(OP, "is_token_in_rank elements", n * world)?;
+    let (e32, r32) = (u32_of(OP, "num_experts", e)?, world as u32);
+    let k32 = u32_of(OP, "top-k", k)?;
+    // Windows of tokens: rows of topk_idx and of is_token_in_rank.
+    let (tb, ib) = ((k * a.topk_idx.dtype().size()) as u64, world as u64);
+    let mut plan = w.ctx.plan_rows(OP, n, &[tb.max(1), ib.max(1)])?;
+    if plan.is_empty() {
+        plan.push((0, 0));
+    }
     let mut rec = w.ctx.begin(OP)?;
     rec.check_range("topk_idx", a.topk_idx, 0, e as i64, Some(-1))?;
-    for (phase, count) in [(0u32, clear), (1, n32)] {
+    // Every window is cleared before any is counted.
+    for phase in [0u32, 1] {
         let sh = Shader::new("ep_layout", LAYOUT_WGSL)
             .constant("PHASE", format!("{phase}u"))
             .input("topk", a.topk_idx.dtype())
             .atomic_output("per_rank", DType::I32)
             .atomic_output("per_expert", DType::I32)
             .atomic_output("in_rank", DType::Bool);
-        rec.dispatch(
-            &sh,
-            p.clone(),
-            &[
-                buffer(a.topk_idx)?,
-                buffer(a.num_tokens_per_rank)?,
-                buffer(a.num_tokens_per_expert)?,
-                buffer(a.is_token_in_rank)?,
-            ],
-            groups(count, 256),
-        )?;
+        for &(t0, t1) in &plan {
+            let rows = (t1 - t0) as u32;
+            let in_rank_words = (rows * r32).div_ceil(4);
+            let count = if phase == 0 {
+                // The counts are cleared once, with the first window.
+                let counts = if t0 == 0 { r32.max(e32) } else { 0 };
+                counts.max(in_rank_words)
+            } else {
+                rows
+            };
+            let p = Params::new()
+                .u32(rows)
+                .u32(k32)
+                .u32(if phase == 0 && t0 > 0 { 0 } else { e32 })
+                .u32(if phase == 0 && t0 > 0 { 0 } else { r32 })
+                .u32(epr as u32)
+                .u32(in_rank_words);
+            let (topk, in_rank) = if t1 > t0 {
+                (
+                    Win::rows(buffer(a.topk_idx)?, tb.max(1), t0, t1),
+                    Win::rows(buffer(a.is_token_in_rank)?, ib.max(1), t0, t1),
+                )
+            } else {
+                (
+                    word0(buffer(a.topk_idx)?),
+                    word0(buffer(a.is_token_in_rank)?),
+                )
+            };
+            let bufs = [
+                topk,
+                Win::whole(buffer(a.num_tokens_per_rank)?),
+                Win::whole(buffer(a.num_tokens_per_expert)?),
+                in_rank,
+            ];
+            rec.dispatch_win(&sh, p, &bufs, groups(count, 256))?;
+        }
     }
     rec.finish()
 }
@@ -644,12 +906,12 @@ fn dispatch_local(
     let lay = DispatchRecord::new(d.hidden, a.x.dtype(), a.x_scales.is_some(), k);
     let rec_bytes = lay.stride * 4;
     let packed = send_buffer(w, OP, &rows, lay.stride, |p| {
-        p.field(buffer(a.x)?, lay.x_bytes, 0)?;
+        p.field(buffer(a.x)?, n, lay.x_bytes, 0)?;
         if let Some(sc) = a.x_scales {
-            p.field(buffer(sc)?, lay.s_bytes, lay.s_off)?;
+            p.field(buffer(sc)?, n, lay.s_bytes, lay.s_off)?;
         }
         p.ids(a.topk_idx, k, lay.id_off)?;
-        p.field(buffer(a.topk_weights)?, 4 * k, lay.w_off)
+        p.field(buffer(a.topk_weights)?, n, 4 * k, lay.w_off)
     })?;
     let mut msgs = Vec::with_capacity(world);
     let mut at = 0;
@@ -713,7 +975,7 @@ fn dispatch_receive(
     let mut counts = vec![0usize; epr];
     if m > 0 {
         u32_of(OP, "received bytes", recs.len())?;
-        let rows = u32_of(OP, "received rows", m)?;
+        u32_of(OP, "received rows", m)?;
         u32_of(OP, "received ids", m * k)?;
         let recs_buf = w.ctx.upload_bytes(OP, &recs)?;
         let s = lay.stride;
@@ -723,6 +985,7 @@ fn dispatch_receive(
             rec: &mut rec,
             op: OP,
             recs: &recs_buf,
+            nrecs: m,
             map: None,
             nrows: m,
             stride: s,
@@ -736,25 +999,32 @@ fn dispatch_receive(
             .raw("idx", true)
             .raw("wts", true)
             .atomic_output("counts", DType::I32);
-        let p = Params::new()
-            .u32(rows)
-            .u32(k as u32)
-            .u32(s as u32)
-            .u32(lay.id_off as u32)
-            .u32(lay.w_off as u32)
-            .u32(u32_of(OP, "expert id", me * epr)?)
-            .u32(epr as u32);
-        rec.dispatch(
-            &sh,
-            p,
-            &[
-                &recs_buf,
-                buffer(&recv_topk_idx)?,
-                buffer(&recv_topk_weights)?,
-                &counts_buf,
-            ],
-            groups(rows, 256),
-        )?;
+        let lo = u32_of(OP, "expert id", me * epr)?;
+        let rb = (s * 4) as u64;
+        let align = w.ctx.binding_align();
+        for (r0, r1) in w.ctx.plan_rows(OP, m, &[rb])? {
+            let rows = (r1 - r0) as u32;
+            let p = Params::new()
+                .u32(rows)
+                .u32(k as u32)
+                .u32(s as u32)
+                .u32(lay.id_off as u32)
+                .u32(lay.w_off as u32)
+                .u32(lo)
+                .u32(epr as u32);
+            let (idx, idx_at) = words_win(buffer(&recv_topk_idx)?, 2 * k * r0, 2 * k * r1, align);
+            let (wts, wts_at) = words_win(buffer(&recv_topk_weights)?, k * r0, k * r1, align);
+            let p = p
+                .u32((2 * k * r0 - idx_at) as u32)
+                .u32((k * r0 - wts_at) as u32);
+            let bufs = [
+                Win::rows(&recs_buf, rb, r0, r1),
+                idx,
+                wts,
+                Win::whole(&counts_buf),
+            ];
+            rec.dispatch_win(&sh, p, &bufs, groups(rows, 256))?;
+        }
         rec.finish()?;
         let c = w.ctx.read_bytes(OP, &counts_buf, (epr * 4) as u64)?;
         for (dst, b) in counts.iter_mut().zip(c.chunks_exact(4)) {
@@ -849,7 +1119,7 @@ fn combine_local(
     let stride = words(row_bytes);
     let rows: Vec<usize> = back.iter().flatten().map(|&(i, _)| i).collect();
     let packed = send_buffer(w, OP, &rows, stride, |p| {
-        p.field(buffer(a.x)?, row_bytes, 0)
+        p.field(buffer(a.x)?, a.x.numel() / d.hidden.max(1), row_bytes, 0)
     })?;
     let rec_bytes = stride * 4;
     let mut at = 0;
@@ -891,8 +1161,8 @@ fn send_buffer(
     fill(&mut Pack {
         rec: &mut rec,
         op,
-        rows: &rows_buf,
-        n: rows.len(),
+        rows,
+        rows_buf: &rows_buf,
         stride,
         dst: &dst,
     })?;
@@ -949,7 +1219,7 @@ fn combine_receive(
         recs.extend_from_slice(rd.take(m * rec_bytes)?);
         rd.done()?;
     }
-    Returned::new(OP, dtype, recs, stride, &per_token, |r| [r, 0])?.sum(w, OP, a.out, hidden, None)
+    Returned::new(OP, dtype, &recs, stride, &per_token, |r| [r, 0])?.sum(w, OP, a.out, hidden, None)
 }
 
 // ---- low-latency dispatch ------------------------------------------------------------
@@ -1002,10 +1272,10 @@ fn ll_dispatch_local(
     let rec_bytes = stride * 4;
     let packed = send_buffer(w, OP, &rows, stride, |p| {
         if !a.use_fp8 {
-            return p.field(buffer(a.x)?, x_bytes, 0);
+            return p.field(buffer(a.x)?, n, x_bytes, 0);
         }
         // act_quant (SPEC.md §2) of every token on the device.
-        let ng = u32_of(OP, "quantization groups", n * (hidden / QBLOCK))?;
+        u32_of(OP, "quantization groups", n * (hidden / QBLOCK))?;
         u32_of(OP, "x elements", n * hidden)?;
         let q = p.rec.scratch((n * hidden) as u64)?;
         let s = p.rec.scratch((n * s_bytes) as u64)?;
@@ -1013,10 +1283,22 @@ fn ll_dispatch_local(
             .input("x", a.x.dtype())
             .output("q", DType::F8E4M3)
             .output("s", DType::F32);
-        let prm = Params::new().u32(ng).f32(448.0).u32(a.ue8m0 as u32);
-        p.rec.dispatch(&sh, prm, &[buffer(a.x)?, &q, &s], ng)?;
-        p.field(&q, x_bytes, 0)?;
-        p.field(&s, s_bytes, words(x_bytes))
+        let g = hidden / QBLOCK;
+        let xb = (hidden * a.x.dtype().size()) as u64;
+        let (qb, sb) = (hidden as u64, s_bytes as u64);
+        let ctx = p.rec.ctx();
+        for (r0, r1) in ctx.plan_rows(OP, if g > 0 { n } else { 0 }, &[xb, qb, sb])? {
+            let ng = ((r1 - r0) * g) as u32;
+            let prm = Params::new().u32(ng).f32(448.0).u32(a.ue8m0 as u32);
+            let bufs = [
+                Win::rows(buffer(a.x)?, xb, r0, r1),
+                Win::rows(&q, qb, r0, r1),
+                Win::rows(&s, sb, r0, r1),
+            ];
+            p.rec.dispatch_win(&sh, prm, &bufs, ng)?;
+        }
+        p.field(&q, n, x_bytes, 0)?;
+        p.field(&s, n, s_bytes, words(x_bytes))
     })?;
     let mut at = 0;
     Ok(per_dst
@@ -1117,6 +1399,7 @@ fn ll_dispatch_receive(
             rec: &mut rec,
             op: OP,
             recs: &recs_buf,
+            nrecs: next,
             map: Some(&map_buf),
             nrows: epr * cap,
             stride,
@@ -1200,7 +1483,7 @@ fn ll_combine_local(
     let stride = words(row_bytes);
     let rows: Vec<usize> = per_src.iter().flatten().map(|&(_, _, r)| r).collect();
     let packed = send_buffer(w, OP, &rows, stride, |p| {
-        p.field(buffer(a.x)?, row_bytes, 0)
+        p.field(buffer(a.x)?, a.x.numel() / h.hidden.max(1), row_bytes, 0)
     })?;
     let rec_bytes = stride * 4;
     let mut at = 0;
@@ -1293,11 +1576,11 @@ fn ll_combine_receive(
             ),
         ));
     }
-    Returned::new(OP, dtype, recs, stride, &per_token, |(r, wi)| [r, wi])?.sum(
+    Returned::new(OP, dtype, &recs, stride, &per_token, |(r, wi)| [r, wi])?.sum(
         w,
         OP,
         a.out,
         hidden,
-        Some(a.topk_weights),
+        Some((a.topk_weights, k)),
     )
 }

@@ -8,7 +8,7 @@
 //!
 //! A kernel records its work through [`crate::ctx::Rec`]:
 //!
-//! ```ignore
+//! ```text
 //! let mut rec = w.ctx.begin("silu_mul")?;
 //! let sh = Shader::new("silu_mul", include_str!("../shaders/elementwise.wgsl"))
 //!     .constant("OP", "1u")
@@ -16,6 +16,13 @@
 //! rec.dispatch(&sh, Params::new().u32(n), &[buffer(a)?, buffer(b)?, buffer(out)?], groups)?;
 //! rec.finish()
 //! ```
+//!
+//! Tensors may exceed the adapter's storage binding limit: split the work
+//! with `w.ctx.plan_rows(op, rows, &[bytes per row of each operand])` and
+//! bind each range with `Win::rows` through `Rec::dispatch_win` (see
+//! `elementwise.rs`, `gemm.rs`, `embedding.rs` for the patterns). Never
+//! call `download`/`synchronize`/`write` while a `Rec` is open: finish it
+//! first (the call fails instead of deadlocking).
 
 use crate::Wgpu;
 use deepport_core::backend::Support;

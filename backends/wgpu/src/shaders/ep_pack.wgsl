@@ -3,12 +3,19 @@
 // `row_bytes` bytes of source row rows[r], starting at lane 0 of its first
 // word; the bytes past the row in its last word are zero. One invocation per
 // record word. Works on raw bytes, so any dtype is carried bit-exact.
+// `src` may be a window of source rows [base, base + count) (`rows` and
+// `dst` a window of records): records whose row lies outside are skipped
+// (another dispatch covers them). `rows` is bound from an aligned offset:
+// record r's entry is rows[r + rows_sub].
 struct Params {
     total: u32,
     words: u32,
     row_bytes: u32,
     stride: u32,
     off: u32,
+    base: u32,
+    count: u32,
+    rows_sub: u32,
 }
 
 @compute @workgroup_size(256)
@@ -23,7 +30,12 @@ fn main(
     }
     let r = i / P.words;
     let w = i % P.words;
-    let b0 = b_rows[r] * P.row_bytes + w * 4u;
+    // Unsigned wrap-around: rows below base land far above count.
+    let row = b_rows[r + P.rows_sub] - P.base;
+    if row >= P.count {
+        return;
+    }
+    let b0 = row * P.row_bytes + w * 4u;
     var word = 0u;
     if (b0 & 3u) == 0u && w * 4u + 4u <= P.row_bytes {
         word = b_src[b0 / 4u];
