@@ -73,4 +73,17 @@ PATH="$PWD/$CI_VENV/bin:$PATH" actionlint .github/workflows/*.yml
 log "cargo test (required backends: $DEEPPORT_REQUIRE)"
 cargo test --workspace --locked
 
+# The device backends CI can really run are judged on the whole
+# v3-mustpass profile (the tests above run the smoke profile). `run` fails
+# on Fail, Crash or Timeout; a V3 claim also forbids NotSupported.
+for b in ${DEEPPORT_CONFORMANCE:-wgpu}; do
+  log "conformance: $b, profile v3-mustpass"
+  cargo run --locked --quiet -p deepport-conformance -- \
+    run --backend "$b" --profile v3-mustpass --jobs 2 --report "target/conformance/$b"
+  if grep -q '"outcome": *"NotSupported"' "target/conformance/$b/results.jsonl"; then
+    echo "conformance: $b reports NotSupported cases in v3-mustpass" >&2
+    exit 1
+  fi
+done
+
 log "done"
