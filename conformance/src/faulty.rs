@@ -13,8 +13,7 @@
 //!
 //! and it honestly reports `mla_prefill` as not supported.
 
-use deepport_core::backend::{Backend, DeviceInfo, Support, Tensor};
-use deepport_core::comm::Communicator;
+use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor, Result};
 use deepport_cpu::CpuRef;
@@ -35,6 +34,9 @@ impl Faulty {
 impl Backend for Faulty {
     fn name(&self) -> &str {
         Self::NAME
+    }
+    fn instance(&self) -> InstanceId {
+        self.inner.instance()
     }
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -131,29 +133,11 @@ impl Backend for Faulty {
     fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
         self.inner.get_dispatch_layout(op)
     }
-    fn dispatch(
-        &self,
-        comm: &dyn Communicator,
-        op: &Checked<Dispatch<'_>>,
-    ) -> Result<DispatchOutput> {
-        self.inner.dispatch(comm, op)
+    fn gather_rows(&self, op: &mut Checked<GatherRows<'_>>) -> Result<()> {
+        self.inner.gather_rows(op)
     }
-    fn combine(&self, comm: &dyn Communicator, op: &mut Checked<Combine<'_>>) -> Result<()> {
-        self.inner.combine(comm, op)
-    }
-    fn low_latency_dispatch(
-        &self,
-        comm: &dyn Communicator,
-        op: &Checked<LowLatencyDispatch<'_>>,
-    ) -> Result<LowLatencyDispatchOutput> {
-        self.inner.low_latency_dispatch(comm, op)
-    }
-    fn low_latency_combine(
-        &self,
-        comm: &dyn Communicator,
-        op: &mut Checked<LowLatencyCombine<'_>>,
-    ) -> Result<()> {
-        self.inner.low_latency_combine(comm, op)
+    fn reduce_rows(&self, op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
+        self.inner.reduce_rows(op)
     }
 }
 
@@ -163,7 +147,8 @@ pub fn register_if_enabled(reg: &mut deepport_core::registry::Registry) {
         reg.register(
             Faulty::NAME,
             "deliberately faulty test backend (crash, hang, garbage, error)",
-            || Ok(Box::new(Faulty::default())),
+            |_| Ok(Box::new(Faulty::default())),
+            || deepport_core::registry::single_device(|_| Ok(Box::new(Faulty::default()))),
         );
     }
 }

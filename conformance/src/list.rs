@@ -32,32 +32,57 @@ impl BackendRow {
     }
 }
 
-/// Probes every backend of the registry.
+/// Probes every backend of the registry: one row per device (named
+/// `NAME:N`, what `--backend` accepts), or one row saying why the backend
+/// has no device here.
 pub fn probe_all(reg: &Registry) -> Vec<BackendRow> {
-    reg.entries()
-        .iter()
-        .map(|e| {
-            let mut row = BackendRow {
-                name: e.name.to_string(),
-                description: e.description.to_string(),
-                unavailable: None,
-                device: String::new(),
-                driver: String::new(),
-                vendor: String::new(),
-            };
-            match reg.probe(e.name) {
-                Ok(Availability::Available(b)) => {
-                    let info = b.info();
-                    row.device = info.device;
-                    row.driver = info.driver;
-                    row.vendor = info.vendor;
+    let mut rows = Vec::new();
+    for e in reg.entries() {
+        let row = |name: String| BackendRow {
+            name,
+            description: e.description.to_string(),
+            unavailable: None,
+            device: String::new(),
+            driver: String::new(),
+            vendor: String::new(),
+        };
+        match reg.devices(e.name) {
+            Ok(devices) if !devices.is_empty() => {
+                for (i, info) in devices.into_iter().enumerate() {
+                    let mut r = row(format!("{}:{i}", e.name));
+                    // Listing a device does not prove it runs: create it.
+                    match reg.probe(&r.name) {
+                        Ok(Availability::Available(b)) => {
+                            let info = b.info();
+                            r.device = info.device;
+                            r.driver = info.driver;
+                            r.vendor = info.vendor;
+                        }
+                        Ok(Availability::Unavailable(reason)) => {
+                            r.device = info.device;
+                            r.unavailable = Some(reason);
+                        }
+                        Err(err) => r.unavailable = Some(err.to_string()),
+                    }
+                    rows.push(r);
                 }
-                Ok(Availability::Unavailable(reason)) => row.unavailable = Some(reason),
-                Err(err) => row.unavailable = Some(err.to_string()),
             }
-            row
-        })
-        .collect()
+            Ok(_) => {
+                let mut r = row(e.name.to_string());
+                r.unavailable = Some("no device found".into());
+                rows.push(r);
+            }
+            Err(err) => {
+                let mut r = row(e.name.to_string());
+                r.unavailable = Some(match err {
+                    deepport_core::Error::Unavailable { reason, .. } => reason,
+                    other => other.to_string(),
+                });
+                rows.push(r);
+            }
+        }
+    }
+    rows
 }
 
 /// The rows as an aligned text table.

@@ -61,8 +61,8 @@ fn list_shows_cpu_ref_available() {
     let s = stdout(&o);
     let line = s
         .lines()
-        .find(|l| l.starts_with("cpu-ref "))
-        .unwrap_or_else(|| panic!("no cpu-ref row in\n{s}"));
+        .find(|l| l.starts_with("cpu-ref:0 "))
+        .unwrap_or_else(|| panic!("no cpu-ref:0 row in\n{s}"));
     assert!(line.contains(" available "), "{line}");
     assert!(s.lines().next().unwrap().contains("DRIVER"));
 
@@ -73,8 +73,8 @@ fn list_shows_cpu_ref_available() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["name"] == "cpu-ref")
-        .expect("cpu-ref in JSON");
+        .find(|r| r["name"] == "cpu-ref:0")
+        .expect("cpu-ref:0 in JSON");
     assert_eq!(row["available"], true);
     assert!(row["driver"].as_str().unwrap().contains("reference"));
 }

@@ -1,114 +1,55 @@
-//! The `Backend` trait, device tensors, capability answers and device info.
+//! The `Backend` trait, capability answers and device info.
 //!
 //! A backend owns device memory and runs ops. Callers never see device
 //! pointers: they allocate, upload, download and synchronize through the
 //! trait, and pass [`Tensor`] handles inside typed, validated op arguments
 //! ([`crate::ops`]). The trait is object safe so that the registry and the
-//! command line choose a backend at run time by name.
+//! command line choose a backend at run time by name and device
+//! (`wgpu:0`, see [`crate::registry`]).
 //!
 //! Every op method has a default body that returns
 //! [`Error::NotSupported`]: a vendor port can start from nothing, and an op
 //! it has not written yet is reported as such, never silently skipped.
+//!
+//! # Instances
+//!
+//! Each backend object is one *instance* ([`Backend::instance`]): one device
+//! of one backend. Tensors carry the id of the instance that made them and
+//! core refuses an op whose tensors belong to another instance
+//! ([`Error::ForeignTensor`]), so a tensor of GPU 0 is never read by GPU 1.
+//!
+//! # The asynchronous contract
+//!
+//! An op call may only *enqueue* work. What is checked when:
+//!
+//! * **At the call, always:** everything core validates (shapes, dtypes,
+//!   parameters, ownership, views as outputs), and `NotSupported`. A backend
+//!   must answer [`Backend::supports`] and fail an op it cannot run before
+//!   it enqueues anything.
+//! * **At the call or later:** errors that need the *values* of device
+//!   tensors — an index out of range in a block table, a token id, an expert
+//!   id ([`Error::IndexOutOfRange`]), a forbidden non-finite input
+//!   ([`Error::NonFinite`]) — and device faults ([`Error::Device`]: out of
+//!   memory during execution, device lost). A backend that runs
+//!   asynchronously may report them at the next [`Backend::download`] or
+//!   [`Backend::synchronize`] of *any* tensor of that instance instead; it
+//!   must never drop them. Outputs of the failing op are then unspecified,
+//!   and the download that reports the error returns no data.
+//! * **Expert-parallel ops** exchange data with other ranks, so they
+//!   synchronize the data they send; their routing errors surface at the
+//!   call, on every rank (see [`crate::ep`]).
+//!
+//! Whoever judges results (the conformance runner, the forward pass's
+//! golden checks) calls [`Backend::synchronize`] before it reads outputs and
+//! treats an error there as the op's error.
 
 use crate::comm::Communicator;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::*;
 use crate::tensor::{numel, HostTensor};
-use std::any::Any;
-use std::fmt;
 
-/// Backend-specific device memory behind a [`Tensor`].
-pub trait Storage: Any + Send + Sync {
-    /// Name of the backend that allocated this storage.
-    fn backend(&self) -> &str;
-    fn as_any(&self) -> &dyn Any;
-    fn as_any_mut(&mut self) -> &mut dyn Any;
-}
-
-/// A tensor in a backend's memory: dtype, shape and an opaque storage that
-/// only the allocating backend can read.
-pub struct Tensor {
-    dtype: DType,
-    shape: Vec<usize>,
-    storage: Box<dyn Storage>,
-}
-
-impl fmt::Debug for Tensor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Tensor({}, {:?}, on {})",
-            self.dtype,
-            self.shape,
-            self.storage.backend()
-        )
-    }
-}
-
-impl Tensor {
-    /// Wraps backend storage. Backends call this from `alloc`/`upload`.
-    pub fn new(dtype: DType, shape: &[usize], storage: Box<dyn Storage>) -> Self {
-        Self {
-            dtype,
-            shape: shape.to_vec(),
-            storage,
-        }
-    }
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    pub fn numel(&self) -> usize {
-        numel(&self.shape)
-    }
-    /// Size of the data in bytes.
-    pub fn nbytes(&self) -> usize {
-        self.numel() * self.dtype.size()
-    }
-    /// Name of the backend that owns this tensor.
-    pub fn owner(&self) -> &str {
-        self.storage.backend()
-    }
-
-    /// Changes the shape (same element count) without touching the data.
-    pub fn reshape(&mut self, shape: &[usize]) -> Result<()> {
-        if numel(shape) != self.numel() {
-            return Err(Error::Other(format!(
-                "cannot reshape {:?} to {shape:?}",
-                self.shape
-            )));
-        }
-        self.shape = shape.to_vec();
-        Ok(())
-    }
-
-    /// The backend storage, downcast; fails when another backend owns it.
-    pub fn storage<S: Storage>(&self, backend: &str) -> Result<&S> {
-        let owner = self.storage.backend().to_string();
-        self.storage
-            .as_any()
-            .downcast_ref::<S>()
-            .ok_or_else(|| Error::ForeignTensor {
-                owner,
-                backend: backend.to_string(),
-            })
-    }
-
-    /// The backend storage, downcast mutably.
-    pub fn storage_mut<S: Storage>(&mut self, backend: &str) -> Result<&mut S> {
-        let owner = self.storage.backend().to_string();
-        self.storage
-            .as_any_mut()
-            .downcast_mut::<S>()
-            .ok_or_else(|| Error::ForeignTensor {
-                owner,
-                backend: backend.to_string(),
-            })
-    }
-}
+pub use crate::device::{InstanceId, Storage, Tensor};
 
 /// What a backend says about an op with given dtypes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,6 +81,11 @@ pub struct DeviceInfo {
 pub trait Backend: Send + Sync {
     /// Registered name.
     fn name(&self) -> &str;
+    /// This instance's id: every tensor it makes carries it, and core
+    /// refuses to launch an op on tensors of another instance. A wrapper
+    /// backend that delegates memory to an inner backend returns the inner
+    /// backend's id.
+    fn instance(&self) -> InstanceId;
     /// Device, driver and vendor.
     fn info(&self) -> DeviceInfo;
     /// Whether `op` runs with these dtypes (in the op's argument order, as
@@ -202,38 +148,62 @@ pub trait Backend: Send + Sync {
     fn copy_window(&self, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
         Err(self.unsupported(op.kind()))
     }
+    fn gather_rows(&self, op: &mut Checked<GatherRows<'_>>) -> Result<()> {
+        Err(self.unsupported(op.kind()))
+    }
+    fn reduce_rows(&self, op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
+        Err(self.unsupported(op.kind()))
+    }
     fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
         Err(self.unsupported(op.kind()))
     }
-    /// Normal (DeepEP V1) dispatch. Output sizes depend on the routing, so
-    /// the backend allocates them.
-    fn dispatch(
+    // ---- expert parallelism ----------------------------------------------
+    //
+    // The expert-parallel ops (`ops::dispatch`, `ops::combine`,
+    // `ops::low_latency_dispatch`, `ops::low_latency_combine`) are written
+    // once, in core ([`crate::ep`]): routing plan, wire format, handle
+    // checks and combine order. A backend supplies their kernels —
+    // `gather_rows`, `reduce_rows`, `act_quant`, `get_dispatch_layout` — and
+    // gets all four. The `native_*` hooks below let a backend whose fabric
+    // does better (NVSHMEM-style fused kernels) run its own implementation
+    // instead; `Ok(None)`, the default, means "use core's protocol", the only
+    // choice that lets ranks of different backends share a group.
+
+    /// A backend's own normal dispatch; `Ok(None)` runs core's protocol.
+    fn native_dispatch(
         &self,
         comm: &dyn Communicator,
         op: &Checked<Dispatch<'_>>,
-    ) -> Result<DispatchOutput> {
-        let _ = comm;
-        Err(self.unsupported(op.kind()))
+    ) -> Result<Option<DispatchOutput>> {
+        let _ = (comm, op);
+        Ok(None)
     }
-    fn combine(&self, comm: &dyn Communicator, op: &mut Checked<Combine<'_>>) -> Result<()> {
-        let _ = comm;
-        Err(self.unsupported(op.kind()))
+    /// A backend's own normal combine; `Ok(None)` runs core's protocol.
+    fn native_combine(
+        &self,
+        comm: &dyn Communicator,
+        op: &mut Checked<Combine<'_>>,
+    ) -> Result<Option<()>> {
+        let _ = (comm, op);
+        Ok(None)
     }
-    fn low_latency_dispatch(
+    /// A backend's own low-latency dispatch; `Ok(None)` runs core's protocol.
+    fn native_low_latency_dispatch(
         &self,
         comm: &dyn Communicator,
         op: &Checked<LowLatencyDispatch<'_>>,
-    ) -> Result<LowLatencyDispatchOutput> {
-        let _ = comm;
-        Err(self.unsupported(op.kind()))
+    ) -> Result<Option<LowLatencyDispatchOutput>> {
+        let _ = (comm, op);
+        Ok(None)
     }
-    fn low_latency_combine(
+    /// A backend's own low-latency combine; `Ok(None)` runs core's protocol.
+    fn native_low_latency_combine(
         &self,
         comm: &dyn Communicator,
         op: &mut Checked<LowLatencyCombine<'_>>,
-    ) -> Result<()> {
-        let _ = comm;
-        Err(self.unsupported(op.kind()))
+    ) -> Result<Option<()>> {
+        let _ = (comm, op);
+        Ok(None)
     }
 
     /// The `NotSupported` error for an op this backend lacks.

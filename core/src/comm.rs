@@ -1,13 +1,31 @@
-//! The `Communicator` trait and an in-process implementation (threads as
-//! ranks) for tests and single-machine expert parallelism.
+//! The [`Transport`] trait (how expert-parallel ranks move bytes) and an
+//! in-process implementation (threads as ranks) for tests and
+//! single-machine expert parallelism.
+//!
+//! A transport has two paths:
+//!
+//! * **host-staged** ([`Transport::all_to_all_v`]): byte messages in host
+//!   memory. Threads and plain MPI use it; so does every rank for the small
+//!   control messages of the protocol ([`crate::ep`]).
+//! * **device** ([`Transport::device`]): rows of device tensors moved
+//!   without a host copy, where the transport can reach the backend's
+//!   memory (NCCL, RCCL, CUDA-aware MPI). Core's protocol uses it for the
+//!   payload when [`DeviceExchange::accepts`] the backend, and stages the
+//!   payload through the host otherwise — so ranks of different backends can
+//!   share one group.
 
+use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// A group of ranks that exchange bytes. Expert-parallel ops are written on
-/// top of it; MPI, NCCL and RCCL implement it in their own crates.
-pub trait Communicator: Send + Sync {
+/// A group of ranks that exchange data. Expert-parallel ops are written on
+/// top of it once, in core; MPI, NCCL and RCCL implement it in their own
+/// crates.
+///
+/// Every collective must return within a bounded time on every rank when a
+/// peer dies or falls silent (an error, never a hang).
+pub trait Transport: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// All-to-all with variable counts: `send[r]` goes to rank `r`; the
@@ -16,6 +34,35 @@ pub trait Communicator: Send + Sync {
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
     /// Waits until every rank arrives.
     fn barrier(&self) -> Result<()>;
+    /// The device path, if this transport has one. Default: none (every
+    /// payload is staged through the host).
+    fn device(&self) -> Option<&dyn DeviceExchange> {
+        None
+    }
+}
+
+/// The older name of [`Transport`].
+pub use self::Transport as Communicator;
+
+/// A transport's device-memory path (see the module docs).
+pub trait DeviceExchange: Send + Sync {
+    /// Whether this path can move `backend`'s memory (for every rank of the
+    /// group: the answer must agree across ranks, since both sides of an
+    /// exchange take the same path).
+    fn accepts(&self, backend: &dyn Backend) -> bool;
+    /// Collective: sends rows `[o_r, o_r + send_rows[r])` of `send` (rows
+    /// along its first dimension, `o_r` the sum of the counts before `r`)
+    /// to rank `r`, and returns the rows received from every rank,
+    /// concatenated in rank order, as a new tensor of `backend` with
+    /// `Σ recv_rows` rows. The counts come from the control exchange that
+    /// precedes it, so both sides know them.
+    fn exchange_rows(
+        &self,
+        backend: &dyn Backend,
+        send: &Tensor,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<Tensor>;
 }
 
 struct State {
@@ -137,7 +184,7 @@ impl Drop for ThreadComm {
     }
 }
 
-impl Communicator for ThreadComm {
+impl Transport for ThreadComm {
     fn rank(&self) -> usize {
         self.rank
     }

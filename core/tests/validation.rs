@@ -23,7 +23,12 @@ impl Storage for Dummy {
 }
 
 fn t(dtype: DType, shape: &[usize]) -> Tensor {
-    Tensor::new(dtype, shape, Box::new(Dummy))
+    Tensor::new(
+        dtype,
+        shape,
+        Box::new(Dummy),
+        deepport_core::backend::InstanceId::fresh(),
+    )
 }
 
 use DType::{Bool, F8E4M3Fnuz as FNUZ, BF16, F32, F8E4M3 as E4M3, I32, I64};
@@ -1398,6 +1403,7 @@ fn combine_validation() {
         num_tokens: 5,
         recv_src: vec![(0, 0), (0, 3), (1, 2)],
         send_plan: vec![vec![0, 3], vec![1]],
+        state: Default::default(),
     };
     let check = |x: &[usize], out: &[usize]| {
         let (xt, mut o) = (t(BF16, x), t(BF16, out));
@@ -1463,6 +1469,7 @@ fn low_latency_validation() {
         max_tokens_per_rank: 4,
         hidden: 128,
         recv_src: vec![vec![]; 4],
+        state: Default::default(),
     };
     let check = |x: &[usize], idx: &[usize], w: &[usize], out: &[usize]| {
         let (xt, it, wt, mut o) = (t(BF16, x), t(I64, idx), t(F32, w), t(BF16, out));

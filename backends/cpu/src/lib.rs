@@ -18,11 +18,11 @@ mod ep;
 mod mla;
 pub mod util;
 
-use deepport_core::backend::{Backend, DeviceInfo, Storage, Support, Tensor};
-use deepport_core::comm::Communicator;
+use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Storage, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor, Result};
 use std::any::Any;
+use std::sync::OnceLock;
 
 /// Bytes of a CPU tensor.
 pub struct HostStorage {
@@ -42,13 +42,28 @@ impl Storage for HostStorage {
     }
 }
 
+/// The storage of a CPU tensor. Ops do not check the instance here: core
+/// checks every tensor of an op against the backend before launch, and the
+/// memory methods check it themselves ([`Tensor::storage_for`]).
 fn storage(t: &Tensor) -> Result<&HostStorage> {
-    t.storage::<HostStorage>("cpu")
+    t.storage_any::<HostStorage>()
+        .ok_or_else(|| Error::ForeignTensor {
+            owner: t.owner().to_string(),
+            backend: "cpu".into(),
+        })
 }
 
-/// Copies a CPU tensor out as a host tensor.
+/// Copies a CPU tensor (or view) out as a host tensor.
 pub(crate) fn to_host(t: &Tensor) -> Result<HostTensor> {
-    HostTensor::from_bytes(t.dtype(), t.shape(), storage(t)?.bytes.clone())
+    let s = storage(t)?;
+    let (a, n) = (t.offset_bytes(), t.nbytes());
+    let bytes = s.bytes.get(a..a + n).ok_or_else(|| {
+        Error::Other(format!(
+            "internal: view {t:?} lies outside its storage of {} bytes",
+            s.bytes.len()
+        ))
+    })?;
+    HostTensor::from_bytes(t.dtype(), t.shape(), bytes.to_vec())
 }
 
 /// Overwrites a CPU tensor with host data of the same dtype and size.
@@ -62,7 +77,8 @@ pub(crate) fn store(t: &mut Tensor, h: &HostTensor) -> Result<()> {
             t.shape()
         )));
     }
-    let s = t.storage_mut::<HostStorage>("cpu")?;
+    let instance = t.instance();
+    let s = t.storage_mut_for::<HostStorage>(instance, "cpu")?;
     s.bytes.copy_from_slice(h.bytes());
     Ok(())
 }
@@ -81,6 +97,9 @@ fn device_name() -> String {
 
 macro_rules! memory_ops {
     ($name:expr) => {
+        fn instance(&self) -> InstanceId {
+            Self::id()
+        }
         fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
             let n = deepport_core::tensor::numel(shape)
                 .checked_mul(dtype.size())
@@ -101,6 +120,7 @@ macro_rules! memory_ops {
                     backend: $name,
                     bytes,
                 }),
+                Self::id(),
             ))
         }
         fn upload(&self, host: &HostTensor) -> Result<Tensor> {
@@ -111,9 +131,11 @@ macro_rules! memory_ops {
                     backend: $name,
                     bytes: host.bytes().to_vec(),
                 }),
+                Self::id(),
             ))
         }
         fn download(&self, t: &Tensor) -> Result<HostTensor> {
+            t.storage_for::<HostStorage>(Self::id(), $name)?;
             to_host(t)
         }
         fn write(&self, dst: &mut Tensor, src: &HostTensor) -> Result<()> {
@@ -124,6 +146,7 @@ macro_rules! memory_ops {
                     dst.shape()
                 )));
             }
+            dst.storage_for::<HostStorage>(Self::id(), $name)?;
             store(dst, src)
         }
         fn synchronize(&self) -> Result<()> {
@@ -182,29 +205,11 @@ macro_rules! reference_ops {
         fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
             ep::get_dispatch_layout(op)
         }
-        fn dispatch(
-            &self,
-            comm: &dyn Communicator,
-            op: &Checked<Dispatch<'_>>,
-        ) -> Result<DispatchOutput> {
-            ep::dispatch(self, comm, op)
+        fn gather_rows(&self, op: &mut Checked<GatherRows<'_>>) -> Result<()> {
+            copy::gather_rows(op)
         }
-        fn combine(&self, comm: &dyn Communicator, op: &mut Checked<Combine<'_>>) -> Result<()> {
-            ep::combine(comm, op)
-        }
-        fn low_latency_dispatch(
-            &self,
-            comm: &dyn Communicator,
-            op: &Checked<LowLatencyDispatch<'_>>,
-        ) -> Result<LowLatencyDispatchOutput> {
-            ep::low_latency_dispatch(self, comm, op)
-        }
-        fn low_latency_combine(
-            &self,
-            comm: &dyn Communicator,
-            op: &mut Checked<LowLatencyCombine<'_>>,
-        ) -> Result<()> {
-            ep::low_latency_combine(comm, op)
+        fn reduce_rows(&self, op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
+            copy::reduce_rows(op)
         }
     };
 }
@@ -217,6 +222,12 @@ impl CpuRef {
     pub const NAME: &'static str = "cpu-ref";
     pub fn new() -> Self {
         CpuRef
+    }
+    /// Host memory is one device: every `CpuRef` value is the same
+    /// instance and shares its tensors.
+    fn id() -> InstanceId {
+        static ID: OnceLock<InstanceId> = OnceLock::new();
+        *ID.get_or_init(InstanceId::fresh)
     }
 }
 
@@ -253,6 +264,12 @@ impl Cpu {
     pub fn new() -> Self {
         Cpu
     }
+    /// One instance, like [`CpuRef`], but not the same one: a `cpu-ref`
+    /// tensor is not a `cpu` tensor.
+    fn id() -> InstanceId {
+        static ID: OnceLock<InstanceId> = OnceLock::new();
+        *ID.get_or_init(InstanceId::fresh)
+    }
 }
 
 impl Backend for Cpu {
@@ -277,16 +294,33 @@ impl Backend for Cpu {
     reference_ops!();
 }
 
-/// Registers `cpu` and `cpu-ref`.
+/// The host is the one device of the CPU backends.
+fn host_device(name: &'static str, device: Option<usize>) -> Result<()> {
+    match device {
+        None | Some(0) => Ok(()),
+        Some(d) => Err(deepport_core::registry::no_such_device(name, d, 1)),
+    }
+}
+
+/// Registers `cpu` and `cpu-ref` (device 0: the host).
 pub fn register(reg: &mut deepport_core::registry::Registry) {
+    use deepport_core::registry::single_device;
     reg.register(
         "cpu",
         "CPU fast path (delegates to the reference for now)",
-        || Ok(Box::new(Cpu)),
+        |d| {
+            host_device(Cpu::NAME, d)?;
+            Ok(Box::new(Cpu))
+        },
+        || single_device(|_| Ok(Box::new(Cpu))),
     );
     reg.register(
         "cpu-ref",
         "CPU reference: plain loops, f64 accumulation (the oracle)",
-        || Ok(Box::new(CpuRef)),
+        |d| {
+            host_device(CpuRef::NAME, d)?;
+            Ok(Box::new(CpuRef))
+        },
+        || single_device(|_| Ok(Box::new(CpuRef))),
     );
 }

@@ -1121,3 +1121,232 @@ fn low_latency_f32_payload_round_trip() {
         );
     }
 }
+
+// ---- core's protocol: reproducibility, rank-count independence, device path --
+
+/// The low-latency round trip of every global token over `world` ranks:
+/// expert `g` returns its row scaled by `(g + 1) / 8`. Returns every token's
+/// combined output, in global token order.
+fn ll_round_trip(world: usize, comm_of: &dyn Fn(usize) -> Vec<Box<dyn Communicator>>) -> Vec<u32> {
+    const N: usize = 12;
+    let mut rng = Rng::new(77);
+    let x: Vec<f32> = (0..N * H)
+        .map(|_| round_bf16((rng.unit() * 2.0 - 1.0) as f32))
+        .collect();
+    let topk: Vec<i64> = (0..N * K)
+        .map(|i| if i % 7 == 3 { -1 } else { rng.below(E) as i64 })
+        .collect();
+    let w: Vec<f32> = (0..N * K).map(|_| rng.unit() as f32).collect();
+    let per = N / world;
+    let epr = E / world;
+    let comms = comm_of(world);
+    let outs: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (x, topk, w) = (&x, &topk, &w);
+                s.spawn(move || -> Result<Vec<u32>> {
+                    let b = CpuRef;
+                    let t0 = rank * per;
+                    let xt = b.upload(&HostTensor::from_f32(
+                        DType::BF16,
+                        &[per, H],
+                        &x[t0 * H..(t0 + per) * H],
+                    ))?;
+                    let tk = b.upload(&HostTensor::from_i64(
+                        &[per, K],
+                        &topk[t0 * K..(t0 + per) * K],
+                    ))?;
+                    let wt = b.upload(&HostTensor::from_f32(
+                        DType::F32,
+                        &[per, K],
+                        &w[t0 * K..(t0 + per) * K],
+                    ))?;
+                    let d = ops::low_latency_dispatch(
+                        &b,
+                        comm.as_ref(),
+                        LowLatencyDispatch {
+                            x: &xt,
+                            topk_idx: &tk,
+                            num_experts: E,
+                            max_tokens_per_rank: N,
+                            use_fp8: false,
+                            ue8m0: false,
+                        },
+                    )?;
+                    let cap = N * world;
+                    let mut y = b.download(&d.recv_x)?.to_f32_vec();
+                    for l in 0..epr {
+                        let g = rank * epr + l;
+                        for v in &mut y[l * cap * H..(l + 1) * cap * H] {
+                            *v *= (g + 1) as f32 / 8.0;
+                        }
+                    }
+                    let yt = b.upload(&HostTensor::from_f32(DType::F32, &[epr, cap, H], &y))?;
+                    let mut o = b.alloc(DType::BF16, &[per, H])?;
+                    ops::low_latency_combine(
+                        &b,
+                        comm.as_ref(),
+                        LowLatencyCombine {
+                            x: &yt,
+                            topk_idx: &tk,
+                            topk_weights: &wt,
+                            handle: &d.handle,
+                            out: &mut o,
+                        },
+                    )?;
+                    Ok(b.download(&o)?
+                        .to_f32_vec()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("rank panicked").expect("rank failed"))
+            .collect()
+    });
+    outs.concat()
+}
+
+fn thread_comms(world: usize) -> Vec<Box<dyn Communicator>> {
+    ThreadComm::group(world)
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Communicator>)
+        .collect()
+}
+
+#[test]
+fn low_latency_combine_is_the_same_bits_for_any_rank_count_and_run() {
+    let one = ll_round_trip(1, &thread_comms);
+    assert!(one.iter().any(|&b| b != 0), "combine produced nothing");
+    for world in [2, 4] {
+        assert_eq!(ll_round_trip(world, &thread_comms), one, "R = {world}");
+    }
+    assert_eq!(ll_round_trip(4, &thread_comms), one, "second run");
+}
+
+#[test]
+fn normal_combine_is_bit_identical_run_to_run() {
+    let all = inputs(false);
+    let a = run_dispatch_combine(&all, 1, true);
+    let b = run_dispatch_combine(&all, 1, true);
+    for (r, (x, y)) in a.iter().zip(&b).enumerate() {
+        let bits = |h: &Option<HostTensor>| h.as_ref().expect("combined").bytes().to_vec();
+        assert_eq!(
+            bits(&x.combined),
+            bits(&y.combined),
+            "rank {r}: combine differs between runs"
+        );
+        assert_eq!(x.recv_x.bytes(), y.recv_x.bytes(), "rank {r}: payload");
+    }
+}
+
+/// A transport with a device path: payload rows of `cpu-ref` tensors move
+/// through a side channel of their own (here: the inner group's byte
+/// exchange on the rows' raw bytes), never inside the control messages.
+struct DevicePath {
+    inner: ThreadComm,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Communicator for DevicePath {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.inner.all_to_all_v(send)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+    fn device(&self) -> Option<&dyn deepport_core::comm::DeviceExchange> {
+        Some(self)
+    }
+}
+
+impl deepport_core::comm::DeviceExchange for DevicePath {
+    fn accepts(&self, backend: &dyn Backend) -> bool {
+        backend.name() == CpuRef::NAME
+    }
+    fn exchange_rows(
+        &self,
+        backend: &dyn Backend,
+        send: &Tensor,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<Tensor> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let h = backend.download(send)?;
+        let row = h.bytes().len() / send_rows.iter().sum::<usize>().max(1);
+        let mut at = 0;
+        let msgs = send_rows
+            .iter()
+            .map(|&n| {
+                let m = h.bytes()[at..at + n * row].to_vec();
+                at += n * row;
+                m
+            })
+            .collect();
+        let got = self.inner.all_to_all_v(msgs)?;
+        let mut shape = send.shape().to_vec();
+        shape[0] = recv_rows.iter().sum();
+        backend.upload(&HostTensor::from_bytes(send.dtype(), &shape, got.concat())?)
+    }
+}
+
+#[test]
+fn the_device_path_moves_the_payload_and_gives_the_same_bits() {
+    let staged = ll_round_trip(4, &thread_comms);
+    let counters = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let c2 = counters.clone();
+    let via_device = ll_round_trip(4, &move |world| {
+        ThreadComm::group(world)
+            .into_iter()
+            .map(|inner| {
+                let d = std::sync::Arc::new(DevicePath {
+                    inner,
+                    calls: Default::default(),
+                });
+                c2.lock().unwrap().push(d.clone());
+                Box::new(Fwd(d)) as Box<dyn Communicator>
+            })
+            .collect()
+    });
+    assert_eq!(via_device, staged);
+    let calls: usize = counters
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.calls.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    // Each of 4 ranks: one payload in dispatch, one in combine.
+    assert_eq!(calls, 8, "the payload did not take the device path");
+}
+
+/// Forwards to a shared [`DevicePath`] (the test reads its count after).
+struct Fwd(std::sync::Arc<DevicePath>);
+
+impl Communicator for Fwd {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.0.all_to_all_v(send)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.0.barrier()
+    }
+    fn device(&self) -> Option<&dyn deepport_core::comm::DeviceExchange> {
+        Some(self.0.as_ref())
+    }
+}

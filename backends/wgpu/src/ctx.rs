@@ -128,9 +128,49 @@ impl Storage for WgpuStorage {
     }
 }
 
-/// The buffer of a wgpu tensor (fails for another backend's tensor).
+/// The buffer of a wgpu tensor (fails for another backend's tensor, and
+/// for a view: kernels bind whole buffers, so views are `NotSupported` until
+/// bindings take an offset). Ops need no instance check here: core checks
+/// every tensor of an op against the backend instance before launch.
 pub(crate) fn buffer(t: &Tensor) -> Result<&wgpu::Buffer> {
-    Ok(&t.storage::<WgpuStorage>(BACKEND)?.buffer)
+    if t.is_view() {
+        return Err(deepport_core::Error::not_supported(
+            BACKEND,
+            "a tensor view",
+            "wgpu kernels bind whole buffers; views are not read in place yet",
+        ));
+    }
+    t.storage_any::<WgpuStorage>()
+        .map(|s| &s.buffer)
+        .ok_or_else(|| deepport_core::Error::ForeignTensor {
+            owner: t.owner().to_string(),
+            backend: BACKEND.into(),
+        })
+}
+
+/// The storage of a tensor of the instance `id` (memory methods).
+pub(crate) fn storage_of(
+    t: &Tensor,
+    id: deepport_core::backend::InstanceId,
+) -> Result<&WgpuStorage> {
+    buffer(t)?;
+    t.storage_for::<WgpuStorage>(id, BACKEND)
+}
+
+/// Every adapter wgpu finds (the order of `wgpu:N`).
+pub(crate) fn adapters() -> Result<Vec<wgpu::AdapterInfo>> {
+    let backends = backends();
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    desc.flags = wgpu::InstanceFlags::empty().with_env();
+    let instance = wgpu::Instance::new(desc);
+    let all = block_on(instance.enumerate_adapters(backends));
+    if all.is_empty() {
+        return Err(unavailable(format!(
+            "no {backends:?} adapter; install a Vulkan driver (e.g. mesa-vulkan-drivers for lavapipe on the CPU)"
+        )));
+    }
+    Ok(all.iter().map(|a| a.get_info()).collect())
 }
 
 /// The dtype code used by `common.wgsl`.
@@ -521,6 +561,8 @@ pub struct WgpuOptions {
     /// otherwise `DEEPPORT_WGPU_ADAPTER`, otherwise wgpu's high-performance
     /// choice.
     pub adapter: Option<String>,
+    /// Picks the N-th adapter of [`adapters`] (`wgpu:N`); overrides `adapter`.
+    pub device: Option<usize>,
 }
 
 struct State {
@@ -603,8 +645,16 @@ impl Ctx {
             .clone()
             .or_else(|| std::env::var("DEEPPORT_WGPU_ADAPTER").ok())
             .filter(|s| !s.is_empty());
-        let adapter = match wanted {
-            Some(name) => {
+        let adapter = match (opts.device, wanted) {
+            (Some(i), _) => {
+                let mut all = block_on(instance.enumerate_adapters(backends));
+                let n = all.len();
+                if i >= n {
+                    return Err(deepport_core::registry::no_such_device(BACKEND, i, n));
+                }
+                all.swap_remove(i)
+            }
+            (None, Some(name)) => {
                 let all = block_on(instance.enumerate_adapters(backends));
                 let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
                 let pos = names
@@ -624,7 +674,7 @@ impl Ctx {
                     .nth(pos)
                     .ok_or_else(|| unavailable("adapter vanished"))?
             }
-            None => block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            (None, None) => block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
                 force_fallback_adapter: false,
                 compatible_surface: None,

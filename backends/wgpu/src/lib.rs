@@ -29,7 +29,7 @@ mod kernels;
 pub use ctx::{WgpuOptions, WgpuStorage};
 
 use ctx::{buffer, Ctx, BACKEND};
-use deepport_core::backend::{Backend, DeviceInfo, Support, Tensor};
+use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
 use deepport_core::comm::Communicator;
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor, Result};
@@ -39,6 +39,7 @@ use kernels::OpTable;
 pub struct Wgpu {
     pub(crate) ctx: Ctx,
     table: OpTable,
+    id: InstanceId,
 }
 
 impl std::fmt::Debug for Wgpu {
@@ -90,6 +91,7 @@ impl Wgpu {
         Ok(Self {
             ctx,
             table: kernels::table(),
+            id: InstanceId::fresh(),
         })
     }
 
@@ -129,7 +131,12 @@ impl Wgpu {
     }
 
     fn tensor(&self, dtype: DType, shape: &[usize], buf: wgpu::Buffer, bytes: u64) -> Tensor {
-        Tensor::new(dtype, shape, Box::new(WgpuStorage { buffer: buf, bytes }))
+        Tensor::new(
+            dtype,
+            shape,
+            Box::new(WgpuStorage { buffer: buf, bytes }),
+            self.id,
+        )
     }
 
     fn nbytes(dtype: DType, shape: &[usize]) -> Result<u64> {
@@ -144,6 +151,10 @@ impl Wgpu {
 impl Backend for Wgpu {
     fn name(&self) -> &str {
         BACKEND
+    }
+
+    fn instance(&self) -> InstanceId {
+        self.id
     }
 
     fn info(&self) -> DeviceInfo {
@@ -187,7 +198,7 @@ impl Backend for Wgpu {
     }
 
     fn download(&self, t: &Tensor) -> Result<HostTensor> {
-        let s = t.storage::<WgpuStorage>(BACKEND)?;
+        let s = ctx::storage_of(t, self.id)?;
         let bytes = self.ctx.read_bytes("download", &s.buffer, s.bytes)?;
         HostTensor::from_bytes(t.dtype(), t.shape(), bytes)
     }
@@ -296,50 +307,78 @@ impl Backend for Wgpu {
             .get_dispatch_layout
             .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
     }
-    fn dispatch(
+    fn native_dispatch(
         &self,
         comm: &dyn Communicator,
         op: &Checked<Dispatch<'_>>,
-    ) -> Result<DispatchOutput> {
+    ) -> Result<Option<DispatchOutput>> {
         (self
             .table
             .dispatch
             .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
+        .map(Some)
     }
-    fn combine(&self, comm: &dyn Communicator, op: &mut Checked<Combine<'_>>) -> Result<()> {
+    fn native_combine(
+        &self,
+        comm: &dyn Communicator,
+        op: &mut Checked<Combine<'_>>,
+    ) -> Result<Option<()>> {
         (self
             .table
             .combine
             .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
+        .map(Some)
     }
-    fn low_latency_dispatch(
+    fn native_low_latency_dispatch(
         &self,
         comm: &dyn Communicator,
         op: &Checked<LowLatencyDispatch<'_>>,
-    ) -> Result<LowLatencyDispatchOutput> {
+    ) -> Result<Option<LowLatencyDispatchOutput>> {
         (self
             .table
             .low_latency_dispatch
             .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
+        .map(Some)
     }
-    fn low_latency_combine(
+    fn native_low_latency_combine(
         &self,
         comm: &dyn Communicator,
         op: &mut Checked<LowLatencyCombine<'_>>,
-    ) -> Result<()> {
+    ) -> Result<Option<()>> {
         (self
             .table
             .low_latency_combine
             .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
+        .map(Some)
     }
 }
 
-/// Registers `wgpu`. Creating it probes for an adapter and returns
-/// [`Error::Unavailable`] with the reason when there is none.
+/// The adapters wgpu finds here, in the order `wgpu:N` numbers them.
+pub fn devices() -> Result<Vec<DeviceInfo>> {
+    Ok(ctx::adapters()?
+        .iter()
+        .map(|i| DeviceInfo {
+            backend: BACKEND.into(),
+            device: format!("{} ({:?}, {:?})", i.name, i.device_type, i.backend),
+            driver: format!("{} {}", i.driver, i.driver_info).trim().to_string(),
+            vendor: vendor_name(i.vendor),
+        })
+        .collect())
+}
+
+/// Registers `wgpu` (`wgpu:N` picks the N-th adapter of [`devices`]).
+/// Creating it probes for an adapter and returns [`Error::Unavailable`]
+/// with the reason when there is none.
 pub fn register(reg: &mut deepport_core::registry::Registry) {
     reg.register(
         BACKEND,
         "WGSL compute through wgpu (Vulkan; lavapipe on the CPU)",
-        || Ok(Box::new(Wgpu::new()?)),
+        |device| {
+            Ok(Box::new(Wgpu::with_options(WgpuOptions {
+                device,
+                ..WgpuOptions::default()
+            })?))
+        },
+        devices,
     );
 }

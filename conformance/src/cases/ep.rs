@@ -86,8 +86,20 @@ fn outputs(p: &ParamMap) -> Vec<&'static str> {
 fn kinds(p: &ParamMap) -> Vec<OpKind> {
     match op_of(p) {
         "layout" => vec![OpKind::GetDispatchLayout],
-        "dispatch" => vec![OpKind::Dispatch, OpKind::Combine],
-        _ => vec![OpKind::LowLatencyDispatch, OpKind::LowLatencyCombine],
+        // Core's protocol runs the communicating ops on the backend's
+        // gather_rows/reduce_rows kernels, so these cases judge them too.
+        "dispatch" => vec![
+            OpKind::Dispatch,
+            OpKind::Combine,
+            OpKind::GatherRows,
+            OpKind::ReduceRows,
+        ],
+        _ => vec![
+            OpKind::LowLatencyDispatch,
+            OpKind::LowLatencyCombine,
+            OpKind::GatherRows,
+            OpKind::ReduceRows,
+        ],
     }
 }
 
@@ -185,7 +197,12 @@ fn build(spec: &CaseSpec) -> std::result::Result<Case, String> {
             let fp8 = payload != "bf16";
             if p.has("hidden") && p.has("payload") {
                 (
-                    vec![OpKind::Dispatch, OpKind::Combine],
+                    vec![
+                        OpKind::Dispatch,
+                        OpKind::Combine,
+                        OpKind::GatherRows,
+                        OpKind::ReduceRows,
+                    ],
                     Box::new(move |b| {
                         on_ranks(b, d.world, |b, rank, comm| {
                             dispatch_rank(b, comm, &d, seed, rank, fp8, align)
@@ -205,7 +222,12 @@ fn build(spec: &CaseSpec) -> std::result::Result<Case, String> {
             }
             let (fp8, ue8m0) = (payload != "bf16", payload == "e4m3_ue8m0");
             (
-                vec![OpKind::LowLatencyDispatch, OpKind::LowLatencyCombine],
+                vec![
+                    OpKind::LowLatencyDispatch,
+                    OpKind::LowLatencyCombine,
+                    OpKind::GatherRows,
+                    OpKind::ReduceRows,
+                ],
                 Box::new(move |b| {
                     on_ranks(b, d.world, |b, rank, comm| {
                         low_latency_rank(b, comm, &d, seed, rank, fp8, ue8m0)

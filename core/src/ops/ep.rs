@@ -189,6 +189,8 @@ pub struct DispatchHandle {
     pub recv_src: Vec<(usize, usize)>,
     /// For each destination rank: the local token indices sent there, in order.
     pub send_plan: Vec<Vec<usize>>,
+    /// Backend device state kept with the handle (core ignores it).
+    pub state: crate::ep::HandleState,
 }
 
 /// What a normal dispatch returns on each rank.
@@ -330,6 +332,8 @@ pub struct LowLatencyHandle {
     pub hidden: usize,
     /// Per local expert, per filled slot: (source rank, source token).
     pub recv_src: Vec<Vec<(usize, usize)>>,
+    /// Backend device state kept with the handle (core ignores it).
+    pub state: crate::ep::HandleState,
 }
 
 /// What a low-latency dispatch returns on each rank.

@@ -18,11 +18,13 @@ mod dense;
 mod ep;
 pub mod index;
 mod mla;
+mod rows;
 
 pub use copy::*;
 pub use dense::*;
 pub use ep::*;
 pub use mla::*;
+pub use rows::*;
 
 use crate::backend::{Backend, Tensor};
 use crate::comm::Communicator;
@@ -55,6 +57,8 @@ pub enum OpKind {
     Embedding,
     Add,
     CopyWindow,
+    GatherRows,
+    ReduceRows,
     GetDispatchLayout,
     Dispatch,
     Combine,
@@ -63,7 +67,7 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 20] = [
+    pub const ALL: [OpKind; 22] = [
         OpKind::ActQuant,
         OpKind::WeightDequant,
         OpKind::Fp8Gemm,
@@ -79,6 +83,8 @@ impl OpKind {
         OpKind::Embedding,
         OpKind::Add,
         OpKind::CopyWindow,
+        OpKind::GatherRows,
+        OpKind::ReduceRows,
         OpKind::GetDispatchLayout,
         OpKind::Dispatch,
         OpKind::Combine,
@@ -104,6 +110,8 @@ impl OpKind {
             OpKind::Embedding => "embedding",
             OpKind::Add => "add",
             OpKind::CopyWindow => "copy_window",
+            OpKind::GatherRows => "gather_rows",
+            OpKind::ReduceRows => "reduce_rows",
             OpKind::GetDispatchLayout => "get_dispatch_layout",
             OpKind::Dispatch => "dispatch",
             OpKind::Combine => "combine",
@@ -184,40 +192,69 @@ pub fn run<A: LocalOp>(backend: &dyn Backend, op: A) -> Result<()> {
     A::launch(&mut c, backend)
 }
 
-/// Validates and runs a normal dispatch.
+/// Validates and runs a normal dispatch: the backend's native
+/// implementation if it has one, else core's protocol ([`crate::ep`]).
 pub fn dispatch(
     backend: &dyn Backend,
     comm: &dyn Communicator,
     op: Dispatch<'_>,
 ) -> Result<DispatchOutput> {
     let c = op.check()?;
-    backend.dispatch(comm, &c)
+    check_owner(backend, Dispatch::KIND, c.args().x)?;
+    match backend.native_dispatch(comm, &c)? {
+        Some(out) => Ok(out),
+        None => crate::ep::dispatch(backend, comm, &c),
+    }
 }
 
-/// Validates and runs a normal combine.
+/// Validates and runs a normal combine (native or core's protocol).
 pub fn combine(backend: &dyn Backend, comm: &dyn Communicator, op: Combine<'_>) -> Result<()> {
     let mut c = op.check()?;
-    backend.combine(comm, &mut c)
+    check_owner(backend, Combine::KIND, c.args().x)?;
+    match backend.native_combine(comm, &mut c)? {
+        Some(()) => Ok(()),
+        None => crate::ep::combine(backend, comm, &mut c),
+    }
 }
 
-/// Validates and runs a low-latency dispatch.
+/// Validates and runs a low-latency dispatch (native or core's protocol).
 pub fn low_latency_dispatch(
     backend: &dyn Backend,
     comm: &dyn Communicator,
     op: LowLatencyDispatch<'_>,
 ) -> Result<LowLatencyDispatchOutput> {
     let c = op.check()?;
-    backend.low_latency_dispatch(comm, &c)
+    check_owner(backend, LowLatencyDispatch::KIND, c.args().x)?;
+    match backend.native_low_latency_dispatch(comm, &c)? {
+        Some(out) => Ok(out),
+        None => crate::ep::low_latency_dispatch(backend, comm, &c),
+    }
 }
 
-/// Validates and runs a low-latency combine.
+/// Validates and runs a low-latency combine (native or core's protocol).
 pub fn low_latency_combine(
     backend: &dyn Backend,
     comm: &dyn Communicator,
     op: LowLatencyCombine<'_>,
 ) -> Result<()> {
     let mut c = op.check()?;
-    backend.low_latency_combine(comm, &mut c)
+    check_owner(backend, LowLatencyCombine::KIND, c.args().x)?;
+    match backend.native_low_latency_combine(comm, &mut c)? {
+        Some(()) => Ok(()),
+        None => crate::ep::low_latency_combine(backend, comm, &mut c),
+    }
+}
+
+/// Fails unless `t` belongs to `backend`'s instance.
+pub fn check_owner(backend: &dyn Backend, op: OpKind, t: &Tensor) -> Result<()> {
+    t.check_owner(backend.instance(), backend.name())
+        .map_err(|e| match e {
+            Error::ForeignTensor { owner, backend } => Error::ForeignTensor {
+                owner,
+                backend: format!("{backend} (running {op})"),
+            },
+            e => e,
+        })
 }
 
 macro_rules! local_ops {
@@ -246,6 +283,8 @@ local_ops! {
     Embedding => embedding,
     Add => add,
     CopyWindow => copy_window,
+    GatherRows => gather_rows,
+    ReduceRows => reduce_rows,
     GetDispatchLayout => get_dispatch_layout,
 }
 

@@ -1044,6 +1044,7 @@ fn dispatch_receive(
             num_tokens: d.tokens,
             recv_src,
             send_plan,
+            state: Default::default(),
         },
     })
 }
@@ -1424,6 +1425,7 @@ fn ll_dispatch_receive(
             max_tokens_per_rank: a.max_tokens_per_rank,
             hidden,
             recv_src,
+            state: Default::default(),
         },
     })
 }

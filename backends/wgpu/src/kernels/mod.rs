@@ -72,6 +72,8 @@ op_table! {
     copy_window: CopyWindow => fn(&Wgpu, &mut Checked<CopyWindow<'_>>) -> Result<()>,
     get_dispatch_layout: GetDispatchLayout =>
         fn(&Wgpu, &mut Checked<GetDispatchLayout<'_>>) -> Result<()>,
+    gather_rows: GatherRows => fn(&Wgpu, &mut Checked<GatherRows<'_>>) -> Result<()>,
+    reduce_rows: ReduceRows => fn(&Wgpu, &mut Checked<ReduceRows<'_>>) -> Result<()>,
     dispatch: Dispatch =>
         fn(&Wgpu, &dyn Communicator, &Checked<Dispatch<'_>>) -> Result<DispatchOutput>,
     combine: Combine => fn(&Wgpu, &dyn Communicator, &mut Checked<Combine<'_>>) -> Result<()>,

@@ -3,8 +3,7 @@
 
 use super::{run_spec, RefCache, Reference};
 use crate::suite::{catalogue, CaseSpec, Outcome};
-use deepport_core::backend::{Backend, DeviceInfo, Support, Tensor};
-use deepport_core::comm::Communicator;
+use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, HostTensor, Result};
 use deepport_cpu::CpuRef;
@@ -59,6 +58,9 @@ impl Backend for Mutant {
     fn name(&self) -> &str {
         "mutant"
     }
+    fn instance(&self) -> InstanceId {
+        CpuRef.instance()
+    }
     fn info(&self) -> DeviceInfo {
         DeviceInfo::default()
     }
@@ -90,32 +92,7 @@ impl Backend for Mutant {
         gemm: Gemm, mla_decode: MlaDecode, mla_prefill: MlaPrefill, rms_norm: RmsNorm,
         rope: Rope, moe_gate: MoeGate, silu_mul: SiluMul, embedding: Embedding, add: Add,
         copy_window: CopyWindow, get_dispatch_layout: GetDispatchLayout,
-    }
-    fn dispatch(
-        &self,
-        comm: &dyn Communicator,
-        op: &Checked<Dispatch<'_>>,
-    ) -> Result<DispatchOutput> {
-        assert!(self.0 != Mode::Panic, "mutant dispatch");
-        CpuRef.dispatch(comm, op)
-    }
-    fn combine(&self, comm: &dyn Communicator, op: &mut Checked<Combine<'_>>) -> Result<()> {
-        CpuRef.combine(comm, op)
-    }
-    fn low_latency_dispatch(
-        &self,
-        comm: &dyn Communicator,
-        op: &Checked<LowLatencyDispatch<'_>>,
-    ) -> Result<LowLatencyDispatchOutput> {
-        assert!(self.0 != Mode::Panic, "mutant low_latency_dispatch");
-        CpuRef.low_latency_dispatch(comm, op)
-    }
-    fn low_latency_combine(
-        &self,
-        comm: &dyn Communicator,
-        op: &mut Checked<LowLatencyCombine<'_>>,
-    ) -> Result<()> {
-        CpuRef.low_latency_combine(comm, op)
+        gather_rows: GatherRows, reduce_rows: ReduceRows,
     }
 }
 
@@ -125,6 +102,9 @@ struct Bare;
 impl Backend for Bare {
     fn name(&self) -> &str {
         "bare"
+    }
+    fn instance(&self) -> InstanceId {
+        CpuRef.instance()
     }
     fn info(&self) -> DeviceInfo {
         DeviceInfo::default()
