@@ -31,6 +31,56 @@ impl Faulty {
     pub const NAME: &'static str = "faulty";
 }
 
+impl Faulty {
+    /// Runs a local op through `cpu-ref`, misbehaving on the four ops of
+    /// the module documentation.
+    fn run<A: OpArgs>(
+        &self,
+        op: &mut Checked<A>,
+        reference: impl FnOnce(&mut Checked<A>) -> Result<()>,
+    ) -> Result<()> {
+        match A::KIND {
+            OpKind::RmsNorm => {
+                eprintln!("faulty: aborting in rms_norm, as designed");
+                std::process::abort()
+            }
+            OpKind::Rope => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+            OpKind::SiluMul => Err(Error::Device {
+                backend: Self::NAME.into(),
+                msg: "silu_mul kernel failed to launch (deliberate)".into(),
+            }),
+            OpKind::MlaPrefill => Err(self.unsupported(A::KIND)),
+            OpKind::Add => {
+                reference(op)?;
+                for (_, out) in op.args_mut().outputs_mut() {
+                    let h = self.inner.download(out)?;
+                    let garbage: Vec<f32> = h
+                        .to_f32_vec()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| v * 1.5 + i as f32)
+                        .collect();
+                    let h = HostTensor::from_f32(h.dtype(), h.shape(), &garbage);
+                    self.inner.write(out, &h)?;
+                }
+                Ok(())
+            }
+            _ => reference(op),
+        }
+    }
+}
+
+/// Every local op through [`Faulty::run`].
+macro_rules! faulty_local_ops {
+    ([] $($kind:ident => $method:ident),* $(,)?) => {$(
+        fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
+            self.run(op, |op| self.inner.$method(op))
+        }
+    )*};
+}
+
 impl Backend for Faulty {
     fn name(&self) -> &str {
         Self::NAME
@@ -71,74 +121,7 @@ impl Backend for Faulty {
         Ok(())
     }
 
-    fn rms_norm(&self, _op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
-        eprintln!("faulty: aborting in rms_norm, as designed");
-        std::process::abort()
-    }
-    fn rope(&self, _op: &mut Checked<Rope<'_>>) -> Result<()> {
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
-        }
-    }
-    fn add(&self, op: &mut Checked<Add<'_>>) -> Result<()> {
-        self.inner.add(op)?;
-        let out = &mut *op.args_mut().out;
-        let mut h = self.inner.download(out)?;
-        let garbage: Vec<f32> = h
-            .to_f32_vec()
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v * 1.5 + i as f32)
-            .collect();
-        h = HostTensor::from_f32(h.dtype(), h.shape(), &garbage);
-        self.inner.write(out, &h)
-    }
-    fn silu_mul(&self, _op: &mut Checked<SiluMul<'_>>) -> Result<()> {
-        Err(Error::Device {
-            backend: Self::NAME.into(),
-            msg: "silu_mul kernel failed to launch (deliberate)".into(),
-        })
-    }
-
-    fn act_quant(&self, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
-        self.inner.act_quant(op)
-    }
-    fn weight_dequant(&self, op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
-        self.inner.weight_dequant(op)
-    }
-    fn fp8_gemm(&self, op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
-        self.inner.fp8_gemm(op)
-    }
-    fn fp8_grouped_contiguous(&self, op: &mut Checked<Fp8GroupedContiguous<'_>>) -> Result<()> {
-        self.inner.fp8_grouped_contiguous(op)
-    }
-    fn fp8_grouped_masked(&self, op: &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()> {
-        self.inner.fp8_grouped_masked(op)
-    }
-    fn gemm(&self, op: &mut Checked<Gemm<'_>>) -> Result<()> {
-        self.inner.gemm(op)
-    }
-    fn mla_decode(&self, op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
-        self.inner.mla_decode(op)
-    }
-    fn moe_gate(&self, op: &mut Checked<MoeGate<'_>>) -> Result<()> {
-        self.inner.moe_gate(op)
-    }
-    fn embedding(&self, op: &mut Checked<Embedding<'_>>) -> Result<()> {
-        self.inner.embedding(op)
-    }
-    fn copy_window(&self, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
-        self.inner.copy_window(op)
-    }
-    fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
-        self.inner.get_dispatch_layout(op)
-    }
-    fn gather_rows(&self, op: &mut Checked<GatherRows<'_>>) -> Result<()> {
-        self.inner.gather_rows(op)
-    }
-    fn reduce_rows(&self, op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
-        self.inner.reduce_rows(op)
-    }
+    deepport_core::for_each_local_op!(faulty_local_ops);
 }
 
 /// Registers `faulty` when [`ENABLE_ENV`] is `1`.

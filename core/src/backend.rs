@@ -77,6 +77,17 @@ pub struct DeviceInfo {
     pub vendor: String,
 }
 
+/// The default local-op methods of [`Backend`]: `NotSupported`.
+macro_rules! default_local_methods {
+    ([] $($kind:ident => $method:ident),* $(,)?) => {$(
+        #[doc = concat!("Runs [`", stringify!($kind), "`] (`", stringify!($method),
+            "`, SPEC.md). Default: `NotSupported`.")]
+        fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
+            Err(self.unsupported(op.kind()))
+        }
+    )*};
+}
+
 /// A device backend. See the module documentation.
 pub trait Backend: Send + Sync {
     /// Registered name.
@@ -103,60 +114,10 @@ pub trait Backend: Send + Sync {
     /// Waits until all submitted work has finished.
     fn synchronize(&self) -> Result<()>;
 
-    fn act_quant(&self, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn weight_dequant(&self, op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn fp8_gemm(&self, op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn fp8_grouped_contiguous(&self, op: &mut Checked<Fp8GroupedContiguous<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn fp8_grouped_masked(&self, op: &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn gemm(&self, op: &mut Checked<Gemm<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn mla_decode(&self, op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn mla_prefill(&self, op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn rms_norm(&self, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn rope(&self, op: &mut Checked<Rope<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn moe_gate(&self, op: &mut Checked<MoeGate<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn silu_mul(&self, op: &mut Checked<SiluMul<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn embedding(&self, op: &mut Checked<Embedding<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn add(&self, op: &mut Checked<Add<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn copy_window(&self, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn gather_rows(&self, op: &mut Checked<GatherRows<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn reduce_rows(&self, op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
-    fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
-        Err(self.unsupported(op.kind()))
-    }
+    // One method per local op (`act_quant`, `fp8_gemm`, …; the list is
+    // `ops::for_each_local_op!`), each defaulting to `NotSupported`.
+    crate::for_each_local_op!(default_local_methods);
+
     // ---- expert parallelism ----------------------------------------------
     //
     // The expert-parallel ops (`ops::dispatch`, `ops::combine`,

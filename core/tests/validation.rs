@@ -1523,3 +1523,75 @@ fn op_kind_names_round_trip() {
     assert_eq!(blocks128(0), 0);
     assert_eq!(blocks128(1), 1);
 }
+
+/// `tensors()` lists exactly the declared tensors, in declaration order
+/// (an in-place tensor once, an absent optional one not at all).
+#[track_caller]
+fn assert_tensors_match_decl<A: OpArgs>(op: &A, absent: &[&str]) {
+    let mut want: Vec<&str> = Vec::new();
+    for t in A::DECL.tensors {
+        if !want.contains(&t.name) && !absent.contains(&t.name) {
+            want.push(t.name);
+        }
+    }
+    let got: Vec<&str> = op.tensors().iter().map(|(n, _)| *n).collect();
+    assert_eq!(got, want, "{}", A::KIND);
+    assert_eq!(op.dtypes().len(), got.len());
+}
+
+#[test]
+fn tensor_lists_follow_the_declarations() {
+    let x = t(BF16, &[4, 16]);
+    let w = t(BF16, &[16, 16]);
+    let b = t(F32, &[16]);
+    let mut idx = t(I64, &[4, 4]);
+    let mut wt = t(F32, &[4, 4]);
+    let mut gate = MoeGate {
+        x: &x,
+        weight: &w,
+        bias: Some(&b),
+        topk_idx: &mut idx,
+        topk_weights: &mut wt,
+        n_group: 4,
+        topk_group: 2,
+        topk: 4,
+        route_scale: 1.0,
+    };
+    assert_tensors_match_decl(&gate, &[]);
+    assert_eq!(gate.outputs_mut().len(), 2);
+    gate.bias = None;
+    assert_tensors_match_decl(&gate, &["bias"]);
+
+    let src = t(F32, &[4, 16]);
+    let mut dst = t(BF16, &[4, 16]);
+    let copy = CopyWindow {
+        src: &src,
+        dst: &mut dst,
+        src_origin: (0, 0),
+        dst_origin: (0, 0),
+        size: (4, 16),
+    };
+    assert_tensors_match_decl(&copy, &[]);
+
+    let q = t(BF16, &[1, 1, 2, 576]);
+    let kc = t(BF16, &[2, 64, 1, 576]);
+    let bt = t(I32, &[1, 2]);
+    let sl = t(I32, &[1]);
+    let mut out = t(BF16, &[1, 1, 2, 512]);
+    let mut lse = t(F32, &[1, 2, 1]);
+    let dec = MlaDecode {
+        q: &q,
+        kcache: &kc,
+        block_table: &bt,
+        cache_seqlens: &sl,
+        out: &mut out,
+        lse: &mut lse,
+        softmax_scale: 0.1,
+        causal: false,
+    };
+    assert_tensors_match_decl(&dec, &[]);
+    assert!(dec.check().is_ok());
+    for k in OpKind::ALL {
+        assert_eq!(k.decl().kind, k);
+    }
+}

@@ -155,62 +155,28 @@ macro_rules! memory_ops {
     };
 }
 
+/// The reference kernel of every local op, by its method name: a new op's
+/// kernel is a `pub(crate) fn <method>(op: &mut Checked<Op<'_>>)` in one of
+/// these modules.
+mod kernels {
+    pub(crate) use crate::copy::{copy_window, gather_rows, reduce_rows};
+    pub(crate) use crate::dense::*;
+    pub(crate) use crate::ep::get_dispatch_layout;
+    pub(crate) use crate::mla::*;
+}
+
+/// Every local op, forwarded to its reference kernel.
+macro_rules! reference_local_ops {
+    ([] $($kind:ident => $method:ident),* $(,)?) => {$(
+        fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
+            kernels::$method(op)
+        }
+    )*};
+}
+
 macro_rules! reference_ops {
     () => {
-        fn act_quant(&self, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
-            dense::act_quant(op)
-        }
-        fn weight_dequant(&self, op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
-            dense::weight_dequant(op)
-        }
-        fn fp8_gemm(&self, op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
-            dense::fp8_gemm(op)
-        }
-        fn fp8_grouped_contiguous(&self, op: &mut Checked<Fp8GroupedContiguous<'_>>) -> Result<()> {
-            dense::fp8_grouped_contiguous(op)
-        }
-        fn fp8_grouped_masked(&self, op: &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()> {
-            dense::fp8_grouped_masked(op)
-        }
-        fn gemm(&self, op: &mut Checked<Gemm<'_>>) -> Result<()> {
-            dense::gemm(op)
-        }
-        fn mla_decode(&self, op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
-            mla::mla_decode(op)
-        }
-        fn mla_prefill(&self, op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
-            mla::mla_prefill(op)
-        }
-        fn rms_norm(&self, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
-            dense::rms_norm(op)
-        }
-        fn rope(&self, op: &mut Checked<Rope<'_>>) -> Result<()> {
-            dense::rope(op)
-        }
-        fn moe_gate(&self, op: &mut Checked<MoeGate<'_>>) -> Result<()> {
-            dense::moe_gate(op)
-        }
-        fn silu_mul(&self, op: &mut Checked<SiluMul<'_>>) -> Result<()> {
-            dense::silu_mul(op)
-        }
-        fn embedding(&self, op: &mut Checked<Embedding<'_>>) -> Result<()> {
-            dense::embedding(op)
-        }
-        fn add(&self, op: &mut Checked<Add<'_>>) -> Result<()> {
-            dense::add(op)
-        }
-        fn copy_window(&self, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
-            copy::copy_window(op)
-        }
-        fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
-            ep::get_dispatch_layout(op)
-        }
-        fn gather_rows(&self, op: &mut Checked<GatherRows<'_>>) -> Result<()> {
-            copy::gather_rows(op)
-        }
-        fn reduce_rows(&self, op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
-            copy::reduce_rows(op)
-        }
+        deepport_core::for_each_local_op!(reference_local_ops);
     };
 }
 

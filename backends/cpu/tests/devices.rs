@@ -98,3 +98,38 @@ fn ops_read_views_without_a_copy() {
     let want: Vec<f32> = (0..6).map(|i| v[i] + v[i + 6]).collect();
     assert_eq!(b.download(&out).unwrap().to_f32_vec(), want);
 }
+
+#[test]
+fn core_refuses_an_op_on_another_instance_s_tensor_or_into_a_view() {
+    use deepport_core::ops::{self, Add};
+    let h = HostTensor::from_f32(DType::F32, &[2, 3], &[1.; 6]);
+    let mine = CpuRef.upload(&h).unwrap();
+    let theirs = Cpu.upload(&h).unwrap();
+    let mut out = CpuRef.alloc(DType::F32, &[2, 3]).unwrap();
+    let e = ops::run(
+        &CpuRef,
+        Add {
+            a: &mine,
+            b: &theirs,
+            out: &mut out,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::ForeignTensor { .. }), "{e:?}");
+    assert!(e.to_string().contains("argument `b` of add"), "{e}");
+
+    let big = CpuRef
+        .upload(&HostTensor::from_f32(DType::F32, &[4, 3], &[0.; 12]))
+        .unwrap();
+    let mut view = big.rows(0, 2).unwrap();
+    let e = ops::run(
+        &CpuRef,
+        Add {
+            a: &mine,
+            b: &mine,
+            out: &mut view,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Invalid { arg: "out", .. }), "{e:?}");
+}

@@ -148,6 +148,19 @@ impl Wgpu {
     }
 }
 
+/// Every local op, forwarded to its entry of the kernel table
+/// (`NotSupported` where there is none).
+macro_rules! table_local_ops {
+    ([] $($kind:ident => $method:ident),* $(,)?) => {$(
+        fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
+            (self
+                .table
+                .$method
+                .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
+        }
+    )*};
+}
+
 impl Backend for Wgpu {
     fn name(&self) -> &str {
         BACKEND
@@ -220,93 +233,7 @@ impl Backend for Wgpu {
         self.ctx.synchronize()
     }
 
-    fn act_quant(&self, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
-        (self
-            .table
-            .act_quant
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn weight_dequant(&self, op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
-        (self
-            .table
-            .weight_dequant
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn fp8_gemm(&self, op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
-        (self
-            .table
-            .fp8_gemm
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn fp8_grouped_contiguous(&self, op: &mut Checked<Fp8GroupedContiguous<'_>>) -> Result<()> {
-        (self
-            .table
-            .fp8_grouped_contiguous
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn fp8_grouped_masked(&self, op: &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()> {
-        (self
-            .table
-            .fp8_grouped_masked
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn gemm(&self, op: &mut Checked<Gemm<'_>>) -> Result<()> {
-        (self.table.gemm.ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn mla_decode(&self, op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
-        (self
-            .table
-            .mla_decode
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn mla_prefill(&self, op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
-        (self
-            .table
-            .mla_prefill
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn rms_norm(&self, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
-        (self
-            .table
-            .rms_norm
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn rope(&self, op: &mut Checked<Rope<'_>>) -> Result<()> {
-        (self.table.rope.ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn moe_gate(&self, op: &mut Checked<MoeGate<'_>>) -> Result<()> {
-        (self
-            .table
-            .moe_gate
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn silu_mul(&self, op: &mut Checked<SiluMul<'_>>) -> Result<()> {
-        (self
-            .table
-            .silu_mul
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn embedding(&self, op: &mut Checked<Embedding<'_>>) -> Result<()> {
-        (self
-            .table
-            .embedding
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn add(&self, op: &mut Checked<Add<'_>>) -> Result<()> {
-        (self.table.add.ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn copy_window(&self, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
-        (self
-            .table
-            .copy_window
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
-    fn get_dispatch_layout(&self, op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
-        (self
-            .table
-            .get_dispatch_layout
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, op)
-    }
+    deepport_core::for_each_local_op!(table_local_ops);
     fn native_dispatch(
         &self,
         comm: &dyn Communicator,

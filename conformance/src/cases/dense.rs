@@ -16,40 +16,32 @@ use deepport_core::{DType, HostTensor};
 
 use KeyKind::{Flag, Float, Int, Text};
 
-macro_rules! fixed {
-    ($fname:ident, $names:expr) => {
-        fn $fname(_: &ParamMap) -> Vec<&'static str> {
-            $names.to_vec()
+/// `$ops`/`$outs`: a one-op family's ops and tolerance keys (the op's
+/// declared outputs, [`super::declared_outputs`]).
+macro_rules! one_op {
+    ($ops:ident, $outs:ident, $k:ident) => {
+        fn $ops(_: &ParamMap) -> Vec<OpKind> {
+            vec![OpKind::$k]
         }
-    };
-}
-macro_rules! ops {
-    ($fname:ident, $($k:ident),+) => {
-        fn $fname(_: &ParamMap) -> Vec<OpKind> {
-            vec![$(OpKind::$k),+]
+        fn $outs(_: &ParamMap) -> Vec<&'static str> {
+            super::declared_outputs(OpKind::$k)
         }
     };
 }
 
-fixed!(o_qs, ["q", "s"]);
-fixed!(o_out, ["out"]);
-fixed!(o_d, ["d"]);
-fixed!(o_y, ["y"]);
-fixed!(o_topk, ["topk"]);
-fixed!(o_dst, ["dst"]);
-ops!(k_act_quant, ActQuant);
-ops!(k_weight_dequant, WeightDequant);
-ops!(k_fp8_gemm, Fp8Gemm);
-ops!(k_contig, Fp8GroupedContiguous);
-ops!(k_masked, Fp8GroupedMasked);
-ops!(k_gemm, Gemm);
-ops!(k_rms, RmsNorm);
-ops!(k_rope, Rope);
-ops!(k_moe, MoeGate);
-ops!(k_silu, SiluMul);
-ops!(k_add, Add);
-ops!(k_emb, Embedding);
-ops!(k_copy, CopyWindow);
+one_op!(k_act_quant, o_act_quant, ActQuant);
+one_op!(k_weight_dequant, o_weight_dequant, WeightDequant);
+one_op!(k_fp8_gemm, o_fp8_gemm, Fp8Gemm);
+one_op!(k_contig, o_contig, Fp8GroupedContiguous);
+one_op!(k_masked, o_masked, Fp8GroupedMasked);
+one_op!(k_gemm, o_gemm, Gemm);
+one_op!(k_rms, o_rms, RmsNorm);
+one_op!(k_rope, o_rope, Rope);
+one_op!(k_moe, o_moe, MoeGate);
+one_op!(k_silu, o_silu, SiluMul);
+one_op!(k_add, o_add, Add);
+one_op!(k_emb, o_emb, Embedding);
+one_op!(k_copy, o_copy, CopyWindow);
 
 fn rng(spec: &CaseSpec) -> Rng {
     Rng::new(spec.seed)
@@ -66,7 +58,7 @@ pub static ACT_QUANT: Family = Family {
         def("format", Text(FP8_FORMATS), "e4m3"),
         def("scale", Text(&["float", "ue8m0"]), "float"),
     ],
-    outputs: o_qs,
+    outputs: o_act_quant,
     ops: k_act_quant,
     source: super::generated,
     build: build_act_quant,
@@ -121,7 +113,7 @@ pub static WEIGHT_DEQUANT: Family = Family {
         def("w", Text(FP8_FORMATS), "e4m3"),
         def("out", Text(FLOAT_DTYPES), "bf16"),
     ],
-    outputs: o_out,
+    outputs: o_weight_dequant,
     ops: k_weight_dequant,
     source: super::generated,
     build: build_weight_dequant,
@@ -153,7 +145,7 @@ pub static FP8_GEMM: Family = Family {
         def("ab", Text(FP8_FORMATS), "e4m3"),
         def("out", Text(GEMM_OUT), "bf16"),
     ],
-    outputs: o_d,
+    outputs: o_fp8_gemm,
     ops: k_fp8_gemm,
     source: super::generated,
     build: build_fp8_gemm,
@@ -189,7 +181,7 @@ pub static FP8_GROUPED_CONTIGUOUS: Family = Family {
         def("shuffle", Flag, "0"),
         def("empty", Flag, "0"),
     ],
-    outputs: o_d,
+    outputs: o_contig,
     ops: k_contig,
     source: super::generated,
     build: build_contiguous,
@@ -286,7 +278,7 @@ pub static FP8_GROUPED_MASKED: Family = Family {
         req("k", Int),
         def("out", Text(GEMM_OUT), "bf16"),
     ],
-    outputs: o_d,
+    outputs: o_masked,
     ops: k_masked,
     source: super::generated,
     build: build_masked,
@@ -351,7 +343,7 @@ pub static GEMM: Family = Family {
         def("ab", Text(FLOAT_DTYPES), "f32"),
         def("out", Text(FLOAT_DTYPES), "f32"),
     ],
-    outputs: o_d,
+    outputs: o_gemm,
     ops: k_gemm,
     source: super::generated,
     build: build_gemm,
@@ -385,7 +377,7 @@ pub static RMS_NORM: Family = Family {
         def("scale", Float, "1"),
         opt("eps", Float),
     ],
-    outputs: o_y,
+    outputs: o_rms,
     ops: k_rms,
     source: super::generated,
     build: build_rms_norm,
@@ -432,7 +424,7 @@ pub static ROPE: Family = Family {
         def("pos", Text(&["i32", "i64"]), "i64"),
         def("dtype", Text(FLOAT_DTYPES), "f32"),
     ],
-    outputs: o_y,
+    outputs: o_rope,
     ops: k_rope,
     source: super::generated,
     build: build_rope,
@@ -492,7 +484,7 @@ pub static MOE_GATE: Family = Family {
         def("bias", Flag, "1"),
         def("dtype", Text(FLOAT_DTYPES), "bf16"),
     ],
-    outputs: o_topk,
+    outputs: o_moe,
     ops: k_moe,
     source: super::generated,
     build: build_moe_gate,
@@ -500,11 +492,7 @@ pub static MOE_GATE: Family = Family {
 
 /// Maps both routing outputs to the `topk` tolerance.
 pub(crate) fn topk_key(name: &str) -> String {
-    if name.ends_with("topk_idx") || name.ends_with("topk_weights") {
-        "topk".into()
-    } else {
-        name.into()
-    }
+    super::tolerance_key(name).into()
 }
 
 fn build_moe_gate(spec: &CaseSpec) -> Result<Case, String> {
@@ -652,7 +640,7 @@ pub static SILU_MUL: Family = Family {
         def("dtype", Text(FLOAT_DTYPES), "bf16"),
         def("saturate", Flag, "0"),
     ],
-    outputs: o_out,
+    outputs: o_silu,
     ops: k_silu,
     source: super::generated,
     build: build_silu_mul,
@@ -690,7 +678,7 @@ pub static ADD: Family = Family {
         def("a", Text(FLOAT_DTYPES), "bf16"),
         def("b", Text(FLOAT_DTYPES), "bf16"),
     ],
-    outputs: o_out,
+    outputs: o_add,
     ops: k_add,
     source: super::generated,
     build: build_add,
@@ -728,7 +716,7 @@ pub static EMBEDDING: Family = Family {
         def("ids", Text(&["i32", "i64"]), "i64"),
         def("dtype", Text(FLOAT_DTYPES), "bf16"),
     ],
-    outputs: o_out,
+    outputs: o_emb,
     ops: k_emb,
     source: super::generated,
     build: build_embedding,
@@ -778,7 +766,7 @@ pub static COPY_WINDOW: Family = Family {
         def("dst_row", Int, "0"),
         def("dst_col", Int, "0"),
     ],
-    outputs: o_dst,
+    outputs: o_copy,
     ops: k_copy,
     source: super::generated,
     build: build_copy_window,

@@ -51,36 +51,25 @@ fn fp8_payload(p: &ParamMap) -> bool {
         .is_some_and(|s| s.starts_with("e4m3"))
 }
 
+/// The declared outputs of the case's ops: the dispatch's (its FP8 scales
+/// with an FP8 payload), then the combine's under `combine.`.
 fn outputs(p: &ParamMap) -> Vec<&'static str> {
-    let fp8 = fp8_payload(p);
-    match op_of(p) {
-        "layout" => vec![
-            "num_tokens_per_rank",
-            "num_tokens_per_expert",
-            "is_token_in_rank",
-        ],
-        "dispatch" => {
-            let mut v = vec![
-                "recv_x",
-                "recv_src",
-                "num_recv_tokens_per_expert",
-                "recv_topk_idx",
-                "recv_topk_weights",
-                "combine.out",
-            ];
-            if fp8 {
-                v.push("recv_scales");
-            }
-            v
-        }
-        _ => {
-            let mut v = vec!["recv_x", "recv_count", "combine.out"];
-            if fp8 {
-                v.push("recv_scales");
-            }
-            v
-        }
+    let kinds = kinds(p);
+    let Some(&first) = kinds.first() else {
+        return Vec::new();
+    };
+    let decl = first.decl();
+    let mut v = decl.required_output_names();
+    if fp8_payload(p) {
+        v.extend(decl.outputs().filter(|t| t.is_optional()).map(|t| t.name));
     }
+    if let Some(&combine) = kinds.get(1) {
+        v.extend(super::prefixed(
+            "combine",
+            &combine.decl().required_output_names(),
+        ));
+    }
+    v
 }
 
 fn kinds(p: &ParamMap) -> Vec<OpKind> {

@@ -17,23 +17,12 @@ use std::path::PathBuf;
 
 use KeyKind::Text;
 
-/// The ops golden files hold (command-line names).
-pub const GOLDEN_OPS: &[&str] = &[
-    "act-quant",
-    "fp8-gemm",
-    "fp8-grouped-contiguous",
-    "fp8-grouped-masked",
-    "mla-decode",
-    "moe-gate",
-    "rms-norm",
-    "rope",
-];
-
 pub static GOLDEN_OPS_FAMILY: Family = Family {
     name: "golden_ops",
     keys: &[
         req("file", Text(&[])),
-        req("op", Text(GOLDEN_OPS)),
+        // Any declared op (command-line name): the file says which.
+        req("op", Text(&[])),
         opt("out", Text(super::GEMM_OUT)),
     ],
     outputs,
@@ -47,17 +36,11 @@ fn op_name(p: &ParamMap) -> &str {
 }
 
 fn outputs(p: &ParamMap) -> Vec<&'static str> {
-    match op_name(p) {
-        "act-quant" => vec!["q", "s"],
-        "mla-decode" => vec!["out", "lse"],
-        "moe-gate" => vec!["topk"],
-        "rms-norm" | "rope" => vec!["y"],
-        _ => vec!["d"],
-    }
+    OpKind::parse(op_name(p)).map_or_else(Vec::new, super::declared_outputs)
 }
 
 fn ops(p: &ParamMap) -> Vec<OpKind> {
-    opspec::find(op_name(p)).map_or_else(Vec::new, |s| vec![s.kind])
+    OpKind::parse(op_name(p)).map_or_else(Vec::new, |k| vec![k])
 }
 
 fn source(p: &ParamMap) -> Source {

@@ -186,6 +186,54 @@ pub fn build(spec: &CaseSpec) -> Result<Case, String> {
     (f.build)(spec)
 }
 
+// ---- output lists, from core's declarations --------------------------------
+
+/// The tolerance key an output is judged under: the two routing outputs of
+/// the MoE gate (`topk_idx`, `topk_weights`, with any prefix) share `topk`;
+/// every other output has its own name.
+pub fn tolerance_key(name: &str) -> &str {
+    if name.ends_with("topk_idx") || name.ends_with("topk_weights") {
+        "topk"
+    } else {
+        name
+    }
+}
+
+/// The tolerance keys a case of one op needs: the outputs `kind` always
+/// writes, as its declaration lists them, under their [`tolerance_key`]s.
+pub fn declared_outputs(kind: OpKind) -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = Vec::new();
+    for name in kind.decl().required_output_names() {
+        let k = tolerance_key(name);
+        if !v.contains(&k) {
+            v.push(k);
+        }
+    }
+    v
+}
+
+/// `prefix.name` for each name, as `&'static str` (interned once).
+pub fn prefixed(prefix: &str, names: &[&str]) -> Vec<&'static str> {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    static INTERNED: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let mut set = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
+    names
+        .iter()
+        .map(|n| {
+            let s = format!("{prefix}.{n}");
+            match set.get(s.as_str()) {
+                Some(&i) => i,
+                None => {
+                    let i: &'static str = Box::leak(s.into_boxed_str());
+                    set.insert(i);
+                    i
+                }
+            }
+        })
+        .collect()
+}
+
 // ---- typed access to a case's parameters ----------------------------------
 
 /// Typed getters over a case's parameters; errors name the key.

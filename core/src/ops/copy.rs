@@ -1,5 +1,6 @@
 //! Window copy: the one data-movement op (split, concat, cast, cache write).
 
+use super::decl::*;
 use super::*;
 
 /// Copies a `rows × cols` window of `src` (viewed as a matrix of its last
@@ -38,11 +39,57 @@ pub fn as_matrix(shape: &[usize]) -> (usize, usize) {
 
 impl OpArgs for CopyWindow<'_> {
     type Dims = CopyDims;
-    const KIND: OpKind = OpKind::CopyWindow;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::CopyWindow,
+        summary: "copy a rows×cols window of src into dst, converting dtype (one rounding)",
+        tensors: &[
+            input(
+                "src",
+                ACT_DTYPES,
+                "any shape f32/bf16/f16, viewed as [rows, last dim]",
+            ),
+            input(
+                "dst",
+                ACT_DTYPES,
+                "any shape f32/bf16/f16, viewed as [rows, last dim]",
+            ),
+            output(
+                "dst",
+                ACT_DTYPES,
+                "dst with the window overwritten (elements outside it kept)",
+            ),
+        ],
+        params: &[
+            param("src_row", ParamKind::Int, "0", "window origin in src: row"),
+            param(
+                "src_col",
+                ParamKind::Int,
+                "0",
+                "window origin in src: column",
+            ),
+            param("dst_row", ParamKind::Int, "0", "window origin in dst: row"),
+            param(
+                "dst_col",
+                ParamKind::Int,
+                "0",
+                "window origin in dst: column",
+            ),
+            computed(
+                "rows",
+                ParamKind::Int,
+                "the rest of src below src_row",
+                "window rows",
+            ),
+            computed(
+                "cols",
+                ParamKind::Int,
+                "the rest of src right of src_col",
+                "window columns",
+            ),
+        ],
+    };
     fn validate(&self) -> Result<CopyDims> {
         const OP: &str = "copy_window";
-        expect_dtype(OP, "src", self.src, ACT_DTYPES)?;
-        expect_dtype(OP, "dst", self.dst, ACT_DTYPES)?;
         let s = as_matrix(self.src.shape());
         let d = as_matrix(self.dst.shape());
         let (rows, cols) = self.size;
@@ -64,7 +111,10 @@ impl OpArgs for CopyWindow<'_> {
         })?;
         Ok(CopyDims { src: s, dst: d })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.src.dtype(), self.dst.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("src", self.src), ("dst", &*self.dst)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("dst", &mut *self.dst)]
     }
 }

@@ -1,7 +1,16 @@
 //! Dense ops: quantization, GEMMs, norms, RoPE, the MoE gate, elementwise.
 
+use super::decl::*;
 use super::*;
 use crate::formats;
+
+const FLOAT: ParamKind = ParamKind::Float;
+const INT: ParamKind = ParamKind::Int;
+pub(super) const OUT_BF16_F32: ParamKind = ParamKind::Choice(&["bf16", "f32"]);
+const OUT_ACT: ParamKind = ParamKind::Choice(&["bf16", "f32", "f16"]);
+const F32_ONLY: &[DType] = &[DType::F32];
+/// Output dtypes of the FP8 GEMMs.
+const GEMM_OUT: &[DType] = &[DType::BF16, DType::F32];
 
 /// How act_quant stores its scales (SPEC.md §2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,12 +60,35 @@ pub struct ActQuantDims {
 
 impl OpArgs for ActQuant<'_> {
     type Dims = ActQuantDims;
-    const KIND: OpKind = OpKind::ActQuant;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::ActQuant,
+        summary: "per-token, 128-group FP8 quantization: x ≈ q·s (SPEC §2)",
+        tensors: &[
+            input("x", ACT_DTYPES, "[m, k] f32/bf16/f16, k a multiple of 128"),
+            output(
+                "q",
+                E4M3_DTYPES,
+                "[m, k] e4m3 (e4m3fnuz with format=e4m3fnuz)",
+            ),
+            output("s", F32_ONLY, "[m, k/128] f32 scales"),
+        ],
+        params: &[
+            param(
+                "scale_fmt",
+                ParamKind::Choice(&["float", "ue8m0"]),
+                "float",
+                "float: s = amax/448; ue8m0: s rounded up to a power of two",
+            ),
+            param(
+                "format",
+                ParamKind::Choice(&["e4m3", "e4m3fnuz"]),
+                "e4m3",
+                "FP8 format of q (e4m3fnuz: AMD MI300, max 240)",
+            ),
+        ],
+    };
     fn validate(&self) -> Result<ActQuantDims> {
         const OP: &str = "act_quant";
-        expect_dtype(OP, "x", self.x, ACT_DTYPES)?;
-        expect_dtype(OP, "q", self.q, E4M3_DTYPES)?;
-        expect_dtype(OP, "s", self.s, &[DType::F32])?;
         let xs = expect_rank(OP, "x", self.x, 2, "[m, k]")?;
         let (m, k) = (xs[0], xs[1]);
         ensure(k % QBLOCK == 0, OP, "x", || {
@@ -70,8 +102,11 @@ impl OpArgs for ActQuant<'_> {
             fp8_max: formats::max_finite(self.q.dtype()),
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.x.dtype(), self.q.dtype(), self.s.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("x", self.x), ("q", &*self.q), ("s", &*self.s)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("q", &mut *self.q), ("s", &mut *self.s)]
     }
 }
 
@@ -91,12 +126,22 @@ pub struct MatDims {
 
 impl OpArgs for WeightDequant<'_> {
     type Dims = MatDims;
-    const KIND: OpKind = OpKind::WeightDequant;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::WeightDequant,
+        summary: "block-scaled weight dequantization: out[i,j] = w[i,j]·s[i/128, j/128]",
+        tensors: &[
+            input("w", E4M3_DTYPES, "[n, k] e4m3 (or e4m3fnuz)"),
+            input(
+                "s",
+                F32_ONLY,
+                "[ceil(n/128), ceil(k/128)] scales (used as f32)",
+            ),
+            output("out", ACT_DTYPES, "[n, k] in out_dtype"),
+        ],
+        params: &[param("out_dtype", OUT_ACT, "bf16", "dtype of out")],
+    };
     fn validate(&self) -> Result<MatDims> {
         const OP: &str = "weight_dequant";
-        expect_dtype(OP, "w", self.w, E4M3_DTYPES)?;
-        expect_dtype(OP, "s", self.s, &[DType::F32])?;
-        expect_dtype(OP, "out", self.out, ACT_DTYPES)?;
         let ws = expect_rank(OP, "w", self.w, 2, "[n, k]")?;
         let (n, k) = (ws[0], ws[1]);
         expect_shape(
@@ -109,10 +154,15 @@ impl OpArgs for WeightDequant<'_> {
         expect_shape(OP, "out", self.out, &[n, k], "[n, k]")?;
         Ok(MatDims { n, k })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.w.dtype(), self.s.dtype(), self.out.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("w", self.w), ("s", self.s), ("out", &*self.out)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out)]
     }
 }
+
+const FP8_SB_GROUPED: &str = "[G, ceil(n/128), ceil(k/128)] 128x128 block scales (used as f32)";
 
 /// Dims of the FP8 GEMM family.
 #[derive(Clone, Debug)]
@@ -136,11 +186,8 @@ fn check_fp8_operands(
     a_lead: &[usize],
     groups: Option<usize>,
 ) -> Result<GemmDims> {
-    expect_dtype(op, "a", a, &[DType::F8E4M3, DType::F8E4M3Fnuz])?;
+    // The declared dtypes are checked; `b` must also have `a`'s format.
     expect_dtype(op, "b", b, &[a.dtype()])?;
-    expect_dtype(op, "sa", sa, &[DType::F32])?;
-    expect_dtype(op, "sb", sb, &[DType::F32])?;
-    expect_dtype(op, "d", d, &[DType::BF16, DType::F32])?;
     let k = *a.shape().last().unwrap_or(&0);
     let (g, n) = match groups {
         None => {
@@ -187,7 +234,26 @@ pub struct Fp8Gemm<'a> {
 
 impl OpArgs for Fp8Gemm<'_> {
     type Dims = GemmDims;
-    const KIND: OpKind = OpKind::Fp8Gemm;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::Fp8Gemm,
+        summary: "FP8 block-scaled GEMM, DeepGEMM NT: d = Σ_kb (a·bᵀ)_kb · sa · sb (SPEC §3)",
+        tensors: &[
+            input("a", E4M3_DTYPES, "[m, k] e4m3 (or e4m3fnuz)"),
+            input(
+                "sa",
+                F32_ONLY,
+                "[m, ceil(k/128)] scales (any float dtype, used as f32)",
+            ),
+            input("b", E4M3_DTYPES, "[n, k] e4m3, same format as a"),
+            input(
+                "sb",
+                F32_ONLY,
+                "[ceil(n/128), ceil(k/128)] 128x128 block scales (used as f32)",
+            ),
+            output("d", GEMM_OUT, "[m, n] in out_dtype"),
+        ],
+        params: &[param("out_dtype", OUT_BF16_F32, "bf16", "dtype of d")],
+    };
     fn validate(&self) -> Result<GemmDims> {
         let as_ = expect_rank("fp8_gemm", "a", self.a, 2, "[m, k]")?;
         check_fp8_operands(
@@ -201,14 +267,17 @@ impl OpArgs for Fp8Gemm<'_> {
             None,
         )
     }
-    fn dtypes(&self) -> Vec<DType> {
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
         vec![
-            self.a.dtype(),
-            self.sa.dtype(),
-            self.b.dtype(),
-            self.sb.dtype(),
-            self.d.dtype(),
+            ("a", self.a),
+            ("sa", self.sa),
+            ("b", self.b),
+            ("sb", self.sb),
+            ("d", &*self.d),
         ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("d", &mut *self.d)]
     }
 }
 
@@ -226,7 +295,27 @@ pub struct Fp8GroupedContiguous<'a> {
 
 impl OpArgs for Fp8GroupedContiguous<'_> {
     type Dims = GemmDims;
-    const KIND: OpKind = OpKind::Fp8GroupedContiguous;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::Fp8GroupedContiguous,
+        summary: "grouped FP8 GEMM, contiguous layout (MoE prefill, SPEC §3.1)",
+        tensors: &[
+            input("a", E4M3_DTYPES, "[m_sum, k] e4m3"),
+            input("sa", F32_ONLY, "[m_sum, ceil(k/128)] scales (used as f32)"),
+            input("b", E4M3_DTYPES, "[G, n, k] e4m3"),
+            input("sb", F32_ONLY, FP8_SB_GROUPED),
+            input(
+                "m_indices",
+                INDEX_DTYPES,
+                "[m_sum] i32/i64: group of each row, constant per 128 rows, -1 = padding",
+            ),
+            output(
+                "d",
+                GEMM_OUT,
+                "[m_sum, n] in out_dtype (padding rows unspecified)",
+            ),
+        ],
+        params: &[param("out_dtype", OUT_BF16_F32, "bf16", "dtype of d")],
+    };
     fn validate(&self) -> Result<GemmDims> {
         const OP: &str = "fp8_grouped_contiguous";
         let as_ = expect_rank(OP, "a", self.a, 2, "[m_sum, k]")?;
@@ -241,19 +330,21 @@ impl OpArgs for Fp8GroupedContiguous<'_> {
             &as_[..1],
             Some(g),
         )?;
-        expect_dtype(OP, "m_indices", self.m_indices, INDEX_DTYPES)?;
         expect_shape(OP, "m_indices", self.m_indices, &[dims.m], "[m_sum]")?;
         Ok(dims)
     }
-    fn dtypes(&self) -> Vec<DType> {
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
         vec![
-            self.a.dtype(),
-            self.sa.dtype(),
-            self.b.dtype(),
-            self.sb.dtype(),
-            self.m_indices.dtype(),
-            self.d.dtype(),
+            ("a", self.a),
+            ("sa", self.sa),
+            ("b", self.b),
+            ("sb", self.sb),
+            ("m_indices", self.m_indices),
+            ("d", &*self.d),
         ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("d", &mut *self.d)]
     }
 }
 
@@ -271,7 +362,31 @@ pub struct Fp8GroupedMasked<'a> {
 
 impl OpArgs for Fp8GroupedMasked<'_> {
     type Dims = GemmDims;
-    const KIND: OpKind = OpKind::Fp8GroupedMasked;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::Fp8GroupedMasked,
+        summary: "grouped FP8 GEMM, masked layout (MoE decode, SPEC §3.2)",
+        tensors: &[
+            input("a", E4M3_DTYPES, "[G, m_max, k] e4m3"),
+            input(
+                "sa",
+                F32_ONLY,
+                "[G, m_max, ceil(k/128)] scales (used as f32)",
+            ),
+            input("b", E4M3_DTYPES, "[G, n, k] e4m3"),
+            input("sb", F32_ONLY, FP8_SB_GROUPED),
+            input(
+                "masked_m",
+                INDEX_DTYPES,
+                "[G] i32/i64: rows computed per group",
+            ),
+            output(
+                "d",
+                GEMM_OUT,
+                "[G, m_max, n] in out_dtype (rows >= masked_m[g] are not computed: left NaN)",
+            ),
+        ],
+        params: &[param("out_dtype", OUT_BF16_F32, "bf16", "dtype of d")],
+    };
     fn validate(&self) -> Result<GemmDims> {
         const OP: &str = "fp8_grouped_masked";
         let as_ = expect_rank(OP, "a", self.a, 3, "[G, m_max, k]")?;
@@ -285,19 +400,21 @@ impl OpArgs for Fp8GroupedMasked<'_> {
             &as_[..2],
             Some(as_[0]),
         )?;
-        expect_dtype(OP, "masked_m", self.masked_m, INDEX_DTYPES)?;
         expect_shape(OP, "masked_m", self.masked_m, &[dims.groups], "[G]")?;
         Ok(dims)
     }
-    fn dtypes(&self) -> Vec<DType> {
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
         vec![
-            self.a.dtype(),
-            self.sa.dtype(),
-            self.b.dtype(),
-            self.sb.dtype(),
-            self.masked_m.dtype(),
-            self.d.dtype(),
+            ("a", self.a),
+            ("sa", self.sa),
+            ("b", self.b),
+            ("sb", self.sb),
+            ("masked_m", self.masked_m),
+            ("d", &*self.d),
         ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("d", &mut *self.d)]
     }
 }
 
@@ -312,12 +429,18 @@ pub struct Gemm<'a> {
 
 impl OpArgs for Gemm<'_> {
     type Dims = GemmDims;
-    const KIND: OpKind = OpKind::Gemm;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::Gemm,
+        summary: "plain GEMM, NT: d = a·bᵀ, f32 accumulation",
+        tensors: &[
+            input("a", ACT_DTYPES, "[m, k] f32/bf16/f16"),
+            input("b", ACT_DTYPES, "[n, k] f32/bf16/f16"),
+            output("d", ACT_DTYPES, "[m, n] in out_dtype"),
+        ],
+        params: &[param("out_dtype", OUT_ACT, "f32", "dtype of d")],
+    };
     fn validate(&self) -> Result<GemmDims> {
         const OP: &str = "gemm";
-        expect_dtype(OP, "a", self.a, ACT_DTYPES)?;
-        expect_dtype(OP, "b", self.b, ACT_DTYPES)?;
-        expect_dtype(OP, "d", self.d, ACT_DTYPES)?;
         let as_ = expect_rank(OP, "a", self.a, 2, "[m, k]")?;
         let (m, k) = (as_[0], as_[1]);
         let bs = expect_rank(OP, "b", self.b, 2, "[n, k]")?;
@@ -326,8 +449,11 @@ impl OpArgs for Gemm<'_> {
         expect_shape(OP, "d", self.d, &[m, n], "[m, n]")?;
         Ok(GemmDims { groups: 1, m, n, k })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.a.dtype(), self.b.dtype(), self.d.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("a", self.a), ("b", self.b), ("d", &*self.d)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("d", &mut *self.d)]
     }
 }
 
@@ -350,12 +476,18 @@ pub struct RmsNorm<'a> {
 
 impl OpArgs for RmsNorm<'_> {
     type Dims = RowDims;
-    const KIND: OpKind = OpKind::RmsNorm;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::RmsNorm,
+        summary: "RMSNorm over the last dim: y = x / sqrt(mean(x²) + eps) · weight",
+        tensors: &[
+            input("x", ACT_DTYPES, "[.., dim] f32/bf16/f16"),
+            input("weight", ACT_DTYPES, "[dim] f32/bf16/f16"),
+            output("y", ACT_DTYPES, "same shape and dtype as x"),
+        ],
+        params: &[param("eps", FLOAT, "1e-6", "added to the mean square")],
+    };
     fn validate(&self) -> Result<RowDims> {
         const OP: &str = "rms_norm";
-        expect_dtype(OP, "x", self.x, ACT_DTYPES)?;
-        expect_dtype(OP, "weight", self.weight, ACT_DTYPES)?;
-        expect_dtype(OP, "y", self.y, ACT_DTYPES)?;
         ensure(!self.x.shape().is_empty(), OP, "x", || {
             "must have at least one dim".into()
         })?;
@@ -370,8 +502,11 @@ impl OpArgs for RmsNorm<'_> {
             dim,
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.x.dtype(), self.weight.dtype(), self.y.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("x", self.x), ("weight", self.weight), ("y", &*self.y)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("y", &mut *self.y)]
     }
 }
 
@@ -477,12 +612,31 @@ pub struct RopeDims {
 
 impl OpArgs for Rope<'_> {
     type Dims = RopeDims;
-    const KIND: OpKind = OpKind::Rope;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::Rope,
+        summary: "rotary embedding on interleaved pairs, optional YaRN (SPEC §8)",
+        tensors: &[
+            input("x", ACT_DTYPES, "[T, .., d] f32/bf16/f16, d even"),
+            input("positions", INDEX_DTYPES, "[T] i32/i64"),
+            output("y", ACT_DTYPES, "same shape and dtype as x"),
+        ],
+        params: &[
+            param("theta", FLOAT, "10000", "rope_theta"),
+            param("factor", FLOAT, "1", "YaRN factor; 1 means no YaRN"),
+            param(
+                "original_max_position_embeddings",
+                INT,
+                "4096",
+                "YaRN L0 (used when factor > 1)",
+            ),
+            param("beta_fast", FLOAT, "32", "YaRN beta_fast"),
+            param("beta_slow", FLOAT, "1", "YaRN beta_slow"),
+            param("mscale", FLOAT, "1", "YaRN mscale"),
+            param("mscale_all_dim", FLOAT, "1", "YaRN mscale_all_dim"),
+        ],
+    };
     fn validate(&self) -> Result<RopeDims> {
         const OP: &str = "rope";
-        expect_dtype(OP, "x", self.x, ACT_DTYPES)?;
-        expect_dtype(OP, "positions", self.positions, INDEX_DTYPES)?;
-        expect_dtype(OP, "y", self.y, ACT_DTYPES)?;
         let xs = self.x.shape();
         ensure(xs.len() >= 2, OP, "x", || {
             format!("must be [T, …, d], got {xs:?}")
@@ -526,8 +680,15 @@ impl OpArgs for Rope<'_> {
             d,
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.x.dtype(), self.positions.dtype(), self.y.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("x", self.x),
+            ("positions", self.positions),
+            ("y", &*self.y),
+        ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("y", &mut *self.y)]
     }
 }
 
@@ -557,13 +718,29 @@ pub struct MoeGateDims {
 
 impl OpArgs for MoeGate<'_> {
     type Dims = MoeGateDims;
-    const KIND: OpKind = OpKind::MoeGate;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::MoeGate,
+        summary: "DeepSeek-V3 noaux_tc MoE router: sigmoid scores, group-limited top-k (SPEC §6)",
+        tensors: &[
+            input("x", ACT_DTYPES, "[T, dim] f32/bf16/f16"),
+            input("weight", ACT_DTYPES, "[E, dim] f32/bf16/f16"),
+            optional_input(
+                "bias",
+                F32_ONLY,
+                "[E] e_score_correction_bias (used as f32), optional",
+            ),
+            output("topk_idx", INDEX_DTYPES, "[T, topk] i64 expert ids"),
+            output("topk_weights", F32_ONLY, "[T, topk] f32"),
+        ],
+        params: &[
+            param("n_group", INT, "8", "expert groups"),
+            param("topk_group", INT, "4", "groups kept per token"),
+            param("topk", INT, "8", "experts per token"),
+            param("route_scale", FLOAT, "2.5", "routed_scaling_factor"),
+        ],
+    };
     fn validate(&self) -> Result<MoeGateDims> {
         const OP: &str = "moe_gate";
-        expect_dtype(OP, "x", self.x, ACT_DTYPES)?;
-        expect_dtype(OP, "weight", self.weight, ACT_DTYPES)?;
-        expect_dtype(OP, "topk_idx", self.topk_idx, INDEX_DTYPES)?;
-        expect_dtype(OP, "topk_weights", self.topk_weights, &[DType::F32])?;
         let xs = expect_rank(OP, "x", self.x, 2, "[T, dim]")?;
         let (t, dim) = (xs[0], xs[1]);
         let ws = expect_rank(OP, "weight", self.weight, 2, "[E, dim]")?;
@@ -576,7 +753,6 @@ impl OpArgs for MoeGate<'_> {
             "[E, dim] (dim from x)",
         )?;
         if let Some(b) = self.bias {
-            expect_dtype(OP, "bias", b, &[DType::F32])?;
             expect_shape(OP, "bias", b, &[e], "[E]")?;
         }
         ensure(
@@ -621,13 +797,22 @@ impl OpArgs for MoeGate<'_> {
             experts: e,
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        let mut v = vec![self.x.dtype(), self.weight.dtype()];
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = vec![("x", self.x), ("weight", self.weight)];
         if let Some(b) = self.bias {
-            v.push(b.dtype());
+            v.push(("bias", b));
         }
-        v.extend([self.topk_idx.dtype(), self.topk_weights.dtype()]);
+        v.extend([
+            ("topk_idx", &*self.topk_idx),
+            ("topk_weights", &*self.topk_weights),
+        ]);
         v
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![
+            ("topk_idx", &mut *self.topk_idx),
+            ("topk_weights", &mut *self.topk_weights),
+        ]
     }
 }
 
@@ -652,9 +837,6 @@ fn check_elementwise(
     b: &Tensor,
     out: &Tensor,
 ) -> Result<ElemDims> {
-    expect_dtype(op, names[0], a, ACT_DTYPES)?;
-    expect_dtype(op, names[1], b, ACT_DTYPES)?;
-    expect_dtype(op, names[2], out, ACT_DTYPES)?;
     expect_shape(
         op,
         names[1],
@@ -674,7 +856,20 @@ fn check_elementwise(
 
 impl OpArgs for SiluMul<'_> {
     type Dims = ElemDims;
-    const KIND: OpKind = OpKind::SiluMul;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::SiluMul,
+        summary: "SwiGLU activation: out = silu(gate) · up",
+        tensors: &[
+            input("gate", ACT_DTYPES, "any shape, f32/bf16/f16"),
+            input("up", ACT_DTYPES, "same shape as gate"),
+            output(
+                "out",
+                ACT_DTYPES,
+                "same shape; the inputs' dtype when they agree, else f32",
+            ),
+        ],
+        params: &[],
+    };
     fn validate(&self) -> Result<ElemDims> {
         check_elementwise(
             "silu_mul",
@@ -684,8 +879,11 @@ impl OpArgs for SiluMul<'_> {
             self.out,
         )
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.gate.dtype(), self.up.dtype(), self.out.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("gate", self.gate), ("up", self.up), ("out", &*self.out)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out)]
     }
 }
 
@@ -699,12 +897,28 @@ pub struct Add<'a> {
 
 impl OpArgs for Add<'_> {
     type Dims = ElemDims;
-    const KIND: OpKind = OpKind::Add;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::Add,
+        summary: "elementwise out = a + b",
+        tensors: &[
+            input("a", ACT_DTYPES, "any shape, f32/bf16/f16"),
+            input("b", ACT_DTYPES, "same shape as a"),
+            output(
+                "out",
+                ACT_DTYPES,
+                "same shape; the inputs' dtype when they agree, else f32",
+            ),
+        ],
+        params: &[],
+    };
     fn validate(&self) -> Result<ElemDims> {
         check_elementwise("add", ["a", "b", "out"], self.a, self.b, self.out)
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.a.dtype(), self.b.dtype(), self.out.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("a", self.a), ("b", self.b), ("out", &*self.out)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out)]
     }
 }
 
@@ -725,12 +939,18 @@ pub struct EmbeddingDims {
 
 impl OpArgs for Embedding<'_> {
     type Dims = EmbeddingDims;
-    const KIND: OpKind = OpKind::Embedding;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::Embedding,
+        summary: "row gather: out[t] = table[ids[t]]",
+        tensors: &[
+            input("table", ACT_DTYPES, "[V, dim] f32/bf16/f16"),
+            input("ids", INDEX_DTYPES, "[T] i32/i64, each in [0, V)"),
+            output("out", ACT_DTYPES, "[T, dim] in the table's dtype"),
+        ],
+        params: &[],
+    };
     fn validate(&self) -> Result<EmbeddingDims> {
         const OP: &str = "embedding";
-        expect_dtype(OP, "table", self.table, ACT_DTYPES)?;
-        expect_dtype(OP, "ids", self.ids, INDEX_DTYPES)?;
-        expect_dtype(OP, "out", self.out, ACT_DTYPES)?;
         let ts = expect_rank(OP, "table", self.table, 2, "[V, dim]")?;
         let (v, dim) = (ts[0], ts[1]);
         let is = expect_rank(OP, "ids", self.ids, 1, "[T]")?;
@@ -742,7 +962,14 @@ impl OpArgs for Embedding<'_> {
             tokens: t,
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.table.dtype(), self.ids.dtype(), self.out.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("table", self.table),
+            ("ids", self.ids),
+            ("out", &*self.out),
+        ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out)]
     }
 }

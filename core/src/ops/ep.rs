@@ -3,6 +3,7 @@
 //! `R` ranks, `E` experts; experts `[r·E/R, (r+1)·E/R)` live on rank `r`.
 //! The ops run on every rank at once with a [`Communicator`].
 
+use super::decl::*;
 use super::*;
 
 /// Which rank owns global expert `e`.
@@ -45,6 +46,7 @@ fn check_world(op: &'static str, num_experts: usize, world: usize) -> Result<()>
 impl OpArgs for GetDispatchLayout<'_> {
     type Dims = LayoutDims;
     const KIND: OpKind = OpKind::GetDispatchLayout;
+    const DECL: &'static OpDecl = &GET_DISPATCH_LAYOUT;
     fn validate(&self) -> Result<LayoutDims> {
         const OP: &str = "get_dispatch_layout";
         check_world(OP, self.num_experts, self.world_size)?;
@@ -105,6 +107,21 @@ impl OpArgs for GetDispatchLayout<'_> {
             self.is_token_in_rank.dtype(),
         ]
     }
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("topk_idx", self.topk_idx),
+            ("num_tokens_per_rank", &*self.num_tokens_per_rank),
+            ("num_tokens_per_expert", &*self.num_tokens_per_expert),
+            ("is_token_in_rank", &*self.is_token_in_rank),
+        ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![
+            ("num_tokens_per_rank", &mut *self.num_tokens_per_rank),
+            ("num_tokens_per_expert", &mut *self.num_tokens_per_expert),
+            ("is_token_in_rank", &mut *self.is_token_in_rank),
+        ]
+    }
 }
 
 /// Normal dispatch: every token goes once to every rank that holds one of
@@ -134,6 +151,7 @@ pub struct DispatchDims {
 impl OpArgs for Dispatch<'_> {
     type Dims = DispatchDims;
     const KIND: OpKind = OpKind::Dispatch;
+    const DECL: &'static OpDecl = &DISPATCH;
     fn validate(&self) -> Result<DispatchDims> {
         const OP: &str = "dispatch";
         let xs = expect_rank(OP, "x", self.x, 2, "[N, hidden]")?;
@@ -175,6 +193,20 @@ impl OpArgs for Dispatch<'_> {
         }
         v.extend([self.topk_idx.dtype(), self.topk_weights.dtype()]);
         v
+    }
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = vec![("x", self.x)];
+        if let Some(s) = self.x_scales {
+            v.push(("x_scales", s));
+        }
+        v.extend([
+            ("topk_idx", self.topk_idx),
+            ("topk_weights", self.topk_weights),
+        ]);
+        v
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        Vec::new()
     }
 }
 
@@ -231,6 +263,7 @@ pub struct CombineDims {
 impl OpArgs for Combine<'_> {
     type Dims = CombineDims;
     const KIND: OpKind = OpKind::Combine;
+    const DECL: &'static OpDecl = &COMBINE;
     fn validate(&self) -> Result<CombineDims> {
         const OP: &str = "combine";
         expect_dtype(OP, "x", self.x, &[DType::BF16, DType::F32])?;
@@ -259,6 +292,12 @@ impl OpArgs for Combine<'_> {
     fn dtypes(&self) -> Vec<DType> {
         vec![self.x.dtype(), self.out.dtype()]
     }
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("x", self.x), ("out", &*self.out)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out)]
+    }
 }
 
 /// Low-latency dispatch: each (token, expert) pair lands in a slot of the
@@ -286,6 +325,7 @@ pub struct LowLatencyDims {
 impl OpArgs for LowLatencyDispatch<'_> {
     type Dims = LowLatencyDims;
     const KIND: OpKind = OpKind::LowLatencyDispatch;
+    const DECL: &'static OpDecl = &LOW_LATENCY_DISPATCH;
     fn validate(&self) -> Result<LowLatencyDims> {
         const OP: &str = "low_latency_dispatch";
         // bf16 is DeepEP's payload; f32 serves deepport's f32 numerics mode (carried bit-exact).
@@ -318,6 +358,12 @@ impl OpArgs for LowLatencyDispatch<'_> {
     }
     fn dtypes(&self) -> Vec<DType> {
         vec![self.x.dtype(), self.topk_idx.dtype()]
+    }
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("x", self.x), ("topk_idx", self.topk_idx)]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        Vec::new()
     }
 }
 
@@ -364,6 +410,7 @@ pub struct LowLatencyCombine<'a> {
 impl OpArgs for LowLatencyCombine<'_> {
     type Dims = LowLatencyDims;
     const KIND: OpKind = OpKind::LowLatencyCombine;
+    const DECL: &'static OpDecl = &LOW_LATENCY_COMBINE;
     fn validate(&self) -> Result<LowLatencyDims> {
         const OP: &str = "low_latency_combine";
         let h = self.handle;
@@ -417,4 +464,144 @@ impl OpArgs for LowLatencyCombine<'_> {
             self.out.dtype(),
         ]
     }
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("x", self.x),
+            ("topk_idx", self.topk_idx),
+            ("topk_weights", self.topk_weights),
+            ("out", &*self.out),
+        ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out)]
+    }
 }
+
+// ---- declarations -----------------------------------------------------------
+//
+// The outputs of `dispatch` and `low_latency_dispatch` are allocated by the
+// backend and returned ([`DispatchOutput`], [`LowLatencyDispatchOutput`]);
+// they are declared here under the names the suite and `deepport op` give
+// them.
+
+const BF16_F32: &[DType] = &[DType::BF16, DType::F32];
+const I32_ONLY: &[DType] = &[DType::I32];
+const F32_ONLY: &[DType] = &[DType::F32];
+const EP_X: &[DType] = &[DType::BF16, DType::F32, DType::F8E4M3, DType::F8E4M3Fnuz];
+
+const NUM_EXPERTS: ParamDecl = param(
+    "num_experts",
+    ParamKind::Int,
+    "256",
+    "experts E over all ranks (a multiple of the rank count)",
+);
+
+const GET_DISPATCH_LAYOUT: OpDecl = OpDecl {
+    kind: OpKind::GetDispatchLayout,
+    summary:
+        "per-rank and per-expert token counts of a routing (DeepEP get_dispatch_layout, SPEC §7)",
+    tensors: &[
+        input(
+            "topk_idx",
+            INDEX_DTYPES,
+            "[N, k] i32/i64 expert ids, -1 = none",
+        ),
+        output("num_tokens_per_rank", I32_ONLY, "[R] i32"),
+        output("num_tokens_per_expert", I32_ONLY, "[E] i32"),
+        output("is_token_in_rank", &[DType::Bool], "[N, R] bool"),
+    ],
+    params: &[
+        NUM_EXPERTS,
+        param("world_size", ParamKind::Int, "8", "ranks R"),
+    ],
+};
+
+const DISPATCH: OpDecl = OpDecl {
+    kind: OpKind::Dispatch,
+    summary: "normal expert-parallel dispatch: each token once to every rank holding one of its experts (DeepEP V1, SPEC §7)",
+    tensors: &[
+        input("x", EP_X, "[N, hidden] bf16/f32, or e4m3 with x_scales"),
+        optional_input("x_scales", F32_ONLY, "[N, hidden/128] f32 scales of an e4m3 x"),
+        input("topk_idx", INDEX_DTYPES, "[N, k] i32/i64 expert ids, -1 = none"),
+        input("topk_weights", F32_ONLY, "[N, k] f32"),
+        output(
+            "recv_x",
+            EP_X,
+            "[num_recv, hidden] in x's dtype, grouped by source rank, source token order",
+        ),
+        output("recv_src", INDEX_DTYPES, "[num_recv, 2] (source rank, source token)"),
+        output(
+            "num_recv_tokens_per_expert",
+            INDEX_DTYPES,
+            "[E_local] rows per local expert, padded to expert_alignment",
+        ),
+        output(
+            "recv_topk_idx",
+            INDEX_DTYPES,
+            "[num_recv, k] i64 local expert ids, -1 where the expert is elsewhere",
+        ),
+        output("recv_topk_weights", F32_ONLY, "[num_recv, k] f32, 0 where the expert is elsewhere"),
+        optional_output("recv_scales", F32_ONLY, "[num_recv, hidden/128] f32, with an e4m3 x"),
+    ],
+    params: &[
+        NUM_EXPERTS,
+        param(
+            "expert_alignment",
+            ParamKind::Int,
+            "1",
+            "pad each num_recv_tokens_per_expert entry up to a multiple of this",
+        ),
+    ],
+};
+
+const COMBINE: OpDecl = OpDecl {
+    kind: OpKind::Combine,
+    summary: "normal expert-parallel combine: sum of a token's rows back on its rank, f32 accumulation (SPEC §7)",
+    tensors: &[
+        input("x", BF16_F32, "[num_recv, hidden] bf16/f32, rows in the dispatch's receive order"),
+        output("out", BF16_F32, "[N, hidden]"),
+    ],
+    params: &[],
+};
+
+const LOW_LATENCY_DISPATCH: OpDecl = OpDecl {
+    kind: OpKind::LowLatencyDispatch,
+    summary: "low-latency dispatch: each (token, expert) pair into a slot of the expert's buffer (SPEC §7)",
+    tensors: &[
+        input("x", BF16_F32, "[N, hidden] bf16/f32, N <= max_tokens_per_rank"),
+        input("topk_idx", INDEX_DTYPES, "[N, k] i32/i64 expert ids, -1 = none"),
+        output(
+            "recv_x",
+            EP_X,
+            "[E_local, max_tokens·R, hidden] x's dtype or e4m3 (use_fp8); slot order undefined",
+        ),
+        output("recv_count", I32_ONLY, "[E_local] i32 filled slots per local expert"),
+        optional_output(
+            "recv_scales",
+            F32_ONLY,
+            "[E_local, max_tokens·R, hidden/128] f32, with use_fp8",
+        ),
+    ],
+    params: &[
+        NUM_EXPERTS,
+        param("max_tokens_per_rank", ParamKind::Int, "128", "slots per source rank"),
+        param("use_fp8", ParamKind::Bool, "false", "quantize the payload to e4m3 (act_quant's rule)"),
+        param("ue8m0", ParamKind::Bool, "false", "with use_fp8: power-of-two scales"),
+    ],
+};
+
+const LOW_LATENCY_COMBINE: OpDecl = OpDecl {
+    kind: OpKind::LowLatencyCombine,
+    summary: "low-latency combine: out[t] = Σ_k w[t,k]·y_{e_k}[t], f32 accumulation (SPEC §7)",
+    tensors: &[
+        input(
+            "x",
+            BF16_F32,
+            "[E_local, max_tokens·R, hidden] expert outputs in dispatch slots",
+        ),
+        input("topk_idx", INDEX_DTYPES, "[N, k] i32/i64, as dispatched"),
+        input("topk_weights", F32_ONLY, "[N, k] f32"),
+        output("out", BF16_F32, "[N, hidden]"),
+    ],
+    params: &[],
+};

@@ -1,5 +1,6 @@
 //! Multi-head latent attention: paged decode (FlashMLA) and prefill.
 
+use super::decl::*;
 use super::*;
 
 /// MLA decode over a paged latent cache, FlashMLA dense-decode semantics
@@ -42,15 +43,61 @@ pub struct MlaDecodeDims {
 
 impl OpArgs for MlaDecode<'_> {
     type Dims = MlaDecodeDims;
-    const KIND: OpKind = OpKind::MlaDecode;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::MlaDecode,
+        summary: "MLA decode over a paged latent cache, FlashMLA semantics (SPEC §4)",
+        tensors: &[
+            input(
+                "q",
+                ACT_DTYPES,
+                "[b, s_q, h_q, d] bf16/f32/f16 (d = 576 for DeepSeek)",
+            ),
+            input(
+                "kcache",
+                ACT_DTYPES,
+                "[num_blocks, block_size, h_kv, d], converted to q's dtype; V = first head_dim_v channels",
+            ),
+            input(
+                "block_table",
+                &[DType::I32],
+                "[b, max_blocks] i32/i64 (used as i32)",
+            ),
+            input("cache_seqlens", &[DType::I32], "[b] i32/i64 (used as i32)"),
+            output(
+                "out",
+                ACT_DTYPES,
+                "[b, s_q, h_q, head_dim_v], bf16 when q is bf16, else f32",
+            ),
+            output(
+                "lse",
+                &[DType::F32],
+                "[b, h_q, s_q] f32, natural log; +inf for empty rows",
+            ),
+        ],
+        params: &[
+            computed(
+                "softmax_scale",
+                ParamKind::Float,
+                "d^-0.5, d = last dim of q",
+                "scale of q·kᵀ",
+            ),
+            param(
+                "causal",
+                ParamKind::Bool,
+                "false",
+                "bottom-right aligned causal mask (meaningful for s_q > 1)",
+            ),
+            param(
+                "head_dim_v",
+                ParamKind::Int,
+                "512",
+                "channels of V (the first of K)",
+            ),
+        ],
+    };
     fn validate(&self) -> Result<MlaDecodeDims> {
         const OP: &str = "mla_decode";
-        expect_dtype(OP, "q", self.q, ACT_DTYPES)?;
         expect_dtype(OP, "kcache", self.kcache, &[self.q.dtype()])?;
-        expect_dtype(OP, "block_table", self.block_table, &[DType::I32])?;
-        expect_dtype(OP, "cache_seqlens", self.cache_seqlens, &[DType::I32])?;
-        expect_dtype(OP, "out", self.out, ACT_DTYPES)?;
-        expect_dtype(OP, "lse", self.lse, &[DType::F32])?;
         let qs = expect_rank(OP, "q", self.q, 4, "[b, s_q, h_q, d]")?;
         let (b, s_q, h_q, d) = (qs[0], qs[1], qs[2], qs[3]);
         let ks = expect_rank(
@@ -109,15 +156,18 @@ impl OpArgs for MlaDecode<'_> {
             max_blocks,
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
         vec![
-            self.q.dtype(),
-            self.kcache.dtype(),
-            self.block_table.dtype(),
-            self.cache_seqlens.dtype(),
-            self.out.dtype(),
-            self.lse.dtype(),
+            ("q", self.q),
+            ("kcache", self.kcache),
+            ("block_table", self.block_table),
+            ("cache_seqlens", self.cache_seqlens),
+            ("out", &*self.out),
+            ("lse", &*self.lse),
         ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out), ("lse", &mut *self.lse)]
     }
 }
 
@@ -184,19 +234,43 @@ pub struct MlaPrefillDims {
 
 impl OpArgs for MlaPrefill<'_> {
     type Dims = MlaPrefillDims;
-    const KIND: OpKind = OpKind::MlaPrefill;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::MlaPrefill,
+        summary: "causal MLA prefill over a contiguous latent cache, naive or absorbed (SPEC §5)",
+        tensors: &[
+            input("q_nope", ACT_DTYPES, "[T, H, dn] f32/bf16/f16"),
+            input("q_pe", ACT_DTYPES, "[T, H, dr] (rope applied)"),
+            input("latent", ACT_DTYPES, "[S, dc] normalized latent c, S >= T"),
+            input("k_pe", ACT_DTYPES, "[S, dr] roped key shared by all heads"),
+            input(
+                "wkv_b",
+                ACT_DTYPES,
+                "[H·(dn + head_dim_v), dc] kv_b_proj: per head dn rows W_UK then head_dim_v rows W_UV",
+            ),
+            output(
+                "out",
+                ACT_DTYPES,
+                "[T, H, head_dim_v], bf16 when q_nope is bf16, else f32",
+            ),
+        ],
+        params: &[
+            computed(
+                "softmax_scale",
+                ParamKind::Float,
+                "(dn + dr)^-0.5",
+                "scale of the attention scores",
+            ),
+            param(
+                "form",
+                ParamKind::Choice(&["naive", "absorb"]),
+                "absorb",
+                "naive: expand kv_b_proj·c per head; absorb: fold W_UK/W_UV into q and out",
+            ),
+            param("head_dim_v", ParamKind::Int, "128", "V head dim dv"),
+        ],
+    };
     fn validate(&self) -> Result<MlaPrefillDims> {
         const OP: &str = "mla_prefill";
-        for (name, t) in [
-            ("q_nope", self.q_nope),
-            ("q_pe", self.q_pe),
-            ("latent", self.latent),
-            ("k_pe", self.k_pe),
-            ("wkv_b", self.wkv_b),
-        ] {
-            expect_dtype(OP, name, t, ACT_DTYPES)?;
-        }
-        expect_dtype(OP, "out", self.out, ACT_DTYPES)?;
         let qn = expect_rank(OP, "q_nope", self.q_nope, 3, "[T, H, dn]")?;
         let (t, h, dn) = (qn[0], qn[1], qn[2]);
         let qp = expect_rank(OP, "q_pe", self.q_pe, 3, "[T, H, dr]")?;
@@ -234,14 +308,17 @@ impl OpArgs for MlaPrefill<'_> {
             dv,
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
         vec![
-            self.q_nope.dtype(),
-            self.q_pe.dtype(),
-            self.latent.dtype(),
-            self.k_pe.dtype(),
-            self.wkv_b.dtype(),
-            self.out.dtype(),
+            ("q_nope", self.q_nope),
+            ("q_pe", self.q_pe),
+            ("latent", self.latent),
+            ("k_pe", self.k_pe),
+            ("wkv_b", self.wkv_b),
+            ("out", &*self.out),
         ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out)]
     }
 }

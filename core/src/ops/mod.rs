@@ -14,6 +14,7 @@
 //! inputs. Semantics of every op: `SPEC.md`.
 
 mod copy;
+pub mod decl;
 mod dense;
 mod ep;
 pub mod index;
@@ -21,6 +22,7 @@ mod mla;
 mod rows;
 
 pub use copy::*;
+pub use decl::{OpDecl, ParamDecl, ParamDefault, ParamKind, Role, TensorDecl};
 pub use dense::*;
 pub use ep::*;
 pub use mla::*;
@@ -39,91 +41,143 @@ pub const fn blocks128(x: usize) -> usize {
 /// The quantization block edge of DeepSeek's FP8 formats.
 pub const QBLOCK: usize = 128;
 
-/// Every op deepport knows, for capability queries and reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum OpKind {
-    ActQuant,
-    WeightDequant,
-    Fp8Gemm,
-    Fp8GroupedContiguous,
-    Fp8GroupedMasked,
-    Gemm,
-    MlaDecode,
-    MlaPrefill,
-    RmsNorm,
-    Rope,
-    MoeGate,
-    SiluMul,
-    Embedding,
-    Add,
-    CopyWindow,
-    GatherRows,
-    ReduceRows,
-    GetDispatchLayout,
-    Dispatch,
-    Combine,
-    LowLatencyDispatch,
-    LowLatencyCombine,
+// ---- the op list ----------------------------------------------------------
+//
+// Every op is listed once, below, as `Kind => method`: `Kind` is both the
+// `OpKind` variant and the argument struct, `method` is the `Backend` method
+// and the op's canonical name. `OpKind`, its names, `OpKind::decl`, the
+// `LocalOp` impls and the `Backend` defaults are generated from these two
+// lists; backends and wrappers forward every op with the same macros.
+
+/// Calls `$cb! { [extra tokens] Kind => method, ... }` with every local op
+/// (ops that run on one device with caller-allocated outputs), in catalogue
+/// order. Backends and wrapper backends use it to forward every op:
+///
+/// ```ignore
+/// macro_rules! forward {
+///     ([$inner:ident] $($kind:ident => $method:ident),* $(,)?) => {$(
+///         fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
+///             self.$inner.$method(op)
+///         }
+///     )*};
+/// }
+/// impl Backend for Wrapper {
+///     // ...
+///     deepport_core::for_each_local_op!(forward, inner);
+/// }
+/// ```
+#[macro_export]
+macro_rules! for_each_local_op {
+    ($cb:ident $(, $($extra:tt)*)?) => {
+        $cb! {
+            [$($($extra)*)?]
+            ActQuant => act_quant,
+            WeightDequant => weight_dequant,
+            Fp8Gemm => fp8_gemm,
+            Fp8GroupedContiguous => fp8_grouped_contiguous,
+            Fp8GroupedMasked => fp8_grouped_masked,
+            Gemm => gemm,
+            MlaDecode => mla_decode,
+            MlaPrefill => mla_prefill,
+            RmsNorm => rms_norm,
+            Rope => rope,
+            MoeGate => moe_gate,
+            SiluMul => silu_mul,
+            Embedding => embedding,
+            Add => add,
+            CopyWindow => copy_window,
+            GatherRows => gather_rows,
+            ReduceRows => reduce_rows,
+            GetDispatchLayout => get_dispatch_layout,
+        }
+    };
 }
 
-impl OpKind {
-    pub const ALL: [OpKind; 22] = [
-        OpKind::ActQuant,
-        OpKind::WeightDequant,
-        OpKind::Fp8Gemm,
-        OpKind::Fp8GroupedContiguous,
-        OpKind::Fp8GroupedMasked,
-        OpKind::Gemm,
-        OpKind::MlaDecode,
-        OpKind::MlaPrefill,
-        OpKind::RmsNorm,
-        OpKind::Rope,
-        OpKind::MoeGate,
-        OpKind::SiluMul,
-        OpKind::Embedding,
-        OpKind::Add,
-        OpKind::CopyWindow,
-        OpKind::GatherRows,
-        OpKind::ReduceRows,
-        OpKind::GetDispatchLayout,
-        OpKind::Dispatch,
-        OpKind::Combine,
-        OpKind::LowLatencyDispatch,
-        OpKind::LowLatencyCombine,
-    ];
-
-    /// Canonical snake_case name, used in case ids and reports.
-    pub const fn name(self) -> &'static str {
-        match self {
-            OpKind::ActQuant => "act_quant",
-            OpKind::WeightDequant => "weight_dequant",
-            OpKind::Fp8Gemm => "fp8_gemm",
-            OpKind::Fp8GroupedContiguous => "fp8_grouped_contiguous",
-            OpKind::Fp8GroupedMasked => "fp8_grouped_masked",
-            OpKind::Gemm => "gemm",
-            OpKind::MlaDecode => "mla_decode",
-            OpKind::MlaPrefill => "mla_prefill",
-            OpKind::RmsNorm => "rms_norm",
-            OpKind::Rope => "rope",
-            OpKind::MoeGate => "moe_gate",
-            OpKind::SiluMul => "silu_mul",
-            OpKind::Embedding => "embedding",
-            OpKind::Add => "add",
-            OpKind::CopyWindow => "copy_window",
-            OpKind::GatherRows => "gather_rows",
-            OpKind::ReduceRows => "reduce_rows",
-            OpKind::GetDispatchLayout => "get_dispatch_layout",
-            OpKind::Dispatch => "dispatch",
-            OpKind::Combine => "combine",
-            OpKind::LowLatencyDispatch => "low_latency_dispatch",
-            OpKind::LowLatencyCombine => "low_latency_combine",
+/// Calls `$cb! { [extra tokens] Kind => method, ... }` with every
+/// expert-parallel op (ops that run on every rank at once with a
+/// communicator; their `Backend` methods are written by hand).
+#[macro_export]
+macro_rules! for_each_ep_op {
+    ($cb:ident $(, $($extra:tt)*)?) => {
+        $cb! {
+            [$($($extra)*)?]
+            Dispatch => dispatch,
+            Combine => combine,
+            LowLatencyDispatch => low_latency_dispatch,
+            LowLatencyCombine => low_latency_combine,
         }
-    }
+    };
+}
 
+macro_rules! declare_kinds_with_local {
+    ([] $($local:ident => $lm:ident),* $(,)?) => {
+        $crate::for_each_ep_op!(declare_kinds, $($local => $lm),*);
+    };
+}
+
+macro_rules! declare_kinds {
+    ([$($local:ident => $lm:ident),*] $($ep:ident => $em:ident),* $(,)?) => {
+        /// Every op deepport knows, for capability queries and reports.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum OpKind {
+            $($local,)*
+            $($ep,)*
+        }
+
+        impl OpKind {
+            /// How many ops there are.
+            pub const COUNT: usize = [$(stringify!($local),)* $(stringify!($ep),)*].len();
+
+            /// Every op, local ops first, in catalogue order.
+            pub const ALL: [OpKind; Self::COUNT] = [$(OpKind::$local,)* $(OpKind::$ep,)*];
+
+            /// Canonical snake_case name, used in case ids and reports.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(OpKind::$local => stringify!($lm),)*
+                    $(OpKind::$ep => stringify!($em),)*
+                }
+            }
+
+            /// The op's declaration: tensors, parameters, help.
+            pub const fn decl(self) -> &'static OpDecl {
+                match self {
+                    $(OpKind::$local => <$local<'static> as OpArgs>::DECL,)*
+                    $(OpKind::$ep => <$ep<'static> as OpArgs>::DECL,)*
+                }
+            }
+
+            /// Whether the op runs on one device ([`LocalOp`]) rather than on
+            /// every rank of an expert-parallel group.
+            pub const fn is_local(self) -> bool {
+                match self {
+                    $(OpKind::$local => true,)*
+                    $(OpKind::$ep => false,)*
+                }
+            }
+        }
+
+        $(impl LocalOp for $local<'_> {
+            fn launch(op: &mut Checked<Self>, backend: &dyn Backend) -> Result<()> {
+                check_launch(backend, op.args_mut())?;
+                backend.$lm(op)
+            }
+        })*
+    };
+}
+
+crate::for_each_local_op!(declare_kinds_with_local);
+
+impl OpKind {
     /// Parses a snake_case or kebab-case name.
     pub fn parse(s: &str) -> Option<OpKind> {
         let s = s.replace('-', "_");
         OpKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// The command-line name (kebab-case).
+    pub fn cli_name(self) -> String {
+        self.name().replace('_', "-")
     }
 }
 
@@ -137,17 +191,45 @@ impl std::fmt::Display for OpKind {
 pub trait OpArgs: Sized {
     /// Dimensions derived during validation, handed to the backend.
     type Dims: Clone + std::fmt::Debug;
-    const KIND: OpKind;
-    /// Checks shapes, dtypes and parameters.
+    /// The op's declaration (tensors, parameters, help), written next to
+    /// its argument struct.
+    const DECL: &'static OpDecl;
+    const KIND: OpKind = Self::DECL.kind;
+    /// Checks shapes, dtypes and parameters beyond what the declaration
+    /// says (declared dtypes are checked by [`OpArgs::check`] first).
     fn validate(&self) -> Result<Self::Dims>;
+    /// The tensor arguments by their declared names, inputs then outputs,
+    /// in declaration order (an absent optional tensor is left out; an
+    /// in-place tensor appears once).
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)>;
+    /// The output tensors, writable, by their declared names.
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)>;
     /// The dtypes of the tensor arguments, inputs then outputs, as
     /// [`Backend::supports`] receives them.
-    fn dtypes(&self) -> Vec<DType>;
-    /// Validates and wraps.
+    fn dtypes(&self) -> Vec<DType> {
+        self.tensors().iter().map(|(_, t)| t.dtype()).collect()
+    }
+    /// Checks the declared dtypes, validates and wraps.
     fn check(self) -> Result<Checked<Self>> {
+        check_declared(Self::DECL, &self.tensors())?;
         let dims = self.validate()?;
         Ok(Checked { args: self, dims })
     }
+}
+
+/// Checks each tensor against its declaration: the name is declared and its
+/// dtype is one of the declared ones.
+pub fn check_declared(decl: &OpDecl, tensors: &[(&'static str, &Tensor)]) -> Result<()> {
+    let op = decl.name();
+    for &(name, t) in tensors {
+        let Some(d) = decl.tensor(name) else {
+            return Err(Error::Other(format!(
+                "internal: {op} has no declared tensor `{name}`"
+            )));
+        };
+        expect_dtype(op, d.name, t, d.dtypes)?;
+    }
+    Ok(())
 }
 
 /// Op arguments that passed validation, with their dimensions. Only
@@ -199,8 +281,8 @@ pub fn dispatch(
     comm: &dyn Communicator,
     op: Dispatch<'_>,
 ) -> Result<DispatchOutput> {
-    let c = op.check()?;
-    check_owner(backend, Dispatch::KIND, c.args().x)?;
+    let mut c = op.check()?;
+    check_launch(backend, c.args_mut())?;
     match backend.native_dispatch(comm, &c)? {
         Some(out) => Ok(out),
         None => crate::ep::dispatch(backend, comm, &c),
@@ -210,7 +292,7 @@ pub fn dispatch(
 /// Validates and runs a normal combine (native or core's protocol).
 pub fn combine(backend: &dyn Backend, comm: &dyn Communicator, op: Combine<'_>) -> Result<()> {
     let mut c = op.check()?;
-    check_owner(backend, Combine::KIND, c.args().x)?;
+    check_launch(backend, c.args_mut())?;
     match backend.native_combine(comm, &mut c)? {
         Some(()) => Ok(()),
         None => crate::ep::combine(backend, comm, &mut c),
@@ -223,8 +305,8 @@ pub fn low_latency_dispatch(
     comm: &dyn Communicator,
     op: LowLatencyDispatch<'_>,
 ) -> Result<LowLatencyDispatchOutput> {
-    let c = op.check()?;
-    check_owner(backend, LowLatencyDispatch::KIND, c.args().x)?;
+    let mut c = op.check()?;
+    check_launch(backend, c.args_mut())?;
     match backend.native_low_latency_dispatch(comm, &c)? {
         Some(out) => Ok(out),
         None => crate::ep::low_latency_dispatch(backend, comm, &c),
@@ -238,54 +320,39 @@ pub fn low_latency_combine(
     op: LowLatencyCombine<'_>,
 ) -> Result<()> {
     let mut c = op.check()?;
-    check_owner(backend, LowLatencyCombine::KIND, c.args().x)?;
+    check_launch(backend, c.args_mut())?;
     match backend.native_low_latency_combine(comm, &mut c)? {
         Some(()) => Ok(()),
         None => crate::ep::low_latency_combine(backend, comm, &mut c),
     }
 }
 
-/// Fails unless `t` belongs to `backend`'s instance.
-pub fn check_owner(backend: &dyn Backend, op: OpKind, t: &Tensor) -> Result<()> {
-    t.check_owner(backend.instance(), backend.name())
-        .map_err(|e| match e {
-            Error::ForeignTensor { owner, backend } => Error::ForeignTensor {
-                owner,
-                backend: format!("{backend} (running {op})"),
-            },
-            e => e,
-        })
-}
-
-macro_rules! local_ops {
-    ($($ty:ident => $method:ident),* $(,)?) => {
-        $(impl LocalOp for $ty<'_> {
-            fn launch(op: &mut Checked<Self>, backend: &dyn Backend) -> Result<()> {
-                backend.$method(op)
-            }
-        })*
-    };
-}
-
-local_ops! {
-    ActQuant => act_quant,
-    WeightDequant => weight_dequant,
-    Fp8Gemm => fp8_gemm,
-    Fp8GroupedContiguous => fp8_grouped_contiguous,
-    Fp8GroupedMasked => fp8_grouped_masked,
-    Gemm => gemm,
-    MlaDecode => mla_decode,
-    MlaPrefill => mla_prefill,
-    RmsNorm => rms_norm,
-    Rope => rope,
-    MoeGate => moe_gate,
-    SiluMul => silu_mul,
-    Embedding => embedding,
-    Add => add,
-    CopyWindow => copy_window,
-    GatherRows => gather_rows,
-    ReduceRows => reduce_rows,
-    GetDispatchLayout => get_dispatch_layout,
+/// What core checks at every launch, for every backend: each tensor of the
+/// op belongs to this backend instance ([`Error::ForeignTensor`] otherwise,
+/// never a read of another device's memory), and no output is a view
+/// (views are read-only).
+pub fn check_launch<A: OpArgs>(backend: &dyn Backend, args: &mut A) -> Result<()> {
+    let op = A::DECL.name();
+    for (name, t) in args.tensors() {
+        t.check_owner(backend.instance(), backend.name())
+            .map_err(|e| match e {
+                Error::ForeignTensor { owner, backend } => Error::ForeignTensor {
+                    owner,
+                    backend: format!("{backend} (argument `{name}` of {op})"),
+                },
+                e => e,
+            })?;
+    }
+    for (name, t) in args.outputs_mut() {
+        if t.is_view() {
+            return Err(Error::invalid(
+                A::DECL.kind.name(),
+                name,
+                "is a view; views are read-only, an output must own its memory",
+            ));
+        }
+    }
+    Ok(())
 }
 
 // ---- validation helpers -------------------------------------------------

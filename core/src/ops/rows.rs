@@ -4,6 +4,7 @@
 //! one of these two ops, so a backend that has them gets every
 //! expert-parallel op from core.
 
+use super::decl::*;
 use super::*;
 
 /// `dst[i] = src[index[i]]` for every row `i` (a row is everything after
@@ -39,7 +40,16 @@ fn rows_of(t: &Tensor) -> (usize, usize) {
 
 impl OpArgs for GatherRows<'_> {
     type Dims = GatherDims;
-    const KIND: OpKind = OpKind::GatherRows;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::GatherRows,
+        summary: "dst[i] = src[index[i]] row by row (−1: a zero row), bit-exact; packs and places expert-parallel payloads",
+        tensors: &[
+            input("src", &DType::ALL, "[S, ...] any dtype; a row is everything after the first dim"),
+            input("index", INDEX_DTYPES, "[M] i32/i64 in [0, S) or −1"),
+            output("dst", &DType::ALL, "[M, ...] src's dtype and row shape"),
+        ],
+        params: &[],
+    };
     fn validate(&self) -> Result<GatherDims> {
         const OP: &str = "gather_rows";
         ensure(!self.src.shape().is_empty(), OP, "src", || {
@@ -58,8 +68,15 @@ impl OpArgs for GatherRows<'_> {
             row,
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        vec![self.src.dtype(), self.index.dtype(), self.dst.dtype()]
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("src", self.src),
+            ("index", self.index),
+            ("dst", &*self.dst),
+        ]
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("dst", &mut *self.dst)]
     }
 }
 
@@ -93,7 +110,17 @@ pub struct ReduceDims {
 
 impl OpArgs for ReduceRows<'_> {
     type Dims = ReduceDims;
-    const KIND: OpKind = OpKind::ReduceRows;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::ReduceRows,
+        summary: "out[t] = Σ_j w[t,j]·src[index[t,j]] in j order (−1 skipped), f32 or wider, one rounding; the expert-parallel combines",
+        tensors: &[
+            input("src", &[DType::BF16, DType::F32], "[S, h] bf16/f32"),
+            input("index", INDEX_DTYPES, "[N, K] i32/i64 in [0, S) or −1"),
+            optional_input("weights", &[DType::F32], "[N, K] f32 (absent: every weight is 1)"),
+            output("out", &[DType::BF16, DType::F32], "[N, h] bf16/f32"),
+        ],
+        params: &[param("out_dtype", super::dense::OUT_BF16_F32, "bf16", "dtype of out")],
+    };
     fn validate(&self) -> Result<ReduceDims> {
         const OP: &str = "reduce_rows";
         expect_dtype(OP, "src", self.src, &[DType::BF16, DType::F32])?;
@@ -115,12 +142,15 @@ impl OpArgs for ReduceRows<'_> {
             hidden,
         })
     }
-    fn dtypes(&self) -> Vec<DType> {
-        let mut v = vec![self.src.dtype(), self.index.dtype()];
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = vec![("src", self.src), ("index", self.index)];
         if let Some(w) = self.weights {
-            v.push(w.dtype());
+            v.push(("weights", w));
         }
-        v.push(self.out.dtype());
+        v.push(("out", &*self.out));
         v
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("out", &mut *self.out)]
     }
 }

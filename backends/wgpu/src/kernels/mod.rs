@@ -30,13 +30,17 @@ use deepport_core::comm::Communicator;
 use deepport_core::ops::*;
 use deepport_core::{DType, Result};
 
+/// The table's fields: one per local op (from core's op list) plus the
+/// expert-parallel ops, written out here.
 macro_rules! op_table {
-    ($($field:ident : $kind:ident => $ty:ty),* $(,)?) => {
+    ([$($ep_field:ident : $ep_kind:ident => $ep_ty:ty),* $(,)?]
+     $($kind:ident => $field:ident),* $(,)?) => {
         /// The ops this backend implements: one function per op, `None`
         /// where it is not written yet, plus optional dtype restrictions.
         #[derive(Default)]
         pub(crate) struct OpTable {
-            $(pub(crate) $field: Option<$ty>,)*
+            $(pub(crate) $field: Option<fn(&Wgpu, &mut Checked<$kind<'_>>) -> Result<()>>,)*
+            $(pub(crate) $ep_field: Option<$ep_ty>,)*
             /// Extra dtype rules: `(op, check)`; the first `NotSupported`
             /// answer wins.
             pub(crate) restrict: Vec<(OpKind, fn(&[DType]) -> Support)>,
@@ -46,34 +50,15 @@ macro_rules! op_table {
             fn has(&self, op: OpKind) -> bool {
                 match op {
                     $(OpKind::$kind => self.$field.is_some(),)*
+                    $(OpKind::$ep_kind => self.$ep_field.is_some(),)*
                 }
             }
         }
     };
 }
 
-op_table! {
-    act_quant: ActQuant => fn(&Wgpu, &mut Checked<ActQuant<'_>>) -> Result<()>,
-    weight_dequant: WeightDequant => fn(&Wgpu, &mut Checked<WeightDequant<'_>>) -> Result<()>,
-    fp8_gemm: Fp8Gemm => fn(&Wgpu, &mut Checked<Fp8Gemm<'_>>) -> Result<()>,
-    fp8_grouped_contiguous: Fp8GroupedContiguous =>
-        fn(&Wgpu, &mut Checked<Fp8GroupedContiguous<'_>>) -> Result<()>,
-    fp8_grouped_masked: Fp8GroupedMasked =>
-        fn(&Wgpu, &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()>,
-    gemm: Gemm => fn(&Wgpu, &mut Checked<Gemm<'_>>) -> Result<()>,
-    mla_decode: MlaDecode => fn(&Wgpu, &mut Checked<MlaDecode<'_>>) -> Result<()>,
-    mla_prefill: MlaPrefill => fn(&Wgpu, &mut Checked<MlaPrefill<'_>>) -> Result<()>,
-    rms_norm: RmsNorm => fn(&Wgpu, &mut Checked<RmsNorm<'_>>) -> Result<()>,
-    rope: Rope => fn(&Wgpu, &mut Checked<Rope<'_>>) -> Result<()>,
-    moe_gate: MoeGate => fn(&Wgpu, &mut Checked<MoeGate<'_>>) -> Result<()>,
-    silu_mul: SiluMul => fn(&Wgpu, &mut Checked<SiluMul<'_>>) -> Result<()>,
-    embedding: Embedding => fn(&Wgpu, &mut Checked<Embedding<'_>>) -> Result<()>,
-    add: Add => fn(&Wgpu, &mut Checked<Add<'_>>) -> Result<()>,
-    copy_window: CopyWindow => fn(&Wgpu, &mut Checked<CopyWindow<'_>>) -> Result<()>,
-    get_dispatch_layout: GetDispatchLayout =>
-        fn(&Wgpu, &mut Checked<GetDispatchLayout<'_>>) -> Result<()>,
-    gather_rows: GatherRows => fn(&Wgpu, &mut Checked<GatherRows<'_>>) -> Result<()>,
-    reduce_rows: ReduceRows => fn(&Wgpu, &mut Checked<ReduceRows<'_>>) -> Result<()>,
+deepport_core::for_each_local_op!(
+    op_table,
     dispatch: Dispatch =>
         fn(&Wgpu, &dyn Communicator, &Checked<Dispatch<'_>>) -> Result<DispatchOutput>,
     combine: Combine => fn(&Wgpu, &dyn Communicator, &mut Checked<Combine<'_>>) -> Result<()>,
@@ -82,7 +67,7 @@ op_table! {
             -> Result<LowLatencyDispatchOutput>,
     low_latency_combine: LowLatencyCombine =>
         fn(&Wgpu, &dyn Communicator, &mut Checked<LowLatencyCombine<'_>>) -> Result<()>,
-}
+);
 
 impl OpTable {
     /// What `Backend::supports` answers.
