@@ -17,110 +17,25 @@
 //! Without an adapter every test prints why and passes, unless
 //! `DEEPPORT_REQUIRE` names `wgpu`: then unavailability fails the test.
 
-use deepport_core::backend::{alloc_poisoned, Backend, Support, Tensor};
+use deepport_core::backend::{Backend, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor};
 use deepport_cpu::CpuRef;
 use deepport_wgpu::{Wgpu, WgpuOptions};
-use std::sync::OnceLock;
+
+mod common;
+use common::{both, down, host, make, poisoned, shared, ulp, up, Rng};
+
+/// This file's PRNG streams.
+fn rng(seed: u64) -> Rng {
+    Rng::salted(seed, 0x1234_5678)
+}
 
 // ---- harness ------------------------------------------------------------------
-
-fn required() -> bool {
-    std::env::var("DEEPPORT_REQUIRE")
-        .map(|v| v.split(',').any(|s| s.trim() == "wgpu"))
-        .unwrap_or(false)
-}
-
-fn make(opts: WgpuOptions) -> Option<Wgpu> {
-    match Wgpu::with_options(opts) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                !required(),
-                "DEEPPORT_REQUIRE names wgpu, but it is unavailable: {e}"
-            );
-            assert!(
-                matches!(e, Error::Unavailable { .. }),
-                "probing must fail with Unavailable, got {e:?}"
-            );
-            eprintln!("skipping: wgpu unavailable: {e}");
-            None
-        }
-    }
-}
-
-/// The backend shared by tests that cannot produce deferred errors.
-fn shared() -> Option<&'static Wgpu> {
-    static B: OnceLock<Option<Wgpu>> = OnceLock::new();
-    B.get_or_init(|| make(WgpuOptions::default())).as_ref()
-}
 
 /// A backend of its own (for tests whose errors must not leak into others).
 fn own(opts: WgpuOptions) -> Option<Wgpu> {
     make(opts)
-}
-
-/// splitmix64 with Box–Muller normals.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x1234_5678)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-    fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.normal() * scale).collect()
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn host(dtype: DType, shape: &[usize], v: &[f32]) -> HostTensor {
-    HostTensor::from_f32(dtype, shape, v)
-}
-
-fn up(b: &dyn Backend, h: &HostTensor) -> Tensor {
-    b.upload(h).expect("upload")
-}
-
-fn poisoned(b: &dyn Backend, dtype: DType, shape: &[usize]) -> Tensor {
-    alloc_poisoned(b, dtype, shape).expect("alloc")
-}
-
-fn down(b: &dyn Backend, t: &Tensor) -> HostTensor {
-    b.download(t).expect("download")
-}
-
-/// One ulp of `dtype` at |x| (the spacing of its values there).
-fn ulp(dtype: DType, x: f32) -> f64 {
-    let (man, min_exp) = match dtype {
-        DType::BF16 => (7, -126),
-        DType::F16 => (10, -14),
-        _ => (23, -126),
-    };
-    let a = (x as f64).abs();
-    let e = if a == 0.0 {
-        min_exp
-    } else {
-        (a.log2().floor() as i32).max(min_exp)
-    };
-    2f64.powi(e - man)
 }
 
 /// Elementwise comparison: NaN positions and infinities must match exactly;
@@ -281,7 +196,7 @@ fn roundtrip_odd_sizes_and_write() {
         (DType::Bool, 6),
         (DType::F32, 0),
     ] {
-        let mut rng = Rng::new(n as u64);
+        let mut rng = rng(n as u64);
         let bytes: Vec<u8> = (0..n * dt.size()).map(|_| rng.next() as u8).collect();
         let h = HostTensor::from_bytes(dt, &[n], bytes).unwrap();
         let mut t = up(w, &h);
@@ -501,7 +416,7 @@ fn every_op_beyond_the_binding_limit() {
     }) else {
         return;
     };
-    let mut rng = Rng::new(13);
+    let mut rng = rng(13);
     // act_quant: x 200 × 128 bf16 (51 KiB).
     let x = host(
         DType::BF16,
@@ -756,26 +671,6 @@ fn long_batches_without_sync() {
 
 // ---- running an op on both backends ------------------------------------------------
 
-/// Uploads `inputs` to `b`, runs `f` (which allocates poisoned outputs) and
-/// downloads the outputs.
-fn on<F>(b: &dyn Backend, inputs: &[&HostTensor], f: F) -> Vec<HostTensor>
-where
-    F: Fn(&dyn Backend, &[Tensor]) -> Vec<Tensor>,
-{
-    let ts: Vec<Tensor> = inputs.iter().map(|h| up(b, h)).collect();
-    let outs = f(b, &ts);
-    outs.iter().map(|t| down(b, t)).collect()
-}
-
-fn both<F>(w: &Wgpu, inputs: &[&HostTensor], f: F) -> (Vec<HostTensor>, Vec<HostTensor>)
-where
-    F: Fn(&dyn Backend, &[Tensor]) -> Vec<Tensor>,
-{
-    let got = on(w, inputs, &f);
-    let want = on(&CpuRef, inputs, &f);
-    (got, want)
-}
-
 // ---- act_quant ------------------------------------------------------------------
 
 /// `max_exp` bounds the spread so that f16 inputs stay finite.
@@ -812,7 +707,7 @@ fn act_quant_inputs(rng: &mut Rng, m: usize, k: usize, max_exp: i32) -> Vec<f32>
 #[test]
 fn act_quant_is_bit_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(1);
+    let mut rng = rng(1);
     for (m, k, xd, qd, sf) in [
         (
             37usize,
@@ -893,7 +788,7 @@ fn act_quant_rejects_non_finite_input() {
 #[test]
 fn weight_dequant_is_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(2);
+    let mut rng = rng(2);
     for (n, k, wd, od) in [
         (300usize, 200usize, DType::F8E4M3, DType::BF16),
         (130, 257, DType::F8E4M3Fnuz, DType::F32),
@@ -933,7 +828,7 @@ fn weight_dequant_is_exact() {
 #[test]
 fn gemm_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(3);
+    let mut rng = rng(3);
     for (m, n, k, ad, bd, od) in [
         (
             33usize,
@@ -991,7 +886,7 @@ fn gemm_matches_reference() {
 #[test]
 fn rms_norm_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(4);
+    let mut rng = rng(4);
     for (rows, dim, xd, wd, yd, eps) in [
         (
             7usize,
@@ -1058,7 +953,7 @@ fn yarn(factor: f32, theta: f32, mscale: f32, beta: (f32, f32)) -> RopeConfig {
 #[test]
 fn rope_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(5);
+    let mut rng = rng(5);
     type Case = (Vec<usize>, DType, DType, DType, Vec<i64>, RopeConfig);
     let cases: Vec<Case> = vec![
         (
@@ -1202,7 +1097,7 @@ fn rope_rejects_negative_positions() {
 #[test]
 fn silu_mul_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(6);
+    let mut rng = rng(6);
     for (shape, gd, ud, od) in [
         (
             vec![9usize, 200usize],
@@ -1257,7 +1152,7 @@ fn silu_mul_matches_reference() {
 #[test]
 fn add_is_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(7);
+    let mut rng = rng(7);
     for (shape, ad, bd, od) in [
         (
             vec![13usize, 70usize],
@@ -1310,7 +1205,7 @@ fn add_beyond_65535_workgroups() {
     // the one rounding cpu-ref makes for an f32 output).
     let Some(w) = shared() else { return };
     let n = (1usize << 24) + 1000;
-    let mut rng = Rng::new(8);
+    let mut rng = rng(8);
     let av: Vec<f32> = (0..n)
         .map(|i| (i % 1000) as f32 * 0.5 + rng.normal())
         .collect();
@@ -1340,7 +1235,7 @@ fn add_beyond_65535_workgroups() {
 #[test]
 fn embedding_is_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(9);
+    let mut rng = rng(9);
     for (vocab, dim, tokens, td, idd, od) in [
         (
             50usize,
@@ -1456,12 +1351,131 @@ fn embedding_out_of_range_is_an_error() {
     assert_eq!(down(&w, &out).to_f32_vec(), vec![3.0, 4.0]);
 }
 
+/// A device-side index error (an out-of-range token id in `embedding`) is
+/// reported by the next `download` *or* `synchronize`, whatever is
+/// downloaded and whatever was recorded in between: never lost, and
+/// reported once. (`heavy.rs`'s `mla_decode_bad_indices_are_errors` does
+/// the same for out-of-range block-table entries.)
+#[test]
+fn deferred_index_errors_are_reported_never_lost() {
+    let Some(w) = own(WgpuOptions::default()) else {
+        return;
+    };
+    let table = up(
+        &w,
+        &host(
+            DType::F32,
+            &[4, 2],
+            &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],
+        ),
+    );
+    let bad = up(&w, &HostTensor::from_i64(&[3], &[1, 9, 2]));
+    let one = up(&w, &host(DType::F32, &[2], &[1.0, 1.0]));
+    let embed = |out: &mut Tensor| {
+        run(
+            &w,
+            Embedding {
+                table: &table,
+                ids: &bad,
+                out,
+            },
+        )
+        .expect("the op call itself does not wait for the device")
+    };
+    let expect_bad = |e: Error, when: &str| match e {
+        Error::IndexOutOfRange {
+            op,
+            arg,
+            position,
+            value,
+            range,
+        } => {
+            assert_eq!((op, arg), ("embedding", "ids"), "{when}");
+            assert_eq!(position, vec![1], "{when}");
+            assert_eq!(value, 9, "{when}");
+            assert_eq!(range, "[0, 4)", "{when}");
+        }
+        other => panic!("{when}: expected IndexOutOfRange, got {other:?}"),
+    };
+    let mut out = poisoned(&w, DType::F32, &[3, 2]);
+
+    // 1. At the next synchronize; then nothing stale.
+    embed(&mut out);
+    expect_bad(w.synchronize().unwrap_err(), "synchronize");
+    w.synchronize().expect("reported once");
+
+    // 2. At the next download, even of a tensor the op did not touch.
+    embed(&mut out);
+    expect_bad(w.download(&one).unwrap_err(), "download of another tensor");
+    assert_eq!(down(&w, &one).to_f32_vec(), vec![1.0, 1.0]);
+
+    // 3. Behind a long batch (submitted without waiting, parameter arena
+    //    wrapped) and a write: still reported at the next synchronize.
+    embed(&mut out);
+    let mut acc = up(&w, &host(DType::F32, &[2], &[0.0, 0.0]));
+    for _ in 0..1100 {
+        let mut next = w.alloc(DType::F32, &[2]).unwrap();
+        run(
+            &w,
+            Add {
+                a: &acc,
+                b: &one,
+                out: &mut next,
+            },
+        )
+        .unwrap();
+        acc = next;
+    }
+    let mut spare = w.alloc(DType::F32, &[2]).unwrap();
+    w.write(&mut spare, &host(DType::F32, &[2], &[3.0, 4.0]))
+        .expect("a write does not settle the batch");
+    expect_bad(
+        w.synchronize().unwrap_err(),
+        "synchronize after 1100 ops and a write",
+    );
+    assert_eq!(down(&w, &acc).to_f32_vec(), vec![1100.0, 1100.0]);
+    assert_eq!(down(&w, &spare).to_f32_vec(), vec![3.0, 4.0]);
+
+    // 4. More checking ops than status slots before any wait: the earlier
+    //    ops are settled when the slots run out, and the error comes back
+    //    from that op call rather than being dropped.
+    embed(&mut out);
+    let good = up(&w, &HostTensor::from_i64(&[3], &[0, 1, 2]));
+    let mut settled = None;
+    for i in 0..1100 {
+        let res = run(
+            &w,
+            Embedding {
+                table: &table,
+                ids: &good,
+                out: &mut out,
+            },
+        );
+        if let Err(e) = res {
+            settled = Some((i, e));
+            break;
+        }
+    }
+    match settled {
+        Some((_, e)) => expect_bad(e, "op call that ran out of status slots"),
+        None => expect_bad(
+            w.synchronize().unwrap_err(),
+            "synchronize after 1100 checks",
+        ),
+    }
+    w.synchronize().expect("reported once");
+    assert_eq!(
+        down(&w, &out).to_f32_vec(),
+        vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    );
+}
+
 // ---- copy_window -----------------------------------------------------------------
 
 #[test]
 fn copy_window_is_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(10);
+    let mut rng = rng(10);
     type Case = (
         Vec<usize>,
         DType,
@@ -1621,7 +1635,7 @@ fn moe_near_ties(
 #[test]
 fn moe_gate_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(11);
+    let mut rng = rng(11);
     for (t, e, dim, ng, tg, k, scale, dt, idd, with_bias) in [
         (
             20usize,
@@ -1767,7 +1781,7 @@ fn every_op_with_split_dispatches() {
         return;
     };
     assert_eq!(w.max_workgroups_per_dim(), 4);
-    let mut rng = Rng::new(12);
+    let mut rng = rng(12);
     // act_quant: 10 × 3 = 30 workgroups.
     let x = host(
         DType::BF16,
