@@ -23,7 +23,9 @@ use deepport_wgpu::{Wgpu, WgpuOptions};
 use std::time::Instant;
 
 mod common;
-use common::{both, calc_diff, down, host, make, on, poisoned, shared, ulp, up, Rng};
+use common::{
+    assert_index_error, both, calc_diff, down, host, make, on, poisoned, shared, ulp, up, Rng,
+};
 
 /// This file's PRNG streams.
 fn rng(seed: u64) -> Rng {
@@ -324,20 +326,14 @@ fn fp8_grouped_contiguous_bad_index_is_an_error() {
             },
         )
         .expect("recording succeeds; the error is deferred");
-        match w.download(&d).unwrap_err() {
-            Error::IndexOutOfRange {
-                op,
-                arg,
-                position,
-                value,
-                ..
-            } => {
-                assert_eq!((op, arg), ("fp8_grouped_contiguous", "m_indices"));
-                assert_eq!(position, vec![pos]);
-                assert_eq!(value, val);
-            }
-            other => panic!("expected IndexOutOfRange, got {other:?}"),
-        }
+        assert_index_error(
+            "fp8_grouped_contiguous",
+            w.download(&d).unwrap_err(),
+            ("fp8_grouped_contiguous", "m_indices"),
+            &[pos],
+            val,
+            None,
+        );
     }
     // The backend keeps working afterwards.
     w.synchronize().expect("no stale error");
@@ -440,21 +436,14 @@ fn fp8_grouped_masked_bad_count_is_an_error() {
             },
         )
         .expect("recording succeeds; the error is deferred");
-        match w.download(&d).unwrap_err() {
-            Error::IndexOutOfRange {
-                op,
-                arg,
-                position,
-                value,
-                range,
-            } => {
-                assert_eq!((op, arg), ("fp8_grouped_masked", "masked_m"));
-                assert_eq!(position, vec![pos]);
-                assert_eq!(value, val);
-                assert_eq!(range, "[0, 17)");
-            }
-            other => panic!("expected IndexOutOfRange, got {other:?}"),
-        }
+        assert_index_error(
+            "fp8_grouped_masked",
+            w.download(&d).unwrap_err(),
+            ("fp8_grouped_masked", "masked_m"),
+            &[pos],
+            val,
+            Some("[0, 17)"),
+        );
     }
     w.synchronize().expect("no stale error");
 }
@@ -781,20 +770,14 @@ fn mla_decode_bad_indices_are_errors() {
         } else {
             w.synchronize()
         };
-        match reported.unwrap_err() {
-            Error::IndexOutOfRange {
-                op,
-                arg: a,
-                position,
-                value,
-                ..
-            } => {
-                assert_eq!((op, a), ("mla_decode", arg));
-                assert_eq!(position, pos, "{arg}");
-                assert_eq!(value, val, "{arg}");
-            }
-            other => panic!("expected IndexOutOfRange on {arg}, got {other:?}"),
-        }
+        assert_index_error(
+            arg,
+            reported.unwrap_err(),
+            ("mla_decode", arg),
+            &pos,
+            val,
+            None,
+        );
         // cpu-ref agrees on the argument.
         let ct: Vec<Tensor> = [&x.q, &x.kcache, &bt, &sl]
             .iter()

@@ -30,7 +30,12 @@ impl Storage for WgpuStorage {
     }
 }
 
-/// The buffer of a wgpu tensor (fails for another backend's tensor).
+/// The buffer of a wgpu tensor (fails for another backend's tensor): where
+/// every kernel looks a tensor's storage up. The byte range bound for it is
+/// decided in one place, [`Ctx::binding`] (whole buffer, or a [`Win`] of
+/// rows); a tensor view will add its byte offset there.
+///
+/// [`Win`]: super::Win
 pub(crate) fn buffer(t: &Tensor) -> Result<&wgpu::Buffer> {
     Ok(&t.storage::<WgpuStorage>(BACKEND)?.buffer)
 }

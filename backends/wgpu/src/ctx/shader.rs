@@ -482,18 +482,10 @@ impl Ctx {
     /// Compiles a WGSL kernel outside the cache (test hook).
     pub(crate) fn compile_only(&self, name: &str, body: &str) -> Result<()> {
         self.check_alive("compile")?;
-        let source =
-            format!("@group(0) @binding(0) var<uniform> P: Params;\n{COMMON_WGSL}\n{body}");
-        let entries = [wgpu::BindGroupLayoutEntry {
-            binding: 0,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        }];
+        // A shader without bindings: the uniform block and the constants.
+        let bare = Shader::new("compile", "");
+        let source = format!("{}\n{COMMON_WGSL}\n{body}", bare.header()?);
+        let entries = bare.layout_entries();
         self.compile("compile", name, &source, &entries).map(|_| ())
     }
 }

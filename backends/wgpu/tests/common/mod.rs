@@ -163,3 +163,32 @@ pub fn calc_diff(x: &[f32], y: &[f32]) -> f64 {
     }
     1.0 - 2.0 * xy / sq
 }
+
+/// `e` is `IndexOutOfRange` on `op`'s argument `arg` at `position` with
+/// `value` (and the range text, where given); `when` names the check.
+pub fn assert_index_error(
+    when: &str,
+    e: Error,
+    (op, arg): (&str, &str),
+    position: &[usize],
+    value: i64,
+    range: Option<&str>,
+) {
+    match e {
+        Error::IndexOutOfRange {
+            op: o,
+            arg: a,
+            position: p,
+            value: v,
+            range: r,
+        } => {
+            assert_eq!((o, a), (op, arg), "{when}");
+            assert_eq!(p, position, "{when}");
+            assert_eq!(v, value, "{when}");
+            if let Some(range) = range {
+                assert_eq!(r, range, "{when}");
+            }
+        }
+        other => panic!("{when}: expected IndexOutOfRange, got {other:?}"),
+    }
+}
