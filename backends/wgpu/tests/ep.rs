@@ -21,6 +21,14 @@ use deepport_wgpu::{Wgpu, WgpuOptions};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{calc_diff, make as make_with, Rng};
+
+/// This file's PRNG streams.
+fn rng(seed: u64) -> Rng {
+    Rng::salted(seed, 0x5eed_cafe)
+}
+
 const R: usize = 4;
 const E: usize = 16;
 const K: usize = 4;
@@ -28,32 +36,8 @@ const EPR: usize = E / R;
 
 // ---- harness ------------------------------------------------------------------
 
-fn required() -> bool {
-    std::env::var("DEEPPORT_REQUIRE")
-        .map(|v| v.split(',').any(|s| s.trim() == "wgpu"))
-        .unwrap_or(false)
-}
-
 fn make() -> Option<Wgpu> {
     make_with(WgpuOptions::default())
-}
-
-fn make_with(opts: WgpuOptions) -> Option<Wgpu> {
-    match Wgpu::with_options(opts) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                !required(),
-                "DEEPPORT_REQUIRE names wgpu, but it is unavailable: {e}"
-            );
-            assert!(
-                matches!(e, Error::Unavailable { .. }),
-                "probing must fail with Unavailable, got {e:?}"
-            );
-            eprintln!("skipping: wgpu unavailable: {e}");
-            None
-        }
-    }
 }
 
 /// R backends of their own (for tests whose errors must not leak into others).
@@ -73,28 +57,6 @@ fn cpu_ranks() -> Vec<&'static dyn Backend> {
     vec![&CpuRef as &dyn Backend; R]
 }
 
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed_cafe)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[derive(Clone)]
 struct Input {
     n: usize,
@@ -111,7 +73,7 @@ struct Input {
 /// Rank `rank`'s tokens: `n` tokens of width `hidden`; `dups` repeats an
 /// expert inside some tokens' top-k.
 fn input(rank: usize, n: usize, hidden: usize, dups: bool, seed: u64) -> Input {
-    let mut rng = Rng::new(seed * 31 + rank as u64);
+    let mut rng = rng(seed * 31 + rank as u64);
     let mut x = Vec::with_capacity(n * hidden);
     for t in 0..n {
         for i in 0..hidden {
@@ -120,7 +82,7 @@ fn input(rank: usize, n: usize, hidden: usize, dups: bool, seed: u64) -> Input {
                 0.0
             } else {
                 let mag = [0.003, 1.0, 37.0, 0.4][(t + g) % 4];
-                ((rng.unit() * 2.0 - 1.0) * mag) as f32
+                ((rng.uniform() * 2.0 - 1.0) * mag) as f32
             };
             x.push(round_bf16(v));
         }
@@ -129,7 +91,7 @@ fn input(rank: usize, n: usize, hidden: usize, dups: bool, seed: u64) -> Input {
     for t in 0..n {
         let mut experts: Vec<i64> = (0..E as i64).collect();
         for j in 0..K {
-            let p = j + rng.below(E - j);
+            let p = j + rng.below((E - j) as u64) as usize;
             experts.swap(j, p);
         }
         let mut row = experts[..K].to_vec();
@@ -145,7 +107,7 @@ fn input(rank: usize, n: usize, hidden: usize, dups: bool, seed: u64) -> Input {
         topk.extend(row);
     }
     let w = (0..n * K)
-        .map(|_| (rng.unit() * 0.9 + 0.05) as f32)
+        .map(|_| (rng.uniform() * 0.9 + 0.05) as f32)
         .collect();
     Input {
         n,
@@ -168,18 +130,6 @@ fn index_dtype(rank: usize) -> DType {
     } else {
         DType::I32
     }
-}
-
-fn calc_diff(x: &[f32], y: &[f32]) -> f64 {
-    let (mut xy, mut sq) = (0f64, 0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        xy += a as f64 * b as f64;
-        sq += a as f64 * a as f64 + b as f64 * b as f64;
-    }
-    if sq == 0.0 {
-        return 0.0;
-    }
-    1.0 - 2.0 * xy / sq
 }
 
 /// Runs `f` on R ranks (rank r on `bs[r]`), each rank's result kept apart.
@@ -344,10 +294,10 @@ fn x_host(inp: &Input, payload: Payload, rank: usize) -> (HostTensor, Option<Hos
     match payload {
         Payload::Float(dt) => (HostTensor::from_f32(dt, &[n, h], &inp.x), None),
         Payload::Fp8 => {
-            let mut rng = Rng::new(77 + rank as u64);
+            let mut rng = rng(77 + rank as u64);
             let q: Vec<u8> = (0..n * h).map(|_| rng.next() as u8).collect();
             let s: Vec<f32> = (0..n * h / 128)
-                .map(|_| (rng.unit() * 0.01) as f32)
+                .map(|_| (rng.uniform() * 0.01) as f32)
                 .collect();
             (
                 HostTensor::from_bytes(DType::F8E4M3, &[n, h], q).unwrap(),

@@ -15,118 +15,24 @@
 //! prints why and passes, unless `DEEPPORT_REQUIRE` names `wgpu`.
 //! `DEEPPORT_WGPU_PERF=1` also runs the timing test (`perf_on_this_adapter`).
 
-use deepport_core::backend::{alloc_poisoned, Backend, Tensor};
+use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor};
 use deepport_cpu::CpuRef;
 use deepport_wgpu::{Wgpu, WgpuOptions};
-use std::sync::OnceLock;
 use std::time::Instant;
 
+mod common;
+use common::{
+    assert_index_error, both, calc_diff, down, host, make, on, poisoned, shared, ulp, up, Rng,
+};
+
+/// This file's PRNG streams.
+fn rng(seed: u64) -> Rng {
+    Rng::salted(seed, 0x5151_2323)
+}
+
 // ---- harness ------------------------------------------------------------------
-
-fn required() -> bool {
-    std::env::var("DEEPPORT_REQUIRE")
-        .map(|v| v.split(',').any(|s| s.trim() == "wgpu"))
-        .unwrap_or(false)
-}
-
-fn make(opts: WgpuOptions) -> Option<Wgpu> {
-    match Wgpu::with_options(opts) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                !required(),
-                "DEEPPORT_REQUIRE names wgpu, but it is unavailable: {e}"
-            );
-            assert!(
-                matches!(e, Error::Unavailable { .. }),
-                "probing must fail with Unavailable, got {e:?}"
-            );
-            eprintln!("skipping: wgpu unavailable: {e}");
-            None
-        }
-    }
-}
-
-/// The backend shared by tests that cannot produce deferred errors.
-fn shared() -> Option<&'static Wgpu> {
-    static B: OnceLock<Option<Wgpu>> = OnceLock::new();
-    B.get_or_init(|| make(WgpuOptions::default())).as_ref()
-}
-
-/// splitmix64 with Box–Muller normals.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5151_2323)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-    fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.normal() * scale).collect()
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// 2^e with e uniform in [lo, hi] (block scales spanning many octaves).
-    fn pow2(&mut self, lo: i32, hi: i32) -> f32 {
-        let e = lo + self.below((hi - lo + 1) as u64) as i32;
-        2f32.powi(e) * (1.0 + self.uniform() as f32)
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
-fn host(dtype: DType, shape: &[usize], v: &[f32]) -> HostTensor {
-    HostTensor::from_f32(dtype, shape, v)
-}
-
-fn up(b: &dyn Backend, h: &HostTensor) -> Tensor {
-    b.upload(h).expect("upload")
-}
-
-fn poisoned(b: &dyn Backend, dtype: DType, shape: &[usize]) -> Tensor {
-    alloc_poisoned(b, dtype, shape).expect("alloc")
-}
-
-fn down(b: &dyn Backend, t: &Tensor) -> HostTensor {
-    b.download(t).expect("download")
-}
-
-/// Spacing of `dtype`'s values at |x|.
-fn ulp(dtype: DType, x: f64) -> f64 {
-    let (man, min_exp) = match dtype {
-        DType::BF16 => (7, -126),
-        DType::F16 => (10, -14),
-        _ => (23, -126),
-    };
-    let a = x.abs();
-    let e = if a == 0.0 {
-        min_exp
-    } else {
-        (a.log2().floor() as i32).max(min_exp)
-    };
-    2f64.powi(e - man)
-}
 
 fn rms(v: &[f32]) -> f64 {
     let finite: Vec<f64> = v
@@ -138,38 +44,6 @@ fn rms(v: &[f32]) -> f64 {
         return 0.0;
     }
     (finite.iter().map(|x| x * x).sum::<f64>() / finite.len() as f64).sqrt()
-}
-
-/// `1 − 2·Σxy / Σ(x² + y²)` in f64 (SPEC §3).
-fn calc_diff(x: &[f32], y: &[f32]) -> f64 {
-    let (mut xy, mut sq) = (0f64, 0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        let (a, b) = (a as f64, b as f64);
-        xy += a * b;
-        sq += a * a + b * b;
-    }
-    if sq == 0.0 {
-        return 0.0;
-    }
-    1.0 - 2.0 * xy / sq
-}
-
-/// Runs `f` (which allocates poisoned outputs) on `b` with `inputs`
-/// uploaded, and downloads the outputs.
-fn on<F>(b: &dyn Backend, inputs: &[&HostTensor], f: &F) -> Vec<HostTensor>
-where
-    F: Fn(&dyn Backend, &[Tensor]) -> Vec<Tensor>,
-{
-    let ts: Vec<Tensor> = inputs.iter().map(|h| up(b, h)).collect();
-    let outs = f(b, &ts);
-    outs.iter().map(|t| down(b, t)).collect()
-}
-
-fn both<F>(w: &Wgpu, inputs: &[&HostTensor], f: F) -> (Vec<HostTensor>, Vec<HostTensor>)
-where
-    F: Fn(&dyn Backend, &[Tensor]) -> Vec<Tensor>,
-{
-    (on(w, inputs, &f), on(&CpuRef, inputs, &f))
 }
 
 // ---- FP8 GEMM ---------------------------------------------------------------------
@@ -266,7 +140,7 @@ fn fp8_gemm_case(w: &Wgpu, rng: &mut Rng, m: usize, n: usize, k: usize, ab: DTyp
 #[test]
 fn fp8_gemm_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(31);
+    let mut rng = rng(31);
     let mut i = 0;
     for m in [1, 37, 128] {
         for n in [128, 576] {
@@ -282,7 +156,7 @@ fn fp8_gemm_matches_reference() {
 #[test]
 fn fp8_gemm_edge_shapes() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(32);
+    let mut rng = rng(32);
     // Few-row kernel boundaries, odd n (bf16 words straddle rows), k not a
     // multiple of 4 (bytes straddle words), e4m3fnuz, a tile row boundary.
     for (m, n, k, ab, out) in [
@@ -402,7 +276,7 @@ fn contiguous_case(
 #[test]
 fn fp8_grouped_contiguous_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(33);
+    let mut rng = rng(33);
     // DeepGEMM layout: groups constant over 128-row blocks, -1 padding.
     let idx = contiguous_layout(&[(1, 100), (0, 128), (2, 60), (1, 128)]);
     contiguous_case(w, &mut rng, 3, (&idx, DType::I32), (192, 256), DType::BF16);
@@ -452,20 +326,14 @@ fn fp8_grouped_contiguous_bad_index_is_an_error() {
             },
         )
         .expect("recording succeeds; the error is deferred");
-        match w.download(&d).unwrap_err() {
-            Error::IndexOutOfRange {
-                op,
-                arg,
-                position,
-                value,
-                ..
-            } => {
-                assert_eq!((op, arg), ("fp8_grouped_contiguous", "m_indices"));
-                assert_eq!(position, vec![pos]);
-                assert_eq!(value, val);
-            }
-            other => panic!("expected IndexOutOfRange, got {other:?}"),
-        }
+        assert_index_error(
+            "fp8_grouped_contiguous",
+            w.download(&d).unwrap_err(),
+            ("fp8_grouped_contiguous", "m_indices"),
+            &[pos],
+            val,
+            None,
+        );
     }
     // The backend keeps working afterwards.
     w.synchronize().expect("no stale error");
@@ -536,7 +404,7 @@ fn masked_case(
 #[test]
 fn fp8_grouped_masked_matches_reference_and_leaves_rows() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(34);
+    let mut rng = rng(34);
     masked_case(w, &mut rng, &[0, 17, 64, 33], 64, 256, 384, DType::BF16);
     masked_case(w, &mut rng, &[0, 17, 64, 33], 64, 256, 384, DType::F32);
     masked_case(w, &mut rng, &[100, 3], 128, 131, 200, DType::BF16);
@@ -568,21 +436,14 @@ fn fp8_grouped_masked_bad_count_is_an_error() {
             },
         )
         .expect("recording succeeds; the error is deferred");
-        match w.download(&d).unwrap_err() {
-            Error::IndexOutOfRange {
-                op,
-                arg,
-                position,
-                value,
-                range,
-            } => {
-                assert_eq!((op, arg), ("fp8_grouped_masked", "masked_m"));
-                assert_eq!(position, vec![pos]);
-                assert_eq!(value, val);
-                assert_eq!(range, "[0, 17)");
-            }
-            other => panic!("expected IndexOutOfRange, got {other:?}"),
-        }
+        assert_index_error(
+            "fp8_grouped_masked",
+            w.download(&d).unwrap_err(),
+            ("fp8_grouped_masked", "masked_m"),
+            &[pos],
+            val,
+            Some("[0, 17)"),
+        );
     }
     w.synchronize().expect("no stale error");
 }
@@ -734,14 +595,14 @@ fn decode_case(w: &Wgpu, rng: &mut Rng, c: &Decode) -> (Vec<HostTensor>, Vec<Hos
 #[test]
 fn mla_decode_varlen_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(41);
+    let mut rng = rng(41);
     decode_case(w, &mut rng, &Decode::v3(&[1, 70, 130], 1, 16, 1, false));
 }
 
 #[test]
 fn mla_decode_causal_multi_query() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(42);
+    let mut rng = rng(42);
     for s_q in [2, 4] {
         // Length 3 with s_q = 4: the first query sees nothing (out 0,
         // lse +inf) — as does every query of the empty sequence.
@@ -760,7 +621,7 @@ fn mla_decode_causal_multi_query() {
 #[test]
 fn mla_decode_zero_lengths_and_f32() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(43);
+    let mut rng = rng(43);
     let (got, _) = decode_case(w, &mut rng, &Decode::v3(&[0, 0], 1, 4, 1, false));
     assert!(got[0].to_f32_vec().iter().all(|&v| v == 0.0));
     assert!(got[1].to_f32_vec().iter().all(|&v| v == f32::INFINITY));
@@ -796,7 +657,7 @@ fn mla_decode_zero_lengths_and_f32() {
 #[test]
 fn mla_decode_odd_head_dims() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(46);
+    let mut rng = rng(46);
     // d odd: 16-bit pairs straddle words and keys start at odd elements;
     // channels past the last whole staged word; odd dv; block size 24
     // (chunks of 32 keys cross blocks); more rows than a tile.
@@ -824,7 +685,7 @@ fn mla_decode_odd_head_dims() {
 #[test]
 fn mla_decode_long_sequence_split_k() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(44);
+    let mut rng = rng(44);
     let c = Decode::v3(&[4096], 1, 128, 1, false);
     let x = decode_inputs(&mut rng, &c);
     let t0 = Instant::now();
@@ -848,7 +709,7 @@ fn mla_decode_bad_indices_are_errors() {
     let Some(w) = make(WgpuOptions::default()) else {
         return;
     };
-    let mut rng = Rng::new(45);
+    let mut rng = rng(45);
     let c = Decode {
         lens: vec![10, 70],
         s_q: 1,
@@ -894,7 +755,9 @@ fn mla_decode_bad_indices_are_errors() {
             (mb * 16 + 1) as i64,
         ),
     ];
-    for (bt, lens, arg, pos, val) in cases {
+    // Even cases surface at the next download, odd ones at the next
+    // synchronize (both block-table cases are covered by each).
+    for (i, (bt, lens, arg, pos, val)) in cases.into_iter().enumerate() {
         let bt = HostTensor::from_i32(
             x.block_table.shape(),
             &bt.iter().map(|&v| v as i32).collect::<Vec<_>>(),
@@ -902,20 +765,19 @@ fn mla_decode_bad_indices_are_errors() {
         let sl = HostTensor::from_i32(&[2], &lens);
         let ts = [up(&w, &x.q), up(&w, &x.kcache), up(&w, &bt), up(&w, &sl)];
         let outs = run_decode(&w, &c, &ts);
-        match w.download(&outs[0]).unwrap_err() {
-            Error::IndexOutOfRange {
-                op,
-                arg: a,
-                position,
-                value,
-                ..
-            } => {
-                assert_eq!((op, a), ("mla_decode", arg));
-                assert_eq!(position, pos, "{arg}");
-                assert_eq!(value, val, "{arg}");
-            }
-            other => panic!("expected IndexOutOfRange on {arg}, got {other:?}"),
-        }
+        let reported = if i % 2 == 0 {
+            w.download(&outs[0]).map(|_| ())
+        } else {
+            w.synchronize()
+        };
+        assert_index_error(
+            arg,
+            reported.unwrap_err(),
+            ("mla_decode", arg),
+            &pos,
+            val,
+            None,
+        );
         // cpu-ref agrees on the argument.
         let ct: Vec<Tensor> = [&x.q, &x.kcache, &bt, &sl]
             .iter()
@@ -941,6 +803,8 @@ fn mla_decode_bad_indices_are_errors() {
             matches!(e, Error::IndexOutOfRange { arg: a, .. } if a == arg),
             "{e}"
         );
+        // Reported once: the next synchronize is clean.
+        w.synchronize().expect("no stale error");
     }
     // The backend keeps working afterwards.
     let ts = [
@@ -1038,7 +902,7 @@ fn prefill_case(w: &Wgpu, rng: &mut Rng, c: &Prefill, form: MlaForm) {
 #[test]
 fn mla_prefill_both_forms_match_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(51);
+    let mut rng = rng(51);
     for form in [MlaForm::Naive, MlaForm::Absorbed] {
         for c in [
             Prefill {
@@ -1118,7 +982,7 @@ fn heavy_ops_with_split_dispatches() {
     }) else {
         return;
     };
-    let mut rng = Rng::new(61);
+    let mut rng = rng(61);
     fp8_gemm_case(&w, &mut rng, 130, 576, 256, DType::F8E4M3, DType::BF16);
     fp8_gemm_case(&w, &mut rng, 2, 2200, 128, DType::F8E4M3, DType::F32);
     masked_case(&w, &mut rng, &[30, 64], 64, 300, 128, DType::BF16);
@@ -1166,7 +1030,7 @@ fn perf_on_this_adapter() {
         return;
     }
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(71);
+    let mut rng = rng(71);
     let time = |what: &str, f: &mut dyn FnMut()| {
         if let Ok(only) = std::env::var("DEEPPORT_WGPU_PERF_ONLY") {
             if !what.contains(&only) {

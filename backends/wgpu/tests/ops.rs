@@ -17,110 +17,25 @@
 //! Without an adapter every test prints why and passes, unless
 //! `DEEPPORT_REQUIRE` names `wgpu`: then unavailability fails the test.
 
-use deepport_core::backend::{alloc_poisoned, Backend, Support, Tensor};
+use deepport_core::backend::{Backend, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor};
 use deepport_cpu::CpuRef;
 use deepport_wgpu::{Wgpu, WgpuOptions};
-use std::sync::OnceLock;
+
+mod common;
+use common::{assert_index_error, both, down, host, make, poisoned, shared, ulp, up, Rng};
+
+/// This file's PRNG streams.
+fn rng(seed: u64) -> Rng {
+    Rng::salted(seed, 0x1234_5678)
+}
 
 // ---- harness ------------------------------------------------------------------
-
-fn required() -> bool {
-    std::env::var("DEEPPORT_REQUIRE")
-        .map(|v| v.split(',').any(|s| s.trim() == "wgpu"))
-        .unwrap_or(false)
-}
-
-fn make(opts: WgpuOptions) -> Option<Wgpu> {
-    match Wgpu::with_options(opts) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                !required(),
-                "DEEPPORT_REQUIRE names wgpu, but it is unavailable: {e}"
-            );
-            assert!(
-                matches!(e, Error::Unavailable { .. }),
-                "probing must fail with Unavailable, got {e:?}"
-            );
-            eprintln!("skipping: wgpu unavailable: {e}");
-            None
-        }
-    }
-}
-
-/// The backend shared by tests that cannot produce deferred errors.
-fn shared() -> Option<&'static Wgpu> {
-    static B: OnceLock<Option<Wgpu>> = OnceLock::new();
-    B.get_or_init(|| make(WgpuOptions::default())).as_ref()
-}
 
 /// A backend of its own (for tests whose errors must not leak into others).
 fn own(opts: WgpuOptions) -> Option<Wgpu> {
     make(opts)
-}
-
-/// splitmix64 with Box–Muller normals.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x1234_5678)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-    fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.normal() * scale).collect()
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn host(dtype: DType, shape: &[usize], v: &[f32]) -> HostTensor {
-    HostTensor::from_f32(dtype, shape, v)
-}
-
-fn up(b: &dyn Backend, h: &HostTensor) -> Tensor {
-    b.upload(h).expect("upload")
-}
-
-fn poisoned(b: &dyn Backend, dtype: DType, shape: &[usize]) -> Tensor {
-    alloc_poisoned(b, dtype, shape).expect("alloc")
-}
-
-fn down(b: &dyn Backend, t: &Tensor) -> HostTensor {
-    b.download(t).expect("download")
-}
-
-/// One ulp of `dtype` at |x| (the spacing of its values there).
-fn ulp(dtype: DType, x: f32) -> f64 {
-    let (man, min_exp) = match dtype {
-        DType::BF16 => (7, -126),
-        DType::F16 => (10, -14),
-        _ => (23, -126),
-    };
-    let a = (x as f64).abs();
-    let e = if a == 0.0 {
-        min_exp
-    } else {
-        (a.log2().floor() as i32).max(min_exp)
-    };
-    2f64.powi(e - man)
 }
 
 /// Elementwise comparison: NaN positions and infinities must match exactly;
@@ -281,7 +196,7 @@ fn roundtrip_odd_sizes_and_write() {
         (DType::Bool, 6),
         (DType::F32, 0),
     ] {
-        let mut rng = Rng::new(n as u64);
+        let mut rng = rng(n as u64);
         let bytes: Vec<u8> = (0..n * dt.size()).map(|_| rng.next() as u8).collect();
         let h = HostTensor::from_bytes(dt, &[n], bytes).unwrap();
         let mut t = up(w, &h);
@@ -501,206 +416,49 @@ fn every_op_beyond_the_binding_limit() {
     }) else {
         return;
     };
-    let mut rng = Rng::new(13);
+    let mut rng = rng(13);
+    let what = "windowed";
     // act_quant: x 200 × 128 bf16 (51 KiB).
     let x = host(
         DType::BF16,
         &[200, 128],
         &act_quant_inputs(&mut rng, 200, 128, 19),
     );
-    let (g, r) = both(&w, &[&x], |b, t| {
-        let mut q = poisoned(b, DType::F8E4M3, &[200, 128]);
-        let mut s = poisoned(b, DType::F32, &[200, 1]);
-        run(
-            b,
-            ActQuant {
-                x: &t[0],
-                q: &mut q,
-                s: &mut s,
-                scale_fmt: ScaleFmt::Ue8m0,
-            },
-        )
-        .unwrap();
-        vec![q, s]
-    });
-    assert_bytes("windowed act_quant q", &g[0], &r[0]);
-    assert_bytes("windowed act_quant s", &g[1], &r[1]);
+    act_quant_vs_ref(&w, what, &x, ScaleFmt::Ue8m0);
     // add and silu_mul over 10 001 elements.
     let a = host(DType::F32, &[10_001], &rng.normals(10_001, 2.0));
     let b2 = host(DType::BF16, &[10_001], &rng.normals(10_001, 1.0));
-    let (g, r) = both(&w, &[&a, &b2], |b, t| {
-        let mut o1 = poisoned(b, DType::BF16, &[10_001]);
-        let mut o2 = poisoned(b, DType::F32, &[10_001]);
-        run(
-            b,
-            SiluMul {
-                gate: &t[0],
-                up: &t[1],
-                out: &mut o1,
-            },
-        )
-        .unwrap();
-        run(
-            b,
-            Add {
-                a: &t[0],
-                b: &t[1],
-                out: &mut o2,
-            },
-        )
-        .unwrap();
-        vec![o1, o2]
-    });
-    assert_close("windowed silu_mul", &g[0], &r[0], |_, v| {
-        ulp(DType::BF16, v)
-    });
-    assert_bytes("windowed add", &g[1], &r[1]);
+    silu_mul_and_add_vs_ref(&w, what, &a, &b2);
     // weight_dequant: 700 × 20 e4m3 → f32 (56 KiB out; 128-row units).
     let wq = host(DType::F8E4M3, &[700, 20], &rng.normals(14_000, 50.0));
     let sv: Vec<f32> = (0..6).map(|i| 1e-3 * (i + 1) as f32).collect();
     let ws = host(DType::F32, &[6, 1], &sv);
-    let (g, r) = both(&w, &[&wq, &ws], |b, t| {
-        let mut o = poisoned(b, DType::F32, &[700, 20]);
-        run(
-            b,
-            WeightDequant {
-                w: &t[0],
-                s: &t[1],
-                out: &mut o,
-            },
-        )
-        .unwrap();
-        vec![o]
-    });
-    assert_bytes("windowed weight_dequant", &g[0], &r[0]);
+    weight_dequant_vs_ref(&w, what, &wq, &ws, DType::F32);
     // gemm: a 130 × 40 f32, b 300 × 40 bf16, d 130 × 300 bf16: ranges of
     // rows of a and d and of rows of b.
     let a = host(DType::F32, &[130, 40], &rng.normals(5200, 1.0));
     let bm = host(DType::BF16, &[300, 40], &rng.normals(12_000, 1.0));
-    let (g, r) = both(&w, &[&a, &bm], |b, t| {
-        let mut d = poisoned(b, DType::BF16, &[130, 300]);
-        run(
-            b,
-            Gemm {
-                a: &t[0],
-                b: &t[1],
-                d: &mut d,
-            },
-        )
-        .unwrap();
-        vec![d]
-    });
-    assert_close("windowed gemm", &g[0], &r[0], |_, v| {
-        ulp(DType::BF16, v) + 1e-4
-    });
+    gemm_vs_ref(&w, what, &a, &bm);
     // rms_norm: 200 rows of 70.
     let xr = host(DType::F32, &[200, 70], &rng.normals(14_000, 1.0));
     let wr = host(DType::F32, &[70], &rng.normals(70, 1.0));
-    let (g, r) = both(&w, &[&xr, &wr], |b, t| {
-        let mut y = poisoned(b, DType::BF16, &[200, 70]);
-        run(
-            b,
-            RmsNorm {
-                x: &t[0],
-                weight: &t[1],
-                y: &mut y,
-                eps: 1e-6,
-            },
-        )
-        .unwrap();
-        vec![y]
-    });
-    assert_close("windowed rms_norm", &g[0], &r[0], |_, v| {
-        ulp(DType::BF16, v)
-    });
+    rms_norm_vs_ref(&w, what, &xr, &wr);
     // embedding: a 100 × 77 f32 table (30 KiB) in row windows, odd dim, bf16 out.
     let table = host(DType::F32, &[100, 77], &rng.normals(7700, 1.0));
     let ids: Vec<i64> = (0..300).map(|i| (i * 37 % 100) as i64).collect();
-    let idt = HostTensor::from_i64(&[300], &ids);
-    let (g, r) = both(&w, &[&table, &idt], |b, t| {
-        let mut o = poisoned(b, DType::BF16, &[300, 77]);
-        run(
-            b,
-            Embedding {
-                table: &t[0],
-                ids: &t[1],
-                out: &mut o,
-            },
-        )
-        .unwrap();
-        vec![o]
-    });
-    assert_bytes("windowed embedding", &g[0], &r[0]);
+    embedding_vs_ref(&w, what, &table, &HostTensor::from_i64(&[300], &ids));
     // copy_window: f32 200 × 77 → bf16 205 × 81.
     let src = host(DType::F32, &[200, 77], &rng.normals(200 * 77, 1.0));
     let dst0 = host(DType::BF16, &[205, 81], &rng.normals(205 * 81, 1.0));
-    let go = |b: &dyn Backend| {
-        let s = up(b, &src);
-        let mut d = up(b, &dst0);
-        run(
-            b,
-            CopyWindow {
-                src: &s,
-                dst: &mut d,
-                src_origin: (1, 2),
-                dst_origin: (3, 1),
-                size: (198, 75),
-            },
-        )
-        .unwrap();
-        down(b, &d)
-    };
-    assert_bytes("windowed copy_window", &go(&w), &go(&CpuRef));
+    copy_window_vs_ref(&w, what, &src, &dst0, (198, 75));
     // rope: 90 tokens × 4 heads × 64, bf16.
     let xr = host(DType::BF16, &[90, 4, 64], &rng.normals(90 * 256, 1.0));
     let pv: Vec<i64> = (0..90).map(|i| i * 1000 + 7).collect();
-    let pos = HostTensor::from_i64(&[90], &pv);
-    let (g, r) = both(&w, &[&xr, &pos], |b, t| {
-        let mut y = poisoned(b, DType::BF16, &[90, 4, 64]);
-        run(
-            b,
-            Rope {
-                x: &t[0],
-                positions: &t[1],
-                y: &mut y,
-                config: RopeConfig::default(),
-            },
-        )
-        .unwrap();
-        vec![y]
-    });
-    assert_close("windowed rope", &g[0], &r[0], |_, v| {
-        ulp(DType::BF16, v) + 1e-6
-    });
+    rope_vs_ref(&w, what, &xr, &HostTensor::from_i64(&[90], &pv));
     // moe_gate: 300 tokens.
     let xg = host(DType::F32, &[300, 32], &rng.normals(300 * 32, 1.0));
     let wg = host(DType::F32, &[16, 32], &rng.normals(16 * 32, 0.2));
-    let (g, r) = both(&w, &[&xg, &wg], |b, t| {
-        let mut idx = poisoned(b, DType::I32, &[300, 4]);
-        let mut wts = poisoned(b, DType::F32, &[300, 4]);
-        run(
-            b,
-            MoeGate {
-                x: &t[0],
-                weight: &t[1],
-                bias: None,
-                topk_idx: &mut idx,
-                topk_weights: &mut wts,
-                n_group: 4,
-                topk_group: 2,
-                topk: 4,
-                route_scale: 1.0,
-            },
-        )
-        .unwrap();
-        vec![idx, wts]
-    });
-    assert_eq!(
-        g[0].to_i64_vec(),
-        r[0].to_i64_vec(),
-        "windowed moe_gate experts"
-    );
-    assert_close("windowed moe_gate weights", &g[1], &r[1], |_, _| 1e-6);
+    moe_gate_vs_ref(&w, what, &xg, &wg);
     // A check over several windows (39 KiB of f32) reports the global
     // position and value of the first bad element.
     let m = 78;
@@ -756,26 +514,6 @@ fn long_batches_without_sync() {
 
 // ---- running an op on both backends ------------------------------------------------
 
-/// Uploads `inputs` to `b`, runs `f` (which allocates poisoned outputs) and
-/// downloads the outputs.
-fn on<F>(b: &dyn Backend, inputs: &[&HostTensor], f: F) -> Vec<HostTensor>
-where
-    F: Fn(&dyn Backend, &[Tensor]) -> Vec<Tensor>,
-{
-    let ts: Vec<Tensor> = inputs.iter().map(|h| up(b, h)).collect();
-    let outs = f(b, &ts);
-    outs.iter().map(|t| down(b, t)).collect()
-}
-
-fn both<F>(w: &Wgpu, inputs: &[&HostTensor], f: F) -> (Vec<HostTensor>, Vec<HostTensor>)
-where
-    F: Fn(&dyn Backend, &[Tensor]) -> Vec<Tensor>,
-{
-    let got = on(w, inputs, &f);
-    let want = on(&CpuRef, inputs, &f);
-    (got, want)
-}
-
 // ---- act_quant ------------------------------------------------------------------
 
 /// `max_exp` bounds the spread so that f16 inputs stay finite.
@@ -812,7 +550,7 @@ fn act_quant_inputs(rng: &mut Rng, m: usize, k: usize, max_exp: i32) -> Vec<f32>
 #[test]
 fn act_quant_is_bit_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(1);
+    let mut rng = rng(1);
     for (m, k, xd, qd, sf) in [
         (
             37usize,
@@ -893,7 +631,7 @@ fn act_quant_rejects_non_finite_input() {
 #[test]
 fn weight_dequant_is_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(2);
+    let mut rng = rng(2);
     for (n, k, wd, od) in [
         (300usize, 200usize, DType::F8E4M3, DType::BF16),
         (130, 257, DType::F8E4M3Fnuz, DType::F32),
@@ -933,7 +671,7 @@ fn weight_dequant_is_exact() {
 #[test]
 fn gemm_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(3);
+    let mut rng = rng(3);
     for (m, n, k, ad, bd, od) in [
         (
             33usize,
@@ -991,7 +729,7 @@ fn gemm_matches_reference() {
 #[test]
 fn rms_norm_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(4);
+    let mut rng = rng(4);
     for (rows, dim, xd, wd, yd, eps) in [
         (
             7usize,
@@ -1058,7 +796,7 @@ fn yarn(factor: f32, theta: f32, mscale: f32, beta: (f32, f32)) -> RopeConfig {
 #[test]
 fn rope_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(5);
+    let mut rng = rng(5);
     type Case = (Vec<usize>, DType, DType, DType, Vec<i64>, RopeConfig);
     let cases: Vec<Case> = vec![
         (
@@ -1180,21 +918,14 @@ fn rope_rejects_negative_positions() {
         },
     )
     .unwrap();
-    match w.synchronize().unwrap_err() {
-        Error::IndexOutOfRange {
-            op,
-            arg,
-            position,
-            value,
-            ..
-        } => {
-            assert_eq!(
-                (op, arg, position, value),
-                ("rope", "positions", vec![2], -2)
-            );
-        }
-        other => panic!("expected IndexOutOfRange, got {other:?}"),
-    }
+    assert_index_error(
+        "rope",
+        w.synchronize().unwrap_err(),
+        ("rope", "positions"),
+        &[2],
+        -2,
+        None,
+    );
 }
 
 // ---- silu_mul, add -------------------------------------------------------------------
@@ -1202,7 +933,7 @@ fn rope_rejects_negative_positions() {
 #[test]
 fn silu_mul_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(6);
+    let mut rng = rng(6);
     for (shape, gd, ud, od) in [
         (
             vec![9usize, 200usize],
@@ -1257,7 +988,7 @@ fn silu_mul_matches_reference() {
 #[test]
 fn add_is_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(7);
+    let mut rng = rng(7);
     for (shape, ad, bd, od) in [
         (
             vec![13usize, 70usize],
@@ -1310,7 +1041,7 @@ fn add_beyond_65535_workgroups() {
     // the one rounding cpu-ref makes for an f32 output).
     let Some(w) = shared() else { return };
     let n = (1usize << 24) + 1000;
-    let mut rng = Rng::new(8);
+    let mut rng = rng(8);
     let av: Vec<f32> = (0..n)
         .map(|i| (i % 1000) as f32 * 0.5 + rng.normal())
         .collect();
@@ -1340,7 +1071,7 @@ fn add_beyond_65535_workgroups() {
 #[test]
 fn embedding_is_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(9);
+    let mut rng = rng(9);
     for (vocab, dim, tokens, td, idd, od) in [
         (
             50usize,
@@ -1424,21 +1155,14 @@ fn embedding_out_of_range_is_an_error() {
         )
         .unwrap_err();
         assert_eq!(e.to_string(), ce.to_string());
-        match e {
-            Error::IndexOutOfRange {
-                op,
-                arg,
-                position,
-                value,
-                range,
-            } => {
-                assert_eq!((op, arg), ("embedding", "ids"));
-                assert_eq!(position, vec![bad_pos]);
-                assert_eq!(value, bad_val);
-                assert_eq!(range, "[0, 50)");
-            }
-            other => panic!("expected IndexOutOfRange, got {other:?}"),
-        }
+        assert_index_error(
+            "embedding",
+            e,
+            ("embedding", "ids"),
+            &[bad_pos],
+            bad_val,
+            Some("[0, 50)"),
+        );
     }
     // Afterwards the backend works and reports nothing stale.
     let table = up(&w, &host(DType::F32, &[2, 2], &[1.0, 2.0, 3.0, 4.0]));
@@ -1456,12 +1180,119 @@ fn embedding_out_of_range_is_an_error() {
     assert_eq!(down(&w, &out).to_f32_vec(), vec![3.0, 4.0]);
 }
 
+/// A device-side index error (an out-of-range token id in `embedding`) is
+/// reported by the next `download` *or* `synchronize`, whatever is
+/// downloaded and whatever was recorded in between: never lost, and
+/// reported once. (`heavy.rs`'s `mla_decode_bad_indices_are_errors` does
+/// the same for out-of-range block-table entries.)
+#[test]
+fn deferred_index_errors_are_reported_never_lost() {
+    let Some(w) = own(WgpuOptions::default()) else {
+        return;
+    };
+    let table = up(
+        &w,
+        &host(
+            DType::F32,
+            &[4, 2],
+            &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],
+        ),
+    );
+    let bad = up(&w, &HostTensor::from_i64(&[3], &[1, 9, 2]));
+    let one = up(&w, &host(DType::F32, &[2], &[1.0, 1.0]));
+    let embed = |out: &mut Tensor| {
+        run(
+            &w,
+            Embedding {
+                table: &table,
+                ids: &bad,
+                out,
+            },
+        )
+        .expect("the op call itself does not wait for the device")
+    };
+    let expect_bad = |e: Error, when: &str| {
+        assert_index_error(when, e, ("embedding", "ids"), &[1], 9, Some("[0, 4)"))
+    };
+    let mut out = poisoned(&w, DType::F32, &[3, 2]);
+
+    // 1. At the next synchronize; then nothing stale.
+    embed(&mut out);
+    expect_bad(w.synchronize().unwrap_err(), "synchronize");
+    w.synchronize().expect("reported once");
+
+    // 2. At the next download, even of a tensor the op did not touch.
+    embed(&mut out);
+    expect_bad(w.download(&one).unwrap_err(), "download of another tensor");
+    assert_eq!(down(&w, &one).to_f32_vec(), vec![1.0, 1.0]);
+
+    // 3. Behind a long batch (submitted without waiting, parameter arena
+    //    wrapped) and a write: still reported at the next synchronize.
+    embed(&mut out);
+    let mut acc = up(&w, &host(DType::F32, &[2], &[0.0, 0.0]));
+    for _ in 0..1100 {
+        let mut next = w.alloc(DType::F32, &[2]).unwrap();
+        run(
+            &w,
+            Add {
+                a: &acc,
+                b: &one,
+                out: &mut next,
+            },
+        )
+        .unwrap();
+        acc = next;
+    }
+    let mut spare = w.alloc(DType::F32, &[2]).unwrap();
+    w.write(&mut spare, &host(DType::F32, &[2], &[3.0, 4.0]))
+        .expect("a write does not settle the batch");
+    expect_bad(
+        w.synchronize().unwrap_err(),
+        "synchronize after 1100 ops and a write",
+    );
+    assert_eq!(down(&w, &acc).to_f32_vec(), vec![1100.0, 1100.0]);
+    assert_eq!(down(&w, &spare).to_f32_vec(), vec![3.0, 4.0]);
+
+    // 4. More checking ops than status slots before any wait: the earlier
+    //    ops are settled when the slots run out, and the error comes back
+    //    from that op call rather than being dropped.
+    embed(&mut out);
+    let good = up(&w, &HostTensor::from_i64(&[3], &[0, 1, 2]));
+    let mut settled = None;
+    for i in 0..1100 {
+        let res = run(
+            &w,
+            Embedding {
+                table: &table,
+                ids: &good,
+                out: &mut out,
+            },
+        );
+        if let Err(e) = res {
+            settled = Some((i, e));
+            break;
+        }
+    }
+    match settled {
+        Some((_, e)) => expect_bad(e, "op call that ran out of status slots"),
+        None => expect_bad(
+            w.synchronize().unwrap_err(),
+            "synchronize after 1100 checks",
+        ),
+    }
+    w.synchronize().expect("reported once");
+    assert_eq!(
+        down(&w, &out).to_f32_vec(),
+        vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    );
+}
+
 // ---- copy_window -----------------------------------------------------------------
 
 #[test]
 fn copy_window_is_exact() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(10);
+    let mut rng = rng(10);
     type Case = (
         Vec<usize>,
         DType,
@@ -1621,7 +1452,7 @@ fn moe_near_ties(
 #[test]
 fn moe_gate_matches_reference() {
     let Some(w) = shared() else { return };
-    let mut rng = Rng::new(11);
+    let mut rng = rng(11);
     for (t, e, dim, ng, tg, k, scale, dt, idd, with_bias) in [
         (
             20usize,
@@ -1767,73 +1598,75 @@ fn every_op_with_split_dispatches() {
         return;
     };
     assert_eq!(w.max_workgroups_per_dim(), 4);
-    let mut rng = Rng::new(12);
+    let mut rng = rng(12);
+    let what = "split";
     // act_quant: 10 × 3 = 30 workgroups.
     let x = host(
         DType::BF16,
         &[10, 384],
         &act_quant_inputs(&mut rng, 10, 384, 19),
     );
-    let (g, r) = both(&w, &[&x], |b, t| {
-        let mut q = poisoned(b, DType::F8E4M3, &[10, 384]);
-        let mut s = poisoned(b, DType::F32, &[10, 3]);
+    act_quant_vs_ref(&w, what, &x, ScaleFmt::Float);
+    // gemm: 3 × 5 = 15 tiles.
+    let a = host(DType::F32, &[130, 40], &rng.normals(130 * 40, 1.0));
+    let bm = host(DType::BF16, &[300, 40], &rng.normals(300 * 40, 1.0));
+    gemm_vs_ref(&w, what, &a, &bm);
+    // rms_norm: 50 rows (50 workgroups → 4 × 4 × 4).
+    let xr = host(DType::F32, &[50, 70], &rng.normals(3500, 1.0));
+    let wr = host(DType::F32, &[70], &rng.normals(70, 1.0));
+    rms_norm_vs_ref(&w, what, &xr, &wr);
+    // Elementwise ops over 5000 elements (≥ 10 workgroups).
+    let a = host(DType::F32, &[5000], &rng.normals(5000, 2.0));
+    let b2 = host(DType::BF16, &[5000], &rng.normals(5000, 1.0));
+    silu_mul_and_add_vs_ref(&w, what, &a, &b2);
+    // weight_dequant, embedding, copy_window, rope, moe_gate.
+    let wq = host(DType::F8E4M3, &[100, 100], &rng.normals(10_000, 50.0));
+    let ws = host(DType::F32, &[1, 1], &[0.01]);
+    weight_dequant_vs_ref(&w, what, &wq, &ws, DType::BF16);
+    let table = host(DType::F32, &[40, 77], &rng.normals(40 * 77, 1.0));
+    let ids: Vec<i64> = (0..30).map(|i| (i * 7 % 40) as i64).collect();
+    embedding_vs_ref(&w, what, &table, &HostTensor::from_i64(&[30], &ids));
+    let src = host(DType::F32, &[40, 77], &rng.normals(40 * 77, 1.0));
+    let dst0 = host(DType::BF16, &[45, 81], &rng.normals(45 * 81, 1.0));
+    copy_window_vs_ref(&w, what, &src, &dst0, (38, 75));
+    let xr = host(DType::BF16, &[9, 4, 64], &rng.normals(9 * 256, 1.0));
+    let pos = HostTensor::from_i64(&[9], &[0, 1, 2, 100, 1000, 4095, 4096, 70_000, 9]);
+    rope_vs_ref(&w, what, &xr, &pos);
+    let xg = host(DType::F32, &[13, 32], &rng.normals(13 * 32, 1.0));
+    let wg = host(DType::F32, &[16, 32], &rng.normals(16 * 32, 0.2));
+    moe_gate_vs_ref(&w, what, &xg, &wg);
+}
+
+// ---- every op on one configuration (the limit tests above) ------------------------
+
+/// `act_quant` of `x` ([m, k]) matches cpu-ref bit for bit.
+fn act_quant_vs_ref(w: &Wgpu, what: &str, x: &HostTensor, scale_fmt: ScaleFmt) {
+    let (m, k) = (x.shape()[0], x.shape()[1]);
+    let (g, r) = both(w, &[x], |b, t| {
+        let mut q = poisoned(b, DType::F8E4M3, &[m, k]);
+        let mut s = poisoned(b, DType::F32, &[m, k / 128]);
         run(
             b,
             ActQuant {
                 x: &t[0],
                 q: &mut q,
                 s: &mut s,
-                scale_fmt: ScaleFmt::Float,
+                scale_fmt,
             },
         )
         .unwrap();
         vec![q, s]
     });
-    assert_bytes("split act_quant q", &g[0], &r[0]);
-    assert_bytes("split act_quant s", &g[1], &r[1]);
-    // gemm: 3 × 5 = 15 tiles.
-    let a = host(DType::F32, &[130, 40], &rng.normals(130 * 40, 1.0));
-    let bm = host(DType::BF16, &[300, 40], &rng.normals(300 * 40, 1.0));
-    let (g, r) = both(&w, &[&a, &bm], |b, t| {
-        let mut d = poisoned(b, DType::BF16, &[130, 300]);
-        run(
-            b,
-            Gemm {
-                a: &t[0],
-                b: &t[1],
-                d: &mut d,
-            },
-        )
-        .unwrap();
-        vec![d]
-    });
-    assert_close("split gemm", &g[0], &r[0], |_, v| {
-        ulp(DType::BF16, v) + 1e-4
-    });
-    // rms_norm: 50 rows (50 workgroups → 4 × 4 × 4).
-    let xr = host(DType::F32, &[50, 70], &rng.normals(3500, 1.0));
-    let wr = host(DType::F32, &[70], &rng.normals(70, 1.0));
-    let (g, r) = both(&w, &[&xr, &wr], |b, t| {
-        let mut y = poisoned(b, DType::BF16, &[50, 70]);
-        run(
-            b,
-            RmsNorm {
-                x: &t[0],
-                weight: &t[1],
-                y: &mut y,
-                eps: 1e-6,
-            },
-        )
-        .unwrap();
-        vec![y]
-    });
-    assert_close("split rms_norm", &g[0], &r[0], |_, v| ulp(DType::BF16, v));
-    // Elementwise ops over 5000 elements (≥ 10 workgroups).
-    let a = host(DType::F32, &[5000], &rng.normals(5000, 2.0));
-    let b2 = host(DType::BF16, &[5000], &rng.normals(5000, 1.0));
-    let (g, r) = both(&w, &[&a, &b2], |b, t| {
-        let mut o1 = poisoned(b, DType::BF16, &[5000]);
-        let mut o2 = poisoned(b, DType::F32, &[5000]);
+    assert_bytes(&format!("{what} act_quant q"), &g[0], &r[0]);
+    assert_bytes(&format!("{what} act_quant s"), &g[1], &r[1]);
+}
+
+/// `silu_mul` (bf16 out, 1 ulp) and `add` (f32 out, exact) of `a` and `b`.
+fn silu_mul_and_add_vs_ref(w: &Wgpu, what: &str, a: &HostTensor, b2: &HostTensor) {
+    let shape = a.shape().to_vec();
+    let (g, r) = both(w, &[a, b2], |b, t| {
+        let mut o1 = poisoned(b, DType::BF16, &shape);
+        let mut o2 = poisoned(b, DType::F32, &shape);
         run(
             b,
             SiluMul {
@@ -1854,13 +1687,17 @@ fn every_op_with_split_dispatches() {
         .unwrap();
         vec![o1, o2]
     });
-    assert_close("split silu_mul", &g[0], &r[0], |_, v| ulp(DType::BF16, v));
-    assert_bytes("split add", &g[1], &r[1]);
-    // weight_dequant, embedding, copy_window, rope, moe_gate.
-    let wq = host(DType::F8E4M3, &[100, 100], &rng.normals(10_000, 50.0));
-    let ws = host(DType::F32, &[1, 1], &[0.01]);
-    let (g, r) = both(&w, &[&wq, &ws], |b, t| {
-        let mut o = poisoned(b, DType::BF16, &[100, 100]);
+    assert_close(&format!("{what} silu_mul"), &g[0], &r[0], |_, v| {
+        ulp(DType::BF16, v)
+    });
+    assert_bytes(&format!("{what} add"), &g[1], &r[1]);
+}
+
+/// `weight_dequant` of `wq` with scales `ws` to `out`, exact.
+fn weight_dequant_vs_ref(w: &Wgpu, what: &str, wq: &HostTensor, ws: &HostTensor, out: DType) {
+    let shape = wq.shape().to_vec();
+    let (g, r) = both(w, &[wq, ws], |b, t| {
+        let mut o = poisoned(b, out, &shape);
         run(
             b,
             WeightDequant {
@@ -1872,12 +1709,57 @@ fn every_op_with_split_dispatches() {
         .unwrap();
         vec![o]
     });
-    assert_bytes("split weight_dequant", &g[0], &r[0]);
-    let table = host(DType::F32, &[40, 77], &rng.normals(40 * 77, 1.0));
-    let ids: Vec<i64> = (0..30).map(|i| (i * 7 % 40) as i64).collect();
-    let idt = HostTensor::from_i64(&[30], &ids);
-    let (g, r) = both(&w, &[&table, &idt], |b, t| {
-        let mut o = poisoned(b, DType::BF16, &[30, 77]);
+    assert_bytes(&format!("{what} weight_dequant"), &g[0], &r[0]);
+}
+
+/// `gemm` of `a` ([m, k]) and `bm` ([n, k]) to bf16.
+fn gemm_vs_ref(w: &Wgpu, what: &str, a: &HostTensor, bm: &HostTensor) {
+    let (m, n) = (a.shape()[0], bm.shape()[0]);
+    let (g, r) = both(w, &[a, bm], |b, t| {
+        let mut d = poisoned(b, DType::BF16, &[m, n]);
+        run(
+            b,
+            Gemm {
+                a: &t[0],
+                b: &t[1],
+                d: &mut d,
+            },
+        )
+        .unwrap();
+        vec![d]
+    });
+    assert_close(&format!("{what} gemm"), &g[0], &r[0], |_, v| {
+        ulp(DType::BF16, v) + 1e-4
+    });
+}
+
+/// `rms_norm` of `xr` with weight `wr` to bf16.
+fn rms_norm_vs_ref(w: &Wgpu, what: &str, xr: &HostTensor, wr: &HostTensor) {
+    let shape = xr.shape().to_vec();
+    let (g, r) = both(w, &[xr, wr], |b, t| {
+        let mut y = poisoned(b, DType::BF16, &shape);
+        run(
+            b,
+            RmsNorm {
+                x: &t[0],
+                weight: &t[1],
+                y: &mut y,
+                eps: 1e-6,
+            },
+        )
+        .unwrap();
+        vec![y]
+    });
+    assert_close(&format!("{what} rms_norm"), &g[0], &r[0], |_, v| {
+        ulp(DType::BF16, v)
+    });
+}
+
+/// `embedding` of the ids `idt` in `table` to bf16, exact.
+fn embedding_vs_ref(w: &Wgpu, what: &str, table: &HostTensor, idt: &HostTensor) {
+    let shape = [idt.shape()[0], table.shape()[1]];
+    let (g, r) = both(w, &[table, idt], |b, t| {
+        let mut o = poisoned(b, DType::BF16, &shape);
         run(
             b,
             Embedding {
@@ -1889,12 +1771,20 @@ fn every_op_with_split_dispatches() {
         .unwrap();
         vec![o]
     });
-    assert_bytes("split embedding", &g[0], &r[0]);
-    let src = host(DType::F32, &[40, 77], &rng.normals(40 * 77, 1.0));
-    let dst0 = host(DType::BF16, &[45, 81], &rng.normals(45 * 81, 1.0));
+    assert_bytes(&format!("{what} embedding"), &g[0], &r[0]);
+}
+
+/// `copy_window` of a `size` window of `src` at (1, 2) into `dst0` at (3, 1).
+fn copy_window_vs_ref(
+    w: &Wgpu,
+    what: &str,
+    src: &HostTensor,
+    dst0: &HostTensor,
+    size: (usize, usize),
+) {
     let go = |b: &dyn Backend| {
-        let s = up(b, &src);
-        let mut d = up(b, &dst0);
+        let s = up(b, src);
+        let mut d = up(b, dst0);
         run(
             b,
             CopyWindow {
@@ -1902,17 +1792,20 @@ fn every_op_with_split_dispatches() {
                 dst: &mut d,
                 src_origin: (1, 2),
                 dst_origin: (3, 1),
-                size: (38, 75),
+                size,
             },
         )
         .unwrap();
         down(b, &d)
     };
-    assert_bytes("split copy_window", &go(&w), &go(&CpuRef));
-    let xr = host(DType::BF16, &[9, 4, 64], &rng.normals(9 * 256, 1.0));
-    let pos = HostTensor::from_i64(&[9], &[0, 1, 2, 100, 1000, 4095, 4096, 70_000, 9]);
-    let (g, r) = both(&w, &[&xr, &pos], |b, t| {
-        let mut y = poisoned(b, DType::BF16, &[9, 4, 64]);
+    assert_bytes(&format!("{what} copy_window"), &go(w), &go(&CpuRef));
+}
+
+/// `rope` (default config) of `xr` at `pos`, bf16.
+fn rope_vs_ref(w: &Wgpu, what: &str, xr: &HostTensor, pos: &HostTensor) {
+    let shape = xr.shape().to_vec();
+    let (g, r) = both(w, &[xr, pos], |b, t| {
+        let mut y = poisoned(b, DType::BF16, &shape);
         run(
             b,
             Rope {
@@ -1925,14 +1818,17 @@ fn every_op_with_split_dispatches() {
         .unwrap();
         vec![y]
     });
-    assert_close("split rope", &g[0], &r[0], |_, v| {
+    assert_close(&format!("{what} rope"), &g[0], &r[0], |_, v| {
         ulp(DType::BF16, v) + 1e-6
     });
-    let xg = host(DType::F32, &[13, 32], &rng.normals(13 * 32, 1.0));
-    let wg = host(DType::F32, &[16, 32], &rng.normals(16 * 32, 0.2));
-    let (g, r) = both(&w, &[&xg, &wg], |b, t| {
-        let mut idx = poisoned(b, DType::I32, &[13, 4]);
-        let mut wts = poisoned(b, DType::F32, &[13, 4]);
+}
+
+/// `moe_gate` (16 experts in 4 groups, top-2 groups, top-4) of `xg`.
+fn moe_gate_vs_ref(w: &Wgpu, what: &str, xg: &HostTensor, wg: &HostTensor) {
+    let tokens = xg.shape()[0];
+    let (g, r) = both(w, &[xg, wg], |b, t| {
+        let mut idx = poisoned(b, DType::I32, &[tokens, 4]);
+        let mut wts = poisoned(b, DType::F32, &[tokens, 4]);
         run(
             b,
             MoeGate {
@@ -1953,7 +1849,9 @@ fn every_op_with_split_dispatches() {
     assert_eq!(
         g[0].to_i64_vec(),
         r[0].to_i64_vec(),
-        "split moe_gate experts"
+        "{what} moe_gate experts"
     );
-    assert_close("split moe_gate weights", &g[1], &r[1], |_, _| 1e-6);
+    assert_close(&format!("{what} moe_gate weights"), &g[1], &r[1], |_, _| {
+        1e-6
+    });
 }

@@ -23,6 +23,7 @@ fn act_quant(w: &Wgpu, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
     rec.check_finite("x", a.x)?;
     if g > 0 {
         let sh = Shader::new(OP, WGSL)
+            .workgroup_size(128)
             .input("x", a.x.dtype())
             .output("q", a.q.dtype())
             .output("s", a.s.dtype());

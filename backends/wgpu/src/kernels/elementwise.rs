@@ -22,7 +22,8 @@ fn run(w: &Wgpu, op: &'static str, code: u32, a: &Tensor, b: &Tensor, out: &Tens
         .constant("OP", format!("{code}u"))
         .input("a", a.dtype())
         .input("b", b.dtype())
-        .output("out", out.dtype());
+        .output("out", out.dtype())
+        .per_word("out", "P.n");
     let es = |t: &Tensor| t.dtype().size() as u64;
     let per = (4 / out.dtype().size()) as u32;
     let plan = w.ctx.plan_rows(op, out.numel(), &[es(a), es(b), es(out)])?;

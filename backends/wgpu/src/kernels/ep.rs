@@ -500,7 +500,8 @@ impl Returned {
             .raw("offs", false)
             .raw("wi", false)
             .input("w", DType::F32)
-            .output("out", out.dtype());
+            .output("out", out.dtype())
+            .per_word("out", "P.total");
         let per = 4 / out.dtype().size();
         let out_buf = buffer(out)?;
         let stride = self.stride;
@@ -1281,6 +1282,7 @@ fn ll_dispatch_local(
         let q = p.rec.scratch((n * hidden) as u64)?;
         let s = p.rec.scratch((n * s_bytes) as u64)?;
         let sh = Shader::new("act_quant", ACT_QUANT_WGSL)
+            .workgroup_size(128)
             .input("x", a.x.dtype())
             .output("q", DType::F8E4M3)
             .output("s", DType::F32);

@@ -76,6 +76,24 @@ fn record(
         idx.0,
         buffer(x.d)?,
     ];
+    // The bindings (in `bufs` order) and format constants of both kernels.
+    let operands = |sh: Shader| {
+        sh.constant("FNUZ", fnuz(x.a))
+            .constant("K_ALIGNED", aligned)
+            .input("a", x.a.dtype())
+            .input("sa", DType::F32)
+            .input("b", x.b.dtype())
+            .input("sb", DType::F32)
+            .input("idx", idx.1)
+            .atomic_output("d", x.d.dtype())
+    };
+    // Their parameters begin alike.
+    let dims = Params::new()
+        .u32(m as u32)
+        .u32(n as u32)
+        .u32(k as u32)
+        .u32(kb as u32)
+        .u32(nb as u32);
     if mode == Mode::Dense && m <= GEMV_MAX_M {
         let wgs = u32_of(op, "workgroups", n.div_ceil(512))?;
         // Rows per pass: 1, 2 or 4.
@@ -86,23 +104,8 @@ fn record(
         } else {
             1
         };
-        let sh = Shader::new("fp8_gemv", GEMV)
-            .constant("MR", format!("{mr}u"))
-            .constant("FNUZ", fnuz(x.a))
-            .constant("K_ALIGNED", aligned)
-            .input("a", x.a.dtype())
-            .input("sa", DType::F32)
-            .input("b", x.b.dtype())
-            .input("sb", DType::F32)
-            .input("idx", idx.1)
-            .atomic_output("d", x.d.dtype());
-        let p = Params::new()
-            .u32(m as u32)
-            .u32(n as u32)
-            .u32(k as u32)
-            .u32(kb as u32)
-            .u32(nb as u32)
-            .u32(wgs);
+        let sh = operands(Shader::new("fp8_gemv", GEMV).constant("MR", format!("{mr}u")));
+        let p = dims.u32(wgs);
         return rec.dispatch(&sh, p, &bufs, wgs);
     }
     let tiles_m = m.div_ceil(64);
@@ -114,22 +117,10 @@ fn record(
         per_group
     };
     let tiles = u32_of(op, "tiles", tiles)?;
-    let sh = Shader::new("fp8_gemm", TILED)
-        .constant("MODE", format!("{}u", mode as u32))
-        .constant("FNUZ", fnuz(x.a))
-        .constant("K_ALIGNED", aligned)
-        .input("a", x.a.dtype())
-        .input("sa", DType::F32)
-        .input("b", x.b.dtype())
-        .input("sb", DType::F32)
-        .input("idx", idx.1)
-        .atomic_output("d", x.d.dtype());
-    let p = Params::new()
-        .u32(m as u32)
-        .u32(n as u32)
-        .u32(k as u32)
-        .u32(kb as u32)
-        .u32(nb as u32)
+    let sh = operands(
+        Shader::new("fp8_gemm", TILED).constant("MODE", format!("{}u", mode as u32)),
+    );
+    let p = dims
         .u32(tiles_m as u32)
         .u32(tiles_n as u32)
         .u32(tiles)

@@ -35,7 +35,8 @@ fn rms_norm(w: &Wgpu, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
         .input("x", a.x.dtype())
         .raw("inv", false)
         .input("weight", a.weight.dtype())
-        .output("y", a.y.dtype());
+        .output("y", a.y.dtype())
+        .per_word("y", "P.total");
     let per = (4 / a.y.dtype().size()) as u32;
     for (r0, r1) in plan {
         let rows = (r1 - r0) as u32;

@@ -30,7 +30,8 @@ fn weight_dequant(w: &Wgpu, op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
     let sh = Shader::new(OP, WGSL)
         .input("w", a.w.dtype())
         .input("s", a.s.dtype())
-        .output("out", a.out.dtype());
+        .output("out", a.out.dtype())
+        .per_word("out", "P.total");
     let per = (4 / a.out.dtype().size()) as u32;
     // Units of 128 rows, so that each range starts a scale row.
     let plan = w

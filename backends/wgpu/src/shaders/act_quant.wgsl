@@ -12,13 +12,7 @@ struct Params {
 var<workgroup> red: array<f32, 128>;
 var<workgroup> codes: array<u32, 128>;
 
-@compute @workgroup_size(128)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let g = wg_lin(wid, nwg);
+fn per_workgroup(g: u32, lid: u32) {
     if g >= P.total {
         return;
     }

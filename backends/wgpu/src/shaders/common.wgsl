@@ -184,6 +184,24 @@ fn e4m3_to_f32(c: u32, fnuz: bool) -> f32 {
     return bitcast<f32>(sign | ((ef + 127u - bias) << 23u) | (m << 20u));
 }
 
+// The same value by selects (fewer branches; the tiled FP8 GEMMs use it).
+fn e4m3_to_f32_sel(c: u32, fnuz: bool) -> f32 {
+    let mag = c & 0x7fu;
+    var v: f32;
+    if fnuz {
+        v = select(f32(mag) * 0.0009765625, bitcast<f32>((mag << 20u) + (119u << 23u)), mag >= 8u);
+        if c == 0x80u {
+            v = f32_nan();
+        }
+    } else {
+        v = select(f32(mag) * 0.001953125, bitcast<f32>((mag << 20u) + (120u << 23u)), mag >= 8u);
+        if mag == 0x7fu {
+            v = f32_nan();
+        }
+    }
+    return select(v, -v, (c & 0x80u) != 0u);
+}
+
 // Round to nearest even, saturating to ±448 (e4m3) / ±240 (e4m3fnuz).
 // NaN → 0x7f|sign (e4m3) or 0x80 (fnuz). e4m3 keeps negative zero; fnuz has
 // none.

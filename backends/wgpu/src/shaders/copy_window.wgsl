@@ -29,13 +29,7 @@ fn in_window(e: u32) -> vec2<u32> {
     return vec2<u32>(0u, 0u);
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t = wg_lin(wid, nwg) * 256u + lid;
+fn per_invocation(t: u32) {
     let r = t / P.words_per_row;
     let wi = t % P.words_per_row;
     if r >= P.rows {

@@ -24,36 +24,18 @@ fn y_at(rec: u32, c: u32) -> f32 {
     return dt_decode(Y_DT, dt_lane(Y_DT, word, c));
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let w = wg_lin(wid, nwg) * 256u + lid;
-    let first = w * OUT_PER;
-    if first >= P.total {
-        return;
-    }
-    let bits = 32u / OUT_PER;
-    let mask = dt_lane_mask(OUT_DT);
-    var word = 0u;
-    for (var l = 0u; l < OUT_PER; l = l + 1u) {
-        let i = first + l;
-        if i < P.total {
-            let t = i / P.hidden + P.offs_sub;
-            let c = i % P.hidden;
-            var acc = 0.0;
-            for (var p = b_offs[t]; p < b_offs[t + 1u]; p = p + 1u) {
-                let y = y_at(p, c);
-                if WEIGHTED {
-                    acc = acc + ld_w(b_wi[p - P.wi_base] - P.w_base) * y;
-                } else {
-                    acc = acc + y;
-                }
-            }
-            word = word | ((enc_out(acc) & mask) << (l * bits));
+// Output element i (one word per invocation: `Shader::per_word`).
+fn lane(i: u32) -> u32 {
+    let t = i / P.hidden + P.offs_sub;
+    let c = i % P.hidden;
+    var acc = 0.0;
+    for (var p = b_offs[t]; p < b_offs[t + 1u]; p = p + 1u) {
+        let y = y_at(p, c);
+        if WEIGHTED {
+            acc = acc + ld_w(b_wi[p - P.wi_base] - P.w_base) * y;
+        } else {
+            acc = acc + y;
         }
     }
-    stw_out(w, word);
+    return enc_out(acc);
 }

@@ -17,13 +17,7 @@ fn valid_id(v: vec2<u32>) -> bool {
     return v.y == 0u && v.x < P.experts;
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = wg_lin(wid, nwg) * 256u + lid;
+fn per_invocation(i: u32) {
     if PHASE == 0u {
         if i < P.world {
             atomicStore(&b_per_rank[i], 0u);

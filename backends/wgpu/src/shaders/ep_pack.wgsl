@@ -18,13 +18,7 @@ struct Params {
     rows_sub: u32,
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = wg_lin(wid, nwg) * 256u + lid;
+fn per_invocation(i: u32) {
     if i >= P.total {
         return;
     }

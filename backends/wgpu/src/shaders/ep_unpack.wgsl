@@ -41,13 +41,7 @@ fn source_record(row: u32) -> u32 {
 
 const NONE: u32 = 0xffffffffu;
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let w = wg_lin(wid, nwg) * 256u + lid;
+fn per_invocation(w: u32) {
     if w >= P.total_words {
         return;
     }

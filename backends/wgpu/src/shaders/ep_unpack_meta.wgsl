@@ -17,13 +17,7 @@ struct Params {
     w_sub: u32,
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let r = wg_lin(wid, nwg) * 256u + lid;
+fn per_invocation(r: u32) {
     if r >= P.rows {
         return;
     }

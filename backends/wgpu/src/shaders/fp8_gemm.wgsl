@@ -39,20 +39,7 @@ var<workgroup> cur_grp: u32;
 
 // e4m3 (OCP) or e4m3fnuz byte → f32, exact.
 fn fp8(c: u32) -> f32 {
-    let mag = c & 0x7fu;
-    var v: f32;
-    if FNUZ {
-        v = select(f32(mag) * 0.0009765625, bitcast<f32>((mag << 20u) + (119u << 23u)), mag >= 8u);
-        if c == 0x80u {
-            v = f32_nan();
-        }
-    } else {
-        v = select(f32(mag) * 0.001953125, bitcast<f32>((mag << 20u) + (120u << 23u)), mag >= 8u);
-        if mag == 0x7fu {
-            v = f32_nan();
-        }
-    }
-    return select(v, -v, (c & 0x80u) != 0u);
+    return e4m3_to_f32_sel(c, FNUZ);
 }
 
 // Four FP8 elements starting at element e (K_ALIGNED: e % 4 == 0 and whole
@@ -85,30 +72,6 @@ fn load4_b(e: u32, avail: u32) -> vec4<f32> {
     return v;
 }
 
-fn store_row(r: u32, c0: u32, v: vec4<f32>) {
-    var j = 0u;
-    loop {
-        if j >= 4u {
-            break;
-        }
-        let c = c0 + j;
-        if c >= P.n {
-            break;
-        }
-        let e = r * P.n + c;
-        if D_PER == 1u {
-            stw_d(e, enc_d(v[j]));
-            j = j + 1u;
-        } else if (e & 1u) == 0u && j < 3u && c + 1u < P.n {
-            stw_d(e / 2u, (enc_d(v[j]) & 0xffffu) | (enc_d(v[j + 1u]) << 16u));
-            j = j + 2u;
-        } else {
-            st_d(e, v[j]);
-            j = j + 1u;
-        }
-    }
-}
-
 // The group of row `r` (global row index), or NONE.
 fn group_of(g: u32, r_local: u32, r: u32) -> u32 {
     if MODE == 0u {
@@ -134,13 +97,7 @@ fn group_of(g: u32, r_local: u32, r: u32) -> u32 {
     return v.x;
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let tile = wg_lin(wid, nwg);
+fn per_workgroup(tile: u32, lid: u32) {
     if tile >= P.tiles {
         return;
     }
@@ -273,7 +230,7 @@ fn main(
         }
         for (var i = 0u; i < 4u; i = i + 1u) {
             if my_rows[i] {
-                store_row(row_base + ty * 4u + i, col0 + tx * 4u, acc[i]);
+                store4_d((row_base + ty * 4u + i) * P.n, col0 + tx * 4u, P.n, acc[i]);
             }
             acc[i] = vec4<f32>(0.0);
         }

@@ -16,20 +16,7 @@ struct Params {
 var<workgroup> As: array<vec4<f32>, 128>; // [4 rows][32 k-quads]
 
 fn fp8(c: u32) -> f32 {
-    let mag = c & 0x7fu;
-    var v: f32;
-    if FNUZ {
-        v = select(f32(mag) * 0.0009765625, bitcast<f32>((mag << 20u) + (119u << 23u)), mag >= 8u);
-        if c == 0x80u {
-            v = f32_nan();
-        }
-    } else {
-        v = select(f32(mag) * 0.001953125, bitcast<f32>((mag << 20u) + (120u << 23u)), mag >= 8u);
-        if mag == 0x7fu {
-            v = f32_nan();
-        }
-    }
-    return select(v, -v, (c & 0x80u) != 0u);
+    return e4m3_to_f32_sel(c, FNUZ);
 }
 
 fn fp8x4(w: u32) -> vec4<f32> {
@@ -61,13 +48,7 @@ fn store(r: u32, c: u32, v: vec2<f32>) {
     }
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let wg = wg_lin(wid, nwg);
+fn per_workgroup(wg: u32, lid: u32) {
     if wg >= P.groups {
         return;
     }

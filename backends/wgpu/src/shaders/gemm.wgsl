@@ -19,41 +19,14 @@ struct Params {
 var<workgroup> As: array<f32, 1024>;
 var<workgroup> Bs: array<f32, 1024>;
 
+// Row r of the tile (rows past m are padding).
 fn store_row(r: u32, c0: u32, v: vec4<f32>) {
-    if r >= P.m {
-        return;
-    }
-    var j = 0u;
-    loop {
-        if j >= 4u {
-            break;
-        }
-        let c = c0 + j;
-        if c >= P.n {
-            break;
-        }
-        let e = r * P.ldd + P.dcol + c;
-        if D_PER == 1u {
-            stw_d(e, enc_d(v[j]));
-            j = j + 1u;
-        } else if (e & 1u) == 0u && j < 3u && c + 1u < P.n {
-            // Both elements of this word are ours.
-            stw_d(e / 2u, (enc_d(v[j]) & 0xffffu) | (enc_d(v[j + 1u]) << 16u));
-            j = j + 2u;
-        } else {
-            st_d(e, v[j]);
-            j = j + 1u;
-        }
+    if r < P.m {
+        store4_d(r * P.ldd + P.dcol, c0, P.n, v);
     }
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let tile = wg_lin(wid, nwg);
+fn per_workgroup(tile: u32, lid: u32) {
     if tile >= P.tiles {
         return;
     }

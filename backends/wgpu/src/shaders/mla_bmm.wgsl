@@ -28,37 +28,7 @@ struct Params {
 var<workgroup> As: array<f32, 1024>;
 var<workgroup> Bs: array<f32, 1024>;
 
-fn store_row(base: u32, c0: u32, v: vec4<f32>) {
-    var j = 0u;
-    loop {
-        if j >= 4u {
-            break;
-        }
-        let c = c0 + j;
-        if c >= P.n {
-            break;
-        }
-        let e = base + c;
-        if D_PER == 1u {
-            stw_d(e, enc_d(v[j]));
-            j = j + 1u;
-        } else if (e & 1u) == 0u && j < 3u && c + 1u < P.n {
-            stw_d(e / 2u, (enc_d(v[j]) & 0xffffu) | (enc_d(v[j + 1u]) << 16u));
-            j = j + 2u;
-        } else {
-            st_d(e, v[j]);
-            j = j + 1u;
-        }
-    }
-}
-
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let tile = wg_lin(wid, nwg);
+fn per_workgroup(tile: u32, lid: u32) {
     if tile >= P.tiles {
         return;
     }
@@ -109,15 +79,15 @@ fn main(
     let cc = col0 + tx * 4u;
     let dbase = P.d0 + z * P.ds_b;
     if r0 < P.m {
-        store_row(dbase + r0 * P.ds_m, cc, c0);
+        store4_d(dbase + r0 * P.ds_m, cc, P.n, c0);
     }
     if r0 + 1u < P.m {
-        store_row(dbase + (r0 + 1u) * P.ds_m, cc, c1);
+        store4_d(dbase + (r0 + 1u) * P.ds_m, cc, P.n, c1);
     }
     if r0 + 2u < P.m {
-        store_row(dbase + (r0 + 2u) * P.ds_m, cc, c2);
+        store4_d(dbase + (r0 + 2u) * P.ds_m, cc, P.n, c2);
     }
     if r0 + 3u < P.m {
-        store_row(dbase + (r0 + 3u) * P.ds_m, cc, c3);
+        store4_d(dbase + (r0 + 3u) * P.ds_m, cc, P.n, c3);
     }
 }

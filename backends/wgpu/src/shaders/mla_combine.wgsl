@@ -58,13 +58,7 @@ fn store_pair(e: u32, c: u32, v0: f32, v1: f32) {
     }
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let row = wg_lin(wid, nwg);
+fn per_workgroup(row: u32, lid: u32) {
     if row >= P.rows {
         return;
     }

@@ -132,13 +132,7 @@ fn q_bits(i: u32) -> u32 {
     return dt_lane(Q_DT, b_q[i / Q_PER], i);
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let wg = wg_lin(wid, nwg);
+fn per_workgroup(wg: u32, lid: u32) {
     if wg >= P.total {
         return;
     }

@@ -43,13 +43,7 @@ fn better(a: vec2<f32>, b: vec2<f32>) -> bool {
     return a.x > b.x || (a.x == b.x && a.y > b.y);
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t = wg_lin(wid, nwg);
+fn per_workgroup(t: u32, lid: u32) {
     if t >= P.tokens {
         return;
     }

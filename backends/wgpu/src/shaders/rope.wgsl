@@ -9,13 +9,7 @@ struct Params {
     cs_scale: f32,
 }
 
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let p = wg_lin(wid, nwg) * 256u + lid;
+fn per_invocation(p: u32) {
     if p >= P.pairs {
         return;
     }
