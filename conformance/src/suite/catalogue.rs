@@ -31,6 +31,7 @@
 //! and column.
 
 mod expr;
+pub mod size;
 
 use super::{CaseSpec, Metric, Source, Tolerance};
 use crate::cases::{self, Family, KeyKind, ParamMap};
@@ -784,8 +785,23 @@ pub fn select(specs: &[CaseSpec], profile: &str, filter: Option<&str>) -> Vec<Ca
 
 /// Turns a case into a runnable case: inputs generated from its seed (or
 /// read from its golden file), its run, and a judge built from its
-/// tolerances.
+/// tolerances. The case's size is checked against the process-wide memory
+/// budget first ([`size::check`]): a case too large for it is an error
+/// naming the case, its sizes and the budget, and nothing is allocated.
 pub fn build(spec: &CaseSpec) -> Result<cases::Case, BuildError> {
+    build_within(spec, deepport_core::budget::MemoryBudget::global())
+}
+
+/// [`build`] with an explicit memory budget.
+pub fn build_within(
+    spec: &CaseSpec,
+    budget: deepport_core::budget::MemoryBudget,
+) -> Result<cases::Case, BuildError> {
+    size::check(spec, budget).map_err(|e| BuildError {
+        id: spec.id.clone(),
+        origin: spec.origin.clone(),
+        message: e.to_string(),
+    })?;
     cases::build(spec).map_err(|message| BuildError {
         id: spec.id.clone(),
         origin: spec.origin.clone(),
