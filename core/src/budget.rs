@@ -100,9 +100,11 @@ impl MemoryBudget {
             "m" | "mb" | "mib" => 20,
             "g" | "gb" | "gib" => 30,
             "t" | "tb" | "tib" => 40,
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "`{text}` is not a size: use a number of bytes with K, M, G or T (e.g. 8G, 512M)"
-            )),
+            ))
+            }
         };
         let v: f64 = num
             .parse()
