@@ -516,3 +516,84 @@ fn two_runs_sharing_a_fresh_reference_cache_agree() {
     }
     assert_eq!(entries, SLOW_CASES);
 }
+
+#[test]
+fn a_case_that_kills_the_runner_is_a_crash_after_resume() {
+    // The test-only `faulty` backend aborts the process in rms_norm. Run
+    // in process (no --isolate), that takes the runner down; the resume
+    // runs the case that was running in a child process, records it as a
+    // Crash with the reason, and goes on.
+    let d = scratch("abort");
+    let w = no_waivers(&d);
+    let first = |family: &str| {
+        let o = run(
+            &d.join("cache"),
+            &["run", "--list-cases", "--filter", &format!("{family}(*")],
+        );
+        text(&o.stdout).lines().next().unwrap().to_string()
+    };
+    let (good, abort, after) = (first("gemm"), first("rms_norm"), first("silu_mul"));
+    let report = d.join("report");
+    let args = [
+        "run",
+        "--backend",
+        "faulty",
+        "--waivers",
+        w.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--filter",
+        &good,
+        "--filter",
+        &abort,
+        "--filter",
+        &after,
+    ];
+    let o = cmd(&d.join("cache"), &args)
+        .env("DEEPPORT_TEST_BACKENDS", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        o.status.signal().is_some(),
+        "the in-process abort should kill the runner: {:?}",
+        o.status
+    );
+    assert_eq!(
+        results(&report).len(),
+        1,
+        "only the case before it finished"
+    );
+    let o = cmd(
+        &d.join("cache"),
+        &["run", "--resume", report.to_str().unwrap()],
+    )
+    .env("DEEPPORT_TEST_BACKENDS", "1")
+    .output()
+    .unwrap();
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{}", text(&o.stderr));
+    assert!(
+        out.contains(&format!(
+            "1 case(s) were running when the run stopped; each runs in its own process this time: {abort}"
+        )),
+        "{out}"
+    );
+    let rs = results(&report);
+    let outcome = |id: &str| {
+        rs.iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("{id} missing: {rs:?}"))
+            .clone()
+    };
+    assert_eq!(rs.len(), 3);
+    assert_eq!(outcome(&good)["outcome"], "Pass");
+    let crash = outcome(&abort);
+    assert_eq!(crash["outcome"], "Crash", "{crash}");
+    assert!(
+        crash["message"].as_str().unwrap().contains("SIGABRT"),
+        "{crash}"
+    );
+    // The case after it ran in process, as asked: faulty's silu_mul errors.
+    assert_eq!(outcome(&after)["outcome"], "Fail");
+}

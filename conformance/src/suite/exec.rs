@@ -308,9 +308,17 @@ pub fn execute(
 ) -> Vec<CaseResult> {
     let all: Vec<usize> = (0..backends.len() * specs.len()).collect();
     let mut results: Vec<Option<CaseResult>> = all.iter().map(|_| None).collect();
-    for (k, r) in execute_some(backends, specs, &all, reference, opts, &mut |_, r| {
-        on_result(r)
-    }) {
+    let none = std::collections::BTreeSet::new();
+    for (k, r) in execute_some(
+        backends,
+        specs,
+        &all,
+        &none,
+        reference,
+        opts,
+        &|_| {},
+        &mut |_, r| on_result(r),
+    ) {
         results[k] = Some(r);
     }
     results
@@ -330,14 +338,19 @@ fn lost_result(backends: &[RunBackend], specs: &[CaseSpec], k: usize) -> CaseRes
 }
 
 /// Runs the cases `pending` (indices `backend * specs.len() + spec`),
-/// `jobs` at a time, calling `on_result(k, result)` as each finishes, and
-/// returns `(k, result)` for each in the order they finished.
+/// `jobs` at a time, calling `on_start(k)` as each starts and
+/// `on_result(k, result)` as each finishes, and returns `(k, result)` for
+/// each in the order they finished. The cases in `isolate` run in a child
+/// process even without `--isolate`.
+#[allow(clippy::too_many_arguments)]
 pub fn execute_some(
     backends: &[RunBackend],
     specs: &[CaseSpec],
     pending: &[usize],
+    isolate: &std::collections::BTreeSet<usize>,
     reference: &Arc<dyn Backend>,
     opts: &ExecOptions,
+    on_start: &(dyn Fn(usize) + Sync),
     on_result: &mut dyn FnMut(usize, &CaseResult),
 ) -> Vec<(usize, CaseResult)> {
     let total = pending.len();
@@ -358,7 +371,8 @@ pub fn execute_some(
                 }
                 let k = pending[i];
                 let (b, spec) = (&backends[k / specs.len()], &specs[k % specs.len()]);
-                let r = if opts.isolate {
+                on_start(k);
+                let r = if opts.isolate || isolate.contains(&k) {
                     child::run_isolated(spec, &b.name, &b.info, opts)
                 } else {
                     run_in_thread(
@@ -698,6 +712,13 @@ pub fn run_main(args: RunArgs) -> ExitCode {
     let mut done: Vec<Option<CaseResult>> = (0..backends.len() * n).map(|_| None).collect();
     let mut journals: Vec<Option<super::report::ResultsJournal>> =
         backends.iter().map(|_| None).collect();
+    // Which cases started, so that a resume knows which were running when
+    // the run died: those run in a child process the next time, so that a
+    // case that kills the runner (an abort, an allocation the size check
+    // did not foresee) is recorded as a Crash instead of killing it again.
+    let mut started_logs: Vec<Option<std::sync::Mutex<std::fs::File>>> =
+        backends.iter().map(|_| None).collect();
+    let mut in_flight = std::collections::BTreeSet::new();
     if let Some(dir) = &report_dir {
         if !resuming {
             if let Err(e) = plan.write(dir) {
@@ -729,8 +750,12 @@ pub fn run_main(args: RunArgs) -> ExitCode {
                         super::report::RESULTS_JSONL
                     );
                 }
+                let was_started = resume::read_started(&d);
                 for (i, s) in specs.iter().enumerate() {
                     done[bi * n + i] = found.remove(&s.id);
+                    if done[bi * n + i].is_none() && was_started.contains(&s.id) {
+                        in_flight.insert(bi * n + i);
+                    }
                 }
             } else {
                 let setup = std::fs::create_dir_all(&d).and_then(|()| {
@@ -756,6 +781,10 @@ pub fn run_main(args: RunArgs) -> ExitCode {
                 .collect();
             match super::report::ResultsJournal::start(&d, &kept) {
                 Ok(j) => journals[bi] = Some(j),
+                Err(e) => return fail(EXIT_FAILURE, e),
+            }
+            match resume::open_started(&d, !resuming) {
+                Ok(f) => started_logs[bi] = Some(std::sync::Mutex::new(f)),
                 Err(e) => return fail(EXIT_FAILURE, e),
             }
         }
@@ -786,16 +815,35 @@ pub fn run_main(args: RunArgs) -> ExitCode {
             done.len(),
             pending.len()
         );
+        if !in_flight.is_empty() && !opts.isolate {
+            println!(
+                "{} case(s) were running when the run stopped; each runs in its own process this time: {}",
+                in_flight.len(),
+                in_flight
+                    .iter()
+                    .map(|&k| specs[k % n].id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     let mut progress = output::Progress::new(pending.len());
     let mut journal_failed = false;
     let t0 = Instant::now();
+    let on_start = |k: usize| {
+        if let Some(Ok(mut f)) = started_logs[k / n].as_ref().map(|m| m.lock()) {
+            // Best effort: without it a resume merely runs the case in process.
+            let _ = std::io::Write::write_all(&mut *f, format!("{}\n", specs[k % n].id).as_bytes());
+        }
+    };
     let finished = execute_some(
         &backends,
         &specs,
         &pending,
+        &in_flight,
         &reference,
         &opts,
+        &on_start,
         &mut |k, r| {
             progress.update(r);
             if let Some(j) = journals[k / n].as_mut() {
@@ -810,6 +858,7 @@ pub fn run_main(args: RunArgs) -> ExitCode {
     );
     progress.finish();
     drop(journals);
+    drop(started_logs);
     let wall = t0.elapsed().as_secs_f64();
     for (k, r) in finished {
         done[k] = Some(r);

@@ -157,6 +157,39 @@ impl RunPlan {
     }
 }
 
+/// The file, in each backend's run directory, listing the id of every case
+/// as it starts.
+pub const STARTED_FILE: &str = ".deepport-started";
+
+/// Opens the started-cases file of a run directory for appending
+/// (emptied first for a new run).
+pub fn open_started(dir: &Path, fresh: bool) -> std::io::Result<std::fs::File> {
+    let path = dir.join(STARTED_FILE);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|f| {
+            if fresh {
+                f.set_len(0)?;
+            }
+            Ok(f)
+        })
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+/// The ids of the cases a run directory says were started.
+pub fn read_started(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read(dir.join(STARTED_FILE))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Checks that a backend about to resume a run is what the run's
 /// `run.json` recorded: same suite version, profile, backend, device and
 /// driver.
