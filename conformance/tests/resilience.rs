@@ -259,13 +259,13 @@ fn lines_in(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// A catalogue of 24 gemm cases slow enough (a few tens of ms each on
-/// cpu in a debug build) to kill a run in the middle.
+/// A catalogue of 24 gemm cases slow enough (~0.1 s each on cpu in a
+/// debug build) to kill a run in the middle.
 const SLOW_GROUP: &str = r#"  - profiles: [smoke]
     grid:
       m: [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 217, 218, 219, 220, 221, 222, 223]
       n: 256
-      k: 512
+      k: 1024
       ab: f32
       out: f32
 "#;
