@@ -104,6 +104,12 @@ Prints a progress line on stderr, then a table per op family and the summary lin
 `run: N passed, N quality warnings, N failed, N not supported, N crashed, N timed out` \
 and `conformance: N passed, N failed, N skipped` (skipped = not supported or waived).
 
+With --report DIR, results.jsonl gets a line as each case finishes and the directory is \
+locked while the run lasts; `deepport run --resume DIR` continues a run that was killed, \
+running only the cases it had not finished, and ends with the same reports. A case whose \
+sizes exceed the memory budget (--max-memory; default: the memory available) is a Fail \
+naming them, and the run goes on.
+
 Exit status: 0 when nothing is Fail, Crash or Timeout (waived results excepted) and no \
 waiver is unneeded; 1 otherwise; 2 for a usage error (unknown backend or profile, no \
 matching case, a malformed waiver file)."
