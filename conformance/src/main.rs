@@ -8,6 +8,7 @@ use deepport_conformance::error::CliError;
 use deepport_conformance::opspec::{self, Inputs, Params};
 use deepport_conformance::suite::{exec, report};
 use deepport_conformance::{list, registry};
+use deepport_core::budget::MemoryBudget;
 use deepport_core::tensor::{read_safetensors, write_safetensors};
 use deepport_core::Error;
 use std::io::Write;
@@ -49,6 +50,12 @@ This program:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Memory budget for every size that comes from your input (case
+    /// parameters, tensor files, op parameters): a request beyond it is an
+    /// error naming the input, the size and the budget. E.g. 8G, 512M,
+    /// unlimited. Default: the memory this machine has available.
+    #[arg(long, global = true, value_name = "SIZE", value_parser = MemoryBudget::parse)]
+    max_memory: Option<MemoryBudget>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +103,12 @@ a segfault or a hang is recorded and the run goes on).
 Prints a progress line on stderr, then a table per op family and the summary lines \
 `run: N passed, N quality warnings, N failed, N not supported, N crashed, N timed out` \
 and `conformance: N passed, N failed, N skipped` (skipped = not supported or waived).
+
+With --report DIR, results.jsonl gets a line as each case finishes and the directory is \
+locked while the run lasts; `deepport run --resume DIR` continues a run that was killed, \
+running only the cases it had not finished, and ends with the same reports. A case whose \
+sizes exceed the memory budget (--max-memory; default: the memory available) is a Fail \
+naming them, and the run goes on.
 
 Exit status: 0 when nothing is Fail, Crash or Timeout (waived results excepted) and no \
 waiver is unneeded; 1 otherwise; 2 for a usage error (unknown backend or profile, no \
@@ -259,6 +272,9 @@ fn cmd_golden_verify(dir: Option<PathBuf>) -> Result<ExitCode, CliError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(b) = cli.max_memory {
+        MemoryBudget::set_global(b);
+    }
     let result = match cli.command {
         Command::List { json } => cmd_list(json),
         Command::Op(c) => cmd_op(c),

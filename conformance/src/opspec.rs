@@ -9,7 +9,7 @@
 //! `deepport run` go through the same path.
 
 use crate::error::CliError;
-use deepport_core::backend::{alloc_poisoned, Backend, Tensor};
+use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::*;
 use deepport_core::tensor::unravel;
 use deepport_core::{DType, Error, HostTensor};
@@ -364,9 +364,24 @@ fn up(b: &dyn Backend, t: &HostTensor) -> CliResult<Tensor> {
     b.upload(t).map_err(CliError::Failed)
 }
 
-/// An output tensor, poisoned with NaN (floats) or all-ones bytes.
+/// An output tensor, poisoned with NaN (floats) or all-ones bytes. Its
+/// shape comes from the user's tensors and parameters, so its size is
+/// checked against the memory budget first and its host staging copy is
+/// reserved fallibly (an error naming the size and the budget, never an
+/// abort).
 fn out(b: &dyn Backend, dtype: DType, shape: &[usize]) -> CliResult<Tensor> {
-    alloc_poisoned(b, dtype, shape).map_err(CliError::Failed)
+    let budget = deepport_core::budget::MemoryBudget::global();
+    let what = format!("an output tensor ({dtype} {shape:?})");
+    let host = if dtype.is_float() {
+        HostTensor::try_full(&what, dtype, shape, f32::NAN, budget)
+    } else {
+        HostTensor::try_zeros(&what, dtype, shape, budget).map(|mut t| {
+            t.bytes_mut().fill(0xff);
+            t
+        })
+    }
+    .map_err(CliError::Invalid)?;
+    b.upload(&host).map_err(CliError::Failed)
 }
 
 fn down(b: &dyn Backend, t: &Tensor) -> CliResult<HostTensor> {

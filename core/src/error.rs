@@ -98,6 +98,26 @@ pub enum Error {
     /// Anything else, with a message that says what.
     #[error("{0}")]
     Other(String),
+    /// A size from user input (a case parameter, a file header, a token
+    /// list) is over the memory budget ([`crate::budget::MemoryBudget`]).
+    #[error(
+        "{what} needs {bytes} bytes ({}), over the memory budget of {budget} bytes ({}); \
+         --max-memory sets the budget",
+        crate::budget::fmt_bytes(*.bytes),
+        crate::budget::fmt_bytes(*.budget)
+    )]
+    OverBudget {
+        what: String,
+        bytes: u64,
+        budget: u64,
+    },
+    /// Memory within the budget could not be reserved.
+    #[error("{what}: cannot reserve {bytes} bytes ({}): {reason}", crate::budget::fmt_bytes(*.bytes))]
+    OutOfMemory {
+        what: String,
+        bytes: u64,
+        reason: String,
+    },
 }
 
 impl Error {

@@ -2,6 +2,7 @@
 //!
 //! * [`formats`]: FP8 (e4m3, e4m3fnuz, e5m2), UE8M0, bf16/f16 rounding;
 //! * [`tensor`]: host tensors and safetensors files;
+//! * [`budget`]: the memory budget for sizes that come from user input;
 //! * [`ops`]: typed, validated arguments of every op in `SPEC.md`;
 //! * [`backend`]: the object-safe [`Backend`] trait;
 //! * [`device`]: device tensors (owned by one backend instance; views);
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod budget;
 pub mod comm;
 pub mod device;
 pub mod dtype;

@@ -1,5 +1,6 @@
 //! Host tensors and safetensors files.
 
+use crate::budget::MemoryBudget;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats;
@@ -69,6 +70,68 @@ impl HostTensor {
             shape: shape.to_vec(),
             data,
         })
+    }
+
+    /// A tensor of zero bytes whose size is checked against `budget`
+    /// first and reserved fallibly: a shape from user input that is too
+    /// large is an [`Error::OverBudget`] naming `what`, never an abort.
+    pub fn try_zeros(
+        what: &str,
+        dtype: DType,
+        shape: &[usize],
+        budget: MemoryBudget,
+    ) -> Result<Self> {
+        let bytes = budget.check_tensor(what, dtype, shape)?;
+        let mut data = budget.try_vec::<u8>(what, bytes as usize)?;
+        data.resize(bytes as usize, 0);
+        Ok(Self {
+            dtype,
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// A float tensor filled with `value` (rounded to the dtype), checked
+    /// against `budget` and reserved fallibly like [`try_zeros`](Self::try_zeros).
+    pub fn try_full(
+        what: &str,
+        dtype: DType,
+        shape: &[usize],
+        value: f32,
+        budget: MemoryBudget,
+    ) -> Result<Self> {
+        let mut t = Self::try_zeros(what, dtype, shape, budget)?;
+        let one = Self::from_f32(dtype, &[1], &[value]).data;
+        for chunk in t.data.chunks_exact_mut(one.len().max(1)) {
+            chunk.copy_from_slice(&one);
+        }
+        Ok(t)
+    }
+
+    /// A tensor whose element `i` (row-major) is `f(i)`, rounded once to
+    /// the dtype, converted in chunks (no full f32 copy); checked against
+    /// `budget` and reserved fallibly like [`try_zeros`](Self::try_zeros).
+    pub fn try_from_fn(
+        what: &str,
+        dtype: DType,
+        shape: &[usize],
+        budget: MemoryBudget,
+        mut f: impl FnMut(usize) -> f32,
+    ) -> Result<Self> {
+        const CHUNK: usize = 1 << 16;
+        let bytes = budget.check_tensor(what, dtype, shape)?;
+        let mut data = budget.try_vec::<u8>(what, bytes as usize)?;
+        let n = numel(shape);
+        let mut buf = Vec::with_capacity(CHUNK.min(n));
+        let mut i = 0;
+        while i < n {
+            let m = CHUNK.min(n - i);
+            buf.clear();
+            buf.extend((i..i + m).map(&mut f));
+            data.extend_from_slice(&Self::from_f32(dtype, &[m], &buf).data);
+            i += m;
+        }
+        Self::from_bytes(dtype, shape, data)
     }
 
     /// A tensor of zero bytes.
@@ -355,13 +418,28 @@ pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<TensorFile> {
     Ok(out)
 }
 
-/// Reads a whole safetensors file.
+/// Reads a whole safetensors file; its size is checked against the
+/// process-wide [`MemoryBudget::global`] first.
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<TensorFile> {
+    read_safetensors_within(path, MemoryBudget::global())
+}
+
+/// Reads a whole safetensors file, which with its parsed tensors takes
+/// twice its size in memory: that is checked against `budget` before the
+/// file is read, and the read buffer is reserved fallibly.
+pub fn read_safetensors_within(path: impl AsRef<Path>, budget: MemoryBudget) -> Result<TensorFile> {
+    use std::io::Read;
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let what = format!("reading {}", path.display());
+    budget.check(&what, len.saturating_mul(2))?;
+    let mut bytes = budget.try_vec::<u8>(&what, len as usize)?;
+    file.read_to_end(&mut bytes).map_err(io)?;
     parse_safetensors(path, &bytes)
 }
 

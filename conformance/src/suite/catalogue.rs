@@ -31,6 +31,7 @@
 //! and column.
 
 mod expr;
+pub mod size;
 
 use super::{CaseSpec, Metric, Source, Tolerance};
 use crate::cases::{self, Family, KeyKind, ParamMap};
@@ -41,6 +42,10 @@ use serde_json::Value;
 use serde_saphyr::Spanned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+/// The most cases one grid (or one case entry merged into it) may expand
+/// to: a typo in a list must not make the catalogue take all memory.
+pub const MAX_CASES_PER_ENTRY: usize = 100_000;
 
 /// The profiles every case may belong to.
 pub const PROFILES: [&str; 3] = ["smoke", "full", "v3-mustpass"];
@@ -655,8 +660,20 @@ fn expand_group(
             column: at.1,
             message,
         };
-        // Cartesian product.
-        let total: usize = axes.iter().map(|(_, v)| v.len()).product();
+        // Cartesian product, of a size a catalogue can hold.
+        let total = axes
+            .iter()
+            .try_fold(1usize, |acc, (_, v)| acc.checked_mul(v.len()))
+            .filter(|&t| t <= MAX_CASES_PER_ENTRY)
+            .ok_or_else(|| {
+                err_at(format!(
+                    "{gname}: the grid expands to {} cases, more than the {MAX_CASES_PER_ENTRY} one entry may declare",
+                    axes.iter()
+                        .map(|(k, v)| format!("{} {k}", v.len()))
+                        .collect::<Vec<_>>()
+                        .join(" × ")
+                ))
+            })?;
         for mut n in 0..total {
             let mut params = ParamMap::new();
             for (k, vals) in axes.iter().rev() {
@@ -784,8 +801,23 @@ pub fn select(specs: &[CaseSpec], profile: &str, filter: Option<&str>) -> Vec<Ca
 
 /// Turns a case into a runnable case: inputs generated from its seed (or
 /// read from its golden file), its run, and a judge built from its
-/// tolerances.
+/// tolerances. The case's size is checked against the process-wide memory
+/// budget first ([`size::check`]): a case too large for it is an error
+/// naming the case, its sizes and the budget, and nothing is allocated.
 pub fn build(spec: &CaseSpec) -> Result<cases::Case, BuildError> {
+    build_within(spec, deepport_core::budget::MemoryBudget::global())
+}
+
+/// [`build`] with an explicit memory budget.
+pub fn build_within(
+    spec: &CaseSpec,
+    budget: deepport_core::budget::MemoryBudget,
+) -> Result<cases::Case, BuildError> {
+    size::check(spec, budget).map_err(|e| BuildError {
+        id: spec.id.clone(),
+        origin: spec.origin.clone(),
+        message: e.to_string(),
+    })?;
     cases::build(spec).map_err(|message| BuildError {
         id: spec.id.clone(),
         origin: spec.origin.clone(),
@@ -927,6 +959,21 @@ groups:
         assert!(e.message.contains("add.yaml"), "{e}");
         // The Display form names file, line and column.
         assert!(e.to_string().starts_with("rope.yaml:2:9: "), "{e}");
+    }
+
+    #[test]
+    fn a_grid_too_large_is_an_error_not_an_allocation() {
+        let list = (0..1000)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = GOOD.replace(
+            "grid: {rows: [1, 2, 3], cols: 8}",
+            &format!("grid: {{rows: [{list}], cols: [{list}]}}"),
+        );
+        let e = err(&text);
+        assert!(e.message.contains("1000 rows × 1000 cols"), "{e}");
+        assert_eq!(e.line, 12, "{e}");
     }
 
     #[test]

@@ -23,6 +23,7 @@
 pub mod child;
 pub mod output;
 pub mod refcache;
+pub mod resume;
 
 pub use refcache::RefCache;
 
@@ -305,21 +306,73 @@ pub fn execute(
     opts: &ExecOptions,
     on_result: &mut dyn FnMut(&CaseResult),
 ) -> Vec<CaseResult> {
-    let total = backends.len() * specs.len();
+    let all: Vec<usize> = (0..backends.len() * specs.len()).collect();
+    let mut results: Vec<Option<CaseResult>> = all.iter().map(|_| None).collect();
+    let none = std::collections::BTreeSet::new();
+    for (k, r) in execute_some(
+        backends,
+        specs,
+        &all,
+        &none,
+        reference,
+        opts,
+        &|_| {},
+        &mut |_, r| on_result(r),
+    ) {
+        results[k] = Some(r);
+    }
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.unwrap_or_else(|| lost_result(backends, specs, k)))
+        .collect()
+}
+
+/// The row of a case that produced no result (a worker cannot die: every
+/// case is guarded; this keeps the row rather than lose it).
+fn lost_result(backends: &[RunBackend], specs: &[CaseSpec], k: usize) -> CaseResult {
+    let b = &backends[k / specs.len()];
+    let mut res = blank_result(&specs[k % specs.len()], &b.name, &b.info);
+    res.message = "internal: the case produced no result".into();
+    res
+}
+
+/// Runs the cases `pending` (indices `backend * specs.len() + spec`),
+/// `jobs` at a time, calling `on_start(k)` as each starts and
+/// `on_result(k, result)` as each finishes, and returns `(k, result)` for
+/// each in the order they finished. The cases in `isolate` run in a child
+/// process even without `--isolate`.
+#[allow(clippy::too_many_arguments)]
+pub fn execute_some(
+    backends: &[RunBackend],
+    specs: &[CaseSpec],
+    pending: &[usize],
+    isolate: &std::collections::BTreeSet<usize>,
+    reference: &Arc<dyn Backend>,
+    opts: &ExecOptions,
+    on_start: &(dyn Fn(usize) + Sync),
+    on_result: &mut dyn FnMut(usize, &CaseResult),
+) -> Vec<(usize, CaseResult)> {
+    let total = pending.len();
     let next = AtomicUsize::new(0);
     let (tx, rx) = mpsc::channel::<(usize, CaseResult)>();
-    let mut results: Vec<Option<CaseResult>> = (0..total).map(|_| None).collect();
+    let mut out = Vec::with_capacity(total);
+    if specs.is_empty() {
+        return out;
+    }
     std::thread::scope(|scope| {
         for _ in 0..opts.jobs.clamp(1, total.max(1)) {
             let tx = tx.clone();
             let next = &next;
             scope.spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::SeqCst);
-                if k >= total {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= total {
                     break;
                 }
+                let k = pending[i];
                 let (b, spec) = (&backends[k / specs.len()], &specs[k % specs.len()]);
-                let r = if opts.isolate {
+                on_start(k);
+                let r = if opts.isolate || isolate.contains(&k) {
                     child::run_isolated(spec, &b.name, &b.info, opts)
                 } else {
                     run_in_thread(
@@ -338,24 +391,11 @@ pub fn execute(
         }
         drop(tx);
         for (k, r) in rx {
-            on_result(&r);
-            results[k] = Some(r);
+            on_result(k, &r);
+            out.push((k, r));
         }
     });
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(k, r)| {
-            r.unwrap_or_else(|| {
-                // A worker died (it cannot: every case is guarded); keep the
-                // row rather than lose it.
-                let b = &backends[k / specs.len()];
-                let mut res = blank_result(&specs[k % specs.len()], &b.name, &b.info);
-                res.message = "internal: the case produced no result".into();
-                res
-            })
-        })
-        .collect()
+    out
 }
 
 /// `deepport run`.
@@ -367,9 +407,9 @@ pub struct RunArgs {
     pub backend: Vec<String>,
     /// Case profile: smoke (quick), full (whole grids) or v3-mustpass
     /// (everything DeepSeek-V3 inference needs).
-    #[arg(long, short, value_name = "PROFILE", default_value = "smoke",
+    #[arg(long, short, value_name = "PROFILE",
           value_parser = clap::builder::PossibleValuesParser::new(catalogue::PROFILES))]
-    pub profile: String,
+    pub profile: Option<String>,
     /// Run only cases whose id matches this glob (`*` any text, `?` one
     /// character; a filter without either matches ids containing it);
     /// repeat to add more. See `--list-cases`.
@@ -385,13 +425,22 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: u16,
     /// Per-case time limit in seconds (a case over it is a Timeout).
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_S,
-          value_parser = parse_timeout)]
-    pub timeout: f64,
+    /// Default: 300.
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<f64>,
     /// Write run.json, results.jsonl, junit.xml and summary.md here (one
-    /// subdirectory per backend when there are several).
+    /// subdirectory per backend when there are several). results.jsonl
+    /// grows as cases finish; the other reports are written at the end.
+    /// The directory is locked while the run lasts.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
+    /// Continue the run whose report directory is DIR (killed or
+    /// interrupted): the cases it finished are kept, the others are run,
+    /// and the reports end as an uninterrupted run's. The selection and
+    /// options come from DIR; any given here must match. The suite
+    /// version, backends, devices and drivers must be the same.
+    #[arg(long, value_name = "DIR", conflicts_with = "list_cases")]
+    pub resume: Option<PathBuf>,
     /// Waiver file (default: conformance/waivers.yaml when present).
     #[arg(long, value_name = "FILE")]
     pub waivers: Option<PathBuf>,
@@ -514,26 +563,65 @@ fn create_backends(reg: &Registry, names: &[String]) -> Result<Vec<RunBackend>, 
     Ok(out)
 }
 
+/// The run directory of backend `name` in the report directory `dir`: `dir`
+/// itself for a single backend, else `dir/name`.
+fn backend_dir(dir: &Path, name: &str, several: bool) -> PathBuf {
+    if several {
+        dir.join(name)
+    } else {
+        dir.to_path_buf()
+    }
+}
+
 /// `deepport run`: see [`RunArgs`] and the module documentation.
 pub fn run_main(args: RunArgs) -> ExitCode {
-    let cases_dir = args.cases.clone().unwrap_or_else(catalogue::default_dir);
+    // With --resume, the directory is locked before its plan is read, so
+    // that a live run cannot be resumed from under itself.
+    let mut lock = None;
+    let (plan, report_dir) = match &args.resume {
+        Some(dir) => {
+            if args.report.as_ref().is_some_and(|r| r != dir) {
+                return fail(
+                    EXIT_USAGE,
+                    "--resume DIR writes its reports into DIR; leave out --report or give the same directory",
+                );
+            }
+            if !dir.is_dir() {
+                return fail(
+                    EXIT_USAGE,
+                    format!("cannot resume: {} is not a directory", dir.display()),
+                );
+            }
+            match super::report::RunLock::acquire(dir) {
+                Ok(l) => lock = Some(l),
+                Err(e) => return fail(EXIT_USAGE, e),
+            }
+            match resume::RunPlan::read(dir).and_then(|p| p.resumed(&args)) {
+                Ok(p) => (p, Some(dir.clone())),
+                Err(e) => return fail(EXIT_USAGE, e),
+            }
+        }
+        None => (resume::RunPlan::from_args(&args), args.report.clone()),
+    };
+    let resuming = args.resume.is_some();
+    let cases_dir = plan.cases.clone().unwrap_or_else(catalogue::default_dir);
     let all = match catalogue::load(&cases_dir) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_USAGE, e),
     };
-    let specs = select_many(&all, &args.profile, &args.filter);
+    let specs = select_many(&all, &plan.profile, &plan.filters);
     if specs.is_empty() {
         return fail(
             EXIT_USAGE,
             format!(
                 "no case of profile `{}` matches {}; `deepport run --list-cases --profile {}` shows them",
-                args.profile,
-                if args.filter.is_empty() {
+                plan.profile,
+                if plan.filters.is_empty() {
                     "(no filter)".to_string()
                 } else {
-                    args.filter.join(", ")
+                    plan.filters.join(", ")
                 },
-                args.profile
+                plan.profile
             ),
         );
     }
@@ -548,20 +636,21 @@ pub fn run_main(args: RunArgs) -> ExitCode {
             Err(e) => fail(EXIT_FAILURE, format!("writing to stdout: {e}")),
         };
     }
-    let waivers = match args.waivers.clone().or_else(Waivers::default_path) {
+    let waivers = match plan.waivers.clone().or_else(Waivers::default_path) {
         Some(p) => match Waivers::load(&p) {
             Ok(w) => w,
             Err(e) => return fail(EXIT_USAGE, e),
         },
         None => Waivers::default(),
     };
-    let names = if args.backend.is_empty() {
-        vec!["cpu".to_string()]
-    } else {
-        args.backend.clone()
-    };
+    if let (None, Some(dir)) = (&lock, &report_dir) {
+        match super::report::RunLock::acquire(dir) {
+            Ok(l) => lock = Some(l),
+            Err(e) => return fail(EXIT_USAGE, e),
+        }
+    }
     let reg = crate::registry();
-    let backends = match create_backends(&reg, &names) {
+    let backends = match create_backends(&reg, &plan.backends) {
         Ok(b) => b,
         Err((code, msg)) => return fail(code, msg),
     };
@@ -578,17 +667,130 @@ pub fn run_main(args: RunArgs) -> ExitCode {
         }
     };
     let opts = ExecOptions {
-        isolate: args.isolate,
+        isolate: plan.isolate,
         jobs: usize::from(args.jobs),
-        timeout: Duration::from_secs_f64(args.timeout),
+        timeout: Duration::from_secs_f64(plan.timeout_s),
         cases_dir,
-        refcache: if args.no_refcache {
+        refcache: if plan.no_refcache {
             RefCache::disabled()
         } else {
             RefCache::from_env()
         },
     };
+    let n = specs.len();
+    let several = backends.len() > 1;
     let started = utc_now();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let (git_commit, git_dirty) = if report_dir.is_some() {
+        super::report::git_state(&repo)
+    } else {
+        (None, None)
+    };
+    let mut infos: Vec<RunInfo> = backends
+        .iter()
+        .map(|b| RunInfo {
+            suite_version: SUITE_VERSION.to_string(),
+            profile: plan.profile.clone(),
+            backend: b.name.clone(),
+            device: b.info.device.clone(),
+            driver: b.info.driver.clone(),
+            vendor: b.info.vendor.clone(),
+            git_commit: git_commit.clone(),
+            git_dirty,
+            started_utc: started.clone(),
+            host: hostname(),
+            command: command_line(),
+        })
+        .collect();
+
+    // The report directory: the plan, each backend's run.json, and the
+    // results so far (kept when resuming), before the first case runs.
+    let mut done: Vec<Option<CaseResult>> = (0..backends.len() * n).map(|_| None).collect();
+    let mut journals: Vec<Option<super::report::ResultsJournal>> =
+        backends.iter().map(|_| None).collect();
+    // Which cases started, so that a resume knows which were running when
+    // the run died: those run in a child process the next time, so that a
+    // case that kills the runner (an abort, an allocation the size check
+    // did not foresee) is recorded as a Crash instead of killing it again.
+    let mut started_logs: Vec<Option<std::sync::Mutex<std::fs::File>>> =
+        backends.iter().map(|_| None).collect();
+    let mut in_flight = std::collections::BTreeSet::new();
+    if let Some(dir) = &report_dir {
+        if !resuming {
+            if let Err(e) = plan.write(dir) {
+                return fail(EXIT_FAILURE, e);
+            }
+        }
+        for (bi, b) in backends.iter().enumerate() {
+            let d = backend_dir(dir, &b.name, several);
+            if resuming {
+                let stored = match super::report::read_run_info(&d) {
+                    Ok(i) => i,
+                    Err(e) => return fail(EXIT_USAGE, format!("cannot resume: {e}")),
+                };
+                if let Err(e) = resume::check_same(&stored, &infos[bi]) {
+                    return fail(EXIT_USAGE, e);
+                }
+                // The run keeps the facts of its start.
+                infos[bi].started_utc = stored.started_utc;
+                infos[bi].command = stored.command;
+                infos[bi].host = stored.host;
+                let (mut found, torn) = match resume::load_done(&d, &b.name, &specs) {
+                    Ok(x) => x,
+                    Err(e) => return fail(EXIT_USAGE, format!("cannot resume: {e}")),
+                };
+                if torn > 0 {
+                    eprintln!(
+                        "note: {}: dropped {torn} unreadable line(s) of {} (cut off when the run was killed); their cases run again",
+                        d.display(),
+                        super::report::RESULTS_JSONL
+                    );
+                }
+                let was_started = resume::read_started(&d);
+                for (i, s) in specs.iter().enumerate() {
+                    done[bi * n + i] = found.remove(&s.id);
+                    if done[bi * n + i].is_none() && was_started.contains(&s.id) {
+                        in_flight.insert(bi * n + i);
+                    }
+                }
+            } else {
+                let setup = std::fs::create_dir_all(&d).and_then(|()| {
+                    for stale in [super::report::JUNIT_XML, super::report::SUMMARY_MD] {
+                        match std::fs::remove_file(d.join(stale)) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                            _ => {}
+                        }
+                    }
+                    super::report::write_run_json(&d, &infos[bi])
+                });
+                if let Err(e) = setup {
+                    return fail(
+                        EXIT_FAILURE,
+                        format!("preparing the report in {}: {e}", d.display()),
+                    );
+                }
+            }
+            let kept: Vec<CaseResult> = done[bi * n..(bi + 1) * n]
+                .iter()
+                .flatten()
+                .cloned()
+                .collect();
+            match super::report::ResultsJournal::start(&d, &kept) {
+                Ok(j) => journals[bi] = Some(j),
+                Err(e) => return fail(EXIT_FAILURE, e),
+            }
+            match resume::open_started(&d, !resuming) {
+                Ok(f) => started_logs[bi] = Some(std::sync::Mutex::new(f)),
+                Err(e) => return fail(EXIT_FAILURE, e),
+            }
+        }
+    }
+    let pending: Vec<usize> = (0..done.len()).filter(|&k| done[k].is_none()).collect();
+
     for b in &backends {
         println!(
             "backend {}: {} | {} (judged against {}); profile {}, {} case(s){}",
@@ -596,7 +798,7 @@ pub fn run_main(args: RunArgs) -> ExitCode {
             b.info.device,
             b.info.driver,
             crate::REFERENCE_BACKEND,
-            args.profile,
+            plan.profile,
             specs.len(),
             if opts.isolate {
                 ", each in its own process"
@@ -605,13 +807,67 @@ pub fn run_main(args: RunArgs) -> ExitCode {
             }
         );
     }
-    let mut progress = output::Progress::new(backends.len() * specs.len());
+    if let (true, Some(dir)) = (resuming, &report_dir) {
+        println!(
+            "resuming {}: {} of {} case(s) already done, {} to run",
+            dir.display(),
+            done.len() - pending.len(),
+            done.len(),
+            pending.len()
+        );
+        if !in_flight.is_empty() && !opts.isolate {
+            println!(
+                "{} case(s) were running when the run stopped; each runs in its own process this time: {}",
+                in_flight.len(),
+                in_flight
+                    .iter()
+                    .map(|&k| specs[k % n].id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let mut progress = output::Progress::new(pending.len());
+    let mut journal_failed = false;
     let t0 = Instant::now();
-    let mut results = execute(&backends, &specs, &reference, &opts, &mut |r| {
-        progress.update(r)
-    });
+    let on_start = |k: usize| {
+        if let Some(Ok(mut f)) = started_logs[k / n].as_ref().map(|m| m.lock()) {
+            // Best effort: without it a resume merely runs the case in process.
+            let _ = std::io::Write::write_all(&mut *f, format!("{}\n", specs[k % n].id).as_bytes());
+        }
+    };
+    let finished = execute_some(
+        &backends,
+        &specs,
+        &pending,
+        &in_flight,
+        &reference,
+        &opts,
+        &on_start,
+        &mut |k, r| {
+            progress.update(r);
+            if let Some(j) = journals[k / n].as_mut() {
+                if let Err(e) = j.append(r) {
+                    if !journal_failed {
+                        eprintln!("warning: {e}; the reports are still written at the end");
+                    }
+                    journal_failed = true;
+                }
+            }
+        },
+    );
     progress.finish();
+    drop(journals);
+    drop(started_logs);
     let wall = t0.elapsed().as_secs_f64();
+    for (k, r) in finished {
+        done[k] = Some(r);
+    }
+    let mut results: Vec<CaseResult> = done
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.unwrap_or_else(|| lost_result(&backends, &specs, k)))
+        .collect();
     let wrep = waivers.apply(&mut results, Date::today());
     for w in &wrep.warnings {
         eprintln!("warning: {w}");
@@ -624,15 +880,15 @@ pub fn run_main(args: RunArgs) -> ExitCode {
         .collect();
     let mut ok = wrep.unneeded.is_empty();
     for (bi, b) in backends.iter().enumerate() {
-        let rs = &results[bi * specs.len()..(bi + 1) * specs.len()];
+        let rs = &results[bi * n..(bi + 1) * n];
         out.push_str(&output::tables(rs, &families));
         let counts = output::Counts::of(rs);
         ok &= counts.run_ok();
         out.push_str(&counts.notices(&b.name, rs));
-        if args.profile == super::report::MUSTPASS_PROFILE {
-            out.push_str(&output::v3_claim(&b.name, rs, !args.filter.is_empty()));
+        if plan.profile == super::report::MUSTPASS_PROFILE {
+            out.push_str(&output::v3_claim(&b.name, rs, !plan.filters.is_empty()));
         }
-        if backends.len() > 1 {
+        if several {
             out.push_str(&format!(
                 "{}\n\n",
                 counts.run_line(&format!("run ({})", b.name))
@@ -664,34 +920,11 @@ pub fn run_main(args: RunArgs) -> ExitCode {
         return fail(EXIT_FAILURE, format!("writing to stdout: {e}"));
     }
 
-    if let Some(dir) = &args.report {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .map(Path::to_path_buf)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(|| PathBuf::from("."));
-        let (git_commit, git_dirty) = super::report::git_state(&repo);
+    if let Some(dir) = &report_dir {
         for (bi, b) in backends.iter().enumerate() {
-            let rs = &results[bi * specs.len()..(bi + 1) * specs.len()];
-            let info = RunInfo {
-                suite_version: SUITE_VERSION.to_string(),
-                profile: args.profile.clone(),
-                backend: b.name.clone(),
-                device: b.info.device.clone(),
-                driver: b.info.driver.clone(),
-                vendor: b.info.vendor.clone(),
-                git_commit: git_commit.clone(),
-                git_dirty,
-                started_utc: started.clone(),
-                host: hostname(),
-                command: command_line(),
-            };
-            let d = if backends.len() > 1 {
-                dir.join(&b.name)
-            } else {
-                dir.clone()
-            };
-            if let Err(e) = super::report::write_all(&d, &info, rs) {
+            let rs = &results[bi * n..(bi + 1) * n];
+            let d = backend_dir(dir, &b.name, several);
+            if let Err(e) = super::report::write_all(&d, &infos[bi], rs) {
                 return fail(
                     EXIT_FAILURE,
                     format!("writing the report to {}: {e}", d.display()),
@@ -700,6 +933,7 @@ pub fn run_main(args: RunArgs) -> ExitCode {
             eprintln!("report: wrote {}", d.display());
         }
     }
+    drop(lock);
     if ok {
         ExitCode::SUCCESS
     } else {

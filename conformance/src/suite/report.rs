@@ -8,6 +8,13 @@
 //! | `results.jsonl` | one [`CaseResult`] per line, every field present (`null` when unknown); non-finite metric values as the strings `"NaN"`, `"inf"`, `"-inf"` |
 //! | `junit.xml` | JUnit XML for CI systems: one `<testsuite>` per op family; Fail/Crash/Timeout are `<failure>`s, NotSupported is `<skipped>` (never a pass) |
 //! | `summary.md` | a Markdown summary: the run's facts, outcome counts per op family, every case that did not pass |
+//! | `resume.json` | the run's selection and options, for `deepport run --resume DIR` ([`crate::suite::exec::resume`]) |
+//! | `.deepport-run.lock` | held (`flock`) by the run writing into the directory ([`lock`]) |
+//!
+//! `run.json` is written before the first case and `results.jsonl` grows
+//! by one flushed line per finished case ([`ResultsJournal`]), so a killed
+//! run leaves what it finished; at the end every file is rewritten in
+//! catalogue order, each atomically ([`write_atomic`]).
 //!
 //! [`merge`] turns several run directories into a cases × backends Markdown
 //! matrix (`deepport report merge`), and [`verify`] checks a submission
@@ -15,10 +22,12 @@
 //! conformant outcomes, this suite version, a recorded clean tree.
 
 mod junit;
+pub mod lock;
 mod markdown;
 mod verify;
 
 pub use junit::junit_xml;
+pub use lock::RunLock;
 pub use markdown::{merge_runs, summary_md};
 pub use verify::{verify_run, Problem, VerifyReport};
 
@@ -29,6 +38,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// File names inside a run directory.
 pub const RUN_JSON: &str = "run.json";
@@ -202,42 +212,162 @@ pub fn result_from_json_line(line: &str) -> Result<CaseResult, String> {
     Ok(r)
 }
 
-fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
-    std::fs::write(path, text)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `path` atomically: to a temporary file in the same
+/// directory, synced, then renamed over `path`. A reader (or a run killed
+/// meanwhile) sees the old file or the new one, never a part of either.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let ctx = |e: std::io::Error, what: &Path| {
+        std::io::Error::new(e.kind(), format!("writing {}: {e}", what.display()))
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".to_string(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ctx(e, &tmp));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ctx(e, path)
+    })?;
+    // Make the rename itself durable where the platform allows.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
-/// Writes `run.json`, `results.jsonl`, `junit.xml` and `summary.md` into
-/// `dir` (created if missing; existing files are replaced).
-pub fn write_all(dir: &Path, info: &RunInfo, results: &[CaseResult]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
-    let run = serde_json::to_string_pretty(info).map_err(std::io::Error::other)?;
-    write_file(&dir.join(RUN_JSON), &(run + "\n"))?;
+fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
+    write_atomic(path, text.as_bytes())
+}
+
+/// The text of `results.jsonl`: one line per result.
+pub fn results_jsonl(results: &[CaseResult]) -> String {
     let mut lines = String::new();
     for r in results {
         lines.push_str(&result_to_json_line(r));
         lines.push('\n');
     }
-    write_file(&dir.join(RESULTS_JSONL), &lines)?;
+    lines
+}
+
+/// Writes `run.json`, `results.jsonl`, `junit.xml` and `summary.md` into
+/// `dir` (created if missing; existing files are replaced, each atomically:
+/// see [`write_atomic`]).
+pub fn write_all(dir: &Path, info: &RunInfo, results: &[CaseResult]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+    write_run_json(dir, info)?;
+    write_file(&dir.join(RESULTS_JSONL), &results_jsonl(results))?;
     write_file(&dir.join(JUNIT_XML), &junit_xml(info, results))?;
     write_file(&dir.join(SUMMARY_MD), &summary_md(info, results))?;
     Ok(())
 }
 
-/// Reads `run.json` and `results.jsonl` of a run directory. Errors name the
-/// file and, for `results.jsonl`, the line.
-pub fn read_dir(dir: &Path) -> Result<(RunInfo, Vec<CaseResult>), ReportError> {
+/// Writes `run.json` (atomically).
+pub fn write_run_json(dir: &Path, info: &RunInfo) -> std::io::Result<()> {
+    let run = serde_json::to_string_pretty(info).map_err(std::io::Error::other)?;
+    write_file(&dir.join(RUN_JSON), &(run + "\n"))
+}
+
+/// `results.jsonl` written as a run goes: each finished case is appended as
+/// one line in one write and flushed to the operating system at once, so a
+/// run killed at any moment leaves every case it finished (and at most one
+/// torn last line, which [`read_partial_results`] drops).
+#[derive(Debug)]
+pub struct ResultsJournal {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl ResultsJournal {
+    /// Starts `dir/results.jsonl` holding exactly `done` (atomically
+    /// replacing whatever was there: a torn tail is gone), open for
+    /// appending.
+    pub fn start(dir: &Path, done: &[CaseResult]) -> std::io::Result<ResultsJournal> {
+        let path = dir.join(RESULTS_JSONL);
+        write_file(&path, &results_jsonl(done))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+            })?;
+        Ok(ResultsJournal { path, file })
+    }
+
+    /// Appends one result and flushes it.
+    pub fn append(&mut self, r: &CaseResult) -> std::io::Result<()> {
+        let mut line = result_to_json_line(r);
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("appending to {}: {e}", self.path.display()),
+                )
+            })
+    }
+}
+
+/// The results of a run directory that may have been interrupted: every
+/// line of `results.jsonl` that parses, in file order, and the number of
+/// lines that did not (a line torn by a killed run; their cases are simply
+/// not done). A missing file is no result.
+pub fn read_partial_results(dir: &Path) -> Result<(Vec<CaseResult>, usize), ReportError> {
+    let path = dir.join(RESULTS_JSONL);
+    let text = match std::fs::read(&path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(ReportError::new(&path, None, e.to_string())),
+    };
+    let mut out = Vec::new();
+    let mut bad = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match result_from_json_line(line) {
+            Ok(r) => out.push(r),
+            Err(_) => bad += 1,
+        }
+    }
+    Ok((out, bad))
+}
+
+/// Reads `run.json` of a run directory.
+pub fn read_run_info(dir: &Path) -> Result<RunInfo, ReportError> {
     let run_path = dir.join(RUN_JSON);
     let text = std::fs::read_to_string(&run_path)
         .map_err(|e| ReportError::new(&run_path, None, e.to_string()))?;
-    let info: RunInfo = serde_json::from_str(&text).map_err(|e| {
+    serde_json::from_str(&text).map_err(|e| {
         ReportError::new(
             &run_path,
             Some(e.line()),
             format!("not a run description: {e}"),
         )
-    })?;
+    })
+}
+
+/// Reads `run.json` and `results.jsonl` of a run directory. Errors name the
+/// file and, for `results.jsonl`, the line.
+pub fn read_dir(dir: &Path) -> Result<(RunInfo, Vec<CaseResult>), ReportError> {
+    let info = read_run_info(dir)?;
     let res_path = dir.join(RESULTS_JSONL);
     let text = std::fs::read_to_string(&res_path)
         .map_err(|e| ReportError::new(&res_path, None, e.to_string()))?;

@@ -228,6 +228,15 @@ pub fn run_isolated(
         Some(d) => cmd.arg("--refcache").arg(d),
         None => cmd.arg("--no-refcache"),
     };
+    // The child judges sizes against the same budget as this run.
+    let budget = deepport_core::budget::MemoryBudget::global();
+    cmd.arg("--max-memory").arg(
+        if budget == deepport_core::budget::MemoryBudget::unlimited() {
+            "unlimited".to_string()
+        } else {
+            budget.bytes().to_string()
+        },
+    );
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

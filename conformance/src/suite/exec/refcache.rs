@@ -382,6 +382,61 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_and_readers_never_see_a_torn_entry() {
+        // Many writers store the same entry while readers read it: every
+        // read finds nothing or the whole, verified entry, never a part.
+        let dir = scratch("concurrent");
+        let cache = RefCache::at(&dir);
+        let s = spec("add(n=4)", 7);
+        let big = BTreeMap::from([(
+            "out".to_string(),
+            HostTensor::from_f32(
+                DType::F32,
+                &[256, 256],
+                &(0..65536).map(|i| i as f32).collect::<Vec<_>>(),
+            ),
+        )]);
+        let (seen, missing) = std::thread::scope(|sc| {
+            for _ in 0..4 {
+                sc.spawn(|| {
+                    for _ in 0..20 {
+                        cache.write(&s, &big).unwrap();
+                    }
+                });
+            }
+            let readers: Vec<_> = (0..4)
+                .map(|_| {
+                    sc.spawn(|| {
+                        let (mut seen, mut missing) = (0, 0);
+                        for _ in 0..200 {
+                            match cache.read(&s) {
+                                Ok(Some(o)) => {
+                                    assert_eq!(o, big);
+                                    seen += 1;
+                                }
+                                Ok(None) => missing += 1,
+                                Err(e) => panic!("a torn entry was read: {e}"),
+                            }
+                        }
+                        (seen, missing)
+                    })
+                })
+                .collect();
+            readers
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        });
+        assert_eq!(seen + missing, 800);
+        assert!(seen > 0, "no read ever found the entry");
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let n = e.unwrap().file_name();
+            assert!(!n.to_string_lossy().starts_with(".tmp"), "{n:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn disabled_cache_always_computes() {
         let cache = RefCache::disabled();
         let s = spec("add(n=4)", 7);
