@@ -47,10 +47,13 @@ fn the_library_holds_at_least_twenty_documented_mutants() {
 /// case they run (all dtypes): a mutant is caught for its bug only.
 #[test]
 fn the_mutants_own_kernels_are_correct_without_their_bug() {
-    let specs = profile("smoke");
+    controls_pass(&profile("smoke"));
+}
+
+fn controls_pass(specs: &[CaseSpec]) {
     let cache = cache();
     for (b, ops) in Semantic::controls() {
-        let r = matrix::run_cases(&b, ops, &specs, &cache, jobs());
+        let r = matrix::run_cases(&b, ops, specs, &cache, jobs());
         assert!(!r.is_empty(), "{:?}: no case", b.bug);
         for res in &r {
             assert!(
@@ -105,17 +108,65 @@ fn smoke_on_a_bf16_only_device_catches_every_mutant_twice() {
     assert_caught(&col, 2);
 }
 
-/// `v3-mustpass`, all dtypes: every mutant fails ≥ 3 cases. Each mutant
-/// runs only the cases that exercise its ops, but that still includes the
-/// real-size FP8 GEMMs, MLA decodes and the model cases (minutes of
-/// cpu-ref in a debug build, for 30 mutants), so it is ignored by default:
+/// `v3-mustpass`, all dtypes: every mutant fails ≥ 3 cases of its own op
+/// families (the whole-model cases, which run every op, are left out: they
+/// can only add catches, and they cost seconds each per mutant). That
+/// still includes the real-size FP8 GEMMs and MLA decodes (many minutes of
+/// cpu-ref for 30 mutants), so it is ignored by default:
 /// `cargo test --release -p deepport-conformance --test mutants -- --ignored --nocapture`
-/// (or `deepport mutants --profile v3-mustpass`).
+/// (or `deepport mutants --profile v3-mustpass --skip-model`).
 #[test]
 #[ignore = "minutes of cpu-ref: run with --ignored (release) or `deepport mutants --profile v3-mustpass`"]
 fn v3_mustpass_catches_every_mutant_three_times() {
-    let specs = profile("v3-mustpass");
+    let specs: Vec<CaseSpec> = profile("v3-mustpass")
+        .into_iter()
+        .filter(|s| s.family != "model")
+        .collect();
+    controls_pass(&specs);
     let col = column("v3-mustpass", &specs, false);
     println!("{}", matrix::render(std::slice::from_ref(&col), &[3]));
     assert_caught(&col, 3);
+}
+
+/// `deepport mutants` lists the library and prints the matrix, exiting 0
+/// when every mutant is caught often enough and 1 otherwise.
+#[test]
+fn the_command_prints_the_matrix() {
+    let bin = env!("CARGO_BIN_EXE_deepport");
+    let o = std::process::Command::new(bin)
+        .args(["mutants", "--list"])
+        .output()
+        .expect("deepport runs");
+    assert!(o.status.success());
+    let list = String::from_utf8_lossy(&o.stdout);
+    for m in LIBRARY {
+        assert!(list.contains(m.name), "{} missing from --list", m.name);
+    }
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("mutants-cli-refcache");
+    let run = |min: &str| {
+        std::process::Command::new(bin)
+            .args(["mutants", "--bf16-only", "-m", "mla_lse_log2", "--min", min])
+            .env("DEEPPORT_REFCACHE", &tmp)
+            .output()
+            .expect("deepport runs")
+    };
+    let o = run("2");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("mla_lse_log2") && out.contains("smoke, bf16-only (≥2)"),
+        "{out}"
+    );
+    // A minimum no column reaches makes the command fail.
+    let o = run("1000");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }

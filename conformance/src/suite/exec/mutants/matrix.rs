@@ -121,31 +121,37 @@ pub fn run_mutant(
     }
 }
 
-/// The matrix as text: one row per mutant, for each run column the number
-/// of catching cases (Fail), the QualityWarnings and the cases run, plus
-/// the minimum each column requires; `!` marks a cell under it.
+/// The matrix as text: one row per mutant (in the order of the first
+/// column), for each column (a profile, all dtypes or bf16-only) the number
+/// of catching cases (Fail), the QualityWarnings and the cases run, against
+/// the minimum the column requires; `!` marks a cell under it.
 pub fn render(runs: &[Vec<MutantRun>], minimum: &[usize]) -> String {
     let mut s = String::new();
+    let Some(first) = runs.first() else {
+        return s;
+    };
     let name_w = LIBRARY
         .iter()
         .map(|m| m.name.len())
         .max()
         .unwrap_or(10)
         .max(6);
+    let title = |r: &MutantRun, min: usize| {
+        format!(
+            "{}{} (≥{min})",
+            r.profile,
+            if r.bf16_only { ", bf16-only" } else { "" }
+        )
+    };
     s.push_str(&format!("{:name_w$}", "mutant"));
-    for (col, min) in runs.iter().zip(minimum) {
+    for (col, &min) in runs.iter().zip(minimum) {
         if let Some(r) = col.first() {
-            let title = format!(
-                "{}{} (≥{min})",
-                r.profile,
-                if r.bf16_only { ", bf16-only" } else { "" }
-            );
-            s.push_str(&format!("  {title:>28}"));
+            s.push_str(&format!("  {:>30}", title(r, min)));
         }
     }
-    s.push_str("\n");
-    for (i, m) in LIBRARY.iter().enumerate() {
-        s.push_str(&format!("{:name_w$}", m.name));
+    s.push('\n');
+    for (i, row) in first.iter().enumerate() {
+        s.push_str(&format!("{:name_w$}", row.mutant));
         for (col, &min) in runs.iter().zip(minimum) {
             if let Some(r) = col.get(i) {
                 let cell = format!(
@@ -155,7 +161,7 @@ pub fn render(runs: &[Vec<MutantRun>], minimum: &[usize]) -> String {
                     r.count(Outcome::QualityWarning),
                     r.results.len()
                 );
-                s.push_str(&format!("  {cell:>28}"));
+                s.push_str(&format!("  {cell:>30}"));
             }
         }
         s.push('\n');
@@ -165,15 +171,138 @@ pub fn render(runs: &[Vec<MutantRun>], minimum: &[usize]) -> String {
             let weakest = col.iter().map(MutantRun::caught).min().unwrap_or(0);
             let under = col.iter().filter(|r| r.caught() < min).count();
             s.push_str(&format!(
-                "{}{}: {} mutants, {} case(s) in the profile; weakest caught by {}; {} under {min}\n",
-                r.profile,
-                if r.bf16_only { " (bf16-only device)" } else { "" },
+                "{}: {} mutants, {} case(s) in the profile; weakest caught by {weakest}; {under} under {min}\n",
+                title(r, min),
                 col.len(),
                 r.profile_cases,
-                weakest,
-                under
             ));
         }
     }
     s
+}
+
+/// `deepport mutants`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MutantsArgs {
+    /// Profile to run against every mutant (a column of the matrix);
+    /// repeat for several. Default: smoke.
+    #[arg(long, short, value_name = "PROFILE",
+          value_parser = clap::builder::PossibleValuesParser::new(crate::suite::catalogue::PROFILES))]
+    pub profile: Vec<String>,
+    /// Run as a bf16-only device would: cases asking for f32 or f16
+    /// activations are left out or NotSupported.
+    #[arg(long)]
+    pub bf16_only: bool,
+    /// Only these mutants (see the list with `--list`); repeat for several.
+    #[arg(long, short, value_name = "NAME")]
+    pub mutant: Vec<String>,
+    /// Failing cases each mutant needs (default: 2 for smoke, 3 otherwise).
+    #[arg(long, value_name = "N")]
+    pub min: Option<usize>,
+    /// Cases to run at once.
+    #[arg(long, short, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: u16,
+    /// Leave out the whole-model cases (family `model`): each mutant then
+    /// runs only its op families' cases, which is much faster.
+    #[arg(long)]
+    pub skip_model: bool,
+    /// Print every mutant with the failure it stands for, and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Print every case run on each mutant: outcome, deciding metric and value.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+/// `deepport mutants`: the mutant × profile matrix; exits 1 when a mutant
+/// is caught by fewer failing cases than its column requires.
+pub fn mutants_main(args: MutantsArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    if args.list {
+        for m in LIBRARY {
+            println!("{:32} {}", m.name, m.failure);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let chosen: Vec<&MutantInfo> = if args.mutant.is_empty() {
+        LIBRARY.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for n in &args.mutant {
+            match super::find(n) {
+                Some(m) => v.push(m),
+                None => {
+                    eprintln!("error: no mutant named `{n}` (see `deepport mutants --list`)");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        v
+    };
+    let all = match crate::suite::catalogue::load(&crate::suite::catalogue::default_dir()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let profiles = if args.profile.is_empty() {
+        vec!["smoke".to_string()]
+    } else {
+        args.profile.clone()
+    };
+    let cache = RefCache::from_env();
+    let mut cols = Vec::new();
+    let mut mins = Vec::new();
+    for p in &profiles {
+        let specs: Vec<CaseSpec> = crate::suite::catalogue::select(&all, p, None)
+            .into_iter()
+            .filter(|s| !(args.skip_model && s.family == "model"))
+            .collect();
+        let t0 = std::time::Instant::now();
+        let col: Vec<MutantRun> = chosen
+            .iter()
+            .map(|m| {
+                let r = run_mutant(m, p, &specs, args.bf16_only, &cache, usize::from(args.jobs));
+                eprintln!(
+                    "{p}: {} caught by {} of {} case(s) run",
+                    m.name,
+                    r.caught(),
+                    r.results.len()
+                );
+                r
+            })
+            .collect();
+        eprintln!("{p}: {:.1} s", t0.elapsed().as_secs_f64());
+        mins.push(args.min.unwrap_or(if p == "smoke" { 2 } else { 3 }));
+        cols.push(col);
+    }
+    print!("{}", render(&cols, &mins));
+    if args.verbose {
+        for col in &cols {
+            for r in col {
+                println!("{} on {}:", r.mutant, r.profile);
+                for c in &r.results {
+                    println!(
+                        "  {:14} {}  {} = {} (pass ≤ {})",
+                        c.outcome.label(),
+                        c.id,
+                        c.metric.as_deref().unwrap_or("-"),
+                        c.value.map_or("-".into(), |v| format!("{v:.3e}")),
+                        c.threshold.map_or("-".into(), |v| format!("{v:.3e}")),
+                    );
+                }
+            }
+        }
+    }
+    let ok = cols
+        .iter()
+        .zip(&mins)
+        .all(|(c, &min)| c.iter().all(|r| r.caught() >= min));
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
