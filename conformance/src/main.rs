@@ -35,6 +35,8 @@ This program:
                          full, v3-mustpass; --isolate, --report DIR)
   deepport report merge  merge run reports into a cases x backends matrix
   deepport verify DIR    check a v3-mustpass submission
+  deepport mutants       judge the suite itself: profiles against a library of
+                         realistic one-bug backends (the mutant x profile matrix)
   deepport forward ...   the DeepSeek-V3 forward pass from a Hugging Face checkpoint,
                          optionally judged per layer against golden data
   deepport golden verify check the golden data against its manifest";
@@ -115,6 +117,10 @@ waiver is unneeded; 1 otherwise; 2 for a usage error (unknown backend or profile
 matching case, a malformed waiver file)."
     )]
     Run(exec::RunArgs),
+    /// Judge the suite itself: run profiles against a library of
+    /// realistic one-bug backends and print the mutant × profile matrix.
+    #[cfg(feature = "cpu")]
+    Mutants(exec::mutants::matrix::MutantsArgs),
     /// Reports: merge several runs into one cases x backends matrix.
     #[command(subcommand)]
     Report(ReportCmd),
@@ -279,6 +285,8 @@ fn main() -> ExitCode {
         Command::List { json } => cmd_list(json),
         Command::Op(c) => cmd_op(c),
         Command::Run(a) => return exec::run_main(a),
+        #[cfg(feature = "cpu")]
+        Command::Mutants(a) => return exec::mutants::matrix::mutants_main(a),
         Command::Report(ReportCmd::Merge(a)) => return report::merge_main(a),
         Command::Verify(a) => return report::verify_main(a),
         Command::CaseExec(a) => return exec::child::case_exec_main(a),

@@ -941,7 +941,7 @@ pub fn run_main(args: RunArgs) -> ExitCode {
     }
 }
 
-#[cfg(all(test, feature = "cpu"))]
-mod mutants;
+#[cfg(feature = "cpu")]
+pub mod mutants;
 #[cfg(all(test, feature = "cpu"))]
 mod tests;

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Version of the suite (catalogue + judge). Reports record it; `verify`
 /// rejects reports from another version. Bump it whenever a case, a
 /// tolerance or a metric changes meaning.
-pub const SUITE_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+suite.1");
+pub const SUITE_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+suite.2");
 
 /// The outcome of one case on one backend (Khronos CTS style).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

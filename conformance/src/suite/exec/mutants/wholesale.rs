@@ -1,7 +1,7 @@
 //! Backends that are wrong on purpose: every smoke case must catch them
 //! (perturbed outputs, unwritten outputs, panics, nothing implemented).
 
-use super::{run_spec, RefCache, Reference};
+use super::super::{run_spec, RefCache, Reference};
 use crate::suite::{catalogue, CaseSpec, Outcome};
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
 use deepport_core::ops::*;
