@@ -19,6 +19,14 @@
 //!   `Error::Device` values naming the op (or shader); nothing panics. A
 //!   missing driver makes the backend *unavailable* with the reason.
 //!
+//! * Expert parallelism is core's protocol (`deepport_core::ep`, one wire
+//!   format shared with every backend, so wgpu and cpu-ref ranks can share
+//!   a group) over this backend's `gather_rows`, `reduce_rows` and
+//!   `act_quant` kernels; `get_dispatch_layout` is a kernel of its own.
+//! * Read-only views: a view at its parent's first byte is read in place
+//!   by every kernel; `gather_rows`, `reduce_rows` and `download` also read
+//!   views at any offset.
+//!
 //! Ops not implemented yet answer `NotSupported` (see `kernels`).
 
 #![forbid(unsafe_code)]
