@@ -19,6 +19,14 @@
 //!   `Error::Device` values naming the op (or shader); nothing panics. A
 //!   missing driver makes the backend *unavailable* with the reason.
 //!
+//! * Expert parallelism is core's protocol (`deepport_core::ep`, one wire
+//!   format shared with every backend, so wgpu and cpu-ref ranks can share
+//!   a group) over this backend's `gather_rows`, `reduce_rows` and
+//!   `act_quant` kernels; `get_dispatch_layout` is a kernel of its own.
+//! * Read-only views: a view at its parent's first byte is read in place
+//!   by every kernel; `gather_rows`, `reduce_rows` and `download` also read
+//!   views at any offset.
+//!
 //! Ops not implemented yet answer `NotSupported` (see `kernels`).
 
 #![forbid(unsafe_code)]
@@ -30,7 +38,6 @@ pub use ctx::{WgpuOptions, WgpuStorage};
 
 use ctx::{buffer, Ctx, BACKEND};
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
-use deepport_core::comm::Communicator;
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor, Result};
 use kernels::OpTable;
@@ -212,7 +219,19 @@ impl Backend for Wgpu {
 
     fn download(&self, t: &Tensor) -> Result<HostTensor> {
         let s = ctx::storage_of(t, self.id)?;
-        let bytes = self.ctx.read_bytes("download", &s.buffer, s.bytes)?;
+        // A view is read from its byte offset in the parent's buffer.
+        let (off, n) = (t.offset_bytes() as u64, t.nbytes() as u64);
+        let end = off + n;
+        if end > s.bytes {
+            return Err(ctx::dev_err(format!(
+                "download: a view of bytes [{off}, {end}) lies outside its {}-byte buffer",
+                s.bytes
+            )));
+        }
+        let mut bytes = self.ctx.read_bytes("download", &s.buffer, end)?;
+        if off > 0 {
+            bytes.drain(..off as usize);
+        }
         HostTensor::from_bytes(t.dtype(), t.shape(), bytes)
     }
 
@@ -226,6 +245,11 @@ impl Backend for Wgpu {
                 dst.shape()
             )));
         }
+        if dst.is_view() {
+            return Err(Error::Other(format!(
+                "write: {dst:?} is a view; views are read-only"
+            )));
+        }
         self.ctx.write_bytes("write", buffer(dst)?, src.bytes())
     }
 
@@ -234,50 +258,6 @@ impl Backend for Wgpu {
     }
 
     deepport_core::for_each_local_op!(table_local_ops);
-    fn native_dispatch(
-        &self,
-        comm: &dyn Communicator,
-        op: &Checked<Dispatch<'_>>,
-    ) -> Result<Option<DispatchOutput>> {
-        (self
-            .table
-            .dispatch
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
-        .map(Some)
-    }
-    fn native_combine(
-        &self,
-        comm: &dyn Communicator,
-        op: &mut Checked<Combine<'_>>,
-    ) -> Result<Option<()>> {
-        (self
-            .table
-            .combine
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
-        .map(Some)
-    }
-    fn native_low_latency_dispatch(
-        &self,
-        comm: &dyn Communicator,
-        op: &Checked<LowLatencyDispatch<'_>>,
-    ) -> Result<Option<LowLatencyDispatchOutput>> {
-        (self
-            .table
-            .low_latency_dispatch
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
-        .map(Some)
-    }
-    fn native_low_latency_combine(
-        &self,
-        comm: &dyn Communicator,
-        op: &mut Checked<LowLatencyCombine<'_>>,
-    ) -> Result<Option<()>> {
-        (self
-            .table
-            .low_latency_combine
-            .ok_or_else(|| self.unsupported(op.kind()))?)(self, comm, op)
-        .map(Some)
-    }
 }
 
 /// The adapters wgpu finds here, in the order `wgpu:N` numbers them.

@@ -33,35 +33,44 @@ impl Storage for WgpuStorage {
 /// The buffer of a wgpu tensor (fails for another backend's tensor): where
 /// every kernel looks a tensor's storage up. The byte range bound for it is
 /// decided in one place, [`Ctx::binding`] (whole buffer, or a [`Win`] of
-/// rows); a tensor view will add its byte offset there.
+/// rows).
 ///
 /// [`Win`]: super::Win
 ///
-/// Views are `NotSupported` until bindings take an offset; ops need no
-/// instance check here: core checks every tensor of an op against the
-/// backend instance before launch.
+/// A view that starts at its parent's first byte is read in place (kernels
+/// index from the start of the buffer and never past their own dims, so a
+/// prefix of the parent reads the same); other views are `NotSupported`
+/// here: kernels that take them (`gather_rows`, `reduce_rows`, `download`)
+/// use [`view_buffer`]. Ops need no instance check here: core checks every
+/// tensor of an op against the backend instance before launch.
 pub(crate) fn buffer(t: &Tensor) -> Result<&wgpu::Buffer> {
-    if t.is_view() {
+    if t.is_view() && t.offset_bytes() != 0 {
         return Err(deepport_core::Error::not_supported(
             BACKEND,
             "a tensor view",
-            "wgpu kernels bind whole buffers; views are not read in place yet",
+            "this wgpu kernel binds whole buffers; a view at a nonzero offset is not read in place",
         ));
     }
+    view_buffer(t).map(|(b, _)| b)
+}
+
+/// The buffer of a wgpu tensor and the byte offset of its data in it
+/// (nonzero only for a view).
+pub(crate) fn view_buffer(t: &Tensor) -> Result<(&wgpu::Buffer, u64)> {
     t.storage_any::<WgpuStorage>()
-        .map(|s| &s.buffer)
+        .map(|s| (&s.buffer, t.offset_bytes() as u64))
         .ok_or_else(|| deepport_core::Error::ForeignTensor {
             owner: t.owner().to_string(),
             backend: BACKEND.into(),
         })
 }
 
-/// The storage of a tensor of the instance `id` (memory methods).
+/// The storage of a tensor of the instance `id` (memory methods); for a
+/// view, its parent's (read it at `offset_bytes`).
 pub(crate) fn storage_of(
     t: &Tensor,
     id: deepport_core::backend::InstanceId,
 ) -> Result<&WgpuStorage> {
-    buffer(t)?;
     t.storage_for::<WgpuStorage>(id, BACKEND)
 }
 

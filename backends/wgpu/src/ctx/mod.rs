@@ -38,9 +38,9 @@ pub(crate) use checks::CheckKind;
 pub(crate) use device::adapters;
 pub use device::WgpuOptions;
 pub use memory::WgpuStorage;
-pub(crate) use memory::{buffer, padded, storage_of};
+pub(crate) use memory::{buffer, padded, storage_of, view_buffer};
 pub(crate) use record::Rec;
-pub(crate) use shader::{dtype_code, Params, Shader};
+pub(crate) use shader::{Params, Shader};
 pub(crate) use window::Win;
 
 use checks::Check;

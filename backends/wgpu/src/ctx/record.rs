@@ -370,6 +370,17 @@ impl<'a> Rec<'a> {
         // batch that reads them; a full arena is submitted first).
         if self.st.next_param >= PARAM_SLOTS {
             let ctx = self.ctx;
+            // This op's own dispatches so far read the slots about to be
+            // reused: submit them too, and go on in a new encoder.
+            if let Some(enc) = self.enc.take() {
+                self.st.pending.push(enc.finish());
+                self.enc = Some(
+                    ctx.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                            label: Some(op),
+                        }),
+                );
+            }
             ctx.flush(&mut self.st)?;
             self.st.next_param = 0;
         }

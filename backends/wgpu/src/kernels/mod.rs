@@ -32,21 +32,19 @@
 
 use crate::Wgpu;
 use deepport_core::backend::Support;
-use deepport_core::comm::Communicator;
 use deepport_core::ops::*;
 use deepport_core::{DType, Result};
 
-/// The table's fields: one per local op (from core's op list) plus the
-/// expert-parallel ops, written out here.
+/// The table's fields: one per local op (from core's op list). The
+/// expert-parallel ops are core's protocol over `gather_rows`,
+/// `reduce_rows` and `act_quant`: supported when those are.
 macro_rules! op_table {
-    ([$($ep_field:ident : $ep_kind:ident => $ep_ty:ty),* $(,)?]
-     $($kind:ident => $field:ident),* $(,)?) => {
+    ([] $($kind:ident => $field:ident),* $(,)?) => {
         /// The ops this backend implements: one function per op, `None`
         /// where it is not written yet, plus optional dtype restrictions.
         #[derive(Default)]
         pub(crate) struct OpTable {
             $(pub(crate) $field: Option<fn(&Wgpu, &mut Checked<$kind<'_>>) -> Result<()>>,)*
-            $(pub(crate) $ep_field: Option<$ep_ty>,)*
             /// Extra dtype rules: `(op, check)`; the first `NotSupported`
             /// answer wins.
             pub(crate) restrict: Vec<(OpKind, fn(&[DType]) -> Support)>,
@@ -56,24 +54,21 @@ macro_rules! op_table {
             fn has(&self, op: OpKind) -> bool {
                 match op {
                     $(OpKind::$kind => self.$field.is_some(),)*
-                    $(OpKind::$ep_kind => self.$ep_field.is_some(),)*
+                    OpKind::Dispatch
+                    | OpKind::Combine
+                    | OpKind::LowLatencyDispatch
+                    | OpKind::LowLatencyCombine => {
+                        self.gather_rows.is_some()
+                            && self.reduce_rows.is_some()
+                            && self.act_quant.is_some()
+                    }
                 }
             }
         }
     };
 }
 
-deepport_core::for_each_local_op!(
-    op_table,
-    dispatch: Dispatch =>
-        fn(&Wgpu, &dyn Communicator, &Checked<Dispatch<'_>>) -> Result<DispatchOutput>,
-    combine: Combine => fn(&Wgpu, &dyn Communicator, &mut Checked<Combine<'_>>) -> Result<()>,
-    low_latency_dispatch: LowLatencyDispatch =>
-        fn(&Wgpu, &dyn Communicator, &Checked<LowLatencyDispatch<'_>>)
-            -> Result<LowLatencyDispatchOutput>,
-    low_latency_combine: LowLatencyCombine =>
-        fn(&Wgpu, &dyn Communicator, &mut Checked<LowLatencyCombine<'_>>) -> Result<()>,
-);
+deepport_core::for_each_local_op!(op_table);
 
 impl OpTable {
     /// What `Backend::supports` answers.
@@ -123,6 +118,7 @@ modules!(
     rope,
     moe_gate,
     ep,
+    rows,
     fp8_gemm,
     mla,
 );
