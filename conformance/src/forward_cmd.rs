@@ -3,11 +3,11 @@
 
 use crate::error::CliError;
 use crate::model_check::{self, ForwardReport};
-use deepport_core::model::forward::{LoadOptions, Model, Numerics, PrefillPath, Taps};
-use deepport_core::model::{Checkpoint, ModelConfig};
 use deepport_core::ops::MlaForm;
 use deepport_core::tensor::{read_safetensors, write_safetensors};
 use deepport_core::Error;
+use deepport_model::forward::{LoadOptions, Model, Numerics, PrefillPath, Taps};
+use deepport_model::{Checkpoint, ModelConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -14,9 +14,9 @@
 //! ("Thresholds"). When a backend diverges, [`ForwardReport::first_failure`]
 //! names the first layer and op that left tolerance.
 
-use deepport_core::model::forward::{LayerOutput, Model, Numerics, PrefillPath, Taps};
 use deepport_core::tensor::TensorFile;
 use deepport_core::{HostTensor, Result};
+use deepport_model::forward::{LayerOutput, Model, Numerics, PrefillPath, Taps};
 use std::path::Path;
 
 /// One judged quantity.

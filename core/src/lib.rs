@@ -13,7 +13,6 @@ pub mod comm;
 pub mod dtype;
 pub mod error;
 pub mod formats;
-pub mod model;
 pub mod ops;
 pub mod registry;
 pub mod tensor;

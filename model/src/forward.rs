@@ -1,6 +1,6 @@
 //! The DeepSeek-V3 forward pass (SPEC.md §5, §8) over any [`Backend`].
 //!
-//! Every computation is an op of [`crate::ops`]; the model only moves
+//! Every computation is an op of [`deepport_core::ops`]; the model only moves
 //! handles around. Weights are uploaded once by [`Model::load`]. Host round
 //! trips during a forward pass are limited to the per-expert token counts of
 //! the MoE dispatch (a few integers per MoE layer) and, when asked for, the
@@ -52,14 +52,14 @@
 //! combine writes f32 and the add rounds once, so routed + shared is
 //! rounded once (SPEC.md §8).
 
-use super::checkpoint::Checkpoint;
-use super::config::ModelConfig;
-use crate::backend::{Backend, Tensor};
-use crate::comm::ThreadComm;
-use crate::dtype::DType;
-use crate::error::{Error, Result};
-use crate::ops::{self, *};
-use crate::tensor::HostTensor;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use deepport_core::backend::{Backend, Tensor};
+use deepport_core::comm::ThreadComm;
+use deepport_core::dtype::DType;
+use deepport_core::error::{Error, Result};
+use deepport_core::ops::{self, *};
+use deepport_core::tensor::HostTensor;
 use std::collections::BTreeMap;
 
 /// Tokens per page of the latent cache (FlashMLA's block size).

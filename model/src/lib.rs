@@ -1,6 +1,7 @@
-//! The DeepSeek-V3 model, written once against the [`Backend`](crate::Backend)
-//! trait so that any backend runs the whole model from a Hugging Face
-//! checkpoint (FP8 e4m3 weights with 128×128 `weight_scale_inv`).
+//! deepport-model: the DeepSeek-V3 model, written once against the
+//! [`Backend`](deepport_core::Backend) trait so that any backend runs the
+//! whole model from a Hugging Face checkpoint (FP8 e4m3 weights with
+//! 128×128 `weight_scale_inv`).
 //!
 //! * [`config`]: `config.json` ([`ModelConfig`]), validated field by field;
 //! * [`checkpoint`]: the safetensors files ([`Checkpoint`]), single or
@@ -8,6 +9,8 @@
 //! * [`forward`]: the forward pass ([`Model`]) in the three numerics modes
 //!   of SPEC.md §8, with a paged latent cache for decoding, taps and
 //!   teacher-forced per-layer runs for conformance.
+
+#![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod config;
