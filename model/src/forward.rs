@@ -73,10 +73,16 @@ use deepport_core::dtype::DType;
 use deepport_core::error::{Error, Result};
 use deepport_core::ops::{self, *};
 use deepport_core::tensor::HostTensor;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 /// Tokens per page of the latent cache (FlashMLA's block size).
 pub const CACHE_BLOCK: usize = 64;
+
+/// Default chunk of [`Model::prefill_chunked`] (tokens): large enough for
+/// the GEMMs to be efficient, small enough that one chunk's MoE dispatch
+/// buffers stay bounded.
+pub const DEFAULT_CHUNK: usize = 512;
 
 /// The op name used in the model's own errors.
 const OP: &str = "model";
@@ -199,12 +205,20 @@ impl Routing {
     }
 }
 
-/// Intermediate tensors of a forward pass, by the golden data's names:
-/// `layers.{i}.input` (hidden entering layer i), `layers.{i}.attn_out`,
-/// `layers.{i}.ffn_out` (both before the residual add), for MoE layers
-/// `layers.{i}.topk_idx` (i64, ascending per token) and
-/// `layers.{i}.topk_weights` (f32, same order), `final_norm_out` and
-/// `logits`. Float taps are f32 host tensors holding the mode's values.
+/// Intermediate tensors of a forward pass, by the golden data's names, in
+/// data-flow order per layer: `layers.{i}.input` (hidden entering layer i);
+/// inside the attention `layers.{i}.q` (`q_b_proj` output before RoPE,
+/// `[T, H·(dn+dr)]`), `layers.{i}.kv_latent` (normalized latent `c`,
+/// `[T, kv_lora_rank]`), `layers.{i}.attn_core` (attention output before
+/// `o_proj`, `[T, H·dv]`); `layers.{i}.attn_out`; for MoE layers
+/// `layers.{i}.gate_logits` (router logits `x·W_gᵀ`, f32 `[T, E]`),
+/// `layers.{i}.topk_idx` (i64, ascending per token),
+/// `layers.{i}.topk_weights` (f32, same order), `layers.{i}.expert_out`
+/// (the chosen experts' outputs before the combine, `[T, k, hidden]` in
+/// `topk_idx` order; one rank only) and `layers.{i}.shared_out`;
+/// `layers.{i}.ffn_out` (attention and FFN outputs before the residual
+/// add); `final_norm_out` and `logits`. Float taps are f32 host tensors
+/// holding the mode's values.
 #[derive(Clone, Debug, Default)]
 pub struct Taps {
     pub tensors: BTreeMap<String, HostTensor>,
@@ -217,6 +231,32 @@ impl Taps {
     pub fn get(&self, name: &str) -> Option<&HostTensor> {
         self.tensors.get(name)
     }
+    /// Appends the taps of the next chunk of tokens: every tap is
+    /// `[T, …]`, concatenated along tokens.
+    pub fn append(&mut self, next: Taps) -> Result<()> {
+        for (name, t) in next.tensors {
+            let merged = match self.tensors.remove(&name) {
+                None => t,
+                Some(prev) => {
+                    if prev.dtype() != t.dtype() || prev.shape().get(1..) != t.shape().get(1..) {
+                        return Err(Error::Other(format!(
+                            "model: tap {name} changes shape between chunks ({:?} then {:?})",
+                            prev.shape(),
+                            t.shape()
+                        )));
+                    }
+                    let mut shape = prev.shape().to_vec();
+                    shape[0] += t.shape()[0];
+                    let mut bytes = prev.into_bytes();
+                    bytes.extend_from_slice(t.bytes());
+                    HostTensor::from_bytes(t.dtype(), &shape, bytes)?
+                }
+            };
+            self.tensors.insert(name, merged);
+        }
+        Ok(())
+    }
+
     fn put(&mut self, b: &dyn Backend, name: String, t: &Tensor) -> Result<()> {
         let h = b.download(t)?;
         let h = if h.dtype().is_float() {
@@ -238,6 +278,10 @@ pub struct LayerOutput {
     pub ffn_out: HostTensor,
     /// MoE layers only.
     pub routing: Option<Routing>,
+    /// The finer taps of this layer, by the names of [`Taps`]
+    /// (`layers.{i}.q`, `kv_latent`, `attn_core`, `gate_logits`,
+    /// `expert_out`, `shared_out`).
+    pub taps: Taps,
 }
 
 // ---- weights ----------------------------------------------------------------
@@ -380,6 +424,9 @@ struct Ctx<'a> {
     act: DType,
     scale_fmt: ScaleFmt,
     d: Dims,
+    /// Where the finer taps of layer `li` go, when asked for.
+    taps: Option<&'a RefCell<Taps>>,
+    li: usize,
 }
 
 /// The per-step index tensors shared by every layer.
@@ -412,6 +459,16 @@ fn rows_of(t: &Tensor) -> usize {
 }
 
 impl Ctx<'_> {
+    /// Records `layers.{li}.{name}` when taps are being collected.
+    fn tap(&self, name: &str, t: &Tensor) -> Result<()> {
+        match self.taps {
+            Some(c) => c
+                .borrow_mut()
+                .put(self.b, format!("layers.{}.{name}", self.li), t),
+            None => Ok(()),
+        }
+    }
+
     fn alloc(&self, shape: &[usize]) -> Result<Tensor> {
         self.b.alloc(self.act, shape)
     }
@@ -601,6 +658,8 @@ impl Ctx<'_> {
         let kpe_raw = self.window(&kv, 0, dc, t, dr)?;
         let latent = self.norm(&c_raw, &a.kv_norm)?;
         let k_pe = self.rope(&kpe_raw, &step.positions)?;
+        self.tap("q", &q)?;
+        self.tap("kv_latent", &latent)?;
         // q viewed as [T·H, dn + dr]: one row per (token, head).
         q.reshape(&[t * h, qk])?;
         let mut qpe_raw = self.window(&q, 0, dn, t * h, dr)?;
@@ -636,6 +695,7 @@ impl Ctx<'_> {
                 self.decode_attention(a, &q, &q_pe, cache, step)?
             }
         };
+        self.tap("attn_core", &o)?;
         self.linear(&o, &a.o_proj)
     }
 
@@ -921,7 +981,6 @@ impl Ctx<'_> {
         m: &Moe,
         x: &Tensor,
         masked: bool,
-        _taps: Option<(&mut Taps, usize)>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = self.d;
         let t = rows_of(x);
@@ -942,6 +1001,19 @@ impl Ctx<'_> {
                 route_scale: d.route_scale,
             },
         )?;
+        if self.taps.is_some() {
+            // Router logits x·W_gᵀ in f32 (the gate's own input to sigmoid).
+            let mut gl = self.b.alloc(DType::F32, &[t, d.experts])?;
+            ops::run(
+                self.b,
+                Gemm {
+                    a: x,
+                    b: &m.router,
+                    d: &mut gl,
+                },
+            )?;
+            self.tap("gate_logits", &gl)?;
+        }
         if self.act != DType::F32 {
             // DeepSeek's gate returns its weights in the activation dtype.
             let mut wr = self.alloc(&[t, d.topk])?;
@@ -1075,9 +1147,15 @@ impl Ctx<'_> {
                 out: &mut out,
             },
         )?;
+        if world == 1 && self.taps.is_some() {
+            self.tap_expert_out(&y, &idx, &disp.handle)?;
+        }
         let out = match &m.shared {
             Some(s) => {
                 let z = self.mlp(xs, s)?;
+                if world == 1 {
+                    self.tap("shared_out", &z)?;
+                }
                 self.add(&out, &z)?
             }
             None => out,
@@ -1122,6 +1200,43 @@ impl Ctx<'_> {
         Ok((gathered.recv_x, idx, w))
     }
 
+    /// `layers.{li}.expert_out [T, k, hidden]`: each token's chosen
+    /// experts' outputs before the combine, in ascending expert order (the
+    /// order of the `topk_idx` tap). One rank only (all experts local).
+    fn tap_expert_out(&self, y: &Tensor, idx: &Tensor, h: &LowLatencyHandle) -> Result<()> {
+        let hidden = self.d.hidden;
+        let yv = self.b.download(y)?.to_dtype(DType::F32).to_f32_vec();
+        let iv = self.b.download(idx)?.to_i64_vec();
+        let k = self.d.topk;
+        let t = iv.len() / k.max(1);
+        let cap = h.max_tokens_per_rank * h.world_size;
+        let mut slot = BTreeMap::new();
+        for (e, srcs) in h.recv_src.iter().enumerate() {
+            for (s, &(_, tok)) in srcs.iter().enumerate() {
+                slot.insert((tok, e as i64), e * cap + s);
+            }
+        }
+        let mut out = Vec::with_capacity(t * k * hidden);
+        for tok in 0..t {
+            let mut es: Vec<i64> = iv[tok * k..(tok + 1) * k].to_vec();
+            es.sort_unstable();
+            for e in es {
+                match slot.get(&(tok, e)) {
+                    Some(&row) => out.extend_from_slice(&yv[row * hidden..(row + 1) * hidden]),
+                    None => out.extend(std::iter::repeat_n(f32::NAN, hidden)),
+                }
+            }
+        }
+        let name = format!("layers.{}.expert_out", self.li);
+        if let Some(c) = self.taps {
+            c.borrow_mut().tensors.insert(
+                name,
+                HostTensor::from_f32(DType::F32, &[t, k, hidden], &out),
+            );
+        }
+        Ok(())
+    }
+
     /// The FFN of a layer; routing tensors for MoE layers.
     fn ffn(
         &self,
@@ -1129,12 +1244,11 @@ impl Ctx<'_> {
         f: &Ffn,
         x: &Tensor,
         masked: bool,
-        taps: Option<(&mut Taps, usize)>,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         match f {
             Ffn::Dense(m) => Ok((self.mlp(x, m)?, None)),
             Ffn::Moe(m) => {
-                let (out, idx, w) = self.moe(comm, m, x, masked, taps)?;
+                let (out, idx, w) = self.moe(comm, m, x, masked)?;
                 Ok((out, Some((idx, w))))
             }
         }
@@ -1271,6 +1385,8 @@ impl Loader<'_> {
             act: self.act,
             scale_fmt: ScaleFmt::Float,
             d: self.d,
+            taps: None,
+            li: 0,
         }
     }
 
@@ -1306,6 +1422,8 @@ impl Loader<'_> {
             act: self.act,
             scale_fmt: ScaleFmt::Float,
             d,
+            taps: None,
+            li: 0,
         };
         let mut w_uk_t = Vec::with_capacity(h);
         let mut w_uv = Vec::with_capacity(h);
@@ -1543,6 +1661,8 @@ impl<'b> Model<'b> {
             act: self.opts.numerics.act_dtype(),
             scale_fmt: self.opts.scale_fmt,
             d: self.dims,
+            taps: None,
+            li: 0,
         }
     }
 
@@ -1591,29 +1711,78 @@ impl<'b> Model<'b> {
     /// Runs the prompt from position 0 (replacing any cached sequence) and
     /// returns the logits `[T, vocab]` as f32.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<HostTensor> {
-        self.run_step(tokens, false, None)
+        self.run_step(tokens, false, false, None)
     }
 
     /// [`Model::prefill`], filling `taps`.
     pub fn prefill_with_taps(&mut self, tokens: &[u32], taps: &mut Taps) -> Result<HostTensor> {
-        self.run_step(tokens, false, Some(taps))
+        self.run_step(tokens, false, false, Some(taps))
     }
 
     /// Appends one token to the cached sequence and returns its logits
     /// `[1, vocab]` as f32.
     pub fn decode(&mut self, token: u32) -> Result<HostTensor> {
-        self.run_step(&[token], true, None)
+        self.run_step(&[token], true, true, None)
     }
 
     /// [`Model::decode`], filling `taps`.
     pub fn decode_with_taps(&mut self, token: u32, taps: &mut Taps) -> Result<HostTensor> {
-        self.run_step(&[token], true, Some(taps))
+        self.run_step(&[token], true, true, Some(taps))
     }
 
     /// Appends several tokens at once through the paged-cache (decode)
     /// path, causal among themselves; returns their logits `[T, vocab]`.
     pub fn extend(&mut self, tokens: &[u32]) -> Result<HostTensor> {
-        self.run_step(tokens, true, None)
+        self.run_step(tokens, true, false, None)
+    }
+
+    /// Runs a prompt from position 0 in chunks of at most `chunk` tokens
+    /// (chunked prefill): the first chunk as [`Model::prefill`] (the
+    /// prefill path of the load options), every later one appended
+    /// through the paged latent cache (causal `mla_decode` over everything
+    /// cached so far). The cache is reserved for the whole prompt first, so
+    /// memory grows with the cache, linearly in the prompt; attention
+    /// scores are never `T × T`. With `all_logits` the logits of every
+    /// position come back (`[T, vocab]`), else only the last (`[1, vocab]`).
+    /// With `taps`, the taps of the chunks are concatenated along tokens.
+    ///
+    /// In f32 with [`PrefillPath::Paged`] the result equals a one-shot
+    /// paged prefill bit for bit (every token's arithmetic is the same).
+    pub fn prefill_chunked(
+        &mut self,
+        tokens: &[u32],
+        chunk: usize,
+        all_logits: bool,
+        mut taps: Option<&mut Taps>,
+    ) -> Result<HostTensor> {
+        if chunk == 0 {
+            return Err(Error::invalid(OP, "chunk", "must be ≥ 1"));
+        }
+        self.check_tokens(tokens)?;
+        self.check_positions(0, tokens.len())?;
+        self.seq_len = 0;
+        self.ensure_capacity(tokens.len())?;
+        let vocab = self.cfg.vocab_size;
+        let mut logits: Vec<u8> = Vec::new();
+        let mut last = None;
+        for (i, part) in tokens.chunks(chunk).enumerate() {
+            let mut ct = taps.as_ref().map(|_| Taps::new());
+            let l = self.run_step(part, i > 0, false, ct.as_mut())?;
+            if let (Some(tp), Some(ct)) = (taps.as_deref_mut(), ct) {
+                tp.append(ct)?;
+            }
+            if all_logits {
+                logits.extend_from_slice(l.bytes());
+            }
+            last = Some(l);
+        }
+        let last = last.ok_or_else(|| Error::invalid(OP, "tokens", "must not be empty"))?;
+        if all_logits {
+            return HostTensor::from_bytes(DType::F32, &[tokens.len(), vocab], logits);
+        }
+        let n = last.shape()[0];
+        let bytes = last.bytes()[(n - 1) * vocab * 4..].to_vec();
+        HostTensor::from_bytes(DType::F32, &[1, vocab], bytes)
     }
 
     /// The index tensors of a step of `t` tokens from `start`; with
@@ -1643,19 +1812,41 @@ impl<'b> Model<'b> {
         })
     }
 
-    fn run_step(
-        &mut self,
-        tokens: &[u32],
-        decode: bool,
-        mut taps: Option<&mut Taps>,
-    ) -> Result<HostTensor> {
-        self.check_tokens(tokens)?;
-        let t = tokens.len();
-        let start = if decode { self.seq_len } else { 0 };
+    /// Checks that positions `[start, start + t)` exist in the model.
+    fn check_positions(&self, start: usize, t: usize) -> Result<usize> {
+        let max = self.cfg.max_position_embeddings;
         let total = start
             .checked_add(t)
             .filter(|&n| n <= i32::MAX as usize)
             .ok_or_else(|| Error::invalid(OP, "tokens", "sequence too long"))?;
+        if total > max {
+            return Err(Error::invalid(
+                OP,
+                "tokens",
+                format!(
+                    "the sequence would reach {total} tokens ({start} cached + {t} new), beyond \
+                     the checkpoint's max_position_embeddings = {max}"
+                ),
+            ));
+        }
+        Ok(total)
+    }
+
+    /// Runs `tokens`: from position 0 (`append` false, replacing the cached
+    /// sequence) or after the cached sequence (`append`, through the paged
+    /// cache). `masked`: the MoE runs in the decode (masked) layout.
+    fn run_step(
+        &mut self,
+        tokens: &[u32],
+        append: bool,
+        masked: bool,
+        mut taps: Option<&mut Taps>,
+    ) -> Result<HostTensor> {
+        self.check_tokens(tokens)?;
+        let t = tokens.len();
+        let decode = append;
+        let start = if decode { self.seq_len } else { 0 };
+        let total = self.check_positions(start, t)?;
         if !decode {
             self.seq_len = 0;
         }
@@ -1663,10 +1854,6 @@ impl<'b> Model<'b> {
         let ctx = self.ctx();
         let b = self.b;
         let paged = decode || self.opts.prefill == PrefillPath::Paged;
-        // One-token decode steps run the experts in the masked layout (as
-        // DeepEP's low-latency mode feeds DeepGEMM's masked GEMM); prompts
-        // and multi-token extensions in the contiguous layout.
-        let masked = decode && t == 1;
         let step = self.step(start, t, paged.then_some(self.blocks))?;
         let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
         let ids = b.upload(&HostTensor::from_i64(&[t], &ids))?;
@@ -1680,9 +1867,16 @@ impl<'b> Model<'b> {
             },
         )?;
         let form = self.opts.form;
+        let want = taps.is_some();
+        let cell = RefCell::new(taps.as_deref_mut().map(std::mem::take).unwrap_or_default());
         for (li, (layer, cache)) in self.layers.iter().zip(self.caches.iter_mut()).enumerate() {
-            if let Some(tp) = taps.as_deref_mut() {
-                tp.put(b, format!("layers.{li}.input"), &h)?;
+            let lctx = Ctx {
+                taps: want.then_some(&cell),
+                li,
+                ..ctx
+            };
+            if want {
+                cell.borrow_mut().put(b, format!("layers.{li}.input"), &h)?;
             }
             let xn = ctx.norm(&h, &layer.input_norm)?;
             let path = if paged {
@@ -1693,12 +1887,13 @@ impl<'b> Model<'b> {
                     cache: Some(cache),
                 }
             };
-            let a = ctx.attention(&layer.attn, &xn, &step, path)?;
+            let a = lctx.attention(&layer.attn, &xn, &step, path)?;
             let hm = ctx.add(&h, &a)?;
             let xn2 = ctx.norm(&hm, &layer.post_norm)?;
-            let (f, routing) = ctx.ffn(self.comm.get(), &layer.ffn, &xn2, masked, None)?;
+            let (f, routing) = lctx.ffn(self.comm.get(), &layer.ffn, &xn2, masked)?;
             h = ctx.add(&hm, &f)?;
-            if let Some(tp) = taps.as_deref_mut() {
+            if want {
+                let mut tp = cell.borrow_mut();
                 tp.put(b, format!("layers.{li}.attn_out"), &a)?;
                 tp.put(b, format!("layers.{li}.ffn_out"), &f)?;
                 if let Some((idx, w)) = routing {
@@ -1715,6 +1910,7 @@ impl<'b> Model<'b> {
         let logits = ctx.gemm(&fnorm, &self.lm_head)?;
         let out = b.download(&logits)?.to_dtype(DType::F32);
         if let Some(tp) = taps {
+            *tp = cell.into_inner();
             tp.put(b, "final_norm_out".into(), &fnorm)?;
             tp.tensors.insert("logits".into(), out.clone());
         }
@@ -1769,7 +1965,12 @@ impl<'b> Model<'b> {
                 ));
             }
         }
-        let ctx = self.ctx();
+        let cell = RefCell::new(Taps::new());
+        let ctx = Ctx {
+            taps: Some(&cell),
+            li: i,
+            ..self.ctx()
+        };
         let b = self.b;
         let act = ctx.act;
         let h = b.upload(&input.to_dtype(act))?;
@@ -1804,7 +2005,7 @@ impl<'b> Model<'b> {
             None => ctx.add(&h, &a)?,
         };
         let xn2 = ctx.norm(&hm, &layer.post_norm)?;
-        let (f, routing) = ctx.ffn(self.comm.get(), &layer.ffn, &xn2, false, None)?;
+        let (f, routing) = ctx.ffn(self.comm.get(), &layer.ffn, &xn2, false)?;
         let routing = match routing {
             Some((idx, w)) => Some(Routing::sorted(&b.download(&idx)?, &b.download(&w)?)?),
             None => None,
@@ -1813,6 +2014,7 @@ impl<'b> Model<'b> {
             attn_out: b.download(&a)?.to_dtype(DType::F32),
             ffn_out: b.download(&f)?.to_dtype(DType::F32),
             routing,
+            taps: cell.into_inner(),
         })
     }
 }

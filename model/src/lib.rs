@@ -8,14 +8,20 @@
 //!   sharded, headers parsed here, tensors read lazily;
 //! * [`forward`]: the forward pass ([`Model`]) in the three numerics modes
 //!   of SPEC.md §8, with a paged latent cache for decoding, taps and
-//!   teacher-forced per-layer runs for conformance.
+//!   teacher-forced per-layer runs for conformance, chunked prefill, expert
+//!   parallelism over any communicator;
+//! * [`memory`]: memory estimates made before allocating.
 
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod config;
 pub mod forward;
+pub mod memory;
 
 pub use checkpoint::{Checkpoint, LinearWeight};
 pub use config::{ModelConfig, QuantizationConfig, RopeScaling};
-pub use forward::{LayerOutput, LoadOptions, Model, Numerics, PrefillPath, Routing, Taps};
+pub use forward::{
+    LayerOutput, LoadOptions, Model, Numerics, PrefillPath, Routing, Taps, DEFAULT_CHUNK,
+};
+pub use memory::MemoryEstimate;
