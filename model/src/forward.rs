@@ -343,6 +343,8 @@ struct Moe {
     shared: Option<Mlp>,
 }
 
+// One per layer: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Ffn {
     Dense(Mlp),
     Moe(Moe),
