@@ -161,13 +161,14 @@ fn argmax_rows(a: &[f32], n: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Rows `r0..r1` of a `[T, …]` tensor, flattened.
 fn rows(t: &HostTensor, r0: usize, r1: usize) -> Vec<f32> {
-    let n = *t.shape().last().unwrap();
+    let n = t.numel() / t.shape()[0].max(1);
     t.to_f32_vec()[r0 * n..r1 * n].to_vec()
 }
 
 fn rows_i64(t: &HostTensor, r0: usize, r1: usize) -> Vec<i64> {
-    let n = *t.shape().last().unwrap();
+    let n = t.numel() / t.shape()[0].max(1);
     t.to_i64_vec()[r0 * n..r1 * n].to_vec()
 }
 
