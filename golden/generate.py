@@ -202,6 +202,11 @@ def run_transformers(cfg, ck, tokens, rope_interleave=True):
             taps[name] = o[0].detach().clone()
         return f
 
+    def pre_in(name):
+        def f(mod, args):
+            taps[name] = args[0][0].detach().clone()
+        return f
+
     def gate(L):
         def f(mod, args, out):
             _, w, idx = out
@@ -214,8 +219,13 @@ def run_transformers(cfg, ck, tokens, rope_interleave=True):
         hooks.append(layer.register_forward_pre_hook(pre(L), with_kwargs=True))
         hooks.append(layer.self_attn.register_forward_hook(post(f"layers.{L}.attn_out")))
         hooks.append(layer.mlp.register_forward_hook(post(f"layers.{L}.ffn_out")))
+        att = layer.self_attn
+        hooks.append(att.q_b_proj.register_forward_hook(post(f"layers.{L}.q")))
+        hooks.append(att.kv_a_layernorm.register_forward_hook(post(f"layers.{L}.kv_latent")))
+        hooks.append(att.o_proj.register_forward_pre_hook(pre_in(f"layers.{L}.attn_core")))
         if L >= cfg["first_k_dense_replace"]:
             hooks.append(layer.mlp.gate.register_forward_hook(gate(L)))
+            hooks.append(layer.mlp.shared_experts.register_forward_hook(post(f"layers.{L}.shared_out")))
     hooks.append(model.model.norm.register_forward_hook(post("final_norm_out")))
     with torch.no_grad():
         out = model(input_ids=torch.tensor([tokens]), use_cache=False)
@@ -421,7 +431,14 @@ def main():
                 "runs act_quant (float scales) + the FP8 GEMM of SPEC section 3 (evaluated in float64, output "
                 "rounded once to bf16); kv_b_proj used dequantized (bf16) in the absorbed attention.", GOLDEN_FORM),
     }
-    sources = {"f32": hf, "bf16": own["bf16"], "fp8": own["fp8"]}
+    # transformers fuses its experts and returns no per-expert output: the
+    # f32 file takes gate_logits and expert_out from the generator's own f32
+    # forward, which agrees with transformers at every other tap (asserted above).
+    hf_full = dict(hf)
+    for k, v in own["f32"].items():
+        if k.endswith(".gate_logits") or k.endswith(".expert_out"):
+            hf_full[k] = v
+    sources = {"f32": hf_full, "bf16": own["bf16"], "fp8": own["fp8"]}
     for mode, taps in sources.items():
         md = dict(meta_common, mode=mode, description=descs[mode][0], attention=descs[mode][1])
         stio.save(out / "model" / f"golden_{mode}.safetensors", golden_tensors(taps, tokens), md)

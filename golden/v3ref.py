@@ -193,6 +193,13 @@ class V3Model:
         y = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * w
         return self.num.r(y)
 
+    # taps ----------------------------------------------------------------
+    def _put(self, name, t):
+        """Records layers.{L}.{name} while forward() collects taps."""
+        taps = getattr(self, "_taps", None)
+        if taps is not None:
+            taps[f"layers.{self._L}.{name}"] = t
+
     # blocks --------------------------------------------------------------
     def attention(self, x, L, positions, form=None):
         form = form or self.num.attn
@@ -205,8 +212,10 @@ class V3Model:
                         p + ".q_b_proj").reshape(T, H, dn + dr)
         q_nope = q[..., :dn]
         q_pe = r(apply_rope(q[..., dn:], angles, self.cs_scale, self.num.acc))
+        self._put("q", q.reshape(T, H * (dn + dr)))
         kv = self.linear(x, p + ".kv_a_proj_with_mqa")
         c = self.rmsnorm(kv[:, :self.kvr], p + ".kv_a_layernorm.weight")
+        self._put("kv_latent", c)
         k_pe = r(apply_rope(kv[:, self.kvr:], angles, self.cs_scale, self.num.acc))
         mask = torch.ones(T, T, dtype=torch.bool).tril()
         if form == "naive":
@@ -227,6 +236,7 @@ class V3Model:
             pr = torch.softmax(s, dim=-1)
             o_lat = r(torch.einsum("hts,sc->thc", pr, c))
             o = r(torch.einsum("thc,hdc->thd", o_lat, w_uv))
+        self._put("attn_core", o.reshape(T, H * self.dv))
         return self.linear(o.reshape(T, H * self.dv), p + ".o_proj")
 
     def mlp(self, x, prefix):
@@ -239,6 +249,7 @@ class V3Model:
         p = f"model.layers.{L}.mlp.gate"
         cfg = self.cfg
         logits = x @ self.w(p + ".weight").T  # f32 (acc) scores: SPEC section 6
+        self._put("gate_logits", logits)
         scores = torch.sigmoid(logits)
         idx, w, margins = noaux_tc(scores, self.w(p + ".e_score_correction_bias"), cfg["n_group"],
                                    cfg["topk_group"], cfg["num_experts_per_tok"],
@@ -250,6 +261,9 @@ class V3Model:
         idx, w, margins = self.gate(x, L)
         T = x.shape[0]
         acc = torch.zeros_like(x)
+        k = idx.shape[1]
+        sorted_idx = idx.gather(1, idx.argsort(dim=-1))
+        expert_out = torch.zeros(T, k, x.shape[1], dtype=x.dtype)
         for e in range(self.cfg["n_routed_experts"]):
             sel = (idx == e)
             rows = sel.any(-1).nonzero().reshape(-1)
@@ -258,7 +272,11 @@ class V3Model:
             y = self.mlp(x[rows], f"{p}.experts.{e}")
             we = (w[rows] * sel[rows].to(w.dtype)).sum(-1, keepdim=True)
             acc[rows] += we * y
+            slot = (sorted_idx[rows] == e).to(torch.int64).argmax(-1)
+            expert_out[rows, slot] = y
+        self._put("expert_out", expert_out)
         z = self.mlp(x, f"{p}.shared_experts")
+        self._put("shared_out", z)
         out = self.num.r(acc + z)
         assert T == out.shape[0]
         return out, idx, w, margins
@@ -280,7 +298,9 @@ class V3Model:
         h = self.num.r(self.w("model.embed_tokens.weight")[tokens])
         taps = {}
         margins = {}
+        self._taps = taps
         for L in range(self.cfg["num_hidden_layers"]):
+            self._L = L
             taps[f"layers.{L}.input"] = h
             a, f, idx, w, mg, h = self.layer(h, L, positions)
             taps[f"layers.{L}.attn_out"] = a
@@ -289,6 +309,7 @@ class V3Model:
                 taps[f"layers.{L}.topk_idx"] = idx
                 taps[f"layers.{L}.topk_weights"] = w
                 margins[L] = mg
+        self._taps = None
         fn = self.rmsnorm(h, "model.norm.weight")
         taps["final_norm_out"] = fn
         taps["logits"] = self.num.r(fn @ self.w("lm_head.weight").T)

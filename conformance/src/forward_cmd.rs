@@ -3,11 +3,12 @@
 
 use crate::error::CliError;
 use crate::model_check::{self, ForwardReport};
-use deepport_core::model::forward::{LoadOptions, Model, Numerics, PrefillPath, Taps};
-use deepport_core::model::{Checkpoint, ModelConfig};
+use deepport_core::comm::run_ranks;
 use deepport_core::ops::MlaForm;
 use deepport_core::tensor::{read_safetensors, write_safetensors};
-use deepport_core::Error;
+use deepport_core::{Backend, Communicator, Error, HostTensor};
+use deepport_model::forward::{LoadOptions, Model, Numerics, PrefillPath, Taps};
+use deepport_model::{memory, Checkpoint, ModelConfig, DEFAULT_CHUNK};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,59 @@ pub struct ForwardArgs {
     /// per layer and tap, and name the first layer and op that left tolerance.
     #[arg(long)]
     pub golden: Option<PathBuf>,
+    /// Expert parallelism: split the routed experts over N in-process ranks
+    /// (one thread and one backend instance per rank; rank 0 reports).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub ep: u64,
+    /// Chunked prefill: a prompt longer than this runs in chunks of this
+    /// many tokens over the paged latent cache, so memory grows with the
+    /// cache, not with the square of the prompt.
+    #[arg(long, default_value_t = DEFAULT_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk: u64,
+    /// Memory budget in bytes (suffixes K, M, G, T: powers of 1024); the run
+    /// is refused before loading when the estimate exceeds it. Default: the
+    /// memory this machine has available.
+    #[arg(long)]
+    pub max_memory: Option<String>,
+}
+
+/// Parses `123`, `64K`, `1.5G`, `2T` (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, CliError> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => {
+                    return Err(CliError::usage(format!(
+                        "--max-memory {s}: unknown suffix {c}"
+                    )))
+                }
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| CliError::usage(format!("--max-memory {s}: expected bytes like 64G")))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(CliError::usage(format!(
+            "--max-memory {s}: must be positive"
+        )));
+    }
+    Ok((v * mult as f64).min(u64::MAX as f64) as u64)
+}
+
+/// What one rank's run produced.
+struct RankResult {
+    logits: HostTensor,
+    taps: Taps,
+    report: Option<ForwardReport>,
 }
 
 fn parse_tokens(spec: &str) -> Result<Vec<u32>, CliError> {
@@ -80,6 +134,7 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         .ok_or_else(|| CliError::usage(format!("--attn {}", args.attn)))?;
     let prefill = PrefillPath::parse(&args.prefill)
         .ok_or_else(|| CliError::usage(format!("--prefill {}", args.prefill)))?;
+    // Created before loading anything, so that a wrong name fails fast.
     let backend = crate::registry().create(&args.backend).map_err(failed)?;
     let cfg = ModelConfig::from_file(args.checkpoint.join("config.json")).map_err(failed)?;
     let ckpt = Checkpoint::open(&args.checkpoint).map_err(failed)?;
@@ -101,27 +156,103 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         scale_fmt: cfg.act_scale_fmt(),
         prefill,
     };
+    let max_pos = cfg.max_position_embeddings;
+    if tokens.len() > max_pos {
+        return Err(CliError::usage(format!(
+            "--tokens: the prompt has {} tokens, more than the checkpoint's \
+             max_position_embeddings = {max_pos}",
+            tokens.len()
+        )));
+    }
+    let ep = args.ep as usize;
+    if cfg.n_routed_experts > 0 && !cfg.n_routed_experts.is_multiple_of(ep) {
+        return Err(CliError::usage(format!(
+            "--ep {ep}: the checkpoint's {} routed experts cannot be split evenly over {ep} ranks",
+            cfg.n_routed_experts
+        )));
+    }
+    let chunk = usize::try_from(args.chunk).unwrap_or(usize::MAX);
+    let all_logits = args.out.is_some() || golden.is_some();
+    // Every in-process rank holds its own replicated weights and cache.
+    let est = memory::estimate(&cfg, numerics, ep, tokens.len(), chunk, all_logits);
+    let need = est.total().saturating_mul(ep as u64);
+    let budget = match &args.max_memory {
+        Some(m) => Some((parse_bytes(m)?, "--max-memory")),
+        None => memory::available().map(|b| (b, "available on this machine")),
+    };
+    if let Some((budget, what)) = budget {
+        if need > budget {
+            return Err(CliError::usage(format!(
+                "forward: {} tokens in chunks of {chunk} on {ep} rank(s) need {est} per rank, \
+                 {:.2} GiB in all; the budget is {:.2} GiB ({what}). Use a shorter prompt, a \
+                 smaller --chunk, or set --max-memory",
+                tokens.len(),
+                need as f64 / (1u64 << 30) as f64,
+                budget as f64 / (1u64 << 30) as f64,
+            )));
+        }
+    }
     eprintln!(
-        "forward: loading {} on {} ({} mode, {} prefill, {} attention)…",
+        "forward: loading {} on {}{} ({} mode, {} prefill, {} attention, chunks of {chunk}); estimate {est}…",
         args.checkpoint.display(),
-        backend.name(),
+        args.backend,
+        if ep > 1 { format!(" × {ep} expert-parallel ranks") } else { String::new() },
         numerics,
         prefill.name(),
         form.name()
     );
-    let t0 = std::time::Instant::now();
-    let mut model = Model::load_with(backend.as_ref(), &ckpt, &cfg, opts).map_err(failed)?;
-    eprintln!(
-        "forward: loaded in {:.1} s; prefill of {} tokens…",
-        t0.elapsed().as_secs_f64(),
-        tokens.len()
-    );
-    let t1 = std::time::Instant::now();
-    let mut taps = Taps::new();
-    let logits = model
-        .prefill_with_taps(&tokens, &mut taps)
+    let golden_ref = golden.as_ref().map(|(g, p)| (g, p.as_path()));
+    let rank_run = |backend: &dyn Backend,
+                    comm: Option<&dyn Communicator>|
+     -> Result<RankResult, Error> {
+        let t0 = std::time::Instant::now();
+        let mut model = match comm {
+            None => Model::load_with(backend, &ckpt, &cfg, opts)?,
+            Some(c) => Model::load_ep(backend, c, &ckpt, &cfg, opts)?,
+        };
+        let rank0 = comm.is_none_or(|c| c.rank() == 0);
+        if rank0 {
+            eprintln!(
+                "forward: loaded in {:.1} s; prefill of {} tokens…",
+                t0.elapsed().as_secs_f64(),
+                tokens.len()
+            );
+        }
+        let t1 = std::time::Instant::now();
+        let mut taps = Taps::new();
+        let want_taps = args.taps && args.out.is_some();
+        let logits =
+            model.prefill_chunked(&tokens, chunk, all_logits, want_taps.then_some(&mut taps))?;
+        if rank0 {
+            eprintln!("forward: prefill took {:.2} s", t1.elapsed().as_secs_f64());
+        }
+        let report = match golden_ref {
+            Some((g, p)) => Some(model_check::check_forward(&mut model, g, p, prefill)?),
+            None => None,
+        };
+        Ok(RankResult {
+            logits,
+            taps,
+            report,
+        })
+    };
+    let result = if ep == 1 {
+        rank_run(backend.as_ref(), None).map_err(failed)?
+    } else {
+        let name = args.backend.clone();
+        let mut all = run_ranks(ep, |_, comm| {
+            let backend = crate::registry().create(&name)?;
+            rank_run(backend.as_ref(), Some(comm))
+        })
         .map_err(failed)?;
-    eprintln!("forward: prefill took {:.2} s", t1.elapsed().as_secs_f64());
+        all.swap_remove(0)
+    };
+    let RankResult {
+        logits,
+        taps,
+        report,
+    } = result;
+    report_logits(&logits, &tokens);
     if let Some(out) = &args.out {
         let mut tensors = BTreeMap::new();
         tensors.insert("logits".to_string(), logits.clone());
@@ -133,7 +264,8 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
             }
         }
         let meta = BTreeMap::from([
-            ("backend".to_string(), backend.name().to_string()),
+            ("backend".to_string(), args.backend.clone()),
+            ("ep".to_string(), ep.to_string()),
             ("mode".to_string(), numerics.name().to_string()),
             ("attn".to_string(), form.name().to_string()),
             ("prefill".to_string(), prefill.name().to_string()),
@@ -145,11 +277,9 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         write_safetensors(out, &tensors, &meta).map_err(failed)?;
         eprintln!("forward: wrote {}", out.display());
     }
-    let Some((g, p)) = &golden else {
+    let (Some((_, p)), Some(report)) = (&golden, report) else {
         return Ok(true);
     };
-    let report: ForwardReport =
-        model_check::check_forward(&mut model, g, p, prefill).map_err(failed)?;
     print!("{}", report.table());
     match report.first_failure() {
         None => {
@@ -173,6 +303,27 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
     }
 }
 
+/// Prints the prediction after the last prompt token.
+fn report_logits(logits: &HostTensor, tokens: &[u32]) {
+    let v = logits.to_f32_vec();
+    let vocab = logits.shape().last().copied().unwrap_or(0);
+    if vocab == 0 || v.len() < vocab {
+        return;
+    }
+    let last = &v[v.len() - vocab..];
+    let best =
+        last.iter().enumerate().fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        );
+    eprintln!(
+        "forward: after {} tokens the top next token is {} (logit {:.4})",
+        tokens.len(),
+        best.0,
+        best.1
+    );
+}
+
 fn display(p: &Path) -> String {
     p.display().to_string()
 }
@@ -187,5 +338,15 @@ mod tests {
         assert!(parse_tokens("1,x").is_err());
         assert!(parse_tokens("-1").is_err());
         assert!(parse_tokens("@/nonexistent/file.json").is_err());
+    }
+
+    #[test]
+    fn bytes_parse() {
+        assert_eq!(parse_bytes("123").unwrap(), 123);
+        assert_eq!(parse_bytes("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_bytes("1.5g").unwrap(), 3 << 29);
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("12Q").is_err());
+        assert!(parse_bytes("x").is_err());
     }
 }

@@ -20,7 +20,6 @@ pub mod dtype;
 pub mod ep;
 pub mod error;
 pub mod formats;
-pub mod model;
 pub mod ops;
 pub mod registry;
 pub mod tensor;

@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(c) = deepport_core::model::config::ModelConfig::from_json(text) {
+        if let Ok(c) = deepport_model::config::ModelConfig::from_json(text) {
             let _ = c.validate();
         }
     }

@@ -1,5 +1,5 @@
 //! The `model` family: the whole DeepSeek-V3 forward pass
-//! ([`deepport_core::model`]) on the tiny golden checkpoint of
+//! ([`deepport_model`]) on the tiny golden checkpoint of
 //! `golden/model/`, judged against the golden outputs of its numerics mode
 //! (SPEC §8):
 //!
@@ -22,11 +22,9 @@ use super::{def, opt, req, Case, Family, KeyKind, ParamMap, P};
 use crate::error::CliError;
 use crate::opspec::Outputs;
 use crate::suite::{CaseSpec, Source};
-use deepport_core::model::{
-    Checkpoint, LoadOptions, Model, ModelConfig, Numerics, PrefillPath, Taps,
-};
 use deepport_core::ops::{MlaForm, OpKind};
 use deepport_core::tensor::read_safetensors;
+use deepport_model::{Checkpoint, LoadOptions, Model, ModelConfig, Numerics, PrefillPath, Taps};
 use std::path::PathBuf;
 
 use KeyKind::{Int, Text};

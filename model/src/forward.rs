@@ -1,6 +1,6 @@
 //! The DeepSeek-V3 forward pass (SPEC.md §5, §8) over any [`Backend`].
 //!
-//! Every computation is an op of [`crate::ops`]; the model only moves
+//! Every computation is an op of [`deepport_core::ops`]; the model only moves
 //! handles around. Weights are uploaded once by [`Model::load`]. Host round
 //! trips during a forward pass are limited to the per-expert token counts of
 //! the MoE dispatch (a few integers per MoE layer) and, when asked for, the
@@ -44,26 +44,45 @@
 //!
 //! # MoE
 //!
-//! `moe_gate` → `low_latency_dispatch` over a world of one
-//! ([`ThreadComm::group`]`(1)`) → for each expert that received tokens, its
-//! rows are copied out, run through the expert's SwiGLU and copied back
-//! into a `[E, T, hidden]` buffer → `low_latency_combine` with the top-k
-//! weights → plus the shared experts' output. With shared experts the
-//! combine writes f32 and the add rounds once, so routed + shared is
-//! rounded once (SPEC.md §8).
+//! Shaped as a serving engine runs it (DeepEP + DeepGEMM), over any
+//! [`Communicator`]: `moe_gate` → `low_latency_dispatch` to the ranks that
+//! hold the chosen experts → this rank's experts as **grouped GEMMs**
+//! (contiguous layout in prefill: received rows gathered per expert, each
+//! expert's rows padded to 128, `fp8_grouped_contiguous`; masked layout in
+//! one-token decode: the dispatch buffer as is, `masked_m` = received
+//! counts, `fp8_grouped_masked` on the FP8 payload of the dispatch) for
+//! gate and up, `silu_mul`, the down projection → `low_latency_combine`
+//! with the top-k weights → plus the shared experts. f32 and bf16 run the
+//! same data flow; as core has no grouped GEMM for those dtypes, a grouped
+//! GEMM there is one `gemm` against the stacked weights of every local
+//! expert followed by a row gather of each row's own group. There is never
+//! a loop over experts. With shared experts the combine writes f32 and the
+//! add rounds once, so routed + shared is rounded once (SPEC.md §8).
+//!
+//! With several ranks ([`Model::load_ep`]) rank `r` holds experts
+//! `[r·E/R, (r+1)·E/R)`; attention, router and shared experts are
+//! replicated. Each rank dispatches its share of the tokens, and the MoE
+//! outputs are gathered back on every rank. Every per-token computation is
+//! the same as with one rank, so f32 results are bit-identical.
 
-use super::checkpoint::Checkpoint;
-use super::config::ModelConfig;
-use crate::backend::{Backend, Tensor};
-use crate::comm::ThreadComm;
-use crate::dtype::DType;
-use crate::error::{Error, Result};
-use crate::ops::{self, *};
-use crate::tensor::HostTensor;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use deepport_core::backend::{Backend, Tensor};
+use deepport_core::comm::{Communicator, ThreadComm};
+use deepport_core::dtype::DType;
+use deepport_core::error::{Error, Result};
+use deepport_core::ops::{self, *};
+use deepport_core::tensor::HostTensor;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 /// Tokens per page of the latent cache (FlashMLA's block size).
 pub const CACHE_BLOCK: usize = 64;
+
+/// Default chunk of [`Model::prefill_chunked`] (tokens): large enough for
+/// the GEMMs to be efficient, small enough that one chunk's MoE dispatch
+/// buffers stay bounded.
+pub const DEFAULT_CHUNK: usize = 512;
 
 /// The op name used in the model's own errors.
 const OP: &str = "model";
@@ -186,12 +205,20 @@ impl Routing {
     }
 }
 
-/// Intermediate tensors of a forward pass, by the golden data's names:
-/// `layers.{i}.input` (hidden entering layer i), `layers.{i}.attn_out`,
-/// `layers.{i}.ffn_out` (both before the residual add), for MoE layers
-/// `layers.{i}.topk_idx` (i64, ascending per token) and
-/// `layers.{i}.topk_weights` (f32, same order), `final_norm_out` and
-/// `logits`. Float taps are f32 host tensors holding the mode's values.
+/// Intermediate tensors of a forward pass, by the golden data's names, in
+/// data-flow order per layer: `layers.{i}.input` (hidden entering layer i);
+/// inside the attention `layers.{i}.q` (`q_b_proj` output before RoPE,
+/// `[T, H·(dn+dr)]`), `layers.{i}.kv_latent` (normalized latent `c`,
+/// `[T, kv_lora_rank]`), `layers.{i}.attn_core` (attention output before
+/// `o_proj`, `[T, H·dv]`); `layers.{i}.attn_out`; for MoE layers
+/// `layers.{i}.gate_logits` (router logits `x·W_gᵀ`, f32 `[T, E]`),
+/// `layers.{i}.topk_idx` (i64, ascending per token),
+/// `layers.{i}.topk_weights` (f32, same order), `layers.{i}.expert_out`
+/// (the chosen experts' outputs before the combine, `[T, k, hidden]` in
+/// `topk_idx` order; one rank only) and `layers.{i}.shared_out`;
+/// `layers.{i}.ffn_out` (attention and FFN outputs before the residual
+/// add); `final_norm_out` and `logits`. Float taps are f32 host tensors
+/// holding the mode's values.
 #[derive(Clone, Debug, Default)]
 pub struct Taps {
     pub tensors: BTreeMap<String, HostTensor>,
@@ -204,6 +231,32 @@ impl Taps {
     pub fn get(&self, name: &str) -> Option<&HostTensor> {
         self.tensors.get(name)
     }
+    /// Appends the taps of the next chunk of tokens: every tap is
+    /// `[T, …]`, concatenated along tokens.
+    pub fn append(&mut self, next: Taps) -> Result<()> {
+        for (name, t) in next.tensors {
+            let merged = match self.tensors.remove(&name) {
+                None => t,
+                Some(prev) => {
+                    if prev.dtype() != t.dtype() || prev.shape().get(1..) != t.shape().get(1..) {
+                        return Err(Error::Other(format!(
+                            "model: tap {name} changes shape between chunks ({:?} then {:?})",
+                            prev.shape(),
+                            t.shape()
+                        )));
+                    }
+                    let mut shape = prev.shape().to_vec();
+                    shape[0] += t.shape()[0];
+                    let mut bytes = prev.into_bytes();
+                    bytes.extend_from_slice(t.bytes());
+                    HostTensor::from_bytes(t.dtype(), &shape, bytes)?
+                }
+            };
+            self.tensors.insert(name, merged);
+        }
+        Ok(())
+    }
+
     fn put(&mut self, b: &dyn Backend, name: String, t: &Tensor) -> Result<()> {
         let h = b.download(t)?;
         let h = if h.dtype().is_float() {
@@ -225,6 +278,10 @@ pub struct LayerOutput {
     pub ffn_out: HostTensor,
     /// MoE layers only.
     pub routing: Option<Routing>,
+    /// The finer taps of this layer, by the names of [`Taps`]
+    /// (`layers.{i}.q`, `kv_latent`, `attn_core`, `gate_logits`,
+    /// `expert_out`, `shared_out`).
+    pub taps: Taps,
 }
 
 // ---- weights ----------------------------------------------------------------
@@ -243,15 +300,51 @@ struct Mlp {
     down: Linear,
 }
 
+/// One projection of every expert of this rank, stacked for a grouped
+/// GEMM (group `g` = local expert `g`).
+enum Grouped {
+    /// FP8 mode: the checkpoint's e4m3 weights `[G, n, k]` and f32 block
+    /// scales `[G, ⌈n/128⌉, k/128]`, run by `fp8_grouped_contiguous`
+    /// (prefill) and `fp8_grouped_masked` (decode).
+    Fp8 { w: Tensor, s: Tensor },
+    /// f32/bf16 mode: the dequantized weights stacked as `[G·n, k]` in the
+    /// activation dtype. No grouped op exists for these dtypes, so a
+    /// grouped GEMM is one `gemm` against all groups followed by a row
+    /// gather (`embedding`) of each row's own group: one launch each, the
+    /// same data flow as the FP8 path, `G`× the FLOPs (see `Ctx::grouped`).
+    Dense { w: Tensor },
+}
+
+impl Grouped {
+    /// Output width `n`.
+    fn n(&self, groups: usize) -> usize {
+        match self {
+            Grouped::Fp8 { w, .. } => w.shape()[1],
+            Grouped::Dense { w } => w.shape()[0] / groups.max(1),
+        }
+    }
+}
+
+/// The routed experts of one rank, laid out for grouped GEMMs.
+struct Experts {
+    /// Local experts (`E / world`); global ids `[first, first + local)`.
+    local: usize,
+    gate: Grouped,
+    up: Grouped,
+    down: Grouped,
+}
+
 struct Moe {
     /// `[E, hidden]`.
     router: Tensor,
     /// `e_score_correction_bias [E]` f32.
     bias: Tensor,
-    experts: Vec<Mlp>,
+    experts: Experts,
     shared: Option<Mlp>,
 }
 
+// One per layer: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Ffn {
     Dense(Mlp),
     Moe(Moe),
@@ -334,6 +427,9 @@ struct Ctx<'a> {
     act: DType,
     scale_fmt: ScaleFmt,
     d: Dims,
+    /// Where the finer taps of layer `li` go, when asked for.
+    taps: Option<&'a RefCell<Taps>>,
+    li: usize,
 }
 
 /// The per-step index tensors shared by every layer.
@@ -366,6 +462,16 @@ fn rows_of(t: &Tensor) -> usize {
 }
 
 impl Ctx<'_> {
+    /// Records `layers.{li}.{name}` when taps are being collected.
+    fn tap(&self, name: &str, t: &Tensor) -> Result<()> {
+        match self.taps {
+            Some(c) => c
+                .borrow_mut()
+                .put(self.b, format!("layers.{}.{name}", self.li), t),
+            None => Ok(()),
+        }
+    }
+
     fn alloc(&self, shape: &[usize]) -> Result<Tensor> {
         self.b.alloc(self.act, shape)
     }
@@ -555,6 +661,8 @@ impl Ctx<'_> {
         let kpe_raw = self.window(&kv, 0, dc, t, dr)?;
         let latent = self.norm(&c_raw, &a.kv_norm)?;
         let k_pe = self.rope(&kpe_raw, &step.positions)?;
+        self.tap("q", &q)?;
+        self.tap("kv_latent", &latent)?;
         // q viewed as [T·H, dn + dr]: one row per (token, head).
         q.reshape(&[t * h, qk])?;
         let mut qpe_raw = self.window(&q, 0, dn, t * h, dr)?;
@@ -590,6 +698,7 @@ impl Ctx<'_> {
                 self.decode_attention(a, &q, &q_pe, cache, step)?
             }
         };
+        self.tap("attn_core", &o)?;
         self.linear(&o, &a.o_proj)
     }
 
@@ -652,11 +761,233 @@ impl Ctx<'_> {
         Ok(o)
     }
 
-    /// The MoE FFN on normalized input `x [T, hidden]`; returns its output
-    /// and the device routing `(topk_idx, topk_weights)`.
-    fn moe(&self, comm: &ThreadComm, m: &Moe, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// A host index tensor uploaded as i32.
+    fn ids(&self, v: &[i32]) -> Result<Tensor> {
+        self.b.upload(&HostTensor::from_i32(&[v.len()], v))
+    }
+
+    /// Row gather `out[i] = table[ids[i]]` (the `embedding` op).
+    fn gather(&self, table: &Tensor, ids: &[i32]) -> Result<Tensor> {
+        let ids_t = self.ids(ids)?;
+        let mut out = self
+            .b
+            .alloc(table.dtype(), &[ids.len(), table.shape()[1]])?;
+        ops::run(
+            self.b,
+            Embedding {
+                table,
+                ids: &ids_t,
+                out: &mut out,
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// `act_quant` of `x [m, k]` (FP8 activations and their scales).
+    fn quant(&self, x: &Tensor, wdt: DType) -> Result<(Tensor, Tensor)> {
+        let (m, k) = as_matrix(x.shape());
+        let mut q = self.b.alloc(wdt, &[m, k])?;
+        let mut sa = self.b.alloc(DType::F32, &[m, k / QBLOCK])?;
+        ops::run(
+            self.b,
+            ActQuant {
+                x,
+                q: &mut q,
+                s: &mut sa,
+                scale_fmt: self.scale_fmt,
+            },
+        )?;
+        Ok((q, sa))
+    }
+
+    /// A grouped GEMM over rows that each belong to one group.
+    ///
+    /// * contiguous layout (prefill): `x [m, k]`, `groups[i]` = group of row
+    ///   `i`, `-1` for padding rows (DeepGEMM: constant per 128-row block);
+    /// * masked layout (decode): `x [G, cap, k]` (`groups` is `None`), group
+    ///   `g`'s first `masked_m[g]` rows are computed.
+    ///
+    /// `pre_quant` is the FP8 payload of `x` when the dispatch already
+    /// quantized it. Returns `[m, n]` / `[G, cap, n]` in the activation
+    /// dtype; padding rows and masked-off rows hold anything.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped(
+        &self,
+        w: &Grouped,
+        g: usize,
+        x: &Tensor,
+        pre_quant: Option<(&Tensor, &Tensor)>,
+        groups: Option<(&[i32], &Tensor)>,
+        masked_m: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let xs = x.shape().to_vec();
+        let k = *xs.last().unwrap_or(&0);
+        let m = xs.iter().product::<usize>() / k.max(1);
+        let n = w.n(g);
+        match w {
+            Grouped::Fp8 { w, s } => {
+                let owned;
+                let (q, sa) = match pre_quant {
+                    Some(p) => p,
+                    None => {
+                        owned = self.quant(x, w.dtype())?;
+                        (&owned.0, &owned.1)
+                    }
+                };
+                match (groups, masked_m) {
+                    (Some((_, m_indices)), _) => {
+                        let mut d = self.alloc(&[m, n])?;
+                        ops::run(
+                            self.b,
+                            Fp8GroupedContiguous {
+                                a: q,
+                                sa,
+                                b: w,
+                                sb: s,
+                                m_indices,
+                                d: &mut d,
+                            },
+                        )?;
+                        Ok(d)
+                    }
+                    (None, Some(masked_m)) => {
+                        let cap = m / g.max(1);
+                        let mut d = self.alloc(&[g, cap, n])?;
+                        ops::run(
+                            self.b,
+                            Fp8GroupedMasked {
+                                a: q,
+                                sa,
+                                b: w,
+                                sb: s,
+                                masked_m,
+                                d: &mut d,
+                            },
+                        )?;
+                        Ok(d)
+                    }
+                    (None, None) => {
+                        Err(Error::Other("model: grouped GEMM without a layout".into()))
+                    }
+                }
+            }
+            Grouped::Dense { w } => {
+                // One GEMM against every group's weights, then each row
+                // takes its own group's n columns: out[i] = all[i·G + g_i].
+                let x2;
+                let x = if xs.len() == 2 {
+                    x
+                } else {
+                    x2 = {
+                        let mut c = self.alloc(&[m, k])?;
+                        self.copy(x, &mut c, (0, 0), (0, 0), (m, k))?;
+                        c
+                    };
+                    &x2
+                };
+                let mut all = self.gemm(x, w)?;
+                all.reshape(&[m * g, n])?;
+                let row_ids: Vec<i32> = match groups {
+                    Some((gr, _)) => gr
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &gi)| (i * g + gi.max(0) as usize) as i32)
+                        .collect(),
+                    None => {
+                        let cap = m / g.max(1);
+                        (0..m).map(|i| (i * g + i / cap.max(1)) as i32).collect()
+                    }
+                };
+                let mut out = self.gather(&all, &row_ids)?;
+                if groups.is_none() {
+                    out.reshape(&[g, m / g.max(1), n])?;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The routed experts' SwiGLU over dispatched rows, as a grouped GEMM
+    /// pipeline: gate and up projections, `silu_mul`, down projection.
+    #[allow(clippy::too_many_arguments)]
+    fn experts(
+        &self,
+        ex: &Experts,
+        x: &Tensor,
+        pre_quant: Option<(&Tensor, &Tensor)>,
+        groups: Option<(&[i32], &Tensor)>,
+        masked_m: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let g = ex.local;
+        let gt = self.grouped(&ex.gate, g, x, pre_quant, groups, masked_m)?;
+        let up = self.grouped(&ex.up, g, x, pre_quant, groups, masked_m)?;
+        let mut a = self.alloc(gt.shape())?;
+        ops::run(
+            self.b,
+            SiluMul {
+                gate: &gt,
+                up: &up,
+                out: &mut a,
+            },
+        )?;
+        if groups.is_some() {
+            return self.grouped(&ex.down, g, &a, None, groups, masked_m);
+        }
+        // Masked: the down projection reads [G·cap, inter] rows.
+        let s = a.shape().to_vec();
+        a.reshape(&[s[0] * s[1], s[2]])?;
+        let mut a3 = a;
+        let quant;
+        let pre = match &ex.down {
+            Grouped::Fp8 { w, .. } => {
+                quant = self.quant(&a3, w.dtype())?;
+                let (mut q, mut sa) = (quant.0, quant.1);
+                q.reshape(&[s[0], s[1], s[2]])?;
+                sa.reshape(&[s[0], s[1], s[2] / QBLOCK])?;
+                Some((q, sa))
+            }
+            Grouped::Dense { .. } => None,
+        };
+        a3.reshape(&[s[0], s[1], s[2]])?;
+        self.grouped(
+            &ex.down,
+            g,
+            &a3,
+            pre.as_ref().map(|(q, sa)| (q, sa)),
+            None,
+            masked_m,
+        )
+    }
+
+    /// The MoE FFN on normalized input `x [T, hidden]`, shaped as a
+    /// serving engine runs it (DeepEP + DeepGEMM):
+    ///
+    /// 1. `moe_gate` on every token (replicated on every rank);
+    /// 2. with several ranks, this rank takes its share of the tokens
+    ///    (rows `[r·T/R, (r+1)·T/R)`);
+    /// 3. `low_latency_dispatch` to the ranks holding the chosen experts;
+    /// 4. the experts of this rank as grouped GEMMs: in prefill the received
+    ///    rows are gathered into the **contiguous** layout (each expert's
+    ///    rows padded to 128, `m_indices`, `fp8_grouped_contiguous`), in
+    ///    decode the dispatch buffer is used as is in the **masked** layout
+    ///    (`masked_m` = received counts, `fp8_grouped_masked`, FP8 payload
+    ///    straight from the dispatch); gate/up, `silu_mul`, down;
+    /// 5. `low_latency_combine` with the top-k weights (fixed top-k order,
+    ///    f32 accumulation), plus the shared experts;
+    /// 6. with several ranks, the shares are gathered back on every rank
+    ///    (a `dispatch` that sends each row to every rank, bit-exact).
+    ///
+    /// Returns the output `[T, hidden]` and the device routing.
+    fn moe(
+        &self,
+        comm: &dyn Communicator,
+        m: &Moe,
+        x: &Tensor,
+        masked: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = self.d;
         let t = rows_of(x);
+        let (rank, world) = (comm.rank(), comm.world_size());
         let mut idx = self.b.alloc(DType::I64, &[t, d.topk])?;
         let mut w = self.b.alloc(DType::F32, &[t, d.topk])?;
         ops::run(
@@ -673,48 +1004,133 @@ impl Ctx<'_> {
                 route_scale: d.route_scale,
             },
         )?;
+        if self.taps.is_some() {
+            // Router logits x·W_gᵀ in f32 (the gate's own input to sigmoid).
+            let mut gl = self.b.alloc(DType::F32, &[t, d.experts])?;
+            ops::run(
+                self.b,
+                Gemm {
+                    a: x,
+                    b: &m.router,
+                    d: &mut gl,
+                },
+            )?;
+            self.tap("gate_logits", &gl)?;
+        }
         if self.act != DType::F32 {
             // DeepSeek's gate returns its weights in the activation dtype.
             let mut wr = self.alloc(&[t, d.topk])?;
             self.copy(&w, &mut wr, (0, 0), (0, 0), (t, d.topk))?;
             self.copy(&wr, &mut w, (0, 0), (0, 0), (t, d.topk))?;
         }
+        // This rank's share of the tokens.
+        let share = |r: usize| (r * t / world, (r + 1) * t / world);
+        let (lo, hi) = share(rank);
+        let n_own = hi - lo;
+        let max_tokens = t.div_ceil(world).max(1);
+        let owned;
+        let (xs, idx_s, w_s) = if world == 1 {
+            (x, &idx, &w)
+        } else {
+            let iv = self.b.download(&idx)?.to_i64_vec();
+            let wv = self.b.download(&w)?.to_f32_vec();
+            let k = d.topk;
+            // A rank without tokens sends one row routed nowhere, so that
+            // it takes part in the collectives with a non-empty tensor.
+            let (rows, ii, ww): (usize, Vec<i64>, Vec<f32>) = if n_own == 0 {
+                (1, vec![-1; k], vec![0.0; k])
+            } else {
+                (
+                    n_own,
+                    iv[lo * k..hi * k].to_vec(),
+                    wv[lo * k..hi * k].to_vec(),
+                )
+            };
+            let xs = self.window(x, if n_own == 0 { 0 } else { lo }, 0, rows, d.hidden)?;
+            owned = (
+                xs,
+                self.b.upload(&HostTensor::from_i64(&[rows, k], &ii))?,
+                self.b
+                    .upload(&HostTensor::from_f32(DType::F32, &[rows, k], &ww))?,
+            );
+            (&owned.0, &owned.1, &owned.2)
+        };
+        let rows = rows_of(xs);
+        let ex = &m.experts;
+        let fp8_payload = masked && matches!(ex.gate, Grouped::Fp8 { .. });
         let disp = ops::low_latency_dispatch(
             self.b,
             comm,
             LowLatencyDispatch {
-                x,
-                topk_idx: &idx,
+                x: xs,
+                topk_idx: idx_s,
                 num_experts: d.experts,
-                max_tokens_per_rank: t,
-                use_fp8: false,
-                ue8m0: false,
+                max_tokens_per_rank: if world == 1 { t } else { max_tokens },
+                use_fp8: fp8_payload,
+                ue8m0: self.scale_fmt == ScaleFmt::Ue8m0,
             },
         )?;
-        let counts = self.b.download(&disp.recv_count)?.to_i64_vec();
-        if counts.len() != d.experts {
-            return Err(Error::Other(format!(
-                "model: low_latency_dispatch returned {} expert counts for {} experts",
-                counts.len(),
-                d.experts
-            )));
-        }
-        let cap = t; // max_tokens_per_rank · world (1)
-        let mut y = self.alloc(&[d.experts, cap, d.hidden])?;
-        for (e, &n) in counts.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            if n < 0 || n as usize > cap {
+        let g = ex.local;
+        let cap = disp.handle.max_tokens_per_rank * world;
+        let y = if masked {
+            let mut rx = disp.recv_x;
+            let mut y = match (&disp.recv_scales, fp8_payload) {
+                (Some(sc), true) => {
+                    self.experts(ex, &rx, Some((&rx, sc)), None, Some(&disp.recv_count))?
+                }
+                _ => {
+                    rx.reshape(&[g, cap, d.hidden])?;
+                    self.experts(ex, &rx, None, None, Some(&disp.recv_count))?
+                }
+            };
+            y.reshape(&[g, cap, d.hidden])?;
+            y
+        } else {
+            let counts = self.b.download(&disp.recv_count)?.to_i64_vec();
+            if counts.len() != g {
                 return Err(Error::Other(format!(
-                    "model: low_latency_dispatch says expert {e} received {n} tokens, outside [0, {cap}]"
+                    "model: low_latency_dispatch returned {} expert counts for {g} local experts",
+                    counts.len()
                 )));
             }
-            let n = n as usize;
-            let xe = self.window(&disp.recv_x, e * cap, 0, n, d.hidden)?;
-            let ye = self.mlp(&xe, &m.experts[e])?;
-            self.copy(&ye, &mut y, (0, 0), (e * cap, 0), (n, d.hidden))?;
-        }
+            // Contiguous layout: expert e's rows at [seg_e, seg_e + n_e),
+            // each segment padded to a multiple of 128 rows (DeepGEMM's
+            // m_indices are constant per 128-row block).
+            let mut m_idx: Vec<i32> = Vec::new();
+            let mut gather_ids: Vec<i32> = Vec::new();
+            let mut back_ids = vec![0i32; g * cap];
+            for (e, &n) in counts.iter().enumerate() {
+                if n < 0 || n as usize > cap {
+                    return Err(Error::Other(format!(
+                        "model: low_latency_dispatch says local expert {e} received {n} tokens, outside [0, {cap}]"
+                    )));
+                }
+                let n = n as usize;
+                let seg = m_idx.len();
+                for j in 0..n.next_multiple_of(QBLOCK) {
+                    if j < n {
+                        back_ids[e * cap + j] = (seg + j) as i32;
+                        m_idx.push(e as i32);
+                        gather_ids.push((e * cap + j) as i32);
+                    } else {
+                        m_idx.push(-1);
+                        gather_ids.push((e * cap) as i32);
+                    }
+                }
+            }
+            let mut y = if m_idx.is_empty() {
+                self.alloc(&[g * cap, d.hidden])?
+            } else {
+                let mut rx = disp.recv_x;
+                rx.reshape(&[g * cap, d.hidden])?;
+                let xc = self.gather(&rx, &gather_ids)?;
+                let m_indices = self.ids(&m_idx)?;
+                let yc = self.experts(ex, &xc, None, Some((&m_idx, &m_indices)), None)?;
+                self.gather(&yc, &back_ids)?
+            };
+            y.reshape(&[g, cap, d.hidden])?;
+            y
+        };
         // With shared experts the combine stays f32 so that routed + shared
         // is rounded once (SPEC.md §8: the MoE combine rounds once).
         let combined_dtype = if m.shared.is_some() {
@@ -722,39 +1138,120 @@ impl Ctx<'_> {
         } else {
             self.act
         };
-        let mut out = self.b.alloc(combined_dtype, &[t, d.hidden])?;
+        let mut out = self.b.alloc(combined_dtype, &[rows, d.hidden])?;
         ops::low_latency_combine(
             self.b,
             comm,
             LowLatencyCombine {
                 x: &y,
-                topk_idx: &idx,
-                topk_weights: &w,
+                topk_idx: idx_s,
+                topk_weights: w_s,
                 handle: &disp.handle,
                 out: &mut out,
             },
         )?;
+        if world == 1 && self.taps.is_some() {
+            self.tap_expert_out(&y, &idx, &disp.handle)?;
+        }
         let out = match &m.shared {
             Some(s) => {
-                let z = self.mlp(x, s)?;
+                let z = self.mlp(xs, s)?;
+                if world == 1 {
+                    self.tap("shared_out", &z)?;
+                }
                 self.add(&out, &z)?
             }
             None => out,
         };
-        Ok((out, idx, w))
+        if world == 1 {
+            return Ok((out, idx, w));
+        }
+        // Every rank gets every share back: a dispatch that sends each row
+        // to one expert of every rank arrives grouped by source rank
+        // ascending, in token order (bit-exact payload).
+        let e_per = d.experts / world;
+        let mut to_all = Vec::with_capacity(rows * world);
+        for _ in 0..rows {
+            for r in 0..world {
+                to_all.push(if n_own == 0 { -1 } else { (r * e_per) as i64 });
+            }
+        }
+        let to_all = self
+            .b
+            .upload(&HostTensor::from_i64(&[rows, world], &to_all))?;
+        let zeros = self
+            .b
+            .upload(&HostTensor::zeros(DType::F32, &[rows, world]))?;
+        let gathered = ops::dispatch(
+            self.b,
+            comm,
+            Dispatch {
+                x: &out,
+                x_scales: None,
+                topk_idx: &to_all,
+                topk_weights: &zeros,
+                num_experts: d.experts,
+                expert_alignment: 1,
+            },
+        )?;
+        if rows_of(&gathered.recv_x) != t {
+            return Err(Error::Other(format!(
+                "model: gathering the MoE shares returned {} rows for {t} tokens",
+                rows_of(&gathered.recv_x)
+            )));
+        }
+        Ok((gathered.recv_x, idx, w))
+    }
+
+    /// `layers.{li}.expert_out [T, k, hidden]`: each token's chosen
+    /// experts' outputs before the combine, in ascending expert order (the
+    /// order of the `topk_idx` tap). One rank only (all experts local).
+    fn tap_expert_out(&self, y: &Tensor, idx: &Tensor, h: &LowLatencyHandle) -> Result<()> {
+        let hidden = self.d.hidden;
+        let yv = self.b.download(y)?.to_dtype(DType::F32).to_f32_vec();
+        let iv = self.b.download(idx)?.to_i64_vec();
+        let k = self.d.topk;
+        let t = iv.len() / k.max(1);
+        let cap = h.max_tokens_per_rank * h.world_size;
+        let mut slot = BTreeMap::new();
+        for (e, srcs) in h.recv_src.iter().enumerate() {
+            for (s, &(_, tok)) in srcs.iter().enumerate() {
+                slot.insert((tok, e as i64), e * cap + s);
+            }
+        }
+        let mut out = Vec::with_capacity(t * k * hidden);
+        for tok in 0..t {
+            let mut es: Vec<i64> = iv[tok * k..(tok + 1) * k].to_vec();
+            es.sort_unstable();
+            for e in es {
+                match slot.get(&(tok, e)) {
+                    Some(&row) => out.extend_from_slice(&yv[row * hidden..(row + 1) * hidden]),
+                    None => out.extend(std::iter::repeat_n(f32::NAN, hidden)),
+                }
+            }
+        }
+        let name = format!("layers.{}.expert_out", self.li);
+        if let Some(c) = self.taps {
+            c.borrow_mut().tensors.insert(
+                name,
+                HostTensor::from_f32(DType::F32, &[t, k, hidden], &out),
+            );
+        }
+        Ok(())
     }
 
     /// The FFN of a layer; routing tensors for MoE layers.
     fn ffn(
         &self,
-        comm: &ThreadComm,
+        comm: &dyn Communicator,
         f: &Ffn,
         x: &Tensor,
+        masked: bool,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         match f {
             Ffn::Dense(m) => Ok((self.mlp(x, m)?, None)),
             Ffn::Moe(m) => {
-                let (out, idx, w) = self.moe(comm, m, x)?;
+                let (out, idx, w) = self.moe(comm, m, x, masked)?;
                 Ok((out, Some((idx, w))))
             }
         }
@@ -768,6 +1265,10 @@ struct Loader<'a> {
     ckpt: &'a Checkpoint,
     act: DType,
     numerics: Numerics,
+    /// This rank and the number of ranks the routed experts are split over.
+    rank: usize,
+    world: usize,
+    d: Dims,
 }
 
 impl Loader<'_> {
@@ -814,6 +1315,84 @@ impl Loader<'_> {
         Ok(Linear::Dense(self.dequantized(prefix, out, inp)?))
     }
 
+    /// This rank's routed experts of MoE layer `p`, stacked per projection.
+    fn experts(&self, p: &str, cfg: &ModelConfig) -> Result<Experts> {
+        let (e, hidden, inter) = (
+            cfg.n_routed_experts,
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+        );
+        if self.world == 0 || !e.is_multiple_of(self.world) {
+            return Err(Error::invalid(
+                OP,
+                "world_size",
+                format!(
+                    "{} ranks cannot split {e} routed experts evenly",
+                    self.world
+                ),
+            ));
+        }
+        let local = e / self.world;
+        let first = self.rank * local;
+        let ids: Vec<usize> = (first..first + local).collect();
+        Ok(Experts {
+            local,
+            gate: self.grouped(p, &ids, "gate_proj", inter, hidden)?,
+            up: self.grouped(p, &ids, "up_proj", inter, hidden)?,
+            down: self.grouped(p, &ids, "down_proj", hidden, inter)?,
+        })
+    }
+
+    /// One projection of experts `ids`, stacked: FP8 `[G, n, k]` + scales
+    /// in FP8 mode (when every expert has an FP8 weight and `k` is a
+    /// multiple of 128), else dequantized `[G·n, k]`.
+    fn grouped(&self, p: &str, ids: &[usize], proj: &str, n: usize, k: usize) -> Result<Grouped> {
+        let g = ids.len();
+        if self.numerics == Numerics::Fp8 && k.is_multiple_of(QBLOCK) {
+            let mut ws = Vec::new();
+            let mut ss = Vec::new();
+            let mut fp8 = true;
+            let mut wdt = DType::F8E4M3;
+            for &x in ids {
+                let lw = self.ckpt.linear(&format!("{p}.experts.{x}.{proj}"), n, k)?;
+                match lw.scale {
+                    Some(s) if fp8 && (ws.is_empty() || lw.weight.dtype() == wdt) => {
+                        wdt = lw.weight.dtype();
+                        ws.extend_from_slice(lw.weight.bytes());
+                        ss.extend_from_slice(s.to_dtype(DType::F32).bytes());
+                    }
+                    _ => fp8 = false,
+                }
+            }
+            if fp8 {
+                let w = HostTensor::from_bytes(wdt, &[g, n, k], ws)?;
+                let s = HostTensor::from_bytes(DType::F32, &[g, blocks128(n), k / QBLOCK], ss)?;
+                return Ok(Grouped::Fp8 {
+                    w: self.b.upload(&w)?,
+                    s: self.b.upload(&s)?,
+                });
+            }
+        }
+        let ctx = self.ctx();
+        let mut w = ctx.alloc(&[g * n, k])?;
+        for (i, &x) in ids.iter().enumerate() {
+            let we = self.dequantized(&format!("{p}.experts.{x}.{proj}"), n, k)?;
+            ctx.copy(&we, &mut w, (0, 0), (i * n, 0), (n, k))?;
+        }
+        Ok(Grouped::Dense { w })
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            b: self.b,
+            act: self.act,
+            scale_fmt: ScaleFmt::Float,
+            d: self.d,
+            taps: None,
+            li: 0,
+        }
+    }
+
     fn mlp(&self, prefix: &str, hidden: usize, inter: usize) -> Result<Mlp> {
         Ok(Mlp {
             gate: self.linear(&format!("{prefix}.gate_proj"), inter, hidden)?,
@@ -846,6 +1425,8 @@ impl Loader<'_> {
             act: self.act,
             scale_fmt: ScaleFmt::Float,
             d,
+            taps: None,
+            li: 0,
         };
         let mut w_uk_t = Vec::with_capacity(h);
         let mut w_uv = Vec::with_capacity(h);
@@ -887,15 +1468,7 @@ impl Loader<'_> {
             self.ckpt
                 .get_checked(&format!("{p}.gate.e_score_correction_bias"), FLOATS, &[e])?;
         let bias = self.b.upload(&bias_h.to_dtype(DType::F32))?;
-        let experts = (0..e)
-            .map(|x| {
-                self.mlp(
-                    &format!("{p}.experts.{x}"),
-                    hidden,
-                    cfg.moe_intermediate_size,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let experts = self.experts(&p, cfg)?;
         let shared = if cfg.n_shared_experts > 0 {
             Some(self.mlp(
                 &format!("{p}.shared_experts"),
@@ -916,6 +1489,23 @@ impl Loader<'_> {
 
 // ---- the model ----------------------------------------------------------------
 
+/// The ranks the routed experts are split over.
+enum Comm<'b> {
+    /// A world of one (every expert here).
+    Own(ThreadComm),
+    /// Any communicator: in-process threads, MPI, NCCL, …
+    Borrowed(&'b dyn Communicator),
+}
+
+impl Comm<'_> {
+    fn get(&self) -> &dyn Communicator {
+        match self {
+            Comm::Own(c) => c,
+            Comm::Borrowed(c) => *c,
+        }
+    }
+}
+
 /// A DeepSeek-V3 model on a backend, with its latent cache.
 pub struct Model<'b> {
     b: &'b dyn Backend,
@@ -926,7 +1516,7 @@ pub struct Model<'b> {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
-    comm: ThreadComm,
+    comm: Comm<'b>,
     /// One `[blocks, 64, 1, dc + dr]` cache per layer (empty before the
     /// first step).
     caches: Vec<Tensor>,
@@ -968,9 +1558,39 @@ impl<'b> Model<'b> {
         Self::load_with(backend, ckpt, cfg, opts)
     }
 
-    /// Loads a model with explicit options.
+    /// Loads a model with explicit options, all experts on this one rank.
     pub fn load_with(
         backend: &'b dyn Backend,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let comm = ThreadComm::group(1)
+            .pop()
+            .ok_or_else(|| Error::Other("model: ThreadComm::group(1) returned no rank".into()))?;
+        Self::load_inner(backend, Comm::Own(comm), ckpt, cfg, opts)
+    }
+
+    /// Loads this rank's part of an expert-parallel model: the routed
+    /// experts are split evenly over `comm`'s ranks (rank `r` holds
+    /// experts `[r·E/R, (r+1)·E/R)`); everything else (embedding,
+    /// attention, router, shared experts, lm_head) is replicated. Every
+    /// rank must then make the same calls (prefill, decode,
+    /// `layer_forward`) with the same tokens, as the MoE layers run
+    /// collectives; each rank gets the whole result.
+    pub fn load_ep(
+        backend: &'b dyn Backend,
+        comm: &'b dyn Communicator,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        Self::load_inner(backend, Comm::Borrowed(comm), ckpt, cfg, opts)
+    }
+
+    fn load_inner(
+        backend: &'b dyn Backend,
+        comm: Comm<'b>,
         ckpt: &Checkpoint,
         cfg: &ModelConfig,
         opts: LoadOptions,
@@ -982,6 +1602,9 @@ impl<'b> Model<'b> {
             ckpt,
             act,
             numerics: opts.numerics,
+            rank: comm.get().rank(),
+            world: comm.get().world_size(),
+            d: Dims::of(cfg),
         };
         let (v, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed = ld.float("model.embed_tokens.weight", &[v, hidden])?;
@@ -1001,9 +1624,6 @@ impl<'b> Model<'b> {
         } else {
             ld.float("lm_head.weight", &[v, hidden])?
         };
-        let comm = ThreadComm::group(1)
-            .pop()
-            .ok_or_else(|| Error::Other("model: ThreadComm::group(1) returned no rank".into()))?;
         Ok(Model {
             b: backend,
             cfg: cfg.clone(),
@@ -1044,6 +1664,8 @@ impl<'b> Model<'b> {
             act: self.opts.numerics.act_dtype(),
             scale_fmt: self.opts.scale_fmt,
             d: self.dims,
+            taps: None,
+            li: 0,
         }
     }
 
@@ -1092,29 +1714,78 @@ impl<'b> Model<'b> {
     /// Runs the prompt from position 0 (replacing any cached sequence) and
     /// returns the logits `[T, vocab]` as f32.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<HostTensor> {
-        self.run_step(tokens, false, None)
+        self.run_step(tokens, false, false, None)
     }
 
     /// [`Model::prefill`], filling `taps`.
     pub fn prefill_with_taps(&mut self, tokens: &[u32], taps: &mut Taps) -> Result<HostTensor> {
-        self.run_step(tokens, false, Some(taps))
+        self.run_step(tokens, false, false, Some(taps))
     }
 
     /// Appends one token to the cached sequence and returns its logits
     /// `[1, vocab]` as f32.
     pub fn decode(&mut self, token: u32) -> Result<HostTensor> {
-        self.run_step(&[token], true, None)
+        self.run_step(&[token], true, true, None)
     }
 
     /// [`Model::decode`], filling `taps`.
     pub fn decode_with_taps(&mut self, token: u32, taps: &mut Taps) -> Result<HostTensor> {
-        self.run_step(&[token], true, Some(taps))
+        self.run_step(&[token], true, true, Some(taps))
     }
 
     /// Appends several tokens at once through the paged-cache (decode)
     /// path, causal among themselves; returns their logits `[T, vocab]`.
     pub fn extend(&mut self, tokens: &[u32]) -> Result<HostTensor> {
-        self.run_step(tokens, true, None)
+        self.run_step(tokens, true, false, None)
+    }
+
+    /// Runs a prompt from position 0 in chunks of at most `chunk` tokens
+    /// (chunked prefill): the first chunk as [`Model::prefill`] (the
+    /// prefill path of the load options), every later one appended
+    /// through the paged latent cache (causal `mla_decode` over everything
+    /// cached so far). The cache is reserved for the whole prompt first, so
+    /// memory grows with the cache, linearly in the prompt; attention
+    /// scores are never `T × T`. With `all_logits` the logits of every
+    /// position come back (`[T, vocab]`), else only the last (`[1, vocab]`).
+    /// With `taps`, the taps of the chunks are concatenated along tokens.
+    ///
+    /// In f32 with [`PrefillPath::Paged`] the result equals a one-shot
+    /// paged prefill bit for bit (every token's arithmetic is the same).
+    pub fn prefill_chunked(
+        &mut self,
+        tokens: &[u32],
+        chunk: usize,
+        all_logits: bool,
+        mut taps: Option<&mut Taps>,
+    ) -> Result<HostTensor> {
+        if chunk == 0 {
+            return Err(Error::invalid(OP, "chunk", "must be ≥ 1"));
+        }
+        self.check_tokens(tokens)?;
+        self.check_positions(0, tokens.len())?;
+        self.seq_len = 0;
+        self.ensure_capacity(tokens.len())?;
+        let vocab = self.cfg.vocab_size;
+        let mut logits: Vec<u8> = Vec::new();
+        let mut last = None;
+        for (i, part) in tokens.chunks(chunk).enumerate() {
+            let mut ct = taps.as_ref().map(|_| Taps::new());
+            let l = self.run_step(part, i > 0, false, ct.as_mut())?;
+            if let (Some(tp), Some(ct)) = (taps.as_deref_mut(), ct) {
+                tp.append(ct)?;
+            }
+            if all_logits {
+                logits.extend_from_slice(l.bytes());
+            }
+            last = Some(l);
+        }
+        let last = last.ok_or_else(|| Error::invalid(OP, "tokens", "must not be empty"))?;
+        if all_logits {
+            return HostTensor::from_bytes(DType::F32, &[tokens.len(), vocab], logits);
+        }
+        let n = last.shape()[0];
+        let bytes = last.bytes()[(n - 1) * vocab * 4..].to_vec();
+        HostTensor::from_bytes(DType::F32, &[1, vocab], bytes)
     }
 
     /// The index tensors of a step of `t` tokens from `start`; with
@@ -1144,19 +1815,41 @@ impl<'b> Model<'b> {
         })
     }
 
-    fn run_step(
-        &mut self,
-        tokens: &[u32],
-        decode: bool,
-        mut taps: Option<&mut Taps>,
-    ) -> Result<HostTensor> {
-        self.check_tokens(tokens)?;
-        let t = tokens.len();
-        let start = if decode { self.seq_len } else { 0 };
+    /// Checks that positions `[start, start + t)` exist in the model.
+    fn check_positions(&self, start: usize, t: usize) -> Result<usize> {
+        let max = self.cfg.max_position_embeddings;
         let total = start
             .checked_add(t)
             .filter(|&n| n <= i32::MAX as usize)
             .ok_or_else(|| Error::invalid(OP, "tokens", "sequence too long"))?;
+        if total > max {
+            return Err(Error::invalid(
+                OP,
+                "tokens",
+                format!(
+                    "the sequence would reach {total} tokens ({start} cached + {t} new), beyond \
+                     the checkpoint's max_position_embeddings = {max}"
+                ),
+            ));
+        }
+        Ok(total)
+    }
+
+    /// Runs `tokens`: from position 0 (`append` false, replacing the cached
+    /// sequence) or after the cached sequence (`append`, through the paged
+    /// cache). `masked`: the MoE runs in the decode (masked) layout.
+    fn run_step(
+        &mut self,
+        tokens: &[u32],
+        append: bool,
+        masked: bool,
+        mut taps: Option<&mut Taps>,
+    ) -> Result<HostTensor> {
+        self.check_tokens(tokens)?;
+        let t = tokens.len();
+        let decode = append;
+        let start = if decode { self.seq_len } else { 0 };
+        let total = self.check_positions(start, t)?;
         if !decode {
             self.seq_len = 0;
         }
@@ -1177,9 +1870,16 @@ impl<'b> Model<'b> {
             },
         )?;
         let form = self.opts.form;
+        let want = taps.is_some();
+        let cell = RefCell::new(taps.as_deref_mut().map(std::mem::take).unwrap_or_default());
         for (li, (layer, cache)) in self.layers.iter().zip(self.caches.iter_mut()).enumerate() {
-            if let Some(tp) = taps.as_deref_mut() {
-                tp.put(b, format!("layers.{li}.input"), &h)?;
+            let lctx = Ctx {
+                taps: want.then_some(&cell),
+                li,
+                ..ctx
+            };
+            if want {
+                cell.borrow_mut().put(b, format!("layers.{li}.input"), &h)?;
             }
             let xn = ctx.norm(&h, &layer.input_norm)?;
             let path = if paged {
@@ -1190,12 +1890,13 @@ impl<'b> Model<'b> {
                     cache: Some(cache),
                 }
             };
-            let a = ctx.attention(&layer.attn, &xn, &step, path)?;
+            let a = lctx.attention(&layer.attn, &xn, &step, path)?;
             let hm = ctx.add(&h, &a)?;
             let xn2 = ctx.norm(&hm, &layer.post_norm)?;
-            let (f, routing) = ctx.ffn(&self.comm, &layer.ffn, &xn2)?;
+            let (f, routing) = lctx.ffn(self.comm.get(), &layer.ffn, &xn2, masked)?;
             h = ctx.add(&hm, &f)?;
-            if let Some(tp) = taps.as_deref_mut() {
+            if want {
+                let mut tp = cell.borrow_mut();
                 tp.put(b, format!("layers.{li}.attn_out"), &a)?;
                 tp.put(b, format!("layers.{li}.ffn_out"), &f)?;
                 if let Some((idx, w)) = routing {
@@ -1212,6 +1913,7 @@ impl<'b> Model<'b> {
         let logits = ctx.gemm(&fnorm, &self.lm_head)?;
         let out = b.download(&logits)?.to_dtype(DType::F32);
         if let Some(tp) = taps {
+            *tp = cell.into_inner();
             tp.put(b, "final_norm_out".into(), &fnorm)?;
             tp.tensors.insert("logits".into(), out.clone());
         }
@@ -1266,7 +1968,12 @@ impl<'b> Model<'b> {
                 ));
             }
         }
-        let ctx = self.ctx();
+        let cell = RefCell::new(Taps::new());
+        let ctx = Ctx {
+            taps: Some(&cell),
+            li: i,
+            ..self.ctx()
+        };
         let b = self.b;
         let act = ctx.act;
         let h = b.upload(&input.to_dtype(act))?;
@@ -1301,7 +2008,7 @@ impl<'b> Model<'b> {
             None => ctx.add(&h, &a)?,
         };
         let xn2 = ctx.norm(&hm, &layer.post_norm)?;
-        let (f, routing) = ctx.ffn(&self.comm, &layer.ffn, &xn2)?;
+        let (f, routing) = ctx.ffn(self.comm.get(), &layer.ffn, &xn2, false)?;
         let routing = match routing {
             Some((idx, w)) => Some(Routing::sorted(&b.download(&idx)?, &b.download(&w)?)?),
             None => None,
@@ -1310,6 +2017,7 @@ impl<'b> Model<'b> {
             attn_out: b.download(&a)?.to_dtype(DType::F32),
             ffn_out: b.download(&f)?.to_dtype(DType::F32),
             routing,
+            taps: cell.into_inner(),
         })
     }
 }

@@ -14,10 +14,10 @@
 //! matters, "touch only what you load": opening a 700 GB checkpoint reads
 //! only the headers, and each tensor costs one read of its own bytes.
 
-use crate::dtype::DType;
-use crate::error::{Error, Result};
-use crate::ops::blocks128;
-use crate::tensor::HostTensor;
+use deepport_core::dtype::DType;
+use deepport_core::error::{Error, Result};
+use deepport_core::ops::blocks128;
+use deepport_core::tensor::HostTensor;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fs::File;

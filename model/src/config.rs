@@ -13,8 +13,8 @@
 //! Anything else is an error naming the field, never a silent
 //! approximation.
 
-use crate::error::{Error, Result};
-use crate::ops::{yarn_mscale, RopeConfig, ScaleFmt, Yarn};
+use deepport_core::error::{Error, Result};
+use deepport_core::ops::{yarn_mscale, RopeConfig, ScaleFmt, Yarn};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
