@@ -56,43 +56,6 @@ pub struct ForwardArgs {
     /// cache, not with the square of the prompt.
     #[arg(long, default_value_t = DEFAULT_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub chunk: u64,
-    /// Memory budget in bytes (suffixes K, M, G, T: powers of 1024); the run
-    /// is refused before loading when the estimate exceeds it. Default: the
-    /// memory this machine has available.
-    #[arg(long)]
-    pub max_memory: Option<String>,
-}
-
-/// Parses `123`, `64K`, `1.5G`, `2T` (powers of 1024).
-fn parse_bytes(s: &str) -> Result<u64, CliError> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => {
-                    return Err(CliError::usage(format!(
-                        "--max-memory {s}: unknown suffix {c}"
-                    )))
-                }
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| CliError::usage(format!("--max-memory {s}: expected bytes like 64G")))?;
-    if !v.is_finite() || v <= 0.0 {
-        return Err(CliError::usage(format!(
-            "--max-memory {s}: must be positive"
-        )));
-    }
-    Ok((v * mult as f64).min(u64::MAX as f64) as u64)
 }
 
 /// What one rank's run produced.
@@ -176,11 +139,11 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
     // Every in-process rank holds its own replicated weights and cache.
     let est = memory::estimate(&cfg, numerics, ep, tokens.len(), chunk, all_logits);
     let need = est.total().saturating_mul(ep as u64);
-    let budget = match &args.max_memory {
-        Some(m) => Some((parse_bytes(m)?, "--max-memory")),
-        None => memory::available().map(|b| (b, "available on this machine")),
-    };
-    if let Some((budget, what)) = budget {
+    // The global `--max-memory` (deepport's one memory budget), else what
+    // the machine has available.
+    let budget = deepport_core::budget::MemoryBudget::global().bytes();
+    let what = "--max-memory, default: available on this machine";
+    {
         if need > budget {
             return Err(CliError::usage(format!(
                 "forward: {} tokens in chunks of {chunk} on {ep} rank(s) need {est} per rank, \
@@ -338,15 +301,5 @@ mod tests {
         assert!(parse_tokens("1,x").is_err());
         assert!(parse_tokens("-1").is_err());
         assert!(parse_tokens("@/nonexistent/file.json").is_err());
-    }
-
-    #[test]
-    fn bytes_parse() {
-        assert_eq!(parse_bytes("123").unwrap(), 123);
-        assert_eq!(parse_bytes("64K").unwrap(), 64 << 10);
-        assert_eq!(parse_bytes("1.5g").unwrap(), 3 << 29);
-        assert!(parse_bytes("0").is_err());
-        assert!(parse_bytes("12Q").is_err());
-        assert!(parse_bytes("x").is_err());
     }
 }
