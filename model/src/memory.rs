@@ -130,12 +130,3 @@ pub fn estimate(
         logits,
     }
 }
-
-/// Memory this machine can still give (`MemAvailable` of
-/// `/proc/meminfo`), when known.
-pub fn available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
-}

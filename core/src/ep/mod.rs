@@ -291,6 +291,16 @@ fn exchange(
     Ok(inc)
 }
 
+/// A step's payloads: the rows, and the FP8 scales when they were sent.
+/// Every step sends its rows, so an empty list is a protocol bug.
+fn rows_and_scales(op: &'static str, payloads: Vec<Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    let mut it = payloads.into_iter();
+    let rows = it
+        .next()
+        .ok_or_else(|| Error::Other(format!("{op}: internal: no payload received")))?;
+    Ok((rows, it.next()))
+}
+
 /// Bytes of one row (everything after the first dimension).
 fn row_bytes(t: &Tensor) -> usize {
     t.shape().iter().skip(1).product::<usize>() * t.dtype().size()
@@ -456,11 +466,7 @@ pub fn dispatch(
     }
     let m = recv_src.len();
     let align = a.expert_alignment.max(1);
-    let mut payloads = inc.payloads.into_iter();
-    let recv_x = payloads
-        .next()
-        .ok_or_else(|| Error::Other(format!("{OP}: internal: no payload received")))?;
-    let recv_scales = payloads.next();
+    let (recv_x, recv_scales) = rows_and_scales(OP, inc.payloads)?;
     Ok(DispatchOutput {
         recv_x,
         recv_scales,
@@ -577,15 +583,12 @@ pub fn combine(
         }
         rd.finish()?;
     }
-    let recv = inc
-        .payloads
-        .first()
-        .ok_or_else(|| Error::Other(format!("{OP}: internal: no payload received")))?;
+    let (recv, _) = rows_and_scales(OP, inc.payloads)?;
     let index = backend.upload(&HostTensor::from_i64(&[n, world], &index))?;
     run(
         backend,
         ReduceRows {
-            src: recv,
+            src: &recv,
             index: &index,
             weights: None,
             out: a.out,
@@ -709,11 +712,7 @@ pub fn low_latency_dispatch(
         t.reshape(&[epr, cap, last])?;
         placed.push(t);
     }
-    let mut placed = placed.into_iter();
-    let recv_x = placed
-        .next()
-        .ok_or_else(|| Error::Other(format!("{OP}: internal: no payload received")))?;
-    let recv_scales = placed.next();
+    let (recv_x, recv_scales) = rows_and_scales(OP, placed)?;
     let counts: Vec<i32> = recv_src.iter().map(|v| v.len() as i32).collect();
     Ok(LowLatencyDispatchOutput {
         recv_x,
@@ -844,15 +843,12 @@ pub fn low_latency_combine(
             ),
         ));
     }
-    let recv = inc
-        .payloads
-        .first()
-        .ok_or_else(|| Error::Other(format!("{OP}: internal: no payload received")))?;
+    let (recv, _) = rows_and_scales(OP, inc.payloads)?;
     let index = backend.upload(&HostTensor::from_i64(&[n, k], &index))?;
     run(
         backend,
         ReduceRows {
-            src: recv,
+            src: &recv,
             index: &index,
             weights: Some(a.topk_weights),
             out: a.out,
