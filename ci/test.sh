@@ -3,7 +3,8 @@
 #
 #   ci/test.sh            install missing system packages (when root), then
 #                         cargo fmt --check, clippy -D warnings, actionlint on
-#                         .github/workflows, cargo test
+#                         .github/workflows, cargo test, v3-mustpass on the
+#                         device backends, every fuzz target briefly
 #
 # Environment:
 #   DEEPPORT_REQUIRE  comma-separated backends that must be available; the
@@ -11,6 +12,7 @@
 #                     Defaults to the backends whose drivers this script
 #                     installs (today: the CPU backends).
 #   DEEPPORT_SKIP_APT=1  never call apt-get.
+#   DEEPPORT_FUZZ_SECS  seconds per fuzz target (default 10; 0 skips).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,7 +21,7 @@ log() { printf '\n== %s ==\n' "$*"; }
 # System packages the tests need. Each later backend adds its driver here
 # (e.g. mesa-vulkan-drivers for wgpu/vulkan on lavapipe) and its name to
 # DEEPPORT_REQUIRE below.
-APT_PACKAGES=(ca-certificates mesa-vulkan-drivers)
+APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -85,5 +87,15 @@ for b in ${DEEPPORT_CONFORMANCE:-wgpu}; do
     exit 1
   fi
 done
+
+# Every fuzz target of fuzz/ (its own workspace) for a bounded time on a
+# seed corpus of real files: stable Rust with libFuzzer's coverage
+# instrumentation (fuzz/run.sh says how). A finding fails CI and leaves the
+# input in fuzz/artifacts/. DEEPPORT_FUZZ_SECS=0 skips it.
+fuzz_secs="${DEEPPORT_FUZZ_SECS:-10}"
+if [ "$fuzz_secs" != 0 ]; then
+  log "fuzz: every target for ${fuzz_secs}s"
+  fuzz/run.sh "$fuzz_secs"
+fi
 
 log "done"

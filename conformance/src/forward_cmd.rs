@@ -66,12 +66,24 @@ struct RankResult {
 }
 
 fn parse_tokens(spec: &str) -> Result<Vec<u32>, CliError> {
-    let text = if let Some(path) = spec.strip_prefix('@') {
-        std::fs::read_to_string(path)
-            .map_err(|e| CliError::usage(format!("--tokens {path}: {e}")))?
+    if let Some(path) = spec.strip_prefix('@') {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError::usage(format!("--tokens {path}: {e}")))?;
+        parse_token_json(&text)
     } else {
-        format!("[{spec}]")
-    };
+        parse_token_list(spec)
+    }
+}
+
+/// Parses `--tokens` given inline: comma-separated token ids (`1,2,3`).
+pub fn parse_token_list(spec: &str) -> Result<Vec<u32>, CliError> {
+    parse_token_json(&format!("[{spec}]"))
+}
+
+/// Parses a token file (`--tokens @file.json`): a JSON list of token ids.
+/// Ids must fit in `u32`; whether they are below the vocabulary size is
+/// checked by the forward pass against the checkpoint.
+pub fn parse_token_json(text: &str) -> Result<Vec<u32>, CliError> {
     let v: Vec<i64> = serde_json::from_str(text.trim()).map_err(|e| {
         CliError::usage(format!(
             "--tokens: expected comma-separated ids or @file.json with a JSON list: {e}"

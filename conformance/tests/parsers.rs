@@ -347,3 +347,61 @@ fn op_parameters_never_panic() {
         }
     }
 }
+
+#[test]
+fn token_lists_never_panic() {
+    use deepport_conformance::forward_cmd::{parse_token_json, parse_token_list};
+    small_budget();
+    let json = std::fs::read(repo().join("golden/model/tokens.json")).expect("golden tokens");
+    let golden =
+        parse_token_json(std::str::from_utf8(&json).unwrap()).expect("golden tokens parse");
+    assert!(!golden.is_empty());
+    assert_eq!(
+        parse_token_list("0, 1,4294967295").unwrap(),
+        vec![0, 1, u32::MAX]
+    );
+    for bad in ["-1", "4294967296", "1,,2", "1.5", "x", "[1]"] {
+        assert!(parse_token_list(bad).is_err(), "{bad:?} was accepted");
+    }
+    property(
+        "token lists",
+        &[json, b"0,1,2,3,127".to_vec()],
+        400,
+        |data| {
+            let text = String::from_utf8_lossy(data);
+            let _ = parse_token_list(&text);
+            let _ = parse_token_json(&text);
+        },
+    );
+}
+
+#[test]
+fn shard_index_never_panics_nor_escapes_the_directory() {
+    use deepport_model::checkpoint::ShardIndex;
+    small_budget();
+    let at = Path::new("model.safetensors.index.json");
+    let seed = br#"{"metadata": {"total_size": 10},
+        "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                       "b.weight": "model-00002-of-00002.safetensors",
+                       "c.weight": "model-00001-of-00002.safetensors"}}"#;
+    let ix = ShardIndex::parse(std::str::from_utf8(seed).unwrap(), at).unwrap();
+    assert_eq!(ix.shard_names.len(), 2);
+    assert_eq!(ix.wanted.len(), 3);
+    assert_eq!(ix.metadata["total_size"], "10");
+    for escape in ["../x.safetensors", "/etc/passwd", "a/b.safetensors", ".."] {
+        let text = format!(r#"{{"weight_map": {{"w": "{escape}"}}}}"#);
+        let e = ShardIndex::parse(&text, at).expect_err(escape);
+        assert!(e.to_string().contains("not a plain file name"), "{e}");
+    }
+    property("shard index", &[seed.to_vec()], 400, |data| {
+        if let Ok(ix) = ShardIndex::parse(&String::from_utf8_lossy(data), at) {
+            for n in &ix.shard_names {
+                assert_eq!(
+                    Path::new(n).file_name().and_then(|f| f.to_str()),
+                    Some(n.as_str())
+                );
+            }
+            assert!(ix.wanted.iter().all(|(_, i)| *i < ix.shard_names.len()));
+        }
+    });
+}

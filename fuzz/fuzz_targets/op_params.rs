@@ -7,7 +7,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else {
         return;
     };
-    let ops = deepport_conformance::opspec::OPS;
+    let ops: &[_] = &deepport_conformance::opspec::OPS;
     let spec = &ops[pick as usize % ops.len()];
     if let Ok(text) = std::str::from_utf8(rest) {
         let args: Vec<String> = text.lines().map(str::to_string).collect();

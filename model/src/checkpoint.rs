@@ -257,6 +257,74 @@ fn open_file(path: &Path, index: usize) -> Result<(ShardFile, Header)> {
     ))
 }
 
+/// A parsed `model.safetensors.index.json`: which shard file holds each
+/// tensor. Parsing touches no file; [`Checkpoint::open`] opens the shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardIndex {
+    /// Shard file names (plain names inside the checkpoint directory), in
+    /// order of first mention.
+    pub shard_names: Vec<String>,
+    /// Every tensor of `weight_map` with the index of its shard in
+    /// `shard_names`.
+    pub wanted: Vec<(String, usize)>,
+    /// The index's `metadata` object, values as text.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Parses the text of an index file; `index` names it in errors. A
+    /// shard name that is not a plain file name (`../x`, `/etc/x`, `a/b`)
+    /// is an error, so an index cannot reach outside its directory.
+    pub fn parse(text: &str, index: &Path) -> Result<Self> {
+        let root: Value = serde_json::from_str(text)
+            .map_err(|e| format_err(index, format!("not valid JSON: {e}")))?;
+        let map = root
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| format_err(index, "has no `weight_map` object"))?;
+        let mut shard_names: Vec<String> = Vec::new();
+        let mut wanted: Vec<(String, usize)> = Vec::with_capacity(map.len());
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                tensor_err(index, name, "weight_map entry is not a file name string")
+            })?;
+            let plain = Path::new(f)
+                .file_name()
+                .is_some_and(|b| b == std::ffi::OsStr::new(f));
+            if !plain {
+                return Err(tensor_err(
+                    index,
+                    name,
+                    format!("weight_map names `{f}`, which is not a plain file name in the checkpoint directory"),
+                ));
+            }
+            let i = match shard_names.iter().position(|s| s == f) {
+                Some(i) => i,
+                None => {
+                    shard_names.push(f.to_string());
+                    shard_names.len() - 1
+                }
+            };
+            wanted.push((name.clone(), i));
+        }
+        let mut metadata = BTreeMap::new();
+        if let Some(m) = root.get("metadata").and_then(Value::as_object) {
+            for (k, v) in m {
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                metadata.insert(k.clone(), s);
+            }
+        }
+        Ok(ShardIndex {
+            shard_names,
+            wanted,
+            metadata,
+        })
+    }
+}
+
 impl Checkpoint {
     /// Opens a checkpoint directory: sharded when
     /// `model.safetensors.index.json` exists, else `model.safetensors`.
@@ -291,37 +359,11 @@ impl Checkpoint {
 
     fn open_sharded(dir: &Path, index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|e| io_err(index, e))?;
-        let root: Value = serde_json::from_str(&text)
-            .map_err(|e| format_err(index, format!("not valid JSON: {e}")))?;
-        let map = root
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| format_err(index, "has no `weight_map` object"))?;
-        let mut shard_names: Vec<String> = Vec::new();
-        let mut wanted: Vec<(String, usize)> = Vec::with_capacity(map.len());
-        for (name, f) in map {
-            let f = f.as_str().ok_or_else(|| {
-                tensor_err(index, name, "weight_map entry is not a file name string")
-            })?;
-            let plain = Path::new(f)
-                .file_name()
-                .is_some_and(|b| b == std::ffi::OsStr::new(f));
-            if !plain {
-                return Err(tensor_err(
-                    index,
-                    name,
-                    format!("weight_map names `{f}`, which is not a plain file name in the checkpoint directory"),
-                ));
-            }
-            let i = match shard_names.iter().position(|s| s == f) {
-                Some(i) => i,
-                None => {
-                    shard_names.push(f.to_string());
-                    shard_names.len() - 1
-                }
-            };
-            wanted.push((name.clone(), i));
-        }
+        let ShardIndex {
+            shard_names,
+            wanted,
+            metadata,
+        } = ShardIndex::parse(&text, index)?;
         let mut files = Vec::with_capacity(shard_names.len());
         let mut headers = Vec::with_capacity(shard_names.len());
         for (i, s) in shard_names.iter().enumerate() {
@@ -339,16 +381,6 @@ impl Checkpoint {
                 )
             })?;
             tensors.insert(name, e);
-        }
-        let mut metadata = BTreeMap::new();
-        if let Some(m) = root.get("metadata").and_then(Value::as_object) {
-            for (k, v) in m {
-                let s = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                metadata.insert(k.clone(), s);
-            }
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
