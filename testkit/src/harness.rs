@@ -1,0 +1,176 @@
+//! Making backends for the suite, moving tensors, running an op on the
+//! backend under test and on `cpu-ref`, and recording skipped cases.
+
+use deepport_core::backend::{alloc_poisoned, Backend, Tensor};
+use deepport_core::{DType, Error, HostTensor, Result};
+use deepport_cpu::CpuRef;
+use std::sync::{Arc, Mutex};
+
+/// Makes the backend of one rank (`0` for single-device checks). Each call
+/// returns a fresh instance, so an error one check leaves behind never
+/// reaches another.
+pub type Factory = Arc<dyn Fn(usize) -> Result<Box<dyn Backend>> + Send + Sync>;
+
+/// The backend under test: its registered name and a [`Factory`].
+#[derive(Clone)]
+pub struct Harness {
+    name: String,
+    factory: Factory,
+}
+
+impl Harness {
+    /// A harness for the backend `name` (the name `DEEPPORT_REQUIRE` lists)
+    /// made by `factory`.
+    pub fn new(
+        name: &str,
+        factory: impl Fn(usize) -> Result<Box<dyn Backend>> + Send + Sync + 'static,
+    ) -> Self {
+        Harness {
+            name: name.to_string(),
+            factory: Arc::new(factory),
+        }
+    }
+
+    /// The backend's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether `DEEPPORT_REQUIRE` (comma separated) names this backend:
+    /// then an unavailable backend fails the check instead of skipping it.
+    pub fn required(&self) -> bool {
+        std::env::var("DEEPPORT_REQUIRE")
+            .map(|v| v.split(',').any(|s| s.trim() == self.name))
+            .unwrap_or(false)
+    }
+
+    /// The backend of rank `rank`, or `None` (after printing why) when it is
+    /// unavailable on this machine and not required. Any other error fails.
+    pub fn rank(&self, rank: usize) -> Option<Box<dyn Backend>> {
+        match (self.factory)(rank) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                assert!(
+                    !self.required(),
+                    "DEEPPORT_REQUIRE names {}, but it is unavailable: {e}",
+                    self.name
+                );
+                assert!(
+                    matches!(e, Error::Unavailable { .. }),
+                    "making {} must succeed or fail with Unavailable, got {e:?}",
+                    self.name
+                );
+                eprintln!("skipping: {} unavailable: {e}", self.name);
+                None
+            }
+        }
+    }
+
+    /// A fresh backend for a single-device check ([`Harness::rank`] 0).
+    pub fn backend(&self) -> Option<Box<dyn Backend>> {
+        self.rank(0)
+    }
+
+    /// `world` fresh backends, one per rank.
+    pub fn ranks(&self, world: usize) -> Option<Vec<Box<dyn Backend>>> {
+        (0..world).map(|r| self.rank(r)).collect()
+    }
+}
+
+// ---- skips ----------------------------------------------------------------------
+
+static SKIPPED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records and prints a case the backend does not support. Never silent:
+/// every skip is printed (run with `--nocapture` to see them) and kept in
+/// [`skipped`].
+pub fn skip(backend: &str, what: &str, why: &dyn std::fmt::Display) {
+    let line = format!("SKIPPED {backend}: {what}: {why}");
+    eprintln!("testkit: {line}");
+    SKIPPED.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+}
+
+/// Every case skipped so far in this process.
+pub fn skipped() -> Vec<String> {
+    SKIPPED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+// ---- transfer -------------------------------------------------------------------
+
+/// A host tensor of `dtype` holding `v` (rounded to `dtype`).
+pub fn host(dtype: DType, shape: &[usize], v: &[f32]) -> HostTensor {
+    HostTensor::from_f32(dtype, shape, v)
+}
+
+/// Uploads `h` to `b`.
+pub fn up(b: &dyn Backend, h: &HostTensor) -> Tensor {
+    b.upload(h).expect("upload")
+}
+
+/// An output tensor filled with NaN (floats) or `0xff` bytes (integers), so
+/// that an element a kernel forgets to write is caught.
+pub fn poisoned(b: &dyn Backend, dtype: DType, shape: &[usize]) -> Tensor {
+    alloc_poisoned(b, dtype, shape).expect("alloc")
+}
+
+/// Downloads `t` from `b`.
+pub fn down(b: &dyn Backend, t: &Tensor) -> HostTensor {
+    b.download(t).expect("download")
+}
+
+/// Uploads `inputs` to `b`, runs `f` (which allocates poisoned outputs and
+/// runs the op) and downloads the outputs after a synchronize.
+pub fn on<F>(b: &dyn Backend, inputs: &[&HostTensor], f: &F) -> Result<Vec<HostTensor>>
+where
+    F: Fn(&dyn Backend, &[Tensor]) -> Result<Vec<Tensor>>,
+{
+    let ts: Vec<Tensor> = inputs.iter().map(|h| up(b, h)).collect();
+    let outs = f(b, &ts)?;
+    b.synchronize()?;
+    outs.iter().map(|t| b.download(t)).collect()
+}
+
+/// [`on`] the backend under test and on `cpu-ref`: `Some((got, want))`, or
+/// `None` (recorded with [`skip`]) when `b` answers `NotSupported`. Any other
+/// error fails.
+pub fn both<F>(
+    b: &dyn Backend,
+    inputs: &[&HostTensor],
+    f: F,
+) -> Option<(Vec<HostTensor>, Vec<HostTensor>)>
+where
+    F: Fn(&dyn Backend, &[Tensor]) -> Result<Vec<Tensor>>,
+{
+    let got = match on(b, inputs, &f) {
+        Ok(v) => v,
+        Err(e @ Error::NotSupported { .. }) => {
+            skip(b.name(), "op", &e);
+            return None;
+        }
+        Err(e) => panic!("{}: {e}", b.name()),
+    };
+    let want = on(&CpuRef, inputs, &f).expect("cpu-ref");
+    Some((got, want))
+}
+
+/// The error an op with bad index *values* (or non-finite inputs) must
+/// report under the asynchronous contract (core/src/backend.rs): either at
+/// the call or at the next `synchronize`, exactly once. `call` enqueues the
+/// op. Returns the error; `None` (recorded with [`skip`]) when the backend
+/// answers `NotSupported`. Panics when no error is reported at all.
+pub fn deferred_error(b: &dyn Backend, what: &str, call: impl FnOnce() -> Result<()>) -> Option<Error> {
+    let e = match call() {
+        Err(e @ Error::NotSupported { .. }) => {
+            skip(b.name(), what, &e);
+            return None;
+        }
+        Err(e) => e,
+        Ok(()) => b
+            .synchronize()
+            .err()
+            .unwrap_or_else(|| panic!("{what}: no error reported, at the call or at synchronize")),
+    };
+    b.synchronize()
+        .unwrap_or_else(|e2| panic!("{what}: the error must be reported once, then {e2}"));
+    Some(e)
+}
