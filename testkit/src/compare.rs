@@ -217,11 +217,11 @@ mod tests {
             assert_close_values("x", &[1.0, f32::NAN], &[1.0, f32::NAN], |_, _| 0.0)
         });
         assert!(ok.is_ok());
-        let nan = std::panic::catch_unwind(|| {
-            assert_close_values("x", &[f32::NAN], &[1.0], |_, _| 1e9)
-        });
+        let nan =
+            std::panic::catch_unwind(|| assert_close_values("x", &[f32::NAN], &[1.0], |_, _| 1e9));
         assert!(nan.is_err());
-        let far = std::panic::catch_unwind(|| assert_close_values("x", &[1.1], &[1.0], |_, _| 0.05));
+        let far =
+            std::panic::catch_unwind(|| assert_close_values("x", &[1.1], &[1.0], |_, _| 0.05));
         assert!(far.is_err());
         assert_eq!(max_abs_rel(&[1.5, 2.0], &[1.0, 2.0]), (0.5, 0.5));
     }

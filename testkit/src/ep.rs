@@ -27,7 +27,6 @@ use deepport_core::{DType, Error, HostTensor, Result};
 use deepport_cpu::CpuRef;
 use std::time::{Duration, Instant};
 
-
 /// This file's PRNG streams.
 fn rng(seed: u64) -> Rng {
     Rng::salted(seed, 0x5eed_cafe)
@@ -52,16 +51,17 @@ pub fn refs(v: &[Box<dyn Backend>]) -> Vec<&dyn Backend> {
 
 /// One rank's tokens.
 #[derive(Clone)]
+#[allow(missing_docs)]
 pub struct Input {
-    n: usize,
-    hidden: usize,
+    pub n: usize,
+    pub hidden: usize,
     /// `[n, hidden]`, bf16-representable; magnitudes vary per 128-group and
     /// token 0's first group is all zero (act_quant's 1e-4 clamp).
-    x: Vec<f32>,
+    pub x: Vec<f32>,
     /// `[n, K]`, −1 = none.
-    topk: Vec<i64>,
+    pub topk: Vec<i64>,
     /// `[n, K]`.
-    w: Vec<f32>,
+    pub w: Vec<f32>,
 }
 
 /// Rank `rank`'s tokens: `n` tokens of width `hidden`; `dups` repeats an
@@ -631,7 +631,6 @@ pub struct LlRes {
     pub combined: Option<HostTensor>,
 }
 
-
 /// Expert output for a slot of local expert `l`: the dequantized received
 /// row times a per-expert factor.
 fn expert_factor(global_expert: usize) -> f32 {
@@ -1135,7 +1134,9 @@ fn mixed_group(a: &Harness, b: &Harness) -> Option<Vec<Box<dyn Backend>>> {
 /// as a cpu-ref group in normal dispatch + combine (both run core's
 /// protocol, one wire format).
 pub fn mixed_dispatch_and_combine(a: &Harness, b: &Harness) {
-    let Some(group) = mixed_group(a, b) else { return };
+    let Some(group) = mixed_group(a, b) else {
+        return;
+    };
     let label = format!("{}+{}", a.name(), b.name());
     if check_dispatch_and_combine(&refs(&group), &label) {
         check_fp8_dispatch(&refs(&group), &label);
@@ -1144,6 +1145,8 @@ pub fn mixed_dispatch_and_combine(a: &Harness, b: &Harness) {
 
 /// [`mixed_dispatch_and_combine`] for low-latency dispatch + combine.
 pub fn mixed_low_latency(a: &Harness, b: &Harness) {
-    let Some(group) = mixed_group(a, b) else { return };
+    let Some(group) = mixed_group(a, b) else {
+        return;
+    };
     check_low_latency(&refs(&group), &format!("{}+{}", a.name(), b.name()));
 }

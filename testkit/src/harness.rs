@@ -39,31 +39,13 @@ impl Harness {
     /// Whether `DEEPPORT_REQUIRE` (comma separated) names this backend:
     /// then an unavailable backend fails the check instead of skipping it.
     pub fn required(&self) -> bool {
-        std::env::var("DEEPPORT_REQUIRE")
-            .map(|v| v.split(',').any(|s| s.trim() == self.name))
-            .unwrap_or(false)
+        required(&self.name)
     }
 
     /// The backend of rank `rank`, or `None` (after printing why) when it is
     /// unavailable on this machine and not required. Any other error fails.
     pub fn rank(&self, rank: usize) -> Option<Box<dyn Backend>> {
-        match (self.factory)(rank) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                assert!(
-                    !self.required(),
-                    "DEEPPORT_REQUIRE names {}, but it is unavailable: {e}",
-                    self.name
-                );
-                assert!(
-                    matches!(e, Error::Unavailable { .. }),
-                    "making {} must succeed or fail with Unavailable, got {e:?}",
-                    self.name
-                );
-                eprintln!("skipping: {} unavailable: {e}", self.name);
-                None
-            }
-        }
+        available(&self.name, (self.factory)(rank))
     }
 
     /// A fresh backend for a single-device check ([`Harness::rank`] 0).
@@ -74,6 +56,35 @@ impl Harness {
     /// `world` fresh backends, one per rank.
     pub fn ranks(&self, world: usize) -> Option<Vec<Box<dyn Backend>>> {
         (0..world).map(|r| self.rank(r)).collect()
+    }
+}
+
+/// Whether `DEEPPORT_REQUIRE` (comma separated) names `backend`.
+pub fn required(backend: &str) -> bool {
+    std::env::var("DEEPPORT_REQUIRE")
+        .map(|v| v.split(',').any(|s| s.trim() == backend))
+        .unwrap_or(false)
+}
+
+/// The outcome of making a backend `name`: the backend, or `None` (after
+/// printing why) when it is unavailable on this machine (`Unavailable`) and
+/// `DEEPPORT_REQUIRE` does not name it. Any other error, or unavailability
+/// of a required backend, fails.
+pub fn available<T>(name: &str, made: Result<T>) -> Option<T> {
+    match made {
+        Ok(b) => Some(b),
+        Err(e) => {
+            assert!(
+                !required(name),
+                "DEEPPORT_REQUIRE names {name}, but it is unavailable: {e}"
+            );
+            assert!(
+                matches!(e, Error::Unavailable { .. }),
+                "making {name} must succeed or fail with Unavailable, got {e:?}"
+            );
+            eprintln!("skipping: {name} unavailable: {e}");
+            None
+        }
     }
 }
 
@@ -158,7 +169,11 @@ where
 /// the call or at the next `synchronize`, exactly once. `call` enqueues the
 /// op. Returns the error; `None` (recorded with [`skip`]) when the backend
 /// answers `NotSupported`. Panics when no error is reported at all.
-pub fn deferred_error(b: &dyn Backend, what: &str, call: impl FnOnce() -> Result<()>) -> Option<Error> {
+pub fn deferred_error(
+    b: &dyn Backend,
+    what: &str,
+    call: impl FnOnce() -> Result<()>,
+) -> Option<Error> {
     let e = match call() {
         Err(e @ Error::NotSupported { .. }) => {
             skip(b.name(), what, &e);

@@ -34,7 +34,7 @@ pub fn rng(seed: u64) -> Rng {
 
 /// FP8 operands: normals spread over many octaves (subnormals and
 /// saturated ±max included), encoded in `dt`.
-fn fp8_values(rng: &mut Rng, n: usize, dt: DType) -> HostTensor {
+pub fn fp8_values(rng: &mut Rng, n: usize, dt: DType) -> HostTensor {
     let v: Vec<f32> = (0..n)
         .map(|_| rng.normal() * 2f32.powi(rng.below(17) as i32 - 10))
         .collect();
@@ -42,13 +42,14 @@ fn fp8_values(rng: &mut Rng, n: usize, dt: DType) -> HostTensor {
 }
 
 /// Block scales varying over 2^-12 … 2^4.
-fn scales(rng: &mut Rng, shape: &[usize]) -> HostTensor {
+pub fn scales(rng: &mut Rng, shape: &[usize]) -> HostTensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| rng.pow2(-12, 4)).collect();
     host(DType::F32, shape, &v)
 }
 
-fn reshape(h: HostTensor, shape: &[usize]) -> HostTensor {
+/// `h` reshaped (same number of elements).
+pub fn reshape(h: HostTensor, shape: &[usize]) -> HostTensor {
     h.reshape(shape).expect("reshape")
 }
 
@@ -91,7 +92,15 @@ fn judge_fp8(what: &str, got: &HostTensor, want: &HostTensor, n: usize, rows: &[
 }
 
 /// One `fp8_gemm` case on `w` and cpu-ref, judged by SPEC §3.
-pub fn fp8_gemm_case(w: &dyn Backend, rng: &mut Rng, m: usize, n: usize, k: usize, ab: DType, out: DType) {
+pub fn fp8_gemm_case(
+    w: &dyn Backend,
+    rng: &mut Rng,
+    m: usize,
+    n: usize,
+    k: usize,
+    ab: DType,
+    out: DType,
+) {
     let kb = k.div_ceil(128);
     let a = reshape(fp8_values(rng, m * k, ab), &[m, k]);
     let b = reshape(fp8_values(rng, n * k, ab), &[n, k]);
@@ -545,8 +554,7 @@ pub fn run_decode(be: &dyn Backend, c: &Decode, t: &[Tensor]) -> Result<Vec<Tens
             softmax_scale: c.scale,
             causal: c.causal,
         },
-    )
-    ?;
+    )?;
     Ok(vec![out, lse])
 }
 
@@ -583,7 +591,11 @@ pub fn judge_decode(what: &str, got: &[HostTensor], want: &[HostTensor]) {
 
 /// One `mla_decode` case on `w` and cpu-ref, judged by SPEC §4: `(got,
 /// want)`, or `None` when `w` does not support it (recorded as skipped).
-pub fn decode_case(w: &dyn Backend, rng: &mut Rng, c: &Decode) -> Option<(Vec<HostTensor>, Vec<HostTensor>)> {
+pub fn decode_case(
+    w: &dyn Backend,
+    rng: &mut Rng,
+    c: &Decode,
+) -> Option<(Vec<HostTensor>, Vec<HostTensor>)> {
     let x = decode_inputs(rng, c);
     let Some((got, want)) = both(
         w,

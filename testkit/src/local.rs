@@ -33,8 +33,12 @@ fn rng(seed: u64) -> Rng {
 
 // ---- act_quant ------------------------------------------------------------------
 
-/// `max_exp` bounds the spread so that f16 inputs stay finite.
-fn act_quant_inputs(rng: &mut Rng, m: usize, k: usize, max_exp: i32) -> Vec<f32> {
+/// Inputs of `act_quant` (`[m, k]`): a zero row (the 1e-4 clamp), tiny
+/// values and −0, huge values and outliers, then magnitudes spread over
+/// 2^-30 … 2^max_exp so that quotients land on every FP8 binade, including
+/// subnormals and saturation. `max_exp` bounds the spread so that f16
+/// inputs stay finite.
+pub fn act_quant_inputs(rng: &mut Rng, m: usize, k: usize, max_exp: i32) -> Vec<f32> {
     let mut v = rng.normals(m * k, 3.0);
     // Edge rows: zeros (amax clamps to 1e-4), tiny values and −0, huge
     // values and outliers, then magnitudes spread over 2^-30 … 2^20 so that
@@ -440,14 +444,7 @@ pub fn rope_rejects_negative_positions(h: &Harness) {
     }) else {
         return;
     };
-    assert_index_error(
-        "rope",
-        e,
-        ("rope", "positions"),
-        &[2],
-        -2,
-        None,
-    );
+    assert_index_error("rope", e, ("rope", "positions"), &[2], -2, None);
 }
 
 // ---- silu_mul, add -------------------------------------------------------------------
