@@ -288,6 +288,7 @@ pub fn layout_rejects_out_of_range_expert(h: &Harness) {
 // ---- normal dispatch / combine ----------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
+/// The `x` of a normal dispatch.
 pub enum Payload {
     /// bf16 or f32 rows.
     Float(DType),

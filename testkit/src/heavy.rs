@@ -132,6 +132,9 @@ pub fn fp8_gemm_case(
     );
 }
 
+/// `fp8_gemm` (SPEC §3) for m ∈ {1, 37, 128}, n ∈ {128, 576} (a partial
+/// 128-row scale block), K ∈ {128, 512, 200} (not a multiple of 128), bf16
+/// and f32 outputs.
 pub fn fp8_gemm_matches_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -148,6 +151,8 @@ pub fn fp8_gemm_matches_reference(h: &Harness) {
     }
 }
 
+/// `fp8_gemm` on edge shapes: few rows, odd n, K not a multiple of 4,
+/// e4m3fnuz operands, K = 1.
 pub fn fp8_gemm_edge_shapes(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -167,6 +172,7 @@ pub fn fp8_gemm_edge_shapes(h: &Harness) {
     }
 }
 
+/// An e4m3 NaN in a row of A makes exactly that output row NaN.
 pub fn fp8_gemm_nan_operands_propagate(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -272,6 +278,8 @@ pub fn contiguous_case(
     );
 }
 
+/// `fp8_grouped_contiguous` (SPEC §3.1): DeepGEMM's layout with −1 padding
+/// rows holding NaN, i32 and i64 m_indices, groups changing inside a tile.
 pub fn fp8_grouped_contiguous_matches_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -293,6 +301,7 @@ pub fn fp8_grouped_contiguous_matches_reference(h: &Harness) {
     );
 }
 
+/// An m_indices entry outside `[-1, G)` is `IndexOutOfRange`.
 pub fn fp8_grouped_contiguous_bad_index_is_an_error(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -404,6 +413,8 @@ pub fn masked_case(
     judge_fp8(&what, &got[0], &want[0], n, &rows);
 }
 
+/// `fp8_grouped_masked` (SPEC §3.2): rows past `masked_m` hold NaN in `a`
+/// and stay poisoned in `d`; the computed rows match cpu-ref.
 pub fn fp8_grouped_masked_matches_reference_and_leaves_rows(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -414,6 +425,7 @@ pub fn fp8_grouped_masked_matches_reference_and_leaves_rows(h: &Harness) {
     masked_case(w, &mut rng, &[70], 80, 576, 128, DType::F32);
 }
 
+/// A `masked_m` entry outside `[0, m_max]` is `IndexOutOfRange`.
 pub fn fp8_grouped_masked_bad_count_is_an_error(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -597,13 +609,11 @@ pub fn decode_case(
     c: &Decode,
 ) -> Option<(Vec<HostTensor>, Vec<HostTensor>)> {
     let x = decode_inputs(rng, c);
-    let Some((got, want)) = both(
+    let (got, want) = both(
         w,
         &[&x.q, &x.kcache, &x.block_table, &x.seqlens],
         |be, t| run_decode(be, c, t),
-    ) else {
-        return None;
-    };
+    )?;
     let what = format!(
         "mla_decode(lens={:?},s_q={},h_q={},h_kv={},causal={},{})",
         c.lens, c.s_q, c.h_q, c.h_kv, c.causal, c.dtype
@@ -612,6 +622,8 @@ pub fn decode_case(
     Some((got, want))
 }
 
+/// `mla_decode` (SPEC §4) on sequences of different lengths over a permuted
+/// paged cache with NaN in every slot that must not be read.
 pub fn mla_decode_varlen_matches_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -619,6 +631,8 @@ pub fn mla_decode_varlen_matches_reference(h: &Harness) {
     decode_case(w, &mut rng, &Decode::v3(&[1, 70, 130], 1, 16, 1, false));
 }
 
+/// Causal `mla_decode` with 2 and 4 queries per sequence: a query that sees
+/// no key (and an empty sequence) gives `out = 0`, `lse = +inf`.
 pub fn mla_decode_causal_multi_query(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -640,6 +654,8 @@ pub fn mla_decode_causal_multi_query(h: &Harness) {
     }
 }
 
+/// Empty sequences, f32 and f16 inputs, explicit scales, narrow V, three
+/// kv heads.
 pub fn mla_decode_zero_lengths_and_f32(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -678,6 +694,7 @@ pub fn mla_decode_zero_lengths_and_f32(h: &Harness) {
     decode_case(w, &mut rng, &c);
 }
 
+/// Odd head dims (16-bit pairs straddle words), odd V width, pages of 24.
 pub fn mla_decode_odd_head_dims(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -706,6 +723,8 @@ pub fn mla_decode_odd_head_dims(h: &Harness) {
     }
 }
 
+/// A block-table entry out of range (used by a sequence) or a sequence
+/// length out of range is `IndexOutOfRange` naming it, reported once.
 pub fn mla_decode_bad_indices_are_errors(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -910,6 +929,7 @@ pub fn prefill_case(w: &dyn Backend, rng: &mut Rng, c: &Prefill, form: MlaForm) 
     eprintln!("{what}: worst error/tolerance {worst:.3}");
 }
 
+/// `mla_prefill` (SPEC §5), naive and absorbed forms, V3 and odd dims.
 pub fn mla_prefill_both_forms_match_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;

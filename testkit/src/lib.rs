@@ -37,6 +37,8 @@
 //! functions of [`heavy`] and [`rows`], which a backend can run at the
 //! shapes or settings that stress its own kernels.
 
+#![warn(missing_docs)]
+
 pub mod compare;
 pub mod ep;
 pub mod harness;

@@ -68,6 +68,9 @@ pub fn act_quant_inputs(rng: &mut Rng, m: usize, k: usize, max_exp: i32) -> Vec<
     v
 }
 
+/// `act_quant` (SPEC §2) equals cpu-ref bit for bit: zero rows, −0, tiny
+/// and huge values, every FP8 binade, f32/bf16/f16 inputs, e4m3 and
+/// e4m3fnuz, float and UE8M0 scales.
 pub fn act_quant_is_bit_exact(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -110,6 +113,7 @@ pub fn act_quant_is_bit_exact(h: &Harness) {
     }
 }
 
+/// A non-finite `act_quant` input is `NonFinite` naming the first one.
 pub fn act_quant_rejects_non_finite_input(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -149,6 +153,8 @@ pub fn act_quant_rejects_non_finite_input(h: &Harness) {
 
 // ---- weight_dequant ------------------------------------------------------------
 
+/// `weight_dequant` equals cpu-ref bit for bit (odd shapes, partial
+/// blocks, the FP8 NaN code).
 pub fn weight_dequant_is_exact(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -190,6 +196,8 @@ pub fn weight_dequant_is_exact(h: &Harness) {
 
 // ---- gemm -------------------------------------------------------------------------
 
+/// `gemm` within the f32 accumulation bound of cpu-ref (odd shapes, every
+/// dtype pairing, K = 0).
 pub fn gemm_matches_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -249,6 +257,8 @@ pub fn gemm_matches_reference(h: &Harness) {
 
 // ---- rms_norm ---------------------------------------------------------------------
 
+/// `rms_norm` within 1 ulp (16-bit) / 4 ulp (f32) of cpu-ref, with zero,
+/// NaN and infinite rows.
 pub fn rms_norm_matches_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -317,6 +327,8 @@ fn yarn(factor: f32, theta: f32, mscale: f32, beta: (f32, f32)) -> RopeConfig {
     }
 }
 
+/// `rope` (YaRN and plain) within 1 ulp + 2⁻²¹·|x| of cpu-ref, huge
+/// positions included.
 pub fn rope_matches_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -425,6 +437,7 @@ pub fn rope_matches_reference(h: &Harness) {
     }
 }
 
+/// A negative position is `IndexOutOfRange`.
 pub fn rope_rejects_negative_positions(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -449,6 +462,8 @@ pub fn rope_rejects_negative_positions(h: &Harness) {
 
 // ---- silu_mul, add -------------------------------------------------------------------
 
+/// `silu_mul` within 1 ulp (16-bit) / 4 ulp (f32), extremes and NaN/inf
+/// included.
 pub fn silu_mul_matches_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -505,6 +520,8 @@ pub fn silu_mul_matches_reference(h: &Harness) {
     }
 }
 
+/// `add` equals cpu-ref (one rounding: ties a double rounding gets wrong,
+/// inf − inf, f16 overflow).
 pub fn add_is_exact(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -557,6 +574,7 @@ pub fn add_is_exact(h: &Harness) {
 
 // ---- embedding --------------------------------------------------------------------
 
+/// `embedding` equals cpu-ref bit for bit (i32 and i64 ids).
 pub fn embedding_is_exact(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -577,7 +595,7 @@ pub fn embedding_is_exact(h: &Harness) {
     ] {
         let table = host(td, &[vocab, dim], &rng.normals(vocab * dim, 1.0));
         let mut ids: Vec<i64> = (0..tokens)
-            .map(|_| rng.below(vocab as usize) as i64)
+            .map(|_| rng.below(vocab) as i64)
             .collect();
         ids[0] = 0;
         ids[tokens - 1] = vocab as i64 - 1;
@@ -604,6 +622,8 @@ pub fn embedding_is_exact(h: &Harness) {
     }
 }
 
+/// An out-of-range token id is `IndexOutOfRange` with cpu-ref's message;
+/// the backend works afterwards.
 pub fn embedding_out_of_range_is_an_error(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -672,6 +692,8 @@ pub fn embedding_out_of_range_is_an_error(h: &Harness) {
 
 // ---- copy_window -----------------------------------------------------------------
 
+/// `copy_window` equals cpu-ref bit for bit; what lies outside the window
+/// in `dst` survives.
 pub fn copy_window_is_exact(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -833,6 +855,8 @@ fn moe_near_ties(
         .collect()
 }
 
+/// `moe_gate` (SPEC §6): the same experts in the same order (near ties
+/// excused), weights within 1e-6·route_scale; exact ties break low.
 pub fn moe_gate_matches_reference(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
@@ -936,6 +960,7 @@ pub fn moe_gate_matches_reference(h: &Harness) {
     }
 }
 
+/// A non-finite gate weight is `NonFinite` naming it.
 pub fn moe_gate_rejects_non_finite(h: &Harness) {
     let Some(bk) = h.backend() else { return };
     let w: &dyn Backend = &*bk;
