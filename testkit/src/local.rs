@@ -594,9 +594,7 @@ pub fn embedding_is_exact(h: &Harness) {
         (3, 1, 9, DType::F16, DType::I32, DType::F16),
     ] {
         let table = host(td, &[vocab, dim], &rng.normals(vocab * dim, 1.0));
-        let mut ids: Vec<i64> = (0..tokens)
-            .map(|_| rng.below(vocab) as i64)
-            .collect();
+        let mut ids: Vec<i64> = (0..tokens).map(|_| rng.below(vocab) as i64).collect();
         ids[0] = 0;
         ids[tokens - 1] = vocab as i64 - 1;
         let idt = HostTensor::from_index(idd, &[tokens], &ids);

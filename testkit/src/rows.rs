@@ -68,7 +68,15 @@ pub fn check_gather_rows(b: &dyn Backend, label: &str) -> bool {
     let mut r = rng(1);
     for dtype in [DType::F8E4M3, DType::BF16, DType::F32, DType::I64] {
         for row in [&[1usize][..], &[3], &[5], &[2, 3], &[0], &[33], &[128]] {
-            for (s, m) in [(0, 0), (0, 5), (1, 1), (7, 13), (50, 40), (97, 200)] {
+            for (s, m) in [
+                (0, 0),
+                (0, 5),
+                (1, 1),
+                (7, 13),
+                (50, 40),
+                (97, 200),
+                (700, 900),
+            ] {
                 for idt in [DType::I32, DType::I64] {
                     let row_n: usize = row.iter().product();
                     let mut shape = vec![s];
@@ -174,6 +182,7 @@ pub fn check_reduce_rows(b: &dyn Backend, also: Option<&dyn Backend>, label: &st
             (40, 33, 4, 131),
             (64, 20, 8, 64),
             (300, 17, 5, 7),
+            (400, 50, 6, 24),
         ] {
             for weighted in [false, true] {
                 for idt in [DType::I32, DType::I64] {
