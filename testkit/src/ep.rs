@@ -17,7 +17,7 @@
 //! tests can run them with settings that stress its kernels.
 
 use crate::compare::calc_diff;
-use crate::harness::{skip, Harness};
+use crate::harness::{self, skip, Harness};
 use crate::Rng;
 use deepport_core::backend::{alloc_poisoned, Backend, Tensor};
 use deepport_core::comm::{run_ranks, ThreadComm};
@@ -184,7 +184,7 @@ pub fn run_layout(b: &dyn Backend, topk: &[i64], n: usize, dtype: DType) -> Resu
     let mut pr = alloc_poisoned(b, DType::I32, &[R])?;
     let mut pe = alloc_poisoned(b, DType::I32, &[E])?;
     let mut ir = alloc_poisoned(b, DType::Bool, &[n, R])?;
-    ops::run(
+    harness::run(
         b,
         GetDispatchLayout {
             topk_idx: &t,

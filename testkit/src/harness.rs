@@ -1,7 +1,8 @@
 //! Making backends for the suite, moving tensors, running an op on the
 //! backend under test and on `cpu-ref`, and recording skipped cases.
 
-use deepport_core::backend::{alloc_poisoned, Backend, Tensor};
+use deepport_core::backend::{alloc_poisoned, Backend, Support, Tensor};
+use deepport_core::ops::{self, LocalOp};
 use deepport_core::{DType, Error, HostTensor, Result};
 use deepport_cpu::CpuRef;
 use std::sync::{Arc, Mutex};
@@ -188,4 +189,26 @@ pub fn deferred_error(
     b.synchronize()
         .unwrap_or_else(|e2| panic!("{what}: the error must be reported once, then {e2}"));
     Some(e)
+}
+
+/// Runs a local op as `deepport_core::ops::run` does, holding the backend
+/// to its own [`Backend::supports`] answer: an op it says it does not
+/// support returns `NotSupported` (and the case is skipped) without being
+/// launched; an op it says it supports must not answer `NotSupported`.
+pub fn run<A: LocalOp>(b: &dyn Backend, op: A) -> Result<()> {
+    let kind = A::KIND;
+    match b.supports(kind, &op.dtypes()) {
+        Support::NotSupported(why) => Err(Error::not_supported(b.name(), kind.name(), why)),
+        Support::Supported => {
+            let dtypes = op.dtypes();
+            let r = ops::run(b, op);
+            if let Err(e @ Error::NotSupported { .. }) = &r {
+                panic!(
+                    "{}: supports({kind}, {dtypes:?}) says Supported, but the op answers {e}",
+                    b.name()
+                );
+            }
+            r
+        }
+    }
 }

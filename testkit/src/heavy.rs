@@ -18,7 +18,7 @@
 //! them at the shapes that stress its kernels.
 
 use crate::compare::{assert_index_error, calc_diff, rms, ulp};
-use crate::harness::{both, deferred_error, down, host, on, poisoned, skip, up, Harness};
+use crate::harness::{both, deferred_error, down, host, on, poisoned, run, skip, up, Harness};
 use crate::Rng;
 use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::*;

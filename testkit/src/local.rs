@@ -19,7 +19,7 @@
 //! not write fails the comparison.
 
 use crate::compare::{assert_bytes, assert_close, assert_index_error, ulp};
-use crate::harness::{both, deferred_error, down, host, poisoned, up, Harness};
+use crate::harness::{both, deferred_error, down, host, poisoned, run, up, Harness};
 use crate::Rng;
 use deepport_core::backend::Backend;
 use deepport_core::ops::*;

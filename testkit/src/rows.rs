@@ -9,10 +9,10 @@
 //! settings, e.g. a capped binding size); a bad index is `IndexOutOfRange`.
 
 use crate::compare::{assert_bytes, assert_index_error, calc_diff, ulp};
-use crate::harness::{deferred_error, poisoned, skip, Harness};
+use crate::harness::{deferred_error, poisoned, run, skip, Harness};
 use crate::Rng;
 use deepport_core::backend::{Backend, Tensor};
-use deepport_core::ops::{run, GatherRows, ReduceRows};
+use deepport_core::ops::{GatherRows, ReduceRows};
 use deepport_core::{DType, Error, HostTensor, Result};
 use deepport_cpu::CpuRef;
 

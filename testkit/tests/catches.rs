@@ -19,6 +19,8 @@ enum Mode {
     Swallow(OpKind),
     /// This op is honestly not supported.
     Unsupported(OpKind),
+    /// `supports` says yes, the op says `NotSupported`.
+    Dishonest(OpKind),
 }
 
 struct Broken {
@@ -33,7 +35,7 @@ impl Broken {
         reference: impl FnOnce(&mut Checked<A>) -> Result<()>,
     ) -> Result<()> {
         match self.mode {
-            Mode::Unsupported(k) if k == A::KIND => Err(self.unsupported(k)),
+            Mode::Unsupported(k) | Mode::Dishonest(k) if k == A::KIND => Err(self.unsupported(k)),
             Mode::Swallow(k) if k == A::KIND => match reference(op) {
                 Err(Error::IndexOutOfRange { .. }) => Ok(()),
                 other => other,
@@ -171,6 +173,11 @@ fn unsupported_ops_are_skipped_and_recorded() {
         "{:?}",
         skipped()
     );
+}
+
+#[test]
+fn supports_must_agree_with_the_op() {
+    fails(Mode::Dishonest(OpKind::Rope), local::rope_matches_reference);
 }
 
 /// The unbroken wrapper passes what the broken ones fail.
