@@ -21,7 +21,7 @@
 use crate::compare::{assert_bytes, assert_close, assert_index_error, ulp};
 use crate::harness::{both, deferred_error, down, host, poisoned, run, up, Harness};
 use crate::Rng;
-use deepport_core::backend::Backend;
+use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor};
 use deepport_cpu::CpuRef;
@@ -991,5 +991,177 @@ pub fn moe_gate_rejects_non_finite(h: &Harness) {
             op, arg, position, ..
         } => assert_eq!((op, arg, position), ("moe_gate", "weight", vec![3, 1])),
         other => panic!("expected NonFinite, got {other:?}"),
+    }
+}
+
+// ---- determinism ------------------------------------------------------------------
+
+/// An op of the determinism check: inputs, and the closure that allocates
+/// poisoned outputs and runs it.
+type Case = (
+    &'static str,
+    Vec<HostTensor>,
+    Box<dyn Fn(&dyn Backend, &[Tensor]) -> deepport_core::Result<Vec<Tensor>>>,
+);
+
+/// A second run of the same op on the same inputs and backend gives the
+/// same bits (reductions in a fixed order): gemm, rms_norm, silu_mul,
+/// moe_gate, fp8_gemm, mla_decode, mla_prefill.
+pub fn local_ops_are_deterministic(h: &Harness) {
+    let Some(bk) = h.backend() else { return };
+    let w: &dyn Backend = &*bk;
+    let mut rng = rng(20);
+    let mut cases: Vec<Case> = Vec::new();
+    let (m, n, k) = (33, 70, 300);
+    cases.push((
+        "gemm",
+        vec![
+            host(DType::F32, &[m, k], &rng.normals(m * k, 1.0)),
+            host(DType::BF16, &[n, k], &rng.normals(n * k, 1.0)),
+        ],
+        Box::new(move |b, t| {
+            let mut d = poisoned(b, DType::F32, &[m, n]);
+            run(
+                b,
+                Gemm {
+                    a: &t[0],
+                    b: &t[1],
+                    d: &mut d,
+                },
+            )?;
+            Ok(vec![d])
+        }),
+    ));
+    cases.push((
+        "rms_norm",
+        vec![
+            host(DType::F32, &[9, 7168], &rng.normals(9 * 7168, 3.0)),
+            host(DType::F32, &[7168], &rng.normals(7168, 1.0)),
+        ],
+        Box::new(|b, t| {
+            let mut y = poisoned(b, DType::F32, &[9, 7168]);
+            run(
+                b,
+                RmsNorm {
+                    x: &t[0],
+                    weight: &t[1],
+                    y: &mut y,
+                    eps: 1e-6,
+                },
+            )?;
+            Ok(vec![y])
+        }),
+    ));
+    cases.push((
+        "moe_gate",
+        vec![
+            host(DType::F32, &[17, 96], &rng.normals(17 * 96, 1.0)),
+            host(DType::F32, &[64, 96], &rng.normals(64 * 96, 0.1)),
+            host(DType::F32, &[64], &rng.normals(64, 0.1)),
+        ],
+        Box::new(|b, t| {
+            let mut idx = poisoned(b, DType::I64, &[17, 8]);
+            let mut wts = poisoned(b, DType::F32, &[17, 8]);
+            run(
+                b,
+                MoeGate {
+                    x: &t[0],
+                    weight: &t[1],
+                    bias: Some(&t[2]),
+                    topk_idx: &mut idx,
+                    topk_weights: &mut wts,
+                    n_group: 8,
+                    topk_group: 4,
+                    topk: 8,
+                    route_scale: 2.5,
+                },
+            )?;
+            Ok(vec![idx, wts])
+        }),
+    ));
+    let (fm, fnn, fk) = (37usize, 130usize, 520usize);
+    let kb = fk.div_ceil(128);
+    cases.push((
+        "fp8_gemm",
+        vec![
+            crate::heavy::reshape(
+                crate::heavy::fp8_values(&mut rng, fm * fk, DType::F8E4M3),
+                &[fm, fk],
+            ),
+            crate::heavy::scales(&mut rng, &[fm, kb]),
+            crate::heavy::reshape(
+                crate::heavy::fp8_values(&mut rng, fnn * fk, DType::F8E4M3),
+                &[fnn, fk],
+            ),
+            crate::heavy::scales(&mut rng, &[fnn.div_ceil(128), kb]),
+        ],
+        Box::new(move |b, t| {
+            let mut d = poisoned(b, DType::F32, &[fm, fnn]);
+            run(
+                b,
+                Fp8Gemm {
+                    a: &t[0],
+                    sa: &t[1],
+                    b: &t[2],
+                    sb: &t[3],
+                    d: &mut d,
+                },
+            )?;
+            Ok(vec![d])
+        }),
+    ));
+    let c = crate::heavy::Decode::v3(&[1, 70, 300], 2, 8, 1, true);
+    let x = crate::heavy::decode_inputs(&mut rng, &c);
+    cases.push((
+        "mla_decode",
+        vec![x.q, x.kcache, x.block_table, x.seqlens],
+        Box::new(move |b, t| crate::heavy::run_decode(b, &c, t)),
+    ));
+    let (t_, s, hh, dn, dr, dc, dv) = (5, 40, 3, 32, 16, 64, 24);
+    cases.push((
+        "mla_prefill",
+        vec![
+            host(DType::F32, &[t_, hh, dn], &rng.normals(t_ * hh * dn, 1.0)),
+            host(DType::F32, &[t_, hh, dr], &rng.normals(t_ * hh * dr, 1.0)),
+            host(DType::F32, &[s, dc], &rng.normals(s * dc, 1.0)),
+            host(DType::F32, &[s, dr], &rng.normals(s * dr, 1.0)),
+            host(
+                DType::F32,
+                &[hh * (dn + dv), dc],
+                &rng.normals(hh * (dn + dv) * dc, 0.125),
+            ),
+        ],
+        Box::new(move |b, x| {
+            let mut out = poisoned(b, DType::F32, &[t_, hh, dv]);
+            run(
+                b,
+                MlaPrefill {
+                    q_nope: &x[0],
+                    q_pe: &x[1],
+                    latent: &x[2],
+                    k_pe: &x[3],
+                    wkv_b: &x[4],
+                    out: &mut out,
+                    softmax_scale: 0.2,
+                    form: MlaForm::Absorbed,
+                },
+            )?;
+            Ok(vec![out])
+        }),
+    ));
+    for (name, inputs, f) in &cases {
+        let inputs: Vec<&HostTensor> = inputs.iter().collect();
+        let first = match crate::harness::on(w, &inputs, f) {
+            Ok(v) => v,
+            Err(e @ Error::NotSupported { .. }) => {
+                crate::harness::skip(w.name(), name, &e);
+                continue;
+            }
+            Err(e) => panic!("{name}: {e}"),
+        };
+        let second = crate::harness::on(w, &inputs, f).expect("ran before");
+        for (i, (a, b)) in second.iter().zip(&first).enumerate() {
+            assert_bytes(&format!("{name} output {i}, second run"), a, b);
+        }
     }
 }

@@ -10,6 +10,7 @@ use deepport_cpu::CpuRef;
 use deepport_testkit::harness::skipped;
 use deepport_testkit::{ep, heavy, local, Harness};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[derive(Clone, Copy, Debug)]
 enum Mode {
@@ -21,11 +22,14 @@ enum Mode {
     Unsupported(OpKind),
     /// `supports` says yes, the op says `NotSupported`.
     Dishonest(OpKind),
+    /// Every second run of this op is off by one ulp somewhere.
+    Flaky(OpKind),
 }
 
 struct Broken {
     inner: CpuRef,
     mode: Mode,
+    runs: AtomicUsize,
 }
 
 impl Broken {
@@ -40,6 +44,19 @@ impl Broken {
                 Err(Error::IndexOutOfRange { .. }) => Ok(()),
                 other => other,
             },
+            Mode::Flaky(k) if k == A::KIND => {
+                reference(op)?;
+                if self.runs.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+                    for (_, out) in op.args_mut().outputs_mut() {
+                        let mut h = self.inner.download(out)?;
+                        if let Some(b) = h.bytes_mut().first_mut() {
+                            *b ^= 1;
+                        }
+                        self.inner.write(out, &h)?;
+                    }
+                }
+                Ok(())
+            }
             Mode::Corrupt(k) if k == A::KIND => {
                 reference(op)?;
                 for (_, out) in op.args_mut().outputs_mut() {
@@ -108,6 +125,7 @@ fn harness(mode: Mode) -> Harness {
         Ok(Box::new(Broken {
             inner: CpuRef,
             mode,
+            runs: AtomicUsize::new(0),
         }) as Box<dyn Backend>)
     })
 }
@@ -176,6 +194,19 @@ fn unsupported_ops_are_skipped_and_recorded() {
 }
 
 #[test]
+fn nondeterminism_fails() {
+    fails(
+        Mode::Flaky(OpKind::Gemm),
+        local::local_ops_are_deterministic,
+    );
+    fails(
+        Mode::Flaky(OpKind::MlaDecode),
+        local::local_ops_are_deterministic,
+    );
+    fails(Mode::Flaky(OpKind::ReduceRows), ep::ep_low_latency);
+}
+
+#[test]
 fn supports_must_agree_with_the_op() {
     fails(Mode::Dishonest(OpKind::Rope), local::rope_matches_reference);
 }
@@ -188,4 +219,5 @@ fn the_unbroken_wrapper_passes() {
     heavy::fp8_gemm_matches_reference(&h);
     ep::layout_matches_cpu_ref(&h);
     local::embedding_out_of_range_is_an_error(&h);
+    local::local_ops_are_deterministic(&h);
 }
