@@ -25,6 +25,7 @@ use deepport_core::formats::{e4m3_to_f32, round_bf16, ulp_bf16};
 use deepport_core::ops::{self, *};
 use deepport_core::{DType, Error, HostTensor, Result};
 use deepport_cpu::CpuRef;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// This file's PRNG streams.
@@ -45,7 +46,7 @@ pub fn cpu_ranks(world: usize) -> Vec<&'static dyn Backend> {
 }
 
 /// References to the backends of a group.
-pub fn refs(v: &[Box<dyn Backend>]) -> Vec<&dyn Backend> {
+pub fn refs(v: &[Arc<dyn Backend>]) -> Vec<&dyn Backend> {
     v.iter().map(|b| &**b).collect()
 }
 
@@ -206,7 +207,7 @@ pub fn run_layout(b: &dyn Backend, topk: &[i64], n: usize, dtype: DType) -> Resu
 /// `get_dispatch_layout` equals cpu-ref's (and a hand-computed example)
 /// byte for byte, over poisoned outputs.
 pub fn layout_matches_cpu_ref(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let b: &dyn Backend = &*bk;
     if let Err(e @ Error::NotSupported { .. }) = run_layout(b, &[0, 1, 2, 3], 1, DType::I64) {
         return skip(b.name(), "get_dispatch_layout", &e);
@@ -1058,9 +1059,10 @@ pub fn ep_bad_expert_id_fails_every_rank_promptly(h: &Harness) {
     assert_dispatch_eq(&got, &want, "after errors");
 }
 
-/// Ranks that disagree on the hidden size all fail with `Invalid`.
+/// Ranks that disagree on the hidden size all fail with `Invalid` (at the
+/// call: core validates before anything is enqueued).
 pub fn ep_ranks_that_disagree_fail_with_invalid(h: &Harness) {
-    let Some(own) = h.ranks(4) else { return };
+    let Some(own) = h.shared_ranks(4) else { return };
     let bs = refs(&own);
     // Rank 1 dispatches a different hidden size: every rank gets Invalid.
     let all = inputs(&[2, 3, 1, 2], 128, false, 31);
@@ -1101,7 +1103,9 @@ pub fn ep_ranks_that_disagree_fail_with_invalid(h: &Harness) {
 /// groups) on 2 and on 4 ranks of the backend.
 pub fn ep_dispatch_and_combine(h: &Harness) {
     for world in [2, 4] {
-        let Some(group) = h.ranks(world) else { return };
+        let Some(group) = h.shared_ranks(world) else {
+            return;
+        };
         let group = refs(&group);
         let label = format!("{} x{world}", h.name());
         if !check_dispatch_and_combine(&group, &label) {
@@ -1116,7 +1120,9 @@ pub fn ep_dispatch_and_combine(h: &Harness) {
 /// payload's act_quant rule) on 2 and on 4 ranks of the backend.
 pub fn ep_low_latency(h: &Harness) {
     for world in [2, 4] {
-        let Some(group) = h.ranks(world) else { return };
+        let Some(group) = h.shared_ranks(world) else {
+            return;
+        };
         let group = refs(&group);
         let label = format!("{} x{world}", h.name());
         if !check_low_latency(&group, &label) {
@@ -1127,7 +1133,7 @@ pub fn ep_low_latency(h: &Harness) {
 }
 
 /// Four ranks alternating between `a` (ranks 0, 2) and `b` (ranks 1, 3).
-fn mixed_group(a: &Harness, b: &Harness) -> Option<Vec<Box<dyn Backend>>> {
+fn mixed_group(a: &Harness, b: &Harness) -> Option<Vec<Arc<dyn Backend>>> {
     Some(vec![a.rank(0)?, b.rank(1)?, a.rank(2)?, b.rank(3)?])
 }
 

@@ -5,18 +5,28 @@ use deepport_core::backend::{alloc_poisoned, Backend, Support, Tensor};
 use deepport_core::ops::{self, LocalOp};
 use deepport_core::{DType, Error, HostTensor, Result};
 use deepport_cpu::CpuRef;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Makes the backend of one rank (`0` for single-device checks). Each call
 /// returns a fresh instance, so an error one check leaves behind never
 /// reaches another.
 pub type Factory = Arc<dyn Fn(usize) -> Result<Box<dyn Backend>> + Send + Sync>;
 
+/// How many ranks' shared instances a harness keeps.
+const SHARED_RANKS: usize = 4;
+
 /// The backend under test: its registered name and a [`Factory`].
-#[derive(Clone)]
+///
+/// Checks that provoke errors take fresh instances ([`Harness::backend`],
+/// [`Harness::ranks`]): under the asynchronous contract an error surfaces
+/// at the next synchronize of *any* tensor of the instance, so it must not
+/// reach another check. Checks that provoke none share one instance per
+/// rank ([`Harness::shared`], [`Harness::shared_ranks`]), so that a backend
+/// builds its kernels once.
 pub struct Harness {
     name: String,
     factory: Factory,
+    shared: [OnceLock<Option<Arc<dyn Backend>>>; SHARED_RANKS],
 }
 
 impl Harness {
@@ -29,6 +39,7 @@ impl Harness {
         Harness {
             name: name.to_string(),
             factory: Arc::new(factory),
+            shared: Default::default(),
         }
     }
 
@@ -45,18 +56,38 @@ impl Harness {
 
     /// The backend of rank `rank`, or `None` (after printing why) when it is
     /// unavailable on this machine and not required. Any other error fails.
-    pub fn rank(&self, rank: usize) -> Option<Box<dyn Backend>> {
-        available(&self.name, (self.factory)(rank))
+    pub fn rank(&self, rank: usize) -> Option<Arc<dyn Backend>> {
+        available(&self.name, (self.factory)(rank)).map(Arc::from)
     }
 
     /// A fresh backend for a single-device check ([`Harness::rank`] 0).
-    pub fn backend(&self) -> Option<Box<dyn Backend>> {
+    pub fn backend(&self) -> Option<Arc<dyn Backend>> {
         self.rank(0)
     }
 
     /// `world` fresh backends, one per rank.
-    pub fn ranks(&self, world: usize) -> Option<Vec<Box<dyn Backend>>> {
+    pub fn ranks(&self, world: usize) -> Option<Vec<Arc<dyn Backend>>> {
         (0..world).map(|r| self.rank(r)).collect()
+    }
+
+    /// The instance of rank `rank` shared by the checks that provoke no
+    /// errors (made on first use; fresh beyond rank 3).
+    pub fn shared_rank(&self, rank: usize) -> Option<Arc<dyn Backend>> {
+        match self.shared.get(rank) {
+            Some(cell) => cell.get_or_init(|| self.rank(rank)).clone(),
+            None => self.rank(rank),
+        }
+    }
+
+    /// The shared instance of rank 0, for single-device checks that
+    /// provoke no errors.
+    pub fn shared(&self) -> Option<Arc<dyn Backend>> {
+        self.shared_rank(0)
+    }
+
+    /// The shared instances of ranks `0..world`.
+    pub fn shared_ranks(&self, world: usize) -> Option<Vec<Arc<dyn Backend>>> {
+        (0..world).map(|r| self.shared_rank(r)).collect()
     }
 }
 

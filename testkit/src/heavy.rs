@@ -136,7 +136,7 @@ pub fn fp8_gemm_case(
 /// 128-row scale block), K ∈ {128, 512, 200} (not a multiple of 128), bf16
 /// and f32 outputs.
 pub fn fp8_gemm_matches_reference(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(31);
     let mut i = 0;
@@ -154,7 +154,7 @@ pub fn fp8_gemm_matches_reference(h: &Harness) {
 /// `fp8_gemm` on edge shapes: few rows, odd n, K not a multiple of 4,
 /// e4m3fnuz operands, K = 1.
 pub fn fp8_gemm_edge_shapes(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(32);
     // Few-row kernel boundaries, odd n (bf16 words straddle rows), k not a
@@ -174,7 +174,7 @@ pub fn fp8_gemm_edge_shapes(h: &Harness) {
 
 /// An e4m3 NaN in a row of A makes exactly that output row NaN.
 pub fn fp8_gemm_nan_operands_propagate(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     // e4m3 NaN (0x7f) in a row of A makes exactly that output row NaN.
     let (m, n, k) = (3, 4, 128);
@@ -281,7 +281,7 @@ pub fn contiguous_case(
 /// `fp8_grouped_contiguous` (SPEC §3.1): DeepGEMM's layout with −1 padding
 /// rows holding NaN, i32 and i64 m_indices, groups changing inside a tile.
 pub fn fp8_grouped_contiguous_matches_reference(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(33);
     // DeepGEMM layout: groups constant over 128-row blocks, -1 padding.
@@ -416,7 +416,7 @@ pub fn masked_case(
 /// `fp8_grouped_masked` (SPEC §3.2): rows past `masked_m` hold NaN in `a`
 /// and stay poisoned in `d`; the computed rows match cpu-ref.
 pub fn fp8_grouped_masked_matches_reference_and_leaves_rows(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(34);
     masked_case(w, &mut rng, &[0, 17, 64, 33], 64, 256, 384, DType::BF16);
@@ -625,7 +625,7 @@ pub fn decode_case(
 /// `mla_decode` (SPEC §4) on sequences of different lengths over a permuted
 /// paged cache with NaN in every slot that must not be read.
 pub fn mla_decode_varlen_matches_reference(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(41);
     decode_case(w, &mut rng, &Decode::v3(&[1, 70, 130], 1, 16, 1, false));
@@ -634,7 +634,7 @@ pub fn mla_decode_varlen_matches_reference(h: &Harness) {
 /// Causal `mla_decode` with 2 and 4 queries per sequence: a query that sees
 /// no key (and an empty sequence) gives `out = 0`, `lse = +inf`.
 pub fn mla_decode_causal_multi_query(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(42);
     for s_q in [2, 4] {
@@ -657,7 +657,7 @@ pub fn mla_decode_causal_multi_query(h: &Harness) {
 /// Empty sequences, f32 and f16 inputs, explicit scales, narrow V, three
 /// kv heads.
 pub fn mla_decode_zero_lengths_and_f32(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(43);
     let Some((got, _)) = decode_case(w, &mut rng, &Decode::v3(&[0, 0], 1, 4, 1, false)) else {
@@ -696,7 +696,7 @@ pub fn mla_decode_zero_lengths_and_f32(h: &Harness) {
 
 /// Odd head dims (16-bit pairs straddle words), odd V width, pages of 24.
 pub fn mla_decode_odd_head_dims(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(46);
     // d odd: 16-bit pairs straddle words and keys start at odd elements;
@@ -931,7 +931,7 @@ pub fn prefill_case(w: &dyn Backend, rng: &mut Rng, c: &Prefill, form: MlaForm) 
 
 /// `mla_prefill` (SPEC §5), naive and absorbed forms, V3 and odd dims.
 pub fn mla_prefill_both_forms_match_reference(h: &Harness) {
-    let Some(bk) = h.backend() else { return };
+    let Some(bk) = h.shared() else { return };
     let w: &dyn Backend = &*bk;
     let mut rng = rng(51);
     for form in [MlaForm::Naive, MlaForm::Absorbed] {

@@ -7,10 +7,11 @@
 //! deepport_testkit::backend_suite!("cpu", |_rank| Ok(Box::new(deepport_cpu::Cpu)));
 //! ```
 //!
-//! This expands to one `#[test]` per check, named after it, each running on
-//! fresh backend instances made by the factory (`rank` is the rank of an
-//! expert-parallel group; single-device checks use rank 0). What is checked,
-//! always against `cpu-ref` (the oracle) on the same inputs:
+//! This expands to one `#[test]` per check, named after it. The factory
+//! makes instances of the backend (`rank` is the rank of an expert-parallel
+//! group; single-device checks use rank 0): checks that provoke errors get
+//! fresh instances, the others share one per rank (see [`Harness`]). What
+//! is checked, always against `cpu-ref` (the oracle) on the same inputs:
 //!
 //! * every local op on small adversarial inputs ([`local`], [`rows`],
 //!   [`heavy`]): odd sizes, partial tiles, K not a multiple of 128, NaN and
@@ -56,8 +57,9 @@ pub use rng::Rng;
 #[macro_export]
 macro_rules! backend_suite {
     ($name:expr, $factory:expr $(,)?) => {
-        fn __deepport_testkit_harness() -> $crate::Harness {
-            $crate::Harness::new($name, $factory)
+        fn __deepport_testkit_harness() -> &'static $crate::Harness {
+            static HARNESS: ::std::sync::OnceLock<$crate::Harness> = ::std::sync::OnceLock::new();
+            HARNESS.get_or_init(|| $crate::Harness::new($name, $factory))
         }
         $crate::__suite_tests! {
             __deepport_testkit_harness;
@@ -108,7 +110,7 @@ macro_rules! __suite_tests {
     ($h:ident; $($module:ident :: $check:ident),* $(,)?) => {$(
         #[test]
         fn $check() {
-            $crate::$module::$check(&$h());
+            $crate::$module::$check($h());
         }
     )*};
 }
