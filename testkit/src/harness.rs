@@ -243,3 +243,39 @@ pub fn run<A: LocalOp>(b: &dyn Backend, op: A) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::panic::catch_unwind;
+
+    fn unavailable() -> Result<()> {
+        Err(Error::Unavailable {
+            backend: "tk-test".into(),
+            reason: "no device".into(),
+        })
+    }
+
+    /// The rule `backends/wgpu/tests/common` had: unavailable skips, unless
+    /// `DEEPPORT_REQUIRE` names the backend; any other error fails.
+    #[test]
+    fn unavailable_skips_unless_required() {
+        assert!(available("tk-test", unavailable()).is_none());
+        assert_eq!(available("tk-test", Ok(3)), Some(3));
+        let device = || {
+            available::<()>(
+                "tk-test",
+                Err(Error::Device {
+                    backend: "tk-test".into(),
+                    msg: "lost".into(),
+                }),
+            )
+        };
+        assert!(catch_unwind(device).is_err());
+        // The only test of this binary that reads or sets the variable.
+        std::env::set_var("DEEPPORT_REQUIRE", "other, tk-test");
+        let required = catch_unwind(|| available("tk-test", unavailable()));
+        std::env::remove_var("DEEPPORT_REQUIRE");
+        assert!(required.is_err());
+    }
+}
