@@ -206,16 +206,34 @@ pub fn deferred_error(
     what: &str,
     call: impl FnOnce() -> Result<()>,
 ) -> Option<Error> {
-    let e = match call() {
+    reported_error(b, what, call(), None)
+}
+
+/// [`deferred_error`] for an op already called (`called` is what the call
+/// returned): a deferred error must surface at the next `download` of
+/// `settle` when given (any tensor of the instance), else at the next
+/// `synchronize`; exactly once either way.
+pub fn reported_error(
+    b: &dyn Backend,
+    what: &str,
+    called: Result<()>,
+    settle: Option<&Tensor>,
+) -> Option<Error> {
+    let e = match called {
         Err(e @ Error::NotSupported { .. }) => {
             skip(b.name(), what, &e);
             return None;
         }
         Err(e) => e,
-        Ok(()) => b
-            .synchronize()
-            .err()
-            .unwrap_or_else(|| panic!("{what}: no error reported, at the call or at synchronize")),
+        Ok(()) => {
+            let later = match settle {
+                Some(t) => b.download(t).err(),
+                None => b.synchronize().err(),
+            };
+            later.unwrap_or_else(|| {
+                panic!("{what}: no error reported, at the call or at the next download/synchronize")
+            })
+        }
     };
     b.synchronize()
         .unwrap_or_else(|e2| panic!("{what}: the error must be reported once, then {e2}"));

@@ -18,7 +18,7 @@
 //! them at the shapes that stress its kernels.
 
 use crate::compare::{assert_index_error, calc_diff, rms, ulp};
-use crate::harness::{both, deferred_error, down, host, on, poisoned, run, skip, up, Harness};
+use crate::harness::{both, down, host, on, poisoned, reported_error, run, skip, up, Harness};
 use crate::Rng;
 use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::*;
@@ -320,19 +320,19 @@ pub fn fp8_grouped_contiguous_bad_index_is_an_error(h: &Harness) {
             &HostTensor::from_i32(&[m], &idx.iter().map(|&v| v as i32).collect::<Vec<_>>()),
         );
         let mut d = poisoned(w, DType::BF16, &[m, n]);
-        let Some(e) = deferred_error(w, "fp8_grouped_contiguous(bad m_indices)", || {
-            run(
-                w,
-                Fp8GroupedContiguous {
-                    a: &a,
-                    sa: &sa,
-                    b: &b,
-                    sb: &sb,
-                    m_indices: &mi,
-                    d: &mut d,
-                },
-            )
-        }) else {
+        let called = run(
+            w,
+            Fp8GroupedContiguous {
+                a: &a,
+                sa: &sa,
+                b: &b,
+                sb: &sb,
+                m_indices: &mi,
+                d: &mut d,
+            },
+        );
+        let Some(e) = reported_error(w, "fp8_grouped_contiguous(bad m_indices)", called, Some(&d))
+        else {
             return;
         };
         assert_index_error(
@@ -437,19 +437,19 @@ pub fn fp8_grouped_masked_bad_count_is_an_error(h: &Harness) {
         let sb = up(w, &HostTensor::full(DType::F32, &[g, 1, 1], 1.0));
         let mm = up(w, &HostTensor::from_i32(&[g], &masked));
         let mut d = poisoned(w, DType::BF16, &[g, m_max, n]);
-        let Some(e) = deferred_error(w, "fp8_grouped_masked(bad masked_m)", || {
-            run(
-                w,
-                Fp8GroupedMasked {
-                    a: &a,
-                    sa: &sa,
-                    b: &b,
-                    sb: &sb,
-                    masked_m: &mm,
-                    d: &mut d,
-                },
-            )
-        }) else {
+        let called = run(
+            w,
+            Fp8GroupedMasked {
+                a: &a,
+                sa: &sa,
+                b: &b,
+                sb: &sb,
+                masked_m: &mm,
+                d: &mut d,
+            },
+        );
+        let Some(e) = reported_error(w, "fp8_grouped_masked(bad masked_m)", called, Some(&d))
+        else {
             return;
         };
         assert_index_error(

@@ -19,7 +19,9 @@
 //! not write fails the comparison.
 
 use crate::compare::{assert_bytes, assert_close, assert_index_error, ulp};
-use crate::harness::{both, deferred_error, down, host, poisoned, run, up, Harness};
+use crate::harness::{
+    both, deferred_error, down, host, poisoned, reported_error, run, up, Harness,
+};
 use crate::Rng;
 use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::*;
@@ -123,17 +125,16 @@ pub fn act_quant_rejects_non_finite_input(h: &Harness) {
     let x = up(w, &host(DType::F32, &[2, 256], &v));
     let mut q = poisoned(w, DType::F8E4M3, &[2, 256]);
     let mut s = poisoned(w, DType::F32, &[2, 2]);
-    let Some(e) = deferred_error(w, "act_quant(non-finite x)", || {
-        run(
-            w,
-            ActQuant {
-                x: &x,
-                q: &mut q,
-                s: &mut s,
-                scale_fmt: ScaleFmt::Float,
-            },
-        )
-    }) else {
+    let called = run(
+        w,
+        ActQuant {
+            x: &x,
+            q: &mut q,
+            s: &mut s,
+            scale_fmt: ScaleFmt::Float,
+        },
+    );
+    let Some(e) = reported_error(w, "act_quant(non-finite x)", called, Some(&q)) else {
         return;
     };
     match e {
@@ -633,16 +634,15 @@ pub fn embedding_out_of_range_is_an_error(h: &Harness) {
         let table = up(w, &host(DType::BF16, &[50, 4], &vec![1.0; 200]));
         let idt = up(w, &HostTensor::from_index(idd, &[ids.len()], &ids));
         let mut out = poisoned(w, DType::BF16, &[ids.len(), 4]);
-        let Some(e) = deferred_error(w, "embedding(bad id)", || {
-            run(
-                w,
-                Embedding {
-                    table: &table,
-                    ids: &idt,
-                    out: &mut out,
-                },
-            )
-        }) else {
+        let called = run(
+            w,
+            Embedding {
+                table: &table,
+                ids: &idt,
+                out: &mut out,
+            },
+        );
+        let Some(e) = reported_error(w, "embedding(bad id)", called, Some(&out)) else {
             return;
         };
         // cpu-ref reports the same error at once.

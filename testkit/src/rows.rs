@@ -9,7 +9,7 @@
 //! settings, e.g. a capped binding size); a bad index is `IndexOutOfRange`.
 
 use crate::compare::{assert_bytes, assert_index_error, calc_diff, ulp};
-use crate::harness::{deferred_error, poisoned, run, skip, Harness};
+use crate::harness::{deferred_error, poisoned, reported_error, run, skip, Harness};
 use crate::Rng;
 use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::{GatherRows, ReduceRows};
@@ -267,16 +267,15 @@ pub fn rows_bad_indices_are_index_errors(h: &Harness) {
     let s = w.upload(&src).unwrap();
     let i = w.upload(&idx).unwrap();
     let mut d = w.alloc(DType::BF16, &[3, 3]).unwrap();
-    if let Some(e) = deferred_error(w, "gather_rows(bad index)", || {
-        run(
-            w,
-            GatherRows {
-                src: &s,
-                index: &i,
-                dst: &mut d,
-            },
-        )
-    }) {
+    let called = run(
+        w,
+        GatherRows {
+            src: &s,
+            index: &i,
+            dst: &mut d,
+        },
+    );
+    if let Some(e) = reported_error(w, "gather_rows(bad index)", called, Some(&d)) {
         assert_index_error("gather", e, ("gather_rows", "index"), &[1], 4, None);
     }
     let idx = HostTensor::from_i32(&[1, 2], &[-2, 0]);
