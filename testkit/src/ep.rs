@@ -28,7 +28,7 @@ use deepport_cpu::CpuRef;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// This file's PRNG streams.
+/// This module's PRNG streams.
 fn rng(seed: u64) -> Rng {
     Rng::salted(seed, 0x5eed_cafe)
 }
@@ -216,7 +216,7 @@ pub fn layout_matches_cpu_ref(h: &Harness) {
     for inp in inputs(&[5, 0, 9, 3], 128, true, 1) {
         cases.push((inp.topk, inp.n));
     }
-    // More tokens than one workgroup, with duplicates and −1 entries.
+    // Many tokens (more than one GPU workgroup), with duplicates and −1 entries.
     let big = input(0, 700, 1, true, 2);
     cases.push((big.topk, big.n));
     // By hand: experts 4r..4r+3 live on rank r.
@@ -512,7 +512,7 @@ pub fn check_dispatch_and_combine(group: &[&dyn Backend], label: &str) -> bool {
             2,
             (DType::F32, DType::F32),
         ),
-        // More received rows than one workgroup.
+        // Many received rows (more than one GPU workgroup).
         (
             [300, 0, 40, 280],
             128,

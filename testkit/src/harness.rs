@@ -274,7 +274,7 @@ mod tests {
         })
     }
 
-    /// The rule `backends/wgpu/tests/common` had: unavailable skips, unless
+    /// Unavailable skips, unless
     /// `DEEPPORT_REQUIRE` names the backend; any other error fails.
     #[test]
     fn unavailable_skips_unless_required() {
