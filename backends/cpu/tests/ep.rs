@@ -10,6 +10,8 @@ use deepport_core::formats::{e4m3_to_f32, f32_to_e4m3, round_bf16};
 use deepport_core::ops::{self, *};
 use deepport_core::{DType, Error, HostTensor, Result};
 use deepport_cpu::CpuRef;
+use deepport_testkit::compare::calc_diff;
+use deepport_testkit::Rng;
 use std::time::{Duration, Instant};
 
 const R: usize = 4;
@@ -22,26 +24,9 @@ const MAX_TOKENS: usize = 10;
 
 // ---- deterministic inputs -------------------------------------------------
 
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x1234_5678)
-    }
-    /// splitmix64
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// This file's PRNG streams.
+fn rng(seed: u64) -> Rng {
+    Rng::salted(seed, 0x1234_5678)
 }
 
 #[derive(Clone)]
@@ -59,7 +44,7 @@ struct Input {
 /// otherwise values of very different magnitude per 128-group, and one
 /// all-zero group (the 1e-4 amax clamp).
 fn input(rank: usize, integer: bool) -> Input {
-    let mut rng = Rng::new(1000 + rank as u64);
+    let mut rng = rng(1000 + rank as u64);
     let n = NS[rank];
     let mut x = Vec::with_capacity(n * H);
     for t in 0..n {
@@ -71,7 +56,7 @@ fn input(rank: usize, integer: bool) -> Input {
                 0.0
             } else {
                 let mag = [0.003, 1.0, 37.0, 0.4][(t + g) % 4];
-                ((rng.unit() * 2.0 - 1.0) * mag) as f32
+                ((rng.uniform() * 2.0 - 1.0) * mag) as f32
             };
             x.push(round_bf16(v));
         }
@@ -93,7 +78,7 @@ fn input(rank: usize, integer: bool) -> Input {
         topk.extend(row);
     }
     let w = (0..n * K)
-        .map(|_| (rng.unit() * 0.9 + 0.05) as f32)
+        .map(|_| (rng.uniform() * 0.9 + 0.05) as f32)
         .collect();
     Input { n, x, topk, w }
 }
@@ -159,18 +144,6 @@ fn assert_bf16_eq(got: &[u8], want: &[u8], what: &str) {
         let v = |b: &[u8]| half::bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
         panic!("{what}: element {i}: got {}, want {}", v(got), v(want));
     }
-}
-
-fn calc_diff(x: &[f32], y: &[f32]) -> f64 {
-    let (mut xy, mut sq) = (0f64, 0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        xy += a as f64 * b as f64;
-        sq += a as f64 * a as f64 + b as f64 * b as f64;
-    }
-    if sq == 0.0 {
-        return 0.0;
-    }
-    1.0 - 2.0 * xy / sq
 }
 
 // ---- get_dispatch_layout ----------------------------------------------------
@@ -460,15 +433,15 @@ fn fp8_dispatch_payload_is_bit_exact() {
     // Arbitrary e4m3 codes and scales per rank.
     let codes: Vec<Vec<u8>> = (0..R)
         .map(|r| {
-            let mut rng = Rng::new(77 + r as u64);
-            (0..all[r].n * H).map(|_| rng.next() as u8).collect()
+            let mut rng = rng(77 + r as u64);
+            (0..all[r].n * H).map(|_| rng.next_u64() as u8).collect()
         })
         .collect();
     let scales: Vec<Vec<f32>> = (0..R)
         .map(|r| {
-            let mut rng = Rng::new(99 + r as u64);
+            let mut rng = rng(99 + r as u64);
             (0..all[r].n * H / 128)
-                .map(|_| (rng.unit() * 3.0) as f32 + 1e-3)
+                .map(|_| (rng.uniform() * 3.0) as f32 + 1e-3)
                 .collect()
         })
         .collect();
@@ -1129,14 +1102,14 @@ fn low_latency_f32_payload_round_trip() {
 /// combined output, in global token order.
 fn ll_round_trip(world: usize, comm_of: &dyn Fn(usize) -> Vec<Box<dyn Communicator>>) -> Vec<u32> {
     const N: usize = 12;
-    let mut rng = Rng::new(77);
+    let mut rng = rng(77);
     let x: Vec<f32> = (0..N * H)
-        .map(|_| round_bf16((rng.unit() * 2.0 - 1.0) as f32))
+        .map(|_| round_bf16((rng.uniform() * 2.0 - 1.0) as f32))
         .collect();
     let topk: Vec<i64> = (0..N * K)
         .map(|i| if i % 7 == 3 { -1 } else { rng.below(E) as i64 })
         .collect();
-    let w: Vec<f32> = (0..N * K).map(|_| rng.unit() as f32).collect();
+    let w: Vec<f32> = (0..N * K).map(|_| rng.uniform() as f32).collect();
     let per = N / world;
     let epr = E / world;
     let comms = comm_of(world);

@@ -8,37 +8,19 @@ use deepport_core::formats::round_to;
 use deepport_core::ops::{self, MlaDecode, MlaForm, MlaPrefill};
 use deepport_core::{Backend, DType, Error, HostTensor, Result};
 use deepport_cpu::CpuRef;
+use deepport_testkit::Rng;
 
-/// splitmix64: a tiny deterministic generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
+/// This file's draws from the shared test PRNG.
+trait Draw {
     /// `n` values uniform in [-amp, amp), rounded to `dtype`.
+    fn vec(&mut self, n: usize, amp: f32, dtype: DType) -> Vec<f32>;
+}
+
+impl Draw for Rng {
     fn vec(&mut self, n: usize, amp: f32, dtype: DType) -> Vec<f32> {
         (0..n)
-            .map(|_| round_to(dtype, self.uniform() * amp))
+            .map(|_| round_to(dtype, self.range_f32(-amp, amp)))
             .collect()
-    }
-    fn permutation(&mut self, n: usize) -> Vec<usize> {
-        let mut p: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            p.swap(i, self.below(i + 1));
-        }
-        p
     }
 }
 
@@ -268,7 +250,7 @@ fn check_lse(what: &str, got: &[f32], want: &[f64]) {
 
 #[test]
 fn decode_varlen_paged_nan_filled() {
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     let p = Decode::random(&mut rng, DType::BF16, &[1, 70, 130], 1, 4, 1, 576, 512, 64);
     let (out, lse) = decode(&p, &mut rng, false);
     let (ro, rl) = p.reference(false);
@@ -278,7 +260,7 @@ fn decode_varlen_paged_nan_filled() {
 
 #[test]
 fn decode_head_grouping() {
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     for dtype in [DType::BF16, DType::F32] {
         let p = Decode::random(&mut rng, dtype, &[33, 100, 64], 1, 6, 2, 576, 512, 64);
         let (out, lse) = decode(&p, &mut rng, false);
@@ -293,7 +275,7 @@ fn decode_head_grouping() {
 
 #[test]
 fn decode_causal_bottom_right() {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     for s_q in [2, 4] {
         // Length 2 with s_q = 4 leaves query 0 with no key at all.
         let p = Decode::random(
@@ -329,7 +311,7 @@ fn decode_causal_bottom_right() {
 
 #[test]
 fn decode_causal_single_query_equals_noncausal() {
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     let p = Decode::random(&mut rng, DType::BF16, &[17, 129], 1, 2, 1, 576, 512, 64);
     let (cache, table, nb, mb) = p.page(&mut rng, 1);
     let sl = seqlens(&p);
@@ -343,7 +325,7 @@ fn decode_causal_single_query_equals_noncausal() {
 
 #[test]
 fn decode_zero_length_sequence() {
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let p = Decode::random(&mut rng, DType::BF16, &[0, 10, 0], 2, 2, 1, 576, 512, 64);
     for causal in [false, true] {
         let (out, lse) = decode(&p, &mut rng, causal);
@@ -361,7 +343,7 @@ fn decode_zero_length_sequence() {
 
 #[test]
 fn decode_index_errors() {
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     let p = Decode::random(&mut rng, DType::BF16, &[70, 10], 1, 2, 1, 576, 512, 64);
     let (cache, table, nb, mb) = p.page(&mut rng, 0);
     let sl = seqlens(&p);
@@ -586,7 +568,7 @@ impl Prefill {
 
 #[test]
 fn prefill_forms_agree_and_match_reference() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let p = Prefill::random(&mut rng);
     let naive = p.run(MlaForm::Naive);
     let absorbed = p.run(MlaForm::Absorbed);
@@ -610,14 +592,14 @@ fn prefill_forms_agree_and_match_reference() {
 
 #[test]
 fn prefill_is_causal() {
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     let p = Prefill::random(&mut rng);
     let (t_n, s_n, h_n, dv) = (p.t, p.s, p.h, p.dv);
     // Query j sits at position S − T + j = 4 + j; change row 6.
     let row = 6;
     for form in [MlaForm::Naive, MlaForm::Absorbed] {
         let base = p.run(form);
-        let mut later = Prefill::random(&mut Rng(8));
+        let mut later = Prefill::random(&mut Rng::new(8));
         for c in 0..p.dc {
             later.latent[row * p.dc + c] += 0.75;
         }
@@ -639,7 +621,7 @@ fn prefill_is_causal() {
             }
         }
         // Changing row 0 changes every query.
-        let mut early = Prefill::random(&mut Rng(8));
+        let mut early = Prefill::random(&mut Rng::new(8));
         for c in 0..p.dc {
             early.latent[c] = -early.latent[c];
         }
@@ -658,7 +640,7 @@ fn prefill_is_causal() {
 fn prefill_bf16_output_rounds_once() {
     // Same problem with a bf16 output: each element is the f64 result
     // rounded once, so within half a bf16 ulp of the reference.
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let p = Prefill::random(&mut rng);
     let want = p.reference();
     let be = CpuRef::new();
