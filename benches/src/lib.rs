@@ -351,6 +351,39 @@ mod tests {
     }
 
     #[test]
+    fn every_bench_op_runs_on_the_reference() {
+        let be = deepport_cpu::CpuRef;
+        let small = [
+            ("fp8_gemm", Shape::of(&[("m", 3), ("n", 130), ("k", 256)])),
+            (
+                "fp8_grouped_contiguous",
+                Shape::of(&[("g", 2), ("m", 4), ("n", 128), ("k", 128)]),
+            ),
+            (
+                "fp8_grouped_masked",
+                Shape::of(&[
+                    ("g", 2),
+                    ("m", 4),
+                    ("expected_m", 3),
+                    ("n", 128),
+                    ("k", 128),
+                ]),
+            ),
+            ("gemm", Shape::of(&[("m", 3), ("n", 5), ("k", 7)])),
+            (
+                "mla_decode",
+                Shape::of(&[("b", 2), ("s_q", 1), ("h_q", 2), ("s_k", 70)]),
+            ),
+        ];
+        assert_eq!(small.len(), setup::BENCH_OPS.len());
+        for (op, shape) in small {
+            let mut p = setup::Prepared::new(&be, op, &shape).unwrap();
+            p.launch(&be)
+                .unwrap_or_else(|e| panic!("{op}({shape}): {e}"));
+        }
+    }
+
+    #[test]
     fn table_lists_every_shape() {
         let t = roofline_markdown("H200", 1979e12, 4.8e12);
         assert_eq!(
