@@ -8,6 +8,157 @@
 
 #![forbid(unsafe_code)]
 
+pub mod setup;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A benchmark shape: named positive integers (`m=128,n=2112,k=7168`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Shape(pub BTreeMap<String, usize>);
+
+impl Shape {
+    /// A shape from `(name, value)` pairs.
+    pub fn of(pairs: &[(&str, usize)]) -> Self {
+        Shape(pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+    }
+    /// Parses `m=128,n=2112,k=7168` (also `m=128 n=2112`): names are
+    /// lowercase identifiers, values positive integers (`_` allowed as a
+    /// digit separator), each name at most once.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut map = BTreeMap::new();
+        for part in text.split([',', ' ']).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not name=value"))?;
+            let k = k.trim();
+            if k.is_empty()
+                || !k
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
+            {
+                return Err(format!("`{k}` is not a shape parameter name"));
+            }
+            let v: usize = v
+                .trim()
+                .replace('_', "")
+                .parse()
+                .map_err(|_| format!("{k}={v}: not a non-negative integer"))?;
+            if v == 0 {
+                return Err(format!("{k}=0: sizes must be positive"));
+            }
+            if map.insert(k.to_string(), v).is_some() {
+                return Err(format!("`{k}` is given twice"));
+            }
+        }
+        if map.is_empty() {
+            return Err("empty shape".into());
+        }
+        Ok(Shape(map))
+    }
+    /// The value of `name`, if the shape has it.
+    pub fn get(&self, name: &str) -> Option<&usize> {
+        self.0.get(name)
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// Which benchmark grid to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grid {
+    /// The shapes of the performance targets (benches/README.md): a few
+    /// minutes on a 2-core CPU with the fast `cpu` backend.
+    Quick,
+    /// DeepSeek's own benchmark grids: DeepGEMM's (n, k) × m, its grouped
+    /// test shapes, FlashMLA's decode grid. Hours on a CPU; sized for GPUs.
+    DeepSeek,
+}
+
+/// The `(op, shape)` pairs of a grid, optionally only those of one op.
+pub fn grid(which: Grid, op: Option<&str>) -> Vec<(&'static str, Shape)> {
+    let mut v: Vec<(&'static str, Shape)> = Vec::new();
+    match which {
+        Grid::Quick => {
+            for m in [16, 128, 4096] {
+                v.push(("fp8_gemm", Shape::of(&[("m", m), ("n", 2112), ("k", 7168)])));
+            }
+            v.push((
+                "fp8_grouped_contiguous",
+                Shape::of(&[("g", 4), ("m", 256), ("n", 4096), ("k", 7168)]),
+            ));
+            v.push((
+                "fp8_grouped_masked",
+                Shape::of(&[
+                    ("g", 4),
+                    ("m", 256),
+                    ("expected_m", 64),
+                    ("n", 4096),
+                    ("k", 7168),
+                ]),
+            ));
+            v.push(("gemm", Shape::of(&[("m", 128), ("n", 2112), ("k", 7168)])));
+            v.push((
+                "mla_decode",
+                Shape::of(&[("b", 16), ("s_q", 1), ("h_q", 128), ("s_k", 4096)]),
+            ));
+        }
+        Grid::DeepSeek => {
+            for &(n, k) in &DEEPGEMM_NK {
+                for &m in &DEEPGEMM_M {
+                    v.push(("fp8_gemm", Shape::of(&[("m", m), ("n", n), ("k", k)])));
+                }
+            }
+            for &(g, m, n, k) in &DEEPGEMM_CONTIGUOUS {
+                v.push((
+                    "fp8_grouped_contiguous",
+                    Shape::of(&[("g", g), ("m", m), ("n", n), ("k", k)]),
+                ));
+            }
+            for &(g, e) in &DEEPGEMM_MASKED {
+                for (n, k) in [(4096, 7168), (7168, 2048)] {
+                    v.push((
+                        "fp8_grouped_masked",
+                        Shape::of(&[
+                            ("g", g),
+                            ("m", 2 * e),
+                            ("expected_m", e),
+                            ("n", n),
+                            ("k", k),
+                        ]),
+                    ));
+                }
+            }
+            for s_q in [1, 2] {
+                for s_k in [4096, 8192] {
+                    v.push((
+                        "mla_decode",
+                        Shape::of(&[("b", 128), ("s_q", s_q), ("h_q", 128), ("s_k", s_k)]),
+                    ));
+                }
+            }
+        }
+    }
+    v.retain(|(o, _)| op.is_none_or(|want| want == *o));
+    v
+}
+
+/// DeepGEMM's grouped contiguous test shapes: (groups, rows per group, n, k).
+pub const DEEPGEMM_CONTIGUOUS: [(usize, usize, usize, usize); 4] = [
+    (4, 8192, 4096, 7168),
+    (4, 8192, 7168, 2048),
+    (8, 4096, 4096, 7168),
+    (8, 4096, 7168, 2048),
+];
+
+/// DeepGEMM's grouped masked test shapes: (groups, expected rows per group).
+pub const DEEPGEMM_MASKED: [(usize, usize); 3] = [(1, 1024), (2, 512), (4, 256)];
+
 /// One kernel invocation's work.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
@@ -56,6 +207,46 @@ pub fn fp8_gemm(m: usize, n: usize, k: usize) -> Workload {
         id: format!("fp8_gemm(m={m},n={n},k={k})"),
         flops: 2.0 * mf * nf * kf,
         bytes: mf * kf + nf * kf + 4.0 * (mf * kb + n.div_ceil(128) as f64 * kb) + 2.0 * mf * nf,
+    }
+}
+
+/// Grouped FP8 GEMM, contiguous layout: `g` groups of `m` rows each.
+pub fn fp8_grouped_contiguous(g: usize, m: usize, n: usize, k: usize) -> Workload {
+    let kb = k.div_ceil(128) as f64;
+    let (gf, mf, nf, kf) = (g as f64, m as f64, n as f64, k as f64);
+    Workload {
+        id: format!("fp8_grouped_contiguous(g={g},m={m},n={n},k={k})"),
+        flops: 2.0 * gf * mf * nf * kf,
+        bytes: gf * mf * kf
+            + gf * nf * kf
+            + 4.0 * gf * (mf * kb + n.div_ceil(128) as f64 * kb)
+            + 2.0 * gf * mf * nf
+            + 4.0 * gf * mf,
+    }
+}
+
+/// Grouped FP8 GEMM, masked layout: `g` groups of up to `m` rows, `e` of
+/// them valid in each (DeepGEMM counts only the valid rows).
+pub fn fp8_grouped_masked(g: usize, m: usize, e: usize, n: usize, k: usize) -> Workload {
+    let kb = k.div_ceil(128) as f64;
+    let (gf, ef, nf, kf) = (g as f64, e as f64, n as f64, k as f64);
+    Workload {
+        id: format!("fp8_grouped_masked(g={g},m={m},expected_m={e},n={n},k={k})"),
+        flops: 2.0 * gf * ef * nf * kf,
+        bytes: gf * ef * kf
+            + gf * nf * kf
+            + 4.0 * gf * (ef * kb + n.div_ceil(128) as f64 * kb)
+            + 2.0 * gf * ef * nf,
+    }
+}
+
+/// bf16 GEMM with bf16 output.
+pub fn gemm_bf16(m: usize, n: usize, k: usize) -> Workload {
+    let (mf, nf, kf) = (m as f64, n as f64, k as f64);
+    Workload {
+        id: format!("gemm(m={m},n={n},k={k})"),
+        flops: 2.0 * mf * nf * kf,
+        bytes: 2.0 * (mf * kf + nf * kf + mf * nf),
     }
 }
 
@@ -135,6 +326,61 @@ mod tests {
             big.compute_bound(1979e12, 4.8e12),
             "m = 4096 GEMM is compute bound"
         );
+    }
+
+    #[test]
+    fn shapes_parse_and_print() {
+        let s = Shape::parse("m=128,n=2_112 k=7168").unwrap();
+        assert_eq!(s.to_string(), "k=7168,m=128,n=2112");
+        for bad in ["", "m", "m=0", "m=-1", "m=1,m=2", "M=1", "m=1e3"] {
+            assert!(Shape::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn every_grid_shape_has_a_workload() {
+        for g in [Grid::Quick, Grid::DeepSeek] {
+            for (op, shape) in grid(g, None) {
+                let w = setup::workload(op, &shape).unwrap();
+                assert!(w.flops > 0.0 && w.bytes > 0.0, "{op} {shape}");
+            }
+        }
+        assert!(grid(Grid::Quick, Some("mla_decode")).len() == 1);
+        assert!(setup::workload("nope", &Shape::of(&[("m", 1)])).is_err());
+        assert!(setup::workload("fp8_gemm", &Shape::of(&[("m", 1)])).is_err());
+    }
+
+    #[test]
+    fn every_bench_op_runs_on_the_reference() {
+        let be = deepport_cpu::CpuRef;
+        let small = [
+            ("fp8_gemm", Shape::of(&[("m", 3), ("n", 130), ("k", 256)])),
+            (
+                "fp8_grouped_contiguous",
+                Shape::of(&[("g", 2), ("m", 4), ("n", 128), ("k", 128)]),
+            ),
+            (
+                "fp8_grouped_masked",
+                Shape::of(&[
+                    ("g", 2),
+                    ("m", 4),
+                    ("expected_m", 3),
+                    ("n", 128),
+                    ("k", 128),
+                ]),
+            ),
+            ("gemm", Shape::of(&[("m", 3), ("n", 5), ("k", 7)])),
+            (
+                "mla_decode",
+                Shape::of(&[("b", 2), ("s_q", 1), ("h_q", 2), ("s_k", 70)]),
+            ),
+        ];
+        assert_eq!(small.len(), setup::BENCH_OPS.len());
+        for (op, shape) in small {
+            let mut p = setup::Prepared::new(&be, op, &shape).unwrap();
+            p.launch(&be)
+                .unwrap_or_else(|e| panic!("{op}({shape}): {e}"));
+        }
     }
 
     #[test]

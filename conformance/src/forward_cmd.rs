@@ -56,6 +56,10 @@ pub struct ForwardArgs {
     /// cache, not with the square of the prompt.
     #[arg(long, default_value_t = DEFAULT_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub chunk: u64,
+    /// After the prompt, decode this many tokens greedily (each the argmax
+    /// of the previous logits) and report per-token latency and tokens/s.
+    #[arg(long, default_value_t = 0)]
+    pub decode: u64,
 }
 
 /// What one rank's run produced.
@@ -139,6 +143,14 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
             tokens.len()
         )));
     }
+    let decode = usize::try_from(args.decode).unwrap_or(usize::MAX);
+    if tokens.len().saturating_add(decode) > max_pos {
+        return Err(CliError::usage(format!(
+            "--decode {decode}: the prompt's {} tokens plus {decode} decoded ones exceed the \
+             checkpoint's max_position_embeddings = {max_pos}",
+            tokens.len()
+        )));
+    }
     let ep = args.ep as usize;
     if cfg.n_routed_experts > 0 && !cfg.n_routed_experts.is_multiple_of(ep) {
         return Err(CliError::usage(format!(
@@ -149,7 +161,7 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
     let chunk = usize::try_from(args.chunk).unwrap_or(usize::MAX);
     let all_logits = args.out.is_some() || golden.is_some();
     // Every in-process rank holds its own replicated weights and cache.
-    let est = memory::estimate(&cfg, numerics, ep, tokens.len(), chunk, all_logits);
+    let est = memory::estimate(&cfg, numerics, ep, tokens.len() + decode, chunk, all_logits);
     let need = est.total().saturating_mul(ep as u64);
     // The global `--max-memory` (deepport's one memory budget), else what
     // the machine has available.
@@ -198,8 +210,18 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         let want_taps = args.taps && args.out.is_some();
         let logits =
             model.prefill_chunked(&tokens, chunk, all_logits, want_taps.then_some(&mut taps))?;
+        let prefill_s = t1.elapsed().as_secs_f64();
         if rank0 {
-            eprintln!("forward: prefill took {:.2} s", t1.elapsed().as_secs_f64());
+            eprintln!(
+                "forward: prefill took {prefill_s:.2} s ({:.1} tokens/s)",
+                tokens.len() as f64 / prefill_s
+            );
+        }
+        if args.decode > 0 {
+            let generated = greedy_decode(&mut model, &logits, args.decode as usize)?;
+            if rank0 {
+                eprintln!("{}", generated.summary());
+            }
         }
         let report = match golden_ref {
             Some((g, p)) => Some(model_check::check_forward(&mut model, g, p, prefill)?),
@@ -278,6 +300,77 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
     }
 }
 
+/// What `--decode N` produced and how fast.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// The decoded tokens, in order.
+    pub tokens: Vec<u32>,
+    /// Seconds of each decode step (one token through every layer).
+    pub step_s: Vec<f64>,
+}
+
+impl Generated {
+    /// Tokens and latency, one line each.
+    pub fn summary(&self) -> String {
+        let mut t = self.step_s.clone();
+        t.sort_by(f64::total_cmp);
+        let total: f64 = t.iter().sum();
+        let pct = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize] * 1e3;
+        format!(
+            "forward: decoded {} tokens greedily: {:?}\n\
+             forward: decode latency per token: median {:.2} ms, p90 {:.2} ms, max {:.2} ms \
+             ({:.1} tokens/s)",
+            self.tokens.len(),
+            self.tokens,
+            pct(0.5),
+            pct(0.9),
+            pct(1.0),
+            self.tokens.len() as f64 / total
+        )
+    }
+}
+
+/// Index of the largest finite value (the first on ties); `None` when the
+/// row is empty or holds no finite value.
+pub fn argmax(row: &[f32]) -> Option<usize> {
+    row.iter()
+        .enumerate()
+        .filter(|(_, v)| v.is_finite())
+        .fold(None, |best: Option<(usize, f32)>, (i, &v)| match best {
+            Some((_, b)) if b >= v => best,
+            _ => Some((i, v)),
+        })
+        .map(|(i, _)| i)
+}
+
+/// Decodes `n` tokens greedily after the prompt whose logits are
+/// `logits` (`[T, vocab]` or `[1, vocab]`; the last row is used). Every
+/// expert-parallel rank computes the same logits (core's fixed combine
+/// order), so every rank picks the same token without a broadcast.
+fn greedy_decode(model: &mut Model<'_>, logits: &HostTensor, n: usize) -> Result<Generated, Error> {
+    let vocab = logits.shape().last().copied().unwrap_or(0);
+    let last_row = |l: &HostTensor| -> Result<u32, Error> {
+        let v = l.to_f32_vec();
+        let row = v.get(v.len().saturating_sub(vocab)..).unwrap_or(&[]);
+        argmax(row)
+            .map(|i| i as u32)
+            .ok_or_else(|| Error::Other("forward --decode: the logits hold no finite value".into()))
+    };
+    let mut next = last_row(logits)?;
+    let mut out = Generated {
+        tokens: Vec::with_capacity(n),
+        step_s: Vec::with_capacity(n),
+    };
+    for _ in 0..n {
+        out.tokens.push(next);
+        let t0 = std::time::Instant::now();
+        let l = model.decode(next)?;
+        out.step_s.push(t0.elapsed().as_secs_f64());
+        next = last_row(&l)?;
+    }
+    Ok(out)
+}
+
 /// Prints the prediction after the last prompt token.
 fn report_logits(logits: &HostTensor, tokens: &[u32]) {
     let v = logits.to_f32_vec();
@@ -313,5 +406,13 @@ mod tests {
         assert!(parse_tokens("1,x").is_err());
         assert!(parse_tokens("-1").is_err());
         assert!(parse_tokens("@/nonexistent/file.json").is_err());
+    }
+
+    #[test]
+    fn argmax_takes_the_first_largest_finite_value() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), Some(1));
+        assert_eq!(argmax(&[f32::NAN, -1.0, f32::INFINITY, -0.5]), Some(3));
+        assert_eq!(argmax(&[f32::NAN]), None);
+        assert_eq!(argmax(&[]), None);
     }
 }

@@ -11,10 +11,13 @@
 //!   they produce;
 //! * [`cases`]: the op families of the conformance suite and their case
 //!   builders (small, deterministic, adversarial inputs);
+//! * `bench_cmd`: `deepport bench` (with the `cpu` feature);
 //! * [`suite`]: the conformance suite: catalogue, execution (`deepport
 //!   run`), waivers and reports.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cpu")]
+pub mod bench_cmd;
 pub mod cases;
 pub mod error;
 #[cfg(feature = "cpu")]

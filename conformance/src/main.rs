@@ -141,6 +141,10 @@ layer and op that left tolerance. Exit status 1 when a check fails.",
         after_help = "Example: deepport forward --backend cpu --checkpoint golden/model --golden golden/model --mode fp8"
     )]
     Forward(deepport_conformance::forward_cmd::ForwardArgs),
+    /// Measure ops on DeepSeek's shapes: TFLOP/s, GB/s and the fraction of
+    /// this machine's roofline, several backends side by side.
+    #[cfg(feature = "cpu")]
+    Bench(deepport_conformance::bench_cmd::BenchArgs),
     /// Golden data: verify it against its manifest.
     #[command(subcommand)]
     Golden(GoldenCmd),
@@ -291,6 +295,12 @@ fn main() -> ExitCode {
         Command::Verify(a) => return report::verify_main(a),
         Command::CaseExec(a) => return exec::child::case_exec_main(a),
         Command::Forward(a) => match deepport_conformance::forward_cmd::run(&a) {
+            Ok(true) => Ok(ExitCode::SUCCESS),
+            Ok(false) => Ok(ExitCode::from(1)),
+            Err(e) => Err(e),
+        },
+        #[cfg(feature = "cpu")]
+        Command::Bench(a) => match deepport_conformance::bench_cmd::run(&a) {
             Ok(true) => Ok(ExitCode::SUCCESS),
             Ok(false) => Ok(ExitCode::from(1)),
             Err(e) => Err(e),
