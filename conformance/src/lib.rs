@@ -27,6 +27,7 @@ pub mod model_check;
 pub mod opspec;
 pub mod rng;
 pub mod suite;
+pub mod types;
 
 pub use error::CliError;
 

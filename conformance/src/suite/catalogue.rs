@@ -33,7 +33,7 @@
 mod expr;
 pub mod size;
 
-use super::{CaseSpec, Metric, Source, Tolerance};
+use crate::types::{CaseSpec, Metric, Source, Tolerance};
 use crate::cases::{self, Family, KeyKind, ParamMap};
 use expr::Expr;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};

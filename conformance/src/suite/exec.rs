@@ -29,7 +29,7 @@ pub use refcache::RefCache;
 
 use super::catalogue;
 use super::waivers::{Date, Waivers};
-use super::{CaseResult, CaseSpec, Outcome, RunInfo, SUITE_VERSION};
+use crate::types::{CaseResult, CaseSpec, Outcome, RunInfo, SUITE_VERSION};
 use crate::cases::Case;
 use crate::error::{EXIT_FAILURE, EXIT_USAGE};
 use crate::judge::{self, Check};
