@@ -298,10 +298,7 @@ impl Params {
     }
 
     /// Fills in the literal defaults of the parameters not given.
-    fn with_defaults(
-        spec: &OpSpec,
-        mut given: BTreeMap<&'static str, Value>,
-    ) -> CliResult<Params> {
+    fn with_defaults(spec: &OpSpec, mut given: BTreeMap<&'static str, Value>) -> CliResult<Params> {
         for p in spec.all_params() {
             if let (ParamDefault::Value(d), false) = (p.default, given.contains_key(p.name)) {
                 given.insert(p.name, parse_value(spec.name, p, d)?);
@@ -464,7 +461,9 @@ impl Inputs {
 
     /// Checks that every required input is present (per rank for an
     /// expert-parallel op): a missing one is a usage error naming it.
+    /// A rank count other than 1 for a local op is a usage error.
     pub fn check_present(&self, spec: &OpSpec, ranks: usize) -> CliResult<()> {
+        check_ranks(spec, ranks)?;
         for t in spec.all_inputs().filter(|t| !t.optional) {
             if spec.on_ranks() {
                 for r in 0..ranks {
@@ -1061,8 +1060,7 @@ fn combine_handle_inputs() -> &'static [TensorSpec] {
 
 fn spec_of(kind: OpKind, run: Runner) -> OpSpec {
     let d = kind.decl();
-    let (handle_inputs, handle_params): (&'static [TensorSpec], &'static [ParamSpec]) = match kind
-    {
+    let (handle_inputs, handle_params): (&'static [TensorSpec], &'static [ParamSpec]) = match kind {
         OpKind::Combine => (
             combine_handle_inputs(),
             leak(
@@ -1132,13 +1130,26 @@ pub fn run_on_ranks(
     params: &mut Params,
     ranks: usize,
 ) -> CliResult<Outputs> {
+    check_ranks(spec, ranks)?;
     match spec.run {
-        Runner::Local(f) if ranks == 1 => f(backend, inputs, params),
-        Runner::Local(_) => Err(CliError::usage(format!(
+        Runner::Local(f) => f(backend, inputs, params),
+        Runner::Ranks(f) => f(backend, inputs, params, ranks),
+    }
+}
+
+/// A local op runs on one device (`ranks` 1); an expert-parallel op on at
+/// least one rank.
+fn check_ranks(spec: &OpSpec, ranks: usize) -> CliResult<()> {
+    match spec.run {
+        Runner::Local(_) if ranks != 1 => Err(CliError::usage(format!(
             "{} runs on one device; --ranks {ranks} applies to the expert-parallel ops only",
             spec.name
         ))),
-        Runner::Ranks(f) => f(backend, inputs, params, ranks),
+        Runner::Ranks(_) if ranks == 0 => Err(CliError::usage(format!(
+            "{}: --ranks must be at least 1",
+            spec.name
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -1173,7 +1184,11 @@ pub fn help_table() -> String {
                 "    on --ranks N in-process ranks; every tensor per rank, named r{{rank}}.{{name}} (r0.x, r1.x, …)"
             );
         }
-        for (label, list) in [("in ", o.inputs), ("out", o.outputs), ("hdl", o.handle_inputs)] {
+        for (label, list) in [
+            ("in ", o.inputs),
+            ("out", o.outputs),
+            ("hdl", o.handle_inputs),
+        ] {
             for (j, t) in list.iter().enumerate() {
                 let head = if j == 0 { label } else { "   " };
                 let _ = writeln!(s, "    {head}  {:<14} {}", t.name, t.doc);

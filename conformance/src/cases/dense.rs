@@ -6,8 +6,7 @@
 use super::gen::{self, poison_rows, row_mask};
 use super::judging::Judging;
 use super::{
-    def, op_case, opt, req, Case, Family, KeyKind, ParamMap, FLOAT_DTYPES, FP8_FORMATS,
-    GEMM_OUT, P,
+    def, op_case, opt, req, Case, Family, KeyKind, ParamMap, FLOAT_DTYPES, FP8_FORMATS, GEMM_OUT, P,
 };
 use crate::opspec::Arg;
 use crate::rng::Rng;
@@ -539,7 +538,10 @@ fn build_moe_gate(spec: &CaseSpec) -> Result<Case, String> {
         ],
         Judging::new(spec)
             .key_of(topk_key)
-            .with(routing::judge(BTreeMap::from([("topk_idx".to_string(), ties)])))
+            .with(routing::judge(BTreeMap::from([(
+                "topk_idx".to_string(),
+                ties,
+            )])))
             .into_fn(),
     )
 }

@@ -8,7 +8,6 @@
 //! source token)` keys and are compared by key.
 
 use super::judging::{rank_free, Judging};
-use keyed::KEYS;
 use super::{def, opt, req, Case, Family, KeyKind, ParamMap, P};
 use crate::error::CliError;
 use crate::opspec::Outputs;
@@ -19,6 +18,7 @@ use deepport_core::comm::run_ranks;
 use deepport_core::formats;
 use deepport_core::ops::{self, *};
 use deepport_core::{DType, Error, HostTensor, Result};
+use keyed::KEYS;
 
 use KeyKind::{Int, Text};
 

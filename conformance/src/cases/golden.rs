@@ -84,9 +84,12 @@ fn build(spec: &CaseSpec) -> Result<Case, String> {
     let params = obj
         .iter()
         .map(|(k, v)| {
-            Arg::from_json(v)
-                .map(|a| (k.as_str(), a))
-                .ok_or_else(|| format!("{}: parameter `{k}` is {v}, not a number, flag or word", file.display()))
+            Arg::from_json(v).map(|a| (k.as_str(), a)).ok_or_else(|| {
+                format!(
+                    "{}: parameter `{k}` is {v}, not a number, flag or word",
+                    file.display()
+                )
+            })
         })
         .collect::<Result<Vec<_>, String>>()?;
     let parsed = Params::from_args(os, &params).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -151,7 +154,10 @@ fn build(spec: &CaseSpec) -> Result<Case, String> {
             );
             judging = judging
                 .key_of(topk_key)
-                .with(routing::judge(BTreeMap::from([("topk_idx".to_string(), ties)])));
+                .with(routing::judge(BTreeMap::from([(
+                    "topk_idx".to_string(),
+                    ties,
+                )])));
         }
         _ => {}
     }

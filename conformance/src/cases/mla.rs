@@ -186,7 +186,10 @@ fn build_prefill(spec: &CaseSpec) -> Result<Case, String> {
         &[h * (dn + dv), dc],
         (dc.max(1) as f32).powf(-0.5),
     );
-    let mut params = vec![("form", Arg::Text(p.text("form")?)), ("head_dim_v", Arg::Int(dv))];
+    let mut params = vec![
+        ("form", Arg::Text(p.text("form")?)),
+        ("head_dim_v", Arg::Int(dv)),
+    ];
     if let Some(sc) = p.opt_float("scale")? {
         params.push(("softmax_scale", Arg::Float(sc)));
     }

@@ -19,4 +19,3 @@ pub mod report;
 pub mod waivers;
 
 pub use crate::types::*;
-

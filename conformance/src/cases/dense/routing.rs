@@ -37,7 +37,6 @@ pub fn routing_validity(name: &str, idx: &[i64], topk: usize) -> Check {
     Check::new(metric, bad as f64, 0.0, bad == 0, detail).with_worst(first.map(|f| vec![f.0]))
 }
 
-
 /// Judges two MoE routings (SPEC.md §6): per token, the *set* of chosen
 /// experts must be equal, and the weights, after sorting by expert id,
 /// within `weight_tol`. A token whose selection sits on a near-tie of
@@ -153,7 +152,6 @@ pub fn routing(
         .with_worst(worst_at.map(|w| vec![w.0])),
     ]
 }
-
 
 /// `…topk_weights` is judged with its `…topk_idx`.
 fn indices_of(name: &str) -> Option<String> {
@@ -327,7 +325,10 @@ mod tests {
             })
             .with(judge(ties));
         let r: Outputs = [
-            ("topk_idx".to_string(), HostTensor::from_i64(&[2, 2], &[1, 2, 3, 4])),
+            (
+                "topk_idx".to_string(),
+                HostTensor::from_i64(&[2, 2], &[1, 2, 3, 4]),
+            ),
             (
                 "topk_weights".to_string(),
                 HostTensor::from_f32(DType::F32, &[2, 2], &[0.5, 0.25, 0.1, 0.2]),

@@ -109,7 +109,6 @@ pub fn keyed(
     Check::new(metric, bad as f64, 0.0, bad == 0, detail).with_worst(worst)
 }
 
-
 /// `x.keys` is judged with `x`.
 fn rows_of(name: &str) -> Option<String> {
     name.strip_suffix(KEYS).map(str::to_string)
@@ -209,7 +208,10 @@ mod tests {
         let outs = |x: HostTensor, k: &[i64]| -> Outputs {
             [
                 ("r0.recv_x".to_string(), x),
-                ("r0.recv_x.keys".to_string(), HostTensor::from_i64(&[2, 2], k)),
+                (
+                    "r0.recv_x.keys".to_string(),
+                    HostTensor::from_i64(&[2, 2], k),
+                ),
             ]
             .into_iter()
             .collect()
