@@ -6,6 +6,8 @@
 
 // Every test needs the CPU backends.
 #![cfg(feature = "cpu")]
+// The expectations index ranks and tokens of ROUTING side by side.
+#![allow(clippy::needless_range_loop)]
 
 use deepport_core::tensor::{read_safetensors, write_safetensors};
 use deepport_core::{DType, HostTensor};
