@@ -1279,6 +1279,64 @@ mod tests {
     }
 
     #[test]
+    fn typed_args_are_checked_like_text() {
+        let spec = find("mla-prefill").unwrap();
+        let p = Params::from_args(
+            spec,
+            &[
+                ("form", Arg::Text("naive")),
+                ("head_dim_v", Arg::Int(64)),
+                ("softmax_scale", Arg::Float(0.125)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.choice("form").unwrap(), "naive");
+        assert_eq!(p.int("head_dim_v").unwrap(), 64);
+        assert_eq!(p.float("softmax_scale").unwrap(), 0.125);
+        // The same values as text give the same parameters.
+        let t = Params::parse(
+            spec,
+            &[
+                "form=naive".into(),
+                "head_dim_v=64".into(),
+                "softmax_scale=0.125".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.to_json(), t.to_json());
+        // Unknown names, wrong types, words outside the choice, repeats.
+        for (args, want) in [
+            (vec![("nope", Arg::Int(1))], "nope"),
+            (vec![("form", Arg::Text("fused"))], "fused"),
+            (vec![("head_dim_v", Arg::Float(1.5))], "head_dim_v"),
+            (vec![("head_dim_v", Arg::Text("64"))], "head_dim_v"),
+            (
+                vec![("head_dim_v", Arg::Int(1)), ("head_dim_v", Arg::Int(2))],
+                "more than once",
+            ),
+        ] {
+            let e = Params::from_args(spec, &args).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        // Flags take booleans or 0/1; floats take integers.
+        let d = find("mla-decode").unwrap();
+        let p = Params::from_args(d, &[("causal", Arg::Int(1))]).unwrap();
+        assert!(p.bool("causal").unwrap());
+        assert!(Params::from_args(d, &[("causal", Arg::Int(2))]).is_err());
+        let p = Params::from_args(d, &[("softmax_scale", Arg::Int(2))]).unwrap();
+        assert_eq!(p.float("softmax_scale").unwrap(), 2.0);
+        // JSON metadata values.
+        let j: serde_json::Value =
+            serde_json::from_str(r#"{"a": 3, "b": 2.5, "c": true, "d": "x", "e": null}"#).unwrap();
+        assert_eq!(Arg::from_json(&j["a"]), Some(Arg::Int(3)));
+        assert_eq!(Arg::from_json(&j["b"]), Some(Arg::Float(2.5)));
+        assert_eq!(Arg::from_json(&j["c"]), Some(Arg::Bool(true)));
+        assert_eq!(Arg::from_json(&j["d"]), Some(Arg::Text("x")));
+        assert_eq!(Arg::from_json(&j["e"]), None);
+    }
+
+    #[test]
     fn computed_default_is_recorded() {
         let spec = find("mla-decode").unwrap();
         let mut p = Params::parse(spec, &[]).unwrap();
