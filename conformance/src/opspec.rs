@@ -6,7 +6,10 @@
 //! spec, looking tensors up by name with errors that name the file and list
 //! what it holds, dtype conversions, poisoned output allocation, validation
 //! before launch, and the `--help` table. The built-in cases of
-//! `deepport run` go through the same path.
+//! `deepport run` go through the same path, handing their parameters typed
+//! ([`Arg`], [`Params::from_args`]). The expert-parallel ops run on `--ranks
+//! N` in-process ranks with per-rank tensors ([`rank_name`]; the runners
+//! are in `opspec/ep.rs`).
 
 mod ep;
 
