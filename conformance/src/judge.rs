@@ -6,7 +6,7 @@
 //! NaN is never "close" to a number: wherever the reference is finite and the
 //! actual value is not (a poisoned output left unwritten), the check fails.
 
-use crate::suite::{Metric, Outcome, Tolerance};
+use crate::types::{Metric, Outcome, Tolerance};
 use deepport_core::tensor::unravel;
 use deepport_core::{DType, HostTensor};
 
@@ -466,147 +466,6 @@ impl<'a> Cmp<'a> {
     }
 }
 
-/// Whether each token's selection is a selection at all: `topk` distinct,
-/// non-negative expert ids (an unwritten or garbage output is not a
-/// "different routing"). The value is the number of invalid tokens.
-pub fn routing_validity(name: &str, idx: &[i64], topk: usize) -> Check {
-    let metric = format!("{name}.valid");
-    if topk == 0 || !idx.len().is_multiple_of(topk) {
-        return Check::broken(metric, format!("{} ids are not rows of {topk}", idx.len()));
-    }
-    let mut bad = 0usize;
-    let mut first = None;
-    for (t, row) in idx.chunks(topk).enumerate() {
-        let mut v = row.to_vec();
-        v.sort_unstable();
-        let distinct = v.windows(2).all(|w| w[0] != w[1]);
-        if !distinct || v.first().is_some_and(|&e| e < 0) {
-            bad += 1;
-            first.get_or_insert((t, row.to_vec()));
-        }
-    }
-    let detail = first.as_ref().map_or(String::new(), |(t, row)| {
-        format!("{bad} tokens have repeated or negative expert ids; token {t}: {row:?}")
-    });
-    Check::new(metric, bad as f64, 0.0, bad == 0, detail).with_worst(first.map(|f| vec![f.0]))
-}
-
-/// Judges two MoE routings (SPEC.md §6): per token, the *set* of chosen
-/// experts must be equal, and the weights, after sorting by expert id,
-/// within `weight_tol`. A token whose selection sits on a near-tie of
-/// scores may differ — reported, not failed — but only among the experts
-/// of its tie band: `near_tie[t]` lists the experts that may be swapped
-/// for one another (empty: the token is not a near-tie), and a selection
-/// that differs by any other expert, or repeats an expert, fails. Returns
-/// the set check and the weight check.
-#[allow(clippy::too_many_arguments)]
-pub fn routing(
-    name: &str,
-    idx_a: &[i64],
-    w_a: &[f32],
-    idx_r: &[i64],
-    w_r: &[f32],
-    topk: usize,
-    near_tie: Option<&[Vec<i64>]>,
-    weight_tol: f64,
-) -> Vec<Check> {
-    let set_metric = format!("{name}.set_mismatch");
-    let w_metric = format!("{name}.weights_abs");
-    let n = idx_r.len();
-    if topk == 0
-        || idx_a.len() != n
-        || w_a.len() != n
-        || w_r.len() != n
-        || !n.is_multiple_of(topk)
-        || near_tie.is_some_and(|t| t.len() != n / topk)
-    {
-        return vec![Check::broken(
-            set_metric,
-            format!(
-                "sizes differ: idx {} / {}, weights {} / {} (topk {topk})",
-                idx_a.len(),
-                n,
-                w_a.len(),
-                w_r.len()
-            ),
-        )];
-    }
-    let tokens = n / topk;
-    let sorted = |idx: &[i64], w: &[f32], t: usize| {
-        let mut p: Vec<(i64, f32)> = (0..topk)
-            .map(|j| (idx[t * topk + j], w[t * topk + j]))
-            .collect();
-        p.sort_by_key(|&(e, _)| e);
-        p
-    };
-    let (mut bad, mut excused) = (0usize, 0usize);
-    let mut first_bad = None;
-    let mut worst_w = 0.0f64;
-    let mut worst_at = None;
-    for t in 0..tokens {
-        let pa = sorted(idx_a, w_a, t);
-        let pr = sorted(idx_r, w_r, t);
-        let same = pa.iter().map(|p| p.0).eq(pr.iter().map(|p| p.0));
-        if !same {
-            let band = near_tie.map_or(&[][..], |nt| nt[t].as_slice());
-            let ea: Vec<i64> = pa.iter().map(|p| p.0).collect();
-            let er: Vec<i64> = pr.iter().map(|p| p.0).collect();
-            let distinct = ea.windows(2).all(|w| w[0] != w[1]);
-            let within = ea
-                .iter()
-                .filter(|e| !er.contains(e))
-                .chain(er.iter().filter(|e| !ea.contains(e)))
-                .all(|e| band.contains(e));
-            if !band.is_empty() && distinct && within {
-                excused += 1;
-            } else {
-                bad += 1;
-                first_bad.get_or_insert((t, pa, pr));
-            }
-            continue;
-        }
-        for (x, y) in pa.iter().zip(&pr) {
-            let d = (x.1 as f64 - y.1 as f64).abs();
-            let d = if d.is_nan() { f64::INFINITY } else { d };
-            if worst_at.is_none() || d > worst_w {
-                worst_w = d;
-                worst_at = Some((t, x.0, x.1, y.1));
-            }
-        }
-    }
-    let mut set_detail = match &first_bad {
-        None => String::new(),
-        Some((t, pa, pr)) => format!(
-            "{bad} tokens route differently; token {t}: experts {:?}, reference {:?}",
-            pa.iter().map(|p| p.0).collect::<Vec<_>>(),
-            pr.iter().map(|p| p.0).collect::<Vec<_>>()
-        ),
-    };
-    if excused > 0 {
-        if !set_detail.is_empty() {
-            set_detail.push_str("; ");
-        }
-        set_detail.push_str(&format!(
-            "{excused} near-tie tokens route differently (reported, not failed)"
-        ));
-    }
-    let w_detail = worst_at.map_or(String::new(), |(t, e, a, r)| {
-        format!("worst at token {t}, expert {e}: {a} vs reference {r}")
-    });
-    vec![
-        Check::new(set_metric, bad as f64, 0.0, bad == 0, set_detail)
-            .with_worst(first_bad.as_ref().map(|f| vec![f.0])),
-        Check::new(
-            w_metric,
-            worst_w,
-            weight_tol,
-            worst_w <= weight_tol,
-            w_detail,
-        )
-        .with_worst(worst_at.map(|w| vec![w.0])),
-    ]
-}
-
 impl Cmp<'_> {
     /// Normalized mean squared error `Σ(a−r)² / Σr²` over the judged
     /// elements where both are finite (`0` when both are all zero; NaN when
@@ -759,102 +618,6 @@ pub fn top1_mismatch(name: &str, a: &[f32], r: &[f32], n: usize, threshold: f64)
     Check::new(metric, v, threshold, v <= threshold, detail).with_worst(first.map(|f| vec![f.0]))
 }
 
-/// Rows whose order is undefined, compared by a key (SPEC §7: low-latency
-/// dispatch slots, keyed by source rank and token). `a_keys`/`r_keys` hold
-/// `key_width` integers per row; every reference key must appear exactly
-/// once among the actual rows with bit-identical bytes, and no other key
-/// may appear. The value is the number of missing, extra, duplicated or
-/// differing rows.
-pub fn keyed(
-    name: &str,
-    a: &HostTensor,
-    a_keys: &[i64],
-    r: &HostTensor,
-    r_keys: &[i64],
-    key_width: usize,
-) -> Check {
-    use std::collections::BTreeMap;
-    let metric = format!("{name}.keyed");
-    let rows = |t: &HostTensor, keys: &[i64]| -> Result<usize, String> {
-        if key_width == 0 || !keys.len().is_multiple_of(key_width) {
-            return Err(format!(
-                "{} key values are not rows of {key_width}",
-                keys.len()
-            ));
-        }
-        let n = keys.len() / key_width;
-        let lead = t.shape().first().copied().unwrap_or(0);
-        if lead != n {
-            return Err(format!("{n} keys for {lead} rows ({:?})", t.shape()));
-        }
-        Ok(n)
-    };
-    if a.dtype() != r.dtype() || a.shape().get(1..) != r.shape().get(1..) {
-        return Check::broken(
-            metric,
-            format!(
-                "got {} {:?}, reference {} {:?}",
-                a.dtype(),
-                a.shape(),
-                r.dtype(),
-                r.shape()
-            ),
-        );
-    }
-    let (na, nr) = match (rows(a, a_keys), rows(r, r_keys)) {
-        (Ok(x), Ok(y)) => (x, y),
-        (Err(e), _) => return Check::broken(metric, format!("backend: {e}")),
-        (_, Err(e)) => return Check::broken(metric, format!("reference: {e}")),
-    };
-    let row_bytes = |t: &HostTensor, n: usize| t.bytes().len().checked_div(n).unwrap_or(0);
-    let (ba, br) = (row_bytes(a, na), row_bytes(r, nr));
-    let mut by_key: BTreeMap<&[i64], Vec<usize>> = BTreeMap::new();
-    for i in 0..na {
-        by_key
-            .entry(&a_keys[i * key_width..(i + 1) * key_width])
-            .or_default()
-            .push(i);
-    }
-    let mut bad = 0usize;
-    let mut first: Option<String> = None;
-    let mut worst = None;
-    let mut seen = 0usize;
-    for j in 0..nr {
-        let key = &r_keys[j * key_width..(j + 1) * key_width];
-        match by_key.get(key).map(|v| v.as_slice()) {
-            Some([i]) => {
-                seen += 1;
-                if a.bytes()[i * ba..(i + 1) * ba] != r.bytes()[j * br..(j + 1) * br] {
-                    bad += 1;
-                    worst.get_or_insert(vec![j]);
-                    first.get_or_insert_with(|| {
-                        format!("row with key {key:?} differs (backend row {i}, reference row {j})")
-                    });
-                }
-            }
-            Some(v) => {
-                seen += v.len();
-                bad += 1;
-                worst.get_or_insert(vec![j]);
-                first.get_or_insert_with(|| format!("key {key:?} appears {} times", v.len()));
-            }
-            None => {
-                bad += 1;
-                worst.get_or_insert(vec![j]);
-                first.get_or_insert_with(|| format!("key {key:?} is missing"));
-            }
-        }
-    }
-    // Keys the reference does not have.
-    let extra = na.saturating_sub(seen);
-    if extra > 0 {
-        bad += extra;
-        first.get_or_insert_with(|| format!("{extra} rows with keys the reference does not have"));
-    }
-    let detail = first.map_or(String::new(), |f| format!("{bad} bad rows; {f}"));
-    Check::new(metric, bad as f64, 0.0, bad == 0, detail).with_worst(worst)
-}
-
 /// A tolerance parameter, or `default` when the entry does not set it.
 pub fn param(t: &Tolerance, name: &str, default: f64) -> f64 {
     t.params.get(name).copied().unwrap_or(default)
@@ -893,7 +656,9 @@ fn params_label(t: &Tolerance) -> String {
 /// `elementwise`, `abs_or_rel`, `nmse`, `exact`, `cosine` and
 /// `top1_mismatch` (rows are the last dim). `mask` restricts the judged
 /// elements (float metrics only). `set_equality` and `keyed` need more than
-/// two tensors and are judged by the case (see [`routing`], [`keyed`]);
+/// two tensors and are judged by the families that use them (the MoE
+/// routing judge of `cases::dense::routing`, the keyed-row judge of
+/// `cases::ep::keyed`, registered through `cases::judging::FamilyJudge`);
 /// asked here, they give a broken check.
 pub fn apply(
     name: &str,
@@ -1137,42 +902,6 @@ mod tests {
         assert!(c.passed);
     }
 
-    #[test]
-    fn routing_is_set_equality_then_weights() {
-        // Two tokens, topk 2; token 0 lists experts in another order.
-        let idx_r = [3i64, 5, 1, 2];
-        let w_r = [0.7f32, 0.3, 0.6, 0.4];
-        let idx_a = [5i64, 3, 1, 2];
-        let w_a = [0.3f32, 0.7, 0.6, 0.4];
-        let c = routing("g", &idx_a, &w_a, &idx_r, &w_r, 2, None, 1e-6);
-        assert!(all_passed(&c), "{c:?}");
-        // Weight off by 2e-6 fails.
-        let w_b = [0.3f32, 0.700002, 0.6, 0.4];
-        let c = routing("g", &idx_a, &w_b, &idx_r, &w_r, 2, None, 1e-6);
-        assert!(c[0].passed && !c[1].passed);
-        // A different set fails, unless the token is a near tie.
-        let idx_c = [3i64, 5, 1, 7];
-        let c = routing("g", &idx_c, &w_r, &idx_r, &w_r, 2, None, 1e-6);
-        assert!(!c[0].passed && c[0].value == 1.0);
-        // Token 1 is a near tie between experts 2 and 7: excused.
-        let band = [vec![], vec![2i64, 7]];
-        let c = routing("g", &idx_c, &w_r, &idx_r, &w_r, 2, Some(&band), 1e-6);
-        assert!(all_passed(&c), "{c:?}");
-        assert!(c[0].detail.contains("near-tie"));
-        // ... but not a swap with an expert outside the tie band.
-        let idx_d = [3i64, 5, 1, 9];
-        let c = routing("g", &idx_d, &w_r, &idx_r, &w_r, 2, Some(&band), 1e-6);
-        assert!(!c[0].passed, "{c:?}");
-        // ... nor a repeated expert.
-        let idx_e = [3i64, 5, 7, 7];
-        let band2 = [vec![], vec![1i64, 2, 7]];
-        let c = routing("g", &idx_e, &w_r, &idx_r, &w_r, 2, Some(&band2), 1e-6);
-        assert!(!c[0].passed, "{c:?}");
-        // Mismatched sizes are a failure.
-        let c = routing("g", &idx_a[..2], &w_a, &idx_r, &w_r, 2, None, 1e-6);
-        assert!(!all_passed(&c));
-    }
-
     fn tol(metric: Metric, pass: f64, warn: f64, params: &[(&str, f64)]) -> Tolerance {
         Tolerance {
             metric,
@@ -1250,30 +979,6 @@ mod tests {
     }
 
     #[test]
-    fn keyed_rows_compare_by_key() {
-        let r = HostTensor::from_f32(DType::BF16, &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let keys = [0i64, 1, 0, 2, 1, 0];
-        // The same rows in another order, keys moved with them.
-        let a = HostTensor::from_f32(DType::BF16, &[3, 2], &[5.0, 6.0, 1.0, 2.0, 3.0, 4.0]);
-        let akeys = [1i64, 0, 0, 1, 0, 2];
-        assert!(keyed("x", &a, &akeys, &r, &keys, 2).passed);
-        // One row's bytes differ.
-        let b = HostTensor::from_f32(DType::BF16, &[3, 2], &[5.0, 6.0, 1.0, 2.5, 3.0, 4.0]);
-        let c = keyed("x", &b, &akeys, &r, &keys, 2);
-        assert_eq!((c.passed, c.value), (false, 1.0));
-        assert_eq!(c.worst_index, Some(vec![0]));
-        // A key missing (replaced by another).
-        let c = keyed("x", &a, &[9, 9, 0, 1, 0, 2], &r, &keys, 2);
-        assert!(!c.passed && c.value == 2.0, "{c:?}");
-        // A row too few.
-        let short = HostTensor::from_f32(DType::BF16, &[2, 2], &[1.0, 2.0, 3.0, 4.0]);
-        assert!(!keyed("x", &short, &keys[..4], &r, &keys, 2).passed);
-        // Keys that do not match the rows are a broken check.
-        assert!(!keyed("x", &a, &akeys[..4], &r, &keys, 2).passed);
-        assert!(!keyed("x", &a, &akeys, &r, &keys, 0).passed);
-    }
-
-    #[test]
     fn apply_uses_the_tolerance_entry() {
         let r = HostTensor::from_f32(DType::F32, &[4], &[1.0, -2.0, 100.0, 0.0]);
         let a = HostTensor::from_f32(DType::F32, &[4], &[1.0, -2.0, 100.5, 1e-3]);
@@ -1343,15 +1048,6 @@ mod tests {
         // Float metrics on integer outputs are broken, not a panic.
         let i = HostTensor::from_i32(&[2], &[1, 2]);
         assert!(!apply("o", &tol(Metric::CalcDiff, 1.0, 1.0, &[]), &i, &i, None).passed);
-    }
-
-    #[test]
-    fn routing_validity_rejects_garbage() {
-        assert!(routing_validity("g", &[1, 2, 3, 0], 2).passed);
-        let c = routing_validity("g", &[1, 1, 3, 0, -1, 2], 2);
-        assert_eq!((c.passed, c.value), (false, 2.0));
-        assert_eq!(c.worst_index, Some(vec![0]));
-        assert!(!routing_validity("g", &[1, 2, 3], 2).passed);
     }
 
     #[test]

@@ -3,17 +3,23 @@
 //!
 //! * [`registry`]: every backend compiled into this build (one cargo
 //!   feature per backend);
+//! * [`types`]: the suite's shared types (outcomes, tolerances, case specs,
+//!   results), which every layer below imports;
 //! * [`opspec`]: the table of ops that `deepport op` runs on a user's
 //!   safetensors file: tensor names, parameters and defaults, and one runner
-//!   per op;
-//! * [`judge`]: comparison metrics (`calc_diff`, ulp-based elementwise
-//!   tolerances, exact bytes, set equality of routings) and the [`judge::Check`]
+//!   per op (the expert-parallel ones on `--ranks N` in-process ranks);
+//! * [`judge`]: the generic comparison metrics (`calc_diff`, ulp-based
+//!   elementwise tolerances, NMSE, exact bytes, …) and the [`judge::Check`]
 //!   they produce;
-//! * [`cases`]: the op families of the conformance suite and their case
-//!   builders (small, deterministic, adversarial inputs);
+//! * [`cases`]: the op families of the conformance suite, their case
+//!   builders (small, deterministic, adversarial inputs) and the judges
+//!   that belong to one family (routing sets, keyed rows);
 //! * `bench_cmd`: `deepport bench` (with the `cpu` feature);
 //! * [`suite`]: the conformance suite: catalogue, execution (`deepport
 //!   run`), waivers and reports.
+//!
+//! Imports point one way: `types` ← `judge` ← `cases` ← `suite` (with
+//! `opspec` below `cases`).
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "cpu")]
@@ -30,6 +36,7 @@ pub mod model_check;
 pub mod opspec;
 pub mod rng;
 pub mod suite;
+pub mod types;
 
 pub use error::CliError;
 

@@ -194,6 +194,10 @@ struct OpCmd {
     /// An op parameter as name=value; repeat for several (see the table below).
     #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
     params: Vec<String>,
+    /// Expert-parallel ops: run on N in-process ranks of the backend, with
+    /// tensors named r{rank}.{name} in both files.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    ranks: usize,
 }
 
 fn io_err(e: std::io::Error) -> CliError {
@@ -221,10 +225,8 @@ fn cmd_op(c: OpCmd) -> Result<ExitCode, CliError> {
     let file = read_safetensors(&c.inputs).map_err(|e| CliError::usage(e.to_string()))?;
     let inputs = Inputs::new(c.inputs.display().to_string(), spec.name, file.tensors);
     // Missing tensors first: they are the user's to fix, whatever the backend.
-    for t in spec.inputs.iter().filter(|t| !t.optional) {
-        inputs.get(t.name)?;
-    }
-    let unused = inputs.unused(spec);
+    inputs.check_present(spec, c.ranks)?;
+    let unused = inputs.unused(spec, c.ranks);
     if !unused.is_empty() {
         eprintln!(
             "note: {} does not use tensor(s) {} of {}",
@@ -238,8 +240,8 @@ fn cmd_op(c: OpCmd) -> Result<ExitCode, CliError> {
         Error::UnknownBackend { .. } => CliError::usage(e.to_string()),
         other => CliError::Failed(other),
     })?;
-    let outputs = opspec::run(spec, backend.as_ref(), &inputs, &mut params)?;
-    let meta = opspec::output_metadata(spec, backend.name(), &params);
+    let outputs = opspec::run_on_ranks(spec, backend.as_ref(), &inputs, &mut params, c.ranks)?;
+    let meta = opspec::output_metadata(spec, backend.name(), &params, c.ranks);
     write_safetensors(&c.out, &outputs, &meta).map_err(CliError::Failed)?;
     let mut out = std::io::stdout().lock();
     writeln!(

@@ -6,7 +6,12 @@
 //! spec, looking tensors up by name with errors that name the file and list
 //! what it holds, dtype conversions, poisoned output allocation, validation
 //! before launch, and the `--help` table. The built-in cases of
-//! `deepport run` go through the same path.
+//! `deepport run` go through the same path, handing their parameters typed
+//! ([`Arg`], [`Params::from_args`]). The expert-parallel ops run on `--ranks
+//! N` in-process ranks with per-rank tensors ([`rank_name`]; the runners
+//! are in `opspec/ep.rs`).
+
+mod ep;
 
 use crate::error::CliError;
 use deepport_core::backend::{Backend, Tensor};
@@ -36,8 +41,23 @@ pub struct TensorSpec {
     pub doc: &'static str,
 }
 
-/// Runs an op: inputs and parsed parameters in, named host outputs out.
+/// Runs a local op: inputs and parsed parameters in, named host outputs out.
 pub type RunFn = fn(&dyn Backend, &Inputs, &mut Params) -> CliResult<Outputs>;
+
+/// Runs an expert-parallel op on a number of in-process ranks: per-rank
+/// inputs (`r{rank}.{name}`) in, per-rank outputs out.
+pub type RanksRunFn = fn(&dyn Backend, &Inputs, &Params, usize) -> CliResult<Outputs>;
+
+/// How an op runs.
+#[derive(Clone, Copy)]
+pub enum Runner {
+    /// On one backend.
+    Local(RunFn),
+    /// On a group of in-process ranks ([`deepport_core::comm::run_ranks`]),
+    /// every rank on the same backend; tensors are per rank, named
+    /// `r{rank}.{name}` (see [`rank_name`]).
+    Ranks(RanksRunFn),
+}
 
 /// Everything the command line knows about one op: core's declaration
 /// (names, tensors, parameters, help) and this module's runner.
@@ -50,7 +70,12 @@ pub struct OpSpec {
     pub inputs: &'static [TensorSpec],
     pub outputs: &'static [TensorSpec],
     pub params: &'static [ParamSpec],
-    pub run: RunFn,
+    /// Inputs beyond the declaration's that `deepport op` needs to rebuild
+    /// a dispatch handle (the routing a combine undoes); empty for most ops.
+    pub handle_inputs: &'static [TensorSpec],
+    /// Parameters beyond the declaration's, for the same purpose.
+    pub handle_params: &'static [ParamSpec],
+    pub run: Runner,
 }
 
 impl std::fmt::Debug for OpSpec {
@@ -65,10 +90,34 @@ impl OpSpec {
         self.kind.decl()
     }
 
-    /// The spec of a parameter by name.
+    /// The spec of a parameter by name (declared or handle parameter).
     pub fn param(&self, name: &str) -> Option<&'static ParamSpec> {
-        self.params.iter().find(|p| p.name == name)
+        self.all_params().find(|p| p.name == name)
     }
+
+    /// Every parameter the command accepts: the declaration's, then the
+    /// handle parameters.
+    pub fn all_params(&self) -> impl Iterator<Item = &'static ParamSpec> {
+        self.params.iter().chain(self.handle_params.iter())
+    }
+
+    /// Every input tensor the command reads: the declaration's, then the
+    /// handle inputs.
+    pub fn all_inputs(&self) -> impl Iterator<Item = &'static TensorSpec> {
+        self.inputs.iter().chain(self.handle_inputs.iter())
+    }
+
+    /// Whether the op runs on a group of ranks.
+    pub fn on_ranks(&self) -> bool {
+        matches!(self.run, Runner::Ranks(_))
+    }
+}
+
+/// The name of a tensor of rank `rank` in the files of an expert-parallel
+/// op: `r{rank}.{name}` (the names the conformance suite gives per-rank
+/// outputs).
+pub fn rank_name(rank: usize, name: &str) -> String {
+    format!("r{rank}.{name}")
 }
 
 // ---- parameters ----------------------------------------------------------
@@ -90,6 +139,69 @@ impl Value {
             Value::Int(v) => (*v).into(),
             Value::Bool(v) => (*v).into(),
             Value::Choice(v) => (*v).into(),
+        }
+    }
+}
+
+/// A typed parameter value handed to an op by a case builder or read from a
+/// file's JSON metadata (no trip through text).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg<'a> {
+    /// A real number (for float parameters; integral values also fit
+    /// integer parameters).
+    Float(f64),
+    /// A non-negative integer (also accepted by float parameters, and as 0
+    /// or 1 by flags).
+    Int(usize),
+    /// A flag.
+    Bool(bool),
+    /// A word of a choice parameter.
+    Text(&'a str),
+}
+
+impl<'a> Arg<'a> {
+    /// The argument a JSON value holds (a number, a boolean or a string).
+    pub fn from_json(v: &'a serde_json::Value) -> Option<Arg<'a>> {
+        match v {
+            serde_json::Value::Bool(b) => Some(Arg::Bool(*b)),
+            serde_json::Value::String(s) => Some(Arg::Text(s)),
+            serde_json::Value::Number(n) => match n.as_u64() {
+                Some(i) => usize::try_from(i).ok().map(Arg::Int),
+                None => n.as_f64().map(Arg::Float),
+            },
+            _ => None,
+        }
+    }
+
+    /// This argument as a value of parameter `p`, or `None` when its type
+    /// does not fit.
+    fn to_value(self, p: &ParamSpec) -> Option<Value> {
+        match (p.kind, self) {
+            (ParamKind::Float, Arg::Float(x)) => Some(Value::Float(x as f32)),
+            (ParamKind::Float, Arg::Int(i)) => Some(Value::Float(i as f32)),
+            (ParamKind::Int, Arg::Int(i)) => Some(Value::Int(i)),
+            (ParamKind::Int, Arg::Float(x))
+                if x >= 0.0 && x.fract() == 0.0 && x <= usize::MAX as f64 =>
+            {
+                Some(Value::Int(x as usize))
+            }
+            (ParamKind::Bool, Arg::Bool(b)) => Some(Value::Bool(b)),
+            (ParamKind::Bool, Arg::Int(i @ (0 | 1))) => Some(Value::Bool(i == 1)),
+            (ParamKind::Choice(c), Arg::Text(s)) => {
+                c.iter().copied().find(|w| *w == s).map(Value::Choice)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Arg<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Arg::Float(x) => write!(f, "{x}"),
+            Arg::Int(i) => write!(f, "{i}"),
+            Arg::Bool(b) => write!(f, "{b}"),
+            Arg::Text(s) => write!(f, "`{s}`"),
         }
     }
 }
@@ -129,21 +241,7 @@ impl Params {
     /// malformed values and repeated names are usage errors that list the
     /// valid parameters.
     pub fn parse(spec: &OpSpec, args: &[String]) -> CliResult<Params> {
-        let valid = || {
-            if spec.params.is_empty() {
-                format!("{} takes no parameters", spec.name)
-            } else {
-                format!(
-                    "valid parameters of {}: {}",
-                    spec.name,
-                    spec.params
-                        .iter()
-                        .map(|p| p.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
-        };
+        let valid = || valid_params(spec);
         let mut given: BTreeMap<&'static str, Value> = BTreeMap::new();
         for a in args {
             let Some((k, v)) = a.split_once('=') else {
@@ -169,7 +267,42 @@ impl Params {
                 )));
             }
         }
-        for p in spec.params {
+        Params::with_defaults(spec, given)
+    }
+
+    /// Typed parameters (from a case builder or a file's JSON metadata)
+    /// checked against the op's parameter specs: unknown names, values of
+    /// the wrong type and repeated names are usage errors naming them.
+    pub fn from_args(spec: &OpSpec, args: &[(&str, Arg<'_>)]) -> CliResult<Params> {
+        let mut given: BTreeMap<&'static str, Value> = BTreeMap::new();
+        for (k, a) in args {
+            let p = spec.param(k).ok_or_else(|| {
+                CliError::usage(format!(
+                    "{}: unknown parameter `{k}`; {}",
+                    spec.name,
+                    valid_params(spec)
+                ))
+            })?;
+            let v = a.to_value(p).ok_or_else(|| {
+                CliError::usage(format!(
+                    "{}: parameter `{k}` got {a}, expected {}",
+                    spec.name,
+                    p.kind.describe()
+                ))
+            })?;
+            if given.insert(p.name, v).is_some() {
+                return Err(CliError::usage(format!(
+                    "{}: parameter `{k}` is given more than once",
+                    spec.name
+                )));
+            }
+        }
+        Params::with_defaults(spec, given)
+    }
+
+    /// Fills in the literal defaults of the parameters not given.
+    fn with_defaults(spec: &OpSpec, mut given: BTreeMap<&'static str, Value>) -> CliResult<Params> {
+        for p in spec.all_params() {
             if let (ParamDefault::Value(d), false) = (p.default, given.contains_key(p.name)) {
                 given.insert(p.name, parse_value(spec.name, p, d)?);
             }
@@ -252,6 +385,16 @@ impl Params {
     }
 }
 
+/// The "valid parameters of …" part of a usage error.
+fn valid_params(spec: &OpSpec) -> String {
+    let names: Vec<&str> = spec.all_params().map(|p| p.name).collect();
+    if names.is_empty() {
+        format!("{} takes no parameters", spec.name)
+    } else {
+        format!("valid parameters of {}: {}", spec.name, names.join(", "))
+    }
+}
+
 // ---- inputs --------------------------------------------------------------
 
 /// The input tensors of one invocation and where they came from.
@@ -302,13 +445,38 @@ impl Inputs {
         self.tensors.get(name)
     }
 
-    /// Tensors the op does not use, for a warning.
-    pub fn unused(&self, spec: &OpSpec) -> Vec<String> {
+    /// Tensors the op does not use on `ranks` ranks (1 for a local op),
+    /// for a warning.
+    pub fn unused(&self, spec: &OpSpec, ranks: usize) -> Vec<String> {
+        let used: Vec<String> = if spec.on_ranks() {
+            (0..ranks)
+                .flat_map(|r| spec.all_inputs().map(move |t| rank_name(r, t.name)))
+                .collect()
+        } else {
+            spec.all_inputs().map(|t| t.name.to_string()).collect()
+        };
         self.tensors
             .keys()
-            .filter(|k| !spec.inputs.iter().any(|t| t.name == *k))
+            .filter(|k| !used.contains(k))
             .cloned()
             .collect()
+    }
+
+    /// Checks that every required input is present (per rank for an
+    /// expert-parallel op): a missing one is a usage error naming it.
+    /// A rank count other than 1 for a local op is a usage error.
+    pub fn check_present(&self, spec: &OpSpec, ranks: usize) -> CliResult<()> {
+        check_ranks(spec, ranks)?;
+        for t in spec.all_inputs().filter(|t| !t.optional) {
+            if spec.on_ranks() {
+                for r in 0..ranks {
+                    self.get(&rank_name(r, t.name))?;
+                }
+            } else {
+                self.get(t.name)?;
+            }
+        }
+        Ok(())
     }
 
     /// A float tensor converted to f32 (exact from bf16, f16 and FP8);
@@ -833,7 +1001,17 @@ fn run_reduce_rows(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Out
 
 /// The runner of each op; everything else about an op comes from its
 /// declaration in core.
-fn runner(kind: OpKind) -> Option<RunFn> {
+fn runner(kind: OpKind) -> Option<Runner> {
+    Some(Runner::Ranks(match kind {
+        OpKind::Dispatch => ep::run_dispatch,
+        OpKind::Combine => ep::run_combine,
+        OpKind::LowLatencyDispatch => ep::run_low_latency_dispatch,
+        OpKind::LowLatencyCombine => ep::run_low_latency_combine,
+        _ => return local_runner(kind).map(Runner::Local),
+    }))
+}
+
+fn local_runner(kind: OpKind) -> Option<RunFn> {
     Some(match kind {
         OpKind::ActQuant => run_act_quant,
         OpKind::WeightDequant => run_weight_dequant,
@@ -872,8 +1050,34 @@ fn tensor_specs(d: impl Iterator<Item = &'static TensorDecl>) -> &'static [Tenso
     )
 }
 
-fn spec_of(kind: OpKind, run: RunFn) -> OpSpec {
+/// What `deepport op combine` reads beyond combine's declaration to
+/// rebuild the dispatch handle: the routing and the expert count of the
+/// dispatch (its declaration's).
+fn combine_handle_inputs() -> &'static [TensorSpec] {
+    leak(vec![TensorSpec {
+        name: "topk_idx",
+        optional: false,
+        doc: "[N, k] the routing as dispatched (rebuilds the dispatch handle)",
+    }])
+}
+
+fn spec_of(kind: OpKind, run: Runner) -> OpSpec {
     let d = kind.decl();
+    let (handle_inputs, handle_params): (&'static [TensorSpec], &'static [ParamSpec]) = match kind {
+        OpKind::Combine => (
+            combine_handle_inputs(),
+            leak(
+                OpKind::Dispatch
+                    .decl()
+                    .params
+                    .iter()
+                    .filter(|p| p.name == "num_experts")
+                    .copied()
+                    .collect(),
+            ),
+        ),
+        _ => (&[], &[]),
+    };
     OpSpec {
         name: Box::leak(kind.cli_name().into_boxed_str()),
         kind,
@@ -881,6 +1085,8 @@ fn spec_of(kind: OpKind, run: RunFn) -> OpSpec {
         inputs: tensor_specs(d.inputs()),
         outputs: tensor_specs(d.outputs()),
         params: d.params,
+        handle_inputs,
+        handle_params,
         run,
     }
 }
@@ -906,23 +1112,68 @@ pub fn names() -> Vec<&'static str> {
 }
 
 /// Runs `spec` on `backend` with `inputs` and `params` (which gains the
-/// computed defaults). Outputs come back in the op's natural dtypes.
+/// computed defaults). Outputs come back in the op's natural dtypes. An
+/// expert-parallel op runs on one rank here; see [`run_on_ranks`].
 pub fn run(
     spec: &OpSpec,
     backend: &dyn Backend,
     inputs: &Inputs,
     params: &mut Params,
 ) -> CliResult<Outputs> {
-    (spec.run)(backend, inputs, params)
+    run_on_ranks(spec, backend, inputs, params, 1)
 }
 
-/// The metadata `deepport op` writes into its output file.
-pub fn output_metadata(spec: &OpSpec, backend: &str, params: &Params) -> BTreeMap<String, String> {
-    BTreeMap::from([
+/// Runs `spec` on `ranks` in-process ranks of `backend` (an
+/// expert-parallel op; tensors per rank as [`rank_name`]s), or on the
+/// backend itself (a local op, where `ranks` must be 1).
+pub fn run_on_ranks(
+    spec: &OpSpec,
+    backend: &dyn Backend,
+    inputs: &Inputs,
+    params: &mut Params,
+    ranks: usize,
+) -> CliResult<Outputs> {
+    check_ranks(spec, ranks)?;
+    match spec.run {
+        Runner::Local(f) => f(backend, inputs, params),
+        Runner::Ranks(f) => f(backend, inputs, params, ranks),
+    }
+}
+
+/// A local op runs on one device (`ranks` 1); an expert-parallel op on at
+/// least one rank.
+fn check_ranks(spec: &OpSpec, ranks: usize) -> CliResult<()> {
+    match spec.run {
+        Runner::Local(_) if ranks != 1 => Err(CliError::usage(format!(
+            "{} runs on one device; --ranks {ranks} applies to the expert-parallel ops only",
+            spec.name
+        ))),
+        Runner::Ranks(_) if ranks == 0 => Err(CliError::usage(format!(
+            "{}: --ranks must be at least 1",
+            spec.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The metadata `deepport op` writes into its output file: the op, the
+/// backend, every parameter value used, and for an expert-parallel op the
+/// rank count.
+pub fn output_metadata(
+    spec: &OpSpec,
+    backend: &str,
+    params: &Params,
+    ranks: usize,
+) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::from([
         ("op".to_string(), spec.name.to_string()),
         ("backend".to_string(), backend.to_string()),
         ("params".to_string(), params.to_json().to_string()),
-    ])
+    ]);
+    if spec.on_ranks() {
+        m.insert("ranks".to_string(), ranks.to_string());
+    }
+    m
 }
 
 /// The per-op table of `deepport op --help`.
@@ -930,13 +1181,23 @@ pub fn help_table() -> String {
     let mut s = String::from("OPS (inputs -> outputs, parameters with defaults):\n");
     for o in OPS.iter() {
         let _ = writeln!(s, "\n  {}  —  {}", o.name, o.summary);
-        for (label, list) in [("in ", o.inputs), ("out", o.outputs)] {
+        if o.on_ranks() {
+            let _ = writeln!(
+                s,
+                "    on --ranks N in-process ranks; every tensor per rank, named r{{rank}}.{{name}} (r0.x, r1.x, …)"
+            );
+        }
+        for (label, list) in [
+            ("in ", o.inputs),
+            ("out", o.outputs),
+            ("hdl", o.handle_inputs),
+        ] {
             for (j, t) in list.iter().enumerate() {
                 let head = if j == 0 { label } else { "   " };
                 let _ = writeln!(s, "    {head}  {:<14} {}", t.name, t.doc);
             }
         }
-        for (j, p) in o.params.iter().enumerate() {
+        for (j, p) in o.all_params().enumerate() {
             let head = if j == 0 { "par" } else { "   " };
             let default = match p.default {
                 ParamDefault::Value(v) => v.to_string(),
@@ -958,7 +1219,9 @@ pub fn help_table() -> String {
     s.push_str(
         "\nInputs of any float dtype are accepted where an op computes in f32; index \
          tensors may be i32 or i64. Outputs are poisoned with NaN before the op runs, so \
-         anything an op leaves unwritten reads NaN.\n",
+         anything an op leaves unwritten reads NaN. `hdl` tensors and parameters rebuild a \
+         dispatch handle: a combine runs its dispatch again on the routing (zero payload), so \
+         its x must be in the order that dispatch gives on the same backend.\n",
     );
     s
 }
@@ -976,18 +1239,18 @@ mod tests {
             assert_eq!(find(o.kind.name()).map(|f| f.name), Some(o.name));
             // Every literal default parses.
             let params = Params::parse(o, &[]).expect(o.name);
-            for ps in o.params {
+            for ps in o.all_params() {
                 match ps.default {
                     ParamDefault::Value(_) => assert!(params.values.contains_key(ps.name)),
                     ParamDefault::Computed(_) => assert!(!params.values.contains_key(ps.name)),
                 }
             }
         }
-        // Every local op; the expert-parallel ops need ranks (not yet here).
-        assert_eq!(
-            OPS.len(),
-            OpKind::ALL.iter().filter(|k| k.is_local()).count()
-        );
+        // Every op, local or expert-parallel.
+        assert_eq!(OPS.len(), OpKind::ALL.len());
+        for o in OPS.iter() {
+            assert_eq!(o.on_ranks(), !o.kind.is_local(), "{}", o.name);
+        }
     }
 
     #[test]
@@ -1016,6 +1279,64 @@ mod tests {
         let aq = find("act_quant").unwrap();
         let e = Params::parse(aq, &["format=e5m2".into()]).unwrap_err();
         assert!(e.to_string().contains("e4m3fnuz"), "{e}");
+    }
+
+    #[test]
+    fn typed_args_are_checked_like_text() {
+        let spec = find("mla-prefill").unwrap();
+        let p = Params::from_args(
+            spec,
+            &[
+                ("form", Arg::Text("naive")),
+                ("head_dim_v", Arg::Int(64)),
+                ("softmax_scale", Arg::Float(0.125)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.choice("form").unwrap(), "naive");
+        assert_eq!(p.int("head_dim_v").unwrap(), 64);
+        assert_eq!(p.float("softmax_scale").unwrap(), 0.125);
+        // The same values as text give the same parameters.
+        let t = Params::parse(
+            spec,
+            &[
+                "form=naive".into(),
+                "head_dim_v=64".into(),
+                "softmax_scale=0.125".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.to_json(), t.to_json());
+        // Unknown names, wrong types, words outside the choice, repeats.
+        for (args, want) in [
+            (vec![("nope", Arg::Int(1))], "nope"),
+            (vec![("form", Arg::Text("fused"))], "fused"),
+            (vec![("head_dim_v", Arg::Float(1.5))], "head_dim_v"),
+            (vec![("head_dim_v", Arg::Text("64"))], "head_dim_v"),
+            (
+                vec![("head_dim_v", Arg::Int(1)), ("head_dim_v", Arg::Int(2))],
+                "more than once",
+            ),
+        ] {
+            let e = Params::from_args(spec, &args).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        // Flags take booleans or 0/1; floats take integers.
+        let d = find("mla-decode").unwrap();
+        let p = Params::from_args(d, &[("causal", Arg::Int(1))]).unwrap();
+        assert!(p.bool("causal").unwrap());
+        assert!(Params::from_args(d, &[("causal", Arg::Int(2))]).is_err());
+        let p = Params::from_args(d, &[("softmax_scale", Arg::Int(2))]).unwrap();
+        assert_eq!(p.float("softmax_scale").unwrap(), 2.0);
+        // JSON metadata values.
+        let j: serde_json::Value =
+            serde_json::from_str(r#"{"a": 3, "b": 2.5, "c": true, "d": "x", "e": null}"#).unwrap();
+        assert_eq!(Arg::from_json(&j["a"]), Some(Arg::Int(3)));
+        assert_eq!(Arg::from_json(&j["b"]), Some(Arg::Float(2.5)));
+        assert_eq!(Arg::from_json(&j["c"]), Some(Arg::Bool(true)));
+        assert_eq!(Arg::from_json(&j["d"]), Some(Arg::Text("x")));
+        assert_eq!(Arg::from_json(&j["e"]), None);
     }
 
     #[test]

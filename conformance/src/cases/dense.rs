@@ -6,15 +6,18 @@
 use super::gen::{self, poison_rows, row_mask};
 use super::judging::Judging;
 use super::{
-    def, kv, op_case, opt, req, Case, Family, KeyKind, ParamMap, FLOAT_DTYPES, FP8_FORMATS,
-    GEMM_OUT, P,
+    def, op_case, opt, req, Case, Family, KeyKind, ParamMap, FLOAT_DTYPES, FP8_FORMATS, GEMM_OUT, P,
 };
+use crate::opspec::Arg;
 use crate::rng::Rng;
-use crate::suite::CaseSpec;
+use crate::types::CaseSpec;
 use deepport_core::ops::OpKind;
 use deepport_core::{DType, HostTensor};
+use std::collections::BTreeMap;
 
 use KeyKind::{Flag, Float, Int, Text};
+
+pub(crate) mod routing;
 
 /// `$ops`/`$outs`: a one-op family's ops and tolerance keys (the op's
 /// declared outputs, [`super::declared_outputs`]).
@@ -95,10 +98,10 @@ fn build_act_quant(spec: &CaseSpec) -> Result<Case, String> {
         spec,
         "act-quant",
         vec![("x", x)],
-        kv(&[
-            ("format", p.text("format")?.into()),
-            ("scale_fmt", p.text("scale")?.into()),
-        ]),
+        vec![
+            ("format", Arg::Text(p.text("format")?)),
+            ("scale_fmt", Arg::Text(p.text("scale")?)),
+        ],
         Judging::new(spec).into_fn(),
     )
 }
@@ -129,7 +132,7 @@ fn build_weight_dequant(spec: &CaseSpec) -> Result<Case, String> {
         spec,
         "weight-dequant",
         vec![("w", w), ("s", s)],
-        kv(&[("out_dtype", p.text("out")?.into())]),
+        vec![("out_dtype", Arg::Text(p.text("out")?))],
         Judging::new(spec).into_fn(),
     )
 }
@@ -164,7 +167,7 @@ fn build_fp8_gemm(spec: &CaseSpec) -> Result<Case, String> {
         spec,
         "fp8-gemm",
         vec![("a", a), ("sa", sa), ("b", b), ("sb", sb)],
-        kv(&[("out_dtype", p.text("out")?.into())]),
+        vec![("out_dtype", Arg::Text(p.text("out")?))],
         Judging::new(spec).into_fn(),
     )
 }
@@ -262,7 +265,7 @@ fn build_contiguous(spec: &CaseSpec) -> Result<Case, String> {
                 HostTensor::from_index(DType::I32, &[m_sum], &m_idx),
             ),
         ],
-        kv(&[("out_dtype", p.text("out")?.into())]),
+        vec![("out_dtype", Arg::Text(p.text("out")?))],
         Judging::new(spec).mask("d", row_mask(&live, n)).into_fn(),
     )
 }
@@ -327,7 +330,7 @@ fn build_masked(spec: &CaseSpec) -> Result<Case, String> {
             ("sb", sb),
             ("masked_m", HostTensor::from_i64(&[g], &mm)),
         ],
-        kv(&[("out_dtype", p.text("out")?.into())]),
+        vec![("out_dtype", Arg::Text(p.text("out")?))],
         Judging::new(spec).mask("d", row_mask(&live, n)).into_fn(),
     )
 }
@@ -360,7 +363,7 @@ fn build_gemm(spec: &CaseSpec) -> Result<Case, String> {
         spec,
         "gemm",
         vec![("a", a), ("b", b)],
-        kv(&[("out_dtype", p.text("out")?.into())]),
+        vec![("out_dtype", Arg::Text(p.text("out")?))],
         Judging::new(spec).into_fn(),
     )
 }
@@ -397,13 +400,13 @@ fn build_rms_norm(spec: &CaseSpec) -> Result<Case, String> {
     let w = gen::normal(&mut rng, p.dtype("w")?, &[dim], 1.0);
     let mut params = Vec::new();
     if let Some(e) = p.opt_float("eps")? {
-        params.push(("eps", e.to_string()));
+        params.push(("eps", Arg::Float(e)));
     }
     op_case(
         spec,
         "rms-norm",
         vec![("x", x), ("weight", w)],
-        kv(&params),
+        params,
         Judging::new(spec).into_fn(),
     )
 }
@@ -452,19 +455,19 @@ fn build_rope(spec: &CaseSpec) -> Result<Case, String> {
         .collect();
     let pos = HostTensor::from_index(p.dtype("pos")?, &[t], &pos);
     let params = vec![
-        ("factor", p.float("factor")?.to_string()),
-        ("theta", p.float("theta")?.to_string()),
-        ("mscale", p.float("mscale")?.to_string()),
-        ("mscale_all_dim", p.float("mscale_all_dim")?.to_string()),
-        ("beta_fast", p.float("beta_fast")?.to_string()),
-        ("beta_slow", p.float("beta_slow")?.to_string()),
-        ("original_max_position_embeddings", p.int("l0")?.to_string()),
+        ("factor", Arg::Float(p.float("factor")?)),
+        ("theta", Arg::Float(p.float("theta")?)),
+        ("mscale", Arg::Float(p.float("mscale")?)),
+        ("mscale_all_dim", Arg::Float(p.float("mscale_all_dim")?)),
+        ("beta_fast", Arg::Float(p.float("beta_fast")?)),
+        ("beta_slow", Arg::Float(p.float("beta_slow")?)),
+        ("original_max_position_embeddings", Arg::Int(p.int("l0")?)),
     ];
     op_case(
         spec,
         "rope",
         vec![("x", x), ("positions", pos)],
-        kv(&params),
+        params,
         Judging::new(spec).into_fn(),
     )
 }
@@ -527,15 +530,18 @@ fn build_moe_gate(spec: &CaseSpec) -> Result<Case, String> {
         spec,
         "moe-gate",
         tensors,
-        kv(&[
-            ("n_group", ng.to_string()),
-            ("topk_group", tg.to_string()),
-            ("topk", tk.to_string()),
-            ("route_scale", p.float("scale")?.to_string()),
-        ]),
+        vec![
+            ("n_group", Arg::Int(ng)),
+            ("topk_group", Arg::Int(tg)),
+            ("topk", Arg::Int(tk)),
+            ("route_scale", Arg::Float(p.float("scale")?)),
+        ],
         Judging::new(spec)
             .key_of(topk_key)
-            .near_tie("topk_idx", ties)
+            .with(routing::judge(BTreeMap::from([(
+                "topk_idx".to_string(),
+                ties,
+            )])))
             .into_fn(),
     )
 }
@@ -790,15 +796,15 @@ fn build_copy_window(spec: &CaseSpec) -> Result<Case, String> {
         None => vec![dr, dc],
     };
     let dst = gen::normal(&mut rng, p.dtype("dst")?, &shape, 1.0);
-    let params: Vec<(&str, String)> = ["src_row", "src_col", "dst_row", "dst_col", "rows", "cols"]
+    let params: Vec<(&str, Arg)> = ["src_row", "src_col", "dst_row", "dst_col", "rows", "cols"]
         .iter()
-        .map(|k| Ok((*k, p.int(k)?.to_string())))
+        .map(|k| Ok((*k, Arg::Int(p.int(k)?))))
         .collect::<Result<_, String>>()?;
     op_case(
         spec,
         "copy-window",
         vec![("src", src), ("dst", dst)],
-        kv(&params),
+        params,
         Judging::new(spec).into_fn(),
     )
 }

@@ -7,19 +7,22 @@
 //! in no defined order: their rows come with `(local expert, source rank,
 //! source token)` keys and are compared by key.
 
-use super::judging::{rank_free, Judging, KEYS};
+use super::judging::{rank_free, Judging};
 use super::{def, opt, req, Case, Family, KeyKind, ParamMap, P};
 use crate::error::CliError;
 use crate::opspec::Outputs;
 use crate::rng::Rng;
-use crate::suite::CaseSpec;
+use crate::types::CaseSpec;
 use deepport_core::backend::{alloc_poisoned, Backend, Tensor};
 use deepport_core::comm::run_ranks;
 use deepport_core::formats;
 use deepport_core::ops::{self, *};
 use deepport_core::{DType, Error, HostTensor, Result};
+use keyed::KEYS;
 
 use KeyKind::{Int, Text};
+
+pub(crate) mod keyed;
 
 pub static EP: Family = Family {
     name: "ep",
@@ -229,7 +232,10 @@ fn build(spec: &CaseSpec) -> std::result::Result<Case, String> {
         id: spec.id.clone(),
         ops,
         run,
-        judge: Judging::new(spec).key_of(rank_free).into_fn(),
+        judge: Judging::new(spec)
+            .key_of(rank_free)
+            .with(keyed::judge())
+            .into_fn(),
         expected: None,
     })
 }

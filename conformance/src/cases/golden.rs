@@ -4,12 +4,12 @@
 //! parameters and is judged against the stored `expected.*` tensors
 //! instead of the reference backend.
 
-use super::dense::{moe_near_ties, topk_key};
+use super::dense::{moe_near_ties, routing, topk_key};
 use super::gen::row_mask;
 use super::judging::Judging;
 use super::{opt, req, Case, Family, KeyKind, ParamMap, P};
-use crate::opspec::{self, Inputs, Outputs, Params};
-use crate::suite::{CaseSpec, Source};
+use crate::opspec::{self, Arg, Inputs, Outputs, Params};
+use crate::types::{CaseSpec, Source};
 use deepport_core::ops::OpKind;
 use deepport_core::tensor::read_safetensors;
 use std::collections::BTreeMap;
@@ -57,14 +57,6 @@ pub fn resolve(path: &str) -> PathBuf {
     crate::golden::default_dir().join(rel)
 }
 
-/// A parameter value of the file's JSON as a `k=v` string.
-fn param_text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 fn build(spec: &CaseSpec) -> Result<Case, String> {
     let p = P(&spec.params);
     let op = p.text("op")?;
@@ -81,20 +73,26 @@ fn build(spec: &CaseSpec) -> Result<Case, String> {
             file.display()
         ));
     }
-    let params: Vec<String> = match tf.metadata.get("params") {
-        None => Vec::new(),
-        Some(text) => {
-            let v: serde_json::Value = serde_json::from_str(text)
-                .map_err(|e| format!("{}: params are not JSON: {e}", file.display()))?;
-            let obj = v
-                .as_object()
-                .ok_or_else(|| format!("{}: params are not a JSON object", file.display()))?;
-            obj.iter()
-                .map(|(k, v)| format!("{k}={}", param_text(v)))
-                .collect()
-        }
+    let json: serde_json::Value = match tf.metadata.get("params") {
+        None => serde_json::Value::Object(Default::default()),
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| format!("{}: params are not JSON: {e}", file.display()))?,
     };
-    let parsed = Params::parse(os, &params).map_err(|e| format!("{}: {e}", file.display()))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| format!("{}: params are not a JSON object", file.display()))?;
+    let params = obj
+        .iter()
+        .map(|(k, v)| {
+            Arg::from_json(v).map(|a| (k.as_str(), a)).ok_or_else(|| {
+                format!(
+                    "{}: parameter `{k}` is {v}, not a number, flag or word",
+                    file.display()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let parsed = Params::from_args(os, &params).map_err(|e| format!("{}: {e}", file.display()))?;
     let mut inputs = BTreeMap::new();
     let mut expected = Outputs::new();
     for (name, t) in tf.tensors {
@@ -154,7 +152,12 @@ fn build(spec: &CaseSpec) -> Result<Case, String> {
                 parsed.int("topk_group").map_err(|e| e.to_string())?,
                 parsed.int("topk").map_err(|e| e.to_string())?,
             );
-            judging = judging.key_of(topk_key).near_tie("topk_idx", ties);
+            judging = judging
+                .key_of(topk_key)
+                .with(routing::judge(BTreeMap::from([(
+                    "topk_idx".to_string(),
+                    ties,
+                )])));
         }
         _ => {}
     }

@@ -4,9 +4,10 @@
 
 use super::gen::{self, NormalStream};
 use super::judging::Judging;
-use super::{def, kv, op_case, opt, req, Case, Family, KeyKind, ParamMap, FLOAT_DTYPES, P};
+use super::{def, op_case, opt, req, Case, Family, KeyKind, ParamMap, FLOAT_DTYPES, P};
+use crate::opspec::Arg;
 use crate::rng::Rng;
-use crate::suite::CaseSpec;
+use crate::types::CaseSpec;
 use deepport_core::ops::OpKind;
 use deepport_core::HostTensor;
 
@@ -128,9 +129,9 @@ fn build_decode(spec: &CaseSpec) -> Result<Case, String> {
     let q = gen::normal(&mut rng, dtype, &[b, s_q, h_q, D], 1.0);
     let lens_i: Vec<i64> = lens.iter().map(|&l| l as i64).collect();
     let table_i: Vec<i32> = table.iter().map(|&x| x as i32).collect();
-    let mut params = vec![("causal", p.int("causal")?.to_string())];
+    let mut params = vec![("causal", Arg::Bool(p.flag("causal")?))];
     if let Some(s) = p.opt_float("scale")? {
-        params.push(("softmax_scale", s.to_string()));
+        params.push(("softmax_scale", Arg::Float(s)));
     }
     op_case(
         spec,
@@ -144,7 +145,7 @@ fn build_decode(spec: &CaseSpec) -> Result<Case, String> {
             ),
             ("cache_seqlens", HostTensor::from_i64(&[b], &lens_i)),
         ],
-        kv(&params),
+        params,
         Judging::new(spec).into_fn(),
     )
 }
@@ -186,11 +187,11 @@ fn build_prefill(spec: &CaseSpec) -> Result<Case, String> {
         (dc.max(1) as f32).powf(-0.5),
     );
     let mut params = vec![
-        ("form", p.text("form")?.to_string()),
-        ("head_dim_v", dv.to_string()),
+        ("form", Arg::Text(p.text("form")?)),
+        ("head_dim_v", Arg::Int(dv)),
     ];
     if let Some(sc) = p.opt_float("scale")? {
-        params.push(("softmax_scale", sc.to_string()));
+        params.push(("softmax_scale", Arg::Float(sc)));
     }
     op_case(
         spec,
@@ -202,7 +203,7 @@ fn build_prefill(spec: &CaseSpec) -> Result<Case, String> {
             ("k_pe", k_pe),
             ("wkv_b", wkv_b),
         ],
-        kv(&params),
+        params,
         Judging::new(spec).into_fn(),
     )
 }

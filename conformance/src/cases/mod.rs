@@ -1,7 +1,7 @@
 //! The op families of the conformance suite and their case builders.
 //!
 //! A case file of `conformance/cases/` names a family and a grid of
-//! parameters; [`crate::suite::catalogue`] expands it into
+//! parameters; the catalogue (`suite::catalogue`, the layer above) expands it into
 //! [`CaseSpec`]s and [`build`]s each one with its family's builder into a
 //! runnable [`Case`]: inputs generated once from the case's seed (with the
 //! adversarial features of DeepSeek's own tests — partial 128-blocks, NaN in
@@ -23,8 +23,8 @@ mod mla;
 mod model;
 
 use crate::judge::Check;
-use crate::opspec::{self, CliResult, Inputs, Outputs, Params};
-use crate::suite::{CaseSpec, Source};
+use crate::opspec::{self, Arg, CliResult, Inputs, Outputs, Params};
+use crate::types::{CaseSpec, Source};
 use deepport_core::backend::Backend;
 use deepport_core::ops::OpKind;
 use deepport_core::{DType, HostTensor};
@@ -317,14 +317,15 @@ pub const GEMM_OUT: &[&str] = &["bf16", "f32"];
 
 // ---- a case that runs one op through the `deepport op` path ---------------
 
-/// A case that runs the op `op` (command-line name) on `tensors` with
-/// `params` (`k=v`), judged by `judge`. Inputs and parameters are checked
-/// once here; every run reuses them.
+/// A case that runs the op `op` (command-line name) on `tensors` with the
+/// typed `params`, judged by `judge`. Inputs and parameters are checked
+/// once here (a parameter the op does not declare, or a value of the wrong
+/// type, is an error naming it); every run reuses them.
 pub(crate) fn op_case(
     spec: &CaseSpec,
     op: &'static str,
     tensors: Vec<(&str, HostTensor)>,
-    params: Vec<String>,
+    params: Vec<(&str, Arg<'_>)>,
     judge: JudgeFn,
 ) -> Result<Case, String> {
     let os = opspec::find(op).ok_or_else(|| format!("internal: no op named {op}"))?;
@@ -333,7 +334,7 @@ pub(crate) fn op_case(
         .map(|(n, t)| (n.to_string(), t))
         .collect();
     let inputs = Inputs::new(format!("case {}", spec.id), os.name, tensors);
-    let p = Params::parse(os, &params).map_err(|e| e.to_string())?;
+    let p = Params::from_args(os, &params).map_err(|e| e.to_string())?;
     Ok(Case {
         id: spec.id.clone(),
         ops: vec![os.kind],
@@ -344,11 +345,6 @@ pub(crate) fn op_case(
         judge,
         expected: None,
     })
-}
-
-/// `k=v` strings.
-pub(crate) fn kv(items: &[(&str, String)]) -> Vec<String> {
-    items.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::judging::Judging;
 use super::{def, opt, req, Case, Family, KeyKind, ParamMap, P};
 use crate::error::CliError;
 use crate::opspec::Outputs;
-use crate::suite::{CaseSpec, Source};
+use crate::types::{CaseSpec, Source};
 use deepport_core::ops::{MlaForm, OpKind};
 use deepport_core::tensor::read_safetensors;
 use deepport_model::{Checkpoint, LoadOptions, Model, ModelConfig, Numerics, PrefillPath, Taps};
@@ -219,7 +219,10 @@ fn build(spec: &CaseSpec) -> Result<Case, String> {
         id: spec.id.clone(),
         ops: ops(&spec.params),
         run: Box::new(run),
-        judge: Judging::new(spec).key_of(key_of).into_fn(),
+        judge: Judging::new(spec)
+            .key_of(key_of)
+            .with(super::dense::routing::judge(Default::default()))
+            .into_fn(),
         expected: Some(expected),
     })
 }

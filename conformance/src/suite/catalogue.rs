@@ -33,8 +33,8 @@
 mod expr;
 pub mod size;
 
-use super::{CaseSpec, Metric, Source, Tolerance};
 use crate::cases::{self, Family, KeyKind, ParamMap};
+use crate::types::{CaseSpec, Metric, Source, Tolerance};
 use expr::Expr;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;

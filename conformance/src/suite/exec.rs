@@ -29,11 +29,11 @@ pub use refcache::RefCache;
 
 use super::catalogue;
 use super::waivers::{Date, Waivers};
-use super::{CaseResult, CaseSpec, Outcome, RunInfo, SUITE_VERSION};
 use crate::cases::Case;
 use crate::error::{EXIT_FAILURE, EXIT_USAGE};
 use crate::judge::{self, Check};
 use crate::opspec::Outputs;
+use crate::types::{CaseResult, CaseSpec, Outcome, RunInfo, SUITE_VERSION};
 use deepport_core::backend::{Backend, DeviceInfo};
 use deepport_core::registry::Registry;
 use deepport_core::Error;

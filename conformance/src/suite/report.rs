@@ -31,8 +31,8 @@ pub use lock::RunLock;
 pub use markdown::{merge_runs, summary_md};
 pub use verify::{verify_run, Problem, VerifyReport};
 
-use super::{CaseResult, RunInfo};
 use crate::error::{EXIT_FAILURE, EXIT_USAGE};
+use crate::types::{CaseResult, RunInfo};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io::Write;

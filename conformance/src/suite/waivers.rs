@@ -25,7 +25,7 @@
 //! Globs use `*` (any text) and `?` (one character).
 
 use super::catalogue::glob_match;
-use super::{CaseResult, Outcome};
+use crate::types::{CaseResult, Outcome};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 use std::fmt;

@@ -14,7 +14,7 @@
 //! builder or, with `--isolate`, crashes only its own process.
 
 use crate::cases::{ParamMap, P};
-use crate::suite::CaseSpec;
+use crate::types::CaseSpec;
 use deepport_core::budget::MemoryBudget;
 
 /// Bytes charged per tensor element.
@@ -243,7 +243,7 @@ mod tests {
             seed: 1,
             profiles: Default::default(),
             tolerances: Default::default(),
-            source: crate::suite::Source::Generated,
+            source: crate::types::Source::Generated,
             origin: "fp8_gemm.yaml:12".into(),
         }
     }

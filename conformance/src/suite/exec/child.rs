@@ -11,8 +11,9 @@
 
 use super::{blank_result, run_spec, timeout_result, ExecOptions, RefCache, Reference};
 use crate::error::{EXIT_FAILURE, EXIT_USAGE};
+use crate::suite::catalogue;
 use crate::suite::report::{result_from_json_line, result_to_json_line};
-use crate::suite::{catalogue, CaseResult, CaseSpec, Outcome};
+use crate::types::{CaseResult, CaseSpec, Outcome};
 use deepport_core::backend::DeviceInfo;
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;

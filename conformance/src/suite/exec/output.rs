@@ -2,7 +2,7 @@
 //! table per op family, the notices and the summary lines.
 
 use crate::suite::report::fmt_value;
-use crate::suite::{CaseResult, Outcome};
+use crate::types::{CaseResult, Outcome};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};

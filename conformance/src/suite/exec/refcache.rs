@@ -13,7 +13,7 @@
 //! so concurrent runs never see half a file.
 
 use crate::opspec::Outputs;
-use crate::suite::{CaseSpec, SUITE_VERSION};
+use crate::types::{CaseSpec, SUITE_VERSION};
 use deepport_core::tensor::{parse_safetensors, serialize_safetensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -240,7 +240,7 @@ fn target_dir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::suite::Source;
+    use crate::types::Source;
     use deepport_core::{DType, HostTensor};
     use std::cell::Cell;
 

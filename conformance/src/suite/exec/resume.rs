@@ -13,7 +13,7 @@
 
 use super::RunArgs;
 use crate::suite::report::{read_partial_results, ReportError};
-use crate::suite::{CaseResult, CaseSpec, RunInfo, SUITE_VERSION};
+use crate::types::{CaseResult, CaseSpec, RunInfo, SUITE_VERSION};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -247,7 +247,7 @@ pub fn load_done(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::suite::Outcome;
+    use crate::types::Outcome;
     use clap::Parser;
 
     #[derive(Parser)]

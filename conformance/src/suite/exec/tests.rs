@@ -6,7 +6,7 @@ use super::output::Counts;
 use super::*;
 use crate::error::CliError;
 use crate::suite::report::result_to_json_line;
-use crate::suite::Source;
+use crate::types::Source;
 use deepport_core::{DType, HostTensor};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;

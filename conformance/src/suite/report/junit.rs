@@ -9,7 +9,7 @@
 //! naming the outcome and the waiver (never a pass).
 
 use super::{family_of, fmt_value};
-use crate::suite::{CaseResult, Outcome, RunInfo};
+use crate::types::{CaseResult, Outcome, RunInfo};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 

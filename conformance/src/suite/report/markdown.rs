@@ -1,7 +1,7 @@
 //! Markdown: a run's `summary.md` and the merged cases × backends matrix.
 
 use super::{family_of, fmt_value};
-use crate::suite::{CaseResult, Outcome, RunInfo};
+use crate::types::{CaseResult, Outcome, RunInfo};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::path::PathBuf;

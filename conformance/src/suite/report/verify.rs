@@ -9,7 +9,7 @@
 //!   conformant: it is listed as waived.
 
 use super::MUSTPASS_PROFILE;
-use crate::suite::{CaseResult, Outcome, RunInfo, SUITE_VERSION};
+use crate::types::{CaseResult, Outcome, RunInfo, SUITE_VERSION};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};

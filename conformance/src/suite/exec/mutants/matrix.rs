@@ -10,7 +10,7 @@
 use super::{MutantInfo, Semantic, LIBRARY};
 use crate::cases;
 use crate::suite::exec::{run_spec, RefCache, Reference};
-use crate::suite::{CaseResult, CaseSpec, Outcome};
+use crate::types::{CaseResult, CaseSpec, Outcome};
 use deepport_core::backend::DeviceInfo;
 use deepport_core::ops::OpKind;
 use deepport_cpu::CpuRef;

@@ -2,7 +2,8 @@
 //! (perturbed outputs, unwritten outputs, panics, nothing implemented).
 
 use super::super::{run_spec, RefCache, Reference};
-use crate::suite::{catalogue, CaseSpec, Outcome};
+use crate::suite::catalogue;
+use crate::types::{CaseSpec, Outcome};
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, HostTensor, Result};
