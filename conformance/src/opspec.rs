@@ -554,11 +554,7 @@ fn run_gemm(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
     outputs(b, &[("d", &d)])
 }
 
-fn run_gemm_grouped_contiguous(
-    b: &dyn Backend,
-    i: &Inputs,
-    p: &mut Params,
-) -> CliResult<Outputs> {
+fn run_gemm_grouped_contiguous(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
     let (ah, bh) = (i.get("a")?, i.get("b")?);
     let (a, bb) = (up(b, ah)?, up(b, bh)?);
     let mi = up(b, i.get("m_indices")?)?;
@@ -579,11 +575,7 @@ fn run_gemm_grouped_masked(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliRe
     let (ah, bh) = (i.get("a")?, i.get("b")?);
     let (a, bb) = (up(b, ah)?, up(b, bh)?);
     let mm = up(b, i.get("masked_m")?)?;
-    let mut d = out(
-        b,
-        out_dtype(p)?,
-        &[dim(ah, 0), dim(ah, 1), dim(bh, 1)],
-    )?;
+    let mut d = out(b, out_dtype(p)?, &[dim(ah, 0), dim(ah, 1), dim(bh, 1)])?;
     launch(
         b,
         GemmGroupedMasked {

@@ -470,7 +470,14 @@ fn reads_views(b: &dyn Backend) -> bool {
         let v = t.rows(1, 1)?;
         let w = t.view(2 * QBLOCK, &[QBLOCK])?;
         let mut d = b.alloc(DType::F32, &[1, 1])?;
-        ops::run(b, Gemm { a: &v, b: &v, d: &mut d })?;
+        ops::run(
+            b,
+            Gemm {
+                a: &v,
+                b: &v,
+                d: &mut d,
+            },
+        )?;
         let mut y = b.alloc(DType::F32, &[1, QBLOCK])?;
         ops::run(
             b,

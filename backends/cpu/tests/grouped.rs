@@ -213,7 +213,9 @@ fn rows_equal_the_reference_gemm() {
 
 fn expect_index_err(r: Result<()>, arg: &str, value: i64) {
     match r {
-        Err(Error::IndexOutOfRange { arg: a, value: v, .. }) => {
+        Err(Error::IndexOutOfRange {
+            arg: a, value: v, ..
+        }) => {
             assert_eq!((a, v), (arg, value));
         }
         other => panic!("expected IndexOutOfRange for {arg}={value}, got {other:?}"),
@@ -265,7 +267,16 @@ fn bad_shapes_and_dtypes_are_errors() {
     // m_indices of the wrong length, d of the wrong shape.
     let idx3 = up(&HostTensor::from_i32(&[3], &[0, 1, 0]));
     let e = contiguous(&a, &b, &idx3, &mut d).unwrap_err();
-    assert!(matches!(e, Error::Shape { arg: "m_indices", .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                arg: "m_indices",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let mut d_bad = up(&poison_host(DType::F32, &[2, 4]));
     let e = contiguous(&a, &b, &idx, &mut d_bad).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "d", .. }), "{e:?}");
@@ -278,5 +289,14 @@ fn bad_shapes_and_dtypes_are_errors() {
     let a2 = f32t(DType::F32, &[2, 1, 2], &[0.; 4]);
     let mut d2 = up(&poison_host(DType::F32, &[2, 1, 3]));
     let e = masked(&a2, &b, &mm, &mut d2).unwrap_err();
-    assert!(matches!(e, Error::Shape { arg: "masked_m", .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                arg: "masked_m",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
