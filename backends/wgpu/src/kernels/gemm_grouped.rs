@@ -8,7 +8,10 @@
 //! or clamps it and never reads out of bounds. Operands beyond the storage
 //! binding limit are processed in windows of whole groups of `b` (masked:
 //! with the same groups of `a` and `d`) and, contiguous, of rows of `a` and
-//! `d`; the index tensor is bound whole.
+//! `d`; the index tensor is bound whole. A window must start at an aligned
+//! byte offset ([`crate::ctx::Win::rows`]): a group or row size that
+//! cannot be placed so is `NotSupported` (DeepSeek-V3's expert shapes are
+//! multiples of 256 bytes).
 
 use super::OpTable;
 use crate::ctx::{buffer, u32_of, Params, Rec, Shader, Win};
