@@ -209,6 +209,54 @@ def fp8_gemm_cases(w: CaseWriter, rng):
             {"d": to_bf16(d)})
 
 
+# ------------------------------------------------- grouped plain GEMMs (f32/bf16)
+GROUPED_SEED = OPS_SEED + 1  # own stream: the cases above keep their bytes
+
+
+def gemm_grouped_cases(w: CaseWriter):
+    """gemm_grouped_contiguous / gemm_grouped_masked (DeepGEMM's
+    m_grouped_bf16_gemm_nt_*): every computed row is a.b[g]^T of that row and
+    its group, evaluated in float64 from the stored inputs, rounded once."""
+    rng = np.random.default_rng(GROUPED_SEED)
+
+    # contiguous, bf16 operands and output: 128-row blocks (group, rows); the
+    # rest of each block is padding (-1); group 1 has no rows.
+    G, n, k = 4, 192, 256
+    blocks = [(2, 100), (0, 128), (3, 37), (0, 128)]
+    m_idx = np.concatenate([np.r_[np.full(r, g), np.full(BLOCK - r, -1)] for g, r in blocks])
+    m_sum = len(m_idx)
+    a = _bf16(rng.standard_normal((m_sum, k)))
+    b = _bf16(rng.standard_normal((G, n, k)) / math.sqrt(k))
+    d = torch.zeros(m_sum, n, dtype=torch.float64)
+    for r, g in enumerate(m_idx):
+        if g >= 0:
+            d[r] = b[g].to(torch.float64) @ a[r].to(torch.float64)
+    w.write("gemm_grouped_contiguous_g4_n192_k256_bf16", "gemm-grouped-contiguous",
+            {"out_dtype": "bf16"},
+            "MoE prefill layout for f32/bf16 experts: row r uses group m_indices[r] (blocks (group, rows) = "
+            f"{blocks}, each padded to 128 rows with -1); -1 rows are stored as 0 and are NOT checked. "
+            "Group 1 has no rows. bf16 inputs; expected in float64, rounded once to bf16.",
+            {"a": a, "b": b, "m_indices": torch.tensor(m_idx, dtype=torch.int32)},
+            {"d": to_bf16(d)})
+
+    # masked, f32 operands and output.
+    G, m_max, n, k = 3, 64, 256, 320
+    masked = [17, 0, 64]
+    a = _f32(rng.standard_normal((G, m_max, k)))
+    b = _f32(rng.standard_normal((G, n, k)) / math.sqrt(k))
+    d = torch.zeros(G, m_max, n, dtype=torch.float64)
+    for g in range(G):
+        mm = masked[g]
+        if mm:
+            d[g, :mm] = a[g, :mm].to(torch.float64) @ b[g].to(torch.float64).T
+    w.write("gemm_grouped_masked_g3_m64_n256_k320_f32", "gemm-grouped-masked", {"out_dtype": "f32"},
+            f"MoE decode layout for f32/bf16 experts: group g computes rows < masked_m[g] (masked_m = {masked}); "
+            "rows >= masked_m are stored as 0 and are NOT checked. f32 inputs; expected in float64, rounded "
+            "once to f32.",
+            {"a": a, "b": b, "masked_m": torch.tensor(masked, dtype=torch.int32)},
+            {"d": d.to(torch.float32)})
+
+
 # ---------------------------------------------------------------- MLA decode
 HUGE_BLOCK = 2 ** 30
 
@@ -447,6 +495,7 @@ def generate_all(outdir):
     moe_gate_cases(w, rng)
     rope_cases(w, rng)
     rms_norm_cases(w, rng)
+    gemm_grouped_cases(w)
     return w.names
 
 

@@ -722,6 +722,40 @@ fn run_gemm(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
     outputs(b, &[("d", &d)])
 }
 
+fn run_gemm_grouped_contiguous(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let (ah, bh) = (i.get("a")?, i.get("b")?);
+    let (a, bb) = (up(b, ah)?, up(b, bh)?);
+    let mi = up(b, i.get("m_indices")?)?;
+    let mut d = out(b, out_dtype(p)?, &[dim(ah, 0), dim(bh, 1)])?;
+    launch(
+        b,
+        GemmGroupedContiguous {
+            a: &a,
+            b: &bb,
+            m_indices: &mi,
+            d: &mut d,
+        },
+    )?;
+    outputs(b, &[("d", &d)])
+}
+
+fn run_gemm_grouped_masked(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let (ah, bh) = (i.get("a")?, i.get("b")?);
+    let (a, bb) = (up(b, ah)?, up(b, bh)?);
+    let mm = up(b, i.get("masked_m")?)?;
+    let mut d = out(b, out_dtype(p)?, &[dim(ah, 0), dim(ah, 1), dim(bh, 1)])?;
+    launch(
+        b,
+        GemmGroupedMasked {
+            a: &a,
+            b: &bb,
+            masked_m: &mm,
+            d: &mut d,
+        },
+    )?;
+    outputs(b, &[("d", &d)])
+}
+
 fn run_mla_decode(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
     let qh = i.get("q")?;
     let kh = convert_float(i.get("kcache")?, qh.dtype());
@@ -1019,6 +1053,8 @@ fn local_runner(kind: OpKind) -> Option<RunFn> {
         OpKind::Fp8GroupedContiguous => run_fp8_grouped_contiguous,
         OpKind::Fp8GroupedMasked => run_fp8_grouped_masked,
         OpKind::Gemm => run_gemm,
+        OpKind::GemmGroupedContiguous => run_gemm_grouped_contiguous,
+        OpKind::GemmGroupedMasked => run_gemm_grouped_masked,
         OpKind::MlaDecode => run_mla_decode,
         OpKind::MlaPrefill => run_mla_prefill,
         OpKind::RmsNorm => run_rms_norm,

@@ -42,6 +42,28 @@
 //! (block `i` of the sequence is page `i`); the cache grows (doubling, one
 //! copy) when a sequence outgrows it.
 //!
+//! # Views
+//!
+//! Where a window of a tensor is contiguous in memory, [`Ctx::window`]
+//! hands out a read-only view (`Tensor::view`) instead of a `copy_window`
+//! into a fresh tensor, when the backend's kernels read offset views in
+//! place (probed once at load by `reads_views`: cpu-ref and cpu do; wgpu
+//! reads views only in `download`, `gather_rows` and `reduce_rows` and
+//! gets copies). The views are:
+//!
+//! * the per-head `W_UV` slices of `kv_b_proj` (whole rows of the
+//!   dequantized weight; no second copy of it is kept);
+//! * in one-token decode, the per-head `q_nope` slices fed to `q·W_UK` and
+//!   the per-head latent outputs fed to `·W_UVᵀ`, and the latent `c` and
+//!   rope key windows of `kv_a_proj`'s output (one row each);
+//! * with several ranks, this rank's share of the tokens (whole rows of the
+//!   normalized hidden state) fed to the dispatch and the shared experts.
+//!
+//! The routed experts need no per-expert slices at all (one grouped GEMM
+//! over `[G, n, k]`), and the latent cache pages are read in place by
+//! `mla_decode` through the block table; the cache is copied only when it
+//! grows. Views never change results: a kernel reads the same elements.
+//!
 //! # MoE
 //!
 //! Shaped as a serving engine runs it (DeepEP + DeepGEMM), over any
@@ -53,10 +75,11 @@
 //! counts, `fp8_grouped_masked` on the FP8 payload of the dispatch) for
 //! gate and up, `silu_mul`, the down projection → `low_latency_combine`
 //! with the top-k weights → plus the shared experts. f32 and bf16 run the
-//! same data flow; as core has no grouped GEMM for those dtypes, a grouped
-//! GEMM there is one `gemm` against the stacked weights of every local
-//! expert followed by a row gather of each row's own group. There is never
-//! a loop over experts. With shared experts the combine writes f32 and the
+//! same data flow and layouts with the plain grouped GEMMs
+//! `gemm_grouped_contiguous` (prefill) and `gemm_grouped_masked` (decode)
+//! on the dequantized expert weights `[G, n, k]`; each computed row is
+//! exactly `gemm` of that row against its expert. There is never a loop
+//! over experts. With shared experts the combine writes f32 and the
 //! add rounds once, so routed + shared is rounded once (SPEC.md §8).
 //!
 //! With several ranks ([`Model::load_ep`]) rank `r` holds experts
@@ -307,20 +330,17 @@ enum Grouped {
     /// scales `[G, ⌈n/128⌉, k/128]`, run by `fp8_grouped_contiguous`
     /// (prefill) and `fp8_grouped_masked` (decode).
     Fp8 { w: Tensor, s: Tensor },
-    /// f32/bf16 mode: the dequantized weights stacked as `[G·n, k]` in the
-    /// activation dtype. No grouped op exists for these dtypes, so a
-    /// grouped GEMM is one `gemm` against all groups followed by a row
-    /// gather (`embedding`) of each row's own group: one launch each, the
-    /// same data flow as the FP8 path, `G`× the FLOPs (see `Ctx::grouped`).
+    /// f32/bf16 mode: the dequantized weights `[G, n, k]` in the
+    /// activation dtype, run by `gemm_grouped_contiguous` (prefill) and
+    /// `gemm_grouped_masked` (decode), the same layouts as the FP8 path.
     Dense { w: Tensor },
 }
 
 impl Grouped {
     /// Output width `n`.
-    fn n(&self, groups: usize) -> usize {
+    fn n(&self) -> usize {
         match self {
-            Grouped::Fp8 { w, .. } => w.shape()[1],
-            Grouped::Dense { w } => w.shape()[0] / groups.max(1),
+            Grouped::Fp8 { w, .. } | Grouped::Dense { w } => w.shape()[1],
         }
     }
 }
@@ -430,6 +450,69 @@ struct Ctx<'a> {
     /// Where the finer taps of layer `li` go, when asked for.
     taps: Option<&'a RefCell<Taps>>,
     li: usize,
+    /// Whether the backend's kernels read offset views in place
+    /// ([`reads_views`]): then [`Ctx::window`] returns a view where the
+    /// window is contiguous, else a copy.
+    views: bool,
+}
+
+/// Whether `b`'s kernels read a read-only view at a nonzero offset in place
+/// in the ops the model feeds views to (`gemm`, `rms_norm`, `rope`,
+/// `act_quant`; the expert-parallel protocol reads its input with
+/// `gather_rows`, which every backend with EP reads views in). cpu-ref and
+/// cpu do; wgpu binds whole buffers outside `gather_rows`/`reduce_rows`/
+/// `download` and answers `NotSupported`, so the model copies there. Probed
+/// once at load with tiny tensors; any failure means "copy".
+fn reads_views(b: &dyn Backend) -> bool {
+    let probe = || -> Result<()> {
+        let ones = vec![1f32; 3 * QBLOCK];
+        let t = b.upload(&HostTensor::from_f32(DType::F32, &[3, QBLOCK], &ones))?;
+        let v = t.rows(1, 1)?;
+        let w = t.view(2 * QBLOCK, &[QBLOCK])?;
+        let mut d = b.alloc(DType::F32, &[1, 1])?;
+        ops::run(
+            b,
+            Gemm {
+                a: &v,
+                b: &v,
+                d: &mut d,
+            },
+        )?;
+        let mut y = b.alloc(DType::F32, &[1, QBLOCK])?;
+        ops::run(
+            b,
+            RmsNorm {
+                x: &v,
+                weight: &w,
+                y: &mut y,
+                eps: 1e-6,
+            },
+        )?;
+        let pos = b.upload(&HostTensor::from_i64(&[1], &[1]))?;
+        let mut r = b.alloc(DType::F32, &[1, QBLOCK])?;
+        ops::run(
+            b,
+            Rope {
+                x: &v,
+                positions: &pos,
+                y: &mut r,
+                config: RopeConfig::default(),
+            },
+        )?;
+        let mut q = b.alloc(DType::F8E4M3, &[1, QBLOCK])?;
+        let mut sa = b.alloc(DType::F32, &[1, 1])?;
+        ops::run(
+            b,
+            ActQuant {
+                x: &v,
+                q: &mut q,
+                s: &mut sa,
+                scale_fmt: ScaleFmt::Float,
+            },
+        )?;
+        b.synchronize()
+    };
+    probe().is_ok()
 }
 
 /// The per-step index tensors shared by every layer.
@@ -496,7 +579,10 @@ impl Ctx<'_> {
         )
     }
 
-    /// A new `[rows, cols]` tensor holding a window of `src`'s matrix view.
+    /// A `[rows, cols]` window of `src`'s matrix view: a read-only view of
+    /// `src` when the window is contiguous in memory (whole rows, or one
+    /// row) and the backend reads views in place (`self.views`), else a
+    /// new tensor holding a copy (`copy_window`).
     fn window(
         &self,
         src: &Tensor,
@@ -505,6 +591,10 @@ impl Ctx<'_> {
         rows: usize,
         cols: usize,
     ) -> Result<Tensor> {
+        let width = as_matrix(src.shape()).1;
+        if self.views && (rows <= 1 || (col == 0 && cols == width)) {
+            return src.view(row * width + col, &[rows, cols]);
+        }
         let mut out = self.alloc(&[rows, cols])?;
         self.copy(src, &mut out, (row, col), (0, 0), (rows, cols))?;
         Ok(out)
@@ -808,22 +898,24 @@ impl Ctx<'_> {
     ///   `g`'s first `masked_m[g]` rows are computed.
     ///
     /// `pre_quant` is the FP8 payload of `x` when the dispatch already
-    /// quantized it. Returns `[m, n]` / `[G, cap, n]` in the activation
-    /// dtype; padding rows and masked-off rows hold anything.
-    #[allow(clippy::too_many_arguments)]
+    /// quantized it. FP8 mode runs `fp8_grouped_contiguous` /
+    /// `fp8_grouped_masked`, f32/bf16 mode `gemm_grouped_contiguous` /
+    /// `gemm_grouped_masked`. Returns `[m, n]` / `[G, cap, n]` in the
+    /// activation dtype; padding rows and masked-off rows hold anything.
     fn grouped(
         &self,
         w: &Grouped,
         g: usize,
         x: &Tensor,
         pre_quant: Option<(&Tensor, &Tensor)>,
-        groups: Option<(&[i32], &Tensor)>,
+        m_indices: Option<&Tensor>,
         masked_m: Option<&Tensor>,
     ) -> Result<Tensor> {
         let xs = x.shape().to_vec();
         let k = *xs.last().unwrap_or(&0);
         let m = xs.iter().product::<usize>() / k.max(1);
-        let n = w.n(g);
+        let n = w.n();
+        let cap = m / g.max(1);
         match w {
             Grouped::Fp8 { w, s } => {
                 let owned;
@@ -834,8 +926,8 @@ impl Ctx<'_> {
                         (&owned.0, &owned.1)
                     }
                 };
-                match (groups, masked_m) {
-                    (Some((_, m_indices)), _) => {
+                match (m_indices, masked_m) {
+                    (Some(m_indices), _) => {
                         let mut d = self.alloc(&[m, n])?;
                         ops::run(
                             self.b,
@@ -851,7 +943,6 @@ impl Ctx<'_> {
                         Ok(d)
                     }
                     (None, Some(masked_m)) => {
-                        let cap = m / g.max(1);
                         let mut d = self.alloc(&[g, cap, n])?;
                         ops::run(
                             self.b,
@@ -871,56 +962,51 @@ impl Ctx<'_> {
                     }
                 }
             }
-            Grouped::Dense { w } => {
-                // One GEMM against every group's weights, then each row
-                // takes its own group's n columns: out[i] = all[i·G + g_i].
-                let x2;
-                let x = if xs.len() == 2 {
-                    x
-                } else {
-                    x2 = {
-                        let mut c = self.alloc(&[m, k])?;
-                        self.copy(x, &mut c, (0, 0), (0, 0), (m, k))?;
-                        c
-                    };
-                    &x2
-                };
-                let mut all = self.gemm(x, w)?;
-                all.reshape(&[m * g, n])?;
-                let row_ids: Vec<i32> = match groups {
-                    Some((gr, _)) => gr
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &gi)| (i * g + gi.max(0) as usize) as i32)
-                        .collect(),
-                    None => {
-                        let cap = m / g.max(1);
-                        (0..m).map(|i| (i * g + i / cap.max(1)) as i32).collect()
-                    }
-                };
-                let mut out = self.gather(&all, &row_ids)?;
-                if groups.is_none() {
-                    out.reshape(&[g, m / g.max(1), n])?;
+            Grouped::Dense { w } => match (m_indices, masked_m) {
+                (Some(m_indices), _) => {
+                    let mut d = self.alloc(&[m, n])?;
+                    ops::run(
+                        self.b,
+                        GemmGroupedContiguous {
+                            a: x,
+                            b: w,
+                            m_indices,
+                            d: &mut d,
+                        },
+                    )?;
+                    Ok(d)
                 }
-                Ok(out)
-            }
+                (None, Some(masked_m)) => {
+                    let mut d = self.alloc(&[g, cap, n])?;
+                    ops::run(
+                        self.b,
+                        GemmGroupedMasked {
+                            a: x,
+                            b: w,
+                            masked_m,
+                            d: &mut d,
+                        },
+                    )?;
+                    Ok(d)
+                }
+                (None, None) => Err(Error::Other("model: grouped GEMM without a layout".into())),
+            },
         }
     }
 
     /// The routed experts' SwiGLU over dispatched rows, as a grouped GEMM
     /// pipeline: gate and up projections, `silu_mul`, down projection.
-    #[allow(clippy::too_many_arguments)]
     fn experts(
         &self,
         ex: &Experts,
         x: &Tensor,
         pre_quant: Option<(&Tensor, &Tensor)>,
-        groups: Option<(&[i32], &Tensor)>,
+        m_indices: Option<&Tensor>,
         masked_m: Option<&Tensor>,
     ) -> Result<Tensor> {
         let g = ex.local;
-        let gt = self.grouped(&ex.gate, g, x, pre_quant, groups, masked_m)?;
-        let up = self.grouped(&ex.up, g, x, pre_quant, groups, masked_m)?;
+        let gt = self.grouped(&ex.gate, g, x, pre_quant, m_indices, masked_m)?;
+        let up = self.grouped(&ex.up, g, x, pre_quant, m_indices, masked_m)?;
         let mut a = self.alloc(gt.shape())?;
         ops::run(
             self.b,
@@ -930,8 +1016,8 @@ impl Ctx<'_> {
                 out: &mut a,
             },
         )?;
-        if groups.is_some() {
-            return self.grouped(&ex.down, g, &a, None, groups, masked_m);
+        if m_indices.is_some() {
+            return self.grouped(&ex.down, g, &a, None, m_indices, masked_m);
         }
         // Masked: the down projection reads [G·cap, inter] rows.
         let s = a.shape().to_vec();
@@ -1125,7 +1211,7 @@ impl Ctx<'_> {
                 rx.reshape(&[g * cap, d.hidden])?;
                 let xc = self.gather(&rx, &gather_ids)?;
                 let m_indices = self.ids(&m_idx)?;
-                let yc = self.experts(ex, &xc, None, Some((&m_idx, &m_indices)), None)?;
+                let yc = self.experts(ex, &xc, None, Some(&m_indices), None)?;
                 self.gather(&yc, &back_ids)?
             };
             y.reshape(&[g, cap, d.hidden])?;
@@ -1269,6 +1355,8 @@ struct Loader<'a> {
     rank: usize,
     world: usize,
     d: Dims,
+    /// [`reads_views`] of the backend.
+    views: bool,
 }
 
 impl Loader<'_> {
@@ -1345,7 +1433,7 @@ impl Loader<'_> {
 
     /// One projection of experts `ids`, stacked: FP8 `[G, n, k]` + scales
     /// in FP8 mode (when every expert has an FP8 weight and `k` is a
-    /// multiple of 128), else dequantized `[G·n, k]`.
+    /// multiple of 128), else dequantized `[G, n, k]`.
     fn grouped(&self, p: &str, ids: &[usize], proj: &str, n: usize, k: usize) -> Result<Grouped> {
         let g = ids.len();
         if self.numerics == Numerics::Fp8 && k.is_multiple_of(QBLOCK) {
@@ -1379,6 +1467,7 @@ impl Loader<'_> {
             let we = self.dequantized(&format!("{p}.experts.{x}.{proj}"), n, k)?;
             ctx.copy(&we, &mut w, (0, 0), (i * n, 0), (n, k))?;
         }
+        w.reshape(&[g, n, k])?;
         Ok(Grouped::Dense { w })
     }
 
@@ -1390,6 +1479,7 @@ impl Loader<'_> {
             d: self.d,
             taps: None,
             li: 0,
+            views: self.views,
         }
     }
 
@@ -1427,6 +1517,7 @@ impl Loader<'_> {
             d,
             taps: None,
             li: 0,
+            views: self.views,
         };
         let mut w_uk_t = Vec::with_capacity(h);
         let mut w_uv = Vec::with_capacity(h);
@@ -1522,6 +1613,8 @@ pub struct Model<'b> {
     caches: Vec<Tensor>,
     blocks: usize,
     seq_len: usize,
+    /// [`reads_views`] of the backend, probed at load.
+    views: bool,
 }
 
 impl std::fmt::Debug for Model<'_> {
@@ -1597,6 +1690,7 @@ impl<'b> Model<'b> {
     ) -> Result<Self> {
         cfg.validate()?;
         let act = opts.numerics.act_dtype();
+        let views = reads_views(backend);
         let ld = Loader {
             b: backend,
             ckpt,
@@ -1605,6 +1699,7 @@ impl<'b> Model<'b> {
             rank: comm.get().rank(),
             world: comm.get().world_size(),
             d: Dims::of(cfg),
+            views,
         };
         let (v, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed = ld.float("model.embed_tokens.weight", &[v, hidden])?;
@@ -1637,6 +1732,7 @@ impl<'b> Model<'b> {
             caches: Vec::new(),
             blocks: 0,
             seq_len: 0,
+            views,
         })
     }
 
@@ -1666,6 +1762,7 @@ impl<'b> Model<'b> {
             d: self.dims,
             taps: None,
             li: 0,
+            views: self.views,
         }
     }
 
@@ -2019,5 +2116,16 @@ impl<'b> Model<'b> {
             routing,
             taps: cell.into_inner(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_backends_read_views_in_place() {
+        assert!(reads_views(&deepport_cpu::CpuRef::new()));
+        assert!(reads_views(&deepport_cpu::Cpu::new()));
     }
 }

@@ -17,6 +17,7 @@
 mod copy;
 mod dense;
 mod ep;
+mod grouped;
 mod mla;
 #[allow(unsafe_code)]
 pub mod peak;
@@ -166,6 +167,7 @@ mod kernels {
     pub(crate) use crate::copy::{copy_window, gather_rows, reduce_rows};
     pub(crate) use crate::dense::*;
     pub(crate) use crate::ep::get_dispatch_layout;
+    pub(crate) use crate::grouped::{gemm_grouped_contiguous, gemm_grouped_masked};
     pub(crate) use crate::mla::*;
 }
 

@@ -112,7 +112,7 @@ fn build(spec: &CaseSpec) -> Result<Case, String> {
     match op {
         // Padding rows (m_indices −1) and rows past masked_m are stored as 0
         // and are not checked (golden/README.md).
-        "fp8-grouped-contiguous" => {
+        "fp8-grouped-contiguous" | "gemm-grouped-contiguous" => {
             let mi = inputs.get("m_indices").ok_or("missing m_indices")?;
             let n = expected
                 .get("d")
@@ -121,7 +121,7 @@ fn build(spec: &CaseSpec) -> Result<Case, String> {
             let live: Vec<bool> = mi.to_i64_vec().iter().map(|&g| g >= 0).collect();
             judging = judging.mask("d", row_mask(&live, n));
         }
-        "fp8-grouped-masked" => {
+        "fp8-grouped-masked" | "gemm-grouped-masked" => {
             let mm = inputs
                 .get("masked_m")
                 .ok_or("missing masked_m")?

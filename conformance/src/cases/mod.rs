@@ -16,6 +16,7 @@
 
 mod dense;
 mod ep;
+mod gemm_grouped;
 pub mod gen;
 mod golden;
 pub mod judging;
@@ -156,6 +157,7 @@ pub static FAMILIES: &[&Family] = &[
     &dense::FP8_GROUPED_CONTIGUOUS,
     &dense::FP8_GROUPED_MASKED,
     &dense::GEMM,
+    &gemm_grouped::GEMM_GROUPED,
     &mla::MLA_DECODE,
     &mla::MLA_PREFILL,
     &dense::RMS_NORM,

@@ -17,6 +17,7 @@ mod copy;
 pub mod decl;
 mod dense;
 mod ep;
+mod grouped;
 pub mod index;
 mod mla;
 mod rows;
@@ -25,6 +26,7 @@ pub use copy::*;
 pub use decl::{OpDecl, ParamDecl, ParamDefault, ParamKind, Role, TensorDecl};
 pub use dense::*;
 pub use ep::*;
+pub use grouped::*;
 pub use mla::*;
 pub use rows::*;
 
@@ -77,6 +79,8 @@ macro_rules! for_each_local_op {
             Fp8GroupedContiguous => fp8_grouped_contiguous,
             Fp8GroupedMasked => fp8_grouped_masked,
             Gemm => gemm,
+            GemmGroupedContiguous => gemm_grouped_contiguous,
+            GemmGroupedMasked => gemm_grouped_masked,
             MlaDecode => mla_decode,
             MlaPrefill => mla_prefill,
             RmsNorm => rms_norm,

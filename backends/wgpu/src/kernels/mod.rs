@@ -120,5 +120,6 @@ modules!(
     ep,
     rows,
     fp8_gemm,
+    gemm_grouped,
     mla,
 );

@@ -25,13 +25,14 @@ const FROM_FILES: [&str; 2] = ["golden_ops", "model"];
 
 /// Every family this module has an estimate for (a test checks that every
 /// family of [`crate::cases::FAMILIES`] is listed).
-pub const ESTIMATED: [&str; 16] = [
+pub const ESTIMATED: [&str; 17] = [
     "act_quant",
     "weight_dequant",
     "fp8_gemm",
     "fp8_grouped_contiguous",
     "fp8_grouped_masked",
     "gemm",
+    "gemm_grouped",
     "mla_decode",
     "mla_prefill",
     "rms_norm",
@@ -84,6 +85,21 @@ pub fn elements(family: &str, params: &ParamMap) -> Option<f64> {
         "fp8_grouped_masked" => {
             let (g, m, n, k) = (i("groups"), i("m_max"), i("n"), i("k"));
             g * m * k + g * n * k + g * m * n + g * m * c128(k) + g * c128(n) * c128(k)
+        }
+        "gemm_grouped" => {
+            let (g, n, k) = (i("groups"), i("n"), i("k"));
+            // Rows as fp8_grouped_* (masked: G·m_max; contiguous: blocks,
+            // interleaved G·m, or up to 1.3·m per group padded to 128).
+            let rows = if p.opt_text("layout").ok().flatten() == Some("masked") {
+                g * i("m_max")
+            } else if let Some(b) = p.opt_text("blocks").ok().flatten() {
+                128.0 * b.split('/').count() as f64
+            } else if p.flag("interleave").unwrap_or(false) {
+                g * i("m")
+            } else {
+                g * (c128(i("m") * 1.3 + 1.0) * 128.0)
+            };
+            rows * k + g * n * k + rows * n + rows
         }
         "mla_decode" => {
             let (b, s_q, h_q, h_kv) = (i("b"), i("s_q"), i("h_q"), i("h_kv").max(1.0));

@@ -300,6 +300,7 @@ impl Backend for Semantic {
     }
     plain! {
         weight_dequant: WeightDequant, gemm: Gemm, silu_mul: SiluMul,
+        gemm_grouped_contiguous: GemmGroupedContiguous, gemm_grouped_masked: GemmGroupedMasked,
         embedding: Embedding, add: Add, copy_window: CopyWindow,
         get_dispatch_layout: GetDispatchLayout, gather_rows: GatherRows, reduce_rows: ReduceRows,
     }

@@ -90,7 +90,8 @@ impl Backend for Mutant {
     local! {
         act_quant: ActQuant, weight_dequant: WeightDequant, fp8_gemm: Fp8Gemm,
         fp8_grouped_contiguous: Fp8GroupedContiguous, fp8_grouped_masked: Fp8GroupedMasked,
-        gemm: Gemm, mla_decode: MlaDecode, mla_prefill: MlaPrefill, rms_norm: RmsNorm,
+        gemm: Gemm, gemm_grouped_contiguous: GemmGroupedContiguous,
+        gemm_grouped_masked: GemmGroupedMasked, mla_decode: MlaDecode, mla_prefill: MlaPrefill, rms_norm: RmsNorm,
         rope: Rope, moe_gate: MoeGate, silu_mul: SiluMul, embedding: Embedding, add: Add,
         copy_window: CopyWindow, get_dispatch_layout: GetDispatchLayout,
         gather_rows: GatherRows, reduce_rows: ReduceRows,
