@@ -16,6 +16,8 @@ mod copy;
 mod dense;
 mod ep;
 mod mla;
+#[doc(hidden)]
+pub mod scalar;
 pub mod util;
 
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Storage, Support, Tensor};
