@@ -28,9 +28,9 @@ pub(crate) use crate::scalar::dense::{
 // ---- the register tile -------------------------------------------------------
 
 /// Rows of the register tile.
-pub(crate) const MR: usize = 4;
+pub(crate) const MR: usize = 3;
 /// Columns of the register tile (the vectorized direction).
-pub(crate) const NR: usize = 4;
+pub(crate) const NR: usize = 8;
 
 /// `c[i][j] += a[kk][i] · b[kk][j]` for `kk` in order, one f64 chain per
 /// `(i, j)`. `ap` is a packed `[kc][MR]` panel, `bp` a packed `[kc][NR]`

@@ -727,11 +727,7 @@ fn rope(rng: &mut Rng) {
         let x = f32h(dt, &[t, h, d], &rng.vals(t * h * d, 2.0, i == 2));
         let pos: Vec<i64> = (0..t).map(|_| rng.below(200_000) as i64).collect();
         let p = idx(DType::I64, &[t], &pos);
-        let cfg = if i == 1 {
-            yarn.clone()
-        } else {
-            RopeConfig::default()
-        };
+        let cfg = if i == 1 { yarn } else { RopeConfig::default() };
         check(&format!("rope t={t} h={h} d={d}"), |b| {
             let (xt, pt) = (up(b, &x), up(b, &p));
             let mut y = b.alloc(dt, &[t, h, d])?;
@@ -741,7 +737,7 @@ fn rope(rng: &mut Rng) {
                     x: &xt,
                     positions: &pt,
                     y: &mut y,
-                    config: cfg.clone(),
+                    config: cfg,
                 },
             )?;
             Ok(vec![("y", down(b, &y))])
@@ -937,8 +933,11 @@ fn get_dispatch_layout(rng: &mut Rng) {
     });
 }
 
+/// The random cases of one op.
+type Cases = fn(&mut Rng);
+
 /// Every local op's random cases.
-const CASES: &[(OpKind, fn(&mut Rng))] = &[
+const CASES: &[(OpKind, Cases)] = &[
     (OpKind::ActQuant, act_quant),
     (OpKind::WeightDequant, weight_dequant),
     (OpKind::Fp8Gemm, fp8_gemm),
