@@ -93,6 +93,7 @@ pub(crate) fn check_finite(
 
 // ---- §2 act_quant ------------------------------------------------------------
 
+/// The specification of `act_quant`: `cpu-ref`'s kernel must give these bytes.
 pub fn act_quant(op: &mut Checked<ActQuant<'_>>) -> Result<()> {
     const OP: &str = "act_quant";
     let (args, dims) = op.parts();
@@ -130,6 +131,7 @@ pub fn act_quant(op: &mut Checked<ActQuant<'_>>) -> Result<()> {
 
 // ---- weight_dequant ----------------------------------------------------------
 
+/// The specification of `weight_dequant`: `cpu-ref`'s kernel must give these bytes.
 pub fn weight_dequant(op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
     let (args, dims) = op.parts();
     let (n, k) = (dims.n, dims.k);
@@ -172,6 +174,7 @@ fn fp8_row(a_row: &[f32], sa_row: &[f32], b: &[f32], sb: &[f32], k: usize, out: 
     }
 }
 
+/// The specification of `fp8_gemm`: `cpu-ref`'s kernel must give these bytes.
 pub fn fp8_gemm(op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
     let (args, dims) = op.parts();
     let (m, n, k) = (dims.m, dims.n, dims.k);
@@ -194,6 +197,7 @@ pub fn fp8_gemm(op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
     put_f64(args.d, &d)
 }
 
+/// The specification of `fp8_grouped_contiguous`: `cpu-ref`'s kernel must give these bytes.
 pub fn fp8_grouped_contiguous(op: &mut Checked<Fp8GroupedContiguous<'_>>) -> Result<()> {
     const OP: &str = "fp8_grouped_contiguous";
     let (args, dims) = op.parts();
@@ -224,6 +228,7 @@ pub fn fp8_grouped_contiguous(op: &mut Checked<Fp8GroupedContiguous<'_>>) -> Res
     put_f64(args.d, &d)
 }
 
+/// The specification of `fp8_grouped_masked`: `cpu-ref`'s kernel must give these bytes.
 pub fn fp8_grouped_masked(op: &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()> {
     const OP: &str = "fp8_grouped_masked";
     let (args, dims) = op.parts();
@@ -266,6 +271,7 @@ pub fn fp8_grouped_masked(op: &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()> 
 
 // ---- plain GEMM --------------------------------------------------------------
 
+/// The specification of `gemm`: `cpu-ref`'s kernel must give these bytes.
 pub fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
     let (args, dims) = op.parts();
     let (m, n, k) = (dims.m, dims.n, dims.k);
@@ -288,6 +294,7 @@ pub fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
 
 // ---- RMSNorm -----------------------------------------------------------------
 
+/// The specification of `rms_norm`: `cpu-ref`'s kernel must give these bytes.
 pub fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
     let (args, dims) = op.parts();
     let (rows, dim) = (dims.rows, dims.dim);
@@ -311,6 +318,7 @@ pub fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
 
 // ---- §8 RoPE -----------------------------------------------------------------
 
+/// The specification of `rope`: `cpu-ref`'s kernel must give these bytes.
 pub fn rope(op: &mut Checked<Rope<'_>>) -> Result<()> {
     const OP: &str = "rope";
     let (args, dims) = op.parts();
@@ -341,6 +349,7 @@ pub fn rope(op: &mut Checked<Rope<'_>>) -> Result<()> {
 
 // ---- §6 MoE gate -------------------------------------------------------------
 
+/// The specification of `moe_gate`: `cpu-ref`'s kernel must give these bytes.
 pub fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
     const OP: &str = "moe_gate";
     let (args, dims) = op.parts();
@@ -407,6 +416,7 @@ pub fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
 
 // ---- elementwise and gather ----------------------------------------------------
 
+/// The specification of `silu_mul`: `cpu-ref`'s kernel must give these bytes.
 pub fn silu_mul(op: &mut Checked<SiluMul<'_>>) -> Result<()> {
     let args = op.args_mut();
     let g = f32s(args.gate)?;
@@ -422,6 +432,7 @@ pub fn silu_mul(op: &mut Checked<SiluMul<'_>>) -> Result<()> {
     put_f64(args.out, &out)
 }
 
+/// The specification of `embedding`: `cpu-ref`'s kernel must give these bytes.
 pub fn embedding(op: &mut Checked<Embedding<'_>>) -> Result<()> {
     const OP: &str = "embedding";
     let (args, dims) = op.parts();
@@ -439,6 +450,7 @@ pub fn embedding(op: &mut Checked<Embedding<'_>>) -> Result<()> {
     put_f32(args.out, &out)
 }
 
+/// The specification of `add`: `cpu-ref`'s kernel must give these bytes.
 pub fn add(op: &mut Checked<Add<'_>>) -> Result<()> {
     let args = op.args_mut();
     let a = f32s(args.a)?;

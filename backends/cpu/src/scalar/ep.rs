@@ -41,6 +41,7 @@ pub fn round_once(dtype: DType, v: f64) -> f32 {
 
 // ---- get_dispatch_layout ---------------------------------------------------
 
+/// The specification of `get_dispatch_layout`: `cpu-ref`'s kernel must give these bytes.
 pub fn get_dispatch_layout(op: &mut Checked<GetDispatchLayout<'_>>) -> Result<()> {
     const OP: &str = "get_dispatch_layout";
     let (a, d) = op.parts();

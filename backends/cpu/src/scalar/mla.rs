@@ -103,6 +103,7 @@ pub(crate) fn decode_indices(
     Ok((seqlens, table))
 }
 
+/// The specification of `mla_decode`: `cpu-ref`'s kernel must give these bytes.
 pub fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
     let (a, dims) = op.parts();
     let MlaDecodeDims {
@@ -184,6 +185,7 @@ pub fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
     put_f64(a.lse, &lse)
 }
 
+/// The specification of `mla_prefill`: `cpu-ref`'s kernel must give these bytes.
 pub fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
     mla_prefill_with(op, |heads, f| (0..heads).map(f).collect())
 }
