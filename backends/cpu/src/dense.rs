@@ -1,152 +1,187 @@
-//! Dense reference ops (SPEC.md §1–3, §6, §8): FP8 quantization, the FP8
-//! GEMM family, the plain GEMM, RMSNorm, RoPE, the MoE gate and the
-//! elementwise ops.
+//! `cpu-ref`'s dense kernels: the FP8 GEMM family, the plain GEMM and
+//! weight_dequant, computed fast with the arithmetic of the specification
+//! in [`crate::scalar::dense`].
 //!
-//! This is the oracle, so it is written as plain loops. Where SPEC.md fixes
-//! an f32 step (act_quant, the weight_dequant product, the RoPE angle) the
-//! code does exactly that step in f32; everything else accumulates in f64
-//! and rounds **once**, directly from f64, to the output dtype
-//! ([`round_f64`]). Independent output rows may run on several threads
-//! ([`par_rows`]); that never changes the arithmetic of an element.
+//! Every output element gets exactly the operations of the scalar loops, in
+//! the same order, and the same single rounding: the GEMMs keep one f64
+//! accumulator per output element and add its products in `k` order (for
+//! the FP8 GEMMs, per 128-wide block: an inner f64 sum from 0, then
+//! `acc += inner · sa · sb`). What changes is only *which* elements are
+//! computed together: tiles of outputs run on several threads
+//! ([`par_map`]), and a register tile of `MR × NR` independent accumulators
+//! advances together through `k`, which the compiler vectorizes across the
+//! `NR` columns (no reassociation, no fused multiply-add). Operands are
+//! widened to f64 once per tile and block (exact for every input dtype).
+//!
+//! The ops whose cost does not matter keep the scalar loops unchanged.
 
-use crate::util::{f32s, host, i64s, put_f32, put_host, put_i64};
-use deepport_core::backend::Tensor;
-use deepport_core::formats;
+use crate::scalar::dense::put_f64;
+use crate::util::{f32s, host, i64s, par_map, put_f32, put_host};
 use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
-use deepport_core::tensor::unravel;
-use deepport_core::{DType, Error, HostTensor, Result};
+use deepport_core::{HostTensor, Result};
 
-// ---- rounding and output helpers ------------------------------------------
+pub(crate) use crate::scalar::dense::{
+    act_quant, add, embedding, moe_gate, rms_norm, rope, silu_mul,
+};
 
-/// Rounds an f64 to the nearest value of a float dtype (ties to even,
-/// overflow to ±inf for the IEEE-like types), in **one** rounding, and
-/// returns it as the f32 that holds it exactly. f32 uses Rust's correctly
-/// rounded cast; bf16 and f16 are rounded here because `half`'s f64
-/// conversions first truncate the f64 to 32 bits (a second rounding).
-/// Other dtypes (FP8) go through f32, which is how SPEC.md defines them.
-pub(crate) fn round_f64(dtype: DType, x: f64) -> f32 {
-    let (man_bits, min_exp, max) = match dtype {
-        DType::BF16 => (7, -126, formats::max_finite(DType::BF16) as f64),
-        DType::F16 => (10, -14, formats::max_finite(DType::F16) as f64),
-        DType::F32 => return x as f32,
-        other => return formats::round_to(other, x as f32),
-    };
-    if !x.is_finite() || x == 0.0 {
-        return x as f32;
-    }
-    let a = x.abs();
-    // floor(log2(a)) from the bits; `a` is a normal f64 or a subnormal far
-    // below every target's range (then clamped to the subnormal exponent).
-    let e = (((a.to_bits() >> 52) & 0x7ff) as i32 - 1023).max(min_exp);
-    let quantum = 2f64.powi(e - man_bits);
-    // Division and multiplication by a power of two are exact here.
-    let q = (a / quantum).round_ties_even() * quantum;
-    let r = if q > max { f64::INFINITY } else { q };
-    let r = r as f32; // exact: r is representable in the target, hence in f32
-    if x < 0.0 {
-        -r
-    } else {
-        r
-    }
-}
+// ---- the register tile -------------------------------------------------------
 
-/// Writes f64 values into `t`, each rounded once to `t`'s dtype.
-fn put_f64(t: &mut Tensor, values: &[f64]) -> Result<()> {
-    let dtype = t.dtype();
-    let v: Vec<f32> = values.iter().map(|&x| round_f64(dtype, x)).collect();
-    put_f32(t, &v)
-}
+/// Rows of the register tile.
+pub(crate) const MR: usize = 3;
+/// Columns of the register tile (the vectorized direction).
+pub(crate) const NR: usize = 8;
 
-/// Runs `f(row, out_row)` over the rows of `out` (each `row_len` long),
-/// spreading contiguous runs of rows over the available cores. Each element
-/// is computed by the same code whatever the split.
-fn par_rows<F>(out: &mut [f64], row_len: usize, f: F)
-where
-    F: Fn(usize, &mut [f64]) + Sync,
-{
-    if row_len == 0 || out.is_empty() {
-        return;
-    }
-    let rows = out.len() / row_len;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(rows)
-        .max(1);
-    // Small problems stay on one thread.
-    if threads == 1 || out.len() < 1 << 14 {
-        for (r, row) in out.chunks_mut(row_len).enumerate() {
-            f(r, row);
+/// `c[i][j] += a[kk][i] · b[kk][j]` for `kk` in order, one f64 chain per
+/// `(i, j)`. `ap` is a packed `[kc][MR]` panel, `bp` a packed `[kc][NR]`
+/// panel (both `kc` long).
+#[inline(always)]
+pub(crate) fn micro(ap: &[f64], bp: &[f64], c: &mut [[f64; NR]; MR]) {
+    let mut acc = *c;
+    for (a, b) in ap.chunks_exact(MR).zip(bp.chunks_exact(NR)) {
+        let a: &[f64; MR] = a.try_into().expect("MR chunk");
+        let b: &[f64; NR] = b.try_into().expect("NR chunk");
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] += a[i] * b[j];
+            }
         }
+    }
+    *c = acc;
+}
+
+/// Runs [`micro`] over a packed block: `ap` holds `mg` panels of
+/// `[kc][MR]`, `bp` holds `ng` panels of `[kc][NR]`; `c` holds the
+/// `mg × ng` register tiles (row group major).
+pub(crate) fn block(ap: &[f64], bp: &[f64], kc: usize, c: &mut [[[f64; NR]; MR]]) {
+    let ng = bp.len() / (kc * NR).max(1);
+    if kc == 0 || ng == 0 {
         return;
     }
-    let per = rows.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (c, chunk) in out.chunks_mut(per * row_len).enumerate() {
-            let f = &f;
-            s.spawn(move || {
-                for (i, row) in chunk.chunks_mut(row_len).enumerate() {
-                    f(c * per + i, row);
+    for (gj, b) in bp.chunks_exact(kc * NR).enumerate() {
+        for (gi, a) in ap.chunks_exact(kc * MR).enumerate() {
+            micro(a, b, &mut c[gi * ng + gj]);
+        }
+    }
+}
+
+// ---- the tiled GEMMs ---------------------------------------------------------
+
+/// Rows of A per parallel work unit.
+const MC: usize = 128;
+/// Columns of B per parallel work unit.
+const NC: usize = 128;
+/// `k` per packed block (the FP8 scale block).
+const KC: usize = QBLOCK;
+
+/// How the products of one `k` block reach an element's accumulator.
+#[derive(Clone, Copy)]
+enum Accum<'s> {
+    /// `acc += a·b` straight through `k` (the plain GEMM).
+    Plain,
+    /// Per 128-block: `inner` from 0, then `acc += inner · sa[r, blk] ·
+    /// sb[j/128, blk]` (the FP8 GEMMs). `sa` has a row of `kb` per row of
+    /// A, `sb` a row of `kb` per 128 columns of B.
+    Fp8 { sa: &'s [f32], sb: &'s [f32] },
+}
+
+/// `d[r][j]` for `r` in `rows` (indices of rows of `a [·, k]`) and `j <
+/// n` (rows of `b [n, k]`), in the order of `rows`: the GEMM of the scalar
+/// loops (`acc` from 0, products in `k` order), tile by tile.
+fn tiled(a: &[f32], rows: &[usize], b: &[f32], n: usize, k: usize, mode: Accum<'_>) -> Vec<f64> {
+    let m = rows.len();
+    let mut d = vec![0f64; m * n];
+    if m == 0 || n == 0 {
+        return d;
+    }
+    let (units_m, units_n) = (m.div_ceil(MC), n.div_ceil(NC));
+    let kb = blocks128(k);
+    let tiles = par_map(units_m * units_n, |u| {
+        let (um, un) = (u / units_n, u % units_n);
+        let (r0, r1) = (um * MC, ((um + 1) * MC).min(m));
+        let (c0, c1) = (un * NC, ((un + 1) * NC).min(n));
+        let (mg, ng) = ((r1 - r0).div_ceil(MR), (c1 - c0).div_ceil(NR));
+        let mut acc = vec![[[0f64; NR]; MR]; mg * ng];
+        let mut inner = vec![[[0f64; NR]; MR]; mg * ng];
+        let mut ap = vec![0f64; mg * KC * MR];
+        let mut bp = vec![0f64; ng * KC * NR];
+        for blk in 0..kb {
+            let (lo, hi) = (blk * KC, ((blk + 1) * KC).min(k));
+            let kc = hi - lo;
+            let ap = &mut ap[..mg * kc * MR];
+            let bp = &mut bp[..ng * kc * NR];
+            // Pack A: [mg][kc][MR], rows past the tile are 0 (never stored).
+            for (g, panel) in ap.chunks_exact_mut(kc * MR).enumerate() {
+                for ii in 0..MR {
+                    let r = r0 + g * MR + ii;
+                    if r < r1 {
+                        let src = &a[rows[r] * k + lo..rows[r] * k + hi];
+                        for (kk, &v) in src.iter().enumerate() {
+                            panel[kk * MR + ii] = v as f64;
+                        }
+                    } else {
+                        for kk in 0..kc {
+                            panel[kk * MR + ii] = 0.0;
+                        }
+                    }
                 }
-            });
+            }
+            // Pack B: [ng][kc][NR], columns past the tile are 0.
+            for (g, panel) in bp.chunks_exact_mut(kc * NR).enumerate() {
+                for jj in 0..NR {
+                    let j = c0 + g * NR + jj;
+                    if j < c1 {
+                        let src = &b[j * k + lo..j * k + hi];
+                        for (kk, &v) in src.iter().enumerate() {
+                            panel[kk * NR + jj] = v as f64;
+                        }
+                    } else {
+                        for kk in 0..kc {
+                            panel[kk * NR + jj] = 0.0;
+                        }
+                    }
+                }
+            }
+            match mode {
+                Accum::Plain => block(ap, bp, kc, &mut acc),
+                Accum::Fp8 { sa, sb } => {
+                    inner.iter_mut().for_each(|t| *t = [[0.0; NR]; MR]);
+                    block(ap, bp, kc, &mut inner);
+                    for gi in 0..mg {
+                        for ii in 0..MR {
+                            let r = r0 + gi * MR + ii;
+                            if r >= r1 {
+                                break;
+                            }
+                            let s_a = sa[rows[r] * kb + blk] as f64;
+                            for gj in 0..ng {
+                                let t = gi * ng + gj;
+                                for jj in 0..NR {
+                                    let j = c0 + gj * NR + jj;
+                                    if j >= c1 {
+                                        break;
+                                    }
+                                    let s_b = sb[(j / QBLOCK) * kb + blk] as f64;
+                                    acc[t][ii][jj] += inner[t][ii][jj] * s_a * s_b;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
+        (r0, r1, c0, c1, ng, acc)
     });
-}
-
-/// Fails with `NonFinite` at the first NaN/inf of `values` (shape `shape`).
-fn check_finite(
-    op: &'static str,
-    arg: &'static str,
-    values: &[f32],
-    shape: &[usize],
-) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(Error::NonFinite {
-            op,
-            arg,
-            position: unravel(i, shape),
-            value: values[i] as f64,
-        }),
-    }
-}
-
-// ---- §2 act_quant ------------------------------------------------------------
-
-pub(crate) fn act_quant(op: &mut Checked<ActQuant<'_>>) -> Result<()> {
-    const OP: &str = "act_quant";
-    let (args, dims) = op.parts();
-    let (m, k) = (dims.m, dims.k);
-    let x = f32s(args.x)?;
-    // A NaN would poison the scale of its whole group without a trace.
-    check_finite(OP, "x", &x, &[m, k])?;
-    let groups = k / QBLOCK;
-    let mut q = vec![0f32; m * k];
-    let mut s = vec![0f32; m * groups];
-    for r in 0..m {
-        for g in 0..groups {
-            let lo = r * k + g * QBLOCK;
-            let xs = &x[lo..lo + QBLOCK];
-            let mut amax = 0f32;
-            for &v in xs {
-                amax = amax.max(v.abs());
-            }
-            let amax = amax.max(1e-4f32);
-            let mut scale = amax / dims.fp8_max;
-            if args.scale_fmt == ScaleFmt::Ue8m0 {
-                scale = formats::ue8m0_round_up(scale);
-            }
-            s[r * groups + g] = scale;
-            for (j, &v) in xs.iter().enumerate() {
-                // f32 division; the FP8 encode (nearest even, saturating)
-                // happens once, in `put_f32` with q's dtype.
-                q[lo + j] = v / scale;
+    for (r0, r1, c0, c1, ng, acc) in tiles {
+        for r in r0..r1 {
+            let (gi, ii) = ((r - r0) / MR, (r - r0) % MR);
+            for j in c0..c1 {
+                let (gj, jj) = ((j - c0) / NR, (j - c0) % NR);
+                d[r * n + j] = acc[gi * ng + gj][ii][jj];
             }
         }
     }
-    put_f32(args.q, &q)?;
-    put_f32(args.s, &s)
+    d
 }
 
 // ---- weight_dequant ----------------------------------------------------------
@@ -157,41 +192,21 @@ pub(crate) fn weight_dequant(op: &mut Checked<WeightDequant<'_>>) -> Result<()> 
     let w = f32s(args.w)?;
     let s = f32s(args.s)?;
     let kb = blocks128(k);
-    let mut out = vec![0f32; n * k];
-    for i in 0..n {
-        for j in 0..k {
-            // The f32 product DeepSeek's weight_dequant computes; put_f32
-            // then rounds once to out's dtype.
-            out[i * k + j] = w[i * k + j] * s[(i / QBLOCK) * kb + j / QBLOCK];
+    // The f32 product of the scalar loops, 128 rows (one scale row) at a time.
+    let parts = par_map(n.div_ceil(QBLOCK), |rb| {
+        let (r0, r1) = (rb * QBLOCK, ((rb + 1) * QBLOCK).min(n));
+        let srow = &s[rb * kb..(rb + 1) * kb];
+        let mut out = Vec::with_capacity((r1 - r0) * k);
+        for i in r0..r1 {
+            let wrow = &w[i * k..(i + 1) * k];
+            out.extend(wrow.iter().enumerate().map(|(j, &v)| v * srow[j / QBLOCK]));
         }
-    }
-    put_f32(args.out, &out)
+        out
+    });
+    put_f32(args.out, &parts.concat())
 }
 
 // ---- §3 FP8 GEMM family ------------------------------------------------------
-
-/// One output row of the block-scaled FP8 GEMM:
-/// `d[j] = Σ_kb (Σ_{k∈kb} a[k]·b[j,k]) · sa[kb] · sb[j/128, kb]`.
-/// `a_row [k]`, `sa_row [kb]`, `b [n, k]`, `sb [nb, kb]` of one group.
-/// Products of two FP8 values are exact in f64 and so are the inner sums
-/// (they span far fewer than 53 bits); the scaled block sums add in f64.
-fn fp8_row(a_row: &[f32], sa_row: &[f32], b: &[f32], sb: &[f32], k: usize, out: &mut [f64]) {
-    let kb = blocks128(k);
-    for (j, o) in out.iter_mut().enumerate() {
-        let b_row = &b[j * k..(j + 1) * k];
-        let mut acc = 0f64;
-        for blk in 0..kb {
-            let lo = blk * QBLOCK;
-            let hi = (lo + QBLOCK).min(k);
-            let mut inner = 0f64;
-            for kk in lo..hi {
-                inner += a_row[kk] as f64 * b_row[kk] as f64;
-            }
-            acc += inner * sa_row[blk] as f64 * sb[(j / QBLOCK) * kb + blk] as f64;
-        }
-        *o = acc;
-    }
-}
 
 pub(crate) fn fp8_gemm(op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
     let (args, dims) = op.parts();
@@ -200,18 +215,8 @@ pub(crate) fn fp8_gemm(op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
     let sa = f32s(args.sa)?;
     let b = f32s(args.b)?;
     let sb = f32s(args.sb)?;
-    let kb = blocks128(k);
-    let mut d = vec![0f64; m * n];
-    par_rows(&mut d, n, |i, row| {
-        fp8_row(
-            &a[i * k..(i + 1) * k],
-            &sa[i * kb..(i + 1) * kb],
-            &b,
-            &sb,
-            k,
-            row,
-        )
-    });
+    let rows: Vec<usize> = (0..m).collect();
+    let d = tiled(&a, &rows, &b, n, k, Accum::Fp8 { sa: &sa, sb: &sb });
     put_f64(args.d, &d)
 }
 
@@ -226,22 +231,26 @@ pub(crate) fn fp8_grouped_contiguous(op: &mut Checked<Fp8GroupedContiguous<'_>>)
     let sa = f32s(args.sa)?;
     let b = f32s(args.b)?;
     let sb = f32s(args.sb)?;
-    let kb = blocks128(k);
-    let (b_len, sb_len) = (n * k, blocks128(n) * kb);
+    let (b_len, sb_len) = (n * k, blocks128(n) * blocks128(k));
+    // Padding rows (-1) stay 0, as in the scalar loops.
     let mut d = vec![0f64; m * n];
-    par_rows(&mut d, n, |i, row| {
-        // Padding rows (-1): unspecified by SPEC.md; the reference writes 0.
-        if let Ok(grp) = usize::try_from(idx[i]) {
-            fp8_row(
-                &a[i * k..(i + 1) * k],
-                &sa[i * kb..(i + 1) * kb],
-                &b[grp * b_len..(grp + 1) * b_len],
-                &sb[grp * sb_len..(grp + 1) * sb_len],
-                k,
-                row,
-            );
+    for grp in 0..g {
+        let rows: Vec<usize> = (0..m).filter(|&i| idx[i] == grp as i64).collect();
+        let vals = tiled(
+            &a,
+            &rows,
+            &b[grp * b_len..(grp + 1) * b_len],
+            n,
+            k,
+            Accum::Fp8 {
+                sa: &sa,
+                sb: &sb[grp * sb_len..(grp + 1) * sb_len],
+            },
+        );
+        for (i, &r) in rows.iter().enumerate() {
+            d[r * n..(r + 1) * n].copy_from_slice(&vals[i * n..(i + 1) * n]);
         }
-    });
+    }
     put_f64(args.d, &d)
 }
 
@@ -257,30 +266,32 @@ pub(crate) fn fp8_grouped_masked(op: &mut Checked<Fp8GroupedMasked<'_>>) -> Resu
     let sa = f32s(args.sa)?;
     let b = f32s(args.b)?;
     let sb = f32s(args.sb)?;
-    let kb = blocks128(k);
-    let (b_len, sb_len) = (n * k, blocks128(n) * kb);
+    let (b_len, sb_len) = (n * k, blocks128(n) * blocks128(k));
     // Rows at or past masked_m[g] keep their bytes: start from d as it is.
     let mut d_host = host(args.d)?;
     let dtype = d_host.dtype();
     let row_bytes = n * dtype.size();
     for grp in 0..g {
-        let rows = masked[grp] as usize; // checked to lie in [0, m_max]
-        let mut vals = vec![0f64; rows * n];
-        par_rows(&mut vals, n, |i, row| {
-            let r = grp * m_max + i;
-            fp8_row(
-                &a[r * k..(r + 1) * k],
-                &sa[r * kb..(r + 1) * kb],
-                &b[grp * b_len..(grp + 1) * b_len],
-                &sb[grp * sb_len..(grp + 1) * sb_len],
-                k,
-                row,
-            );
-        });
-        let rounded: Vec<f32> = vals.iter().map(|&x| round_f64(dtype, x)).collect();
-        let enc = HostTensor::from_f32(dtype, &[rows * n], &rounded);
+        let count = masked[grp] as usize; // checked to lie in [0, m_max]
+        let rows: Vec<usize> = (grp * m_max..grp * m_max + count).collect();
+        let vals = tiled(
+            &a,
+            &rows,
+            &b[grp * b_len..(grp + 1) * b_len],
+            n,
+            k,
+            Accum::Fp8 {
+                sa: &sa,
+                sb: &sb[grp * sb_len..(grp + 1) * sb_len],
+            },
+        );
+        let rounded: Vec<f32> = vals
+            .iter()
+            .map(|&x| crate::scalar::dense::round_f64(dtype, x))
+            .collect();
+        let enc = HostTensor::from_f32(dtype, &[count * n], &rounded);
         let start = grp * m_max * row_bytes;
-        d_host.bytes_mut()[start..start + rows * row_bytes].copy_from_slice(enc.bytes());
+        d_host.bytes_mut()[start..start + count * row_bytes].copy_from_slice(enc.bytes());
     }
     put_host(args.d, &d_host)
 }
@@ -292,209 +303,7 @@ pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
     let (m, n, k) = (dims.m, dims.n, dims.k);
     let a = f32s(args.a)?;
     let b = f32s(args.b)?;
-    let mut d = vec![0f64; m * n];
-    par_rows(&mut d, n, |i, row| {
-        let a_row = &a[i * k..(i + 1) * k];
-        for (j, o) in row.iter_mut().enumerate() {
-            let b_row = &b[j * k..(j + 1) * k];
-            let mut acc = 0f64;
-            for kk in 0..k {
-                acc += a_row[kk] as f64 * b_row[kk] as f64;
-            }
-            *o = acc;
-        }
-    });
+    let rows: Vec<usize> = (0..m).collect();
+    let d = tiled(&a, &rows, &b, n, k, Accum::Plain);
     put_f64(args.d, &d)
-}
-
-// ---- RMSNorm -----------------------------------------------------------------
-
-pub(crate) fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
-    let (args, dims) = op.parts();
-    let (rows, dim) = (dims.rows, dims.dim);
-    let x = f32s(args.x)?;
-    let w = f32s(args.weight)?;
-    let eps = args.eps as f64;
-    let mut y = vec![0f64; rows * dim];
-    for r in 0..rows {
-        let xs = &x[r * dim..(r + 1) * dim];
-        let mut ss = 0f64;
-        for &v in xs {
-            ss += v as f64 * v as f64;
-        }
-        let inv = 1.0 / (ss / dim as f64 + eps).sqrt();
-        for j in 0..dim {
-            y[r * dim + j] = xs[j] as f64 * inv * w[j] as f64;
-        }
-    }
-    put_f64(args.y, &y)
-}
-
-// ---- §8 RoPE -----------------------------------------------------------------
-
-pub(crate) fn rope(op: &mut Checked<Rope<'_>>) -> Result<()> {
-    const OP: &str = "rope";
-    let (args, dims) = op.parts();
-    let (heads, d) = (dims.heads, dims.d);
-    let pos_host = host(args.positions)?;
-    check_range(OP, "positions", &pos_host, 0, i64::MAX, None)?;
-    let pos = pos_host.to_i64_vec();
-    let freq = args.config.inv_freq(d);
-    let cs_scale = args.config.cos_sin_scale() as f64;
-    let x = f32s(args.x)?;
-    let mut y = vec![0f64; x.len()];
-    for (tok, &p) in pos.iter().enumerate() {
-        let p = p as f32;
-        for (i, &f) in freq.iter().enumerate() {
-            let angle = p * f; // in f32, as SPEC.md §8 fixes
-            let c = (angle as f64).cos() * cs_scale;
-            let s = (angle as f64).sin() * cs_scale;
-            for h in 0..heads {
-                let base = (tok * heads + h) * d + 2 * i;
-                let (x0, x1) = (x[base] as f64, x[base + 1] as f64);
-                y[base] = x0 * c - x1 * s;
-                y[base + 1] = x0 * s + x1 * c;
-            }
-        }
-    }
-    put_f64(args.y, &y)
-}
-
-// ---- §6 MoE gate -------------------------------------------------------------
-
-pub(crate) fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
-    const OP: &str = "moe_gate";
-    let (args, dims) = op.parts();
-    let (t, dim, e) = (dims.tokens, dims.dim, dims.experts);
-    let (n_group, topk_group, topk) = (args.n_group, args.topk_group, args.topk);
-    let x = f32s(args.x)?;
-    check_finite(OP, "x", &x, &[t, dim])?;
-    let w = f32s(args.weight)?;
-    check_finite(OP, "weight", &w, &[e, dim])?;
-    let bias = match args.bias {
-        Some(b) => {
-            let b = f32s(b)?;
-            check_finite(OP, "bias", &b, &[e])?;
-            b
-        }
-        None => vec![0f32; e],
-    };
-    let gsz = e / n_group;
-    let mut out_idx = vec![0i64; t * topk];
-    let mut out_w = vec![0f64; t * topk];
-    for tok in 0..t {
-        let xs = &x[tok * dim..(tok + 1) * dim];
-        // s = sigmoid(logit) in f64, rounded once to f32; s' = s + bias in f32.
-        let mut s = vec![0f32; e];
-        let mut sb = vec![0f32; e];
-        for ex in 0..e {
-            let ws = &w[ex * dim..(ex + 1) * dim];
-            let mut logit = 0f64;
-            for j in 0..dim {
-                logit += xs[j] as f64 * ws[j] as f64;
-            }
-            s[ex] = (1.0 / (1.0 + (-logit).exp())) as f32;
-            sb[ex] = s[ex] + bias[ex];
-        }
-        // Group score: sum of the two largest s' of the group (exact in f64).
-        let mut gscore: Vec<(f64, usize)> = (0..n_group)
-            .map(|grp| {
-                let mut v: Vec<f32> = sb[grp * gsz..(grp + 1) * gsz].to_vec();
-                v.sort_by(|p, q| q.total_cmp(p));
-                (v[0] as f64 + v[1] as f64, grp)
-            })
-            .collect();
-        // Descending score, ties to the lower group index.
-        gscore.sort_by(|p, q| q.0.total_cmp(&p.0).then(p.1.cmp(&q.1)));
-        let mut kept: Vec<usize> = Vec::with_capacity(topk_group * gsz);
-        for &(_, grp) in &gscore[..topk_group] {
-            kept.extend(grp * gsz..(grp + 1) * gsz);
-        }
-        // Descending s', ties to the lower expert index.
-        kept.sort_by(|&p, &q| sb[q].total_cmp(&sb[p]).then(p.cmp(&q)));
-        let chosen = &kept[..topk];
-        let mut sum = 0f64;
-        for &ex in chosen {
-            sum += s[ex] as f64;
-        }
-        for (slot, &ex) in chosen.iter().enumerate() {
-            out_idx[tok * topk + slot] = ex as i64;
-            out_w[tok * topk + slot] = s[ex] as f64 / (sum + 1e-20) * args.route_scale as f64;
-        }
-    }
-    put_i64(args.topk_idx, &out_idx)?;
-    put_f64(args.topk_weights, &out_w)
-}
-
-// ---- elementwise and gather ----------------------------------------------------
-
-pub(crate) fn silu_mul(op: &mut Checked<SiluMul<'_>>) -> Result<()> {
-    let args = op.args_mut();
-    let g = f32s(args.gate)?;
-    let u = f32s(args.up)?;
-    let out: Vec<f64> = g
-        .iter()
-        .zip(&u)
-        .map(|(&g, &u)| {
-            let g = g as f64;
-            g / (1.0 + (-g).exp()) * u as f64
-        })
-        .collect();
-    put_f64(args.out, &out)
-}
-
-pub(crate) fn embedding(op: &mut Checked<Embedding<'_>>) -> Result<()> {
-    const OP: &str = "embedding";
-    let (args, dims) = op.parts();
-    let ids_host = host(args.ids)?;
-    check_range(OP, "ids", &ids_host, 0, dims.vocab as i64, None)?;
-    let ids = ids_host.to_i64_vec();
-    let table = f32s(args.table)?;
-    let dim = dims.dim;
-    let mut out = Vec::with_capacity(dims.tokens * dim);
-    for &id in &ids {
-        let r = id as usize; // checked above
-        out.extend_from_slice(&table[r * dim..(r + 1) * dim]);
-    }
-    // Table values are exact in f32; put_f32 rounds once to out's dtype.
-    put_f32(args.out, &out)
-}
-
-pub(crate) fn add(op: &mut Checked<Add<'_>>) -> Result<()> {
-    let args = op.args_mut();
-    let a = f32s(args.a)?;
-    let b = f32s(args.b)?;
-    let out: Vec<f64> = a
-        .iter()
-        .zip(&b)
-        .map(|(&a, &b)| a as f64 + b as f64)
-        .collect();
-    put_f64(args.out, &out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::round_f64;
-    use deepport_core::DType;
-
-    #[test]
-    fn round_f64_is_one_rounding() {
-        // 1 + 2^-8 is the bf16 halfway point between 1 and 1 + 2^-7: a tiny
-        // excess (beyond f32's precision) must round up, not to even.
-        let x = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
-        assert_eq!(round_f64(DType::BF16, x), 1.0 + 2f32.powi(-7));
-        assert_eq!(round_f64(DType::BF16, 1.0 + 2f64.powi(-8)), 1.0);
-        assert_eq!(
-            round_f64(DType::BF16, -(1.0 + 3.0 * 2f64.powi(-8))),
-            -(1.0 + 2f32.powi(-6))
-        );
-        let y = 1.0 + 2f64.powi(-11) + 2f64.powi(-45);
-        assert_eq!(round_f64(DType::F16, y), 1.0 + 2f32.powi(-10));
-        assert_eq!(round_f64(DType::F16, 65520.0), f32::INFINITY);
-        assert_eq!(round_f64(DType::F16, 65519.0), 65504.0);
-        // f16 subnormal spacing 2^-24.
-        assert_eq!(round_f64(DType::F16, 1.4 * 2f64.powi(-24)), 2f32.powi(-24));
-        assert!(round_f64(DType::BF16, f64::NAN).is_nan());
-        assert_eq!(round_f64(DType::F32, 0.1), 0.1f32);
-    }
 }

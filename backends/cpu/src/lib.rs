@@ -21,6 +21,8 @@ mod grouped;
 mod mla;
 #[allow(unsafe_code)]
 pub mod peak;
+#[doc(hidden)]
+pub mod scalar;
 pub mod util;
 
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Storage, Support, Tensor};

@@ -1,99 +1,49 @@
-//! MLA reference ops: paged decode (SPEC.md §4) and prefill (SPEC.md §5).
+//! `cpu-ref`'s MLA kernels: paged decode (SPEC.md §4) and prefill (SPEC.md
+//! §5), with the arithmetic of [`crate::scalar::mla`].
 //!
-//! Plain loops, f64 accumulation, one rounding to the output dtype. Work
-//! items (one query row of one head) are independent and may run on
-//! several threads; that never changes their arithmetic.
+//! Decode: every query row keeps its scalar arithmetic (each score a dot
+//! product summed in `d` order from −0.0, as `Iterator::sum` does, times
+//! the scale; the same softmax; each output column summed in key order
+//! from 0). The work is regrouped: one unit per (batch, KV head) runs on a
+//! thread; within it the queries of all heads that share the KV head and
+//! the keys (widened to f64 once) form two small GEMMs whose register
+//! tiles ([`crate::dense::micro`]) advance independent dot products
+//! together. Prefill runs its heads on several threads with the scalar
+//! per-head code.
 
-use crate::util::{f32s, i64s, put_f32, put_host};
-use deepport_core::backend::Tensor;
+use crate::dense::{micro, MR, NR};
+use crate::scalar::mla::{decode_indices, mla_prefill_with, put_f64, softmax};
+use crate::util::{f32s, par_map};
 use deepport_core::ops::*;
-use deepport_core::{DType, Error, HostTensor, Result};
-use half::{bf16, f16};
+use deepport_core::Result;
 
-/// Runs `f(i)` for `i in 0..n` on up to `available_parallelism` threads and
-/// returns the results in index order.
-fn par_map<R: Send, F: Fn(usize) -> R + Sync>(n: usize, f: F) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map(|p| p.get())
-        .unwrap_or(1)
-        .min(n.max(1));
-    if threads <= 1 {
-        return (0..n).map(f).collect();
-    }
-    let chunk = n.div_ceil(threads);
-    let f = &f;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let lo = (t * chunk).min(n);
-                let hi = ((t + 1) * chunk).min(n);
-                scope.spawn(move || (lo..hi).map(f).collect::<Vec<R>>())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| match h.join() {
-                Ok(v) => v,
-                Err(p) => std::panic::resume_unwind(p),
-            })
-            .collect()
-    })
+pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
+    mla_prefill_with(op, |heads, f| par_map(heads, f))
 }
 
-/// Rounds an f64 to f32 with round-to-odd (the result's last mantissa bit
-/// is set when the conversion is inexact). A round-to-odd intermediate with
-/// at least two spare bits makes the following round-to-nearest-even into
-/// bf16 or f16 equal to a single correct rounding of the f64.
-fn f64_to_f32_odd(x: f64) -> f32 {
-    let f = x as f32;
-    if !x.is_finite() || f64::from(f) == x || f.is_infinite() {
-        return f;
-    }
-    // The neighbour of `x` toward zero on the f32 grid.
-    let toward_zero = if f64::from(f).abs() > x.abs() {
-        f32::from_bits(f.to_bits() - 1)
-    } else {
-        f
-    };
-    f32::from_bits(toward_zero.to_bits() | 1)
-}
-
-/// Encodes f64 values into `t`, rounding each once to `t`'s dtype.
-fn put_f64(t: &mut Tensor, values: &[f64]) -> Result<()> {
-    let bytes: Vec<u8> = match t.dtype() {
-        DType::F32 => values
-            .iter()
-            .flat_map(|&v| (v as f32).to_le_bytes())
-            .collect(),
-        DType::BF16 => values
-            .iter()
-            .flat_map(|&v| bf16::from_f32(f64_to_f32_odd(v)).to_le_bytes())
-            .collect(),
-        DType::F16 => values
-            .iter()
-            .flat_map(|&v| f16::from_f32(f64_to_f32_odd(v)).to_le_bytes())
-            .collect(),
-        _ => {
-            let v: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-            return put_f32(t, &v);
+/// `c[gi][gj] = micro(a panel gi, b panel gj)` for `gi < mg`, `gj < ng`,
+/// with panels `a_stride` / `b_stride` apart, each `kc` long.
+#[allow(clippy::too_many_arguments)]
+fn block_strided(
+    ap: &[f64],
+    a_stride: usize,
+    mg: usize,
+    bp: &[f64],
+    b_stride: usize,
+    ng: usize,
+    kc: usize,
+    c: &mut [[[f64; NR]; MR]],
+) {
+    for gj in 0..ng {
+        let b = &bp[gj * b_stride..gj * b_stride + kc * NR];
+        for gi in 0..mg {
+            let a = &ap[gi * a_stride..gi * a_stride + kc * MR];
+            micro(a, b, &mut c[gi * ng + gj]);
         }
-    };
-    let h = HostTensor::from_bytes(t.dtype(), t.shape(), bytes)?;
-    put_host(t, &h)
-}
-
-/// Softmax-weighted statistics of one score row: returns the probabilities
-/// and the natural-log logsumexp. The row must be non-empty.
-fn softmax(scores: &[f64]) -> (Vec<f64>, f64) {
-    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = scores.iter().map(|&s| (s - m).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    let p = e.iter().map(|&x| x / sum).collect();
-    (p, m + sum.ln())
+    }
 }
 
 pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
-    const OP: &str = "mla_decode";
     let (a, dims) = op.parts();
     let MlaDecodeDims {
         batch,
@@ -102,294 +52,122 @@ pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
         h_kv,
         d,
         dv,
-        num_blocks,
         block_size,
         max_blocks,
+        ..
     } = dims.clone();
-
-    // Index checks come before any read of the cache.
-    let seqlens = i64s(a.cache_seqlens)?;
-    let table = i64s(a.block_table)?;
-    let capacity = (max_blocks as i64).saturating_mul(block_size as i64);
-    for (b, &len) in seqlens.iter().enumerate() {
-        if len < 0 || len > capacity {
-            return Err(Error::IndexOutOfRange {
-                op: OP,
-                arg: "cache_seqlens",
-                position: vec![b],
-                value: len,
-                range: format!(
-                    "[0, {capacity}] (max_blocks {max_blocks} × block_size {block_size})"
-                ),
-            });
-        }
-        let used = (len as usize).div_ceil(block_size);
-        for j in 0..used {
-            let blk = table[b * max_blocks + j];
-            if blk < 0 || blk >= num_blocks as i64 {
-                return Err(Error::IndexOutOfRange {
-                    op: OP,
-                    arg: "block_table",
-                    position: vec![b, j],
-                    value: blk,
-                    range: format!("[0, {num_blocks}) (num_blocks)"),
-                });
-            }
-        }
-    }
-
+    let (seqlens, table) = decode_indices(a, dims)?;
     let q = f32s(a.q)?;
     let kc = f32s(a.kcache)?;
     let scale = f64::from(a.softmax_scale);
     let causal = a.causal;
     let group = h_q / h_kv;
-
-    // One work item per (b, s, h), in the order of `out`'s layout.
-    let rows = par_map(batch * s_q * h_q, |item| {
-        let h = item % h_q;
-        let s = (item / h_q) % s_q;
-        let b = item / (h_q * s_q);
-        let kvh = h / group;
-        let seqlen = seqlens[b] as usize;
-        let visible = if causal {
+    let visible_of = |seqlen: usize, s: usize| {
+        if causal {
             seqlen.saturating_sub(s_q - 1 - s)
         } else {
             seqlen
-        };
-        if visible == 0 {
-            return (vec![0.0f64; dv], f64::INFINITY);
+        }
+    };
+
+    // One unit per (b, kvh): rows (s, h in the group) in (s, h) order,
+    // each with its output row and lse.
+    let units = par_map(batch * h_kv, |u| {
+        let (b, kvh) = (u / h_kv, u % h_kv);
+        let seqlen = seqlens[b] as usize;
+        let n_rows = s_q * group;
+        let mut outs = vec![0.0f64; n_rows * dv];
+        let mut lses = vec![f64::INFINITY; n_rows];
+        if seqlen == 0 {
+            return (outs, lses);
         }
         let key = |t: usize| -> &[f32] {
             let blk = table[b * max_blocks + t / block_size] as usize;
             let off = ((blk * block_size + t % block_size) * h_kv + kvh) * d;
             &kc[off..off + d]
         };
-        let qrow = &q[item * d..(item + 1) * d];
-        let scores: Vec<f64> = (0..visible)
-            .map(|t| {
-                let k = key(t);
-                let dot: f64 = qrow
-                    .iter()
-                    .zip(k)
-                    .map(|(&x, &y)| f64::from(x) * f64::from(y))
-                    .sum();
-                dot * scale
-            })
-            .collect();
-        let (p, lse) = softmax(&scores);
-        let mut o = vec![0.0f64; dv];
-        for (t, &pt) in p.iter().enumerate() {
-            let k = key(t);
-            for (oc, &kv) in o.iter_mut().zip(&k[..dv]) {
-                *oc += pt * f64::from(kv);
+        // Keys for the scores: [tg][d][NR] (keys past seqlen are 0).
+        let tg = seqlen.div_ceil(NR);
+        let mut kq = vec![0.0f64; tg * d * NR];
+        for t in 0..seqlen {
+            let (g, jj) = (t / NR, t % NR);
+            let panel = &mut kq[g * d * NR..(g + 1) * d * NR];
+            for (c, &v) in key(t).iter().enumerate() {
+                panel[c * NR + jj] = f64::from(v);
             }
         }
-        (o, lse)
+        // Keys for the outputs: [cg][seqlen][NR] over the first dv columns.
+        let cg = dv.div_ceil(NR);
+        let mut kv = vec![0.0f64; cg * seqlen * NR];
+        for t in 0..seqlen {
+            for (c, &v) in key(t)[..dv].iter().enumerate() {
+                kv[(c / NR) * seqlen * NR + t * NR + c % NR] = f64::from(v);
+            }
+        }
+        // Queries: [rg][d][MR] over rows (s, h).
+        let rg = n_rows.div_ceil(MR);
+        let mut qp = vec![0.0f64; rg * d * MR];
+        for r in 0..n_rows {
+            let (s, hh) = (r / group, r % group);
+            let item = (b * s_q + s) * h_q + kvh * group + hh;
+            let (g, ii) = (r / MR, r % MR);
+            let panel = &mut qp[g * d * MR..(g + 1) * d * MR];
+            for (c, &v) in q[item * d..(item + 1) * d].iter().enumerate() {
+                panel[c * MR + ii] = f64::from(v);
+            }
+        }
+        // Dot products from −0.0, as `Iterator::sum` starts.
+        let mut dots = vec![[[-0.0f64; NR]; MR]; rg * tg];
+        block_strided(&qp, d * MR, rg, &kq, d * NR, tg, d, &mut dots);
+
+        // Per s: the group's rows share the visible length.
+        let mut pp = vec![0.0f64; group.div_ceil(MR) * seqlen * MR];
+        for s in 0..s_q {
+            let visible = visible_of(seqlen, s);
+            if visible == 0 {
+                continue;
+            }
+            let hg = group.div_ceil(MR);
+            let pp = &mut pp[..hg * visible * MR];
+            pp.iter_mut().for_each(|v| *v = 0.0);
+            for hh in 0..group {
+                let r = s * group + hh;
+                let (gi, ii) = (r / MR, r % MR);
+                let scores: Vec<f64> = (0..visible)
+                    .map(|t| dots[gi * tg + t / NR][ii][t % NR] * scale)
+                    .collect();
+                let (p, lse) = softmax(&scores);
+                lses[r] = lse;
+                let (g, i2) = (hh / MR, hh % MR);
+                for (t, &pt) in p.iter().enumerate() {
+                    pp[g * visible * MR + t * MR + i2] = pt;
+                }
+            }
+            // o[h][c] = Σ_t p[h][t]·k[t][c], from 0, in t order.
+            let mut o = vec![[[0.0f64; NR]; MR]; hg * cg];
+            block_strided(pp, visible * MR, hg, &kv, seqlen * NR, cg, visible, &mut o);
+            for hh in 0..group {
+                let r = s * group + hh;
+                let (g, i2) = (hh / MR, hh % MR);
+                for c in 0..dv {
+                    outs[r * dv + c] = o[g * cg + c / NR][i2][c % NR];
+                }
+            }
+        }
+        (outs, lses)
     });
 
-    let mut out = Vec::with_capacity(batch * s_q * h_q * dv);
+    let mut out = vec![0.0f64; batch * s_q * h_q * dv];
     let mut lse = vec![0.0f64; batch * h_q * s_q];
-    for (item, (o, l)) in rows.into_iter().enumerate() {
-        out.extend_from_slice(&o);
-        let h = item % h_q;
-        let s = (item / h_q) % s_q;
-        let b = item / (h_q * s_q);
-        lse[(b * h_q + h) * s_q + s] = l;
+    for (u, (outs, lses)) in units.into_iter().enumerate() {
+        let (b, kvh) = (u / h_kv, u % h_kv);
+        for r in 0..s_q * group {
+            let (s, h) = (r / group, kvh * group + r % group);
+            let item = (b * s_q + s) * h_q + h;
+            out[item * dv..(item + 1) * dv].copy_from_slice(&outs[r * dv..(r + 1) * dv]);
+            lse[(b * h_q + h) * s_q + s] = lses[r];
+        }
     }
     put_f64(a.out, &out)?;
     put_f64(a.lse, &lse)
-}
-
-pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
-    let (a, dims) = op.parts();
-    let to64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
-    let inputs = PrefillInputs {
-        q_nope: to64(f32s(a.q_nope)?),
-        q_pe: to64(f32s(a.q_pe)?),
-        latent: to64(f32s(a.latent)?),
-        k_pe: to64(f32s(a.k_pe)?),
-        wkv_b: to64(f32s(a.wkv_b)?),
-    };
-    let out = prefill_f64(dims, &inputs, f64::from(a.softmax_scale), a.form);
-    put_f64(a.out, &out)
-}
-
-/// The inputs of [`mla_prefill`], widened to f64.
-struct PrefillInputs {
-    q_nope: Vec<f64>,
-    q_pe: Vec<f64>,
-    latent: Vec<f64>,
-    k_pe: Vec<f64>,
-    wkv_b: Vec<f64>,
-}
-
-/// MLA prefill in f64 before the final rounding: `out [T, H, dv]`.
-fn prefill_f64(dims: &MlaPrefillDims, x: &PrefillInputs, scale: f64, form: MlaForm) -> Vec<f64> {
-    let MlaPrefillDims {
-        t: n_t,
-        s: n_s,
-        heads,
-        dn,
-        dr,
-        dc,
-        dv,
-    } = dims.clone();
-    let (q_nope, q_pe, latent, k_pe, w) = (&x.q_nope, &x.q_pe, &x.latent, &x.k_pe, &x.wkv_b);
-    let dot = |x: &[f64], y: &[f64]| -> f64 { x.iter().zip(y).map(|(a, b)| a * b).sum() };
-    // Row `i` of W_UK (i < dn) or W_UV (dn <= i < dn + dv) of head `h`.
-    let w_row = |h: usize, i: usize| -> &[f64] {
-        let r = h * (dn + dv) + i;
-        &w[r * dc..(r + 1) * dc]
-    };
-    let lat = |s: usize| &latent[s * dc..(s + 1) * dc];
-    let kpe = |s: usize| &k_pe[s * dr..(s + 1) * dr];
-
-    // One work item per head: [T, dv] outputs.
-    let per_head = par_map(heads, |h| {
-        let mut res = vec![0.0f64; n_t * dv];
-        match form {
-            MlaForm::Naive => {
-                let k_nope: Vec<Vec<f64>> = (0..n_s)
-                    .map(|s| (0..dn).map(|i| dot(w_row(h, i), lat(s))).collect())
-                    .collect();
-                let v: Vec<Vec<f64>> = (0..n_s)
-                    .map(|s| (0..dv).map(|i| dot(w_row(h, dn + i), lat(s))).collect())
-                    .collect();
-                for t in 0..n_t {
-                    let qn = &q_nope[(t * heads + h) * dn..][..dn];
-                    let qp = &q_pe[(t * heads + h) * dr..][..dr];
-                    let pos = n_s - n_t + t;
-                    let scores: Vec<f64> = (0..=pos)
-                        .map(|s| (dot(qn, &k_nope[s]) + dot(qp, kpe(s))) * scale)
-                        .collect();
-                    let (p, _) = softmax(&scores);
-                    let o = &mut res[t * dv..(t + 1) * dv];
-                    for (s, &ps) in p.iter().enumerate() {
-                        for (oc, &vc) in o.iter_mut().zip(&v[s]) {
-                            *oc += ps * vc;
-                        }
-                    }
-                }
-            }
-            MlaForm::Absorbed => {
-                for t in 0..n_t {
-                    let qn = &q_nope[(t * heads + h) * dn..][..dn];
-                    let qp = &q_pe[(t * heads + h) * dr..][..dr];
-                    let mut q_lat = vec![0.0f64; dc];
-                    for (i, &qi) in qn.iter().enumerate() {
-                        for (ql, &wc) in q_lat.iter_mut().zip(w_row(h, i)) {
-                            *ql += qi * wc;
-                        }
-                    }
-                    let pos = n_s - n_t + t;
-                    let scores: Vec<f64> = (0..=pos)
-                        .map(|s| (dot(&q_lat, lat(s)) + dot(qp, kpe(s))) * scale)
-                        .collect();
-                    let (p, _) = softmax(&scores);
-                    let mut o_lat = vec![0.0f64; dc];
-                    for (s, &ps) in p.iter().enumerate() {
-                        for (ol, &c) in o_lat.iter_mut().zip(lat(s)) {
-                            *ol += ps * c;
-                        }
-                    }
-                    for i in 0..dv {
-                        res[t * dv + i] = dot(w_row(h, dn + i), &o_lat);
-                    }
-                }
-            }
-        }
-        res
-    });
-
-    let mut out = vec![0.0f64; n_t * heads * dv];
-    for (h, res) in per_head.iter().enumerate() {
-        for t in 0..n_t {
-            out[(t * heads + h) * dv..][..dv].copy_from_slice(&res[t * dv..(t + 1) * dv]);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefill_forms_agree_in_f64() {
-        let dims = MlaPrefillDims {
-            t: 4,
-            s: 7,
-            heads: 2,
-            dn: 8,
-            dr: 4,
-            dc: 12,
-            dv: 6,
-        };
-        let mut state: u64 = 12345;
-        let mut vals = |n: usize| -> Vec<f64> {
-            (0..n)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-                })
-                .collect()
-        };
-        let x = PrefillInputs {
-            q_nope: vals(4 * 2 * 8),
-            q_pe: vals(4 * 2 * 4),
-            latent: vals(7 * 12),
-            k_pe: vals(7 * 4),
-            wkv_b: vals(2 * (8 + 6) * 12),
-        };
-        let naive = prefill_f64(&dims, &x, 0.3, MlaForm::Naive);
-        let absorbed = prefill_f64(&dims, &x, 0.3, MlaForm::Absorbed);
-        let norm = naive.iter().map(|v| v.abs()).fold(0.0, f64::max);
-        assert!(norm > 0.1);
-        for (a, b) in naive.iter().zip(&absorbed) {
-            assert!((a - b).abs() <= 1e-12 * norm, "naive {a} vs absorbed {b}");
-        }
-    }
-
-    /// Correct bf16 rounding of an f64, by searching the neighbours of the
-    /// double-rounded result.
-    fn bf16_exact(x: f64) -> u16 {
-        let bits = bf16::from_f32(x as f32).to_bits();
-        let cands = [bits.wrapping_sub(1), bits, bits.wrapping_add(1)];
-        let mut best = bits;
-        let mut best_err = f64::INFINITY;
-        for c in cands {
-            let v = f64::from(bf16::from_bits(c).to_f32());
-            if !v.is_finite() {
-                continue;
-            }
-            let err = (v - x).abs();
-            if err < best_err || (err == best_err && c % 2 == 0) {
-                best_err = err;
-                best = c;
-            }
-        }
-        best
-    }
-
-    #[test]
-    fn round_once_to_bf16() {
-        // 1 + 2^-8 is a bf16 tie; adding 2^-40 (lost in f32) must round up.
-        let x = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
-        let once = bf16::from_f32(f64_to_f32_odd(x)).to_bits();
-        assert_eq!(once, bf16::from_f32(1.0 + 2f32.powi(-7)).to_bits());
-        // The naive double rounding (f64 → f32 → bf16) gets it wrong.
-        let twice = bf16::from_f32(x as f32).to_bits();
-        assert_ne!(once, twice);
-        let mut s: u64 = 0x9e3779b97f4a7c15;
-        for _ in 0..20000 {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let m = (s >> 11) as f64 / (1u64 << 53) as f64;
-            let x = (m - 0.5) * 2f64.powi((s % 40) as i32 - 20);
-            assert_eq!(bf16::from_f32(f64_to_f32_odd(x)).to_bits(), bf16_exact(x));
-        }
-    }
 }

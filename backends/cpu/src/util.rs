@@ -40,3 +40,55 @@ pub fn put_host(t: &mut Tensor, h: &HostTensor) -> Result<()> {
 pub fn host(t: &Tensor) -> Result<HostTensor> {
     crate::to_host(t)
 }
+
+/// How many threads `cpu-ref` spreads independent outputs over: the
+/// available parallelism, or `DEEPPORT_CPU_THREADS` when set (≥ 1).
+pub(crate) fn threads() -> usize {
+    std::env::var("DEEPPORT_CPU_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+/// Runs `f(i)` for `i in 0..n` on up to [`threads`] threads, each taking
+/// the next unclaimed index (so uneven items balance), and returns the
+/// results in index order. Each item is computed by the same code whatever
+/// thread runs it.
+pub(crate) fn par_map<R: Send, F: Fn(usize) -> R + Sync>(n: usize, f: F) -> Vec<R> {
+    let threads = threads().min(n);
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (f, next) = (&f, &next);
+    let mut parts: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            break done;
+                        }
+                        done.push((i, f(i)));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    });
+    parts.sort_unstable_by_key(|&(i, _)| i);
+    parts.into_iter().map(|(_, r)| r).collect()
+}
