@@ -1,0 +1,295 @@
+//! The f32 micro-kernels of the fast CPU backend, one per instruction set,
+//! chosen once at run time ([`Simd::detect`]).
+//!
+//! A micro-kernel computes one register tile of raw inner sums
+//! `tile[r][j] = Σ_{k < kl} a[r][k] · b[k·ldb + j]` for `r < MR`, `j < NR`
+//! (the geometry of the instruction set, [`Simd::mr`] × [`Simd::nr`]). The
+//! caller scales and adds the tile into its output (the FP8 promotion), so
+//! the kernels know nothing about quantization.
+//!
+//! This is the only module of the crate with `unsafe` code: intrinsics and
+//! `#[target_feature]` functions. The safe entry point [`Simd::tile`] checks
+//! every length the kernels rely on before it calls them.
+
+#![allow(unsafe_code)]
+
+/// The largest row count of a register tile (over every instruction set).
+pub const MR_MAX: usize = 8;
+/// The largest column count of a register tile.
+pub const NR_MAX: usize = 32;
+
+/// One register tile of results, `[MR_MAX][NR_MAX]`; a kernel fills its
+/// `mr × nr` corner.
+pub type Tile = [[f32; NR_MAX]; MR_MAX];
+
+/// The instruction set the fast kernels use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    /// x86-64 AVX-512F: 8 × 32 f32 FMA tile (16 zmm accumulators).
+    Avx512,
+    /// x86-64 AVX2 + FMA: 6 × 16 f32 FMA tile (12 ymm accumulators).
+    Avx2,
+    /// Plain Rust loops over fixed-size arrays (4 × 16) that the compiler
+    /// vectorizes for the baseline target; runs everywhere.
+    Portable,
+}
+
+impl Simd {
+    /// The best instruction set this CPU offers.
+    pub fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    }
+
+    /// Parses a name (`avx512`, `avx2`, `portable`); `None` for anything else.
+    pub fn parse(s: &str) -> Option<Simd> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "avx512" | "avx-512" | "avx512f" => Some(Simd::Avx512),
+            "avx2" => Some(Simd::Avx2),
+            "portable" | "scalar" | "generic" => Some(Simd::Portable),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU can run `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Simd::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Short name, as `deepport list` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Avx512 => "avx512",
+            Simd::Avx2 => "avx2+fma",
+            Simd::Portable => "portable",
+        }
+    }
+
+    /// Rows of the register tile.
+    pub fn mr(self) -> usize {
+        match self {
+            Simd::Avx512 => 8,
+            Simd::Avx2 => 6,
+            Simd::Portable => 4,
+        }
+    }
+
+    /// Columns of the register tile (the width of a packed B panel).
+    pub fn nr(self) -> usize {
+        match self {
+            Simd::Avx512 => 32,
+            Simd::Avx2 => 16,
+            Simd::Portable => 16,
+        }
+    }
+
+    /// Computes `tile[r][j] = Σ_{k<kl} a[r][k] · b[k·ldb + j]` for the
+    /// `mr() × nr()` corner of `tile` (the rest is left as it is). Rows of
+    /// `a` past `mr()` are ignored; every used row needs `kl` values, and
+    /// `b` needs `nr()` values at each of its `kl` rows (`ldb ≥ nr()`).
+    ///
+    /// # Panics
+    /// If a slice is shorter than that (a caller bug, never bad user input).
+    pub fn tile(self, kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &mut Tile) {
+        let (mr, nr) = (self.mr(), self.nr());
+        assert!(ldb >= nr, "micro-kernel: ldb {ldb} < nr {nr}");
+        assert!(
+            kl == 0 || b.len() >= (kl - 1) * ldb + nr,
+            "micro-kernel: b holds {} values, needs {}",
+            b.len(),
+            (kl.max(1) - 1) * ldb + nr
+        );
+        for row in &a[..mr] {
+            assert!(row.len() >= kl, "micro-kernel: an a row is shorter than kl");
+        }
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => {
+                assert!(self.available(), "AVX-512 kernel on a CPU without AVX-512F");
+                // SAFETY: the CPU supports AVX-512F (checked above); every row
+                // of `a` has ≥ kl values and `b` has ≥ (kl−1)·ldb + 32 values
+                // (checked above), which is all the kernel reads; `tile` is a
+                // valid 8 × 32 array.
+                unsafe { x86::tile_avx512(kl, a, b.as_ptr(), ldb, tile) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => {
+                assert!(self.available(), "AVX2 kernel on a CPU without AVX2+FMA");
+                // SAFETY: the CPU supports AVX2 and FMA (checked above); the
+                // reads stay within the lengths checked above (6 rows of a,
+                // 16 values per row of b); `tile` is a valid array.
+                unsafe { x86::tile_avx2(kl, a, b.as_ptr(), ldb, tile) }
+            }
+            _ => tile_portable(kl, a, b, ldb, tile),
+        }
+    }
+}
+
+/// The portable 4 × 16 kernel: fixed-size arrays the compiler keeps in
+/// vector registers.
+fn tile_portable(kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &mut Tile) {
+    const MR: usize = 4;
+    const NR: usize = 16;
+    let mut acc = [[0f32; NR]; MR];
+    let rows: [&[f32]; MR] = [&a[0][..kl], &a[1][..kl], &a[2][..kl], &a[3][..kl]];
+    for k in 0..kl {
+        let bk: &[f32; NR] = b[k * ldb..k * ldb + NR]
+            .try_into()
+            .expect("slice of NR values");
+        for r in 0..MR {
+            let av = rows[r][k];
+            for j in 0..NR {
+                acc[r][j] += av * bk[j];
+            }
+        }
+    }
+    for r in 0..MR {
+        tile[r][..NR].copy_from_slice(&acc[r]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Tile, MR_MAX};
+    use std::arch::x86_64::*;
+
+    /// 8 × 32 tile with AVX-512F FMAs.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; every `a[r]` (r < 8) must hold `kl`
+    /// values and `b` must hold `(kl − 1)·ldb + 32` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        let p: [*const f32; 8] = [
+            a[0].as_ptr(),
+            a[1].as_ptr(),
+            a[2].as_ptr(),
+            a[3].as_ptr(),
+            a[4].as_ptr(),
+            a[5].as_ptr(),
+            a[6].as_ptr(),
+            a[7].as_ptr(),
+        ];
+        let mut c = [[_mm512_setzero_ps(); 2]; 8];
+        for k in 0..kl {
+            // SAFETY: k < kl, so b + k·ldb .. + 32 lies inside b (caller).
+            let bk = unsafe { b.add(k * ldb) };
+            // SAFETY: as above; unaligned loads.
+            let (b0, b1) = unsafe { (_mm512_loadu_ps(bk), _mm512_loadu_ps(bk.add(16))) };
+            for r in 0..8 {
+                // SAFETY: a[r] holds ≥ kl values (caller) and k < kl.
+                let av = _mm512_set1_ps(unsafe { *p[r].add(k) });
+                c[r][0] = _mm512_fmadd_ps(av, b0, c[r][0]);
+                c[r][1] = _mm512_fmadd_ps(av, b1, c[r][1]);
+            }
+        }
+        for r in 0..8 {
+            // SAFETY: tile[r] is a [f32; 32]: two 16-lane stores fit.
+            unsafe {
+                _mm512_storeu_ps(tile[r].as_mut_ptr(), c[r][0]);
+                _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), c[r][1]);
+            }
+        }
+    }
+
+    /// 6 × 16 tile with AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every `a[r]` (r < 6) must hold
+    /// `kl` values and `b` must hold `(kl − 1)·ldb + 16` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        let p: [*const f32; 6] = [
+            a[0].as_ptr(),
+            a[1].as_ptr(),
+            a[2].as_ptr(),
+            a[3].as_ptr(),
+            a[4].as_ptr(),
+            a[5].as_ptr(),
+        ];
+        let mut c = [[_mm256_setzero_ps(); 2]; 6];
+        for k in 0..kl {
+            // SAFETY: k < kl, so b + k·ldb .. + 16 lies inside b (caller).
+            let bk = unsafe { b.add(k * ldb) };
+            // SAFETY: as above; unaligned loads.
+            let (b0, b1) = unsafe { (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8))) };
+            for r in 0..6 {
+                // SAFETY: a[r] holds ≥ kl values (caller) and k < kl.
+                let av = _mm256_set1_ps(unsafe { *p[r].add(k) });
+                c[r][0] = _mm256_fmadd_ps(av, b0, c[r][0]);
+                c[r][1] = _mm256_fmadd_ps(av, b1, c[r][1]);
+            }
+        }
+        for r in 0..6 {
+            // SAFETY: tile[r] is a [f32; 32]: two 8-lane stores fit.
+            unsafe {
+                _mm256_storeu_ps(tile[r].as_mut_ptr(), c[r][0]);
+                _mm256_storeu_ps(tile[r].as_mut_ptr().add(8), c[r][1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_available_kernel_matches_plain_loops() {
+        let kl = 131;
+        let ldb = 40;
+        let a_rows: Vec<Vec<f32>> = (0..MR_MAX)
+            .map(|r| (0..kl).map(|k| ((r * 7 + k * 3) % 11) as f32 - 5.0).collect())
+            .collect();
+        let b: Vec<f32> = (0..kl * ldb)
+            .map(|i| ((i * 5) % 13) as f32 * 0.25 - 1.5)
+            .collect();
+        let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| a_rows[r].as_slice());
+        for simd in [Simd::Avx512, Simd::Avx2, Simd::Portable] {
+            if !simd.available() {
+                continue;
+            }
+            let mut tile = [[f32::NAN; NR_MAX]; MR_MAX];
+            simd.tile(kl, &a, &b, ldb, &mut tile);
+            for r in 0..simd.mr() {
+                for j in 0..simd.nr() {
+                    let want: f32 = (0..kl).map(|k| a_rows[r][k] * b[k * ldb + j]).sum();
+                    assert_eq!(tile[r][j], want, "{simd:?} r {r} j {j}");
+                }
+            }
+        }
+    }
+}
