@@ -446,7 +446,12 @@ impl Mla {
     }
 
     fn run(&self, be: &dyn Backend, inputs: &[HostTensor; 4]) -> (Vec<f32>, Vec<f32>) {
-        let [q, kc, bt, sl] = inputs.each_ref().map(|h| be.upload(h).unwrap());
+        let t = inputs.each_ref().map(|h| be.upload(h).unwrap());
+        self.op(be, &t)
+    }
+
+    fn op(&self, be: &dyn Backend, t: &[Tensor; 4]) -> (Vec<f32>, Vec<f32>) {
+        let [q, kc, bt, sl] = t;
         let mut out = be
             .alloc(DType::BF16, &[self.b, self.s_q, self.h_q, self.dv])
             .unwrap();
@@ -456,10 +461,10 @@ impl Mla {
         ops::run(
             be,
             MlaDecode {
-                q: &q,
-                kcache: &kc,
-                block_table: &bt,
-                cache_seqlens: &sl,
+                q,
+                kcache: kc,
+                block_table: bt,
+                cache_seqlens: sl,
                 out: &mut out,
                 lse: &mut lse,
                 softmax_scale: (self.d as f32).powf(-0.5),
@@ -550,4 +555,116 @@ fn forced_portable_path_is_used_and_named() {
     let info = Cpu.info();
     assert!(info.driver.contains("micro-kernel"), "{}", info.driver);
     assert!(info.driver.contains("threads"), "{}", info.driver);
+}
+
+/// Best wall time of `reps` runs of `f` (after one warm-up run when
+/// `reps > 1`).
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    if reps > 1 {
+        f();
+    }
+    (0..reps)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Fast `cpu` against `cpu-ref` on DeepGEMM's and FlashMLA's benchmark
+/// shapes. Run it in release:
+/// `cargo test --release -p deepport-cpu --test fast -- --ignored --nocapture`
+/// (`DEEPPORT_BENCH_REF_LARGE=1` also times cpu-ref on m = 4096: minutes).
+#[test]
+#[ignore = "benchmark; run in release with --ignored --nocapture"]
+fn bench_fast_vs_reference() {
+    // Streaming read bandwidth of this machine (sum of 512 MiB of f32 on
+    // every core).
+    let big = vec![1f32; 128 << 20];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let t = best_of(3, || {
+        let s: f32 = std::thread::scope(|sc| {
+            let hs: Vec<_> = big
+                .chunks(big.len().div_ceil(threads))
+                .map(|c| sc.spawn(move || c.chunks(1 << 12).map(|x| x.iter().sum::<f32>()).sum::<f32>()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert!(s > 0.0);
+    });
+    let bw = (big.len() * 4) as f64 / t / 1e9;
+    drop(big);
+    println!("streaming read bandwidth: {bw:.1} GB/s");
+    let large_ref = std::env::var_os("DEEPPORT_BENCH_REF_LARGE").is_some();
+    let mut rng = Rng(99);
+    for &(m, n, k) in &[(16, 2112, 7168), (128, 2112, 7168), (4096, 2112, 7168)] {
+        let a = codes(&[m, k], rng.e4m3(m * k));
+        let sa = f32h(&[m, k / 128], &rng.scales(m * k / 128));
+        let b = codes(&[n, k], rng.e4m3(n * k));
+        let sb = f32h(&[n.div_ceil(128), k / 128], &rng.scales(n.div_ceil(128) * k / 128));
+        let flops = 2.0 * (m * n * k) as f64;
+        let backends: Vec<(&str, Box<dyn Backend>)> = vec![("cpu", Box::new(Cpu)), ("cpu-ref", Box::new(CpuRef))];
+        for (name, be) in &backends {
+            if *name == "cpu-ref" && m > 128 && !large_ref {
+                println!("fp8_gemm {m}x{n}x{k} {name}: skipped (set DEEPPORT_BENCH_REF_LARGE=1)");
+                continue;
+            }
+            let (a, sa, b, sb) = (
+                be.upload(&a).unwrap(),
+                be.upload(&sa).unwrap(),
+                be.upload(&b).unwrap(),
+                be.upload(&sb).unwrap(),
+            );
+            let mut d = be.alloc(DType::BF16, &[m, n]).unwrap();
+            let reps = if *name == "cpu" { 3 } else { 1 };
+            let t = best_of(reps, || {
+                ops::run(
+                    be.as_ref(),
+                    Fp8Gemm {
+                        a: &a,
+                        sa: &sa,
+                        b: &b,
+                        sb: &sb,
+                        d: &mut d,
+                    },
+                )
+                .unwrap()
+            });
+            println!(
+                "fp8_gemm {m}x{n}x{k} {name}: {:.2} ms, {:.3} TFLOP/s",
+                t * 1e3,
+                flops / t / 1e12
+            );
+        }
+    }
+    // FlashMLA decode: b = 16, s_q = 1, h_q = 128, s_k = 4096.
+    let case = Mla {
+        b: 16,
+        s_q: 1,
+        h_q: 128,
+        h_kv: 1,
+        d: 576,
+        dv: 512,
+        bs: 64,
+        seqlens: vec![4096; 16],
+        causal: false,
+    };
+    let inputs = case.inputs(5);
+    let bytes = (16 * 4096 * 576 * 2) as f64;
+    let flops = 16.0 * 4096.0 * 128.0 * 2.0 * (576.0 + 512.0);
+    for (name, be) in [("cpu", &Cpu as &dyn Backend), ("cpu-ref", &CpuRef)] {
+        let reps = if name == "cpu" { 3 } else { 1 };
+        let tensors = inputs.each_ref().map(|h| be.upload(h).unwrap());
+        let t = best_of(reps, || {
+            case.op(be, &tensors);
+        });
+        println!(
+            "mla_decode b16 h_q128 s_k4096 {name}: {:.2} ms, {:.2} GB/s of cache ({:.0}% of streaming), {:.3} TFLOP/s",
+            t * 1e3,
+            bytes / t / 1e9,
+            100.0 * bytes / t / 1e9 / bw,
+            flops / t / 1e12
+        );
+    }
 }
