@@ -557,19 +557,39 @@ fn forced_portable_path_is_used_and_named() {
     assert!(info.driver.contains("threads"), "{}", info.driver);
 }
 
+/// CPU seconds this process has used (user + system; Linux), or 0.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th, stime the 13th; clock ticks of 1/100 s.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    if f.len() > 13 {
+        (f[11] + f[12]) / 100.0
+    } else {
+        0.0
+    }
+}
+
 /// Best wall time of `reps` runs of `f` (after one warm-up run when
-/// `reps > 1`).
-fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+/// `reps > 1`), and the mean CPU seconds per run (all threads): on a
+/// shared machine the second says what the kernel costs.
+fn best_of(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
     if reps > 1 {
         f();
     }
-    (0..reps)
+    let c0 = cpu_seconds();
+    let best = (0..reps)
         .map(|_| {
             let t = std::time::Instant::now();
             f();
             t.elapsed().as_secs_f64()
         })
-        .fold(f64::INFINITY, f64::min)
+        .fold(f64::INFINITY, f64::min);
+    (best, (cpu_seconds() - c0) / reps as f64)
 }
 
 /// Fast `cpu` against `cpu-ref` on DeepGEMM's and FlashMLA's benchmark
@@ -583,7 +603,7 @@ fn bench_fast_vs_reference() {
     // every core).
     let big = vec![1f32; 128 << 20];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let t = best_of(3, || {
+    let (t, _) = best_of(3, || {
         let s: f32 = std::thread::scope(|sc| {
             let hs: Vec<_> = big
                 .chunks(big.len().div_ceil(threads))
@@ -595,10 +615,18 @@ fn bench_fast_vs_reference() {
     });
     let bw = (big.len() * 4) as f64 / t / 1e9;
     drop(big);
-    println!("streaming read bandwidth: {bw:.1} GB/s");
+    println!("streaming read bandwidth: {bw:.1} GB/s; simd {:?}", deepport_cpu::fast::current_simd());
+    let only_fast = std::env::var_os("DEEPPORT_BENCH_FAST_ONLY").is_some();
     let large_ref = std::env::var_os("DEEPPORT_BENCH_REF_LARGE").is_some();
     let mut rng = Rng(99);
+    // DEEPPORT_BENCH_M=16,128 times only those GEMMs (and no MLA decode).
+    let only_m: Option<Vec<usize>> = std::env::var("DEEPPORT_BENCH_M")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
     for &(m, n, k) in &[(16, 2112, 7168), (128, 2112, 7168), (4096, 2112, 7168)] {
+        if only_m.as_ref().is_some_and(|v| !v.contains(&m)) {
+            continue;
+        }
         let a = codes(&[m, k], rng.e4m3(m * k));
         let sa = f32h(&[m, k / 128], &rng.scales(m * k / 128));
         let b = codes(&[n, k], rng.e4m3(n * k));
@@ -606,6 +634,9 @@ fn bench_fast_vs_reference() {
         let flops = 2.0 * (m * n * k) as f64;
         let backends: Vec<(&str, Box<dyn Backend>)> = vec![("cpu", Box::new(Cpu)), ("cpu-ref", Box::new(CpuRef))];
         for (name, be) in &backends {
+            if *name == "cpu-ref" && only_fast {
+                continue;
+            }
             if *name == "cpu-ref" && m > 128 && !large_ref {
                 println!("fp8_gemm {m}x{n}x{k} {name}: skipped (set DEEPPORT_BENCH_REF_LARGE=1)");
                 continue;
@@ -617,8 +648,15 @@ fn bench_fast_vs_reference() {
                 be.upload(&sb).unwrap(),
             );
             let mut d = be.alloc(DType::BF16, &[m, n]).unwrap();
-            let reps = if *name == "cpu" { 3 } else { 1 };
-            let t = best_of(reps, || {
+            let reps = if *name == "cpu" {
+                std::env::var("DEEPPORT_BENCH_REPS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(5)
+            } else {
+                1
+            };
+            let (t, cpu) = best_of(reps, || {
                 ops::run(
                     be.as_ref(),
                     Fp8Gemm {
@@ -632,11 +670,15 @@ fn bench_fast_vs_reference() {
                 .unwrap()
             });
             println!(
-                "fp8_gemm {m}x{n}x{k} {name}: {:.2} ms, {:.3} TFLOP/s",
+                "fp8_gemm {m}x{n}x{k} {name}: {:.2} ms, {:.3} TFLOP/s; {:.1} GFLOP per CPU-second",
                 t * 1e3,
-                flops / t / 1e12
+                flops / t / 1e12,
+                flops / cpu / 1e9
             );
         }
+    }
+    if only_m.is_some() {
+        return;
     }
     // FlashMLA decode: b = 16, s_q = 1, h_q = 128, s_k = 4096.
     let case = Mla {
@@ -654,17 +696,21 @@ fn bench_fast_vs_reference() {
     let bytes = (16 * 4096 * 576 * 2) as f64;
     let flops = 16.0 * 4096.0 * 128.0 * 2.0 * (576.0 + 512.0);
     for (name, be) in [("cpu", &Cpu as &dyn Backend), ("cpu-ref", &CpuRef)] {
-        let reps = if name == "cpu" { 3 } else { 1 };
+        if name == "cpu-ref" && only_fast {
+            continue;
+        }
+        let reps = if name == "cpu" { 5 } else { 1 };
         let tensors = inputs.each_ref().map(|h| be.upload(h).unwrap());
-        let t = best_of(reps, || {
+        let (t, cpu) = best_of(reps, || {
             case.op(be, &tensors);
         });
         println!(
-            "mla_decode b16 h_q128 s_k4096 {name}: {:.2} ms, {:.2} GB/s of cache ({:.0}% of streaming), {:.3} TFLOP/s",
+            "mla_decode b16 h_q128 s_k4096 {name}: {:.2} ms, {:.2} GB/s of cache ({:.0}% of streaming), {:.3} TFLOP/s; {:.1} GFLOP per CPU-second",
             t * 1e3,
             bytes / t / 1e9,
             100.0 * bytes / t / 1e9 / bw,
-            flops / t / 1e12
+            flops / t / 1e12,
+            flops / cpu / 1e9
         );
     }
 }

@@ -102,6 +102,8 @@ struct Operands<'a> {
     /// B of each group.
     b: Vec<BSrc<'a>>,
     scales: Option<Scales<'a>>,
+    /// B holds OCP e4m3fn codes (decoded with the vectorized exact decode).
+    e4m3fn: bool,
 }
 
 /// Rows `[row0, row0 + rows)` of A (and of D) times B of `group`.
@@ -198,6 +200,77 @@ fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32
     c
 }
 
+/// [`run_task`] for a problem of at most 16 rows (decode, small MoE
+/// groups): computed as `Dᵀ = B · Aᵀ` on the 16-column kernel, so that B's
+/// rows are decoded contiguously (vectorized) and used directly as the
+/// broadcast operand, and A is the packed panel `[kl][16]` (its rows,
+/// zero-padded).
+fn run_task_swapped(ops: &Operands<'_>, probs: &[Problem], t: Task) -> Vec<f32> {
+    let (simd, n, k) = (ops.simd, ops.n, ops.k);
+    let (mr, nr) = (simd.mr(), Simd::NARROW);
+    let p = probs[t.prob];
+    let rows = p.rows; // ≤ 16, one row block
+    let c_lo = t.nc * NC;
+    let cols = NC.min(n - c_lo);
+    let kbn = blocks128(k);
+    let mut c = vec![0f32; rows * NC];
+    let zeros = [0f32; QBLOCK];
+    // Padding columns (rows ≥ `rows`) of the A panel stay zero.
+    let mut apan = vec![0f32; QBLOCK * nr];
+    let mut bbuf = vec![0f32; cols * QBLOCK];
+    let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
+    let mut scale = [1f32; NR_MAX];
+    for kb in 0..kbn {
+        let k0 = kb * QBLOCK;
+        let kl = QBLOCK.min(k - k0);
+        for i in 0..rows {
+            let row = &ops.a[(p.abuf + i) * k + k0..][..kl];
+            for (kk, &v) in row.iter().enumerate() {
+                apan[kk * nr + i] = v;
+            }
+        }
+        for j in 0..cols {
+            let at = (c_lo + j) * k + k0;
+            let dst = &mut bbuf[j * QBLOCK..j * QBLOCK + kl];
+            match ops.b[p.group] {
+                BSrc::Fp8 { codes, .. } if ops.e4m3fn => {
+                    simd.decode_e4m3fn(&codes[at..at + kl], dst)
+                }
+                BSrc::Fp8 { codes, lut } => {
+                    for (o, &x) in dst.iter_mut().zip(&codes[at..at + kl]) {
+                        *o = lut[x as usize];
+                    }
+                }
+                BSrc::F32(v) => dst.copy_from_slice(&v[at..at + kl]),
+            }
+        }
+        if let Some(s) = &ops.scales {
+            // One sb block for the whole chunk (NC = 128, aligned).
+            let sb = s.sb[(p.group * blocks128(n) + t.nc) * kbn + kb];
+            for (i, sc) in scale[..rows].iter_mut().enumerate() {
+                *sc = s.sa[(p.row0 + i) * kbn + kb] * sb;
+            }
+        }
+        let apanel = &apan[..kl * nr];
+        for j0 in (0..cols).step_by(mr) {
+            let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| {
+                if r < mr && j0 + r < cols {
+                    &bbuf[(j0 + r) * QBLOCK..(j0 + r) * QBLOCK + kl]
+                } else {
+                    &zeros[..kl]
+                }
+            });
+            simd.tile_narrow(kl, &a, apanel, nr, &mut tile);
+            for (r, trow) in tile.iter().enumerate().take(mr.min(cols - j0)) {
+                for i in 0..rows {
+                    c[i * NC + j0 + r] += trow[i] * scale[i];
+                }
+            }
+        }
+    }
+    c
+}
+
 /// Runs every problem and writes its rows of D (`[.., n]` in `dtype`).
 /// Rows of D outside every problem are not touched.
 fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core::DType) {
@@ -243,7 +316,13 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
     if !tasks.is_empty() {
         let tiles: Vec<Vec<f32>> = tasks
             .par_iter()
-            .map(|&t| run_task(ops, probs, t, None))
+            .map(|&t| {
+                if probs[t.prob].rows <= Simd::NARROW {
+                    run_task_swapped(ops, probs, t)
+                } else {
+                    run_task(ops, probs, t, None)
+                }
+            })
             .collect();
         write(&tasks, tiles);
     }
@@ -262,9 +341,16 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
     }
 }
 
-/// Decodes the given rows of e4m3 A (`[.., k]` codes) into one f32 buffer,
-/// problem by problem; sets each problem's `abuf`.
-fn decode_a(codes: &[u8], lut: &[f32; 256], k: usize, probs: &mut [Problem]) -> Vec<f32> {
+/// Decodes the given rows of FP8 A (`[.., k]` codes) into one f32 buffer,
+/// problem by problem; sets each problem's `abuf`. OCP e4m3fn (`simd` is
+/// `Some`) uses the vectorized exact decode, other formats the table.
+fn decode_a(
+    codes: &[u8],
+    lut: &[f32; 256],
+    simd: Option<Simd>,
+    k: usize,
+    probs: &mut [Problem],
+) -> Vec<f32> {
     let mut total = 0;
     for p in probs.iter_mut() {
         p.abuf = total;
@@ -277,11 +363,16 @@ fn decode_a(codes: &[u8], lut: &[f32; 256], k: usize, probs: &mut [Problem]) -> 
         src.extend(p.row0..p.row0 + p.rows);
     }
     if k > 0 {
-        a.par_chunks_mut(k).zip(src.par_iter()).for_each(|(row, &s)| {
-            for (o, &c) in row.iter_mut().zip(&codes[s * k..(s + 1) * k]) {
-                *o = lut[c as usize];
-            }
-        });
+        a.par_chunks_mut(k)
+            .zip(src.par_iter())
+            .for_each(|(row, &s)| match simd {
+                Some(simd) => simd.decode_e4m3fn(&codes[s * k..(s + 1) * k], row),
+                None => {
+                    for (o, &c) in row.iter_mut().zip(&codes[s * k..(s + 1) * k]) {
+                        *o = lut[c as usize];
+                    }
+                }
+            });
     }
     a
 }
@@ -303,7 +394,9 @@ fn fp8_common(
     let b_codes = bytes_of(b)?;
     let sa_v = f32_values(sa)?;
     let sb_v = f32_values(sb)?;
-    let a_f32 = decode_a(a_codes, &lut, k, &mut probs);
+    let simd = current_simd();
+    let fast_decode = (a.dtype() == deepport_core::DType::F8E4M3).then_some(simd);
+    let a_f32 = decode_a(a_codes, &lut, fast_decode, k, &mut probs);
     let bs: Vec<BSrc<'_>> = (0..g)
         .map(|grp| BSrc::Fp8 {
             codes: &b_codes[grp * n * k..(grp + 1) * n * k],
@@ -311,11 +404,12 @@ fn fp8_common(
         })
         .collect();
     let ops = Operands {
-        simd: current_simd(),
+        simd,
         n,
         k,
         a: &a_f32,
         b: bs,
+        e4m3fn: fast_decode.is_some(),
         scales: Some(Scales {
             sa: &sa_v,
             sb: &sb_v,
@@ -413,6 +507,7 @@ pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
         a: &a,
         b: vec![BSrc::F32(&b)],
         scales: None,
+        e4m3fn: false,
     };
     let dtype = args.d.dtype();
     run(&ops, &probs, bytes_mut_of(args.d)?, dtype);

@@ -25,7 +25,7 @@ pub type Tile = [[f32; NR_MAX]; MR_MAX];
 /// The instruction set the fast kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
-    /// x86-64 AVX-512F: 8 × 32 f32 FMA tile (16 zmm accumulators).
+    /// x86-64 AVX-512F (+BW for the FP8 decode): 8 × 32 f32 FMA tile (16 zmm accumulators).
     Avx512,
     /// x86-64 AVX2 + FMA: 6 × 16 f32 FMA tile (12 ymm accumulators).
     Avx2,
@@ -39,12 +39,10 @@ impl Simd {
     pub fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if Simd::Avx512.available() {
                 return Simd::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if Simd::Avx2.available() {
                 return Simd::Avx2;
             }
         }
@@ -66,7 +64,10 @@ impl Simd {
         match self {
             Simd::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            Simd::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+            }
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
@@ -146,6 +147,81 @@ impl Simd {
     }
 }
 
+impl Simd {
+    /// Columns of the narrow register tile ([`Simd::tile_narrow`]): 16.
+    pub const NARROW: usize = 16;
+
+    /// [`Simd::tile`] with 16 columns (`b` needs 16 values per row): the
+    /// AVX-512 8 × 16 kernel, else the 16-column kernel of the set. For
+    /// GEMMs whose packed side has at most 16 rows (decode).
+    pub fn tile_narrow(
+        self,
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: &[f32],
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => {
+                assert!(self.available(), "AVX-512 kernel on a CPU without AVX-512F");
+                assert!(ldb >= 16, "micro-kernel: ldb {ldb} < 16");
+                assert!(
+                    kl == 0 || b.len() >= (kl - 1) * ldb + 16,
+                    "micro-kernel: b is too short"
+                );
+                for row in a {
+                    assert!(row.len() >= kl, "micro-kernel: an a row is shorter than kl");
+                }
+                // SAFETY: AVX-512F is present; the 8 rows of `a` hold ≥ kl
+                // values and `b` ≥ (kl−1)·ldb + 16 (all checked above).
+                unsafe { x86::tile_avx512_n16(kl, a, b.as_ptr(), ldb, tile) }
+            }
+            _ => self.tile(kl, a, b, ldb, tile),
+        }
+    }
+}
+
+/// OCP e4m3fn codes → f32, exactly (every code, NaN codes → NaN), with
+/// branch-free bit arithmetic that the compiler vectorizes.
+#[inline(always)]
+fn e4m3fn_body(codes: &[u8], out: &mut [f32]) {
+    for (o, &c) in out.iter_mut().zip(codes) {
+        let c = c as u32;
+        let mag = c & 0x7f;
+        // Normal: the f32 with exponent e + (127 − 7) and the 3 mantissa bits.
+        let normal = f32::from_bits((mag << 20) + (120 << 23));
+        // Subnormal (exponent field 0): m · 2^-9.
+        let sub = (mag & 7) as f32 * (1.0 / 512.0);
+        let v = if mag < 8 { sub } else { normal };
+        let v = if mag == 0x7f { f32::NAN } else { v };
+        *o = f32::from_bits(v.to_bits() | ((c & 0x80) << 24));
+    }
+}
+
+impl Simd {
+    /// Decodes OCP e4m3fn codes into `out` (`min(len)` values), exactly.
+    pub fn decode_e4m3fn(self, codes: &[u8], out: &mut [f32]) {
+        let n = codes.len().min(out.len());
+        let (codes, out) = (&codes[..n], &mut out[..n]);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if self.available() => {
+                // SAFETY: the CPU supports AVX-512F/BW (checked); the body
+                // is safe code over slices of equal length.
+                unsafe { x86::decode_avx512(codes, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 if self.available() => {
+                // SAFETY: the CPU supports AVX2 (checked); safe body.
+                unsafe { x86::decode_avx2(codes, out) }
+            }
+            _ => e4m3fn_body(codes, out),
+        }
+    }
+}
+
 /// The portable 4 × 16 kernel: fixed-size arrays the compiler keeps in
 /// vector registers.
 fn tile_portable(kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &mut Tile) {
@@ -171,8 +247,26 @@ fn tile_portable(kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Tile, MR_MAX};
+    use super::{e4m3fn_body, Tile, MR_MAX};
     use std::arch::x86_64::*;
+
+    /// [`e4m3fn_body`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn decode_avx512(codes: &[u8], out: &mut [f32]) {
+        e4m3fn_body(codes, out)
+    }
+
+    /// [`e4m3fn_body`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn decode_avx2(codes: &[u8], out: &mut [f32]) {
+        e4m3fn_body(codes, out)
+    }
 
     /// 8 × 32 tile with AVX-512F FMAs.
     ///
@@ -216,6 +310,36 @@ mod x86 {
                 _mm512_storeu_ps(tile[r].as_mut_ptr(), c[r][0]);
                 _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), c[r][1]);
             }
+        }
+    }
+
+    /// 8 × 16 tile with AVX-512F FMAs (one zmm per row).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; every `a[r]` (r < 8) must hold `kl`
+    /// values and `b` must hold `(kl − 1)·ldb + 16` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512_n16(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        let p: [*const f32; 8] = std::array::from_fn(|r| a[r].as_ptr());
+        let mut c = [_mm512_setzero_ps(); 8];
+        for k in 0..kl {
+            // SAFETY: k < kl, so b + k·ldb .. + 16 lies inside b (caller).
+            let b0 = unsafe { _mm512_loadu_ps(b.add(k * ldb)) };
+            for r in 0..8 {
+                // SAFETY: a[r] holds ≥ kl values (caller) and k < kl.
+                let av = _mm512_set1_ps(unsafe { *p[r].add(k) });
+                c[r] = _mm512_fmadd_ps(av, b0, c[r]);
+            }
+        }
+        for r in 0..8 {
+            // SAFETY: tile[r] is a [f32; 32]: one 16-lane store fits.
+            unsafe { _mm512_storeu_ps(tile[r].as_mut_ptr(), c[r]) };
         }
     }
 
@@ -289,6 +413,33 @@ mod tests {
                     let want: f32 = (0..kl).map(|k| a_rows[r][k] * b[k * ldb + j]).sum();
                     assert_eq!(tile[r][j], want, "{simd:?} r {r} j {j}");
                 }
+            }
+            let mut tile = [[f32::NAN; NR_MAX]; MR_MAX];
+            simd.tile_narrow(kl, &a, &b, ldb, &mut tile);
+            for r in 0..simd.mr() {
+                for j in 0..Simd::NARROW {
+                    let want: f32 = (0..kl).map(|k| a_rows[r][k] * b[k * ldb + j]).sum();
+                    assert_eq!(tile[r][j], want, "{simd:?} narrow r {r} j {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn e4m3_decode_is_exact_on_every_code() {
+        let codes: Vec<u8> = (0..=255u8).collect();
+        for simd in [Simd::Avx512, Simd::Avx2, Simd::Portable] {
+            if !simd.available() {
+                continue;
+            }
+            let mut out = vec![0f32; 256];
+            simd.decode_e4m3fn(&codes, &mut out);
+            for (c, v) in out.iter().enumerate() {
+                let want = deepport_core::formats::e4m3_to_f32(c as u8);
+                assert!(
+                    v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
+                    "{simd:?} code {c:#x}: {v} vs {want}"
+                );
             }
         }
     }
