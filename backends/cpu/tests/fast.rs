@@ -409,7 +409,11 @@ impl Mla {
             .max(1)
             + 1;
         let num_blocks = b * max_blocks + 3;
-        let q = HostTensor::from_f32(DType::BF16, &[b, s_q, h_q, d], &rng.vec(b * s_q * h_q * d, 1.0));
+        let q = HostTensor::from_f32(
+            DType::BF16,
+            &[b, s_q, h_q, d],
+            &rng.vec(b * s_q * h_q * d, 1.0),
+        );
         // Unused slots and pages are NaN: a kernel that reads them fails.
         let mut kc = vec![f32::NAN; num_blocks * bs * h_kv * d];
         // A permutation of the pages.
@@ -455,9 +459,7 @@ impl Mla {
         let mut out = be
             .alloc(DType::BF16, &[self.b, self.s_q, self.h_q, self.dv])
             .unwrap();
-        let mut lse = be
-            .alloc(DType::F32, &[self.b, self.h_q, self.s_q])
-            .unwrap();
+        let mut lse = be.alloc(DType::F32, &[self.b, self.h_q, self.s_q]).unwrap();
         ops::run(
             be,
             MlaDecode {
@@ -541,8 +543,20 @@ fn mla_decode_matches_reference() {
         let (ro, rl) = case.run(&CpuRef, &inputs);
         for simd in isas() {
             let (o, l) = with_simd(simd, || case.run(&Cpu, &inputs)).unwrap();
-            assert_mla_close(&format!("{simd:?} case {ci} out"), &o, &ro, 8e-4, 2.01 / 128.0);
-            assert_mla_close(&format!("{simd:?} case {ci} lse"), &l, &rl, 1e-6, 8.01 / 65536.0);
+            assert_mla_close(
+                &format!("{simd:?} case {ci} out"),
+                &o,
+                &ro,
+                8e-4,
+                2.01 / 128.0,
+            );
+            assert_mla_close(
+                &format!("{simd:?} case {ci} lse"),
+                &l,
+                &rl,
+                1e-6,
+                8.01 / 65536.0,
+            );
         }
     }
 }
@@ -607,7 +621,13 @@ fn bench_fast_vs_reference() {
         let s: f32 = std::thread::scope(|sc| {
             let hs: Vec<_> = big
                 .chunks(big.len().div_ceil(threads))
-                .map(|c| sc.spawn(move || c.chunks(1 << 12).map(|x| x.iter().sum::<f32>()).sum::<f32>()))
+                .map(|c| {
+                    sc.spawn(move || {
+                        c.chunks(1 << 12)
+                            .map(|x| x.iter().sum::<f32>())
+                            .sum::<f32>()
+                    })
+                })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).sum()
         });
@@ -615,7 +635,10 @@ fn bench_fast_vs_reference() {
     });
     let bw = (big.len() * 4) as f64 / t / 1e9;
     drop(big);
-    println!("streaming read bandwidth: {bw:.1} GB/s; simd {:?}", deepport_cpu::fast::current_simd());
+    println!(
+        "streaming read bandwidth: {bw:.1} GB/s; simd {:?}",
+        deepport_cpu::fast::current_simd()
+    );
     let only_fast = std::env::var_os("DEEPPORT_BENCH_FAST_ONLY").is_some();
     let large_ref = std::env::var_os("DEEPPORT_BENCH_REF_LARGE").is_some();
     let mut rng = Rng(99);
@@ -630,9 +653,13 @@ fn bench_fast_vs_reference() {
         let a = codes(&[m, k], rng.e4m3(m * k));
         let sa = f32h(&[m, k / 128], &rng.scales(m * k / 128));
         let b = codes(&[n, k], rng.e4m3(n * k));
-        let sb = f32h(&[n.div_ceil(128), k / 128], &rng.scales(n.div_ceil(128) * k / 128));
+        let sb = f32h(
+            &[n.div_ceil(128), k / 128],
+            &rng.scales(n.div_ceil(128) * k / 128),
+        );
         let flops = 2.0 * (m * n * k) as f64;
-        let backends: Vec<(&str, Box<dyn Backend>)> = vec![("cpu", Box::new(Cpu)), ("cpu-ref", Box::new(CpuRef))];
+        let backends: Vec<(&str, Box<dyn Backend>)> =
+            vec![("cpu", Box::new(Cpu)), ("cpu-ref", Box::new(CpuRef))];
         for (name, be) in &backends {
             if *name == "cpu-ref" && only_fast {
                 continue;

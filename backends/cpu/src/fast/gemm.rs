@@ -26,7 +26,10 @@ const NC: usize = QBLOCK;
 /// Where B's values come from: e4m3 codes through a table, or f32 values.
 #[derive(Clone, Copy)]
 enum BSrc<'a> {
-    Fp8 { codes: &'a [u8], lut: &'a [f32; 256] },
+    Fp8 {
+        codes: &'a [u8],
+        lut: &'a [f32; 256],
+    },
     F32(&'a [f32]),
 }
 
@@ -77,10 +80,12 @@ fn pack_b(
 fn pack_group(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Vec<f32> {
     let panels = n.div_ceil(nr);
     let mut out = vec![0f32; panels * k * nr];
-    out.par_chunks_mut(k * nr).enumerate().for_each(|(p, chunk)| {
-        let cols = nr.min(n - p * nr);
-        pack_b(src, k, p * nr, cols, 0, k, nr, k * nr, chunk);
-    });
+    out.par_chunks_mut(k * nr)
+        .enumerate()
+        .for_each(|(p, chunk)| {
+            let cols = nr.min(n - p * nr);
+            pack_b(src, k, p * nr, cols, 0, k, nr, k * nr, chunk);
+        });
     out
 }
 
@@ -149,7 +154,17 @@ fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32
         let k0 = kb * QBLOCK;
         let kl = QBLOCK.min(k - k0);
         if packed.is_none() {
-            pack_b(ops.b[p.group], k, c_lo, cols, k0, kl, nr, QBLOCK * nr, &mut local);
+            pack_b(
+                ops.b[p.group],
+                k,
+                c_lo,
+                cols,
+                k0,
+                kl,
+                nr,
+                QBLOCK * nr,
+                &mut local,
+            );
         }
         let sb = ops
             .scales
@@ -175,8 +190,8 @@ fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32
                 });
                 simd.tile(kl, &a, bpanel, nr, &mut tile);
                 let rn = mr.min(rows - r0);
-                for r in 0..rn {
-                    scale[r] = match (&ops.scales, sb) {
+                for (r, sc) in scale[..rn].iter_mut().enumerate() {
+                    *sc = match (&ops.scales, sb) {
                         (Some(s), Some(sb)) => s.sa[(p.row0 + r_lo + r0 + r) * kbn + kb] * sb,
                         _ => 1.0,
                     };
@@ -327,10 +342,7 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
         write(&tasks, tiles);
     }
     // Packed groups, one at a time (a packed group is n·k f32).
-    for g in 0..groups {
-        if !pack[g] {
-            continue;
-        }
+    for (g, _) in pack.iter().enumerate().filter(|(_, &p)| p) {
         let panels = pack_group(ops.b[g], n, k, ops.simd.nr());
         let tasks = tasks_of(&|x| x == g);
         let tiles: Vec<Vec<f32>> = tasks

@@ -192,9 +192,9 @@ fn attend(cx: &Ctx<'_>, b: usize, kvh: usize, pages: std::ops::Range<usize>) -> 
             for vp in 0..vpanels {
                 simd.tile(tn, &a, &vpan[vp * bs * nr..][..tn * nr], nr, &mut tile);
                 let cols = nr.min(dv - vp * nr);
-                for i in 0..mr.min(rows - r0) {
+                for (i, trow) in tile.iter().enumerate().take(mr.min(rows - r0)) {
                     let o = &mut part.o[(r0 + i) * dv + vp * nr..][..cols];
-                    for (x, &t) in o.iter_mut().zip(&tile[i][..cols]) {
+                    for (x, &t) in o.iter_mut().zip(&trow[..cols]) {
                         *x += t;
                     }
                 }
@@ -276,7 +276,9 @@ pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
     let splits = if items >= 2 * threads {
         1
     } else {
-        (2 * threads).div_ceil(items.max(1)).clamp(1, max_pages.max(1))
+        (2 * threads)
+            .div_ceil(items.max(1))
+            .clamp(1, max_pages.max(1))
     };
     let work: Vec<(usize, usize, usize)> = (0..batch)
         .flat_map(|b| (0..h_kv).flat_map(move |h| (0..splits).map(move |s| (b, h, s))))

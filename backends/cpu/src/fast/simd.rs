@@ -396,7 +396,11 @@ mod tests {
         let kl = 131;
         let ldb = 40;
         let a_rows: Vec<Vec<f32>> = (0..MR_MAX)
-            .map(|r| (0..kl).map(|k| ((r * 7 + k * 3) % 11) as f32 - 5.0).collect())
+            .map(|r| {
+                (0..kl)
+                    .map(|k| ((r * 7 + k * 3) % 11) as f32 - 5.0)
+                    .collect()
+            })
             .collect();
         let b: Vec<f32> = (0..kl * ldb)
             .map(|i| ((i * 5) % 13) as f32 * 0.25 - 1.5)
