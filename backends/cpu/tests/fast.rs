@@ -571,6 +571,115 @@ fn forced_portable_path_is_used_and_named() {
     assert!(info.driver.contains("threads"), "{}", info.driver);
 }
 
+/// Downloads a tensor's raw bytes.
+fn raw(be: &dyn Backend, t: &Tensor) -> Vec<u8> {
+    be.download(t).unwrap().bytes().to_vec()
+}
+
+#[test]
+fn small_ops_equal_reference_bit_for_bit() {
+    let mut rng = Rng(77);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // Element counts across the parallel chunk size (16384).
+        let (rows, dim) = (7, 3001);
+        let n = rows * dim;
+        let x = HostTensor::from_f32(dtype, &[rows, dim], &rng.vec(n, 4.0));
+        let y = HostTensor::from_f32(dtype, &[rows, dim], &rng.vec(n, 4.0));
+        let w = HostTensor::from_f32(dtype, &[dim], &rng.vec(dim, 2.0));
+        let ids: Vec<i64> = (0..9).map(|i| (i * 5 % rows) as i64).collect();
+        let ids = HostTensor::from_index(DType::I64, &[9], &ids);
+        let mut outs: Vec<Vec<Vec<u8>>> = Vec::new();
+        for be in [&Cpu as &dyn Backend, &CpuRef] {
+            let (x, y, w, ids) = (
+                be.upload(&x).unwrap(),
+                be.upload(&y).unwrap(),
+                be.upload(&w).unwrap(),
+                be.upload(&ids).unwrap(),
+            );
+            let mut v = Vec::new();
+            let mut out = be.alloc(dtype, &[rows, dim]).unwrap();
+            ops::run(
+                be,
+                Add {
+                    a: &x,
+                    b: &y,
+                    out: &mut out,
+                },
+            )
+            .unwrap();
+            v.push(raw(be, &out));
+            let mut out = be.alloc(DType::F32, &[rows, dim]).unwrap();
+            ops::run(
+                be,
+                Add {
+                    a: &x,
+                    b: &y,
+                    out: &mut out,
+                },
+            )
+            .unwrap();
+            v.push(raw(be, &out));
+            let mut out = be.alloc(dtype, &[rows, dim]).unwrap();
+            ops::run(
+                be,
+                SiluMul {
+                    gate: &x,
+                    up: &y,
+                    out: &mut out,
+                },
+            )
+            .unwrap();
+            v.push(raw(be, &out));
+            let mut out = be.alloc(dtype, &[rows, dim]).unwrap();
+            ops::run(
+                be,
+                RmsNorm {
+                    x: &x,
+                    weight: &w,
+                    y: &mut out,
+                    eps: 1e-6,
+                },
+            )
+            .unwrap();
+            v.push(raw(be, &out));
+            for odt in [dtype, DType::BF16] {
+                let mut out = be.alloc(odt, &[9, dim]).unwrap();
+                ops::run(
+                    be,
+                    Embedding {
+                        table: &x,
+                        ids: &ids,
+                        out: &mut out,
+                    },
+                )
+                .unwrap();
+                v.push(raw(be, &out));
+            }
+            outs.push(v);
+        }
+        for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+            assert!(a == b, "{dtype}: op #{i} differs from cpu-ref");
+        }
+    }
+    // An id outside the table is an error.
+    let table = Cpu
+        .upload(&HostTensor::from_f32(DType::F32, &[4, 3], &[0.0; 12]))
+        .unwrap();
+    let ids = Cpu
+        .upload(&HostTensor::from_index(DType::I64, &[1], &[4]))
+        .unwrap();
+    let mut out = Cpu.alloc(DType::F32, &[1, 3]).unwrap();
+    assert!(ops::run(
+        &Cpu,
+        Embedding {
+            table: &table,
+            ids: &ids,
+            out: &mut out,
+        },
+    )
+    .is_err());
+}
+
 /// CPU seconds this process has used (user + system; Linux), or 0.
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

@@ -1,6 +1,7 @@
 //! The fast CPU path (`cpu`): packed-panel GEMMs on a run-time chosen SIMD
 //! micro-kernel, an MLA decode that computes every head of a kv head from
-//! one pass over the latent cache, and rayon threads.
+//! one pass over the latent cache, elementwise/row ops straight on the
+//! tensors' bytes (bit-identical to `cpu-ref`), and rayon threads.
 //!
 //! [`ops`] holds one function per local op, named after the `Backend`
 //! method: the fast kernels written here, and the reference kernel for
@@ -10,6 +11,7 @@ pub mod simd;
 
 mod gemm;
 mod mla;
+mod small;
 
 use crate::HostStorage;
 use deepport_core::backend::Tensor;
@@ -70,7 +72,8 @@ pub fn describe() -> String {
     let s = process_simd();
     format!(
         "fp8 gemm / gemm: {name} {mr}x{nr} f32 micro-kernel on packed panels, f32 sums per 128-K block; \
-         mla decode: {name}, all heads of a kv head per cache pass, split-K; {t} threads",
+         mla decode: {name}, all heads of a kv head per cache pass, split-K; \
+         add/silu_mul/rms_norm/embedding: parallel, bit-identical to cpu-ref; {t} threads",
         name = s.name(),
         mr = s.mr(),
         nr = s.nr(),
@@ -181,5 +184,6 @@ fn fp8_lut(dtype: DType) -> Result<[f32; 256]> {
 pub(crate) mod ops {
     pub(crate) use super::gemm::{fp8_gemm, fp8_grouped_contiguous, fp8_grouped_masked, gemm};
     pub(crate) use super::mla::mla_decode;
+    pub(crate) use super::small::{add, embedding, rms_norm, silu_mul};
     pub(crate) use crate::kernels::*;
 }
