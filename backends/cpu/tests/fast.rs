@@ -44,7 +44,7 @@ impl Rng {
 
 /// Every instruction set this CPU runs.
 fn isas() -> Vec<Simd> {
-    [Simd::Avx512, Simd::Avx2, Simd::Portable]
+    [Simd::Avx512Bf16, Simd::Avx512, Simd::Avx2, Simd::Portable]
         .into_iter()
         .filter(|s| s.available())
         .collect()

@@ -109,6 +109,187 @@ struct Operands<'a> {
     scales: Option<Scales<'a>>,
     /// B holds OCP e4m3fn codes (decoded with the vectorized exact decode).
     e4m3fn: bool,
+    /// A as bf16 pairs for the bf16 dot kernel ([`Simd::bf16_dot`]): row
+    /// stride `64·ceil(k/128)`, K block `kb` at `64·kb`, indexed like `a`.
+    a_bf: Option<&'a [u32]>,
+}
+
+/// Pairs per 128-wide K block.
+const KP: usize = QBLOCK / 2;
+
+/// bf16 bits of an FP8 value of B (exact: e4m3 fits in bf16).
+#[inline]
+fn bf16_of(src: BSrc<'_>, i: usize) -> u32 {
+    match src {
+        BSrc::Fp8 { codes, lut } => lut[codes[i] as usize].to_bits() >> 16,
+        BSrc::F32(v) => v[i].to_bits() >> 16,
+    }
+}
+
+/// [`pack_b`] for the bf16 kernel: panels `[ceil(kl/2)][nr]` of pairs
+/// (`lo | hi << 16`, a zero high half past an odd `kl`).
+#[allow(clippy::too_many_arguments)]
+fn pack_b_bf16(
+    src: BSrc<'_>,
+    k: usize,
+    col0: usize,
+    cols: usize,
+    k0: usize,
+    kl: usize,
+    nr: usize,
+    pstride: usize,
+    out: &mut [u32],
+) {
+    let kp = kl.div_ceil(2);
+    for p in 0..cols.div_ceil(nr) {
+        let panel = &mut out[p * pstride..p * pstride + kp * nr];
+        for c in 0..nr {
+            let j = p * nr + c;
+            if j < cols {
+                let base = (col0 + j) * k + k0;
+                for q in 0..kp {
+                    let lo = bf16_of(src, base + 2 * q);
+                    let hi = if 2 * q + 1 < kl {
+                        bf16_of(src, base + 2 * q + 1)
+                    } else {
+                        0
+                    };
+                    panel[q * nr + c] = lo | hi << 16;
+                }
+            } else {
+                for q in 0..kp {
+                    panel[q * nr + c] = 0;
+                }
+            }
+        }
+    }
+}
+
+/// B of one group packed once for the bf16 kernel: panel `p` at
+/// `p·kbn·KP·nr`, K block `kb` of it at `+ kb·KP·nr`.
+fn pack_group_bf16(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Vec<u32> {
+    let kbn = blocks128(k);
+    let panels = n.div_ceil(nr);
+    let mut out = vec![0u32; panels * kbn * KP * nr];
+    if kbn == 0 {
+        return out;
+    }
+    out.par_chunks_mut(kbn * KP * nr)
+        .enumerate()
+        .for_each(|(p, chunk)| {
+            let cols = nr.min(n - p * nr);
+            for kb in 0..kbn {
+                let k0 = kb * QBLOCK;
+                let kl = QBLOCK.min(k - k0);
+                let dst = &mut chunk[kb * KP * nr..(kb + 1) * KP * nr];
+                pack_b_bf16(src, k, p * nr, cols, k0, kl, nr, KP * nr, dst);
+            }
+        });
+    out
+}
+
+/// [`run_task`] on the bf16 dot kernel (FP8 operands, `Simd::Avx512Bf16`).
+fn run_task_bf16(
+    ops: &Operands<'_>,
+    a_bf: &[u32],
+    probs: &[Problem],
+    t: Task,
+    packed: Option<&[u32]>,
+) -> Vec<f32> {
+    let (simd, n, k) = (ops.simd, ops.n, ops.k);
+    let (mr, nr) = (simd.mr(), simd.nr());
+    let p = probs[t.prob];
+    let r_lo = t.mb * MC;
+    let rows = MC.min(p.rows - r_lo);
+    let c_lo = t.nc * NC;
+    let cols = NC.min(n - c_lo);
+    let panels = cols.div_ceil(nr);
+    let kbn = blocks128(k);
+    let kstride = kbn * KP;
+    let mut c = vec![0f32; rows * NC];
+    let zeros = [0u32; KP];
+    let mut local = if packed.is_none() {
+        vec![0u32; panels * KP * nr]
+    } else {
+        Vec::new()
+    };
+    let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
+    for kb in 0..kbn {
+        let k0 = kb * QBLOCK;
+        let kl = QBLOCK.min(k - k0);
+        let kp = kl.div_ceil(2);
+        if packed.is_none() {
+            pack_b_bf16(
+                ops.b[p.group],
+                k,
+                c_lo,
+                cols,
+                k0,
+                kl,
+                nr,
+                KP * nr,
+                &mut local,
+            );
+        }
+        let sb = ops
+            .scales
+            .as_ref()
+            .map_or(1.0, |s| s.sb[(p.group * blocks128(n) + t.nc) * kbn + kb]);
+        for pi in 0..panels {
+            let bpanel: &[u32] = match packed {
+                Some(all) => {
+                    let gp = (c_lo / nr) + pi; // c_lo is a multiple of nr
+                    &all[gp * kstride * nr + kb * KP * nr..][..kp * nr]
+                }
+                None => &local[pi * KP * nr..][..kp * nr],
+            };
+            let jn = nr.min(cols - pi * nr);
+            for r0 in (0..rows).step_by(mr) {
+                let a: [&[u32]; MR_MAX] = std::array::from_fn(|r| {
+                    if r < mr && r0 + r < rows {
+                        let ar = p.abuf + r_lo + r0 + r;
+                        &a_bf[ar * kstride + kb * KP..][..kp]
+                    } else {
+                        &zeros[..kp]
+                    }
+                });
+                simd.tile_bf16(kp, &a, bpanel, &mut tile);
+                for (r, trow) in tile.iter().enumerate().take(mr.min(rows - r0)) {
+                    let scale = ops
+                        .scales
+                        .as_ref()
+                        .map_or(1.0, |s| s.sa[(p.row0 + r_lo + r0 + r) * kbn + kb] * sb);
+                    let dst = &mut c[(r0 + r) * NC + pi * nr..][..jn];
+                    for (d, &v) in dst.iter_mut().zip(&trow[..jn]) {
+                        *d += v * scale;
+                    }
+                }
+            }
+        }
+    }
+    c
+}
+
+/// A rows (f32, exact bf16 values) as bf16 pairs in the layout of
+/// [`Operands::a_bf`].
+fn a_to_bf16(a: &[f32], k: usize) -> Vec<u32> {
+    let kbn = blocks128(k);
+    let rows = a.len().checked_div(k).unwrap_or(0);
+    let mut out = vec![0u32; rows * kbn * KP];
+    if rows == 0 || kbn == 0 {
+        return out;
+    }
+    out.par_chunks_mut(kbn * KP)
+        .zip(a.par_chunks(k))
+        .for_each(|(dst, src)| {
+            for (i, pair) in src.chunks(2).enumerate() {
+                let (kb, q) = (i / KP, i % KP);
+                let lo = pair[0].to_bits() >> 16;
+                let hi = pair.get(1).map_or(0, |v| v.to_bits() >> 16);
+                dst[kb * KP + q] = lo | hi << 16;
+            }
+        });
+    out
 }
 
 /// Rows `[row0, row0 + rows)` of A (and of D) times B of `group`.
@@ -334,6 +515,8 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
             .map(|&t| {
                 if probs[t.prob].rows <= Simd::NARROW {
                     run_task_swapped(ops, probs, t)
+                } else if let Some(a_bf) = ops.a_bf {
+                    run_task_bf16(ops, a_bf, probs, t, None)
                 } else {
                     run_task(ops, probs, t, None)
                 }
@@ -343,12 +526,20 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
     }
     // Packed groups, one at a time (a packed group is n·k f32).
     for (g, _) in pack.iter().enumerate().filter(|(_, &p)| p) {
-        let panels = pack_group(ops.b[g], n, k, ops.simd.nr());
         let tasks = tasks_of(&|x| x == g);
-        let tiles: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map(|&t| run_task(ops, probs, t, Some(&panels)))
-            .collect();
+        let tiles: Vec<Vec<f32>> = if let Some(a_bf) = ops.a_bf {
+            let panels = pack_group_bf16(ops.b[g], n, k, ops.simd.nr());
+            tasks
+                .par_iter()
+                .map(|&t| run_task_bf16(ops, a_bf, probs, t, Some(&panels)))
+                .collect()
+        } else {
+            let panels = pack_group(ops.b[g], n, k, ops.simd.nr());
+            tasks
+                .par_iter()
+                .map(|&t| run_task(ops, probs, t, Some(&panels)))
+                .collect()
+        };
         write(&tasks, tiles);
     }
 }
@@ -409,6 +600,9 @@ fn fp8_common(
     let simd = current_simd();
     let fast_decode = (a.dtype() == deepport_core::DType::F8E4M3).then_some(simd);
     let a_f32 = decode_a(a_codes, &lut, fast_decode, k, &mut probs);
+    // The bf16 dot kernel serves the problems of more than 16 rows.
+    let a_bf = (simd.bf16_dot() && probs.iter().any(|p| p.rows > Simd::NARROW))
+        .then(|| a_to_bf16(&a_f32, k));
     let bs: Vec<BSrc<'_>> = (0..g)
         .map(|grp| BSrc::Fp8 {
             codes: &b_codes[grp * n * k..(grp + 1) * n * k],
@@ -422,6 +616,7 @@ fn fp8_common(
         a: &a_f32,
         b: bs,
         e4m3fn: fast_decode.is_some(),
+        a_bf: a_bf.as_deref(),
         scales: Some(Scales {
             sa: &sa_v,
             sb: &sb_v,
@@ -520,6 +715,7 @@ pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
         b: vec![BSrc::F32(&b)],
         scales: None,
         e4m3fn: false,
+        a_bf: None,
     };
     let dtype = args.d.dtype();
     run(&ops, &probs, bytes_mut_of(args.d)?, dtype);

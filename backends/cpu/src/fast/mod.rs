@@ -21,7 +21,8 @@ use std::cell::Cell;
 use std::sync::OnceLock;
 
 /// The environment variable that forces an instruction set for the whole
-/// process (`avx512`, `avx2`, `portable`); unset, the best one is used.
+/// process (`avx512`, `avx512bf16`, `avx2`, `portable`); unset, the best
+/// one is used.
 pub const SIMD_ENV: &str = "DEEPPORT_CPU_SIMD";
 
 thread_local! {
@@ -70,13 +71,21 @@ pub fn with_simd<R>(simd: Simd, f: impl FnOnce() -> R) -> Result<R> {
 /// What the fast backend runs, for `DeviceInfo.driver`.
 pub fn describe() -> String {
     let s = process_simd();
+    let (name, mr, nr) = (s.name(), s.mr(), s.nr());
+    let fp8 = if s.bf16_dot() {
+        format!(
+            "fp8 gemm: {name} {mr}x{nr} vdpbf16ps micro-kernel (e4m3 exact in bf16, f32 sums per 128-K block), \
+             <=16 rows: {mr}x16 f32 FMA on B rows; gemm: {mr}x{nr} f32 FMA"
+        )
+    } else {
+        format!(
+            "fp8 gemm / gemm: {name} {mr}x{nr} f32 micro-kernel on packed panels (f32 sums per 128-K block), \
+             <=16 rows: {mr}x16 on B rows"
+        )
+    };
     format!(
-        "fp8 gemm / gemm: {name} {mr}x{nr} f32 micro-kernel on packed panels, f32 sums per 128-K block; \
-         mla decode: {name}, all heads of a kv head per cache pass, split-K; \
+        "{fp8}; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
          add/silu_mul/rms_norm/embedding: parallel, bit-identical to cpu-ref; {t} threads",
-        name = s.name(),
-        mr = s.mr(),
-        nr = s.nr(),
         t = rayon::current_num_threads()
     )
 }
