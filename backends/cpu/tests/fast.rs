@@ -571,6 +571,45 @@ fn forced_portable_path_is_used_and_named() {
     assert!(info.driver.contains("threads"), "{}", info.driver);
 }
 
+#[test]
+fn degenerate_fp8_shapes_match_reference_without_panics() {
+    // k = 0 with more than 128 rows (the packed path), m = 0, n = 0.
+    for &(m, n, k) in &[
+        (130usize, 5usize, 0usize),
+        (3, 5, 0),
+        (0, 5, 128),
+        (3, 0, 128),
+    ] {
+        let kb = k.div_ceil(128);
+        let a = codes(&[m, k], vec![0x38; m * k]);
+        let sa = f32h(&[m, kb], &vec![1.0; m * kb]);
+        let b = codes(&[n, k], vec![0x40; n * k]);
+        let sb = f32h(&[n.div_ceil(128), kb], &vec![1.0; n.div_ceil(128) * kb]);
+        let mut results = Vec::new();
+        for be in [&Cpu as &dyn Backend, &CpuRef] {
+            let (a, sa, b, sb) = (
+                be.upload(&a).unwrap(),
+                be.upload(&sa).unwrap(),
+                be.upload(&b).unwrap(),
+                be.upload(&sb).unwrap(),
+            );
+            let mut d = be.alloc(DType::F32, &[m, n]).unwrap();
+            let r = ops::run(
+                be,
+                Fp8Gemm {
+                    a: &a,
+                    sa: &sa,
+                    b: &b,
+                    sb: &sb,
+                    d: &mut d,
+                },
+            );
+            results.push(r.map(|_| raw(be, &d)).map_err(|e| e.to_string()));
+        }
+        assert_eq!(results[0], results[1], "({m}, {n}, {k})");
+    }
+}
+
 /// Downloads a tensor's raw bytes.
 fn raw(be: &dyn Backend, t: &Tensor) -> Vec<u8> {
     be.download(t).unwrap().bytes().to_vec()

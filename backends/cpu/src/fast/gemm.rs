@@ -80,6 +80,9 @@ fn pack_b(
 fn pack_group(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Vec<f32> {
     let panels = n.div_ceil(nr);
     let mut out = vec![0f32; panels * k * nr];
+    if k == 0 {
+        return out;
+    }
     out.par_chunks_mut(k * nr)
         .enumerate()
         .for_each(|(p, chunk)| {
