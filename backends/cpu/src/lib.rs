@@ -5,18 +5,22 @@
 //!   is judged against on shapes too large for stored golden data, so it is
 //!   never optimised; it may run independent output elements in parallel
 //!   without changing their arithmetic.
-//! * `cpu` ([`Cpu`]): the fast path. Until the fast-CPU work lands it
-//!   delegates every op to the reference code, and says so in its device info.
+//! * `cpu` ([`Cpu`]): the fast path ([`fast`]): FP8 and plain GEMMs on a
+//!   SIMD micro-kernel chosen at run time (AVX-512, AVX2+FMA or portable),
+//!   an MLA decode that reads the latent cache once for all heads, rayon
+//!   threads. Ops it does not speed up run the reference kernels. Its
+//!   device info names the kernels chosen.
 //!
 //! Device memory is host memory ([`HostStorage`]); both backends share it.
 
-// `unsafe` is allowed only in the modules that opt in (SIMD intrinsics),
-// each block with a `// SAFETY:` line.
+// `unsafe` is allowed only in `fast::simd` and `peak` (intrinsics), each
+// block with a `// SAFETY:` line.
 #![deny(unsafe_code)]
 
 mod copy;
 mod dense;
 mod ep;
+pub mod fast;
 mod grouped;
 mod mla;
 #[allow(unsafe_code)]
@@ -229,7 +233,19 @@ impl Backend for CpuRef {
     reference_ops!();
 }
 
-/// The fast CPU backend (`cpu`). Delegates to the reference code for now.
+/// Every local op, forwarded to [`fast::ops`] (a fast kernel, or the
+/// reference one where the fast path has none).
+macro_rules! fast_local_ops {
+    ([] $($kind:ident => $method:ident),* $(,)?) => {$(
+        fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
+            fast::ops::$method(op)
+        }
+    )*};
+}
+
+/// The fast CPU backend (`cpu`): see [`fast`]. The instruction set is
+/// chosen once per process ([`fast::process_simd`], overridable with
+/// `DEEPPORT_CPU_SIMD`) or per thread ([`fast::with_simd`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Cpu;
 
@@ -255,8 +271,9 @@ impl Backend for Cpu {
             backend: Self::NAME.into(),
             device: device_name(),
             driver: format!(
-                "deepport-cpu {} (fast path not written yet: delegates to the reference loops)",
-                env!("CARGO_PKG_VERSION")
+                "deepport-cpu {} ({}; other ops: reference loops)",
+                env!("CARGO_PKG_VERSION"),
+                fast::describe()
             ),
             vendor: "cpu".into(),
         }
@@ -265,7 +282,7 @@ impl Backend for Cpu {
         Support::Supported
     }
     memory_ops!("cpu");
-    reference_ops!();
+    deepport_core::for_each_local_op!(fast_local_ops);
 }
 
 /// The host is the one device of the CPU backends.
@@ -281,7 +298,7 @@ pub fn register(reg: &mut deepport_core::registry::Registry) {
     use deepport_core::registry::single_device;
     reg.register(
         "cpu",
-        "CPU fast path (delegates to the reference for now)",
+        "CPU fast path: run-time chosen SIMD (AVX-512 / AVX2+FMA / portable) FP8 GEMMs and MLA decode, multithreaded",
         |d| {
             host_device(Cpu::NAME, d)?;
             Ok(Box::new(Cpu))

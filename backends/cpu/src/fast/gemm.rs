@@ -1,0 +1,726 @@
+//! The FP8 GEMM family (SPEC.md §3, §3.1, §3.2) and the plain GEMM on one
+//! packed-panel core.
+//!
+//! * A rows are decoded once per call to f32 (e4m3 is exact in f32).
+//! * B is decoded (through a 256-entry table) into panels of `nr` columns ×
+//!   K, `[k][nr]` each: once per call for a group that several 128-row
+//!   blocks of A use, else on the fly, one 128 × 128 block at a time, by the
+//!   only task that reads it.
+//! * A task computes a 128-row × 128-column tile of D. For each 128-wide K
+//!   block the micro-kernel forms the raw f32 inner sums, which are then
+//!   promoted in f32 as DeepGEMM does: `d += sum · (sa[i,kb] · sb[j/128,kb])`.
+//! * Tasks run on rayon's pool; each writes only its own tile.
+
+use super::simd::{Simd, Tile, MR_MAX, NR_MAX};
+use super::{bytes_mut_of, bytes_of, current_simd, encode_into, f32_values, fp8_lut};
+use deepport_core::ops::index::{check_range, check_value};
+use deepport_core::ops::*;
+use deepport_core::Result;
+use rayon::prelude::*;
+
+/// Rows of A per task.
+const MC: usize = 128;
+/// Columns of D per task (one `sb` row block).
+const NC: usize = QBLOCK;
+
+/// Where B's values come from: e4m3 codes through a table, or f32 values.
+#[derive(Clone, Copy)]
+enum BSrc<'a> {
+    Fp8 {
+        codes: &'a [u8],
+        lut: &'a [f32; 256],
+    },
+    F32(&'a [f32]),
+}
+
+/// Packs columns `[col0, col0 + cols)` (rows of B) over K `[k0, k0 + kl)`
+/// into `out`: `ceil(cols/nr)` panels, panel `p` at `p·pstride`, laid out
+/// `[kl][nr]`, zero past column `cols`.
+#[allow(clippy::too_many_arguments)]
+fn pack_b(
+    src: BSrc<'_>,
+    k: usize,
+    col0: usize,
+    cols: usize,
+    k0: usize,
+    kl: usize,
+    nr: usize,
+    pstride: usize,
+    out: &mut [f32],
+) {
+    for p in 0..cols.div_ceil(nr) {
+        let panel = &mut out[p * pstride..p * pstride + kl * nr];
+        for c in 0..nr {
+            let j = p * nr + c;
+            if j < cols {
+                let base = (col0 + j) * k + k0;
+                match src {
+                    BSrc::Fp8 { codes, lut } => {
+                        for (kk, &code) in codes[base..base + kl].iter().enumerate() {
+                            panel[kk * nr + c] = lut[code as usize];
+                        }
+                    }
+                    BSrc::F32(v) => {
+                        for (kk, &x) in v[base..base + kl].iter().enumerate() {
+                            panel[kk * nr + c] = x;
+                        }
+                    }
+                }
+            } else {
+                for kk in 0..kl {
+                    panel[kk * nr + c] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// B of one group packed for the whole call: panel `p` at `p·k·nr`, K block
+/// `kb` of it at `+ kb·128·nr`.
+fn pack_group(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Vec<f32> {
+    let panels = n.div_ceil(nr);
+    let mut out = vec![0f32; panels * k * nr];
+    if k == 0 {
+        return out;
+    }
+    out.par_chunks_mut(k * nr)
+        .enumerate()
+        .for_each(|(p, chunk)| {
+            let cols = nr.min(n - p * nr);
+            pack_b(src, k, p * nr, cols, 0, k, nr, k * nr, chunk);
+        });
+    out
+}
+
+/// Block scales: `None` for the plain GEMM.
+struct Scales<'a> {
+    /// `[rows of a, kb]`.
+    sa: &'a [f32],
+    /// `[groups, ceil(n/128), kb]`.
+    sb: &'a [f32],
+}
+
+/// The operands of one call.
+struct Operands<'a> {
+    simd: Simd,
+    n: usize,
+    k: usize,
+    /// Decoded A rows, `[rows][k]`, indexed by [`Problem::abuf`].
+    a: &'a [f32],
+    /// B of each group.
+    b: Vec<BSrc<'a>>,
+    scales: Option<Scales<'a>>,
+    /// B holds OCP e4m3fn codes (decoded with the vectorized exact decode).
+    e4m3fn: bool,
+    /// A as bf16 pairs for the bf16 dot kernel ([`Simd::bf16_dot`]): row
+    /// stride `64·ceil(k/128)`, K block `kb` at `64·kb`, indexed like `a`.
+    a_bf: Option<&'a [u32]>,
+}
+
+/// Pairs per 128-wide K block.
+const KP: usize = QBLOCK / 2;
+
+/// bf16 bits of an FP8 value of B (exact: e4m3 fits in bf16).
+#[inline]
+fn bf16_of(src: BSrc<'_>, i: usize) -> u32 {
+    match src {
+        BSrc::Fp8 { codes, lut } => lut[codes[i] as usize].to_bits() >> 16,
+        BSrc::F32(v) => v[i].to_bits() >> 16,
+    }
+}
+
+/// [`pack_b`] for the bf16 kernel: panels `[ceil(kl/2)][nr]` of pairs
+/// (`lo | hi << 16`, a zero high half past an odd `kl`).
+#[allow(clippy::too_many_arguments)]
+fn pack_b_bf16(
+    src: BSrc<'_>,
+    k: usize,
+    col0: usize,
+    cols: usize,
+    k0: usize,
+    kl: usize,
+    nr: usize,
+    pstride: usize,
+    out: &mut [u32],
+) {
+    let kp = kl.div_ceil(2);
+    for p in 0..cols.div_ceil(nr) {
+        let panel = &mut out[p * pstride..p * pstride + kp * nr];
+        for c in 0..nr {
+            let j = p * nr + c;
+            if j < cols {
+                let base = (col0 + j) * k + k0;
+                for q in 0..kp {
+                    let lo = bf16_of(src, base + 2 * q);
+                    let hi = if 2 * q + 1 < kl {
+                        bf16_of(src, base + 2 * q + 1)
+                    } else {
+                        0
+                    };
+                    panel[q * nr + c] = lo | hi << 16;
+                }
+            } else {
+                for q in 0..kp {
+                    panel[q * nr + c] = 0;
+                }
+            }
+        }
+    }
+}
+
+/// B of one group packed once for the bf16 kernel: panel `p` at
+/// `p·kbn·KP·nr`, K block `kb` of it at `+ kb·KP·nr`.
+fn pack_group_bf16(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Vec<u32> {
+    let kbn = blocks128(k);
+    let panels = n.div_ceil(nr);
+    let mut out = vec![0u32; panels * kbn * KP * nr];
+    if kbn == 0 {
+        return out;
+    }
+    out.par_chunks_mut(kbn * KP * nr)
+        .enumerate()
+        .for_each(|(p, chunk)| {
+            let cols = nr.min(n - p * nr);
+            for kb in 0..kbn {
+                let k0 = kb * QBLOCK;
+                let kl = QBLOCK.min(k - k0);
+                let dst = &mut chunk[kb * KP * nr..(kb + 1) * KP * nr];
+                pack_b_bf16(src, k, p * nr, cols, k0, kl, nr, KP * nr, dst);
+            }
+        });
+    out
+}
+
+/// [`run_task`] on the bf16 dot kernel (FP8 operands, `Simd::Avx512Bf16`).
+fn run_task_bf16(
+    ops: &Operands<'_>,
+    a_bf: &[u32],
+    probs: &[Problem],
+    t: Task,
+    packed: Option<&[u32]>,
+) -> Vec<f32> {
+    let (simd, n, k) = (ops.simd, ops.n, ops.k);
+    let (mr, nr) = (simd.mr(), simd.nr());
+    let p = probs[t.prob];
+    let r_lo = t.mb * MC;
+    let rows = MC.min(p.rows - r_lo);
+    let c_lo = t.nc * NC;
+    let cols = NC.min(n - c_lo);
+    let panels = cols.div_ceil(nr);
+    let kbn = blocks128(k);
+    let kstride = kbn * KP;
+    let mut c = vec![0f32; rows * NC];
+    let zeros = [0u32; KP];
+    let mut local = if packed.is_none() {
+        vec![0u32; panels * KP * nr]
+    } else {
+        Vec::new()
+    };
+    let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
+    for kb in 0..kbn {
+        let k0 = kb * QBLOCK;
+        let kl = QBLOCK.min(k - k0);
+        let kp = kl.div_ceil(2);
+        if packed.is_none() {
+            pack_b_bf16(
+                ops.b[p.group],
+                k,
+                c_lo,
+                cols,
+                k0,
+                kl,
+                nr,
+                KP * nr,
+                &mut local,
+            );
+        }
+        let sb = ops
+            .scales
+            .as_ref()
+            .map_or(1.0, |s| s.sb[(p.group * blocks128(n) + t.nc) * kbn + kb]);
+        for pi in 0..panels {
+            let bpanel: &[u32] = match packed {
+                Some(all) => {
+                    let gp = (c_lo / nr) + pi; // c_lo is a multiple of nr
+                    &all[gp * kstride * nr + kb * KP * nr..][..kp * nr]
+                }
+                None => &local[pi * KP * nr..][..kp * nr],
+            };
+            let jn = nr.min(cols - pi * nr);
+            for r0 in (0..rows).step_by(mr) {
+                let a: [&[u32]; MR_MAX] = std::array::from_fn(|r| {
+                    if r < mr && r0 + r < rows {
+                        let ar = p.abuf + r_lo + r0 + r;
+                        &a_bf[ar * kstride + kb * KP..][..kp]
+                    } else {
+                        &zeros[..kp]
+                    }
+                });
+                simd.tile_bf16(kp, &a, bpanel, &mut tile);
+                for (r, trow) in tile.iter().enumerate().take(mr.min(rows - r0)) {
+                    let scale = ops
+                        .scales
+                        .as_ref()
+                        .map_or(1.0, |s| s.sa[(p.row0 + r_lo + r0 + r) * kbn + kb] * sb);
+                    let dst = &mut c[(r0 + r) * NC + pi * nr..][..jn];
+                    for (d, &v) in dst.iter_mut().zip(&trow[..jn]) {
+                        *d += v * scale;
+                    }
+                }
+            }
+        }
+    }
+    c
+}
+
+/// A rows (f32, exact bf16 values) as bf16 pairs in the layout of
+/// [`Operands::a_bf`].
+fn a_to_bf16(a: &[f32], k: usize) -> Vec<u32> {
+    let kbn = blocks128(k);
+    let rows = a.len().checked_div(k).unwrap_or(0);
+    let mut out = vec![0u32; rows * kbn * KP];
+    if rows == 0 || kbn == 0 {
+        return out;
+    }
+    out.par_chunks_mut(kbn * KP)
+        .zip(a.par_chunks(k))
+        .for_each(|(dst, src)| {
+            for (i, pair) in src.chunks(2).enumerate() {
+                let (kb, q) = (i / KP, i % KP);
+                let lo = pair[0].to_bits() >> 16;
+                let hi = pair.get(1).map_or(0, |v| v.to_bits() >> 16);
+                dst[kb * KP + q] = lo | hi << 16;
+            }
+        });
+    out
+}
+
+/// Rows `[row0, row0 + rows)` of A (and of D) times B of `group`.
+#[derive(Clone, Copy, Debug)]
+struct Problem {
+    /// First row in the A/sa/D row numbering of the op.
+    row0: usize,
+    rows: usize,
+    group: usize,
+    /// First row of this problem in the decoded A buffer.
+    abuf: usize,
+}
+
+/// One 128 × 128 output tile.
+#[derive(Clone, Copy)]
+struct Task {
+    prob: usize,
+    mb: usize,
+    nc: usize,
+}
+
+/// Computes one tile: `[rows ≤ MC][NC]` f32 (row-major, stride NC).
+fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32]>) -> Vec<f32> {
+    let (simd, n, k) = (ops.simd, ops.n, ops.k);
+    let (mr, nr) = (simd.mr(), simd.nr());
+    let p = probs[t.prob];
+    let r_lo = t.mb * MC;
+    let rows = MC.min(p.rows - r_lo);
+    let c_lo = t.nc * NC;
+    let cols = NC.min(n - c_lo);
+    let panels = cols.div_ceil(nr);
+    let kbn = blocks128(k);
+    let mut c = vec![0f32; rows * NC];
+    let zeros = [0f32; QBLOCK];
+    let mut local = if packed.is_none() {
+        vec![0f32; panels * QBLOCK * nr]
+    } else {
+        Vec::new()
+    };
+    let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
+    let mut scale = [0f32; MR_MAX];
+    for kb in 0..kbn {
+        let k0 = kb * QBLOCK;
+        let kl = QBLOCK.min(k - k0);
+        if packed.is_none() {
+            pack_b(
+                ops.b[p.group],
+                k,
+                c_lo,
+                cols,
+                k0,
+                kl,
+                nr,
+                QBLOCK * nr,
+                &mut local,
+            );
+        }
+        let sb = ops
+            .scales
+            .as_ref()
+            .map(|s| s.sb[(p.group * blocks128(n) + t.nc) * kbn + kb]);
+        for pi in 0..panels {
+            let bpanel: &[f32] = match packed {
+                Some(all) => {
+                    let gp = (c_lo / nr) + pi; // c_lo is a multiple of nr
+                    &all[gp * k * nr + k0 * nr..][..kl * nr]
+                }
+                None => &local[pi * QBLOCK * nr..][..kl * nr],
+            };
+            let jn = nr.min(cols - pi * nr);
+            for r0 in (0..rows).step_by(mr) {
+                let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| {
+                    if r < mr && r0 + r < rows {
+                        let ar = p.abuf + r_lo + r0 + r;
+                        &ops.a[ar * k + k0..ar * k + k0 + kl]
+                    } else {
+                        &zeros[..kl]
+                    }
+                });
+                simd.tile(kl, &a, bpanel, nr, &mut tile);
+                let rn = mr.min(rows - r0);
+                for (r, sc) in scale[..rn].iter_mut().enumerate() {
+                    *sc = match (&ops.scales, sb) {
+                        (Some(s), Some(sb)) => s.sa[(p.row0 + r_lo + r0 + r) * kbn + kb] * sb,
+                        _ => 1.0,
+                    };
+                }
+                for r in 0..rn {
+                    let dst = &mut c[(r0 + r) * NC + pi * nr..][..jn];
+                    let s = scale[r];
+                    if ops.scales.is_some() {
+                        for (d, &v) in dst.iter_mut().zip(&tile[r][..jn]) {
+                            *d += v * s;
+                        }
+                    } else {
+                        for (d, &v) in dst.iter_mut().zip(&tile[r][..jn]) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    c
+}
+
+/// [`run_task`] for a problem of at most 16 rows (decode, small MoE
+/// groups): computed as `Dᵀ = B · Aᵀ` on the 16-column kernel, so that B's
+/// rows are decoded contiguously (vectorized) and used directly as the
+/// broadcast operand, and A is the packed panel `[kl][16]` (its rows,
+/// zero-padded).
+fn run_task_swapped(ops: &Operands<'_>, probs: &[Problem], t: Task) -> Vec<f32> {
+    let (simd, n, k) = (ops.simd, ops.n, ops.k);
+    let (mr, nr) = (simd.mr(), Simd::NARROW);
+    let p = probs[t.prob];
+    let rows = p.rows; // ≤ 16, one row block
+    let c_lo = t.nc * NC;
+    let cols = NC.min(n - c_lo);
+    let kbn = blocks128(k);
+    let mut c = vec![0f32; rows * NC];
+    let zeros = [0f32; QBLOCK];
+    // Padding columns (rows ≥ `rows`) of the A panel stay zero.
+    let mut apan = vec![0f32; QBLOCK * nr];
+    let mut bbuf = vec![0f32; cols * QBLOCK];
+    let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
+    let mut scale = [1f32; NR_MAX];
+    for kb in 0..kbn {
+        let k0 = kb * QBLOCK;
+        let kl = QBLOCK.min(k - k0);
+        for i in 0..rows {
+            let row = &ops.a[(p.abuf + i) * k + k0..][..kl];
+            for (kk, &v) in row.iter().enumerate() {
+                apan[kk * nr + i] = v;
+            }
+        }
+        for j in 0..cols {
+            let at = (c_lo + j) * k + k0;
+            let dst = &mut bbuf[j * QBLOCK..j * QBLOCK + kl];
+            match ops.b[p.group] {
+                BSrc::Fp8 { codes, .. } if ops.e4m3fn => {
+                    simd.decode_e4m3fn(&codes[at..at + kl], dst)
+                }
+                BSrc::Fp8 { codes, lut } => {
+                    for (o, &x) in dst.iter_mut().zip(&codes[at..at + kl]) {
+                        *o = lut[x as usize];
+                    }
+                }
+                BSrc::F32(v) => dst.copy_from_slice(&v[at..at + kl]),
+            }
+        }
+        if let Some(s) = &ops.scales {
+            // One sb block for the whole chunk (NC = 128, aligned).
+            let sb = s.sb[(p.group * blocks128(n) + t.nc) * kbn + kb];
+            for (i, sc) in scale[..rows].iter_mut().enumerate() {
+                *sc = s.sa[(p.row0 + i) * kbn + kb] * sb;
+            }
+        }
+        let apanel = &apan[..kl * nr];
+        for j0 in (0..cols).step_by(mr) {
+            let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| {
+                if r < mr && j0 + r < cols {
+                    &bbuf[(j0 + r) * QBLOCK..(j0 + r) * QBLOCK + kl]
+                } else {
+                    &zeros[..kl]
+                }
+            });
+            simd.tile_narrow(kl, &a, apanel, nr, &mut tile);
+            for (r, trow) in tile.iter().enumerate().take(mr.min(cols - j0)) {
+                for i in 0..rows {
+                    c[i * NC + j0 + r] += trow[i] * scale[i];
+                }
+            }
+        }
+    }
+    c
+}
+
+/// Runs every problem and writes its rows of D (`[.., n]` in `dtype`).
+/// Rows of D outside every problem are not touched.
+fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core::DType) {
+    let (n, k) = (ops.n, ops.k);
+    let ncs = n.div_ceil(NC);
+    let groups = ops.b.len();
+    // A group is packed once when a problem of it spans several row blocks.
+    let mut pack = vec![false; groups];
+    for p in probs {
+        if p.rows > MC {
+            pack[p.group] = true;
+        }
+    }
+    let tasks_of = |sel: &dyn Fn(usize) -> bool| -> Vec<Task> {
+        let mut v = Vec::new();
+        for (i, p) in probs.iter().enumerate() {
+            if p.rows == 0 || !sel(p.group) {
+                continue;
+            }
+            for mb in 0..p.rows.div_ceil(MC) {
+                for nc in 0..ncs {
+                    v.push(Task { prob: i, mb, nc });
+                }
+            }
+        }
+        v
+    };
+    let size = dtype.size();
+    let mut write = |tasks: &[Task], tiles: Vec<Vec<f32>>| {
+        for (t, tile) in tasks.iter().zip(tiles) {
+            let p = probs[t.prob];
+            let c_lo = t.nc * NC;
+            let cols = NC.min(n - c_lo);
+            for (r, row) in tile.chunks(NC).enumerate() {
+                let drow = p.row0 + t.mb * MC + r;
+                let at = (drow * n + c_lo) * size;
+                encode_into(dtype, &row[..cols], &mut d[at..at + cols * size]);
+            }
+        }
+    };
+    // Groups decoded on the fly: all their tiles in one parallel pass.
+    let tasks = tasks_of(&|g| !pack[g]);
+    if !tasks.is_empty() {
+        let tiles: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&t| {
+                if probs[t.prob].rows <= Simd::NARROW {
+                    run_task_swapped(ops, probs, t)
+                } else if let Some(a_bf) = ops.a_bf {
+                    run_task_bf16(ops, a_bf, probs, t, None)
+                } else {
+                    run_task(ops, probs, t, None)
+                }
+            })
+            .collect();
+        write(&tasks, tiles);
+    }
+    // Packed groups, one at a time (a packed group is n·k f32).
+    for (g, _) in pack.iter().enumerate().filter(|(_, &p)| p) {
+        let tasks = tasks_of(&|x| x == g);
+        let tiles: Vec<Vec<f32>> = if let Some(a_bf) = ops.a_bf {
+            let panels = pack_group_bf16(ops.b[g], n, k, ops.simd.nr());
+            tasks
+                .par_iter()
+                .map(|&t| run_task_bf16(ops, a_bf, probs, t, Some(&panels)))
+                .collect()
+        } else {
+            let panels = pack_group(ops.b[g], n, k, ops.simd.nr());
+            tasks
+                .par_iter()
+                .map(|&t| run_task(ops, probs, t, Some(&panels)))
+                .collect()
+        };
+        write(&tasks, tiles);
+    }
+}
+
+/// Decodes the given rows of FP8 A (`[.., k]` codes) into one f32 buffer,
+/// problem by problem; sets each problem's `abuf`. OCP e4m3fn (`simd` is
+/// `Some`) uses the vectorized exact decode, other formats the table.
+fn decode_a(
+    codes: &[u8],
+    lut: &[f32; 256],
+    simd: Option<Simd>,
+    k: usize,
+    probs: &mut [Problem],
+) -> Vec<f32> {
+    let mut total = 0;
+    for p in probs.iter_mut() {
+        p.abuf = total;
+        total += p.rows;
+    }
+    let mut a = vec![0f32; total * k];
+    // Row r of the buffer ↔ its source row.
+    let mut src = Vec::with_capacity(total);
+    for p in probs.iter() {
+        src.extend(p.row0..p.row0 + p.rows);
+    }
+    if k > 0 {
+        a.par_chunks_mut(k)
+            .zip(src.par_iter())
+            .for_each(|(row, &s)| match simd {
+                Some(simd) => simd.decode_e4m3fn(&codes[s * k..(s + 1) * k], row),
+                None => {
+                    for (o, &c) in row.iter_mut().zip(&codes[s * k..(s + 1) * k]) {
+                        *o = lut[c as usize];
+                    }
+                }
+            });
+    }
+    a
+}
+
+/// The shared body of the three FP8 GEMMs.
+#[allow(clippy::too_many_arguments)]
+fn fp8_common(
+    a: &deepport_core::backend::Tensor,
+    sa: &deepport_core::backend::Tensor,
+    b: &deepport_core::backend::Tensor,
+    sb: &deepport_core::backend::Tensor,
+    d: &mut deepport_core::backend::Tensor,
+    dims: &GemmDims,
+    mut probs: Vec<Problem>,
+) -> Result<()> {
+    let (g, n, k) = (dims.groups, dims.n, dims.k);
+    let lut = fp8_lut(a.dtype())?;
+    let a_codes = bytes_of(a)?;
+    let b_codes = bytes_of(b)?;
+    let sa_v = f32_values(sa)?;
+    let sb_v = f32_values(sb)?;
+    let simd = current_simd();
+    let fast_decode = (a.dtype() == deepport_core::DType::F8E4M3).then_some(simd);
+    let a_f32 = decode_a(a_codes, &lut, fast_decode, k, &mut probs);
+    // The bf16 dot kernel serves the problems of more than 16 rows.
+    let a_bf = (simd.bf16_dot() && probs.iter().any(|p| p.rows > Simd::NARROW))
+        .then(|| a_to_bf16(&a_f32, k));
+    let bs: Vec<BSrc<'_>> = (0..g)
+        .map(|grp| BSrc::Fp8 {
+            codes: &b_codes[grp * n * k..(grp + 1) * n * k],
+            lut: &lut,
+        })
+        .collect();
+    let ops = Operands {
+        simd,
+        n,
+        k,
+        a: &a_f32,
+        b: bs,
+        e4m3fn: fast_decode.is_some(),
+        a_bf: a_bf.as_deref(),
+        scales: Some(Scales {
+            sa: &sa_v,
+            sb: &sb_v,
+        }),
+    };
+    let dtype = d.dtype();
+    run(&ops, &probs, bytes_mut_of(d)?, dtype);
+    Ok(())
+}
+
+pub(crate) fn fp8_gemm(op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
+    let (args, dims) = op.parts();
+    let probs = vec![Problem {
+        row0: 0,
+        rows: dims.m,
+        group: 0,
+        abuf: 0,
+    }];
+    fp8_common(args.a, args.sa, args.b, args.sb, args.d, dims, probs)
+}
+
+pub(crate) fn fp8_grouped_contiguous(op: &mut Checked<Fp8GroupedContiguous<'_>>) -> Result<()> {
+    const OP: &str = "fp8_grouped_contiguous";
+    let (args, dims) = op.parts();
+    let idx_host = super::super::to_host(args.m_indices)?;
+    check_range(OP, "m_indices", &idx_host, 0, dims.groups as i64, Some(-1))?;
+    let idx = idx_host.to_i64_vec();
+    // Runs of equal group; padding rows (-1) are written as 0, like cpu-ref.
+    let mut probs = Vec::new();
+    let mut i = 0;
+    while i < idx.len() {
+        let gi = idx[i];
+        let mut j = i + 1;
+        while j < idx.len() && idx[j] == gi {
+            j += 1;
+        }
+        if let Ok(group) = usize::try_from(gi) {
+            probs.push(Problem {
+                row0: i,
+                rows: j - i,
+                group,
+                abuf: 0,
+            });
+        }
+        i = j;
+    }
+    let dtype = args.d.dtype();
+    let row_bytes = dims.n * dtype.size();
+    {
+        let d = bytes_mut_of(args.d)?;
+        for (r, &gi) in idx.iter().enumerate() {
+            if gi < 0 {
+                d[r * row_bytes..(r + 1) * row_bytes].fill(0);
+            }
+        }
+    }
+    fp8_common(args.a, args.sa, args.b, args.sb, args.d, dims, probs)
+}
+
+pub(crate) fn fp8_grouped_masked(op: &mut Checked<Fp8GroupedMasked<'_>>) -> Result<()> {
+    const OP: &str = "fp8_grouped_masked";
+    let (args, dims) = op.parts();
+    let masked = super::super::to_host(args.masked_m)?.to_i64_vec();
+    for (grp, &v) in masked.iter().enumerate() {
+        check_value(OP, "masked_m", &[grp], v, 0, dims.m as i64 + 1)?;
+    }
+    let probs = masked
+        .iter()
+        .enumerate()
+        .map(|(grp, &rows)| Problem {
+            row0: grp * dims.m,
+            rows: rows as usize, // checked to lie in [0, m_max]
+            group: grp,
+            abuf: 0,
+        })
+        .collect();
+    fp8_common(args.a, args.sa, args.b, args.sb, args.d, dims, probs)
+}
+
+pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
+    let (args, dims) = op.parts();
+    let (m, n, k) = (dims.m, dims.n, dims.k);
+    let a = f32_values(args.a)?;
+    let b = f32_values(args.b)?;
+    let probs = [Problem {
+        row0: 0,
+        rows: m,
+        group: 0,
+        abuf: 0,
+    }];
+    let ops = Operands {
+        simd: current_simd(),
+        n,
+        k,
+        a: &a,
+        b: vec![BSrc::F32(&b)],
+        scales: None,
+        e4m3fn: false,
+        a_bf: None,
+    };
+    let dtype = args.d.dtype();
+    run(&ops, &probs, bytes_mut_of(args.d)?, dtype);
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The fast CPU path (`cpu`): packed-panel GEMMs on a run-time chosen SIMD
+//! micro-kernel, an MLA decode that computes every head of a kv head from
+//! one pass over the latent cache, elementwise/row ops straight on the
+//! tensors' bytes (bit-identical to `cpu-ref`), and rayon threads.
+//!
+//! [`ops`] holds one function per local op, named after the `Backend`
+//! method: the fast kernels written here, and the reference kernel for
+//! every op this module does not speed up.
+
+pub mod simd;
+
+mod gemm;
+mod mla;
+mod small;
+
+use crate::HostStorage;
+use deepport_core::backend::Tensor;
+use deepport_core::{DType, Error, HostTensor, Result};
+pub use simd::Simd;
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+/// The environment variable that forces an instruction set for the whole
+/// process (`avx512`, `avx512bf16`, `avx2`, `portable`); unset, the best
+/// one is used.
+pub const SIMD_ENV: &str = "DEEPPORT_CPU_SIMD";
+
+thread_local! {
+    static OVERRIDE: Cell<Option<Simd>> = const { Cell::new(None) };
+}
+
+/// The instruction set of this process: [`SIMD_ENV`] when it names one
+/// this CPU runs, else the best one detected. Chosen once.
+pub fn process_simd() -> Simd {
+    static CHOSEN: OnceLock<Simd> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        std::env::var(SIMD_ENV)
+            .ok()
+            .and_then(|v| Simd::parse(&v))
+            .filter(|s| s.available())
+            .unwrap_or_else(Simd::detect)
+    })
+}
+
+/// The instruction set an op launched from this thread uses: the one set
+/// by [`with_simd`] if any, else [`process_simd`].
+pub fn current_simd() -> Simd {
+    OVERRIDE.with(|o| o.get()).unwrap_or_else(process_simd)
+}
+
+/// Runs `f` with ops launched from this thread using `simd` (tests use it
+/// to exercise the portable path on every machine). Fails if this CPU
+/// cannot run `simd`.
+pub fn with_simd<R>(simd: Simd, f: impl FnOnce() -> R) -> Result<R> {
+    if !simd.available() {
+        return Err(Error::Other(format!(
+            "this CPU cannot run the {} kernels",
+            simd.name()
+        )));
+    }
+    struct Restore(Option<Simd>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(simd))));
+    Ok(f())
+}
+
+/// What the fast backend runs, for `DeviceInfo.driver`.
+pub fn describe() -> String {
+    let s = process_simd();
+    let (name, mr, nr) = (s.name(), s.mr(), s.nr());
+    let fp8 = if s.bf16_dot() {
+        format!(
+            "fp8 gemm: {name} {mr}x{nr} vdpbf16ps micro-kernel (e4m3 exact in bf16, f32 sums per 128-K block), \
+             <=16 rows: {mr}x16 f32 FMA on B rows; gemm: {mr}x{nr} f32 FMA"
+        )
+    } else {
+        format!(
+            "fp8 gemm / gemm: {name} {mr}x{nr} f32 micro-kernel on packed panels (f32 sums per 128-K block), \
+             <=16 rows: {mr}x16 on B rows"
+        )
+    };
+    format!(
+        "{fp8}; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
+         add/silu_mul/rms_norm/embedding: parallel, bit-identical to cpu-ref; {t} threads",
+        t = rayon::current_num_threads()
+    )
+}
+
+// ---- tensor bytes --------------------------------------------------------------
+
+/// The bytes of a CPU tensor (or view), honoring its offset.
+fn bytes_of(t: &Tensor) -> Result<&[u8]> {
+    let s = crate::storage(t)?;
+    let (a, n) = (t.offset_bytes(), t.nbytes());
+    s.bytes.get(a..a + n).ok_or_else(|| {
+        Error::Other(format!(
+            "internal: view {t:?} lies outside its storage of {} bytes",
+            s.bytes.len()
+        ))
+    })
+}
+
+/// The bytes of an output tensor, to overwrite in place.
+fn bytes_mut_of(t: &mut Tensor) -> Result<&mut [u8]> {
+    let instance = t.instance();
+    let n = t.nbytes();
+    let s = t.storage_mut_for::<HostStorage>(instance, "cpu")?;
+    s.bytes
+        .get_mut(..n)
+        .ok_or_else(|| Error::Other("internal: output storage too small".into()))
+}
+
+/// Decodes float values of `dtype` from little-endian `bytes` into `out`
+/// (`out.len()` values).
+fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        other => {
+            let n = out.len();
+            let sz = other.size();
+            let h = HostTensor::from_bytes(other, &[n], bytes[..n * sz].to_vec())
+                .map(|h| h.to_f32_vec())
+                .unwrap_or_else(|_| vec![f32::NAN; n]);
+            out.copy_from_slice(&h);
+        }
+    }
+}
+
+/// Encodes f32 values into `dtype` bytes (`dst.len() = values.len() ·
+/// size`), rounding once to nearest even.
+fn encode_into(dtype: DType, values: &[f32], dst: &mut [u8]) {
+    match dtype {
+        DType::F32 => {
+            for (c, v) in dst.chunks_exact_mut(4).zip(values) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, v) in dst.chunks_exact_mut(2).zip(values) {
+                c.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (c, v) in dst.chunks_exact_mut(2).zip(values) {
+                c.copy_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        other => {
+            let h = HostTensor::from_f32(other, &[values.len()], values);
+            dst.copy_from_slice(h.bytes());
+        }
+    }
+}
+
+/// A tensor's values as f32 (honoring views).
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    let mut v = vec![0f32; t.numel()];
+    decode_into(t.dtype(), bytes_of(t)?, &mut v);
+    Ok(v)
+}
+
+/// The f32 value of each of the 256 codes of an 8-bit float dtype.
+fn fp8_lut(dtype: DType) -> Result<[f32; 256]> {
+    let codes: Vec<u8> = (0..=255u8).collect();
+    let h = HostTensor::from_bytes(dtype, &[256], codes)?;
+    let v = h.to_f32_vec();
+    let mut lut = [0f32; 256];
+    lut.copy_from_slice(&v);
+    Ok(lut)
+}
+
+/// One function per local op, named after its `Backend` method: the fast
+/// kernels, and (through the glob import, which local items shadow) the
+/// reference kernel of every other op.
+pub(crate) mod ops {
+    pub(crate) use super::gemm::{fp8_gemm, fp8_grouped_contiguous, fp8_grouped_masked, gemm};
+    pub(crate) use super::mla::mla_decode;
+    pub(crate) use super::small::{add, embedding, rms_norm, silu_mul};
+    pub(crate) use crate::kernels::*;
+}

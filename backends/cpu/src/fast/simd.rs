@@ -1,0 +1,575 @@
+//! The f32 micro-kernels of the fast CPU backend, one per instruction set,
+//! chosen once at run time ([`Simd::detect`]).
+//!
+//! A micro-kernel computes one register tile of raw inner sums
+//! `tile[r][j] = Σ_{k < kl} a[r][k] · b[k·ldb + j]` for `r < MR`, `j < NR`
+//! (the geometry of the instruction set, [`Simd::mr`] × [`Simd::nr`]). The
+//! caller scales and adds the tile into its output (the FP8 promotion), so
+//! the kernels know nothing about quantization.
+//!
+//! This is the only module of the crate with `unsafe` code: intrinsics and
+//! `#[target_feature]` functions. The safe entry point [`Simd::tile`] checks
+//! every length the kernels rely on before it calls them.
+
+#![allow(unsafe_code)]
+
+/// The largest row count of a register tile (over every instruction set).
+pub const MR_MAX: usize = 8;
+/// The largest column count of a register tile.
+pub const NR_MAX: usize = 32;
+
+/// One register tile of results, `[MR_MAX][NR_MAX]`; a kernel fills its
+/// `mr × nr` corner.
+pub type Tile = [[f32; NR_MAX]; MR_MAX];
+
+/// The instruction set the fast kernels use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    /// x86-64 AVX-512F (+BW for the FP8 decode): 8 × 32 f32 FMA tile (16 zmm accumulators).
+    Avx512,
+    /// [`Simd::Avx512`] plus AVX512_BF16: the FP8 GEMMs multiply in bf16
+    /// (e4m3 is exact in bf16) with `vdpbf16ps`, f32 accumulation, on an
+    /// 8 × 32 tile; everything else as `Avx512`. Opt-in only
+    /// (`DEEPPORT_CPU_SIMD=avx512bf16`): on the Sapphire Rapids VM it was
+    /// measured on it ran at ~0.75× the f32 kernel, so [`Simd::detect`]
+    /// never picks it.
+    Avx512Bf16,
+    /// x86-64 AVX2 + FMA: 6 × 16 f32 FMA tile (12 ymm accumulators).
+    Avx2,
+    /// Plain Rust loops over fixed-size arrays (4 × 16) that the compiler
+    /// vectorizes for the baseline target; runs everywhere.
+    Portable,
+}
+
+impl Simd {
+    /// The best instruction set this CPU offers (never the opt-in
+    /// [`Simd::Avx512Bf16`]).
+    pub fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Simd::Avx512.available() {
+                return Simd::Avx512;
+            }
+            if Simd::Avx2.available() {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    }
+
+    /// Parses a name (`avx512`, `avx2`, `portable`); `None` for anything else.
+    pub fn parse(s: &str) -> Option<Simd> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "avx512" | "avx-512" | "avx512f" => Some(Simd::Avx512),
+            "avx512bf16" | "avx512-bf16" | "avx512_bf16" => Some(Simd::Avx512Bf16),
+            "avx2" => Some(Simd::Avx2),
+            "portable" | "scalar" | "generic" => Some(Simd::Portable),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU can run `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Simd::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Bf16 => {
+                Simd::Avx512.available() && std::arch::is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Short name, as `deepport list` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Avx512 => "avx512",
+            Simd::Avx512Bf16 => "avx512-bf16",
+            Simd::Avx2 => "avx2+fma",
+            Simd::Portable => "portable",
+        }
+    }
+
+    /// Rows of the register tile.
+    pub fn mr(self) -> usize {
+        match self {
+            Simd::Avx512 | Simd::Avx512Bf16 => 8,
+            Simd::Avx2 => 6,
+            Simd::Portable => 4,
+        }
+    }
+
+    /// Columns of the register tile (the width of a packed B panel).
+    pub fn nr(self) -> usize {
+        match self {
+            Simd::Avx512 | Simd::Avx512Bf16 => 32,
+            Simd::Avx2 => 16,
+            Simd::Portable => 16,
+        }
+    }
+
+    /// Computes `tile[r][j] = Σ_{k<kl} a[r][k] · b[k·ldb + j]` for the
+    /// `mr() × nr()` corner of `tile` (the rest is left as it is). Rows of
+    /// `a` past `mr()` are ignored; every used row needs `kl` values, and
+    /// `b` needs `nr()` values at each of its `kl` rows (`ldb ≥ nr()`).
+    ///
+    /// # Panics
+    /// If a slice is shorter than that (a caller bug, never bad user input).
+    pub fn tile(self, kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &mut Tile) {
+        let (mr, nr) = (self.mr(), self.nr());
+        assert!(ldb >= nr, "micro-kernel: ldb {ldb} < nr {nr}");
+        assert!(
+            kl == 0 || b.len() >= (kl - 1) * ldb + nr,
+            "micro-kernel: b holds {} values, needs {}",
+            b.len(),
+            (kl.max(1) - 1) * ldb + nr
+        );
+        for row in &a[..mr] {
+            assert!(row.len() >= kl, "micro-kernel: an a row is shorter than kl");
+        }
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 | Simd::Avx512Bf16 => {
+                assert!(self.available(), "AVX-512 kernel on a CPU without AVX-512F");
+                // SAFETY: the CPU supports AVX-512F (checked above); every row
+                // of `a` has ≥ kl values and `b` has ≥ (kl−1)·ldb + 32 values
+                // (checked above), which is all the kernel reads; `tile` is a
+                // valid 8 × 32 array.
+                unsafe { x86::tile_avx512(kl, a, b.as_ptr(), ldb, tile) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => {
+                assert!(self.available(), "AVX2 kernel on a CPU without AVX2+FMA");
+                // SAFETY: the CPU supports AVX2 and FMA (checked above); the
+                // reads stay within the lengths checked above (6 rows of a,
+                // 16 values per row of b); `tile` is a valid array.
+                unsafe { x86::tile_avx2(kl, a, b.as_ptr(), ldb, tile) }
+            }
+            _ => tile_portable(kl, a, b, ldb, tile),
+        }
+    }
+}
+
+impl Simd {
+    /// Columns of the narrow register tile ([`Simd::tile_narrow`]): 16.
+    pub const NARROW: usize = 16;
+
+    /// [`Simd::tile`] with 16 columns (`b` needs 16 values per row): the
+    /// AVX-512 8 × 16 kernel, else the 16-column kernel of the set. For
+    /// GEMMs whose packed side has at most 16 rows (decode).
+    pub fn tile_narrow(
+        self,
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: &[f32],
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 | Simd::Avx512Bf16 => {
+                assert!(self.available(), "AVX-512 kernel on a CPU without AVX-512F");
+                assert!(ldb >= 16, "micro-kernel: ldb {ldb} < 16");
+                assert!(
+                    kl == 0 || b.len() >= (kl - 1) * ldb + 16,
+                    "micro-kernel: b is too short"
+                );
+                for row in a {
+                    assert!(row.len() >= kl, "micro-kernel: an a row is shorter than kl");
+                }
+                // SAFETY: AVX-512F is present; the 8 rows of `a` hold ≥ kl
+                // values and `b` ≥ (kl−1)·ldb + 16 (all checked above).
+                unsafe { x86::tile_avx512_n16(kl, a, b.as_ptr(), ldb, tile) }
+            }
+            _ => self.tile(kl, a, b, ldb, tile),
+        }
+    }
+}
+
+impl Simd {
+    /// Whether this set multiplies the FP8 GEMMs in bf16 ([`Simd::tile_bf16`]).
+    pub fn bf16_dot(self) -> bool {
+        self == Simd::Avx512Bf16
+    }
+
+    /// The bf16 dot-product tile of [`Simd::Avx512Bf16`]: operands are
+    /// pairs of bf16 (`lo | hi << 16` = K positions `2p`, `2p + 1`);
+    /// `tile[r][j] = Σ_{p<kp} a[r][p]·b[p·32 + j]` (both pair products), for
+    /// 8 rows × 32 columns, accumulated in f32.
+    ///
+    /// # Panics
+    /// If `self` is not `Avx512Bf16` or a slice is too short (caller bugs).
+    pub fn tile_bf16(self, kp: usize, a: &[&[u32]; MR_MAX], b: &[u32], tile: &mut Tile) {
+        assert!(self.bf16_dot() && self.available(), "bf16 tile on {self:?}");
+        assert!(b.len() >= kp * 32, "bf16 micro-kernel: b is too short");
+        for row in a {
+            assert!(
+                row.len() >= kp,
+                "bf16 micro-kernel: an a row is shorter than kp"
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F and AVX512_BF16 are present (checked); the 8
+        // rows of `a` hold ≥ kp pairs and `b` ≥ kp·32 pairs (checked).
+        unsafe {
+            x86::tile_avx512_bf16(kp, a, b.as_ptr(), tile)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (kp, a, b, tile);
+    }
+}
+
+/// OCP e4m3fn codes → f32, exactly (every code, NaN codes → NaN), with
+/// branch-free bit arithmetic that the compiler vectorizes.
+#[inline(always)]
+fn e4m3fn_body(codes: &[u8], out: &mut [f32]) {
+    for (o, &c) in out.iter_mut().zip(codes) {
+        let c = c as u32;
+        let mag = c & 0x7f;
+        // Normal: the f32 with exponent e + (127 − 7) and the 3 mantissa bits.
+        let normal = f32::from_bits((mag << 20) + (120 << 23));
+        // Subnormal (exponent field 0): m · 2^-9.
+        let sub = (mag & 7) as f32 * (1.0 / 512.0);
+        let v = if mag < 8 { sub } else { normal };
+        let v = if mag == 0x7f { f32::NAN } else { v };
+        *o = f32::from_bits(v.to_bits() | ((c & 0x80) << 24));
+    }
+}
+
+impl Simd {
+    /// Decodes OCP e4m3fn codes into `out` (`min(len)` values), exactly.
+    pub fn decode_e4m3fn(self, codes: &[u8], out: &mut [f32]) {
+        let n = codes.len().min(out.len());
+        let (codes, out) = (&codes[..n], &mut out[..n]);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 | Simd::Avx512Bf16 if self.available() => {
+                // SAFETY: the CPU supports AVX-512F/BW (checked); the body
+                // is safe code over slices of equal length.
+                unsafe { x86::decode_avx512(codes, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 if self.available() => {
+                // SAFETY: the CPU supports AVX2 (checked); safe body.
+                unsafe { x86::decode_avx2(codes, out) }
+            }
+            _ => e4m3fn_body(codes, out),
+        }
+    }
+}
+
+/// The portable 4 × 16 kernel: fixed-size arrays the compiler keeps in
+/// vector registers.
+fn tile_portable(kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &mut Tile) {
+    const MR: usize = 4;
+    const NR: usize = 16;
+    let mut acc = [[0f32; NR]; MR];
+    let rows: [&[f32]; MR] = [&a[0][..kl], &a[1][..kl], &a[2][..kl], &a[3][..kl]];
+    for k in 0..kl {
+        let bk: &[f32; NR] = b[k * ldb..k * ldb + NR]
+            .try_into()
+            .expect("slice of NR values");
+        for r in 0..MR {
+            let av = rows[r][k];
+            for j in 0..NR {
+                acc[r][j] += av * bk[j];
+            }
+        }
+    }
+    for r in 0..MR {
+        tile[r][..NR].copy_from_slice(&acc[r]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{e4m3fn_body, Tile, MR_MAX};
+    use std::arch::x86_64::*;
+
+    /// [`e4m3fn_body`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn decode_avx512(codes: &[u8], out: &mut [f32]) {
+        e4m3fn_body(codes, out)
+    }
+
+    /// [`e4m3fn_body`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn decode_avx2(codes: &[u8], out: &mut [f32]) {
+        e4m3fn_body(codes, out)
+    }
+
+    /// 8 × 32 tile with AVX-512F FMAs.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; every `a[r]` (r < 8) must hold `kl`
+    /// values and `b` must hold `(kl − 1)·ldb + 32` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        let p: [*const f32; 8] = [
+            a[0].as_ptr(),
+            a[1].as_ptr(),
+            a[2].as_ptr(),
+            a[3].as_ptr(),
+            a[4].as_ptr(),
+            a[5].as_ptr(),
+            a[6].as_ptr(),
+            a[7].as_ptr(),
+        ];
+        let mut c = [[_mm512_setzero_ps(); 2]; 8];
+        for k in 0..kl {
+            // SAFETY: k < kl, so b + k·ldb .. + 32 lies inside b (caller).
+            let bk = unsafe { b.add(k * ldb) };
+            // SAFETY: as above; unaligned loads.
+            let (b0, b1) = unsafe { (_mm512_loadu_ps(bk), _mm512_loadu_ps(bk.add(16))) };
+            for r in 0..8 {
+                // SAFETY: a[r] holds ≥ kl values (caller) and k < kl.
+                let av = _mm512_set1_ps(unsafe { *p[r].add(k) });
+                c[r][0] = _mm512_fmadd_ps(av, b0, c[r][0]);
+                c[r][1] = _mm512_fmadd_ps(av, b1, c[r][1]);
+            }
+        }
+        for r in 0..8 {
+            // SAFETY: tile[r] is a [f32; 32]: two 16-lane stores fit.
+            unsafe {
+                _mm512_storeu_ps(tile[r].as_mut_ptr(), c[r][0]);
+                _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), c[r][1]);
+            }
+        }
+    }
+
+    /// 8 × 16 tile with AVX-512F FMAs (one zmm per row).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; every `a[r]` (r < 8) must hold `kl`
+    /// values and `b` must hold `(kl − 1)·ldb + 16` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512_n16(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        let p: [*const f32; 8] = std::array::from_fn(|r| a[r].as_ptr());
+        let mut c = [_mm512_setzero_ps(); 8];
+        for k in 0..kl {
+            // SAFETY: k < kl, so b + k·ldb .. + 16 lies inside b (caller).
+            let b0 = unsafe { _mm512_loadu_ps(b.add(k * ldb)) };
+            for r in 0..8 {
+                // SAFETY: a[r] holds ≥ kl values (caller) and k < kl.
+                let av = _mm512_set1_ps(unsafe { *p[r].add(k) });
+                c[r] = _mm512_fmadd_ps(av, b0, c[r]);
+            }
+        }
+        for r in 0..8 {
+            // SAFETY: tile[r] is a [f32; 32]: one 16-lane store fits.
+            unsafe { _mm512_storeu_ps(tile[r].as_mut_ptr(), c[r]) };
+        }
+    }
+
+    /// 8 × 32 tile of bf16 pair dot products (`vdpbf16ps`), f32 sums.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX512_BF16; every `a[r]` must
+    /// hold `kp` pairs and `b` must hold `kp·32` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile_avx512_bf16(
+        kp: usize,
+        a: &[&[u32]; MR_MAX],
+        b: *const u32,
+        tile: &mut Tile,
+    ) {
+        let p: [*const u32; 8] = std::array::from_fn(|r| a[r].as_ptr());
+        let mut c = [[_mm512_setzero_ps(); 2]; 8];
+        for k in 0..kp {
+            // SAFETY: k < kp, so b + 32k .. + 32 lies inside b (caller).
+            let (b0, b1): (__m512bh, __m512bh) = unsafe {
+                let bk = b.add(k * 32) as *const __m512i;
+                (
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bk)),
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bk.add(1))),
+                )
+            };
+            for r in 0..8 {
+                // SAFETY: a[r] holds ≥ kp pairs (caller) and k < kp; the
+                // transmute reinterprets 16 lanes of 32 bits as 32 bf16.
+                let av = unsafe {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p[r].add(k) as i32))
+                };
+                c[r][0] = _mm512_dpbf16_ps(c[r][0], av, b0);
+                c[r][1] = _mm512_dpbf16_ps(c[r][1], av, b1);
+            }
+        }
+        for r in 0..8 {
+            // SAFETY: tile[r] is a [f32; 32]: two 16-lane stores fit.
+            unsafe {
+                _mm512_storeu_ps(tile[r].as_mut_ptr(), c[r][0]);
+                _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), c[r][1]);
+            }
+        }
+    }
+
+    /// 6 × 16 tile with AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every `a[r]` (r < 6) must hold
+    /// `kl` values and `b` must hold `(kl − 1)·ldb + 16` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        let p: [*const f32; 6] = [
+            a[0].as_ptr(),
+            a[1].as_ptr(),
+            a[2].as_ptr(),
+            a[3].as_ptr(),
+            a[4].as_ptr(),
+            a[5].as_ptr(),
+        ];
+        let mut c = [[_mm256_setzero_ps(); 2]; 6];
+        for k in 0..kl {
+            // SAFETY: k < kl, so b + k·ldb .. + 16 lies inside b (caller).
+            let bk = unsafe { b.add(k * ldb) };
+            // SAFETY: as above; unaligned loads.
+            let (b0, b1) = unsafe { (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8))) };
+            for r in 0..6 {
+                // SAFETY: a[r] holds ≥ kl values (caller) and k < kl.
+                let av = _mm256_set1_ps(unsafe { *p[r].add(k) });
+                c[r][0] = _mm256_fmadd_ps(av, b0, c[r][0]);
+                c[r][1] = _mm256_fmadd_ps(av, b1, c[r][1]);
+            }
+        }
+        for r in 0..6 {
+            // SAFETY: tile[r] is a [f32; 32]: two 8-lane stores fit.
+            unsafe {
+                _mm256_storeu_ps(tile[r].as_mut_ptr(), c[r][0]);
+                _mm256_storeu_ps(tile[r].as_mut_ptr().add(8), c[r][1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_available_kernel_matches_plain_loops() {
+        let kl = 131;
+        let ldb = 40;
+        let a_rows: Vec<Vec<f32>> = (0..MR_MAX)
+            .map(|r| {
+                (0..kl)
+                    .map(|k| ((r * 7 + k * 3) % 11) as f32 - 5.0)
+                    .collect()
+            })
+            .collect();
+        let b: Vec<f32> = (0..kl * ldb)
+            .map(|i| ((i * 5) % 13) as f32 * 0.25 - 1.5)
+            .collect();
+        let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| a_rows[r].as_slice());
+        for simd in [Simd::Avx512Bf16, Simd::Avx512, Simd::Avx2, Simd::Portable] {
+            if !simd.available() {
+                continue;
+            }
+            let mut tile = [[f32::NAN; NR_MAX]; MR_MAX];
+            simd.tile(kl, &a, &b, ldb, &mut tile);
+            for r in 0..simd.mr() {
+                for j in 0..simd.nr() {
+                    let want: f32 = (0..kl).map(|k| a_rows[r][k] * b[k * ldb + j]).sum();
+                    assert_eq!(tile[r][j], want, "{simd:?} r {r} j {j}");
+                }
+            }
+            let mut tile = [[f32::NAN; NR_MAX]; MR_MAX];
+            simd.tile_narrow(kl, &a, &b, ldb, &mut tile);
+            for r in 0..simd.mr() {
+                for j in 0..Simd::NARROW {
+                    let want: f32 = (0..kl).map(|k| a_rows[r][k] * b[k * ldb + j]).sum();
+                    assert_eq!(tile[r][j], want, "{simd:?} narrow r {r} j {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn e4m3_decode_is_exact_on_every_code() {
+        let codes: Vec<u8> = (0..=255u8).collect();
+        for simd in [Simd::Avx512Bf16, Simd::Avx512, Simd::Avx2, Simd::Portable] {
+            if !simd.available() {
+                continue;
+            }
+            let mut out = vec![0f32; 256];
+            simd.decode_e4m3fn(&codes, &mut out);
+            for (c, v) in out.iter().enumerate() {
+                let want = deepport_core::formats::e4m3_to_f32(c as u8);
+                assert!(
+                    v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
+                    "{simd:?} code {c:#x}: {v} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_tile_matches_plain_loops() {
+        if !Simd::Avx512Bf16.available() {
+            return;
+        }
+        let kp = 70;
+        // Small integers and halves: exact in bf16, sums exact in f32.
+        let bf = |x: f32| x.to_bits() >> 16;
+        let val = |i: usize| ((i * 7) % 9) as f32 * 0.5 - 2.0;
+        let a_rows: Vec<Vec<u32>> = (0..MR_MAX)
+            .map(|r| {
+                (0..kp)
+                    .map(|p| bf(val(r * 131 + 2 * p)) | bf(val(r * 131 + 2 * p + 1)) << 16)
+                    .collect()
+            })
+            .collect();
+        let b: Vec<u32> = (0..kp * 32)
+            .map(|i| bf(val(3 * i + 1)) | bf(val(5 * i + 2)) << 16)
+            .collect();
+        let a: [&[u32]; MR_MAX] = std::array::from_fn(|r| a_rows[r].as_slice());
+        let mut tile = [[f32::NAN; NR_MAX]; MR_MAX];
+        Simd::Avx512Bf16.tile_bf16(kp, &a, &b, &mut tile);
+        let unbf = |x: u32| f32::from_bits((x & 0xffff) << 16);
+        for r in 0..MR_MAX {
+            for j in 0..32 {
+                let want: f32 = (0..kp)
+                    .map(|p| {
+                        let (x, y) = (a_rows[r][p], b[p * 32 + j]);
+                        unbf(x) * unbf(y) + unbf(x >> 16) * unbf(y >> 16)
+                    })
+                    .sum();
+                assert_eq!(tile[r][j], want, "r {r} j {j}");
+            }
+        }
+    }
+}

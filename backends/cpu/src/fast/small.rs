@@ -1,0 +1,168 @@
+//! Elementwise and row ops (`add`, `silu_mul`, `rms_norm`, `embedding`):
+//! the reference arithmetic (f64, one rounding to the output dtype), so the
+//! results equal `cpu-ref`'s bit for bit, but read from and written to the
+//! tensors' bytes directly, in parallel chunks, without intermediate host
+//! tensors.
+
+use super::{bytes_mut_of, bytes_of, decode_into, f32_values};
+use deepport_core::ops::index::check_range;
+use deepport_core::ops::*;
+use deepport_core::{DType, HostTensor, Result};
+use rayon::prelude::*;
+
+/// Elements per parallel chunk.
+const CHUNK: usize = 1 << 14;
+
+/// Rounds an f64 to f32 with round-to-odd (the last mantissa bit is set
+/// when the conversion is inexact): a following round-to-nearest-even into
+/// bf16 or f16 then equals one correct rounding of the f64.
+#[inline]
+fn f64_to_f32_odd(x: f64) -> f32 {
+    let f = x as f32;
+    if !x.is_finite() || f64::from(f) == x || f.is_infinite() {
+        return f;
+    }
+    let toward_zero = if f64::from(f).abs() > x.abs() {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    };
+    f32::from_bits(toward_zero.to_bits() | 1)
+}
+
+/// Writes `values` (f64) into `dst` as `dtype`, each rounded once.
+fn encode_f64(dtype: DType, values: &[f64], dst: &mut [u8]) {
+    match dtype {
+        DType::F32 => {
+            for (c, &v) in dst.chunks_exact_mut(4).zip(values) {
+                c.copy_from_slice(&(v as f32).to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, &v) in dst.chunks_exact_mut(2).zip(values) {
+                let h = half::bf16::from_f32(f64_to_f32_odd(v));
+                c.copy_from_slice(&h.to_bits().to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (c, &v) in dst.chunks_exact_mut(2).zip(values) {
+                let h = half::f16::from_f32(f64_to_f32_odd(v));
+                c.copy_from_slice(&h.to_bits().to_le_bytes());
+            }
+        }
+        other => {
+            let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+            let h = HostTensor::from_f32(other, &[v.len()], &v);
+            dst.copy_from_slice(h.bytes());
+        }
+    }
+}
+
+/// `out[i] = f(x[i], y[i])` in f64, rounded once; x, y, out of equal
+/// element counts, in parallel chunks.
+fn binary(
+    x: &deepport_core::backend::Tensor,
+    y: &deepport_core::backend::Tensor,
+    out: &mut deepport_core::backend::Tensor,
+    f: impl Fn(f64, f64) -> f64 + Sync,
+) -> Result<()> {
+    let (xd, yd, od) = (x.dtype(), y.dtype(), out.dtype());
+    let (xb, yb) = (bytes_of(x)?, bytes_of(y)?);
+    let ob = bytes_mut_of(out)?;
+    let (xs, ys, os) = (xd.size(), yd.size(), od.size());
+    ob.par_chunks_mut(CHUNK * os)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            let n = dst.len() / os;
+            let lo = c * CHUNK;
+            let mut a = vec![0f32; n];
+            let mut b = vec![0f32; n];
+            decode_into(xd, &xb[lo * xs..(lo + n) * xs], &mut a);
+            decode_into(yd, &yb[lo * ys..(lo + n) * ys], &mut b);
+            let v: Vec<f64> = a
+                .iter()
+                .zip(&b)
+                .map(|(&p, &q)| f(f64::from(p), f64::from(q)))
+                .collect();
+            encode_f64(od, &v, dst);
+        });
+    Ok(())
+}
+
+pub(crate) fn add(op: &mut Checked<Add<'_>>) -> Result<()> {
+    let args = op.args_mut();
+    binary(args.a, args.b, args.out, |a, b| a + b)
+}
+
+pub(crate) fn silu_mul(op: &mut Checked<SiluMul<'_>>) -> Result<()> {
+    let args = op.args_mut();
+    binary(args.gate, args.up, args.out, |g, u| {
+        g / (1.0 + (-g).exp()) * u
+    })
+}
+
+pub(crate) fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
+    let (args, dims) = op.parts();
+    let (rows, dim) = (dims.rows, dims.dim);
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let w = f32_values(args.weight)?;
+    let eps = f64::from(args.eps);
+    let (xd, od) = (args.x.dtype(), args.y.dtype());
+    let xb = bytes_of(args.x)?;
+    let yb = bytes_mut_of(args.y)?;
+    let (xs, os) = (xd.size(), od.size());
+    let per = (CHUNK / dim).max(1);
+    yb.par_chunks_mut(per * dim * os)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            let n = dst.len() / os / dim;
+            let r0 = c * per;
+            let mut x = vec![0f32; n * dim];
+            decode_into(xd, &xb[r0 * dim * xs..(r0 + n) * dim * xs], &mut x);
+            let mut y = vec![0f64; n * dim];
+            for (xr, yr) in x.chunks(dim).zip(y.chunks_mut(dim)) {
+                // The reference's order: a sequential f64 sum.
+                let mut ss = 0f64;
+                for &v in xr {
+                    ss += f64::from(v) * f64::from(v);
+                }
+                let inv = 1.0 / (ss / dim as f64 + eps).sqrt();
+                for ((o, &v), &wj) in yr.iter_mut().zip(xr).zip(&w) {
+                    *o = f64::from(v) * inv * f64::from(wj);
+                }
+            }
+            encode_f64(od, &y, dst);
+        });
+    Ok(())
+}
+
+pub(crate) fn embedding(op: &mut Checked<Embedding<'_>>) -> Result<()> {
+    const OP: &str = "embedding";
+    let (args, dims) = op.parts();
+    let ids_host = crate::to_host(args.ids)?;
+    check_range(OP, "ids", &ids_host, 0, dims.vocab as i64, None)?;
+    let ids = ids_host.to_i64_vec();
+    let dim = dims.dim;
+    let (td, od) = (args.table.dtype(), args.out.dtype());
+    let tb = bytes_of(args.table)?;
+    let ob = bytes_mut_of(args.out)?;
+    let (ts, os) = (td.size(), od.size());
+    if dim == 0 {
+        return Ok(());
+    }
+    for (&id, dst) in ids.iter().zip(ob.chunks_exact_mut(dim * os)) {
+        let r = id as usize; // checked above
+        let src = &tb[r * dim * ts..(r + 1) * dim * ts];
+        if td == od {
+            dst.copy_from_slice(src);
+        } else {
+            // Table values are exact in f32; one rounding to out's dtype.
+            let mut v = vec![0f32; dim];
+            decode_into(td, src, &mut v);
+            super::encode_into(od, &v, dst);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,891 @@
+//! The fast `cpu` kernels against `cpu-ref` on odd shapes, on every
+//! instruction set this machine runs (the portable path always), within
+//! SPEC.md's tolerances.
+
+use deepport_core::backend::{poison_host, Backend, Tensor};
+use deepport_core::formats::ulp_bf16;
+use deepport_core::ops::{self, *};
+use deepport_core::{DType, HostTensor};
+use deepport_cpu::fast::{with_simd, Simd};
+use deepport_cpu::{Cpu, CpuRef};
+
+/// xorshift64*: deterministic test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn sym(&mut self) -> f32 {
+        ((self.next() >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
+    }
+    fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
+        (0..n).map(|_| self.sym() * amp).collect()
+    }
+    /// Finite e4m3 codes (never 0x7f / 0xff).
+    fn e4m3(&mut self, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| loop {
+                let c = (self.next() >> 56) as u8;
+                if c & 0x7f != 0x7f {
+                    break c;
+                }
+            })
+            .collect()
+    }
+    /// Positive scales around 1e-2.
+    fn scales(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| 0.01 * (1.5 + self.sym())).collect()
+    }
+}
+
+/// Every instruction set this CPU runs.
+fn isas() -> Vec<Simd> {
+    [Simd::Avx512Bf16, Simd::Avx512, Simd::Avx2, Simd::Portable]
+        .into_iter()
+        .filter(|s| s.available())
+        .collect()
+}
+
+fn rms(v: &[f32]) -> f64 {
+    (v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / v.len().max(1) as f64).sqrt()
+}
+
+/// SPEC §3 bounds: bf16 `|d − r| ≤ 2 ulp_bf16(r) + 1e-3·rms(r)`, f32
+/// `|d − r| ≤ 1e-5·|r| + 1e-5·rms(r)`.
+fn assert_gemm_close(what: &str, dtype: DType, d: &[f32], r: &[f32]) {
+    assert_eq!(d.len(), r.len());
+    let rr = rms(r);
+    assert!(rr > 0.0, "{what}: reference is all zero");
+    for (i, (&x, &y)) in d.iter().zip(r).enumerate() {
+        let err = (x as f64 - y as f64).abs();
+        let tol = match dtype {
+            DType::BF16 => 2.0 * ulp_bf16(y) as f64 + 1e-3 * rr,
+            _ => 1e-5 * (y as f64).abs() + 1e-5 * rr,
+        };
+        assert!(err <= tol, "{what}: element {i}: {x} vs reference {y}");
+    }
+}
+
+/// Uploads `h` to both backends.
+fn up2(h: &HostTensor) -> (Tensor, Tensor) {
+    (Cpu.upload(h).unwrap(), CpuRef.upload(h).unwrap())
+}
+
+fn codes(shape: &[usize], c: Vec<u8>) -> HostTensor {
+    HostTensor::from_bytes(DType::F8E4M3, shape, c).unwrap()
+}
+
+fn f32h(shape: &[usize], v: &[f32]) -> HostTensor {
+    HostTensor::from_f32(DType::F32, shape, v)
+}
+
+#[test]
+fn fp8_gemm_matches_reference() {
+    let mut rng = Rng(7);
+    // (m, n, k): m = 1, n not a multiple of any tile, k = 3·128, a K tail,
+    // and m > 128 (B packed once per call).
+    for &(m, n, k) in &[(1, 200, 384), (37, 300, 384), (9, 45, 200), (130, 129, 256)] {
+        let a = codes(&[m, k], rng.e4m3(m * k));
+        let sa = f32h(&[m, k.div_ceil(128)], &rng.scales(m * k.div_ceil(128)));
+        let b = codes(&[n, k], rng.e4m3(n * k));
+        let nsb = n.div_ceil(128) * k.div_ceil(128);
+        let sb = f32h(&[n.div_ceil(128), k.div_ceil(128)], &rng.scales(nsb));
+        let (a1, a2) = up2(&a);
+        let (sa1, sa2) = up2(&sa);
+        let (b1, b2) = up2(&b);
+        let (sb1, sb2) = up2(&sb);
+        for dtype in [DType::BF16, DType::F32] {
+            let mut dr = CpuRef.alloc(dtype, &[m, n]).unwrap();
+            ops::run(
+                &CpuRef,
+                Fp8Gemm {
+                    a: &a2,
+                    sa: &sa2,
+                    b: &b2,
+                    sb: &sb2,
+                    d: &mut dr,
+                },
+            )
+            .unwrap();
+            let r = CpuRef.download(&dr).unwrap().to_f32_vec();
+            for simd in isas() {
+                let mut d = Cpu.alloc(dtype, &[m, n]).unwrap();
+                with_simd(simd, || {
+                    ops::run(
+                        &Cpu,
+                        Fp8Gemm {
+                            a: &a1,
+                            sa: &sa1,
+                            b: &b1,
+                            sb: &sb1,
+                            d: &mut d,
+                        },
+                    )
+                })
+                .unwrap()
+                .unwrap();
+                let got = Cpu.download(&d).unwrap().to_f32_vec();
+                assert_gemm_close(&format!("{simd:?} {m}x{n}x{k} {dtype}"), dtype, &got, &r);
+            }
+        }
+    }
+}
+
+#[test]
+fn fp8_gemm_one_wrong_block_scale_is_visible() {
+    // The comparison above can fail: a kernel that drops one K block's
+    // scale would differ from the reference by far more than the bound.
+    let mut rng = Rng(11);
+    let (m, n, k) = (4, 130, 256);
+    let a = codes(&[m, k], rng.e4m3(m * k));
+    let mut sa_v = rng.scales(m * 2);
+    let sa = f32h(&[m, 2], &sa_v);
+    let b = codes(&[n, k], rng.e4m3(n * k));
+    let sb = f32h(&[2, 2], &rng.scales(4));
+    let run = |be: &dyn Backend, sa: &HostTensor| {
+        let (a, sa, b, sb) = (
+            be.upload(&a).unwrap(),
+            be.upload(sa).unwrap(),
+            be.upload(&b).unwrap(),
+            be.upload(&sb).unwrap(),
+        );
+        let mut d = be.alloc(DType::F32, &[m, n]).unwrap();
+        ops::run(
+            be,
+            Fp8Gemm {
+                a: &a,
+                sa: &sa,
+                b: &b,
+                sb: &sb,
+                d: &mut d,
+            },
+        )
+        .unwrap();
+        be.download(&d).unwrap().to_f32_vec()
+    };
+    let good = run(&CpuRef, &sa);
+    sa_v[1] *= 2.0;
+    let bad = run(&Cpu, &f32h(&[m, 2], &sa_v));
+    let r = std::panic::catch_unwind(|| assert_gemm_close("bad", DType::F32, &bad, &good));
+    assert!(r.is_err(), "a doubled block scale went unnoticed");
+}
+
+#[test]
+fn grouped_contiguous_matches_reference() {
+    let mut rng = Rng(21);
+    let (g, n, k) = (3, 160, 384);
+    // Group 0: 128 rows; padding: 128 rows; group 1: empty; group 2: 144
+    // rows (more than one 128-row block: packed once).
+    let mut idx = vec![0i64; 128];
+    idx.extend(std::iter::repeat_n(-1, 128));
+    idx.extend(std::iter::repeat_n(2, 144));
+    let m = idx.len();
+    let kb = k / 128;
+    let a = codes(&[m, k], rng.e4m3(m * k));
+    let sa = f32h(&[m, kb], &rng.scales(m * kb));
+    let b = codes(&[g, n, k], rng.e4m3(g * n * k));
+    let sb = f32h(&[g, 2, kb], &rng.scales(g * 2 * kb));
+    let mi = HostTensor::from_index(DType::I32, &[m], &idx);
+    let (a1, a2) = up2(&a);
+    let (sa1, sa2) = up2(&sa);
+    let (b1, b2) = up2(&b);
+    let (sb1, sb2) = up2(&sb);
+    let (mi1, mi2) = up2(&mi);
+    let mut dr = CpuRef.alloc(DType::BF16, &[m, n]).unwrap();
+    ops::run(
+        &CpuRef,
+        Fp8GroupedContiguous {
+            a: &a2,
+            sa: &sa2,
+            b: &b2,
+            sb: &sb2,
+            m_indices: &mi2,
+            d: &mut dr,
+        },
+    )
+    .unwrap();
+    let r = CpuRef.download(&dr).unwrap().to_f32_vec();
+    let keep: Vec<usize> = (0..m).filter(|&i| idx[i] >= 0).collect();
+    let pick = |v: &[f32]| -> Vec<f32> {
+        keep.iter()
+            .flat_map(|&i| v[i * n..(i + 1) * n].to_vec())
+            .collect()
+    };
+    for simd in isas() {
+        let mut d = Cpu.alloc(DType::BF16, &[m, n]).unwrap();
+        with_simd(simd, || {
+            ops::run(
+                &Cpu,
+                Fp8GroupedContiguous {
+                    a: &a1,
+                    sa: &sa1,
+                    b: &b1,
+                    sb: &sb1,
+                    m_indices: &mi1,
+                    d: &mut d,
+                },
+            )
+        })
+        .unwrap()
+        .unwrap();
+        let got = Cpu.download(&d).unwrap().to_f32_vec();
+        assert_gemm_close(
+            &format!("{simd:?} contiguous"),
+            DType::BF16,
+            &pick(&got),
+            &pick(&r),
+        );
+    }
+    // A group index out of range is an error, not a panic.
+    let mut bad = idx.clone();
+    bad[0] = 3;
+    let bad = Cpu
+        .upload(&HostTensor::from_index(DType::I32, &[m], &bad))
+        .unwrap();
+    let mut d = Cpu.alloc(DType::BF16, &[m, n]).unwrap();
+    let err = ops::run(
+        &Cpu,
+        Fp8GroupedContiguous {
+            a: &a1,
+            sa: &sa1,
+            b: &b1,
+            sb: &sb1,
+            m_indices: &bad,
+            d: &mut d,
+        },
+    );
+    assert!(err.is_err());
+}
+
+#[test]
+fn grouped_masked_matches_reference_and_leaves_masked_rows() {
+    let mut rng = Rng(33);
+    let (g, m_max, n, k) = (3, 140, 70, 384);
+    let masked = [0i64, 5, 140];
+    let kb = k / 128;
+    let a = codes(&[g, m_max, k], rng.e4m3(g * m_max * k));
+    let sa = f32h(&[g, m_max, kb], &rng.scales(g * m_max * kb));
+    let b = codes(&[g, n, k], rng.e4m3(g * n * k));
+    let sb = f32h(&[g, 1, kb], &rng.scales(g * kb));
+    let mm = HostTensor::from_index(DType::I32, &[g], &masked);
+    let (a1, a2) = up2(&a);
+    let (sa1, sa2) = up2(&sa);
+    let (b1, b2) = up2(&b);
+    let (sb1, sb2) = up2(&sb);
+    let (mm1, mm2) = up2(&mm);
+    let poison = poison_host(DType::F32, &[g, m_max, n]);
+    let mut dr = CpuRef.upload(&poison).unwrap();
+    ops::run(
+        &CpuRef,
+        Fp8GroupedMasked {
+            a: &a2,
+            sa: &sa2,
+            b: &b2,
+            sb: &sb2,
+            masked_m: &mm2,
+            d: &mut dr,
+        },
+    )
+    .unwrap();
+    let r = CpuRef.download(&dr).unwrap().to_f32_vec();
+    let rows: Vec<usize> = (0..g)
+        .flat_map(|grp| (0..masked[grp] as usize).map(move |i| grp * m_max + i))
+        .collect();
+    let pick = |v: &[f32]| -> Vec<f32> {
+        rows.iter()
+            .flat_map(|&i| v[i * n..(i + 1) * n].to_vec())
+            .collect()
+    };
+    for simd in isas() {
+        let mut d = Cpu.upload(&poison).unwrap();
+        with_simd(simd, || {
+            ops::run(
+                &Cpu,
+                Fp8GroupedMasked {
+                    a: &a1,
+                    sa: &sa1,
+                    b: &b1,
+                    sb: &sb1,
+                    masked_m: &mm1,
+                    d: &mut d,
+                },
+            )
+        })
+        .unwrap()
+        .unwrap();
+        let got = Cpu.download(&d).unwrap().to_f32_vec();
+        assert_gemm_close(
+            &format!("{simd:?} masked"),
+            DType::F32,
+            &pick(&got),
+            &pick(&r),
+        );
+        // Rows at or past masked_m keep their bytes (NaN here).
+        for grp in 0..g {
+            for i in masked[grp] as usize..m_max {
+                let row = &got[(grp * m_max + i) * n..][..n];
+                assert!(row.iter().all(|v| v.is_nan()), "{simd:?} row {grp}/{i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_matches_reference() {
+    let mut rng = Rng(5);
+    for &(m, n, k) in &[(1, 33, 200), (131, 70, 300)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let a = HostTensor::from_f32(dtype, &[m, k], &rng.vec(m * k, 1.0));
+            let b = HostTensor::from_f32(dtype, &[n, k], &rng.vec(n * k, 1.0));
+            let (a1, a2) = up2(&a);
+            let (b1, b2) = up2(&b);
+            let mut dr = CpuRef.alloc(dtype, &[m, n]).unwrap();
+            ops::run(
+                &CpuRef,
+                Gemm {
+                    a: &a2,
+                    b: &b2,
+                    d: &mut dr,
+                },
+            )
+            .unwrap();
+            let r = CpuRef.download(&dr).unwrap().to_f32_vec();
+            for simd in isas() {
+                let mut d = Cpu.alloc(dtype, &[m, n]).unwrap();
+                with_simd(simd, || {
+                    ops::run(
+                        &Cpu,
+                        Gemm {
+                            a: &a1,
+                            b: &b1,
+                            d: &mut d,
+                        },
+                    )
+                })
+                .unwrap()
+                .unwrap();
+                let got = Cpu.download(&d).unwrap().to_f32_vec();
+                assert_gemm_close(&format!("{simd:?} gemm {m}x{n}x{k}"), dtype, &got, &r);
+            }
+        }
+    }
+}
+
+/// One MLA decode case: returns (out, lse) of a backend.
+struct Mla {
+    b: usize,
+    s_q: usize,
+    h_q: usize,
+    h_kv: usize,
+    d: usize,
+    dv: usize,
+    bs: usize,
+    seqlens: Vec<i64>,
+    causal: bool,
+}
+
+impl Mla {
+    fn inputs(&self, seed: u64) -> [HostTensor; 4] {
+        let mut rng = Rng(seed);
+        let Mla {
+            b,
+            s_q,
+            h_q,
+            h_kv,
+            d,
+            bs,
+            ..
+        } = *self;
+        let max_blocks = self
+            .seqlens
+            .iter()
+            .map(|&l| (l as usize).div_ceil(bs))
+            .max()
+            .unwrap()
+            .max(1)
+            + 1;
+        let num_blocks = b * max_blocks + 3;
+        let q = HostTensor::from_f32(
+            DType::BF16,
+            &[b, s_q, h_q, d],
+            &rng.vec(b * s_q * h_q * d, 1.0),
+        );
+        // Unused slots and pages are NaN: a kernel that reads them fails.
+        let mut kc = vec![f32::NAN; num_blocks * bs * h_kv * d];
+        // A permutation of the pages.
+        let mut perm: Vec<i64> = (0..num_blocks as i64).collect();
+        for i in (1..perm.len()).rev() {
+            let j = (rng.next() % (i as u64 + 1)) as usize;
+            perm.swap(i, j);
+        }
+        let mut table = vec![i64::from(i32::MAX); b * max_blocks];
+        let mut next = 0;
+        for bi in 0..b {
+            let len = self.seqlens[bi] as usize;
+            for j in 0..len.div_ceil(bs) {
+                let blk = perm[next] as usize;
+                next += 1;
+                table[bi * max_blocks + j] = blk as i64;
+                for t in 0..bs.min(len - j * bs) {
+                    let off = (blk * bs + t) * h_kv * d;
+                    for (x, v) in kc[off..off + h_kv * d]
+                        .iter_mut()
+                        .zip(rng.vec(h_kv * d, 1.0))
+                    {
+                        *x = v;
+                    }
+                }
+            }
+        }
+        [
+            q,
+            HostTensor::from_f32(DType::BF16, &[num_blocks, bs, h_kv, d], &kc),
+            HostTensor::from_index(DType::I32, &[b, max_blocks], &table),
+            HostTensor::from_index(DType::I32, &[b], &self.seqlens),
+        ]
+    }
+
+    fn run(&self, be: &dyn Backend, inputs: &[HostTensor; 4]) -> (Vec<f32>, Vec<f32>) {
+        let t = inputs.each_ref().map(|h| be.upload(h).unwrap());
+        self.op(be, &t)
+    }
+
+    fn op(&self, be: &dyn Backend, t: &[Tensor; 4]) -> (Vec<f32>, Vec<f32>) {
+        let [q, kc, bt, sl] = t;
+        let mut out = be
+            .alloc(DType::BF16, &[self.b, self.s_q, self.h_q, self.dv])
+            .unwrap();
+        let mut lse = be.alloc(DType::F32, &[self.b, self.h_q, self.s_q]).unwrap();
+        ops::run(
+            be,
+            MlaDecode {
+                q,
+                kcache: kc,
+                block_table: bt,
+                cache_seqlens: sl,
+                out: &mut out,
+                lse: &mut lse,
+                softmax_scale: (self.d as f32).powf(-0.5),
+                causal: self.causal,
+            },
+        )
+        .unwrap();
+        (
+            be.download(&out).unwrap().to_f32_vec(),
+            be.download(&lse).unwrap().to_f32_vec(),
+        )
+    }
+}
+
+/// SPEC §4: inf/NaN positions equal, then `|a−r| < abs` or relative `< rel`.
+fn assert_mla_close(what: &str, got: &[f32], want: &[f32], abs: f64, rel: f64) {
+    for (i, (&a, &r)) in got.iter().zip(want).enumerate() {
+        if !r.is_finite() || !a.is_finite() {
+            assert!(
+                a.to_bits() == r.to_bits() || (a.is_nan() && r.is_nan()),
+                "{what} {i}: {a} vs {r}"
+            );
+            continue;
+        }
+        let e = (a as f64 - r as f64).abs();
+        assert!(
+            e < abs || e / (r.abs() as f64 + 1e-6) < rel,
+            "{what} {i}: {a} vs {r}"
+        );
+    }
+}
+
+#[test]
+fn mla_decode_matches_reference() {
+    let cases = [
+        // Odd dims, an empty sequence, causal with s_q = 2, grouped heads.
+        Mla {
+            b: 3,
+            s_q: 2,
+            h_q: 6,
+            h_kv: 2,
+            d: 72,
+            dv: 40,
+            bs: 16,
+            seqlens: vec![0, 37, 50],
+            causal: true,
+        },
+        Mla {
+            b: 3,
+            s_q: 2,
+            h_q: 6,
+            h_kv: 2,
+            d: 72,
+            dv: 40,
+            bs: 16,
+            seqlens: vec![1, 37, 50],
+            causal: false,
+        },
+        // One sequence: split over the pages; DeepSeek's 576/512.
+        Mla {
+            b: 1,
+            s_q: 1,
+            h_q: 16,
+            h_kv: 1,
+            d: 576,
+            dv: 512,
+            bs: 64,
+            seqlens: vec![300],
+            causal: false,
+        },
+    ];
+    for (ci, case) in cases.iter().enumerate() {
+        let inputs = case.inputs(100 + ci as u64);
+        let (ro, rl) = case.run(&CpuRef, &inputs);
+        for simd in isas() {
+            let (o, l) = with_simd(simd, || case.run(&Cpu, &inputs)).unwrap();
+            assert_mla_close(
+                &format!("{simd:?} case {ci} out"),
+                &o,
+                &ro,
+                8e-4,
+                2.01 / 128.0,
+            );
+            assert_mla_close(
+                &format!("{simd:?} case {ci} lse"),
+                &l,
+                &rl,
+                1e-6,
+                8.01 / 65536.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn forced_portable_path_is_used_and_named() {
+    // with_simd really switches the kernel: the portable path runs on every
+    // machine, and the device info names the chosen instruction set.
+    assert!(with_simd(Simd::Portable, deepport_cpu::fast::current_simd).unwrap() == Simd::Portable);
+    let info = Cpu.info();
+    assert!(info.driver.contains("micro-kernel"), "{}", info.driver);
+    assert!(info.driver.contains("threads"), "{}", info.driver);
+}
+
+#[test]
+fn degenerate_fp8_shapes_match_reference_without_panics() {
+    // k = 0 with more than 128 rows (the packed path), m = 0, n = 0.
+    for &(m, n, k) in &[
+        (130usize, 5usize, 0usize),
+        (3, 5, 0),
+        (0, 5, 128),
+        (3, 0, 128),
+    ] {
+        let kb = k.div_ceil(128);
+        let a = codes(&[m, k], vec![0x38; m * k]);
+        let sa = f32h(&[m, kb], &vec![1.0; m * kb]);
+        let b = codes(&[n, k], vec![0x40; n * k]);
+        let sb = f32h(&[n.div_ceil(128), kb], &vec![1.0; n.div_ceil(128) * kb]);
+        let mut results = Vec::new();
+        for be in [&Cpu as &dyn Backend, &CpuRef] {
+            let (a, sa, b, sb) = (
+                be.upload(&a).unwrap(),
+                be.upload(&sa).unwrap(),
+                be.upload(&b).unwrap(),
+                be.upload(&sb).unwrap(),
+            );
+            let mut d = be.alloc(DType::F32, &[m, n]).unwrap();
+            let r = ops::run(
+                be,
+                Fp8Gemm {
+                    a: &a,
+                    sa: &sa,
+                    b: &b,
+                    sb: &sb,
+                    d: &mut d,
+                },
+            );
+            results.push(r.map(|_| raw(be, &d)).map_err(|e| e.to_string()));
+        }
+        assert_eq!(results[0], results[1], "({m}, {n}, {k})");
+    }
+}
+
+/// Downloads a tensor's raw bytes.
+fn raw(be: &dyn Backend, t: &Tensor) -> Vec<u8> {
+    be.download(t).unwrap().bytes().to_vec()
+}
+
+#[test]
+fn small_ops_equal_reference_bit_for_bit() {
+    let mut rng = Rng(77);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // Element counts across the parallel chunk size (16384).
+        let (rows, dim) = (7, 3001);
+        let n = rows * dim;
+        let x = HostTensor::from_f32(dtype, &[rows, dim], &rng.vec(n, 4.0));
+        let y = HostTensor::from_f32(dtype, &[rows, dim], &rng.vec(n, 4.0));
+        let w = HostTensor::from_f32(dtype, &[dim], &rng.vec(dim, 2.0));
+        let ids: Vec<i64> = (0..9).map(|i| (i * 5 % rows) as i64).collect();
+        let ids = HostTensor::from_index(DType::I64, &[9], &ids);
+        let mut outs: Vec<Vec<Vec<u8>>> = Vec::new();
+        for be in [&Cpu as &dyn Backend, &CpuRef] {
+            let (x, y, w, ids) = (
+                be.upload(&x).unwrap(),
+                be.upload(&y).unwrap(),
+                be.upload(&w).unwrap(),
+                be.upload(&ids).unwrap(),
+            );
+            let mut v = Vec::new();
+            let mut out = be.alloc(dtype, &[rows, dim]).unwrap();
+            ops::run(
+                be,
+                Add {
+                    a: &x,
+                    b: &y,
+                    out: &mut out,
+                },
+            )
+            .unwrap();
+            v.push(raw(be, &out));
+            let mut out = be.alloc(DType::F32, &[rows, dim]).unwrap();
+            ops::run(
+                be,
+                Add {
+                    a: &x,
+                    b: &y,
+                    out: &mut out,
+                },
+            )
+            .unwrap();
+            v.push(raw(be, &out));
+            let mut out = be.alloc(dtype, &[rows, dim]).unwrap();
+            ops::run(
+                be,
+                SiluMul {
+                    gate: &x,
+                    up: &y,
+                    out: &mut out,
+                },
+            )
+            .unwrap();
+            v.push(raw(be, &out));
+            let mut out = be.alloc(dtype, &[rows, dim]).unwrap();
+            ops::run(
+                be,
+                RmsNorm {
+                    x: &x,
+                    weight: &w,
+                    y: &mut out,
+                    eps: 1e-6,
+                },
+            )
+            .unwrap();
+            v.push(raw(be, &out));
+            for odt in [dtype, DType::BF16] {
+                let mut out = be.alloc(odt, &[9, dim]).unwrap();
+                ops::run(
+                    be,
+                    Embedding {
+                        table: &x,
+                        ids: &ids,
+                        out: &mut out,
+                    },
+                )
+                .unwrap();
+                v.push(raw(be, &out));
+            }
+            outs.push(v);
+        }
+        for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+            assert!(a == b, "{dtype}: op #{i} differs from cpu-ref");
+        }
+    }
+    // An id outside the table is an error.
+    let table = Cpu
+        .upload(&HostTensor::from_f32(DType::F32, &[4, 3], &[0.0; 12]))
+        .unwrap();
+    let ids = Cpu
+        .upload(&HostTensor::from_index(DType::I64, &[1], &[4]))
+        .unwrap();
+    let mut out = Cpu.alloc(DType::F32, &[1, 3]).unwrap();
+    assert!(ops::run(
+        &Cpu,
+        Embedding {
+            table: &table,
+            ids: &ids,
+            out: &mut out,
+        },
+    )
+    .is_err());
+}
+
+/// CPU seconds this process has used (user + system; Linux), or 0.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th, stime the 13th; clock ticks of 1/100 s.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    if f.len() > 13 {
+        (f[11] + f[12]) / 100.0
+    } else {
+        0.0
+    }
+}
+
+/// Best wall time of `reps` runs of `f` (after one warm-up run when
+/// `reps > 1`), and the mean CPU seconds per run (all threads): on a
+/// shared machine the second says what the kernel costs.
+fn best_of(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    if reps > 1 {
+        f();
+    }
+    let c0 = cpu_seconds();
+    let best = (0..reps)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    (best, (cpu_seconds() - c0) / reps as f64)
+}
+
+/// Fast `cpu` against `cpu-ref` on DeepGEMM's and FlashMLA's benchmark
+/// shapes. Run it in release:
+/// `cargo test --release -p deepport-cpu --test fast -- --ignored --nocapture`
+/// (`DEEPPORT_BENCH_REF_LARGE=1` also times cpu-ref on m = 4096: minutes).
+#[test]
+#[ignore = "benchmark; run in release with --ignored --nocapture"]
+fn bench_fast_vs_reference() {
+    // Streaming read bandwidth of this machine (sum of 512 MiB of f32 on
+    // every core).
+    let big = vec![1f32; 128 << 20];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (t, _) = best_of(3, || {
+        let s: f32 = std::thread::scope(|sc| {
+            let hs: Vec<_> = big
+                .chunks(big.len().div_ceil(threads))
+                .map(|c| {
+                    sc.spawn(move || {
+                        c.chunks(1 << 12)
+                            .map(|x| x.iter().sum::<f32>())
+                            .sum::<f32>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert!(s > 0.0);
+    });
+    let bw = (big.len() * 4) as f64 / t / 1e9;
+    drop(big);
+    println!(
+        "streaming read bandwidth: {bw:.1} GB/s; simd {:?}",
+        deepport_cpu::fast::current_simd()
+    );
+    let only_fast = std::env::var_os("DEEPPORT_BENCH_FAST_ONLY").is_some();
+    let large_ref = std::env::var_os("DEEPPORT_BENCH_REF_LARGE").is_some();
+    let mut rng = Rng(99);
+    // DEEPPORT_BENCH_M=16,128 times only those GEMMs (and no MLA decode).
+    let only_m: Option<Vec<usize>> = std::env::var("DEEPPORT_BENCH_M")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    for &(m, n, k) in &[(16, 2112, 7168), (128, 2112, 7168), (4096, 2112, 7168)] {
+        if only_m.as_ref().is_some_and(|v| !v.contains(&m)) {
+            continue;
+        }
+        let a = codes(&[m, k], rng.e4m3(m * k));
+        let sa = f32h(&[m, k / 128], &rng.scales(m * k / 128));
+        let b = codes(&[n, k], rng.e4m3(n * k));
+        let sb = f32h(
+            &[n.div_ceil(128), k / 128],
+            &rng.scales(n.div_ceil(128) * k / 128),
+        );
+        let flops = 2.0 * (m * n * k) as f64;
+        let backends: Vec<(&str, Box<dyn Backend>)> =
+            vec![("cpu", Box::new(Cpu)), ("cpu-ref", Box::new(CpuRef))];
+        for (name, be) in &backends {
+            if *name == "cpu-ref" && only_fast {
+                continue;
+            }
+            if *name == "cpu-ref" && m > 128 && !large_ref {
+                println!("fp8_gemm {m}x{n}x{k} {name}: skipped (set DEEPPORT_BENCH_REF_LARGE=1)");
+                continue;
+            }
+            let (a, sa, b, sb) = (
+                be.upload(&a).unwrap(),
+                be.upload(&sa).unwrap(),
+                be.upload(&b).unwrap(),
+                be.upload(&sb).unwrap(),
+            );
+            let mut d = be.alloc(DType::BF16, &[m, n]).unwrap();
+            let reps = if *name == "cpu" {
+                std::env::var("DEEPPORT_BENCH_REPS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(5)
+            } else {
+                1
+            };
+            let (t, cpu) = best_of(reps, || {
+                ops::run(
+                    be.as_ref(),
+                    Fp8Gemm {
+                        a: &a,
+                        sa: &sa,
+                        b: &b,
+                        sb: &sb,
+                        d: &mut d,
+                    },
+                )
+                .unwrap()
+            });
+            println!(
+                "fp8_gemm {m}x{n}x{k} {name}: {:.2} ms, {:.3} TFLOP/s; {:.1} GFLOP per CPU-second",
+                t * 1e3,
+                flops / t / 1e12,
+                flops / cpu / 1e9
+            );
+        }
+    }
+    if only_m.is_some() {
+        return;
+    }
+    // FlashMLA decode: b = 16, s_q = 1, h_q = 128, s_k = 4096.
+    let case = Mla {
+        b: 16,
+        s_q: 1,
+        h_q: 128,
+        h_kv: 1,
+        d: 576,
+        dv: 512,
+        bs: 64,
+        seqlens: vec![4096; 16],
+        causal: false,
+    };
+    let inputs = case.inputs(5);
+    let bytes = (16 * 4096 * 576 * 2) as f64;
+    let flops = 16.0 * 4096.0 * 128.0 * 2.0 * (576.0 + 512.0);
+    for (name, be) in [("cpu", &Cpu as &dyn Backend), ("cpu-ref", &CpuRef)] {
+        if name == "cpu-ref" && only_fast {
+            continue;
+        }
+        let reps = if name == "cpu" { 5 } else { 1 };
+        let tensors = inputs.each_ref().map(|h| be.upload(h).unwrap());
+        let (t, cpu) = best_of(reps, || {
+            case.op(be, &tensors);
+        });
+        println!(
+            "mla_decode b16 h_q128 s_k4096 {name}: {:.2} ms, {:.2} GB/s of cache ({:.0}% of streaming), {:.3} TFLOP/s; {:.1} GFLOP per CPU-second",
+            t * 1e3,
+            bytes / t / 1e9,
+            100.0 * bytes / t / 1e9 / bw,
+            flops / t / 1e12,
+            flops / cpu / 1e9
+        );
+    }
+}
