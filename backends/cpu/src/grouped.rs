@@ -6,7 +6,7 @@
 //! group's `b`: products and sums in f64, one rounding to `d`'s dtype. Index
 //! values are checked before anything is written.
 
-use crate::dense::round_f64;
+use crate::scalar::dense::round_f64;
 use crate::util::{f32s, host, i64s, put_host};
 use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;

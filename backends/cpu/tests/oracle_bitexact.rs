@@ -486,6 +486,68 @@ fn gemm(rng: &mut Rng) {
     }
 }
 
+/// The grouped bf16/f32 GEMMs: one function is both specification and
+/// cpu-ref's kernel today; these cases keep it so when either changes.
+fn gemm_grouped_contiguous(rng: &mut Rng) {
+    for (i, &(g, m, n, k)) in [(3usize, 7usize, 9usize, 130usize), (2, 40, 33, 77)]
+        .iter()
+        .enumerate()
+    {
+        let dt = [DType::F32, DType::BF16][i % 2];
+        let a = f32h(dt, &[m, k], &rng.vals(m * k, 2.0, i == 1));
+        let b_ = f32h(dt, &[g, n, k], &rng.vals(g * n * k, 2.0, false));
+        let idx: Vec<i32> = (0..m).map(|_| rng.below(g + 1) as i32 - 1).collect();
+        check(
+            &format!("gemm_grouped_contiguous g={g} m={m} n={n} k={k} {dt:?}"),
+            |b| {
+                let (at, bt) = (up(b, &a), up(b, &b_));
+                let it = b.upload(&HostTensor::from_i32(&[m], &idx))?;
+                let mut d = b.alloc(DType::F32, &[m, n])?;
+                ops::run(
+                    b,
+                    GemmGroupedContiguous {
+                        a: &at,
+                        b: &bt,
+                        m_indices: &it,
+                        d: &mut d,
+                    },
+                )?;
+                Ok(vec![("d", down(b, &d))])
+            },
+        );
+    }
+}
+
+fn gemm_grouped_masked(rng: &mut Rng) {
+    for (i, &(g, m, n, k)) in [(3usize, 5usize, 9usize, 130usize), (2, 17, 20, 64)]
+        .iter()
+        .enumerate()
+    {
+        let dt = [DType::BF16, DType::F32][i % 2];
+        let a = f32h(dt, &[g, m, k], &rng.vals(g * m * k, 2.0, false));
+        let b_ = f32h(dt, &[g, n, k], &rng.vals(g * n * k, 2.0, i == 0));
+        let mm: Vec<i32> = (0..g).map(|_| rng.below(m + 1) as i32).collect();
+        check(
+            &format!("gemm_grouped_masked g={g} m={m} n={n} k={k} {dt:?}"),
+            |b| {
+                let (at, bt) = (up(b, &a), up(b, &b_));
+                let mt = b.upload(&HostTensor::from_i32(&[g], &mm))?;
+                let mut d = b.alloc(DType::BF16, &[g, m, n])?;
+                ops::run(
+                    b,
+                    GemmGroupedMasked {
+                        a: &at,
+                        b: &bt,
+                        masked_m: &mt,
+                        d: &mut d,
+                    },
+                )?;
+                Ok(vec![("d", down(b, &d))])
+            },
+        );
+    }
+}
+
 /// (batch, s_q, h_q, h_kv, d, dv, block_size, causal)
 type DecodeShape = (usize, usize, usize, usize, usize, usize, usize, bool);
 
@@ -956,6 +1018,8 @@ const CASES: &[(OpKind, Cases)] = &[
     (OpKind::GatherRows, gather_rows),
     (OpKind::ReduceRows, reduce_rows),
     (OpKind::GetDispatchLayout, get_dispatch_layout),
+    (OpKind::GemmGroupedContiguous, gemm_grouped_contiguous),
+    (OpKind::GemmGroupedMasked, gemm_grouped_masked),
 ];
 
 #[test]

@@ -7,10 +7,16 @@ use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::{self, *};
 use deepport_core::{DType, HostTensor};
 use deepport_cpu::CpuRef;
-use deepport_wgpu::WgpuOptions;
+use deepport_testkit::compare::{assert_index_error, ulp};
+use deepport_testkit::harness::{available, down, host, poisoned, up};
+use deepport_testkit::Rng;
+use deepport_wgpu::{Wgpu, WgpuOptions};
 
-mod common;
-use common::{assert_index_error, down, host, make, poisoned, ulp, up, Rng};
+/// A wgpu instance, or `None` (skipped with the reason, unless
+/// `DEEPPORT_REQUIRE` names wgpu: then the test fails).
+fn make(opts: WgpuOptions) -> Option<Wgpu> {
+    available("wgpu", Wgpu::with_options(opts))
+}
 
 fn rng(seed: u64) -> Rng {
     Rng::salted(seed, 0x6e6f_7570)
@@ -34,15 +40,9 @@ fn problem(
     (g, n, k, m, m_max): (usize, usize, usize, usize, usize),
 ) -> Problem {
     let mut r = rng(seed);
-    let groups: Vec<i64> = (0..m).map(|_| r.below(g as u64 + 1) as i64 - 1).collect();
+    let groups: Vec<i64> = (0..m).map(|_| r.below(g + 1) as i64 - 1).collect();
     let masked: Vec<i64> = (0..g)
-        .map(|i| {
-            if i == 1 {
-                0
-            } else {
-                r.below(m_max as u64 + 1) as i64
-            }
-        })
+        .map(|i| if i == 1 { 0 } else { r.below(m_max + 1) as i64 })
         .collect();
     Problem {
         ab,

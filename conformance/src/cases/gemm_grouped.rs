@@ -14,7 +14,8 @@
 
 use super::gen::{self, poison_rows, row_mask};
 use super::judging::Judging;
-use super::{def, kv, op_case, opt, req, Case, Family, KeyKind, ParamMap, FLOAT_DTYPES, P};
+use super::{def, op_case, opt, req, Case, Family, KeyKind, ParamMap, FLOAT_DTYPES, P};
+use crate::opspec::Arg;
 use crate::rng::Rng;
 use crate::suite::CaseSpec;
 use deepport_core::ops::OpKind;
@@ -120,7 +121,7 @@ fn build(spec: &CaseSpec) -> Result<Case, String> {
     let ab = p.dtype("ab")?;
     let mut rng = Rng::new(spec.seed);
     let b_scale = (k.max(1) as f32).powf(-0.5);
-    let params = kv(&[("out_dtype", p.text("out")?.into())]);
+    let params = vec![("out_dtype", Arg::Text(p.text("out")?))];
     if is_masked(&spec.params) {
         let m_max = p
             .opt_int("m_max")?
