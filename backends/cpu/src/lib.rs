@@ -1,10 +1,11 @@
 //! CPU backends of deepport.
 //!
-//! * `cpu-ref` ([`CpuRef`]): every op of `SPEC.md` as the plainest correct
-//!   loops with f64 accumulation. It is the oracle that every other backend
-//!   is judged against on shapes too large for stored golden data, so it is
-//!   never optimised; it may run independent output elements in parallel
-//!   without changing their arithmetic.
+//! * `cpu-ref` ([`CpuRef`]): every op of `SPEC.md` with f64 accumulation.
+//!   It is the oracle that every other backend is judged against on shapes
+//!   too large for stored golden data. Its arithmetic is that of the plain
+//!   scalar loops in [`scalar`] (the specification); its expensive kernels
+//!   run them tiled, vectorized across independent outputs and in parallel
+//!   without changing a bit (`tests/oracle_bitexact.rs`).
 //! * `cpu` ([`Cpu`]): the fast path ([`fast`]): FP8 and plain GEMMs on a
 //!   SIMD micro-kernel chosen at run time (AVX-512, AVX2+FMA or portable),
 //!   an MLA decode that reads the latent cache once for all heads, rayon
@@ -218,7 +219,7 @@ impl Backend for CpuRef {
             backend: Self::NAME.into(),
             device: device_name(),
             driver: format!(
-                "deepport-cpu {} (reference loops, f64 accumulation)",
+                "deepport-cpu {} (the scalar loops' arithmetic, f64 accumulation; tiled and parallel)",
                 env!("CARGO_PKG_VERSION")
             ),
             vendor: "cpu".into(),
