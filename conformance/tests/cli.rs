@@ -76,7 +76,9 @@ fn list_shows_cpu_ref_available() {
         .find(|r| r["name"] == "cpu-ref:0")
         .expect("cpu-ref:0 in JSON");
     assert_eq!(row["available"], true);
-    assert!(row["driver"].as_str().unwrap().contains("reference"));
+    // The oracle says what arithmetic it does: f64 accumulation.
+    assert!(row["description"].as_str().unwrap().contains("reference"));
+    assert!(row["driver"].as_str().unwrap().contains("f64 accumulation"));
 }
 
 #[test]
