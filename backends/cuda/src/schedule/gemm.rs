@@ -1,0 +1,1 @@
+//! Tile schedules of the GEMM family and TMA descriptor parameters.

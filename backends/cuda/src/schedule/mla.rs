@@ -1,0 +1,1 @@
+//! Split-K partitions of MLA decode (FlashMLA's metadata rules).
