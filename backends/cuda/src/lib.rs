@@ -1,20 +1,225 @@
 //! deepport's CUDA backend (`cuda`): the Hopper reference.
 //!
 //! * The CUDA libraries (driver, NVRTC, NCCL) are loaded at run time; the
-//!   crate builds with no CUDA toolkit. Each library is probed before any
-//!   call, so a machine without `libcuda` lists `cuda` as unavailable with
-//!   the reason.
+//!   crate builds with no CUDA toolkit (cudarc with `dynamic-loading`,
+//!   bindings of the CUDA 12.0 driver API, which run on every 12.x and 13.x
+//!   driver). Each library is probed before any call ([`probe`]), so a
+//!   machine without `libcuda` lists `cuda` as unavailable with the
+//!   reason (library missing, no device, driver too old) instead of
+//!   panicking.
+//! * One instance is one device (`cuda:N`): a primary context and a
+//!   stream of its own ([`device::Cx`]). Memory is stream-ordered; ops
+//!   queue kernels and never block; `download` and `synchronize` wait.
 //! * Kernels are `.cu` files under `kernels/`, embedded in the binary and
-//!   compiled by NVRTC for the device's architecture (cached per arch):
-//!   portable kernels for sm_80 and later, and Hopper (sm_90a) paths for
-//!   the FP8 GEMMs (wgmma, TMA, persistent schedule) and MLA decode
-//!   (wgmma, split-K and a combine kernel). Every portable source includes
-//!   only `kernels/port.cuh`, so the ROCm backend compiles the same files.
+//!   compiled by NVRTC for the device's architecture (once per instance and
+//!   source; `sm_90a` on Hopper, `sm_{major}{minor}` elsewhere) and loaded
+//!   from the cubin: portable kernels for sm_80 and later, and Hopper
+//!   (sm_90a) paths for the FP8 GEMMs (wgmma, TMA, persistent schedule)
+//!   and MLA decode (wgmma, split-K and a combine kernel). Every portable
+//!   source includes only `kernels/port.cuh`, so the ROCm backend compiles
+//!   the same files.
 //! * Op glue (`ops/`) computes launch geometry in plain Rust (`schedule/`,
 //!   tested on the CPU) and launches through [`launch::LaunchContext`].
+//!   Ops whose kernel has not landed answer `NotSupported`.
+//! * Index and finiteness checks run on the device (`dp_flag` in
+//!   `port.cuh`) and their errors surface at the next `download` or
+//!   `synchronize`, like an asynchronous CUDA error; whatever that call
+//!   would have returned is discarded.
+//! * Read-only views are read in place at their byte offset by every
+//!   kernel and by `download`.
+//! * Expert parallelism is core's protocol over this backend's
+//!   `gather_rows`, `reduce_rows`, `act_quant` and `get_dispatch_layout`;
+//!   [`nccl::NcclTransport`] moves the rows between GPUs in device memory.
+//! * Driver failures are `Error::Device` values naming what failed.
 
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)]
+pub mod device;
 pub mod launch;
+#[allow(unsafe_code)]
+pub mod nccl;
+pub mod nvrtc;
 pub mod ops;
+pub mod probe;
 pub mod schedule;
 
+pub use device::{CudaStorage, Cx};
 pub use ops::sources;
+
+use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
+use deepport_core::ops::*;
+use deepport_core::{DType, Error, HostTensor, Result};
+use probe::BACKEND;
+
+/// The CUDA backend: one device, one stream.
+pub struct Cuda {
+    pub(crate) cx: Cx,
+    id: InstanceId,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cuda({:?})", self.cx.device())
+    }
+}
+
+impl Cuda {
+    pub const NAME: &'static str = BACKEND;
+
+    /// The backend on device 0; [`Error::Unavailable`] with the reason when
+    /// the driver or the device is missing.
+    pub fn new() -> Result<Self> {
+        Self::on_device(0)
+    }
+
+    /// The backend on device `ordinal` (`cuda:N`).
+    pub fn on_device(ordinal: usize) -> Result<Self> {
+        let id = InstanceId::fresh();
+        Ok(Cuda {
+            cx: Cx::new(ordinal, id)?,
+            id,
+        })
+    }
+
+    /// The launch context (for op glue tests and tools).
+    pub fn cx(&self) -> &Cx {
+        &self.cx
+    }
+
+    /// The device's description (name, arch, SMs, memory).
+    pub fn desc(&self) -> &device::DeviceDesc {
+        &self.cx.device().desc
+    }
+
+    fn nbytes(dtype: DType, shape: &[usize]) -> Result<usize> {
+        shape
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| device::dev_err(format!("tensor {shape:?} of {dtype} is too large")))
+    }
+
+    fn tensor(&self, dtype: DType, shape: &[usize], s: CudaStorage) -> Tensor {
+        Tensor::new(dtype, shape, Box::new(s), self.id)
+    }
+}
+
+fn driver_text() -> String {
+    let drv = probe::driver()
+        .map(|d| format!("CUDA driver {} ({})", d.version_text(), d.library))
+        .unwrap_or_else(|e| e.to_string());
+    let rtc = nvrtc::probe().unwrap_or_else(|why| format!("NVRTC unavailable: {why}"));
+    format!("{drv}; {rtc}")
+}
+
+fn info_of(d: &device::DeviceDesc) -> DeviceInfo {
+    DeviceInfo {
+        backend: BACKEND.into(),
+        device: format!(
+            "{} ({}, {} SMs, {} MiB)",
+            d.name,
+            d.arch_name,
+            d.arch.sms,
+            d.total_mem >> 20
+        ),
+        driver: driver_text(),
+        vendor: "NVIDIA".into(),
+    }
+}
+
+/// Every local op, forwarded to its op glue in `ops/`.
+macro_rules! forward_local_ops {
+    ([] $($kind:ident => $method:ident),* $(,)?) => {$(
+        fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
+            crate::ops::$method(&self.cx, op)
+        }
+    )*};
+}
+
+impl Backend for Cuda {
+    fn name(&self) -> &str {
+        BACKEND
+    }
+
+    fn instance(&self) -> InstanceId {
+        self.id
+    }
+
+    fn info(&self) -> DeviceInfo {
+        info_of(self.desc())
+    }
+
+    /// Every op is `Supported` here: an op whose kernel has not landed
+    /// answers `NotSupported` when run; the expert-parallel ops are core's
+    /// protocol over the local row ops.
+    fn supports(&self, _op: OpKind, _dtypes: &[DType]) -> Support {
+        Support::Supported
+    }
+
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let bytes = Self::nbytes(dtype, shape)?;
+        let s = self.cx.storage("alloc", bytes)?;
+        Ok(self.tensor(dtype, shape, s))
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
+        let s = self.cx.storage("upload", host.bytes().len())?;
+        self.cx.device().upload("upload", s.ptr(), host.bytes())?;
+        Ok(self.tensor(host.dtype(), host.shape(), s))
+    }
+
+    fn download(&self, t: &Tensor) -> Result<HostTensor> {
+        let s = t.storage_for::<CudaStorage>(self.id, BACKEND)?;
+        let bytes = self.cx.read("download", s, t.offset_bytes(), t.nbytes())?;
+        HostTensor::from_bytes(t.dtype(), t.shape(), bytes)
+    }
+
+    fn write(&self, dst: &mut Tensor, src: &HostTensor) -> Result<()> {
+        if src.dtype() != dst.dtype() || src.shape() != dst.shape() {
+            return Err(Error::Other(format!(
+                "write: host tensor {} {:?} differs from device tensor {} {:?}",
+                src.dtype(),
+                src.shape(),
+                dst.dtype(),
+                dst.shape()
+            )));
+        }
+        let n = dst.nbytes();
+        let s = dst.storage_mut_for::<CudaStorage>(self.id, BACKEND)?;
+        if n > s.bytes() {
+            return Err(device::dev_err(format!(
+                "write: {n} bytes into a {}-byte buffer",
+                s.bytes()
+            )));
+        }
+        let ptr = s.ptr();
+        self.cx.device().upload("write", ptr, src.bytes())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.cx.synchronize("synchronize")
+    }
+
+    deepport_core::for_each_local_op!(forward_local_ops);
+}
+
+/// The CUDA devices here, in the order `cuda:N` numbers them; the reason
+/// when the driver is unusable.
+pub fn devices() -> Result<Vec<DeviceInfo>> {
+    let d = probe::driver()?;
+    (0..d.devices)
+        .map(|i| device::describe(i).map(|desc| info_of(&desc)))
+        .collect()
+}
+
+/// Registers `cuda` (`cuda:N` picks device N). Creating it probes the
+/// driver and returns [`Error::Unavailable`] with the reason when it cannot
+/// run here.
+pub fn register(reg: &mut deepport_core::registry::Registry) {
+    reg.register(
+        BACKEND,
+        "CUDA kernels compiled by NVRTC (sm_80+, Hopper sm_90a paths), NCCL expert parallelism",
+        |device| Ok(Box::new(Cuda::on_device(device.unwrap_or(0))?)),
+        devices,
+    );
+}
