@@ -434,11 +434,13 @@ struct Checks {
 // ---------------------------------------------------------------------------
 // Kernel arguments
 
-/// Kernel arguments in the form `cuLaunchKernel` takes: each value in its
-/// own (aligned) box, and an array of pointers to them.
+/// Kernel arguments in the form `cuLaunchKernel` takes: each value in an
+/// aligned slot (8 bytes; 128 bytes at 64-byte alignment for a map), and an
+/// array of pointers to them. Built once, never grown afterwards, so the
+/// pointers stay valid while the value lives.
 pub(crate) struct PackedArgs {
-    words: Vec<Box<u64>>,
-    maps: Vec<Box<TensorMap>>,
+    words: Vec<u64>,
+    maps: Vec<TensorMap>,
     /// One per argument: (is a map, index into `words`/`maps`).
     order: Vec<(bool, usize)>,
 }
@@ -462,12 +464,12 @@ impl PackedArgs {
                 Arg::F32(v) => v.to_bits() as u64,
                 Arg::TensorMap(m) => {
                     p.order.push((true, p.maps.len()));
-                    p.maps.push(m.clone());
+                    p.maps.push((**m).clone());
                     continue;
                 }
             };
             p.order.push((false, p.words.len()));
-            p.words.push(Box::new(w));
+            p.words.push(w);
         }
         p
     }
@@ -491,15 +493,15 @@ impl PackedArgs {
     }
 
     /// The `void**` array: one pointer per argument, valid while `self`
-    /// lives (the boxes do not move when the vectors grow).
+    /// lives unchanged.
     pub(crate) fn pointers(&self) -> Vec<*mut c_void> {
         self.order
             .iter()
             .map(|&(map, j)| {
                 if map {
-                    &*self.maps[j] as *const TensorMap as *mut c_void
+                    &self.maps[j] as *const TensorMap as *mut c_void
                 } else {
-                    &*self.words[j] as *const u64 as *mut c_void
+                    &self.words[j] as *const u64 as *mut c_void
                 }
             })
             .collect()
@@ -558,7 +560,7 @@ pub fn validate_tma(p: &TmaParams) -> Result<()> {
             rank - 1
         )));
     }
-    if p.base % 16 != 0 {
+    if !p.base.is_multiple_of(16) {
         return Err(bad(format!(
             "base address {:#x} is not 16-byte aligned",
             p.base
@@ -570,7 +572,7 @@ pub fn validate_tma(p: &TmaParams) -> Result<()> {
         }
     }
     for (i, &s) in p.strides.iter().enumerate() {
-        if s % 16 != 0 || s >= 1 << 40 {
+        if !s.is_multiple_of(16) || s >= 1 << 40 {
             return Err(bad(format!(
                 "stride of dim {} = {s} bytes; must be a multiple of 16 below 2^40",
                 i + 1
@@ -583,7 +585,7 @@ pub fn validate_tma(p: &TmaParams) -> Result<()> {
         }
     }
     let inner = p.box_dims[0] as u64 * p.dtype.size();
-    if inner % 16 != 0 {
+    if !inner.is_multiple_of(16) {
         return Err(bad(format!(
             "inner box is {inner} bytes; must be a multiple of 16"
         )));
@@ -754,16 +756,12 @@ impl Cx {
     /// Bytes `[off, off + len)` of a storage, after the queued work; a
     /// pending check error wins over the data.
     pub fn read(&self, what: &str, s: &CudaStorage, off: usize, len: usize) -> Result<Vec<u8>> {
-        let end = off
-            .checked_add(len)
-            .filter(|&e| e <= s.bytes())
-            .ok_or_else(|| {
-                dev_err(format!(
-                    "{what}: bytes [{off}, {off}+{len}) lie outside a {}-byte buffer",
-                    s.bytes()
-                ))
-            })?;
-        let _ = end;
+        if off.checked_add(len).is_none_or(|end| end > s.bytes()) {
+            return Err(dev_err(format!(
+                "{what}: bytes [{off}, {off}+{len}) lie outside a {}-byte buffer",
+                s.bytes()
+            )));
+        }
         let mut out = vec![0u8; len];
         self.dev.download(what, s.ptr() + off as u64, &mut out)?;
         self.synchronize(what)?;

@@ -261,8 +261,17 @@ impl NcclTransport {
     }
 
     /// A group of in-process ranks, rank `i` on device `devices[i]` (one
-    /// thread each while the communicators are created).
+    /// thread each while the communicators are created). NCCL allows one
+    /// rank per GPU: the devices must be distinct.
     pub fn group(devices: &[usize]) -> Result<Vec<NcclTransport>> {
+        for (i, d) in devices.iter().enumerate() {
+            if devices[..i].contains(d) {
+                return Err(Error::Comm {
+                    rank: i,
+                    msg: format!("NCCL: device {d} appears twice in {devices:?}; one rank per GPU"),
+                });
+            }
+        }
         let id = NcclId::new()?;
         let world = devices.len();
         let results: Vec<Result<NcclTransport>> = std::thread::scope(|s| {

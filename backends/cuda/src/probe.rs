@@ -170,7 +170,14 @@ pub(crate) fn open_first(
         #[allow(unsafe_code)]
         match unsafe { libloading::Library::new(n) } {
             Ok(lib) => return Ok((lib, n.to_string())),
-            Err(e) => tried.push(format!("{n}: {e}")),
+            Err(e) => {
+                let e = e.to_string();
+                tried.push(if e.contains(n) {
+                    e
+                } else {
+                    format!("{n}: {e}")
+                })
+            }
         }
     }
     Err(format!("{what} library not found ({})", tried.join("; ")))
