@@ -20,7 +20,8 @@
 //!   the same files.
 //! * Op glue (`ops/`) computes launch geometry in plain Rust (`schedule/`,
 //!   tested on the CPU) and launches through [`launch::LaunchContext`].
-//!   Ops whose kernel has not landed answer `NotSupported`.
+//!   Ops whose kernel has not landed answer `NotSupported`; `supports`
+//!   answers from [`KERNEL_OPS`] (the local ops with kernels).
 //! * Index and finiteness checks run on the device (`dp_flag` in
 //!   `port.cuh`) and their errors surface at the next `download` or
 //!   `synchronize`, like an asynchronous CUDA error; whatever that call
@@ -127,6 +128,46 @@ fn info_of(d: &device::DeviceDesc) -> DeviceInfo {
     }
 }
 
+/// The local ops whose kernels have landed (their `ops/` function
+/// launches instead of answering `NotSupported`). Add an op here with its
+/// kernel; `supports` answers from this list.
+pub const KERNEL_OPS: &[OpKind] = &[];
+
+/// The local ops core's expert-parallel protocol runs over.
+pub const EP_BUILDING_BLOCKS: &[OpKind] = &[
+    OpKind::GatherRows,
+    OpKind::ReduceRows,
+    OpKind::ActQuant,
+    OpKind::GetDispatchLayout,
+];
+
+/// What `supports` answers for `op` when `kernels` are the local ops with
+/// kernels: a local op is supported with its kernel; an expert-parallel op
+/// when every building block of core's protocol is.
+pub fn support_of(op: OpKind, kernels: &[OpKind]) -> Support {
+    if op.is_local() {
+        return if kernels.contains(&op) {
+            Support::Supported
+        } else {
+            Support::NotSupported(format!("{} has no CUDA kernel yet", op.name()))
+        };
+    }
+    let missing: Vec<&str> = EP_BUILDING_BLOCKS
+        .iter()
+        .filter(|k| !kernels.contains(k))
+        .map(|k| k.name())
+        .collect();
+    if missing.is_empty() {
+        Support::Supported
+    } else {
+        Support::NotSupported(format!(
+            "{} runs over {}, which have no CUDA kernel yet",
+            op.name(),
+            missing.join(", ")
+        ))
+    }
+}
+
 /// Every local op, forwarded to its op glue in `ops/`.
 macro_rules! forward_local_ops {
     ([] $($kind:ident => $method:ident),* $(,)?) => {$(
@@ -149,11 +190,8 @@ impl Backend for Cuda {
         info_of(self.desc())
     }
 
-    /// Every op is `Supported` here: an op whose kernel has not landed
-    /// answers `NotSupported` when run; the expert-parallel ops are core's
-    /// protocol over the local row ops.
-    fn supports(&self, _op: OpKind, _dtypes: &[DType]) -> Support {
-        Support::Supported
+    fn supports(&self, op: OpKind, _dtypes: &[DType]) -> Support {
+        support_of(op, KERNEL_OPS)
     }
 
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
@@ -222,4 +260,29 @@ pub fn register(reg: &mut deepport_core::registry::Registry) {
         |device| Ok(Box::new(Cuda::on_device(device.unwrap_or(0))?)),
         devices,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn support_follows_the_kernel_list() {
+        let s = support_of(OpKind::RmsNorm, &[]);
+        assert!(
+            matches!(&s, Support::NotSupported(r) if r.contains("rms_norm")),
+            "{s:?}"
+        );
+        assert!(support_of(OpKind::RmsNorm, &[OpKind::RmsNorm]).is_supported());
+        let s = support_of(OpKind::Dispatch, &[OpKind::GatherRows, OpKind::ActQuant]);
+        assert!(
+            matches!(&s, Support::NotSupported(r) if r.contains("reduce_rows") && r.contains("get_dispatch_layout") && !r.contains("gather_rows")),
+            "{s:?}"
+        );
+        assert!(support_of(OpKind::Combine, EP_BUILDING_BLOCKS).is_supported());
+        // Today's list: every local op in it is one of core's.
+        for k in KERNEL_OPS {
+            assert!(k.is_local(), "{k:?}");
+        }
+    }
 }
