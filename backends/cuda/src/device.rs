@@ -6,10 +6,10 @@
 //! * Device memory is stream-ordered (`cuMemAllocAsync`/`cuMemFreeAsync`
 //!   on the instance's stream) where the device has memory pools, else
 //!   `cuMemAlloc` with frees deferred to the next synchronize.
-//! * Modules: each [`KernelSource`] is compiled once per instance by
+//! * Modules: each [`KernelSource`] is compiled once per process and arch by
 //!   `crate::nvrtc::compile` for the device's arch (`sm_90a` on Hopper,
-//!   `sm_{major}{minor}` elsewhere) and loaded from its cubin; functions
-//!   are cached per entry point.
+//!   `sm_{major}{minor}` elsewhere) and loaded (once per instance) from its
+//!   cubin; functions are cached per entry point.
 //! * Deferred checks: [`Cx::check`] hands out `u64` status entries of one
 //!   device buffer (zeroed) and records what each means; at the next
 //!   `synchronize`/`download` the stream is synchronized, the entries are
@@ -32,7 +32,7 @@ use deepport_core::tensor::unravel;
 use deepport_core::{Error, Result};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Status entries per instance; when they run out, the stream is settled
 /// (synchronized and its checks read) before more are handed out.
@@ -660,6 +660,24 @@ struct Function {
 // SAFETY: a CUfunction handle may be used from any thread (context current).
 unsafe impl Send for Function {}
 
+/// NVRTC's output for `src` on `arch`, compiled once per process (every
+/// instance on a device of that arch loads the same cubin; compiling is
+/// the expensive part).
+fn compiled(src: &'static KernelSource, arch: &str) -> Result<Arc<crate::nvrtc::Compiled>> {
+    type Cache = HashMap<(&'static str, String), Arc<crate::nvrtc::Compiled>>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (src.name, arch.to_string());
+    if let Some(c) = lock(cache).get(&key) {
+        return Ok(c.clone());
+    }
+    // Compiled outside the lock: other sources compile meanwhile; a source
+    // compiled twice at once is only wasted work.
+    let c = Arc::new(crate::nvrtc::compile(src, arch)?);
+    lock(cache).insert(key, c.clone());
+    Ok(c)
+}
+
 /// The device context of one backend instance (see the module docs).
 pub struct Cx {
     pub(crate) dev: Arc<Device>,
@@ -802,10 +820,10 @@ impl Cx {
                 src.name
             )));
         }
-        let compiled = crate::nvrtc::compile(src, arch)?;
+        let compiled = compiled(src, arch)?;
         self.dev.bind(src.name)?;
         let m = if compiled.cubin.is_empty() {
-            let ptx = CString::new(compiled.ptx)
+            let ptx = CString::new(compiled.ptx.as_str())
                 .map_err(|_| dev_err(format!("{}: PTX contains a NUL", src.name)))?;
             // SAFETY: a NUL-terminated PTX image; the context is current.
             drv(

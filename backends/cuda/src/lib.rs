@@ -11,8 +11,8 @@
 //!   stream of its own ([`device::Cx`]). Memory is stream-ordered; ops
 //!   queue kernels and never block; `download` and `synchronize` wait.
 //! * Kernels are `.cu` files under `kernels/`, embedded in the binary and
-//!   compiled by NVRTC for the device's architecture (once per instance and
-//!   source; `sm_90a` on Hopper, `sm_{major}{minor}` elsewhere) and loaded
+//!   compiled by NVRTC for the device's architecture (once per process,
+//!   source and arch; `sm_90a` on Hopper, `sm_{major}{minor}` elsewhere) and loaded
 //!   from the cubin: portable kernels for sm_80 and later, and Hopper
 //!   (sm_90a) paths for the FP8 GEMMs (wgmma, TMA, persistent schedule)
 //!   and MLA decode (wgmma, split-K and a combine kernel). Every portable
@@ -110,7 +110,8 @@ fn driver_text() -> String {
         .map(|d| format!("CUDA driver {} ({})", d.version_text(), d.library))
         .unwrap_or_else(|e| e.to_string());
     let rtc = nvrtc::probe().unwrap_or_else(|why| format!("NVRTC unavailable: {why}"));
-    format!("{drv}; {rtc}")
+    let nccl = nccl::probe().unwrap_or_else(|_| "no NCCL".into());
+    format!("{drv}; {rtc}; {nccl}")
 }
 
 fn info_of(d: &device::DeviceDesc) -> DeviceInfo {

@@ -61,6 +61,8 @@ pub const DRIVER_SYMBOLS: &[&str] = &[
     "cuLaunchKernel",
     "cuTensorMapEncodeTiled",
     "cuGetErrorString",
+    "cuGetErrorName",
+    "cuDeviceTotalMem_v2",
 ];
 
 /// What the driver probe found.
