@@ -9,6 +9,9 @@
 //! `cuDeviceGetCount` through that handle. Only when all of that succeeds
 //! may cudarc be used; cudarc's own search finds the same library (its
 //! candidates include `libcuda.so` and `libcuda.so.1`), already loaded.
+//! cudarc tries `libcuda.so` first: when that name also loads (it may be a
+//! toolkit's stub library on `LD_LIBRARY_PATH`), it is checked the same
+//! way, so cudarc never gets a driver the probe did not accept.
 //!
 //! Every failure is [`Error::Unavailable`] with the exact reason: the
 //! library is missing (with the names tried and the loader's message), a
@@ -200,9 +203,12 @@ pub(crate) fn missing_symbols(lib: &libloading::Library, names: &[&str]) -> Vec<
         .collect()
 }
 
-fn probe_driver() -> std::result::Result<DriverInfo, String> {
-    let (lib, library) = open_first("CUDA driver (libcuda)", DRIVER_NAMES)?;
-    let missing = missing_symbols(&lib, DRIVER_SYMBOLS);
+/// Checks one opened driver library: symbols, `cuInit`, version, devices.
+fn check_driver(
+    lib: &libloading::Library,
+    library: &str,
+) -> std::result::Result<DriverInfo, String> {
+    let missing = missing_symbols(lib, DRIVER_SYMBOLS);
     if !missing.is_empty() {
         return Err(format!(
             "driver too old: {library} lacks {} (this backend needs a CUDA {} or newer driver)",
@@ -240,14 +246,31 @@ fn probe_driver() -> std::result::Result<DriverInfo, String> {
     if let Some(reason) = driver_verdict(init, version, count) {
         return Err(format!("{library}: {reason}"));
     }
-    // Keep the library loaded for the life of the process (cudarc's handle
-    // refers to the same mapping; unloading a CUDA driver is never safe).
-    std::mem::forget(lib);
     Ok(DriverInfo {
-        library,
+        library: library.to_string(),
         version: version.unwrap_or(0),
         devices: count.map(|(_, n)| n.max(0) as usize).unwrap_or(0),
     })
+}
+
+fn probe_driver() -> std::result::Result<DriverInfo, String> {
+    let (lib, library) = open_first("CUDA driver (libcuda)", DRIVER_NAMES)?;
+    let info = check_driver(&lib, &library)?;
+    // cudarc tries `libcuda.so` before `libcuda.so.1`. When both exist they
+    // may differ (a toolkit's stub `libcuda.so` on LD_LIBRARY_PATH next to
+    // the real driver): check the one cudarc will load as well.
+    if library != "libcuda.so" {
+        if let Ok((other, name)) = open_first("CUDA driver (libcuda)", &["libcuda.so"]) {
+            check_driver(&other, &name).map_err(|why| {
+                format!("{why} (cudarc loads libcuda.so before {library}; fix or remove it)")
+            })?;
+            std::mem::forget(other);
+        }
+    }
+    // Keep the library loaded for the life of the process (cudarc's handle
+    // refers to the same mapping; unloading a CUDA driver is never safe).
+    std::mem::forget(lib);
+    Ok(info)
 }
 
 /// Probes the driver once per process; `Err` is [`Error::Unavailable`]
