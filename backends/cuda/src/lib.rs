@@ -6,7 +6,8 @@
 //!   driver). Each library is probed before any call ([`probe`]), so a
 //!   machine without `libcuda` lists `cuda` as unavailable with the
 //!   reason (library missing, no device, driver too old) instead of
-//!   panicking.
+//!   panicking. Without NVRTC no kernel can be compiled, so the backend is
+//!   unavailable then too.
 //! * One instance is one device (`cuda:N`): a primary context and a
 //!   stream of its own ([`device::Cx`]). Memory is stream-ordered; ops
 //!   queue kernels and never block; `download` and `synchronize` wait.
@@ -74,8 +75,16 @@ impl Cuda {
         Self::on_device(0)
     }
 
-    /// The backend on device `ordinal` (`cuda:N`).
+    /// The backend on device `ordinal` (`cuda:N`). Unavailable without a
+    /// usable driver, without that device, or without NVRTC (no kernel
+    /// could be compiled).
     pub fn on_device(ordinal: usize) -> Result<Self> {
+        probe::driver()?;
+        nvrtc::probe().map_err(|why| {
+            probe::unavailable(format!(
+                "NVRTC (the kernel compiler) cannot be loaded: {why}"
+            ))
+        })?;
         let id = InstanceId::fresh();
         Ok(Cuda {
             cx: Cx::new(ordinal, id)?,

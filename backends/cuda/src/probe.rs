@@ -91,7 +91,7 @@ pub fn version_text(v: i32) -> String {
     format!("{}.{}", v / 1000, (v % 1000) / 10)
 }
 
-pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
+pub fn unavailable(reason: impl Into<String>) -> Error {
     Error::Unavailable {
         backend: BACKEND.into(),
         reason: reason.into(),

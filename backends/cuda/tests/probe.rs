@@ -38,7 +38,8 @@ fn registry_lists_cuda_with_its_availability() {
                 reason.contains("libcuda")
                     || reason.contains("no CUDA device")
                     || reason.contains("driver too old")
-                    || reason.contains("cuInit"),
+                    || reason.contains("cuInit")
+                    || reason.contains("NVRTC"),
                 "{reason}"
             );
         }
