@@ -338,4 +338,75 @@ mod tests {
         assert!(e.contains("libdeepport-does-not-exist.so.7"), "{e}");
         assert!(e.contains("test library not found"), "{e}");
     }
+
+    /// Builds a fake `libcuda` with the C compiler (when there is one) and
+    /// runs the real probe path on it: dlopen, symbol check, calls.
+    fn fake_driver(tag: &str, init: i32, version: i32, count: i32, omit: &str) -> Option<String> {
+        let dir =
+            std::env::temp_dir().join(format!("deepport-cuda-fake-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let mut c = String::new();
+        for s in DRIVER_SYMBOLS {
+            match *s {
+                "cuInit" => c += &format!("int cuInit(unsigned f) {{ (void)f; return {init}; }}\n"),
+                "cuDriverGetVersion" => {
+                    c +=
+                        &format!("int cuDriverGetVersion(int* v) {{ *v = {version}; return 0; }}\n")
+                }
+                "cuDeviceGetCount" => {
+                    c += &format!("int cuDeviceGetCount(int* n) {{ *n = {count}; return 0; }}\n")
+                }
+                s if s == omit => {}
+                s => c += &format!("int {s}(void) {{ return 0; }}\n"),
+            }
+        }
+        let src = dir.join("fake.c");
+        let lib = dir.join("libcuda-fake.so");
+        std::fs::write(&src, c).ok()?;
+        let ok = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            println!("no C compiler: fake-driver test skipped");
+            return None;
+        }
+        Some(lib.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn probe_path_on_fake_drivers() {
+        let run = |path: &str| {
+            let (lib, name) = open_first("fake", &[path]).expect("the fake library loads");
+            check_driver(&lib, &name)
+        };
+        let Some(good) = fake_driver("good", 0, 12040, 2, "") else {
+            return;
+        };
+        let info = run(&good).expect("a good fake driver");
+        assert_eq!((info.version, info.devices), (12040, 2));
+        let nodev = fake_driver("nodev", 100, 12040, 0, "").unwrap();
+        let e = run(&nodev).unwrap_err();
+        assert!(e.contains("CUDA_ERROR_NO_DEVICE"), "{e}");
+        let zero = fake_driver("zero", 0, 13000, 0, "").unwrap();
+        let e = run(&zero).unwrap_err();
+        assert!(e.contains("no CUDA device"), "{e}");
+        let old = fake_driver("old", 0, 11080, 1, "").unwrap();
+        let e = run(&old).unwrap_err();
+        assert!(e.contains("driver too old") && e.contains("11.8"), "{e}");
+        let nosym = fake_driver("nosym", 0, 12040, 1, "cuTensorMapEncodeTiled").unwrap();
+        let e = run(&nosym).unwrap_err();
+        assert!(
+            e.contains("driver too old") && e.contains("cuTensorMapEncodeTiled"),
+            "{e}"
+        );
+        for p in [good, nodev, zero, old, nosym] {
+            if let Some(d) = std::path::Path::new(&p).parent() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
 }
