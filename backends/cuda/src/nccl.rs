@@ -81,8 +81,8 @@ pub const NCCL_SYMBOLS: &[&str] = &[
 /// NCCL 2.7 introduced send/recv.
 pub const MIN_NCCL_VERSION: i32 = 2700;
 
-fn open_nccl() -> std::result::Result<Nccl, String> {
-    let (lib, file) = probe::open_first("NCCL (libnccl)", NCCL_NAMES)?;
+fn open_nccl(names: &[&str]) -> std::result::Result<Nccl, String> {
+    let (lib, file) = probe::open_first("NCCL (libnccl)", names)?;
     let missing = probe::missing_symbols(&lib, NCCL_SYMBOLS);
     if !missing.is_empty() {
         return Err(format!(
@@ -130,7 +130,7 @@ fn open_nccl() -> std::result::Result<Nccl, String> {
 /// handle lives in the static); [`Error::Unavailable`] with the reason.
 pub fn library() -> Result<&'static Nccl> {
     static LIB: OnceLock<std::result::Result<Nccl, String>> = OnceLock::new();
-    LIB.get_or_init(open_nccl)
+    LIB.get_or_init(|| open_nccl(NCCL_NAMES))
         .as_ref()
         .map_err(|why| probe::unavailable(why.clone()))
 }
@@ -549,6 +549,64 @@ pub fn probe() -> std::result::Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake libnccl built with the C compiler, or `None` without one.
+    fn fake_nccl(tag: &str, version: i32, omit: &str) -> Option<std::path::PathBuf> {
+        let dir = std::env::temp_dir().join(format!(
+            "deepport-cuda-fakenccl-{}-{tag}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).ok()?;
+        let mut c = String::new();
+        for s in NCCL_SYMBOLS {
+            match *s {
+                "ncclGetVersion" => {
+                    c += &format!("int ncclGetVersion(int* v) {{ *v = {version}; return 0; }}\n")
+                }
+                s if s == omit => {}
+                s => c += &format!("int {s}(void) {{ return 0; }}\n"),
+            }
+        }
+        let src = dir.join("fake.c");
+        let lib = dir.join("libnccl-fake.so.2");
+        std::fs::write(&src, c).ok()?;
+        let ok = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            println!("no C compiler: fake-NCCL test skipped");
+            return None;
+        }
+        Some(lib)
+    }
+
+    #[test]
+    fn loader_on_fake_nccl() {
+        let open = |p: &std::path::Path| open_nccl(&[p.to_str().unwrap()]);
+        let Some(good) = fake_nccl("good", 22105, "") else {
+            return;
+        };
+        let n = open(&good).map_err(|e| e.to_string()).unwrap();
+        assert_eq!(n.version_text(), "2.21.5");
+        let old = fake_nccl("old", 2604, "").unwrap();
+        let e = open(&old).err().unwrap();
+        assert!(e.contains("NCCL too old") && e.contains("2604"), "{e}");
+        let nosym = fake_nccl("nosym", 22105, "ncclSend").unwrap();
+        let e = open(&nosym).err().unwrap();
+        assert!(e.contains("NCCL too old") && e.contains("ncclSend"), "{e}");
+        let e = open_nccl(&["libnccl-deepport-missing.so.2"]).err().unwrap();
+        assert!(e.contains("NCCL (libnccl) library not found"), "{e}");
+        assert!(e.contains("libnccl-deepport-missing.so.2"), "{e}");
+        for p in [good, old, nosym] {
+            if let Some(d) = p.parent() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
 
     #[test]
     fn prefix_offsets() {
