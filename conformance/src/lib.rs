@@ -54,6 +54,8 @@ pub fn registry() -> Registry {
     deepport_cpu::register(&mut reg);
     #[cfg(feature = "wgpu")]
     deepport_wgpu::register(&mut reg);
+    #[cfg(feature = "cuda")]
+    deepport_cuda::register(&mut reg);
     #[cfg(feature = "cpu")]
     faulty::register_if_enabled(&mut reg);
     reg
