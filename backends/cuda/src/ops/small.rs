@@ -141,7 +141,10 @@ fn same_bytes(src: &Tensor, dst: &Tensor) -> i32 {
 pub(crate) fn gather_width(row_bytes: usize, src: u64, dst: u64) -> (u32, usize) {
     for w in [16u32, 8, 4, 2] {
         let wb = w as usize;
-        if row_bytes.is_multiple_of(wb) && src % w as u64 == 0 && dst % w as u64 == 0 {
+        if row_bytes.is_multiple_of(wb)
+            && src.is_multiple_of(w as u64)
+            && dst.is_multiple_of(w as u64)
+        {
             return (w, row_bytes / wb);
         }
     }
@@ -551,4 +554,675 @@ pub(crate) fn get_dispatch_layout(
         cx.launch(k(&LAYOUT_CU, "ly_rank_membership"), grid, &args)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::{Arch, Scratch, TensorMap, TmaParams};
+    use deepport_core::backend::{InstanceId, Storage};
+    use std::any::Any;
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    // ---- a recording LaunchContext over fake device memory ----------------------
+
+    /// Fake device memory: a base address, no bytes.
+    struct Mem {
+        base: u64,
+    }
+    impl Storage for Mem {
+        fn backend(&self) -> &str {
+            "mock"
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    /// A tensor at a fresh, 4 KiB-aligned fake address (nothing allocated,
+    /// so shapes may be huge).
+    fn t(dtype: DType, shape: &[usize]) -> Tensor {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let base = NEXT.fetch_add(1, Ordering::Relaxed) << 44;
+        Tensor::new(dtype, shape, Box::new(Mem { base }), InstanceId::fresh())
+    }
+
+    fn base(t: &Tensor) -> u64 {
+        t.storage_any::<Mem>().map_or(0, |m| m.base)
+    }
+
+    #[derive(Clone, Debug)]
+    struct Launch {
+        entry: &'static str,
+        grid: Grid,
+        args: Vec<Arg>,
+    }
+
+    #[derive(Clone, Debug)]
+    struct Check {
+        op: &'static str,
+        arg: &'static str,
+        shape: Vec<usize>,
+        kind: CheckKind,
+        addr: u64,
+    }
+
+    struct Rec {
+        launches: RefCell<Vec<Launch>>,
+        checks: RefCell<Vec<Check>>,
+    }
+
+    const STATUS_BASE: u64 = 0xfeed_0000;
+
+    impl Rec {
+        fn new() -> Self {
+            Rec {
+                launches: RefCell::new(Vec::new()),
+                checks: RefCell::new(Vec::new()),
+            }
+        }
+        fn entries(&self) -> Vec<&'static str> {
+            self.launches.borrow().iter().map(|l| l.entry).collect()
+        }
+        fn only(&self, entry: &str) -> Launch {
+            let l = self.launches.borrow();
+            let v: Vec<_> = l.iter().filter(|l| l.entry == entry).collect();
+            assert_eq!(v.len(), 1, "launches of {entry}: {:?}", self.entries());
+            v[0].clone()
+        }
+        fn check_of(&self, arg: &str) -> Check {
+            let c = self.checks.borrow();
+            let v: Vec<_> = c.iter().filter(|c| c.arg == arg).collect();
+            assert_eq!(v.len(), 1, "checks of {arg}: {c:?}");
+            v[0].clone()
+        }
+    }
+
+    fn mem_ptr(t: &Tensor) -> Result<u64> {
+        let m = t
+            .storage_any::<Mem>()
+            .ok_or_else(|| Error::Other("not a mock tensor".into()))?;
+        Ok(m.base + t.offset_bytes() as u64)
+    }
+
+    impl LaunchContext for Rec {
+        fn arch(&self) -> Arch {
+            Arch {
+                major: 9,
+                minor: 0,
+                sms: 132,
+                smem_optin: 227 * 1024,
+            }
+        }
+        fn ptr(&self, t: &Tensor) -> Result<u64> {
+            mem_ptr(t)
+        }
+        fn ptr_mut(&self, t: &mut Tensor) -> Result<u64> {
+            mem_ptr(t)
+        }
+        fn scratch(&self, _bytes: usize) -> Result<Scratch> {
+            Err(Error::Other("the small ops need no scratch".into()))
+        }
+        fn check(
+            &self,
+            op: &'static str,
+            arg: &'static str,
+            shape: &[usize],
+            kind: CheckKind,
+        ) -> Result<u64> {
+            let mut c = self.checks.borrow_mut();
+            let addr = STATUS_BASE + 8 * c.len() as u64;
+            c.push(Check {
+                op,
+                arg,
+                shape: shape.to_vec(),
+                kind,
+                addr,
+            });
+            Ok(addr)
+        }
+        fn tensor_map(&self, _params: &TmaParams) -> Result<TensorMap> {
+            Err(Error::Other("the small ops use no TMA".into()))
+        }
+        /// Records the launch after checking what the driver would: the
+        /// entry exists, the grid is within limits, the arguments match the
+        /// kernel's C signature in number and kind.
+        fn launch(&self, kernel: Kernel, grid: Grid, args: &[Arg]) -> Result<()> {
+            let bad = |m: String| Err(Error::Other(format!("{}: {m}", kernel.entry)));
+            if !kernel.source.entries.contains(&kernel.entry) {
+                return bad("not an entry of its source".into());
+            }
+            let (gx, gy, gz) = grid.grid;
+            let (bx, by, bz) = grid.block;
+            if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
+                return bad(format!("bad grid {:?}", grid.grid));
+            }
+            if bx == 0 || by == 0 || bz == 0 || bx * by * bz > 1024 || bx % 64 != 0 {
+                return bad(format!("bad block {:?}", grid.block));
+            }
+            if grid.smem > SMEM_DEFAULT {
+                return bad(format!("smem {}", grid.smem));
+            }
+            let params = signature(kernel.source.text, kernel.entry)
+                .ok_or_else(|| Error::Other(format!("{}: no signature", kernel.entry)))?;
+            if params.len() != args.len() {
+                return bad(format!("{} args for {} params", args.len(), params.len()));
+            }
+            for (i, (p, a)) in params.iter().zip(args).enumerate() {
+                let ok = match a {
+                    Arg::Ptr(_) => p.contains('*'),
+                    Arg::I32(_) => p.starts_with("int "),
+                    Arg::I64(_) => p.starts_with("i64 "),
+                    Arg::F32(_) => p.starts_with("float "),
+                    Arg::U32(_) => p.starts_with("u32 "),
+                    Arg::U64(_) => p.starts_with("u64 "),
+                    Arg::TensorMap(_) => false,
+                };
+                if !ok {
+                    return bad(format!("argument {i} {a:?} for parameter `{p}`"));
+                }
+            }
+            self.launches.borrow_mut().push(Launch {
+                entry: kernel.entry,
+                grid,
+                args: args.to_vec(),
+            });
+            Ok(())
+        }
+    }
+
+    /// The parameters of `extern "C" DP_GLOBAL void entry(...)` in `text`.
+    fn signature(text: &str, entry: &str) -> Option<Vec<String>> {
+        let head = format!("extern \"C\" DP_GLOBAL void {entry}(");
+        let start = text.find(&head)? + head.len();
+        let end = start + text[start..].find(')')?;
+        Some(
+            text[start..end]
+                .split(',')
+                .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+                .filter(|p| !p.is_empty())
+                .collect(),
+        )
+    }
+
+    fn ptr_arg(a: &Arg) -> u64 {
+        match a {
+            Arg::Ptr(p) => *p,
+            other => panic!("not a pointer: {other:?}"),
+        }
+    }
+    fn i32_arg(a: &Arg) -> i32 {
+        match a {
+            Arg::I32(v) => *v,
+            other => panic!("not an i32: {other:?}"),
+        }
+    }
+    fn i64_arg(a: &Arg) -> i64 {
+        match a {
+            Arg::I64(v) => *v,
+            other => panic!("not an i64: {other:?}"),
+        }
+    }
+
+    /// Threads a launch runs (grid-stride kernels cover any count with ≥ 1).
+    fn threads(g: &Grid) -> u64 {
+        g.grid.0 as u64 * g.block.0 as u64
+    }
+
+    // ---- sources -------------------------------------------------------------------
+
+    #[test]
+    fn sources_declare_exactly_their_entries_and_include_only_port_cuh() {
+        assert_eq!(SOURCES.len(), 4);
+        for s in SOURCES {
+            assert_eq!(s.target, Target::Portable, "{}", s.name);
+            let defined = s.text.matches("extern \"C\" DP_GLOBAL void ").count();
+            assert_eq!(defined, s.entries.len(), "{}", s.name);
+            for e in s.entries {
+                assert!(signature(s.text, e).is_some(), "{}: {e}", s.name);
+            }
+            for line in s
+                .text
+                .lines()
+                .filter(|l| l.trim_start().starts_with("#include"))
+            {
+                assert_eq!(line.trim(), "#include \"port.cuh\"", "{}", s.name);
+            }
+            // Portable: no hard-coded warp width, no inline PTX.
+            assert!(!s.text.contains("asm("), "{}", s.name);
+            assert!(!s.text.contains("0xffffffff,"), "{}", s.name);
+            assert!(!s.text.contains("__shfl_xor_sync"), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn signature_parser_reads_kinds() {
+        let p = signature(SMALL_CU.text, "sm_add").unwrap();
+        assert_eq!(p.len(), 7);
+        assert!(p[0].contains('*') && p[1].starts_with("int ") && p[6].starts_with("i64 "));
+    }
+
+    // ---- geometry --------------------------------------------------------------
+
+    #[test]
+    fn grids_cover_or_stride() {
+        assert!(flat_grid(0).is_none());
+        for n in [1usize, 255, 256, 257, 1 << 20, (1 << 24) - 3] {
+            let g = flat_grid(n).unwrap();
+            assert!(threads(&g) >= n as u64, "{n}: {g:?}");
+            assert!(threads(&g) < n as u64 + BLOCK as u64);
+        }
+        // Past MAX_BLOCKS blocks the kernels loop (grid-stride): capped grid.
+        let huge = 3usize << 33;
+        let g = flat_grid(huge).unwrap();
+        assert_eq!(g.grid, (MAX_BLOCKS, 1, 1));
+        assert_eq!(blocks_for(70_000, 1), Some(MAX_BLOCKS));
+        assert_eq!(blocks_for(5, 1), Some(5));
+        assert_eq!(row_block(1), 64);
+        assert_eq!(row_block(65), 128);
+        assert_eq!(row_block(7168), BLOCK);
+    }
+
+    #[test]
+    fn gather_width_is_widest_aligned_unit() {
+        assert_eq!(gather_width(1152, 0x1000, 0x2000), (16, 72));
+        assert_eq!(gather_width(1152, 0x1008, 0x2000), (8, 144));
+        assert_eq!(gather_width(6, 0x1000, 0x2000), (2, 3));
+        assert_eq!(gather_width(7, 0x1000, 0x2000), (1, 7));
+        assert_eq!(gather_width(16, 0x1001, 0x2000), (1, 16));
+        assert_eq!(gather_width(12, 0x1000, 0x2004), (4, 3));
+    }
+
+    #[test]
+    fn element_addresses() {
+        assert_eq!(elem_addr(1000, 0, 0, 7, 2), 1000);
+        assert_eq!(elem_addr(1000, 2, 3, 7, 2), 1000 + (2 * 7 + 3) * 2);
+    }
+
+    // ---- ops -------------------------------------------------------------------------
+
+    #[test]
+    fn rms_norm_one_block_per_row_on_a_view() {
+        let big = t(DType::BF16, &[40, 300]);
+        let x = big.view(300 * 3, &[3, 5, 300]).unwrap();
+        let w = t(DType::F32, &[300]);
+        let mut y = t(DType::BF16, &[3, 5, 300]);
+        let mut op = RmsNorm {
+            x: &x,
+            weight: &w,
+            y: &mut y,
+            eps: 1e-6,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        rms_norm(&rec, &mut op).unwrap();
+        let l = rec.only("sm_rms_norm");
+        assert_eq!(l.grid.grid, (15, 1, 1));
+        assert_eq!(l.grid.block.0, 256);
+        assert_eq!(ptr_arg(&l.args[0]), base(&big) + 300 * 3 * 2);
+        assert_eq!(i32_arg(&l.args[1]), 1);
+        assert_eq!(i32_arg(&l.args[3]), 0);
+        assert_eq!(i64_arg(&l.args[6]), 15);
+        assert_eq!(i64_arg(&l.args[7]), 300);
+        assert!(rec.checks.borrow().is_empty());
+    }
+
+    #[test]
+    fn rms_norm_many_rows_stride() {
+        let x = t(DType::F32, &[100_000, 64]);
+        let w = t(DType::F32, &[64]);
+        let mut y = t(DType::F32, &[100_000, 64]);
+        let mut op = RmsNorm {
+            x: &x,
+            weight: &w,
+            y: &mut y,
+            eps: 1e-6,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        rms_norm(&rec, &mut op).unwrap();
+        let l = rec.only("sm_rms_norm");
+        assert_eq!(l.grid.grid.0, MAX_BLOCKS);
+        assert_eq!(l.grid.block.0, 64);
+    }
+
+    fn gate_case(bias: bool, idx: DType, experts: usize) -> (Rec, Result<()>) {
+        let x = t(DType::BF16, &[20, 96]);
+        let w = t(DType::BF16, &[experts, 96]);
+        let b = t(DType::F32, &[experts]);
+        let mut ti = t(idx, &[20, 8]);
+        let mut tw = t(DType::F32, &[20, 8]);
+        let mut op = MoeGate {
+            x: &x,
+            weight: &w,
+            bias: bias.then_some(&b),
+            topk_idx: &mut ti,
+            topk_weights: &mut tw,
+            n_group: 8,
+            topk_group: 4,
+            topk: 8,
+            route_scale: 2.5,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        let r = moe_gate(&rec, &mut op);
+        (rec, r)
+    }
+
+    #[test]
+    fn moe_gate_checks_inputs_finite_then_gates() {
+        let (rec, r) = gate_case(true, DType::I64, 64);
+        r.unwrap();
+        assert_eq!(
+            rec.entries(),
+            [
+                "sm_check_finite",
+                "sm_check_finite",
+                "sm_check_finite",
+                "gt_moe_gate"
+            ]
+        );
+        for (arg, shape) in [
+            ("x", vec![20, 96]),
+            ("weight", vec![64, 96]),
+            ("bias", vec![64]),
+        ] {
+            let c = rec.check_of(arg);
+            assert_eq!(c.op, "moe_gate");
+            assert_eq!(c.shape, shape);
+            assert!(matches!(c.kind, CheckKind::Finite));
+        }
+        // Each check kernel writes its own status entry and covers its tensor.
+        let l = rec.launches.borrow();
+        for (i, arg) in ["x", "weight", "bias"].iter().enumerate() {
+            assert_eq!(ptr_arg(&l[i].args[3]), rec.check_of(arg).addr);
+            assert!(threads(&l[i].grid) >= i64_arg(&l[i].args[1]) as u64);
+        }
+        let g = &l[3];
+        assert_eq!(g.grid.grid, (20, 1, 1));
+        assert_eq!(g.grid.smem as usize, gate_smem(64, 8));
+        assert_ne!(ptr_arg(&g.args[4]), 0);
+        assert_eq!(i32_arg(&g.args[6]), 1);
+        assert_eq!(i32_arg(&g.args[10]), 64);
+    }
+
+    #[test]
+    fn moe_gate_without_bias_and_i32_ids() {
+        let (rec, r) = gate_case(false, DType::I32, 64);
+        r.unwrap();
+        assert_eq!(rec.checks.borrow().len(), 2);
+        let g = rec.only("gt_moe_gate");
+        assert_eq!(ptr_arg(&g.args[4]), 0);
+        assert_eq!(i32_arg(&g.args[6]), 0);
+    }
+
+    #[test]
+    fn moe_gate_too_many_experts_is_an_error_not_a_bad_launch() {
+        let (rec, r) = gate_case(true, DType::I64, 8 * 1024);
+        assert!(matches!(r, Err(Error::NotSupported { .. })), "{r:?}");
+        assert!(!rec.entries().contains(&"gt_moe_gate"));
+    }
+
+    #[test]
+    fn elementwise_mixed_dtypes_and_huge_tensors() {
+        let a = t(DType::BF16, &[13, 70]);
+        let b = t(DType::F32, &[13, 70]);
+        let mut out = t(DType::F32, &[13, 70]);
+        let mut op = Add {
+            a: &a,
+            b: &b,
+            out: &mut out,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        add(&rec, &mut op).unwrap();
+        let l = rec.only("sm_add");
+        assert_eq!((i32_arg(&l.args[1]), i32_arg(&l.args[3])), (1, 0));
+        assert_eq!(i32_arg(&l.args[5]), 0);
+        assert!(threads(&l.grid) >= 13 * 70);
+
+        let n = 5usize << 30; // past i32 and u32 element indices
+        let g = t(DType::F16, &[n]);
+        let u = t(DType::F16, &[n]);
+        let mut o = t(DType::F16, &[n]);
+        let mut op = SiluMul {
+            gate: &g,
+            up: &u,
+            out: &mut o,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        silu_mul(&rec, &mut op).unwrap();
+        let l = rec.only("sm_silu_mul");
+        assert_eq!(i64_arg(&l.args[6]), n as i64);
+        assert_eq!(l.grid.grid.0, MAX_BLOCKS);
+        assert_eq!(i32_arg(&l.args[1]), 2);
+    }
+
+    #[test]
+    fn empty_tensors_launch_nothing() {
+        let a = t(DType::BF16, &[0, 70]);
+        let b = t(DType::BF16, &[0, 70]);
+        let mut out = t(DType::BF16, &[0, 70]);
+        let mut op = Add {
+            a: &a,
+            b: &b,
+            out: &mut out,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        add(&rec, &mut op).unwrap();
+        assert!(rec.entries().is_empty());
+    }
+
+    #[test]
+    fn embedding_checks_ids_and_copies_raw_when_dtypes_agree() {
+        for (ids_dt, out_dt) in [(DType::I64, DType::BF16), (DType::I32, DType::F32)] {
+            let table = t(DType::BF16, &[129_280, 128]);
+            let ids = t(ids_dt, &[33]);
+            let mut out = t(out_dt, &[33, 128]);
+            let mut op = Embedding {
+                table: &table,
+                ids: &ids,
+                out: &mut out,
+            }
+            .check()
+            .unwrap();
+            let rec = Rec::new();
+            embedding(&rec, &mut op).unwrap();
+            let c = rec.check_of("ids");
+            assert_eq!(c.shape, [33]);
+            assert!(matches!(
+                c.kind,
+                CheckKind::Range {
+                    lo: 0,
+                    hi: 129_280,
+                    allow: None
+                }
+            ));
+            let l = rec.only("rw_embedding");
+            assert_eq!(l.grid.grid.0, 33);
+            assert_eq!(l.grid.block.0, 128);
+            assert_eq!(i32_arg(&l.args[3]), (ids_dt == DType::I64) as i32);
+            let same = if out_dt == DType::BF16 { 2 } else { 0 };
+            assert_eq!(i32_arg(&l.args[6]), same);
+            assert_eq!(ptr_arg(&l.args[10]), c.addr);
+        }
+    }
+
+    #[test]
+    fn copy_window_offsets_views_and_origins() {
+        let big = t(DType::F32, &[100]);
+        let src = big.view(10, &[6, 10]).unwrap();
+        let mut dst = t(DType::BF16, &[8, 2, 4]); // viewed as [16, 4]
+        let mut op = CopyWindow {
+            src: &src,
+            dst: &mut dst,
+            src_origin: (2, 4),
+            dst_origin: (4, 1),
+            size: (3, 3),
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        copy_window(&rec, &mut op).unwrap();
+        let l = rec.only("rw_copy_window");
+        assert_eq!(ptr_arg(&l.args[0]), base(&big) + (10 + 2 * 10 + 4) * 4);
+        assert_eq!(i64_arg(&l.args[2]), 10);
+        assert_eq!(ptr_arg(&l.args[3]), base(&dst) + (4 * 4 + 1) * 2);
+        assert_eq!(i64_arg(&l.args[5]), 4);
+        assert_eq!(i32_arg(&l.args[6]), 0);
+        assert_eq!((i64_arg(&l.args[7]), i64_arg(&l.args[8])), (3, 3));
+        assert!(threads(&l.grid) >= 9);
+    }
+
+    #[test]
+    fn gather_rows_checks_index_allowing_minus_one() {
+        let big = t(DType::BF16, &[64 * 576 + 4]);
+        // A view 4 elements (8 bytes) in: only 8-byte units stay aligned.
+        let src = big.view(4, &[64, 576]).unwrap();
+        let index = t(DType::I32, &[48]);
+        let mut dst = t(DType::BF16, &[48, 576]);
+        let mut op = GatherRows {
+            src: &src,
+            index: &index,
+            dst: &mut dst,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        gather_rows(&rec, &mut op).unwrap();
+        let c = rec.check_of("index");
+        assert_eq!(c.shape, [48]);
+        assert!(matches!(
+            c.kind,
+            CheckKind::Range {
+                lo: 0,
+                hi: 64,
+                allow: Some(-1)
+            }
+        ));
+        let l = rec.only("rw_gather_rows");
+        assert_eq!(ptr_arg(&l.args[0]), base(&big) + 8);
+        assert_eq!(i32_arg(&l.args[7]), 8);
+        assert_eq!(i64_arg(&l.args[6]), 576 * 2 / 8);
+        assert!(threads(&l.grid) >= 48 * 576 * 2 / 8);
+        assert_eq!(ptr_arg(&l.args[8]), c.addr);
+    }
+
+    #[test]
+    fn gather_rows_of_empty_rows_still_checks_the_index() {
+        let src = t(DType::U8, &[5, 0]);
+        let index = t(DType::I64, &[3]);
+        let mut dst = t(DType::U8, &[3, 0]);
+        let mut op = GatherRows {
+            src: &src,
+            index: &index,
+            dst: &mut dst,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        gather_rows(&rec, &mut op).unwrap();
+        let l = rec.only("rw_check_index");
+        assert_eq!(i32_arg(&l.args[1]), 1);
+        assert_eq!(i64_arg(&l.args[4]), 5);
+        assert_eq!((i32_arg(&l.args[5]), i64_arg(&l.args[6])), (1, -1));
+        assert_eq!(ptr_arg(&l.args[7]), rec.check_of("index").addr);
+    }
+
+    #[test]
+    fn reduce_rows_flat_with_and_without_weights() {
+        for weighted in [true, false] {
+            let src = t(DType::BF16, &[40, 256]);
+            let index = t(DType::I64, &[12, 4]);
+            let w = t(DType::F32, &[12, 4]);
+            let mut out = t(DType::BF16, &[12, 256]);
+            let mut op = ReduceRows {
+                src: &src,
+                index: &index,
+                weights: weighted.then_some(&w),
+                out: &mut out,
+            }
+            .check()
+            .unwrap();
+            let rec = Rec::new();
+            reduce_rows(&rec, &mut op).unwrap();
+            let c = rec.check_of("index");
+            assert_eq!(c.shape, [12, 4]);
+            assert!(matches!(
+                c.kind,
+                CheckKind::Range {
+                    lo: 0,
+                    hi: 40,
+                    allow: Some(-1)
+                }
+            ));
+            let l = rec.only("rw_reduce_rows");
+            assert_eq!(ptr_arg(&l.args[4]) != 0, weighted);
+            assert!(threads(&l.grid) >= 12 * 256);
+            assert_eq!(i64_arg(&l.args[9]), 4);
+            assert_eq!(ptr_arg(&l.args[11]), c.addr);
+        }
+    }
+
+    #[test]
+    fn dispatch_layout_zeroes_counts_then_counts() {
+        let topk = t(DType::I64, &[12, 4]);
+        let mut per_rank = t(DType::I32, &[4]);
+        let mut per_expert = t(DType::I32, &[16]);
+        let mut in_rank = t(DType::Bool, &[12, 4]);
+        let mut op = GetDispatchLayout {
+            topk_idx: &topk,
+            num_tokens_per_rank: &mut per_rank,
+            num_tokens_per_expert: &mut per_expert,
+            is_token_in_rank: &mut in_rank,
+            num_experts: 16,
+            world_size: 4,
+        }
+        .check()
+        .unwrap();
+        let rec = Rec::new();
+        get_dispatch_layout(&rec, &mut op).unwrap();
+        assert_eq!(
+            rec.entries(),
+            [
+                "ly_zero",
+                "ly_zero",
+                "ly_expert_counts",
+                "ly_rank_membership"
+            ]
+        );
+        let c = rec.check_of("topk_idx");
+        assert_eq!(c.shape, [12, 4]);
+        assert!(matches!(
+            c.kind,
+            CheckKind::Range {
+                lo: 0,
+                hi: 16,
+                allow: Some(-1)
+            }
+        ));
+        let l = rec.launches.borrow();
+        let zeroed: Vec<_> = l[..2]
+            .iter()
+            .map(|l| (ptr_arg(&l.args[0]), i64_arg(&l.args[1])))
+            .collect();
+        assert_eq!(zeroed, [(base(&per_rank), 4), (base(&per_expert), 16)]);
+        assert_eq!(ptr_arg(&l[2].args[5]), base(&per_expert));
+        assert_eq!(ptr_arg(&l[2].args[6]), c.addr);
+        assert!(threads(&l[2].grid) >= 48);
+        assert_eq!(i64_arg(&l[3].args[6]), 4); // experts per rank
+        assert!(threads(&l[3].grid) >= 48);
+    }
 }
