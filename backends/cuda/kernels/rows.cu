@@ -89,7 +89,7 @@ DP_DEVICE void rw_gather(const U* src, const void* index, int idx64, U* dst, i64
   }
 }
 
-struct rw_u128 {
+struct alignas(16) rw_u128 {
   u64 lo, hi;
 };
 

@@ -773,6 +773,182 @@ mod tests {
         g.grid.0 as u64 * g.block.0 as u64
     }
 
+    // ---- Rust mirrors of the kernels' arithmetic, against cpu-ref ----------------
+
+    /// xorshift64*: deterministic test data.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// `sm_round_odd_f32` / `rw_round_odd_f32` of the kernels.
+    fn round_odd_f32(v: f64) -> f32 {
+        let t = v as f32;
+        if t as f64 == v || v.is_nan() {
+            return t;
+        }
+        let mut b = t.to_bits();
+        if (t as f64).abs() > v.abs() {
+            b -= 1;
+        }
+        f32::from_bits(b | 1)
+    }
+
+    #[test]
+    fn round_odd_then_nearest_even_is_cpu_refs_single_rounding() {
+        use deepport_cpu::scalar::dense::round_f64;
+        use deepport_cpu::scalar::ep::round_once;
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let mut checked = 0;
+        for i in 0..200_000 {
+            // Random f64s, and f64s just around bf16/f16 midpoints.
+            let v = if i % 2 == 0 {
+                let e = rng.below(80) as i32 - 40;
+                let m = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 + 1.0;
+                let s = if rng.next() & 1 == 1 { -1.0 } else { 1.0 };
+                s * m * 2f64.powi(e)
+            } else {
+                let base = half::bf16::from_bits((rng.next() & 0x7f7f) as u16).to_f64();
+                let half_ulp = base.abs() * 2f64.powi(-8);
+                base + half_ulp * [1.0, -1.0][rng.below(2)]
+                    + [0.0, 1e-30, -1e-30][rng.below(3)] * base
+            };
+            let bf = half::bf16::from_f32(round_odd_f32(v)).to_f32();
+            assert_eq!(
+                bf.to_bits(),
+                round_once(DType::BF16, v).to_bits(),
+                "bf16 {v:e}"
+            );
+            assert_eq!(
+                bf.to_bits(),
+                round_f64(DType::BF16, v).to_bits(),
+                "bf16 {v:e}"
+            );
+            let h = half::f16::from_f32(round_odd_f32(v)).to_f32();
+            assert_eq!(h.to_bits(), round_f64(DType::F16, v).to_bits(), "f16 {v:e}");
+            checked += 1;
+        }
+        assert_eq!(checked, 200_000);
+    }
+
+    /// total_cmp's order as an unsigned key (`gt_key32` / `gt_key64`).
+    fn key32(v: f32) -> u32 {
+        let b = v.to_bits();
+        if b & 0x8000_0000 != 0 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    }
+    fn key64(v: f64) -> u64 {
+        let b = v.to_bits();
+        if b & (1 << 63) != 0 {
+            !b
+        } else {
+            b | (1 << 63)
+        }
+    }
+
+    /// Thread 0 of `gt_moe_gate`, line for line.
+    fn gate_select_kernel(
+        sb: &[f32],
+        n_group: usize,
+        topk_group: usize,
+        topk: usize,
+    ) -> Vec<usize> {
+        let e = sb.len();
+        let gsz = e / n_group;
+        let mut gs = vec![0f64; n_group];
+        for (g, gsc) in gs.iter_mut().enumerate() {
+            let (mut b0, mut b1): (Option<usize>, Option<usize>) = (None, None);
+            for ex in g * gsz..(g + 1) * gsz {
+                let kk = key32(sb[ex]);
+                if b0.is_none_or(|b| kk > key32(sb[b])) {
+                    b1 = b0;
+                    b0 = Some(ex);
+                } else if b1.is_none_or(|b| kk > key32(sb[b])) {
+                    b1 = Some(ex);
+                }
+            }
+            *gsc = sb[b0.unwrap()] as f64 + sb[b1.unwrap()] as f64;
+        }
+        let mut gkeep = vec![false; n_group];
+        for _ in 0..topk_group {
+            let mut best: Option<usize> = None;
+            for g in 0..n_group {
+                if !gkeep[g] && best.is_none_or(|b| key64(gs[g]) > key64(gs[b])) {
+                    best = Some(g);
+                }
+            }
+            gkeep[best.unwrap()] = true;
+        }
+        let mut taken = vec![false; e];
+        let mut out = Vec::new();
+        for _ in 0..topk {
+            let mut best: Option<usize> = None;
+            for ex in 0..e {
+                if taken[ex] || !gkeep[ex / gsz] {
+                    continue;
+                }
+                if best.is_none_or(|b| key32(sb[ex]) > key32(sb[b])) {
+                    best = Some(ex);
+                }
+            }
+            taken[best.unwrap()] = true;
+            out.push(best.unwrap());
+        }
+        out
+    }
+
+    /// cpu-ref's selection (backends/cpu/src/scalar/dense.rs, `moe_gate`).
+    fn gate_select_ref(sb: &[f32], n_group: usize, topk_group: usize, topk: usize) -> Vec<usize> {
+        let gsz = sb.len() / n_group;
+        let mut gscore: Vec<(f64, usize)> = (0..n_group)
+            .map(|grp| {
+                let mut v: Vec<f32> = sb[grp * gsz..(grp + 1) * gsz].to_vec();
+                v.sort_by(|p, q| q.total_cmp(p));
+                (v[0] as f64 + v[1] as f64, grp)
+            })
+            .collect();
+        gscore.sort_by(|p, q| q.0.total_cmp(&p.0).then(p.1.cmp(&q.1)));
+        let mut kept: Vec<usize> = Vec::new();
+        for &(_, grp) in &gscore[..topk_group] {
+            kept.extend(grp * gsz..(grp + 1) * gsz);
+        }
+        kept.sort_by(|&p, &q| sb[q].total_cmp(&sb[p]).then(p.cmp(&q)));
+        kept[..topk].to_vec()
+    }
+
+    #[test]
+    fn gate_selection_matches_cpu_ref_including_ties() {
+        let mut rng = Rng(42);
+        for case in 0..3000 {
+            let (e, n_group, topk_group, topk) = match case % 4 {
+                0 => (256, 8, 4, 8),
+                1 => (64, 8, 4, 8),
+                2 => (32, 4, 2, 6),
+                _ => (64, 1, 1, 8),
+            };
+            // Few distinct values: many exact ties among experts and groups.
+            let levels = [0.25f32, 0.5, 0.75, 0.125, 1.0, -0.5, 0.0];
+            let nl = 1 + case % levels.len();
+            let sb: Vec<f32> = (0..e).map(|_| levels[rng.below(nl)]).collect();
+            assert_eq!(
+                gate_select_kernel(&sb, n_group, topk_group, topk),
+                gate_select_ref(&sb, n_group, topk_group, topk),
+                "case {case}: {sb:?}"
+            );
+        }
+    }
+
     // ---- sources -------------------------------------------------------------------
 
     #[test]
