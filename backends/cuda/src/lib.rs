@@ -141,7 +141,17 @@ fn info_of(d: &device::DeviceDesc) -> DeviceInfo {
 /// The local ops whose kernels have landed (their `ops/` function
 /// launches instead of answering `NotSupported`). Add an op here with its
 /// kernel; `supports` answers from this list.
-pub const KERNEL_OPS: &[OpKind] = &[];
+pub const KERNEL_OPS: &[OpKind] = &[
+    OpKind::RmsNorm,
+    OpKind::MoeGate,
+    OpKind::SiluMul,
+    OpKind::Embedding,
+    OpKind::Add,
+    OpKind::CopyWindow,
+    OpKind::GatherRows,
+    OpKind::ReduceRows,
+    OpKind::GetDispatchLayout,
+];
 
 /// The local ops core's expert-parallel protocol runs over.
 pub const EP_BUILDING_BLOCKS: &[OpKind] = &[
