@@ -1,0 +1,2 @@
+#include "mla.cuh"
+extern "C" __global__ void mla_decode_sm90() {}
