@@ -105,8 +105,8 @@ pub(crate) fn use_sm90(
 ) -> bool {
     let arch = cx.arch();
     arch.is_hopper()
-        && q % 16 == 0
-        && kcache % 16 == 0
+        && q.is_multiple_of(16)
+        && kcache.is_multiple_of(16)
         && arch.smem_optin >= SM90_SMEM
         && dt == DType::BF16
         && d.d == 576
