@@ -51,6 +51,7 @@ DP_DEVICE u64 mla90_desc(u32 addr, u32 lbo, u32 sbo) {
          ((u64)((sbo >> 4) & 0x3fffu) << 32);
 }
 
+#ifndef MLA_EMU  // the PTX helpers (mla_emu_sm90.cpp models them on the host)
 DP_DEVICE void mla90_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 DP_DEVICE void mla90_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 DP_DEVICE void mla90_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -58,14 +59,14 @@ DP_DEVICE void mla90_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n"
 DP_DEVICE void mla90_proxy_fence() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+#endif
 
 // Two f32 → packed bf16x2 (low half = first), round to nearest even.
 DP_DEVICE u32 mla90_pack(float lo, float hi) {
   return (u32)dp_f32_to_bf16(lo) | ((u32)dp_f32_to_bf16(hi) << 16);
 }
 
-// Copies one 64-row × 576 bf16 tile into the canonical layout, 16 bytes a
-// thread-step. row_src(r) is the element offset of row r or -1 (zero fill).
+#ifndef MLA_EMU
 // D(64×64, f32) += A(64×16, smem desc) · B(64×16 K-major, smem desc)ᵀ
 DP_DEVICE void mla90_wgmma_qk(float* d, u64 da, u64 db) {
   asm volatile(
@@ -85,6 +86,7 @@ DP_DEVICE void mla90_wgmma_pv(float* d, const u32* a, u64 db) {
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
+#endif
 
 // grid (parts, h_kv, row_tiles), block 256, dynamic smem 2·73728 + 8192.
 extern "C" __global__ void __launch_bounds__(256, 1)
