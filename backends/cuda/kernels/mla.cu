@@ -5,14 +5,16 @@
 //   mla_metadata      one CTA: checks cache_seqlens and the used block-table
 //                     entries (dp_flag), then writes the split plan (the
 //                     rule of src/schedule/mla.rs, transcribed).
-//   mla_decode_split  grid (parts, h_kv, row_tiles), one warp per query row
-//                     (s, h) of one kv head; walks its part's splits, stages
+//   mla_decode_split  grid (parts, h_kv, row_tiles), blockDim/32 query rows
+//                     (s, h) of one kv head a CTA; walks its part's splits, stages
 //                     CH keys at a time in shared memory (converted to f32),
 //                     online softmax in f32; writes partial out + LSE.
 //   mla_combine       one warp per output row: merges the row's splits in
 //                     slot order (deterministic), writes out and lse.
 // Prefill runs mla_bmm (strided batched matmul, f32 accumulation) and
 // mla_prefill_attn (causal attention with a two-part key, one warp per row).
+// Row kernels take blockDim.x / 32 rows a CTA on every target (the host
+// computes grids without knowing the warp width).
 #include "mla.cuh"
 
 // Channels per lane held in registers: head dims up to 1024.
@@ -94,9 +96,12 @@ extern "C" DP_GLOBAL void mla_metadata(const i32* __restrict__ seqlens,
 }
 
 // ---- split kernel --------------------------------------------------------------
-// grid (parts, h_kv, row_tiles), block NW·DP_WARP threads, NW rows a tile
-// (the host passes tile_rows = blockDim.x / DP_WARP), dynamic shared
-// memory MLA_CH·d floats. dtype: the code of q and kcache.
+// grid (parts, h_kv, row_tiles), block 256 threads; a tile is blockDim.x / 32
+// query rows on every target: MLA_RPW rows per warp (1 on 32-wide warps, 2
+// on 64-wide wavefronts, with half the channels per lane, so the register
+// footprint is the same). Dynamic shared memory MLA_CH·d floats. dtype: the
+// code of q and kcache.
+#define MLA_RPW (DP_WARP / 32)
 extern "C" DP_GLOBAL void mla_decode_split(
     const void* __restrict__ q, const void* __restrict__ kcache,
     const i32* __restrict__ block_table, const i32* __restrict__ seqlens,
@@ -105,17 +110,20 @@ extern "C" DP_GLOBAL void mla_decode_split(
     int max_blocks, int parts, int dtype, int causal, float scale) {
   extern __shared__ float mla_ks[];  // [MLA_CH][d]
   const int lane = threadIdx.x % DP_WARP, warp = threadIdx.x / DP_WARP;
-  const int nw = blockDim.x / DP_WARP;
   const int part = blockIdx.x, kvh = blockIdx.y;
   const int group = h_q / h_kv;
   const int rows = s_q * group;
-  const int row = blockIdx.z * nw + warp;
-  const bool active = row < rows;
-  const int s = active ? row / group : 0;
-  const int h = kvh * group + (active ? row % group : 0);
+  const int tile_rows = blockDim.x / 32;
+  int srow[MLA_RPW], hrow[MLA_RPW];
+  bool act[MLA_RPW];
+#pragma unroll
+  for (int rr = 0; rr < MLA_RPW; ++rr) {
+    const int row = blockIdx.z * tile_rows + warp * MLA_RPW + rr;
+    act[rr] = row < rows;
+    srow[rr] = act[rr] ? row / group : 0;
+    hrow[rr] = kvh * group + (act[rr] ? row % group : 0);
+  }
   const i64 capacity = (i64)max_blocks * block_size;
-  const i32* split_ptr_unused = meta + mla_meta_split_ptr(parts);
-  (void)split_ptr_unused;
   const i32* splits = meta + mla_meta_splits(parts, batch);
   const int k0 = meta[part], k1 = meta[part + 1];
 
@@ -125,18 +133,24 @@ extern "C" DP_GLOBAL void mla_decode_split(
     const i64 tok_lo = (i64)splits[4 * k + 1] * block_size;
     i64 tok_hi = (i64)splits[4 * k + 2] * block_size;
     if (tok_hi > len) tok_hi = len;
-    const i64 vis = mla_visible(len, s, s_q, causal);
-    const i64 row_hi = vis < tok_hi ? vis : tok_hi;  // keys this row uses
 
-    float qr[MLA_MAXC], o[MLA_MAXC];
-    const i64 qbase = (((i64)b * s_q + s) * h_q + h) * d;
+    float qr[MLA_RPW][MLA_MAXC], o[MLA_RPW][MLA_MAXC];
+    float m[MLA_RPW], l[MLA_RPW];
+    i64 row_hi[MLA_RPW];  // keys each row uses: [tok_lo, row_hi)
 #pragma unroll
-    for (int j = 0; j < MLA_MAXC; ++j) {
-      int c = lane + j * DP_WARP;
-      qr[j] = (active && c < d) ? dp_load(q, qbase + c, dtype) : 0.0f;
-      o[j] = 0.0f;
+    for (int rr = 0; rr < MLA_RPW; ++rr) {
+      const i64 vis = mla_visible(len, srow[rr], s_q, causal);
+      row_hi[rr] = act[rr] ? (vis < tok_hi ? vis : tok_hi) : 0;
+      const i64 qbase = (((i64)b * s_q + srow[rr]) * h_q + hrow[rr]) * d;
+#pragma unroll
+      for (int j = 0; j < MLA_MAXC; ++j) {
+        int c = lane + j * DP_WARP;
+        qr[rr][j] = (act[rr] && c < d) ? dp_load(q, qbase + c, dtype) : 0.0f;
+        o[rr][j] = 0.0f;
+      }
+      m[rr] = MLA_NEG_INF;
+      l[rr] = 0.0f;
     }
-    float m = MLA_NEG_INF, l = 0.0f;
 
     for (i64 t0 = tok_lo; t0 < tok_hi; t0 += MLA_CH) {
       __syncthreads();  // the previous chunk is consumed
@@ -152,94 +166,102 @@ extern "C" DP_GLOBAL void mla_decode_split(
         mla_ks[e] = v;
       }
       __syncthreads();
-      if (!active) continue;
-      const i64 nv64 = row_hi - t0;
-      const int nvalid = nv64 <= 0 ? 0 : (nv64 > MLA_CH ? MLA_CH : (int)nv64);
-      if (nvalid == 0) continue;
-      float sc[MLA_CH];
-      float mc = MLA_NEG_INF;
 #pragma unroll
-      for (int i = 0; i < MLA_CH; ++i) {
-        float acc = 0.0f;
-        if (i < nvalid) {
+      for (int rr = 0; rr < MLA_RPW; ++rr) {
+        const i64 nv64 = row_hi[rr] - t0;  // uniform over the warp
+        const int nvalid = nv64 <= 0 ? 0 : (nv64 > MLA_CH ? MLA_CH : (int)nv64);
+        if (nvalid == 0) continue;
+        float sc[MLA_CH];
+        float mc = MLA_NEG_INF;
 #pragma unroll
-          for (int j = 0; j < MLA_MAXC; ++j) {
-            int c = lane + j * DP_WARP;
-            if (c < d) acc += qr[j] * mla_ks[i * d + c];
+        for (int i = 0; i < MLA_CH; ++i) {
+          float acc = 0.0f;
+          if (i < nvalid) {
+#pragma unroll
+            for (int j = 0; j < MLA_MAXC; ++j) {
+              int c = lane + j * DP_WARP;
+              if (c < d) acc += qr[rr][j] * mla_ks[i * d + c];
+            }
+          }
+          acc = mla_warp_sum(acc) * scale;  // every lane joins the shuffle
+          sc[i] = acc;
+          if (i < nvalid) mc = fmaxf(mc, acc);
+        }
+        const float mn = fmaxf(m[rr], mc);
+        const float alpha = (m[rr] == MLA_NEG_INF) ? 0.0f : expf(m[rr] - mn);
+        l[rr] *= alpha;
+#pragma unroll
+        for (int j = 0; j < MLA_MAXC; ++j) o[rr][j] *= alpha;
+#pragma unroll
+        for (int i = 0; i < MLA_CH; ++i) {
+          if (i < nvalid) {
+            float p = expf(sc[i] - mn);
+            l[rr] += p;
+#pragma unroll
+            for (int j = 0; j < MLA_MAXC; ++j) {
+              int c = lane + j * DP_WARP;
+              if (c < dv) o[rr][j] += p * mla_ks[i * d + c];
+            }
           }
         }
-        acc = mla_warp_sum(acc) * scale;  // every lane joins the shuffle
-        sc[i] = acc;
-        if (i < nvalid) mc = fmaxf(mc, acc);
+        m[rr] = mn;
       }
-      const float mn = fmaxf(m, mc);
-      const float alpha = (m == MLA_NEG_INF) ? 0.0f : expf(m - mn);
-      l *= alpha;
-#pragma unroll
-      for (int j = 0; j < MLA_MAXC; ++j) o[j] *= alpha;
-#pragma unroll
-      for (int i = 0; i < MLA_CH; ++i) {
-        if (i < nvalid) {
-          float p = expf(sc[i] - mn);
-          l += p;
-#pragma unroll
-          for (int j = 0; j < MLA_MAXC; ++j) {
-            int c = lane + j * DP_WARP;
-            if (c < dv) o[j] += p * mla_ks[i * d + c];
-          }
-        }
-      }
-      m = mn;
     }
-    if (active) {
-      const i64 prow = ((i64)k * s_q + s) * h_q + h;
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int rr = 0; rr < MLA_RPW; ++rr) {
+      if (!act[rr]) continue;
+      const i64 prow = ((i64)k * s_q + srow[rr]) * h_q + hrow[rr];
+      const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;
 #pragma unroll
       for (int j = 0; j < MLA_MAXC; ++j) {
         int c = lane + j * DP_WARP;
-        if (c < dv) opart[prow * dv + c] = o[j] * inv;
+        if (c < dv) opart[prow * dv + c] = o[rr][j] * inv;
       }
-      if (lane == 0) lpart[prow] = l > 0.0f ? m + logf(l) : MLA_NEG_INF;
+      if (lane == 0) lpart[prow] = l[rr] > 0.0f ? m[rr] + logf(l[rr]) : MLA_NEG_INF;
     }
   }
 }
 
 // ---- combine ---------------------------------------------------------------------
-// grid ceil(batch·s_q·h_q / NW), block NW·DP_WARP; one warp per row.
+// grid ceil(batch·s_q·h_q / (blockDim.x/32)), block 256: blockDim.x / 32 rows a
+// CTA on every target, one warp per row at a time.
 extern "C" DP_GLOBAL void mla_combine(const i32* __restrict__ meta,
                                       const float* __restrict__ opart,
                                       const float* __restrict__ lpart, void* __restrict__ out,
                                       float* __restrict__ lse, int batch, int s_q, int h_q,
                                       int dv, int parts, int out_dtype) {
   const int lane = threadIdx.x % DP_WARP;
+  const int nw = blockDim.x / DP_WARP;
   const i64 per_b = (i64)s_q * h_q;
-  const i64 r = (i64)blockIdx.x * (blockDim.x / DP_WARP) + threadIdx.x / DP_WARP;
-  if (r >= (i64)batch * per_b) return;
-  const int b = (int)(r / per_b);
-  const i64 rem = r % per_b;  // s·h_q + h
-  const int s = (int)(rem / h_q), h = (int)(rem % h_q);
+  const i64 r_end0 = ((i64)blockIdx.x + 1) * (blockDim.x / 32), total = (i64)batch * per_b;
+  const i64 r_end = r_end0 < total ? r_end0 : total;
   const i32* split_ptr = meta + mla_meta_split_ptr(parts);
-  const int k0 = split_ptr[b], k1 = split_ptr[b + 1];
-  float m = MLA_NEG_INF;
-  for (int k = k0; k < k1; ++k) m = fmaxf(m, lpart[k * per_b + rem]);
-  const i64 obase = r * dv;
-  if (m == MLA_NEG_INF) {  // no split, or no visible key
-    for (int c = lane; c < dv; c += DP_WARP) dp_store(out, obase + c, out_dtype, 0.0f);
-    if (lane == 0) lse[((i64)b * h_q + h) * s_q + s] = MLA_POS_INF;
-    return;
-  }
-  float sum = 0.0f;
-  for (int k = k0; k < k1; ++k) sum += expf(lpart[k * per_b + rem] - m);
-  const float inv = 1.0f / sum;
-  for (int c = lane; c < dv; c += DP_WARP) {
-    float acc = 0.0f;
-    for (int k = k0; k < k1; ++k) {
-      float w = expf(lpart[k * per_b + rem] - m) * inv;
-      if (w != 0.0f) acc += w * opart[(k * per_b + rem) * dv + c];
+  for (i64 r = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / DP_WARP; r < r_end; r += nw) {
+    const int b = (int)(r / per_b);
+    const i64 rem = r % per_b;  // s·h_q + h
+    const int s = (int)(rem / h_q), h = (int)(rem % h_q);
+    const int k0 = split_ptr[b], k1 = split_ptr[b + 1];
+    float m = MLA_NEG_INF;
+    for (int k = k0; k < k1; ++k) m = fmaxf(m, lpart[k * per_b + rem]);
+    const i64 obase = r * dv;
+    if (m == MLA_NEG_INF) {  // no split, or no visible key
+      for (int c = lane; c < dv; c += DP_WARP) dp_store(out, obase + c, out_dtype, 0.0f);
+      if (lane == 0) lse[((i64)b * h_q + h) * s_q + s] = MLA_POS_INF;
+      continue;
     }
-    dp_store(out, obase + c, out_dtype, acc);
+    float sum = 0.0f;
+    for (int k = k0; k < k1; ++k) sum += expf(lpart[k * per_b + rem] - m);
+    const float inv = 1.0f / sum;
+    for (int c = lane; c < dv; c += DP_WARP) {
+      float acc = 0.0f;
+      for (int k = k0; k < k1; ++k) {
+        float w = expf(lpart[k * per_b + rem] - m) * inv;
+        if (w != 0.0f) acc += w * opart[(k * per_b + rem) * dv + c];
+      }
+      dp_store(out, obase + c, out_dtype, acc);
+    }
+    if (lane == 0) lse[((i64)b * h_q + h) * s_q + s] = m + logf(sum);
   }
-  if (lane == 0) lse[((i64)b * h_q + h) * s_q + s] = m + logf(sum);
 }
 
 // ---- prefill -------------------------------------------------------------------------
@@ -263,8 +285,9 @@ extern "C" DP_GLOBAL void mla_bmm(const void* __restrict__ a, int a_dt, i64 a_of
 // Causal attention, query t of T at position S − T + t sees keys [0, S−T+t]:
 // score = (q1·k1[s] + q2·k2[s]) · scale, out = Σ p · v[s]. Keys and values
 // of head h at k1 + s·k1_s + h·k1_h (k1_h = 0: shared by the heads); k2
-// shared [S, d2]. grid ceil(T·H / NW), block NW·DP_WARP; one warp a row.
-// Dynamic shared memory NW·(d1 + d2 + dv) floats: each warp's query and
+// shared [S, d2]. grid ceil(T·H / R), block 32·R threads: R rows a CTA,
+// one warp a row at a time. Dynamic shared memory R·(d1 + d2 + dv) floats
+// (enough for the blockDim.x / DP_WARP warps): each warp's query and
 // accumulator (lane-private channels c ≡ lane mod DP_WARP: no barrier).
 extern "C" DP_GLOBAL void mla_prefill_attn(
     const void* __restrict__ q1, int q1_dt, const void* __restrict__ q2, int q2_dt,
@@ -273,31 +296,35 @@ extern "C" DP_GLOBAL void mla_prefill_attn(
     int out_dt, int T, int S, int H, int d1, int d2, int dv, float scale) {
   extern __shared__ float mla_pa[];
   const int lane = threadIdx.x % DP_WARP, warp = threadIdx.x / DP_WARP;
+  const int nw = blockDim.x / DP_WARP;
   float* a1 = mla_pa + (i64)warp * (d1 + d2 + dv);
   float* a2 = a1 + d1;
   float* o = a2 + d2;
-  const i64 r = (i64)blockIdx.x * (blockDim.x / DP_WARP) + warp;
-  if (r >= (i64)T * H) return;
-  const int t = (int)(r / H), h = (int)(r % H);
-  for (int c = lane; c < d1; c += DP_WARP) a1[c] = dp_load(q1, r * d1 + c, q1_dt);
-  for (int c = lane; c < d2; c += DP_WARP) a2[c] = dp_load(q2, r * d2 + c, q2_dt);
-  for (int c = lane; c < dv; c += DP_WARP) o[c] = 0.0f;
-  const int last = S - T + t;
-  float m = MLA_NEG_INF, l = 0.0f;
-  for (int s = 0; s <= last; ++s) {
-    float acc = 0.0f;
-    const i64 kb = s * k1_s + h * k1_h, k2b = (i64)s * d2;
-    for (int c = lane; c < d1; c += DP_WARP) acc += a1[c] * dp_load(k1, kb + c, k1_dt);
-    for (int c = lane; c < d2; c += DP_WARP) acc += a2[c] * dp_load(k2, k2b + c, k2_dt);
-    const float sc = mla_warp_sum(acc) * scale;
-    const float mn = fmaxf(m, sc);
-    const float alpha = expf(m - mn);  // m = -inf: 0
-    const float p = expf(sc - mn);
-    l = l * alpha + p;
-    const i64 vb = s * v_s + h * v_h;
-    for (int c = lane; c < dv; c += DP_WARP) o[c] = o[c] * alpha + p * dp_load(v, vb + c, v_dt);
-    m = mn;
+  const i64 r_end0 = ((i64)blockIdx.x + 1) * (blockDim.x / 32), total = (i64)T * H;
+  const i64 r_end = r_end0 < total ? r_end0 : total;
+  for (i64 r = (i64)blockIdx.x * (blockDim.x / 32) + warp; r < r_end; r += nw) {
+    const int t = (int)(r / H), h = (int)(r % H);
+    for (int c = lane; c < d1; c += DP_WARP) a1[c] = dp_load(q1, r * d1 + c, q1_dt);
+    for (int c = lane; c < d2; c += DP_WARP) a2[c] = dp_load(q2, r * d2 + c, q2_dt);
+    for (int c = lane; c < dv; c += DP_WARP) o[c] = 0.0f;
+    const int last = S - T + t;
+    float m = MLA_NEG_INF, l = 0.0f;
+    for (int s = 0; s <= last; ++s) {
+      float acc = 0.0f;
+      const i64 kb = s * k1_s + h * k1_h, k2b = (i64)s * d2;
+      for (int c = lane; c < d1; c += DP_WARP) acc += a1[c] * dp_load(k1, kb + c, k1_dt);
+      for (int c = lane; c < d2; c += DP_WARP) acc += a2[c] * dp_load(k2, k2b + c, k2_dt);
+      const float sc = mla_warp_sum(acc) * scale;
+      const float mn = fmaxf(m, sc);
+      const float alpha = expf(m - mn);  // m = -inf: 0
+      const float p = expf(sc - mn);
+      l = l * alpha + p;
+      const i64 vb = s * v_s + h * v_h;
+      for (int c = lane; c < dv; c += DP_WARP)
+        o[c] = o[c] * alpha + p * dp_load(v, vb + c, v_dt);
+      m = mn;
+    }
+    const float inv = 1.0f / l;  // l ≥ 1: the row sees at least key 0
+    for (int c = lane; c < dv; c += DP_WARP) dp_store(out, r * dv + c, out_dt, o[c] * inv);
   }
-  const float inv = 1.0f / l;  // l ≥ 1: the row sees at least key 0
-  for (int c = lane; c < dv; c += DP_WARP) dp_store(out, r * dv + c, out_dt, o[c] * inv);
 }

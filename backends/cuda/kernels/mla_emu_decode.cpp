@@ -5,6 +5,7 @@
 // f32, 1..66 parts, and the deferred index checks. Not part of the build:
 //   g++ -std=c++20 -O1 -pthread -I backends/cuda/kernels \
 //       backends/cuda/kernels/mla_emu_decode.cpp -o /tmp/d && /tmp/d
+// (add -DDP_HIP to run the same kernels with 64-wide wavefronts)
 #include "mla_emu.h"
 #include "mla.cu"
 #include <cstdio>

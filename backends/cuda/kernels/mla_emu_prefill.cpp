@@ -3,6 +3,7 @@
 // mla_emu.h against a double-precision reference. Not part of the build:
 //   g++ -std=c++20 -O1 -pthread -I backends/cuda/kernels \
 //       backends/cuda/kernels/mla_emu_prefill.cpp -o /tmp/p && /tmp/p
+// (add -DDP_HIP to run the same kernels with 64-wide wavefronts)
 #include "mla_emu.h"
 #include "mla.cu"
 #include "rope.cu"
@@ -120,6 +121,38 @@ int main() {
         }
       CHECK(e < 1e-6 && st == 0, "rope err %g", e);
       printf("rope yarn=%d max err %.3g\n", yarn, e);
+    }
+    {  // bf16: one correct rounding of the f64 result (round-to-odd via f32)
+      std::vector<unsigned short> xb(x.size()), yb(x.size());
+      for (size_t i = 0; i < x.size(); ++i) xb[i] = dp_f32_to_bf16(x[i] * 1000.0f);
+      unsigned long long st = 0;
+      launch({1, 1, 1}, {256, 1, 1}, [&] {
+        rope_kernel(xb.data(), pos.data(), yb.data(), 1, 1, Tk, heads, d, 0x40c3880000000000ull, 0,
+                    0, 0, 0, 1.0f, &st);
+      });
+      int bad = 0;
+      for (int t = 0; t < Tk; ++t)
+        for (int i = 0; i < d / 2; ++i) {
+          float f = (float)std::pow(10000.0, -2.0 * i / d);
+          float ang = (float)pos[t] * f;
+          double c = std::cos((double)ang), sn = std::sin((double)ang);
+          for (int h = 0; h < heads; ++h) {
+            size_t b = ((size_t)t * heads + h) * d + 2 * i;
+            double x0 = dp_bf16_to_f32(xb[b]), x1 = dp_bf16_to_f32(xb[b + 1]);
+            double want[2] = {x0 * c - x1 * sn, x0 * sn + x1 * c};
+            for (int e = 0; e < 2; ++e) {
+              unsigned short got = yb[b + e];
+              double err = std::fabs(dp_bf16_to_f32(got) - want[e]);
+              // no neighbour of the result may be strictly closer
+              for (int dlt : {-1, 1}) {
+                double nb = dp_bf16_to_f32((unsigned short)(got + dlt));
+                if (std::fabs(nb - want[e]) < err) ++bad;
+              }
+            }
+          }
+        }
+      CHECK(bad == 0, "rope bf16: %d results not correctly rounded", bad);
+      printf("rope bf16: %d misrounded\n", bad);
     }
     pos[2] = -7;
     std::vector<float> y(x.size());

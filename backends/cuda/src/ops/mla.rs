@@ -377,15 +377,15 @@ fn bmm(
     )
 }
 
-/// Warps per CTA of `mla_prefill_attn` for per-warp shared memory of
-/// `floats` f32, or `None` when one warp does not fit.
+/// Rows per CTA of `mla_prefill_attn` (CTA of 32 threads a row) for
+/// per-row shared memory of `floats` f32: 8, 4, 2 or 1 (powers of two keep
+/// the CTA a whole number of 64-wide wavefronts down to 2 rows), or `None`
+/// when one row does not fit.
 fn prefill_warps(floats: usize) -> Option<u32> {
-    let per_warp = floats.checked_mul(4)?;
-    if per_warp == 0 {
-        return Some(WARPS);
-    }
-    let w = (SMEM_DEFAULT / per_warp).min(WARPS as usize);
-    (w >= 1).then_some(w as u32)
+    let per_row = floats.checked_mul(4)?.max(1);
+    [WARPS, 4, 2, 1]
+        .into_iter()
+        .find(|&w| w as usize * per_row <= SMEM_DEFAULT)
 }
 
 /// `mla_prefill` (SPEC.md §5).
@@ -1055,6 +1055,15 @@ mod tests {
             let k = (base * (1.0 - ramp) + base / 40.0 * ramp) as f32;
             assert_eq!(k.to_bits(), f.to_bits(), "pair {i}");
         }
+    }
+
+    #[test]
+    fn prefill_rows_per_cta() {
+        assert_eq!(prefill_warps(512 + 64 + 512), Some(8));
+        assert_eq!(prefill_warps(2000), Some(4));
+        assert_eq!(prefill_warps(5000), Some(2));
+        assert_eq!(prefill_warps(12288), Some(1));
+        assert_eq!(prefill_warps(12289), None);
     }
 
     #[test]
