@@ -145,7 +145,24 @@ void run(int B, int s_q, int h_q, int h_kv, int d, int dv, int bs, int max_block
          B, s_q, h_q, h_kv, d, dv, bs, parts, causal, dtype, maxerr);
 }
 
+// Prints mla_metadata's buffer for the case schedule::mla's test
+// `device_metadata_matches_plan` pins (7 batches, block 16, 13 parts).
+void dump_meta() {
+  std::vector<int> lens = {100, 0, 8200, 1000, 1, 0, 3200};
+  int B = 7, parts = 13, max_blocks = 600;
+  std::vector<int> bt(B * max_blocks, 0);
+  std::vector<int> meta(parts + 1 + B + 1 + 4 * (B + parts), 0);
+  unsigned long long s1 = 0, s2 = 0;
+  launch({1, 1, 1}, {256, 1, 1}, [&] {
+    mla_metadata(lens.data(), bt.data(), B, max_blocks, 16, 1, parts, 5, meta.data(), &s1, &s2);
+  });
+  printf("meta:");
+  for (int v : meta) printf(" %d,", v);
+  printf("\n");
+}
+
 int main() {
+  dump_meta();
   run(4, 2, 16, 2, 72, 40, 16, 8, 40, {0, 1, 37, 128}, 1, 12, 0, false, 1);
   run(4, 2, 16, 2, 72, 40, 16, 8, 40, {0, 1, 37, 128}, 0, 200, 0, false, 2);
   run(3, 1, 8, 1, 576, 512, 64, 4, 16, {200, 64, 5}, 0, 1, 1, false, 3);

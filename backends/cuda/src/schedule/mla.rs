@@ -398,6 +398,25 @@ mod tests {
         assert_eq!(plan(&nblk, 13), plan(&nblk, 13));
     }
 
+    /// The buffer `mla_metadata` (kernels/mla.cu) writes for this case
+    /// under host emulation (`kernels/mla_emu_decode.cpp` prints it): the
+    /// device transcription of the rule must agree with [`plan`] exactly.
+    #[test]
+    fn device_metadata_matches_plan() {
+        let lens = [100u32, 0, 8200, 1000, 1, 0, 3200];
+        let nblk: Vec<u32> = lens.iter().map(|&l| blocks_of(l, 16)).collect();
+        assert_eq!(nblk, vec![7, 0, 513, 63, 1, 0, 200]);
+        let device: Vec<i32> = vec![
+            0, 2, 3, 4, 5, 6, 7, 8, 9, 11, 14, 15, 16, 17, 0, 1, 1, 10, 12, 13, 13, 17, 0, 0, 7, 0,
+            2, 0, 46, 0, 2, 46, 109, 0, 2, 109, 172, 0, 2, 172, 235, 0, 2, 235, 298, 0, 2, 298,
+            361, 0, 2, 361, 424, 0, 2, 424, 487, 0, 2, 487, 513, 0, 3, 0, 32, 0, 3, 32, 63, 0, 4,
+            0, 1, 0, 6, 0, 16, 0, 6, 16, 79, 0, 6, 79, 142, 0, 6, 142, 200, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0,
+        ];
+        let layout = MetaLayout::new(7, 13);
+        assert_eq!(layout.encode(&plan(&nblk, 13)), device);
+    }
+
     #[test]
     fn metadata_encoding() {
         let nblk = [3u32, 0, 40];
