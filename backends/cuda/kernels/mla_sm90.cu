@@ -1,7 +1,8 @@
 // mla_sm90.cu — MLA decode on Hopper (sm_90a): wgmma, bf16 operands, f32
 // accumulators. Same split-K metadata (mla_metadata) and the same combine
 // (mla_combine) as the portable path in mla.cu; this file replaces only
-// the split kernel. Generated in part (the wgmma asm operand lists).
+// the split kernel. The wgmma asm statements list every accumulator
+// register (32 and 128 operands): long but mechanical.
 //
 // Shapes (the host checks them, ops/mla.rs use_sm90): bf16 q and cache,
 // d = 576 (512 latent ‖ 64 rope), dv = 512, pages of 64 tokens, query
