@@ -151,6 +151,9 @@ pub const KERNEL_OPS: &[OpKind] = &[
     OpKind::GatherRows,
     OpKind::ReduceRows,
     OpKind::GetDispatchLayout,
+    OpKind::MlaDecode,
+    OpKind::MlaPrefill,
+    OpKind::Rope,
 ];
 
 /// The local ops core's expert-parallel protocol runs over.
