@@ -14,6 +14,7 @@
 //!   tested on the CPU) and launches through [`launch::LaunchContext`].
 
 pub mod launch;
+pub mod nvrtc;
 pub mod ops;
 pub mod schedule;
 
