@@ -469,6 +469,7 @@ fn candidates() -> Vec<PathBuf> {
             ("nvidia/cuda_nvrtc/lib", "libnvrtc.so.12"),
         ] {
             let p = sp.join(dir).join(n);
+            let p = std::fs::canonicalize(&p).unwrap_or(p);
             if p.exists() && !v.contains(&p) {
                 v.push(p);
             }
@@ -506,6 +507,7 @@ fn python_site_packages() -> Vec<PathBuf> {
                     if name.to_string_lossy().starts_with("python3") {
                         for sub in ["site-packages", "dist-packages"] {
                             let sp = e.path().join(sub);
+                            let sp = std::fs::canonicalize(&sp).unwrap_or(sp);
                             if sp.is_dir() && !out.contains(&sp) {
                                 out.push(sp);
                             }
@@ -541,8 +543,18 @@ fn load() -> std::result::Result<Nvrtc, String> {
             Err(e) => tried.push(format!("{} ({e})", p.display())),
         }
     }
+    let sps = python_site_packages();
+    let wheels = if sps.is_empty() {
+        "no python3 on PATH".to_string()
+    } else {
+        sps.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     Err(format!(
-        "NVRTC not found; tried: {}. Install it (e.g. `pip install nvidia-cuda-nvrtc-cu12`) \
+        "NVRTC not found; tried: {}; PyPI wheels (nvidia/cuda_nvrtc/lib, nvidia/cu13/lib) in: {wheels}. \
+         Install it (e.g. `pip install nvidia-cuda-nvrtc-cu12`) \
          and set DEEPPORT_NVRTC to libnvrtc.so.12, or put its directory on LD_LIBRARY_PATH",
         tried.join("; ")
     ))
