@@ -7,10 +7,9 @@ use crate::error::CliError;
 use deepport_core::Error;
 use std::path::PathBuf;
 
-/// Arguments of `deepport kernels`.
-#[derive(clap::Args, Debug)]
-#[command(
-    long_about = "Compile every kernel source of a GPU backend for one architecture with \
+/// The long help of `deepport kernels` (on the subcommand in main.rs: a
+/// variant's doc comment would override it here).
+pub const LONG_ABOUT: &str = "Compile every kernel source of a GPU backend for one architecture with \
 the backend's run-time compiler, as the backend does on a device, but with no GPU: \
 NVRTC for `cuda`. Writes, under --out DIR, `<source>.<arch>.ptx` and `<source>.<arch>.cubin` \
 (<source> without `.cu`) for each source that applies to the architecture (sm_90a: the \
@@ -27,7 +26,11 @@ PyPI wheels (`pip install nvidia-cuda-nvrtc-cu12`) of any python3 on PATH.
 
 Exit status: 0 when every source compiled; 1 when NVRTC cannot be loaded (the message names \
 every place tried) or a source failed to compile (its NVRTC log is printed); 2 for a usage \
-error (unknown backend or architecture).",
+error (unknown backend or architecture).";
+
+/// Arguments of `deepport kernels`.
+#[derive(clap::Args, Debug)]
+#[command(
     after_help = "Examples:
   deepport kernels --backend cuda --arch sm_90a --out target/kernels/sm_90a
   DEEPPORT_NVRTC=/path/to/libnvrtc.so.12 deepport kernels --arch sm_80 --out k80"

@@ -149,6 +149,7 @@ layer and op that left tolerance. Exit status 1 when a check fails.",
     Bench(deepport_conformance::bench_cmd::BenchArgs),
     /// Compile a GPU backend's kernel sources for one architecture
     /// (PTX, cubin, manifest.json), no GPU needed.
+    #[command(long_about = deepport_conformance::kernels_cmd::LONG_ABOUT)]
     Kernels(deepport_conformance::kernels_cmd::KernelsArgs),
     /// Golden data: verify it against its manifest.
     #[command(subcommand)]
