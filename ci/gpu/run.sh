@@ -4,7 +4,9 @@
 #
 #   ci/gpu/run.sh [BACKEND] [OUT]
 #
-#   BACKEND  cuda (default; later rocm)
+#   BACKEND  cuda (default; later rocm; any other backend of `deepport
+#            list` runs the same steps without the device ones, which is
+#            how the script itself is checked on a machine without a GPU)
 #   OUT      output directory (default target/gpu/BACKEND-<UTC time>)
 #
 # Steps, each logged to OUT/<step>.log, each with its own time limit:
@@ -33,12 +35,11 @@
 # (min time per bench case, default 0.2), DEEPPORT_GPU_SECS (the whole
 # run's budget, default 570: each step's limit is cut to what is left).
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 
 backend="${1:-cuda}"
 case "$backend" in
-  cuda | rocm) ;;
-  *) echo "usage: ci/gpu/run.sh [cuda|rocm] [OUT]" >&2; exit 2 ;;
+  "" | -*) echo "usage: ci/gpu/run.sh [cuda|rocm] [OUT]" >&2; exit 2 ;;
 esac
 out="${2:-target/gpu/$backend-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out" || exit 2
@@ -104,7 +105,7 @@ fi
 
 # --- the device
 if [ "$backend" = cuda ]; then
-  step device 30 bash -c "nvidia-smi; '$bin' --version"
+  step device 30 bash -c "nvidia-smi && '$bin' --version"
   # sm_90a on Hopper (compute capability 9.0), sm_XY elsewhere.
   cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')"
   case "$cc" in
@@ -112,13 +113,16 @@ if [ "$backend" = cuda ]; then
     [0-9][0-9] | [0-9][0-9][0-9]) arch="sm_$cc" ;;
     *) arch=sm_90a ;;
   esac
+elif [ "$backend" = rocm ]; then
+  step device 30 bash -c "rocm-smi && '$bin' --version"
 else
-  step device 30 bash -c "rocm-smi || true; '$bin' --version"
+  step device 30 "$bin" --version
 fi
 
 # --- is the backend there?
 # `deepport list --json`; the backend (or its first device, NAME:0) must
 # say available.
+# shellcheck disable=SC2329 # run by `step` through bash -c
 list_check() {
   "$bin" list --json > "$out/list.json" || return 1
   cat "$out/list.json"
