@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 /// The long help of `deepport kernels` (on the subcommand in main.rs: a
 /// variant's doc comment would override it here).
-pub const LONG_ABOUT: &str = "Compile every kernel source of a GPU backend for one architecture with \
+pub const LONG_ABOUT: &str =
+    "Compile every kernel source of a GPU backend for one architecture with \
 the backend's run-time compiler, as the backend does on a device, but with no GPU: \
 NVRTC for `cuda`. Writes, under --out DIR, `<source>.<arch>.ptx` and `<source>.<arch>.cubin` \
 (<source> without `.cu`) for each source that applies to the architecture (sm_90a: the \
@@ -30,11 +31,9 @@ error (unknown backend or architecture).";
 
 /// Arguments of `deepport kernels`.
 #[derive(clap::Args, Debug)]
-#[command(
-    after_help = "Examples:
+#[command(after_help = "Examples:
   deepport kernels --backend cuda --arch sm_90a --out target/kernels/sm_90a
-  DEEPPORT_NVRTC=/path/to/libnvrtc.so.12 deepport kernels --arch sm_80 --out k80"
-)]
+  DEEPPORT_NVRTC=/path/to/libnvrtc.so.12 deepport kernels --arch sm_80 --out k80")]
 pub struct KernelsArgs {
     /// The backend whose kernels to compile (today only `cuda`; `rocm`
     /// will compile the portable sources with hiprtc).

@@ -143,7 +143,11 @@ fn compile_for(arch: &str, expected: &[&deepport_cuda::launch::KernelSource]) {
         let cubin = std::fs::read(d.join(format!("{stem}.{arch}.cubin"))).unwrap();
         assert_eq!(v["ptx_bytes"].as_u64(), Some(ptx.len() as u64));
         assert_eq!(v["cubin_bytes"].as_u64(), Some(cubin.len() as u64));
-        assert!(cubin.starts_with(b"\x7fELF"), "{}: cubin is not an ELF", s.name);
+        assert!(
+            cubin.starts_with(b"\x7fELF"),
+            "{}: cubin is not an ELF",
+            s.name
+        );
         for e in s.entries {
             assert!(ptx.contains(&format!(".entry {e}(")), "{}: {e}", s.name);
         }

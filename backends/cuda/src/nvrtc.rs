@@ -67,6 +67,17 @@ pub fn arch_targets(arch: &str) -> Result<&'static [Target]> {
     }
 }
 
+/// The architecture string a device of compute capability `major.minor`
+/// compiles for: `sm_90a` on Hopper (the wgmma/TMA paths need the `a`
+/// variant), `sm_<major><minor>` elsewhere.
+pub fn arch_name(major: u32, minor: u32) -> String {
+    if (major, minor) == (9, 0) {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
 /// The kernel sources of the backend that apply to `arch` (see
 /// [`arch_targets`]), in [`crate::sources`] order.
 pub fn sources_for(arch: &str) -> Result<Vec<&'static KernelSource>> {
@@ -230,9 +241,8 @@ pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled> {
     // SAFETY: `prog.0` is a live program; `option_ptrs` holds
     // `option_ptrs.len()` pointers to NUL-terminated strings (`options`)
     // that outlive the call.
-    let rc = unsafe {
-        (lib.compile_program)(prog.0, option_ptrs.len() as c_int, option_ptrs.as_ptr())
-    };
+    let rc =
+        unsafe { (lib.compile_program)(prog.0, option_ptrs.len() as c_int, option_ptrs.as_ptr()) };
     let log = prog.log()?;
     if rc != 0 {
         return Err(dev(format!(
@@ -597,6 +607,9 @@ mod tests {
         }
         let e = arch_targets("sm_75").unwrap_err().to_string();
         assert!(e.contains("sm_75") && e.contains("sm_90a"), "{e}");
+        assert_eq!(arch_name(9, 0), "sm_90a");
+        assert_eq!(arch_name(8, 6), "sm_86");
+        assert_eq!(arch_name(10, 0), "sm_100");
         assert_eq!(arch_number("sm_90a"), Some(90));
         assert_eq!(arch_number("sm_80"), Some(80));
         assert_eq!(arch_number("compute_90"), Some(90));
