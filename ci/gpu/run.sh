@@ -126,7 +126,13 @@ fi
 list_check() {
   "$bin" list --json > "$out/list.json" || return 1
   cat "$out/list.json"
-  grep -E -A2 "\"name\": \"$backend(:[0-9]+)?\"" "$out/list.json" | grep -q '"available": true' || {
+  # One object per row; keys in any order.
+  awk -v want="$backend" '
+    /^ *\{/ { avail = 0; named = 0 }
+    /"available": *true/ { avail = 1 }
+    /"name": *"/ { n = $0; sub(/.*"name": *"/, "", n); sub(/".*/, "", n); sub(/:[0-9]+$/, "", n); if (n == want) named = 1 }
+    /^ *\}/ { if (avail && named) found = 1 }
+    END { exit found ? 0 : 1 }' "$out/list.json" || {
     echo "backend $backend is not available here (see the reason above)"
     return 1
   }
