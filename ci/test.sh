@@ -7,10 +7,15 @@
 #                         device backends, every fuzz target briefly
 #
 # Environment:
-#   DEEPPORT_REQUIRE  comma-separated backends that must be available; the
-#                     tests turn "unavailable" into a failure for them.
-#                     Defaults to the backends whose drivers this script
-#                     installs (today: the CPU backends).
+#   DEEPPORT_REQUIRE  comma-separated backends (and tools: `nvrtc`) that
+#                     must be available; the tests turn "unavailable" into a
+#                     failure for them. Defaults to what this script
+#                     installs: the CPU backends, wgpu on lavapipe, and
+#                     NVRTC (so the cuda kernels must compile).
+#   DEEPPORT_CUDA_FLAVOR  cu12 (default: nvidia-cuda-nvrtc-cu12, CUDA 12.9)
+#                     or cu13 (nvidia-cuda-nvrtc, CUDA 13): the NVRTC the
+#                     cuda kernels are compiled with; DEEPPORT_NVRTC set by
+#                     the caller wins over both.
 #   DEEPPORT_SKIP_APT=1  never call apt-get.
 #   DEEPPORT_FUZZ_SECS  seconds per fuzz target (default 10; 0 skips).
 set -euo pipefail
@@ -38,7 +43,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu}"
+export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc}"
 # lavapipe (Mesa's CPU Vulkan driver) serves the wgpu backend in CI; this
 # silences its warning about a missing runtime directory.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
@@ -72,7 +77,35 @@ if [ "$(cat "$CI_VENV/.pkgs" 2>/dev/null)" != "${ACTIONLINT_PKGS[*]}" ]; then
 fi
 PATH="$PWD/$CI_VENV/bin:$PATH" actionlint .github/workflows/*.yml
 
-log "cargo test (required backends: $DEEPPORT_REQUIRE)"
+# --- NVRTC, CUDA's run-time compiler, from PyPI (the wheel ships the
+# library; no CUDA toolkit, no GPU): the cuda backend's kernels are
+# compiled by tests/compile.rs, tests/kernels_cli.rs and `deepport kernels`
+# below. Installed once into target/nvrtc-venv; DEEPPORT_NVRTC points at it.
+case "${DEEPPORT_CUDA_FLAVOR:-cu12}" in
+  cu12) NVRTC_PKGS=(nvidia-cuda-nvrtc-cu12==12.9.86) ;;
+  cu13) NVRTC_PKGS=(nvidia-cuda-nvrtc==13.5.37) ;;
+  *) echo "DEEPPORT_CUDA_FLAVOR must be cu12 or cu13, not ${DEEPPORT_CUDA_FLAVOR}" >&2; exit 2 ;;
+esac
+NVRTC_VENV=target/nvrtc-venv
+if [ -z "${DEEPPORT_NVRTC:-}" ]; then
+  log "NVRTC (${NVRTC_PKGS[*]})"
+  if [ "$(cat "$NVRTC_VENV/.pkgs" 2>/dev/null)" != "${NVRTC_PKGS[*]}" ]; then
+    rm -rf "$NVRTC_VENV"
+    python3 -m venv "$NVRTC_VENV"
+    "$NVRTC_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "${NVRTC_PKGS[@]}"
+    echo "${NVRTC_PKGS[*]}" > "$NVRTC_VENV/.pkgs"
+  fi
+  # cu12 wheels: nvidia/cuda_nvrtc/lib/libnvrtc.so.12; cu13: nvidia/cu13/lib/libnvrtc.so.13.
+  DEEPPORT_NVRTC="$(find "$PWD/$NVRTC_VENV" -name 'libnvrtc.so.1[0-9]' -not -name '*builtins*' | sort | tail -n 1)"
+  if [ -z "$DEEPPORT_NVRTC" ]; then
+    echo "NVRTC: no libnvrtc.so.* in $NVRTC_VENV (${NVRTC_PKGS[*]})" >&2
+    exit 1
+  fi
+  export DEEPPORT_NVRTC
+fi
+echo "DEEPPORT_NVRTC=$DEEPPORT_NVRTC"
+
+log "cargo test (required: $DEEPPORT_REQUIRE)"
 cargo test --workspace --locked
 
 # The device backends CI can really run are judged on the whole
@@ -86,6 +119,15 @@ for b in ${DEEPPORT_CONFORMANCE:-wgpu}; do
     echo "conformance: $b reports NotSupported cases in v3-mustpass" >&2
     exit 1
   fi
+done
+
+# The cuda kernels, compiled without a GPU (PTX, cubin and manifest.json
+# under target/kernels/ARCH): every source for Hopper, the portable ones
+# for Ampere. A compile error fails CI with NVRTC's log.
+for arch in sm_90a sm_80; do
+  log "deepport kernels --backend cuda --arch $arch"
+  cargo run --locked --quiet -p deepport-conformance -- \
+    kernels --backend cuda --arch "$arch" --out "target/kernels/$arch"
 done
 
 # Every fuzz target of fuzz/ (its own workspace) for a bounded time on a

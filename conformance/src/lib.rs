@@ -15,6 +15,8 @@
 //!   builders (small, deterministic, adversarial inputs) and the judges
 //!   that belong to one family (routing sets, keyed rows);
 //! * `bench_cmd`: `deepport bench` (with the `cpu` feature);
+//! * [`kernels_cmd`]: `deepport kernels` (compiles the `cuda` kernels
+//!   with NVRTC when the `cuda` feature is on);
 //! * [`suite`]: the conformance suite: catalogue, execution (`deepport
 //!   run`), waivers and reports.
 //!
@@ -31,6 +33,7 @@ pub mod faulty;
 pub mod forward_cmd;
 pub mod golden;
 pub mod judge;
+pub mod kernels_cmd;
 pub mod list;
 pub mod model_check;
 pub mod opspec;

@@ -39,6 +39,8 @@ This program:
                          realistic one-bug backends (the mutant x profile matrix)
   deepport forward ...   the DeepSeek-V3 forward pass from a Hugging Face checkpoint,
                          optionally judged per layer against golden data
+  deepport bench ...     measure ops on DeepSeek's shapes (TFLOP/s, GB/s, roofline)
+  deepport kernels ...   compile a GPU backend's kernels (PTX, cubin) without a GPU
   deepport golden verify check the golden data against its manifest";
 
 #[derive(Parser, Debug)]
@@ -145,6 +147,10 @@ layer and op that left tolerance. Exit status 1 when a check fails.",
     /// this machine's roofline, several backends side by side.
     #[cfg(feature = "cpu")]
     Bench(deepport_conformance::bench_cmd::BenchArgs),
+    /// Compile a GPU backend's kernel sources for one architecture
+    /// (PTX, cubin, manifest.json), no GPU needed.
+    #[command(long_about = deepport_conformance::kernels_cmd::LONG_ABOUT)]
+    Kernels(deepport_conformance::kernels_cmd::KernelsArgs),
     /// Golden data: verify it against its manifest.
     #[command(subcommand)]
     Golden(GoldenCmd),
@@ -303,6 +309,11 @@ fn main() -> ExitCode {
         },
         #[cfg(feature = "cpu")]
         Command::Bench(a) => match deepport_conformance::bench_cmd::run(&a) {
+            Ok(true) => Ok(ExitCode::SUCCESS),
+            Ok(false) => Ok(ExitCode::from(1)),
+            Err(e) => Err(e),
+        },
+        Command::Kernels(a) => match deepport_conformance::kernels_cmd::run(&a) {
             Ok(true) => Ok(ExitCode::SUCCESS),
             Ok(false) => Ok(ExitCode::from(1)),
             Err(e) => Err(e),
