@@ -226,13 +226,7 @@ pub enum Fp8Path {
 /// its preconditions; otherwise the portable kernel, with the reason.
 /// `a_addr`, `b_addr`: device addresses of the operands (TMA needs 16-byte
 /// aligned bases). `fnuz`: the operands are e4m3fnuz (wgmma has no such type).
-pub fn choose_fp8_path(
-    arch: &Arch,
-    p: &Problem,
-    fnuz: bool,
-    a_addr: u64,
-    b_addr: u64,
-) -> Fp8Path {
+pub fn choose_fp8_path(arch: &Arch, p: &Problem, fnuz: bool, a_addr: u64, b_addr: u64) -> Fp8Path {
     let why = |s: String| Fp8Path::Portable { reason: s };
     if !arch.is_hopper() {
         return why(format!("sm_{}{} is not Hopper", arch.major, arch.minor));
@@ -243,13 +237,13 @@ pub fn choose_fp8_path(
     if p.is_empty() || p.k == 0 {
         return why("empty problem".into());
     }
-    if p.k % QBLOCK != 0 {
+    if !p.k.is_multiple_of(QBLOCK) {
         return why(format!("k = {} is not a multiple of 128", p.k));
     }
-    if p.n % 64 != 0 {
+    if !p.n.is_multiple_of(64) {
         return why(format!("n = {} is not a multiple of 64", p.n));
     }
-    if a_addr % 16 != 0 || b_addr % 16 != 0 {
+    if !a_addr.is_multiple_of(16) || !b_addr.is_multiple_of(16) {
         return why("operand base not 16-byte aligned (TMA)".into());
     }
     let i32max = i32::MAX as usize;
@@ -259,7 +253,7 @@ pub fn choose_fp8_path(
     if p.rows_total().saturating_mul(p.n) >= u32::MAX as usize {
         return why("output beyond 2^32 elements".into());
     }
-    let block_n = if p.n % 128 == 0 { 128 } else { 64 };
+    let block_n = if p.n.is_multiple_of(128) { 128 } else { 64 };
     let tiles_m = p.m.div_ceil(SM90_BM);
     let tiles_n = p.n / block_n;
     let per_group = tiles_m * tiles_n;
@@ -325,7 +319,7 @@ pub fn validate_tma(t: &TmaParams) -> std::result::Result<(), String> {
     if !(1..=5).contains(&rank) || t.box_dims.len() != rank || t.strides.len() + 1 != rank {
         return Err("rank mismatch".into());
     }
-    if t.base % 16 != 0 {
+    if !t.base.is_multiple_of(16) {
         return Err("base not 16-byte aligned".into());
     }
     if t.strides.iter().any(|s| s % 16 != 0 || *s >= 1 << 40) {
@@ -343,7 +337,7 @@ pub fn validate_tma(t: &TmaParams) -> std::result::Result<(), String> {
         TmaDtype::F32 => 4,
     };
     let inner = t.box_dims[0] as u64 * elem;
-    if inner % 16 != 0 {
+    if !inner.is_multiple_of(16) {
         return Err("inner box span not a multiple of 16 bytes".into());
     }
     let span = match t.swizzle {
@@ -401,21 +395,70 @@ mod tests {
         }
     }
 
+    /// The kernel's TMA/mbarrier pipeline bookkeeping, step by step: the
+    /// loads each stage received (tile, K block), and how many of them were
+    /// consumed. A load may only go into a stage with nothing outstanding
+    /// (else it would overwrite a tile still being read), and the consumer
+    /// of the CTA's `it`-th K block waits on completion `it / STAGES` of
+    /// stage `it % STAGES` (the parity it waits for), which must be the
+    /// load of exactly that tile and K block.
+    struct Pipeline {
+        k_blocks: usize,
+        it: usize,
+        loads: Vec<Vec<(usize, usize)>>,
+        consumed: Vec<usize>,
+    }
+
+    impl Pipeline {
+        fn new(k_blocks: usize) -> Self {
+            Self {
+                k_blocks,
+                it: 0,
+                loads: vec![Vec::new(); SM90_STAGES],
+                consumed: vec![0; SM90_STAGES],
+            }
+        }
+        fn issue(&mut self, s: usize, t: usize, kb: usize) {
+            assert_eq!(
+                self.loads[s].len(),
+                self.consumed[s],
+                "stage {s} overwritten"
+            );
+            self.loads[s].push((t, kb));
+        }
+        /// One tile, as `fp8_sm90_body` runs it.
+        fn tile(&mut self, t: usize) {
+            for p in 0..self.k_blocks.min(SM90_STAGES) {
+                self.issue((self.it + p) % SM90_STAGES, t, p);
+            }
+            for kb in 0..self.k_blocks {
+                let s = self.it % SM90_STAGES;
+                let completion = self.it / SM90_STAGES;
+                assert_eq!(
+                    self.loads[s].get(completion),
+                    Some(&(t, kb)),
+                    "tile {t} block {kb}"
+                );
+                self.consumed[s] += 1;
+                if kb + SM90_STAGES < self.k_blocks {
+                    self.issue(s, t, kb + SM90_STAGES);
+                }
+                self.it += 1;
+            }
+        }
+    }
+
     /// Walks the persistent schedule like the kernel does and marks every
     /// output element computed; `group_of_row` gives the contiguous
     /// layout's `m_indices`, `masked` the masked layout's `masked_m`.
     /// Returns per output element how often it was written, and checks
     /// each visited tile saw every K block once.
-    fn simulate(
-        plan: &Sm90Plan,
-        ctas: usize,
-        group_of_row: &[i64],
-        masked: &[usize],
-    ) -> Vec<u8> {
+    fn simulate(plan: &Sm90Plan, ctas: usize, group_of_row: &[i64], masked: &[usize]) -> Vec<u8> {
         let p = plan.problem;
         let mut hits = vec![0u8; p.rows_total() * p.n];
         let mut seen = vec![0u32; plan.num_tiles];
         for cta in 0..ctas {
+            let mut pipe = Pipeline::new(plan.k_blocks);
             for t in plan.tiles_of(cta, ctas) {
                 seen[t] += 1;
                 let tile = plan.tile(t);
@@ -435,12 +478,9 @@ mod tests {
                         (g as usize, p.m)
                     }
                 };
-                let mut kblocks = vec![0u32; plan.k_blocks];
-                for kb in 0..plan.k_blocks {
-                    kblocks[kb] += 1;
-                }
-                assert!(kblocks.iter().all(|&c| c == 1));
+                pipe.tile(t);
                 assert_eq!(plan.b_row_of(g, tile.n0) % p.n, tile.n0);
+                #[allow(clippy::needless_range_loop)]
                 for r in tile.m0..(tile.m0 + SM90_BM).min(rows_valid) {
                     if p.layout == Layout::Contiguous {
                         // Tiles never straddle groups (padding rows aside).
@@ -454,11 +494,7 @@ mod tests {
                         Layout::Masked => g * p.m + r,
                         _ => r,
                     };
-                    assert_eq!(
-                        tile.a_row + (r - tile.m0),
-                        row,
-                        "A's TMA row coordinate"
-                    );
+                    assert_eq!(tile.a_row + (r - tile.m0), row, "A's TMA row coordinate");
                     for c in tile.n0..tile.n0 + plan.block_n {
                         hits[row * p.n + c] += 1;
                     }
@@ -477,7 +513,7 @@ mod tests {
                 let plan = plan(&p);
                 assert_eq!(plan.block_n, if n % 128 == 0 { 128 } else { 64 });
                 let ctas = plan.grid(&H200).grid.0 as usize;
-                assert!(ctas <= 132 && ctas >= 1);
+                assert!((1..=132).contains(&ctas));
                 let hits = simulate(&plan, ctas, &[], &[]);
                 assert!(hits.iter().all(|&h| h == 1), "m={m} n={n} k={k}");
             }
@@ -541,7 +577,9 @@ mod tests {
             &[128, 256, 128, 384],
             &[1, 0, 300, 17, 128, 5, 0, 129],
             &[3; 32],
-            &[1000, 1, 1, 1, 0, 0, 200, 64, 65, 127, 129, 255, 256, 257, 0, 9],
+            &[
+                1000, 1, 1, 1, 0, 0, 200, 64, 65, 127, 129, 255, 256, 257, 0, 9,
+            ],
         ];
         for sizes in cases {
             let idx = contiguous_indices(sizes);
@@ -585,12 +623,15 @@ mod tests {
                     k,
                 };
                 let plan = plan(&p);
-                assert_eq!(plan.num_tiles, masked.len() * m_max.div_ceil(64) * plan.tiles_n);
+                assert_eq!(
+                    plan.num_tiles,
+                    masked.len() * m_max.div_ceil(64) * plan.tiles_n
+                );
                 for ctas in [1, 5, 132] {
                     let hits = simulate(&plan, ctas, &[], masked);
-                    for g in 0..masked.len() {
+                    for (g, &mg) in masked.iter().enumerate() {
                         for r in 0..m_max {
-                            let want = u8::from(r < masked[g]);
+                            let want = u8::from(r < mg);
                             let row = g * m_max + r;
                             assert!(
                                 hits[row * n..(row + 1) * n].iter().all(|&h| h == want),
@@ -639,7 +680,10 @@ mod tests {
         assert!(validate_tma(&bad).is_err());
         let mut bad = tma_a(&plan, 0);
         bad.box_dims = vec![256, 64];
-        assert!(validate_tma(&bad).is_err(), "256 bytes exceed the 128B swizzle");
+        assert!(
+            validate_tma(&bad).is_err(),
+            "256 bytes exceed the 128B swizzle"
+        );
         let mut bad = tma_a(&plan, 0);
         bad.base = 8;
         assert!(validate_tma(&bad).is_err());
