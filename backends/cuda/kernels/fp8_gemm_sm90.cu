@@ -202,7 +202,7 @@ DP_DEVICE void fp8_sm90_body(const GemmTmaDesc* ta, const GemmTmaDesc* tb, const
           const int row = ((i >> 1) & 1) ? row1 : row0;
           const i64 gi = ((i >> 1) & 1) ? gi1 : gi0;
           const int col = n0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-          if (gi == -1) dp_store(d, (i64)row * n + col, d_dtype, 0.0f);
+          if (gi == -1) gemm_store(d, (i64)row * n + col, d_dtype, 0.0f);
         }
         continue;
       }
@@ -273,7 +273,7 @@ DP_DEVICE void fp8_sm90_body(const GemmTmaDesc* ta, const GemmTmaDesc* tb, const
         if (gi == -1) v = 0.0f;
         else if (gi != g) continue;  // another group's row: not this tile's
       }
-      dp_store(d, (a_row + (row - m0)) * (i64)n + col, d_dtype, v);
+      gemm_store(d, (a_row + (row - m0)) * (i64)n + col, d_dtype, v);
     }
   }
 }

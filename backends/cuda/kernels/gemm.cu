@@ -93,7 +93,7 @@ DP_DEVICE void gemm_tiled(const void* a, int a_code, const float* sa, const void
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const i64 c = n0 + tx + 16 * j;
-        if (c < n) dp_store(d, (m0 + lr) * n + c, d_dtype, 0.0f);
+        if (c < n) gemm_store(d, (m0 + lr) * n + c, d_dtype, 0.0f);
       }
     }
   }
@@ -136,7 +136,9 @@ DP_DEVICE void gemm_tiled(const void* a, int a_code, const float* sa, const void
       for (i64 kt = k0; kt < k1; kt += GT_BK) {
         // 64 x 32 elements of each operand, 8 per thread; consecutive
         // threads read consecutive k (coalesced for row-major [rows, k]).
-#pragma unroll
+        // Not unrolled: each load decodes a dtype (keeps registers and
+        // code size down).
+#pragma unroll 1
         for (int t = 0; t < (GT_BM * GT_BK) / GT_THREADS; ++t) {
           const int e = tid + GT_THREADS * t;
           const int r = e / GT_BK, c = e % GT_BK;
@@ -192,7 +194,7 @@ DP_DEVICE void gemm_tiled(const void* a, int a_code, const float* sa, const void
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const i64 c = n0 + tx + 16 * j;
-        if (c < n) dp_store(d, d_off + r * n + c, d_dtype, acc[i][j]);
+        if (c < n) gemm_store(d, d_off + r * n + c, d_dtype, acc[i][j]);
       }
     }
     if (mode != GEMM_CONTIGUOUS) return;

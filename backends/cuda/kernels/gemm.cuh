@@ -44,3 +44,13 @@ DP_DEVICE i64 gemm_index(const void* p, i64 i, int is64) {
 DP_DEVICE u32 gemm_pos32(i64 i) {
   return i > (i64)0xffffffffll ? 0xffffffffu : (u32)i;
 }
+
+// Stores an output element in f32 / bf16 / f16 (the GEMM outputs); out of
+// line: the tiles store 16-64 values each and one copy keeps code small.
+__device__ __noinline__ void gemm_store(void* d, i64 i, int dtype, float v) {
+  switch (dtype) {
+    case DP_BF16: ((u16*)d)[i] = dp_f32_to_bf16(v); break;
+    case DP_F16: ((u16*)d)[i] = dp_f32_to_f16(v); break;
+    default: ((float*)d)[i] = v;
+  }
+}
