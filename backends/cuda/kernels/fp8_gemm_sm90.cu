@@ -11,11 +11,12 @@
 // Preconditions (checked by the host, `choose_fp8_path`): OCP e4m3
 // operands, k % 128 == 0, n % BLOCK_N == 0 (BLOCK_N = 128 or 64), 16-byte
 // aligned operand bases, 32-bit dims. Layouts as in gemm.cu:
-// * contiguous: a tile's group is m_indices[m0] (DeepGEMM: the group is
-//   constant per 128-row block, so per 64-row tile); rows whose index is
-//   -1 are written 0, rows of another group (a broken layout) are not
-//   written; an out-of-range index skips the tile (gemm_check_index
-//   reports it).
+// * contiguous: each row uses its own m_indices entry. A tile runs one
+//   pass (the K loop) per distinct group among its 64 rows, ascending, and
+//   stores the rows of that group; DeepGEMM's layout (groups constant per
+//   128-row block) always has one pass. Rows whose index is -1 are written
+//   0 (as cpu-ref); out-of-range indices are skipped (gemm_check_index
+//   reports them).
 // * masked: tiles at or past masked_m[g] (clamped to [0, m]) are skipped,
 //   rows at or past it are not written.
 //
@@ -151,6 +152,7 @@ DP_DEVICE void fp8_sm90_body(const GemmTmaDesc* ta, const GemmTmaDesc* tb, const
                              int mode, int m, int n, int k, int groups, int tiles_m, int tiles_n,
                              int num_tiles) {
   extern __shared__ __align__(1024) u8 h_smem[];
+  __shared__ int h_rowg[H_BM];  // contiguous: each tile row's group (-1 pad, -2 skip)
   constexpr u32 A_BYTES = H_BM * H_BK;
   constexpr u32 B_BYTES = BN * H_BK;
   constexpr u32 STAGE = A_BYTES + B_BYTES;  // a multiple of 1024
@@ -171,8 +173,15 @@ DP_DEVICE void fp8_sm90_body(const GemmTmaDesc* ta, const GemmTmaDesc* tb, const
   const int per_group = tiles_m * tiles_n;
   u32 it = 0;  // K blocks this CTA consumed: stage it % S, parity (it / S) & 1
   float acc[NACC], fin[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
 
-  for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+  // Contiguous tiles take one pass per group present among their rows:
+  // `prev` is the group of the pass just done (-1: none yet); `t` advances
+  // when no group is left. Other layouts take one pass per tile. (One flat
+  // loop: a nested pass loop makes ptxas spill the accumulators.)
+  int t = blockIdx.x, prev = -1;
+  while (t < num_tiles) {
     int g = 0, r = t;
     if (mode == GEMM_MASKED) {
       g = t / per_group;
@@ -186,95 +195,112 @@ DP_DEVICE void fp8_sm90_body(const GemmTmaDesc* ta, const GemmTmaDesc* tb, const
       i64 mm = gemm_index(idx, g, idx64);
       mm = mm < 0 ? 0 : (mm > m ? m : mm);
       rows = mm;
-      if (m0 >= rows) continue;  // uniform: skipped tile
+      if (m0 >= rows) {  // uniform: skipped tile
+        t += gridDim.x;
+        continue;
+      }
       a_row = (i64)g * m + m0;
     }
     const int row0 = m0 + warp * 16 + lane / 4, row1 = row0 + 8;
-    i64 gi0 = 0, gi1 = 0;  // contiguous: the rows' own indices
+    if (mode == GEMM_CONTIGUOUS && prev == -1) {
+      __syncthreads();  // every thread is done with the previous tile's h_rowg
+      if (tid < H_BM) {
+        const i64 r = (i64)m0 + tid;
+        i64 v = r < m ? gemm_index(idx, r, idx64) : -2;
+        if (v < -1 || v >= groups) v = -2;  // out of range: skipped, flagged elsewhere
+        h_rowg[tid] = (int)v;
+      }
+      __syncthreads();
+      // Padding rows: 0, as cpu-ref writes.
+      for (int i = 0; i < NACC; ++i) {
+        const bool hi = (i >> 1) & 1;
+        const int col = n0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+        if (h_rowg[(hi ? row1 : row0) - m0] == -1) gemm_store(d, (i64)(hi ? row1 : row0) * n + col, d_dtype, 0.0f);
+      }
+    }
+    const i64 ar0 = a_row + (row0 - m0), ar1 = a_row + (row1 - m0);
+    int gi0 = 0, gi1 = 0;  // contiguous: the group of each of this thread's rows
     if (mode == GEMM_CONTIGUOUS) {
-      const i64 v = gemm_index(idx, m0, idx64);
-      gi0 = row0 < m ? gemm_index(idx, row0, idx64) : -2;
-      gi1 = row1 < m ? gemm_index(idx, row1, idx64) : -2;
-      if (v < -1 || v >= groups) continue;  // out of range: flagged elsewhere
-      if (v == -1) {
-        // A padding tile: 0 for its padding rows, as cpu-ref writes.
-        for (int i = 0; i < NACC; ++i) {
-          const int row = ((i >> 1) & 1) ? row1 : row0;
-          const i64 gi = ((i >> 1) & 1) ? gi1 : gi0;
-          const int col = n0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-          if (gi == -1) gemm_store(d, (i64)row * n + col, d_dtype, 0.0f);
-        }
+      gi0 = h_rowg[row0 - m0];
+      gi1 = h_rowg[row1 - m0];
+      int best = 0x7fffffff;  // the smallest group above prev (uniform)
+      for (int r2 = 0; r2 < H_BM; ++r2) {
+        const int v = h_rowg[r2];
+        if (v > prev && v < best) best = v;
+      }
+      if (best == 0x7fffffff) {  // no group left: the next tile
+        prev = -1;
+        t += gridDim.x;
         continue;
       }
-      g = (int)v;
+      g = best;
+      prev = best;
     }
-    const i64 b_row = (i64)g * n + n0;  // dense: g == 0
-    const i64 sb_base = ((i64)g * nb + n0 / 128) * kbn;
+    {
+      const i64 b_row = (i64)g * n + n0;  // dense: g == 0
+      const i64 sb_base = ((i64)g * nb + n0 / 128) * kbn;
 
-    // Prologue: the first stages of this tile (every stage is free here:
-    // all loads issued so far were consumed).
-    if (tid == 0) {
-      const int pro = kbn < H_STAGES ? kbn : H_STAGES;
-      for (int p = 0; p < pro; ++p) {
-        const u32 s = (it + p) % H_STAGES;
-        const u32 bar = bars + 8 * s;
-        h_mbar_expect_tx(bar, STAGE);
-        h_tma_load(base + s * STAGE, ta, bar, p * H_BK, (int)a_row);
-        h_tma_load(base + s * STAGE + A_BYTES, tb, bar, p * H_BK, (int)b_row);
+      // Prologue: the first stages of this pass (every stage is free here:
+      // all loads issued so far were consumed, and the last K block ended
+      // with a CTA barrier).
+      if (tid == 0) {
+        const int pro = kbn < H_STAGES ? kbn : H_STAGES;
+        for (int p = 0; p < pro; ++p) {
+          const u32 s = (it + p) % H_STAGES;
+          const u32 bar = bars + 8 * s;
+          h_mbar_expect_tx(bar, STAGE);
+          h_tma_load(base + s * STAGE, ta, bar, p * H_BK, (int)a_row);
+          h_tma_load(base + s * STAGE + A_BYTES, tb, bar, p * H_BK, (int)b_row);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) fin[i] = 0.0f;
+
+      for (int kb = 0; kb < kbn; ++kb, ++it) {
+        const u32 s = it % H_STAGES;
+        h_mbar_wait(bars + 8 * s, (it / H_STAGES) & 1u);
+        const u32 sa_addr = base + s * STAGE, sb_addr = sa_addr + A_BYTES;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) h_reg_fence(acc[i]);
+        h_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < H_BK / 32; ++kk) {
+          HMma<BN>::run(acc, h_desc(sa_addr + kk * 32), h_desc(sb_addr + kk * 32), kk > 0);
+        }
+        h_wg_commit();
+        h_wg_wait0();
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) h_reg_fence(acc[i]);
+
+        // Promotion of this K block's f32 partial sums.
+        const float sbv = sb[sb_base + kb];
+        const float s0 = (row0 < rows ? sa[ar0 * kbn + kb] : 0.0f) * sbv;
+        const float s1 = (row1 < rows ? sa[ar1 * kbn + kb] : 0.0f) * sbv;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) fin[i] = fmaf(acc[i], ((i >> 1) & 1) ? s1 : s0, fin[i]);
+
+        __syncthreads();  // every warp's wgmma has read stage s
+        if (tid == 0 && kb + H_STAGES < kbn) {
+          const u32 bar = bars + 8 * s;
+          h_mbar_expect_tx(bar, STAGE);
+          h_tma_load(base + s * STAGE, ta, bar, (kb + H_STAGES) * H_BK, (int)a_row);
+          h_tma_load(base + s * STAGE + A_BYTES, tb, bar, (kb + H_STAGES) * H_BK, (int)b_row);
+        }
+      }
+
+      // Store: register i holds row (i >> 1) & 1 ? row1 : row0, column
+      // n0 + 8 (i >> 2) + 2 (lane % 4) + (i & 1) (the wgmma D fragment).
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) {
+        const bool hi = (i >> 1) & 1;
+        const int row = hi ? row1 : row0;
+        if (row >= rows) continue;
+        if (mode == GEMM_CONTIGUOUS && (hi ? gi1 : gi0) != g) continue;  // another pass's row
+        const int col = n0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+        gemm_store(d, (a_row + (row - m0)) * (i64)n + col, d_dtype, fin[i]);
       }
     }
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) fin[i] = 0.0f;
-    const i64 ar0 = a_row + (row0 - m0), ar1 = a_row + (row1 - m0);
-
-    for (int kb = 0; kb < kbn; ++kb, ++it) {
-      const u32 s = it % H_STAGES;
-      h_mbar_wait(bars + 8 * s, (it / H_STAGES) & 1u);
-      const u32 sa_addr = base + s * STAGE, sb_addr = sa_addr + A_BYTES;
-#pragma unroll
-      for (int i = 0; i < NACC; ++i) h_reg_fence(acc[i]);
-      h_wg_fence();
-#pragma unroll
-      for (int kk = 0; kk < H_BK / 32; ++kk) {
-        HMma<BN>::run(acc, h_desc(sa_addr + kk * 32), h_desc(sb_addr + kk * 32), kk > 0);
-      }
-      h_wg_commit();
-      h_wg_wait0();
-#pragma unroll
-      for (int i = 0; i < NACC; ++i) h_reg_fence(acc[i]);
-
-      // Promotion of this K block's f32 partial sums.
-      const float sbv = sb[sb_base + kb];
-      const float s0 = (row0 < rows ? sa[ar0 * kbn + kb] : 0.0f) * sbv;
-      const float s1 = (row1 < rows ? sa[ar1 * kbn + kb] : 0.0f) * sbv;
-#pragma unroll
-      for (int i = 0; i < NACC; ++i) fin[i] = fmaf(acc[i], ((i >> 1) & 1) ? s1 : s0, fin[i]);
-
-      __syncthreads();  // every warp's wgmma has read stage s
-      if (tid == 0 && kb + H_STAGES < kbn) {
-        const u32 bar = bars + 8 * s;
-        h_mbar_expect_tx(bar, STAGE);
-        h_tma_load(base + s * STAGE, ta, bar, (kb + H_STAGES) * H_BK, (int)a_row);
-        h_tma_load(base + s * STAGE + A_BYTES, tb, bar, (kb + H_STAGES) * H_BK, (int)b_row);
-      }
-    }
-
-    // Store: register i holds row (i >> 1) & 1 ? row1 : row0, column
-    // n0 + 8 (i >> 2) + 2 (lane % 4) + (i & 1) (the wgmma D fragment).
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) {
-      const bool hi = (i >> 1) & 1;
-      const int row = hi ? row1 : row0;
-      if (row >= rows) continue;
-      const int col = n0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-      float v = fin[i];
-      if (mode == GEMM_CONTIGUOUS) {
-        const i64 gi = hi ? gi1 : gi0;
-        if (gi == -1) v = 0.0f;
-        else if (gi != g) continue;  // another group's row: not this tile's
-      }
-      gemm_store(d, (a_row + (row - m0)) * (i64)n + col, d_dtype, v);
-    }
+    if (mode != GEMM_CONTIGUOUS) t += gridDim.x;
   }
 }
 

@@ -30,6 +30,9 @@ pub const SM90_BM: usize = 64;
 pub const SM90_THREADS: u32 = 128;
 /// Pipeline stages of the Hopper kernel.
 pub const SM90_STAGES: usize = 4;
+/// Static shared memory of the Hopper kernel (its row-group table, placed
+/// before the 1024-byte aligned dynamic buffer: ptxas reports 1024).
+pub const SM90_STATIC_SMEM: usize = 1024;
 /// The largest grid y / z dimension.
 pub const MAX_GRID_YZ: usize = 65535;
 /// The largest grid x dimension.
@@ -193,6 +196,28 @@ impl Sm90Plan {
     pub fn b_row_of(&self, g: usize, n0: usize) -> usize {
         g * self.problem.n + n0
     }
+    /// Contiguous layout: the passes of a tile whose rows have the groups
+    /// `row_groups` (its `m_indices` slice): each distinct group in
+    /// `[0, G)`, ascending, as the kernel's scan finds them (padding and
+    /// out-of-range rows take no pass). DeepGEMM's layout gives at most one.
+    pub fn contiguous_passes(&self, row_groups: &[i64]) -> Vec<usize> {
+        let mut prev = -1i64;
+        let mut out = Vec::new();
+        loop {
+            let best = row_groups
+                .iter()
+                .copied()
+                .filter(|&v| v > prev && v < self.problem.groups as i64)
+                .min();
+            match best {
+                Some(b) => {
+                    out.push(b as usize);
+                    prev = b;
+                }
+                None => return out,
+            }
+        }
+    }
     /// The tiles CTA `cta` of a `grid`-CTA launch computes, in order.
     pub fn tiles_of(&self, cta: usize, grid: usize) -> impl Iterator<Item = usize> {
         (cta..self.num_tiles).step_by(grid.max(1))
@@ -272,10 +297,10 @@ pub fn choose_fp8_path(arch: &Arch, p: &Problem, fnuz: bool, a_addr: u64, b_addr
         num_tiles,
         k_blocks: p.k / QBLOCK,
     };
-    if plan.smem_bytes() > arch.smem_optin as usize {
+    let smem = plan.smem_bytes() + SM90_STATIC_SMEM;
+    if smem > arch.smem_optin as usize {
         return why(format!(
-            "needs {} bytes of shared memory, the device allows {}",
-            plan.smem_bytes(),
+            "needs {smem} bytes of shared memory, the device allows {}",
             arch.smem_optin
         ));
     }
@@ -454,6 +479,18 @@ mod tests {
     /// Returns per output element how often it was written, and checks
     /// each visited tile saw every K block once.
     fn simulate(plan: &Sm90Plan, ctas: usize, group_of_row: &[i64], masked: &[usize]) -> Vec<u8> {
+        simulate_with(plan, ctas, group_of_row, masked, true)
+    }
+
+    /// As [`simulate`]; `aligned_layout`: the contiguous layout keeps groups
+    /// constant per 128 rows (DeepGEMM's), so every tile takes one pass.
+    fn simulate_with(
+        plan: &Sm90Plan,
+        ctas: usize,
+        group_of_row: &[i64],
+        masked: &[usize],
+        aligned_layout: bool,
+    ) -> Vec<u8> {
         let p = plan.problem;
         let mut hits = vec![0u8; p.rows_total() * p.n];
         let mut seen = vec![0u32; plan.num_tiles];
@@ -462,41 +499,37 @@ mod tests {
             for t in plan.tiles_of(cta, ctas) {
                 seen[t] += 1;
                 let tile = plan.tile(t);
-                let (g, rows_valid) = match p.layout {
-                    Layout::Dense => (0, p.m),
-                    Layout::Masked => {
-                        if tile.m0 >= masked[tile.group] {
-                            continue; // skipped tile
-                        }
-                        (tile.group, masked[tile.group])
-                    }
-                    Layout::Contiguous => {
-                        let g = group_of_row[tile.m0];
-                        if g < 0 {
-                            continue; // a padding tile
-                        }
-                        (g as usize, p.m)
-                    }
+                let rows_end = (tile.m0 + SM90_BM).min(p.m);
+                // The passes the kernel runs: (group, rows valid in it).
+                let passes: Vec<(usize, usize)> = match p.layout {
+                    Layout::Dense => vec![(0, p.m)],
+                    Layout::Masked if tile.m0 >= masked[tile.group] => vec![],
+                    Layout::Masked => vec![(tile.group, masked[tile.group])],
+                    Layout::Contiguous => plan
+                        .contiguous_passes(&group_of_row[tile.m0..rows_end])
+                        .into_iter()
+                        .map(|g| (g, p.m))
+                        .collect(),
                 };
-                pipe.tile(t);
-                assert_eq!(plan.b_row_of(g, tile.n0) % p.n, tile.n0);
-                #[allow(clippy::needless_range_loop)]
-                for r in tile.m0..(tile.m0 + SM90_BM).min(rows_valid) {
-                    if p.layout == Layout::Contiguous {
-                        // Tiles never straddle groups (padding rows aside).
-                        let gr = group_of_row[r];
-                        assert!(gr == g as i64 || gr == -1, "tile {t} straddles groups");
-                        if gr < 0 {
-                            continue;
+                if aligned_layout {
+                    assert!(passes.len() <= 1, "tile {t} straddles groups");
+                }
+                for (g, rows_valid) in passes {
+                    pipe.tile(t);
+                    assert_eq!(plan.b_row_of(g, tile.n0) % p.n, tile.n0);
+                    #[allow(clippy::needless_range_loop)]
+                    for r in tile.m0..(tile.m0 + SM90_BM).min(rows_valid) {
+                        if p.layout == Layout::Contiguous && group_of_row[r] != g as i64 {
+                            continue; // another pass's row (or padding)
                         }
-                    }
-                    let row = match p.layout {
-                        Layout::Masked => g * p.m + r,
-                        _ => r,
-                    };
-                    assert_eq!(tile.a_row + (r - tile.m0), row, "A's TMA row coordinate");
-                    for c in tile.n0..tile.n0 + plan.block_n {
-                        hits[row * p.n + c] += 1;
+                        let row = match p.layout {
+                            Layout::Masked => g * p.m + r,
+                            _ => r,
+                        };
+                        assert_eq!(tile.a_row + (r - tile.m0), row, "A's TMA row coordinate");
+                        for c in tile.n0..tile.n0 + plan.block_n {
+                            hits[row * p.n + c] += 1;
+                        }
                     }
                 }
             }
@@ -600,6 +633,34 @@ mod tests {
                         "row {r} of group {g}: sizes {sizes:?}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn contiguous_groups_changing_inside_tiles_take_one_pass_each() {
+        // The conformance suite's pattern: groups change every row, padding
+        // inside tiles; plus an out-of-range value (skipped, flagged).
+        let mut idx: Vec<i64> = (0..150).map(|r| [0, 2, -1, 2, 0, 0][r % 6]).collect();
+        idx[77] = 9;
+        let p = Problem {
+            layout: Layout::Contiguous,
+            groups: 4,
+            m: idx.len(),
+            n: 192,
+            k: 256,
+        };
+        let plan = plan(&p);
+        assert_eq!(plan.contiguous_passes(&idx[..64]), vec![0, 2]);
+        assert_eq!(plan.contiguous_passes(&[-1, -1, 7]), Vec::<usize>::new());
+        for ctas in [1, 2, 132] {
+            let hits = simulate_with(&plan, ctas, &idx, &[], false);
+            for (r, &g) in idx.iter().enumerate() {
+                let want = u8::from((0..4).contains(&g));
+                assert!(
+                    hits[r * p.n..(r + 1) * p.n].iter().all(|&h| h == want),
+                    "row {r} of group {g}"
+                );
             }
         }
     }
