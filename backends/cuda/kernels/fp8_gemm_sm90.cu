@@ -33,6 +33,19 @@ struct __align__(64) GemmTmaDesc {
   u64 v[16];
 };
 
+// Shared memory matrix descriptor of a K-major tile with the 128-byte
+// swizzle: rows of 128 bytes, 8-row core groups 1024 bytes apart (SBO),
+// LBO unused for swizzled K-major layouts, base 1024-byte aligned (the
+// k-step advances the start address by 32 bytes inside the swizzle atom).
+DP_DEVICE u64 h_desc(u32 saddr) {
+  u64 d = (u64)((saddr & 0x3ffffu) >> 4);
+  d |= (u64)1 << 16;
+  d |= (u64)(1024 >> 4) << 32;
+  d |= (u64)1 << 62;
+  return d;
+}
+
+#ifndef GEMM_SM90_HOST_EMU  // the host emulation test (gemm_hosttest/) supplies these
 DP_DEVICE u32 h_smem_addr(const void* p) {
   u32 r;
   asm volatile("{\n.reg .u64 t;\ncvta.to.shared.u64 t, %1;\ncvt.u32.u64 %0, t;\n}\n"
@@ -83,18 +96,6 @@ DP_DEVICE void h_wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" 
 // asynchronous wgmma boundary.
 DP_DEVICE void h_reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-// Shared memory matrix descriptor of a K-major tile with the 128-byte
-// swizzle: rows of 128 bytes, 8-row core groups 1024 bytes apart (SBO),
-// LBO unused for swizzled K-major layouts, base 1024-byte aligned (the
-// k-step advances the start address by 32 bytes inside the swizzle atom).
-DP_DEVICE u64 h_desc(u32 saddr) {
-  u64 d = (u64)((saddr & 0x3ffffu) >> 4);
-  d |= (u64)1 << 16;
-  d |= (u64)(1024 >> 4) << 32;
-  d |= (u64)1 << 62;
-  return d;
-}
-
 // D[64 x 128] (+)= A[64 x 32] * B[128 x 32]^T, e4m3 x e4m3 -> f32; A and B
 // from shared memory descriptors; scale_d = 0 overwrites D.
 DP_DEVICE void h_wgmma_n128(float* d, u64 da, u64 db, int scale_d) {
@@ -134,6 +135,7 @@ DP_DEVICE void h_wgmma_n64(float* d, u64 da, u64 db, int scale_d) {
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(da), "l"(db), "r"(scale_d));
 }
+#endif  // GEMM_SM90_HOST_EMU
 
 template <int BN>
 struct HMma;
@@ -151,7 +153,9 @@ DP_DEVICE void fp8_sm90_body(const GemmTmaDesc* ta, const GemmTmaDesc* tb, const
                              const float* sb, void* d, int d_dtype, const void* idx, int idx64,
                              int mode, int m, int n, int k, int groups, int tiles_m, int tiles_n,
                              int num_tiles) {
+#ifndef GEMM_SM90_HOST_EMU
   extern __shared__ __align__(1024) u8 h_smem[];
+#endif
   __shared__ int h_rowg[H_BM];  // contiguous: each tile row's group (-1 pad, -2 skip)
   constexpr u32 A_BYTES = H_BM * H_BK;
   constexpr u32 B_BYTES = BN * H_BK;
