@@ -526,6 +526,9 @@ mod tests {
                 kernel.entry,
                 kernel.source.name
             );
+            let want = signature(kernel.source.text, kernel.entry);
+            let got: Vec<&str> = args.iter().map(arg_kind).collect();
+            assert_eq!(got, want, "arguments of {}", kernel.entry);
             self.launches.borrow_mut().push(Launch {
                 entry: kernel.entry,
                 target: kernel.source.target,
@@ -534,6 +537,63 @@ mod tests {
             });
             Ok(())
         }
+    }
+
+    fn arg_kind(a: &Arg) -> &'static str {
+        match a {
+            Arg::Ptr(_) => "ptr",
+            Arg::I32(_) => "i32",
+            Arg::U32(_) => "u32",
+            Arg::I64(_) => "i64",
+            Arg::U64(_) => "u64",
+            Arg::F32(_) => "f32",
+            Arg::TensorMap(_) => "tmap",
+        }
+    }
+
+    /// The parameter kinds of a kernel entry, parsed from its source: the
+    /// parameter list after `entry(` (or, for entries made by the
+    /// `H_ENTRY` macro, after `NAME(` in the macro).
+    fn signature(src: &str, entry: &str) -> Vec<&'static str> {
+        let open = match src.find(&format!("{entry}(const")) {
+            Some(i) if !src[i..].starts_with(&format!("{entry}(const __grid")) => i,
+            _ if src.contains(&format!("H_ENTRY({entry},")) => {
+                src.find("NAME(").expect("H_ENTRY macro")
+            }
+            other => other.unwrap_or_else(|| panic!("{entry} not found")),
+        };
+        let rest = &src[open..];
+        let list = &rest[rest.find('(').unwrap() + 1..rest.find(')').unwrap()];
+        list.split(',')
+            .map(|p| {
+                let p = p.replace('\\', " ");
+                let p = p.trim();
+                if p.contains("GemmTmaDesc") {
+                    "tmap"
+                } else if p.contains('*') {
+                    "ptr"
+                } else if p.starts_with("int ") {
+                    "i32"
+                } else if p.starts_with("i64 ") {
+                    "i64"
+                } else if p.starts_with("float ") {
+                    "f32"
+                } else {
+                    panic!("unknown parameter `{p}` of {entry}")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn signatures_parse() {
+        assert_eq!(
+            signature(GEMM.text, "gemm_check_index"),
+            vec!["ptr", "i32", "i64", "i64", "i64", "i64", "i32", "ptr"]
+        );
+        let s = signature(FP8_SM90.text, "fp8_gemm_sm90_n64");
+        assert_eq!(s.len(), 16);
+        assert_eq!(&s[..3], &["tmap", "tmap", "ptr"]);
     }
 
     const H200: Arch = Arch {
