@@ -142,6 +142,14 @@ fn info_of(d: &device::DeviceDesc) -> DeviceInfo {
 /// launches instead of answering `NotSupported`). Add an op here with its
 /// kernel; `supports` answers from this list.
 pub const KERNEL_OPS: &[OpKind] = &[
+    OpKind::ActQuant,
+    OpKind::WeightDequant,
+    OpKind::Fp8Gemm,
+    OpKind::Fp8GroupedContiguous,
+    OpKind::Fp8GroupedMasked,
+    OpKind::Gemm,
+    OpKind::GemmGroupedContiguous,
+    OpKind::GemmGroupedMasked,
     OpKind::RmsNorm,
     OpKind::MoeGate,
     OpKind::SiluMul,

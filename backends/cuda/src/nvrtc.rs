@@ -31,6 +31,7 @@ use std::sync::OnceLock;
 pub const HEADERS: &[(&str, &str)] = &[
     ("port.cuh", include_str!("../kernels/port.cuh")),
     ("mla.cuh", include_str!("../kernels/mla.cuh")),
+    ("gemm.cuh", include_str!("../kernels/gemm.cuh")),
 ];
 
 /// The output of one compilation.

@@ -10,18 +10,6 @@ pub(crate) use dense::*;
 pub(crate) use mla::*;
 pub(crate) use small::*;
 
-use deepport_core::ops::OpKind;
-use deepport_core::Error;
-
-/// The error of an op whose kernel has not landed.
-pub(crate) fn not_yet(op: OpKind) -> Error {
-    Error::NotSupported {
-        backend: "cuda".into(),
-        op: op.name().into(),
-        reason: "no CUDA kernel yet".into(),
-    }
-}
-
 /// Every kernel source of the backend, for the module cache and
 /// `deepport kernels`. Each family lists its own.
 pub fn sources() -> Vec<&'static crate::launch::KernelSource> {
