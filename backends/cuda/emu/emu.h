@@ -192,8 +192,7 @@ inline unsigned long long __cvta_generic_to_shared(const void* p) {
 // Runs f (a lambda calling the kernel) for every block of `grid` in turn,
 // with block.x·block.y·block.z threads and `smem` bytes of dynamic shared
 // memory. The threads are created once per launch and step through the blocks
-// together (a barrier between blocks), so a kernel that returns early from
-// one thread is fine.
+// together.
 inline void emu_check_smem(size_t smem) {
   for (auto& s : emu_smem_list())
     for (size_t i = smem; i < EMU_SMEM_BYTES; ++i)
@@ -213,28 +212,35 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, F f) {
   blockDim = block;
   gridDim = grid;
   emu_nthreads = n;
-  std::barrier<> bar(n);
-  emu_block_bar = &bar;
-  emu_warp_bar.clear();
-  for (unsigned w = 0; w * EMU_W < n; ++w) {
-    const unsigned lanes = n - w * EMU_W < EMU_W ? n - w * EMU_W : EMU_W;
-    emu_warp_bar.emplace_back(new std::barrier<>(lanes));
-  }
+  // `gate` separates blocks; the block and warp barriers are made afresh
+  // for each block, and a thread that returns from the kernel drops out of
+  // them (an exited thread no longer holds up __syncthreads, as on a GPU).
+  std::barrier<> gate(n);
+  std::unique_ptr<std::barrier<>> bar;
   const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
   std::vector<std::thread> th;
   th.reserve(n);
   for (unsigned t = 0; t < n; ++t)
-    th.emplace_back([=, &bar] {
+    th.emplace_back([=, &gate, &bar] {
       threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
       for (unsigned long long b = 0; b < blocks; ++b) {
         if (t == 0) {
           blockIdx = dim3((unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y),
                           (unsigned)(b / ((unsigned long long)grid.x * grid.y)));
           for (auto& s : emu_smem_list()) memset(s.base, 0xff, EMU_SMEM_BYTES);
+          bar.reset(new std::barrier<>(n));
+          emu_block_bar = bar.get();
+          emu_warp_bar.clear();
+          for (unsigned w = 0; w * EMU_W < n; ++w) {
+            const unsigned lanes = n - w * EMU_W < EMU_W ? n - w * EMU_W : EMU_W;
+            emu_warp_bar.emplace_back(new std::barrier<>(lanes));
+          }
         }
-        bar.arrive_and_wait();
+        gate.arrive_and_wait();
         f();
-        bar.arrive_and_wait();
+        emu_block_bar->arrive_and_drop();
+        emu_warp_bar[t / EMU_W]->arrive_and_drop();
+        gate.arrive_and_wait();
         if (t == 0) emu_check_smem(smem);
       }
     });

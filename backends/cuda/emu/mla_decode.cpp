@@ -10,6 +10,7 @@
 #include "extern_shared.h"
 #include "../kernels/mla.cu"
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <random>
 EMU_DYN_SMEM(float, mla_ks);
@@ -20,6 +21,7 @@ static u16 to_bf16(float x) { return dp_f32_to_bf16(x); }
 // One decode run; returns status entries.
 void run(int B, int s_q, int h_q, int h_kv, int d, int dv, int bs, int max_blocks, int num_blocks,
          std::vector<int> lens, int causal, int sms, int dtype, bool bad, unsigned seed) {
+  auto t0 = std::chrono::steady_clock::now();
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> U(-1, 1);
   int group = h_q / h_kv;
@@ -144,8 +146,9 @@ void run(int B, int s_q, int h_q, int h_kv, int d, int dv, int bs, int max_block
           CHECK(e < 1e-4, "out b%d s%d h%d c%d %g vs %g", b, s, h, c, out[orow * dv + c], o);
         }
       }
-  printf("B=%d s_q=%d h_q=%d h_kv=%d d=%d dv=%d bs=%d parts=%d causal=%d dtype=%d: max err %.3g\n",
-         B, s_q, h_q, h_kv, d, dv, bs, parts, causal, dtype, maxerr);
+  printf("B=%d s_q=%d h_q=%d h_kv=%d d=%d dv=%d bs=%d parts=%d causal=%d dtype=%d: max err %.3g (%.1f s)\n",
+         B, s_q, h_q, h_kv, d, dv, bs, parts, causal, dtype, maxerr,
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 // mla_metadata's buffer for the case schedule::mla's test
