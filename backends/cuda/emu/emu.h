@@ -1,11 +1,15 @@
 // emu.h — host emulation of the CUDA subset deepport's portable kernels use,
 // so that the real kernels/*.cu files run on the CPU (see README.md).
 //
-// Model: blocks run one after another; the threads of a block are
-// std::threads (threadIdx is thread_local), __syncthreads is a std::barrier
-// over the block, warp shuffles exchange values through per-lane slots between
-// two per-warp barriers. EMU_W is the warp width: 32, or 64 with -DDP_HIP
-// (port.cuh's DP_WARP and __shfl_xor). Atomics take one global mutex.
+// Model: blocks run one after another; the threads of a block are fibers
+// (ucontext) on one OS thread, each running until it reaches a barrier.
+// __syncthreads is a barrier over the block, warp shuffles exchange values
+// through per-lane slots between two per-warp barriers. The scheduler runs
+// the fibers in ascending thread order in even rounds and descending in odd
+// ones, so a missing barrier between a write and a read of shared memory
+// shows up whichever thread writes. A thread that returns from the kernel
+// drops out of every barrier (as an exited thread on a GPU). EMU_W is the
+// warp width: 32, or 64 with -DDP_HIP (port.cuh's DP_WARP and __shfl_xor).
 //
 // Shared memory:
 // * `__shared__ T x[N];` in a kernel expands to `static T x[N];`: one copy
@@ -23,9 +27,9 @@
 //   the launch's smem size are checked afterwards (a write beyond the
 //   requested dynamic size aborts the run).
 //
-// A thread that skips a __syncthreads or a shuffle its block/warp performs
-// deadlocks here (on a GPU it is undefined behaviour): the Rust driver
-// (tests/emulate.rs) runs each harness under a timeout.
+// A thread that waits at a barrier the rest of its group never reaches (a
+// __syncthreads or shuffle in divergent code: undefined behaviour on a GPU)
+// is a deadlock: the scheduler reports it and aborts.
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -34,17 +38,18 @@
 #include <string.h>
 
 #include <barrier>
+#include <algorithm>
 #include <cstddef>
 #include <memory>
-#include <mutex>
-#include <thread>
+#include <functional>
+#include <ucontext.h>
 #include <vector>
 
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-inline thread_local dim3 threadIdx;
+inline dim3 threadIdx;  // of the running fiber
 inline dim3 blockIdx, blockDim, gridDim;
 
 #define __global__
@@ -65,17 +70,40 @@ inline dim3 blockIdx, blockDim, gridDim;
 inline constexpr int warpSize = EMU_W;
 #define EMU_MAX_THREADS 1024
 
-// ---- block state -------------------------------------------------------------
-inline std::barrier<>* emu_block_bar = nullptr;
-inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_bar;
-inline unsigned emu_nthreads = 0;
-inline unsigned emu_tid() {
-  return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+// ---- fibers and barriers ---------------------------------------------------------
+// A barrier is over the threads [lo, lo + count) of the block: the block, a
+// warp, or (wgmma_sm90.h) a warpgroup. A fiber at a barrier waits until
+// every thread of that range either waits at the same range or has exited.
+struct EmuFiber {
+  ucontext_t ctx;
+  char* stack = nullptr;
+  bool done = false;
+  bool waiting = false;
+  unsigned lo = 0, count = 0;
+};
+#define EMU_STACK (256 * 1024)
+inline std::vector<EmuFiber> emu_fibers;
+inline ucontext_t emu_sched_ctx;
+inline unsigned emu_cur = 0, emu_nthreads = 0;
+inline unsigned emu_tid() { return emu_cur; }
+inline void emu_bar_sync(unsigned lo, unsigned count) {
+  EmuFiber& f = emu_fibers[emu_cur];
+  f.waiting = true;
+  f.lo = lo;
+  f.count = count;
+  swapcontext(&f.ctx, &emu_sched_ctx);
 }
-inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
-inline void __syncwarp(unsigned long long = ~0ull) { emu_warp_bar[emu_tid() / EMU_W]->arrive_and_wait(); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __syncthreads() { emu_bar_sync(0, emu_nthreads); }
+inline unsigned emu_warp_lanes(unsigned w) {
+  return emu_nthreads - w * EMU_W < (unsigned)EMU_W ? emu_nthreads - w * EMU_W : EMU_W;
+}
+inline void emu_warp_sync() {
+  const unsigned w = emu_tid() / EMU_W;
+  emu_bar_sync(w * EMU_W, emu_warp_lanes(w));
+}
+inline void __syncwarp(unsigned long long = ~0ull) { emu_warp_sync(); }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
 
 // ---- warp shuffles -------------------------------------------------------------
 // Every lane of the warp must take part (the kernels pass full masks); the
@@ -88,12 +116,12 @@ inline T emu_shfl(T v, int (*src_of)(int, int, int), int arg, int width) {
   const unsigned t = emu_tid(), w = t / EMU_W;
   const int lane = (int)(t % EMU_W);
   memcpy(emu_slot[t], &v, sizeof(T));
-  emu_warp_bar[w]->arrive_and_wait();
+  emu_warp_sync();
   const int s = src_of(lane, arg, width);
   const unsigned st = w * EMU_W + (unsigned)s;
   T r = v;
   if (s >= 0 && s < EMU_W && st < emu_nthreads) memcpy(&r, emu_slot[st], sizeof(T));
-  emu_warp_bar[w]->arrive_and_wait();
+  emu_warp_sync();
   return r;
 }
 inline int emu_src_xor(int lane, int m, int width) {
@@ -120,11 +148,9 @@ T __shfl(T v, int src, int width = EMU_W) { return emu_shfl(v, emu_src_idx, src,
 template <typename T>
 T __shfl_down(T v, unsigned d, int width = EMU_W) { return emu_shfl(v, emu_src_down, (int)d, width); }
 
-// ---- atomics (one global mutex: exact, order-free like the hardware's) ------
-inline std::mutex emu_atomic_mu;
+// ---- atomics (fibers never interleave inside one: exact) ---------------------
 template <typename T, typename F>
 inline T emu_rmw(T* p, F f) {
-  std::lock_guard<std::mutex> g(emu_atomic_mu);
   T o = *p;
   *p = f(o);
   return o;
@@ -185,66 +211,108 @@ inline unsigned long long __cvta_generic_to_shared(const void* p) {
     if (c >= s.base && c < s.base + EMU_SMEM_BYTES) return (unsigned long long)(c - s.base);
   }
   fprintf(stderr, "emu: __cvta_generic_to_shared of a non-shared pointer\n");
+  fflush(stdout);
   abort();
 }
 
 // ---- launch ----------------------------------------------------------------------
 // Runs f (a lambda calling the kernel) for every block of `grid` in turn,
 // with block.x·block.y·block.z threads and `smem` bytes of dynamic shared
-// memory. The threads are created once per launch and step through the blocks
-// together.
+// memory.
 inline void emu_check_smem(size_t smem) {
   for (auto& s : emu_smem_list())
     for (size_t i = smem; i < EMU_SMEM_BYTES; ++i)
       if (s.base[i] != 0xff) {
         fprintf(stderr, "emu: block (%u,%u,%u) wrote shared byte %zu past the %zu requested\n",
                 blockIdx.x, blockIdx.y, blockIdx.z, i, smem);
+        fflush(stdout);
         abort();
       }
+}
+inline std::function<void()> emu_kernel;
+inline void emu_fiber_main() {
+  emu_kernel();
+  emu_fibers[emu_cur].done = true;
+  // returns to uc_link (the scheduler)
+}
+// Runs one block: every fiber from the kernel's start to its end.
+inline void emu_run_block() {
+  const unsigned n = emu_nthreads;
+  for (unsigned t = 0; t < n; ++t) {
+    EmuFiber& f = emu_fibers[t];
+    if (!f.stack) f.stack = (char*)malloc(EMU_STACK);
+    f.done = f.waiting = false;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = EMU_STACK;
+    f.ctx.uc_link = &emu_sched_ctx;
+    makecontext(&f.ctx, emu_fiber_main, 0);
+  }
+  std::vector<char> checked(n);  // fibers whose barrier was examined this round
+  for (unsigned round = 0;; ++round) {
+    // run every runnable fiber to its next barrier (or its end)
+    for (unsigned i = 0; i < n; ++i) {
+      const unsigned t = round % 2 ? n - 1 - i : i;
+      EmuFiber& f = emu_fibers[t];
+      if (f.done || f.waiting) continue;
+      emu_cur = t;
+      threadIdx = dim3(t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y));
+      swapcontext(&emu_sched_ctx, &f.ctx);
+    }
+    // release every barrier whose range is complete
+    bool live = false, released = false;
+    for (unsigned t = 0; t < n; ++t) live |= !emu_fibers[t].done;
+    if (!live) return;
+    std::fill(checked.begin(), checked.end(), 0);
+    for (unsigned t = 0; t < n; ++t) {
+      EmuFiber& f = emu_fibers[t];
+      if (!f.waiting || checked[t]) continue;
+      bool complete = true;
+      for (unsigned u = f.lo; u < f.lo + f.count && u < n; ++u) {
+        const EmuFiber& g = emu_fibers[u];
+        const bool same = g.waiting && g.lo == f.lo && g.count == f.count;
+        if (same) checked[u] = 1;
+        complete = complete && (g.done || same);
+      }
+      if (complete) {
+        const unsigned lo = f.lo, count = f.count;
+        for (unsigned u = lo; u < lo + count && u < n; ++u)
+          if (emu_fibers[u].waiting) emu_fibers[u].waiting = false;
+        released = true;
+      }
+    }
+    if (!released) {
+      fprintf(stderr, "emu: deadlock in block (%u,%u,%u):", blockIdx.x, blockIdx.y, blockIdx.z);
+      for (unsigned t = 0; t < n; ++t)
+        if (emu_fibers[t].waiting)
+          fprintf(stderr, " t%u@[%u,+%u)", t, emu_fibers[t].lo, emu_fibers[t].count);
+      fprintf(stderr, "\n");
+      fflush(stdout);
+      abort();
+    }
+  }
 }
 template <class F>
 void emu_launch(dim3 grid, dim3 block, size_t smem, F f) {
   const unsigned n = block.x * block.y * block.z;
   if (n == 0 || n > EMU_MAX_THREADS || smem > EMU_SMEM_BYTES) {
     fprintf(stderr, "emu: bad launch: %u threads, %zu bytes of shared memory\n", n, smem);
+    fflush(stdout);
     abort();
   }
   blockDim = block;
   gridDim = grid;
   emu_nthreads = n;
-  // `gate` separates blocks; the block and warp barriers are made afresh
-  // for each block, and a thread that returns from the kernel drops out of
-  // them (an exited thread no longer holds up __syncthreads, as on a GPU).
-  std::barrier<> gate(n);
-  std::unique_ptr<std::barrier<>> bar;
-  const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
-  std::vector<std::thread> th;
-  th.reserve(n);
-  for (unsigned t = 0; t < n; ++t)
-    th.emplace_back([=, &gate, &bar] {
-      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      for (unsigned long long b = 0; b < blocks; ++b) {
-        if (t == 0) {
-          blockIdx = dim3((unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y),
-                          (unsigned)(b / ((unsigned long long)grid.x * grid.y)));
-          for (auto& s : emu_smem_list()) memset(s.base, 0xff, EMU_SMEM_BYTES);
-          bar.reset(new std::barrier<>(n));
-          emu_block_bar = bar.get();
-          emu_warp_bar.clear();
-          for (unsigned w = 0; w * EMU_W < n; ++w) {
-            const unsigned lanes = n - w * EMU_W < EMU_W ? n - w * EMU_W : EMU_W;
-            emu_warp_bar.emplace_back(new std::barrier<>(lanes));
-          }
-        }
-        gate.arrive_and_wait();
-        f();
-        emu_block_bar->arrive_and_drop();
-        emu_warp_bar[t / EMU_W]->arrive_and_drop();
-        gate.arrive_and_wait();
-        if (t == 0) emu_check_smem(smem);
+  if (emu_fibers.size() < n) emu_fibers.resize(n);
+  emu_kernel = f;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        for (auto& s : emu_smem_list()) memset(s.base, 0xff, EMU_SMEM_BYTES);
+        emu_run_block();
+        emu_check_smem(smem);
       }
-    });
-  for (auto& t : th) t.join();
 }
 
 // ---- checks ------------------------------------------------------------------------

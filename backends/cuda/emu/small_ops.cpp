@@ -10,13 +10,19 @@
 //   g++ -std=c++20 -O1 -pthread backends/cuda/emu/small_ops.cpp -o /tmp/o && /tmp/o
 // (add -DDP_HIP for 64-wide wavefronts). -DEMU_MUTATE=1 shifts every
 // flagged index by one (a kernel-level bug through port.cuh's dp_flag) and
-// -DEMU_MUTATE=2 flips one bit of one add result: both must make it fail.
+// -DEMU_MUTATE=2 flips one bit of one add result, -DEMU_MUTATE=3 drops
+// small.cu's __syncthreads (a race in rms_norm's block reduction, which the
+// fiber order exposes): each must make it fail.
 #include "emu.h"
 #include "../kernels/port.cuh"
 #if EMU_MUTATE == 1
 #define dp_flag(s, i, v) (dp_flag)((s), (u32)(i) + 1u, (v))
 #endif
+#if EMU_MUTATE == 3
+#define __syncthreads() ((void)0)
+#endif
 #include "../kernels/small.cu"  // static __shared__ arrays
+#undef __syncthreads
 #include "../kernels/rows.cu"
 #include "../kernels/layout.cu"
 #include "extern_shared.h"      // gate.cu's extern __shared__ gt_smem

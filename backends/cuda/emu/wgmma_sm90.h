@@ -22,9 +22,8 @@ inline float2 make_float2(float a, float b) { return {a, b}; }
 EMU_DYN_SMEM(unsigned char, mla90_smem);
 static float* g_d[256];
 static const unsigned* g_a[256];
-// One barrier per warpgroup (128 threads): a wgmma is warpgroup-collective.
-static std::barrier<> g_wg0(128), g_wg1(128);
-static std::barrier<>* g_wg[2] = {&g_wg0, &g_wg1};
+// A wgmma is warpgroup-collective: a barrier over the warpgroup's 128 threads.
+static void wg_sync(int wg) { emu_bar_sync((unsigned)wg * 128, 128); }
 static float bf(unsigned short h) { unsigned b = (unsigned)h << 16; float f; memcpy(&f, &b, 4); return f; }
 static float smem_bf16(unsigned addr) { unsigned short h; memcpy(&h, mla90_smem + addr, 2); return bf(h); }
 static void dec(unsigned long long d, unsigned& a, unsigned& lbo, unsigned& sbo) {
@@ -44,11 +43,11 @@ void mla90_proxy_fence() {}
 void mla90_wgmma_qk(float* d, unsigned long long da, unsigned long long db) {
   int t = threadIdx.x, wg = t / 128, lt = t % 128;
   g_d[t] = d;
-  g_wg[wg]->arrive_and_wait();
+  wg_sync(wg);
   if (lt == 0) {
     unsigned aa, al, as, ba, bl, bs;
     dec(da, aa, al, as); dec(db, ba, bl, bs);
-    static thread_local float D[64][64];
+    static float D[64][64];
     for (int m = 0; m < 64; ++m)
       for (int n = 0; n < 64; ++n) {
         float acc = 0;
@@ -60,14 +59,14 @@ void mla90_wgmma_qk(float* d, unsigned long long da, unsigned long long db) {
     for (int x = 0; x < 128; ++x)
       for (int i = 0; i < 32; ++i) { int r, c; frag(x, i, r, c); g_d[wg * 128 + x][i] += D[r][c]; }
   }
-  g_wg[wg]->arrive_and_wait();
+  wg_sync(wg);
 }
 void mla90_wgmma_pv(float* d, const unsigned* a, unsigned long long db) {
   int t = threadIdx.x, wg = t / 128, lt = t % 128;
   g_d[t] = d; g_a[t] = a;
-  g_wg[wg]->arrive_and_wait();
+  wg_sync(wg);
   if (lt == 0) {
-    static thread_local float A[64][16];
+    static float A[64][16];
     for (int x = 0; x < 128; ++x) {
       int w = x / 32, lane = x % 32, g = lane / 4, t4 = lane % 4;
       const unsigned* ax = g_a[wg * 128 + x];
@@ -78,7 +77,7 @@ void mla90_wgmma_pv(float* d, const unsigned* a, unsigned long long db) {
     }
     unsigned ba, bl, bs;
     dec(db, ba, bl, bs);
-    static thread_local float D[64][256];
+    static float D[64][256];
     for (int m = 0; m < 64; ++m)
       for (int n = 0; n < 256; ++n) {
         float acc = 0;
@@ -89,5 +88,5 @@ void mla90_wgmma_pv(float* d, const unsigned* a, unsigned long long db) {
     for (int x = 0; x < 128; ++x)
       for (int i = 0; i < 128; ++i) { int r, c; frag(x, i, r, c); g_d[wg * 128 + x][i] += D[r][c]; }
   }
-  g_wg[wg]->arrive_and_wait();
+  wg_sync(wg);
 }
