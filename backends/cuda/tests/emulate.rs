@@ -54,7 +54,10 @@ fn newest_source() -> SystemTime {
     let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
     let mut newest = SystemTime::UNIX_EPOCH;
     for dir in [emu_dir(), kernels] {
-        for entry in fs::read_dir(&dir).expect("source directory readable").flatten() {
+        for entry in fs::read_dir(&dir)
+            .expect("source directory readable")
+            .flatten()
+        {
             if let Ok(t) = entry.metadata().and_then(|m| m.modified()) {
                 newest = newest.max(t);
             }
@@ -129,7 +132,10 @@ fn compile_and_run(harness: &str, defines: &[&str]) -> Option<Outcome> {
     };
     let mut output = fs::read_to_string(&log).unwrap_or_default();
     output += &fs::read_to_string(log.with_extension("err")).unwrap_or_default();
-    println!("{harness} {defines:?} ran in {:.1?}:\n{output}", t0.elapsed());
+    println!(
+        "{harness} {defines:?} ran in {:.1?}:\n{output}",
+        t0.elapsed()
+    );
     let Some(status) = status else {
         panic!("{harness} {defines:?} timed out after {RUN_LIMIT:?}");
     };
@@ -142,7 +148,11 @@ fn compile_and_run(harness: &str, defines: &[&str]) -> Option<Outcome> {
 fn passes(harness: &str, defines: &[&str]) {
     if let Some(o) = compile_and_run(harness, defines) {
         assert!(o.success, "{harness} {defines:?} failed:\n{}", o.output);
-        assert!(o.output.contains("PASSED"), "no summary line:\n{}", o.output);
+        assert!(
+            o.output.contains("PASSED"),
+            "no summary line:\n{}",
+            o.output
+        );
     }
 }
 
@@ -194,10 +204,22 @@ fn broken_kernels_are_caught() {
         ("-DEMU_MUTATE=3", "rms_norm"),
     ] {
         if let Some(o) = compile_and_run("small_ops", &[define]) {
-            assert!(!o.success, "{define}: the broken kernel passed:\n{}", o.output);
+            assert!(
+                !o.success,
+                "{define}: the broken kernel passed:\n{}",
+                o.output
+            );
             assert!(o.output.contains("FAILED"), "{define}:\n{}", o.output);
-            assert!(o.output.contains("FAIL "), "{define}: no failed check listed:\n{}", o.output);
-            assert!(o.output.contains(expect), "{define}: `{expect}` not named:\n{}", o.output);
+            assert!(
+                o.output.contains("FAIL "),
+                "{define}: no failed check listed:\n{}",
+                o.output
+            );
+            assert!(
+                o.output.contains(expect),
+                "{define}: `{expect}` not named:\n{}",
+                o.output
+            );
         }
     }
 }
