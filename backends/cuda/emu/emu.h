@@ -37,7 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <barrier>
 #include <algorithm>
 #include <cstddef>
 #include <memory>

@@ -1,6 +1,6 @@
 // small_ops.cpp — runs the small kernels (kernels/small.cu: add, silu_mul,
-// rms_norm, check_finite; rows.cu: embedding, copy_window, gather_rows,
-// reduce_rows; gate.cu: moe_gate; layout.cu: dispatch layout), included
+// rms_norm, check_finite; rows.cu: check_index, embedding, copy_window,
+// gather_rows, reduce_rows; gate.cu: moe_gate; layout.cu: dispatch layout), included
 // unchanged, on the CPU through emu.h against independent references: exact
 // encodings (cpu-ref's f64 rounding) where the op is exact, ulp bounds where
 // it is not; ties in the gate (equal scores across experts and groups),
@@ -261,6 +261,25 @@ void test_layout() {
     CHECK(pr == epr_ && pe == epe && in == ein && st_index(st) == 7 * k + 2 && (u32)st == 16, "layout is64=%d status %llx", is64, st);
   }
 }
+void test_check_index() {
+  // [lo, hi) = [0, 10) with -1 allowed: the first bad flat position wins
+  // whatever order the threads run in; 64-bit values keep their low 32 bits.
+  for (int is64 : {0, 1}) for (int allow : {0, 1}) {
+    const i64 n = 300;
+    std::vector<i64> v64(n); std::vector<i32> v32(n);
+    for (i64 i = 0; i < n; ++i) v64[i] = irand(10);
+    v64[20] = -1; v64[150] = 10; v64[250] = -5;
+    if (is64) v64[299] = (i64)1 << 40;
+    for (i64 i = 0; i < n; ++i) v32[i] = (i32)v64[i];
+    u64 st = 0;
+    emu_launch(2, 64, 0, [&] { rw_check_index(is64 ? (void*)v64.data() : (void*)v32.data(), is64, n, 0, 10, allow, -1, &st); });
+    const u32 first = allow ? 150 : 20, val = allow ? 10u : (u32)-1;
+    CHECK(st && st_index(st) == first && (u32)st == val, "check_index is64=%d allow=%d: status %llx", is64, allow, st);
+    std::vector<i64> ok(n, 3); u64 s2 = 0;
+    emu_launch(1, 64, 0, [&] { rw_check_index(ok.data(), 1, n, 0, 10, 0, 0, &s2); });
+    CHECK(s2 == 0, "check_index: clean input flagged %llx", s2);
+  }
+}
 int main() {
   test_add(); test_silu(); test_rms_norm();
   test_rms_norm(3, 7168, DP_F32, DP_BF16, 256); test_rms_norm(4, 1536, DP_F16, DP_F16, 128);
@@ -268,6 +287,6 @@ int main() {
   test_gate(false, 1, 3, 512, 256, 8, 4, 8, 2.5f, 256);   // V3 routing shape
   test_gate(false, 0, 5, 64, 64, 1, 1, 8, 1.0f, 64);      // no groups
   test_gate(false, 1, 4, 64, 32, 4, 2, 6, 1.0f, 128);
-  test_check_finite(); test_embedding(); test_copy_window(); test_gather(); test_reduce(); test_layout();
+  test_check_finite(); test_check_index(); test_embedding(); test_copy_window(); test_gather(); test_reduce(); test_layout();
   return emu_summary("small_ops");
 }
