@@ -75,7 +75,7 @@ inline constexpr int warpSize = EMU_W;
 // every thread of that range either waits at the same range or has exited.
 struct EmuFiber {
   ucontext_t ctx;
-  char* stack = nullptr;
+  std::unique_ptr<char[]> stack;
   bool done = false;
   bool waiting = false;
   unsigned lo = 0, count = 0;
@@ -239,10 +239,10 @@ inline void emu_run_block() {
   const unsigned n = emu_nthreads;
   for (unsigned t = 0; t < n; ++t) {
     EmuFiber& f = emu_fibers[t];
-    if (!f.stack) f.stack = (char*)malloc(EMU_STACK);
+    if (!f.stack) f.stack.reset(new char[EMU_STACK]);
     f.done = f.waiting = false;
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_sp = f.stack.get();
     f.ctx.uc_stack.ss_size = EMU_STACK;
     f.ctx.uc_link = &emu_sched_ctx;
     makecontext(&f.ctx, emu_fiber_main, 0);
