@@ -1,23 +1,27 @@
-// mla_emu_decode.cpp — runs mla_metadata, mla_decode_split and mla_combine
-// (mla.cu, unchanged) on the CPU through mla_emu.h and compares against a
+// mla_decode.cpp — runs mla_metadata, mla_decode_split and mla_combine
+// (kernels/mla.cu, included unchanged) on the CPU through emu.h and compares against a
 // double-precision reference: NaN in every unread cache slot, permuted block
 // table with huge unused entries, varlen with zero lengths, causal, bf16 and
-// f32, 1..66 parts, and the deferred index checks. Not part of the build:
-//   g++ -std=c++20 -O1 -pthread -I backends/cuda/kernels \
-//       backends/cuda/kernels/mla_emu_decode.cpp -o /tmp/d && /tmp/d
+// f32, 1..66 parts, and the deferred index checks; and pins the metadata
+// buffer to the one schedule::mla's `device_metadata_matches_plan` expects.
+// Run by tests/emulate.rs; by hand:
+//   g++ -std=c++20 -O1 -pthread backends/cuda/emu/mla_decode.cpp -o /tmp/d && /tmp/d
 // (add -DDP_HIP to run the same kernels with 64-wide wavefronts)
-#include "mla_emu.h"
-#include "mla.cu"
+#include "extern_shared.h"
+#include "../kernels/mla.cu"
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <random>
+EMU_DYN_SMEM(float, mla_ks);
+EMU_DYN_SMEM(float, mla_pa);  // mla_prefill_attn (not run here)
 typedef unsigned long long ull;
 static u16 to_bf16(float x) { return dp_f32_to_bf16(x); }
-int fails = 0;
-#define CHECK(c, ...) do { if (!(c)) { ++fails; if (fails < 20) { printf("FAIL: " __VA_ARGS__); printf("\n"); } } } while (0)
 
 // One decode run; returns status entries.
 void run(int B, int s_q, int h_q, int h_kv, int d, int dv, int bs, int max_blocks, int num_blocks,
          std::vector<int> lens, int causal, int sms, int dtype, bool bad, unsigned seed) {
+  auto t0 = std::chrono::steady_clock::now();
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> U(-1, 1);
   int group = h_q / h_kv;
@@ -59,7 +63,7 @@ void run(int B, int s_q, int h_q, int h_kv, int d, int dv, int bs, int max_block
   std::vector<float> opart((size_t)slots * s_q * h_q * dv, 0), lpart((size_t)slots * s_q * h_q, 0);
   std::vector<float> out((size_t)B * s_q * h_q * dv, 12345), lse((size_t)B * h_q * s_q, 12345);
   ull st_len = 0, st_bt = 0;
-  launch({1, 1, 1}, {256, 1, 1}, [&] {
+  emu_launch({1, 1, 1}, {256, 1, 1}, 0, [&] {
     mla_metadata(lens.data(), bt.data(), B, max_blocks, bs, num_blocks, parts, 5, meta.data(),
                  &st_len, &st_bt);
   });
@@ -80,13 +84,14 @@ void run(int B, int s_q, int h_q, int h_kv, int d, int dv, int bs, int max_block
       CHECK(nxt[b] == (len + bs - 1) / bs, "batch %d covered %d", b, nxt[b]);
     }
   }
-  launch({(unsigned)parts, (unsigned)h_kv, (unsigned)row_tiles}, {256, 1, 1}, [&] {
+  // dynamic shared memory as ops/mla.rs: DECODE_CH (MLA_CH) · d floats
+  emu_launch({(unsigned)parts, (unsigned)h_kv, (unsigned)row_tiles}, {256, 1, 1}, MLA_CH * d * 4, [&] {
     mla_decode_split(qp, kp, bt.data(), lens.data(), meta.data(), opart.data(), lpart.data(), B,
                      s_q, h_q, h_kv, d, dv, num_blocks, bs, max_blocks, parts, dtype, causal,
                      scale);
   });
   unsigned rows_total = B * s_q * h_q;
-  launch({(rows_total + 7) / 8, 1, 1}, {256, 1, 1}, [&] {
+  emu_launch({(rows_total + 7) / 8, 1, 1}, {256, 1, 1}, 0, [&] {
     mla_combine(meta.data(), opart.data(), lpart.data(), out.data(), lse.data(), B, s_q, h_q, dv,
                 parts, 0);
   });
@@ -141,28 +146,40 @@ void run(int B, int s_q, int h_q, int h_kv, int d, int dv, int bs, int max_block
           CHECK(e < 1e-4, "out b%d s%d h%d c%d %g vs %g", b, s, h, c, out[orow * dv + c], o);
         }
       }
-  printf("B=%d s_q=%d h_q=%d h_kv=%d d=%d dv=%d bs=%d parts=%d causal=%d dtype=%d: max err %.3g\n",
-         B, s_q, h_q, h_kv, d, dv, bs, parts, causal, dtype, maxerr);
+  printf("B=%d s_q=%d h_q=%d h_kv=%d d=%d dv=%d bs=%d parts=%d causal=%d dtype=%d: max err %.3g (%.1f s)\n",
+         B, s_q, h_q, h_kv, d, dv, bs, parts, causal, dtype, maxerr,
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
-// Prints mla_metadata's buffer for the case schedule::mla's test
-// `device_metadata_matches_plan` pins (7 batches, block 16, 13 parts).
-void dump_meta() {
+// mla_metadata's buffer for the case schedule::mla's test
+// `device_metadata_matches_plan` pins (7 batches, block 16, 13 parts): the
+// expected vector is copied from that test, which checks it against plan().
+void check_meta() {
   std::vector<int> lens = {100, 0, 8200, 1000, 1, 0, 3200};
   int B = 7, parts = 13, max_blocks = 600;
   std::vector<int> bt(B * max_blocks, 0);
   std::vector<int> meta(parts + 1 + B + 1 + 4 * (B + parts), 0);
   unsigned long long s1 = 0, s2 = 0;
-  launch({1, 1, 1}, {256, 1, 1}, [&] {
+  emu_launch({1, 1, 1}, {256, 1, 1}, 0, [&] {
     mla_metadata(lens.data(), bt.data(), B, max_blocks, 16, 1, parts, 5, meta.data(), &s1, &s2);
   });
-  printf("meta:");
-  for (int v : meta) printf(" %d,", v);
-  printf("\n");
+  const std::vector<int> expect = {
+      0, 2, 3, 4, 5, 6, 7, 8, 9, 11, 14, 15, 16, 17, 0, 1, 1, 10, 12, 13, 13, 17, 0, 0, 7, 0,
+      2, 0, 46, 0, 2, 46, 109, 0, 2, 109, 172, 0, 2, 172, 235, 0, 2, 235, 298, 0, 2, 298,
+      361, 0, 2, 361, 424, 0, 2, 424, 487, 0, 2, 487, 513, 0, 3, 0, 32, 0, 3, 32, 63, 0, 4,
+      0, 1, 0, 6, 0, 16, 0, 6, 16, 79, 0, 6, 79, 142, 0, 6, 142, 200, 0, 0, 0, 0, 0, 0, 0, 0,
+      0, 0, 0, 0, 0,
+  };
+  CHECK(meta == expect && s1 == 0 && s2 == 0, "metadata differs from schedule::mla's pinned buffer");
+  if (meta != expect) {
+    printf("meta:");
+    for (int v : meta) printf(" %d,", v);
+    printf("\n");
+  }
 }
 
 int main() {
-  dump_meta();
+  check_meta();
   run(4, 2, 16, 2, 72, 40, 16, 8, 40, {0, 1, 37, 128}, 1, 12, 0, false, 1);
   run(4, 2, 16, 2, 72, 40, 16, 8, 40, {0, 1, 37, 128}, 0, 200, 0, false, 2);
   run(3, 1, 8, 1, 576, 512, 64, 4, 16, {200, 64, 5}, 0, 1, 1, false, 3);
@@ -170,6 +187,5 @@ int main() {
   run(3, 1, 8, 1, 64, 64, 16, 4, 16, {20, 30, 40}, 0, 8, 0, true, 5);
   run(2, 1, 8, 1, 64, 64, 16, 4, 16, {65, 10}, 0, 8, 0, false, 6);   // len > capacity: flagged
   run(2, 1, 8, 1, 64, 64, 16, 4, 16, {-1, 10}, 0, 8, 0, false, 7);   // negative len: flagged
-  printf("%s (%d failures)\n", fails ? "FAILED" : "PASSED", fails);
-  return fails != 0;
+  return emu_summary("mla_decode");
 }

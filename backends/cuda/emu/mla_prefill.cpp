@@ -1,20 +1,21 @@
-// mla_emu_prefill.cpp — runs the prefill launches of ops/mla.rs (naive and
-// absorbed: mla_bmm, mla_prefill_attn) and rope_kernel on the CPU through
-// mla_emu.h against a double-precision reference. Not part of the build:
-//   g++ -std=c++20 -O1 -pthread -I backends/cuda/kernels \
-//       backends/cuda/kernels/mla_emu_prefill.cpp -o /tmp/p && /tmp/p
+// mla_prefill.cpp — runs the prefill launches of ops/mla.rs (naive and
+// absorbed: mla_bmm, mla_prefill_attn) and rope_kernel (kernels/mla.cu and
+// rope.cu, included unchanged) on the CPU through emu.h against a
+// double-precision reference. Run by tests/emulate.rs; by hand:
+//   g++ -std=c++20 -O1 -pthread backends/cuda/emu/mla_prefill.cpp -o /tmp/p && /tmp/p
 // (add -DDP_HIP to run the same kernels with 64-wide wavefronts)
-#include "mla_emu.h"
-#include "mla.cu"
-#include "rope.cu"
+#include "extern_shared.h"
+#include "../kernels/mla.cu"
+#include "../kernels/rope.cu"
+#include <algorithm>
 #include <cstdio>
 #include <random>
-int fails = 0;
-#define CHECK(c, ...) do { if (!(c)) { ++fails; if (fails < 20) { printf("FAIL: " __VA_ARGS__); printf("\n"); } } } while (0)
+EMU_DYN_SMEM(float, mla_ks);  // mla_decode_split (not run here)
+EMU_DYN_SMEM(float, mla_pa);
 
 struct View { const void* p; int dt; long off, sz, s1, s2; };
 void bmm(View a, View b, float* d, long dz, long di, long dj, int Z, int I, int J, int L) {
-  launch({(unsigned)((I * J + 255) / 256), (unsigned)Z, 1}, {256, 1, 1}, [&] {
+  emu_launch({(unsigned)((I * J + 255) / 256), (unsigned)Z, 1}, {256, 1, 1}, 0, [&] {
     mla_bmm(a.p, a.dt, a.off, a.sz, a.s1, a.s2, b.p, b.dt, b.off, b.sz, b.s1, b.s2, d, 0, dz, di, dj, I, J, L);
   });
 }
@@ -22,7 +23,8 @@ void attn(const void* q1, const void* q2, const void* k1, long k1s, long k1h, co
           const void* v, long vs, long vh, float* out, int T, int S, int H, int d1, int d2, int dv,
           float scale) {
   unsigned nw = std::min<unsigned>(8, 12288 / (d1 + d2 + dv));
-  launch({(unsigned)((T * H + nw - 1) / nw), 1, 1}, {nw * 32, 1, 1}, [&] {
+  // as ops/mla.rs: nw rows a CTA, nw·(d1 + d2 + dv) floats of shared memory
+  emu_launch({(unsigned)((T * H + nw - 1) / nw), 1, 1}, {nw * 32, 1, 1}, nw * (d1 + d2 + dv) * 4, [&] {
     mla_prefill_attn(q1, 0, q2, 0, k1, 0, k1s, k1h, k2, 0, v, 0, vs, vh, out, 0, T, S, H, d1, d2,
                      dv, scale);
   });
@@ -102,7 +104,7 @@ int main() {
       std::vector<float> y(x.size());
       unsigned long long st = 0;
       auto bits = [](double v) { unsigned long long b; memcpy(&b, &v, 8); return b; };
-      launch({1, 1, 1}, {256, 1, 1}, [&] {
+      emu_launch({1, 1, 1}, {256, 1, 1}, 0, [&] {
         rope_kernel(x.data(), pos.data(), y.data(), 0, 1, Tk, heads, d, bits(theta), yarn, bits(low),
                     bits(span), bits(factor), cs, &st);
       });
@@ -126,7 +128,7 @@ int main() {
       std::vector<unsigned short> xb(x.size()), yb(x.size());
       for (size_t i = 0; i < x.size(); ++i) xb[i] = dp_f32_to_bf16(x[i] * 1000.0f);
       unsigned long long st = 0;
-      launch({1, 1, 1}, {256, 1, 1}, [&] {
+      emu_launch({1, 1, 1}, {256, 1, 1}, 0, [&] {
         rope_kernel(xb.data(), pos.data(), yb.data(), 1, 1, Tk, heads, d, 0x40c3880000000000ull, 0,
                     0, 0, 0, 1.0f, &st);
       });
@@ -157,11 +159,10 @@ int main() {
     pos[2] = -7;
     std::vector<float> y(x.size());
     unsigned long long st = 0;
-    launch({1, 1, 1}, {256, 1, 1}, [&] {
+    emu_launch({1, 1, 1}, {256, 1, 1}, 0, [&] {
       rope_kernel(x.data(), pos.data(), y.data(), 0, 1, Tk, heads, d, 0x40c3880000000000ull, 0, 0, 0, 0, 1.0f, &st);
     });
     CHECK((unsigned)~(st >> 32) == 2u && (int)(st & 0xffffffff) == -7, "rope flag %llx", st);
   }
-  printf("%s (%d failures)\n", fails ? "FAILED" : "PASSED", fails);
-  return fails != 0;
+  return emu_summary("mla_prefill");
 }
