@@ -52,7 +52,7 @@ DP_DEVICE u64 mla90_desc(u32 addr, u32 lbo, u32 sbo) {
          ((u64)((sbo >> 4) & 0x3fffu) << 32);
 }
 
-#ifndef MLA_EMU  // the PTX helpers (mla_emu_sm90.cpp models them on the host)
+#ifndef MLA_EMU  // the PTX helpers (emu/wgmma_sm90.h models them on the host)
 DP_DEVICE void mla90_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 DP_DEVICE void mla90_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 DP_DEVICE void mla90_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }

@@ -399,7 +399,7 @@ mod tests {
     }
 
     /// The buffer `mla_metadata` (kernels/mla.cu) writes for this case
-    /// under host emulation (`kernels/mla_emu_decode.cpp` prints it): the
+    /// under host emulation (`emu/mla_decode.cpp` checks it): the
     /// device transcription of the rule must agree with [`plan`] exactly.
     #[test]
     fn device_metadata_matches_plan() {
