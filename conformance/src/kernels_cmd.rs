@@ -135,6 +135,8 @@ fn cuda(a: &KernelsArgs) -> Result<bool, CliError> {
         let cubin_path = a.out.join(&cubin_name);
         std::fs::write(&ptx_path, c.ptx.as_bytes()).map_err(|e| io(&ptx_path, e))?;
         std::fs::write(&cubin_path, &c.cubin).map_err(|e| io(&cubin_path, e))?;
+        let fp_path = a.out.join(nvrtc::prebuilt_names(s, &a.arch).2);
+        std::fs::write(&fp_path, nvrtc::fingerprint(s)).map_err(|e| io(&fp_path, e))?;
         println!(
             "ok {} ({target}): {} entries, ptx {} bytes, cubin {} bytes",
             s.name,

@@ -151,6 +151,10 @@ fn compile_for(arch: &str, expected: &[&deepport_cuda::launch::KernelSource]) {
         for e in s.entries {
             assert!(ptx.contains(&format!(".entry {e}(")), "{}: {e}", s.name);
         }
+        // The directory is usable as DEEPPORT_CUDA_KERNELS: the prebuilt
+        // loader accepts it (fingerprint of these very sources).
+        let loaded = deepport_cuda::nvrtc::load_prebuilt(&d, s, arch).unwrap();
+        assert_eq!(loaded.cubin, cubin, "{}", s.name);
         assert_eq!(
             v["entries"].as_array().unwrap().len(),
             s.entries.len(),

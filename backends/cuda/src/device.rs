@@ -662,7 +662,8 @@ unsafe impl Send for Function {}
 
 /// NVRTC's output for `src` on `arch`, compiled once per process (every
 /// instance on a device of that arch loads the same cubin; compiling is
-/// the expensive part).
+/// the expensive part), or read from `DEEPPORT_CUDA_KERNELS` (prebuilt by
+/// `deepport kernels`, fingerprint-checked) when that is set.
 fn compiled(src: &'static KernelSource, arch: &str) -> Result<Arc<crate::nvrtc::Compiled>> {
     type Cache = HashMap<(&'static str, String), Arc<crate::nvrtc::Compiled>>;
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
@@ -673,7 +674,10 @@ fn compiled(src: &'static KernelSource, arch: &str) -> Result<Arc<crate::nvrtc::
     }
     // Compiled outside the lock: other sources compile meanwhile; a source
     // compiled twice at once is only wasted work.
-    let c = Arc::new(crate::nvrtc::compile(src, arch)?);
+    let c = Arc::new(match crate::nvrtc::prebuilt_dir() {
+        Some(dir) => crate::nvrtc::load_prebuilt(&dir, src, arch)?,
+        None => crate::nvrtc::compile(src, arch)?,
+    });
     lock(cache).insert(key, c.clone());
     Ok(c)
 }

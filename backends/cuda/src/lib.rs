@@ -80,11 +80,24 @@ impl Cuda {
     /// could be compiled).
     pub fn on_device(ordinal: usize) -> Result<Self> {
         probe::driver()?;
-        nvrtc::probe().map_err(|why| {
-            probe::unavailable(format!(
-                "NVRTC (the kernel compiler) cannot be loaded: {why}"
-            ))
-        })?;
+        match nvrtc::prebuilt_dir() {
+            // Prebuilt kernels (`deepport kernels --out DIR`): no NVRTC needed.
+            Some(dir) if !dir.is_dir() => {
+                return Err(probe::unavailable(format!(
+                    "DEEPPORT_CUDA_KERNELS={} is not a directory",
+                    dir.display()
+                )))
+            }
+            Some(_) => {}
+            None => {
+                nvrtc::probe().map_err(|why| {
+                    probe::unavailable(format!(
+                        "NVRTC (the kernel compiler) cannot be loaded: {why} \
+                         (or set DEEPPORT_CUDA_KERNELS to a `deepport kernels` directory)"
+                    ))
+                })?;
+            }
+        }
         let id = InstanceId::fresh();
         Ok(Cuda {
             cx: Cx::new(ordinal, id)?,

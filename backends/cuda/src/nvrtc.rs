@@ -157,6 +157,81 @@ pub fn check_entries(source: &KernelSource, compiled: &Compiled) -> Result<()> {
 /// Loads NVRTC (once) and reports its version, e.g. `NVRTC 12.9`, and the
 /// file it came from; or why it cannot be loaded, naming every place
 /// tried.
+/// A fingerprint of what NVRTC compiles for `source`: its text and every
+/// header (FNV-1a, 64 bits, hex). `deepport kernels` writes it next to each
+/// cubin; [`load_prebuilt`] refuses a cubin whose fingerprint differs (a
+/// stale directory), so prebuilt kernels never run against newer sources.
+pub fn fingerprint(source: &KernelSource) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for &x in b {
+            h ^= u64::from(x);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    eat(source.text.as_bytes());
+    for (name, text) in HEADERS {
+        eat(name.as_bytes());
+        eat(text.as_bytes());
+    }
+    format!("{h:016x}")
+}
+
+/// The file names `deepport kernels` writes for `source` on `arch`:
+/// (`<stem>.<arch>.ptx`, `.cubin`, `.fingerprint`).
+pub fn prebuilt_names(source: &KernelSource, arch: &str) -> (String, String, String) {
+    let stem = source.name.strip_suffix(".cu").unwrap_or(source.name);
+    (
+        format!("{stem}.{arch}.ptx"),
+        format!("{stem}.{arch}.cubin"),
+        format!("{stem}.{arch}.fingerprint"),
+    )
+}
+
+/// The directory of prebuilt kernels named by `DEEPPORT_CUDA_KERNELS`
+/// (what `deepport kernels --out DIR` wrote), if set: a GPU machine without
+/// NVRTC runs from it.
+pub fn prebuilt_dir() -> Option<PathBuf> {
+    std::env::var_os("DEEPPORT_CUDA_KERNELS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Loads `source`'s cubin for `arch` from a `deepport kernels` directory,
+/// checking its fingerprint against the embedded source.
+pub fn load_prebuilt(dir: &Path, source: &KernelSource, arch: &str) -> Result<Compiled> {
+    let (ptx, cubin, fp) = prebuilt_names(source, arch);
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).map_err(|e| Error::Device {
+            backend: "cuda".into(),
+            msg: format!(
+                "DEEPPORT_CUDA_KERNELS={}: cannot read {name}: {e} (write the directory with \
+                 `deepport kernels --backend cuda --arch {arch} --out DIR`)",
+                dir.display()
+            ),
+        })
+    };
+    let want = fingerprint(source);
+    let have = String::from_utf8_lossy(&read(&fp)?).trim().to_string();
+    if have != want {
+        return Err(Error::Device {
+            backend: "cuda".into(),
+            msg: format!(
+            "DEEPPORT_CUDA_KERNELS={}: {cubin} was built from other sources (fingerprint {have}, \
+             this build has {want}); rebuild the directory with `deepport kernels`",
+            dir.display()
+        ),
+        });
+    }
+    Ok(Compiled {
+        ptx: String::from_utf8_lossy(&read(&ptx).unwrap_or_default()).into_owned(),
+        cubin: read(&cubin)?,
+        log: String::new(),
+    })
+}
+
 pub fn probe() -> std::result::Result<String, String> {
     let lib = library()?;
     Ok(format!(
@@ -577,6 +652,35 @@ fn load() -> std::result::Result<Nvrtc, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prebuilt_kernels_are_fingerprint_checked() {
+        let dir = std::env::temp_dir().join(format!("dp-prebuilt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = crate::sources()[0];
+        let arch = "sm_80";
+        let (ptx, cubin, fp) = prebuilt_names(src, arch);
+        // Missing files: an error naming the file and how to write it.
+        let e = load_prebuilt(&dir, src, arch).unwrap_err().to_string();
+        assert!(e.contains(&fp) && e.contains("deepport kernels"), "{e}");
+        std::fs::write(dir.join(&ptx), "// ptx").unwrap();
+        std::fs::write(dir.join(&cubin), b"\x7fELF fake").unwrap();
+        // A stale fingerprint is refused.
+        std::fs::write(dir.join(&fp), "0123456789abcdef").unwrap();
+        let e = load_prebuilt(&dir, src, arch).unwrap_err().to_string();
+        assert!(e.contains("other sources"), "{e}");
+        // The right one loads the cubin as written.
+        std::fs::write(dir.join(&fp), fingerprint(src)).unwrap();
+        let c = load_prebuilt(&dir, src, arch).unwrap();
+        assert_eq!(c.cubin, b"\x7fELF fake");
+        // Fingerprints differ between sources and follow the text.
+        let all = crate::sources();
+        let mut fps: Vec<String> = all.iter().map(|s| fingerprint(s)).collect();
+        fps.sort();
+        fps.dedup();
+        assert_eq!(fps.len(), all.len());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn every_header_under_kernels_is_embedded() {
