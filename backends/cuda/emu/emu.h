@@ -98,7 +98,7 @@ inline void __syncthreads() { emu_bar_sync(0, emu_nthreads); }
 // stops and resumes in the next round, after every other runnable fiber ran.
 // EMU_SPIN_ROUNDS rounds in a row in which no barrier opened and some fiber
 // only spun are reported as a deadlock (a wait nobody will satisfy).
-#define EMU_SPIN_ROUNDS 100000
+#define EMU_SPIN_ROUNDS 10000
 inline void emu_yield() {
   EmuFiber& f = emu_fibers[emu_cur];
   f.yielded = true;

@@ -93,11 +93,12 @@ static void all_cases() {
   run_case("dense n128 m70 k384, 2 CTAs", GEMM_DENSE, 1, 70, 256, 384, {0}, 2, DP_F32);
   run_case("dense n64 m5 k640 (kb > stages), 3 CTAs", GEMM_DENSE, 1, 5, 192, 640, {0}, 3, DP_BF16);
   {
-    // DeepGEMM's layout: groups padded to 64-row tiles with -1 rows.
+    // DeepGEMM's layout: groups padded to 128 rows with -1 rows (a whole
+    // padding tile among them).
     std::vector<long long> idx;
     for (int g : {1, 0, 2}) {
-      const int s = g == 1 ? 40 : (g == 0 ? 64 : 30);
-      for (int i = 0; i < 64; ++i) idx.push_back(i < s ? g : -1);
+      const int s = g == 1 ? 100 : (g == 0 ? 128 : 60);
+      for (int i = 0; i < 128; ++i) idx.push_back(i < s ? g : -1);
     }
     run_case("contiguous aligned (-1 padding rows)", GEMM_CONTIGUOUS, 3, (long)idx.size(), 128, 256, idx, 2, DP_BF16);
     // Groups changing inside tiles (several passes per tile), padding, an
