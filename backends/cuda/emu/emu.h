@@ -78,6 +78,7 @@ struct EmuFiber {
   std::unique_ptr<char[]> stack;
   bool done = false;
   bool waiting = false;
+  bool yielded = false;  // stopped in emu_yield (a spin-wait), not at a barrier
   unsigned lo = 0, count = 0;
 };
 #define EMU_STACK (256 * 1024)
@@ -93,6 +94,16 @@ inline void emu_bar_sync(unsigned lo, unsigned count) {
   swapcontext(&f.ctx, &emu_sched_ctx);
 }
 inline void __syncthreads() { emu_bar_sync(0, emu_nthreads); }
+// One iteration of a spin-wait (a model's mbarrier try_wait loop): the fiber
+// stops and resumes in the next round, after every other runnable fiber ran.
+// EMU_SPIN_ROUNDS rounds in a row in which no barrier opened and some fiber
+// only spun are reported as a deadlock (a wait nobody will satisfy).
+#define EMU_SPIN_ROUNDS 10000
+inline void emu_yield() {
+  EmuFiber& f = emu_fibers[emu_cur];
+  f.yielded = true;
+  swapcontext(&f.ctx, &emu_sched_ctx);
+}
 inline unsigned emu_warp_lanes(unsigned w) {
   return emu_nthreads - w * EMU_W < (unsigned)EMU_W ? emu_nthreads - w * EMU_W : EMU_W;
 }
@@ -186,6 +197,11 @@ inline unsigned __float_as_uint(float f) { unsigned b; memcpy(&b, &f, 4); return
 inline double __longlong_as_double(long long b) { double d; memcpy(&d, &b, 8); return d; }
 inline long long __double_as_longlong(double d) { long long b; memcpy(&b, &d, 8); return b; }
 
+// ---- round-to-nearest intrinsics (the host's IEEE operations) ---------------
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+
 // ---- dynamic shared memory ---------------------------------------------------
 #define EMU_SMEM_BYTES (227 * 1024)  // the sm_90 opt-in maximum
 struct EmuSmem {
@@ -240,7 +256,7 @@ inline void emu_run_block() {
   for (unsigned t = 0; t < n; ++t) {
     EmuFiber& f = emu_fibers[t];
     if (!f.stack) f.stack.reset(new char[EMU_STACK]);
-    f.done = f.waiting = false;
+    f.done = f.waiting = f.yielded = false;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.get();
     f.ctx.uc_stack.ss_size = EMU_STACK;
@@ -248,15 +264,19 @@ inline void emu_run_block() {
     makecontext(&f.ctx, emu_fiber_main, 0);
   }
   std::vector<char> checked(n);  // fibers whose barrier was examined this round
+  unsigned spin_rounds = 0;
   for (unsigned round = 0;; ++round) {
-    // run every runnable fiber to its next barrier (or its end)
+    // run every runnable fiber to its next barrier (or its end, or emu_yield)
+    bool spun = false;
     for (unsigned i = 0; i < n; ++i) {
       const unsigned t = round % 2 ? n - 1 - i : i;
       EmuFiber& f = emu_fibers[t];
       if (f.done || f.waiting) continue;
       emu_cur = t;
       threadIdx = dim3(t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y));
+      f.yielded = false;
       swapcontext(&emu_sched_ctx, &f.ctx);
+      spun |= f.yielded;
     }
     // release every barrier whose range is complete
     bool live = false, released = false;
@@ -280,11 +300,15 @@ inline void emu_run_block() {
         released = true;
       }
     }
-    if (!released) {
+    if (released || (spun && ++spin_rounds < EMU_SPIN_ROUNDS)) {
+      if (released) spin_rounds = 0;
+    } else {
       fprintf(stderr, "emu: deadlock in block (%u,%u,%u):", blockIdx.x, blockIdx.y, blockIdx.z);
       for (unsigned t = 0; t < n; ++t)
         if (emu_fibers[t].waiting)
           fprintf(stderr, " t%u@[%u,+%u)", t, emu_fibers[t].lo, emu_fibers[t].count);
+        else if (emu_fibers[t].yielded)
+          fprintf(stderr, " t%u@spin", t);
       fprintf(stderr, "\n");
       fflush(stdout);
       abort();

@@ -193,6 +193,63 @@ fn mla_sm90_warp32() {
     passes("mla_sm90", &[]);
 }
 
+#[test]
+fn gemm_tiled_warp32() {
+    passes("gemm_tiled", &[]);
+}
+
+#[test]
+fn gemm_tiled_warp64() {
+    passes("gemm_tiled", &["-DDP_HIP"]);
+}
+
+#[test]
+fn quant_act_warp32() {
+    passes("quant_act", &[]);
+}
+
+#[test]
+fn quant_act_warp64() {
+    passes("quant_act", &["-DDP_HIP"]);
+}
+
+/// The sm_90a FP8 GEMM (TMA, mbarrier and wgmma through the models in
+/// emu/tma_sm90.h); NVIDIA only, so 32-wide warps only.
+#[test]
+fn fp8_sm90_warp32() {
+    passes("fp8_sm90", &[]);
+}
+
+/// The FP8 encoders on a sample of the f32 bit patterns (the exhaustive
+/// run, `-DEMU_FP8_EXHAUSTIVE`, takes minutes: by hand, see emu/README.md).
+/// No warp-level code: 32 only.
+#[test]
+fn fp8_encode_sampled() {
+    passes("fp8_encode", &[]);
+}
+
+/// The GEMM harnesses can fail: gemm.cu without its `__syncthreads` (a race
+/// on the shared tiles) gives wrong values, and fp8_gemm_sm90.cu without
+/// its mbarrier waits (loads land only when waited for, in the deferred TMA
+/// model) trips the model's mbarrier protocol check.
+#[test]
+fn broken_gemm_kernels_are_caught() {
+    for (harness, expect) in [("gemm_tiled", "FAIL "), ("fp8_sm90", "tma_sm90 model")] {
+        if let Some(o) = compile_and_run(harness, &["-DEMU_MUTATE=1"]) {
+            assert!(
+                !o.success,
+                "{harness}: the broken kernel passed:\n{}",
+                o.output
+            );
+            assert!(
+                o.output.contains(expect),
+                "{harness}: `{expect}` not in the output:\n{}",
+                o.output
+            );
+        }
+    }
+}
+
 /// The harness can fail: a kernel-level bug (every flagged index shifted by
 /// one, through port.cuh's `dp_flag`), a single flipped output bit, and a
 /// race (small.cu's `__syncthreads` removed) are each caught.
