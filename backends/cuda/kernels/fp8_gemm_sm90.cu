@@ -45,7 +45,7 @@ DP_DEVICE u64 h_desc(u32 saddr) {
   return d;
 }
 
-#ifndef GEMM_SM90_HOST_EMU  // the host emulation test the host emulation (emu/tma_sm90.h) supplies these
+#ifndef GEMM_SM90_HOST_EMU  // the host emulation (emu/tma_sm90.h) supplies these
 DP_DEVICE u32 h_smem_addr(const void* p) {
   u32 r;
   asm volatile("{\n.reg .u64 t;\ncvta.to.shared.u64 t, %1;\ncvt.u32.u64 %0, t;\n}\n"
