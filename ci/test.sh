@@ -7,11 +7,12 @@
 #                         device backends, every fuzz target briefly
 #
 # Environment:
-#   DEEPPORT_REQUIRE  comma-separated backends (and tools: `nvrtc`) that
-#                     must be available; the tests turn "unavailable" into a
-#                     failure for them. Defaults to what this script
-#                     installs: the CPU backends, wgpu on lavapipe, and
-#                     NVRTC (so the cuda kernels must compile).
+#   DEEPPORT_REQUIRE  comma-separated backends (and tools: `nvrtc`, `emu`)
+#                     that must be available; the tests turn "unavailable"
+#                     into a failure for them. Defaults to what this script
+#                     installs: the CPU backends, wgpu on lavapipe, NVRTC
+#                     (so the cuda kernels must compile) and a C++ compiler
+#                     (so the cuda kernels run under backends/cuda/emu).
 #   DEEPPORT_CUDA_FLAVOR  cu12 (default: nvidia-cuda-nvrtc-cu12, CUDA 12.9)
 #                     or cu13 (nvidia-cuda-nvrtc, CUDA 13): the NVRTC the
 #                     cuda kernels are compiled with; DEEPPORT_NVRTC set by
@@ -43,7 +44,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc}"
+export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu}"
 # lavapipe (Mesa's CPU Vulkan driver) serves the wgpu backend in CI; this
 # silences its warning about a missing runtime directory.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
