@@ -242,6 +242,12 @@ impl Hip {
         Ok(self.int_out(self.device_count, "hipGetDeviceCount")?.max(0) as usize)
     }
 
+    /// `hipRuntimeGetVersion` (e.g. 50221153 for ROCm 5.2; callable
+    /// before `hipInit` and without a device).
+    pub fn runtime_version(&self) -> Result<i32> {
+        self.int_out(self.runtime_version, "hipRuntimeGetVersion")
+    }
+
     /// `(driver, runtime)` versions (`hipDriverGetVersion`, `hipRuntimeGetVersion`).
     pub fn versions(&self) -> Result<(i32, i32)> {
         Ok((
@@ -346,29 +352,31 @@ impl Hip {
         self.check(rc, "hipMemcpyDtoH")
     }
 
-    pub fn stream_create(&self) -> Result<*mut c_void> {
+    pub fn stream_create(&self) -> Result<Stream> {
         let mut s = std::ptr::null_mut();
         // SAFETY: valid out-pointer.
         self.check(unsafe { (self.stream_create)(&mut s) }, "hipStreamCreate")?;
-        Ok(s)
+        Ok(Stream(s))
     }
 
-    /// Waits for `stream` (from [`Hip::stream_create`], or null for the default).
-    pub fn stream_synchronize(&self, stream: *mut c_void) -> Result<()> {
-        // SAFETY: a stream handle of this runtime (HIP validates it).
+    /// Waits for `stream` (`None`: the default stream).
+    pub fn stream_synchronize(&self, stream: Option<&Stream>) -> Result<()> {
+        let s = stream.map_or(std::ptr::null_mut(), |s| s.0);
+        // SAFETY: null or a stream this runtime created (a `Stream` is
+        // only made by `stream_create` and not yet destroyed).
+        self.check(unsafe { (self.stream_sync)(s) }, "hipStreamSynchronize")
+    }
+
+    pub fn stream_destroy(&self, stream: Stream) -> Result<()> {
+        // SAFETY: a live stream of this runtime, consumed here.
         self.check(
-            unsafe { (self.stream_sync)(stream) },
-            "hipStreamSynchronize",
+            unsafe { (self.stream_destroy)(stream.0) },
+            "hipStreamDestroy",
         )
     }
 
-    pub fn stream_destroy(&self, stream: *mut c_void) -> Result<()> {
-        // SAFETY: a stream handle of this runtime (HIP validates it).
-        self.check(unsafe { (self.stream_destroy)(stream) }, "hipStreamDestroy")
-    }
-
     /// Loads a code object (hiprtc's output) as a module.
-    pub fn module_load(&self, code: &[u8]) -> Result<*mut c_void> {
+    pub fn module_load(&self, code: &[u8]) -> Result<Module> {
         if code.len() < 4 || &code[..4] != b"\x7fELF" {
             return Err(dev_err("hipModuleLoadData: the code object is not an ELF"));
         }
@@ -377,22 +385,23 @@ impl Hip {
         // (HIP reads its size from the headers) that outlives the call.
         let rc = unsafe { (self.module_load)(&mut m, code.as_ptr().cast()) };
         self.check(rc, "hipModuleLoadData")?;
-        Ok(m)
+        Ok(Module(m))
     }
 
-    pub fn module_unload(&self, module: *mut c_void) -> Result<()> {
-        // SAFETY: a module handle of this runtime.
-        self.check(unsafe { (self.module_unload)(module) }, "hipModuleUnload")
+    pub fn module_unload(&self, module: Module) -> Result<()> {
+        // SAFETY: a live module of this runtime, consumed here.
+        self.check(unsafe { (self.module_unload)(module.0) }, "hipModuleUnload")
     }
 
-    /// The entry point `name` of `module`.
-    pub fn get_function(&self, module: *mut c_void, name: &str) -> Result<*mut c_void> {
+    /// The entry point `name` of `module` (valid while the module is loaded).
+    pub fn get_function(&self, module: &Module, name: &str) -> Result<Function> {
         let c = CString::new(name).map_err(|_| dev_err("a kernel name holds a NUL byte"))?;
         let mut f = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; `c` is NUL-terminated and outlives the call.
-        let rc = unsafe { (self.get_function)(&mut f, module, c.as_ptr()) };
+        // SAFETY: valid out-pointer; a live module; `c` is NUL-terminated
+        // and outlives the call.
+        let rc = unsafe { (self.get_function)(&mut f, module.0, c.as_ptr()) };
         self.check(rc, &format!("hipModuleGetFunction({name})"))?;
-        Ok(f)
+        Ok(Function(f))
     }
 
     /// Launches `function` with `params` (one pointer per kernel argument,
@@ -400,21 +409,23 @@ impl Hip {
     ///
     /// # Safety
     /// `params` must match the kernel's signature, every pointer argument
-    /// must be valid device memory for what the kernel accesses, and the
-    /// values pointed to must live until the call returns.
+    /// must be valid device memory for what the kernel accesses, the
+    /// values pointed to must live until the call returns, and the
+    /// function's module must still be loaded.
     pub unsafe fn launch(
         &self,
-        function: *mut c_void,
+        function: &Function,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         smem: u32,
-        stream: *mut c_void,
+        stream: Option<&Stream>,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        let stream = stream.map_or(std::ptr::null_mut(), |s| s.0);
         // SAFETY: per the caller's contract; `extra` is null.
         let rc = unsafe {
             (self.launch)(
-                function,
+                function.0,
                 grid.0,
                 grid.1,
                 grid.2,
@@ -430,6 +441,16 @@ impl Hip {
         self.check(rc, "hipModuleLaunchKernel")
     }
 }
+
+/// A HIP stream (`hipStream_t`), made only by [`Hip::stream_create`].
+#[derive(Debug)]
+pub struct Stream(*mut c_void);
+/// A loaded module (`hipModule_t`), made only by [`Hip::module_load`].
+#[derive(Debug)]
+pub struct Module(*mut c_void);
+/// A kernel of a module (`hipFunction_t`), made only by [`Hip::get_function`].
+#[derive(Debug)]
+pub struct Function(*mut c_void);
 
 fn c_string(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());

@@ -23,6 +23,41 @@ use std::sync::OnceLock;
 /// what ROCm 5.2's hiprtc knows; gfx942 needs ROCm 6).
 pub const KNOWN_ARCHS: &[&str] = &["gfx90a", "gfx908", "gfx942"];
 
+/// The architectures hiprtc is allowed to compile for when the ROCm
+/// release is older than 6.0. ROCm 5.2's hiprtc aborts the whole process
+/// (`munmap_chunk(): invalid pointer`, SIGABRT) instead of returning an
+/// error when asked for a target its LLVM does not know (measured:
+/// gfx940, gfx941, gfx942, gfx950, gfx1100, gfx1200), so [`compile`]
+/// refuses anything else up front. Measured on ROCm 5.2 (gfx906, gfx908,
+/// gfx90a, gfx1030 compile); later 5.x releases know more targets:
+/// `DEEPPORT_HIPRTC_ANY_ARCH=1` lifts the check.
+pub const ROCM5_ARCHS: &[&str] = &[
+    "gfx900", "gfx906", "gfx908", "gfx90a", "gfx90c", "gfx1010", "gfx1011", "gfx1012", "gfx1030",
+    "gfx1031", "gfx1032", "gfx1034", "gfx1035",
+];
+
+/// Whether `gfx` may be compiled by a hiprtc of ROCm `version`
+/// (`hipRuntimeGetVersion`, `None` when unknown).
+pub fn arch_allowed(gfx: &str, version: Option<i32>) -> std::result::Result<(), String> {
+    let base = gfx.split(':').next().unwrap_or(gfx);
+    match version {
+        Some(v) if v < 60_000_000 && !ROCM5_ARCHS.contains(&base) => {
+            if std::env::var("DEEPPORT_HIPRTC_ANY_ARCH").is_ok_and(|v| v == "1") {
+                return Ok(());
+            }
+            Err(format!(
+                "ROCm {}.{}'s hiprtc cannot compile for {base} (it aborts the process on \
+                 targets it does not know); known to work: {} (set \
+                 DEEPPORT_HIPRTC_ANY_ARCH=1 to try anyway)",
+                v / 10_000_000,
+                (v / 100_000) % 100,
+                ROCM5_ARCHS.join(", ")
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The output of one compilation.
 #[derive(Clone, Debug)]
 pub struct Compiled {
@@ -67,8 +102,16 @@ pub fn options(gfx: &str) -> Vec<String> {
 /// be loaded, naming every place tried.
 pub fn probe() -> std::result::Result<String, String> {
     let lib = library()?;
+    let rocm = lib.rocm_version.map_or("ROCm ?".to_string(), |v| {
+        format!(
+            "ROCm {}.{}.{}",
+            v / 10_000_000,
+            (v / 100_000) % 100,
+            v % 100_000
+        )
+    });
     Ok(format!(
-        "hiprtc {}.{} ({})",
+        "hiprtc of {rocm} (hiprtcVersion {}.{}, {})",
         lib.version.0,
         lib.version.1,
         lib.path.display()
@@ -84,6 +127,11 @@ pub fn compile(name: &str, text: &str, gfx: &str) -> Result<Compiled> {
     let lib = library().map_err(|reason| Error::Unavailable {
         backend: BACKEND.into(),
         reason,
+    })?;
+    arch_allowed(gfx, lib.rocm_version).map_err(|msg| Error::NotSupported {
+        backend: BACKEND.into(),
+        op: format!("compiling {name}"),
+        reason: msg,
     })?;
     let cstr = |what: &str, s: &str| {
         CString::new(s).map_err(|_| dev_err(format!("{name}: {what} holds a NUL byte")))
@@ -169,7 +217,12 @@ type FnErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 /// hiprtc's entry points, copied out of the library (kept loaded here).
 struct Hiprtc {
     path: PathBuf,
+    /// What `hiprtcVersion` reports (ROCm 5.2 says 9.0: not the ROCm
+    /// release).
     version: (i32, i32),
+    /// The ROCm release (`hipRuntimeGetVersion` of the library hiprtc came
+    /// from, or of the HIP runtime), when known.
+    rocm_version: Option<i32>,
     create: FnCreate,
     compile: FnCompile,
     log_size: FnSize,
@@ -226,8 +279,25 @@ impl Hiprtc {
         if rc != 0 {
             return Err(format!("{}: hiprtcVersion failed ({rc})", path.display()));
         }
+        type FnRt = unsafe extern "C" fn(*mut c_int) -> c_int;
+        // SAFETY: hipRuntimeGetVersion(int*) of hip_runtime_api.h, when
+        // this library is the HIP runtime (ROCm 5.x); used only here, while
+        // `lib` is alive.
+        let own_rt = unsafe { lib.get::<FnRt>(b"hipRuntimeGetVersion\0") }
+            .ok()
+            .and_then(|f| {
+                let mut v = 0;
+                // SAFETY: a valid out-pointer; callable before hipInit.
+                (unsafe { f(&mut v) } == 0).then_some(v)
+            });
+        let rocm_version = own_rt.or_else(|| {
+            crate::hip::library()
+                .ok()
+                .and_then(|h| h.runtime_version().ok())
+        });
         Ok(Hiprtc {
             version: (major, minor),
+            rocm_version,
             create: sym!(b"hiprtcCreateProgram\0", FnCreate),
             compile: sym!(b"hiprtcCompileProgram\0", FnCompile),
             log_size: sym!(b"hiprtcGetProgramLogSize\0", FnSize),
@@ -330,6 +400,19 @@ mod tests {
             compile("x.cu", "", "sm_80"),
             Err(Error::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn rocm5_refuses_targets_its_compiler_aborts_on() {
+        let v52 = Some(50_221_153);
+        assert!(arch_allowed("gfx90a", v52).is_ok());
+        assert!(arch_allowed("gfx90a:sramecc+:xnack-", v52).is_ok());
+        if std::env::var_os("DEEPPORT_HIPRTC_ANY_ARCH").is_none() {
+            let e = arch_allowed("gfx942", v52).unwrap_err();
+            assert!(e.contains("ROCm 5.2") && e.contains("gfx942"), "{e}");
+        }
+        assert!(arch_allowed("gfx942", Some(60_300_000)).is_ok());
+        assert!(arch_allowed("gfx942", None).is_ok());
     }
 
     #[test]

@@ -25,6 +25,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod elf;
 pub mod hip;
 pub mod hiprtc;
 

@@ -3,7 +3,8 @@
 //! test prints `skipped: <reason>` and passes, unless `DEEPPORT_REQUIRE`
 //! names `hiprtc`.
 
-use deepport_rocm::{hiprtc, sources};
+use deepport_core::Error;
+use deepport_rocm::{elf, hiprtc, sources};
 use std::time::Instant;
 
 fn required() -> bool {
@@ -47,9 +48,29 @@ fn every_portable_source_compiles_for_amd() {
                     if !c.log.trim().is_empty() {
                         println!("  log: {}", c.log.trim());
                     }
-                    if c.code.len() < 4 || &c.code[..4] != b"\x7fELF" {
-                        failures.push(format!("{gfx} {}: the code object is not an ELF", s.name));
+                    match elf::parse(&c.code) {
+                        Err(e) => failures.push(format!("{gfx} {}: {e}", s.name)),
+                        Ok(co) => {
+                            if co.gfx != Some(gfx.as_str()) {
+                                failures.push(format!(
+                                    "{gfx} {}: code object is for mach {:#x} ({:?})",
+                                    s.name, co.mach, co.gfx
+                                ));
+                            }
+                            let mut want: Vec<String> =
+                                s.entries.iter().map(|e| e.to_string()).collect();
+                            want.sort();
+                            if co.kernels != want {
+                                failures.push(format!(
+                                    "{gfx} {}: kernels {:?}, declared entries {want:?}",
+                                    s.name, co.kernels
+                                ));
+                            }
+                        }
                     }
+                }
+                Err(Error::NotSupported { reason, .. }) => {
+                    println!("{gfx} {:<12} not compiled: {reason}", s.name);
                 }
                 Err(e) => {
                     println!(
@@ -63,4 +84,24 @@ fn every_portable_source_compiles_for_amd() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// On ROCm 5.x a target its hiprtc does not know is refused with a reason
+/// (hiprtc itself would abort the process).
+#[test]
+fn unknown_targets_are_refused_not_aborted() {
+    if hiprtc::probe().is_err() || std::env::var_os("DEEPPORT_HIPRTC_ANY_ARCH").is_some() {
+        println!("skipped: no hiprtc, or DEEPPORT_HIPRTC_ANY_ARCH set");
+        return;
+    }
+    let s = sources()[0];
+    match hiprtc::compile(s.name, s.text, "gfx942") {
+        // ROCm 6 knows gfx942.
+        Ok(c) => assert_eq!(elf::parse(&c.code).expect("an ELF").gfx, Some("gfx942")),
+        Err(Error::NotSupported { reason, .. }) => {
+            println!("gfx942: {reason}");
+            assert!(reason.contains("gfx942"), "{reason}");
+        }
+        Err(e) => panic!("gfx942: {e}"),
+    }
 }
