@@ -18,19 +18,25 @@
 //!   the same files, never copies, compiled by hiprtc for the device's
 //!   `gfx` architecture with `-DDP_HIP` (`port.cuh`: wavefront 64,
 //!   `__shfl_xor`). The Hopper `*_sm90.cu` sources are CUDA-only.
-//! * This slice has no `Backend` yet: the registry entry probes the
-//!   runtime and answers `Unavailable` with the reason; where a GPU is
-//!   present it says that the runtime slice (memory, launches, ops) has
-//!   not landed. Every op will answer `NotSupported` until it does.
+//! * This slice's [`Rocm`] backend has device memory (alloc, upload,
+//!   download, views, write, synchronize) and no ops: every op answers
+//!   `NotSupported` until the launch glue (the runtime slice) lands. The
+//!   registry entry answers `Unavailable` with the probe's reason on a
+//!   machine without ROCm or without an AMD GPU. The memory path has not
+//!   run on an AMD GPU yet (none was available when it was written).
 
 #![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
+pub mod backend;
 pub mod elf;
 pub mod hip;
 pub mod hiprtc;
 
+use backend::unavailable;
+pub use backend::{Rocm, RocmStorage};
 use deepport_core::backend::DeviceInfo;
-use deepport_core::{Error, Result};
+use deepport_core::Result;
 use deepport_cuda::launch::{KernelSource, Target};
 pub use hip::BACKEND;
 
@@ -42,63 +48,24 @@ pub fn sources() -> Vec<&'static KernelSource> {
         .collect()
 }
 
-fn unavailable(reason: String) -> Error {
-    Error::Unavailable {
-        backend: BACKEND.into(),
-        reason,
-    }
-}
-
-/// Why the backend cannot be created on `device`: the HIP probe's reason,
-/// hiprtc's, or (with a GPU) that the runtime slice has not landed.
-pub fn availability(device: usize) -> Error {
-    let desc = match hip::probe() {
-        Err(why) => return unavailable(why),
-        Ok(d) => d,
-    };
-    if let Err(why) = hiprtc::probe() {
-        return unavailable(format!(
-            "{desc}; hiprtc (the kernel compiler) cannot be loaded: {why}"
-        ));
-    }
-    let dev = hip::library()
-        .map_err(|e| e.to_string())
-        .and_then(|h| h.describe(device).map_err(|e| e.to_string()));
-    match dev {
-        Err(why) => unavailable(format!("{desc}; device {device}: {why}")),
-        Ok(d) => unavailable(format!(
-            "{desc}; device {device} is {} ({}): the ROCm backend's runtime slice \
-             (memory, launches, ops) has not landed yet",
-            d.name, d.gfx
-        )),
-    }
-}
-
 /// The AMD GPUs of this machine, or why there are none.
 pub fn devices() -> Result<Vec<DeviceInfo>> {
     hip::probe().map_err(unavailable)?;
     let h = hip::library().map_err(unavailable)?;
-    let drv = hip::probe().unwrap_or_default();
     (0..h.device_count()?)
-        .map(|i| {
-            let d = h.describe(i)?;
-            Ok(DeviceInfo {
-                backend: BACKEND.into(),
-                device: format!("{} ({}, {} CUs)", d.name, d.gfx, d.compute_units),
-                driver: drv.clone(),
-                vendor: "AMD".into(),
-            })
-        })
+        .map(|i| h.describe(i).map(|d| backend::info_of(&d)))
         .collect()
 }
 
-/// Registers `rocm` (`rocm:N` picks device N). In this slice creating it
-/// always answers [`Error::Unavailable`] with the reason (see the crate docs).
+/// Registers `rocm` (`rocm:N` picks device N). Creating it probes the HIP
+/// runtime and answers [`Error::Unavailable`] with the reason when it
+/// cannot run here; on an AMD GPU it is a [`Rocm`] whose memory works and
+/// whose ops answer `NotSupported` (see the crate docs).
 pub fn register(reg: &mut deepport_core::registry::Registry) {
     reg.register(
         BACKEND,
-        "ROCm/HIP: the portable kernels compiled by hiprtc (gfx9xx, wavefront 64); first slice, no ops yet",
-        |device| Err(availability(device.unwrap_or(0))),
+        "ROCm/HIP: the portable kernels compiled by hiprtc (gfx9xx, wavefront 64); first slice, memory only, no ops yet",
+        |device| Ok(Box::new(Rocm::on_device(device.unwrap_or(0))?)),
         devices,
     );
 }
