@@ -15,10 +15,10 @@
 //!   string no attribute returns) is read from the properties struct. We
 //!   do not declare the struct: hipGetDeviceProperties writes into a
 //!   zeroed buffer of [`PROPS_BUFFER`] bytes (more than either layout, 792
-//!   bytes in ROCm 5.2), and [`arch_name_in`] reads `gcnArchName` at its
-//!   ROCm 5 offset (396, measured with `offsetof` against ROCm 5.2's
-//!   header) or, on ROCm 6, as the first NUL-terminated `gfx…` string
-//!   after `name[256]`. A value not starting with `gfx` is an error;
+//!   bytes in ROCm 5.2, 1472 in R0600), and [`arch_name_in`] reads
+//!   `gcnArchName` at its offset (396 in ROCm 5, 1160 in R0600, measured
+//!   with `offsetof`) or, failing that on ROCm 6, as the first
+//!   NUL-terminated `gfx…` string after `name[256]`. A value not starting with `gfx` is an error;
 //!   `$DEEPPORT_HIP_ARCH` overrides the architecture in every case.
 #![allow(unsafe_code)]
 
@@ -42,10 +42,17 @@ pub fn dev_err(msg: impl Into<String>) -> Error {
 pub const PROPS_BUFFER: usize = 8192;
 /// `offsetof(hipDeviceProp_t, gcnArchName)` in ROCm 5.x (R0000 layout).
 const GCN_ARCH_NAME_R0000: usize = 396;
+/// `offsetof(hipDeviceProp_tR0600, gcnArchName)` (ROCm 6.x and 7.x: the
+/// struct keeps reserved space for new fields, so the offset holds; measured
+/// with `offsetof` on the layout of the ROCm 7 header).
+const GCN_ARCH_NAME_R0600: usize = 1160;
 /// `name[256]` opens the struct in both layouts.
 const NAME_LEN: usize = 256;
 
-// hipDeviceAttribute_t values (identical in ROCm 5.x and 6.x headers).
+// hipDeviceAttribute_t values: measured with a C compiler against ROCm
+// 5.2's header, and counted in the ROCm 7 header (`hipDeviceAttributeUnused1`
+// and `Unused2` keep the places of removed attributes, so the values hold
+// across 5.x, 6.x and 7.x).
 const ATTR_CC_MAJOR: c_int = 23;
 const ATTR_CC_MINOR: c_int = 61;
 const ATTR_CUS: c_int = 63;
@@ -281,7 +288,7 @@ impl Hip {
                 let mut props = vec![0u8; PROPS_BUFFER];
                 // SAFETY: `props` is a zeroed buffer larger than either
                 // layout of hipDeviceProp_t (792 bytes in ROCm 5.2,
-                // R0600 about 1.5 KiB), so the call writes inside it.
+                // 1472 in R0600), so the call writes inside it.
                 let rc = unsafe { (self.props)(props.as_mut_ptr().cast(), device as c_int) };
                 self.check(rc, &format!("hipGetDeviceProperties(device {device})"))?;
                 arch_name_in(&props, self.props_r0600).ok_or_else(|| {
@@ -468,10 +475,20 @@ pub fn arch_name_in(props: &[u8], r0600: bool) -> Option<String> {
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '+' | '-'))
         })
     };
-    if !r0600 {
-        let s = c_string(props.get(GCN_ARCH_NAME_R0000..)?);
-        return is_arch(&s).then_some(s);
+    let at = if r0600 {
+        GCN_ARCH_NAME_R0600
+    } else {
+        GCN_ARCH_NAME_R0000
+    };
+    let s = c_string(props.get(at..)?);
+    if is_arch(&s) {
+        return Some(s);
     }
+    if !r0600 {
+        return None;
+    }
+    // A later R0600 revision that moved the field: the first `gfx…` string
+    // after `name`.
     let body = props.get(NAME_LEN..)?;
     (0..body.len().saturating_sub(4))
         .filter(|&i| &body[i..i + 3] == b"gfx" && (i == 0 || body[i - 1] == 0))
@@ -552,8 +569,11 @@ mod tests {
             Some("gfx90a:sramecc+:xnack")
         );
         let mut q = vec![0u8; PROPS_BUFFER];
-        q[1000..1006].copy_from_slice(b"gfx942");
+        q[GCN_ARCH_NAME_R0600..GCN_ARCH_NAME_R0600 + 6].copy_from_slice(b"gfx942");
         assert_eq!(arch_name_in(&q, true).as_deref(), Some("gfx942"));
+        let mut m = vec![0u8; PROPS_BUFFER];
+        m[1000..1006].copy_from_slice(b"gfx950");
+        assert_eq!(arch_name_in(&m, true).as_deref(), Some("gfx950"));
         // Not a gfx name at the offset: None, never garbage.
         assert_eq!(arch_name_in(&q, false), None);
         assert_eq!(arch_name_in(&vec![0u8; PROPS_BUFFER], true), None);
