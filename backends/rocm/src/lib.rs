@@ -58,7 +58,7 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
 }
 
 /// Registers `rocm` (`rocm:N` picks device N). Creating it probes the HIP
-/// runtime and answers [`Error::Unavailable`] with the reason when it
+/// runtime and answers [`deepport_core::Error::Unavailable`] with the reason when it
 /// cannot run here; on an AMD GPU it is a [`Rocm`] whose memory works and
 /// whose ops answer `NotSupported` (see the crate docs).
 pub fn register(reg: &mut deepport_core::registry::Registry) {
