@@ -18,6 +18,24 @@ pub struct CodeObject {
     pub gfx: Option<&'static str>,
     /// The kernels (names of the `*.kd` symbols, without the suffix), sorted.
     pub kernels: Vec<String>,
+    /// The `.wavefront_size` of every kernel in the code object metadata
+    /// (the msgpack note), in metadata order.
+    pub wavefront_sizes: Vec<u32>,
+}
+
+/// The values following each `.wavefront_size` key in the metadata note:
+/// msgpack encodes 32 and 64 as one positive-fixint byte after the key
+/// string. A value in another encoding is reported as 0.
+fn wavefront_sizes(code: &[u8]) -> Vec<u32> {
+    const KEY: &[u8] = b".wavefront_size";
+    code.windows(KEY.len())
+        .enumerate()
+        .filter(|(_, w)| *w == KEY)
+        .map(|(i, _)| match code.get(i + KEY.len()) {
+            Some(&b) if b < 0x80 => u32::from(b),
+            _ => 0,
+        })
+        .collect()
 }
 
 /// `EF_AMDGPU_MACH` values (LLVM's `ELF.h`) of the architectures deepport
@@ -116,6 +134,7 @@ pub fn parse(code: &[u8]) -> Result<CodeObject> {
     kernels.sort();
     kernels.dedup();
     Ok(CodeObject {
+        wavefront_sizes: wavefront_sizes(code),
         mach,
         gfx: MACHS.iter().find(|(m, _)| *m == mach).map(|(_, g)| *g),
         kernels,
@@ -147,5 +166,9 @@ mod tests {
         let co = parse(&h).expect("a header without sections");
         assert_eq!(co.gfx, Some("gfx90a"));
         assert!(co.kernels.is_empty());
+        assert!(co.wavefront_sizes.is_empty());
+        let mut m = h.clone();
+        m.extend_from_slice(b"\xae.wavefront_size\x40\xae.wavefront_size\x20");
+        assert_eq!(parse(&m).expect("parses").wavefront_sizes, vec![64, 32]);
     }
 }

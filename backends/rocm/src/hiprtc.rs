@@ -10,7 +10,8 @@
 //! * Headers: `deepport_cuda::nvrtc::HEADERS` (every `kernels/*.cuh`),
 //!   handed to hiprtc in memory, so no ROCm header is needed.
 //! * Options: `--offload-arch=<gfx> -std=c++17 -DDP_HIP -O3` (`DP_HIP`:
-//!   `port.cuh` selects wavefront 64 and `__shfl_xor`).
+//!   `port.cuh` selects wavefront 64 and `__shfl_xor`), plus
+//!   `-mwavefrontsize64` on RDNA (gfx10xx and later default to wave32).
 #![allow(unsafe_code)]
 
 use crate::hip::{dev_err, open_first, BACKEND};
@@ -88,14 +89,29 @@ fn check_arch(gfx: &str) -> Result<()> {
     Ok(())
 }
 
-/// The options hiprtc gets for `gfx`.
+/// Whether `gfx` is an RDNA architecture (gfx10xx, gfx11xx, gfx12xx),
+/// whose compiler defaults to wavefront 32.
+pub fn is_rdna(gfx: &str) -> bool {
+    let base = gfx.split(':').next().unwrap_or(gfx);
+    base.strip_prefix("gfx")
+        .is_some_and(|d| d.len() == 4 && d.starts_with('1'))
+}
+
+/// The options hiprtc gets for `gfx`. `port.cuh` under `DP_HIP` assumes
+/// wavefront 64 (`DP_WARP`): CDNA (gfx9xx) runs only that; RDNA defaults
+/// to wavefront 32, so it gets `-mwavefrontsize64` (checked: without it
+/// ROCm 5.2 emits `.wavefront_size: 32` kernels for gfx1030).
 pub fn options(gfx: &str) -> Vec<String> {
-    vec![
+    let mut o = vec![
         format!("--offload-arch={gfx}"),
         "-std=c++17".to_string(),
         "-DDP_HIP".to_string(),
         "-O3".to_string(),
-    ]
+    ];
+    if is_rdna(gfx) {
+        o.push("-mwavefrontsize64".to_string());
+    }
+    o
 }
 
 /// Loads hiprtc (once) and reports its version and file, or why it cannot
@@ -420,5 +436,10 @@ mod tests {
         let o = options("gfx90a");
         assert!(o.contains(&"--offload-arch=gfx90a".to_string()), "{o:?}");
         assert!(o.contains(&"-DDP_HIP".to_string()), "{o:?}");
+        assert!(!o.iter().any(|x| x.contains("wavefront")), "{o:?}");
+        let r = options("gfx1030");
+        assert!(r.contains(&"-mwavefrontsize64".to_string()), "{r:?}");
+        assert!(is_rdna("gfx1100") && is_rdna("gfx1201:xnack-"));
+        assert!(!is_rdna("gfx90a") && !is_rdna("gfx942"));
     }
 }

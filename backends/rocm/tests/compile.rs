@@ -1,5 +1,7 @@
 //! Compiles every portable kernel source of the CUDA backend with hiprtc
-//! for AMD architectures (`-DDP_HIP`, wavefront 64). Without hiprtc the
+//! for AMD architectures (`-DDP_HIP`, wavefront 64): gfx90a and gfx908
+//! (CDNA) and gfx1030 (RDNA 2, forced to wavefront 64). Each code object's
+//! target, kernel list and wavefront sizes are checked. Without hiprtc the
 //! test prints `skipped: <reason>` and passes, unless `DEEPPORT_REQUIRE`
 //! names `hiprtc`.
 
@@ -16,7 +18,7 @@ fn required() -> bool {
 fn archs() -> Vec<String> {
     match std::env::var("DEEPPORT_HIP_ARCHS") {
         Ok(v) if !v.is_empty() => v.split(',').map(|s| s.trim().to_string()).collect(),
-        _ => vec!["gfx90a".into(), "gfx908".into()],
+        _ => vec!["gfx90a".into(), "gfx908".into(), "gfx1030".into()],
     }
 }
 
@@ -55,6 +57,14 @@ fn every_portable_source_compiles_for_amd() {
                                 failures.push(format!(
                                     "{gfx} {}: code object is for mach {:#x} ({:?})",
                                     s.name, co.mach, co.gfx
+                                ));
+                            }
+                            if co.wavefront_sizes.len() != s.entries.len()
+                                || co.wavefront_sizes.iter().any(|&w| w != 64)
+                            {
+                                failures.push(format!(
+                                    "{gfx} {}: wavefront sizes {:?} (port.cuh under DP_HIP needs 64)",
+                                    s.name, co.wavefront_sizes
                                 ));
                             }
                             let mut want: Vec<String> =
