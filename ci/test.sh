@@ -12,7 +12,9 @@
 #                     into a failure for them. Defaults to what this script
 #                     installs: the CPU backends, wgpu on lavapipe, NVRTC
 #                     (so the cuda kernels must compile) and a C++ compiler
-#                     (so the cuda kernels run under backends/cuda/emu).
+#                     (so the cuda kernels run under backends/cuda/emu),
+#                     and hiprtc (Debian's libamdhip64-dev, ROCm 5.2: the
+#                     portable kernels must compile for gfx90a/gfx908).
 #   DEEPPORT_CUDA_FLAVOR  cu12 (default: nvidia-cuda-nvrtc-cu12, CUDA 12.9)
 #                     or cu13 (nvidia-cuda-nvrtc, CUDA 13): the NVRTC the
 #                     cuda kernels are compiled with; DEEPPORT_NVRTC set by
@@ -27,7 +29,7 @@ log() { printf '\n== %s ==\n' "$*"; }
 # System packages the tests need. Each later backend adds its driver here
 # (e.g. mesa-vulkan-drivers for wgpu/vulkan on lavapipe) and its name to
 # DEEPPORT_REQUIRE below.
-APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++)
+APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -44,7 +46,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu}"
+export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc}"
 # lavapipe (Mesa's CPU Vulkan driver) serves the wgpu backend in CI; this
 # silences its warning about a missing runtime directory.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"

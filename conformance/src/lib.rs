@@ -59,6 +59,8 @@ pub fn registry() -> Registry {
     deepport_wgpu::register(&mut reg);
     #[cfg(feature = "cuda")]
     deepport_cuda::register(&mut reg);
+    #[cfg(feature = "rocm")]
+    deepport_rocm::register(&mut reg);
     #[cfg(feature = "cpu")]
     faulty::register_if_enabled(&mut reg);
     reg
