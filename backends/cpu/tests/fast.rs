@@ -1127,3 +1127,91 @@ fn gemm_grouped_masked_matches_reference_and_leaves_masked_rows() {
         assert!(err.is_err(), "masked_m value {badv} accepted");
     }
 }
+
+/// Runs `mla_prefill` on `be`; returns `out` as f32.
+#[allow(clippy::too_many_arguments)]
+fn run_prefill(
+    be: &dyn Backend,
+    dtype: DType,
+    dims: (usize, usize, usize, usize, usize, usize, usize),
+    vals: &[Vec<f32>; 5],
+    scale: f32,
+    form: MlaForm,
+) -> Vec<f32> {
+    let (t, s, h, dn, dr, dc, dv) = dims;
+    let shapes: [Vec<usize>; 5] = [
+        vec![t, h, dn],
+        vec![t, h, dr],
+        vec![s, dc],
+        vec![s, dr],
+        vec![h * (dn + dv), dc],
+    ];
+    let up: Vec<Tensor> = shapes
+        .iter()
+        .zip(vals)
+        .map(|(sh, v)| be.upload(&HostTensor::from_f32(dtype, sh, v)).unwrap())
+        .collect();
+    let mut out = be.alloc(dtype, &[t, h, dv]).unwrap();
+    ops::run(
+        be,
+        MlaPrefill {
+            q_nope: &up[0],
+            q_pe: &up[1],
+            latent: &up[2],
+            k_pe: &up[3],
+            wkv_b: &up[4],
+            out: &mut out,
+            softmax_scale: scale,
+            form,
+        },
+    )
+    .unwrap();
+    be.download(&out).unwrap().to_f32_vec()
+}
+
+/// The catalogue's bound for mla_prefill (conformance/cases/
+/// mla_prefill.yaml): `|o − r| ≤ 1 ulp_out(r) + 1e-5·rms(r)`.
+#[test]
+fn mla_prefill_matches_reference() {
+    let mut rng = Rng(404);
+    let cases = [
+        // Odd dims, S > T (a cached prefix), T = S.
+        (7, 12, 3, 33, 17, 65, 23),
+        (5, 5, 2, 16, 8, 32, 16),
+        // V3's head dims.
+        (9, 16, 2, 128, 64, 512, 128),
+    ];
+    for &dims in &cases {
+        let (t, s, h, dn, dr, dc, dv) = dims;
+        let vals = [
+            rng.vec(t * h * dn, 1.0),
+            rng.vec(t * h * dr, 1.0),
+            rng.vec(s * dc, 1.0),
+            rng.vec(s * dr, 1.0),
+            rng.vec(h * (dn + dv) * dc, 0.1),
+        ];
+        let scale = 1.0 / ((dn + dr) as f32).sqrt();
+        for dtype in [DType::F32, DType::BF16] {
+            for form in [MlaForm::Naive, MlaForm::Absorbed] {
+                let r = run_prefill(&CpuRef, dtype, dims, &vals, scale, form);
+                let got = run_prefill(&Cpu, dtype, dims, &vals, scale, form);
+                let rr = rms(&r);
+                assert!(rr > 0.0);
+                for (i, (&x, &y)) in got.iter().zip(&r).enumerate() {
+                    let err = (x as f64 - y as f64).abs();
+                    let tol = ulp_of(dtype, y) + 1e-5 * rr;
+                    assert!(
+                        err <= tol,
+                        "{dims:?} {dtype} {form:?}: element {i}: {x} vs reference {y}"
+                    );
+                }
+                // A wrong scale is visible at this bound.
+                let off = run_prefill(&Cpu, dtype, dims, &vals, scale * 1.01, form);
+                assert!(off
+                    .iter()
+                    .zip(&r)
+                    .any(|(&x, &y)| (x as f64 - y as f64).abs() > ulp_of(dtype, y) + 1e-5 * rr));
+            }
+        }
+    }
+}

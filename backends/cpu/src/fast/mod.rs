@@ -11,6 +11,7 @@ pub mod simd;
 
 mod gemm;
 mod mla;
+mod prefill;
 mod small;
 
 use crate::HostStorage;
@@ -84,7 +85,7 @@ pub fn describe() -> String {
         )
     };
     format!(
-        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
+        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
          add/silu_mul/rms_norm/embedding: parallel, bit-identical to cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )
@@ -196,6 +197,7 @@ pub(crate) mod ops {
         gemm_grouped_masked,
     };
     pub(crate) use super::mla::mla_decode;
+    pub(crate) use super::prefill::mla_prefill;
     pub(crate) use super::small::{add, embedding, rms_norm, silu_mul};
     pub(crate) use crate::kernels::*;
 }
