@@ -889,3 +889,329 @@ fn bench_fast_vs_reference() {
         );
     }
 }
+
+/// One unit in the last place of `x` in `dtype` (f32/bf16/f16; normals,
+/// and the subnormal step below them).
+fn ulp_of(dtype: DType, x: f32) -> f64 {
+    let (mant, emin) = match dtype {
+        DType::BF16 => (7, -126),
+        DType::F16 => (10, -14),
+        _ => (23, -126),
+    };
+    let e = if x == 0.0 {
+        emin
+    } else {
+        ((x.abs() as f64).log2().floor() as i32).max(emin)
+    };
+    2f64.powi(e - mant)
+}
+
+/// The catalogue's bound for gemm_grouped (conformance/cases/
+/// gemm_grouped.yaml): `|d − r| ≤ 1 ulp_out(r) + rms_rel·rms(r)`,
+/// `rms_rel` 1e-5 for bf16 operands, 3e-5 for f32.
+fn assert_grouped_close(what: &str, ab: DType, out: DType, d: &[f32], r: &[f32]) {
+    assert_eq!(d.len(), r.len());
+    let rr = rms(r);
+    assert!(rr > 0.0, "{what}: reference is all zero");
+    let rel = if ab == DType::BF16 { 1e-5 } else { 3e-5 };
+    for (i, (&x, &y)) in d.iter().zip(r).enumerate() {
+        let err = (x as f64 - y as f64).abs();
+        let tol = ulp_of(out, y) + rel * rr;
+        assert!(err <= tol, "{what}: element {i}: {x} vs reference {y}");
+    }
+}
+
+/// Operand/output dtype pairs the grouped plain GEMMs take.
+const GROUPED_DTYPES: [(DType, DType); 4] = [
+    (DType::F32, DType::F32),
+    (DType::BF16, DType::BF16),
+    (DType::BF16, DType::F32),
+    (DType::F32, DType::F16),
+];
+
+#[test]
+fn gemm_grouped_contiguous_matches_reference() {
+    let mut rng = Rng(77);
+    let (g, n, k) = (4, 67, 203);
+    // Group 1: 3 rows; padding: 5; group 3: 140 rows (more than one
+    // 128-row block: packed once); group 0: 17 (> NARROW); then single
+    // rows of groups 2, 0, 2, 1 interleaved with padding.
+    let mut idx = vec![1i64; 3];
+    idx.extend(std::iter::repeat_n(-1, 5));
+    idx.extend(std::iter::repeat_n(3, 140));
+    idx.extend(std::iter::repeat_n(0, 17));
+    idx.extend([-1, 2, 0, 2, -1, 1]);
+    let m = idx.len();
+    let mi = HostTensor::from_index(DType::I32, &[m], &idx);
+    let (mi1, mi2) = up2(&mi);
+    for (ab, out) in GROUPED_DTYPES {
+        let a = HostTensor::from_f32(ab, &[m, k], &rng.vec(m * k, 1.0));
+        let b = HostTensor::from_f32(ab, &[g, n, k], &rng.vec(g * n * k, 0.1));
+        let (a1, a2) = up2(&a);
+        let (b1, b2) = up2(&b);
+        let poison = poison_host(out, &[m, n]);
+        let mut dr = CpuRef.upload(&poison).unwrap();
+        ops::run(
+            &CpuRef,
+            GemmGroupedContiguous {
+                a: &a2,
+                b: &b2,
+                m_indices: &mi2,
+                d: &mut dr,
+            },
+        )
+        .unwrap();
+        let r = CpuRef.download(&dr).unwrap().to_f32_vec();
+        for simd in isas() {
+            let mut d = Cpu.upload(&poison).unwrap();
+            with_simd(simd, || {
+                ops::run(
+                    &Cpu,
+                    GemmGroupedContiguous {
+                        a: &a1,
+                        b: &b1,
+                        m_indices: &mi1,
+                        d: &mut d,
+                    },
+                )
+            })
+            .unwrap()
+            .unwrap();
+            let got = Cpu.download(&d).unwrap().to_f32_vec();
+            // -1 rows are written 0, like cpu-ref: compare every row.
+            assert_grouped_close(
+                &format!("{simd:?} {ab}->{out} contiguous"),
+                ab,
+                out,
+                &got,
+                &r,
+            );
+            for (i, &gi) in idx.iter().enumerate() {
+                if gi < 0 {
+                    assert!(got[i * n..(i + 1) * n].iter().all(|&v| v == 0.0));
+                }
+            }
+        }
+    }
+    // A group index out of range (either side) is an error, not a panic.
+    let a = Cpu
+        .upload(&HostTensor::from_f32(
+            DType::F32,
+            &[m, k],
+            &vec![1.0; m * k],
+        ))
+        .unwrap();
+    let b = Cpu
+        .upload(&HostTensor::from_f32(
+            DType::F32,
+            &[g, n, k],
+            &vec![1.0; g * n * k],
+        ))
+        .unwrap();
+    for badv in [g as i64, -2] {
+        let mut bad = idx.clone();
+        bad[m - 1] = badv;
+        let bad = Cpu
+            .upload(&HostTensor::from_index(DType::I64, &[m], &bad))
+            .unwrap();
+        let mut d = Cpu.alloc(DType::F32, &[m, n]).unwrap();
+        let err = ops::run(
+            &Cpu,
+            GemmGroupedContiguous {
+                a: &a,
+                b: &b,
+                m_indices: &bad,
+                d: &mut d,
+            },
+        );
+        assert!(err.is_err(), "m_indices value {badv} accepted");
+    }
+}
+
+#[test]
+fn gemm_grouped_masked_matches_reference_and_leaves_masked_rows() {
+    let mut rng = Rng(91);
+    let (g, m_max, n, k) = (4, 133, 45, 131);
+    let masked = [0i64, 1, 133, 20];
+    let mm = HostTensor::from_index(DType::I32, &[g], &masked);
+    let (mm1, mm2) = up2(&mm);
+    let rows: Vec<usize> = (0..g)
+        .flat_map(|grp| (0..masked[grp] as usize).map(move |i| grp * m_max + i))
+        .collect();
+    let pick = |v: &[f32]| -> Vec<f32> {
+        rows.iter()
+            .flat_map(|&i| v[i * n..(i + 1) * n].to_vec())
+            .collect()
+    };
+    for (ab, out) in GROUPED_DTYPES {
+        let a = HostTensor::from_f32(ab, &[g, m_max, k], &rng.vec(g * m_max * k, 1.0));
+        let b = HostTensor::from_f32(ab, &[g, n, k], &rng.vec(g * n * k, 0.1));
+        let (a1, a2) = up2(&a);
+        let (b1, b2) = up2(&b);
+        let poison = poison_host(out, &[g, m_max, n]);
+        let mut dr = CpuRef.upload(&poison).unwrap();
+        ops::run(
+            &CpuRef,
+            GemmGroupedMasked {
+                a: &a2,
+                b: &b2,
+                masked_m: &mm2,
+                d: &mut dr,
+            },
+        )
+        .unwrap();
+        let r = CpuRef.download(&dr).unwrap().to_f32_vec();
+        for simd in isas() {
+            let mut d = Cpu.upload(&poison).unwrap();
+            with_simd(simd, || {
+                ops::run(
+                    &Cpu,
+                    GemmGroupedMasked {
+                        a: &a1,
+                        b: &b1,
+                        masked_m: &mm1,
+                        d: &mut d,
+                    },
+                )
+            })
+            .unwrap()
+            .unwrap();
+            let got = Cpu.download(&d).unwrap().to_f32_vec();
+            assert_grouped_close(
+                &format!("{simd:?} {ab}->{out} masked"),
+                ab,
+                out,
+                &pick(&got),
+                &pick(&r),
+            );
+            // Rows at or past masked_m keep their bytes (NaN here).
+            for grp in 0..g {
+                for i in masked[grp] as usize..m_max {
+                    let row = &got[(grp * m_max + i) * n..][..n];
+                    assert!(row.iter().all(|v| v.is_nan()), "{simd:?} row {grp}/{i}");
+                }
+            }
+        }
+    }
+    // masked_m past m_max (or negative) is an error, not a panic.
+    let a = Cpu
+        .upload(&HostTensor::from_f32(
+            DType::F32,
+            &[g, m_max, k],
+            &vec![1.0; g * m_max * k],
+        ))
+        .unwrap();
+    let b = Cpu
+        .upload(&HostTensor::from_f32(
+            DType::F32,
+            &[g, n, k],
+            &vec![1.0; g * n * k],
+        ))
+        .unwrap();
+    for badv in [m_max as i64 + 1, -1] {
+        let mut bad = masked;
+        bad[1] = badv;
+        let bad = Cpu
+            .upload(&HostTensor::from_index(DType::I32, &[g], &bad))
+            .unwrap();
+        let mut d = Cpu.alloc(DType::F32, &[g, m_max, n]).unwrap();
+        let err = ops::run(
+            &Cpu,
+            GemmGroupedMasked {
+                a: &a,
+                b: &b,
+                masked_m: &bad,
+                d: &mut d,
+            },
+        );
+        assert!(err.is_err(), "masked_m value {badv} accepted");
+    }
+}
+
+/// Runs `mla_prefill` on `be`; returns `out` as f32.
+#[allow(clippy::too_many_arguments)]
+fn run_prefill(
+    be: &dyn Backend,
+    dtype: DType,
+    dims: (usize, usize, usize, usize, usize, usize, usize),
+    vals: &[Vec<f32>; 5],
+    scale: f32,
+    form: MlaForm,
+) -> Vec<f32> {
+    let (t, s, h, dn, dr, dc, dv) = dims;
+    let shapes: [Vec<usize>; 5] = [
+        vec![t, h, dn],
+        vec![t, h, dr],
+        vec![s, dc],
+        vec![s, dr],
+        vec![h * (dn + dv), dc],
+    ];
+    let up: Vec<Tensor> = shapes
+        .iter()
+        .zip(vals)
+        .map(|(sh, v)| be.upload(&HostTensor::from_f32(dtype, sh, v)).unwrap())
+        .collect();
+    let mut out = be.alloc(dtype, &[t, h, dv]).unwrap();
+    ops::run(
+        be,
+        MlaPrefill {
+            q_nope: &up[0],
+            q_pe: &up[1],
+            latent: &up[2],
+            k_pe: &up[3],
+            wkv_b: &up[4],
+            out: &mut out,
+            softmax_scale: scale,
+            form,
+        },
+    )
+    .unwrap();
+    be.download(&out).unwrap().to_f32_vec()
+}
+
+/// The catalogue's bound for mla_prefill (conformance/cases/
+/// mla_prefill.yaml): `|o − r| ≤ 1 ulp_out(r) + 1e-5·rms(r)`.
+#[test]
+fn mla_prefill_matches_reference() {
+    let mut rng = Rng(404);
+    let cases = [
+        // Odd dims, S > T (a cached prefix), T = S.
+        (7, 12, 3, 33, 17, 65, 23),
+        (5, 5, 2, 16, 8, 32, 16),
+        // V3's head dims.
+        (9, 16, 2, 128, 64, 512, 128),
+    ];
+    for &dims in &cases {
+        let (t, s, h, dn, dr, dc, dv) = dims;
+        let vals = [
+            rng.vec(t * h * dn, 1.0),
+            rng.vec(t * h * dr, 1.0),
+            rng.vec(s * dc, 1.0),
+            rng.vec(s * dr, 1.0),
+            rng.vec(h * (dn + dv) * dc, 0.1),
+        ];
+        let scale = 1.0 / ((dn + dr) as f32).sqrt();
+        for dtype in [DType::F32, DType::BF16] {
+            for form in [MlaForm::Naive, MlaForm::Absorbed] {
+                let r = run_prefill(&CpuRef, dtype, dims, &vals, scale, form);
+                let got = run_prefill(&Cpu, dtype, dims, &vals, scale, form);
+                let rr = rms(&r);
+                assert!(rr > 0.0);
+                for (i, (&x, &y)) in got.iter().zip(&r).enumerate() {
+                    let err = (x as f64 - y as f64).abs();
+                    let tol = ulp_of(dtype, y) + 1e-5 * rr;
+                    assert!(
+                        err <= tol,
+                        "{dims:?} {dtype} {form:?}: element {i}: {x} vs reference {y}"
+                    );
+                }
+                // A wrong scale is visible at this bound.
+                let off = run_prefill(&Cpu, dtype, dims, &vals, scale * 1.01, form);
+                assert!(off
+                    .iter()
+                    .zip(&r)
+                    .any(|(&x, &y)| (x as f64 - y as f64).abs() > ulp_of(dtype, y) + 1e-5 * rr));
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@
 //! * Tasks run on rayon's pool; each writes only its own tile.
 
 use super::simd::{Simd, Tile, MR_MAX, NR_MAX};
-use super::{bytes_mut_of, bytes_of, current_simd, encode_into, f32_values, fp8_lut};
+use super::{bytes_mut_of, bytes_of, current_simd, decode_into, encode_into, f32_values, fp8_lut};
 use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
 use deepport_core::Result;
@@ -723,4 +723,126 @@ pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
     let dtype = args.d.dtype();
     run(&ops, &probs, bytes_mut_of(args.d)?, dtype);
     Ok(())
+}
+
+/// B of the groups some problem uses, decoded to f32 (`[n, k]` each, empty
+/// for an unused group), in parallel.
+fn decode_used_groups(
+    b: &deepport_core::backend::Tensor,
+    groups: usize,
+    n: usize,
+    k: usize,
+    probs: &[Problem],
+) -> Result<Vec<Vec<f32>>> {
+    let bytes = bytes_of(b)?;
+    let dtype = b.dtype();
+    let len = n * k * dtype.size();
+    let mut used = vec![false; groups];
+    for p in probs.iter().filter(|p| p.rows > 0) {
+        used[p.group] = true;
+    }
+    Ok(used
+        .par_iter()
+        .enumerate()
+        .map(|(grp, &u)| {
+            if !u {
+                return Vec::new();
+            }
+            let mut v = vec![0f32; n * k];
+            decode_into(dtype, &bytes[grp * len..(grp + 1) * len], &mut v);
+            v
+        })
+        .collect())
+}
+
+/// The shared body of the grouped plain GEMMs: A rows `[.., k]` (f32 or
+/// bf16, decoded once), each problem's rows against its group's B.
+fn grouped_common(
+    a: &deepport_core::backend::Tensor,
+    b: &deepport_core::backend::Tensor,
+    d: &mut deepport_core::backend::Tensor,
+    dims: &GemmDims,
+    probs: &[Problem],
+) -> Result<()> {
+    let (g, n, k) = (dims.groups, dims.n, dims.k);
+    let a_v = f32_values(a)?;
+    let b_groups = decode_used_groups(b, g, n, k, probs)?;
+    let ops = Operands {
+        simd: current_simd(),
+        n,
+        k,
+        a: &a_v,
+        b: b_groups.iter().map(|v| BSrc::F32(v)).collect(),
+        scales: None,
+        e4m3fn: false,
+        a_bf: None,
+    };
+    let dtype = d.dtype();
+    run(&ops, probs, bytes_mut_of(d)?, dtype);
+    Ok(())
+}
+
+/// Splits `m_indices` into runs of equal group (A rows indexed directly:
+/// `abuf = row0`); padding runs (-1) are left out.
+fn contiguous_runs(idx: &[i64]) -> Vec<Problem> {
+    let mut probs = Vec::new();
+    let mut i = 0;
+    while i < idx.len() {
+        let gi = idx[i];
+        let mut j = i + 1;
+        while j < idx.len() && idx[j] == gi {
+            j += 1;
+        }
+        if let Ok(group) = usize::try_from(gi) {
+            probs.push(Problem {
+                row0: i,
+                rows: j - i,
+                group,
+                abuf: i,
+            });
+        }
+        i = j;
+    }
+    probs
+}
+
+pub(crate) fn gemm_grouped_contiguous(op: &mut Checked<GemmGroupedContiguous<'_>>) -> Result<()> {
+    const OP: &str = "gemm_grouped_contiguous";
+    let (args, dims) = op.parts();
+    let idx_host = super::super::to_host(args.m_indices)?;
+    check_range(OP, "m_indices", &idx_host, 0, dims.groups as i64, Some(-1))?;
+    let idx = idx_host.to_i64_vec();
+    let probs = contiguous_runs(&idx);
+    // Padding rows (-1): unspecified; written as 0, like cpu-ref.
+    let row_bytes = dims.n * args.d.dtype().size();
+    {
+        let d = bytes_mut_of(args.d)?;
+        for (r, &gi) in idx.iter().enumerate() {
+            if gi < 0 {
+                d[r * row_bytes..(r + 1) * row_bytes].fill(0);
+            }
+        }
+    }
+    grouped_common(args.a, args.b, args.d, dims, &probs)
+}
+
+pub(crate) fn gemm_grouped_masked(op: &mut Checked<GemmGroupedMasked<'_>>) -> Result<()> {
+    const OP: &str = "gemm_grouped_masked";
+    let (args, dims) = op.parts();
+    let masked = super::super::to_host(args.masked_m)?.to_i64_vec();
+    for (grp, &v) in masked.iter().enumerate() {
+        check_value(OP, "masked_m", &[grp], v, 0, dims.m as i64 + 1)?;
+    }
+    // Rows at or past masked_m[g] are not touched.
+    let probs: Vec<Problem> = masked
+        .iter()
+        .enumerate()
+        .map(|(grp, &rows)| Problem {
+            row0: grp * dims.m,
+            rows: rows as usize, // checked to lie in [0, m_max]
+            group: grp,
+            abuf: grp * dims.m,
+        })
+        .collect();
+    grouped_common(args.a, args.b, args.d, dims, &probs)
 }

@@ -11,6 +11,7 @@ pub mod simd;
 
 mod gemm;
 mod mla;
+mod prefill;
 mod small;
 
 use crate::HostStorage;
@@ -84,7 +85,7 @@ pub fn describe() -> String {
         )
     };
     format!(
-        "{fp8}; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
+        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
          add/silu_mul/rms_norm/embedding: parallel, bit-identical to cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )
@@ -191,8 +192,12 @@ fn fp8_lut(dtype: DType) -> Result<[f32; 256]> {
 /// kernels, and (through the glob import, which local items shadow) the
 /// reference kernel of every other op.
 pub(crate) mod ops {
-    pub(crate) use super::gemm::{fp8_gemm, fp8_grouped_contiguous, fp8_grouped_masked, gemm};
+    pub(crate) use super::gemm::{
+        fp8_gemm, fp8_grouped_contiguous, fp8_grouped_masked, gemm, gemm_grouped_contiguous,
+        gemm_grouped_masked,
+    };
     pub(crate) use super::mla::mla_decode;
+    pub(crate) use super::prefill::mla_prefill;
     pub(crate) use super::small::{add, embedding, rms_norm, silu_mul};
     pub(crate) use crate::kernels::*;
 }
