@@ -65,17 +65,21 @@ fn storage(t: &Tensor) -> Result<&HostStorage> {
         })
 }
 
-/// Copies a CPU tensor (or view) out as a host tensor.
-pub(crate) fn to_host(t: &Tensor) -> Result<HostTensor> {
+/// The bytes of a CPU tensor (or view), read in place.
+pub(crate) fn bytes_of(t: &Tensor) -> Result<&[u8]> {
     let s = storage(t)?;
     let (a, n) = (t.offset_bytes(), t.nbytes());
-    let bytes = s.bytes.get(a..a + n).ok_or_else(|| {
+    s.bytes.get(a..a + n).ok_or_else(|| {
         Error::Other(format!(
             "internal: view {t:?} lies outside its storage of {} bytes",
             s.bytes.len()
         ))
-    })?;
-    HostTensor::from_bytes(t.dtype(), t.shape(), bytes.to_vec())
+    })
+}
+
+/// Copies a CPU tensor (or view) out as a host tensor.
+pub(crate) fn to_host(t: &Tensor) -> Result<HostTensor> {
+    HostTensor::from_bytes(t.dtype(), t.shape(), bytes_of(t)?.to_vec())
 }
 
 /// Overwrites a CPU tensor with host data of the same dtype and size.
@@ -89,10 +93,14 @@ pub(crate) fn store(t: &mut Tensor, h: &HostTensor) -> Result<()> {
             t.shape()
         )));
     }
-    let instance = t.instance();
-    let s = t.storage_mut_for::<HostStorage>(instance, "cpu")?;
-    s.bytes.copy_from_slice(h.bytes());
+    bytes_mut_of(t)?.copy_from_slice(h.bytes());
     Ok(())
+}
+
+/// The bytes of a CPU tensor, for writing in place.
+pub(crate) fn bytes_mut_of(t: &mut Tensor) -> Result<&mut [u8]> {
+    let instance = t.instance();
+    Ok(&mut t.storage_mut_for::<HostStorage>(instance, "cpu")?.bytes)
 }
 
 fn device_name() -> String {

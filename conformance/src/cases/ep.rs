@@ -298,6 +298,51 @@ fn dequant(q: &HostTensor, s: Option<&HostTensor>) -> Vec<f32> {
     }
 }
 
+/// The case's expert applied to received rows, as a bf16 tensor of
+/// `rows × hidden`: row `i` is `factor · dequant(x[i])` for each
+/// `(i, factor)` of `live`, and NaN (which combine must never read) for every
+/// other row. Works one row at a time, so that a receive buffer of
+/// gigabytes (DeepEP's 8-rank shapes) is never widened to f32 whole.
+fn expert_rows(
+    x: &HostTensor,
+    s: Option<&HostTensor>,
+    rows: usize,
+    hidden: usize,
+    live: impl Iterator<Item = (usize, f32)>,
+) -> Result<HostTensor> {
+    const NAN_BF16: [u8; 2] = 0x7fc0u16.to_le_bytes();
+    let (xb, sb) = (hidden * x.dtype().size(), (hidden / 128) * 4);
+    let mut out = Vec::new();
+    out.try_reserve_exact(rows * hidden * 2).map_err(|_| {
+        Error::Other(format!(
+            "ep case: cannot allocate the expert output ({rows} x {hidden} bf16)"
+        ))
+    })?;
+    out.extend(std::iter::repeat_n(NAN_BF16, rows * hidden).flatten());
+    for (i, f) in live {
+        let row_x = HostTensor::from_bytes(
+            x.dtype(),
+            &[1, hidden],
+            x.bytes()[i * xb..(i + 1) * xb].to_vec(),
+        )?;
+        let row_s = match s {
+            Some(s) => Some(HostTensor::from_bytes(
+                DType::F32,
+                &[1, hidden / 128],
+                s.bytes()[i * sb..(i + 1) * sb].to_vec(),
+            )?),
+            None => None,
+        };
+        let y: Vec<f32> = dequant(&row_x, row_s.as_ref())
+            .into_iter()
+            .map(|v| v * f)
+            .collect();
+        let y = HostTensor::from_f32(DType::BF16, &[1, hidden], &y);
+        out[i * hidden * 2..(i + 1) * hidden * 2].copy_from_slice(y.bytes());
+    }
+    HostTensor::from_bytes(DType::BF16, &[rows, hidden], out)
+}
+
 fn dispatch_rank(
     b: &dyn Backend,
     comm: &dyn deepport_core::Communicator,
@@ -339,21 +384,30 @@ fn dispatch_rank(
             expert_alignment: align,
         },
     )?;
-    let recv_x = dl(b, &out.recv_x)?;
-    let recv_s = out.recv_scales.as_ref().map(|s| dl(b, s)).transpose()?;
+    let DispatchOutput {
+        recv_x: dev_x,
+        recv_scales: dev_s,
+        recv_topk_idx,
+        recv_topk_weights,
+        num_recv_tokens_per_expert,
+        handle,
+    } = out;
+    let recv_x = dl(b, &dev_x)?;
+    let recv_s = dev_s.as_ref().map(|s| dl(b, s)).transpose()?;
+    // The device copies are downloaded: free them before the expert's
+    // output is uploaded (8 ranks × 32k rows × 7168 in DeepEP's shapes).
+    drop((dev_x, dev_s));
     let mut o = Outputs::new();
-    let src: Vec<i64> = out
-        .handle
+    let src: Vec<i64> = handle
         .recv_src
         .iter()
         .flat_map(|&(r, t)| [r as i64, t as i64])
         .collect();
     o.insert(
         key(rank, "recv_src"),
-        HostTensor::from_i64(&[out.handle.recv_src.len(), 2], &src),
+        HostTensor::from_i64(&[handle.recv_src.len(), 2], &src),
     );
-    let counts: Vec<i64> = out
-        .num_recv_tokens_per_expert
+    let counts: Vec<i64> = num_recv_tokens_per_expert
         .iter()
         .map(|&c| c as i64)
         .collect();
@@ -361,18 +415,22 @@ fn dispatch_rank(
         key(rank, "num_recv_tokens_per_expert"),
         HostTensor::from_i64(&[counts.len()], &counts),
     );
-    o.insert(key(rank, "recv_topk_idx"), dl(b, &out.recv_topk_idx)?);
-    o.insert(
-        key(rank, "recv_topk_weights"),
-        dl(b, &out.recv_topk_weights)?,
-    );
+    o.insert(key(rank, "recv_topk_idx"), dl(b, &recv_topk_idx)?);
+    o.insert(key(rank, "recv_topk_weights"), dl(b, &recv_topk_weights)?);
     // Identity expert: send the (dequantized) payload back.
-    let y = HostTensor::from_f32(
-        DType::BF16,
-        recv_x.shape(),
-        &dequant(&recv_x, recv_s.as_ref()),
-    );
-    let y = b.upload(&y)?;
+    let n = recv_x.shape().first().copied().unwrap_or(0);
+    let y = if recv_s.is_none() && recv_x.dtype() == DType::BF16 {
+        b.upload(&recv_x)?
+    } else {
+        let y = expert_rows(
+            &recv_x,
+            recv_s.as_ref(),
+            n,
+            d.hidden,
+            (0..n).map(|i| (i, 1.0)),
+        )?;
+        b.upload(&y)?
+    };
     o.insert(key(rank, "recv_x"), recv_x);
     if let Some(s) = recv_s {
         o.insert(key(rank, "recv_scales"), s);
@@ -383,7 +441,7 @@ fn dispatch_rank(
         comm,
         Combine {
             x: &y,
-            handle: &out.handle,
+            handle: &handle,
             out: &mut combined,
         },
     )?;
@@ -478,37 +536,30 @@ fn low_latency_rank(
             ue8m0,
         },
     )?;
-    let recv_x = dl(b, &out.recv_x)?;
-    let recv_s = out.recv_scales.as_ref().map(|s| dl(b, s)).transpose()?;
-    let mut o = keyed_slots(d, rank, &recv_x, recv_s.as_ref(), &out.handle)?;
-    o.insert(key(rank, "recv_count"), dl(b, &out.recv_count)?);
+    let LowLatencyDispatchOutput {
+        recv_x: dev_x,
+        recv_scales: dev_s,
+        recv_count,
+        handle,
+    } = out;
+    let recv_x = dl(b, &dev_x)?;
+    let recv_s = dev_s.as_ref().map(|s| dl(b, s)).transpose()?;
+    // Free the device buffers before the expert's output is uploaded: with
+    // DeepEP's low-latency shapes each is E·max_tokens·hidden per rank.
+    drop((dev_x, dev_s));
+    let mut o = keyed_slots(d, rank, &recv_x, recv_s.as_ref(), &handle)?;
+    o.insert(key(rank, "recv_count"), dl(b, &recv_count)?);
 
     // Expert e_local scales its rows by (1 + e_local/4); slots that were
     // not filled hold NaN and must not be read by combine.
     let slots = d.max_tokens * d.world;
     let e_local = d.experts / d.world;
-    let rows = e_local * slots;
-    let flat_x = recv_x.reshape(&[rows, d.hidden])?;
-    let flat_s = match &recv_s {
-        Some(s) => Some(s.clone().reshape(&[rows, d.hidden / 128])?),
-        None => None,
-    };
-    let deq = dequant(&flat_x, flat_s.as_ref());
-    let mut y = vec![f32::NAN; deq.len()];
-    for (e, list) in out.handle.recv_src.iter().enumerate() {
-        let f = 1.0 + e as f32 / 4.0;
-        for j in 0..list.len().min(slots) {
-            let row = (e * slots + j) * d.hidden;
-            for c in 0..d.hidden {
-                y[row + c] = deq[row + c] * f;
-            }
-        }
-    }
-    let y = b.upload(&HostTensor::from_f32(
-        DType::BF16,
-        &[e_local, slots, d.hidden],
-        &y,
-    ))?;
+    let live = handle.recv_src.iter().enumerate().flat_map(|(e, list)| {
+        (0..list.len().min(slots)).map(move |j| (e * slots + j, 1.0 + e as f32 / 4.0))
+    });
+    let y = expert_rows(&recv_x, recv_s.as_ref(), e_local * slots, d.hidden, live)?;
+    drop((recv_x, recv_s));
+    let y = b.upload(&y.reshape(&[e_local, slots, d.hidden])?)?;
     let w = b.upload(&HostTensor::from_f32(
         DType::F32,
         &[d.tokens, d.topk],
@@ -522,7 +573,7 @@ fn low_latency_rank(
             x: &y,
             topk_idx: &idx,
             topk_weights: &w,
-            handle: &out.handle,
+            handle: &handle,
             out: &mut combined,
         },
     )?;

@@ -21,6 +21,7 @@
 //! ([`output`]), reports ([`super::report::write_all`]) and the exit status.
 
 pub mod child;
+pub mod gate;
 pub mod output;
 pub mod refcache;
 pub mod resume;
@@ -360,10 +361,13 @@ pub fn execute_some(
     if specs.is_empty() {
         return out;
     }
+    // Cases at once share the memory budget (a case alone was checked
+    // against it when built).
+    let gate = gate::MemoryGate::new(deepport_core::budget::MemoryBudget::global().bytes());
     std::thread::scope(|scope| {
         for _ in 0..opts.jobs.clamp(1, total.max(1)) {
             let tx = tx.clone();
-            let next = &next;
+            let (next, gate) = (&next, &gate);
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= total {
@@ -371,6 +375,7 @@ pub fn execute_some(
                 }
                 let k = pending[i];
                 let (b, spec) = (&backends[k / specs.len()], &specs[k % specs.len()]);
+                let ticket = gate.enter_case(spec);
                 on_start(k);
                 let r = if opts.isolate || isolate.contains(&k) {
                     child::run_isolated(spec, &b.name, &b.info, opts)
@@ -384,6 +389,7 @@ pub fn execute_some(
                         opts.timeout,
                     )
                 };
+                drop(ticket);
                 if tx.send((k, r)).is_err() {
                     break;
                 }

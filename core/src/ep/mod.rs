@@ -129,30 +129,43 @@ fn exchange(
     let me = comm.rank();
     let device = comm.device().filter(|d| d.accepts(backend));
     // Host-staged payload bytes, per payload, downloaded before the exchange
-    // so that a failed download is a local failure peers hear about.
-    let local = local.and_then(|out| {
+    // so that a failed download is a local failure peers hear about. Each
+    // copy of the payload is released as soon as the next exists (device
+    // rows → staged bytes → messages → received bytes → device rows): with
+    // DeepEP's shapes a payload is hundreds of megabytes per rank.
+    let local = local.and_then(|mut out| {
         if out.routing.len() != world || out.rows.len() != world {
             return Err(Error::Other(format!(
                 "{op}: internal: a plan for {} ranks in a group of {world}",
                 out.routing.len()
             )));
         }
+        let descs: Vec<(DType, Vec<usize>)> = out
+            .payloads
+            .iter()
+            .map(|t| (t.dtype(), t.shape().to_vec()))
+            .collect();
         let staged = match device {
             Some(_) => Vec::new(),
-            None => out
-                .payloads
-                .iter()
-                .map(|t| backend.download(t).map(HostTensor::into_bytes))
+            None => std::mem::take(&mut out.payloads)
+                .into_iter()
+                .map(|t| backend.download(&t).map(HostTensor::into_bytes))
                 .collect::<Result<Vec<_>>>()?,
         };
-        Ok((out, staged))
+        Ok((out, descs, staged))
     });
     let send: Vec<Vec<u8>> = match &local {
-        Ok((out, staged)) => {
+        Ok((out, descs, staged)) => {
             let mut first_row = 0usize;
             (0..world)
                 .map(|dst| {
-                    let mut w = Writer::default();
+                    let payload: usize = descs
+                        .iter()
+                        .map(|(dtype, shape)| 8 + out.rows[dst] * desc_row_bytes(*dtype, shape))
+                        .sum();
+                    let mut w = Writer::with_capacity(
+                        64 + 8 * out.params.len() + out.routing[dst].len() + payload,
+                    );
                     w.u8(OK);
                     w.u8(WIRE_VERSION);
                     w.u8(tag as u8);
@@ -164,8 +177,8 @@ fn exchange(
                     w.usize(out.rows[dst]);
                     w.usize(out.routing[dst].len());
                     w.bytes(&out.routing[dst]);
-                    for (t, bytes) in out.payloads.iter().zip(staged) {
-                        let row = row_bytes(t);
+                    for ((dtype, shape), bytes) in descs.iter().zip(staged) {
+                        let row = desc_row_bytes(*dtype, shape);
                         let (a, b) = (first_row * row, (first_row + out.rows[dst]) * row);
                         w.usize(b - a);
                         w.bytes(&bytes[a..b]);
@@ -181,9 +194,11 @@ fn exchange(
             vec![v; world]
         }
     };
+    // The messages hold the rows now.
+    let local = local.map(|(out, descs, _staged)| (out, descs));
     let recv = comm.all_to_all_v(send);
     // A local failure wins over anything the exchange reports.
-    let (out, _) = local?;
+    let (out, descs) = local?;
     let recv = recv?;
     if recv.len() != world {
         return Err(comm_err(
@@ -199,7 +214,8 @@ fn exchange(
         rows: Vec::with_capacity(world),
         payloads: Vec::new(),
     };
-    let mut staged_bytes: Vec<Vec<u8>> = vec![Vec::new(); out.payloads.len()];
+    // Where each message holds each payload: (offset, bytes).
+    let mut pieces: Vec<Vec<(usize, usize)>> = Vec::with_capacity(world);
     for (src, buf) in recv.iter().enumerate() {
         let mut rd = Reader::new(op, me, src, buf);
         match rd.u8()? {
@@ -257,16 +273,38 @@ fn exchange(
         let rlen = rd.count(1)?;
         inc.routing.push(rd.take(rlen)?.to_vec());
         inc.rows.push(rows);
+        let mut at = Vec::new();
         if staged {
-            for (t, acc) in out.payloads.iter().zip(&mut staged_bytes) {
+            for (dtype, shape) in &descs {
                 let n = rd.count(1)?;
-                if rows.checked_mul(row_bytes(t)) != Some(n) {
+                if rows.checked_mul(desc_row_bytes(*dtype, shape)) != Some(n) {
                     return Err(rd.malformed("payload size does not match its row count"));
                 }
-                acc.extend_from_slice(rd.take(n)?);
+                at.push((rd.pos(), n));
+                rd.take(n)?;
             }
         }
         rd.finish()?;
+        pieces.push(at);
+    }
+    // The received rows of each payload, concatenated in rank order, each
+    // message dropped once copied (sizes reserved exactly: no regrowth).
+    let mut staged_bytes: Vec<Vec<u8>> = Vec::with_capacity(descs.len());
+    for p in 0..descs.len() {
+        let n: usize = pieces.iter().filter_map(|at| at.get(p)).map(|a| a.1).sum();
+        let mut v = Vec::new();
+        v.try_reserve_exact(n).map_err(|_| {
+            comm_err(
+                me,
+                format!("{op}: cannot allocate {n} bytes for the received rows"),
+            )
+        })?;
+        staged_bytes.push(v);
+    }
+    for (buf, at) in recv.into_iter().zip(&pieces) {
+        for (acc, &(off, n)) in staged_bytes.iter_mut().zip(at) {
+            acc.extend_from_slice(&buf[off..off + n]);
+        }
     }
     let total: usize = inc.rows.iter().sum();
     match device {
@@ -277,14 +315,11 @@ fn exchange(
             }
         }
         None => {
-            for (t, bytes) in out.payloads.iter().zip(staged_bytes) {
-                let mut shape = t.shape().to_vec();
+            for ((dtype, shape), bytes) in descs.iter().zip(staged_bytes) {
+                let mut shape = shape.clone();
                 shape[0] = total;
-                inc.payloads.push(backend.upload(&HostTensor::from_bytes(
-                    t.dtype(),
-                    &shape,
-                    bytes,
-                )?)?);
+                inc.payloads
+                    .push(backend.upload(&HostTensor::from_bytes(*dtype, &shape, bytes)?)?);
             }
         }
     }
@@ -301,9 +336,10 @@ fn rows_and_scales(op: &'static str, payloads: Vec<Tensor>) -> Result<(Tensor, O
     Ok((rows, it.next()))
 }
 
-/// Bytes of one row (everything after the first dimension).
-fn row_bytes(t: &Tensor) -> usize {
-    t.shape().iter().skip(1).product::<usize>() * t.dtype().size()
+/// Bytes of one row of a tensor of `dtype` and `shape` (everything after
+/// the first dimension).
+fn desc_row_bytes(dtype: DType, shape: &[usize]) -> usize {
+    shape.iter().skip(1).product::<usize>() * dtype.size()
 }
 
 /// Experts per rank, or [`Error::Invalid`] unless `E` is a positive

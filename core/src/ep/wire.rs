@@ -9,6 +9,11 @@ use crate::error::{Error, Result};
 pub(crate) struct Writer(pub(crate) Vec<u8>);
 
 impl Writer {
+    /// A writer for a message of about `bytes` bytes (reserved at once, so
+    /// that a payload of hundreds of megabytes is not copied as it grows).
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        Writer(Vec::with_capacity(bytes))
+    }
     pub(crate) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
@@ -101,6 +106,10 @@ impl<'a> Reader<'a> {
             return Err(self.malformed("count exceeds message"));
         }
         Ok(n)
+    }
+    /// Bytes read so far.
+    pub(crate) fn pos(&self) -> usize {
+        self.pos
     }
     pub(crate) fn finish(&self) -> Result<()> {
         if self.pos == self.buf.len() {

@@ -2,10 +2,10 @@
 //! reduction of the expert-parallel combines.
 
 use super::ep::round_once;
-use crate::util::{f32s, host, put_f32, put_host};
+use crate::util::{f32s, host, put_f32};
 use deepport_core::ops::index::check_range;
 use deepport_core::ops::*;
-use deepport_core::{HostTensor, Result};
+use deepport_core::{Error, HostTensor, Result};
 
 /// Copies the window element by element through f32 (exact for every
 /// accepted source dtype), rounding once to the destination dtype. The
@@ -31,19 +31,28 @@ pub fn gather_rows(op: &mut Checked<GatherRows<'_>>) -> Result<()> {
     let (a, d) = op.parts();
     let idx = host(a.index)?;
     check_range(OP, "index", &idx, 0, d.src_rows as i64, Some(-1))?;
-    let src = host(a.src)?;
+    // In place: the rows can be hundreds of megabytes (expert-parallel
+    // payloads), so neither side is copied whole.
+    let src = crate::bytes_of(a.src)?;
     let row = d.row * a.src.dtype().size();
-    let mut out = vec![0u8; d.rows * row];
+    let out = crate::bytes_mut_of(a.dst)?;
+    if out.len() != d.rows * row {
+        return Err(Error::Other(format!(
+            "{OP}: internal: dst holds {} bytes, expected {}",
+            out.len(),
+            d.rows * row
+        )));
+    }
     for (i, &j) in idx.to_i64_vec().iter().enumerate() {
+        let dst = &mut out[i * row..(i + 1) * row];
         if j >= 0 {
             let j = j as usize;
-            out[i * row..(i + 1) * row].copy_from_slice(&src.bytes()[j * row..(j + 1) * row]);
+            dst.copy_from_slice(&src[j * row..(j + 1) * row]);
+        } else {
+            dst.fill(0);
         }
     }
-    put_host(
-        a.dst,
-        &HostTensor::from_bytes(a.dst.dtype(), a.dst.shape(), out)?,
-    )
+    Ok(())
 }
 
 /// `out[t] = round(Σ_j w[t,j]·src[index[t,j]])`, accumulated in f64 in `j`
@@ -54,7 +63,10 @@ pub fn reduce_rows(op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
     let idx = host(a.index)?;
     check_range(OP, "index", &idx, 0, d.src_rows as i64, Some(-1))?;
     let idx = idx.to_i64_vec();
-    let src = f32s(a.src)?;
+    // Rows are decoded one at a time: the source can be hundreds of
+    // megabytes (expert-parallel payloads), never widened whole.
+    let src = crate::bytes_of(a.src)?;
+    let (sdt, rb) = (a.src.dtype(), d.hidden * a.src.dtype().size());
     let w = a.weights.map(f32s).transpose()?;
     let (n, k, h) = (d.tokens, d.k, d.hidden);
     let dt = a.out.dtype();
@@ -68,8 +80,9 @@ pub fn reduce_rows(op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
                 continue;
             }
             let wt = w.as_ref().map_or(1.0, |w| w[t * k + j] as f64);
-            let row = &src[r as usize * h..(r as usize + 1) * h];
-            for (v, &x) in acc.iter_mut().zip(row) {
+            let bytes = &src[r as usize * rb..(r as usize + 1) * rb];
+            let row = HostTensor::from_bytes(sdt, &[h], bytes.to_vec())?.to_f32_vec();
+            for (v, &x) in acc.iter_mut().zip(&row) {
                 *v += wt * x as f64;
             }
         }

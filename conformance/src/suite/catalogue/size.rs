@@ -132,11 +132,33 @@ pub fn elements(family: &str, params: &ParamMap) -> Option<f64> {
         "ep" => {
             let (r, e, t, k) = (i("ranks"), i("experts"), i("tokens"), i("topk"));
             let hidden = p.opt_int("hidden").ok().flatten().unwrap_or(128) as f64;
-            let max_t = i("max_tokens");
-            // Per rank: its tokens, what it receives (each token at most
-            // once per rank, or top-k slots), the combined output, and the
-            // low-latency receive buffers (local experts × ranks × max).
-            r * (t * hidden * (2.0 + r) + t * k * 2.0 + e * max_t * hidden + r * e)
+            // The chance that a token's k distinct experts include one of
+            // a given rank's E/R: the expected share of each rank's tokens
+            // that every rank receives in a dispatch.
+            let others = e - e / r.max(1.0);
+            let miss = (0..k as u64).fold(1.0, |m, j| {
+                let j = j as f64;
+                if e - j <= 0.0 {
+                    0.0
+                } else {
+                    m * ((others - j).max(0.0) / (e - j))
+                }
+            });
+            // Received rows per rank, and how many copies of them a case
+            // holds at its peak, measured on `cpu` with DeepEP's 8-rank
+            // shapes (all ranks run at once; charged in 4-byte units, the
+            // rows are bf16 or FP8): a dispatch holds five bf16 copies
+            // while the reference's combine runs next to the backend's
+            // received rows (staging, messages, the expert's output); a
+            // low-latency case two of its receive buffer (local experts ×
+            // ranks × max = experts × max per rank), with a margin.
+            let recv = match p.opt_text("op").ok().flatten() {
+                Some("dispatch") => 2.5 * t * r * (1.0 - miss) * hidden,
+                Some("low_latency") => 1.25 * e * i("max_tokens") * hidden,
+                _ => 0.0,
+            };
+            // Per rank: its tokens, the combined output, routing, layouts.
+            r * (t * hidden * 2.0 + t * k * 2.0 + recv + r * e)
         }
         f if FROM_FILES.contains(&f) => return None,
         // Unknown here: the builder reports an unknown family.
@@ -249,6 +271,34 @@ mod tests {
             sizes.last().is_some_and(|l| l.0 > 0),
             "no case was estimated"
         );
+    }
+
+    #[test]
+    fn ep_estimates_cover_the_measured_peaks() {
+        // Peak RSS of `deepport run --backend cpu` (reference included) on
+        // the largest expert-parallel cases, measured with /usr/bin/time:
+        // the estimate must not be below them, or the budget check lets
+        // through cases that cannot run.
+        let specs = crate::suite::catalogue::load(&crate::suite::catalogue::default_dir())
+            .expect("the catalogue loads");
+        let measured = [
+            (
+                "ep(op=dispatch,ranks=8,experts=256,tokens=4096,topk=8,hidden=7168,payload=bf16,",
+                13_010_468u64 << 10,
+            ),
+            (
+                "ep(op=low_latency,ranks=8,experts=288,tokens=128,topk=8,hidden=7168,payload=bf16,",
+                8_004_992 << 10,
+            ),
+        ];
+        for (prefix, peak) in measured {
+            let spec = specs
+                .iter()
+                .find(|s| s.id.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no case {prefix}"));
+            let est = estimate(spec).expect("estimated");
+            assert!(est >= peak, "{}: estimate {est} < measured {peak}", spec.id);
+        }
     }
 
     fn spec_of(kv: &[(&str, u64)]) -> CaseSpec {

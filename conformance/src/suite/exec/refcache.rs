@@ -55,6 +55,8 @@ pub fn checksum(outputs: &Outputs) -> u64 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefCache {
     dir: Option<PathBuf>,
+    /// Entries larger than this many bytes are not stored.
+    max_entry: u64,
 }
 
 /// What a lookup found (for tests and messages).
@@ -72,17 +74,34 @@ pub enum Lookup {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// References larger than this are computed each time, not stored: a
+/// multi-gigabyte entry costs more disk and memory (it is serialized in
+/// one buffer) than it saves.
+pub const MAX_ENTRY_BYTES: u64 = 1 << 30;
+
 impl RefCache {
     /// A cache in `dir` (created on first store).
     pub fn at(dir: impl Into<PathBuf>) -> RefCache {
         RefCache {
             dir: Some(dir.into()),
+            max_entry: MAX_ENTRY_BYTES,
         }
     }
 
     /// No caching: every reference is computed.
     pub fn disabled() -> RefCache {
-        RefCache { dir: None }
+        RefCache {
+            dir: None,
+            max_entry: MAX_ENTRY_BYTES,
+        }
+    }
+
+    /// The same cache, storing only entries of at most `bytes`.
+    pub fn with_max_entry(self, bytes: u64) -> RefCache {
+        RefCache {
+            max_entry: bytes,
+            ..self
+        }
     }
 
     /// The cache directory, if enabled.
@@ -212,6 +231,12 @@ impl RefCache {
         };
         let out = compute();
         if let Ok(o) = &out {
+            let bytes: u64 = o.values().map(|t| t.bytes().len() as u64).sum();
+            if bytes > self.max_entry {
+                // Recomputing is cheaper than storing (and serializing in
+                // memory) gigabytes: DeepEP's 8-rank shapes.
+                return (out, lookup);
+            }
             if let Err(e) = self.write(spec, o) {
                 eprintln!("warning: cannot store the reference of {}: {e}", spec.id);
             }
@@ -293,6 +318,29 @@ mod tests {
         assert_ne!(base, checksum(&o), "a dtype");
         // Known FNV-1a value: "a" hashes to 0xaf63dc4c8601ec8c.
         assert_eq!(fnv1a(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn large_entries_are_computed_each_time() {
+        let dir = scratch("large");
+        let s = spec("add(n=4)", 7);
+        let size: u64 = outputs(3.0).values().map(|t| t.bytes().len() as u64).sum();
+        let calls = Cell::new(0);
+        let compute = || {
+            calls.set(calls.get() + 1);
+            Ok(outputs(3.0))
+        };
+        let small = RefCache::at(&dir).with_max_entry(size - 1);
+        for _ in 0..2 {
+            let (o, l) = small.get_or_compute(&s, compute);
+            assert_eq!((o.unwrap(), l), (outputs(3.0), Lookup::Miss));
+        }
+        assert_eq!(calls.get(), 2, "an entry over the limit is not stored");
+        let fits = RefCache::at(&dir).with_max_entry(size);
+        fits.get_or_compute(&s, compute);
+        let (_, l) = fits.get_or_compute(&s, compute);
+        assert_eq!((l, calls.get()), (Lookup::Hit, 3));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
