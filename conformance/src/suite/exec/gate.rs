@@ -86,7 +86,7 @@ mod tests {
             }
         });
         let p = peak.load(Ordering::SeqCst);
-        assert!(p <= 10 && p >= 6, "peak {p}");
+        assert!((6..=10).contains(&p), "peak {p}");
         assert_eq!(gate.in_use(), 0);
     }
 

@@ -337,7 +337,7 @@ mod tests {
         }
         assert_eq!(calls.get(), 2, "an entry over the limit is not stored");
         let fits = RefCache::at(&dir).with_max_entry(size);
-        fits.get_or_compute(&s, compute);
+        let _ = fits.get_or_compute(&s, compute);
         let (_, l) = fits.get_or_compute(&s, compute);
         assert_eq!((l, calls.get()), (Lookup::Hit, 3));
         let _ = std::fs::remove_dir_all(&dir);
