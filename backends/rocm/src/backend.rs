@@ -193,11 +193,18 @@ pub fn support_of(op: OpKind) -> Support {
     }
 }
 
-/// Every local op, forwarded to the CUDA backend's op glue.
+/// The op glue: the CUDA backend's, but the MFMA paths of this backend
+/// where it has them.
+mod glue {
+    pub use crate::mfma::fp8_gemm;
+    pub use deepport_cuda::ops::glue::*;
+}
+
+/// Every local op, forwarded to its glue.
 macro_rules! forward_local_ops {
     ([] $($kind:ident => $method:ident),* $(,)?) => {$(
         fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
-            deepport_cuda::ops::glue::$method(&self.cx, op)
+            glue::$method(&self.cx, op)
         }
     )*};
 }

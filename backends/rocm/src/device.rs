@@ -410,7 +410,7 @@ mod tests {
         for want in [
             "sm_rms_norm",
             "quant_act",
-            "gemm_fp8_tiled",
+            "fp8_gemm_mfma",
             "gemm_plain_tiled",
             "mla_decode_split",
             "rw_embedding",

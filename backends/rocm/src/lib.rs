@@ -45,6 +45,7 @@ mod fake;
 pub mod fp8;
 pub mod hip;
 pub mod hiprtc;
+pub mod mfma;
 #[allow(unsafe_code)]
 pub mod runtime;
 
