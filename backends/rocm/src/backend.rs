@@ -35,6 +35,10 @@ impl RocmStorage {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+    /// The device ordinal (`rocm:N`).
+    pub fn device(&self) -> usize {
+        self.device
+    }
 }
 
 impl Drop for RocmStorage {

@@ -46,6 +46,7 @@ pub mod fp8;
 pub mod hip;
 pub mod hiprtc;
 pub mod mfma;
+pub mod rccl;
 #[allow(unsafe_code)]
 pub mod runtime;
 
