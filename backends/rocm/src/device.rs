@@ -423,6 +423,11 @@ mod tests {
             assert!(x.smem <= 64 * 1024, "{x:?}");
             assert!(x.params > 0 && x.grid.0 * x.grid.1 * x.grid.2 > 0, "{x:?}");
         }
+        // Every local op launched at least one kernel: its glue ran.
+        let mut kinds: Vec<&str> = l.iter().map(|l| l.entry.as_str()).collect();
+        kinds.sort();
+        kinds.dedup();
+        assert!(kinds.len() >= 20, "{kinds:?}");
         // Each source is loaded once per instance, however often it runs.
         let loaded = fake.modules_loaded();
         assert!(loaded >= 4, "{loaded} modules");

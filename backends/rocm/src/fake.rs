@@ -222,7 +222,7 @@ fn ids(b: &Rocm, shape: &[usize], v: &[i32]) -> Tensor {
     b.upload(&HostTensor::from_i32(shape, v)).unwrap()
 }
 
-/// Runs a spread of ops (every op family, both FP8 formats) through the
+/// Runs every local op (both FP8 formats, both MLA prefill forms) through the
 /// CUDA glue on `b`; returns the errors of those that failed.
 pub fn run_ops(b: &Rocm) -> Vec<String> {
     let mut errs = Vec::new();
@@ -353,6 +353,183 @@ pub fn run_ops(b: &Rocm) -> Vec<String> {
             },
         ),
     );
+    let mut red = b.alloc(DType::BF16, &[2, k]).unwrap();
+    let ridx = ids(b, &[2, 2], &[0, 1, 3, -1]);
+    note(
+        "reduce_rows",
+        run(
+            b,
+            ReduceRows {
+                src: &x,
+                index: &ridx,
+                weights: None,
+                out: &mut red,
+            },
+        ),
+    );
+    let mut win = b.alloc(DType::BF16, &[8, k]).unwrap();
+    note(
+        "copy_window",
+        run(
+            b,
+            CopyWindow {
+                src: &x,
+                dst: &mut win,
+                src_origin: (1, 0),
+                dst_origin: (2, 128),
+                size: (3, 200),
+            },
+        ),
+    );
+    let pos = ids(b, &[m], &[0, 1, 2, 3, 4]);
+    let xr = up(b, DType::BF16, &[m, 4, 64]);
+    let mut yr = b.alloc(DType::BF16, &[m, 4, 64]).unwrap();
+    note(
+        "rope",
+        run(
+            b,
+            Rope {
+                x: &xr,
+                positions: &pos,
+                y: &mut yr,
+                config: RopeConfig::default(),
+            },
+        ),
+    );
+    let experts = 64;
+    let gw = up(b, DType::BF16, &[experts, k]);
+    let bias = up(b, DType::F32, &[experts]);
+    let mut tk = b.alloc(DType::I64, &[m, 8]).unwrap();
+    let mut tw = b.alloc(DType::F32, &[m, 8]).unwrap();
+    note(
+        "moe_gate",
+        run(
+            b,
+            MoeGate {
+                x: &x,
+                weight: &gw,
+                bias: Some(&bias),
+                topk_idx: &mut tk,
+                topk_weights: &mut tw,
+                n_group: 8,
+                topk_group: 4,
+                topk: 8,
+                route_scale: 2.5,
+            },
+        ),
+    );
+    let mut per_rank = b.alloc(DType::I32, &[4]).unwrap();
+    let mut per_expert = b.alloc(DType::I32, &[experts]).unwrap();
+    let mut in_rank = b.alloc(DType::Bool, &[m, 4]).unwrap();
+    note(
+        "get_dispatch_layout",
+        run(
+            b,
+            GetDispatchLayout {
+                topk_idx: &tk,
+                num_tokens_per_rank: &mut per_rank,
+                num_tokens_per_expert: &mut per_expert,
+                is_token_in_rank: &mut in_rank,
+                num_experts: experts,
+                world_size: 4,
+            },
+        ),
+    );
+    // Grouped GEMMs: 3 groups; contiguous rows tagged per group (-1 pads).
+    let g = 3;
+    let gb = up(b, DType::BF16, &[g, n, k]);
+    let mi = ids(b, &[m], &[0, 0, 2, -1, 1]);
+    let mut gd = b.alloc(DType::BF16, &[m, n]).unwrap();
+    note(
+        "gemm_grouped_contiguous",
+        run(
+            b,
+            GemmGroupedContiguous {
+                a: &x,
+                b: &gb,
+                m_indices: &mi,
+                d: &mut gd,
+            },
+        ),
+    );
+    let xm = up(b, DType::BF16, &[g, m, k]);
+    let mm = ids(b, &[g], &[5, 0, 3]);
+    let mut md = b.alloc(DType::BF16, &[g, m, n]).unwrap();
+    note(
+        "gemm_grouped_masked",
+        run(
+            b,
+            GemmGroupedMasked {
+                a: &xm,
+                b: &gb,
+                masked_m: &mm,
+                d: &mut md,
+            },
+        ),
+    );
+    for fp8 in [DType::F8E4M3, DType::F8E4M3Fnuz] {
+        let kb = k.div_ceil(128);
+        let qa = b.alloc(fp8, &[m, k]).unwrap();
+        let sa = up(b, DType::F32, &[m, kb]);
+        let qb = b.alloc(fp8, &[g, n, k]).unwrap();
+        let sb = up(b, DType::F32, &[g, n.div_ceil(128), kb]);
+        note(
+            "fp8_grouped_contiguous",
+            run(
+                b,
+                Fp8GroupedContiguous {
+                    a: &qa,
+                    sa: &sa,
+                    b: &qb,
+                    sb: &sb,
+                    m_indices: &mi,
+                    d: &mut gd,
+                },
+            ),
+        );
+        let qam = b.alloc(fp8, &[g, m, k]).unwrap();
+        let sam = up(b, DType::F32, &[g, m, kb]);
+        note(
+            "fp8_grouped_masked",
+            run(
+                b,
+                Fp8GroupedMasked {
+                    a: &qam,
+                    sa: &sam,
+                    b: &qb,
+                    sb: &sb,
+                    masked_m: &mm,
+                    d: &mut md,
+                },
+            ),
+        );
+    }
+    // MLA prefill, both forms: T = 5 queries over S = 7 latent rows.
+    let (t, s_len, heads, dn, dr, dc, dvh) = (5, 7, 2, 128, 64, 512, 128);
+    let qn = up(b, DType::BF16, &[t, heads, dn]);
+    let qp = up(b, DType::BF16, &[t, heads, dr]);
+    let lat = up(b, DType::BF16, &[s_len, dc]);
+    let kp = up(b, DType::BF16, &[s_len, dr]);
+    let wkv = up(b, DType::BF16, &[heads * (dn + dvh), dc]);
+    for form in [MlaForm::Naive, MlaForm::Absorbed] {
+        let mut po = b.alloc(DType::BF16, &[t, heads, dvh]).unwrap();
+        note(
+            "mla_prefill",
+            run(
+                b,
+                MlaPrefill {
+                    q_nope: &qn,
+                    q_pe: &qp,
+                    latent: &lat,
+                    k_pe: &kp,
+                    wkv_b: &wkv,
+                    out: &mut po,
+                    softmax_scale: 0.07,
+                    form,
+                },
+            ),
+        );
+    }
     let (bsz, h, dk, dv, bs, blocks) = (2, 16, 576, 512, 64, 3);
     let q = up(b, DType::BF16, &[bsz, 1, h, dk]);
     let kc = up(b, DType::BF16, &[6, bs, 1, dk]);
