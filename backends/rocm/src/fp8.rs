@@ -13,6 +13,10 @@
 //! The two bytes that do not carry over: OCP −0 (`0x80`) is NaN in fnuz,
 //! so it becomes +0 (`0x00`, the same dequantized value); OCP NaN
 //! (`0x7f`/`0xff`) becomes fnuz NaN (`0x80`).
+//!
+//! The other way ([`fnuz_to_ocp`], an MI300 checkpoint on another arch):
+//! each value re-encoded in OCP with the scales unchanged, exact but for
+//! 16 tiny bytes (|v| < 2^-6) that round by at most 2^-10.
 
 use deepport_core::{DType, Error, HostTensor, Result};
 
@@ -114,8 +118,52 @@ pub fn ocp_to_fnuz(weight: &HostTensor, scale: &HostTensor) -> Result<(HostTenso
     }
 }
 
+/// Converts an e4m3fnuz weight (an MI300 checkpoint) to OCP e4m3 for the
+/// other archs, scales unchanged: every fnuz value is re-encoded as the
+/// OCP byte of the same value (fnuz's range, ±240, lies inside OCP's).
+/// Exact for every byte but the eight odd multiples of 2^-10 below 2^-6
+/// on each side (fnuz's subnormals and smallest binade have a step of
+/// 2^-10; OCP's step there is 2^-9), which round to the nearest even OCP
+/// value, as `formats::f32_to_e4m3` rounds; `0x80`
+/// (NaN) becomes `0x7f`. Returns the weight and how many bytes were
+/// rounded. An OCP weight is returned unchanged.
+pub fn fnuz_to_ocp(weight: &HostTensor) -> Result<(HostTensor, usize)> {
+    use deepport_core::formats::{e4m3_to_f32, e4m3fnuz_to_f32, f32_to_e4m3};
+    match weight.dtype() {
+        DType::F8E4M3 => Ok((weight.clone(), 0)),
+        DType::F8E4M3Fnuz => {
+            let mut rounded = 0;
+            let bytes: Vec<u8> = weight
+                .bytes()
+                .iter()
+                .map(|&b| {
+                    let v = e4m3fnuz_to_f32(b);
+                    if v.is_nan() {
+                        return 0x7f;
+                    }
+                    let o = f32_to_e4m3(v);
+                    if e4m3_to_f32(o) != v {
+                        rounded += 1;
+                    }
+                    o
+                })
+                .collect();
+            Ok((
+                HostTensor::from_bytes(DType::F8E4M3, weight.shape(), bytes)?,
+                rounded,
+            ))
+        }
+        other => Err(invalid(
+            "weight",
+            format!("dtype {other} is not e4m3 (expected e4m3 or e4m3fnuz)"),
+        )),
+    }
+}
+
 /// A weight and its scales in the FP8 format of a device of architecture
-/// `gfx`: converted to e4m3fnuz on gfx94x, unchanged elsewhere.
+/// `gfx`: an OCP weight becomes e4m3fnuz on gfx94x (exact, scales
+/// doubled); an e4m3fnuz weight becomes OCP elsewhere (scales unchanged;
+/// see [`fnuz_to_ocp`] for the 16 bytes that round).
 pub fn for_device(
     gfx: &str,
     weight: &HostTensor,
@@ -124,7 +172,7 @@ pub fn for_device(
     if is_fnuz_arch(gfx) {
         ocp_to_fnuz(weight, scale)
     } else {
-        Ok((weight.clone(), scale.clone()))
+        Ok((fnuz_to_ocp(weight)?.0, scale.clone()))
     }
 }
 
@@ -197,6 +245,50 @@ mod tests {
     }
 
     #[test]
+    fn fnuz_checkpoints_become_ocp_with_the_same_values() {
+        use deepport_core::formats::{e4m3_to_f32, e4m3fnuz_to_f32};
+        let w = HostTensor::from_bytes(DType::F8E4M3Fnuz, &[256], (0..=255u8).collect()).unwrap();
+        let (o, rounded) = fnuz_to_ocp(&w).unwrap();
+        assert_eq!(o.dtype(), DType::F8E4M3);
+        let mut off = Vec::new();
+        for b in 0..=255u8 {
+            let (before, after) = (e4m3fnuz_to_f32(b), e4m3_to_f32(o.bytes()[b as usize]));
+            if before.is_nan() {
+                assert!(after.is_nan());
+            } else if before != after {
+                assert!((before - after).abs() <= 2f32.powi(-10), "{b:#x}");
+                off.push(b);
+            }
+        }
+        // Exactly the odd multiples of 2^-10 below 2^-6, both signs.
+        let want: Vec<u8> = (0..8u8)
+            .map(|i| 2 * i + 1)
+            .chain((0..8u8).map(|i| 0x81 + 2 * i))
+            .collect();
+        assert_eq!(off, want);
+        assert_eq!(rounded, off.len());
+        // 240 stays 240; fnuz NaN becomes OCP NaN.
+        assert_eq!(e4m3_to_f32(o.bytes()[0x7f]), 240.0);
+        assert_eq!(o.bytes()[0x80], 0x7f);
+        // Round trip OCP -> fnuz -> OCP (scales doubled, then unchanged):
+        // every finite value back, -0 as +0.
+        let ocp = HostTensor::from_bytes(DType::F8E4M3, &[256], (0..=255u8).collect()).unwrap();
+        let s = HostTensor::from_f32(DType::F32, &[1], &[1.0]);
+        let (f, s2) = ocp_to_fnuz(&ocp, &s).unwrap();
+        let (back, _) = fnuz_to_ocp(&f).unwrap();
+        for b in 0..=255u8 {
+            let v = e4m3_to_f32(b);
+            let w = e4m3_to_f32(back.bytes()[b as usize]) * s2.to_f32_vec()[0];
+            assert!(
+                v.is_nan() && w.is_nan()
+                    || v == w
+                    || (v.abs() < 2f32.powi(-5) && (v - w).abs() <= 2f32.powi(-9)),
+                "{b:#x}: {v} vs {w}"
+            );
+        }
+    }
+
+    #[test]
     fn follows_the_arch() {
         assert!(is_fnuz_arch("gfx942:sramecc+:xnack-") && is_fnuz_arch("gfx940"));
         assert!(!is_fnuz_arch("gfx950") && !is_fnuz_arch("gfx90a"));
@@ -205,6 +297,10 @@ mod tests {
         let w = HostTensor::from_bytes(DType::F8E4M3, &[1], vec![0x80]).unwrap();
         let s = HostTensor::from_f32(DType::F32, &[1], &[1.0]);
         assert_eq!(for_device("gfx950", &w, &s).unwrap().0.bytes(), &[0x80]);
+        let wf = HostTensor::from_bytes(DType::F8E4M3Fnuz, &[1], vec![0x7f]).unwrap();
+        let (o, so) = for_device("gfx950", &wf, &s).unwrap();
+        assert_eq!((o.dtype(), o.to_f32_vec()[0]), (DType::F8E4M3, 240.0));
+        assert_eq!(so.to_f32_vec(), vec![1.0]);
         assert_eq!(for_device("gfx942", &w, &s).unwrap().0.bytes(), &[0x00]);
         let bad = HostTensor::from_f32(DType::F32, &[1], &[1.0]);
         assert!(ocp_to_fnuz(&bad, &s).is_err());
