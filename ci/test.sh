@@ -133,6 +133,14 @@ for arch in sm_90a sm_80; do
     kernels --backend cuda --arch "$arch" --out "target/kernels/$arch"
 done
 
+# The rocm code objects, compiled by hiprtc (ROCm 5.2) without a GPU
+# (.hsaco and manifest.json under target/kernels/GFX).
+for arch in gfx90a gfx908; do
+  log "deepport kernels --backend rocm --arch $arch"
+  cargo run --locked --quiet -p deepport-conformance -- \
+    kernels --backend rocm --arch "$arch" --out "target/kernels/$arch"
+done
+
 # Every fuzz target of fuzz/ (its own workspace) for a bounded time on a
 # seed corpus of real files: stable Rust with libFuzzer's coverage
 # instrumentation (fuzz/run.sh says how). A finding fails CI and leaves the

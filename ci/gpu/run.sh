@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # deepport on a GPU machine: the one command a machine with a Hopper GPU
-# (or, later, an AMD Instinct) runs, in under 10 minutes.
+# (or an AMD Instinct: `ci/gpu/run.sh rocm`) runs, in under 10 minutes.
 #
 #   ci/gpu/run.sh [BACKEND] [OUT]
 #
-#   BACKEND  cuda (default; later rocm; any other backend of `deepport
+#   BACKEND  cuda (default) or rocm (any other backend of `deepport
 #            list` runs the same steps without the device ones, which is
 #            how the script itself is checked on a machine without a GPU)
 #   OUT      output directory (default target/gpu/BACKEND-<UTC time>)
@@ -14,8 +14,9 @@
 #             prebuilt `deepport`, e.g. on a machine without crates.io)
 #   device    nvidia-smi (or rocm-smi) and `deepport --version`
 #   list      deepport list --json: the backend must be available
-#   kernels   deepport kernels for the device's architecture (PTX, cubin,
-#             manifest.json under OUT/kernels; cuda only)
+#   kernels   deepport kernels for the device's architecture (cuda: PTX,
+#             cubin; rocm: .hsaco code objects for the gfx name rocminfo
+#             reports; manifest.json under OUT/kernels)
 #   mustpass  deepport run --profile v3-mustpass --report OUT/mustpass,
 #             then deepport verify on it (a V3 claim: no Fail, no
 #             NotSupported)
@@ -115,6 +116,10 @@ if [ "$backend" = cuda ]; then
   esac
 elif [ "$backend" = rocm ]; then
   step device 30 bash -c "rocm-smi && '$bin' --version"
+  # The first GPU agent's gfx name (gfx90a, gfx942, …), as hiprtc gets it;
+  # DEEPPORT_HIP_ARCH (which the backend also honours) wins.
+  arch="${DEEPPORT_HIP_ARCH:-$(rocminfo 2>/dev/null | grep -o -m 1 'gfx[0-9a-f]*' || true)}"
+  arch="${arch:-gfx90a}"
 else
   step device 30 "$bin" --version
 fi
@@ -142,7 +147,7 @@ export bin out backend
 step list 60 bash -c list_check
 
 # --- kernels, compiled for this device (what the backend will load)
-if [ "$backend" = cuda ]; then
+if [ "$backend" = cuda ] || [ "$backend" = rocm ]; then
   step kernels 60 "$bin" kernels --backend "$backend" --arch "$arch" --out "$out/kernels"
 else
   skip kernels "no $backend kernel compiler in deepport kernels yet"

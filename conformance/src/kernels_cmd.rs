@@ -12,11 +12,21 @@ use std::path::PathBuf;
 pub const LONG_ABOUT: &str =
     "Compile every kernel source of a GPU backend for one architecture with \
 the backend's run-time compiler, as the backend does on a device, but with no GPU: \
-NVRTC for `cuda`. Writes, under --out DIR, `<source>.<arch>.ptx` and `<source>.<arch>.cubin` \
+NVRTC for `cuda`, hiprtc for `rocm`. For `cuda` it writes, under --out DIR, `<source>.<arch>.ptx` and `<source>.<arch>.cubin` \
 (<source> without `.cu`) for each source that applies to the architecture (sm_90a: the \
 portable sources and the Hopper ones; sm_80, sm_86, sm_89, sm_90, …: the portable ones) and \
 `manifest.json` (backend, arch, compiler version and library, and per source: its target, \
 entry points, files and sizes, and the compiler's log).
+
+For `rocm` (--arch gfx90a, gfx908, gfx942, …) it writes `<source>.<arch>.hsaco` (the AMD code \
+object hiprtc returns, what hipModuleLoadData loads) for the portable CUDA sources compiled \
+with -DDP_HIP (wavefront 64) plus the ROCm-only MFMA sources where the architecture has \
+them (gfx90a, gfx94x, gfx950), and `manifest.json`. Each code object must be for the \
+architecture asked, define exactly the kernels its source declares, and use wavefront 64. \
+hiprtc comes from $DEEPPORT_HIPRTC_LIB, libhiprtc.so*, or the HIP runtime ($DEEPPORT_HIP_LIB, \
+libamdhip64.so*: ROCm 5.x keeps hiprtc there; Debian: libamdhip64-dev). ROCm 5's hiprtc \
+cannot compile gfx94x/gfx950 (it aborts), so those fail with the reason unless ROCm is 6 or \
+newer.
 
 Every source is compiled even when one fails; each PTX must define exactly the entry points \
 its source declares.
@@ -25,7 +35,7 @@ NVRTC is found through $DEEPPORT_NVRTC (a path to libnvrtc.so.*), else the dynam
 (libnvrtc.so.13, libnvrtc.so.12, libnvrtc.so; LD_LIBRARY_PATH), $CUDA_HOME/lib64, and the \
 PyPI wheels (`pip install nvidia-cuda-nvrtc-cu12`) of any python3 on PATH.
 
-Exit status: 0 when every source compiled; 1 when NVRTC cannot be loaded (the message names \
+Exit status: 0 when every source compiled; 1 when NVRTC (hiprtc) cannot be loaded (the message names \
 every place tried) or a source failed to compile (its NVRTC log is printed); 2 for a usage \
 error (unknown backend or architecture).";
 
@@ -33,14 +43,16 @@ error (unknown backend or architecture).";
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:
   deepport kernels --backend cuda --arch sm_90a --out target/kernels/sm_90a
-  DEEPPORT_NVRTC=/path/to/libnvrtc.so.12 deepport kernels --arch sm_80 --out k80")]
+  DEEPPORT_NVRTC=/path/to/libnvrtc.so.12 deepport kernels --arch sm_80 --out k80
+  deepport kernels --backend rocm --arch gfx90a --out target/kernels/gfx90a")]
 pub struct KernelsArgs {
-    /// The backend whose kernels to compile (today only `cuda`; `rocm`
-    /// will compile the portable sources with hiprtc).
+    /// The backend whose kernels to compile: `cuda` (NVRTC) or `rocm`
+    /// (hiprtc).
     #[arg(long, default_value = "cuda")]
     pub backend: String,
     /// Target architecture: sm_90a (Hopper: every source), or sm_80,
-    /// sm_86, sm_87, sm_89, sm_90, sm_100, sm_120 (the portable sources).
+    /// sm_86, sm_87, sm_89, sm_90, sm_100, sm_120 (the portable sources);
+    /// for rocm a gfx name (gfx90a, gfx908, gfx942, …).
     #[arg(long, default_value = "sm_90a")]
     pub arch: String,
     /// Directory to write the PTX, cubins and manifest.json to (created).
@@ -52,13 +64,9 @@ pub struct KernelsArgs {
 pub fn run(a: &KernelsArgs) -> Result<bool, CliError> {
     match a.backend.as_str() {
         "cuda" => cuda(a),
-        "rocm" => Err(CliError::usage(
-            "backend `rocm` has no kernel compiler yet (it will compile the portable \
-             sources with hiprtc); only `cuda` has kernels today",
-        )),
+        "rocm" => rocm(a),
         other => Err(CliError::usage(format!(
-            "backend `{other}` has no kernels to compile; only `cuda` has kernels today \
-             (`rocm` later)"
+            "backend `{other}` has no kernels to compile; only `cuda` and `rocm` have kernels"
         ))),
     }
 }
@@ -175,6 +183,131 @@ fn cuda(a: &KernelsArgs) -> Result<bool, CliError> {
         sources.len() - failed.len(),
         failed.len(),
         a.arch,
+        a.out.display()
+    );
+    Ok(failed.is_empty())
+}
+
+#[cfg(not(feature = "rocm"))]
+fn rocm(_a: &KernelsArgs) -> Result<bool, CliError> {
+    Err(CliError::Failed(Error::Other(
+        "this build of deepport has no rocm backend (cargo feature `rocm`)".into(),
+    )))
+}
+
+/// `deepport kernels --backend rocm`: every source that runs on `a.arch`
+/// (the portable CUDA sources, and the MFMA ones where the arch has
+/// them), compiled by hiprtc, checked and written as `.hsaco`.
+#[cfg(feature = "rocm")]
+fn rocm(a: &KernelsArgs) -> Result<bool, CliError> {
+    use deepport_rocm::{elf, hiprtc, mfma};
+    use serde_json::json;
+
+    let gfx = a.arch.as_str();
+    let base = gfx.split(':').next().unwrap_or(gfx);
+    let is_gfx = base
+        .strip_prefix("gfx")
+        .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_hexdigit()));
+    if !is_gfx {
+        return Err(CliError::usage(format!(
+            "`{gfx}` is not an AMD GPU architecture for backend rocm (expected a gfx name: \
+             {}, …)",
+            hiprtc::KNOWN_ARCHS.join(", ")
+        )));
+    }
+    let version = hiprtc::probe().map_err(|reason| {
+        CliError::Failed(Error::Unavailable {
+            backend: "rocm".into(),
+            reason: format!("hiprtc cannot be loaded: {reason}"),
+        })
+    })?;
+    let mut sources = deepport_rocm::sources();
+    sources.extend(mfma::sources_for(gfx));
+    let io = |path: &std::path::Path, source: std::io::Error| {
+        CliError::Failed(Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    std::fs::create_dir_all(&a.out).map_err(|e| io(&a.out, e))?;
+    eprintln!(
+        "compiling {} rocm kernel sources for {gfx} with {version}",
+        sources.len()
+    );
+    let mut entries = Vec::new();
+    let mut failed = Vec::new();
+    for s in &sources {
+        let stem = s.name.strip_suffix(".cu").unwrap_or(s.name);
+        let checked = hiprtc::compile(s.name, s.text, gfx).and_then(|c| {
+            let co = elf::parse(&c.code)?;
+            let mut want: Vec<String> = s.entries.iter().map(|e| e.to_string()).collect();
+            want.sort();
+            let bad = |m: String| Error::Other(format!("{}: {m}", s.name));
+            if co.gfx != Some(base) {
+                return Err(bad(format!(
+                    "code object is for mach {:#x} ({:?}), not {base}",
+                    co.mach, co.gfx
+                )));
+            }
+            if co.kernels != want {
+                return Err(bad(format!(
+                    "kernels {:?}, declared entries {want:?}",
+                    co.kernels
+                )));
+            }
+            if co.wavefront_sizes.len() != want.len() || co.wavefront_sizes.iter().any(|&w| w != 64)
+            {
+                return Err(bad(format!(
+                    "wavefront sizes {:?} (the kernels need 64)",
+                    co.wavefront_sizes
+                )));
+            }
+            Ok(c)
+        });
+        let c = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("FAILED {}: {e}", s.name);
+                failed.push(json!({"source": s.name, "error": e.to_string()}));
+                continue;
+            }
+        };
+        let file = format!("{stem}.{gfx}.hsaco");
+        let path = a.out.join(&file);
+        std::fs::write(&path, &c.code).map_err(|e| io(&path, e))?;
+        println!(
+            "ok {}: {} entries, code object {} bytes",
+            s.name,
+            s.entries.len(),
+            c.code.len()
+        );
+        if !c.log.trim().is_empty() {
+            eprintln!("{}: hiprtc log:\n{}", s.name, c.log.trim_end());
+        }
+        entries.push(json!({
+            "source": s.name,
+            "entries": s.entries,
+            "code_object": file,
+            "bytes": c.code.len(),
+            "log": c.log,
+        }));
+    }
+    let manifest = json!({
+        "backend": "rocm",
+        "arch": gfx,
+        "compiler": version,
+        "options": hiprtc::options(gfx),
+        "sources": entries,
+        "failed": failed,
+    });
+    let path = a.out.join("manifest.json");
+    let text = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| CliError::Failed(Error::Other(e.to_string())))?;
+    std::fs::write(&path, text + "\n").map_err(|e| io(&path, e))?;
+    println!(
+        "kernels: {} compiled, {} failed for {gfx} -> {}",
+        sources.len() - failed.len(),
+        failed.len(),
         a.out.display()
     );
     Ok(failed.is_empty())

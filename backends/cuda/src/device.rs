@@ -379,7 +379,7 @@ impl Storage for CudaStorage {
 
 /// A handed-out status entry: what to report when it is flagged.
 #[derive(Clone, Debug)]
-pub(crate) struct CheckRecord {
+pub struct CheckRecord {
     pub op: &'static str,
     pub arg: &'static str,
     pub shape: Vec<usize>,
@@ -390,7 +390,7 @@ impl CheckRecord {
     /// The error of a status entry (`(~index << 32) | value_bits`, see
     /// `dp_flag` in `port.cuh`), or `None` when it was not flagged. A range
     /// check's value is the low 32 bits of the index, sign-extended.
-    pub(crate) fn error(&self, word: u64) -> Option<Error> {
+    pub fn error(&self, word: u64) -> Option<Error> {
         if word == 0 {
             return None;
         }
@@ -420,7 +420,7 @@ impl CheckRecord {
 
 /// The first error among `words` (entry `i` belongs to `records[i]`), in
 /// the order the checks were handed out.
-pub(crate) fn first_error(records: &[CheckRecord], words: &[u64]) -> Option<Error> {
+pub fn first_error(records: &[CheckRecord], words: &[u64]) -> Option<Error> {
     records.iter().zip(words).find_map(|(r, &w)| r.error(w))
 }
 
@@ -438,7 +438,7 @@ struct Checks {
 /// aligned slot (8 bytes; 128 bytes at 64-byte alignment for a map), and an
 /// array of pointers to them. Built once, never grown afterwards, so the
 /// pointers stay valid while the value lives.
-pub(crate) struct PackedArgs {
+pub struct PackedArgs {
     words: Vec<u64>,
     maps: Vec<TensorMap>,
     /// One per argument: (is a map, index into `words`/`maps`).
@@ -446,7 +446,7 @@ pub(crate) struct PackedArgs {
 }
 
 impl PackedArgs {
-    pub(crate) fn new(args: &[Arg]) -> Self {
+    pub fn new(args: &[Arg]) -> Self {
         let mut p = PackedArgs {
             words: Vec::new(),
             maps: Vec::new(),
@@ -494,7 +494,7 @@ impl PackedArgs {
 
     /// The `void**` array: one pointer per argument, valid while `self`
     /// lives unchanged.
-    pub(crate) fn pointers(&self) -> Vec<*mut c_void> {
+    pub fn pointers(&self) -> Vec<*mut c_void> {
         self.order
             .iter()
             .map(|&(map, j)| {
@@ -861,7 +861,7 @@ impl Cx {
 }
 
 /// Checks launch geometry against the driver's limits, naming the kernel.
-pub(crate) fn validate_grid(k: &Kernel, g: &Grid, arch: &Arch) -> Result<()> {
+pub fn validate_grid(k: &Kernel, g: &Grid, arch: &Arch) -> Result<()> {
     let bad = |m: String| dev_err(format!("launch of {}::{}: {m}", k.source.name, k.entry));
     let (gx, gy, gz) = g.grid;
     let (bx, by, bz) = g.block;

@@ -144,6 +144,16 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// A scratch buffer at `ptr` of `bytes` bytes; `keep` is dropped with
+    /// it (the owner of the memory, which frees it stream-ordered), for
+    /// other [`LaunchContext`] implementations.
+    pub fn new(ptr: u64, bytes: usize, keep: Option<Box<dyn std::any::Any + Send + Sync>>) -> Self {
+        Scratch {
+            ptr,
+            bytes,
+            _keep: keep,
+        }
+    }
     pub fn ptr(&self) -> u64 {
         self.ptr
     }

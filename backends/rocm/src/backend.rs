@@ -1,24 +1,27 @@
-//! The `rocm` backend of this slice: one device, HIP's default stream,
-//! device memory (alloc, upload, download, write, synchronize) through the
-//! runtime binding; every op answers `NotSupported` until the kernels'
-//! launch glue lands (the kernels themselves already compile, see
-//! `tests/compile.rs`).
+//! The `rocm` backend: one device, HIP's default stream, device memory
+//! through the runtime binding, and every local op through the CUDA
+//! backend's op glue (`deepport_cuda::ops::glue`) on [`RocmCx`], which
+//! loads the hiprtc-compiled code objects and launches them.
 //!
 //! Every call first makes the device current on the calling thread
 //! (`hipSetDevice`), since HIP's current device is per thread and ops may
 //! be called from any thread. Copies are synchronous
-//! (`hipMemcpyHtoD`/`DtoH`), so `synchronize` only waits for the default
-//! stream.
+//! (`hipMemcpyHtoD`/`DtoH`, ordered after the kernels queued on the
+//! default stream); `download` and `synchronize` report the first
+//! deferred-check error (index ranges, finiteness) since the last one.
 
-use crate::hip::{self, dev_err, DeviceDesc, Hip, BACKEND};
+use crate::device::{compiled, Compiler, RocmCx};
+use crate::hip::{self, dev_err, DeviceDesc, BACKEND};
+use crate::runtime::Runtime;
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
 use deepport_core::device::Storage;
-use deepport_core::ops::OpKind;
+use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor, Result};
+use std::sync::Arc;
 
 /// Device memory of one allocation, freed on drop.
 pub struct RocmStorage {
-    hip: &'static Hip,
+    rt: Arc<dyn Runtime>,
     device: usize,
     ptr: u64,
     bytes: usize,
@@ -32,13 +35,18 @@ impl RocmStorage {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+    /// The device ordinal (`rocm:N`).
+    pub fn device(&self) -> usize {
+        self.device
+    }
 }
 
 impl Drop for RocmStorage {
     fn drop(&mut self) {
         // Nothing to report to: a failed free leaks the allocation.
-        if self.hip.set_device(self.device).is_ok() {
-            let _ = self.hip.free(self.ptr);
+        // (hipFree waits for the device, so no queued kernel still reads it.)
+        if self.rt.set_device(self.device).is_ok() {
+            let _ = self.rt.free(self.ptr);
         }
     }
 }
@@ -57,8 +65,7 @@ impl Storage for RocmStorage {
 
 /// The ROCm backend on one device.
 pub struct Rocm {
-    hip: &'static Hip,
-    device: usize,
+    cx: RocmCx,
     desc: DeviceDesc,
     id: InstanceId,
 }
@@ -68,7 +75,9 @@ impl std::fmt::Debug for Rocm {
         write!(
             f,
             "Rocm({}: {} {})",
-            self.device, self.desc.name, self.desc.gfx
+            self.cx.device(),
+            self.desc.name,
+            self.desc.gfx
         )
     }
 }
@@ -82,21 +91,38 @@ pub(crate) fn unavailable(reason: String) -> Error {
 
 impl Rocm {
     /// The backend on device `ordinal` (`rocm:N`); `Unavailable` with the
-    /// reason without a HIP runtime, without a device, or without that one.
+    /// reason without a HIP runtime, without hiprtc, without a device, or
+    /// without that one.
     pub fn on_device(ordinal: usize) -> Result<Self> {
         hip::probe().map_err(unavailable)?;
         let hip = hip::library().map_err(unavailable)?;
+        crate::hiprtc::probe().map_err(|why| {
+            unavailable(format!(
+                "hiprtc (the kernel compiler) cannot be loaded: {why}"
+            ))
+        })?;
         let n = hip.device_count()?;
         if ordinal >= n {
             return Err(deepport_core::registry::no_such_device(BACKEND, ordinal, n));
         }
         hip.set_device(ordinal)?;
         let desc = hip.describe(ordinal)?;
+        Self::with_runtime(Arc::new(hip), ordinal, desc, compiled)
+    }
+
+    /// The backend over any [`Runtime`] (the tests' host-memory stand-in,
+    /// a tool's recorder), compiling with `compiler` for `desc.gfx`.
+    pub fn with_runtime(
+        rt: Arc<dyn Runtime>,
+        device: usize,
+        desc: DeviceDesc,
+        compiler: Compiler,
+    ) -> Result<Self> {
+        let id = InstanceId::fresh();
         Ok(Rocm {
-            hip,
-            device: ordinal,
+            cx: RocmCx::new(rt, device, &desc, id, compiler)?,
             desc,
-            id: InstanceId::fresh(),
+            id,
         })
     }
 
@@ -105,22 +131,41 @@ impl Rocm {
         &self.desc
     }
 
-    fn current(&self) -> Result<()> {
-        self.hip.set_device(self.device)
+    /// The launch context (for tests and tools).
+    pub fn cx(&self) -> &RocmCx {
+        &self.cx
+    }
+
+    /// The e4m3 format this device computes in (`F8E4M3Fnuz` on gfx94x).
+    pub fn fp8_dtype(&self) -> DType {
+        crate::fp8::fp8_dtype(&self.desc.gfx)
+    }
+
+    /// Uploads a checkpoint FP8 weight with its block scales in the
+    /// device's format: on gfx94x an OCP e4m3 weight becomes e4m3fnuz and
+    /// its scales are doubled (every dequantized value kept, see
+    /// [`crate::fp8`]); elsewhere both are uploaded unchanged.
+    pub fn upload_fp8_weight(
+        &self,
+        weight: &HostTensor,
+        scale: &HostTensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (w, s) = crate::fp8::for_device(&self.desc.gfx, weight, scale)?;
+        Ok((self.upload(&w)?, self.upload(&s)?))
     }
 
     fn storage(&self, what: &str, bytes: usize) -> Result<RocmStorage> {
-        self.current()?;
-        let ptr = self
-            .hip
+        let rt = self.cx.runtime();
+        self.cx.current()?;
+        let ptr = rt
             .malloc(bytes)
             .map_err(|e| dev_err(format!("{what}: {bytes} bytes: {e}")))?;
         Ok(RocmStorage {
-            hip: self.hip,
-            device: self.device,
+            rt: rt.clone(),
+            device: self.cx.device(),
             ptr,
             bytes,
-            label: format!("{BACKEND}:{}", self.device),
+            label: format!("{BACKEND}:{}", self.cx.device()),
         })
     }
 
@@ -142,13 +187,30 @@ pub fn info_of(desc: &DeviceDesc) -> DeviceInfo {
     }
 }
 
-/// What `supports` answers in this slice: no op has its launch glue yet.
+/// What `supports` answers: the CUDA backend's list of local ops with
+/// kernels (the same glue and sources run here); an expert-parallel op
+/// when core's protocol has every building block.
 pub fn support_of(op: OpKind) -> Support {
-    Support::NotSupported(format!(
-        "{} has no ROCm launch glue yet (the kernels compile with hiprtc; the runtime slice \
-         has not landed)",
-        op.name()
-    ))
+    match deepport_cuda::support_of(op, deepport_cuda::KERNEL_OPS) {
+        Support::NotSupported(why) => Support::NotSupported(why.replace("CUDA", "ROCm")),
+        s => s,
+    }
+}
+
+/// The op glue: the CUDA backend's, but the MFMA paths of this backend
+/// where it has them.
+mod glue {
+    pub use crate::mfma::fp8_gemm;
+    pub use deepport_cuda::ops::glue::*;
+}
+
+/// Every local op, forwarded to its glue.
+macro_rules! forward_local_ops {
+    ([] $($kind:ident => $method:ident),* $(,)?) => {$(
+        fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
+            glue::$method(&self.cx, op)
+        }
+    )*};
 }
 
 impl Backend for Rocm {
@@ -180,26 +242,22 @@ impl Backend for Rocm {
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         let s = self.storage("upload", host.bytes().len())?;
         // SAFETY: `s` is a fresh allocation of exactly `host.bytes().len()` bytes.
-        unsafe { self.hip.htod(s.ptr, host.bytes()) }
+        unsafe { self.cx.runtime().htod(s.ptr, host.bytes()) }
             .map_err(|e| dev_err(format!("upload: {e}")))?;
         Ok(self.tensor(host.dtype(), host.shape(), s))
     }
 
     fn download(&self, t: &Tensor) -> Result<HostTensor> {
         let s = t.storage_for::<RocmStorage>(self.id, BACKEND)?;
-        let (off, n) = (t.offset_bytes(), t.nbytes());
-        if off.checked_add(n).is_none_or(|end| end > s.bytes) {
-            return Err(dev_err(format!(
-                "download: bytes {off}..+{n} of a {}-byte buffer",
-                s.bytes
-            )));
-        }
-        self.current()?;
-        self.hip.stream_synchronize(None)?;
-        let mut out = vec![0u8; n];
-        // SAFETY: `s.ptr + off .. + n` lies inside the allocation (checked above).
-        unsafe { self.hip.dtoh(&mut out, s.ptr + off as u64) }
+        let ptr = crate::device::addr(s.ptr, s.bytes, t)
             .map_err(|e| dev_err(format!("download: {e}")))?;
+        self.cx.current()?;
+        let mut out = vec![0u8; t.nbytes()];
+        // SAFETY: `ptr .. + n` lies inside the allocation (checked above).
+        unsafe { self.cx.runtime().dtoh(&mut out, ptr) }
+            .map_err(|e| dev_err(format!("download: {e}")))?;
+        // A pending check error wins over the data.
+        self.cx.synchronize()?;
         HostTensor::from_bytes(t.dtype(), t.shape(), out)
     }
 
@@ -213,25 +271,30 @@ impl Backend for Rocm {
                 dst.shape()
             )));
         }
+        let desc = format!("{dst:?}");
         let s = dst.storage_mut_for::<RocmStorage>(self.id, BACKEND)?;
-        if src.bytes().len() > s.bytes {
+        let (base, bytes) = (s.ptr, s.bytes);
+        let off = dst.offset_bytes();
+        if off
+            .checked_add(src.bytes().len())
+            .is_none_or(|end| end > bytes)
+        {
             return Err(dev_err(format!(
-                "write: {} bytes into a {}-byte buffer",
-                src.bytes().len(),
-                s.bytes
+                "write: {} bytes at offset {off} of {desc} into a {bytes}-byte buffer",
+                src.bytes().len()
             )));
         }
-        let ptr = s.ptr;
-        self.current()?;
-        // SAFETY: the allocation at `ptr` holds at least `src.bytes().len()`
-        // bytes (checked above).
-        unsafe { self.hip.htod(ptr, src.bytes()) }.map_err(|e| dev_err(format!("write: {e}")))
+        self.cx.current()?;
+        // SAFETY: `[off, off + len)` lies inside the allocation (checked above).
+        unsafe { self.cx.runtime().htod(base + off as u64, src.bytes()) }
+            .map_err(|e| dev_err(format!("write: {e}")))
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.current()?;
-        self.hip.stream_synchronize(None)
+        self.cx.synchronize()
     }
+
+    deepport_core::for_each_local_op!(forward_local_ops);
 }
 
 #[cfg(test)]
@@ -239,18 +302,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_op_is_not_supported_in_this_slice() {
-        for op in [
-            OpKind::RmsNorm,
-            OpKind::Fp8Gemm,
-            OpKind::MlaDecode,
-            OpKind::Dispatch,
-        ] {
-            let s = support_of(op);
-            assert!(
-                matches!(&s, Support::NotSupported(r) if r.contains(op.name())),
-                "{s:?}"
-            );
+    fn every_local_op_is_supported_with_the_cuda_glue() {
+        for &op in deepport_cuda::KERNEL_OPS {
+            assert!(support_of(op).is_supported(), "{op:?}");
         }
+        assert!(support_of(OpKind::Dispatch).is_supported());
+        // An op without a kernel would name ROCm, not CUDA.
+        let s = deepport_cuda::support_of(OpKind::RmsNorm, &[]);
+        assert!(matches!(&s, Support::NotSupported(r) if r.contains("CUDA")));
     }
 }

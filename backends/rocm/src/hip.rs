@@ -98,6 +98,7 @@ type FnProps = unsafe extern "C" fn(*mut c_void, c_int) -> E;
 type FnSetDevice = unsafe extern "C" fn(c_int) -> E;
 type FnMalloc = unsafe extern "C" fn(*mut *mut c_void, usize) -> E;
 type FnFree = unsafe extern "C" fn(*mut c_void) -> E;
+type FnMemset = unsafe extern "C" fn(*mut c_void, c_int, usize) -> E;
 type FnHtoD = unsafe extern "C" fn(*mut c_void, *const c_void, usize) -> E;
 type FnDtoH = unsafe extern "C" fn(*mut c_void, *mut c_void, usize) -> E;
 type FnStreamCreate = unsafe extern "C" fn(*mut *mut c_void) -> E;
@@ -135,6 +136,7 @@ pub struct Hip {
     set_device: FnSetDevice,
     malloc: FnMalloc,
     free: FnFree,
+    memset: FnMemset,
     htod: FnHtoD,
     dtoh: FnDtoH,
     stream_create: FnStreamCreate,
@@ -194,6 +196,7 @@ impl Hip {
             set_device: sym!(b"hipSetDevice\0", FnSetDevice),
             malloc: sym!(b"hipMalloc\0", FnMalloc),
             free: sym!(b"hipFree\0", FnFree),
+            memset: sym!(b"hipMemset\0", FnMemset),
             htod: sym!(b"hipMemcpyHtoD\0", FnHtoD),
             dtoh: sym!(b"hipMemcpyDtoH\0", FnDtoH),
             stream_create: sym!(b"hipStreamCreate\0", FnStreamCreate),
@@ -339,6 +342,17 @@ impl Hip {
         self.check(unsafe { (self.free)(ptr as *mut c_void) }, "hipFree")
     }
 
+    /// `hipMemset(ptr, value, bytes)` on the default stream (ordered after
+    /// the work queued there).
+    ///
+    /// # Safety
+    /// `ptr` must be a device allocation of at least `bytes` bytes.
+    pub unsafe fn memset(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+        // SAFETY: per the caller's contract; value and size are plain values.
+        let rc = unsafe { (self.memset)(ptr as *mut c_void, c_int::from(value), bytes) };
+        self.check(rc, "hipMemset")
+    }
+
     /// Copies `src` to device memory at `dst` (synchronous).
     ///
     /// # Safety
@@ -451,13 +465,13 @@ impl Hip {
 
 /// A HIP stream (`hipStream_t`), made only by [`Hip::stream_create`].
 #[derive(Debug)]
-pub struct Stream(*mut c_void);
+pub struct Stream(pub(crate) *mut c_void);
 /// A loaded module (`hipModule_t`), made only by [`Hip::module_load`].
 #[derive(Debug)]
-pub struct Module(*mut c_void);
+pub struct Module(pub(crate) *mut c_void);
 /// A kernel of a module (`hipFunction_t`), made only by [`Hip::get_function`].
 #[derive(Debug)]
-pub struct Function(*mut c_void);
+pub struct Function(pub(crate) *mut c_void);
 
 fn c_string(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());

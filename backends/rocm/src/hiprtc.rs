@@ -169,6 +169,11 @@ pub fn compile(name: &str, text: &str, gfx: &str) -> Result<Compiled> {
         .collect::<Result<_>>()?;
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|c| c.as_ptr()).collect();
 
+    // One compilation at a time: ROCm 5.2's hiprtc crashed (SIGSEGV) when
+    // two threads compiled at once (measured in this crate's tests), so
+    // every use of a program is serialised, the drop included.
+    static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = COMPILING.lock().unwrap_or_else(|p| p.into_inner());
     let mut raw: HiprtcProgram = std::ptr::null_mut();
     // SAFETY: `raw` is a valid out-pointer; the source, the name and the
     // `text_ptrs.len()` header texts and names are NUL-terminated strings

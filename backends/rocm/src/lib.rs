@@ -1,6 +1,5 @@
-//! deepport's ROCm backend (`rocm`), first slice: the HIP runtime and
-//! hiprtc, loaded at run time, and the portable kernels compiled for AMD
-//! GPUs.
+//! deepport's ROCm backend (`rocm`): the HIP runtime and hiprtc, loaded
+//! at run time, and the portable kernels compiled for AMD GPUs.
 //!
 //! * Nothing of ROCm is needed to build: [`hip`] binds the HIP runtime
 //!   (`libamdhip64.so`, `.so.6`, `.so.5`, or `$DEEPPORT_HIP_LIB`) and
@@ -18,20 +17,38 @@
 //!   the same files, never copies, compiled by hiprtc for the device's
 //!   `gfx` architecture with `-DDP_HIP` (`port.cuh`: wavefront 64,
 //!   `__shfl_xor`). The Hopper `*_sm90.cu` sources are CUDA-only.
-//! * This slice's [`Rocm`] backend has device memory (alloc, upload,
-//!   download, views, write, synchronize) and no ops: every op answers
-//!   `NotSupported` until the launch glue (the runtime slice) lands. The
-//!   registry entry answers `Unavailable` with the probe's reason on a
-//!   machine without ROCm or without an AMD GPU. The memory path has not
-//!   run on an AMD GPU yet (none was available when it was written).
+//! * Ops: [`Rocm`] runs every local op through the CUDA backend's op
+//!   glue (`deepport_cuda::ops::glue`, never copied) on [`device::RocmCx`],
+//!   its [`deepport_cuda::launch::LaunchContext`] over HIP: code objects
+//!   compiled once per (source, gfx), loaded per instance
+//!   (`hipModuleLoadData`/`hipModuleGetFunction`), launched with
+//!   `hipModuleLaunchKernel`; index and finiteness checks are deferred to
+//!   the next `download`/`synchronize` like CUDA's. [`runtime::Runtime`]
+//!   abstracts the HIP calls so that the whole path is tested on the CPU
+//!   against a host-memory runtime (nothing has run on an AMD GPU yet:
+//!   none was available when it was written).
+//! * FP8 follows the device ([`fp8`]): e4m3fnuz on gfx94x, with checkpoint
+//!   weights and scales converted exactly by [`Rocm::upload_fp8_weight`].
+//! * The registry entry answers `Unavailable` with the probe's reason on
+//!   a machine without ROCm, hiprtc or an AMD GPU.
 
 #![deny(unsafe_code)]
 
 #[allow(unsafe_code)]
 pub mod backend;
+#[allow(unsafe_code)]
+pub mod device;
 pub mod elf;
+#[cfg(test)]
+#[allow(unsafe_code)]
+mod fake;
+pub mod fp8;
 pub mod hip;
 pub mod hiprtc;
+pub mod mfma;
+pub mod rccl;
+#[allow(unsafe_code)]
+pub mod runtime;
 
 use backend::unavailable;
 pub use backend::{Rocm, RocmStorage};
@@ -59,12 +76,11 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
 
 /// Registers `rocm` (`rocm:N` picks device N). Creating it probes the HIP
 /// runtime and answers [`deepport_core::Error::Unavailable`] with the reason when it
-/// cannot run here; on an AMD GPU it is a [`Rocm`] whose memory works and
-/// whose ops answer `NotSupported` (see the crate docs).
+/// cannot run here; on an AMD GPU it is a [`Rocm`] (see the crate docs).
 pub fn register(reg: &mut deepport_core::registry::Registry) {
     reg.register(
         BACKEND,
-        "ROCm/HIP: the portable kernels compiled by hiprtc (gfx9xx, wavefront 64); first slice, memory only, no ops yet",
+        "ROCm/HIP: the portable kernels compiled by hiprtc (gfx9xx, wavefront 64) through the CUDA op glue",
         |device| Ok(Box::new(Rocm::on_device(device.unwrap_or(0))?)),
         devices,
     );

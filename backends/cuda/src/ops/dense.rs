@@ -116,7 +116,7 @@ fn check_index(
 }
 
 /// `act_quant` (SPEC.md §2): one 128-thread CTA per 128-element group.
-pub(crate) fn act_quant(cx: &dyn LaunchContext, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
+pub fn act_quant(cx: &dyn LaunchContext, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
     const OP: &str = "act_quant";
     let (args, dims) = op.parts();
     let groups_total = dims.m * (dims.k / QBLOCK);
@@ -143,10 +143,7 @@ pub(crate) fn act_quant(cx: &dyn LaunchContext, op: &mut Checked<ActQuant<'_>>) 
 }
 
 /// `weight_dequant`: elementwise, grid-stride.
-pub(crate) fn weight_dequant(
-    cx: &dyn LaunchContext,
-    op: &mut Checked<WeightDequant<'_>>,
-) -> Result<()> {
+pub fn weight_dequant(cx: &dyn LaunchContext, op: &mut Checked<WeightDequant<'_>>) -> Result<()> {
     const OP: &str = "weight_dequant";
     let (args, dims) = op.parts();
     let total = dims.n * dims.k;
@@ -271,7 +268,7 @@ fn problem(layout: Layout, dims: &GemmDims) -> Problem {
 }
 
 /// `fp8_gemm` (SPEC.md §3).
-pub(crate) fn fp8_gemm(cx: &dyn LaunchContext, op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
+pub fn fp8_gemm(cx: &dyn LaunchContext, op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
     let (args, dims) = op.parts();
     let x = Fp8Operands {
         a: args.a,
@@ -285,7 +282,7 @@ pub(crate) fn fp8_gemm(cx: &dyn LaunchContext, op: &mut Checked<Fp8Gemm<'_>>) ->
 }
 
 /// `fp8_grouped_contiguous` (SPEC.md §3.1).
-pub(crate) fn fp8_grouped_contiguous(
+pub fn fp8_grouped_contiguous(
     cx: &dyn LaunchContext,
     op: &mut Checked<Fp8GroupedContiguous<'_>>,
 ) -> Result<()> {
@@ -312,7 +309,7 @@ pub(crate) fn fp8_grouped_contiguous(
 }
 
 /// `fp8_grouped_masked` (SPEC.md §3.2).
-pub(crate) fn fp8_grouped_masked(
+pub fn fp8_grouped_masked(
     cx: &dyn LaunchContext,
     op: &mut Checked<Fp8GroupedMasked<'_>>,
 ) -> Result<()> {
@@ -373,14 +370,14 @@ fn plain_launch(
 }
 
 /// `gemm`: plain NT GEMM, f32 accumulation.
-pub(crate) fn gemm(cx: &dyn LaunchContext, op: &mut Checked<Gemm<'_>>) -> Result<()> {
+pub fn gemm(cx: &dyn LaunchContext, op: &mut Checked<Gemm<'_>>) -> Result<()> {
     let (args, dims) = op.parts();
     let p = problem(Layout::Dense, dims);
     plain_launch(cx, "gemm", &p, args.a, args.b, None, args.d)
 }
 
 /// `gemm_grouped_contiguous`: plain grouped GEMM, contiguous layout.
-pub(crate) fn gemm_grouped_contiguous(
+pub fn gemm_grouped_contiguous(
     cx: &dyn LaunchContext,
     op: &mut Checked<GemmGroupedContiguous<'_>>,
 ) -> Result<()> {
@@ -400,7 +397,7 @@ pub(crate) fn gemm_grouped_contiguous(
 }
 
 /// `gemm_grouped_masked`: plain grouped GEMM, masked layout.
-pub(crate) fn gemm_grouped_masked(
+pub fn gemm_grouped_masked(
     cx: &dyn LaunchContext,
     op: &mut Checked<GemmGroupedMasked<'_>>,
 ) -> Result<()> {

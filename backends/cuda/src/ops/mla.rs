@@ -116,7 +116,7 @@ pub(crate) fn use_sm90(
 }
 
 /// `mla_decode` (SPEC.md §4).
-pub(crate) fn mla_decode(cx: &dyn LaunchContext, op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
+pub fn mla_decode(cx: &dyn LaunchContext, op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
     const OP: &str = "mla_decode";
     let (a, dims) = op.parts();
     let d = dims.clone();
@@ -389,7 +389,7 @@ fn prefill_warps(floats: usize) -> Option<u32> {
 }
 
 /// `mla_prefill` (SPEC.md §5).
-pub(crate) fn mla_prefill(cx: &dyn LaunchContext, op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
+pub fn mla_prefill(cx: &dyn LaunchContext, op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
     const OP: &str = "mla_prefill";
     let (a, dims) = op.parts();
     let MlaPrefillDims {
@@ -599,7 +599,7 @@ pub(crate) fn yarn_ramp(theta: f32, y: &Yarn, d: usize) -> (f64, f64) {
 }
 
 /// `rope` (SPEC.md §8).
-pub(crate) fn rope(cx: &dyn LaunchContext, op: &mut Checked<Rope<'_>>) -> Result<()> {
+pub fn rope(cx: &dyn LaunchContext, op: &mut Checked<Rope<'_>>) -> Result<()> {
     const OP: &str = "rope";
     let (a, dims) = op.parts();
     let (tokens, heads, d) = (dims.tokens, dims.heads, dims.d);

@@ -10,6 +10,22 @@ pub(crate) use dense::*;
 pub(crate) use mla::*;
 pub(crate) use small::*;
 
+/// The op glue of every local op, public so that another backend whose
+/// device runs the same kernel sources (the ROCm backend, through
+/// `port.cuh` under `DP_HIP`) drives them through its own
+/// [`crate::launch::LaunchContext`] instead of copying this glue.
+pub mod glue {
+    pub use super::dense::{
+        act_quant, fp8_gemm, fp8_grouped_contiguous, fp8_grouped_masked, gemm,
+        gemm_grouped_contiguous, gemm_grouped_masked, weight_dequant,
+    };
+    pub use super::mla::{mla_decode, mla_prefill, rope};
+    pub use super::small::{
+        add, copy_window, embedding, gather_rows, get_dispatch_layout, moe_gate, reduce_rows,
+        rms_norm, silu_mul,
+    };
+}
+
 /// Every kernel source of the backend, for the module cache and
 /// `deepport kernels`. Each family lists its own.
 pub fn sources() -> Vec<&'static crate::launch::KernelSource> {

@@ -245,7 +245,7 @@ fn range_check(
 
 /// `rms_norm` (SPEC.md §8): one block per row, f64 sum of squares, one
 /// rounding.
-pub(crate) fn rms_norm(cx: &dyn LaunchContext, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
+pub fn rms_norm(cx: &dyn LaunchContext, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
     const OP: &str = "rms_norm";
     let (a, d) = op.parts();
     if d.dim == 0 {
@@ -274,7 +274,7 @@ pub(crate) fn rms_norm(cx: &dyn LaunchContext, op: &mut Checked<RmsNorm<'_>>) ->
 
 /// `moe_gate` (SPEC.md §6): finite checks of x, weight and bias, then one
 /// block per token.
-pub(crate) fn moe_gate(cx: &dyn LaunchContext, op: &mut Checked<MoeGate<'_>>) -> Result<()> {
+pub fn moe_gate(cx: &dyn LaunchContext, op: &mut Checked<MoeGate<'_>>) -> Result<()> {
     const OP: &str = "moe_gate";
     let (a, d) = op.parts();
     check_finite(cx, OP, "x", a.x)?;
@@ -325,7 +325,7 @@ pub(crate) fn moe_gate(cx: &dyn LaunchContext, op: &mut Checked<MoeGate<'_>>) ->
 }
 
 /// `silu_mul` (SPEC.md §8): flat, f32 math, one rounding to out's dtype.
-pub(crate) fn silu_mul(cx: &dyn LaunchContext, op: &mut Checked<SiluMul<'_>>) -> Result<()> {
+pub fn silu_mul(cx: &dyn LaunchContext, op: &mut Checked<SiluMul<'_>>) -> Result<()> {
     const OP: &str = "silu_mul";
     let (a, d) = op.parts();
     let Some(grid) = flat_grid(d.numel) else {
@@ -344,7 +344,7 @@ pub(crate) fn silu_mul(cx: &dyn LaunchContext, op: &mut Checked<SiluMul<'_>>) ->
 }
 
 /// `embedding`: one block per token (grid-stride), ids range-checked.
-pub(crate) fn embedding(cx: &dyn LaunchContext, op: &mut Checked<Embedding<'_>>) -> Result<()> {
+pub fn embedding(cx: &dyn LaunchContext, op: &mut Checked<Embedding<'_>>) -> Result<()> {
     const OP: &str = "embedding";
     let (a, d) = op.parts();
     let Some(blocks) = blocks_for(d.tokens, 1) else {
@@ -373,7 +373,7 @@ pub(crate) fn embedding(cx: &dyn LaunchContext, op: &mut Checked<Embedding<'_>>)
 }
 
 /// `add` (SPEC.md §8): flat, f64 sum, one rounding.
-pub(crate) fn add(cx: &dyn LaunchContext, op: &mut Checked<Add<'_>>) -> Result<()> {
+pub fn add(cx: &dyn LaunchContext, op: &mut Checked<Add<'_>>) -> Result<()> {
     const OP: &str = "add";
     let (a, d) = op.parts();
     let Some(grid) = flat_grid(d.numel) else {
@@ -398,7 +398,7 @@ pub(crate) fn elem_addr(base: u64, row: usize, col: usize, ld: usize, size: usiz
 
 /// `copy_window`: flat over the window; the host offsets both pointers to
 /// the window origins.
-pub(crate) fn copy_window(cx: &dyn LaunchContext, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
+pub fn copy_window(cx: &dyn LaunchContext, op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
     const OP: &str = "copy_window";
     let (a, d) = op.parts();
     let (rows, cols) = a.size;
@@ -432,7 +432,7 @@ pub(crate) fn copy_window(cx: &dyn LaunchContext, op: &mut Checked<CopyWindow<'_
 
 /// `gather_rows`: flat over dst in the widest aligned unit; index −1 (or a
 /// flagged bad index) writes a zero row.
-pub(crate) fn gather_rows(cx: &dyn LaunchContext, op: &mut Checked<GatherRows<'_>>) -> Result<()> {
+pub fn gather_rows(cx: &dyn LaunchContext, op: &mut Checked<GatherRows<'_>>) -> Result<()> {
     const OP: &str = "gather_rows";
     let (a, d) = op.parts();
     let row_bytes = d.row * a.src.dtype().size();
@@ -467,7 +467,7 @@ pub(crate) fn gather_rows(cx: &dyn LaunchContext, op: &mut Checked<GatherRows<'_
 
 /// `reduce_rows` (SPEC.md §7): flat over out, f64 sum in slot order (cpu-ref's
 /// arithmetic exactly), one rounding.
-pub(crate) fn reduce_rows(cx: &dyn LaunchContext, op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
+pub fn reduce_rows(cx: &dyn LaunchContext, op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
     const OP: &str = "reduce_rows";
     let (a, d) = op.parts();
     if d.hidden == 0 {
@@ -501,7 +501,7 @@ pub(crate) fn reduce_rows(cx: &dyn LaunchContext, op: &mut Checked<ReduceRows<'_
 /// `get_dispatch_layout` (SPEC.md §7): zero the counts, then count experts
 /// (one thread per slot, ids checked) and rank membership (one thread per
 /// token × rank), with integer atomics.
-pub(crate) fn get_dispatch_layout(
+pub fn get_dispatch_layout(
     cx: &dyn LaunchContext,
     op: &mut Checked<GetDispatchLayout<'_>>,
 ) -> Result<()> {

@@ -1,0 +1,109 @@
+// fp8_gemm_mfma.cu — the dense FP8 GEMM (SPEC.md §3: d = a·bᵀ, DeepGEMM
+// semantics) on AMD CDNA matrix cores, where the CUDA backend uses wgmma
+// (fp8_gemm_sm90.cu). HIP only (hiprtc, -DDP_HIP, wavefront 64), compiled
+// for gfx90a and later CDNA (gfx940/941/942, gfx950); `#error` elsewhere.
+//
+//   fp8_gemm_mfma: a [m, k] e4m3 (or e4m3fnuz, `fnuz`), sa [m, ceil(k/128)]
+//                  f32 (1x128 activation scales), b [n, k] same format,
+//                  sb [ceil(n/128), ceil(k/128)] f32 (128x128 weight
+//                  scales), d [m, n] f32/bf16/f16 (`d_dtype`, DP_* codes).
+//
+// One workgroup of 256 threads (4 wavefronts) computes a 64 x 64 tile of
+// d; wavefront w owns the 32 x 32 quarter (w / 2, w % 2) and runs
+// v_mfma_f32_32x32x8bf16_1k. Per 128-wide K block: both 64 x 128 byte
+// tiles are staged in LDS (zero past m, n, k), each lane decodes 4 FP8
+// bytes of its A row and 4 of its B column into bf16 in registers (exact:
+// every e4m3 and e4m3fnuz value is a bf16), 16 MFMAs sum the block into
+// an f32 partial, and the partial is promoted into the f32 accumulator as
+// acc = fma(part, sa[row, kb] * sb[col / 128, kb], acc) — the order of the
+// portable kernel (gemm.cu). One rounding to d's dtype at the store.
+//
+// MFMA operand layout (32x32x8, 64 lanes; AMD's matrix instruction
+// calculator): lane l holds A[l % 32][4 (l / 32) + 0..3] and
+// B[4 (l / 32) + 0..3][l % 32]; accumulator item v of lane l is
+// D[8 (v / 4) + 4 (l / 32) + v % 4][l % 32].
+#include "gemm.cuh"
+
+#if !defined(__gfx90a__) && !defined(__gfx940__) && !defined(__gfx941__) && \
+    !defined(__gfx942__) && !defined(__gfx950__)
+#error "fp8_gemm_mfma.cu needs v_mfma_f32_32x32x8bf16_1k (gfx90a, gfx940-942, gfx950)"
+#endif
+
+#define MF_BM 64
+#define MF_BN 64
+#define MF_BK 128
+#define MF_LD (MF_BK + 4)
+#define MF_THREADS 256
+
+typedef short mf_bf16x4 __attribute__((ext_vector_type(4)));
+typedef float mf_f32x16 __attribute__((ext_vector_type(16)));
+
+// An FP8 byte as bf16 bits (exact, so truncating the f32 loses nothing).
+DP_DEVICE short mf_fp8_bf16(u8 c, int fnuz) {
+  return (short)(__float_as_uint(gemm_fp8(c, fnuz)) >> 16);
+}
+
+// Four consecutive FP8 bytes of an LDS row as a bf16x4 operand.
+DP_DEVICE mf_bf16x4 mf_operand(const u8* p, int fnuz) {
+  mf_bf16x4 v;
+  v[0] = mf_fp8_bf16(p[0], fnuz);
+  v[1] = mf_fp8_bf16(p[1], fnuz);
+  v[2] = mf_fp8_bf16(p[2], fnuz);
+  v[3] = mf_fp8_bf16(p[3], fnuz);
+  return v;
+}
+
+extern "C" DP_GLOBAL void __launch_bounds__(MF_THREADS)
+    fp8_gemm_mfma(const u8* a, const float* sa, const u8* b, const float* sb, int fnuz, void* d,
+                  int d_dtype, i64 m, i64 n, i64 k) {
+  __shared__ u8 as[MF_BM * MF_LD];
+  __shared__ u8 bs[MF_BN * MF_LD];
+  const int tid = threadIdx.x;
+  const int lane = tid % 64;
+  const int wave = tid / 64;
+  const i64 row0 = (i64)blockIdx.x * MF_BM;
+  const i64 col0 = (i64)blockIdx.y * MF_BN;
+  const int wr = (wave / 2) * 32;  // the wavefront's rows in the tile
+  const int wc = (wave % 2) * 32;  // and columns
+  const int li = lane % 32;
+  const int lk = (lane / 32) * 4;
+  const i64 kb_n = (k + MF_BK - 1) / MF_BK;
+  const i64 col = col0 + wc + li;  // this lane's output column
+  mf_f32x16 acc;
+  for (int v = 0; v < 16; ++v) acc[v] = 0.0f;
+
+  for (i64 kb = 0; kb < kb_n; ++kb) {
+    const i64 k0 = kb * MF_BK;
+    __syncthreads();  // the previous block's tiles are no longer read
+    for (int e = tid; e < MF_BM * MF_BK; e += MF_THREADS) {
+      const int r = e / MF_BK, c = e % MF_BK;
+      const i64 kk = k0 + c;
+      const i64 ar = row0 + r, br = col0 + r;
+      as[r * MF_LD + c] = (ar < m && kk < k) ? a[ar * k + kk] : (u8)0;
+      bs[r * MF_LD + c] = (br < n && kk < k) ? b[br * k + kk] : (u8)0;
+    }
+    __syncthreads();
+    mf_f32x16 part;
+    for (int v = 0; v < 16; ++v) part[v] = 0.0f;
+    const u8* arow = as + (wr + li) * MF_LD + lk;
+    const u8* bcol = bs + (wc + li) * MF_LD + lk;
+#pragma unroll 4
+    for (int ks = 0; ks < MF_BK; ks += 8) {
+      const mf_bf16x4 av = mf_operand(arow + ks, fnuz);
+      const mf_bf16x4 bv = mf_operand(bcol + ks, fnuz);
+      part = __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(av, bv, part, 0, 0, 0);
+    }
+    // Promotion with the block's scales (zero past m / n: never stored).
+    const float s_b = col < n ? sb[(col / 128) * kb_n + kb] : 0.0f;
+    for (int v = 0; v < 16; ++v) {
+      const i64 r = row0 + wr + 8 * (v / 4) + (lane / 32) * 4 + (v % 4);
+      const float s_a = r < m ? sa[r * kb_n + kb] : 0.0f;
+      acc[v] = fmaf(part[v], s_a * s_b, acc[v]);
+    }
+  }
+  if (col >= n) return;
+  for (int v = 0; v < 16; ++v) {
+    const i64 r = row0 + wr + 8 * (v / 4) + (lane / 32) * 4 + (v % 4);
+    if (r < m) gemm_store(d, r * n + col, d_dtype, acc[v]);
+  }
+}
