@@ -311,6 +311,113 @@ fn pages_are_self_contained_and_escape_their_data() {
 }
 
 #[test]
+fn pages_survive_odd_values() {
+    use deepport_conformance::suite::report::html::{run_page, RunRef};
+    let odd = [
+        0.0,
+        -0.0,
+        -1.0,
+        1e-300,
+        1e300,
+        f64::MIN_POSITIVE,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ];
+    let mut results = Vec::new();
+    for (i, v) in odd.iter().enumerate() {
+        for (j, t) in odd.iter().enumerate() {
+            let mut r = res(
+                "cpu",
+                &format!("odd{i}_{j}"),
+                Outcome::ALL[(i + j) % 6],
+                Some(*v),
+            );
+            r.threshold = Some(*t);
+            r.duration_s = odd[(i * 7 + j) % odd.len()];
+            r.worst_index = Some(vec![usize::MAX; i]);
+            r.seed = u64::MAX;
+            r.message = "\u{0}\u{7}\r\n\u{202e}é".repeat(j);
+            results.push(r);
+        }
+    }
+    results.push(CaseResult {
+        id: String::new(),
+        metric: Some(String::new()),
+        ..res("", "", Outcome::Fail, None)
+    });
+    let info = info("cpu");
+    let html = run_page(&[RunRef {
+        dir: Path::new("/odd//dir"),
+        info: &info,
+        results: &results,
+    }]);
+    assert!(
+        external_references(&html).is_empty(),
+        "{:?}",
+        external_references(&html)
+    );
+    // 81 cases of `cpu` and one with an empty id of an empty backend: 82
+    // cases × 2 columns.
+    assert_eq!(
+        matrix_rows(&html).iter().map(Vec::len).sum::<usize>(),
+        (odd.len() * odd.len() + 1) * 2
+    );
+    assert!(
+        !html.contains("NaN\"") && !html.contains("inf\""),
+        "non-finite SVG coordinates"
+    );
+    let empty = run_page(&[]);
+    assert!(empty.contains("<span id=\"n-cases\">0</span>"));
+    let checks = odd
+        .iter()
+        .enumerate()
+        .map(|(i, v)| TapCheck {
+            name: format!("layers.{i}.x"),
+            metric: "rel_rms",
+            value: *v,
+            threshold: odd[odd.len() - 1 - i],
+            at_least: i % 2 == 0,
+        })
+        .collect();
+    let report = ForwardReport { checks };
+    let plot = ForwardPlot {
+        mode: "fp8",
+        backend: "cpu",
+        prefill: "fused",
+        golden: "g",
+        report: &report,
+    };
+    let fwd = forward_page(&[plot]);
+    assert!(external_references(&fwd).is_empty());
+    assert!(!fwd.contains("NaN\""), "non-finite SVG coordinates");
+    let points: Vec<BenchPoint> = odd
+        .iter()
+        .map(|v| BenchPoint {
+            op: "x".into(),
+            shape: String::new(),
+            backend: "b".into(),
+            device: String::new(),
+            median_s: *v,
+            flops_per_s: *v,
+            bytes_per_s: 1.0 / *v,
+        })
+        .collect();
+    let bad_roof = Roof {
+        flops_per_s: f64::NAN,
+        bytes_per_s: 0.0,
+        what: String::new(),
+    };
+    let bench = bench_page(Some(&bad_roof), &points);
+    assert!(external_references(&bench).is_empty());
+    assert!(!bench.contains("NaN\""), "non-finite SVG coordinates");
+    assert!(
+        bench.contains("No roof"),
+        "a roof that is not a number is not drawn"
+    );
+}
+
+#[test]
 fn report_html_names_a_missing_or_corrupt_run() {
     let dir = tmp("errors");
     let (code, _, err) = deepport(&["report", "html", dir.join("nope").to_str().unwrap()]);

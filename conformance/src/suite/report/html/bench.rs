@@ -39,6 +39,8 @@ impl BenchPoint {
 /// The page.
 pub fn bench_page(roof: Option<&Roof>, points: &[BenchPoint]) -> String {
     let mut b = String::from("<h1>deepport bench: roofline</h1>");
+    let pos = |v: f64| v.is_finite() && v > 0.0;
+    let roof = roof.filter(|r| pos(r.flops_per_s) && pos(r.bytes_per_s));
     match roof {
         Some(r) => {
             let _ = write!(
@@ -51,9 +53,9 @@ pub fn bench_page(roof: Option<&Roof>, points: &[BenchPoint]) -> String {
                 short(r.flops_per_s / r.bytes_per_s)
             );
         }
-        None => {
-            b.push_str("<p class=\"note\">No roof: the peaks were not measured (--no-peak).</p>")
-        }
+        None => b.push_str(
+            "<p class=\"note\">No roof: the peaks were not measured (--no-peak) or not usable.</p>",
+        ),
     }
     let mut backends: Vec<&str> = Vec::new();
     for p in points {
