@@ -3,7 +3,7 @@
 # `deepport run --report RUN_DIR`) in headless chromium and fails on a
 # JavaScript error, a console message or a CSP violation (the page records
 # them in #js-errors), a script that did not run to its end, a page without
-# an SVG, or a matrix without exactly one cell per case x backend of
+# an SVG, a reference to anything outside the file, or a matrix without exactly one cell per case x backend of
 # RUN_DIR/results.jsonl. Without chromium it skips, unless DEEPPORT_REQUIRE
 # names `chromium`. DEEPPORT_CHROMIUM names the binary if not on PATH.
 set -euo pipefail
@@ -37,6 +37,9 @@ for dir in "$@"; do
   grep -q '<pre id="js-errors" hidden=""></pre>' "$work/dom" || fail "recorded JavaScript errors: $(grep -o '<pre id="js-errors".\{0,400\}' "$work/dom")"
   grep -q 'data-ready="1"' "$work/dom" || fail "its script did not run to its end"
   grep -q '<svg' "$work/dom" || fail "no SVG"
+  if grep -o -i -E '.{0,30}(//|https?:|file:|src=|href=|srcset|@import|url\(|<link|<img|<iframe|<object|<embed).{0,30}' "$page" >"$work/refs"; then
+    fail "refers to something outside the file:"; head -n 10 "$work/refs" >&2
+  fi
   want="$(python3 -c '
 import json, sys
 ids, backends = set(), set()

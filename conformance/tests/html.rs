@@ -66,9 +66,9 @@ fn res(backend: &str, id: &str, outcome: Outcome, value: Option<f64>) -> CaseRes
     }
 }
 
-/// Two runs: `cpu` with 7 cases over 3 families (every outcome, hostile
-/// text, non-finite values); `wgpu` lacking one case and holding another
-/// twice, plus one case `cpu` lacks. 8 distinct cases in all.
+/// Two runs: `cpu` with 8 cases over 4 families (every outcome, hostile
+/// text, non-finite values, an id spelling `src=` as real ids do); `wgpu` lacking one case and holding another
+/// twice, plus one case `cpu` lacks. 9 distinct cases in all.
 fn two_runs(root: &Path) -> (PathBuf, PathBuf, usize) {
     let mut a = vec![
         res("cpu", "add(n=7)", Outcome::Pass, Some(1.5e-6)),
@@ -83,6 +83,12 @@ fn two_runs(root: &Path) -> (PathBuf, PathBuf, usize) {
         res("cpu", "mla_decode(b=1)", Outcome::Timeout, None),
         res("cpu", "mla_decode(b=2)", Outcome::NotSupported, None),
         res("cpu", "mla_decode(<b>=\"3\")", Outcome::Pass, Some(0.0)),
+        res(
+            "cpu",
+            "copy_window(src=bf16,dst=f32)",
+            Outcome::Pass,
+            Some(0.0),
+        ),
     ];
     a[2].message = HOSTILE.into();
     a[3].metric = None;
@@ -103,7 +109,7 @@ fn two_runs(root: &Path) -> (PathBuf, PathBuf, usize) {
     let (da, db) = (root.join("cpu"), root.join("wgpu"));
     write_all(&da, &info("cpu"), &a).unwrap();
     write_all(&db, &info("wgpu"), &b).unwrap();
-    (da, db, 8)
+    (da, db, 9)
 }
 
 fn forward_report() -> ForwardReport {
@@ -273,9 +279,9 @@ fn pages_are_self_contained_and_escape_their_data() {
     // The run page of both runs: 8 cases × 2 columns, the metadata, the
     // distribution of each family's metric.
     let run = std::fs::read_to_string(dir.join("report.html")).unwrap();
-    assert_cells(&run, 8, 2);
-    assert!(run.contains("<span id=\"n-cases\">8</span>"));
-    assert!(run.contains("no (uncommitted changes)"), "clean-tree row");
+    assert_cells(&run, 9, 2);
+    assert!(run.contains("<span id=\"n-cases\">9</span>"));
+    assert!(run.contains("no &#40;uncommitted changes)"), "clean-tree row");
     assert!(run.contains(SUITE_VERSION));
     assert!(
         run.contains("data-o=\"NotRun\""),
@@ -286,17 +292,17 @@ fn pages_are_self_contained_and_escape_their_data() {
         "add(n=7) holds two wgpu results (the worst one colours the cell)"
     );
     assert!(run.contains("class=\"c o-Fail\" data-col=\"1\""));
-    for fam in ["add", "fp8_gemm", "mla_decode", "gemm"] {
+    for fam in ["add", "copy_window", "fp8_gemm", "mla_decode", "gemm"] {
         assert!(
             run.contains(&format!("<div class=\"dist\" data-f=\"{fam}\">")),
             "{fam}"
         );
     }
-    assert!(run.contains("mla_decode(&lt;b&gt;=&quot;3&quot;)"));
+    assert!(run.contains("mla_decode&#40;&lt;b&gt;&#61;&quot;3&quot;)"));
     assert!(run.contains("worst index&#58; [3, 1]"));
     // The report written with the run directory: one column.
     let one = std::fs::read_to_string(dir.join("cpu").join(REPORT_HTML)).unwrap();
-    assert_cells(&one, 7, 1);
+    assert_cells(&one, 8, 1);
     // Forward: the first divergence named and marked.
     let fwd = std::fs::read_to_string(dir.join("forward.html")).unwrap();
     assert!(fwd.contains("id=\"first-divergence-0\">first divergence: layers.0.ffn_out<"));
@@ -507,7 +513,10 @@ fn forward_and_bench_write_their_pages() {
         2,
         "the measured roof"
     );
-    assert!(html.contains("k=128,m=4,n=128"), "the shape in the table");
+    assert!(
+        html.contains("k&#61;128,m&#61;4,n&#61;128"),
+        "the shape in the table"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -610,9 +619,9 @@ fn pages_load_in_a_real_browser() {
         match kind {
             "run" => {
                 let (cases, cols) = if page.ends_with("cpu/report.html") {
-                    (7, 1)
+                    (8, 1)
                 } else {
-                    (8, 2)
+                    (9, 2)
                 };
                 assert_cells(&l.dom, cases, cols);
                 assert!(

@@ -6,7 +6,7 @@
 //! inline SVG drawn here ([`svg`]), nothing fetched (a Content-Security-Policy
 //! meta tag forbids it, and [`external_references`] checks the text). Every
 //! string that comes from data is escaped with [`esc`], which also escapes
-//! `/` and `:` so that no data can form a URL in the page's text. The
+//! `/ : = ( @` so that no data can look like a reference in the page's text. The
 //! JavaScript reads data only from the DOM, never from inlined strings.
 //!
 //! A page records its own JavaScript errors, console errors and CSP
@@ -27,7 +27,8 @@ pub use run::{html_main, report_html, run_page, HtmlArgs, RunRef};
 pub const REPORT_HTML: &str = "report.html";
 
 /// Escapes text for HTML element content and attribute values: `& < > " '`
-/// and also `/` and `:` (so that data never spells `//` or `http:`).
+/// and also `/ : = ( @` (so that data never spells `//`, `http:`, `src=`,
+/// `url(` or `@import`: case ids like `copy_window(src=bf16,…)` would).
 pub fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len() + 8);
     for c in s.chars() {
@@ -39,6 +40,9 @@ pub fn esc(s: &str) -> String {
             '\'' => o.push_str("&#39;"),
             '/' => o.push_str("&#47;"),
             ':' => o.push_str("&#58;"),
+            '=' => o.push_str("&#61;"),
+            '(' => o.push_str("&#40;"),
+            '@' => o.push_str("&#64;"),
             '\n' => o.push_str("&#10;"),
             c if c.is_control() && c != '\t' => o.push('\u{FFFD}'),
             c => o.push(c),
@@ -136,7 +140,9 @@ mod tests {
         let e = esc("<script>x='a'&\"b\"</script> http://evil.example/x.js\n");
         assert!(!e.contains('<') && !e.contains('>') && !e.contains('\'') && !e.contains('"'));
         assert!(external_references(&e).is_empty(), "{e}");
-        assert_eq!(esc("add(n=7)"), "add(n=7)");
+        let id = esc("copy_window(src=bf16,dst=f32) url(x) @import");
+        assert!(external_references(&id).is_empty(), "{id}");
+        assert_eq!(esc("add(n=7)"), "add&#40;n&#61;7)");
     }
 
     #[test]
