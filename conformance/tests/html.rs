@@ -281,7 +281,10 @@ fn pages_are_self_contained_and_escape_their_data() {
     let run = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert_cells(&run, 9, 2);
     assert!(run.contains("<span id=\"n-cases\">9</span>"));
-    assert!(run.contains("no &#40;uncommitted changes)"), "clean-tree row");
+    assert!(
+        run.contains("no &#40;uncommitted changes)"),
+        "clean-tree row"
+    );
     assert!(run.contains(SUITE_VERSION));
     assert!(
         run.contains("data-o=\"NotRun\""),
