@@ -276,28 +276,7 @@ pub fn run(args: &BenchArgs) -> Result<bool, CliError> {
         }
     }
     if let Some(path) = &args.html {
-        use crate::suite::report::html::{bench_page, BenchPoint, Roof};
-        let roof = peak.as_ref().map(|p| Roof {
-            flops_per_s: p.flops_f32,
-            bytes_per_s: p.read_bytes_per_s,
-            what: format!(
-                "host: {} FMA f32 on {} threads, streaming read",
-                p.isa, p.threads
-            ),
-        });
-        let points: Vec<BenchPoint> = measured
-            .iter()
-            .map(|m| BenchPoint {
-                op: m.op.clone(),
-                shape: m.shape.to_string(),
-                backend: m.backend.clone(),
-                device: m.device.clone(),
-                median_s: m.median_s,
-                flops_per_s: m.tflops * 1e12,
-                bytes_per_s: m.gbps * 1e9,
-            })
-            .collect();
-        crate::suite::report::write_atomic(path, bench_page(roof.as_ref(), &points).as_bytes())
+        crate::suite::report::html::write_bench(path, peak.as_ref(), &measured)
             .map_err(|e| CliError::Failed(Error::Other(e.to_string())))?;
         eprintln!("bench: wrote {}", path.display());
     }

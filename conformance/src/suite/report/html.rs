@@ -19,6 +19,8 @@ mod forward;
 mod run;
 pub mod svg;
 
+#[cfg(feature = "cpu")]
+pub use bench::write_bench;
 pub use bench::{bench_page, BenchPoint, Roof};
 pub use forward::{forward_page, ForwardPlot};
 pub use run::{html_main, report_html, run_page, HtmlArgs, RunRef};

@@ -176,3 +176,34 @@ pub fn bench_page(roof: Option<&Roof>, points: &[BenchPoint]) -> String {
     b.push_str("</table>");
     page("deepport bench: roofline", &b, "")
 }
+
+/// Writes the page of `deepport bench --html` (atomically): the host's
+/// measured peaks as the roof, each measurement as a point.
+#[cfg(feature = "cpu")]
+pub fn write_bench(
+    path: &std::path::Path,
+    peak: Option<&deepport_cpu::peak::HostPeak>,
+    measured: &[crate::bench_cmd::Measurement],
+) -> std::io::Result<()> {
+    let roof = peak.map(|p| Roof {
+        flops_per_s: p.flops_f32,
+        bytes_per_s: p.read_bytes_per_s,
+        what: format!(
+            "host: {} FMA f32 on {} threads, streaming read",
+            p.isa, p.threads
+        ),
+    });
+    let points: Vec<BenchPoint> = measured
+        .iter()
+        .map(|m| BenchPoint {
+            op: m.op.clone(),
+            shape: m.shape.to_string(),
+            backend: m.backend.clone(),
+            device: m.device.clone(),
+            median_s: m.median_s,
+            flops_per_s: m.tflops * 1e12,
+            bytes_per_s: m.gbps * 1e9,
+        })
+        .collect();
+    super::write_page(path, &bench_page(roof.as_ref(), &points))
+}
