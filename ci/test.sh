@@ -14,7 +14,9 @@
 #                     (so the cuda kernels must compile) and a C++ compiler
 #                     (so the cuda kernels run under backends/cuda/emu),
 #                     and hiprtc (Debian's libamdhip64-dev, ROCm 5.2: the
-#                     portable kernels must compile for gfx90a/gfx908).
+#                     portable kernels must compile for gfx90a/gfx908),
+#                     and chromium (Debian's, headless: the HTML reports
+#                     must load without a JavaScript error; tests/html.rs).
 #   DEEPPORT_CUDA_FLAVOR  cu12 (default: nvidia-cuda-nvrtc-cu12, CUDA 12.9)
 #                     or cu13 (nvidia-cuda-nvrtc, CUDA 13): the NVRTC the
 #                     cuda kernels are compiled with; DEEPPORT_NVRTC set by
@@ -29,7 +31,7 @@ log() { printf '\n== %s ==\n' "$*"; }
 # System packages the tests need. Each later backend adds its driver here
 # (e.g. mesa-vulkan-drivers for wgpu/vulkan on lavapipe) and its name to
 # DEEPPORT_REQUIRE below.
-APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev)
+APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev chromium)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -46,7 +48,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc}"
+export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc,chromium}"
 # lavapipe (Mesa's CPU Vulkan driver) serves the wgpu backend in CI; this
 # silences its warning about a missing runtime directory.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
@@ -122,6 +124,8 @@ for b in ${DEEPPORT_CONFORMANCE:-wgpu}; do
     echo "conformance: $b reports NotSupported cases in v3-mustpass" >&2
     exit 1
   fi
+  # Its report.html in a real browser (chromium, headless).
+  ci/html_check.sh "target/conformance/$b"
 done
 
 # The cuda kernels, compiled without a GPU (PTX, cubin and manifest.json

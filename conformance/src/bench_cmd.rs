@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Skip measuring the machine's peaks (no peak fraction is reported).
     #[arg(long)]
     pub no_peak: bool,
+    /// Also write a self-contained HTML page: the roofline of the measured
+    /// peaks with every measured shape as a point, one plot per backend.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<std::path::PathBuf>,
 }
 
 /// One measurement.
@@ -193,6 +197,7 @@ pub fn run(args: &BenchArgs) -> Result<bool, CliError> {
     }
     let budget = MemoryBudget::global().bytes();
     let mut all_ok = true;
+    let mut measured: Vec<Measurement> = Vec::new();
     for (op, shape) in &cases {
         let need = setup::footprint(op, shape).map_err(CliError::Failed)?;
         let mut first: Option<f64> = None;
@@ -267,7 +272,13 @@ pub fn run(args: &BenchArgs) -> Result<bool, CliError> {
                 );
             }
             first.get_or_insert(median);
+            measured.push(m);
         }
+    }
+    if let Some(path) = &args.html {
+        crate::suite::report::html::write_bench(path, peak.as_ref(), &measured)
+            .map_err(|e| CliError::Failed(Error::Other(e.to_string())))?;
+        eprintln!("bench: wrote {}", path.display());
     }
     Ok(all_ok)
 }

@@ -47,6 +47,10 @@ pub struct ForwardArgs {
     /// per layer and tap, and name the first layer and op that left tolerance.
     #[arg(long)]
     pub golden: Option<PathBuf>,
+    /// With --golden: also write a self-contained HTML page plotting every
+    /// layer's and tap's error against its threshold, first divergence marked.
+    #[arg(long, value_name = "FILE", requires = "golden")]
+    pub html: Option<PathBuf>,
     /// Expert parallelism: split the routed experts over N in-process ranks
     /// (one thread and one backend instance per rank; rank 0 reports).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
@@ -278,6 +282,20 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         return Ok(true);
     };
     print!("{}", report.table());
+    if let Some(h) = &args.html {
+        use crate::suite::report::html;
+        let (golden, plot) = (display(p), &report);
+        let run = html::ForwardPlot {
+            mode: numerics.name(),
+            backend: &args.backend,
+            prefill: prefill.name(),
+            golden: &golden,
+            report: plot,
+        };
+        crate::suite::report::write_atomic(h, html::forward_page(&[run]).as_bytes())
+            .map_err(|e| failed(Error::Other(e.to_string())))?;
+        eprintln!("forward: wrote {}", h.display());
+    }
     match report.first_failure() {
         None => {
             println!(

@@ -34,6 +34,7 @@ This program:
   deepport run ...       judge backends with the conformance suite (profiles smoke,
                          full, v3-mustpass; --isolate, --report DIR)
   deepport report merge  merge run reports into a cases x backends matrix
+  deepport report html   the same as one self-contained HTML page with plots
   deepport verify DIR    check a v3-mustpass submission
   deepport mutants       judge the suite itself: profiles against a library of
                          realistic one-bug backends (the mutant x profile matrix)
@@ -173,6 +174,9 @@ enum GoldenCmd {
 enum ReportCmd {
     /// Merge run directories into a Markdown matrix of cases x backends.
     Merge(report::MergeArgs),
+    /// One self-contained HTML page from run directories: the cases x
+    /// backends matrix, how close each metric runs to its threshold, the runs' facts.
+    Html(report::html::HtmlArgs),
 }
 
 fn op_names() -> PossibleValuesParser {
@@ -300,6 +304,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "cpu")]
         Command::Mutants(a) => return exec::mutants::matrix::mutants_main(a),
         Command::Report(ReportCmd::Merge(a)) => return report::merge_main(a),
+        Command::Report(ReportCmd::Html(a)) => return report::html::html_main(a),
         Command::Verify(a) => return report::verify_main(a),
         Command::CaseExec(a) => return exec::child::case_exec_main(a),
         Command::Forward(a) => match deepport_conformance::forward_cmd::run(&a) {

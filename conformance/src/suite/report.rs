@@ -8,6 +8,7 @@
 //! | `results.jsonl` | one [`CaseResult`] per line, every field present (`null` when unknown); non-finite metric values as the strings `"NaN"`, `"inf"`, `"-inf"` |
 //! | `junit.xml` | JUnit XML for CI systems: one `<testsuite>` per op family; Fail/Crash/Timeout are `<failure>`s, NotSupported is `<skipped>` (never a pass) |
 //! | `summary.md` | a Markdown summary: the run's facts, outcome counts per op family, every case that did not pass |
+//! | `report.html` | one self-contained page: the matrix, how close each metric runs to its threshold, the run's facts ([`html`]) |
 //! | `resume.json` | the run's selection and options, for `deepport run --resume DIR` ([`crate::suite::exec::resume`]) |
 //! | `.deepport-run.lock` | held (`flock`) by the run writing into the directory ([`lock`]) |
 //!
@@ -21,6 +22,7 @@
 //! (`deepport verify`): every `v3-mustpass` case present exactly once, only
 //! conformant outcomes, this suite version, a recorded clean tree.
 
+pub mod html;
 mod junit;
 pub mod lock;
 mod markdown;
@@ -267,7 +269,7 @@ pub fn results_jsonl(results: &[CaseResult]) -> String {
     lines
 }
 
-/// Writes `run.json`, `results.jsonl`, `junit.xml` and `summary.md` into
+/// Writes `run.json`, `results.jsonl`, `junit.xml`, `summary.md` and `report.html` into
 /// `dir` (created if missing; existing files are replaced, each atomically:
 /// see [`write_atomic`]).
 pub fn write_all(dir: &Path, info: &RunInfo, results: &[CaseResult]) -> std::io::Result<()> {
@@ -277,6 +279,8 @@ pub fn write_all(dir: &Path, info: &RunInfo, results: &[CaseResult]) -> std::io:
     write_file(&dir.join(RESULTS_JSONL), &results_jsonl(results))?;
     write_file(&dir.join(JUNIT_XML), &junit_xml(info, results))?;
     write_file(&dir.join(SUMMARY_MD), &summary_md(info, results))?;
+    let run = html::RunRef { dir, info, results };
+    write_file(&dir.join(html::REPORT_HTML), &html::run_page(&[run]))?;
     Ok(())
 }
 
