@@ -303,6 +303,7 @@ fn report_files_never_panic_the_readers() {
             let _ = report::merge(&[dir.clone(), dir.clone()]);
             let _ = report::verify(&dir, &ids);
             let _ = report::read_partial_results(&dir);
+            let _ = report::html::report_html(&[dir.clone()]);
         });
         assert!(
             r.is_ok(),

@@ -51,8 +51,9 @@ const TEST_ONLY: [&str; 1] = ["faulty"];
 /// Names `DEEPPORT_REQUIRE` may hold that are tools, not backends (NVRTC:
 /// backends/cuda/tests/compile.rs and `deepport kernels` require it; emu:
 /// a C++ compiler for backends/cuda/tests/emulate.rs; hiprtc: ROCm's
-/// compiler for backends/rocm/tests/compile.rs).
-const REQUIRE_TOOLS: [&str; 3] = ["nvrtc", "emu", "hiprtc"];
+/// compiler for backends/rocm/tests/compile.rs; chromium: a headless
+/// browser for tests/html.rs).
+const REQUIRE_TOOLS: [&str; 4] = ["nvrtc", "emu", "hiprtc", "chromium"];
 
 /// Counts of outcomes that libtest cannot show by name.
 #[derive(Default)]

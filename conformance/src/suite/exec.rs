@@ -765,7 +765,11 @@ pub fn run_main(args: RunArgs) -> ExitCode {
                 }
             } else {
                 let setup = std::fs::create_dir_all(&d).and_then(|()| {
-                    for stale in [super::report::JUNIT_XML, super::report::SUMMARY_MD] {
+                    for stale in [
+                        super::report::JUNIT_XML,
+                        super::report::SUMMARY_MD,
+                        super::report::html::REPORT_HTML,
+                    ] {
                         match std::fs::remove_file(d.join(stale)) {
                             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                             _ => {}
