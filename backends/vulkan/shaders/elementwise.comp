@@ -20,22 +20,5 @@ uint lane(uint i) {
     return dt_encode(OUT_DT, div_rn(x, 1.0 + exp_f32(-x)) * y);
 }
 
-void main() {
-    uint w = inv_lin();
-    uint per = dt_per_word(OUT_DT);
-    if (w * per >= P.n) return;
-    if (per == 1u) {
-        o[w] = lane(w);
-        return;
-    }
-    uint bits = 32u / per;
-    uint word = o[w];
-    for (uint j = 0u; j < per; j++) {
-        uint i = w * per + j;
-        if (i < P.n) {
-            uint m = ((1u << bits) - 1u) << (j * bits);
-            word = (word & ~m) | ((lane(i) << (j * bits)) & m);
-        }
-    }
-    o[w] = word;
-}
+#define PW_TOTAL P.n
+#include "per_word.glsl"

@@ -907,7 +907,12 @@ impl Shared {
         let mut st = self.state(op)?;
         self.begin_cmd(&mut st)?;
         *lock(&self.recorder) = Some(std::thread::current().id());
-        Ok(Rec { ctx: self, op, st })
+        Ok(Rec {
+            ctx: self,
+            op,
+            st,
+            scratch: Vec::new(),
+        })
     }
 
     /// A pipeline for kernel `name` with kernel constants `spec` (after the
@@ -1175,10 +1180,16 @@ pub(crate) struct Rec<'a> {
     pub(crate) ctx: &'a Shared,
     pub(crate) op: &'static str,
     st: MutexGuard<'a, State>,
+    /// Scratch slots of this op, free for reuse once it is recorded (later
+    /// commands are ordered after it by barriers).
+    scratch: Vec<Slot>,
 }
 
 impl Drop for Rec<'_> {
     fn drop(&mut self) {
+        for s in self.scratch.drain(..) {
+            self.st.dev.free(s);
+        }
         *lock(&self.ctx.recorder) = None;
     }
 }
@@ -1360,26 +1371,54 @@ impl Rec<'_> {
         Ok(())
     }
 
-    /// Copies `n` bytes between device ranges.
-    pub(crate) fn copy(&mut self, src: Bind, src_off: u64, dst: Bind, dst_off: u64, n: u64) {
+    /// A device scratch range of `bytes` bytes, released when the op ends.
+    pub(crate) fn scratch(&mut self, bytes: u64) -> Result<Bind> {
+        let ctx = self.ctx;
+        let slot = ctx.dev_slot(&mut self.st, self.op, bytes)?;
+        self.scratch.push(slot);
+        Ok(Bind {
+            buf: ctx.slot_buffer(&self.st, slot),
+            offset: slot.offset,
+            range: slot.size,
+        })
+    }
+
+    /// A scratch range holding `data` (a small table the host computed).
+    pub(crate) fn table(&mut self, data: &[u8]) -> Result<Bind> {
+        let b = self.scratch(data.len() as u64)?;
+        let ctx = self.ctx;
+        let st = &mut *self.st;
+        let n = data.len() as u64;
         if n == 0 {
-            return;
+            return Ok(b);
         }
-        let st = &*self.st;
-        // SAFETY: ranges inside live buffers; `cmd` is recording.
+        let hs = ctx.host_slot(st, self.op, n)?;
+        let hb = &st.host_blocks[hs.block];
+        // SAFETY: the staging range lies inside the mapped block and no
+        // pending command uses it (released only after its batch).
         unsafe {
-            self.ctx.device.cmd_copy_buffer(
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (hb.ptr as *mut u8).add(hs.offset as usize),
+                data.len(),
+            )
+        };
+        // SAFETY: both ranges lie inside live buffers; `cmd` is recording.
+        unsafe {
+            ctx.device.cmd_copy_buffer(
                 st.cmd,
-                src.buf,
-                dst.buf,
+                hb.buf,
+                b.buf,
                 &[vk::BufferCopy {
-                    src_offset: src.offset + src_off,
-                    dst_offset: dst.offset + dst_off,
+                    src_offset: hs.offset,
+                    dst_offset: b.offset,
                     size: n,
                 }],
             )
         };
-        self.ctx.barrier(st);
+        st.staging.push(hs);
+        ctx.barrier(st);
+        Ok(b)
     }
 
     /// A new status entry for a check of `arg`; settles the batch first

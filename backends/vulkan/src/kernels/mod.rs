@@ -73,7 +73,7 @@ pub(crate) fn dt(d: DType) -> Result<u32> {
         DType::F8E4M3Fnuz => 4,
         DType::I32 => 5,
         DType::I64 => 6,
-        DType::U8 | DType::Bool | DType::E8M0 => 7,
+        DType::U8 | DType::Bool => 7,
         other => {
             return Err(Error::not_supported(
                 crate::ctx::BACKEND,
@@ -158,4 +158,4 @@ macro_rules! modules {
     };
 }
 
-modules!(elementwise, rows);
+modules!(elementwise, rows, dense);
