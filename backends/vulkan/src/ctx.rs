@@ -879,7 +879,7 @@ impl Shared {
         for s in std::mem::take(&mut st.staging) {
             st.host.free(s);
         }
-        for p in &st.pools[..st.pool_used.min(st.pools.len())] {
+        for p in &st.pools {
             // SAFETY: no command using the pool's sets is pending.
             unsafe {
                 let _ = self
@@ -1419,6 +1419,19 @@ impl Rec<'_> {
         st.staging.push(hs);
         ctx.barrier(st);
         Ok(b)
+    }
+
+    /// Zeroes a bound range (after everything recorded before).
+    pub(crate) fn zero(&mut self, b: Bind) {
+        let st = &*self.st;
+        // SAFETY: the range lies inside a live buffer and is a multiple of
+        // 4 bytes (bindings are rounded to words); `cmd` is recording.
+        unsafe {
+            self.ctx
+                .device
+                .cmd_fill_buffer(st.cmd, b.buf, b.offset, b.range, 0)
+        };
+        self.ctx.barrier(st);
     }
 
     /// A new status entry for a check of `arg`; settles the batch first

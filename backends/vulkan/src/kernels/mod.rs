@@ -34,7 +34,6 @@ macro_rules! op_table {
                         self.gather_rows.is_some()
                             && self.reduce_rows.is_some()
                             && self.act_quant.is_some()
-                            && self.get_dispatch_layout.is_some()
                     }
                 }
             }
@@ -158,4 +157,4 @@ macro_rules! modules {
     };
 }
 
-modules!(elementwise, rows, dense);
+modules!(elementwise, rows, dense, gemm, moe_gate, grouped, mla, ep);
