@@ -11,7 +11,9 @@
 // MODE 0 dense (g = 0), 1 contiguous (g = m_indices[r]; -1 or a bad id:
 // the row is not written, the check kernel reports bad ids), 2 masked
 // (rows r ≥ masked_m[g] of group g are not written; masked_m clamped).
-// Rows are global: masked rows count `g · m + r`.
+// Rows are global: masked rows count `g · m + r`. Operands beyond
+// maxStorageBufferRange come in windows of whole groups [g0, g1): b and sb
+// hold those groups only, and (masked) a, sa and d the rows from r0 on.
 #include "common.glsl"
 layout(constant_id = 2) const uint MODE = 0u;
 layout(constant_id = 3) const uint FP8 = 1u;
@@ -20,7 +22,7 @@ layout(constant_id = 5) const uint B_DT = 3u;
 layout(constant_id = 6) const uint D_DT = 0u;
 layout(constant_id = 7) const uint IDX_DT = 5u;
 layout(push_constant) uniform Push {
-    uint m; uint n; uint k; uint kb; uint nb; uint rows; uint groups;
+    uint m; uint n; uint k; uint kb; uint nb; uint rows; uint groups; uint g0; uint g1; uint r0;
 } P;
 layout(std430, set = 0, binding = 0) readonly buffer A { uint a[]; };
 layout(std430, set = 0, binding = 1) readonly buffer SA { uint sa[]; };
@@ -42,7 +44,7 @@ void store(uint i, float v) {
 void main() {
     uint i = inv_lin();
     if (i >= P.rows * P.n) return;
-    uint r = i / P.n;
+    uint r = P.r0 + i / P.n;
     uint j = i % P.n;
     uint g = 0u;
     if (MODE == 1u) {
@@ -55,11 +57,13 @@ void main() {
         uint lim = i64_is_negative(mm) ? 0u : (mm.y != 0u ? P.m : min(mm.x, P.m));
         if (r % P.m >= lim) return;
     }
-    uint arow = r * P.k;
-    uint brow = (g * P.n + j) * P.k;
+    if (g < P.g0 || g >= P.g1) return;
+    uint lr = r - P.r0;
+    uint arow = lr * P.k;
+    uint brow = ((g - P.g0) * P.n + j) * P.k;
     float acc = 0.0;
     if (FP8 == 1u) {
-        uint sbrow = (g * P.nb + j / 128u) * P.kb;
+        uint sbrow = ((g - P.g0) * P.nb + j / 128u) * P.kb;
         for (uint kb = 0u; kb < P.kb; kb++) {
             uint k0 = kb * 128u;
             uint k1 = min(k0 + 128u, P.k);
@@ -67,12 +71,12 @@ void main() {
             for (uint kk = k0; kk < k1; kk++) {
                 part += LDF(a, A_DT, arow + kk) * LDF(b, B_DT, brow + kk);
             }
-            acc += part * (uintBitsToFloat(sa[r * P.kb + kb]) * uintBitsToFloat(sb[sbrow + kb]));
+            acc += part * (uintBitsToFloat(sa[lr * P.kb + kb]) * uintBitsToFloat(sb[sbrow + kb]));
         }
     } else {
         for (uint kk = 0u; kk < P.k; kk++) {
             acc += LDF(a, A_DT, arow + kk) * LDF(b, B_DT, brow + kk);
         }
     }
-    store(r * P.n + j, acc);
+    store(lr * P.n + j, acc);
 }

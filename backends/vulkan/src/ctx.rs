@@ -712,6 +712,24 @@ impl Shared {
         };
     }
 
+    /// Zeroes a device slot after every op recorded so far. `alloc` does
+    /// this: the trait allows uninitialised memory, but the other backends
+    /// return zeros and callers that read rows a kernel skipped (masked
+    /// GEMM rows) would otherwise see whatever a freed tensor left there.
+    pub(crate) fn zero_slot(&self, what: &str, slot: Slot) -> Result<()> {
+        let mut st = self.state(what)?;
+        self.begin_cmd(&mut st)?;
+        let buf = self.slot_buffer(&st, slot);
+        // SAFETY: the slot lies inside its block's buffer and its size is a
+        // multiple of 4 (the arena aligns sizes); `cmd` is recording.
+        unsafe {
+            self.device
+                .cmd_fill_buffer(st.cmd, buf, slot.offset, slot.size, 0)
+        };
+        self.barrier(&st);
+        Ok(())
+    }
+
     /// Writes `data` into `dst` (byte offset `off` of a device slot) after
     /// every op recorded so far.
     pub(crate) fn write_bytes(&self, what: &str, slot: Slot, data: &[u8]) -> Result<()> {
@@ -1248,6 +1266,48 @@ impl Rec<'_> {
             },
             sub,
         ))
+    }
+
+    /// The binding of bytes `[off, off + len)` of `t`'s data (a window of a
+    /// tensor beyond `maxStorageBufferRange`); `NotSupported` when the
+    /// window does not start at an aligned offset or is itself too large.
+    pub(crate) fn bind_bytes(
+        &self,
+        t: &deepport_core::backend::Tensor,
+        off: u64,
+        len: u64,
+    ) -> Result<Bind> {
+        let s = t
+            .storage_any::<VulkanStorage>()
+            .ok_or_else(|| Error::ForeignTensor {
+                owner: t.owner().to_string(),
+                backend: BACKEND.into(),
+            })?;
+        let start = s.slot.offset + t.offset_bytes() as u64 + off;
+        let range = len.div_ceil(4).max(1) * 4;
+        if !start.is_multiple_of(self.ctx.features.min_storage_align)
+            || range > self.ctx.features.max_storage_range
+            || off + len > t.nbytes() as u64
+        {
+            return Err(Error::not_supported(
+                BACKEND,
+                self.op,
+                format!(
+                    "a window of {len} bytes at byte {off} of an operand cannot be bound (alignment {}, maxStorageBufferRange {})",
+                    self.ctx.features.min_storage_align, self.ctx.features.max_storage_range
+                ),
+            ));
+        }
+        Ok(Bind {
+            buf: self.ctx.slot_buffer(&self.st, s.slot),
+            offset: start,
+            range,
+        })
+    }
+
+    /// The largest range one binding may have (`maxStorageBufferRange`).
+    pub(crate) fn max_range(&self) -> u64 {
+        self.ctx.features.max_storage_range
     }
 
     /// The binding of a tensor that kernels read from its first byte

@@ -186,6 +186,7 @@ impl Backend for Vulkan {
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let bytes = Self::nbytes(dtype, shape)?;
         let s = self.ctx.alloc("alloc", bytes)?;
+        self.ctx.zero_slot("alloc", s.slot)?;
         Ok(self.tensor(dtype, shape, s))
     }
 

@@ -45,7 +45,7 @@ fn record(rec: &mut Rec<'_>, op: &'static str, x: &Operands<'_>, mode: Mode, dim
     let rows = if mode == Mode::Masked { g * m } else { m };
     u32_of(op, "a elements", rows.saturating_mul(k))?;
     u32_of(op, "b elements", g.saturating_mul(n).saturating_mul(k))?;
-    let total = u32_of(op, "d elements", rows.saturating_mul(n))?;
+    u32_of(op, "d elements", rows.saturating_mul(n))?;
     let idx_dt = x.idx.map(|t| t.dtype()).unwrap_or(DType::I32);
     let spec = [
         mode as u32,
@@ -55,27 +55,86 @@ fn record(rec: &mut Rec<'_>, op: &'static str, x: &Operands<'_>, mode: Mode, dim
         dt(x.d.dtype())?,
         dt(idx_dt)?,
     ];
-    let a = rec.whole(x.a)?;
-    let b = rec.whole(x.b)?;
-    let d = rec.whole(x.d)?;
-    // Unused bindings get a placeholder (never read).
-    let (sa, sb): (Bind, Bind) = match x.scales {
-        Some((sa, sb)) => (rec.whole(sa)?, rec.whole(sb)?),
-        None => (a, a),
+    // Windows of whole groups when b (or, masked, a or d) exceeds one
+    // binding; b's groups (and sb's) are bound from their first byte.
+    let max = rec.max_range();
+    let per_group = |t: &Tensor| t.nbytes() as u64 / g as u64;
+    let mut unit = per_group(x.b);
+    if let Some((_, sb)) = x.scales {
+        unit = unit.max(per_group(sb));
+    }
+    if mode == Mode::Masked {
+        unit = unit.max(per_group(x.a)).max(per_group(x.d));
+        if let Some((sa, _)) = x.scales {
+            unit = unit.max(per_group(sa));
+        }
+    }
+    let per = if unit * g as u64 <= max {
+        g
+    } else {
+        (max / unit.max(1)) as usize
     };
+    if per == 0 {
+        return Err(deepport_core::Error::not_supported(
+            crate::ctx::BACKEND,
+            op,
+            format!("one group of {unit} bytes exceeds maxStorageBufferRange ({max} bytes)"),
+        ));
+    }
+    let whole_rows = mode != Mode::Masked;
     let idx = match x.idx {
-        Some(t) => rec.whole(t)?,
-        None => a,
+        Some(t) => Some(rec.whole(t)?),
+        None => None,
     };
-    let p = Push::new()
-        .u32(m as u32)
-        .u32(n as u32)
-        .u32(k as u32)
-        .u32(k.div_ceil(128) as u32)
-        .u32(n.div_ceil(128) as u32)
-        .u32(rows as u32)
-        .u32(g as u32);
-    rec.dispatch("gemm_rows", &spec, &[a, sa, b, sb, idx, d], &p, groups(total))
+    let (mut a_whole, mut d_whole, mut sa_whole) = (None, None, None);
+    if whole_rows {
+        a_whole = Some(rec.whole(x.a)?);
+        d_whole = Some(rec.whole(x.d)?);
+        if let Some((sa, _)) = x.scales {
+            sa_whole = Some(rec.whole(sa)?);
+        }
+    }
+    let window = |rec: &Rec<'_>, t: &Tensor, g0: usize, g1: usize| -> Result<Bind> {
+        let pg = per_group(t);
+        rec.bind_bytes(t, g0 as u64 * pg, (g1 - g0) as u64 * pg)
+    };
+    let mut g0 = 0;
+    while g0 < g {
+        let g1 = (g0 + per).min(g);
+        let b = window(rec, x.b, g0, g1)?;
+        let (a, d) = match (a_whole, d_whole) {
+            (Some(a), Some(d)) => (a, d),
+            _ => (window(rec, x.a, g0, g1)?, window(rec, x.d, g0, g1)?),
+        };
+        // Unused bindings get a placeholder (never read).
+        let (sa, sb) = match x.scales {
+            Some((sa, sb)) => (
+                match sa_whole {
+                    Some(s) => s,
+                    None => window(rec, sa, g0, g1)?,
+                },
+                window(rec, sb, g0, g1)?,
+            ),
+            None => (a, a),
+        };
+        let (r0, nrows) = if whole_rows { (0, rows) } else { (g0 * m, (g1 - g0) * m) };
+        let p = Push::new()
+            .u32(m as u32)
+            .u32(n as u32)
+            .u32(k as u32)
+            .u32(k.div_ceil(128) as u32)
+            .u32(n.div_ceil(128) as u32)
+            .u32(nrows as u32)
+            .u32(g as u32)
+            .u32(g0 as u32)
+            .u32(g1 as u32)
+            .u32(r0 as u32);
+        let count = u32_of(op, "d elements", nrows * n)?;
+        let binds = [a, sa, b, sb, idx.unwrap_or(a), d];
+        rec.dispatch("gemm_rows", &spec, &binds, &p, groups(count))?;
+        g0 = g1;
+    }
+    Ok(())
 }
 
 fn fp8_gemm(v: &Vulkan, op: &mut Checked<Fp8Gemm<'_>>) -> Result<()> {
