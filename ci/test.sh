@@ -114,7 +114,7 @@ cargo test --workspace --locked
 # The device backends CI can really run are judged on the whole
 # v3-mustpass profile (the tests above run the smoke profile). `run` fails
 # on Fail, Crash or Timeout; a V3 claim also forbids NotSupported.
-for b in ${DEEPPORT_CONFORMANCE:-wgpu}; do
+for b in ${DEEPPORT_CONFORMANCE:-wgpu vulkan}; do
   log "conformance: $b, profile v3-mustpass"
   cargo run --locked --quiet -p deepport-conformance -- \
     run --backend "$b" --profile v3-mustpass --jobs 2 --report "target/conformance/$b"
@@ -123,13 +123,6 @@ for b in ${DEEPPORT_CONFORMANCE:-wgpu}; do
     exit 1
   fi
 done
-
-# The vulkan backend (ash + GLSL on lavapipe) does not cover v3-mustpass
-# yet (MLA is NotSupported): its implemented ops run the smoke profile with
-# the validation layer on; `run` fails on Fail, Crash or Timeout.
-log "conformance: vulkan, profile smoke (validation layer on)"
-DEEPPORT_VULKAN_VALIDATION=1 cargo run --locked --quiet -p deepport-conformance -- \
-  run --backend vulkan --profile smoke --jobs 2 --report target/conformance/vulkan-smoke
 
 # The cuda kernels, compiled without a GPU (PTX, cubin and manifest.json
 # under target/kernels/ARCH): every source for Hopper, the portable ones
