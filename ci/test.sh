@@ -31,7 +31,7 @@ log() { printf '\n== %s ==\n' "$*"; }
 # System packages the tests need. Each later backend adds its driver here
 # (e.g. mesa-vulkan-drivers for wgpu/vulkan on lavapipe) and its name to
 # DEEPPORT_REQUIRE below.
-APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev chromium)
+APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev chromium glslang-tools vulkan-validationlayers)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -48,7 +48,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc,chromium}"
+export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc,chromium,vulkan}"
 # lavapipe (Mesa's CPU Vulkan driver) serves the wgpu backend in CI; this
 # silences its warning about a missing runtime directory.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
@@ -116,7 +116,7 @@ cargo test --workspace --locked
 # The device backends CI can really run are judged on the whole
 # v3-mustpass profile (the tests above run the smoke profile). `run` fails
 # on Fail, Crash or Timeout; a V3 claim also forbids NotSupported.
-for b in ${DEEPPORT_CONFORMANCE:-wgpu}; do
+for b in ${DEEPPORT_CONFORMANCE:-wgpu vulkan}; do
   log "conformance: $b, profile v3-mustpass"
   cargo run --locked --quiet -p deepport-conformance -- \
     run --backend "$b" --profile v3-mustpass --jobs 2 --report "target/conformance/$b"

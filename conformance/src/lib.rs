@@ -61,6 +61,8 @@ pub fn registry() -> Registry {
     deepport_cuda::register(&mut reg);
     #[cfg(feature = "rocm")]
     deepport_rocm::register(&mut reg);
+    #[cfg(feature = "vulkan")]
+    deepport_vulkan::register(&mut reg);
     #[cfg(feature = "cpu")]
     faulty::register_if_enabled(&mut reg);
     reg
