@@ -14,7 +14,9 @@
 #                     (so the cuda kernels must compile) and a C++ compiler
 #                     (so the cuda kernels run under backends/cuda/emu),
 #                     and hiprtc (Debian's libamdhip64-dev, ROCm 5.2: the
-#                     portable kernels must compile for gfx90a/gfx908).
+#                     portable kernels must compile for gfx90a/gfx908),
+#                     and `mpi` (Open MPI's mpirun: the MPI transport's tests
+#                     and the 4-rank runs under mpirun must run, not skip).
 #   DEEPPORT_CUDA_FLAVOR  cu12 (default: nvidia-cuda-nvrtc-cu12, CUDA 12.9)
 #                     or cu13 (nvidia-cuda-nvrtc, CUDA 13): the NVRTC the
 #                     cuda kernels are compiled with; DEEPPORT_NVRTC set by
@@ -29,7 +31,7 @@ log() { printf '\n== %s ==\n' "$*"; }
 # System packages the tests need. Each later backend adds its driver here
 # (e.g. mesa-vulkan-drivers for wgpu/vulkan on lavapipe) and its name to
 # DEEPPORT_REQUIRE below.
-APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev)
+APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev libopenmpi-dev openmpi-bin libclang-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -46,7 +48,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc}"
+export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc,mpi}"
 # lavapipe (Mesa's CPU Vulkan driver) serves the wgpu backend in CI; this
 # silences its warning about a missing runtime directory.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
@@ -110,6 +112,13 @@ echo "DEEPPORT_NVRTC=$DEEPPORT_NVRTC"
 
 log "cargo test (required: $DEEPPORT_REQUIRE)"
 cargo test --workspace --locked
+
+# Expert parallelism across processes: the deepport binary built with MPI
+# runs the 2- and 4-rank expert-parallel cases (`run --comm mpi --profile
+# ep`) and the 4-rank forward pass (`forward --comm mpi --ep 4`, the same
+# bytes as one process in f32) under mpirun (conformance/tests/mpi.rs).
+log "MPI: deepport --features mpi under mpirun -np 2 and 4"
+cargo test --locked -p deepport-conformance --features mpi --test mpi
 
 # The device backends CI can really run are judged on the whole
 # v3-mustpass profile (the tests above run the smoke profile). `run` fails

@@ -179,6 +179,70 @@ impl MpiComm {
         std::process::exit(code)
     }
 
+    /// A plain blocking `MPI_Alltoallv` of bytes (`send` holds the
+    /// messages to ranks 0, 1, … back to back, `recv` receives those from
+    /// every rank in rank order): the baseline the benchmark compares the
+    /// transport with. **No deadline**: not for production use.
+    pub fn alltoallv_baseline(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let world = self.world;
+        let ints = |v: &[usize]| -> Result<(Vec<c_int>, Vec<c_int>)> {
+            let mut counts = Vec::with_capacity(world);
+            let mut displs = Vec::with_capacity(world);
+            let mut at = 0usize;
+            for &c in v {
+                let (ci, di) = (c_int::try_from(c), c_int::try_from(at));
+                match (ci, di) {
+                    (Ok(ci), Ok(di)) => {
+                        counts.push(ci);
+                        displs.push(di);
+                    }
+                    _ => return Err(self.err("alltoallv_baseline: counts exceed MPI's int".into())),
+                }
+                at += c;
+            }
+            Ok((counts, displs))
+        };
+        if send_counts.len() != world
+            || recv_counts.len() != world
+            || send_counts.iter().sum::<usize>() > send.len()
+            || recv_counts.iter().sum::<usize>() > recv.len()
+        {
+            return Err(self.err("alltoallv_baseline: counts do not match the buffers".into()));
+        }
+        let (sc, sd) = ints(send_counts)?;
+        let (rc, rd) = ints(recv_counts)?;
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| self.err("group lock poisoned".into()))?;
+        // SAFETY: the counts and displacements were checked against the
+        // buffers' lengths above; both buffers outlive this blocking call;
+        // `comm` is live.
+        let code = unsafe {
+            ffi::MPI_Alltoallv(
+                send.as_ptr() as *const c_void,
+                sc.as_ptr(),
+                sd.as_ptr(),
+                ffi::RSMPI_UINT8_T,
+                recv.as_mut_ptr() as *mut c_void,
+                rc.as_ptr(),
+                rd.as_ptr(),
+                ffi::RSMPI_UINT8_T,
+                inner.comm,
+            )
+        };
+        if code != 0 {
+            return Err(mpi_err(self.rank, "MPI_Alltoallv", code));
+        }
+        Ok(())
+    }
+
     fn err(&self, msg: String) -> Error {
         Error::Comm {
             rank: self.rank,
