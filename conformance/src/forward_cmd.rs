@@ -47,8 +47,9 @@ pub struct ForwardArgs {
     /// per layer and tap, and name the first layer and op that left tolerance.
     #[arg(long)]
     pub golden: Option<PathBuf>,
-    /// Expert parallelism: split the routed experts over N in-process ranks
-    /// (one thread and one backend instance per rank; rank 0 reports).
+    /// Expert parallelism: split the routed experts over N ranks (with
+    /// --comm thread, one thread and one backend instance per rank in this
+    /// process; with --comm mpi, one process per rank); rank 0 reports.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub ep: u64,
     /// How the expert-parallel ranks talk: `thread` (in this process) or
@@ -343,10 +344,7 @@ fn mpi_fields(
         ("prefill", args.prefill.clone()),
         ("chunk", args.chunk.to_string()),
         ("decode", args.decode.to_string()),
-        (
-            "tokens",
-            crate::comm_cmd::digest(&format!("{tokens:?}")),
-        ),
+        ("tokens", crate::comm_cmd::digest(&format!("{tokens:?}"))),
         ("golden", (args.golden.is_some()).to_string()),
         ("deepport", env!("CARGO_PKG_VERSION").to_string()),
     ])

@@ -37,7 +37,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let tokens = args.first().copied().unwrap_or(1024);
     let iters = args.get(1).copied().unwrap_or(10).max(1);
     let comm = MpiComm::init()?;
@@ -66,7 +69,9 @@ fn main() -> Result<()> {
         }
         idx.extend(chosen);
     }
-    let xv: Vec<f32> = (0..tokens * HIDDEN).map(|i| (i % 97) as f32 / 97.0).collect();
+    let xv: Vec<f32> = (0..tokens * HIDDEN)
+        .map(|i| (i % 97) as f32 / 97.0)
+        .collect();
     let x = b.upload(&HostTensor::from_f32(DType::BF16, &[tokens, HIDDEN], &xv))?;
     let idx_t = b.upload(&HostTensor::from_i64(&[tokens, TOPK], &idx))?;
     let w = b.upload(&HostTensor::from_f32(

@@ -5,10 +5,12 @@
 //!   on `cpu-ref` over [`MpiComm`]; each rank also runs the same step on N
 //!   in-process ranks ([`run_ranks`]) and checks that its own outputs are
 //!   the same bytes. Prints `ops: N checks equal on rank R` per rank.
-//! * `die RANK`: after two collectives, rank RANK kills itself (SIGKILL);
-//!   the others keep calling collectives and must fail within the deadline.
-//! * `stall RANK`: rank RANK stops itself (SIGSTOP) — a rank that neither
-//!   dies nor answers.
+//! * `die RANK SECS`: after a barrier (start-up deadline) the deadline
+//!   becomes SECS; after two more collectives rank RANK kills itself
+//!   (SIGKILL); the others keep calling collectives and must fail within
+//!   the deadline.
+//! * `stall RANK SECS`: the same, but rank RANK stops itself (SIGSTOP) — a
+//!   rank that neither dies nor answers.
 //! * `mismatch RANK`: a handshake in which rank RANK has another hidden
 //!   size; every rank must fail naming `hidden`.
 //! * `a2a`: all_to_all_v of odd sizes (0, 1, large) checked byte by byte.
@@ -65,7 +67,11 @@ fn inputs(c: &Case, seed: u64, rank: usize) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
             // Some −1 entries, and the last token routed nowhere.
             let none = t + 1 == c.tokens || (t + j) % 7 == 3;
             idx.push(if none { -1 } else { e });
-            w.push(if none { 0.0 } else { 0.1 + (r.next() % 90) as f32 / 100.0 });
+            w.push(if none {
+                0.0
+            } else {
+                0.1 + (r.next() % 90) as f32 / 100.0
+            });
         }
     }
     (x, idx, w)
@@ -111,7 +117,11 @@ fn normal(b: &dyn Backend, comm: &dyn Transport, c: &Case, fp8: bool) -> Result<
         (b.upload(&q)?, Some(b.upload(&s)?))
     } else {
         (
-            b.upload(&HostTensor::from_f32(DType::BF16, &[c.tokens, c.hidden], &x))?,
+            b.upload(&HostTensor::from_f32(
+                DType::BF16,
+                &[c.tokens, c.hidden],
+                &x,
+            ))?,
             None,
         )
     };
@@ -135,10 +145,17 @@ fn normal(b: &dyn Backend, comm: &dyn Transport, c: &Case, fp8: bool) -> Result<
         o.insert("recv_scales".into(), bytes(b, s)?);
     }
     o.insert("recv_topk_idx".into(), bytes(b, &out.recv_topk_idx)?);
-    o.insert("recv_topk_weights".into(), bytes(b, &out.recv_topk_weights)?);
+    o.insert(
+        "recv_topk_weights".into(),
+        bytes(b, &out.recv_topk_weights)?,
+    );
     o.insert(
         "counts".into(),
-        format!("{:?} {:?}", out.num_recv_tokens_per_expert, out.handle.recv_src).into_bytes(),
+        format!(
+            "{:?} {:?}",
+            out.num_recv_tokens_per_expert, out.handle.recv_src
+        )
+        .into_bytes(),
     );
     // The "expert": the received rows as bf16, scaled.
     let rx = b.download(&out.recv_x)?.to_f32_vec();
@@ -168,7 +185,11 @@ fn low_latency(
     ue8m0: bool,
 ) -> Result<Outputs> {
     let (x, idx, w) = inputs(c, 3, comm.rank());
-    let x = b.upload(&HostTensor::from_f32(DType::BF16, &[c.tokens, c.hidden], &x))?;
+    let x = b.upload(&HostTensor::from_f32(
+        DType::BF16,
+        &[c.tokens, c.hidden],
+        &x,
+    ))?;
     let idx = b.upload(&HostTensor::from_i64(&[c.tokens, c.topk], &idx))?;
     let w = b.upload(&HostTensor::from_f32(DType::F32, &[c.tokens, c.topk], &w))?;
     let out = ops::low_latency_dispatch(
@@ -213,7 +234,11 @@ fn low_latency(
                 .collect()
         }
     };
-    let y = b.upload(&HostTensor::from_f32(DType::BF16, &[out.recv_x.shape()[0], slots, c.hidden], &y))?;
+    let y = b.upload(&HostTensor::from_f32(
+        DType::BF16,
+        &[out.recv_x.shape()[0], slots, c.hidden],
+        &y,
+    ))?;
     let mut combined = b.alloc(DType::BF16, &[c.tokens, c.hidden])?;
     ops::low_latency_combine(
         b,
@@ -237,8 +262,12 @@ fn steps() -> Vec<(&'static str, Step)> {
         ("layout", |b, c, k| layout(b, k, c.world_size(), c.rank())),
         ("dispatch+combine bf16", |b, c, k| normal(b, c, k, false)),
         ("dispatch+combine e4m3", |b, c, k| normal(b, c, k, true)),
-        ("low_latency bf16", |b, c, k| low_latency(b, c, k, false, false)),
-        ("low_latency e4m3", |b, c, k| low_latency(b, c, k, true, false)),
+        ("low_latency bf16", |b, c, k| {
+            low_latency(b, c, k, false, false)
+        }),
+        ("low_latency e4m3", |b, c, k| {
+            low_latency(b, c, k, true, false)
+        }),
         ("low_latency e4m3 ue8m0", |b, c, k| {
             low_latency(b, c, k, true, true)
         }),
@@ -258,8 +287,18 @@ fn cmd_ops(comm: &MpiComm) -> Result<bool> {
     let mut ok = true;
     let mut n = 0;
     for c in [
-        Case { experts: 4 * world, tokens: 9, hidden: 256, topk: 3 },
-        Case { experts: 8 * world, tokens: 33, hidden: 512, topk: 6.min(8 * world) },
+        Case {
+            experts: 4 * world,
+            tokens: 9,
+            hidden: 256,
+            topk: 3,
+        },
+        Case {
+            experts: 8 * world,
+            tokens: 33,
+            hidden: 512,
+            topk: 6.min(8 * world),
+        },
     ] {
         for (name, step) in steps() {
             let mine = step(b.as_ref(), comm, &c)?;
@@ -284,7 +323,10 @@ fn cmd_ops(comm: &MpiComm) -> Result<bool> {
             }
         }
     }
-    println!("ops: {n} checks {} on rank {me}", if ok { "equal" } else { "NOT all equal" });
+    println!(
+        "ops: {n} checks {} on rank {me}",
+        if ok { "equal" } else { "NOT all equal" }
+    );
     Ok(ok)
 }
 
@@ -297,7 +339,9 @@ fn cmd_a2a(comm: &MpiComm) -> Result<bool> {
             2 => 1000 + src * 17,
             _ => 3 << 20,
         };
-        (0..len).map(|i| (i * 31 + src * 7 + dst * 3 + round) as u8).collect()
+        (0..len)
+            .map(|i| (i * 31 + src * 7 + dst * 3 + round) as u8)
+            .collect()
     };
     let mut ok = true;
     for round in 0..6 {
@@ -320,7 +364,10 @@ fn signal_self(sig: &str) {
         .status();
 }
 
-fn cmd_fault(comm: &MpiComm, victim: usize, sig: &str) -> Result<bool> {
+fn cmd_fault(comm: &MpiComm, victim: usize, sig: &str, deadline_s: usize) -> Result<bool> {
+    // Everybody up (under the start-up deadline), then the short one.
+    comm.barrier()?;
+    comm.set_timeout(std::time::Duration::from_secs(deadline_s as u64));
     for i in 0.. {
         if i == 2 && comm.rank() == victim {
             eprintln!("rank {victim}: sending myself {sig}");
@@ -354,16 +401,20 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let arg = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok()).unwrap_or(1);
+    let arg = |i: usize| {
+        args.get(i)
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(1)
+    };
     let t0 = std::time::Instant::now();
     let r = match args.first().map(String::as_str) {
         Some("ops") => cmd_ops(&comm),
         Some("a2a") => cmd_a2a(&comm),
-        Some("die") => cmd_fault(&comm, arg(1), "-KILL"),
-        Some("stall") => cmd_fault(&comm, arg(1), "-STOP"),
+        Some("die") => cmd_fault(&comm, arg(1), "-KILL", arg(2)),
+        Some("stall") => cmd_fault(&comm, arg(1), "-STOP", arg(2)),
         Some("mismatch") => cmd_mismatch(&comm, arg(1)),
         _ => {
-            eprintln!("usage: mpi_selftest ops|a2a|die RANK|stall RANK|mismatch RANK");
+            eprintln!("usage: mpi_selftest ops|a2a|die RANK SECS|stall RANK SECS|mismatch RANK");
             return ExitCode::from(2);
         }
     };

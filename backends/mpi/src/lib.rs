@@ -53,6 +53,8 @@ const TAG_SPAN: u64 = 1 << 14;
 /// initialized MPI, the universe (whose drop finalizes).
 struct Inner {
     comm: ffi::MPI_Comm,
+    /// The deadline of each collective.
+    timeout: Duration,
     /// Collectives started so far (for tags and messages).
     seq: u64,
     /// Set when a collective timed out or MPI failed: the group can no
@@ -71,7 +73,6 @@ unsafe impl Send for Inner {}
 pub struct MpiComm {
     rank: usize,
     world: usize,
-    timeout: Duration,
     inner: Mutex<Inner>,
 }
 
@@ -111,10 +112,8 @@ impl MpiComm {
 
     /// [`MpiComm::init`] with an explicit collective deadline.
     pub fn init_with_timeout(timeout: Duration) -> Result<MpiComm> {
-        let (universe, level) =
-            mpi::initialize_with_threading(mpi::Threading::Serialized).ok_or_else(|| {
-                Error::Other("MPI is already initialized in this process".into())
-            })?;
+        let (universe, level) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or_else(|| Error::Other("MPI is already initialized in this process".into()))?;
         if level < mpi::Threading::Serialized {
             return Err(Error::Other(format!(
                 "MPI provides thread level {level:?}; deepport needs Serialized"
@@ -140,9 +139,9 @@ impl MpiComm {
         Ok(MpiComm {
             rank: rank.max(0) as usize,
             world: size.max(1) as usize,
-            timeout,
             inner: Mutex::new(Inner {
                 comm,
+                timeout,
                 seq: 0,
                 broken: None,
                 universe: Some(universe),
@@ -152,7 +151,20 @@ impl MpiComm {
 
     /// The deadline of every collective.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        match self.inner.lock() {
+            Ok(i) => i.timeout,
+            Err(p) => p.into_inner().timeout,
+        }
+    }
+
+    /// Sets the deadline of the collectives that follow (e.g. a long one
+    /// for start-up, when ranks load checkpoints at different speeds, and
+    /// a short one after). Every rank should set the same.
+    pub fn set_timeout(&self, timeout: Duration) {
+        match self.inner.lock() {
+            Ok(mut i) => i.timeout = timeout,
+            Err(p) => p.into_inner().timeout = timeout,
+        }
     }
 
     /// Whether a collective has failed and the group can no longer be used
@@ -330,7 +342,7 @@ impl MpiComm {
                      the rank died or stopped answering; the group is broken \
                      (${TIMEOUT_ENV} sets the deadline in seconds)",
                     names.join(", "),
-                    self.timeout.as_secs_f64(),
+                    inner.timeout.as_secs_f64(),
                     inner.seq
                 );
                 inner.broken = Some(e.clone());
@@ -529,7 +541,7 @@ impl Transport for MpiComm {
         if let Some(b) = &inner.broken {
             return Err(self.err(format!("the MPI group is broken: {b}")));
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + inner.timeout;
         inner.seq += 1;
         let base = (2 * (inner.seq % TAG_SPAN)) as c_int;
         let comm = inner.comm;
@@ -537,7 +549,10 @@ impl Transport for MpiComm {
         recv[me] = std::mem::take(&mut send[me]);
 
         // Round 1: lengths.
-        let send_len: Vec<[u8; 8]> = send.iter().map(|b| (b.len() as u64).to_le_bytes()).collect();
+        let send_len: Vec<[u8; 8]> = send
+            .iter()
+            .map(|b| (b.len() as u64).to_le_bytes())
+            .collect();
         let mut recv_len: Vec<[u8; 8]> = vec![[0u8; 8]; world];
         let (mut reqs, mut peers) = (Vec::new(), Vec::new());
         let mut code = 0;
@@ -555,7 +570,13 @@ impl Transport for MpiComm {
             inner.broken = Some(format!("MPI error {code} posting message lengths"));
             Err(mpi_err(me, "posting message lengths", code))
         } else {
-            self.wait(inner, &mut reqs, &peers, "exchanging message lengths", deadline)
+            self.wait(
+                inner,
+                &mut reqs,
+                &peers,
+                "exchanging message lengths",
+                deadline,
+            )
         };
         if let Err(e) = waited {
             // Pending requests may still touch these buffers: they are
@@ -569,12 +590,13 @@ impl Transport for MpiComm {
         // Round 2: the messages.
         for p in (0..world).filter(|&p| p != me) {
             let n = u64::from_le_bytes(recv_len[p]);
-            let n = usize::try_from(n).map_err(|_| {
-                self.err(format!("rank {p} announces a message of {n} bytes"))
-            })?;
+            let n = usize::try_from(n)
+                .map_err(|_| self.err(format!("rank {p} announces a message of {n} bytes")))?;
             let mut v = Vec::new();
             v.try_reserve_exact(n).map_err(|_| {
-                self.err(format!("cannot allocate {n} bytes for the message of rank {p}"))
+                self.err(format!(
+                    "cannot allocate {n} bytes for the message of rank {p}"
+                ))
             })?;
             v.resize(n, 0);
             recv[p] = v;
@@ -661,7 +683,10 @@ mod tests {
         let b = f(&[("world_size", "4"), ("experts", "256"), ("hidden", "4096")]);
         assert_eq!(first_difference(&[a.clone(), a.clone()]), None);
         let d = first_difference(&[a.clone(), a.clone(), b]).unwrap();
-        assert!(d.contains("`hidden`") && d.contains("rank 2") && d.contains("7168"), "{d}");
+        assert!(
+            d.contains("`hidden`") && d.contains("rank 2") && d.contains("7168"),
+            "{d}"
+        );
         let c = f(&[("world_size", "4"), ("experts", "256")]);
         let d = first_difference(&[a.clone(), c.clone()]).unwrap();
         assert!(d.contains("no such field"), "{d}");

@@ -28,7 +28,9 @@ fn mpirun() -> Option<PathBuf> {
             !required(),
             "DEEPPORT_REQUIRE names mpi, but mpirun is not on the PATH (apt-get install openmpi-bin libopenmpi-dev)"
         );
-        eprintln!("skipped: mpirun is not on the PATH (set DEEPPORT_REQUIRE=mpi to make this a failure)");
+        eprintln!(
+            "skipped: mpirun is not on the PATH (set DEEPPORT_REQUIRE=mpi to make this a failure)"
+        );
     }
     found
 }
@@ -107,7 +109,7 @@ fn killed_rank_ends_the_job_within_the_deadline() {
     if mpirun().is_none() {
         return;
     }
-    let (o, t) = run(4, &["die", "2"], "5");
+    let (o, t) = run(4, &["die", "2", "5"], "60");
     let s = text(&o);
     assert!(!o.status.success(), "{s}");
     assert!(t < Duration::from_secs(40), "took {t:?}: {s}");
@@ -126,7 +128,7 @@ fn silent_rank_makes_the_others_fail_within_the_deadline() {
     if mpirun().is_none() {
         return;
     }
-    let (o, t) = run(4, &["stall", "1"], "4");
+    let (o, t) = run(4, &["stall", "1", "4"], "60");
     let s = text(&o);
     assert!(!o.status.success(), "{s}");
     assert!(t < Duration::from_secs(40), "took {t:?}: {s}");

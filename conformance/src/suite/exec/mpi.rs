@@ -166,7 +166,11 @@ pub fn run_main(args: RunArgs) -> ExitCode {
     if args.backend.len() > 1 {
         return fail(EXIT_USAGE, "--comm mpi judges one --backend at a time");
     }
-    let backend_name = args.backend.first().cloned().unwrap_or_else(|| "cpu".into());
+    let backend_name = args
+        .backend
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "cpu".into());
     let profile = args.profile.clone().unwrap_or_else(|| EP_PROFILE.into());
     let cases_dir = args.cases.clone().unwrap_or_else(catalogue::default_dir);
     let all = match catalogue::load(&cases_dir) {
@@ -251,7 +255,16 @@ pub fn run_main(args: RunArgs) -> ExitCode {
     if rank != 0 {
         return ExitCode::SUCCESS;
     }
-    judge_and_report(&args, &profile, &backend_name, info, world, collected, &started, t0)
+    judge_and_report(
+        &args,
+        &profile,
+        &backend_name,
+        info,
+        world,
+        collected,
+        &started,
+        t0,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -270,7 +283,10 @@ fn judge_and_report(
         Err(e) => {
             return fail(
                 EXIT_FAILURE,
-                format!("the reference backend `{}` is needed to judge: {e}", crate::REFERENCE_BACKEND),
+                format!(
+                    "the reference backend `{}` is needed to judge: {e}",
+                    crate::REFERENCE_BACKEND
+                ),
             )
         }
     };
@@ -291,12 +307,20 @@ fn judge_and_report(
         let mut failure: Option<(bool, String)> = None;
         for (r, out) in c.ranks.iter().enumerate() {
             match out {
-                Ok((RankOut::Ok(o), _)) => merged.extend(o.iter().map(|(k, v)| (k.clone(), v.clone()))),
+                Ok((RankOut::Ok(o), _)) => {
+                    merged.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())))
+                }
                 Ok((RankOut::Failed { not_supported, msg }, _)) => {
                     // The first rank's own failure, not a peer's echo of it.
                     let echo = msg.contains(" failed: ");
-                    if failure.as_ref().is_none_or(|(_, m)| m.contains(" failed: ") && !echo) {
-                        failure = Some((*not_supported || msg.contains("not supported"), format!("rank {r}: {msg}")));
+                    if failure
+                        .as_ref()
+                        .is_none_or(|(_, m)| m.contains(" failed: ") && !echo)
+                    {
+                        failure = Some((
+                            *not_supported || msg.contains("not supported"),
+                            format!("rank {r}: {msg}"),
+                        ));
                     }
                 }
                 Err(e) => {
@@ -305,7 +329,11 @@ fn judge_and_report(
             }
         }
         if let Some((ns, msg)) = failure {
-            res.outcome = if ns { Outcome::NotSupported } else { Outcome::Fail };
+            res.outcome = if ns {
+                Outcome::NotSupported
+            } else {
+                Outcome::Fail
+            };
             res.message = msg;
             results.push(res);
             continue;
@@ -323,7 +351,11 @@ fn judge_and_report(
         });
         match expected {
             Err(e) => {
-                res.message = format!("reference failed: {} on {}: {e}", c.spec.id, crate::REFERENCE_BACKEND)
+                res.message = format!(
+                    "reference failed: {} on {}: {e}",
+                    c.spec.id,
+                    crate::REFERENCE_BACKEND
+                )
             }
             Ok(expected) => match guarded(|| Ok((case.judge)(&merged, &expected))) {
                 Ok(checks) => classify(&mut res, &checks),
@@ -364,7 +396,10 @@ fn judge_and_report(
         let w = std::fs::create_dir_all(dir)
             .and_then(|()| crate::suite::report::write_all(dir, &run_info, &results));
         if let Err(e) = w {
-            return fail(EXIT_FAILURE, format!("writing the report to {}: {e}", dir.display()));
+            return fail(
+                EXIT_FAILURE,
+                format!("writing the report to {}: {e}", dir.display()),
+            );
         }
         eprintln!("report: wrote {}", dir.display());
     }
@@ -382,7 +417,10 @@ mod tests {
     #[test]
     fn results_round_trip_and_garbage_is_rejected() {
         let mut o = Outputs::new();
-        o.insert("r1.x".into(), HostTensor::from_f32(DType::BF16, &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        o.insert(
+            "r1.x".into(),
+            HostTensor::from_f32(DType::BF16, &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        );
         o.insert("r1.i".into(), HostTensor::from_i64(&[1], &[-1]));
         let b = encode(&Ok(o.clone()), 1.5);
         match decode(&b).unwrap() {

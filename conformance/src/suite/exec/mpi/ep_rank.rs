@@ -45,7 +45,11 @@ pub fn run_rank(
             comm.world_size()
         )));
     }
-    let payload = p.opt_text("payload").map_err(bad)?.unwrap_or("bf16").to_string();
+    let payload = p
+        .opt_text("payload")
+        .map_err(bad)?
+        .unwrap_or("bf16")
+        .to_string();
     let rank = comm.rank();
     match op.as_str() {
         "layout" => layout_rank(b, &d, spec.seed, rank),
@@ -404,4 +408,3 @@ fn low_latency_rank(
     o.insert(key(rank, "combine.out"), dl(b, &combined)?);
     Ok(o)
 }
-
