@@ -22,21 +22,43 @@ pub const COMMS: [&str; 2] = ["thread", "mpi"];
 /// Whether this build can run `--comm mpi`.
 pub const HAS_MPI: bool = cfg!(feature = "mpi");
 
+/// The start-up deadline (seconds) when `$DEEPPORT_MPI_STARTUP_TIMEOUT`
+/// is unset: loading a checkpoint can take minutes, and ranks load at
+/// different speeds.
+pub const DEFAULT_STARTUP_TIMEOUT_S: f64 = 600.0;
+
 /// Runs `work` as this process's rank of an MPI job after the handshake on
-/// `fields`; returns `(rank, world, result)`. See the module docs for
-/// errors. Without the `mpi` feature: a usage error.
+/// `fields`; returns `(rank, world, result)`. Until `work` calls its
+/// second argument (`started`: every rank has loaded what it needs), the
+/// collectives use the start-up deadline (`$DEEPPORT_MPI_STARTUP_TIMEOUT`
+/// seconds, default [`DEFAULT_STARTUP_TIMEOUT_S`], at least the steady
+/// one); after it, the steady deadline (`$DEEPPORT_MPI_TIMEOUT`, default
+/// 30 s). See the module docs for errors. Without the `mpi` feature: a
+/// usage error.
 pub fn with_mpi<T>(
     fields: &[(&str, String)],
-    work: impl FnOnce(&dyn Communicator) -> Result<T, CliError>,
+    work: impl FnOnce(&dyn Communicator, &dyn Fn()) -> Result<T, CliError>,
 ) -> Result<(usize, usize, T), CliError> {
     #[cfg(feature = "mpi")]
     {
         let comm = deepport_mpi::MpiComm::init().map_err(CliError::Failed)?;
         let (rank, world) = (comm.rank(), comm.world_size());
-        let r = comm
-            .handshake(fields)
+        let steady = comm.timeout();
+        let startup = match std::env::var("DEEPPORT_MPI_STARTUP_TIMEOUT") {
+            Err(_) => Ok(std::time::Duration::from_secs_f64(
+                DEFAULT_STARTUP_TIMEOUT_S,
+            )),
+            Ok(s) => deepport_mpi::parse_timeout(&s).map_err(|e| {
+                deepport_core::Error::Other(format!("$DEEPPORT_MPI_STARTUP_TIMEOUT: {e}"))
+            }),
+        };
+        let r = startup
             .map_err(CliError::Failed)
-            .and_then(|()| work(&comm));
+            .and_then(|startup| {
+                comm.set_timeout(startup.max(steady));
+                comm.handshake(fields).map_err(CliError::Failed)
+            })
+            .and_then(|()| work(&comm, &|| comm.set_timeout(steady)));
         match r {
             Ok(v) => {
                 drop(comm);
@@ -124,7 +146,7 @@ mod tests {
     #[cfg(not(feature = "mpi"))]
     #[test]
     fn without_the_feature_mpi_is_a_usage_error() {
-        let e = with_mpi(&[], |_| Ok(())).unwrap_err();
+        let e = with_mpi(&[], |_, _| Ok(())).unwrap_err();
         assert!(e.to_string().contains("--features mpi"), "{e}");
     }
 }

@@ -196,14 +196,18 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         form.name()
     );
     let golden_ref = golden.as_ref().map(|(g, p)| (g, p.as_path()));
+    // `loaded` runs on every rank once its weights are in (MPI: a barrier,
+    // then the steady-state deadline replaces the start-up one).
     let rank_run = |backend: &dyn Backend,
-                    comm: Option<&dyn Communicator>|
+                    comm: Option<&dyn Communicator>,
+                    loaded: &dyn Fn() -> Result<(), Error>|
      -> Result<RankResult, Error> {
         let t0 = std::time::Instant::now();
         let mut model = match comm {
             None => Model::load_with(backend, &ckpt, &cfg, opts)?,
             Some(c) => Model::load_ep(backend, c, &ckpt, &cfg, opts)?,
         };
+        loaded()?;
         let rank0 = comm.is_none_or(|c| c.rank() == 0);
         if rank0 {
             eprintln!(
@@ -242,14 +246,19 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
     };
     let result = if mpi {
         let fields = mpi_fields(args, &cfg, &tokens)?;
-        let (rank, _, r) = crate::comm_cmd::with_mpi(&fields, |comm| {
+        let (rank, _, r) = crate::comm_cmd::with_mpi(&fields, |comm, started| {
             if comm.world_size() != ep {
                 return Err(CliError::usage(format!(
                     "--comm mpi --ep {ep}: mpirun started {} processes; give -np {ep}",
                     comm.world_size()
                 )));
             }
-            rank_run(backend.as_ref(), Some(comm)).map_err(failed)
+            let loaded = || {
+                comm.barrier()?;
+                started();
+                Ok(())
+            };
+            rank_run(backend.as_ref(), Some(comm), &loaded).map_err(failed)
         })?;
         if rank != 0 {
             // Rank 0 reports and writes; the others are done.
@@ -257,12 +266,12 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         }
         r
     } else if ep == 1 {
-        rank_run(backend.as_ref(), None).map_err(failed)?
+        rank_run(backend.as_ref(), None, &|| Ok(())).map_err(failed)?
     } else {
         let name = args.backend.clone();
         let mut all = run_ranks(ep, |_, comm| {
             let backend = crate::registry().create(&name)?;
-            rank_run(backend.as_ref(), Some(comm))
+            rank_run(backend.as_ref(), Some(comm), &|| Ok(()))
         })
         .map_err(failed)?;
         all.swap_remove(0)

@@ -81,7 +81,7 @@ pub struct MpiComm {
 pub fn timeout_from_env() -> Result<Duration> {
     match std::env::var(TIMEOUT_ENV) {
         Err(_) => Ok(DEFAULT_TIMEOUT),
-        Ok(s) => parse_timeout(&s),
+        Ok(s) => parse_timeout(&s).map_err(|e| Error::Other(format!("${TIMEOUT_ENV}: {e}"))),
     }
 }
 
@@ -90,7 +90,7 @@ pub fn parse_timeout(s: &str) -> Result<Duration> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 1e6 => Ok(Duration::from_secs_f64(v)),
         _ => Err(Error::Other(format!(
-            "${TIMEOUT_ENV} = `{s}` is not a positive number of seconds"
+            "`{s}` is not a positive number of seconds (at most 1e6)"
         ))),
     }
 }

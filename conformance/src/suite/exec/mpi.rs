@@ -192,7 +192,9 @@ pub fn run_main(args: RunArgs) -> ExitCode {
     ];
     let t0 = Instant::now();
     let started = super::utc_now();
-    let run = crate::comm_cmd::with_mpi(&fields, |comm| {
+    let run = crate::comm_cmd::with_mpi(&fields, |comm, started| {
+        // Nothing to load: the steady deadline from the first case on.
+        started();
         let world = comm.world_size();
         let mine: Vec<&CaseSpec> = specs
             .iter()
