@@ -51,7 +51,7 @@ struct Case {
 }
 
 fn inputs(c: &Case, seed: u64, rank: usize) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
-    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (rank as u64 + 1) * 7919);
+    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((rank as u64 + 1) * 7919));
     let x = (0..c.tokens * c.hidden).map(|_| r.f32()).collect();
     let mut idx = Vec::new();
     let mut w = Vec::new();
