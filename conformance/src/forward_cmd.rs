@@ -51,10 +51,16 @@ pub struct ForwardArgs {
     /// layer's and tap's error against its threshold, first divergence marked.
     #[arg(long, value_name = "FILE", requires = "golden")]
     pub html: Option<PathBuf>,
-    /// Expert parallelism: split the routed experts over N in-process ranks
-    /// (one thread and one backend instance per rank; rank 0 reports).
+    /// Expert parallelism: split the routed experts over N ranks (with
+    /// --comm thread, one thread and one backend instance per rank in this
+    /// process; with --comm mpi, one process per rank); rank 0 reports.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub ep: u64,
+    /// How the expert-parallel ranks talk: `thread` (in this process) or
+    /// `mpi` (this process is one rank of `mpirun -np N`, N = --ep; rank 0
+    /// writes the outputs; needs a build with `--features mpi`).
+    #[arg(long, default_value = "thread", value_parser = crate::comm_cmd::COMMS)]
+    pub comm: String,
     /// Chunked prefill: a prompt longer than this runs in chunks of this
     /// many tokens over the paged latent cache, so memory grows with the
     /// cache, not with the square of the prompt.
@@ -166,7 +172,8 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
     let all_logits = args.out.is_some() || golden.is_some();
     // Every in-process rank holds its own replicated weights and cache.
     let est = memory::estimate(&cfg, numerics, ep, tokens.len() + decode, chunk, all_logits);
-    let need = est.total().saturating_mul(ep as u64);
+    let mpi = args.comm == "mpi";
+    let need = est.total().saturating_mul(if mpi { 1 } else { ep as u64 });
     // The global `--max-memory` (deepport's one memory budget), else what
     // the machine has available.
     let budget = deepport_core::budget::MemoryBudget::global().bytes();
@@ -193,14 +200,18 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         form.name()
     );
     let golden_ref = golden.as_ref().map(|(g, p)| (g, p.as_path()));
+    // `loaded` runs on every rank once its weights are in (MPI: a barrier,
+    // then the steady-state deadline replaces the start-up one).
     let rank_run = |backend: &dyn Backend,
-                    comm: Option<&dyn Communicator>|
+                    comm: Option<&dyn Communicator>,
+                    loaded: &dyn Fn() -> Result<(), Error>|
      -> Result<RankResult, Error> {
         let t0 = std::time::Instant::now();
         let mut model = match comm {
             None => Model::load_with(backend, &ckpt, &cfg, opts)?,
             Some(c) => Model::load_ep(backend, c, &ckpt, &cfg, opts)?,
         };
+        loaded()?;
         let rank0 = comm.is_none_or(|c| c.rank() == 0);
         if rank0 {
             eprintln!(
@@ -237,13 +248,34 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
             report,
         })
     };
-    let result = if ep == 1 {
-        rank_run(backend.as_ref(), None).map_err(failed)?
+    let result = if mpi {
+        let fields = mpi_fields(args, &cfg, &tokens)?;
+        let (rank, _, r) = crate::comm_cmd::with_mpi(&fields, |comm, started| {
+            if comm.world_size() != ep {
+                return Err(CliError::usage(format!(
+                    "--comm mpi --ep {ep}: mpirun started {} processes; give -np {ep}",
+                    comm.world_size()
+                )));
+            }
+            let loaded = || {
+                comm.barrier()?;
+                started();
+                Ok(())
+            };
+            rank_run(backend.as_ref(), Some(comm), &loaded).map_err(failed)
+        })?;
+        if rank != 0 {
+            // Rank 0 reports and writes; the others are done.
+            return Ok(true);
+        }
+        r
+    } else if ep == 1 {
+        rank_run(backend.as_ref(), None, &|| Ok(())).map_err(failed)?
     } else {
         let name = args.backend.clone();
         let mut all = run_ranks(ep, |_, comm| {
             let backend = crate::registry().create(&name)?;
-            rank_run(backend.as_ref(), Some(comm))
+            rank_run(backend.as_ref(), Some(comm), &|| Ok(()))
         })
         .map_err(failed)?;
         all.swap_remove(0)
@@ -316,6 +348,33 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
             Ok(false)
         }
     }
+}
+
+/// What every MPI rank must agree on before the forward pass (the
+/// handshake of [`crate::comm_cmd::with_mpi`]).
+fn mpi_fields(
+    args: &ForwardArgs,
+    cfg: &ModelConfig,
+    tokens: &[u32],
+) -> Result<Vec<(&'static str, String)>, CliError> {
+    Ok(vec![
+        ("ep", args.ep.to_string()),
+        ("experts", cfg.n_routed_experts.to_string()),
+        ("hidden", cfg.hidden_size.to_string()),
+        ("dtype", args.mode.clone()),
+        (
+            "checkpoint",
+            crate::comm_cmd::checkpoint_fingerprint(&args.checkpoint)?,
+        ),
+        ("backend", args.backend.clone()),
+        ("attn", args.attn.clone()),
+        ("prefill", args.prefill.clone()),
+        ("chunk", args.chunk.to_string()),
+        ("decode", args.decode.to_string()),
+        ("tokens", crate::comm_cmd::digest(&format!("{tokens:?}"))),
+        ("golden", (args.golden.is_some()).to_string()),
+        ("deepport", env!("CARGO_PKG_VERSION").to_string()),
+    ])
 }
 
 /// What `--decode N` produced and how fast.

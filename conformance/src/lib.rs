@@ -27,6 +27,7 @@
 #[cfg(feature = "cpu")]
 pub mod bench_cmd;
 pub mod cases;
+pub mod comm_cmd;
 pub mod error;
 #[cfg(feature = "cpu")]
 pub mod faulty;

@@ -22,6 +22,7 @@
 
 pub mod child;
 pub mod gate;
+pub mod mpi;
 pub mod output;
 pub mod refcache;
 pub mod resume;
@@ -411,11 +412,18 @@ pub struct RunArgs {
     /// Default: cpu.
     #[arg(long, short, value_name = "NAME")]
     pub backend: Vec<String>,
-    /// Case profile: smoke (quick), full (whole grids) or v3-mustpass
-    /// (everything DeepSeek-V3 inference needs).
+    /// Case profile: smoke (quick), full (whole grids), v3-mustpass
+    /// (everything DeepSeek-V3 inference needs) or ep (the expert-parallel
+    /// cases of v3-mustpass; with --comm mpi, those with ranks = world size).
     #[arg(long, short, value_name = "PROFILE",
-          value_parser = clap::builder::PossibleValuesParser::new(catalogue::PROFILES))]
+          value_parser = clap::builder::PossibleValuesParser::new(catalogue::PROFILES.into_iter().chain([mpi::EP_PROFILE])))]
     pub profile: Option<String>,
+    /// How expert-parallel ranks talk: `thread` (in this process) or `mpi`
+    /// (under `mpirun -np N`, each process one rank: only the `ep` cases
+    /// with ranks = N run; rank 0 judges and reports; needs a build with
+    /// `--features mpi`).
+    #[arg(long, default_value = "thread", value_parser = crate::comm_cmd::COMMS)]
+    pub comm: String,
     /// Run only cases whose id matches this glob (`*` any text, `?` one
     /// character; a filter without either matches ids containing it);
     /// repeat to add more. See `--list-cases`.
@@ -480,6 +488,9 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
 /// catalogue order, each once. A filter without `*` or `?` matches the ids
 /// that contain it.
 pub fn select_many(specs: &[CaseSpec], profile: &str, filters: &[String]) -> Vec<CaseSpec> {
+    if profile == mpi::EP_PROFILE {
+        return mpi::select_ep(specs, filters);
+    }
     if filters.is_empty() {
         return catalogue::select(specs, profile, None);
     }
@@ -581,6 +592,9 @@ fn backend_dir(dir: &Path, name: &str, several: bool) -> PathBuf {
 
 /// `deepport run`: see [`RunArgs`] and the module documentation.
 pub fn run_main(args: RunArgs) -> ExitCode {
+    if args.comm == "mpi" && !args.list_cases {
+        return mpi::run_main(args);
+    }
     // With --resume, the directory is locked before its plan is read, so
     // that a live run cannot be resumed from under itself.
     let mut lock = None;

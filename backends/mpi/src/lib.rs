@@ -1,0 +1,728 @@
+//! deepport-mpi: the expert-parallel [`Transport`] over MPI (Open MPI),
+//! one process per rank under `mpirun`.
+//!
+//! * **Bounded collectives.** Every collective is nonblocking point-to-point
+//!   traffic (`MPI_Isend`/`MPI_Irecv` on a private duplicate of
+//!   `MPI_COMM_WORLD`) polled against a deadline
+//!   ([`MpiComm::timeout`], default [`DEFAULT_TIMEOUT`], or
+//!   `$DEEPPORT_MPI_TIMEOUT` seconds). A peer that died or stopped
+//!   answering makes the collective fail with [`Error::Comm`] naming the
+//!   silent ranks, never hang. The group is then *broken*: later
+//!   collectives fail at once, and dropping it calls `MPI_Abort` (whose
+//!   `mpirun` kills every process of the job, the silent one included)
+//!   instead of `MPI_Finalize`, which could wait on the dead peer forever.
+//! * **Start-up handshake.** [`MpiComm::handshake`] exchanges every rank's
+//!   configuration (world size, expert count, hidden size, dtype,
+//!   checkpoint fingerprint, …) and fails on every rank with a message
+//!   naming the first field that differs and the ranks that disagree.
+//! * **Host path only.** Payloads are staged through host memory (no
+//!   [`DeviceExchange`](deepport_core::comm::DeviceExchange)); the bytes on
+//!   the wire are core's protocol, so MPI ranks compute exactly what
+//!   in-process ranks compute.
+//!
+//! `all_to_all_v` is two rounds: every rank sends every peer its message
+//! length (8 bytes), then the messages themselves (split into pieces of at
+//! most [`MAX_PIECE`] bytes, so any size fits MPI's `int` counts). A rank
+//! sends nothing to itself through MPI.
+
+use deepport_core::comm::Transport;
+use deepport_core::{Error, Result};
+use mpi::ffi;
+use std::os::raw::{c_int, c_void};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The default collective deadline.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The environment variable that overrides [`DEFAULT_TIMEOUT`] (seconds).
+pub const TIMEOUT_ENV: &str = "DEEPPORT_MPI_TIMEOUT";
+
+/// The largest piece of a message sent with one MPI call.
+pub const MAX_PIECE: usize = 1 << 30;
+
+/// The version of the handshake message.
+const HANDSHAKE_VERSION: u64 = 1;
+
+/// Message tags: sizes and data of the collectives use two tags that
+/// alternate with a sequence number, so a late message of one collective
+/// can never be taken for another's.
+const TAG_SPAN: u64 = 1 << 14;
+
+/// The MPI state a group owns: the communicator and, when this group
+/// initialized MPI, the universe (whose drop finalizes).
+struct Inner {
+    comm: ffi::MPI_Comm,
+    /// The deadline of each collective.
+    timeout: Duration,
+    /// Collectives started so far (for tags and messages).
+    seq: u64,
+    /// Set when a collective timed out or MPI failed: the group can no
+    /// longer be used and must abort instead of finalizing.
+    broken: Option<String>,
+    universe: Option<mpi::environment::Universe>,
+}
+
+// SAFETY: `MPI_Comm` is a handle (a pointer in Open MPI) that MPI lets any
+// thread use when MPI was initialized with MPI_THREAD_SERIALIZED or better
+// and calls are never concurrent. `Inner` lives only inside the `Mutex` of
+// `MpiComm`, so every MPI call made through it is serialized by that lock.
+unsafe impl Send for Inner {}
+
+/// One rank of an MPI group (a process under `mpirun`).
+pub struct MpiComm {
+    rank: usize,
+    world: usize,
+    inner: Mutex<Inner>,
+}
+
+/// The collective deadline from `$DEEPPORT_MPI_TIMEOUT` (seconds, > 0), or
+/// [`DEFAULT_TIMEOUT`] when unset.
+pub fn timeout_from_env() -> Result<Duration> {
+    match std::env::var(TIMEOUT_ENV) {
+        Err(_) => Ok(DEFAULT_TIMEOUT),
+        Ok(s) => parse_timeout(&s).map_err(|e| Error::Other(format!("${TIMEOUT_ENV}: {e}"))),
+    }
+}
+
+/// Parses a deadline in seconds (positive, at most 10⁶).
+pub fn parse_timeout(s: &str) -> Result<Duration> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e6 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(Error::Other(format!(
+            "`{s}` is not a positive number of seconds (at most 1e6)"
+        ))),
+    }
+}
+
+fn mpi_err(rank: usize, what: &str, code: c_int) -> Error {
+    Error::Comm {
+        rank,
+        msg: format!("MPI error {code} in {what}"),
+    }
+}
+
+impl MpiComm {
+    /// Initializes MPI (`MPI_THREAD_SERIALIZED`) and returns this process's
+    /// rank of `MPI_COMM_WORLD`, with the deadline of [`timeout_from_env`].
+    /// Fails when MPI was already initialized in this process.
+    pub fn init() -> Result<MpiComm> {
+        Self::init_with_timeout(timeout_from_env()?)
+    }
+
+    /// [`MpiComm::init`] with an explicit collective deadline.
+    pub fn init_with_timeout(timeout: Duration) -> Result<MpiComm> {
+        let (universe, level) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or_else(|| Error::Other("MPI is already initialized in this process".into()))?;
+        if level < mpi::Threading::Serialized {
+            return Err(Error::Other(format!(
+                "MPI provides thread level {level:?}; deepport needs Serialized"
+            )));
+        }
+        // SAFETY: a library constant.
+        let mut comm = unsafe { ffi::RSMPI_COMM_NULL };
+        let (mut rank, mut size): (c_int, c_int) = (0, 0);
+        // SAFETY: MPI is initialized (we hold the universe); RSMPI_COMM_WORLD
+        // and RSMPI_ERRORS_RETURN are constants of the library; the out
+        // pointers point to live locals of the right types.
+        let codes = unsafe {
+            [
+                ffi::MPI_Comm_dup(ffi::RSMPI_COMM_WORLD, &mut comm),
+                ffi::MPI_Comm_set_errhandler(comm, ffi::RSMPI_ERRORS_RETURN),
+                ffi::MPI_Comm_rank(comm, &mut rank),
+                ffi::MPI_Comm_size(comm, &mut size),
+            ]
+        };
+        if let Some(&c) = codes.iter().find(|&&c| c != 0) {
+            return Err(mpi_err(0, "creating the communicator", c));
+        }
+        Ok(MpiComm {
+            rank: rank.max(0) as usize,
+            world: size.max(1) as usize,
+            inner: Mutex::new(Inner {
+                comm,
+                timeout,
+                seq: 0,
+                broken: None,
+                universe: Some(universe),
+            }),
+        })
+    }
+
+    /// The deadline of every collective.
+    pub fn timeout(&self) -> Duration {
+        match self.inner.lock() {
+            Ok(i) => i.timeout,
+            Err(p) => p.into_inner().timeout,
+        }
+    }
+
+    /// Sets the deadline of the collectives that follow (e.g. a long one
+    /// for start-up, when ranks load checkpoints at different speeds, and
+    /// a short one after). Every rank should set the same.
+    pub fn set_timeout(&self, timeout: Duration) {
+        match self.inner.lock() {
+            Ok(mut i) => i.timeout = timeout,
+            Err(p) => p.into_inner().timeout = timeout,
+        }
+    }
+
+    /// Whether a collective has failed and the group can no longer be used
+    /// (the reason).
+    pub fn broken(&self) -> Option<String> {
+        self.inner.lock().ok().and_then(|i| i.broken.clone())
+    }
+
+    /// Ends the whole MPI job at once with `code` (`MPI_Abort`): `mpirun`
+    /// kills every process, including one that stopped answering. Use it
+    /// after printing an error that may not have reached the other ranks.
+    pub fn abort(&self, code: i32) -> ! {
+        let comm = self
+            .inner
+            .lock()
+            .map(|i| i.comm)
+            .unwrap_or_else(|p| p.into_inner().comm);
+        // SAFETY: `comm` is the live duplicate of MPI_COMM_WORLD made in
+        // init (never freed before drop); MPI_Abort does not return in
+        // practice, and the exit below covers an implementation where it does.
+        unsafe {
+            ffi::MPI_Abort(comm, code);
+        }
+        std::process::exit(code)
+    }
+
+    /// A plain blocking `MPI_Alltoallv` of bytes (`send` holds the
+    /// messages to ranks 0, 1, … back to back, `recv` receives those from
+    /// every rank in rank order): the baseline the benchmark compares the
+    /// transport with. **No deadline**: not for production use.
+    pub fn alltoallv_baseline(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let world = self.world;
+        let ints = |v: &[usize]| -> Result<(Vec<c_int>, Vec<c_int>)> {
+            let mut counts = Vec::with_capacity(world);
+            let mut displs = Vec::with_capacity(world);
+            let mut at = 0usize;
+            for &c in v {
+                let (ci, di) = (c_int::try_from(c), c_int::try_from(at));
+                match (ci, di) {
+                    (Ok(ci), Ok(di)) => {
+                        counts.push(ci);
+                        displs.push(di);
+                    }
+                    _ => return Err(self.err("alltoallv_baseline: counts exceed MPI's int".into())),
+                }
+                at += c;
+            }
+            Ok((counts, displs))
+        };
+        if send_counts.len() != world
+            || recv_counts.len() != world
+            || send_counts.iter().sum::<usize>() > send.len()
+            || recv_counts.iter().sum::<usize>() > recv.len()
+        {
+            return Err(self.err("alltoallv_baseline: counts do not match the buffers".into()));
+        }
+        let (sc, sd) = ints(send_counts)?;
+        let (rc, rd) = ints(recv_counts)?;
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| self.err("group lock poisoned".into()))?;
+        // SAFETY: the counts and displacements were checked against the
+        // buffers' lengths above; both buffers outlive this blocking call;
+        // `comm` is live.
+        let code = unsafe {
+            ffi::MPI_Alltoallv(
+                send.as_ptr() as *const c_void,
+                sc.as_ptr(),
+                sd.as_ptr(),
+                ffi::RSMPI_UINT8_T,
+                recv.as_mut_ptr() as *mut c_void,
+                rc.as_ptr(),
+                rd.as_ptr(),
+                ffi::RSMPI_UINT8_T,
+                inner.comm,
+            )
+        };
+        if code != 0 {
+            return Err(mpi_err(self.rank, "MPI_Alltoallv", code));
+        }
+        Ok(())
+    }
+
+    fn err(&self, msg: String) -> Error {
+        Error::Comm {
+            rank: self.rank,
+            msg,
+        }
+    }
+
+    /// Exchanges `fields` (name, value) with every rank and checks that all
+    /// ranks agree, in order. On a difference every rank fails with the
+    /// same message naming the first field (in rank 0's order) that
+    /// differs, its value on rank 0, and the first rank that has another.
+    pub fn handshake(&self, fields: &[(&str, String)]) -> Result<()> {
+        let mut msg = Vec::new();
+        put_u64(&mut msg, HANDSHAKE_VERSION);
+        put_u64(&mut msg, fields.len() as u64 + 1);
+        put_str(&mut msg, "world_size");
+        put_str(&mut msg, &self.world.to_string());
+        for (k, v) in fields {
+            put_str(&mut msg, k);
+            put_str(&mut msg, v);
+        }
+        let recv = self.all_to_all_v(vec![msg; self.world])?;
+        let mut all = Vec::with_capacity(self.world);
+        for (src, buf) in recv.iter().enumerate() {
+            all.push(parse_handshake(buf).map_err(|e| {
+                self.err(format!(
+                    "handshake: malformed configuration from rank {src} ({e}; another deepport version?)"
+                ))
+            })?);
+        }
+        match first_difference(&all) {
+            None => Ok(()),
+            Some(d) => Err(self.err(format!("the ranks disagree on their configuration: {d}"))),
+        }
+    }
+
+    /// Waits for `reqs` until the deadline. `peer_of[i]` names the rank at
+    /// the other end of request `i` (for the message on timeout).
+    fn wait(
+        &self,
+        inner: &mut Inner,
+        reqs: &mut [ffi::MPI_Request],
+        peer_of: &[usize],
+        what: &str,
+        deadline: Instant,
+    ) -> Result<()> {
+        let mut spins = 0u32;
+        loop {
+            let mut pending = false;
+            for r in reqs.iter_mut() {
+                // SAFETY: RSMPI_REQUEST_NULL is a library constant; comparing
+                // handles reads no memory.
+                if *r == unsafe { ffi::RSMPI_REQUEST_NULL } {
+                    continue;
+                }
+                let mut flag: c_int = 0;
+                // SAFETY: `r` is a request started by this group on buffers
+                // the caller keeps alive until the request completes (or
+                // leaks on failure); MPI_Test sets it to MPI_REQUEST_NULL
+                // when complete.
+                let code = unsafe { ffi::MPI_Test(r, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+                if code != 0 {
+                    let e = format!("MPI error {code} while {what}");
+                    inner.broken = Some(e.clone());
+                    return Err(self.err(e));
+                }
+                pending |= flag == 0;
+            }
+            if !pending {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let mut silent: Vec<usize> = reqs
+                    .iter()
+                    .zip(peer_of)
+                    // SAFETY: as above, a handle comparison.
+                    .filter(|(r, _)| **r != unsafe { ffi::RSMPI_REQUEST_NULL })
+                    .map(|(_, &p)| p)
+                    .collect();
+                silent.sort_unstable();
+                silent.dedup();
+                let names: Vec<String> = silent.iter().map(|r| r.to_string()).collect();
+                let e = format!(
+                    "no answer from rank(s) {} within {:.1} s while {what} (collective #{}): \
+                     the rank died or stopped answering; the group is broken \
+                     (${TIMEOUT_ENV} sets the deadline in seconds)",
+                    names.join(", "),
+                    inner.timeout.as_secs_f64(),
+                    inner.seq
+                );
+                inner.broken = Some(e.clone());
+                return Err(self.err(e));
+            }
+            // Spin briefly for latency, then back off so oversubscribed
+            // ranks leave the cores to the peers they wait for.
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else if spins < 256 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(if spins < 2048 { 20 } else { 200 }));
+            }
+        }
+    }
+}
+
+fn put_u64(v: &mut Vec<u8>, x: u64) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+
+fn put_str(v: &mut Vec<u8>, s: &str) {
+    put_u64(v, s.len() as u64);
+    v.extend_from_slice(s.as_bytes());
+}
+
+/// Parses a handshake message (bounds-checked: a malformed one is an error).
+fn parse_handshake(buf: &[u8]) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut pos = 0usize;
+    let u64_at = |pos: &mut usize| -> std::result::Result<u64, String> {
+        let b = buf
+            .get(*pos..*pos + 8)
+            .ok_or_else(|| format!("truncated at byte {pos}"))?;
+        *pos += 8;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    };
+    let version = u64_at(&mut pos)?;
+    if version != HANDSHAKE_VERSION {
+        return Err(format!("handshake version {version}"));
+    }
+    let n = u64_at(&mut pos)?;
+    if n > buf.len() as u64 {
+        return Err("field count exceeds the message".into());
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let mut s = [String::new(), String::new()];
+        for item in &mut s {
+            let len = u64_at(&mut pos)?;
+            let end = usize::try_from(len)
+                .ok()
+                .and_then(|l| pos.checked_add(l))
+                .filter(|&e| e <= buf.len())
+                .ok_or_else(|| format!("truncated string at byte {pos}"))?;
+            *item = String::from_utf8_lossy(&buf[pos..end]).into_owned();
+            pos = end;
+        }
+        let [k, v] = s;
+        out.push((k, v));
+    }
+    if pos != buf.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(out)
+}
+
+/// The first difference between rank 0's fields and any other rank's, as
+/// a sentence, or `None` when all agree.
+pub fn first_difference(all: &[Vec<(String, String)>]) -> Option<String> {
+    let base = all.first()?;
+    for (i, (k, v)) in base.iter().enumerate() {
+        for (r, other) in all.iter().enumerate().skip(1) {
+            match other.get(i) {
+                Some((k2, v2)) if k2 == k && v2 == v => {}
+                Some((k2, v2)) if k2 == k => {
+                    return Some(format!("`{k}` is {v:?} on rank 0 but {v2:?} on rank {r}"))
+                }
+                Some((k2, _)) => {
+                    return Some(format!(
+                        "rank 0 sends `{k}` where rank {r} sends `{k2}` (different deepport versions or commands?)"
+                    ))
+                }
+                None => {
+                    return Some(format!(
+                        "rank 0 sends `{k}` but rank {r} has no such field (different deepport versions or commands?)"
+                    ))
+                }
+            }
+        }
+    }
+    for (r, other) in all.iter().enumerate().skip(1) {
+        if let Some((k, _)) = other.get(base.len()) {
+            return Some(format!(
+                "rank {r} sends `{k}` but rank 0 has no such field (different deepport versions or commands?)"
+            ));
+        }
+    }
+    None
+}
+
+/// Starts `MPI_Isend`s of `buf` to `peer` in pieces of at most
+/// [`MAX_PIECE`] bytes.
+fn isend_pieces(
+    comm: ffi::MPI_Comm,
+    buf: &[u8],
+    peer: usize,
+    tag: c_int,
+    reqs: &mut Vec<ffi::MPI_Request>,
+    peers: &mut Vec<usize>,
+) -> c_int {
+    for piece in buf.chunks(MAX_PIECE) {
+        // SAFETY: RSMPI_REQUEST_NULL is a library constant.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: `piece` is at most MAX_PIECE (< i32::MAX) bytes of a
+        // buffer the caller keeps alive, unmoved, until the request
+        // completes (or leaks it on failure); `comm` is live.
+        let code = unsafe {
+            ffi::MPI_Isend(
+                piece.as_ptr() as *const c_void,
+                piece.len() as c_int,
+                ffi::RSMPI_UINT8_T,
+                peer as c_int,
+                tag,
+                comm,
+                &mut req,
+            )
+        };
+        if code != 0 {
+            return code;
+        }
+        reqs.push(req);
+        peers.push(peer);
+    }
+    0
+}
+
+/// Starts `MPI_Irecv`s into `buf` from `peer`, in the pieces
+/// [`isend_pieces`] sends.
+fn irecv_pieces(
+    comm: ffi::MPI_Comm,
+    buf: &mut [u8],
+    peer: usize,
+    tag: c_int,
+    reqs: &mut Vec<ffi::MPI_Request>,
+    peers: &mut Vec<usize>,
+) -> c_int {
+    for piece in buf.chunks_mut(MAX_PIECE) {
+        // SAFETY: a library constant.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: as in `isend_pieces`; MPI writes at most `piece.len()`
+        // bytes into `piece`.
+        let code = unsafe {
+            ffi::MPI_Irecv(
+                piece.as_mut_ptr() as *mut c_void,
+                piece.len() as c_int,
+                ffi::RSMPI_UINT8_T,
+                peer as c_int,
+                tag,
+                comm,
+                &mut req,
+            )
+        };
+        if code != 0 {
+            return code;
+        }
+        reqs.push(req);
+        peers.push(peer);
+    }
+    0
+}
+
+impl Transport for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_to_all_v(&self, mut send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let (world, me) = (self.world, self.rank);
+        if send.len() != world {
+            return Err(self.err(format!(
+                "all_to_all_v needs {world} send buffers, got {}",
+                send.len()
+            )));
+        }
+        let mut guard = self
+            .inner
+            .lock()
+            .map_err(|_| self.err("group lock poisoned".into()))?;
+        let inner = &mut *guard;
+        if let Some(b) = &inner.broken {
+            return Err(self.err(format!("the MPI group is broken: {b}")));
+        }
+        let deadline = Instant::now() + inner.timeout;
+        inner.seq += 1;
+        let base = (2 * (inner.seq % TAG_SPAN)) as c_int;
+        let comm = inner.comm;
+        let mut recv: Vec<Vec<u8>> = vec![Vec::new(); world];
+        recv[me] = std::mem::take(&mut send[me]);
+
+        // Round 1: lengths.
+        let send_len: Vec<[u8; 8]> = send
+            .iter()
+            .map(|b| (b.len() as u64).to_le_bytes())
+            .collect();
+        let mut recv_len: Vec<[u8; 8]> = vec![[0u8; 8]; world];
+        let (mut reqs, mut peers) = (Vec::new(), Vec::new());
+        let mut code = 0;
+        for p in (0..world).filter(|&p| p != me) {
+            code = irecv_pieces(comm, &mut recv_len[p], p, base, &mut reqs, &mut peers);
+            if code != 0 {
+                break;
+            }
+            code = isend_pieces(comm, &send_len[p], p, base, &mut reqs, &mut peers);
+            if code != 0 {
+                break;
+            }
+        }
+        let waited = if code != 0 {
+            inner.broken = Some(format!("MPI error {code} posting message lengths"));
+            Err(mpi_err(me, "posting message lengths", code))
+        } else {
+            self.wait(
+                inner,
+                &mut reqs,
+                &peers,
+                "exchanging message lengths",
+                deadline,
+            )
+        };
+        if let Err(e) = waited {
+            // Pending requests may still touch these buffers: they are
+            // never freed (the broken group aborts the process on drop).
+            std::mem::forget(send_len);
+            std::mem::forget(recv_len);
+            std::mem::forget(send);
+            return Err(e);
+        }
+
+        // Round 2: the messages.
+        for p in (0..world).filter(|&p| p != me) {
+            let n = u64::from_le_bytes(recv_len[p]);
+            let n = usize::try_from(n)
+                .map_err(|_| self.err(format!("rank {p} announces a message of {n} bytes")))?;
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| {
+                self.err(format!(
+                    "cannot allocate {n} bytes for the message of rank {p}"
+                ))
+            })?;
+            v.resize(n, 0);
+            recv[p] = v;
+        }
+        let (mut reqs, mut peers) = (Vec::new(), Vec::new());
+        let tag = base + 1;
+        let mut code = 0;
+        for p in (0..world).filter(|&p| p != me) {
+            if !recv[p].is_empty() {
+                code = irecv_pieces(comm, &mut recv[p], p, tag, &mut reqs, &mut peers);
+                if code != 0 {
+                    break;
+                }
+            }
+            if !send[p].is_empty() {
+                code = isend_pieces(comm, &send[p], p, tag, &mut reqs, &mut peers);
+                if code != 0 {
+                    break;
+                }
+            }
+        }
+        let waited = if code != 0 {
+            inner.broken = Some(format!("MPI error {code} posting messages"));
+            Err(mpi_err(me, "posting messages", code))
+        } else {
+            self.wait(inner, &mut reqs, &peers, "exchanging messages", deadline)
+        };
+        if let Err(e) = waited {
+            std::mem::forget(send);
+            std::mem::forget(recv);
+            return Err(e);
+        }
+        Ok(recv)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.all_to_all_v(vec![Vec::new(); self.world]).map(|_| ())
+    }
+}
+
+impl Drop for MpiComm {
+    /// A healthy group frees its communicator and finalizes MPI; a broken
+    /// one aborts the job (see the module docs).
+    fn drop(&mut self) {
+        let inner = match self.inner.get_mut() {
+            Ok(i) => i,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(reason) = &inner.broken {
+            eprintln!(
+                "deepport-mpi: rank {}: aborting the MPI job: {reason}",
+                self.rank
+            );
+            // SAFETY: `comm` is live (freed only below, on the healthy path).
+            unsafe {
+                ffi::MPI_Abort(inner.comm, 1);
+            }
+            std::process::exit(1);
+        }
+        // SAFETY: `comm` was created by MPI_Comm_dup and every request on
+        // it has completed (a pending one would have broken the group).
+        unsafe {
+            ffi::MPI_Comm_free(&mut inner.comm);
+        }
+        // Finalizes MPI.
+        drop(inner.universe.take());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn first_difference_names_field_and_rank() {
+        let a = f(&[("world_size", "4"), ("experts", "256"), ("hidden", "7168")]);
+        let b = f(&[("world_size", "4"), ("experts", "256"), ("hidden", "4096")]);
+        assert_eq!(first_difference(&[a.clone(), a.clone()]), None);
+        let d = first_difference(&[a.clone(), a.clone(), b]).unwrap();
+        assert!(
+            d.contains("`hidden`") && d.contains("rank 2") && d.contains("7168"),
+            "{d}"
+        );
+        let c = f(&[("world_size", "4"), ("experts", "256")]);
+        let d = first_difference(&[a.clone(), c.clone()]).unwrap();
+        assert!(d.contains("no such field"), "{d}");
+        let d = first_difference(&[c, a]).unwrap();
+        assert!(d.contains("rank 1 sends `hidden`"), "{d}");
+    }
+
+    #[test]
+    fn handshake_messages_parse_and_reject_garbage() {
+        let mut m = Vec::new();
+        put_u64(&mut m, HANDSHAKE_VERSION);
+        put_u64(&mut m, 1);
+        put_str(&mut m, "dtype");
+        put_str(&mut m, "bf16");
+        assert_eq!(parse_handshake(&m).unwrap(), f(&[("dtype", "bf16")]));
+        assert!(parse_handshake(&m[..m.len() - 1]).is_err());
+        let mut long = m.clone();
+        long.push(0);
+        assert!(parse_handshake(&long).is_err());
+        let mut huge = Vec::new();
+        put_u64(&mut huge, HANDSHAKE_VERSION);
+        put_u64(&mut huge, u64::MAX);
+        assert!(parse_handshake(&huge).is_err());
+        let mut bad_len = Vec::new();
+        put_u64(&mut bad_len, HANDSHAKE_VERSION);
+        put_u64(&mut bad_len, 1);
+        put_u64(&mut bad_len, u64::MAX);
+        assert!(parse_handshake(&bad_len).is_err());
+        assert!(parse_handshake(&[]).is_err());
+    }
+
+    #[test]
+    fn timeouts_parse() {
+        assert_eq!(parse_timeout(" 2.5 ").unwrap(), Duration::from_millis(2500));
+        for bad in ["0", "-1", "nan", "inf", "x", "", "1e9"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+    }
+}
