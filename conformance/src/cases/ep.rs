@@ -240,6 +240,57 @@ fn build(spec: &CaseSpec) -> std::result::Result<Case, String> {
     })
 }
 
+/// Runs rank `comm.rank()` of the `ep` case `spec` on `b` over `comm`: the
+/// steps one in-process rank of [`build`]'s run takes, for transports with
+/// one process per rank (`deepport run --comm mpi`).
+pub(crate) fn run_rank(
+    spec: &CaseSpec,
+    b: &dyn Backend,
+    comm: &dyn deepport_core::Communicator,
+) -> Result<Outputs> {
+    let bad = |e: String| Error::Other(format!("{}: {e}", spec.id));
+    let p = P(&spec.params);
+    let op = p.text("op").map_err(bad)?.to_string();
+    let d = Dims {
+        world: p.int("ranks").map_err(bad)?,
+        experts: p.int("experts").map_err(bad)?,
+        tokens: p.int("tokens").map_err(bad)?,
+        hidden: p.opt_int("hidden").map_err(bad)?.unwrap_or(128),
+        topk: p.int("topk").map_err(bad)?,
+        max_tokens: p.opt_int("max_tokens").map_err(bad)?.unwrap_or(0),
+        none: p.int("none").map_err(bad)?,
+    };
+    if d.world != comm.world_size() {
+        return Err(bad(format!(
+            "the case has {} ranks, the transport {}",
+            d.world,
+            comm.world_size()
+        )));
+    }
+    let payload = p
+        .opt_text("payload")
+        .map_err(bad)?
+        .unwrap_or("bf16")
+        .to_string();
+    let rank = comm.rank();
+    match op.as_str() {
+        "layout" => layout_rank(b, &d, spec.seed, rank),
+        "dispatch" => {
+            let align = p.opt_int("align").map_err(bad)?.unwrap_or(1);
+            dispatch_rank(b, comm, &d, spec.seed, rank, payload != "bf16", align)
+        }
+        _ => low_latency_rank(
+            b,
+            comm,
+            &d,
+            spec.seed,
+            rank,
+            payload != "bf16",
+            payload == "e4m3_ue8m0",
+        ),
+    }
+}
+
 fn layout_rank(b: &dyn Backend, d: &Dims, seed: u64, rank: usize) -> Result<Outputs> {
     let inp = rank_input(d, seed, rank);
     let idx = b.upload(&HostTensor::from_i64(&[d.tokens, d.topk], &inp.topk_idx))?;

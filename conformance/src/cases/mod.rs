@@ -15,7 +15,7 @@
 //! ops they exercise and the builder.
 
 mod dense;
-mod ep;
+pub(crate) mod ep;
 mod gemm_grouped;
 pub mod gen;
 mod golden;

@@ -3,7 +3,7 @@
 //!
 //! Only cases of family `ep` whose `ranks` equal the MPI world size run
 //! (the others are listed as skipped). Every rank runs its share of each
-//! case ([`ep_rank::run_rank`]) over [`crate::comm_cmd::with_mpi`]'s
+//! case ([`crate::cases::ep::run_rank`]) over [`crate::comm_cmd::with_mpi`]'s
 //! transport and sends its outputs (or its error) to rank 0. After the
 //! last case the job finalizes, and rank 0 alone judges: the merged
 //! outputs of all ranks against `cpu-ref` on in-process ranks (the refcache
@@ -14,8 +14,6 @@
 //!
 //! `--profile ep` (also without MPI) selects the `ep` cases of
 //! `v3-mustpass` ([`EP_PROFILE`]).
-
-mod ep_rank;
 
 use super::{blank_result, classify, fail, guarded, output, select_many, RunArgs};
 use crate::error::{EXIT_FAILURE, EXIT_USAGE};
@@ -228,7 +226,7 @@ pub fn run_main(args: RunArgs) -> ExitCode {
         for spec in mine {
             let t = Instant::now();
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                ep_rank::run_rank(spec, backend.as_ref(), comm)
+                crate::cases::ep::run_rank(spec, backend.as_ref(), comm)
             }))
             .unwrap_or_else(|p| {
                 Err(deepport_core::Error::Other(format!(
