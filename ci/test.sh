@@ -111,6 +111,19 @@ echo "DEEPPORT_NVRTC=$DEEPPORT_NVRTC"
 log "cargo test (required: $DEEPPORT_REQUIRE)"
 cargo test --workspace --locked
 
+# The Python bindings (python/: PyO3 built by maturin; not a workspace
+# member, so `cargo test --workspace` does not build them): installed with
+# pip into target/py-venv and tested with pytest. The plugin, the C ABI
+# and the C example program are tested by `cargo test` above
+# (backends/plugin, conformance/tests/plugin.rs, capi/tests).
+log "python bindings: pip install ./python, pytest"
+PY_VENV=target/py-venv
+[ -x "$PY_VENV/bin/python" ] || python3 -m venv "$PY_VENV"
+"$PY_VENV/bin/pip" install --quiet --disable-pip-version-check maturin pytest numpy
+PATH="$PWD/$PY_VENV/bin:$PATH" CARGO_TARGET_DIR="$PWD/target/python" "$PY_VENV/bin/pip" install --quiet \
+  --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./python
+"$PY_VENV/bin/python" -m pytest -q python/tests
+
 # The device backends CI can really run are judged on the whole
 # v3-mustpass profile (the tests above run the smoke profile). `run` fails
 # on Fail, Crash or Timeout; a V3 claim also forbids NotSupported.
