@@ -25,6 +25,7 @@
 #                     the caller wins over both.
 #   DEEPPORT_SKIP_APT=1  never call apt-get.
 #   DEEPPORT_FUZZ_SECS  seconds per fuzz target (default 10; 0 skips).
+#   DEEPPORT_SKIP_PYTHON=1  skip building and testing the Python bindings.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -121,6 +122,22 @@ echo "DEEPPORT_NVRTC=$DEEPPORT_NVRTC"
 # against in-process ranks, a killed rank, a silent rank, a mismatch).
 log "cargo test (required: $DEEPPORT_REQUIRE)"
 cargo test --workspace --locked --features deepport-conformance/mpi
+
+# The Python bindings (python/: PyO3 built by maturin; not a workspace
+# member, so `cargo test --workspace` does not build them): installed with
+# pip into target/py-venv and tested with pytest. The plugin, the C ABI
+# and the C example program are tested by `cargo test` above
+# (backends/plugin, conformance/tests/plugin.rs, capi/tests).
+# DEEPPORT_SKIP_PYTHON=1 skips it.
+if [ "${DEEPPORT_SKIP_PYTHON:-0}" != 1 ]; then
+  log "python bindings: pip install ./python, pytest"
+  PY_VENV=target/py-venv
+  [ -x "$PY_VENV/bin/python" ] || python3 -m venv "$PY_VENV"
+  "$PY_VENV/bin/pip" install --quiet --disable-pip-version-check maturin pytest numpy
+  PATH="$PWD/$PY_VENV/bin:$PATH" CARGO_TARGET_DIR="$PWD/target/python" "$PY_VENV/bin/pip" install --quiet \
+    --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./python
+  "$PY_VENV/bin/python" -m pytest -q python/tests
+fi
 
 # The device backends CI can really run are judged on the whole
 # v3-mustpass profile (the tests above run the smoke profile). `run` fails

@@ -66,5 +66,7 @@ pub fn registry() -> Registry {
     deepport_vulkan::register(&mut reg);
     #[cfg(feature = "cpu")]
     faulty::register_if_enabled(&mut reg);
+    #[cfg(feature = "plugin")]
+    deepport_plugin::register_from_env(&mut reg);
     reg
 }

@@ -15,6 +15,56 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[cfg(feature = "plugin")]
+mod plugin_hook {
+    //! `--plugin LIB`: loads and checks each plugin, makes it the default
+    //! backend of the command, and passes it on to case processes through
+    //! `$DEEPPORT_PLUGIN` (which `registry()` reads).
+    use super::{Cli, Command};
+    use deepport_conformance::error::CliError;
+
+    pub fn apply(cli: &mut Cli, m: &clap::ArgMatches) -> Result<(), CliError> {
+        if cli.plugins.is_empty() {
+            return Ok(());
+        }
+        std::env::remove_var(deepport_plugin::PLUGIN_ENV);
+        let names = deepport_plugin::check_plugins(&deepport_conformance::registry(), &cli.plugins)
+            .map_err(CliError::Failed)?;
+        let joined = std::env::join_paths(&cli.plugins)
+            .map_err(|e| CliError::usage(format!("--plugin: {e}")))?;
+        // Before any thread starts: the case processes inherit it.
+        std::env::set_var(deepport_plugin::PLUGIN_ENV, joined);
+        let given = m.subcommand().is_some_and(|(_, s)| {
+            s.ids().any(|id| id == "backend")
+                && s.value_source("backend") == Some(clap::parser::ValueSource::CommandLine)
+        });
+        if !given {
+            let first = names[0].to_string();
+            match &mut cli.command {
+                Command::Run(a) => a.backend = names.iter().map(|n| n.to_string()).collect(),
+                Command::Op(c) => c.backend = first,
+                Command::Forward(a) => a.backend = first,
+                #[cfg(feature = "cpu")]
+                Command::Bench(a) => a.backend = names.iter().map(|n| n.to_string()).collect(),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+#[cfg(not(feature = "plugin"))]
+mod plugin_hook {
+    pub fn apply(cli: &mut super::Cli, _: &clap::ArgMatches) -> Result<(), super::CliError> {
+        if cli.plugins.is_empty() {
+            Ok(())
+        } else {
+            Err(super::CliError::usage(
+                "--plugin: this build has no plugin support (cargo feature `plugin`)",
+            ))
+        }
+    }
+}
+
 const LONG_ABOUT: &str = "\
 deepport runs DeepSeek-V3 inference the way DeepSeek's own Hopper kernels \
 (FlashMLA, DeepGEMM, DeepEP) do, on any accelerator, and proves it.
@@ -61,6 +111,11 @@ struct Cli {
     /// unlimited. Default: the memory this machine has available.
     #[arg(long, global = true, value_name = "SIZE", value_parser = MemoryBudget::parse)]
     max_memory: Option<MemoryBudget>,
+    /// Load an out-of-tree backend: a shared library implementing
+    /// plugin/include/deepport_plugin.h (repeat for several). It is
+    /// registered under its own name and becomes the default --backend.
+    #[arg(long = "plugin", global = true, value_name = "LIB")]
+    plugins: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -293,7 +348,15 @@ fn cmd_golden_verify(dir: Option<PathBuf>) -> Result<ExitCode, CliError> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = plugin_hook::apply(&mut cli, &matches) {
+        eprintln!("error: {e}");
+        return ExitCode::from(e.exit_code() as u8);
+    }
     if let Some(b) = cli.max_memory {
         MemoryBudget::set_global(b);
     }

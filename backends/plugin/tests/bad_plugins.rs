@@ -1,0 +1,184 @@
+//! Broken plugins are clear errors, never a crash: each test compiles
+//! tests/broken.c with one defect (`-DBROKEN_...`) with the system C
+//! compiler (`$CC` or `cc`) and checks the error names it.
+
+use deepport_core::ops::{self, Add};
+use deepport_core::{Backend, DType, HostTensor};
+use deepport_plugin::Plugin;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn build(defect: &str) -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("broken-plugins");
+    std::fs::create_dir_all(&dir).expect("create the test directory");
+    let out = dir.join(format!("libbroken_{}.so", defect.to_lowercase()));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let mut cmd = std::process::Command::new(&cc);
+    cmd.args(["-shared", "-fPIC", "-std=c11", "-o"])
+        .arg(&out)
+        .arg("-I")
+        .arg(manifest.join("../../plugin/include"))
+        .arg(manifest.join("tests/broken.c"));
+    if !defect.is_empty() {
+        cmd.arg(format!("-DBROKEN_{defect}"));
+    }
+    let st = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
+    assert!(st.success(), "compiling broken.c with {defect} failed");
+    out
+}
+
+fn load_err(defect: &str) -> String {
+    match Plugin::load(&build(defect)) {
+        Ok(p) => panic!("the plugin with defect {defect} loaded: {p:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn backend(defect: &str) -> deepport_plugin::PluginBackend {
+    let p = Arc::new(Plugin::load(&build(defect)).expect("loads"));
+    p.create(None).expect("creates")
+}
+
+fn run_add(b: &dyn Backend) -> deepport_core::Result<()> {
+    let x = b.upload(&HostTensor::from_f32(
+        DType::F32,
+        &[4],
+        &[1.0, 2.0, 3.0, 4.0],
+    ))?;
+    let mut out = b.alloc(DType::F32, &[4])?;
+    ops::run(
+        b,
+        Add {
+            a: &x,
+            b: &x,
+            out: &mut out,
+        },
+    )
+}
+
+#[test]
+fn the_intact_plugin_loads_and_reports_its_device_error() {
+    let b = backend("");
+    let e = run_add(&b).expect_err("add returns DP_DEVICE_ERROR");
+    let s = e.to_string();
+    assert!(s.contains("broken plugin message"), "{s}");
+    assert!(b
+        .supports(deepport_core::ops::OpKind::Add, &[DType::F32; 3])
+        .is_supported());
+    // NULL op pointers are NotSupported, without a call.
+    assert!(!b
+        .supports(deepport_core::ops::OpKind::Gemm, &[DType::BF16; 3])
+        .is_supported());
+}
+
+#[test]
+fn missing_entry_symbol() {
+    let e = load_err("NO_ENTRY");
+    assert!(e.contains("does not export `deepport_plugin_entry`"), "{e}");
+}
+
+#[test]
+fn refused_version() {
+    let e = load_err("REFUSE");
+    assert!(e.contains("refused this host's ABI version 1"), "{e}");
+}
+
+#[test]
+fn version_mismatch() {
+    let e = load_err("VERSION");
+    assert!(
+        e.contains("ABI version mismatch: the plugin implements version 99"),
+        "{e}"
+    );
+}
+
+#[test]
+fn short_vtable() {
+    let e = load_err("SIZE");
+    assert!(e.contains("its vtable is 16 bytes"), "{e}");
+}
+
+#[test]
+fn null_required_function() {
+    let e = load_err("NO_ALLOC");
+    assert!(
+        e.contains("required function(s) missing (NULL) in the vtable: alloc"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_name() {
+    let e = load_err("NAME");
+    assert!(e.contains("\"Bad Name!\" is not 1 to 64 characters"), "{e}");
+}
+
+#[test]
+fn negative_device_count() {
+    let p = Arc::new(Plugin::load(&build("DEVICE_COUNT")).expect("loads"));
+    let e = p.create(None).err().expect("no backend").to_string();
+    assert!(e.contains("device_count returned -3"), "{e}");
+}
+
+#[test]
+fn null_context() {
+    let p = Arc::new(Plugin::load(&build("NULL_CTX")).expect("loads"));
+    let e = p.create(None).err().expect("no backend").to_string();
+    assert!(
+        e.contains("create returned DP_OK and a NULL context"),
+        "{e}"
+    );
+}
+
+#[test]
+fn null_handle() {
+    let b = backend("NULL_HANDLE");
+    let e = b
+        .alloc(DType::F32, &[4])
+        .expect_err("NULL handle")
+        .to_string();
+    assert!(e.contains("alloc returned DP_OK and a NULL handle"), "{e}");
+}
+
+#[test]
+fn garbage_status_from_an_op() {
+    let b = backend("OP_STATUS");
+    let e = run_add(&b).expect_err("status 42").to_string();
+    assert!(
+        e.contains("add returned status 42, which is not a dp_status"),
+        "{e}"
+    );
+}
+
+#[test]
+fn garbage_status_from_memory() {
+    let b = backend("UPLOAD_STATUS");
+    let e = b
+        .upload(&HostTensor::zeros(DType::F32, &[2]))
+        .expect_err("status -17")
+        .to_string();
+    assert!(e.contains("upload returned status -17"), "{e}");
+}
+
+#[test]
+fn garbage_supports_answer() {
+    let b = backend("SUPPORTS");
+    match b.supports(deepport_core::ops::OpKind::Add, &[DType::F32; 3]) {
+        deepport_core::Support::NotSupported(r) => {
+            assert!(r.contains("supports() returned 7"), "{r}")
+        }
+        s => panic!("a garbage answer was taken as {s:?}"),
+    }
+}
+
+#[test]
+fn not_a_library() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let f = dir.join("not_a_plugin.so");
+    std::fs::write(&f, b"this is not an ELF file").expect("write");
+    let e = Plugin::load(&f).expect_err("not a library").to_string();
+    assert!(e.contains("cannot load the library"), "{e}");
+}
