@@ -167,7 +167,7 @@ done
 # (.hsaco and manifest.json under target/kernels/GFX).
 for arch in gfx90a gfx908; do
   log "deepport kernels --backend rocm --arch $arch"
-  cargo run --locked --quiet -p deepport-conformance -- \
+  cargo run --locked --quiet -p deepport-conformance --features mpi -- \
     kernels --backend rocm --arch "$arch" --out "target/kernels/$arch"
 done
 
