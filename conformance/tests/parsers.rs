@@ -303,7 +303,7 @@ fn report_files_never_panic_the_readers() {
             let _ = report::merge(&[dir.clone(), dir.clone()]);
             let _ = report::verify(&dir, &ids);
             let _ = report::read_partial_results(&dir);
-            let _ = report::html::report_html(&[dir.clone()]);
+            let _ = report::html::report_html(std::slice::from_ref(&dir));
         });
         assert!(
             r.is_ok(),
