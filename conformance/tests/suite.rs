@@ -52,8 +52,9 @@ const TEST_ONLY: [&str; 1] = ["faulty"];
 /// backends/cuda/tests/compile.rs and `deepport kernels` require it; emu:
 /// a C++ compiler for backends/cuda/tests/emulate.rs; hiprtc: ROCm's
 /// compiler for backends/rocm/tests/compile.rs; chromium: a headless
-/// browser for tests/html.rs).
-const REQUIRE_TOOLS: [&str; 4] = ["nvrtc", "emu", "hiprtc", "chromium"];
+/// browser for tests/html.rs; mpi: Open MPI's mpirun for
+/// backends/mpi/tests and tests/mpi.rs — a transport, not a backend).
+const REQUIRE_TOOLS: [&str; 5] = ["nvrtc", "emu", "hiprtc", "chromium", "mpi"];
 
 /// Counts of outcomes that libtest cannot show by name.
 #[derive(Default)]
