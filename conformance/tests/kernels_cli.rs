@@ -1,7 +1,9 @@
 //! `deepport kernels`: usage errors always; with NVRTC (the `cuda`
-//! feature), the full compile for sm_90a and sm_80 with its manifest.
-//! Without NVRTC the compile test prints `skipped: <reason>` and passes,
-//! unless `DEEPPORT_REQUIRE` (comma separated) names `nvrtc`.
+//! feature), the full compile for sm_90a and sm_80 with its manifest; with
+//! hiprtc (the `rocm` feature; Debian's libamdhip64-dev, ROCm 5.2), every
+//! code object for gfx90a and gfx908. Without the compiler a compile test
+//! prints `skipped: <reason>` and passes, unless `DEEPPORT_REQUIRE` (comma
+//! separated) names it (`nvrtc`, `hiprtc`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,9 +27,10 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-fn required() -> bool {
+/// Whether `DEEPPORT_REQUIRE` names `tool`.
+fn required(tool: &str) -> bool {
     std::env::var("DEEPPORT_REQUIRE")
-        .map(|v| v.split(',').any(|s| s.trim() == "nvrtc"))
+        .map(|v| v.split(',').any(|s| s.trim() == tool))
         .unwrap_or(false)
 }
 
@@ -115,7 +118,7 @@ fn compile_for(arch: &str, expected: &[&deepport_cuda::launch::KernelSource]) {
     let (code, out, err) = deepport(&["kernels", "--arch", arch, "--out", d.to_str().unwrap()]);
     if code == 1 && err.contains("NVRTC not") {
         assert!(
-            !required(),
+            !required("nvrtc"),
             "DEEPPORT_REQUIRE names nvrtc, but deepport kernels cannot load it:\n{err}"
         );
         eprintln!("skipped: {err}");
@@ -176,4 +179,93 @@ fn compiles_every_source_for_sm_90a_and_the_portable_ones_for_sm_80() {
         .filter(|s| s.target == Target::Portable)
         .collect();
     compile_for("sm_80", &portable);
+}
+
+// --- rocm ---
+
+#[test]
+fn help_names_rocm() {
+    let (code, out, err) = deepport(&["kernels", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    for w in ["rocm", "hiprtc", "gfx90a", ".hsaco", "wavefront 64"] {
+        assert!(out.contains(w), "`{w}` missing from:\n{out}");
+    }
+}
+
+#[cfg(feature = "rocm")]
+#[test]
+fn a_cuda_arch_is_a_usage_error() {
+    let d = tmp("rocm-arch");
+    let (code, _, err) = deepport(&[
+        "kernels",
+        "--backend",
+        "rocm",
+        "--arch",
+        "sm_90a",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("sm_90a") && err.contains("gfx90a"), "{err}");
+    assert!(!d.exists(), "nothing is written on a usage error");
+}
+
+/// Compiles every source for `gfx` and checks the files and the manifest.
+#[cfg(feature = "rocm")]
+fn compile_rocm_for(gfx: &str, mfma: bool) {
+    let d = tmp(&format!("rocm-{gfx}"));
+    let (code, out, err) = deepport(&[
+        "kernels",
+        "--backend",
+        "rocm",
+        "--arch",
+        gfx,
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    if code == 1 && err.contains("hiprtc cannot be loaded") {
+        assert!(
+            !required("hiprtc"),
+            "DEEPPORT_REQUIRE names hiprtc, but deepport kernels cannot load it:\n{err}"
+        );
+        eprintln!("skipped: {err}");
+        return;
+    }
+    assert_eq!(code, 0, "{out}{err}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["backend"], "rocm");
+    assert_eq!(m["arch"], gfx);
+    assert_eq!(m["failed"].as_array().unwrap().len(), 0, "{m}");
+    let mut expected = deepport_rocm::sources();
+    expected.extend(deepport_rocm::mfma::sources_for(gfx));
+    assert_eq!(
+        expected.iter().any(|s| s.name == "fp8_gemm_mfma.cu"),
+        mfma,
+        "{gfx}"
+    );
+    let listed = m["sources"].as_array().unwrap();
+    assert_eq!(listed.len(), expected.len(), "{m}");
+    for (s, v) in expected.iter().zip(listed) {
+        assert_eq!(v["source"], s.name);
+        let stem = s.name.strip_suffix(".cu").unwrap_or(s.name);
+        let code = std::fs::read(d.join(format!("{stem}.{gfx}.hsaco"))).unwrap();
+        assert_eq!(v["bytes"].as_u64(), Some(code.len() as u64));
+        let co = deepport_rocm::elf::parse(&code).unwrap();
+        assert_eq!(co.gfx, Some(gfx), "{}", s.name);
+        let mut want: Vec<String> = s.entries.iter().map(|e| e.to_string()).collect();
+        want.sort();
+        assert_eq!(co.kernels, want, "{}", s.name);
+    }
+    assert!(
+        out.contains(&format!("kernels: {} compiled, 0 failed", expected.len())),
+        "{out}"
+    );
+}
+
+#[cfg(feature = "rocm")]
+#[test]
+fn writes_every_code_object_for_gfx90a_and_gfx908() {
+    compile_rocm_for("gfx90a", true);
+    compile_rocm_for("gfx908", false);
 }
