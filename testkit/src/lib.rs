@@ -41,6 +41,7 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod emu;
 pub mod ep;
 pub mod harness;
 pub mod heavy;

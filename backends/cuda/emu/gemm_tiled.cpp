@@ -22,64 +22,13 @@
 #include <random>
 #include <vector>
 
-static std::mt19937 rng(7);
-static float fp8(uint8_t c, int fnuz) { return fnuz ? dp_e4m3fnuz_to_f32(c) : dp_e4m3_to_f32(c); }
-static uint8_t rnd_fp8(int fnuz) {
-  uint8_t c;
-  do { c = rng() & 0xff; } while (fnuz ? c == 0x80 : (c & 0x7f) == 0x7f);  // no NaN codes
-  return c;
-}
-static dim3 grid_of(int mode, long G, long m, long n) {
-  return dim3((unsigned)((m + 63) / 64), (unsigned)((n + 63) / 64), (unsigned)(mode == GEMM_MASKED ? G : 1));
-}
+#include "fp8_gemm_check.h"
 
-// FP8 GEMM: mode, G, m (per group if masked), n, k, idx (i64 m_indices or
-// masked_m), output dtype, fnuz.
-static void fp8_case(const char* name, int mode, long G, long m, long n, long k, std::vector<long long> idx,
-                     int out_dt, int fnuz) {
-  const int before = emu_fails;
-  const long kb = (k + 127) / 128, nb = (n + 127) / 128;
-  const long rows = mode == GEMM_MASKED ? G * m : m;
-  const long bG = mode == GEMM_DENSE ? 1 : G;
-  std::vector<uint8_t> a(rows * k), b(bG * n * k);
-  std::vector<float> sa(rows * kb), sb(bG * nb * kb);
-  for (auto& v : a) v = rnd_fp8(fnuz);
-  for (auto& v : b) v = rnd_fp8(fnuz);
-  for (auto& v : sa) v = std::ldexp(1.0f + (rng() % 100) / 100.0f, -(int)(rng() % 6));
-  for (auto& v : sb) v = std::ldexp(1.0f + (rng() % 100) / 100.0f, -(int)(rng() % 6));
-  const float SENT = 12345.0f;
-  std::vector<float> d(rows * n, SENT);
-  std::vector<uint16_t> dh(rows * n, 0x7fc1);
-  void* dp = out_dt == DP_F32 ? (void*)d.data() : (void*)dh.data();
-  emu_launch(grid_of(mode, G, m, n), dim3(256), 0, [&] {
-    gemm_fp8_tiled(a.data(), sa.data(), b.data(), sb.data(), fnuz, dp, out_dt, idx.data(), 1, mode, m, n, k, G);
+// The portable FP8 GEMM through fp8_gemm_check.h.
+static void tiled(dim3 grid, Fp8GemmArgs x) {
+  emu_launch(grid, dim3(256), 0, [&] {
+    gemm_fp8_tiled(x.a, x.sa, x.b, x.sb, x.fnuz, x.d, x.d_dtype, x.idx, 1, x.mode, x.m, x.n, x.k, x.groups);
   });
-  for (long r = 0; r < rows; ++r) {
-    long g = 0, live = 1;
-    if (mode == GEMM_CONTIGUOUS) g = idx[r];
-    if (mode == GEMM_MASKED) { g = r / m; live = (r % m) < std::clamp<long long>(idx[g], 0, m); }
-    for (long c = 0; c < n; ++c) {
-      const double got = out_dt == DP_F32 ? d[r * n + c] : dp_bf16_to_f32(dh[r * n + c]);
-      const bool untouched = out_dt == DP_F32 ? d[r * n + c] == SENT : dh[r * n + c] == 0x7fc1;
-      if (!live) { CHECK(untouched, "%s: masked row %ld col %ld written", name, r, c); continue; }
-      if (mode == GEMM_CONTIGUOUS && g == -1) { CHECK(got == 0.0, "%s: padding row %ld col %ld = %g", name, r, c, got); continue; }
-      if (mode == GEMM_CONTIGUOUS && (g < -1 || g >= G)) { CHECK(untouched, "%s: bad-index row %ld col %ld written", name, r, c); continue; }
-      double want = 0, abs_sum = 0;
-      for (long q = 0; q < kb; ++q) {
-        double inner = 0, inner_abs = 0;
-        for (long kk = q * 128; kk < std::min(k, q * 128 + 128); ++kk) {
-          const double p = (double)fp8(a[r * k + kk], fnuz) * fp8(b[(g * n + c) * k + kk], fnuz);
-          inner += p; inner_abs += std::fabs(p);
-        }
-        const double sc = (double)sa[r * kb + q] * sb[(g * nb + c / 128) * kb + q];
-        want += inner * sc; abs_sum += inner_abs * sc;
-      }
-      // f32 sums of at most 128 terms per block, then the promotions.
-      const double tol = 140 * 6e-8 * abs_sum + (out_dt == DP_F32 ? 0 : std::fabs(want) / 256) + 1e-30;
-      CHECK(std::fabs(got - want) <= tol, "%s: row %ld col %ld: got %g want %g", name, r, c, got, want);
-    }
-  }
-  printf("  %-52s %s\n", name, emu_fails == before ? "ok" : "FAILED");
 }
 
 // Plain GEMM: a bf16 or f16, b f32 or bf16, d f32 (k = 0: zeros).
@@ -126,9 +75,9 @@ static void plain_case(const char* name, int mode, long G, long m, long n, long 
 
 int main() {
   printf("gemm_fp8_tiled:\n");
-  fp8_case("dense m70 n130 k300 f32", GEMM_DENSE, 1, 70, 130, 300, {0}, DP_F32, 0);
-  fp8_case("dense m1 n64 k128 bf16", GEMM_DENSE, 1, 1, 64, 128, {0}, DP_BF16, 0);
-  fp8_case("dense fnuz m9 n40 k200 f32", GEMM_DENSE, 1, 9, 40, 200, {0}, DP_F32, 1);
+  fp8_case("dense m70 n130 k300 f32", GEMM_DENSE, 1, 70, 130, 300, {0}, DP_F32, 0, tiled);
+  fp8_case("dense m1 n64 k128 bf16", GEMM_DENSE, 1, 1, 64, 128, {0}, DP_BF16, 0, tiled);
+  fp8_case("dense fnuz m9 n40 k200 f32", GEMM_DENSE, 1, 9, 40, 200, {0}, DP_F32, 1, tiled);
   {
     // Mixed groups inside tiles, -1 padding, out-of-range (5 >= G, -4).
     const long m = 100;
@@ -137,10 +86,10 @@ int main() {
     idx[77] = 5;
     idx[33] = -4;
     idx[70] = 3;
-    fp8_case("contiguous mixed tiles, padding, bad indices k160", GEMM_CONTIGUOUS, 4, m, 96, 160, idx, DP_F32, 0);
+    fp8_case("contiguous mixed tiles, padding, bad indices k160", GEMM_CONTIGUOUS, 4, m, 96, 160, idx, DP_F32, 0, tiled);
   }
-  fp8_case("masked (0, m, 9) k200", GEMM_MASKED, 3, 70, 65, 200, {0, 70, 9}, DP_F32, 0);
-  fp8_case("masked out of range (99, -3) k130 bf16", GEMM_MASKED, 2, 20, 40, 130, {99, -3}, DP_BF16, 0);
+  fp8_case("masked (0, m, 9) k200", GEMM_MASKED, 3, 70, 65, 200, {0, 70, 9}, DP_F32, 0, tiled);
+  fp8_case("masked out of range (99, -3) k130 bf16", GEMM_MASKED, 2, 20, 40, 130, {99, -3}, DP_BF16, 0, tiled);
   printf("gemm_plain_tiled:\n");
   plain_case("dense bf16 x f32 m65 n33 k77", GEMM_DENSE, 1, 65, 33, 77, {0}, DP_BF16, DP_F32);
   plain_case("contiguous f16 x bf16 m90 n70 k40 (padding, bad)", GEMM_CONTIGUOUS, 3, 90, 70, 40,

@@ -200,7 +200,7 @@ pub fn support_of(op: OpKind) -> Support {
 /// The op glue: the CUDA backend's, but the MFMA paths of this backend
 /// where it has them.
 mod glue {
-    pub use crate::mfma::fp8_gemm;
+    pub use crate::mfma::{fp8_gemm, fp8_grouped_contiguous, fp8_grouped_masked};
     pub use deepport_cuda::ops::glue::*;
 }
 

@@ -81,10 +81,9 @@ fn i32_of(op: &'static str, what: &'static str, v: usize) -> Result<Arg> {
         .map_err(|_| Error::not_supported("cuda", op, format!("{what} = {v} exceeds 2^31")))
 }
 
-/// Requests the deferred range check of an index tensor and launches
-/// `gemm_check_index` over it. Returns the status entry.
-#[allow(clippy::too_many_arguments)]
-fn check_index(
+/// Requests the deferred range check of an index tensor (values in
+/// `[lo, hi)`, or `allow`) and launches `gemm_check_index` over it.
+pub fn check_index(
     cx: &dyn LaunchContext,
     op: &'static str,
     arg: &'static str,

@@ -16,7 +16,7 @@ pub(crate) use small::*;
 /// [`crate::launch::LaunchContext`] instead of copying this glue.
 pub mod glue {
     pub use super::dense::{
-        act_quant, fp8_gemm, fp8_grouped_contiguous, fp8_grouped_masked, gemm,
+        act_quant, check_index, fp8_gemm, fp8_grouped_contiguous, fp8_grouped_masked, gemm,
         gemm_grouped_contiguous, gemm_grouped_masked, weight_dequant,
     };
     pub use super::mla::{mla_decode, mla_prefill, rope};
