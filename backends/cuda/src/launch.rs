@@ -40,6 +40,23 @@ pub struct Kernel {
     pub entry: &'static str,
 }
 
+/// A split kernel for `mla_decode` that a device layer brings in place of
+/// the portable one (the ROCm backend's MFMA kernel): it takes
+/// `mla_decode_sm90`'s arguments and writes the same partials, between the
+/// glue's `mla_metadata` and `mla_combine`.
+#[derive(Clone, Copy, Debug)]
+pub struct MlaSplitKernel {
+    pub kernel: Kernel,
+    /// Query rows per workgroup: one `s` and that many heads of one kv
+    /// head (the device layer offers the kernel only when heads per kv
+    /// head are a multiple of it).
+    pub tile_rows: u32,
+    /// Threads per workgroup.
+    pub threads: u32,
+    /// Dynamic shared memory in bytes.
+    pub smem: u32,
+}
+
 /// One kernel argument, passed by value.
 #[derive(Clone, Debug)]
 pub enum Arg {
@@ -192,4 +209,17 @@ pub trait LaunchContext {
     ) -> Result<u64>;
     fn tensor_map(&self, params: &TmaParams) -> Result<TensorMap>;
     fn launch(&self, kernel: Kernel, grid: Grid, args: &[Arg]) -> Result<()>;
+    /// The device's own MLA decode split kernel for these operands
+    /// (`dtype` of `q`/`kcache`, their addresses), if it has one; `None`
+    /// keeps the glue's choice (sm_90a's wgmma kernel on Hopper, else the
+    /// portable one).
+    fn mla_split_kernel(
+        &self,
+        _dtype: deepport_core::DType,
+        _dims: &deepport_core::ops::MlaDecodeDims,
+        _q: u64,
+        _kcache: u64,
+    ) -> Option<MlaSplitKernel> {
+        None
+    }
 }

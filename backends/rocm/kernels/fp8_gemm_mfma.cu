@@ -31,18 +31,9 @@
 // acc = fma(part, sa[row, kb] * sb[col / 128, kb], acc) — the order of the
 // portable kernel (gemm.cu). One rounding to d's dtype at the store.
 //
-// MFMA operand layout (32x32x8, 64 lanes; AMD's matrix instruction
-// calculator): lane l holds A[l % 32][4 (l / 32) + 0..3] and
-// B[4 (l / 32) + 0..3][l % 32]; accumulator item v of lane l is
-// D[8 (v / 4) + 4 (l / 32) + v % 4][l % 32].
+// The MFMA operand layout is in mfma.cuh.
 #include "gemm.cuh"
-
-// MF_EMU: the host emulation (../emu/fp8_mfma.cpp) provides the operand
-// types and `mf_mfma` (a model of the instruction over the wavefront).
-#if !defined(MF_EMU) && !defined(__gfx90a__) && !defined(__gfx940__) && \
-    !defined(__gfx941__) && !defined(__gfx942__) && !defined(__gfx950__)
-#error "fp8_gemm_mfma.cu needs v_mfma_f32_32x32x8bf16_1k (gfx90a, gfx940-942, gfx950)"
-#endif
+#include "mfma.cuh"
 
 #define MF_BM 64
 #define MF_BN 64
@@ -50,12 +41,6 @@
 #define MF_LD (MF_BK + 4)
 #define MF_THREADS 256
 #define MF_NONE 0x7fffffff
-
-#ifndef MF_EMU
-typedef short mf_bf16x4 __attribute__((ext_vector_type(4)));
-typedef float mf_f32x16 __attribute__((ext_vector_type(16)));
-#define mf_mfma(a, b, c) __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(a, b, c, 0, 0, 0)
-#endif
 
 // An FP8 byte as bf16 bits (exact, so truncating the f32 loses nothing).
 DP_DEVICE short mf_fp8_bf16(u8 c, int fnuz) {
@@ -117,7 +102,7 @@ extern "C" DP_GLOBAL void __launch_bounds__(MF_THREADS)
     // Padding rows: 0, as the reference writes (one column per lane).
     if (col < n) {
       for (int v = 0; v < 16; ++v) {
-        const int lr = wr + 8 * (v / 4) + (lane / 32) * 4 + (v % 4);
+        const int lr = wr + mf_acc_row(v, lane);
         if (rowg[lr] == -1) gemm_store(d, (row0 + lr) * n + col, d_dtype, 0.0f);
       }
     }
@@ -170,14 +155,14 @@ extern "C" DP_GLOBAL void __launch_bounds__(MF_THREADS)
       // Promotion with the block's scales (zero past rows / n: never stored).
       const float s_b = col < n ? sb[sb_off + (col / 128) * kb_n + kb] : 0.0f;
       for (int v = 0; v < 16; ++v) {
-        const i64 r = row0 + wr + 8 * (v / 4) + (lane / 32) * 4 + (v % 4);
+        const i64 r = row0 + wr + mf_acc_row(v, lane);
         const float s_a = r < rows ? sa[sa_off + r * kb_n + kb] : 0.0f;
         acc[v] = fmaf(part[v], s_a * s_b, acc[v]);
       }
     }
     if (col < n) {
       for (int v = 0; v < 16; ++v) {
-        const int lr = wr + 8 * (v / 4) + (lane / 32) * 4 + (v % 4);
+        const int lr = wr + mf_acc_row(v, lane);
         const i64 r = row0 + lr;
         const bool mine = (mode == GEMM_CONTIGUOUS) ? (rowg[lr] == group) : (r < rows);
         if (mine) gemm_store(d, d_off + r * n + col, d_dtype, acc[v]);

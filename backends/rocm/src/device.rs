@@ -24,7 +24,7 @@
 use crate::hip::{dev_err, DeviceDesc, BACKEND};
 use crate::runtime::Runtime;
 use deepport_core::backend::{InstanceId, Tensor};
-use deepport_core::{Error, Result};
+use deepport_core::{DType, Error, Result};
 use deepport_cuda::device::{first_error, validate_grid, CheckRecord, PackedArgs, STATUS_ENTRIES};
 use deepport_cuda::launch::{
     Arch, Arg, CheckKind, Grid, Kernel, KernelSource, LaunchContext, Scratch, Target, TensorMap,
@@ -389,6 +389,16 @@ impl LaunchContext for RocmCx {
                 kernel.source.name, kernel.entry
             ))
         })
+    }
+
+    fn mla_split_kernel(
+        &self,
+        dtype: DType,
+        dims: &deepport_core::ops::MlaDecodeDims,
+        q: u64,
+        kcache: u64,
+    ) -> Option<deepport_cuda::launch::MlaSplitKernel> {
+        crate::mfma::mla_split(&self.gfx, dtype, dims, q, kcache)
     }
 }
 

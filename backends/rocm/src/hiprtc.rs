@@ -7,7 +7,8 @@
 //!   `libhiprtc.so.6`, `libhiprtc.so.5` (ROCm 6 ships hiprtc as a library
 //!   of its own), then the HIP runtime itself ([`crate::hip::library_names`]):
 //!   ROCm 5.x keeps hiprtc inside `libamdhip64.so.5`. Loaded once.
-//! * Headers: `deepport_cuda::nvrtc::HEADERS` (every `kernels/*.cuh`),
+//! * Headers: `deepport_cuda::nvrtc::HEADERS` (every `kernels/*.cuh`) and
+//!   `crate::mfma::HEADERS` (this crate's `kernels/*.cuh`),
 //!   handed to hiprtc in memory, so no ROCm header is needed.
 //! * Options: `--offload-arch=<gfx> -std=c++17 -DDP_HIP -O3` (`DP_HIP`:
 //!   `port.cuh` selects wavefront 64 and `__shfl_xor`), plus
@@ -154,9 +155,11 @@ pub fn compile(name: &str, text: &str, gfx: &str) -> Result<Compiled> {
     };
     let c_text = cstr("the source", text)?;
     let c_name = cstr("the name", name)?;
-    let headers = deepport_cuda::nvrtc::HEADERS;
-    let mut header_texts = Vec::with_capacity(headers.len());
-    let mut header_names = Vec::with_capacity(headers.len());
+    let headers = deepport_cuda::nvrtc::HEADERS
+        .iter()
+        .chain(crate::mfma::HEADERS);
+    let mut header_texts = Vec::new();
+    let mut header_names = Vec::new();
     for (n, t) in headers {
         header_names.push(cstr("a header name", n)?);
         header_texts.push(cstr("a header", t)?);

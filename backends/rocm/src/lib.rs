@@ -80,7 +80,7 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
 pub fn register(reg: &mut deepport_core::registry::Registry) {
     reg.register(
         BACKEND,
-        "ROCm/HIP: the portable kernels compiled by hiprtc (gfx9xx, wavefront 64) through the CUDA op glue",
+        "ROCm/HIP: the portable kernels compiled by hiprtc (gfx9xx, wavefront 64) through the CUDA op glue, MFMA FP8 GEMMs and MLA decode on gfx90a/gfx94x/gfx950",
         |device| Ok(Box::new(Rocm::on_device(device.unwrap_or(0))?)),
         devices,
     );

@@ -7,8 +7,10 @@
 //! `mode`). Selected by architecture ([`has_mfma_bf16_1k`]); elsewhere
 //! the portable kernel of the CUDA glue runs. The grouped GEMMs'
 //! index tensors get the CUDA glue's deferred range check
-//! (`glue::check_index`) before the launch. MLA decode runs the CUDA
-//! glue's portable kernel (no MFMA path yet).
+//! (`glue::check_index`) before the launch. MLA decode's split kernel
+//! (`kernels/mla_decode_mfma.cu`, [`mla_split`]) runs between the CUDA
+//! glue's metadata and combine kernels, offered to the glue through
+//! `LaunchContext::mla_split_kernel`.
 //!
 //! Checked here: hiprtc (ROCm 5.2) compiles the source for gfx90a, the
 //! glue's launches are checked on the CPU, and the kernel itself runs on
@@ -22,9 +24,13 @@
 
 use crate::device::RocmCx;
 use deepport_core::backend::Tensor;
-use deepport_core::ops::{Checked, Fp8Gemm, Fp8GroupedContiguous, Fp8GroupedMasked, GemmDims};
+use deepport_core::ops::{
+    Checked, Fp8Gemm, Fp8GroupedContiguous, Fp8GroupedMasked, GemmDims, MlaDecodeDims,
+};
 use deepport_core::{DType, Error, Result};
-use deepport_cuda::launch::{Arg, Grid, Kernel, KernelSource, LaunchContext, Target};
+use deepport_cuda::launch::{
+    Arg, Grid, Kernel, KernelSource, LaunchContext, MlaSplitKernel, Target,
+};
 use deepport_cuda::ops::glue;
 use deepport_cuda::schedule::gemm::Layout;
 
@@ -37,8 +43,25 @@ pub static FP8_GEMM_MFMA: KernelSource = KernelSource {
     entries: &["fp8_gemm_mfma"],
 };
 
+/// The MLA decode split kernel on matrix cores (`mla_decode_sm90`'s
+/// arguments; the CUDA glue runs it through
+/// `LaunchContext::mla_split_kernel`).
+pub static MLA_DECODE_MFMA: KernelSource = KernelSource {
+    name: "mla_decode_mfma.cu",
+    text: include_str!("../kernels/mla_decode_mfma.cu"),
+    target: Target::Portable,
+    entries: &["mla_decode_mfma"],
+};
+
+/// The headers of the ROCm-only sources, handed to hiprtc next to the CUDA
+/// backend's (`deepport_cuda::nvrtc::HEADERS`).
+pub const HEADERS: &[(&str, &str)] = &[("mfma.cuh", include_str!("../kernels/mfma.cuh"))];
+
 /// Output tile of one workgroup.
 pub const TILE: usize = 64;
+
+/// Query rows per workgroup of [`MLA_DECODE_MFMA`].
+pub const MLA_TILE_ROWS: u32 = 32;
 
 /// Whether `gfx` has `v_mfma_f32_32x32x8bf16_1k` (CDNA 2 and later).
 pub fn has_mfma_bf16_1k(gfx: &str) -> bool {
@@ -49,7 +72,7 @@ pub fn has_mfma_bf16_1k(gfx: &str) -> bool {
 /// The ROCm-only sources that compile for `gfx`.
 pub fn sources_for(gfx: &str) -> Vec<&'static KernelSource> {
     if has_mfma_bf16_1k(gfx) {
-        vec![&FP8_GEMM_MFMA]
+        vec![&FP8_GEMM_MFMA, &MLA_DECODE_MFMA]
     } else {
         Vec::new()
     }
@@ -232,6 +255,38 @@ pub fn fp8_grouped_masked(cx: &RocmCx, op: &mut Checked<Fp8GroupedMasked<'_>>) -
     launch(cx, g, &l, args.d)
 }
 
+/// The MFMA split kernel for an `mla_decode` on `gfx`, when the operands
+/// fit it: bf16 `q` and cache, DeepSeek's head dims (576 / 512), pages of
+/// 64 tokens, query heads per kv head a multiple of 32 (each 32-row tile is
+/// one `s`), `q` and `kcache` 16-byte aligned (keys are copied 8 bytes at a
+/// time). Otherwise `None`: the CUDA glue's portable kernel runs.
+pub fn mla_split(
+    gfx: &str,
+    dtype: DType,
+    d: &MlaDecodeDims,
+    q: u64,
+    kcache: u64,
+) -> Option<MlaSplitKernel> {
+    let fits = has_mfma_bf16_1k(gfx)
+        && dtype == DType::BF16
+        && d.d == 576
+        && d.dv == 512
+        && d.block_size == 64
+        && d.h_kv > 0
+        && (d.h_q / d.h_kv).is_multiple_of(MLA_TILE_ROWS as usize)
+        && q.is_multiple_of(16)
+        && kcache.is_multiple_of(16);
+    fits.then_some(MlaSplitKernel {
+        kernel: Kernel {
+            source: &MLA_DECODE_MFMA,
+            entry: "mla_decode_mfma",
+        },
+        tile_rows: MLA_TILE_ROWS,
+        threads: 256,
+        smem: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,31 +300,33 @@ mod tests {
     }
 
     #[test]
-    fn the_mfma_source_compiles_for_gfx90a_with_wavefront_64() {
+    fn the_mfma_sources_compile_for_gfx90a_with_wavefront_64() {
         if let Err(why) = crate::hiprtc::probe() {
             assert!(!required(), "DEEPPORT_REQUIRE names hiprtc, but: {why}");
             println!("skipped: {why}");
             return;
         }
-        let c = crate::hiprtc::compile(FP8_GEMM_MFMA.name, FP8_GEMM_MFMA.text, "gfx90a").unwrap();
-        let co = crate::elf::parse(&c.code).unwrap();
-        assert_eq!(co.gfx, Some("gfx90a"));
-        assert_eq!(co.kernels, vec!["fp8_gemm_mfma".to_string()]);
-        assert_eq!(co.wavefront_sizes, vec![64]);
-        // The matrix-core instruction is in the code: a VOP3P-MAI word with
-        // opcode 0xD3E6 in its high half (what llvm-objdump --mcpu=gfx90a
-        // prints as v_mfma_f32_32x32x8bf16_1k).
-        let mfma = c
-            .code
-            .chunks_exact(4)
-            .filter(|w| w[3] == 0xd3 && w[2] == 0xe6)
-            .count();
-        assert!(mfma >= 1, "no v_mfma_f32_32x32x8bf16_1k in the code object");
-        // gfx908 has no bf16_1k MFMA: the source refuses it.
-        let e = crate::hiprtc::compile(FP8_GEMM_MFMA.name, FP8_GEMM_MFMA.text, "gfx908")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("v_mfma_f32_32x32x8bf16_1k"), "{e}");
+        for src in sources_for("gfx90a") {
+            let c = crate::hiprtc::compile(src.name, src.text, "gfx90a").unwrap();
+            let co = crate::elf::parse(&c.code).unwrap();
+            assert_eq!(co.gfx, Some("gfx90a"), "{}", src.name);
+            assert_eq!(co.kernels, src.entries.to_vec(), "{}", src.name);
+            assert_eq!(co.wavefront_sizes, vec![64], "{}", src.name);
+            // The matrix-core instruction is in the code: a VOP3P-MAI word
+            // with opcode 0xD3E6 in its high half (what llvm-objdump
+            // --mcpu=gfx90a prints as v_mfma_f32_32x32x8bf16_1k).
+            let mfma = c
+                .code
+                .chunks_exact(4)
+                .filter(|w| w[3] == 0xd3 && w[2] == 0xe6)
+                .count();
+            assert!(mfma >= 1, "{}: no v_mfma_f32_32x32x8bf16_1k", src.name);
+            // gfx908 has no bf16_1k MFMA: the source refuses it.
+            let e = crate::hiprtc::compile(src.name, src.text, "gfx908")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("v_mfma_f32_32x32x8bf16_1k"), "{}: {e}", src.name);
+        }
     }
 
     fn fp8_gemm_on(gfx: &str, m: usize, n: usize, k: usize, dt: DType) -> Vec<(String, Grid)> {
@@ -322,7 +379,7 @@ mod tests {
         let l = fp8_gemm_on("gfx1030", 1, 64, 100, DType::F8E4M3Fnuz);
         assert_eq!(l[0].0, "gemm_fp8_tiled");
         assert!(fp8_gemm_on("gfx90a", 0, 64, 128, DType::F8E4M3).is_empty());
-        assert_eq!(sources_for("gfx90a").len(), 1);
+        assert_eq!(sources_for("gfx90a").len(), 2);
         assert!(sources_for("gfx908").is_empty());
         assert!(grid(1, 64 * 65536, 1).is_none());
         assert!(grid(1, 64, 65536).is_none());
@@ -410,5 +467,62 @@ mod tests {
         let (c, m) = grouped_on("gfx908");
         assert_eq!(c.last().unwrap().0, "gemm_fp8_tiled");
         assert_eq!(m.last().unwrap().0, "gemm_fp8_tiled");
+    }
+
+    /// The launches of one bf16 MLA decode with DeepSeek's dims on `gfx`
+    /// (`h_q` query heads, one kv head, 2 sequences, 2 pages of 64 each).
+    fn mla_decode_on(gfx: &str, h_q: usize, dt: DType) -> Vec<(String, (u32, u32, u32), u32)> {
+        use deepport_core::ops::MlaDecode;
+        let (fake, b) = backend(gfx, fake_compiler);
+        let (batch, s_q, d, dv, pages) = (2usize, 1usize, 576usize, 512usize, 4usize);
+        let q = b.alloc(dt, &[batch, s_q, h_q, d]).unwrap();
+        let kc = b.alloc(dt, &[pages, 64, 1, d]).unwrap();
+        let bt = b
+            .upload(&HostTensor::from_i32(&[batch, 2], &[0, 1, 2, 3]))
+            .unwrap();
+        let lens = b
+            .upload(&HostTensor::from_i32(&[batch], &[100, 128]))
+            .unwrap();
+        let mut out = b.alloc(dt, &[batch, s_q, h_q, dv]).unwrap();
+        let mut lse = b.alloc(DType::F32, &[batch, h_q, s_q]).unwrap();
+        run(
+            &b,
+            MlaDecode {
+                q: &q,
+                kcache: &kc,
+                block_table: &bt,
+                cache_seqlens: &lens,
+                out: &mut out,
+                lse: &mut lse,
+                softmax_scale: 0.04,
+                causal: false,
+            },
+        )
+        .unwrap();
+        fake.launches()
+            .into_iter()
+            .map(|l| (l.entry, l.grid, l.smem))
+            .collect()
+    }
+
+    #[test]
+    fn mla_decode_takes_the_mfma_split_kernel_where_it_fits() {
+        let l = mla_decode_on("gfx90a", 128, DType::BF16);
+        let entries: Vec<&str> = l.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(entries, ["mla_metadata", "mla_decode_mfma", "mla_combine"]);
+        // 128 heads of one kv head in tiles of 32 rows; static LDS only.
+        assert_eq!(l[1].1 .1, 1);
+        assert_eq!(l[1].1 .2, 4);
+        assert_eq!(l[1].2, 0);
+        // Elsewhere the portable split kernel: no bf16_1k MFMA (gfx908),
+        // f32 operands, or heads per kv head not a multiple of 32.
+        for (gfx, h_q, dt) in [
+            ("gfx908", 128, DType::BF16),
+            ("gfx90a", 128, DType::F32),
+            ("gfx90a", 16, DType::BF16),
+        ] {
+            let l = mla_decode_on(gfx, h_q, dt);
+            assert_eq!(l[1].0, "mla_decode_split", "{gfx} h_q={h_q} {dt}");
+        }
     }
 }

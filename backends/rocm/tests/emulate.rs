@@ -1,9 +1,11 @@
-//! Runs the ROCm-only kernels on the CPU: `emu/fp8_mfma.cpp` includes
-//! `kernels/fp8_gemm_mfma.cu` unchanged through the CUDA backend's host
+//! Runs the ROCm-only kernels on the CPU: `emu/fp8_mfma.cpp` and
+//! `emu/mla_mfma.cpp` include `kernels/fp8_gemm_mfma.cu` and
+//! `kernels/mla_decode_mfma.cu` unchanged through the CUDA backend's host
 //! emulation (`backends/cuda/emu/emu.h`, 64-wide wavefronts) with a model
-//! of the MFMA instruction (`emu/mfma_cdna.h`), and checks the dense,
-//! contiguous and masked FP8 GEMMs against the double reference the
-//! portable kernel's harness uses (`backends/cuda/emu/fp8_gemm_check.h`).
+//! of the MFMA instruction (`emu/mfma_cdna.h`), and check the dense,
+//! contiguous and masked FP8 GEMMs and MLA decode against the double
+//! references the CUDA kernels' harnesses use
+//! (`backends/cuda/emu/fp8_gemm_check.h`, `mla_decode_check.h`).
 //! No AMD GPU is needed; what the model cannot prove is in mfma_cdna.h.
 //!
 //! Without a C++ compiler the tests print "skipped: no C++ compiler" and
@@ -48,4 +50,16 @@ fn fp8_gemm_mfma_dense_contiguous_masked() {
 #[test]
 fn a_broken_mfma_kernel_is_caught() {
     emu().fails("fp8_mfma", &refs(&args(&["-DEMU_MUTATE=1"])), "FAIL ");
+}
+
+#[test]
+fn mla_decode_mfma_split_kernel() {
+    emu().passes("mla_mfma", &refs(&args(&[])));
+}
+
+/// The MLA harness can fail: without the kernel's `__syncthreads` the key
+/// tile and the S partials race.
+#[test]
+fn a_broken_mla_kernel_is_caught() {
+    emu().fails("mla_mfma", &refs(&args(&["-DEMU_MUTATE=1"])), "FAIL ");
 }

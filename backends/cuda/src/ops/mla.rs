@@ -3,14 +3,18 @@
 //! * `mla_decode`: `mla_metadata` (checks `cache_seqlens` and the used
 //!   block-table entries, writes the split plan of [`crate::schedule::mla`]
 //!   on the device), then the split kernel — `mla_decode_sm90` (wgmma) on
-//!   Hopper for bf16 DeepSeek shapes, else the portable `mla_decode_split`
-//!   — then `mla_combine` (fixed slot order).
+//!   Hopper for bf16 DeepSeek shapes, else the device's own split kernel
+//!   if its `LaunchContext::mla_split_kernel` offers one (ROCm's MFMA
+//!   kernel), else the portable `mla_decode_split` — then `mla_combine`
+//!   (fixed slot order).
 //! * `mla_prefill`: strided batched matmuls (`mla_bmm`) and a causal
 //!   attention kernel with a two-part key (`mla_prefill_attn`); naive and
 //!   absorbed forms as SPEC §5 writes them.
 //! * `rope`: one kernel; the YaRN ramp bounds are computed here in f64.
 
-use crate::launch::{Arg, CheckKind, Grid, Kernel, KernelSource, LaunchContext, Target};
+use crate::launch::{
+    Arg, CheckKind, Grid, Kernel, KernelSource, LaunchContext, MlaSplitKernel, Target,
+};
 use crate::schedule::mla::{decode_geometry, DecodeGeometry, MetaLayout, OVERHEAD_BLOCKS};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, Result};
@@ -128,15 +132,26 @@ pub fn mla_decode(cx: &dyn LaunchContext, op: &mut Checked<MlaDecode<'_>>) -> Re
     }
     let q = cx.ptr(a.q)?;
     let kc = cx.ptr(a.kcache)?;
-    let sm90 = use_sm90(cx, dt, &d, q, kc);
-    if !sm90 && d.d > MAX_HEAD_DIM {
+    // The split kernel: Hopper's wgmma one, else the device's own (ROCm's
+    // MFMA kernel), else the portable `mla_decode_split`.
+    let special = if use_sm90(cx, dt, &d, q, kc) {
+        Some(MlaSplitKernel {
+            kernel: kernel(&MLA_SM90_CU, "mla_decode_sm90"),
+            tile_rows: SM90_TILE_ROWS,
+            threads: SM90_THREADS,
+            smem: SM90_SMEM,
+        })
+    } else {
+        cx.mla_split_kernel(dt, &d, q, kc)
+    };
+    if special.is_none() && d.d > MAX_HEAD_DIM {
         return Err(Error::not_supported(
             "cuda",
             OP,
             format!("head dim {} > {MAX_HEAD_DIM}", d.d),
         ));
     }
-    let tile_rows = if sm90 { SM90_TILE_ROWS } else { WARPS };
+    let tile_rows = special.map_or(WARPS, |k| k.tile_rows);
     let g: DecodeGeometry =
         decode_geometry(cx.arch().sms, d.batch, d.s_q, d.h_q, d.h_kv, tile_rows).ok_or_else(
             || {
@@ -236,13 +251,13 @@ pub fn mla_decode(cx: &dyn LaunchContext, op: &mut Checked<MlaDecode<'_>>) -> Re
         v
     };
     let grid = (g.parts, d.h_kv as u32, g.row_tiles);
-    if sm90 {
+    if let Some(k) = special {
         cx.launch(
-            kernel(&MLA_SM90_CU, "mla_decode_sm90"),
+            k.kernel,
             Grid {
                 grid,
-                block: (SM90_THREADS, 1, 1),
-                smem: SM90_SMEM,
+                block: (k.threads, 1, 1),
+                smem: k.smem,
             },
             &split_args(&[
                 Arg::I32(num_blocks),
