@@ -8,14 +8,16 @@
 //! the FP8 GEMMs, per 128-wide block: an inner f64 sum from 0, then
 //! `acc += inner · sa · sb`). What changes is only *which* elements are
 //! computed together: tiles of outputs run on several threads
-//! ([`par_map`]), and a register tile of `MR × NR` independent accumulators
-//! advances together through `k`, which the compiler vectorizes across the
-//! `NR` columns (no reassociation, no fused multiply-add). Operands are
+//! ([`par_map`]), and register tiles of `MR × NR` independent accumulators
+//! advance together through `k` ([`crate::tiles`], compiled per
+//! instruction set and vectorized across the `NR` columns; no
+//! reassociation, no fused multiply-add). Operands are
 //! widened to f64 once per tile and block (exact for every input dtype).
 //!
 //! The ops whose cost does not matter keep the scalar loops unchanged.
 
 use crate::scalar::dense::put_f64;
+use crate::tiles::{panels, MR, NR};
 use crate::util::{f32s, host, i64s, par_map, put_f32, put_host};
 use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
@@ -24,46 +26,6 @@ use deepport_core::{HostTensor, Result};
 pub(crate) use crate::scalar::dense::{
     act_quant, add, embedding, moe_gate, rms_norm, rope, silu_mul,
 };
-
-// ---- the register tile -------------------------------------------------------
-
-/// Rows of the register tile.
-pub(crate) const MR: usize = 3;
-/// Columns of the register tile (the vectorized direction).
-pub(crate) const NR: usize = 8;
-
-/// `c[i][j] += a[kk][i] · b[kk][j]` for `kk` in order, one f64 chain per
-/// `(i, j)`. `ap` is a packed `[kc][MR]` panel, `bp` a packed `[kc][NR]`
-/// panel (both `kc` long).
-#[inline(always)]
-pub(crate) fn micro(ap: &[f64], bp: &[f64], c: &mut [[f64; NR]; MR]) {
-    let mut acc = *c;
-    for (a, b) in ap.chunks_exact(MR).zip(bp.chunks_exact(NR)) {
-        let a: &[f64; MR] = a.try_into().expect("MR chunk");
-        let b: &[f64; NR] = b.try_into().expect("NR chunk");
-        for i in 0..MR {
-            for j in 0..NR {
-                acc[i][j] += a[i] * b[j];
-            }
-        }
-    }
-    *c = acc;
-}
-
-/// Runs [`micro`] over a packed block: `ap` holds `mg` panels of
-/// `[kc][MR]`, `bp` holds `ng` panels of `[kc][NR]`; `c` holds the
-/// `mg × ng` register tiles (row group major).
-pub(crate) fn block(ap: &[f64], bp: &[f64], kc: usize, c: &mut [[[f64; NR]; MR]]) {
-    let ng = bp.len() / (kc * NR).max(1);
-    if kc == 0 || ng == 0 {
-        return;
-    }
-    for (gj, b) in bp.chunks_exact(kc * NR).enumerate() {
-        for (gi, a) in ap.chunks_exact(kc * MR).enumerate() {
-            micro(a, b, &mut c[gi * ng + gj]);
-        }
-    }
-}
 
 // ---- the tiled GEMMs ---------------------------------------------------------
 
@@ -96,6 +58,7 @@ fn tiled(a: &[f32], rows: &[usize], b: &[f32], n: usize, k: usize, mode: Accum<'
     }
     let (units_m, units_n) = (m.div_ceil(MC), n.div_ceil(NC));
     let kb = blocks128(k);
+    let simd = crate::fast::current_simd();
     let tiles = par_map(units_m * units_n, |u| {
         let (um, un) = (u / units_n, u % units_n);
         let (r0, r1) = (um * MC, ((um + 1) * MC).min(m));
@@ -143,10 +106,10 @@ fn tiled(a: &[f32], rows: &[usize], b: &[f32], n: usize, k: usize, mode: Accum<'
                 }
             }
             match mode {
-                Accum::Plain => block(ap, bp, kc, &mut acc),
+                Accum::Plain => panels(simd, ap, kc * MR, mg, bp, kc * NR, ng, kc, &mut acc),
                 Accum::Fp8 { sa, sb } => {
                     inner.iter_mut().for_each(|t| *t = [[0.0; NR]; MR]);
-                    block(ap, bp, kc, &mut inner);
+                    panels(simd, ap, kc * MR, mg, bp, kc * NR, ng, kc, &mut inner);
                     for gi in 0..mg {
                         for ii in 0..MR {
                             let r = r0 + gi * MR + ii;

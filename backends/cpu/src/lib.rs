@@ -28,6 +28,7 @@ mod mla;
 pub mod peak;
 #[doc(hidden)]
 pub mod scalar;
+mod tiles;
 pub mod util;
 
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Storage, Support, Tensor};

@@ -7,40 +7,18 @@
 //! from 0). The work is regrouped: one unit per (batch, KV head) runs on a
 //! thread; within it the queries of all heads that share the KV head and
 //! the keys (widened to f64 once) form two small GEMMs whose register
-//! tiles ([`crate::dense::micro`]) advance independent dot products
+//! tiles ([`crate::tiles`]) advance independent dot products
 //! together. Prefill runs its heads on several threads with the scalar
 //! per-head code.
 
-use crate::dense::{micro, MR, NR};
 use crate::scalar::mla::{decode_indices, mla_prefill_with, put_f64, softmax};
+use crate::tiles::{panels, MR, NR};
 use crate::util::{f32s, par_map};
 use deepport_core::ops::*;
 use deepport_core::Result;
 
 pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
     mla_prefill_with(op, |heads, f| par_map(heads, f))
-}
-
-/// `c[gi][gj] = micro(a panel gi, b panel gj)` for `gi < mg`, `gj < ng`,
-/// with panels `a_stride` / `b_stride` apart, each `kc` long.
-#[allow(clippy::too_many_arguments)]
-fn block_strided(
-    ap: &[f64],
-    a_stride: usize,
-    mg: usize,
-    bp: &[f64],
-    b_stride: usize,
-    ng: usize,
-    kc: usize,
-    c: &mut [[[f64; NR]; MR]],
-) {
-    for gj in 0..ng {
-        let b = &bp[gj * b_stride..gj * b_stride + kc * NR];
-        for gi in 0..mg {
-            let a = &ap[gi * a_stride..gi * a_stride + kc * MR];
-            micro(a, b, &mut c[gi * ng + gj]);
-        }
-    }
 }
 
 pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
@@ -70,6 +48,7 @@ pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
         }
     };
 
+    let simd = crate::fast::current_simd();
     // One unit per (b, kvh): rows (s, h in the group) in (s, h) order,
     // each with its output row and lse.
     let units = par_map(batch * h_kv, |u| {
@@ -118,7 +97,7 @@ pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
         }
         // Dot products from −0.0, as `Iterator::sum` starts.
         let mut dots = vec![[[-0.0f64; NR]; MR]; rg * tg];
-        block_strided(&qp, d * MR, rg, &kq, d * NR, tg, d, &mut dots);
+        panels(simd, &qp, d * MR, rg, &kq, d * NR, tg, d, &mut dots);
 
         // Per s: the group's rows share the visible length.
         let mut pp = vec![0.0f64; group.div_ceil(MR) * seqlen * MR];
@@ -145,7 +124,17 @@ pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
             }
             // o[h][c] = Σ_t p[h][t]·k[t][c], from 0, in t order.
             let mut o = vec![[[0.0f64; NR]; MR]; hg * cg];
-            block_strided(pp, visible * MR, hg, &kv, seqlen * NR, cg, visible, &mut o);
+            panels(
+                simd,
+                pp,
+                visible * MR,
+                hg,
+                &kv,
+                seqlen * NR,
+                cg,
+                visible,
+                &mut o,
+            );
             for hh in 0..group {
                 let r = s * group + hh;
                 let (g, i2) = (hh / MR, hh % MR);

@@ -1059,3 +1059,32 @@ fn the_comparison_sees_a_one_ulp_difference() {
     let n2 = HostTensor::from_bytes(DType::F32, &[1], (-f32::NAN).to_le_bytes().to_vec()).unwrap();
     assert_same("probe", "nan", &n1, &n2);
 }
+
+/// cpu-ref's register tiles are compiled per instruction set
+/// (`src/tiles.rs`): the ops that run on them give the scalar loops' bits
+/// with every set this CPU runs (forced through `with_simd`; the default
+/// run above takes the best one).
+#[test]
+fn every_instruction_set_gives_the_scalar_loops_bits() {
+    use deepport_cpu::fast::{with_simd, Simd};
+    let tiled: [(OpKind, Cases); 7] = [
+        (OpKind::Fp8Gemm, fp8_gemm),
+        (OpKind::Fp8GroupedContiguous, fp8_grouped_contiguous),
+        (OpKind::Fp8GroupedMasked, fp8_grouped_masked),
+        (OpKind::Gemm, gemm),
+        (OpKind::GemmGroupedContiguous, gemm_grouped_contiguous),
+        (OpKind::GemmGroupedMasked, gemm_grouped_masked),
+        (OpKind::MlaDecode, mla_decode),
+    ];
+    let sets: Vec<Simd> = [Simd::Portable, Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|s| s.available())
+        .collect();
+    println!("instruction sets checked: {sets:?}");
+    for simd in sets {
+        for &(kind, cases) in &tiled {
+            let mut rng = Rng(0x5eed ^ kind as u64 ^ (simd as u64) << 16);
+            with_simd(simd, || cases(&mut rng)).expect("available");
+        }
+    }
+}
