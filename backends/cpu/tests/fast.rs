@@ -719,6 +719,76 @@ fn small_ops_equal_reference_bit_for_bit() {
     .is_err());
 }
 
+/// `cpu`'s own act_quant (rows in parallel chunks, straight from the
+/// bytes) gives cpu-ref's `q` and `s` bytes for every input dtype, FP8
+/// format and scale format, over several chunks, and reports the first
+/// non-finite input where cpu-ref does.
+#[test]
+fn act_quant_equals_reference_bit_for_bit() {
+    let mut rng = Rng(91);
+    // 200 rows of 384: 42 rows a chunk, the last one partial.
+    let (m, k) = (200, 384);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut v = rng.vec(m * k, 3.0);
+        // Tiny groups (the 1e-4 floor), large values, exact zeros.
+        v[..128].iter_mut().for_each(|x| *x *= 1e-7);
+        v[128 * 5..128 * 6].iter_mut().for_each(|x| *x *= 2e4);
+        v[128 * 9..128 * 10].iter_mut().for_each(|x| *x = 0.0);
+        let x = HostTensor::from_f32(dtype, &[m, k], &v);
+        for q_dt in [DType::F8E4M3, DType::F8E4M3Fnuz] {
+            for fmt in [ScaleFmt::Float, ScaleFmt::Ue8m0] {
+                let mut got = Vec::new();
+                for be in [&Cpu as &dyn Backend, &CpuRef] {
+                    let xt = be.upload(&x).unwrap();
+                    let mut q = be.alloc(q_dt, &[m, k]).unwrap();
+                    let mut s = be.alloc(DType::F32, &[m, k / 128]).unwrap();
+                    ops::run(
+                        be,
+                        ActQuant {
+                            x: &xt,
+                            q: &mut q,
+                            s: &mut s,
+                            scale_fmt: fmt,
+                        },
+                    )
+                    .unwrap();
+                    got.push((raw(be, &q), raw(be, &s)));
+                }
+                assert!(
+                    got[0] == got[1],
+                    "{dtype} {q_dt} {fmt:?}: differs from cpu-ref"
+                );
+            }
+        }
+    }
+    // The first non-finite input, in a later chunk, named as cpu-ref names it.
+    let mut v = rng.vec(m * k, 1.0);
+    v[150 * k + 7] = f32::INFINITY;
+    v[170 * k + 1] = f32::NAN;
+    let x = HostTensor::from_f32(DType::F32, &[m, k], &v);
+    let errs: Vec<String> = [&Cpu as &dyn Backend, &CpuRef]
+        .into_iter()
+        .map(|be| {
+            let xt = be.upload(&x).unwrap();
+            let mut q = be.alloc(DType::F8E4M3, &[m, k]).unwrap();
+            let mut s = be.alloc(DType::F32, &[m, k / 128]).unwrap();
+            let r = ops::run(
+                be,
+                ActQuant {
+                    x: &xt,
+                    q: &mut q,
+                    s: &mut s,
+                    scale_fmt: ScaleFmt::Float,
+                },
+            );
+            let e = r.and_then(|_| be.synchronize()).unwrap_err();
+            e.to_string()
+        })
+        .collect();
+    assert!(errs[0].contains("150, 7"), "{}", errs[0]);
+    assert_eq!(errs[0], errs[1]);
+}
+
 /// CPU seconds this process has used (user + system; Linux), or 0.
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

@@ -86,7 +86,7 @@ pub fn describe() -> String {
     };
     format!(
         "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
-         add/silu_mul/rms_norm/embedding: parallel, bit-identical to cpu-ref; {t} threads",
+         add/silu_mul/rms_norm/embedding/act_quant: parallel, bit-identical to cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )
 }
@@ -198,6 +198,6 @@ pub(crate) mod ops {
     };
     pub(crate) use super::mla::mla_decode;
     pub(crate) use super::prefill::mla_prefill;
-    pub(crate) use super::small::{add, embedding, rms_norm, silu_mul};
+    pub(crate) use super::small::{act_quant, add, embedding, rms_norm, silu_mul};
     pub(crate) use crate::kernels::*;
 }

@@ -166,3 +166,79 @@ pub(crate) fn embedding(op: &mut Checked<Embedding<'_>>) -> Result<()> {
     }
     Ok(())
 }
+
+/// `act_quant` (SPEC.md §2) with the reference's arithmetic per 128-wide
+/// group — the f32 amax, the 1e-4 floor, `scale = amax / fp8_max` in f32
+/// (rounded up to a power of two for UE8M0), each value divided by the
+/// scale in f32 and encoded once — so `q` and `s` equal `cpu-ref`'s bytes;
+/// rows in parallel chunks, read from and written to the tensors' bytes.
+/// A non-finite input is `NonFinite` at its first position, as cpu-ref
+/// reports it.
+pub(crate) fn act_quant(op: &mut Checked<ActQuant<'_>>) -> Result<()> {
+    const OP: &str = "act_quant";
+    let (args, dims) = op.parts();
+    let (m, k) = (dims.m, dims.k);
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    let groups = k / QBLOCK;
+    let (fp8_max, ue8m0) = (dims.fp8_max, args.scale_fmt == ScaleFmt::Ue8m0);
+    let xd = args.x.dtype();
+    let xs = xd.size();
+    let xb = bytes_of(args.x)?;
+    let per = (CHUNK / k).max(1);
+    // The first non-finite input, in flat order (chunks are searched in
+    // parallel; the earliest chunk with one wins).
+    let bad = xb
+        .par_chunks(per * k * xs)
+        .enumerate()
+        .filter_map(|(c, src)| {
+            let mut x = vec![0f32; src.len() / xs];
+            decode_into(xd, src, &mut x);
+            x.iter()
+                .position(|v| !v.is_finite())
+                .map(|i| (c * per * k + i, x[i]))
+        })
+        .min_by_key(|&(i, _)| i);
+    if let Some((i, v)) = bad {
+        return Err(deepport_core::Error::NonFinite {
+            op: OP,
+            arg: "x",
+            position: deepport_core::tensor::unravel(i, &[m, k]),
+            value: f64::from(v),
+        });
+    }
+    let (qd, sd) = (args.q.dtype(), args.s.dtype());
+    let (qsz, ssz) = (qd.size(), sd.size());
+    let qb = bytes_mut_of(args.q)?;
+    let sb = bytes_mut_of(args.s)?;
+    qb.par_chunks_mut(per * k * qsz)
+        .zip(sb.par_chunks_mut(per * groups * ssz))
+        .enumerate()
+        .for_each(|(c, (qdst, sdst))| {
+            let rows = qdst.len() / qsz / k;
+            let r0 = c * per;
+            let mut x = vec![0f32; rows * k];
+            decode_into(xd, &xb[r0 * k * xs..(r0 + rows) * k * xs], &mut x);
+            let mut q = vec![0f32; rows * k];
+            let mut s = vec![0f32; rows * groups];
+            for ((xg, qg), sg) in x
+                .chunks_exact(QBLOCK)
+                .zip(q.chunks_exact_mut(QBLOCK))
+                .zip(s.iter_mut())
+            {
+                let amax = xg.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-4f32);
+                let mut scale = amax / fp8_max;
+                if ue8m0 {
+                    scale = deepport_core::formats::ue8m0_round_up(scale);
+                }
+                *sg = scale;
+                for (o, &v) in qg.iter_mut().zip(xg) {
+                    *o = v / scale;
+                }
+            }
+            qdst.copy_from_slice(HostTensor::from_f32(qd, &[rows * k], &q).bytes());
+            sdst.copy_from_slice(HostTensor::from_f32(sd, &[rows * groups], &s).bytes());
+        });
+    Ok(())
+}
