@@ -87,3 +87,27 @@ static void fp8_case(const char* name, int mode, long G, long m, long n, long k,
   printf("  %-52s %s\n", name, emu_fails == before ? "ok" : "FAILED");
 }
 
+
+// The cases every FP8 GEMM harness runs through `launch`: dense (partial
+// tiles, K not a multiple of 128, e4m3fnuz, bf16 and f32 out), contiguous
+// with groups changing inside tiles, -1 padding and out-of-range indices,
+// masked with masked_m = 0 / m / partial and out of range.
+template <class Launch>
+static void fp8_standard_cases(Launch launch) {
+  fp8_case("dense m70 n130 k300 f32", GEMM_DENSE, 1, 70, 130, 300, {0}, DP_F32, 0, launch);
+  fp8_case("dense m1 n64 k128 bf16", GEMM_DENSE, 1, 1, 64, 128, {0}, DP_BF16, 0, launch);
+  fp8_case("dense fnuz m9 n40 k200 f32", GEMM_DENSE, 1, 9, 40, 200, {0}, DP_F32, 1, launch);
+  {
+    // Mixed groups inside tiles, -1 padding, out-of-range (5 >= G, -4).
+    const long m = 100;
+    std::vector<long long> idx(m);
+    for (long r = 0; r < m; ++r) idx[r] = r < 10 ? 2 : (r < 20 ? -1 : (r < 40 ? 0 : (r < 80 ? 1 : 3)));
+    idx[77] = 5;
+    idx[33] = -4;
+    idx[70] = 3;
+    fp8_case("contiguous mixed tiles, padding, bad indices k160", GEMM_CONTIGUOUS, 4, m, 96, 160, idx, DP_F32, 0,
+             launch);
+  }
+  fp8_case("masked (0, m, 9) k200", GEMM_MASKED, 3, 70, 65, 200, {0, 70, 9}, DP_F32, 0, launch);
+  fp8_case("masked out of range (99, -3) k130 bf16", GEMM_MASKED, 2, 20, 40, 130, {99, -3}, DP_BF16, 0, launch);
+}

@@ -75,21 +75,7 @@ static void plain_case(const char* name, int mode, long G, long m, long n, long 
 
 int main() {
   printf("gemm_fp8_tiled:\n");
-  fp8_case("dense m70 n130 k300 f32", GEMM_DENSE, 1, 70, 130, 300, {0}, DP_F32, 0, tiled);
-  fp8_case("dense m1 n64 k128 bf16", GEMM_DENSE, 1, 1, 64, 128, {0}, DP_BF16, 0, tiled);
-  fp8_case("dense fnuz m9 n40 k200 f32", GEMM_DENSE, 1, 9, 40, 200, {0}, DP_F32, 1, tiled);
-  {
-    // Mixed groups inside tiles, -1 padding, out-of-range (5 >= G, -4).
-    const long m = 100;
-    std::vector<long long> idx(m);
-    for (long r = 0; r < m; ++r) idx[r] = r < 10 ? 2 : (r < 20 ? -1 : (r < 40 ? 0 : (r < 80 ? 1 : 3)));
-    idx[77] = 5;
-    idx[33] = -4;
-    idx[70] = 3;
-    fp8_case("contiguous mixed tiles, padding, bad indices k160", GEMM_CONTIGUOUS, 4, m, 96, 160, idx, DP_F32, 0, tiled);
-  }
-  fp8_case("masked (0, m, 9) k200", GEMM_MASKED, 3, 70, 65, 200, {0, 70, 9}, DP_F32, 0, tiled);
-  fp8_case("masked out of range (99, -3) k130 bf16", GEMM_MASKED, 2, 20, 40, 130, {99, -3}, DP_BF16, 0, tiled);
+  fp8_standard_cases(tiled);
   printf("gemm_plain_tiled:\n");
   plain_case("dense bf16 x f32 m65 n33 k77", GEMM_DENSE, 1, 65, 33, 77, {0}, DP_BF16, DP_F32);
   plain_case("contiguous f16 x bf16 m90 n70 k40 (padding, bad)", GEMM_CONTIGUOUS, 3, 90, 70, 40,

@@ -208,12 +208,7 @@ DP_DEVICE void fp8_sm90_body(const GemmTmaDesc* ta, const GemmTmaDesc* tb, const
     const int row0 = m0 + warp * 16 + lane / 4, row1 = row0 + 8;
     if (mode == GEMM_CONTIGUOUS && prev == -1) {
       __syncthreads();  // every thread is done with the previous tile's h_rowg
-      if (tid < H_BM) {
-        const i64 r = (i64)m0 + tid;
-        i64 v = r < m ? gemm_index(idx, r, idx64) : -2;
-        if (v < -1 || v >= groups) v = -2;  // out of range: skipped, flagged elsewhere
-        h_rowg[tid] = (int)v;
-      }
+      if (tid < H_BM) h_rowg[tid] = gemm_row_group(idx, idx64, (i64)m0 + tid, m, groups);
       __syncthreads();
       // Padding rows: 0, as cpu-ref writes.
       for (int i = 0; i < NACC; ++i) {
@@ -227,11 +222,7 @@ DP_DEVICE void fp8_sm90_body(const GemmTmaDesc* ta, const GemmTmaDesc* tb, const
     if (mode == GEMM_CONTIGUOUS) {
       gi0 = h_rowg[row0 - m0];
       gi1 = h_rowg[row1 - m0];
-      int best = 0x7fffffff;  // the smallest group above prev (uniform)
-      for (int r2 = 0; r2 < H_BM; ++r2) {
-        const int v = h_rowg[r2];
-        if (v > prev && v < best) best = v;
-      }
+      const int best = gemm_next_group(h_rowg, H_BM, prev, 0x7fffffff);  // uniform
       if (best == 0x7fffffff) {  // no group left: the next tile
         prev = -1;
         t += gridDim.x;

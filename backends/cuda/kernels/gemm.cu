@@ -78,12 +78,7 @@ DP_DEVICE void gemm_tiled(const void* a, int a_code, const float* sa, const void
   if (m0 >= rows) return;  // uniform over the CTA
 
   if (mode == GEMM_CONTIGUOUS) {
-    if (tid < GT_BM) {
-      const i64 r = m0 + tid;
-      i64 v = r < m ? gemm_index(idx, r, idx64) : -2;
-      if (v < -1 || v >= groups) v = -2;  // out of range: skipped, flagged elsewhere
-      rowg[tid] = (int)v;
-    }
+    if (tid < GT_BM) rowg[tid] = gemm_row_group(idx, idx64, m0 + tid, m, groups);
     __syncthreads();
     // Padding rows: 0, as the reference writes.
 #pragma unroll
@@ -102,14 +97,7 @@ DP_DEVICE void gemm_tiled(const void* a, int a_code, const float* sa, const void
   for (;;) {
     if (mode == GEMM_CONTIGUOUS) {
       // The smallest group above `prev` present in this tile.
-      if (tid == 0) {
-        int best = GT_NONE;
-        for (int r = 0; r < GT_BM; ++r) {
-          const int v = rowg[r];
-          if (v > prev && v < best) best = v;
-        }
-        next_g = best;
-      }
+      if (tid == 0) next_g = gemm_next_group(rowg, GT_BM, prev, GT_NONE);
       __syncthreads();
       group = next_g;
       __syncthreads();  // next_g is rewritten by the next pass

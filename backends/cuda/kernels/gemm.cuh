@@ -40,6 +40,27 @@ DP_DEVICE i64 gemm_index(const void* p, i64 i, int is64) {
   return is64 ? ((const i64*)p)[i] : (i64)((const i32*)p)[i];
 }
 
+// Contiguous layout: the group of row r (of m) for a tile's row table —
+// its m_indices entry, -1 for padding, -2 for a row past m or an index out
+// of [-1, groups) (skipped; the index check flags it).
+DP_DEVICE int gemm_row_group(const void* idx, int idx64, i64 r, i64 m, i64 groups) {
+  i64 v = r < m ? gemm_index(idx, r, idx64) : -2;
+  if (v < -1 || v >= groups) v = -2;
+  return (int)v;
+}
+
+// The smallest group above `prev` in a tile's row table `rowg[0..n)`, or
+// `none`: a contiguous tile runs one pass per group among its rows, in
+// ascending order.
+DP_DEVICE int gemm_next_group(const int* rowg, int n, int prev, int none) {
+  int best = none;
+  for (int r = 0; r < n; ++r) {
+    const int v = rowg[r];
+    if (v > prev && v < best) best = v;
+  }
+  return best;
+}
+
 // The flat position of a flagged element, saturated to 32 bits.
 DP_DEVICE u32 gemm_pos32(i64 i) {
   return i > (i64)0xffffffffll ? 0xffffffffu : (u32)i;

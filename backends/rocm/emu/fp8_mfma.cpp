@@ -30,20 +30,7 @@ static void mfma(dim3 grid, Fp8GemmArgs x) {
 
 int main() {
   printf("fp8_gemm_mfma:\n");
-  fp8_case("dense m70 n130 k300 f32", GEMM_DENSE, 1, 70, 130, 300, {0}, DP_F32, 0, mfma);
-  fp8_case("dense m1 n64 k128 bf16", GEMM_DENSE, 1, 1, 64, 128, {0}, DP_BF16, 0, mfma);
-  fp8_case("dense fnuz m9 n40 k200 f32", GEMM_DENSE, 1, 9, 40, 200, {0}, DP_F32, 1, mfma);
-  {
-    // Mixed groups inside tiles, -1 padding, out-of-range (5 >= G, -4).
-    const long m = 100;
-    std::vector<long long> idx(m);
-    for (long r = 0; r < m; ++r) idx[r] = r < 10 ? 2 : (r < 20 ? -1 : (r < 40 ? 0 : (r < 80 ? 1 : 3)));
-    idx[77] = 5;
-    idx[33] = -4;
-    idx[70] = 3;
-    fp8_case("contiguous mixed tiles, padding, bad indices k160", GEMM_CONTIGUOUS, 4, m, 96, 160, idx, DP_F32, 0,
-             mfma);
-  }
+  fp8_standard_cases(mfma);
   {
     // DeepGEMM's layout: groups constant per 128-row block (one pass a tile).
     const long m = 256;
@@ -51,7 +38,5 @@ int main() {
     for (long r = 0; r < m; ++r) idx[r] = r < 128 ? 1 : (r < 200 ? 0 : -1);
     fp8_case("contiguous aligned fnuz k256 bf16", GEMM_CONTIGUOUS, 2, m, 128, 256, idx, DP_BF16, 1, mfma);
   }
-  fp8_case("masked (0, m, 9) k200", GEMM_MASKED, 3, 70, 65, 200, {0, 70, 9}, DP_F32, 0, mfma);
-  fp8_case("masked out of range (99, -3) k130 bf16", GEMM_MASKED, 2, 20, 40, 130, {99, -3}, DP_BF16, 0, mfma);
   return emu_summary("fp8_mfma");
 }

@@ -92,12 +92,7 @@ extern "C" DP_GLOBAL void __launch_bounds__(MF_THREADS)
   if (row0 >= rows) return;  // uniform over the workgroup
 
   if (mode == GEMM_CONTIGUOUS) {
-    if (tid < MF_BM) {
-      const i64 r = row0 + tid;
-      i64 v = r < m ? gemm_index(idx, r, idx64) : -2;
-      if (v < -1 || v >= groups) v = -2;  // out of range: skipped, flagged elsewhere
-      rowg[tid] = (int)v;
-    }
+    if (tid < MF_BM) rowg[tid] = gemm_row_group(idx, idx64, row0 + tid, m, groups);
     __syncthreads();
     // Padding rows: 0, as the reference writes (one column per lane).
     if (col < n) {
@@ -112,14 +107,7 @@ extern "C" DP_GLOBAL void __launch_bounds__(MF_THREADS)
   for (;;) {
     if (mode == GEMM_CONTIGUOUS) {
       // The smallest group above `prev` present in this tile.
-      if (tid == 0) {
-        int best = MF_NONE;
-        for (int r = 0; r < MF_BM; ++r) {
-          const int v = rowg[r];
-          if (v > prev && v < best) best = v;
-        }
-        next_g = best;
-      }
+      if (tid == 0) next_g = gemm_next_group(rowg, MF_BM, prev, MF_NONE);
       __syncthreads();
       group = next_g;
       __syncthreads();  // next_g is rewritten by the next pass
