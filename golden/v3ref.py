@@ -324,3 +324,45 @@ class V3Model:
     def tf_ffn(self, h_mid, L):
         hm = self.num.r(h_mid.to(self.num.acc))
         return self.ffn(self.rmsnorm(hm, f"model.layers.{L}.post_attention_layernorm.weight"), L)
+
+    # multi-token prediction ----------------------------------------------
+    def mtp(self, hidden, next_tokens):
+        """DeepSeek-V3's MTP module (layer index L = num_hidden_layers), one depth.
+
+        Position t combines the main model's final hidden state h_t (after
+        ``model.norm``, as vLLM, SGLang and transformers feed it) with the
+        embedding of the next token t+1 and predicts token t+2:
+
+            x_t = eh_proj([enorm(embed(tok_{t+1})) || hnorm(h_t)])
+            y   = decoder_layer_L(x) at positions 0..T'-1 (causal over the MTP positions)
+            logits = shared_head.head(shared_head.norm(y))
+
+        hidden [T', D], next_tokens [T'] (int64).  Returns (taps, margins).
+        """
+        L = self.cfg["num_hidden_layers"]
+        p = f"model.layers.{L}"
+        r = self.num.r
+        positions = torch.arange(len(next_tokens), dtype=torch.int64)
+        taps = {}
+        self._taps = taps
+        self._L = L
+        e = r(self.w("model.embed_tokens.weight")[next_tokens])
+        en = self.rmsnorm(e, p + ".enorm.weight")
+        hn = self.rmsnorm(r(hidden.to(self.num.acc)), p + ".hnorm.weight")
+        taps["mtp.embed_norm"] = en
+        taps["mtp.hidden_norm"] = hn
+        x = self.linear(torch.cat([en, hn], dim=-1), p + ".eh_proj")
+        taps[f"layers.{L}.input"] = x
+        a, f, idx, w, mg, h = self.layer(x, L, positions)
+        taps[f"layers.{L}.attn_out"] = a
+        taps[f"layers.{L}.ffn_out"] = f
+        margins = {}
+        if idx is not None:
+            taps[f"layers.{L}.topk_idx"] = idx
+            taps[f"layers.{L}.topk_weights"] = w
+            margins[L] = mg
+        self._taps = None
+        fn = self.rmsnorm(h, p + ".shared_head.norm.weight")
+        taps["mtp.norm_out"] = fn
+        taps["mtp.logits"] = r(fn @ self.w(p + ".shared_head.head.weight").T)
+        return taps, margins

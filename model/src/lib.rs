@@ -22,6 +22,6 @@ pub mod memory;
 pub use checkpoint::{Checkpoint, LinearWeight};
 pub use config::{ModelConfig, QuantizationConfig, RopeScaling};
 pub use forward::{
-    LayerOutput, LoadOptions, Model, Numerics, PrefillPath, Routing, Taps, DEFAULT_CHUNK,
+    LayerOutput, LoadOptions, Model, MtpOutput, Numerics, PrefillPath, Routing, Taps, DEFAULT_CHUNK,
 };
 pub use memory::MemoryEstimate;
