@@ -1722,6 +1722,20 @@ impl<'b> Model<'b> {
         opts: LoadOptions,
     ) -> Result<Self> {
         cfg.validate()?;
+        if let Some(ix) = &cfg.indexer {
+            // Dense attention would silently be a different model once a
+            // sequence exceeds index_topk.
+            return Err(Error::invalid(
+                OP,
+                "indexer",
+                format!(
+                    "DeepSeek-V3.2 sparse attention (index_topk = {}, {} indexer heads) is not \
+                     implemented by the forward pass yet (it needs the lightning indexer and \
+                     sparse MLA ops)",
+                    ix.topk, ix.n_heads
+                ),
+            ));
+        }
         let act = opts.numerics.act_dtype();
         let views = reads_views(backend);
         let ld = Loader {

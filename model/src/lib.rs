@@ -20,7 +20,7 @@ pub mod forward;
 pub mod memory;
 
 pub use checkpoint::{Checkpoint, LinearWeight};
-pub use config::{ModelConfig, QuantizationConfig, RopeScaling};
+pub use config::{IndexerConfig, ModelConfig, QuantizationConfig, RopeScaling};
 pub use forward::{
     LayerOutput, LoadOptions, Model, MtpOutput, Numerics, PrefillPath, Routing, Taps, DEFAULT_CHUNK,
 };
