@@ -515,6 +515,147 @@ def generate_mtp(out, cfg, ck, tokens, hf, own, versions):
 
 
 
+# --------------------------------------------------------------------------- DeepSeek-V3.2 (issue 15)
+V32_TOKENS = 40                 # prompt length of the V3.2 goldens (index_topk is 16)
+INDEX_GAP_MIN = 1e-3            # relative gap between the k-th and (k+1)-th index score, every row/layer/mode
+
+
+def choose_tokens_v32(cfg, ck):
+    """As choose_tokens, for the V3.2 model: every routing decision (gap >= MARGIN_MIN), every
+    indexer top-k boundary (relative gap >= INDEX_GAP_MIN) in the f32, bf16 and fp8 runs, and a
+    clear top-1 in f32 and bf16."""
+    from v3ref import V32Model
+    rng = np.random.default_rng(TOKENS_SEED + 32)
+    models = [V32Model(cfg, ck, Numerics("f32", attn="naive")),
+              V32Model(cfg, ck, Numerics("bf16", attn=GOLDEN_FORM)),
+              V32Model(cfg, ck, Numerics("fp8", attn=GOLDEN_FORM))]
+    tokens, rejected = [], 0
+    for t in range(V32_TOKENS):
+        for _attempt in range(500):
+            cand = int(rng.integers(2, cfg["vocab_size"]))
+            seq = torch.tensor(tokens + [cand], dtype=torch.int64)
+            ok = True
+            for m in models:
+                taps, margins = m.forward(seq)
+                if m.num.mode != "fp8":
+                    top2 = torch.topk(taps["logits"][t], 2).values
+                    ok = float(top2[0] - top2[1]) >= TOP1_GAP_MIN
+                ok = ok and all(float(mg["group"][t]) >= MARGIN_MIN and float(mg["expert"][t]) >= MARGIN_MIN
+                                for mg in margins.values())
+                ok = ok and all(float(g[t]) >= INDEX_GAP_MIN for g in m.index_margins.values())
+                if not ok:
+                    break
+            if ok:
+                tokens.append(cand)
+                break
+            rejected += 1
+        else:
+            raise RuntimeError(f"V3.2: no token found for position {t}")
+    log(f"V3.2 tokens chosen ({rejected} candidates rejected for near ties)")
+    return tokens, rejected
+
+
+def run_transformers_v32(vcfg, full, tokens):
+    """f32 logits and layer inputs of transformers' DeepseekV32ForCausalLM (which scores the
+    indexer in float without the Hadamard rotation and FP8: equal in exact arithmetic)."""
+    from transformers import DeepseekV32ForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    tmp = Path(tempfile.mkdtemp(prefix="deepport_golden_hf_v32_"))
+    try:
+        hcfg = {k: v for k, v in vcfg.items() if k != "quantization_config"}
+        hcfg["torch_dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(hcfg, indent=2, sort_keys=True))
+        stio.save(tmp / "model.safetensors", hf_f32_state_dict(full), {"format": "pt"})
+        model, info = DeepseekV32ForCausalLM.from_pretrained(
+            str(tmp), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    finally:
+        shutil.rmtree(tmp)
+    for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        if info.get(k):
+            raise AssertionError(f"transformers V3.2 load: {k} = {info[k]}")
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([tokens]), use_cache=False, output_hidden_states=True)
+    taps = {f"layers.{L}.input": h[0] for L, h in enumerate(out.hidden_states[:-1])}
+    taps["final_norm_out"] = out.hidden_states[-1][0]
+    taps["logits"] = out.logits[0].to(torch.float32)
+    return taps
+
+
+def generate_v32(out, cfg, ck):
+    """The tiny DeepSeek-V3.2 checkpoint (golden/model-v32/) and its goldens.  The main weights
+    are the V3 checkpoint's (a link to ../model/model.safetensors); the indexer weights are a
+    second shard.  Returns the new files (relative to out)."""
+    from tinymodel import make_v32_config, make_v32_indexer
+    from v3ref import V32Model
+    vcfg = make_v32_config(cfg)
+    ix = make_v32_indexer(vcfg)
+    full = dict(ck, **ix)
+    tokens, rejected = choose_tokens_v32(vcfg, full)
+    tok = torch.tensor(tokens, dtype=torch.int64)
+    forms = {"f32": "naive", "bf16": GOLDEN_FORM, "fp8": GOLDEN_FORM}
+    own, gaps = {}, {}
+    for mode, form in forms.items():
+        m = V32Model(vcfg, full, Numerics(mode, attn=form))
+        own[mode] = m.forward(tok)[0]
+        gaps[mode] = min(float(g.min()) for g in m.index_margins.values())
+    hf = run_transformers_v32(vcfg, full, tokens)
+    d = max_abs(hf["logits"], own["f32"]["logits"])
+    assert d < 1e-4, f"transformers V3.2 vs own f32 logits differ by {d}"
+    for k in hf:
+        dd = max_abs(hf[k], own["f32"][k])
+        assert dd < 1e-4, f"V3.2 {k}: transformers vs own f32 differ by {dd}"
+    log(f"transformers DeepseekV32ForCausalLM f32 == own f32 V3.2 forward (logits max abs diff {d:.3g})")
+    dense = V3Model(vcfg, full, Numerics("f32", attn="naive")).forward(tok)[0]
+    sel = {m: [own[m][f"layers.{L}.index_topk"] for L in range(vcfg["num_hidden_layers"])] for m in own}
+    M = {"tokens_rejected": rejected, "index_gap_min_relative": INDEX_GAP_MIN,
+         "smallest_index_gap_relative": gaps,
+         "f32_transformers_vs_own_logits_max_abs": d,
+         "f32_sparse_vs_dense_attention_logits_max_abs": max_abs(own["f32"]["logits"], dense["logits"]),
+         "index_topk_rows_identical_vs_f32": {m: [float((a == b).all(-1).double().mean())
+                                                  for a, b in zip(sel[m], sel["f32"])] for m in ("bf16", "fp8")}}
+    for mode in ("bf16", "fp8"):
+        M[f"e2e_{mode}_vs_f32"] = {"logits": logits_compare(own[mode]["logits"], own["f32"]["logits"])}
+
+    files = []
+    vdir = out / "model-v32"
+    vdir.mkdir(parents=True, exist_ok=True)
+    (vdir / "config.json").write_text(json.dumps(vcfg, indent=2, sort_keys=True) + "\n")
+    stio.save(vdir / "model-indexer.safetensors", ix, {"format": "pt"})
+    link = vdir / "model.safetensors"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path("..") / "model" / "model.safetensors")
+    wm = {k: "model.safetensors" for k in ck}
+    wm.update({k: "model-indexer.safetensors" for k in ix})
+    index = {"metadata": {"format": "pt"}, "weight_map": dict(sorted(wm.items()))}
+    (vdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    (vdir / "tokens.json").write_text(json.dumps(tokens) + "\n")
+    files += ["model-v32/config.json", "model-v32/model-indexer.safetensors",
+              "model-v32/model.safetensors.index.json", "model-v32/tokens.json"]
+    desc = {"f32": "generator's own V3.2 f32 forward (naive MLA, sparse over the indexer's top-k); equal to "
+                   "transformers' DeepseekV32ForCausalLM within 1e-4 (asserted)",
+            "bf16": "generator's own V3.2 forward, SPEC section 8 bf16 mode (absorbed MLA); indexer q/k "
+                    "Hadamard-rotated in bf16, scores in float64",
+            "fp8": "generator's own V3.2 forward, SPEC section 8 fp8 mode; the indexer's FP8 path: act_quant "
+                   "of q and k (float scales), exact e4m3 dot products, weights*q_scale*d^-0.5 in f32, k_scale"}
+    for mode, taps in own.items():
+        t = golden_tensors(taps, tokens)
+        for k in list(t):
+            if k.endswith("index_topk"):
+                t[k] = taps[k].to(torch.int64).contiguous()
+        md = {"tokens": json.dumps(tokens), "format": "pt", "mode": mode, "description": desc[mode],
+              "attention": forms[mode]}
+        stio.save(vdir / f"golden_{mode}.safetensors", t, md)
+        files.append(f"model-v32/golden_{mode}.safetensors")
+    (vdir / "measurements.json").write_text(json.dumps(rounded(M), indent=1, sort_keys=True) + "\n")
+    files.append("model-v32/measurements.json")
+    log("V3.2 checkpoint and goldens written")
+    return files
+
+
+
 def write_manifest(out, files, versions):
     entries = []
     for rel in sorted(files):
@@ -626,6 +767,7 @@ def main():
     log("measurements written")
 
     files += generate_mtp(out, cfg, ck, tokens, hf, own, versions)
+    files += generate_v32(out, cfg, ck)
 
     write_manifest(out, files, versions)
     total = sum((out / f).stat().st_size for f in files)

@@ -211,3 +211,36 @@ def make_mtp_checkpoint(cfg, lm_head, seed):
     _norm(ck, rng, p + ".shared_head.norm", D)
     ck[p + ".shared_head.head.weight"] = lm_head.clone()
     return ck
+
+
+# --------------------------------------------------------------------------- DeepSeek-V3.2
+V32_SEED = 20251001
+V32_INDEX = {"index_n_heads": 16, "index_head_dim": 128, "index_topk": 16}
+WEIGHTS_PROJ_GAIN = 1.0
+
+
+def make_v32_config(cfg):
+    """The tiny V3.2 config: the V3 config plus the indexer; index_topk (16) is well below the
+    prompt length, so the sparse selection matters for most positions."""
+    c = dict(cfg)
+    c.update(V32_INDEX)
+    c["architectures"] = ["DeepseekV32ForCausalLM"]
+    c["model_type"] = "deepseek_v32"
+    return c
+
+
+def make_v32_indexer(cfg):
+    """The indexer weights of every layer (HF names under self_attn.indexer): wq_b and wk FP8 with
+    128x128 scales, k_norm (LayerNorm weight and bias) and weights_proj bf16."""
+    rng = np.random.default_rng(V32_SEED)
+    D = cfg["hidden_size"]
+    n, d = cfg["index_n_heads"], cfg["index_head_dim"]
+    ck = {}
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}.self_attn.indexer"
+        _fp8_linear(ck, rng, p + ".wq_b", n * d, cfg["q_lora_rank"], "q_b_proj")
+        _fp8_linear(ck, rng, p + ".wk", d, D, "q_a_proj")
+        _norm(ck, rng, p + ".k_norm", d)
+        ck[p + ".k_norm.bias"] = _bf16(NORM_W_STD * rng.standard_normal(d))
+        ck[p + ".weights_proj.weight"] = _bf16(rng.standard_normal((n, D)) * (WEIGHTS_PROJ_GAIN / math.sqrt(D)))
+    return ck

@@ -128,3 +128,53 @@ fn the_forward_pass_refuses_a_v32_config() {
         .to_string();
     assert!(e.contains("index_topk = 32"), "{e}");
 }
+
+#[test]
+fn the_tiny_v32_checkpoint_loads_its_indexer() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden/model-v32");
+    if !dir.join("config.json").is_file() {
+        println!("SKIPPED: {} does not exist", dir.display());
+        return;
+    }
+    let cfg = ModelConfig::from_file(dir.join("config.json")).expect("model-v32 config");
+    let ix = cfg.indexer.clone().expect("a V3.2 config");
+    let tokens: Vec<u64> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).expect("tokens"))
+            .expect("token list");
+    assert!(
+        ix.topk < tokens.len(),
+        "index_topk {} must be below the prompt length {} so the selection matters",
+        ix.topk,
+        tokens.len()
+    );
+    let ckpt = Checkpoint::open(&dir).expect("model-v32 checkpoint (sharded)");
+    for layer in 0..cfg.num_hidden_layers {
+        let w = deepport_model::v32::load_indexer(&ckpt, &cfg, layer).expect("indexer weights");
+        assert_eq!(w.wq_b.weight.shape(), &[ix.n_heads * ix.head_dim, 256]);
+        assert!(
+            w.wq_b.scale.is_some() && w.wk.scale.is_some(),
+            "FP8 linears"
+        );
+        assert_eq!(w.wk.weight.shape(), &[ix.head_dim, cfg.hidden_size]);
+        assert_eq!(w.k_norm_bias.shape(), &[ix.head_dim]);
+        assert_eq!(
+            w.weights_proj.weight.shape(),
+            &[ix.n_heads, cfg.hidden_size]
+        );
+    }
+    // A V3 config has no indexer to load.
+    let v3 = ModelConfig::from_value(&v3()).expect("v3");
+    let e = deepport_model::v32::load_indexer(&ckpt, &v3, 0)
+        .expect_err("V3 config")
+        .to_string();
+    assert!(e.contains("index_topk"), "{e}");
+    // The golden files hold the indexer's selection of every layer.
+    let g = deepport_core::tensor::read_safetensors(dir.join("golden_fp8.safetensors"))
+        .expect("golden_fp8");
+    assert_eq!(
+        g.tensors["layers.2.index_topk"].shape(),
+        &[tokens.len(), ix.topk]
+    );
+    // The forward pass refuses it until sparse attention exists.
+    assert!(Model::load(&CpuRef, &ckpt, &cfg, Numerics::Fp8, MlaForm::Absorbed).is_err());
+}
