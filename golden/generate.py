@@ -6,6 +6,8 @@
 Writes (under DIR, default: this file's directory):
   model/config.json, model/model.safetensors, model/tokens.json,
   model/golden_{f32,bf16,fp8}.safetensors, model/measurements.json,
+  model/golden_mtp_{f32,bf16,fp8}.safetensors, model/measurements_mtp.json,
+  model-mtp/ (the MTP checkpoint), model-v32/ (the V3.2 checkpoint and goldens),
   ops/*.safetensors, manifest.yaml
 Everything is deterministic: rerunning gives bit-identical files.
 """

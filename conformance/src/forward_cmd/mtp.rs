@@ -60,7 +60,7 @@ pub fn run(
 ) -> Result<MtpRun> {
     let vocab = model.config().vocab_size;
     let pl = prefill_logits.to_f32_vec();
-    let first = argmax_row(&pl, pl.len() / vocab.max(1) - 1, vocab)?;
+    let first = argmax_row(&pl, (pl.len() / vocab.max(1)).saturating_sub(1), vocab)?;
     let mut seq: Vec<u32> = prompt.to_vec();
     seq.push(first);
     seq.extend(decoded.iter().skip(1));
@@ -79,7 +79,7 @@ pub fn run(
         }
     }
     Ok(MtpRun {
-        last_draft: (argmax_row(&lv, rows - 1, vocab)?, rows + 1),
+        last_draft: (argmax_row(&lv, rows.saturating_sub(1), vocab)?, rows + 1),
         logits: out.logits,
         acceptance: acc,
     })
