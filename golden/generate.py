@@ -619,6 +619,14 @@ def generate_v32(out, cfg, ck):
                                                   for a, b in zip(sel[m], sel["f32"])] for m in ("bf16", "fp8")}}
     for mode in ("bf16", "fp8"):
         M[f"e2e_{mode}_vs_f32"] = {"logits": logits_compare(own[mode]["logits"], own["f32"]["logits"])}
+    # The first V3.2 release's bug: interleaved RoPE in the indexer. How visible is it here?
+    for mode, form in forms.items():
+        bug = V32Model(vcfg, full, Numerics(mode, attn=form), indexer_rope="interleaved").forward(tok)[0]
+        M[f"{mode}_interleaved_indexer_rope_vs_golden"] = {
+            "index_topk_rows_identical": [float((bug[f"layers.{L}.index_topk"] == own[mode][f"layers.{L}.index_topk"])
+                                                .all(-1).double().mean()) for L in range(vcfg["num_hidden_layers"])],
+            "index_q_rel_rms_layer0": rel_rms(bug["layers.0.index_q"], own[mode]["layers.0.index_q"]),
+            "logits": logits_compare(bug["logits"], own[mode]["logits"])}
 
     files = []
     vdir = out / "model-v32"

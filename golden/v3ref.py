@@ -413,9 +413,12 @@ class V32Model(V3Model):
     Attention then sees only the top min(index_topk, i+1) visible keys of query i.
     """
 
-    def __init__(self, cfg, ckpt, num):
+    def __init__(self, cfg, ckpt, num, indexer_rope="half"):
         super().__init__(cfg, ckpt, num)
         self.index_margins = {}
+        # "interleaved" reproduces the first V3.2 release's indexer RoPE bug (measurements only).
+        assert indexer_rope in ("half", "interleaved")
+        self.indexer_rope = apply_rope_half if indexer_rope == "half" else apply_rope
 
     def layernorm(self, x, prefix):
         w = self.w(prefix + ".weight")
@@ -433,9 +436,10 @@ class V32Model(V3Model):
         p = f"model.layers.{L}.self_attn.indexer"
         T = x.shape[0]
         q = self.linear(qr, p + ".wq_b").reshape(T, n, d)
-        q = torch.cat([r(apply_rope_half(q[..., :dr], angles, self.cs_scale, acc)), q[..., dr:]], dim=-1)
+        rope = self.indexer_rope
+        q = torch.cat([r(rope(q[..., :dr], angles, self.cs_scale, acc)), q[..., dr:]], dim=-1)
         k = self.layernorm(self.linear(x, p + ".wk"), p + ".k_norm")
-        k = torch.cat([r(apply_rope_half(k[..., :dr], angles, self.cs_scale, acc)), k[..., dr:]], dim=-1)
+        k = torch.cat([r(rope(k[..., :dr], angles, self.cs_scale, acc)), k[..., dr:]], dim=-1)
         had = hadamard_matrix(d, acc) * (d ** -0.5)
         q = r(q @ had)
         k = r(k @ had)
