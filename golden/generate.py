@@ -6,6 +6,8 @@
 Writes (under DIR, default: this file's directory):
   model/config.json, model/model.safetensors, model/tokens.json,
   model/golden_{f32,bf16,fp8}.safetensors, model/measurements.json,
+  model/golden_mtp_{f32,bf16,fp8}.safetensors, model/measurements_mtp.json,
+  model-mtp/ (the MTP checkpoint), model-v32/ (the V3.2 checkpoint and goldens),
   ops/*.safetensors, manifest.yaml
 Everything is deterministic: rerunning gives bit-identical files.
 """
@@ -349,6 +351,320 @@ def measure(cfg, ck, tokens, hf, own, extra):
             M[f"teacher_forced_{var}_vs_{mode}_golden"] = tv
     return M
 
+# --------------------------------------------------------------------------- MTP (issue 15)
+
+
+def run_transformers_mtp(mcfg, full_ck, hidden, next_tokens):
+    """f32 MTP logits from transformers' own MtpModel (modeling_layers.MtpModel, the engine behind
+    generate(use_mtp=True)), loaded from a dequantized f32 copy of the MTP checkpoint.  transformers
+    hard-codes the released V3's MTP layer name (model.layers.61) in the main model's ignore list;
+    the tiny model's MTP layer is 3, so the pattern is patched for the duration of the load."""
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.modeling_layers import MtpModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+    L = mcfg["num_hidden_layers"]
+    tmp = Path(tempfile.mkdtemp(prefix="deepport_golden_hf_mtp_"))
+    saved = DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected
+    try:
+        DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L}\..*"]
+        hcfg = {k: v for k, v in mcfg.items() if k != "quantization_config"}
+        hcfg["torch_dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(hcfg, indent=2, sort_keys=True))
+        stio.save(tmp / "model.safetensors", hf_f32_state_dict(full_ck), {"format": "pt"})
+        main = DeepseekV3ForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, attn_implementation="eager")
+        main.eval()
+        mtp = MtpModel.from_pretrained(main, device_map={"": "cpu"})
+        mtp.eval()
+    finally:
+        DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected = saved
+        shutil.rmtree(tmp)
+    sd = hf_f32_state_dict(full_ck)
+    layer = mtp.layers[0]
+    for mine, theirs in ((f"model.layers.{L}.enorm.weight", layer.enorm.weight),
+                         (f"model.layers.{L}.hnorm.weight", layer.hnorm.weight),
+                         (f"model.layers.{L}.eh_proj.weight", layer.eh_proj.weight),
+                         (f"model.layers.{L}.shared_head.norm.weight", layer.post_norm.weight),
+                         (f"model.layers.{L}.self_attn.kv_b_proj.weight", layer.mtp_block.self_attn.kv_b_proj.weight),
+                         (f"model.layers.{L}.mlp.gate.weight", layer.mtp_block.mlp.gate.weight)):
+        if not torch.equal(theirs.detach().to(torch.float32), sd[mine]):
+            raise AssertionError(f"transformers MtpModel parameter for {mine} differs from the checkpoint")
+    taps = {}
+    hooks = [layer.mtp_block.register_forward_pre_hook(
+                 lambda m, a, k: taps.__setitem__("input", (a[0] if a else k["hidden_states"])[0].detach().clone()),
+                 with_kwargs=True),
+             layer.mtp_block.self_attn.register_forward_hook(
+                 lambda m, a, o: taps.__setitem__("attn_out", o[0][0].detach().clone())),
+             layer.mtp_block.mlp.register_forward_hook(
+                 lambda m, a, o: taps.__setitem__("ffn_out", o[0].detach().clone()))]
+    with torch.no_grad():
+        y = mtp.forward_layer(0, hidden[None].to(torch.float32),
+                              torch.arange(len(next_tokens), dtype=torch.int64)[None], None,
+                              input_ids=next_tokens[None])
+        logits = mtp._project_to_logits(y)[0].to(torch.float32)
+    for h in hooks:
+        h.remove()
+    taps["norm_out"] = y[0].detach().clone()
+    taps["logits"] = logits
+    return taps
+
+
+def mtp_margins_ok(margins, need):
+    return all(float(mg["group"].min()) >= need and float(mg["expert"].min()) >= need
+               for mg in margins.values())
+
+
+def generate_mtp(out, cfg, ck, tokens, hf, own, versions):
+    """The MTP checkpoint (golden/model-mtp/) and its goldens (golden/model/golden_mtp_{mode}).
+    Returns the new files (relative to out).  Nothing here touches an existing file."""
+    from tinymodel import MTP_SEED_BASE, MTP_SEEDS, make_mtp_checkpoint, make_mtp_config
+
+    L = cfg["num_hidden_layers"]
+    mcfg = make_mtp_config(cfg)
+    tok = torch.tensor(tokens, dtype=torch.int64)
+    nxt = tok[1:]
+    # The main model's final hidden states (after model.norm) of each mode's main golden.
+    hidden = {"f32": hf["final_norm_out"][:-1], "bf16": own["bf16"]["final_norm_out"][:-1],
+              "fp8": own["fp8"]["final_norm_out"][:-1]}
+    forms = {"f32": "naive", "bf16": GOLDEN_FORM, "fp8": GOLDEN_FORM}
+
+    # The MTP weights: of MTP_SEEDS candidate seeds, the one whose smallest MoE routing margin (over
+    # every MTP position and mode) is largest (the tokens are fixed by the main goldens, so a margin
+    # of MARGIN_MIN everywhere is out of reach; the margin reached is recorded).
+    best = None
+    for seed in range(MTP_SEED_BASE, MTP_SEED_BASE + MTP_SEEDS):
+        mck = make_mtp_checkpoint(cfg, ck["lm_head.weight"], seed)
+        full = dict(ck, **mck)
+        res = {mode: V3Model(mcfg, full, Numerics(mode, attn=forms[mode])).mtp(hidden[mode], nxt)
+               for mode in ("f32", "bf16", "fp8")}
+        margin = min(min(float(mg["group"].min()), float(mg["expert"].min()))
+                     for r in res.values() for mg in r[1].values())
+        if best is None or margin > best[0]:
+            best = (margin, seed, mck, full, res)
+    margin, seed, mck, full, res = best
+    log(f"MTP weights: seed {seed}, smallest routing margin {margin:.3g}")
+    mtp_gold = {m: res[m][0] for m in res}
+
+    # Cross-checks and measurements.
+    hfm = run_transformers_mtp(mcfg, full, hidden["f32"], nxt)
+    o32 = mtp_gold["f32"]
+    d = max_abs(hfm["logits"], o32["mtp.logits"])
+    assert d < 1e-4, f"transformers MtpModel vs own f32 MTP logits differ by {d}"
+    for k in ("input", "attn_out", "ffn_out"):
+        dd = max_abs(hfm[k], o32[f"layers.{L}.{k}"])
+        assert dd < 1e-4, f"MTP {k}: transformers vs own f32 differ by {dd}"
+    log(f"transformers MtpModel f32 == own f32 MTP (logits max abs diff {d:.3g})")
+    o64 = V3Model(mcfg, full, Numerics("f64", attn="naive")).mtp(hidden["f32"].to(torch.float64), nxt)[0]
+    M = {"seed": seed, "seeds_tried": MTP_SEEDS,
+         "f32_transformers_vs_own": {"logits_max_abs": d,
+                                     "logits_std": float(f64(o32["mtp.logits"]).std()),
+                                     "taps_max_abs": {k: max_abs(hfm[k], o32[f"layers.{L}.{k}"])
+                                                      for k in ("input", "attn_out", "ffn_out")}},
+         "f32_own_vs_exact_f64_logits_max_abs": max_abs(o32["mtp.logits"], o64["mtp.logits"]),
+         "min_routing_margin": {m: min(min(float(mg["group"].min()), float(mg["expert"].min()))
+                                       for mg in res[m][1].values()) for m in res}}
+    for mode in ("bf16", "fp8"):
+        g = mtp_gold[mode]
+        M[f"{mode}_golden_vs_f32_golden"] = {"logits": logits_compare(g["mtp.logits"], o32["mtp.logits"])}
+        for var, num in ((f"{mode}_accf32", Numerics(mode, acc=torch.float32, attn=GOLDEN_FORM)),
+                         (f"{mode}_naive", Numerics(mode, attn="naive"))):
+            v = V3Model(mcfg, full, num).mtp(hidden[mode], nxt)[0]
+            M[f"{var}_vs_{mode}_golden"] = {
+                "logits": logits_compare(v["mtp.logits"], g["mtp.logits"]),
+                "logits_rel_rms": rel_rms(v["mtp.logits"], g["mtp.logits"]),
+                "attn_out": compare(v[f"layers.{L}.attn_out"], g[f"layers.{L}.attn_out"]),
+                "ffn_out": compare(v[f"layers.{L}.ffn_out"], g[f"layers.{L}.ffn_out"]),
+                "routing": routing_compare(v[f"layers.{L}.topk_idx"], g[f"layers.{L}.topk_idx"]),
+            }
+
+    # Files.
+    files = []
+    mdir = out / "model-mtp"
+    mdir.mkdir(parents=True, exist_ok=True)
+    (mdir / "config.json").write_text(json.dumps(mcfg, indent=2, sort_keys=True) + "\n")
+    stio.save(mdir / "model-mtp.safetensors", mck, {"format": "pt"})
+    link = mdir / "model.safetensors"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path("..") / "model" / "model.safetensors")
+    wm = {k: "model.safetensors" for k in sorted(ck)}
+    wm.update({k: "model-mtp.safetensors" for k in sorted(mck)})
+    index = {"metadata": {"format": "pt"}, "weight_map": dict(sorted(wm.items()))}
+    (mdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    files += ["model-mtp/config.json", "model-mtp/model-mtp.safetensors", "model-mtp/model.safetensors.index.json"]
+    desc = {
+        "f32": "generator's own f32 MTP forward (naive MLA) from golden_f32's final_norm_out; equal to "
+               "transformers' MtpModel within 1e-4 (asserted)",
+        "bf16": "generator's own MTP forward in SPEC section 8 bf16 mode (absorbed MLA) from golden_bf16's "
+                "final_norm_out",
+        "fp8": "generator's own MTP forward in SPEC section 8 fp8 mode (absorbed MLA) from golden_fp8's "
+               "final_norm_out; eh_proj and shared_head are bf16 weights",
+    }
+    for mode, taps in mtp_gold.items():
+        t = {"tokens": tok, "mtp.hidden": hidden[mode].to(torch.float32).contiguous(),
+             "mtp.next_tokens": nxt.clone()}
+        for k, v in taps.items():
+            t[k] = v.to(torch.int64).contiguous() if k.endswith("topk_idx") else v.detach().to(torch.float32).contiguous()
+        md = {"tokens": json.dumps(tokens), "format": "pt", "mode": mode, "description": desc[mode],
+              "attention": forms[mode], "mtp_layer": str(L)}
+        stio.save(out / "model" / f"golden_mtp_{mode}.safetensors", t, md)
+        files.append(f"model/golden_mtp_{mode}.safetensors")
+    (out / "model" / "measurements_mtp.json").write_text(json.dumps(rounded(M), indent=1, sort_keys=True) + "\n")
+    files.append("model/measurements_mtp.json")
+    log("MTP checkpoint and goldens written")
+    return files
+
+
+
+# --------------------------------------------------------------------------- DeepSeek-V3.2 (issue 15)
+V32_TOKENS = 40                 # prompt length of the V3.2 goldens (index_topk is 16)
+INDEX_GAP_MIN = 1e-3            # relative gap between the k-th and (k+1)-th index score, every row/layer/mode
+
+
+def choose_tokens_v32(cfg, ck):
+    """As choose_tokens, for the V3.2 model: every routing decision (gap >= MARGIN_MIN), every
+    indexer top-k boundary (relative gap >= INDEX_GAP_MIN) in the f32, bf16 and fp8 runs, and a
+    clear top-1 in f32 and bf16."""
+    from v3ref import V32Model
+    rng = np.random.default_rng(TOKENS_SEED + 32)
+    models = [V32Model(cfg, ck, Numerics("f32", attn="naive")),
+              V32Model(cfg, ck, Numerics("bf16", attn=GOLDEN_FORM)),
+              V32Model(cfg, ck, Numerics("fp8", attn=GOLDEN_FORM))]
+    tokens, rejected = [], 0
+    for t in range(V32_TOKENS):
+        for _attempt in range(500):
+            cand = int(rng.integers(2, cfg["vocab_size"]))
+            seq = torch.tensor(tokens + [cand], dtype=torch.int64)
+            ok = True
+            for m in models:
+                taps, margins = m.forward(seq)
+                if m.num.mode != "fp8":
+                    top2 = torch.topk(taps["logits"][t], 2).values
+                    ok = float(top2[0] - top2[1]) >= TOP1_GAP_MIN
+                ok = ok and all(float(mg["group"][t]) >= MARGIN_MIN and float(mg["expert"][t]) >= MARGIN_MIN
+                                for mg in margins.values())
+                ok = ok and all(float(g[t]) >= INDEX_GAP_MIN for g in m.index_margins.values())
+                if not ok:
+                    break
+            if ok:
+                tokens.append(cand)
+                break
+            rejected += 1
+        else:
+            raise RuntimeError(f"V3.2: no token found for position {t}")
+    log(f"V3.2 tokens chosen ({rejected} candidates rejected for near ties)")
+    return tokens, rejected
+
+
+def run_transformers_v32(vcfg, full, tokens):
+    """f32 logits and layer inputs of transformers' DeepseekV32ForCausalLM (which scores the
+    indexer in float without the Hadamard rotation and FP8: equal in exact arithmetic)."""
+    from transformers import DeepseekV32ForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    tmp = Path(tempfile.mkdtemp(prefix="deepport_golden_hf_v32_"))
+    try:
+        hcfg = {k: v for k, v in vcfg.items() if k != "quantization_config"}
+        hcfg["torch_dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(hcfg, indent=2, sort_keys=True))
+        stio.save(tmp / "model.safetensors", hf_f32_state_dict(full), {"format": "pt"})
+        model, info = DeepseekV32ForCausalLM.from_pretrained(
+            str(tmp), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    finally:
+        shutil.rmtree(tmp)
+    for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        if info.get(k):
+            raise AssertionError(f"transformers V3.2 load: {k} = {info[k]}")
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([tokens]), use_cache=False, output_hidden_states=True)
+    taps = {f"layers.{L}.input": h[0] for L, h in enumerate(out.hidden_states[:-1])}
+    taps["final_norm_out"] = out.hidden_states[-1][0]
+    taps["logits"] = out.logits[0].to(torch.float32)
+    return taps
+
+
+def generate_v32(out, cfg, ck):
+    """The tiny DeepSeek-V3.2 checkpoint (golden/model-v32/) and its goldens.  The main weights
+    are the V3 checkpoint's (a link to ../model/model.safetensors); the indexer weights are a
+    second shard.  Returns the new files (relative to out)."""
+    from tinymodel import make_v32_config, make_v32_indexer
+    from v3ref import V32Model
+    vcfg = make_v32_config(cfg)
+    ix = make_v32_indexer(vcfg)
+    full = dict(ck, **ix)
+    tokens, rejected = choose_tokens_v32(vcfg, full)
+    tok = torch.tensor(tokens, dtype=torch.int64)
+    forms = {"f32": "naive", "bf16": GOLDEN_FORM, "fp8": GOLDEN_FORM}
+    own, gaps = {}, {}
+    for mode, form in forms.items():
+        m = V32Model(vcfg, full, Numerics(mode, attn=form))
+        own[mode] = m.forward(tok)[0]
+        gaps[mode] = min(float(g.min()) for g in m.index_margins.values())
+    hf = run_transformers_v32(vcfg, full, tokens)
+    d = max_abs(hf["logits"], own["f32"]["logits"])
+    assert d < 1e-4, f"transformers V3.2 vs own f32 logits differ by {d}"
+    for k in hf:
+        dd = max_abs(hf[k], own["f32"][k])
+        assert dd < 1e-4, f"V3.2 {k}: transformers vs own f32 differ by {dd}"
+    log(f"transformers DeepseekV32ForCausalLM f32 == own f32 V3.2 forward (logits max abs diff {d:.3g})")
+    dense = V3Model(vcfg, full, Numerics("f32", attn="naive")).forward(tok)[0]
+    sel = {m: [own[m][f"layers.{L}.index_topk"] for L in range(vcfg["num_hidden_layers"])] for m in own}
+    M = {"tokens_rejected": rejected, "index_gap_min_relative": INDEX_GAP_MIN,
+         "smallest_index_gap_relative": gaps,
+         "f32_transformers_vs_own_logits_max_abs": d,
+         "f32_sparse_vs_dense_attention_logits_max_abs": max_abs(own["f32"]["logits"], dense["logits"]),
+         "index_topk_rows_identical_vs_f32": {m: [float((a == b).all(-1).double().mean())
+                                                  for a, b in zip(sel[m], sel["f32"])] for m in ("bf16", "fp8")}}
+    for mode in ("bf16", "fp8"):
+        M[f"e2e_{mode}_vs_f32"] = {"logits": logits_compare(own[mode]["logits"], own["f32"]["logits"])}
+    # The first V3.2 release's bug: interleaved RoPE in the indexer. How visible is it here?
+    for mode, form in forms.items():
+        bug = V32Model(vcfg, full, Numerics(mode, attn=form), indexer_rope="interleaved").forward(tok)[0]
+        M[f"{mode}_interleaved_indexer_rope_vs_golden"] = {
+            "index_topk_rows_identical": [float((bug[f"layers.{L}.index_topk"] == own[mode][f"layers.{L}.index_topk"])
+                                                .all(-1).double().mean()) for L in range(vcfg["num_hidden_layers"])],
+            "index_q_rel_rms_layer0": rel_rms(bug["layers.0.index_q"], own[mode]["layers.0.index_q"]),
+            "logits": logits_compare(bug["logits"], own[mode]["logits"])}
+
+    files = []
+    vdir = out / "model-v32"
+    vdir.mkdir(parents=True, exist_ok=True)
+    (vdir / "config.json").write_text(json.dumps(vcfg, indent=2, sort_keys=True) + "\n")
+    stio.save(vdir / "model-indexer.safetensors", ix, {"format": "pt"})
+    link = vdir / "model.safetensors"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path("..") / "model" / "model.safetensors")
+    wm = {k: "model.safetensors" for k in ck}
+    wm.update({k: "model-indexer.safetensors" for k in ix})
+    index = {"metadata": {"format": "pt"}, "weight_map": dict(sorted(wm.items()))}
+    (vdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    (vdir / "tokens.json").write_text(json.dumps(tokens) + "\n")
+    files += ["model-v32/config.json", "model-v32/model-indexer.safetensors",
+              "model-v32/model.safetensors.index.json", "model-v32/tokens.json"]
+    desc = {"f32": "generator's own V3.2 f32 forward (naive MLA, sparse over the indexer's top-k); equal to "
+                   "transformers' DeepseekV32ForCausalLM within 1e-4 (asserted)",
+            "bf16": "generator's own V3.2 forward, SPEC section 8 bf16 mode (absorbed MLA); indexer q/k "
+                    "Hadamard-rotated in bf16, scores in float64",
+            "fp8": "generator's own V3.2 forward, SPEC section 8 fp8 mode; the indexer's FP8 path: act_quant "
+                   "of q and k (float scales), exact e4m3 dot products, weights*q_scale*d^-0.5 in f32, k_scale"}
+    for mode, taps in own.items():
+        t = golden_tensors(taps, tokens)
+        for k in list(t):
+            if k.endswith("index_topk"):
+                t[k] = taps[k].to(torch.int64).contiguous()
+        md = {"tokens": json.dumps(tokens), "format": "pt", "mode": mode, "description": desc[mode],
+              "attention": forms[mode]}
+        stio.save(vdir / f"golden_{mode}.safetensors", t, md)
+        files.append(f"model-v32/golden_{mode}.safetensors")
+    (vdir / "measurements.json").write_text(json.dumps(rounded(M), indent=1, sort_keys=True) + "\n")
+    files.append("model-v32/measurements.json")
+    log("V3.2 checkpoint and goldens written")
+    return files
+
+
 
 def write_manifest(out, files, versions):
     entries = []
@@ -459,6 +775,9 @@ def main():
     (out / "model" / "measurements.json").write_text(json.dumps(rounded(M), indent=1, sort_keys=True) + "\n")
     files.append("model/measurements.json")
     log("measurements written")
+
+    files += generate_mtp(out, cfg, ck, tokens, hf, own, versions)
+    files += generate_v32(out, cfg, ck)
 
     write_manifest(out, files, versions)
     total = sum((out / f).stat().st_size for f in files)

@@ -208,8 +208,8 @@ class V3Model:
         T = x.shape[0]
         H, dn, dr = self.H, self.dn, self.dr
         angles = rope_angles(positions, self.freqs)
-        q = self.linear(self.rmsnorm(self.linear(x, p + ".q_a_proj"), p + ".q_a_layernorm.weight"),
-                        p + ".q_b_proj").reshape(T, H, dn + dr)
+        qr = self.rmsnorm(self.linear(x, p + ".q_a_proj"), p + ".q_a_layernorm.weight")
+        q = self.linear(qr, p + ".q_b_proj").reshape(T, H, dn + dr)
         q_nope = q[..., :dn]
         q_pe = r(apply_rope(q[..., dn:], angles, self.cs_scale, self.num.acc))
         self._put("q", q.reshape(T, H * (dn + dr)))
@@ -218,6 +218,9 @@ class V3Model:
         self._put("kv_latent", c)
         k_pe = r(apply_rope(kv[:, self.kvr:], angles, self.cs_scale, self.num.acc))
         mask = torch.ones(T, T, dtype=torch.bool).tril()
+        sel = self.index_select(x, qr, L, angles)
+        if sel is not None:
+            mask = mask & sel
         if form == "naive":
             kvb = self.linear(c, p + ".kv_b_proj").reshape(T, H, dn + self.dv)
             k_nope, v = kvb[..., :dn], kvb[..., dn:]
@@ -238,6 +241,10 @@ class V3Model:
             o = r(torch.einsum("thc,hdc->thd", o_lat, w_uv))
         self._put("attn_core", o.reshape(T, H * self.dv))
         return self.linear(o.reshape(T, H * self.dv), p + ".o_proj")
+
+    def index_select(self, x, qr, L, angles):
+        """DeepSeek-V3.2's sparse attention: the keys each query may attend (None: all, V3)."""
+        return None
 
     def mlp(self, x, prefix):
         g = self.linear(x, prefix + ".gate_proj")
@@ -324,3 +331,150 @@ class V3Model:
     def tf_ffn(self, h_mid, L):
         hm = self.num.r(h_mid.to(self.num.acc))
         return self.ffn(self.rmsnorm(hm, f"model.layers.{L}.post_attention_layernorm.weight"), L)
+
+    # multi-token prediction ----------------------------------------------
+    def mtp(self, hidden, next_tokens):
+        """DeepSeek-V3's MTP module (layer index L = num_hidden_layers), one depth.
+
+        Position t combines the main model's final hidden state h_t (after
+        ``model.norm``, as vLLM, SGLang and transformers feed it) with the
+        embedding of the next token t+1 and predicts token t+2:
+
+            x_t = eh_proj([enorm(embed(tok_{t+1})) || hnorm(h_t)])
+            y   = decoder_layer_L(x) at positions 0..T'-1 (causal over the MTP positions)
+            logits = shared_head.head(shared_head.norm(y))
+
+        hidden [T', D], next_tokens [T'] (int64).  Returns (taps, margins).
+        """
+        L = self.cfg["num_hidden_layers"]
+        p = f"model.layers.{L}"
+        r = self.num.r
+        positions = torch.arange(len(next_tokens), dtype=torch.int64)
+        taps = {}
+        self._taps = taps
+        self._L = L
+        e = r(self.w("model.embed_tokens.weight")[next_tokens])
+        en = self.rmsnorm(e, p + ".enorm.weight")
+        hn = self.rmsnorm(r(hidden.to(self.num.acc)), p + ".hnorm.weight")
+        taps["mtp.embed_norm"] = en
+        taps["mtp.hidden_norm"] = hn
+        x = self.linear(torch.cat([en, hn], dim=-1), p + ".eh_proj")
+        taps[f"layers.{L}.input"] = x
+        a, f, idx, w, mg, h = self.layer(x, L, positions)
+        taps[f"layers.{L}.attn_out"] = a
+        taps[f"layers.{L}.ffn_out"] = f
+        margins = {}
+        if idx is not None:
+            taps[f"layers.{L}.topk_idx"] = idx
+            taps[f"layers.{L}.topk_weights"] = w
+            margins[L] = mg
+        self._taps = None
+        fn = self.rmsnorm(h, p + ".shared_head.norm.weight")
+        taps["mtp.norm_out"] = fn
+        taps["mtp.logits"] = r(fn @ self.w(p + ".shared_head.head.weight").T)
+        return taps, margins
+
+
+# ------------------------------------------------------------------ DeepSeek-V3.2
+def apply_rope_half(x, angles, cs_scale, acc):
+    """Non-interleaved ("rotate half") RoPE: pairs (x[i], x[i + d/2]) rotated by angles[..., i].
+
+    This is what DeepSeek-V3.2's fixed reference applies in the indexer (the
+    first release applied the interleaved form there, a silent quality bug)."""
+    a = angles.to(acc)
+    shape = [a.shape[0]] + [1] * (x.dim() - 2) + [a.shape[1]]
+    c = (torch.cos(a) * cs_scale).reshape(shape)
+    s = (torch.sin(a) * cs_scale).reshape(shape)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def hadamard_matrix(n, dtype):
+    """Sylvester's Hadamard matrix H_n (entries +-1), n a power of two."""
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+class V32Model(V3Model):
+    """DeepSeek-V3.2: V3 plus the lightning indexer choosing index_topk keys per query.
+
+    Indexer (per layer, names under ``self_attn.indexer``):
+      q = wq_b(qr) per head [n, d]; k = k_norm(wk(x)) [d] (LayerNorm with bias);
+      non-interleaved RoPE on the first qk_rope_head_dim dims of q and k;
+      q, k rotated by the normalized Hadamard transform (H/sqrt(d));
+      w = weights_proj(x) * n^-0.5;
+      score[i, j] = sum_h relu(q[i,h] . k[j]) * w[i,h] * d^-0.5 (j <= i);
+      fp8 mode (the reference's FP8 path): q and k through act_quant (128-wide groups), the
+      dot products exact on the e4m3 values, w[i,h] * q_scale[i,h] * d^-0.5 in f32, then
+      score[i, j] = sum_h relu(q8[i,h] . k8[j]) * that weight * k_scale[j].
+    Attention then sees only the top min(index_topk, i+1) visible keys of query i.
+    """
+
+    def __init__(self, cfg, ckpt, num, indexer_rope="half"):
+        super().__init__(cfg, ckpt, num)
+        self.index_margins = {}
+        # "interleaved" reproduces the first V3.2 release's indexer RoPE bug (measurements only).
+        assert indexer_rope in ("half", "interleaved")
+        self.indexer_rope = apply_rope_half if indexer_rope == "half" else apply_rope
+
+    def layernorm(self, x, prefix):
+        w = self.w(prefix + ".weight")
+        b = self.w(prefix + ".bias")
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return self.num.r((x - mu) * torch.rsqrt(var + self.eps) * w + b)
+
+    def index_select(self, x, qr, L, angles):
+        cfg = self.cfg
+        n, d, topk = cfg["index_n_heads"], cfg["index_head_dim"], cfg["index_topk"]
+        dr = self.dr
+        acc = self.num.acc
+        r = self.num.r
+        p = f"model.layers.{L}.self_attn.indexer"
+        T = x.shape[0]
+        q = self.linear(qr, p + ".wq_b").reshape(T, n, d)
+        rope = self.indexer_rope
+        q = torch.cat([r(rope(q[..., :dr], angles, self.cs_scale, acc)), q[..., dr:]], dim=-1)
+        k = self.layernorm(self.linear(x, p + ".wk"), p + ".k_norm")
+        k = torch.cat([r(rope(k[..., :dr], angles, self.cs_scale, acc)), k[..., dr:]], dim=-1)
+        had = hadamard_matrix(d, acc) * (d ** -0.5)
+        q = r(q @ had)
+        k = r(k @ had)
+        self._put("index_q", q.reshape(T, n * d))
+        self._put("index_k", k)
+        w = r(self.linear(x, p + ".weights_proj") * (n ** -0.5))
+        if self.num.mode == "fp8":
+            assert d == 128, "one act_quant group per indexer head"
+            q8, qs = act_quant(q.reshape(T * n, d), "float", "e4m3", check=False)
+            k8, ks = act_quant(k, "float", "e4m3", check=False)
+            wq = w.to(torch.float32).reshape(T, n, 1) * qs.reshape(T, n, d // 128)[..., :1] \
+                * torch.tensor(d ** -0.5, dtype=torch.float32)
+            dots = torch.einsum("ihd,jd->ihj", q8.to(torch.float64).reshape(T, n, d), k8.to(torch.float64))
+            score = (torch.relu(dots) * wq.to(torch.float64)).sum(1) * ks[:, 0].to(torch.float64)[None, :]
+        else:
+            dots = torch.einsum("ihd,jd->ihj", q, k)
+            score = (torch.relu(dots) * (w * (d ** -0.5)).unsqueeze(-1)).sum(1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        score = score.masked_fill(~causal, float("-inf"))
+        self._put("index_score", score)
+        kk = min(topk, T)
+        order = torch.sort(score, dim=-1, descending=True, stable=True)
+        top = order.indices[:, :kk]
+        sel = torch.zeros(T, T, dtype=torch.bool)
+        sel.scatter_(1, top, True)
+        sel = sel & causal
+        idx = torch.where(sel, torch.arange(T).expand(T, T), torch.full((T, T), T))
+        idx = idx.sort(dim=-1).values[:, :kk]
+        idx = torch.where(idx == T, torch.full_like(idx, -1), idx)
+        self._put("index_topk", idx)
+        vis = torch.arange(T) + 1
+        gap = torch.full((T,), float("inf"), dtype=torch.float64)
+        if T > kk:
+            g = (order.values[:, kk - 1] - order.values[:, kk]).to(torch.float64)
+            scale = order.values[:, 0].abs().to(torch.float64).clamp_min(1e-30)
+            gap = torch.where(vis > kk, g / scale, gap)
+        self.index_margins[L] = gap
+        return sel

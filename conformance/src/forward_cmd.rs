@@ -12,6 +12,8 @@ use deepport_model::{memory, Checkpoint, ModelConfig, DEFAULT_CHUNK};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod mtp;
+
 /// Arguments of `deepport forward`.
 #[derive(clap::Args, Debug)]
 pub struct ForwardArgs {
@@ -70,6 +72,13 @@ pub struct ForwardArgs {
     /// of the previous logits) and report per-token latency and tokens/s.
     #[arg(long, default_value_t = 0)]
     pub decode: u64,
+    /// Also run DeepSeek-V3's multi-token-prediction layer (layer
+    /// `num_hidden_layers` of the checkpoint) after the main pass: report
+    /// its speculative next-next token, with --decode its draft acceptance
+    /// rate, with --golden judge it against golden_mtp_{mode}.safetensors,
+    /// with --out write its logits as `mtp.logits`.
+    #[arg(long)]
+    pub mtp: bool,
 }
 
 /// What one rank's run produced.
@@ -77,6 +86,8 @@ struct RankResult {
     logits: HostTensor,
     taps: Taps,
     report: Option<ForwardReport>,
+    /// With --mtp: the MTP layer's drafts and, with --golden, its report.
+    mtp: Option<(mtp::MtpRun, Option<ForwardReport>)>,
 }
 
 fn parse_tokens(spec: &str) -> Result<Vec<u32>, CliError> {
@@ -133,6 +144,20 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
             Some((read_safetensors(&p).map_err(failed)?, p))
         }
         None => None,
+    };
+    if args.mtp && cfg.num_nextn_predict_layers == 0 {
+        return Err(CliError::usage(format!(
+            "--mtp: {} has no multi-token-prediction layer (num_nextn_predict_layers = 0 in \
+             its config.json)",
+            args.checkpoint.display()
+        )));
+    }
+    let golden_mtp = match (&args.golden, args.mtp) {
+        (Some(dir), true) => {
+            let p = dir.join(format!("golden_mtp_{}.safetensors", numerics.name()));
+            Some((read_safetensors(&p).map_err(failed)?, p))
+        }
+        _ => None,
     };
     let tokens = match (&args.tokens, &golden) {
         (Some(t), _) => parse_tokens(t)?,
@@ -211,6 +236,10 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
             None => Model::load_with(backend, &ckpt, &cfg, opts)?,
             Some(c) => Model::load_ep(backend, c, &ckpt, &cfg, opts)?,
         };
+        if args.mtp {
+            model.load_mtp(&ckpt)?;
+            model.keep_hidden(true);
+        }
         loaded()?;
         let rank0 = comm.is_none_or(|c| c.rank() == 0);
         if rank0 {
@@ -232,20 +261,32 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
                 tokens.len() as f64 / prefill_s
             );
         }
+        let mut decoded = Vec::new();
         if args.decode > 0 {
             let generated = greedy_decode(&mut model, &logits, args.decode as usize)?;
             if rank0 {
                 eprintln!("{}", generated.summary());
             }
+            decoded = generated.tokens;
         }
+        // Before the golden check, which runs the golden prompt again.
+        let mtp_run = match args.mtp {
+            true => Some(mtp::run(&model, &tokens, &logits, &decoded)?),
+            false => None,
+        };
         let report = match golden_ref {
             Some((g, p)) => Some(model_check::check_forward(&mut model, g, p, prefill)?),
             None => None,
+        };
+        let mtp = match (mtp_run, &golden_mtp) {
+            (Some(r), Some((g, p))) => Some((r, Some(mtp::check(&model, g, p, prefill)?))),
+            (r, _) => r.map(|r| (r, None)),
         };
         Ok(RankResult {
             logits,
             taps,
             report,
+            mtp,
         })
     };
     let result = if mpi {
@@ -284,11 +325,22 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         logits,
         taps,
         report,
+        mtp,
     } = result;
     report_logits(&logits, &tokens);
+    let (mtp_run, mtp_report) = match mtp {
+        Some((r, rep)) => (Some(r), rep),
+        None => (None, None),
+    };
+    if let Some(r) = &mtp_run {
+        eprintln!("{}", r.summary());
+    }
     if let Some(out) = &args.out {
         let mut tensors = BTreeMap::new();
         tensors.insert("logits".to_string(), logits.clone());
+        if let Some(r) = &mtp_run {
+            tensors.insert("mtp.logits".to_string(), r.logits.clone());
+        }
         if args.taps {
             for (k, v) in &taps.tensors {
                 if k.starts_with("layers.") {
@@ -310,8 +362,31 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
         write_safetensors(out, &tensors, &meta).map_err(failed)?;
         eprintln!("forward: wrote {}", out.display());
     }
+    let mtp_passed = match (&golden_mtp, mtp_report) {
+        (Some((_, p)), Some(rep)) => {
+            print!("{}", rep.table());
+            match rep.first_failure() {
+                None => {
+                    println!("forward: MTP layer within tolerance of {}", p.display());
+                    true
+                }
+                Some(c) => {
+                    println!(
+                        "forward: MTP first divergence: {} ({} = {:.4e}, threshold {:.4e}) against {}",
+                        c.name,
+                        c.metric,
+                        c.value,
+                        c.threshold,
+                        display(p)
+                    );
+                    false
+                }
+            }
+        }
+        _ => true,
+    };
     let (Some((_, p)), Some(report)) = (&golden, report) else {
-        return Ok(true);
+        return Ok(mtp_passed);
     };
     print!("{}", report.table());
     if let Some(h) = &args.html {
@@ -334,7 +409,7 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
                 "forward: every layer and tap within tolerance of {}",
                 p.display()
             );
-            Ok(true)
+            Ok(mtp_passed)
         }
         Some(c) => {
             println!(
@@ -371,6 +446,7 @@ fn mpi_fields(
         ("prefill", args.prefill.clone()),
         ("chunk", args.chunk.to_string()),
         ("decode", args.decode.to_string()),
+        ("mtp", args.mtp.to_string()),
         ("tokens", crate::comm_cmd::digest(&format!("{tokens:?}"))),
         ("golden", (args.golden.is_some()).to_string()),
         ("deepport", env!("CARGO_PKG_VERSION").to_string()),

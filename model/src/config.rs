@@ -58,6 +58,24 @@ pub struct QuantizationConfig {
     pub scale_fmt: Option<String>,
 }
 
+/// DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention): the
+/// `index_*` fields of `config.json`. Each query scores every visible key
+/// with `index_n_heads` heads of width `index_head_dim` (the first
+/// `qk_rope_head_dim` dims rotated by non-interleaved RoPE, q and k
+/// Hadamard-rotated and FP8-quantized), and attention runs over the
+/// `index_topk` best keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IndexerConfig {
+    /// `index_n_heads` (64 in V3.2-Exp).
+    pub n_heads: usize,
+    /// `index_head_dim` (128 in V3.2-Exp): a power of two (the Hadamard
+    /// rotation) and a multiple of 128 (FP8 quantization per 128 values),
+    /// larger than `qk_rope_head_dim`.
+    pub head_dim: usize,
+    /// `index_topk` (2048 in V3.2-Exp): keys attended per query.
+    pub topk: usize,
+}
+
 /// A DeepSeek-V3 configuration. See the module documentation.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelConfig {
@@ -118,9 +136,13 @@ pub struct ModelConfig {
     pub hidden_act: String,
     /// Must be false.
     pub attention_bias: bool,
-    /// Multi-token-prediction layers stored after the main layers; the
-    /// forward pass does not use them. Default 0.
+    /// Multi-token-prediction layers stored after the main layers (layer
+    /// `num_hidden_layers` is the first); `Model::load_mtp` loads the
+    /// first one. Default 0.
     pub num_nextn_predict_layers: usize,
+    /// DeepSeek-V3.2's lightning indexer: all three `index_n_heads`,
+    /// `index_head_dim`, `index_topk` given, or none (V3).
+    pub indexer: Option<IndexerConfig>,
     pub bos_token_id: Option<i64>,
     pub eos_token_id: Option<i64>,
 }
@@ -254,11 +276,42 @@ impl ModelConfig {
                 "num_nextn_predict_layers",
             )?
             .unwrap_or(0),
+            indexer: Self::indexer(o)?,
             bos_token_id: field(o, "bos_token_id", "bos_token_id")?,
             eos_token_id: field(o, "eos_token_id", "eos_token_id")?,
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The V3.2 indexer fields: all or none.
+    fn indexer(o: &Map<String, Value>) -> Result<Option<IndexerConfig>> {
+        let n: Option<usize> = field(o, "index_n_heads", "index_n_heads")?;
+        let d: Option<usize> = field(o, "index_head_dim", "index_head_dim")?;
+        let k: Option<usize> = field(o, "index_topk", "index_topk")?;
+        match (n, d, k) {
+            (None, None, None) => Ok(None),
+            (Some(n_heads), Some(head_dim), Some(topk)) => Ok(Some(IndexerConfig {
+                n_heads,
+                head_dim,
+                topk,
+            })),
+            _ => {
+                let missing = [
+                    ("index_n_heads", n.is_none()),
+                    ("index_head_dim", d.is_none()),
+                    ("index_topk", k.is_none()),
+                ]
+                .iter()
+                .find(|(_, m)| *m)
+                .map_or("index_topk", |(name, _)| *name);
+                Err(invalid(
+                    missing,
+                    "missing: DeepSeek-V3.2's indexer needs index_n_heads, index_head_dim and \
+                     index_topk together",
+                ))
+            }
+        }
     }
 
     fn rope_scaling(o: &Map<String, Value>) -> Result<Option<RopeScaling>> {
@@ -361,6 +414,29 @@ impl ModelConfig {
         }
         if self.q_lora_rank == Some(0) {
             return Err(invalid("q_lora_rank", "must be > 0 or null, got 0"));
+        }
+        if let Some(ix) = &self.indexer {
+            positive("index_n_heads", ix.n_heads)?;
+            positive("index_topk", ix.topk)?;
+            let d = ix.head_dim;
+            if !d.is_power_of_two() || !d.is_multiple_of(128) {
+                return Err(invalid(
+                    "index_head_dim",
+                    format!(
+                        "must be a power of two (Hadamard rotation) and a multiple of 128 \
+                         (FP8 blocks), got {d}"
+                    ),
+                ));
+            }
+            if d <= self.qk_rope_head_dim {
+                return Err(invalid(
+                    "index_head_dim",
+                    format!(
+                        "must exceed qk_rope_head_dim = {} (RoPE covers its first dims), got {d}",
+                        self.qk_rope_head_dim
+                    ),
+                ));
+            }
         }
         if self.first_k_dense_replace > self.num_hidden_layers {
             return Err(invalid(

@@ -398,6 +398,34 @@ struct Layer {
     ffn: Ffn,
 }
 
+/// DeepSeek-V3's multi-token-prediction module (layer `num_hidden_layers`
+/// of the checkpoint): `enorm`, `hnorm`, `eh_proj`, one decoder layer (run
+/// by the same code as every other layer), `shared_head`.
+struct Mtp {
+    /// The layer index in the checkpoint (`num_hidden_layers`).
+    index: usize,
+    enorm: Tensor,
+    hnorm: Tensor,
+    /// `[hidden, 2·hidden]`, applied to `[enorm(emb) ‖ hnorm(h)]`.
+    eh_proj: Linear,
+    layer: Layer,
+    /// `shared_head.norm`.
+    norm: Tensor,
+    /// `shared_head.head` (the main `lm_head` when the checkpoint has none).
+    head: Tensor,
+}
+
+/// What [`Model::mtp_forward`] produced.
+#[derive(Debug)]
+pub struct MtpOutput {
+    /// `[T, vocab]` f32: at row `t`, the logits of token `t + 2`.
+    pub logits: HostTensor,
+    /// `mtp.embed_norm`, `mtp.hidden_norm`, `layers.{L}.input` (the
+    /// `eh_proj` output), the decoder layer's taps under `layers.{L}.*`,
+    /// `mtp.norm_out` and `mtp.logits`.
+    pub taps: Taps,
+}
+
 // ---- execution context ----------------------------------------------------------
 
 /// Model dimensions and op parameters, copied out of the config.
@@ -1615,6 +1643,11 @@ pub struct Model<'b> {
     seq_len: usize,
     /// [`reads_views`] of the backend, probed at load.
     views: bool,
+    /// The multi-token-prediction layer, once [`Model::load_mtp`] ran.
+    mtp: Option<Mtp>,
+    /// With [`Model::keep_hidden`]: the final hidden states (after
+    /// `model.norm`) of every cached position, as raw rows.
+    hidden: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Model<'_> {
@@ -1689,6 +1722,20 @@ impl<'b> Model<'b> {
         opts: LoadOptions,
     ) -> Result<Self> {
         cfg.validate()?;
+        if let Some(ix) = &cfg.indexer {
+            // Dense attention would silently be a different model once a
+            // sequence exceeds index_topk.
+            return Err(Error::invalid(
+                OP,
+                "indexer",
+                format!(
+                    "DeepSeek-V3.2 sparse attention (index_topk = {}, {} indexer heads) is not \
+                     implemented by the forward pass yet (it needs the lightning indexer and \
+                     sparse MLA ops)",
+                    ix.topk, ix.n_heads
+                ),
+            ));
+        }
         let act = opts.numerics.act_dtype();
         let views = reads_views(backend);
         let ld = Loader {
@@ -1733,7 +1780,236 @@ impl<'b> Model<'b> {
             blocks: 0,
             seq_len: 0,
             views,
+            mtp: None,
+            hidden: None,
         })
+    }
+
+    /// Loads the multi-token-prediction layer (DeepSeek-V3's MTP module,
+    /// layer index `num_hidden_layers` of the checkpoint) for
+    /// [`Model::mtp_forward`]. A config without one
+    /// (`num_nextn_predict_layers` = 0) is an error, as is a missing weight
+    /// (named). Only the first MTP depth is loaded.
+    pub fn load_mtp(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        let cfg = &self.cfg;
+        if cfg.num_nextn_predict_layers == 0 {
+            return Err(Error::invalid(
+                OP,
+                "mtp",
+                format!(
+                    "the checkpoint has no multi-token-prediction layer: its config.json says \
+                     num_nextn_predict_layers = 0 (weights of layer {} expected)",
+                    cfg.num_hidden_layers
+                ),
+            ));
+        }
+        let i = cfg.num_hidden_layers;
+        let p = format!("model.layers.{i}");
+        let ld = Loader {
+            b: self.b,
+            ckpt,
+            act: self.opts.numerics.act_dtype(),
+            numerics: self.opts.numerics,
+            rank: self.comm.get().rank(),
+            world: self.comm.get().world_size(),
+            d: self.dims,
+            views: self.views,
+        };
+        let (v, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let head_name = format!("{p}.shared_head.head.weight");
+        let head = if ckpt.contains(&head_name) {
+            ld.float(&head_name, &[v, hidden])?
+        } else {
+            // Engines share the main lm_head; the released V3 checkpoint
+            // holds an equal copy.
+            ld.float("lm_head.weight", &[v, hidden])?
+        };
+        self.mtp = Some(Mtp {
+            index: i,
+            enorm: ld.float(&format!("{p}.enorm.weight"), &[hidden])?,
+            hnorm: ld.float(&format!("{p}.hnorm.weight"), &[hidden])?,
+            eh_proj: ld.linear(&format!("{p}.eh_proj"), hidden, 2 * hidden)?,
+            layer: Layer {
+                input_norm: ld.float(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                attn: ld.attention(cfg, i)?,
+                post_norm: ld.float(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                ffn: ld.ffn(cfg, i)?,
+            },
+            norm: ld.float(&format!("{p}.shared_head.norm.weight"), &[hidden])?,
+            head,
+        });
+        Ok(())
+    }
+
+    /// Whether [`Model::load_mtp`] loaded a multi-token-prediction layer.
+    pub fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    /// With `on`, every step keeps the final hidden states (after
+    /// `model.norm`) of its positions, for [`Model::hidden_states`] (the
+    /// MTP layer's input). Costs one download per step.
+    pub fn keep_hidden(&mut self, on: bool) {
+        self.hidden = on.then(Vec::new);
+    }
+
+    /// The kept final hidden states `[seq_len, hidden]` (activation dtype)
+    /// of every cached position; an error unless [`Model::keep_hidden`] was
+    /// on since the sequence began.
+    pub fn hidden_states(&self) -> Result<HostTensor> {
+        let act = self.opts.numerics.act_dtype();
+        let rows = self.hidden.as_ref().ok_or_else(|| {
+            Error::invalid(OP, "hidden", "keep_hidden(true) was not set before the run")
+        })?;
+        let n = self.seq_len;
+        let want = n * self.dims.hidden * act.size();
+        if rows.len() != want {
+            return Err(Error::invalid(
+                OP,
+                "hidden",
+                format!(
+                    "{} bytes kept for {n} cached positions (keep_hidden was switched on mid-sequence)",
+                    rows.len()
+                ),
+            ));
+        }
+        HostTensor::from_bytes(act, &[n, self.dims.hidden], rows.clone())
+    }
+
+    /// The multi-token-prediction layer at positions `0..T`: row `t`
+    /// combines `hidden[t]` (the main model's final hidden state after
+    /// `model.norm` at position `t`) with the embedding of `next_tokens[t]`
+    /// (token `t + 1`) and gives the logits of token `t + 2`:
+    /// `x = eh_proj([enorm(embed(next)) ‖ hnorm(hidden)])`, one decoder
+    /// layer (causal over the MTP positions; the prefill path of the load
+    /// options), `shared_head.head(shared_head.norm(·))`. The model's cache
+    /// is untouched. Needs [`Model::load_mtp`].
+    pub fn mtp_forward(&self, hidden: &HostTensor, next_tokens: &[u32]) -> Result<MtpOutput> {
+        let mtp = self.mtp.as_ref().ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "mtp",
+                "no multi-token-prediction layer loaded (load_mtp)",
+            )
+        })?;
+        let d = self.dims.hidden;
+        let s = hidden.shape();
+        let t = next_tokens.len();
+        if !hidden.dtype().is_float() || s.len() != 2 || s[1] != d || s[0] != t {
+            return Err(Error::invalid(
+                OP,
+                "hidden",
+                format!(
+                    "must be a float [{t}, {d}] tensor (one row per next token), got {} {s:?}",
+                    hidden.dtype()
+                ),
+            ));
+        }
+        self.check_tokens(next_tokens)?;
+        self.check_positions(0, t)?;
+        let cell = RefCell::new(Taps::new());
+        let ctx = Ctx {
+            taps: Some(&cell),
+            li: mtp.index,
+            ..self.ctx()
+        };
+        let b = self.b;
+        let ids: Vec<i64> = next_tokens.iter().map(|&x| x as i64).collect();
+        let ids = b.upload(&HostTensor::from_i64(&[t], &ids))?;
+        let mut e = ctx.alloc(&[t, d])?;
+        ops::run(
+            b,
+            Embedding {
+                table: &self.embed,
+                ids: &ids,
+                out: &mut e,
+            },
+        )?;
+        let en = ctx.norm(&e, &mtp.enorm)?;
+        let h = b.upload(&hidden.to_dtype(ctx.act))?;
+        let hn = ctx.norm(&h, &mtp.hnorm)?;
+        let mut cat = ctx.alloc(&[t, 2 * d])?;
+        ctx.copy(&en, &mut cat, (0, 0), (0, 0), (t, d))?;
+        ctx.copy(&hn, &mut cat, (0, 0), (0, d), (t, d))?;
+        let x = ctx.linear(&cat, &mtp.eh_proj)?;
+        {
+            let mut tp = cell.borrow_mut();
+            tp.put(b, "mtp.embed_norm".into(), &en)?;
+            tp.put(b, "mtp.hidden_norm".into(), &hn)?;
+            tp.put(b, format!("layers.{}.input", mtp.index), &x)?;
+        }
+        let out = match self.opts.prefill {
+            PrefillPath::Fused => self.decoder_layer(
+                &ctx,
+                &mtp.layer,
+                &x,
+                &self.step(0, t, None)?,
+                AttnPath::Fused {
+                    form: self.opts.form,
+                    cache: None,
+                },
+                false,
+            )?,
+            PrefillPath::Paged => {
+                let blocks = t.div_ceil(CACHE_BLOCK);
+                let dl = self.dims.dc + self.dims.dr;
+                let mut scratch = ctx.alloc(&[blocks, CACHE_BLOCK, 1, dl])?;
+                self.decoder_layer(
+                    &ctx,
+                    &mtp.layer,
+                    &x,
+                    &self.step(0, t, Some(blocks))?,
+                    AttnPath::Paged {
+                        cache: &mut scratch,
+                    },
+                    false,
+                )?
+            }
+        };
+        let fnorm = ctx.norm(&out, &mtp.norm)?;
+        let logits = ctx.gemm(&fnorm, &mtp.head)?;
+        let logits = b.download(&logits)?.to_dtype(DType::F32);
+        let mut taps = cell.into_inner();
+        taps.put(b, "mtp.norm_out".into(), &fnorm)?;
+        taps.tensors.insert("mtp.logits".into(), logits.clone());
+        Ok(MtpOutput { logits, taps })
+    }
+
+    /// One decoder layer on `h` (the residual stream): attention, residual
+    /// add, FFN, residual add; returns the new residual stream. The
+    /// attention output, FFN output and routing go to `ctx`'s taps when it
+    /// collects them. Every layer of the model, and the MTP layer, runs
+    /// through here.
+    fn decoder_layer(
+        &self,
+        ctx: &Ctx<'_>,
+        layer: &Layer,
+        h: &Tensor,
+        step: &Step,
+        path: AttnPath<'_>,
+        masked: bool,
+    ) -> Result<Tensor> {
+        let b = self.b;
+        let xn = ctx.norm(h, &layer.input_norm)?;
+        let a = ctx.attention(&layer.attn, &xn, step, path)?;
+        let hm = ctx.add(h, &a)?;
+        let xn2 = ctx.norm(&hm, &layer.post_norm)?;
+        let (f, routing) = ctx.ffn(self.comm.get(), &layer.ffn, &xn2, masked)?;
+        let out = ctx.add(&hm, &f)?;
+        if let Some(cell) = ctx.taps {
+            let li = ctx.li;
+            let mut tp = cell.borrow_mut();
+            tp.put(b, format!("layers.{li}.attn_out"), &a)?;
+            tp.put(b, format!("layers.{li}.ffn_out"), &f)?;
+            if let Some((idx, w)) = routing {
+                let r = Routing::sorted(&b.download(&idx)?, &b.download(&w)?)?;
+                tp.tensors
+                    .insert(format!("layers.{li}.topk_idx"), r.topk_idx);
+                tp.tensors
+                    .insert(format!("layers.{li}.topk_weights"), r.topk_weights);
+            }
+        }
+        Ok(out)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -1969,44 +2245,39 @@ impl<'b> Model<'b> {
         let form = self.opts.form;
         let want = taps.is_some();
         let cell = RefCell::new(taps.as_deref_mut().map(std::mem::take).unwrap_or_default());
-        for (li, (layer, cache)) in self.layers.iter().zip(self.caches.iter_mut()).enumerate() {
-            let lctx = Ctx {
-                taps: want.then_some(&cell),
-                li,
-                ..ctx
-            };
-            if want {
-                cell.borrow_mut().put(b, format!("layers.{li}.input"), &h)?;
-            }
-            let xn = ctx.norm(&h, &layer.input_norm)?;
-            let path = if paged {
-                AttnPath::Paged { cache }
-            } else {
-                AttnPath::Fused {
-                    form,
-                    cache: Some(cache),
+        let mut caches = std::mem::take(&mut self.caches);
+        let result = (|| -> Result<Tensor> {
+            for (li, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+                let lctx = Ctx {
+                    taps: want.then_some(&cell),
+                    li,
+                    ..ctx
+                };
+                if want {
+                    cell.borrow_mut().put(b, format!("layers.{li}.input"), &h)?;
                 }
-            };
-            let a = lctx.attention(&layer.attn, &xn, &step, path)?;
-            let hm = ctx.add(&h, &a)?;
-            let xn2 = ctx.norm(&hm, &layer.post_norm)?;
-            let (f, routing) = lctx.ffn(self.comm.get(), &layer.ffn, &xn2, masked)?;
-            h = ctx.add(&hm, &f)?;
-            if want {
-                let mut tp = cell.borrow_mut();
-                tp.put(b, format!("layers.{li}.attn_out"), &a)?;
-                tp.put(b, format!("layers.{li}.ffn_out"), &f)?;
-                if let Some((idx, w)) = routing {
-                    let r = Routing::sorted(&b.download(&idx)?, &b.download(&w)?)?;
-                    tp.tensors
-                        .insert(format!("layers.{li}.topk_idx"), r.topk_idx);
-                    tp.tensors
-                        .insert(format!("layers.{li}.topk_weights"), r.topk_weights);
-                }
+                let path = if paged {
+                    AttnPath::Paged { cache }
+                } else {
+                    AttnPath::Fused {
+                        form,
+                        cache: Some(cache),
+                    }
+                };
+                h = self.decoder_layer(&lctx, layer, &h, &step, path, masked)?;
             }
-        }
+            Ok(h)
+        })();
+        self.caches = caches;
+        let h = result?;
         self.seq_len = total;
         let fnorm = ctx.norm(&h, &self.norm)?;
+        if let Some(rows) = self.hidden.as_mut() {
+            if !decode {
+                rows.clear();
+            }
+            rows.extend_from_slice(b.download(&fnorm)?.bytes());
+        }
         let logits = ctx.gemm(&fnorm, &self.lm_head)?;
         let out = b.download(&logits)?.to_dtype(DType::F32);
         if let Some(tp) = taps {

@@ -10,7 +10,9 @@
 //!   of SPEC.md §8, with a paged latent cache for decoding, taps and
 //!   teacher-forced per-layer runs for conformance, chunked prefill, expert
 //!   parallelism over any communicator;
-//! * [`memory`]: memory estimates made before allocating.
+//! * [`memory`]: memory estimates made before allocating;
+//! * [`v32`]: DeepSeek-V3.2's indexer weights (loaded and checked; the
+//!   forward pass does not run V3.2 yet).
 
 #![forbid(unsafe_code)]
 
@@ -18,10 +20,11 @@ pub mod checkpoint;
 pub mod config;
 pub mod forward;
 pub mod memory;
+pub mod v32;
 
 pub use checkpoint::{Checkpoint, LinearWeight};
-pub use config::{ModelConfig, QuantizationConfig, RopeScaling};
+pub use config::{IndexerConfig, ModelConfig, QuantizationConfig, RopeScaling};
 pub use forward::{
-    LayerOutput, LoadOptions, Model, Numerics, PrefillPath, Routing, Taps, DEFAULT_CHUNK,
+    LayerOutput, LoadOptions, Model, MtpOutput, Numerics, PrefillPath, Routing, Taps, DEFAULT_CHUNK,
 };
 pub use memory::MemoryEstimate;
