@@ -414,7 +414,10 @@ pub(crate) fn launch(
         if t.is_view() {
             return Err(Fail {
                 status: DeepportStatus::Invalid,
-                msg: format!("{}: output `{n}` is a view; views are read-only", decl.name()),
+                msg: format!(
+                    "{}: output `{n}` is a view; views are read-only",
+                    decl.name()
+                ),
             });
         }
     }

@@ -221,7 +221,10 @@ fn f32s(shape: &[usize], seed: u32) -> Vec<f32> {
     let n: usize = shape.iter().product();
     (0..n)
         .map(|i| {
-            let x = (i as u32).wrapping_mul(2654435761).wrapping_add(seed * 7919) % 1000;
+            let x = (i as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(seed * 7919)
+                % 1000;
             x as f32 / 250.0 - 2.0
         })
         .collect()
@@ -370,7 +373,10 @@ fn bad_launches_are_status_codes() {
     let ints = upload(b, &idx(DType::I32, &[2, 3], &[0; 6]));
 
     // It works, and the output is a + b.
-    assert_eq!(launch(b, "add", &[("a", x), ("b", y), ("out", out)], ""), S::Ok);
+    assert_eq!(
+        launch(b, "add", &[("a", x), ("b", y), ("out", out)], ""),
+        S::Ok
+    );
     let got = download(b, out, 24);
     let want: Vec<f32> = f32s(&[2, 3], 1)
         .iter()
@@ -431,7 +437,12 @@ fn bad_launches_are_status_codes() {
         "unknown parameter `eps`",
     );
     expect(
-        launch(b, "rms_norm", &[("x", x), ("weight", y), ("y", out)], "eps=abc"),
+        launch(
+            b,
+            "rms_norm",
+            &[("x", x), ("weight", y), ("y", out)],
+            "eps=abc",
+        ),
         S::InvalidArgument,
         "parameter `eps` got `abc`",
     );
