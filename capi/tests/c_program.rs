@@ -129,11 +129,17 @@ fn device_ops_c_program() {
         .status()
         .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
     assert!(st.success(), "compiling device_ops.c failed");
-    let o = Command::new(&exe).arg("cpu").output().expect("run device_ops");
+    let o = Command::new(&exe)
+        .arg("cpu")
+        .output()
+        .expect("run device_ops");
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "device_ops failed:\n{out}\n{err}");
-    assert!(out.contains("ok: device path == host path, byte for byte"), "{out}");
+    assert!(
+        out.contains("ok: device path == host path, byte for byte"),
+        "{out}"
+    );
     assert!(out.contains("ok: an expert-parallel op"), "{out}");
     assert!(out.contains("all checks passed"), "{out}");
 }

@@ -47,10 +47,9 @@ fn status_err((status, msg): (deepport::DeepportStatus, String)) -> PyErr {
     use deepport::DeepportStatus as S;
     match status {
         S::NotSupported => PyNotImplementedError::new_err(msg),
-        S::InvalidArgument
-        | S::Invalid
-        | S::IndexOutOfRange
-        | S::UnknownBackend => PyValueError::new_err(msg),
+        S::InvalidArgument | S::Invalid | S::IndexOutOfRange | S::UnknownBackend => {
+            PyValueError::new_err(msg)
+        }
         _ => PyRuntimeError::new_err(msg),
     }
 }
@@ -190,7 +189,6 @@ fn forward<'py>(
     Ok((PyBytes::new(py, &bytes), v, out))
 }
 
-
 /// One backend instance (`Backend("cpu")`, `Backend("wgpu:0")`): device
 /// memory and ops on device tensors, kept between calls.
 #[pyclass(name = "Backend", module = "deepport._deepport", frozen)]
@@ -221,7 +219,9 @@ impl PyBackend {
     #[new]
     fn new(spec: &str) -> PyResult<Self> {
         let b = registry().create(spec).map_err(err)?;
-        Ok(PyBackend { inner: Arc::from(b) })
+        Ok(PyBackend {
+            inner: Arc::from(b),
+        })
     }
 
     /// The backend's name.
@@ -307,7 +307,11 @@ struct PyModel {
 }
 
 fn f32_bytes<'py>(py: Python<'py>, t: &HostTensor) -> Bound<'py, PyBytes> {
-    let v: Vec<u8> = t.to_f32_vec().iter().flat_map(|x| x.to_le_bytes()).collect();
+    let v: Vec<u8> = t
+        .to_f32_vec()
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
     PyBytes::new(py, &v)
 }
 
