@@ -182,7 +182,12 @@ fn golden_inputs() -> BTreeMap<String, (BTreeMap<String, HostTensor>, String)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    // The smallest file of each op.
+    // The smallest file of each op, skipping degenerate ones (every row
+    // masked, empty sequences) so that real values are compared.
+    files.retain(|p| {
+        let n = p.to_string_lossy();
+        !n.contains("fully_masked") && !n.contains("zero_len")
+    });
     files.sort_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
     let mut out = BTreeMap::new();
     for f in files {
