@@ -9,8 +9,11 @@
  * The host (`deepport run --plugin libvendor.so`, or any program using the
  * deepport-plugin crate) calls it once with DEEPPORT_PLUGIN_ABI_VERSION and
  * receives a table of function pointers (the vtable). The host refuses a table
- * whose `abi_version` differs from its own or whose `struct_size` is smaller
- * than the host's `sizeof(dp_plugin_v1)`, with a message naming both.
+ * whose `abi_version` differs from its own or whose `struct_size` does not
+ * reach the first op field, with a message naming both. Op fields are
+ * appended as deepport gains ops: a table built before an op existed is
+ * shorter, and the host treats the op fields beyond its `struct_size` as
+ * NULL (NotSupported), never reading past it.
  *
  * Conventions
  * -----------
@@ -196,8 +199,8 @@ typedef const dp_plugin_v1 *(*dp_plugin_entry_fn)(uint32_t host_abi_version);
  * lie within the table's `struct_size` (a table from an older minor simply
  * lacks the newer functions), and a NULL function is "not supported". The
  * plugin may look at `host_abi_minor` (DEEPPORT_PLUGIN_ABI_MINOR of the host)
- * and return NULL to offer no extensions. dp_plugin_v1 itself never changes
- * within major version 1.
+ * and return NULL to offer no extensions. Within major version 1,
+ * dp_plugin_v1 only grows by op fields appended at its end.
  */
 #define DEEPPORT_PLUGIN_ABI_MINOR 1u
 #define DEEPPORT_PLUGIN_EXT_ENTRY "deepport_plugin_ext"

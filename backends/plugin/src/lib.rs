@@ -90,7 +90,8 @@ pub struct Plugin {
     path: PathBuf,
     name: &'static str,
     vendor: String,
-    vt: *const VtableV1,
+    /// The host's copy of the plugin's table (see `load_inner`).
+    vt: Box<VtableV1>,
     ext: Ext,
     // Last: dropped after everything that points into it. Plugins loaded
     // through `load` are never dropped (their tensors may outlive a run).
@@ -164,18 +165,35 @@ impl Plugin {
                 ),
             ));
         }
-        let want = std::mem::size_of::<VtableV1>();
+        // The table must hold every field before the ops; op fields beyond
+        // the plugin's struct_size (ops added to deepport after the plugin
+        // was built) are NULL, i.e. NotSupported. The host reads its own
+        // copy of the plugin's prefix, never past the plugin's table.
+        let full = std::mem::size_of::<VtableV1>();
+        let want = std::mem::offset_of!(VtableV1, act_quant);
         if (size as usize) < want {
             return Err(load_err(
                 path,
                 format!(
-                    "its vtable is {size} bytes, this host's dp_plugin_v1 is {want}: \
-                     struct_size must be sizeof(dp_plugin_v1)"
+                    "its vtable is {size} bytes, this host's dp_plugin_v1 needs at least {want} \
+                     (every field before the ops; the whole table is {full}): struct_size \
+                     must be sizeof(dp_plugin_v1)"
                 ),
             ));
         }
-        // SAFETY: abi and size checked: the table is a whole VtableV1.
-        let t = unsafe { &*vt };
+        let mut copy = Box::new(std::mem::MaybeUninit::<VtableV1>::zeroed());
+        // SAFETY: the plugin's table has `size` readable bytes (header
+        // contract); at most `full` are copied into the host's zeroed table,
+        // in which all-zero fields are NULL pointers and `None`s.
+        let copy = unsafe {
+            std::ptr::copy_nonoverlapping(
+                vt.cast::<u8>(),
+                copy.as_mut_ptr().cast::<u8>(),
+                (size as usize).min(full),
+            );
+            Box::from_raw(Box::into_raw(copy).cast::<VtableV1>())
+        };
+        let t = &*copy;
         let missing: Vec<&str> = [
             ("device_count", t.device_count.is_none()),
             ("create", t.create.is_none()),
@@ -219,7 +237,7 @@ impl Plugin {
             path: path.to_path_buf(),
             name: Box::leak(name.into_boxed_str()),
             vendor,
-            vt,
+            vt: copy,
             ext,
             _lib: lib,
         })
@@ -245,8 +263,8 @@ impl Plugin {
     }
 
     fn vt(&self) -> &VtableV1 {
-        // SAFETY: checked by `load`; lives as long as `self._lib`.
-        unsafe { &*self.vt }
+        // Its function pointers point into `self._lib`, which lives as long.
+        &self.vt
     }
 
     /// The backend name the plugin gives itself.

@@ -104,6 +104,19 @@ fn short_vtable() {
 }
 
 #[test]
+fn a_table_from_before_newer_ops_loads_without_them() {
+    // A plugin built when the op list ended before `add`: its table is
+    // shorter; the ops it lacks are NotSupported, nothing past it is read.
+    let b = backend("OLD_TABLE");
+    assert!(!b
+        .supports(deepport_core::ops::OpKind::Add, &[DType::F32; 3])
+        .is_supported());
+    let e = run_add(&b).expect_err("add is beyond the table");
+    assert!(e.is_not_supported(), "{e}");
+    b.synchronize().expect("the rest works");
+}
+
+#[test]
 fn null_required_function() {
     let e = load_err("NO_ALLOC");
     assert!(

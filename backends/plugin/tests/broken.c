@@ -70,8 +70,10 @@ static const dp_plugin_v1 VT = {
 #else
     .abi_version = DEEPPORT_PLUGIN_ABI_VERSION,
 #endif
-#ifdef BROKEN_SIZE
+#if defined(BROKEN_SIZE)
     .struct_size = 16,
+#elif defined(BROKEN_OLD_TABLE)
+    .struct_size = offsetof(dp_plugin_v1, add), /* built before `add` existed */
 #else
     .struct_size = sizeof(dp_plugin_v1),
 #endif
