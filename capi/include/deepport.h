@@ -394,6 +394,46 @@ DeepportStatus deepport_gemm(const struct DeepportBackend *backend,
                              const struct DeepportTensor *d);
 
 /*
+ Runs any local op by name (`fp8_gemm`, `mla_decode`, `rope`, …; the
+ names, tensors and parameters of `deepport op --help`, from the op's
+ declaration) on device tensors the caller owns. No data moves between
+ host and device.
+
+ `tensors[i]` is bound to the declared tensor `names[i]`, for `i < n`:
+ every required input, the optional inputs wanted, and every output the
+ op writes (allocated by the caller with deepport_tensor_alloc). Inputs
+ are read in their own dtypes (no conversion); each output must have
+ exactly the dtype and shape the op makes from these inputs and
+ parameters (an output's dtype follows parameters such as `out_dtype`),
+ and `copy_window`'s `dst` is updated in place. `params` is NULL, "" or
+ `NAME=VALUE[,NAME=VALUE...]` (defaults as `deepport op --help` lists).
+
+ Errors: an unknown op, tensor name or parameter, a missing tensor or a
+ tensor given twice is DEEPPORT_STATUS_INVALID_ARGUMENT; wrong dtypes,
+ shapes or parameter values (core's validation) DEEPPORT_STATUS_INVALID;
+ a tensor of another backend instance DEEPPORT_STATUS_DEVICE; a tensor in
+ use by another call DEEPPORT_STATUS_BUSY; an op the backend lacks
+ DEEPPORT_STATUS_NOT_SUPPORTED, as are the expert-parallel ops
+ (`dispatch`, `combine`, `low_latency_*`: they need a rank group; use
+ deepport_op_run for one rank on host tensors).
+
+ Asynchronous: the op may still be running when this returns. Errors that
+ need device values (an index out of range) are reported by the next
+ deepport_tensor_download or deepport_backend_synchronize on this backend.
+
+ # Safety
+ `backend` is live; `op` NUL-terminated; `names` and `tensors` have `n`
+ entries (NUL-terminated strings, live tensors); `params` is NULL or
+ NUL-terminated.
+ */
+DeepportStatus deepport_op_launch(const struct DeepportBackend *backend,
+                                  const char *op,
+                                  const char *const *names,
+                                  const struct DeepportTensor *const *tensors,
+                                  size_t n,
+                                  const char *params);
+
+/*
  Runs any op by name (`fp8_gemm`, `mla_decode`, `dispatch`, …; the names
  and tensors of `deepport op --help`) on host tensors, exactly as
  `deepport op` does: inputs are uploaded, outputs allocated (their dtypes

@@ -20,6 +20,8 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+pub mod launch;
+
 /// Version of this C ABI; bumped on every incompatible change.
 pub const DEEPPORT_ABI_VERSION: u32 = 1;
 
@@ -790,6 +792,80 @@ pub unsafe extern "C" fn deepport_gemm(
     })
 }
 
+// ---- every local op, generically, on device tensors ---------------------------
+
+/// Runs any local op by name (`fp8_gemm`, `mla_decode`, `rope`, …; the
+/// names, tensors and parameters of `deepport op --help`, from the op's
+/// declaration) on device tensors the caller owns. No data moves between
+/// host and device.
+///
+/// `tensors[i]` is bound to the declared tensor `names[i]`, for `i < n`:
+/// every required input, the optional inputs wanted, and every output the
+/// op writes (allocated by the caller with deepport_tensor_alloc). Inputs
+/// are read in their own dtypes (no conversion); each output must have
+/// exactly the dtype and shape the op makes from these inputs and
+/// parameters (an output's dtype follows parameters such as `out_dtype`),
+/// and `copy_window`'s `dst` is updated in place. `params` is NULL, "" or
+/// `NAME=VALUE[,NAME=VALUE...]` (defaults as `deepport op --help` lists).
+///
+/// Errors: an unknown op, tensor name or parameter, a missing tensor or a
+/// tensor given twice is DEEPPORT_STATUS_INVALID_ARGUMENT; wrong dtypes,
+/// shapes or parameter values (core's validation) DEEPPORT_STATUS_INVALID;
+/// a tensor of another backend instance DEEPPORT_STATUS_DEVICE; a tensor in
+/// use by another call DEEPPORT_STATUS_BUSY; an op the backend lacks
+/// DEEPPORT_STATUS_NOT_SUPPORTED, as are the expert-parallel ops
+/// (`dispatch`, `combine`, `low_latency_*`: they need a rank group; use
+/// deepport_op_run for one rank on host tensors).
+///
+/// Asynchronous: the op may still be running when this returns. Errors that
+/// need device values (an index out of range) are reported by the next
+/// deepport_tensor_download or deepport_backend_synchronize on this backend.
+///
+/// # Safety
+/// `backend` is live; `op` NUL-terminated; `names` and `tensors` have `n`
+/// entries (NUL-terminated strings, live tensors); `params` is NULL or
+/// NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn deepport_op_launch(
+    backend: *const DeepportBackend,
+    op: *const c_char,
+    names: *const *const c_char,
+    tensors: *const *const DeepportTensor,
+    n: usize,
+    params: *const c_char,
+) -> DeepportStatus {
+    entry(|| {
+        // SAFETY: the caller's contract.
+        let (b, name) = unsafe { (obj(backend, "backend")?, str_arg(op, "op")?) };
+        if n > 0 && (names.is_null() || tensors.is_null()) {
+            return Err(Fail::arg("names or tensors is NULL"));
+        }
+        if n > 256 {
+            return Err(Fail::arg(format!("{n} tensors; at most 256")));
+        }
+        let mut bound = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: `n` entries each, by the caller's contract.
+            let (np, tp) = unsafe { (*names.add(i), *tensors.add(i)) };
+            // SAFETY: NULL or NUL-terminated, by the caller's contract.
+            let tname = unsafe { str_arg(np, &format!("names[{i}]")) }?;
+            // SAFETY: NULL or live, by the caller's contract.
+            let tensor = unsafe { obj(tp, &format!("tensors[{i}] (`{tname}`)")) }?;
+            bound.push(launch::Bound {
+                name: tname,
+                tensor: &tensor.inner,
+            });
+        }
+        let params = if params.is_null() {
+            ""
+        } else {
+            // SAFETY: NUL-terminated by the caller's contract.
+            unsafe { str_arg(params, "params") }?
+        };
+        launch::launch(b.inner.as_ref(), name, &bound, params)
+    })
+}
+
 // ---- every op, generically, on host tensors ----------------------------------
 
 /// Runs any op by name (`fp8_gemm`, `mla_decode`, `dispatch`, …; the names
@@ -958,27 +1034,67 @@ pub unsafe extern "C" fn deepport_model_load(
                 str_arg(mode, "mode")?,
             )
         };
-        let numerics = Numerics::parse(mode)
-            .ok_or_else(|| Fail::arg(format!("mode `{mode}`: f32, bf16 or fp8")))?;
-        let dir = std::path::Path::new(dir);
-        let cfg = ModelConfig::from_file(dir.join("config.json"))?;
-        let ckpt = Checkpoint::open(dir)?;
-        let backend = b.inner.clone();
-        // SAFETY: the Arc keeps the backend at a stable heap address, and
-        // DeepportModel drops `model` before `_backend`, so the reference
-        // outlives every use.
-        let r: &'static dyn Backend = unsafe { &*Arc::as_ptr(&backend) };
-        let model = Model::load(r, &ckpt, &cfg, numerics, Default::default())?;
-        boxed(
-            out,
-            DeepportModel {
+        let m = DeepportModel::load(b.inner.clone(), std::path::Path::new(dir), mode)
+            .map_err(|(status, msg)| Fail { status, msg })?;
+        boxed(out, m);
+        Ok(())
+    })
+}
+
+impl DeepportModel {
+    /// Loads a model onto `backend` (kept alive by the model), as
+    /// [`deepport_model_load`] does: the Rust entry for other bindings (the
+    /// Python module). On failure, the status and the message.
+    pub fn load(
+        backend: Arc<dyn Backend>,
+        dir: &std::path::Path,
+        mode: &str,
+    ) -> Result<DeepportModel, (DeepportStatus, String)> {
+        let inner = || -> Result<DeepportModel, Fail> {
+            let numerics = Numerics::parse(mode)
+                .ok_or_else(|| Fail::arg(format!("mode `{mode}`: f32, bf16 or fp8")))?;
+            let cfg = ModelConfig::from_file(dir.join("config.json"))?;
+            let ckpt = Checkpoint::open(dir)?;
+            // SAFETY: the Arc keeps the backend at a stable heap address,
+            // and DeepportModel drops `model` before `_backend`, so the
+            // reference outlives every use.
+            let r: &'static dyn Backend = unsafe { &*Arc::as_ptr(&backend) };
+            let model = Model::load(r, &ckpt, &cfg, numerics, Default::default())?;
+            Ok(DeepportModel {
                 model: Mutex::new(model),
                 vocab: cfg.vocab_size,
                 _backend: backend,
-            },
-        );
-        Ok(())
-    })
+            })
+        };
+        inner().map_err(|f| (f.status, f.msg))
+    }
+
+    /// The vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Model<'static>>, Fail> {
+        self.model.try_lock().map_err(|_| Fail::busy("the model"))
+    }
+
+    /// Runs a prompt from position 0 (replacing the cached sequence):
+    /// logits `[tokens, vocab]` f32. `Busy` while another call runs.
+    pub fn prefill(&self, tokens: &[u32]) -> Result<HostTensor, (DeepportStatus, String)> {
+        let run = || -> Result<HostTensor, Fail> {
+            if tokens.is_empty() {
+                return Err(Fail::arg("the prompt is empty"));
+            }
+            Ok(self.lock()?.prefill(tokens)?)
+        };
+        run().map_err(|f| (f.status, f.msg))
+    }
+
+    /// Appends one token to the cached sequence: its logits `[vocab]` f32.
+    pub fn decode(&self, token: u32) -> Result<HostTensor, (DeepportStatus, String)> {
+        let run = || -> Result<HostTensor, Fail> { Ok(self.lock()?.decode(token)?) };
+        run().map_err(|f| (f.status, f.msg))
+    }
 }
 
 /// The model's vocabulary size (0 for NULL).

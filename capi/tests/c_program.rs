@@ -106,3 +106,40 @@ fn greedy_c_program_decodes_the_golden_checkpoint() {
     assert_eq!(tokens[0], argmax(row), "first token vs golden argmax");
     assert_eq!(tokens, rust_greedy(&ckpt), "C ABI vs Rust API");
 }
+
+/// capi/examples/device_ops.c: ops launched by name on device tensors from
+/// C, checked against the host path byte for byte, and the error codes.
+#[test]
+fn device_ops_c_program() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let lib = lib_dir();
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("device_ops");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let st = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(root.join("capi/examples/device_ops.c"))
+        .arg("-I")
+        .arg(root.join("capi/include"))
+        .arg("-L")
+        .arg(&lib)
+        .arg("-ldeepport")
+        .arg("-lm")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
+    assert!(st.success(), "compiling device_ops.c failed");
+    let o = Command::new(&exe)
+        .arg("cpu")
+        .output()
+        .expect("run device_ops");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "device_ops failed:\n{out}\n{err}");
+    assert!(
+        out.contains("ok: device path == host path, byte for byte"),
+        "{out}"
+    );
+    assert!(out.contains("ok: an expert-parallel op"), "{out}");
+    assert!(out.contains("all checks passed"), "{out}");
+}

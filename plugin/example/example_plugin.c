@@ -31,6 +31,7 @@ static const char *ex_last_error(void *ctx) {
 
 typedef struct ctx_t {
   int device;
+  void *stream; /* set_stream (ABI 1.1): remembered only */
 } ctx_t;
 
 static int32_t ex_device_count(void) { return 1; }
@@ -251,4 +252,37 @@ __attribute__((visibility("default")))
 const dp_plugin_v1 *deepport_plugin_entry(uint32_t host_abi_version) {
   if (host_abi_version != DEEPPORT_PLUGIN_ABI_VERSION) return NULL;
   return &VTABLE;
+}
+
+/* ---- ABI 1.1 extensions -------------------------------------------------------
+ * This plugin runs every op synchronously and reports errors at the call, so
+ * it never has a deferred error; a plugin with asynchronous kernels records
+ * what they find (e.g. a device status word) and returns it here, once.
+ * Its "stream" is only remembered: work here is always in order. */
+
+static dp_status ex_poll_error(void *ctx) {
+  (void)ctx;
+  return DP_OK;
+}
+
+static dp_status ex_set_stream(void *ctx, void *stream) {
+  ((ctx_t *)ctx)->stream = stream;
+  return DP_OK;
+}
+
+static const dp_plugin_ext EXTENSIONS = {
+    .abi_minor = DEEPPORT_PLUGIN_ABI_MINOR,
+    .struct_size = sizeof(dp_plugin_ext),
+    .poll_error = ex_poll_error,
+    .set_stream = ex_set_stream,
+};
+
+#if defined(_WIN32)
+__declspec(dllexport)
+#else
+__attribute__((visibility("default")))
+#endif
+const dp_plugin_ext *deepport_plugin_ext(uint32_t host_abi_minor) {
+  (void)host_abi_minor; /* 1.1 fields only; an older host reads fewer */
+  return &EXTENSIONS;
 }

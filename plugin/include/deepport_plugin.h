@@ -9,8 +9,11 @@
  * The host (`deepport run --plugin libvendor.so`, or any program using the
  * deepport-plugin crate) calls it once with DEEPPORT_PLUGIN_ABI_VERSION and
  * receives a table of function pointers (the vtable). The host refuses a table
- * whose `abi_version` differs from its own or whose `struct_size` is smaller
- * than the host's `sizeof(dp_plugin_v1)`, with a message naming both.
+ * whose `abi_version` differs from its own or whose `struct_size` does not
+ * reach the first op field, with a message naming both. Op fields are
+ * appended as deepport gains ops: a table built before an op existed is
+ * shorter, and the host treats the op fields beyond its `struct_size` as
+ * NULL (NotSupported), never reading past it.
  *
  * Conventions
  * -----------
@@ -53,6 +56,16 @@
  *   every other op has none.
  * - Ops may run asynchronously; `synchronize` waits for all submitted work
  *   and reports any error that surfaced since (see the Backend trait docs).
+ *   ABI 1.1 adds `poll_error` (deferred errors reported at every download)
+ *   and `set_stream` (ordering with an engine's stream): see dp_plugin_ext.
+ * - Expert parallelism: the expert-parallel ops (dispatch, combine and their
+ *   low-latency forms) are not in the table. The host runs them with core's
+ *   protocol over four local ops of the table: gather_rows (pack and place
+ *   rows), reduce_rows (the combines' weighted sums, in a fixed order),
+ *   act_quant (FP8 payloads) and get_dispatch_layout. A plugin implementing
+ *   those four gets all four expert-parallel ops, on any transport; without
+ *   them they are NotSupported. gather_rows and reduce_rows receive views
+ *   (a non-zero offset_bytes into a larger allocation).
  * - Threads: the host may call one context from several threads, but never
  *   concurrently with `destroy`. A plugin that is not thread-safe must lock.
  * - A plugin must not let a C++ exception or a Rust panic escape a call.
@@ -173,6 +186,50 @@ typedef struct dp_plugin_v1 {
 /* The entry point a plugin exports. Returns NULL when it cannot serve a host
  * of `host_abi_version` (the host then reports a version mismatch). */
 typedef const dp_plugin_v1 *(*dp_plugin_entry_fn)(uint32_t host_abi_version);
+
+/* ---- ABI 1.1: optional extensions ----------------------------------------
+ *
+ * Minor versions add optional functions, in a second table returned by an
+ * optional second symbol:
+ *
+ *     const dp_plugin_ext *deepport_plugin_ext(uint32_t host_abi_minor);
+ *
+ * A 1.0 plugin does not export it and loads as before, every extension
+ * absent; a 1.0 host never looks for it. The host reads only the fields that
+ * lie within the table's `struct_size` (a table from an older minor simply
+ * lacks the newer functions), and a NULL function is "not supported". The
+ * plugin may look at `host_abi_minor` (DEEPPORT_PLUGIN_ABI_MINOR of the host)
+ * and return NULL to offer no extensions. Within major version 1,
+ * dp_plugin_v1 only grows by op fields appended at its end.
+ */
+#define DEEPPORT_PLUGIN_ABI_MINOR 1u
+#define DEEPPORT_PLUGIN_EXT_ENTRY "deepport_plugin_ext"
+
+typedef struct dp_plugin_ext {
+  uint32_t abi_minor;   /* DEEPPORT_PLUGIN_ABI_MINOR the plugin was built with */
+  uint32_t struct_size; /* sizeof(dp_plugin_ext) as the plugin was compiled (>= 8) */
+
+  /* 1.1: deferred errors. Non-blocking: DP_OK, or an error that surfaced on
+   * the device since the last call (an index out of range found by a kernel,
+   * a non-finite value, a fault), with its message through last_error. Each
+   * error is reported once. The host calls it after every successful
+   * download and synchronize, so an asynchronous plugin may return DP_OK
+   * from an op and report what its kernels found here, as the host's
+   * contract allows (errors that need device values surface at the next
+   * download or synchronize, never lost). */
+  dp_status (*poll_error)(void *ctx);
+
+  /* 1.1: stream ordering. Makes the context issue every later op, upload and
+   * download on `stream`, the embedding engine's queue (a CUstream,
+   * hipStream_t, sycl::queue *, aclrtStream, … as the plugin documents), so
+   * that they are ordered with the engine's own work on it; NULL restores the
+   * plugin's own stream. `synchronize` still waits for all work of the
+   * context. DP_NOT_SUPPORTED (or a NULL pointer) for a plugin without
+   * streams. */
+  dp_status (*set_stream)(void *ctx, void *stream);
+} dp_plugin_ext;
+
+typedef const dp_plugin_ext *(*dp_plugin_ext_fn)(uint32_t host_abi_minor);
 
 #ifdef __cplusplus
 }

@@ -22,6 +22,13 @@ bool          bool
 Outputs come back the same way: ``run_op`` returns ``{name: array}`` and
 ``{name: dtype name}``; bf16 outputs are uint16 arrays, FP8 ones uint8.
 ``bf16_to_f32`` and ``f32_to_bf16`` convert bf16 bit arrays.
+
+``run_op`` and ``forward`` are one-shot (a backend, an upload, a model
+load per call). An engine keeps state instead: ``Backend`` holds device
+tensors between calls (``Backend.upload``, ``Backend.empty``,
+``Backend.launch`` runs any local op on them, ``DeviceTensor.numpy``
+downloads), and ``Model`` loads a checkpoint once and runs ``prefill`` and
+``decode`` many times on its latent cache.
 """
 
 import numpy as np
@@ -34,6 +41,9 @@ __all__ = [
     "run_op",
     "forward",
     "run_suite",
+    "Backend",
+    "DeviceTensor",
+    "Model",
     "bf16_to_f32",
     "f32_to_bf16",
 ]
@@ -168,3 +178,118 @@ def f32_to_bf16(values):
     nan = np.isnan(np.asarray(values, dtype=np.float32))
     out[nan] = ((v[nan] >> 16) | 0x40).astype(np.uint16)
     return out
+
+
+class DeviceTensor:
+    """A tensor in a backend's memory; made by ``Backend.upload`` or
+    ``Backend.empty``. ``dtype`` is the deepport dtype name."""
+
+    def __init__(self, native):
+        self._t = native
+
+    @property
+    def dtype(self):
+        return self._t.dtype
+
+    @property
+    def shape(self):
+        return tuple(self._t.shape)
+
+    def numpy(self):
+        """Downloads the data (waiting for the ops writing it; a deferred
+        error of the backend is raised here)."""
+        data = self._t.download()
+        return np.frombuffer(data, dtype=_ARRAY[self.dtype]).reshape(self.shape).copy()
+
+    def write(self, array, dtype=None):
+        """Overwrites the tensor with an array of its shape."""
+        _, d, shape, data = _wire("tensor", array, dtype or self.dtype)
+        if d != self.dtype or tuple(shape) != self.shape:
+            raise ValueError(f"a {d} {tuple(shape)} array cannot overwrite a {self.dtype} {self.shape} tensor")
+        self._t.write(data)
+
+    def __repr__(self):
+        return f"DeviceTensor({self.dtype}, {self.shape})"
+
+
+class Backend:
+    """One backend instance (``Backend("cpu")``, ``Backend("wgpu:0")``)
+    whose device tensors live between calls."""
+
+    def __init__(self, spec):
+        self._b = _deepport.Backend(str(spec))
+
+    @property
+    def name(self):
+        return self._b.name
+
+    def upload(self, array, dtype=None):
+        """A device tensor holding ``array`` (``dtype`` names raw-bit
+        formats: ``"bf16"`` for a uint16 array, …)."""
+        _, d, shape, data = _wire("tensor", array, dtype)
+        return DeviceTensor(self._b.upload(d, shape, data))
+
+    def empty(self, shape, dtype="f32"):
+        """An uninitialised device tensor (an op's output)."""
+        if dtype not in _ARRAY:
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return DeviceTensor(self._b.alloc(dtype, [int(x) for x in shape]))
+
+    def launch(self, op, tensors, params=None):
+        """Runs a local op on device tensors of this backend, asynchronously:
+        ``tensors`` maps the op's declared tensor names (``deepport op
+        --help``) to DeviceTensors, outputs included (each of the dtype and
+        shape the op makes; ``copy_window`` updates ``dst`` in place).
+        Nothing is downloaded; errors that need device values surface at the
+        next ``numpy()`` or ``synchronize()``."""
+        ps = []
+        for k, v in (params or {}).items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            ps.append(f"{k}={v}")
+        items = [(n, t._t) for n, t in tensors.items()]
+        self._b.launch(op, items, ",".join(ps))
+
+    def synchronize(self):
+        """Waits for the submitted ops; raises a deferred error."""
+        self._b.synchronize()
+
+
+class Model:
+    """A DeepSeek-V3 model loaded once from a Hugging Face checkpoint
+    directory onto a backend (a name or a ``Backend``), in numerics
+    ``mode`` (f32, bf16, fp8). ``prefill`` and ``decode`` reuse the
+    weights and the latent cache."""
+
+    def __init__(self, backend, checkpoint, mode="f32"):
+        b = backend if isinstance(backend, Backend) else Backend(backend)
+        self.backend = b
+        self._m = _deepport.Model(b._b, str(checkpoint), mode)
+
+    @property
+    def vocab(self):
+        return self._m.vocab
+
+    def prefill(self, tokens):
+        """Runs ``tokens`` from position 0 (replacing the cached sequence);
+        returns float32 logits ``[len(tokens), vocab]``."""
+        tokens = [int(t) for t in tokens]
+        data = self._m.prefill(tokens)
+        return np.frombuffer(data, dtype=np.float32).reshape(len(tokens), self.vocab).copy()
+
+    def decode(self, token):
+        """Appends one token to the cached sequence; returns its float32
+        logits ``[vocab]``."""
+        return np.frombuffer(self._m.decode(int(token)), dtype=np.float32).copy()
+
+    def generate(self, tokens, n):
+        """Prefills ``tokens`` and greedily decodes ``n`` tokens."""
+        logits = self.prefill(tokens)
+        out = []
+        if n > 0:
+            nxt = int(np.argmax(logits[-1]))
+            out.append(nxt)
+            while len(out) < n:
+                nxt = int(np.argmax(self.decode(nxt)))
+                out.append(nxt)
+        return out

@@ -12,6 +12,7 @@ use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
 fn err(e: Error) -> PyErr {
     match e {
@@ -39,6 +40,18 @@ fn dtype(name: &str) -> PyResult<DType> {
 
 fn registry() -> deepport_core::registry::Registry {
     deepport_conformance::registry()
+}
+
+/// A status and message of the C ABI's Rust entries as a Python exception.
+fn status_err((status, msg): (deepport::DeepportStatus, String)) -> PyErr {
+    use deepport::DeepportStatus as S;
+    match status {
+        S::NotSupported => PyNotImplementedError::new_err(msg),
+        S::InvalidArgument | S::Invalid | S::IndexOutOfRange | S::UnknownBackend => {
+            PyValueError::new_err(msg)
+        }
+        _ => PyRuntimeError::new_err(msg),
+    }
 }
 
 /// Every backend of this build: (name, description, available, device or reason).
@@ -176,6 +189,165 @@ fn forward<'py>(
     Ok((PyBytes::new(py, &bytes), v, out))
 }
 
+/// One backend instance (`Backend("cpu")`, `Backend("wgpu:0")`): device
+/// memory and ops on device tensors, kept between calls.
+#[pyclass(name = "Backend", module = "deepport._deepport", frozen)]
+struct PyBackend {
+    inner: Arc<dyn deepport_core::Backend>,
+}
+
+/// A tensor in a backend's memory (made by `Backend.upload`/`alloc`).
+#[pyclass(name = "Tensor", module = "deepport._deepport", frozen)]
+struct PyTensor {
+    inner: Arc<RwLock<deepport_core::Tensor>>,
+    backend: Arc<dyn deepport_core::Backend>,
+}
+
+fn tensor_of(b: &PyBackend, t: deepport_core::Tensor) -> PyTensor {
+    PyTensor {
+        inner: Arc::new(RwLock::new(t)),
+        backend: b.inner.clone(),
+    }
+}
+
+fn busy() -> PyErr {
+    PyRuntimeError::new_err("the tensor is in use by another call")
+}
+
+#[pymethods]
+impl PyBackend {
+    #[new]
+    fn new(spec: &str) -> PyResult<Self> {
+        let b = registry().create(spec).map_err(err)?;
+        Ok(PyBackend {
+            inner: Arc::from(b),
+        })
+    }
+
+    /// The backend's name.
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.name().to_string()
+    }
+
+    /// A new tensor holding `data` (raw little-endian bytes of `dtype`).
+    fn upload(&self, dtype_name: &str, shape: Vec<usize>, data: Vec<u8>) -> PyResult<PyTensor> {
+        let h = HostTensor::from_bytes(dtype(dtype_name)?, &shape, data)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(tensor_of(self, self.inner.upload(&h).map_err(err)?))
+    }
+
+    /// A new uninitialised tensor.
+    fn alloc(&self, dtype_name: &str, shape: Vec<usize>) -> PyResult<PyTensor> {
+        let d = dtype(dtype_name)?;
+        Ok(tensor_of(self, self.inner.alloc(d, &shape).map_err(err)?))
+    }
+
+    /// Waits for the submitted work; raises a deferred error.
+    fn synchronize(&self) -> PyResult<()> {
+        self.inner.synchronize().map_err(err)
+    }
+
+    /// Runs a local op on device tensors (`deepport_op_launch`): `tensors`
+    /// binds declared names to tensors of this backend (outputs included,
+    /// allocated by the caller), `params` is `k=v,k=v`.
+    fn launch(
+        &self,
+        op: &str,
+        tensors: Vec<(String, PyRef<'_, PyTensor>)>,
+        params: &str,
+    ) -> PyResult<()> {
+        let bound: Vec<deepport::launch::Bound<'_>> = tensors
+            .iter()
+            .map(|(n, t)| deepport::launch::Bound {
+                name: n.as_str(),
+                tensor: &t.inner,
+            })
+            .collect();
+        deepport::launch::launch_op(self.inner.as_ref(), op, &bound, params).map_err(status_err)
+    }
+}
+
+#[pymethods]
+impl PyTensor {
+    /// The dtype's name (`f32`, `bf16`, …).
+    #[getter]
+    fn dtype(&self) -> PyResult<String> {
+        let t = self.inner.try_read().map_err(|_| busy())?;
+        Ok(t.dtype().short_name().to_string())
+    }
+
+    #[getter]
+    fn shape(&self) -> PyResult<Vec<usize>> {
+        let t = self.inner.try_read().map_err(|_| busy())?;
+        Ok(t.shape().to_vec())
+    }
+
+    /// The data as bytes (waits for the work writing it; raises a deferred error).
+    fn download<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let t = self.inner.try_read().map_err(|_| busy())?;
+        let h = self.backend.download(&t).map_err(err)?;
+        Ok(PyBytes::new(py, h.bytes()))
+    }
+
+    /// Overwrites the tensor with raw bytes of its size.
+    fn write(&self, data: Vec<u8>) -> PyResult<()> {
+        let mut t = self.inner.try_write().map_err(|_| busy())?;
+        let h = HostTensor::from_bytes(t.dtype(), t.shape(), data)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        self.backend.write(&mut t, &h).map_err(err)
+    }
+}
+
+/// A DeepSeek-V3 model loaded once on a backend; prefill and decode run on
+/// it many times, keeping the weights and the latent cache between calls.
+#[pyclass(name = "Model", module = "deepport._deepport", frozen)]
+struct PyModel {
+    inner: deepport::DeepportModel,
+}
+
+fn f32_bytes<'py>(py: Python<'py>, t: &HostTensor) -> Bound<'py, PyBytes> {
+    let v: Vec<u8> = t
+        .to_f32_vec()
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    PyBytes::new(py, &v)
+}
+
+#[pymethods]
+impl PyModel {
+    #[new]
+    #[pyo3(signature = (backend, checkpoint, mode = "f32"))]
+    fn new(backend: &PyBackend, checkpoint: &str, mode: &str) -> PyResult<Self> {
+        let inner = deepport::DeepportModel::load(
+            backend.inner.clone(),
+            std::path::Path::new(checkpoint),
+            mode,
+        )
+        .map_err(status_err)?;
+        Ok(PyModel { inner })
+    }
+
+    #[getter]
+    fn vocab(&self) -> usize {
+        self.inner.vocab()
+    }
+
+    /// Runs a prompt from position 0 (replacing the cached sequence):
+    /// f32 bytes of the logits `[len(tokens), vocab]`.
+    fn prefill<'py>(&self, py: Python<'py>, tokens: Vec<u32>) -> PyResult<Bound<'py, PyBytes>> {
+        let l = self.inner.prefill(&tokens).map_err(status_err)?;
+        Ok(f32_bytes(py, &l))
+    }
+
+    /// Appends one token to the cached sequence: f32 bytes of its logits `[vocab]`.
+    fn decode<'py>(&self, py: Python<'py>, token: u32) -> PyResult<Bound<'py, PyBytes>> {
+        let l = self.inner.decode(token).map_err(status_err)?;
+        Ok(f32_bytes(py, &l))
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "deepport-run")]
 struct RunCli {
@@ -204,6 +376,9 @@ fn _deepport(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run_op, m)?)?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(run_suite, m)?)?;
+    m.add_class::<PyBackend>()?;
+    m.add_class::<PyTensor>()?;
+    m.add_class::<PyModel>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

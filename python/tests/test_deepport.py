@@ -93,3 +93,69 @@ def test_the_example_plugin_from_python():
     with pytest.raises(NotImplementedError, match="does not support gemm"):
         m = np.zeros((2, 2), dtype=np.float32)
         deepport.run_op(name, "gemm", {"a": m, "b": m})
+
+
+def test_model_loads_once_and_keeps_its_cache():
+    import json
+
+    g = json.load(open(os.path.join(GOLDEN, "tokens.json")))
+    prompt = g[:8]
+    m = deepport.Model("cpu", GOLDEN, mode="f32")
+    assert m.vocab == 1024
+    # The session gives what the one-shot forward gives.
+    want_logits, want = deepport.forward("cpu", GOLDEN, prompt, mode="f32", decode=3)
+    logits = m.prefill(prompt)
+    np.testing.assert_array_equal(logits, want_logits)
+    got = [int(np.argmax(logits[-1]))]
+    while len(got) < 3:
+        got.append(int(np.argmax(m.decode(got[-1]))))
+    assert got == want
+    # Prefill replaces the cached sequence: the same prompt again, the same
+    # continuation, on the same loaded model.
+    assert m.generate(prompt, 3) == want
+    # Decode continues the cache: the prompt plus its first token as a
+    # prefill gives the first decode step's logits.
+    m.prefill(prompt)
+    step = m.decode(want[0])
+    longer = m.prefill(prompt + [want[0]])
+    np.testing.assert_allclose(step, longer[-1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="empty"):
+        m.prefill([])
+
+
+def test_ops_on_device_tensors():
+    b = deepport.Backend("cpu")
+    a = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=np.float32)
+    w = np.array([[1.0, 0.0, 1.0], [0.5, 0.5, 0.5]], dtype=np.float32)
+    ta, tw = b.upload(a), b.upload(w)
+    # Tensors stay on the device between ops: gemm into d, then add d + d.
+    d = b.empty((2, 2), "bf16")
+    b.launch("gemm", {"a": ta, "b": tw, "d": d}, params={"out_dtype": "bf16"})
+    s = b.empty((2, 2), "bf16")
+    d2 = b.empty((2, 2), "bf16")
+    b.launch("copy_window", {"src": d, "dst": d2})
+    b.launch("add", {"a": d, "b": d2, "out": s})
+    assert s.dtype == "bf16" and s.shape == (2, 2)
+    np.testing.assert_array_equal(deepport.bf16_to_f32(s.numpy()), 2 * (a @ w.T))
+    # The same bytes as the one-shot host path.
+    outs, _ = deepport.run_op("cpu", "gemm", {"a": a, "b": w}, params={"out_dtype": "bf16"})
+    np.testing.assert_array_equal(d.numpy(), outs["d"])
+    # Writes and errors.
+    ta.write(2 * a)
+    f = b.empty((2, 2), "f32")
+    b.launch("gemm", {"a": ta, "b": tw, "d": f})
+    np.testing.assert_allclose(f.numpy(), 2 * (a @ w.T))
+    with pytest.raises(ValueError, match="is bf16 \\[2, 2\\], but the op makes f32"):
+        b.launch("gemm", {"a": ta, "b": tw, "d": d})
+    with pytest.raises(ValueError, match="gemm has no tensor `x`"):
+        b.launch("gemm", {"x": ta, "b": tw, "d": f})
+    with pytest.raises(NotImplementedError, match="expert-parallel"):
+        b.launch("dispatch", {"x": ta})
+    other = deepport.Backend("cpu-ref")
+    with pytest.raises(RuntimeError, match="tensor `b`"):
+        b.launch("gemm", {"a": ta, "b": other.upload(w), "d": f})
+    ids = b.upload(np.array([0, 7], dtype=np.int32))
+    e = b.empty((2, 3), "f32")
+    with pytest.raises(ValueError, match="out of range|outside"):
+        b.launch("embedding", {"table": ta, "ids": ids, "out": e})
+        b.synchronize()

@@ -1,4 +1,4 @@
-//! The Rust mirror of `plugin/include/deepport_plugin.h` (ABI version 1).
+//! The Rust mirror of `plugin/include/deepport_plugin.h` (ABI version 1.1).
 //! The test `header_matches` checks that the header lists the same op
 //! fields in the same order.
 
@@ -6,6 +6,10 @@ use std::ffi::{c_char, c_void};
 
 /// `DEEPPORT_PLUGIN_ABI_VERSION`.
 pub const ABI_VERSION: u32 = 1;
+/// `DEEPPORT_PLUGIN_ABI_MINOR`: the extensions this host knows.
+pub const ABI_MINOR: u32 = 1;
+/// `DEEPPORT_PLUGIN_EXT_ENTRY`: the optional symbol of the extensions.
+pub const EXT_ENTRY_SYMBOL: &str = "deepport_plugin_ext";
 /// `DEEPPORT_PLUGIN_ENTRY`.
 pub const ENTRY_SYMBOL: &str = "deepport_plugin_entry";
 /// Dimensions a descriptor may have (`DP_MAX_DIMS`).
@@ -51,6 +55,18 @@ pub type OpFn = unsafe extern "C" fn(
 
 /// `dp_plugin_entry_fn`.
 pub type EntryFn = unsafe extern "C" fn(host_abi_version: u32) -> *const VtableV1;
+
+/// `dp_plugin_ext` (ABI 1.1). Read only within the plugin's `struct_size`.
+#[repr(C)]
+pub struct ExtV1 {
+    pub abi_minor: u32,
+    pub struct_size: u32,
+    pub poll_error: Option<unsafe extern "C" fn(ctx: *mut c_void) -> Status>,
+    pub set_stream: Option<unsafe extern "C" fn(ctx: *mut c_void, stream: *mut c_void) -> Status>,
+}
+
+/// `dp_plugin_ext_fn`.
+pub type ExtEntryFn = unsafe extern "C" fn(host_abi_minor: u32) -> *const ExtV1;
 
 macro_rules! vtable {
     ([] $($kind:ident => $method:ident),* $(,)?) => {

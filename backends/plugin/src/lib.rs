@@ -90,7 +90,9 @@ pub struct Plugin {
     path: PathBuf,
     name: &'static str,
     vendor: String,
-    vt: *const VtableV1,
+    /// The host's copy of the plugin's table (see `load_inner`).
+    vt: Box<VtableV1>,
+    ext: Ext,
     // Last: dropped after everything that points into it. Plugins loaded
     // through `load` are never dropped (their tensors may outlive a run).
     _lib: libloading::Library,
@@ -163,18 +165,35 @@ impl Plugin {
                 ),
             ));
         }
-        let want = std::mem::size_of::<VtableV1>();
+        // The table must hold every field before the ops; op fields beyond
+        // the plugin's struct_size (ops added to deepport after the plugin
+        // was built) are NULL, i.e. NotSupported. The host reads its own
+        // copy of the plugin's prefix, never past the plugin's table.
+        let full = std::mem::size_of::<VtableV1>();
+        let want = std::mem::offset_of!(VtableV1, act_quant);
         if (size as usize) < want {
             return Err(load_err(
                 path,
                 format!(
-                    "its vtable is {size} bytes, this host's dp_plugin_v1 is {want}: \
-                     struct_size must be sizeof(dp_plugin_v1)"
+                    "its vtable is {size} bytes, this host's dp_plugin_v1 needs at least {want} \
+                     (every field before the ops; the whole table is {full}): struct_size \
+                     must be sizeof(dp_plugin_v1)"
                 ),
             ));
         }
-        // SAFETY: abi and size checked: the table is a whole VtableV1.
-        let t = unsafe { &*vt };
+        let mut copy = Box::new(std::mem::MaybeUninit::<VtableV1>::zeroed());
+        // SAFETY: the plugin's table has `size` readable bytes (header
+        // contract); at most `full` are copied into the host's zeroed table,
+        // in which all-zero fields are NULL pointers and `None`s.
+        let copy = unsafe {
+            std::ptr::copy_nonoverlapping(
+                vt.cast::<u8>(),
+                copy.as_mut_ptr().cast::<u8>(),
+                (size as usize).min(full),
+            );
+            Box::from_raw(Box::into_raw(copy).cast::<VtableV1>())
+        };
+        let t = &*copy;
         let missing: Vec<&str> = [
             ("device_count", t.device_count.is_none()),
             ("create", t.create.is_none()),
@@ -213,18 +232,39 @@ impl Plugin {
         }
         // SAFETY: as for the name.
         let vendor = unsafe { read_str(t.vendor) }.unwrap_or_default();
+        let ext = Ext::load(&lib, path)?;
         Ok(Plugin {
             path: path.to_path_buf(),
             name: Box::leak(name.into_boxed_str()),
             vendor,
-            vt,
+            vt: copy,
+            ext,
             _lib: lib,
         })
     }
 
+    /// The ABI 1.1 extensions the plugin offers (`poll_error`,
+    /// `set_stream`), by name; empty for a 1.0 plugin.
+    pub fn extensions(&self) -> Vec<&'static str> {
+        let e = &self.ext;
+        [
+            ("poll_error", e.poll_error.is_some()),
+            ("set_stream", e.set_stream.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, on)| on.then_some(n))
+        .collect()
+    }
+
+    /// The minor ABI version the plugin's extension table says it was
+    /// built with (0: no extensions).
+    pub fn abi_minor(&self) -> u32 {
+        self.ext.minor
+    }
+
     fn vt(&self) -> &VtableV1 {
-        // SAFETY: checked by `load`; lives as long as `self._lib`.
-        unsafe { &*self.vt }
+        // Its function pointers point into `self._lib`, which lives as long.
+        &self.vt
     }
 
     /// The backend name the plugin gives itself.
@@ -352,6 +392,57 @@ impl Plugin {
     }
 }
 
+/// The ABI 1.1 extension functions of a plugin (`None`: absent).
+#[derive(Default)]
+struct Ext {
+    minor: u32,
+    poll_error: Option<unsafe extern "C" fn(ctx: *mut c_void) -> Status>,
+    set_stream: Option<unsafe extern "C" fn(ctx: *mut c_void, stream: *mut c_void) -> Status>,
+}
+
+impl Ext {
+    /// Reads the optional extension table: absent symbol or NULL table =
+    /// no extensions; fields beyond the table's `struct_size` are absent.
+    fn load(lib: &libloading::Library, path: &Path) -> Result<Ext> {
+        // SAFETY: the symbol's type is the header's dp_plugin_ext_fn.
+        let entry: ExtEntryFn = match unsafe { lib.get::<ExtEntryFn>(EXT_ENTRY_SYMBOL.as_bytes()) }
+        {
+            Ok(f) => *f,
+            Err(_) => return Ok(Ext::default()),
+        };
+        // SAFETY: calling the entry point as the header specifies.
+        let e = unsafe { entry(ABI_MINOR) };
+        if e.is_null() {
+            return Ok(Ext::default());
+        }
+        // SAFETY: non-NULL; the two leading u32 fields are read before
+        // anything else, then only fields within `struct_size`.
+        let (minor, size) = unsafe { ((*e).abi_minor, (*e).struct_size as usize) };
+        if size < 8 {
+            return Err(load_err(
+                path,
+                format!(
+                    "its extension table (`{EXT_ENTRY_SYMBOL}`) is {size} bytes;                      struct_size must be sizeof(dp_plugin_ext), at least 8"
+                ),
+            ));
+        }
+        let within = |offset: usize| offset + std::mem::size_of::<usize>() <= size;
+        let mut ext = Ext {
+            minor,
+            ..Ext::default()
+        };
+        if within(std::mem::offset_of!(ExtV1, poll_error)) {
+            // SAFETY: the field lies within the plugin's table.
+            ext.poll_error = unsafe { std::ptr::addr_of!((*e).poll_error).read() };
+        }
+        if within(std::mem::offset_of!(ExtV1, set_stream)) {
+            // SAFETY: as above.
+            ext.set_stream = unsafe { std::ptr::addr_of!((*e).set_stream).read() };
+        }
+        Ok(ext)
+    }
+}
+
 fn status_name(s: Status) -> &'static str {
     match s {
         DP_OK => "DP_OK",
@@ -450,6 +541,68 @@ impl PluginBackend {
 
     fn buf<'t>(&self, t: &'t Tensor) -> Result<&'t Buf> {
         t.storage_for::<Buf>(self.id, &self.label)
+    }
+
+    /// Reports a deferred error of the plugin (`poll_error`, ABI 1.1), once.
+    fn poll(&self) -> Result<()> {
+        let p = self.plugin();
+        let Some(f) = p.ext.poll_error else {
+            return Ok(());
+        };
+        // SAFETY: live context.
+        let s = unsafe { f(self.ctx.raw) };
+        let msg = || p.message(self.ctx.raw);
+        match s {
+            DP_OK => Ok(()),
+            DP_INDEX_OUT_OF_RANGE | DP_NON_FINITE | DP_INVALID_ARGUMENT => Err(Error::invalid(
+                "(deferred)",
+                "(plugin)",
+                format!("{} reported by poll_error: {}", status_name(s), msg()),
+            )),
+            DP_OUT_OF_MEMORY => Err(Error::OutOfMemory {
+                what: format!("{}: (deferred)", self.label),
+                bytes: 0,
+                reason: msg(),
+            }),
+            DP_NOT_SUPPORTED | DP_DEVICE_ERROR => Err(Error::Device {
+                backend: self.label.clone(),
+                msg: format!("deferred error ({}): {}", status_name(s), msg()),
+            }),
+            other => Err(p.bug(format!(
+                "poll_error returned status {other}, which is not a dp_status (0 to 6)"
+            ))),
+        }
+    }
+
+    /// Orders this context's later work on the caller's `stream` (a
+    /// CUstream, hipStream_t, … as the plugin documents; NULL: the plugin's
+    /// own), through the plugin's `set_stream` (ABI 1.1). `NotSupported`
+    /// when the plugin has none.
+    ///
+    /// # Safety
+    /// `stream` is what the plugin documents it accepts, valid as long as
+    /// the plugin may use it.
+    pub unsafe fn set_stream(&self, stream: *mut c_void) -> Result<()> {
+        let p = self.plugin();
+        let Some(f) = p.ext.set_stream else {
+            return Err(Error::not_supported(
+                p.name,
+                "set_stream",
+                "the plugin has no set_stream (ABI 1.1 extension)",
+            ));
+        };
+        guard("set_stream", || {
+            // SAFETY: live context; `stream` by the caller's contract.
+            let s = unsafe { f(self.ctx.raw, stream) };
+            if s == DP_NOT_SUPPORTED {
+                return Err(Error::not_supported(
+                    p.name,
+                    "set_stream",
+                    p.message(self.ctx.raw),
+                ));
+            }
+            p.check(self.ctx.raw, "set_stream", s)
+        })
     }
 
     /// Maps an op's status to a result.
@@ -686,6 +839,7 @@ impl Backend for PluginBackend {
             // SAFETY: `data` has `n` writable bytes; the range lies in the allocation.
             let s = unsafe { f(self.ctx.raw, b.handle, off, data.as_mut_ptr().cast(), n) };
             p.check(self.ctx.raw, "download", s)?;
+            self.poll()?;
             HostTensor::from_bytes(t.dtype(), t.shape(), data)
         })
     }
@@ -720,7 +874,8 @@ impl Backend for PluginBackend {
             let f = p.vt().synchronize.ok_or_else(|| p.bug("no synchronize"))?;
             // SAFETY: live context.
             let s = unsafe { f(self.ctx.raw) };
-            p.check(self.ctx.raw, "synchronize", s)
+            p.check(self.ctx.raw, "synchronize", s)?;
+            self.poll()
         })
     }
 

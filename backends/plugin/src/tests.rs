@@ -175,3 +175,17 @@ fn registry_refuses_a_builtin_name_and_registers_once() {
     assert!(reg.create("example-plugin:1").is_err());
     assert_eq!(reg.devices("example-plugin").unwrap().len(), 1);
 }
+
+#[test]
+fn example_plugin_offers_the_1_1_extensions() {
+    let p = std::sync::Arc::new(Plugin::load(std::path::Path::new(EXAMPLE_PLUGIN)).unwrap());
+    assert_eq!(p.abi_minor(), ffi::ABI_MINOR);
+    assert_eq!(p.extensions(), ["poll_error", "set_stream"]);
+    let b = p.create(None).unwrap();
+    let mut stream = 0u64;
+    // SAFETY: the example plugin only remembers the pointer.
+    unsafe { b.set_stream((&mut stream as *mut u64).cast()) }.unwrap();
+    let x = b.upload(&HostTensor::zeros(DType::F32, &[3])).unwrap();
+    assert_eq!(b.download(&x).unwrap().bytes(), &[0u8; 12]);
+    b.synchronize().unwrap();
+}

@@ -20,7 +20,9 @@ fn build(defect: &str) -> PathBuf {
         .arg("-I")
         .arg(manifest.join("../../plugin/include"))
         .arg(manifest.join("tests/broken.c"));
-    if !defect.is_empty() {
+    if let Some(ext) = defect.strip_prefix("EXT_") {
+        cmd.arg(format!("-DEXT_{ext}"));
+    } else if !defect.is_empty() {
         cmd.arg(format!("-DBROKEN_{defect}"));
     }
     let st = cmd
@@ -99,6 +101,19 @@ fn version_mismatch() {
 fn short_vtable() {
     let e = load_err("SIZE");
     assert!(e.contains("its vtable is 16 bytes"), "{e}");
+}
+
+#[test]
+fn a_table_from_before_newer_ops_loads_without_them() {
+    // A plugin built when the op list ended before `add`: its table is
+    // shorter; the ops it lacks are NotSupported, nothing past it is read.
+    let b = backend("OLD_TABLE");
+    assert!(!b
+        .supports(deepport_core::ops::OpKind::Add, &[DType::F32; 3])
+        .is_supported());
+    let e = run_add(&b).expect_err("add is beyond the table");
+    assert!(e.is_not_supported(), "{e}");
+    b.synchronize().expect("the rest works");
 }
 
 #[test]
@@ -181,4 +196,77 @@ fn not_a_library() {
     std::fs::write(&f, b"this is not an ELF file").expect("write");
     let e = Plugin::load(&f).expect_err("not a library").to_string();
     assert!(e.contains("cannot load the library"), "{e}");
+}
+
+// ---- ABI 1.1 extensions ------------------------------------------------------
+
+fn download_one(b: &dyn Backend) -> deepport_core::Result<HostTensor> {
+    let t = b.upload(&HostTensor::zeros(DType::F32, &[2]))?;
+    b.download(&t)
+}
+
+#[test]
+fn a_plugin_without_extensions_loads_and_lacks_them() {
+    let p = Arc::new(Plugin::load(&build("")).expect("a 1.0 plugin loads"));
+    assert!(p.extensions().is_empty());
+    assert_eq!(p.abi_minor(), 0);
+    let b = p.create(None).expect("creates");
+    download_one(&b).expect("downloads without poll_error");
+    b.synchronize().expect("synchronizes");
+    // SAFETY: NULL is a valid stream argument.
+    let e = unsafe { b.set_stream(std::ptr::null_mut()) }.expect_err("no set_stream");
+    assert!(e.is_not_supported(), "{e}");
+    assert!(e.to_string().contains("no set_stream"), "{e}");
+}
+
+#[test]
+fn a_deferred_error_surfaces_once_at_the_next_download() {
+    let p = Arc::new(Plugin::load(&build("EXT_DEFERRED")).expect("loads"));
+    assert_eq!(p.extensions(), ["poll_error", "set_stream"]);
+    assert_eq!(p.abi_minor(), 1);
+    let b = p.create(None).expect("creates");
+    let e = download_one(&b)
+        .expect_err("the deferred error")
+        .to_string();
+    assert!(
+        e.contains("DP_INDEX_OUT_OF_RANGE reported by poll_error"),
+        "{e}"
+    );
+    assert!(e.contains("broken plugin message"), "{e}");
+    download_one(&b).expect("reported once");
+    b.synchronize().expect("and not again at synchronize");
+    // set_stream answers a garbage status: a clear error.
+    // SAFETY: the test plugin ignores the stream.
+    let e = unsafe { b.set_stream(std::ptr::null_mut()) }.expect_err("status 99");
+    assert!(
+        e.to_string().contains("set_stream returned status 99"),
+        "{e}"
+    );
+}
+
+#[test]
+fn garbage_status_from_poll_error() {
+    let b = backend("EXT_GARBAGE");
+    let e = b.synchronize().expect_err("status 77").to_string();
+    assert!(
+        e.contains("poll_error returned status 77, which is not a dp_status"),
+        "{e}"
+    );
+}
+
+#[test]
+fn extension_tables_short_null_or_broken() {
+    // A NULL table, NULL functions and a table of an older minor (only the
+    // header): no extensions, the plugin works.
+    for v in ["EXT_NULL_TABLE", "EXT_NULL_FUNCTIONS", "EXT_SHORT"] {
+        let p = Arc::new(Plugin::load(&build(v)).expect("loads"));
+        assert!(p.extensions().is_empty(), "{v}: {:?}", p.extensions());
+        let b = p.create(None).expect("creates");
+        download_one(&b).unwrap_or_else(|e| panic!("{v}: {e}"));
+    }
+    let e = load_err("EXT_SIZE");
+    assert!(
+        e.contains("extension table (`deepport_plugin_ext`) is 4 bytes"),
+        "{e}"
+    );
 }

@@ -70,8 +70,10 @@ static const dp_plugin_v1 VT = {
 #else
     .abi_version = DEEPPORT_PLUGIN_ABI_VERSION,
 #endif
-#ifdef BROKEN_SIZE
+#if defined(BROKEN_SIZE)
     .struct_size = 16,
+#elif defined(BROKEN_OLD_TABLE)
+    .struct_size = offsetof(dp_plugin_v1, add), /* built before `add` existed */
 #else
     .struct_size = sizeof(dp_plugin_v1),
 #endif
@@ -108,4 +110,45 @@ const dp_plugin_v1 *deepport_plugin_entry(uint32_t v) {
 }
 #else
 const dp_plugin_v1 *some_other_symbol(uint32_t v) { (void)v; return &VT; }
+#endif
+
+/* ABI 1.1 extensions: absent unless an EXT_* macro asks for them. */
+#if defined(EXT_DEFERRED) || defined(EXT_GARBAGE) || defined(EXT_SIZE) || \
+    defined(EXT_SHORT) || defined(EXT_NULL_TABLE) || defined(EXT_NULL_FUNCTIONS)
+static int pending = 1;
+static dp_status poll_error(void *ctx) {
+  (void)ctx;
+#ifdef EXT_GARBAGE
+  return 77;
+#else
+  if (pending) {
+    pending = 0;
+    return DP_INDEX_OUT_OF_RANGE;
+  }
+  return DP_OK;
+#endif
+}
+static dp_status set_stream(void *ctx, void *s) { (void)ctx; (void)s; return 99; }
+static const dp_plugin_ext EXT = {
+    .abi_minor = DEEPPORT_PLUGIN_ABI_MINOR,
+#if defined(EXT_SIZE)
+    .struct_size = 4,
+#elif defined(EXT_SHORT)
+    .struct_size = 8, /* a table of a minor version before 1.1: no functions */
+#else
+    .struct_size = sizeof(dp_plugin_ext),
+#endif
+#ifndef EXT_NULL_FUNCTIONS
+    .poll_error = poll_error,
+    .set_stream = set_stream,
+#endif
+};
+const dp_plugin_ext *deepport_plugin_ext(uint32_t minor) {
+  (void)minor;
+#ifdef EXT_NULL_TABLE
+  return NULL;
+#else
+  return &EXT;
+#endif
+}
 #endif
