@@ -100,16 +100,118 @@ fn dtype_code(d: DType) -> u64 {
     DType::ALL.iter().position(|&x| x == d).unwrap_or(0xff) as u64
 }
 
+/// A payload tensor to send: rows `order` of `src` (−1: a zero row), or
+/// `src` itself when `order` is `None` (already packed). Packing waits
+/// until the path is known: on the device path (and when the source is
+/// larger than the packed rows) the backend's `gather_rows` packs it on the
+/// device; host-staged, the source is downloaded once and the rows are
+/// packed on the host straight into the buffer that is sent (a token going
+/// to several ranks is downloaded once, not once per rank).
+struct Rows<'t> {
+    src: Src<'t>,
+    order: Option<Vec<i64>>,
+}
+
+enum Src<'t> {
+    Borrowed(&'t Tensor),
+    Owned(Tensor),
+}
+
+impl<'t> Rows<'t> {
+    fn gather(src: &'t Tensor, order: Vec<i64>) -> Self {
+        Rows {
+            src: Src::Borrowed(src),
+            order: Some(order),
+        }
+    }
+    fn gather_owned(src: Tensor, order: Vec<i64>) -> Self {
+        Rows {
+            src: Src::Owned(src),
+            order: Some(order),
+        }
+    }
+    fn packed(src: Tensor) -> Self {
+        Rows {
+            src: Src::Owned(src),
+            order: None,
+        }
+    }
+    fn src(&self) -> &Tensor {
+        match &self.src {
+            Src::Borrowed(t) => t,
+            Src::Owned(t) => t,
+        }
+    }
+    /// The dtype and shape of the packed tensor.
+    fn desc(&self) -> (DType, Vec<usize>) {
+        let t = self.src();
+        let mut shape = t.shape().to_vec();
+        if let (Some(o), Some(rows)) = (&self.order, shape.first_mut()) {
+            *rows = o.len();
+        }
+        (t.dtype(), shape)
+    }
+    /// The packed tensor on the device.
+    fn on_device(self, backend: &dyn Backend) -> Result<Tensor> {
+        match (self.order, self.src) {
+            (Some(o), src) => gather(
+                backend,
+                match &src {
+                    Src::Borrowed(t) => t,
+                    Src::Owned(t) => t,
+                },
+                &o,
+            ),
+            (None, Src::Owned(t)) => Ok(t),
+            (None, Src::Borrowed(t)) => t.view(0, t.shape()),
+        }
+    }
+    /// The packed rows' bytes on the host.
+    fn on_host(self, backend: &dyn Backend, op: &str) -> Result<Vec<u8>> {
+        let src = self.src();
+        let rows = src.shape().first().copied().unwrap_or(1);
+        match &self.order {
+            None => Ok(backend.download(src)?.into_bytes()),
+            Some(order) if rows <= order.len() => {
+                let all = backend.download(src)?.into_bytes();
+                let row = if rows == 0 { 0 } else { all.len() / rows };
+                let mut out = Vec::new();
+                out.try_reserve_exact(order.len() * row).map_err(|_| {
+                    Error::Other(format!(
+                        "{op}: cannot allocate {} bytes for the packed rows",
+                        order.len() * row
+                    ))
+                })?;
+                for &j in order {
+                    if j < 0 {
+                        out.resize(out.len() + row, 0);
+                        continue;
+                    }
+                    let j = j as usize;
+                    let bytes = all.get(j * row..(j + 1) * row).ok_or_else(|| {
+                        Error::Other(format!(
+                            "{op}: internal: row {j} of a payload of {rows} rows"
+                        ))
+                    })?;
+                    out.extend_from_slice(bytes);
+                }
+                Ok(out)
+            }
+            Some(_) => Ok(backend.download(&self.on_device(backend)?)?.into_bytes()),
+        }
+    }
+}
+
 /// What one rank sends in one step.
-struct Outgoing {
+struct Outgoing<'t> {
     /// Parameters every rank must agree on, with their names for messages.
     params: Vec<(&'static str, &'static str, u64)>,
     /// Per destination: the routing records.
     routing: Vec<Vec<u8>>,
     /// Per destination: payload rows.
     rows: Vec<usize>,
-    /// Payload tensors, rows packed in destination order.
-    payloads: Vec<Tensor>,
+    /// Payload tensors, rows in destination order.
+    payloads: Vec<Rows<'t>>,
 }
 
 /// What one rank received in one step.
@@ -153,7 +255,7 @@ fn exchange(
     comm: &dyn Transport,
     op: &'static str,
     tag: Tag,
-    local: Result<Outgoing>,
+    local: Result<Outgoing<'_>>,
 ) -> Result<Incoming> {
     let world = comm.world_size();
     let me = comm.rank();
@@ -170,22 +272,19 @@ fn exchange(
                 out.routing.len()
             )));
         }
-        let descs: Vec<(DType, Vec<usize>)> = out
-            .payloads
-            .iter()
-            .map(|t| (t.dtype(), t.shape().to_vec()))
-            .collect();
-        let staged = match device {
-            Some(_) => Vec::new(),
-            None => std::mem::take(&mut out.payloads)
-                .into_iter()
-                .map(|t| backend.download(&t).map(HostTensor::into_bytes))
-                .collect::<Result<Vec<_>>>()?,
-        };
-        Ok((out, descs, staged))
+        let descs: Vec<(DType, Vec<usize>)> = out.payloads.iter().map(Rows::desc).collect();
+        let mut packed = Vec::new();
+        let mut staged = Vec::new();
+        for p in std::mem::take(&mut out.payloads) {
+            match device {
+                Some(_) => packed.push(p.on_device(backend)?),
+                None => staged.push(p.on_host(backend, op)?),
+            }
+        }
+        Ok((out, descs, packed, staged))
     });
     let send: Vec<Vec<u8>> = match &local {
-        Ok((out, descs, _)) => (0..world)
+        Ok((out, descs, _, _)) => (0..world)
             .map(|dst| {
                 let mut w = Writer::with_capacity(
                     64 + 8 * out.params.len() + out.routing[dst].len() + 8 * descs.len(),
@@ -218,7 +317,7 @@ fn exchange(
     let recv = comm.all_to_all_v(send);
     trace.mark(op, "control exchange");
     // A local failure wins over anything the exchange reports.
-    let (out, descs, staged) = local?;
+    let (out, descs, packed, staged) = local?;
     let recv = recv?;
     if recv.len() != world {
         return Err(comm_err(
@@ -305,7 +404,7 @@ fn exchange(
     let total: usize = inc.rows.iter().sum();
     match device {
         Some(dev) => {
-            for t in &out.payloads {
+            for t in &packed {
                 inc.payloads
                     .push(dev.exchange_rows(backend, t, &out.rows, &inc.rows)?);
             }
@@ -451,10 +550,11 @@ pub fn dispatch(
             }
         }
         let order: Vec<i64> = send_plan.iter().flatten().map(|&t| t as i64).collect();
-        let mut payloads = vec![gather(backend, a.x, &order)?];
+        let mut payloads = Vec::new();
         if let Some(s) = a.x_scales {
-            payloads.push(gather(backend, s, &order)?);
+            payloads.push(Rows::gather(s, order.clone()));
         }
+        payloads.insert(0, Rows::gather(a.x, order));
         let routing = send_plan
             .iter()
             .map(|tokens| {
@@ -586,9 +686,9 @@ pub fn combine(
         let order: Vec<i64> = per_src.iter().flatten().map(|&(i, _)| i as i64).collect();
         let in_order = order.iter().enumerate().all(|(j, &i)| j as i64 == i);
         let packed = if in_order {
-            a.x.view(0, a.x.shape())?
+            Rows::packed(a.x.view(0, a.x.shape())?)
         } else {
-            gather(backend, a.x, &order)?
+            Rows::gather(a.x, order)
         };
         let routing = per_src
             .iter()
@@ -705,9 +805,12 @@ pub fn low_latency_dispatch(
                     },
                 )?;
             }
-            vec![gather(backend, &q, &order)?, gather(backend, &s, &order)?]
+            vec![
+                Rows::gather_owned(q, order.clone()),
+                Rows::gather_owned(s, order),
+            ]
         } else {
-            vec![gather(backend, a.x, &order)?]
+            vec![Rows::gather(a.x, order)]
         };
         let routing = per_dst
             .iter()
@@ -844,7 +947,7 @@ pub fn low_latency_combine(
             .map(|&(_, _, at)| at as i64)
             .collect();
         let flat = a.x.view(0, &[epr * cap, h.hidden])?;
-        let packed = gather(backend, &flat, &order)?;
+        let packed = Rows::gather_owned(flat, order);
         let routing = per_src
             .iter()
             .map(|rows| {
