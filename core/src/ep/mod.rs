@@ -174,7 +174,7 @@ impl<'t> Rows<'t> {
             None => Ok(backend.download(src)?.into_bytes()),
             Some(order) if rows <= order.len() => {
                 let all = backend.download(src)?.into_bytes();
-                let row = if rows == 0 { 0 } else { all.len() / rows };
+                let row = all.len().checked_div(rows).unwrap_or(0);
                 let mut out = Vec::new();
                 out.try_reserve_exact(order.len() * row).map_err(|_| {
                     Error::Other(format!(
