@@ -23,7 +23,12 @@
 //! `all_to_all_v` is two rounds: every rank sends every peer its message
 //! length (8 bytes), then the messages themselves (split into pieces of at
 //! most [`MAX_PIECE`] bytes, so any size fits MPI's `int` counts). A rank
-//! sends nothing to itself through MPI.
+//! sends nothing to itself through MPI. `all_to_all_v_flat` (the payloads
+//! of core's protocol, counts known) is one round, sent straight from the
+//! caller's buffer and received straight into the result, which reuses the
+//! largest buffer handed back ([`Transport::recycle`], or the previous
+//! flat exchange's send buffer) so that a steady stream of steps touches no
+//! fresh pages. Both use one poll loop ([`MpiComm`]'s `round`).
 
 use deepport_core::comm::{check_flat, Transport};
 use deepport_core::{Error, Result};
