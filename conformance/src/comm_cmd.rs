@@ -39,11 +39,21 @@ pub fn with_mpi<T>(
     fields: &[(&str, String)],
     work: impl FnOnce(&dyn Communicator, &dyn Fn()) -> Result<T, CliError>,
 ) -> Result<(usize, usize, T), CliError> {
+    with_mpi_timeout(fields, None, work)
+}
+
+/// [`with_mpi`] with the steady deadline `steady` (e.g. `deepport run
+/// --timeout`) instead of `$DEEPPORT_MPI_TIMEOUT`'s when given.
+pub fn with_mpi_timeout<T>(
+    fields: &[(&str, String)],
+    steady: Option<std::time::Duration>,
+    work: impl FnOnce(&dyn Communicator, &dyn Fn()) -> Result<T, CliError>,
+) -> Result<(usize, usize, T), CliError> {
     #[cfg(feature = "mpi")]
     {
         let comm = deepport_mpi::MpiComm::init().map_err(CliError::Failed)?;
         let (rank, world) = (comm.rank(), comm.world_size());
-        let steady = comm.timeout();
+        let steady = steady.unwrap_or_else(|| comm.timeout());
         let startup = match std::env::var("DEEPPORT_MPI_STARTUP_TIMEOUT") {
             Err(_) => Ok(std::time::Duration::from_secs_f64(
                 DEFAULT_STARTUP_TIMEOUT_S,
@@ -72,7 +82,7 @@ pub fn with_mpi<T>(
     }
     #[cfg(not(feature = "mpi"))]
     {
-        let _ = (fields, work);
+        let _ = (fields, steady, work);
         Err(CliError::usage(
             "--comm mpi: this deepport was built without MPI (build with `cargo build --release --features mpi`)",
         ))

@@ -90,6 +90,8 @@ fn ep_profile_on_2_and_4_ranks_passes() {
                 "ep",
                 "--backend",
                 "cpu",
+                "--timeout",
+                "120",
                 "--report",
                 report.to_str().expect("utf-8 path"),
             ],
@@ -262,4 +264,35 @@ fn ranks_with_different_options_fail_naming_the_option() {
         "{s}"
     );
     assert!(t0.elapsed().as_secs() < 60, "{s}");
+}
+
+#[test]
+fn jobs_are_rejected_and_timeout_is_the_mpi_deadline() {
+    // Rejected before MPI starts: no mpirun needed.
+    let o = deepport()
+        .args(["run", "--comm", "mpi", "--profile", "ep", "--jobs", "2"])
+        .output()
+        .expect("deepport");
+    let s = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{s}");
+    assert!(s.contains("--jobs does not apply"), "{s}");
+    if !have_mpirun() {
+        return;
+    }
+    // Ranks given different --timeout values disagree at start.
+    let exe = env!("CARGO_BIN_EXE_deepport");
+    let run = ["run", "--comm", "mpi", "--profile", "ep", "--timeout"];
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "1", exe])
+        .args(run)
+        .arg("60")
+        .args([":", "-np", "1", exe])
+        .args(run)
+        .arg("90")
+        .current_dir(repo())
+        .output()
+        .expect("mpirun");
+    let s = text(&o);
+    assert!(!o.status.success(), "{s}");
+    assert!(s.contains("`timeout` is \"Some(60.0)\" on rank 0"), "{s}");
 }

@@ -32,6 +32,66 @@ pub trait Transport: Send + Sync {
     /// result's entry `r` is what rank `r` sent here. Collective: every rank
     /// calls it in the same order.
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
+    /// All-to-all of one flat buffer whose counts both sides already know
+    /// (from an earlier exchange): `send` holds the bytes for ranks 0, 1, …
+    /// back to back, `send_counts[r]` of them for rank `r`; the result holds
+    /// the bytes from every rank in rank order, `recv_counts[r]` from rank
+    /// `r`. Collective; the counts must agree pairwise (rank `a`'s
+    /// `send_counts[b]` is rank `b`'s `recv_counts[a]`), and a message of
+    /// another size is an error.
+    ///
+    /// Core's protocol moves host-staged payloads with it. The default goes
+    /// through [`Transport::all_to_all_v`] (copying each message out and
+    /// back); a transport that can send from and receive into one buffer
+    /// (MPI) overrides it and moves each byte once.
+    fn all_to_all_v_flat(
+        &self,
+        send: Vec<u8>,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<u8>> {
+        let (me, world) = (self.rank(), self.world_size());
+        check_flat(me, world, send.len(), send_counts, recv_counts)?;
+        let mut msgs = Vec::with_capacity(world);
+        let mut at = 0;
+        for &n in send_counts {
+            msgs.push(send[at..at + n].to_vec());
+            at += n;
+        }
+        drop(send);
+        let recv = self.all_to_all_v(msgs)?;
+        if recv.len() != world {
+            return Err(Error::Comm {
+                rank: me,
+                msg: format!(
+                    "the transport returned {} messages for {world} ranks",
+                    recv.len()
+                ),
+            });
+        }
+        let mut out = Vec::with_capacity(recv_counts.iter().sum());
+        for (src, (m, &n)) in recv.iter().zip(recv_counts).enumerate() {
+            if m.len() != n {
+                return Err(Error::Comm {
+                    rank: me,
+                    msg: format!(
+                        "rank {src} sent {} payload bytes where {n} were announced",
+                        m.len()
+                    ),
+                });
+            }
+            out.extend_from_slice(m);
+        }
+        Ok(out)
+    }
+    /// Hands back a buffer that [`Transport::all_to_all_v_flat`] returned,
+    /// once its bytes are no longer needed: a transport may receive the
+    /// next exchange into it (memory already mapped: no fresh pages to
+    /// fault in, the way a raw MPI program reuses its buffers). Default:
+    /// dropped.
+    fn recycle(&self, buf: Vec<u8>) {
+        drop(buf);
+    }
     /// Waits until every rank arrives.
     fn barrier(&self) -> Result<()>;
     /// The device path, if this transport has one. Default: none (every
@@ -39,6 +99,41 @@ pub trait Transport: Send + Sync {
     fn device(&self) -> Option<&dyn DeviceExchange> {
         None
     }
+}
+
+/// Checks the arguments of [`Transport::all_to_all_v_flat`] on rank `me`
+/// of `world`: one count per rank, and `send_counts` covering `send_len`.
+pub fn check_flat(
+    me: usize,
+    world: usize,
+    send_len: usize,
+    send_counts: &[usize],
+    recv_counts: &[usize],
+) -> Result<()> {
+    let total = send_counts
+        .iter()
+        .try_fold(0usize, |a, &n| a.checked_add(n));
+    let recv_total = recv_counts
+        .iter()
+        .try_fold(0usize, |a, &n| a.checked_add(n));
+    if send_counts.len() != world
+        || recv_counts.len() != world
+        || total != Some(send_len)
+        || recv_total.is_none()
+        || send_counts.get(me) != recv_counts.get(me)
+    {
+        return Err(Error::Comm {
+            rank: me,
+            msg: format!(
+                "all_to_all_v_flat: {} send and {} receive counts for {world} ranks, \
+                 send counts summing to {total:?} for a buffer of {send_len} bytes \
+                 (and to itself, rank {me} must receive what it sends)",
+                send_counts.len(),
+                recv_counts.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The older name of [`Transport`].

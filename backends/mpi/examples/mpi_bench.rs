@@ -13,9 +13,11 @@
 //! * `dispatch` and `combine` (core's protocol on the `cpu` backend over
 //!   this transport: control messages, packing, the exchange, placing and
 //!   the weighted reduction);
-//! * `all_to_all_v`: the transport alone, on the payload bytes dispatch
-//!   and combine move;
-//! * `MPI_Alltoallv`: a raw blocking `MPI_Alltoallv` on those bytes.
+//! * `all_to_all_v_flat`: the transport alone, on the payload bytes
+//!   dispatch and combine move (the path their payloads take);
+//! * `MPI_Alltoallv`: a raw blocking `MPI_Alltoallv` on those bytes;
+//! * one `memcpy` of the bytes rank 0 sends (what one pass over the rows
+//!   costs: packing and reducing each make at least one).
 //!
 //! Rank 0 prints the median times and the ratio raw / ours (1.0: no
 //! overhead over raw MPI; the target is ≥ 0.8).
@@ -115,6 +117,8 @@ fn main() -> Result<()> {
     let mut sback = vec![0u8; sbuf.len()];
 
     let (mut t_ours, mut t_a2a, mut t_raw) = (Vec::new(), Vec::new(), Vec::new());
+    let mut t_copy = Vec::new();
+    let mut copy_dst = vec![0u8; sbuf.len()];
     for it in 0..iters + 1 {
         // dispatch + combine
         comm.barrier()?;
@@ -144,12 +148,16 @@ fn main() -> Result<()> {
         comm.barrier()?;
         let ours = t0.elapsed().as_secs_f64();
 
-        // The transport alone on the same bytes, both directions.
+        // The transport alone on the same bytes, both directions, on the
+        // path the protocol's payloads take (`all_to_all_v_flat`).
+        let fresh = sbuf.clone();
+        comm.barrier()?;
         let t0 = Instant::now();
-        let sent = comm.all_to_all_v(send_bytes.iter().map(|&n| vec![1u8; n]).collect())?;
-        comm.all_to_all_v(sent)?;
+        let got = comm.all_to_all_v_flat(fresh, &send_bytes, &recv_bytes)?;
+        let back = comm.all_to_all_v_flat(got, &recv_bytes, &send_bytes)?;
         comm.barrier()?;
         let a2a = t0.elapsed().as_secs_f64();
+        comm.recycle(back);
 
         // Raw MPI_Alltoallv on the same bytes, both directions.
         comm.barrier()?;
@@ -158,11 +166,18 @@ fn main() -> Result<()> {
         comm.alltoallv_baseline(&rbuf, &recv_bytes, &mut sback, &send_bytes)?;
         comm.barrier()?;
         let raw = t0.elapsed().as_secs_f64();
+        // One memcpy of the payload sent per direction (buffers already
+        // touched): what one pass over the rows costs on this machine.
+        let t0 = Instant::now();
+        copy_dst.copy_from_slice(std::hint::black_box(&sbuf));
+        std::hint::black_box(&copy_dst);
+        let copy = t0.elapsed().as_secs_f64();
         if it > 0 {
             // The first iteration warms up (allocations, connections).
             t_ours.push(ours);
             t_a2a.push(a2a);
             t_raw.push(raw);
+            t_copy.push(copy);
         }
     }
     if me == 0 {
@@ -172,8 +187,12 @@ fn main() -> Result<()> {
             "ranks {world}, tokens {tokens}, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}: rank 0 sends {mb:.1} MB per direction"
         );
         println!("  dispatch+combine (cpu, deepport-mpi): {:8.2} ms", o * 1e3);
-        println!("  all_to_all_v x2 (deepport-mpi only):  {:8.2} ms", a * 1e3);
+        println!("  all_to_all_v_flat x2 (deepport-mpi):  {:8.2} ms", a * 1e3);
         println!("  MPI_Alltoallv x2 (raw):               {:8.2} ms", r * 1e3);
+        println!(
+            "  one memcpy of the payload:            {:8.2} ms",
+            median(t_copy) * 1e3
+        );
         println!(
             "  ratio raw / dispatch+combine = {:.2}; raw / transport alone = {:.2}",
             r / o,

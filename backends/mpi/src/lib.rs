@@ -23,9 +23,14 @@
 //! `all_to_all_v` is two rounds: every rank sends every peer its message
 //! length (8 bytes), then the messages themselves (split into pieces of at
 //! most [`MAX_PIECE`] bytes, so any size fits MPI's `int` counts). A rank
-//! sends nothing to itself through MPI.
+//! sends nothing to itself through MPI. `all_to_all_v_flat` (the payloads
+//! of core's protocol, counts known) is one round, sent straight from the
+//! caller's buffer and received straight into the result, which reuses the
+//! largest buffer handed back ([`Transport::recycle`], or the previous
+//! flat exchange's send buffer) so that a steady stream of steps touches no
+//! fresh pages. Both use one poll loop ([`MpiComm`]'s `round`).
 
-use deepport_core::comm::Transport;
+use deepport_core::comm::{check_flat, Transport};
 use deepport_core::{Error, Result};
 use mpi::ffi;
 use std::os::raw::{c_int, c_void};
@@ -60,7 +65,19 @@ struct Inner {
     /// Set when a collective timed out or MPI failed: the group can no
     /// longer be used and must abort instead of finalizing.
     broken: Option<String>,
+    /// A buffer to receive the next flat exchange into (see
+    /// [`Transport::recycle`]): the largest handed back so far.
+    spare: Vec<u8>,
     universe: Option<mpi::environment::Universe>,
+}
+
+impl Inner {
+    /// Keeps `buf` as the spare receive buffer if it is larger.
+    fn keep(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > self.spare.capacity() {
+            self.spare = buf;
+        }
+    }
 }
 
 // SAFETY: `MPI_Comm` is a handle (a pointer in Open MPI) that MPI lets any
@@ -144,6 +161,7 @@ impl MpiComm {
                 timeout,
                 seq: 0,
                 broken: None,
+                spare: Vec::new(),
                 universe: Some(universe),
             }),
         })
@@ -255,6 +273,28 @@ impl MpiComm {
         Ok(())
     }
 
+    /// A zeroed buffer of `n` bytes for `what`, or an error (never an abort
+    /// on a size announced by a peer).
+    fn zeroed(&self, n: u64, what: &str) -> Result<Vec<u8>> {
+        let n = usize::try_from(n).map_err(|_| self.err(format!("{what} would need {n} bytes")))?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let fail = || self.err(format!("cannot allocate {n} bytes for {what}"));
+        let layout = std::alloc::Layout::array::<u8>(n).map_err(|_| fail())?;
+        // Zeroed by the allocator (fresh pages from the kernel for a large
+        // buffer: no pass of memset before MPI writes it).
+        // SAFETY: `layout` has a nonzero size (n > 0).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(fail());
+        }
+        // SAFETY: `ptr` was allocated by the global allocator with the
+        // layout of `n` bytes (align 1) and holds `n` initialized (zero)
+        // bytes: exactly what `Vec<u8>` with capacity `n` owns.
+        Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+    }
+
     fn err(&self, msg: String) -> Error {
         Error::Comm {
             rank: self.rank,
@@ -291,17 +331,46 @@ impl MpiComm {
         }
     }
 
-    /// Waits for `reqs` until the deadline. `peer_of[i]` names the rank at
-    /// the other end of request `i` (for the message on timeout).
-    fn wait(
+    /// One round of point-to-point traffic: posts a receive for every
+    /// `(peer, buffer)` of `recvs` and a send for every one of `sends`
+    /// (empty buffers are skipped), then polls them until all completed or
+    /// the deadline passed. On failure the group is broken, and requests may
+    /// still be pending: the caller must leak every buffer it passed.
+    ///
+    /// Polling: `MPI_Test` drives MPI's progress (a large message moves only
+    /// while its ends poll), so the loop spins, yielding the core between
+    /// tests (a rank waiting on an oversubscribed core hands it to the peer
+    /// it waits for), and sleeps between tests only after a second without
+    /// completion (a peer still busy elsewhere, e.g. loading a checkpoint).
+    fn round(
         &self,
         inner: &mut Inner,
-        reqs: &mut [ffi::MPI_Request],
-        peer_of: &[usize],
+        sends: &[(usize, &[u8])],
+        recvs: &mut [(usize, &mut [u8])],
+        tag: c_int,
         what: &str,
         deadline: Instant,
     ) -> Result<()> {
-        let mut spins = 0u32;
+        let comm = inner.comm;
+        let (mut reqs, mut peers) = (Vec::new(), Vec::new());
+        let mut code = 0;
+        for (p, buf) in recvs.iter_mut() {
+            if code == 0 && !buf.is_empty() {
+                code = irecv_pieces(comm, buf, *p, tag, &mut reqs, &mut peers);
+            }
+        }
+        for (p, buf) in sends {
+            if code == 0 && !buf.is_empty() {
+                code = isend_pieces(comm, buf, *p, tag, &mut reqs, &mut peers);
+            }
+        }
+        if code != 0 {
+            let e = format!("MPI error {code} posting messages while {what}");
+            inner.broken = Some(e.clone());
+            return Err(self.err(e));
+        }
+        let start = Instant::now();
+        let mut last = start;
         loop {
             let mut pending = false;
             for r in reqs.iter_mut() {
@@ -311,25 +380,30 @@ impl MpiComm {
                     continue;
                 }
                 let mut flag: c_int = 0;
-                // SAFETY: `r` is a request started by this group on buffers
-                // the caller keeps alive until the request completes (or
-                // leaks on failure); MPI_Test sets it to MPI_REQUEST_NULL
-                // when complete.
+                // SAFETY: `r` is a request started above on buffers the
+                // caller keeps alive until it completes (or leaks on
+                // failure); MPI_Test sets it to MPI_REQUEST_NULL when
+                // complete.
                 let code = unsafe { ffi::MPI_Test(r, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
                 if code != 0 {
                     let e = format!("MPI error {code} while {what}");
                     inner.broken = Some(e.clone());
                     return Err(self.err(e));
                 }
-                pending |= flag == 0;
+                if flag == 0 {
+                    pending = true;
+                } else {
+                    last = Instant::now();
+                }
             }
             if !pending {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 let mut silent: Vec<usize> = reqs
                     .iter()
-                    .zip(peer_of)
+                    .zip(&peers)
                     // SAFETY: as above, a handle comparison.
                     .filter(|(r, _)| **r != unsafe { ffi::RSMPI_REQUEST_NULL })
                     .map(|(_, &p)| p)
@@ -348,17 +422,28 @@ impl MpiComm {
                 inner.broken = Some(e.clone());
                 return Err(self.err(e));
             }
-            // Spin briefly for latency, then back off so oversubscribed
-            // ranks leave the cores to the peers they wait for.
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else if spins < 256 {
+            if now.duration_since(last) < Duration::from_secs(1) {
                 std::thread::yield_now();
             } else {
-                std::thread::sleep(Duration::from_micros(if spins < 2048 { 20 } else { 200 }));
+                std::thread::sleep(Duration::from_micros(200));
             }
         }
+    }
+
+    /// Starts a collective: the lock, the broken check, the deadline and
+    /// this collective's pair of tags.
+    fn begin(&self) -> Result<(std::sync::MutexGuard<'_, Inner>, Instant, c_int)> {
+        let mut guard = self
+            .inner
+            .lock()
+            .map_err(|_| self.err("group lock poisoned".into()))?;
+        if let Some(b) = &guard.broken {
+            return Err(self.err(format!("the MPI group is broken: {b}")));
+        }
+        let deadline = Instant::now() + guard.timeout;
+        guard.seq += 1;
+        let base = (2 * (guard.seq % TAG_SPAN)) as c_int;
+        Ok((guard, deadline, base))
     }
 }
 
@@ -533,18 +618,8 @@ impl Transport for MpiComm {
                 send.len()
             )));
         }
-        let mut guard = self
-            .inner
-            .lock()
-            .map_err(|_| self.err("group lock poisoned".into()))?;
+        let (mut guard, deadline, base) = self.begin()?;
         let inner = &mut *guard;
-        if let Some(b) = &inner.broken {
-            return Err(self.err(format!("the MPI group is broken: {b}")));
-        }
-        let deadline = Instant::now() + inner.timeout;
-        inner.seq += 1;
-        let base = (2 * (inner.seq % TAG_SPAN)) as c_int;
-        let comm = inner.comm;
         let mut recv: Vec<Vec<u8>> = vec![Vec::new(); world];
         recv[me] = std::mem::take(&mut send[me]);
 
@@ -554,30 +629,25 @@ impl Transport for MpiComm {
             .map(|b| (b.len() as u64).to_le_bytes())
             .collect();
         let mut recv_len: Vec<[u8; 8]> = vec![[0u8; 8]; world];
-        let (mut reqs, mut peers) = (Vec::new(), Vec::new());
-        let mut code = 0;
-        for p in (0..world).filter(|&p| p != me) {
-            code = irecv_pieces(comm, &mut recv_len[p], p, base, &mut reqs, &mut peers);
-            if code != 0 {
-                break;
-            }
-            code = isend_pieces(comm, &send_len[p], p, base, &mut reqs, &mut peers);
-            if code != 0 {
-                break;
-            }
-        }
-        let waited = if code != 0 {
-            inner.broken = Some(format!("MPI error {code} posting message lengths"));
-            Err(mpi_err(me, "posting message lengths", code))
-        } else {
-            self.wait(
-                inner,
-                &mut reqs,
-                &peers,
-                "exchanging message lengths",
-                deadline,
-            )
-        };
+        let sends: Vec<(usize, &[u8])> = (0..world)
+            .filter(|&p| p != me)
+            .map(|p| (p, &send_len[p][..]))
+            .collect();
+        let mut recvs: Vec<(usize, &mut [u8])> = recv_len
+            .iter_mut()
+            .enumerate()
+            .filter(|(p, _)| *p != me)
+            .map(|(p, b)| (p, &mut b[..]))
+            .collect();
+        let waited = self.round(
+            inner,
+            &sends,
+            &mut recvs,
+            base,
+            "exchanging message lengths",
+            deadline,
+        );
+        drop((sends, recvs));
         if let Err(e) = waited {
             // Pending requests may still touch these buffers: they are
             // never freed (the broken group aborts the process on drop).
@@ -590,46 +660,98 @@ impl Transport for MpiComm {
         // Round 2: the messages.
         for p in (0..world).filter(|&p| p != me) {
             let n = u64::from_le_bytes(recv_len[p]);
-            let n = usize::try_from(n)
-                .map_err(|_| self.err(format!("rank {p} announces a message of {n} bytes")))?;
-            let mut v = Vec::new();
-            v.try_reserve_exact(n).map_err(|_| {
-                self.err(format!(
-                    "cannot allocate {n} bytes for the message of rank {p}"
-                ))
-            })?;
-            v.resize(n, 0);
-            recv[p] = v;
+            recv[p] = self.zeroed(n, &format!("the message of rank {p}"))?;
         }
-        let (mut reqs, mut peers) = (Vec::new(), Vec::new());
-        let tag = base + 1;
-        let mut code = 0;
-        for p in (0..world).filter(|&p| p != me) {
-            if !recv[p].is_empty() {
-                code = irecv_pieces(comm, &mut recv[p], p, tag, &mut reqs, &mut peers);
-                if code != 0 {
-                    break;
-                }
-            }
-            if !send[p].is_empty() {
-                code = isend_pieces(comm, &send[p], p, tag, &mut reqs, &mut peers);
-                if code != 0 {
-                    break;
-                }
-            }
-        }
-        let waited = if code != 0 {
-            inner.broken = Some(format!("MPI error {code} posting messages"));
-            Err(mpi_err(me, "posting messages", code))
-        } else {
-            self.wait(inner, &mut reqs, &peers, "exchanging messages", deadline)
-        };
+        let sends: Vec<(usize, &[u8])> = (0..world)
+            .filter(|&p| p != me)
+            .map(|p| (p, &send[p][..]))
+            .collect();
+        let mut recvs: Vec<(usize, &mut [u8])> = recv
+            .iter_mut()
+            .enumerate()
+            .filter(|(p, _)| *p != me)
+            .map(|(p, b)| (p, &mut b[..]))
+            .collect();
+        let waited = self.round(
+            inner,
+            &sends,
+            &mut recvs,
+            base + 1,
+            "exchanging messages",
+            deadline,
+        );
+        drop((sends, recvs));
         if let Err(e) = waited {
             std::mem::forget(send);
             std::mem::forget(recv);
             return Err(e);
         }
         Ok(recv)
+    }
+
+    /// One round: the counts are known on both sides, so nothing but the
+    /// payload moves, straight from `send` and into the result.
+    fn all_to_all_v_flat(
+        &self,
+        send: Vec<u8>,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<u8>> {
+        let (world, me) = (self.world, self.rank);
+        check_flat(me, world, send.len(), send_counts, recv_counts)?;
+        let (mut guard, deadline, base) = self.begin()?;
+        let inner = &mut *guard;
+        let total: usize = recv_counts.iter().sum();
+        // Into the spare buffer when it is large enough (its bytes are
+        // initialized; MPI overwrites the first `total`).
+        let mut recv = std::mem::take(&mut inner.spare);
+        if recv.capacity() >= total {
+            if recv.len() >= total {
+                recv.truncate(total);
+            } else {
+                recv.resize(total, 0);
+            }
+        } else {
+            inner.keep(recv);
+            recv = self.zeroed(total as u64, "the received payload")?;
+        }
+        let (mut sends, mut recvs) = (Vec::with_capacity(world), Vec::with_capacity(world));
+        let (mut s_rest, mut r_rest) = (&send[..], &mut recv[..]);
+        for p in 0..world {
+            let (s, s_tail) = s_rest.split_at(send_counts[p]);
+            let (r, r_tail) = r_rest.split_at_mut(recv_counts[p]);
+            (s_rest, r_rest) = (s_tail, r_tail);
+            if p == me {
+                r.copy_from_slice(s);
+            } else {
+                sends.push((p, s));
+                recvs.push((p, r));
+            }
+        }
+        let waited = self.round(
+            inner,
+            &sends,
+            &mut recvs,
+            base,
+            "exchanging the payload",
+            deadline,
+        );
+        drop((sends, recvs));
+        if let Err(e) = waited {
+            // As in `all_to_all_v`: pending requests may touch both.
+            std::mem::forget(send);
+            std::mem::forget(recv);
+            return Err(e);
+        }
+        // The sent rows are no longer needed: the next receive can go there.
+        inner.keep(send);
+        Ok(recv)
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.keep(buf);
+        }
     }
 
     fn barrier(&self) -> Result<()> {

@@ -26,19 +26,28 @@
 //!    once with [`Error::Comm`] naming it instead of waiting for the
 //!    transport's timeout). The payload follows on the transport's device
 //!    path when it [accepts](DeviceExchange::accepts) the backend, else
-//!    inside the control message (host-staged).
+//!    host-staged: downloaded before the control message (a failed download
+//!    is a local failure like any other), then one
+//!    [`all_to_all_v_flat`](Transport::all_to_all_v_flat) per payload
+//!    tensor, straight from the downloaded rows (packed in destination
+//!    order) into the rows to upload (in source order), with the counts
+//!    the control messages announced: no message is built or split.
 //! 3. *Receive*: parse with bounds checks, reject a peer whose parameters
 //!    differ, then place or reduce the rows on the device.
 //!
-//! # Wire format (version 1)
+//! Set `$DEEPPORT_EP_TRACE` to print the time of each phase on stderr.
 //!
-//! Every message: status byte (`0` ok; `1` failed, followed by the UTF-8
-//! error text and nothing else), wire version, op tag, a `staged` byte
-//! (payload inside the message or on the device path), the op's parameters
+//! # Wire format (version 2)
+//!
+//! Every control message: status byte (`0` ok; `1` failed, followed by the
+//! UTF-8 error text and nothing else), wire version, op tag, a `staged`
+//! byte (payload host-staged or on the device path), the op's parameters
 //! as `u64`s (compared field by field with the receiver's own), the
 //! payload row count, the routing section (its length in bytes, then the
-//! op's per-row records, little-endian), and when staged, each payload
-//! tensor's rows for this destination (length, bytes).
+//! op's per-row records, little-endian), and the payload tensors' count
+//! and row sizes in bytes (checked against the receiver's own). Host-staged
+//! payload bytes travel in the flat exchanges that follow, never inside a
+//! control message.
 //!
 //! Routing records: dispatch — source token, k global expert ids (i64), k
 //! weights (f32); combine — source token; low-latency dispatch and combine
@@ -71,7 +80,7 @@ use std::collections::{HashMap, VecDeque};
 use wire::{Reader, Writer};
 
 /// The wire format's version byte.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 const OK: u8 = 0;
 const FAILED: u8 = 1;
@@ -91,16 +100,118 @@ fn dtype_code(d: DType) -> u64 {
     DType::ALL.iter().position(|&x| x == d).unwrap_or(0xff) as u64
 }
 
+/// A payload tensor to send: rows `order` of `src` (−1: a zero row), or
+/// `src` itself when `order` is `None` (already packed). Packing waits
+/// until the path is known: on the device path (and when the source is
+/// larger than the packed rows) the backend's `gather_rows` packs it on the
+/// device; host-staged, the source is downloaded once and the rows are
+/// packed on the host straight into the buffer that is sent (a token going
+/// to several ranks is downloaded once, not once per rank).
+struct Rows<'t> {
+    src: Src<'t>,
+    order: Option<Vec<i64>>,
+}
+
+enum Src<'t> {
+    Borrowed(&'t Tensor),
+    Owned(Tensor),
+}
+
+impl<'t> Rows<'t> {
+    fn gather(src: &'t Tensor, order: Vec<i64>) -> Self {
+        Rows {
+            src: Src::Borrowed(src),
+            order: Some(order),
+        }
+    }
+    fn gather_owned(src: Tensor, order: Vec<i64>) -> Self {
+        Rows {
+            src: Src::Owned(src),
+            order: Some(order),
+        }
+    }
+    fn packed(src: Tensor) -> Self {
+        Rows {
+            src: Src::Owned(src),
+            order: None,
+        }
+    }
+    fn src(&self) -> &Tensor {
+        match &self.src {
+            Src::Borrowed(t) => t,
+            Src::Owned(t) => t,
+        }
+    }
+    /// The dtype and shape of the packed tensor.
+    fn desc(&self) -> (DType, Vec<usize>) {
+        let t = self.src();
+        let mut shape = t.shape().to_vec();
+        if let (Some(o), Some(rows)) = (&self.order, shape.first_mut()) {
+            *rows = o.len();
+        }
+        (t.dtype(), shape)
+    }
+    /// The packed tensor on the device.
+    fn on_device(self, backend: &dyn Backend) -> Result<Tensor> {
+        match (self.order, self.src) {
+            (Some(o), src) => gather(
+                backend,
+                match &src {
+                    Src::Borrowed(t) => t,
+                    Src::Owned(t) => t,
+                },
+                &o,
+            ),
+            (None, Src::Owned(t)) => Ok(t),
+            (None, Src::Borrowed(t)) => t.view(0, t.shape()),
+        }
+    }
+    /// The packed rows' bytes on the host.
+    fn on_host(self, backend: &dyn Backend, op: &str) -> Result<Vec<u8>> {
+        let src = self.src();
+        let rows = src.shape().first().copied().unwrap_or(1);
+        match &self.order {
+            None => Ok(backend.download(src)?.into_bytes()),
+            Some(order) if rows <= order.len() => {
+                let all = backend.download(src)?.into_bytes();
+                let row = all.len().checked_div(rows).unwrap_or(0);
+                let mut out = Vec::new();
+                out.try_reserve_exact(order.len() * row).map_err(|_| {
+                    Error::Other(format!(
+                        "{op}: cannot allocate {} bytes for the packed rows",
+                        order.len() * row
+                    ))
+                })?;
+                for &j in order {
+                    if j < 0 {
+                        out.resize(out.len() + row, 0);
+                        continue;
+                    }
+                    let j = j as usize;
+                    let bytes = all.get(j * row..(j + 1) * row).ok_or_else(|| {
+                        Error::Other(format!(
+                            "{op}: internal: row {j} of a payload of {rows} rows"
+                        ))
+                    })?;
+                    out.extend_from_slice(bytes);
+                }
+                Ok(out)
+            }
+            Some(_) => Ok(backend.download(&self.on_device(backend)?)?.into_bytes()),
+        }
+    }
+}
+
 /// What one rank sends in one step.
-struct Outgoing {
+struct Outgoing<'t> {
     /// Parameters every rank must agree on, with their names for messages.
     params: Vec<(&'static str, &'static str, u64)>,
     /// Per destination: the routing records.
     routing: Vec<Vec<u8>>,
     /// Per destination: payload rows.
     rows: Vec<usize>,
-    /// Payload tensors, rows packed in destination order.
-    payloads: Vec<Tensor>,
+    /// Payload tensors, rows in destination order.
+    payloads: Vec<Rows<'t>>,
 }
 
 /// What one rank received in one step.
@@ -113,6 +224,27 @@ struct Incoming {
     payloads: Vec<Tensor>,
 }
 
+/// Phase timing of the protocol, on stderr, when `$DEEPPORT_EP_TRACE` is
+/// set: each call prints the time since the previous one and restarts it.
+struct Trace(Option<(usize, std::time::Instant)>);
+
+impl Trace {
+    fn start(rank: usize) -> Self {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var_os("DEEPPORT_EP_TRACE").is_some());
+        Trace(on.then(|| (rank, std::time::Instant::now())))
+    }
+    fn mark(&mut self, op: &str, phase: &str) {
+        if let Some((rank, t)) = &mut self.0 {
+            eprintln!(
+                "deepport ep trace: rank {rank} {op} {phase}: {:.2} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            *t = std::time::Instant::now();
+        }
+    }
+}
+
 fn comm_err(rank: usize, msg: String) -> Error {
     Error::Comm { rank, msg }
 }
@@ -123,16 +255,16 @@ fn exchange(
     comm: &dyn Transport,
     op: &'static str,
     tag: Tag,
-    local: Result<Outgoing>,
+    local: Result<Outgoing<'_>>,
 ) -> Result<Incoming> {
     let world = comm.world_size();
     let me = comm.rank();
     let device = comm.device().filter(|d| d.accepts(backend));
-    // Host-staged payload bytes, per payload, downloaded before the exchange
-    // so that a failed download is a local failure peers hear about. Each
-    // copy of the payload is released as soon as the next exists (device
-    // rows → staged bytes → messages → received bytes → device rows): with
-    // DeepEP's shapes a payload is hundreds of megabytes per rank.
+    let mut trace = Trace::start(me);
+    // Host-staged payload bytes, per payload, downloaded before the control
+    // exchange so that a failed download is a local failure peers hear
+    // about. The device rows are released once downloaded: with DeepEP's
+    // shapes a payload is hundreds of megabytes per rank.
     let local = local.and_then(|mut out| {
         if out.routing.len() != world || out.rows.len() != world {
             return Err(Error::Other(format!(
@@ -140,65 +272,52 @@ fn exchange(
                 out.routing.len()
             )));
         }
-        let descs: Vec<(DType, Vec<usize>)> = out
-            .payloads
-            .iter()
-            .map(|t| (t.dtype(), t.shape().to_vec()))
-            .collect();
-        let staged = match device {
-            Some(_) => Vec::new(),
-            None => std::mem::take(&mut out.payloads)
-                .into_iter()
-                .map(|t| backend.download(&t).map(HostTensor::into_bytes))
-                .collect::<Result<Vec<_>>>()?,
-        };
-        Ok((out, descs, staged))
+        let descs: Vec<(DType, Vec<usize>)> = out.payloads.iter().map(Rows::desc).collect();
+        let mut packed = Vec::new();
+        let mut staged = Vec::new();
+        for p in std::mem::take(&mut out.payloads) {
+            match device {
+                Some(_) => packed.push(p.on_device(backend)?),
+                None => staged.push(p.on_host(backend, op)?),
+            }
+        }
+        Ok((out, descs, packed, staged))
     });
     let send: Vec<Vec<u8>> = match &local {
-        Ok((out, descs, staged)) => {
-            let mut first_row = 0usize;
-            (0..world)
-                .map(|dst| {
-                    let payload: usize = descs
-                        .iter()
-                        .map(|(dtype, shape)| 8 + out.rows[dst] * desc_row_bytes(*dtype, shape))
-                        .sum();
-                    let mut w = Writer::with_capacity(
-                        64 + 8 * out.params.len() + out.routing[dst].len() + payload,
-                    );
-                    w.u8(OK);
-                    w.u8(WIRE_VERSION);
-                    w.u8(tag as u8);
-                    w.u8(device.is_none() as u8);
-                    w.usize(out.params.len());
-                    for &(_, _, v) in &out.params {
-                        w.u64(v);
-                    }
-                    w.usize(out.rows[dst]);
-                    w.usize(out.routing[dst].len());
-                    w.bytes(&out.routing[dst]);
-                    for ((dtype, shape), bytes) in descs.iter().zip(staged) {
-                        let row = desc_row_bytes(*dtype, shape);
-                        let (a, b) = (first_row * row, (first_row + out.rows[dst]) * row);
-                        w.usize(b - a);
-                        w.bytes(&bytes[a..b]);
-                    }
-                    first_row += out.rows[dst];
-                    w.0
-                })
-                .collect()
-        }
+        Ok((out, descs, _, _)) => (0..world)
+            .map(|dst| {
+                let mut w = Writer::with_capacity(
+                    64 + 8 * out.params.len() + out.routing[dst].len() + 8 * descs.len(),
+                );
+                w.u8(OK);
+                w.u8(WIRE_VERSION);
+                w.u8(tag as u8);
+                w.u8(device.is_none() as u8);
+                w.usize(out.params.len());
+                for &(_, _, v) in &out.params {
+                    w.u64(v);
+                }
+                w.usize(out.rows[dst]);
+                w.usize(out.routing[dst].len());
+                w.bytes(&out.routing[dst]);
+                w.usize(descs.len());
+                for (dtype, shape) in descs {
+                    w.usize(desc_row_bytes(*dtype, shape));
+                }
+                w.0
+            })
+            .collect(),
         Err(e) => {
             let mut v = vec![FAILED];
             v.extend_from_slice(e.to_string().as_bytes());
             vec![v; world]
         }
     };
-    // The messages hold the rows now.
-    let local = local.map(|(out, descs, _staged)| (out, descs));
+    trace.mark(op, "download");
     let recv = comm.all_to_all_v(send);
+    trace.mark(op, "control exchange");
     // A local failure wins over anything the exchange reports.
-    let (out, descs) = local?;
+    let (out, descs, packed, staged) = local?;
     let recv = recv?;
     if recv.len() != world {
         return Err(comm_err(
@@ -214,8 +333,6 @@ fn exchange(
         rows: Vec::with_capacity(world),
         payloads: Vec::new(),
     };
-    // Where each message holds each payload: (offset, bytes).
-    let mut pieces: Vec<Vec<(usize, usize)>> = Vec::with_capacity(world);
     for (src, buf) in recv.iter().enumerate() {
         let mut rd = Reader::new(op, me, src, buf);
         match rd.u8()? {
@@ -273,53 +390,50 @@ fn exchange(
         let rlen = rd.count(1)?;
         inc.routing.push(rd.take(rlen)?.to_vec());
         inc.rows.push(rows);
-        let mut at = Vec::new();
-        if staged {
-            for (dtype, shape) in &descs {
-                let n = rd.count(1)?;
-                if rows.checked_mul(desc_row_bytes(*dtype, shape)) != Some(n) {
-                    return Err(rd.malformed("payload size does not match its row count"));
-                }
-                at.push((rd.pos(), n));
-                rd.take(n)?;
+        if rd.count(8)? != descs.len() {
+            return Err(rd.malformed("payload count"));
+        }
+        for (dtype, shape) in &descs {
+            if rd.usize()? != desc_row_bytes(*dtype, shape) {
+                return Err(rd.malformed("payload row size"));
             }
         }
         rd.finish()?;
-        pieces.push(at);
     }
-    // The received rows of each payload, concatenated in rank order, each
-    // message dropped once copied (sizes reserved exactly: no regrowth).
-    let mut staged_bytes: Vec<Vec<u8>> = Vec::with_capacity(descs.len());
-    for p in 0..descs.len() {
-        let n: usize = pieces.iter().filter_map(|at| at.get(p)).map(|a| a.1).sum();
-        let mut v = Vec::new();
-        v.try_reserve_exact(n).map_err(|_| {
-            comm_err(
-                me,
-                format!("{op}: cannot allocate {n} bytes for the received rows"),
-            )
-        })?;
-        staged_bytes.push(v);
-    }
-    for (buf, at) in recv.into_iter().zip(&pieces) {
-        for (acc, &(off, n)) in staged_bytes.iter_mut().zip(at) {
-            acc.extend_from_slice(&buf[off..off + n]);
-        }
-    }
+    drop(recv);
     let total: usize = inc.rows.iter().sum();
     match device {
         Some(dev) => {
-            for t in &out.payloads {
+            for t in &packed {
                 inc.payloads
                     .push(dev.exchange_rows(backend, t, &out.rows, &inc.rows)?);
             }
         }
         None => {
-            for ((dtype, shape), bytes) in descs.iter().zip(staged_bytes) {
+            // One flat exchange per payload, from the downloaded bytes
+            // (already packed in destination order) into the bytes to
+            // upload (arriving in source order).
+            for ((dtype, shape), bytes) in descs.iter().zip(staged) {
+                let row = desc_row_bytes(*dtype, shape);
+                let counts = |rows: &[usize]| -> Result<Vec<usize>> {
+                    rows.iter()
+                        .map(|&r| {
+                            r.checked_mul(row).ok_or_else(|| {
+                                comm_err(me, format!("{op}: {r} rows of {row} bytes overflow"))
+                            })
+                        })
+                        .collect()
+                };
+                trace.mark(op, "parse");
+                let got =
+                    comm.all_to_all_v_flat(bytes, &counts(&out.rows)?, &counts(&inc.rows)?)?;
+                trace.mark(op, "payload exchange");
                 let mut shape = shape.clone();
                 shape[0] = total;
-                inc.payloads
-                    .push(backend.upload(&HostTensor::from_bytes(*dtype, &shape, bytes)?)?);
+                let host = HostTensor::from_bytes(*dtype, &shape, got)?;
+                inc.payloads.push(backend.upload(&host)?);
+                comm.recycle(host.into_bytes());
+                trace.mark(op, "upload");
             }
         }
     }
@@ -418,6 +532,7 @@ pub fn dispatch(
     let (world, me) = (comm.world_size(), comm.rank());
     let (n, hidden, k, e) = (d.tokens, d.hidden, d.topk, d.num_experts);
     let has_scales = a.x_scales.is_some();
+    let mut trace = Trace::start(me);
     let mut send_plan = vec![Vec::new(); world];
     let local = (|| {
         let epr = experts_per_rank(OP, e, world)?;
@@ -435,10 +550,11 @@ pub fn dispatch(
             }
         }
         let order: Vec<i64> = send_plan.iter().flatten().map(|&t| t as i64).collect();
-        let mut payloads = vec![gather(backend, a.x, &order)?];
+        let mut payloads = Vec::new();
         if let Some(s) = a.x_scales {
-            payloads.push(gather(backend, s, &order)?);
+            payloads.push(Rows::gather(s, order.clone()));
         }
+        payloads.insert(0, Rows::gather(a.x, order));
         let routing = send_plan
             .iter()
             .map(|tokens| {
@@ -468,7 +584,9 @@ pub fn dispatch(
             payloads,
         })
     })();
+    trace.mark(OP, "plan and pack");
     let inc = exchange(backend, comm, OP, Tag::Dispatch, local)?;
+    trace.mark(OP, "exchange");
     let epr = e / world;
     let (lo, hi) = ((me * epr) as i64, ((me + 1) * epr) as i64);
     let mut recv_src = Vec::new();
@@ -508,7 +626,13 @@ pub fn dispatch(
         recv_scales,
         recv_topk_idx: backend.upload(&HostTensor::from_i64(&[m, k], &r_idx))?,
         recv_topk_weights: backend.upload(&HostTensor::from_f32(DType::F32, &[m, k], &r_w))?,
-        num_recv_tokens_per_expert: counts.iter().map(|c| c.div_ceil(align) * align).collect(),
+        num_recv_tokens_per_expert: {
+            trace.mark(OP, "receive");
+            counts
+        }
+        .iter()
+        .map(|c| c.div_ceil(align) * align)
+        .collect(),
         handle: DispatchHandle {
             rank: me,
             world_size: world,
@@ -533,6 +657,7 @@ pub fn combine(
     let (n, hidden) = (d.tokens, d.hidden);
     let (world, me) = (comm.world_size(), comm.rank());
     let h = a.handle;
+    let mut trace = Trace::start(me);
     let local = (|| {
         check_handle(OP, comm, h.rank, h.world_size)?;
         if h.send_plan.len() != world {
@@ -561,9 +686,9 @@ pub fn combine(
         let order: Vec<i64> = per_src.iter().flatten().map(|&(i, _)| i as i64).collect();
         let in_order = order.iter().enumerate().all(|(j, &i)| j as i64 == i);
         let packed = if in_order {
-            a.x.view(0, a.x.shape())?
+            Rows::packed(a.x.view(0, a.x.shape())?)
         } else {
-            gather(backend, a.x, &order)?
+            Rows::gather(a.x, order)
         };
         let routing = per_src
             .iter()
@@ -585,7 +710,9 @@ pub fn combine(
             payloads: vec![packed],
         })
     })();
+    trace.mark(OP, "plan and pack");
     let inc = exchange(backend, comm, OP, Tag::Combine, local)?;
+    trace.mark(OP, "exchange");
     // index[t, r]: the received row that rank r returned for token t.
     let mut index = vec![-1i64; n * world];
     let mut pos = 0usize;
@@ -621,6 +748,7 @@ pub fn combine(
     }
     let (recv, _) = rows_and_scales(OP, inc.payloads)?;
     let index = backend.upload(&HostTensor::from_i64(&[n, world], &index))?;
+    trace.mark(OP, "receive");
     run(
         backend,
         ReduceRows {
@@ -629,7 +757,9 @@ pub fn combine(
             weights: None,
             out: a.out,
         },
-    )
+    )?;
+    trace.mark(OP, "reduce");
+    Ok(())
 }
 
 // ---- low-latency dispatch / combine ---------------------------------------------
@@ -675,9 +805,12 @@ pub fn low_latency_dispatch(
                     },
                 )?;
             }
-            vec![gather(backend, &q, &order)?, gather(backend, &s, &order)?]
+            vec![
+                Rows::gather_owned(q, order.clone()),
+                Rows::gather_owned(s, order),
+            ]
         } else {
-            vec![gather(backend, a.x, &order)?]
+            vec![Rows::gather(a.x, order)]
         };
         let routing = per_dst
             .iter()
@@ -814,7 +947,7 @@ pub fn low_latency_combine(
             .map(|&(_, _, at)| at as i64)
             .collect();
         let flat = a.x.view(0, &[epr * cap, h.hidden])?;
-        let packed = gather(backend, &flat, &order)?;
+        let packed = Rows::gather_owned(flat, order);
         let routing = per_src
             .iter()
             .map(|rows| {

@@ -107,10 +107,6 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
-    /// Bytes read so far.
-    pub(crate) fn pos(&self) -> usize {
-        self.pos
-    }
     pub(crate) fn finish(&self) -> Result<()> {
         if self.pos == self.buf.len() {
             Ok(())

@@ -164,6 +164,17 @@ pub fn run_main(args: RunArgs) -> ExitCode {
     if args.backend.len() > 1 {
         return fail(EXIT_USAGE, "--comm mpi judges one --backend at a time");
     }
+    if args.jobs != 1 {
+        return fail(
+            EXIT_USAGE,
+            "--comm mpi runs one case at a time on every rank (each case is a sequence of collectives over the whole MPI job): --jobs does not apply",
+        );
+    }
+    // --timeout bounds each collective of a case (the MPI deadline): a
+    // rank that is slower than that between two collectives, dead or
+    // silent makes every rank fail, and the job ends (a broken MPI group
+    // cannot run the next case, unlike a Timeout on in-process ranks).
+    let timeout = args.timeout.map(std::time::Duration::from_secs_f64);
     let backend_name = args
         .backend
         .first()
@@ -187,10 +198,11 @@ pub fn run_main(args: RunArgs) -> ExitCode {
         ("backend", backend_name.clone()),
         ("profile", profile.clone()),
         ("cases", crate::comm_cmd::digest(&ids.join("\n"))),
+        ("timeout", format!("{:?}", args.timeout)),
     ];
     let t0 = Instant::now();
     let started = super::utc_now();
-    let run = crate::comm_cmd::with_mpi(&fields, |comm, started| {
+    let run = crate::comm_cmd::with_mpi_timeout(&fields, timeout, |comm, started| {
         // Nothing to load: the steady deadline from the first case on.
         started();
         let world = comm.world_size();
