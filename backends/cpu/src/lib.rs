@@ -24,6 +24,7 @@ mod ep;
 pub mod fast;
 mod grouped;
 mod mla;
+mod sparse;
 #[allow(unsafe_code)]
 pub mod peak;
 #[doc(hidden)]
@@ -184,6 +185,7 @@ mod kernels {
     pub(crate) use crate::ep::get_dispatch_layout;
     pub(crate) use crate::grouped::{gemm_grouped_contiguous, gemm_grouped_masked};
     pub(crate) use crate::mla::*;
+    pub(crate) use crate::sparse::*;
 }
 
 /// Every local op, forwarded to its reference kernel.

@@ -774,6 +774,7 @@ fn rms_norm(rng: &mut Rng) {
 
 fn rope(rng: &mut Rng) {
     let yarn = RopeConfig {
+        layout: Default::default(),
         theta: 10000.0,
         yarn: Some(Yarn {
             factor: 40.0,
