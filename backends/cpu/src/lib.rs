@@ -24,11 +24,11 @@ mod ep;
 pub mod fast;
 mod grouped;
 mod mla;
-mod sparse;
 #[allow(unsafe_code)]
 pub mod peak;
 #[doc(hidden)]
 pub mod scalar;
+mod sparse;
 pub mod util;
 
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Storage, Support, Tensor};

@@ -1007,15 +1007,30 @@ fn get_dispatch_layout(rng: &mut Rng) {
 // ---- DeepSeek-V3.2 sparse ops ----------------------------------------------------
 
 fn indexer_logits(rng: &mut Rng) {
-    for &(b, next_n, h, d, block) in &[(2usize, 1usize, 3usize, 16usize, 5usize), (3, 2, 4, 128, 64)] {
-        let lens: Vec<i64> = (0..b).map(|i| if i == 0 { 0 } else { 1 + rng.below(3 * block) as i64 }).collect();
+    for &(b, next_n, h, d, block) in &[
+        (2usize, 1usize, 3usize, 16usize, 5usize),
+        (3, 2, 4, 128, 64),
+    ] {
+        let lens: Vec<i64> = (0..b)
+            .map(|i| {
+                if i == 0 {
+                    0
+                } else {
+                    1 + rng.below(3 * block) as i64
+                }
+            })
+            .collect();
         let max_blocks = 4;
         let nb = b * max_blocks + 1;
         let mut table: Vec<i64> = (0..nb as i64).collect();
         table.rotate_left(1);
         let table = &table[..b * max_blocks];
         let q = rng.fp8(DType::F8E4M3, &[b, next_n, h, d], false);
-        let w = f32h(DType::F32, &[b * next_n, h], &rng.vals(b * next_n * h, 1.0, false));
+        let w = f32h(
+            DType::F32,
+            &[b * next_n, h],
+            &rng.vals(b * next_n * h, 1.0, false),
+        );
         let mut cache = rng.raw(DType::U8, &[nb, block, d + 4]).bytes().to_vec();
         let sc = rng.scales(nb * block, false);
         for blk in 0..nb {
@@ -1027,29 +1042,40 @@ fn indexer_logits(rng: &mut Rng) {
         let cache = HostTensor::from_bytes(DType::U8, &[nb, block, d + 4], cache).unwrap();
         let lt = idx(DType::I32, &[b], &lens);
         let tt = idx(DType::I32, &[b, max_blocks], table);
-        check(&format!("indexer_logits b={b} next_n={next_n} d={d}"), |be| {
-            let (qt, wt, ct, l, t) = (up(be, &q), up(be, &w), up(be, &cache), up(be, &lt), up(be, &tt));
-            let mut o = be.alloc(DType::F32, &[b * next_n, max_blocks * block])?;
-            ops::run(
-                be,
-                IndexerLogits {
-                    q: &qt,
-                    weights: &wt,
-                    kv_cache: &ct,
-                    context_lens: &l,
-                    block_table: &t,
-                    logits: &mut o,
-                },
-            )?;
-            Ok(vec![("logits", down(be, &o))])
-        });
+        check(
+            &format!("indexer_logits b={b} next_n={next_n} d={d}"),
+            |be| {
+                let (qt, wt, ct, l, t) = (
+                    up(be, &q),
+                    up(be, &w),
+                    up(be, &cache),
+                    up(be, &lt),
+                    up(be, &tt),
+                );
+                let mut o = be.alloc(DType::F32, &[b * next_n, max_blocks * block])?;
+                ops::run(
+                    be,
+                    IndexerLogits {
+                        q: &qt,
+                        weights: &wt,
+                        kv_cache: &ct,
+                        context_lens: &l,
+                        block_table: &t,
+                        logits: &mut o,
+                    },
+                )?;
+                Ok(vec![("logits", down(be, &o))])
+            },
+        );
     }
 }
 
 fn indexer_topk(rng: &mut Rng) {
     for &(rows, n, topk) in &[(3usize, 20usize, 8usize), (4, 9, 16)] {
         let mut v = rng.vals(rows * n, 2.0, true);
-        v.iter_mut().step_by(3).for_each(|x| *x = (*x * 2.0).round());
+        v.iter_mut()
+            .step_by(3)
+            .for_each(|x| *x = (*x * 2.0).round());
         let l = f32h(DType::F32, &[rows, n], &v);
         let lens: Vec<i64> = (0..rows).map(|_| rng.below(n + 1) as i64).collect();
         let lt = idx(DType::I32, &[rows], &lens);
@@ -1070,13 +1096,17 @@ fn indexer_topk(rng: &mut Rng) {
 }
 
 fn sparse_mla_decode(rng: &mut Rng) {
-    for (i, &(b, s_q, h_q, topk, block)) in [(2usize, 1usize, 3usize, 6usize, 5usize), (1, 2, 2, 9, 3)]
-        .iter()
-        .enumerate()
+    for (i, &(b, s_q, h_q, topk, block)) in
+        [(2usize, 1usize, 3usize, 6usize, 5usize), (1, 2, 2, 9, 3)]
+            .iter()
+            .enumerate()
     {
         let nb = 4;
         let slots = nb * block;
-        let mut cache = rng.raw(DType::U8, &[nb, block, V32_TOKEN_BYTES]).bytes().to_vec();
+        let mut cache = rng
+            .raw(DType::U8, &[nb, block, V32_TOKEN_BYTES])
+            .bytes()
+            .to_vec();
         for t in cache.chunks_mut(V32_TOKEN_BYTES) {
             for c in t[..V32_NOPE].iter_mut() {
                 if *c & 0x7f == 0x7f {
@@ -1092,18 +1122,48 @@ fn sparse_mla_decode(rng: &mut Rng) {
                 t[528 + 2 * r..528 + 2 * r + 2].copy_from_slice(&v);
             }
         }
-        let cache = HostTensor::from_bytes(DType::U8, &[nb, block, V32_TOKEN_BYTES], cache).unwrap();
+        let cache =
+            HostTensor::from_bytes(DType::U8, &[nb, block, V32_TOKEN_BYTES], cache).unwrap();
         let ind: Vec<i64> = (0..b * s_q * topk)
-            .map(|_| if rng.below(4) == 0 { -1 } else { rng.below(slots) as i64 })
+            .map(|_| {
+                if rng.below(4) == 0 {
+                    -1
+                } else {
+                    rng.below(slots) as i64
+                }
+            })
             .collect();
         let it = idx(DType::I32, &[b, s_q, topk], &ind);
         let dt = ACT[i % 2];
-        let q = f32h(dt, &[b, s_q, h_q, V32_D], &rng.vals(b * s_q * h_q * V32_D, 0.3, false));
+        let q = f32h(
+            dt,
+            &[b, s_q, h_q, V32_D],
+            &rng.vals(b * s_q * h_q * V32_D, 0.3, false),
+        );
         let sink = f32h(DType::F32, &[h_q], &rng.vals(h_q, 2.0, false));
-        let tl = idx(DType::I32, &[b], &(0..b).map(|_| rng.below(topk + 1) as i64).collect::<Vec<_>>());
+        let tl = idx(
+            DType::I32,
+            &[b],
+            &(0..b)
+                .map(|_| rng.below(topk + 1) as i64)
+                .collect::<Vec<_>>(),
+        );
         check(&format!("sparse_mla_decode b={b} s_q={s_q}"), |be| {
-            let (qt, ct, ix, st, lt) = (up(be, &q), up(be, &cache), up(be, &it), up(be, &sink), up(be, &tl));
-            let mut o = be.alloc(if dt == DType::BF16 { DType::BF16 } else { DType::F32 }, &[b, s_q, h_q, V32_NOPE])?;
+            let (qt, ct, ix, st, lt) = (
+                up(be, &q),
+                up(be, &cache),
+                up(be, &it),
+                up(be, &sink),
+                up(be, &tl),
+            );
+            let mut o = be.alloc(
+                if dt == DType::BF16 {
+                    DType::BF16
+                } else {
+                    DType::F32
+                },
+                &[b, s_q, h_q, V32_NOPE],
+            )?;
             let mut l = be.alloc(DType::F32, &[b, h_q, s_q])?;
             ops::run(
                 be,
@@ -1138,7 +1198,11 @@ fn cache_quant(rng: &mut Rng) {
     .iter()
     .enumerate()
     {
-        let d = if layout == CacheLayout::Latent { V32_D } else { 128 };
+        let d = if layout == CacheLayout::Latent {
+            V32_D
+        } else {
+            128
+        };
         let dt = ACT[i % 3];
         let mut v = rng.wide(nb * bs * d);
         v[..d].iter_mut().for_each(|x| *x = 0.0);

@@ -35,7 +35,10 @@ none!(
 
 impl PluginParams for IndexerTopk<'_> {
     fn params(&self) -> Params {
-        vec![(c"topk", self.indices.shape().get(1).copied().unwrap_or(0) as f64)]
+        vec![(
+            c"topk",
+            self.indices.shape().get(1).copied().unwrap_or(0) as f64,
+        )]
     }
 }
 
@@ -51,7 +54,10 @@ impl PluginParams for CacheQuant<'_> {
             CacheLayout::Index => 0.0,
             CacheLayout::Latent => 1.0,
         };
-        vec![(c"layout", layout), (c"ue8m0", if self.ue8m0 { 1.0 } else { 0.0 })]
+        vec![
+            (c"layout", layout),
+            (c"ue8m0", if self.ue8m0 { 1.0 } else { 0.0 }),
+        ]
     }
 }
 

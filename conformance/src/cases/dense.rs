@@ -463,7 +463,10 @@ fn build_rope(spec: &CaseSpec) -> Result<Case, String> {
         ("beta_fast", Arg::Float(p.float("beta_fast")?)),
         ("beta_slow", Arg::Float(p.float("beta_slow")?)),
         ("original_max_position_embeddings", Arg::Int(p.int("l0")?)),
-        ("layout", Arg::Text(p.opt_text("layout")?.unwrap_or("interleaved"))),
+        (
+            "layout",
+            Arg::Text(p.opt_text("layout")?.unwrap_or("interleaved")),
+        ),
     ];
     op_case(
         spec,

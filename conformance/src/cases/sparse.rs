@@ -189,7 +189,12 @@ fn build_logits(spec: &CaseSpec) -> Result<Case, String> {
         cache[at..at + 4].copy_from_slice(&s.to_le_bytes());
     }
     let q = gen::fp8(&mut rng, DType::F8E4M3, &[b, next_n, h, d]);
-    let weights = gen::normal(&mut rng, DType::F32, &[b * next_n, h], (h as f32).powf(-0.5));
+    let weights = gen::normal(
+        &mut rng,
+        DType::F32,
+        &[b * next_n, h],
+        (h as f32).powf(-0.5),
+    );
     let lens_i: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
     op_case(
         spec,
@@ -264,7 +269,13 @@ fn tie_bands(logits: &[f32], n: usize, lens: &[usize], topk: usize) -> Vec<Vec<i
 /// Judges `indices` as sets per row: the same number of −1 slots, distinct
 /// positions, and the same set as the reference except for swaps inside
 /// the row's near-tie band (reported, not failed).
-fn judge_topk(bands: &[Vec<i64>], name: &str, t: &Tolerance, a: &Outputs, r: &Outputs) -> Vec<Check> {
+fn judge_topk(
+    bands: &[Vec<i64>],
+    name: &str,
+    t: &Tolerance,
+    a: &Outputs,
+    r: &Outputs,
+) -> Vec<Check> {
     let metric = format!("{name}.set_mismatch");
     let (Some(ia), Some(ir)) = (a.get(name), r.get(name)) else {
         return vec![Check::broken(format!("{name}.present"), "missing indices")];
@@ -272,23 +283,31 @@ fn judge_topk(bands: &[Vec<i64>], name: &str, t: &Tolerance, a: &Outputs, r: &Ou
     if ia.shape() != ir.shape() || ia.dtype().is_float() || ir.shape().len() != 2 {
         return vec![Check::broken(
             format!("{name}.layout"),
-            format!("got {} {:?}, reference {} {:?}", ia.dtype(), ia.shape(), ir.dtype(), ir.shape()),
+            format!(
+                "got {} {:?}, reference {} {:?}",
+                ia.dtype(),
+                ia.shape(),
+                ir.dtype(),
+                ir.shape()
+            ),
         )];
     }
     let topk = ir.shape()[1];
     let (va, vr) = (ia.to_i64_vec(), ir.to_i64_vec());
     let (mut bad, mut excused) = (0usize, 0usize);
     let mut first = None;
-    for (row, (ra, rr)) in va.chunks(topk.max(1)).zip(vr.chunks(topk.max(1))).enumerate() {
+    for (row, (ra, rr)) in va
+        .chunks(topk.max(1))
+        .zip(vr.chunks(topk.max(1)))
+        .enumerate()
+    {
         let sa: BTreeSet<i64> = ra.iter().copied().filter(|&x| x != -1).collect();
         let sr: BTreeSet<i64> = rr.iter().copied().filter(|&x| x != -1).collect();
         let na = ra.iter().filter(|&&x| x != -1).count();
         let nr = rr.iter().filter(|&&x| x != -1).count();
         let ok_shape = na == sa.len() && na == nr && sa.iter().all(|&x| x >= 0);
         let band = bands.get(row).map(|b| b.as_slice()).unwrap_or(&[]);
-        let diff_ok = sa
-            .symmetric_difference(&sr)
-            .all(|x| band.contains(x));
+        let diff_ok = sa.symmetric_difference(&sr).all(|x| band.contains(x));
         if ok_shape && sa == sr {
             continue;
         }
@@ -302,8 +321,14 @@ fn judge_topk(bands: &[Vec<i64>], name: &str, t: &Tolerance, a: &Outputs, r: &Ou
     let detail = match first {
         Some(row) => format!(
             "{bad} rows select another set; row {row}: got {:?}, reference {:?}",
-            &va[row * topk..(row + 1) * topk].iter().take(16).collect::<Vec<_>>(),
-            &vr[row * topk..(row + 1) * topk].iter().take(16).collect::<Vec<_>>()
+            &va[row * topk..(row + 1) * topk]
+                .iter()
+                .take(16)
+                .collect::<Vec<_>>(),
+            &vr[row * topk..(row + 1) * topk]
+                .iter()
+                .take(16)
+                .collect::<Vec<_>>()
         ),
         None if excused > 0 => format!("{excused} near-tie rows differ inside their tie band"),
         None => String::new(),
@@ -320,7 +345,9 @@ fn build_topk(spec: &CaseSpec) -> Result<Case, String> {
         Some(v) if v.len() == rows => v,
         Some(v) => return Err(format!("lens has {} entries for rows = {rows}", v.len())),
         // Causal windows, as in prefill: row r sees n − rows + r + 1 positions.
-        None => (0..rows).map(|r| (n + r + 1).saturating_sub(rows).min(n)).collect(),
+        None => (0..rows)
+            .map(|r| (n + r + 1).saturating_sub(rows).min(n))
+            .collect(),
     };
     if p.flag("zero")? {
         for (i, l) in lens.iter_mut().enumerate() {
@@ -352,7 +379,10 @@ fn build_topk(spec: &CaseSpec) -> Result<Case, String> {
         spec,
         "indexer-topk",
         vec![
-            ("logits", HostTensor::from_f32(DType::F32, &[rows, n], &logits)),
+            (
+                "logits",
+                HostTensor::from_f32(DType::F32, &[rows, n], &logits),
+            ),
             ("lengths", HostTensor::from_i32(&[rows], &lens_i)),
         ],
         vec![("topk", Arg::Int(topk))],
@@ -484,7 +514,11 @@ fn build_quant(spec: &CaseSpec) -> Result<Case, String> {
     let p = P(&spec.params);
     let (blocks, block) = (p.int("blocks")?, p.int("block")?);
     let layout = p.text("layout")?;
-    let d = if layout == "latent" { V32_D } else { p.int("d")? };
+    let d = if layout == "latent" {
+        V32_D
+    } else {
+        p.int("d")?
+    };
     let dtype = p.dtype("dtype")?;
     let mut rng = Rng::new(spec.seed);
     // Magnitudes spread over many binades, a zero token (amax floor) and
@@ -544,10 +578,22 @@ mod tests {
         let r = outs(&[3, 1, -1, 0, 2, 5], 3);
         // Another order of the same sets passes.
         let a = outs(&[1, 3, -1, 2, 5, 0], 3);
-        assert!(all_passed(&judge_topk(&[vec![], vec![]], "indices", &tol(), &a, &r)));
+        assert!(all_passed(&judge_topk(
+            &[vec![], vec![]],
+            "indices",
+            &tol(),
+            &a,
+            &r
+        )));
         // A different set fails, unless inside the row's tie band.
         let a = outs(&[3, 1, -1, 0, 2, 4], 3);
-        assert!(!all_passed(&judge_topk(&[vec![], vec![]], "indices", &tol(), &a, &r)));
+        assert!(!all_passed(&judge_topk(
+            &[vec![], vec![]],
+            "indices",
+            &tol(),
+            &a,
+            &r
+        )));
         let bands = [vec![], vec![4, 5]];
         assert!(all_passed(&judge_topk(&bands, "indices", &tol(), &a, &r)));
         // A repeated position or a missing −1 fails.

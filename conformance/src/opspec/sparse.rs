@@ -1,7 +1,9 @@
 //! `deepport op` runners of the DeepSeek-V3.2 sparse-attention ops
 //! (docs/spec-v32.md §9): outputs allocated from the inputs and parameters.
 
-use super::{attention_out_dtype, dim, launch, out, outputs, up, CliResult, Inputs, Outputs, Params, RunFn};
+use super::{
+    attention_out_dtype, dim, launch, out, outputs, up, CliResult, Inputs, Outputs, Params, RunFn,
+};
 use crate::error::CliError;
 use deepport_core::backend::Backend;
 use deepport_core::ops::*;
@@ -79,7 +81,11 @@ fn run_sparse_mla_decode(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResu
         Some(_) => Some(up(b, &i.as_f32("attn_sink")?)?),
         None => None,
     };
-    let mut o = out(b, attention_out_dtype(qh.dtype()), &[bs, s_q, h_q, V32_NOPE])?;
+    let mut o = out(
+        b,
+        attention_out_dtype(qh.dtype()),
+        &[bs, s_q, h_q, V32_NOPE],
+    )?;
     let mut lse = out(b, DType::F32, &[bs, h_q, s_q])?;
     launch(
         b,

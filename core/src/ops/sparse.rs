@@ -96,7 +96,13 @@ impl OpArgs for IndexerLogits<'_> {
         ensure(next_n > 0 && h > 0 && d > 0, OP, "q", || {
             format!("next_n, h and d must be > 0, got {qs:?}")
         })?;
-        expect_shape(OP, "weights", self.weights, &[b * next_n, h], "[b·next_n, h]")?;
+        expect_shape(
+            OP,
+            "weights",
+            self.weights,
+            &[b * next_n, h],
+            "[b·next_n, h]",
+        )?;
         let ks = expect_rank(
             OP,
             "kv_cache",
@@ -309,7 +315,13 @@ impl OpArgs for SparseMlaDecode<'_> {
         let qs = expect_rank(OP, "q", self.q, 4, "[b, s_q, h_q, 576]")?;
         let (b, s_q, h_q) = (qs[0], qs[1], qs[2]);
         expect_shape(OP, "q", self.q, &[b, s_q, h_q, V32_D], "[b, s_q, h_q, 576]")?;
-        let ks = expect_rank(OP, "kcache", self.kcache, 3, "[num_blocks, block_size, 656]")?;
+        let ks = expect_rank(
+            OP,
+            "kcache",
+            self.kcache,
+            3,
+            "[num_blocks, block_size, 656]",
+        )?;
         let (num_blocks, block_size) = (ks[0], ks[1]);
         expect_shape(
             OP,
@@ -323,7 +335,13 @@ impl OpArgs for SparseMlaDecode<'_> {
         })?;
         let is = expect_rank(OP, "indices", self.indices, 3, "[b, s_q, topk]")?;
         let topk = is[2];
-        expect_shape(OP, "indices", self.indices, &[b, s_q, topk], "[b, s_q, topk]")?;
+        expect_shape(
+            OP,
+            "indices",
+            self.indices,
+            &[b, s_q, topk],
+            "[b, s_q, topk]",
+        )?;
         if let Some(t) = self.topk_length {
             expect_shape(OP, "topk_length", t, &[b], "[b]")?;
         }

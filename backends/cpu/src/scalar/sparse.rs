@@ -191,10 +191,7 @@ pub fn indexer_topk(op: &mut Checked<IndexerTopk<'_>>) -> Result<()> {
 /// Reads and checks the slot indices (−1 or in `[0, num_blocks·block_size)`
 /// for every slot before `topk_length`) and `topk_length` (in `[0, topk]`).
 /// Returns the indices with every ignored slot set to −1.
-pub(crate) fn sparse_indices(
-    a: &SparseMlaDecode<'_>,
-    d: &SparseMlaDecodeDims,
-) -> Result<Vec<i64>> {
+pub(crate) fn sparse_indices(a: &SparseMlaDecode<'_>, d: &SparseMlaDecodeDims) -> Result<Vec<i64>> {
     const OP: &str = "sparse_mla_decode";
     let mut idx = i64s(a.indices)?;
     let lens = match a.topk_length {
@@ -254,14 +251,23 @@ pub(crate) fn latent_key(cache: &[u8], slot: usize) -> Vec<f64> {
 }
 
 /// One (b, s, h) row of sparse decode: `(out, lse)` over the valid keys.
-pub(crate) fn sparse_row(q: &[f32], keys: &[&[f64]], scale: f64, sink: Option<f32>) -> (Vec<f64>, f64) {
+pub(crate) fn sparse_row(
+    q: &[f32],
+    keys: &[&[f64]],
+    scale: f64,
+    sink: Option<f32>,
+) -> (Vec<f64>, f64) {
     if keys.is_empty() {
         return (vec![0.0; V32_NOPE], f64::INFINITY);
     }
     let scores: Vec<f64> = keys
         .iter()
         .map(|k| {
-            let dot: f64 = q.iter().zip(k.iter()).map(|(&x, &y)| f64::from(x) * y).sum();
+            let dot: f64 = q
+                .iter()
+                .zip(k.iter())
+                .map(|(&x, &y)| f64::from(x) * y)
+                .sum();
             dot * scale
         })
         .collect();

@@ -190,7 +190,11 @@ pub const LIBRARY: &[MutantInfo] = &[
 /// The mutants of DeepSeek-V3.2's failures: the cases that catch them
 /// (half-split rope, the V3.2 caches) are in `smoke`, `full` and `v32`,
 /// never in `v3-mustpass`.
-pub const BEYOND_V3: &[&str] = &["rope_layout_ignored", "cache_scale_ue8m0", "sparse_scale_ue8m0"];
+pub const BEYOND_V3: &[&str] = &[
+    "rope_layout_ignored",
+    "cache_scale_ue8m0",
+    "sparse_scale_ue8m0",
+];
 
 /// The mutant of this name.
 pub fn find(name: &str) -> Option<&'static MutantInfo> {
