@@ -454,15 +454,21 @@ fn build_decode(spec: &CaseSpec) -> Result<Case, String> {
     }
     // Per (b, s): `topk` distinct positions of the sequence (FlashMLA's
     // randperm), −1 where the sequence is shorter, mapped to cache slots.
+    // With `invalid`, every index of sequence 0 is −1 (FlashMLA's
+    // all-invalid rows) and about a quarter of the others' are −1 too.
     let mut idx = vec![-1i32; b * s_q * topk];
-    if !all_invalid {
-        for bi in 0..b {
-            for s in 0..s_q {
-                let perm = rng.permutation(lens[bi]);
-                for (t, &pos) in perm.iter().take(topk).enumerate() {
-                    let blk = pg.table[bi * pg.max_blocks + pos / block];
-                    idx[(bi * s_q + s) * topk + t] = blk * block as i32 + (pos % block) as i32;
+    for bi in 0..b {
+        if all_invalid && bi == 0 {
+            continue;
+        }
+        for s in 0..s_q {
+            let perm = rng.permutation(lens[bi]);
+            for (t, &pos) in perm.iter().take(topk).enumerate() {
+                if all_invalid && rng.below(4) == 0 {
+                    continue;
                 }
+                let blk = pg.table[bi * pg.max_blocks + pos / block];
+                idx[(bi * s_q + s) * topk + t] = blk * block as i32 + (pos % block) as i32;
             }
         }
     }

@@ -533,3 +533,41 @@ pub fn cache_scale(layout: CacheLayout, amax: f32, ue8m0: bool) -> f32 {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_scales_follow_each_reference() {
+        // index: max(amax, 1e-4) / 448; latent: max(amax / 448, 1e-4).
+        assert_eq!(cache_scale(CacheLayout::Index, 0.0, false), 1e-4 / 448.0);
+        assert_eq!(cache_scale(CacheLayout::Latent, 0.0, false), 1e-4);
+        assert_eq!(cache_scale(CacheLayout::Index, 448.0, false), 1.0);
+        let s = cache_scale(CacheLayout::Index, 3.0, false);
+        assert_eq!(s, 3.0 / 448.0);
+        // UE8M0: rounded up to a power of two, exactly.
+        let r = cache_scale(CacheLayout::Index, 3.0, true);
+        assert_eq!(r, 2f32.powi(-7));
+        assert!(r >= s);
+        assert_eq!(cache_scale(CacheLayout::Latent, 0.0, true), 2f32.powi(-13));
+        assert_eq!(cache_scale(CacheLayout::Latent, 448.0, true), 1.0);
+    }
+
+    #[test]
+    fn layouts_parse_and_size() {
+        assert_eq!(V32_TOKEN_BYTES, 656);
+        assert_eq!(CacheLayout::Index.token_bytes(128), 132);
+        assert_eq!(CacheLayout::Latent.token_bytes(576), 656);
+        for l in [CacheLayout::Index, CacheLayout::Latent] {
+            assert_eq!(CacheLayout::parse(l.name()), Some(l));
+        }
+        assert_eq!(CacheLayout::parse("other"), None);
+        for l in [RopeLayout::Interleaved, RopeLayout::Half] {
+            assert_eq!(RopeLayout::parse(l.name()), Some(l));
+        }
+        assert_eq!(RopeLayout::Half.pair(3, 64), (3, 35));
+        assert_eq!(RopeLayout::Interleaved.pair(3, 64), (6, 7));
+        assert_eq!(RopeConfig::default().layout, RopeLayout::Interleaved);
+    }
+}

@@ -419,3 +419,162 @@ pub(crate) fn store_bytes(t: &mut Tensor, bytes: Vec<u8>) -> Result<()> {
     let h = HostTensor::from_bytes(t.dtype(), t.shape(), bytes)?;
     put_host(t, &h)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CpuRef;
+    use deepport_core::backend::Backend;
+    use deepport_core::DType;
+
+    fn up(h: &HostTensor) -> Tensor {
+        CpuRef.upload(h).unwrap()
+    }
+
+    /// A latent cache of `slots` tokens: every latent byte `code`, scales
+    /// `scale`, rope values 0.
+    fn latent(slots: usize, code: u8, scale: f32) -> HostTensor {
+        let mut b = vec![0u8; slots * V32_TOKEN_BYTES];
+        for t in b.chunks_mut(V32_TOKEN_BYTES) {
+            t[..V32_NOPE].fill(code);
+            for g in 0..4 {
+                t[V32_NOPE + 4 * g..V32_NOPE + 4 * g + 4].copy_from_slice(&scale.to_le_bytes());
+            }
+        }
+        HostTensor::from_bytes(DType::U8, &[1, slots, V32_TOKEN_BYTES], b).unwrap()
+    }
+
+    fn decode(idx: &[i64], sink: Option<f32>, cache: &HostTensor) -> Result<(Vec<f32>, Vec<f32>)> {
+        let topk = idx.len();
+        let q = up(&HostTensor::from_f32(
+            DType::F32,
+            &[1, 1, 1, V32_D],
+            &[0.1; V32_D],
+        ));
+        let k = up(cache);
+        let i = up(&HostTensor::from_index(DType::I32, &[1, 1, topk], idx));
+        let s = sink.map(|v| up(&HostTensor::from_f32(DType::F32, &[1], &[v])));
+        let mut out = CpuRef.alloc(DType::F32, &[1, 1, 1, V32_NOPE])?;
+        let mut lse = CpuRef.alloc(DType::F32, &[1, 1, 1])?;
+        let mut c = SparseMlaDecode {
+            q: &q,
+            kcache: &k,
+            indices: &i,
+            topk_length: None,
+            attn_sink: s.as_ref(),
+            out: &mut out,
+            lse: &mut lse,
+            softmax_scale: 0.5,
+        }
+        .check()?;
+        sparse_mla_decode(&mut c)?;
+        Ok((f32s(&out)?, f32s(&lse)?))
+    }
+
+    #[test]
+    fn sparse_decode_skips_invalid_slots_and_applies_the_sink() {
+        // e4m3 0x38 = 1.0, scale 0.25: every latent value is 0.25.
+        let cache = latent(3, 0x38, 0.25);
+        let (o, l) = decode(&[1, -1, 2], None, &cache).unwrap();
+        // Two equal keys: softmax 1/2 each, out = V = 0.25, lse = S + ln 2.
+        let s = 0.5 * 0.1 * 0.25 * V32_NOPE as f64;
+        assert!((o[0] - 0.25).abs() < 1e-7, "{}", o[0]);
+        assert!((f64::from(l[0]) - (s + 2f64.ln())).abs() < 1e-5, "{}", l[0]);
+        let (os, ls) = decode(&[1, -1, 2], Some(l[0]), &cache).unwrap();
+        // sink = lse halves the output; lse is returned without the sink.
+        assert!((os[0] - 0.125).abs() < 1e-7, "{}", os[0]);
+        assert_eq!(ls[0], l[0]);
+        // All invalid: out 0, lse +inf.
+        let (o, l) = decode(&[-1, -1], Some(1.0), &cache).unwrap();
+        assert!(o.iter().all(|&v| v == 0.0));
+        assert_eq!(l[0], f32::INFINITY);
+    }
+
+    #[test]
+    fn out_of_range_slots_are_errors_not_reads() {
+        let cache = latent(3, 0x38, 0.25);
+        for bad in [3i64, -2, 1 << 40] {
+            match decode(&[0, bad], None, &cache) {
+                Err(Error::IndexOutOfRange { arg, value, .. }) => {
+                    assert_eq!((arg, value), ("indices", bad))
+                }
+                r => panic!("{bad}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn topk_orders_ties_to_the_lower_position_and_pads() {
+        let l = HostTensor::from_f32(DType::F32, &[1, 5], &[1.0, 3.0, f32::NAN, 3.0, 2.0]);
+        let n = HostTensor::from_index(DType::I32, &[1], &[5]);
+        let (l, n) = (up(&l), up(&n));
+        let mut o = CpuRef.alloc(DType::I32, &[1, 7]).unwrap();
+        let mut c = IndexerTopk {
+            logits: &l,
+            lengths: &n,
+            indices: &mut o,
+        }
+        .check()
+        .unwrap();
+        indexer_topk(&mut c).unwrap();
+        assert_eq!(i64s(&o).unwrap(), [1, 3, 4, 0, 2, -1, -1]);
+        let bad = up(&HostTensor::from_index(DType::I32, &[1], &[6]));
+        let mut c = IndexerTopk {
+            logits: &l,
+            lengths: &bad,
+            indices: &mut o,
+        }
+        .check()
+        .unwrap();
+        assert!(matches!(
+            indexer_topk(&mut c),
+            Err(Error::IndexOutOfRange { arg: "lengths", .. })
+        ));
+    }
+
+    #[test]
+    fn cache_writers_round_trip_and_keep_float_scales() {
+        let x: Vec<f32> = (0..2 * 576)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let xt = up(&HostTensor::from_f32(DType::F32, &[1, 2, 576], &x));
+        for ue8m0 in [false, true] {
+            let mut c = CpuRef.alloc(DType::U8, &[1, 2, V32_TOKEN_BYTES]).unwrap();
+            let mut op = CacheQuant {
+                x: &xt,
+                cache: &mut c,
+                layout: CacheLayout::Latent,
+                ue8m0,
+            }
+            .check()
+            .unwrap();
+            cache_quant(&mut op).unwrap();
+            let h = host(&c).unwrap();
+            for tok in 0..2 {
+                let k = latent_key(h.bytes(), tok);
+                for (j, (&kv, &xv)) in k.iter().zip(&x[tok * 576..]).enumerate() {
+                    let tol = if j < V32_NOPE {
+                        0.08 * 50.0 / 7.0
+                    } else {
+                        0.01 * xv.abs() as f64
+                    };
+                    assert!((kv - f64::from(xv)).abs() <= tol, "{tok} {j}: {kv} vs {xv}");
+                }
+                let s = le_f32(h.bytes(), tok * V32_TOKEN_BYTES + V32_NOPE);
+                let amax = x[tok * 576..tok * 576 + 128]
+                    .iter()
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                if ue8m0 {
+                    assert_eq!(formats::ue8m0_round_up(s), s);
+                } else {
+                    assert_eq!(s, amax / 448.0);
+                    assert_ne!(
+                        formats::ue8m0_round_up(s),
+                        s,
+                        "a float scale, not a power of two"
+                    );
+                }
+            }
+        }
+    }
+}
