@@ -1003,7 +1003,6 @@ fn get_dispatch_layout(rng: &mut Rng) {
     });
 }
 
-/// The random cases of one op.
 // ---- DeepSeek-V3.2 sparse ops ----------------------------------------------------
 
 fn indexer_logits(rng: &mut Rng) {
@@ -1225,6 +1224,7 @@ fn cache_quant(rng: &mut Rng) {
     }
 }
 
+/// The random cases of one op.
 type Cases = fn(&mut Rng);
 
 /// Every local op's random cases.

@@ -493,7 +493,7 @@ mod tests {
     #[test]
     fn out_of_range_slots_are_errors_not_reads() {
         let cache = latent(3, 0x38, 0.25);
-        for bad in [3i64, -2, 1 << 40] {
+        for bad in [3i64, -2, i64::from(i32::MAX)] {
             match decode(&[0, bad], None, &cache) {
                 Err(Error::IndexOutOfRange { arg, value, .. }) => {
                     assert_eq!((arg, value), ("indices", bad))
