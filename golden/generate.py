@@ -32,6 +32,7 @@ torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
 
 import ops_cases  # noqa: E402
+import v32_ops  # noqa: E402
 import stio  # noqa: E402
 from tinymodel import N_TOKENS, TOKENS_SEED, hf_f32_state_dict, make_checkpoint, make_config  # noqa: E402
 from v3ref import Numerics, V3Model  # noqa: E402
@@ -765,6 +766,7 @@ def main():
     for old in (out / "ops").glob("*.safetensors"):
         old.unlink()
     names = ops_cases.generate_all(out / "ops")
+    names += v32_ops.generate_all(out / "ops")  # DeepSeek-V3.2 sparse ops (docs/spec-v32.md)
     files += [f"ops/{n}.safetensors" for n in names]
     log(f"{len(names)} op cases written")
 

@@ -12,6 +12,7 @@
 //! are in `opspec/ep.rs`).
 
 mod ep;
+mod sparse;
 
 use crate::error::CliError;
 use deepport_core::backend::{Backend, Tensor};
@@ -875,9 +876,12 @@ fn run_rope(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
             mscale_all_dim: p.float("mscale_all_dim")?,
         })
     };
+    let layout = p.choice("layout")?;
     let config = RopeConfig {
         theta: p.float("theta")?,
         yarn,
+        layout: RopeLayout::parse(layout)
+            .ok_or_else(|| CliError::usage(format!("unknown rope layout `{layout}`")))?,
     };
     let x = up(b, xh)?;
     let positions = up(b, i.get("positions")?)?;
@@ -1067,7 +1071,7 @@ fn local_runner(kind: OpKind) -> Option<RunFn> {
         OpKind::GetDispatchLayout => run_get_dispatch_layout,
         OpKind::GatherRows => run_gather_rows,
         OpKind::ReduceRows => run_reduce_rows,
-        _ => return None,
+        _ => return sparse::runner(kind),
     })
 }
 

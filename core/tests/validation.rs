@@ -924,6 +924,7 @@ fn rope_validation() {
             &[3, 64],
             (I64, &[3]),
             RopeConfig {
+                layout: Default::default(),
                 theta: 1.0,
                 yarn: None,
             },
@@ -944,6 +945,7 @@ fn rope_validation() {
         &[3, 64],
         (I64, &[3]),
         RopeConfig {
+            layout: Default::default(),
             theta: 10000.0,
             yarn: Some(yarn),
         },
@@ -954,6 +956,7 @@ fn rope_validation() {
             &[3, 64],
             (I64, &[3]),
             RopeConfig {
+                layout: Default::default(),
                 theta: 10000.0,
                 yarn: Some(Yarn {
                     factor: 0.5,
@@ -970,6 +973,7 @@ fn rope_validation() {
             &[3, 64],
             (I64, &[3]),
             RopeConfig {
+                layout: Default::default(),
                 theta: 10000.0,
                 yarn: Some(Yarn {
                     mscale: f32::NAN,

@@ -629,6 +629,7 @@ impl ModelConfig {
     /// The rotary embedding of SPEC.md §8.
     pub fn rope_config(&self) -> RopeConfig {
         RopeConfig {
+            layout: Default::default(),
             theta: self.rope_theta as f32,
             yarn: self.rope_scaling.as_ref().map(|r| Yarn {
                 factor: r.factor as f32,

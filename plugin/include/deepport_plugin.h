@@ -47,12 +47,16 @@
  *       rms_norm       eps
  *       rope           theta, yarn (0/1), yarn_factor,
  *                      yarn_original_max_position_embeddings, yarn_beta_fast,
- *                      yarn_beta_slow, yarn_mscale, yarn_mscale_all_dim
+ *                      yarn_beta_slow, yarn_mscale, yarn_mscale_all_dim,
+ *                      layout (0 interleaved, 1 half)
  *       moe_gate       n_group, topk_group, topk, route_scale
  *       mla_decode     softmax_scale, causal (0/1)
  *       mla_prefill    softmax_scale, form (0 naive, 1 absorbed)
  *       copy_window    src_row, src_col, dst_row, dst_col, rows, cols
  *       get_dispatch_layout  num_experts, world_size
+ *       indexer_topk   topk
+ *       sparse_mla_decode  softmax_scale
+ *       cache_quant    layout (0 index, 1 latent), ue8m0 (0/1)
  *   every other op has none.
  * - Ops may run asynchronously; `synchronize` waits for all submitted work
  *   and reports any error that surfaced since (see the Backend trait docs).
@@ -181,6 +185,10 @@ typedef struct dp_plugin_v1 {
   dp_op_fn gather_rows;
   dp_op_fn reduce_rows;
   dp_op_fn get_dispatch_layout;
+  dp_op_fn indexer_logits;
+  dp_op_fn indexer_topk;
+  dp_op_fn sparse_mla_decode;
+  dp_op_fn cache_quant;
 } dp_plugin_v1;
 
 /* The entry point a plugin exports. Returns NULL when it cannot serve a host

@@ -316,6 +316,7 @@ pub fn rms_norm_matches_reference(h: &Harness) {
 
 fn yarn(factor: f32, theta: f32, mscale: f32, beta: (f32, f32)) -> RopeConfig {
     RopeConfig {
+        layout: Default::default(),
         theta,
         yarn: Some(Yarn {
             factor,
@@ -383,6 +384,7 @@ pub fn rope_matches_reference(h: &Harness) {
             DType::I32,
             vec![7, 100_000, 2_000_000_000],
             RopeConfig {
+                layout: Default::default(),
                 theta: 500.0,
                 yarn: None,
             },

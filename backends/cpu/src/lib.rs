@@ -28,6 +28,7 @@ mod mla;
 pub mod peak;
 #[doc(hidden)]
 pub mod scalar;
+mod sparse;
 mod tiles;
 pub mod util;
 
@@ -185,6 +186,7 @@ mod kernels {
     pub(crate) use crate::ep::get_dispatch_layout;
     pub(crate) use crate::grouped::{gemm_grouped_contiguous, gemm_grouped_masked};
     pub(crate) use crate::mla::*;
+    pub(crate) use crate::sparse::*;
 }
 
 /// Every local op, forwarded to its reference kernel.

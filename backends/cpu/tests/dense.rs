@@ -923,6 +923,7 @@ fn yarn_freqs(
 
 fn v3_yarn(mscale: f32, mscale_all_dim: f32) -> RopeConfig {
     RopeConfig {
+        layout: Default::default(),
         theta: 10000.0,
         yarn: Some(Yarn {
             factor: 40.0,

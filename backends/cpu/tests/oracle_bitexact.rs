@@ -774,6 +774,7 @@ fn rms_norm(rng: &mut Rng) {
 
 fn rope(rng: &mut Rng) {
     let yarn = RopeConfig {
+        layout: Default::default(),
         theta: 10000.0,
         yarn: Some(Yarn {
             factor: 40.0,
@@ -789,7 +790,14 @@ fn rope(rng: &mut Rng) {
         let x = f32h(dt, &[t, h, d], &rng.vals(t * h * d, 2.0, i == 2));
         let pos: Vec<i64> = (0..t).map(|_| rng.below(200_000) as i64).collect();
         let p = idx(DType::I64, &[t], &pos);
-        let cfg = if i == 1 { yarn } else { RopeConfig::default() };
+        let cfg = match i {
+            1 => yarn,
+            2 => RopeConfig {
+                layout: RopeLayout::Half,
+                ..RopeConfig::default()
+            },
+            _ => RopeConfig::default(),
+        };
         check(&format!("rope t={t} h={h} d={d}"), |b| {
             let (xt, pt) = (up(b, &x), up(b, &p));
             let mut y = b.alloc(dt, &[t, h, d])?;
@@ -995,6 +1003,227 @@ fn get_dispatch_layout(rng: &mut Rng) {
     });
 }
 
+// ---- DeepSeek-V3.2 sparse ops ----------------------------------------------------
+
+fn indexer_logits(rng: &mut Rng) {
+    for &(b, next_n, h, d, block) in &[
+        (2usize, 1usize, 3usize, 16usize, 5usize),
+        (3, 2, 4, 128, 64),
+    ] {
+        let lens: Vec<i64> = (0..b)
+            .map(|i| {
+                if i == 0 {
+                    0
+                } else {
+                    1 + rng.below(3 * block) as i64
+                }
+            })
+            .collect();
+        let max_blocks = 4;
+        let nb = b * max_blocks + 1;
+        let mut table: Vec<i64> = (0..nb as i64).collect();
+        table.rotate_left(1);
+        let table = &table[..b * max_blocks];
+        let q = rng.fp8(DType::F8E4M3, &[b, next_n, h, d], false);
+        let w = f32h(
+            DType::F32,
+            &[b * next_n, h],
+            &rng.vals(b * next_n * h, 1.0, false),
+        );
+        let mut cache = rng.raw(DType::U8, &[nb, block, d + 4]).bytes().to_vec();
+        let sc = rng.scales(nb * block, false);
+        for blk in 0..nb {
+            for off in 0..block {
+                let at = blk * block * (d + 4) + block * d + off * 4;
+                cache[at..at + 4].copy_from_slice(&sc[blk * block + off].to_le_bytes());
+            }
+        }
+        let cache = HostTensor::from_bytes(DType::U8, &[nb, block, d + 4], cache).unwrap();
+        let lt = idx(DType::I32, &[b], &lens);
+        let tt = idx(DType::I32, &[b, max_blocks], table);
+        check(
+            &format!("indexer_logits b={b} next_n={next_n} d={d}"),
+            |be| {
+                let (qt, wt, ct, l, t) = (
+                    up(be, &q),
+                    up(be, &w),
+                    up(be, &cache),
+                    up(be, &lt),
+                    up(be, &tt),
+                );
+                let mut o = be.alloc(DType::F32, &[b * next_n, max_blocks * block])?;
+                ops::run(
+                    be,
+                    IndexerLogits {
+                        q: &qt,
+                        weights: &wt,
+                        kv_cache: &ct,
+                        context_lens: &l,
+                        block_table: &t,
+                        logits: &mut o,
+                    },
+                )?;
+                Ok(vec![("logits", down(be, &o))])
+            },
+        );
+    }
+}
+
+fn indexer_topk(rng: &mut Rng) {
+    for &(rows, n, topk) in &[(3usize, 20usize, 8usize), (4, 9, 16)] {
+        let mut v = rng.vals(rows * n, 2.0, true);
+        v.iter_mut()
+            .step_by(3)
+            .for_each(|x| *x = (*x * 2.0).round());
+        let l = f32h(DType::F32, &[rows, n], &v);
+        let lens: Vec<i64> = (0..rows).map(|_| rng.below(n + 1) as i64).collect();
+        let lt = idx(DType::I32, &[rows], &lens);
+        check(&format!("indexer_topk rows={rows} n={n}"), |be| {
+            let (x, y) = (up(be, &l), up(be, &lt));
+            let mut o = be.alloc(DType::I32, &[rows, topk])?;
+            ops::run(
+                be,
+                IndexerTopk {
+                    logits: &x,
+                    lengths: &y,
+                    indices: &mut o,
+                },
+            )?;
+            Ok(vec![("indices", down(be, &o))])
+        });
+    }
+}
+
+fn sparse_mla_decode(rng: &mut Rng) {
+    for (i, &(b, s_q, h_q, topk, block)) in
+        [(2usize, 1usize, 3usize, 6usize, 5usize), (1, 2, 2, 9, 3)]
+            .iter()
+            .enumerate()
+    {
+        let nb = 4;
+        let slots = nb * block;
+        let mut cache = rng
+            .raw(DType::U8, &[nb, block, V32_TOKEN_BYTES])
+            .bytes()
+            .to_vec();
+        for t in cache.chunks_mut(V32_TOKEN_BYTES) {
+            for c in t[..V32_NOPE].iter_mut() {
+                if *c & 0x7f == 0x7f {
+                    *c = 0x10;
+                }
+            }
+            let sc = rng.scales(4, false);
+            for (g, s) in sc.iter().enumerate() {
+                t[V32_NOPE + 4 * g..V32_NOPE + 4 * g + 4].copy_from_slice(&s.to_le_bytes());
+            }
+            for r in 0..V32_ROPE {
+                let v = half_bits(rng.sym());
+                t[528 + 2 * r..528 + 2 * r + 2].copy_from_slice(&v);
+            }
+        }
+        let cache =
+            HostTensor::from_bytes(DType::U8, &[nb, block, V32_TOKEN_BYTES], cache).unwrap();
+        let ind: Vec<i64> = (0..b * s_q * topk)
+            .map(|_| {
+                if rng.below(4) == 0 {
+                    -1
+                } else {
+                    rng.below(slots) as i64
+                }
+            })
+            .collect();
+        let it = idx(DType::I32, &[b, s_q, topk], &ind);
+        let dt = ACT[i % 2];
+        let q = f32h(
+            dt,
+            &[b, s_q, h_q, V32_D],
+            &rng.vals(b * s_q * h_q * V32_D, 0.3, false),
+        );
+        let sink = f32h(DType::F32, &[h_q], &rng.vals(h_q, 2.0, false));
+        let tl = idx(
+            DType::I32,
+            &[b],
+            &(0..b)
+                .map(|_| rng.below(topk + 1) as i64)
+                .collect::<Vec<_>>(),
+        );
+        check(&format!("sparse_mla_decode b={b} s_q={s_q}"), |be| {
+            let (qt, ct, ix, st, lt) = (
+                up(be, &q),
+                up(be, &cache),
+                up(be, &it),
+                up(be, &sink),
+                up(be, &tl),
+            );
+            let mut o = be.alloc(
+                if dt == DType::BF16 {
+                    DType::BF16
+                } else {
+                    DType::F32
+                },
+                &[b, s_q, h_q, V32_NOPE],
+            )?;
+            let mut l = be.alloc(DType::F32, &[b, h_q, s_q])?;
+            ops::run(
+                be,
+                SparseMlaDecode {
+                    q: &qt,
+                    kcache: &ct,
+                    indices: &ix,
+                    topk_length: (i == 1).then_some(&lt),
+                    attn_sink: (i == 0).then_some(&st),
+                    out: &mut o,
+                    lse: &mut l,
+                    softmax_scale: 0.05,
+                },
+            )?;
+            Ok(vec![("out", down(be, &o)), ("lse", down(be, &l))])
+        });
+    }
+}
+
+/// The little-endian bytes of `x` rounded to bf16.
+fn half_bits(x: f32) -> [u8; 2] {
+    ((deepport_core::formats::round_bf16(x).to_bits() >> 16) as u16).to_le_bytes()
+}
+
+fn cache_quant(rng: &mut Rng) {
+    for (i, &(nb, bs, layout, ue8m0)) in [
+        (2usize, 3usize, CacheLayout::Index, false),
+        (1, 5, CacheLayout::Index, true),
+        (2, 2, CacheLayout::Latent, false),
+        (1, 3, CacheLayout::Latent, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let d = if layout == CacheLayout::Latent {
+            V32_D
+        } else {
+            128
+        };
+        // f16 cannot hold the wide values (overflow to inf is an error).
+        let dt = ACT[i % 2];
+        let mut v = rng.wide(nb * bs * d);
+        v[..d].iter_mut().for_each(|x| *x = 0.0);
+        let x = f32h(dt, &[nb, bs, d], &v);
+        check(&format!("cache_quant {layout:?} ue8m0={ue8m0}"), |be| {
+            let xt = up(be, &x);
+            let mut c = be.alloc(DType::U8, &[nb, bs, layout.token_bytes(d)])?;
+            ops::run(
+                be,
+                CacheQuant {
+                    x: &xt,
+                    cache: &mut c,
+                    layout,
+                    ue8m0,
+                },
+            )?;
+            Ok(vec![("cache", down(be, &c))])
+        });
+    }
+}
+
 /// The random cases of one op.
 type Cases = fn(&mut Rng);
 
@@ -1020,6 +1249,10 @@ const CASES: &[(OpKind, Cases)] = &[
     (OpKind::GetDispatchLayout, get_dispatch_layout),
     (OpKind::GemmGroupedContiguous, gemm_grouped_contiguous),
     (OpKind::GemmGroupedMasked, gemm_grouped_masked),
+    (OpKind::IndexerLogits, indexer_logits),
+    (OpKind::IndexerTopk, indexer_topk),
+    (OpKind::SparseMlaDecode, sparse_mla_decode),
+    (OpKind::CacheQuant, cache_quant),
 ];
 
 #[test]

@@ -29,8 +29,37 @@ none!(
     Embedding,
     Add,
     GatherRows,
-    ReduceRows
+    ReduceRows,
+    IndexerLogits
 );
+
+impl PluginParams for IndexerTopk<'_> {
+    fn params(&self) -> Params {
+        vec![(
+            c"topk",
+            self.indices.shape().get(1).copied().unwrap_or(0) as f64,
+        )]
+    }
+}
+
+impl PluginParams for SparseMlaDecode<'_> {
+    fn params(&self) -> Params {
+        vec![(c"softmax_scale", self.softmax_scale as f64)]
+    }
+}
+
+impl PluginParams for CacheQuant<'_> {
+    fn params(&self) -> Params {
+        let layout = match self.layout {
+            CacheLayout::Index => 0.0,
+            CacheLayout::Latent => 1.0,
+        };
+        vec![
+            (c"layout", layout),
+            (c"ue8m0", if self.ue8m0 { 1.0 } else { 0.0 }),
+        ]
+    }
+}
 
 impl PluginParams for ActQuant<'_> {
     fn params(&self) -> Params {
@@ -67,6 +96,11 @@ impl PluginParams for Rope<'_> {
                 (c"yarn_mscale_all_dim", y.mscale_all_dim as f64),
             ]),
         }
+        let layout = match c.layout {
+            RopeLayout::Interleaved => 0.0,
+            RopeLayout::Half => 1.0,
+        };
+        v.push((c"layout", layout));
         v
     }
 }

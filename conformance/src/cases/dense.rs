@@ -426,6 +426,7 @@ pub static ROPE: Family = Family {
         def("l0", Int, "4096"),
         def("pos", Text(&["i32", "i64"]), "i64"),
         def("dtype", Text(FLOAT_DTYPES), "f32"),
+        opt("layout", Text(&["interleaved", "half"])),
     ],
     outputs: o_rope,
     ops: k_rope,
@@ -462,6 +463,10 @@ fn build_rope(spec: &CaseSpec) -> Result<Case, String> {
         ("beta_fast", Arg::Float(p.float("beta_fast")?)),
         ("beta_slow", Arg::Float(p.float("beta_slow")?)),
         ("original_max_position_embeddings", Arg::Int(p.int("l0")?)),
+        (
+            "layout",
+            Arg::Text(p.opt_text("layout")?.unwrap_or("interleaved")),
+        ),
     ];
     op_case(
         spec,

@@ -22,6 +22,7 @@ mod golden;
 pub mod judging;
 mod mla;
 mod model;
+mod sparse;
 
 use crate::judge::Check;
 use crate::opspec::{self, Arg, CliResult, Inputs, Outputs, Params};
@@ -167,6 +168,10 @@ pub static FAMILIES: &[&Family] = &[
     &dense::ADD,
     &dense::EMBEDDING,
     &dense::COPY_WINDOW,
+    &sparse::INDEXER_LOGITS,
+    &sparse::INDEXER_TOPK,
+    &sparse::SPARSE_MLA_DECODE,
+    &sparse::CACHE_QUANT,
     &ep::EP,
     &golden::GOLDEN_OPS_FAMILY,
     &model::MODEL,

@@ -48,7 +48,11 @@ use std::path::{Path, PathBuf};
 pub const MAX_CASES_PER_ENTRY: usize = 100_000;
 
 /// The profiles every case may belong to.
-pub const PROFILES: [&str; 3] = ["smoke", "full", "v3-mustpass"];
+pub const PROFILES: [&str; 4] = ["smoke", "full", "v3-mustpass", V32_PROFILE];
+
+/// The profile of the DeepSeek-V3.2 cases (docs/spec-v32.md): sparse
+/// attention beyond V3, deliberately outside `v3-mustpass`.
+pub const V32_PROFILE: &str = "v32";
 
 /// An error in a case file: the file, line and column (1-based; 0 when the
 /// error concerns the whole file), and what is wrong.

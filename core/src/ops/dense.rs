@@ -521,11 +521,46 @@ pub struct Yarn {
     pub mscale_all_dim: f32,
 }
 
+/// Which channels RoPE rotates together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Pairs `(x[2i], x[2i+1])` (DeepSeek-V3's MLA rope, the default).
+    #[default]
+    Interleaved,
+    /// Pairs `(x[i], x[i + d/2])` ("rotate half"; DeepSeek-V3.2's indexer).
+    Half,
+}
+
+impl RopeLayout {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "interleaved" => Some(Self::Interleaved),
+            "half" => Some(Self::Half),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Interleaved => "interleaved",
+            Self::Half => "half",
+        }
+    }
+    /// The two channels of pair `i` of a `d`-channel vector.
+    pub fn pair(self, i: usize, d: usize) -> (usize, usize) {
+        match self {
+            Self::Interleaved => (2 * i, 2 * i + 1),
+            Self::Half => (i, i + d / 2),
+        }
+    }
+}
+
 /// Rotary embedding configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RopeConfig {
     pub theta: f32,
     pub yarn: Option<Yarn>,
+    /// Pairing of the rotated channels (interleaved unless stated).
+    pub layout: RopeLayout,
 }
 
 impl Default for RopeConfig {
@@ -533,6 +568,7 @@ impl Default for RopeConfig {
         Self {
             theta: 10000.0,
             yarn: None,
+            layout: RopeLayout::Interleaved,
         }
     }
 }
@@ -592,8 +628,8 @@ impl RopeConfig {
     }
 }
 
-/// Rotary embedding on interleaved pairs `(x[2i], x[2i+1])` of the last dim.
-/// `x [T, …, d]`, `positions [T]` (i32/i64, ≥ 0) → `y` (same shape).
+/// Rotary embedding on pairs of the last dim: interleaved `(x[2i], x[2i+1])`
+/// or, with `layout = half`, `(x[i], x[i + d/2])`. `x [T, …, d]`, `positions [T]` (i32/i64, ≥ 0) → `y` (same shape).
 #[derive(Debug)]
 pub struct Rope<'a> {
     pub x: &'a Tensor,
@@ -614,7 +650,7 @@ impl OpArgs for Rope<'_> {
     type Dims = RopeDims;
     const DECL: &'static OpDecl = &OpDecl {
         kind: OpKind::Rope,
-        summary: "rotary embedding on interleaved pairs, optional YaRN (SPEC §8)",
+        summary: "rotary embedding on interleaved (or half-split) pairs, optional YaRN (SPEC §8)",
         tensors: &[
             input("x", ACT_DTYPES, "[T, .., d] f32/bf16/f16, d even"),
             input("positions", INDEX_DTYPES, "[T] i32/i64"),
@@ -633,6 +669,12 @@ impl OpArgs for Rope<'_> {
             param("beta_slow", FLOAT, "1", "YaRN beta_slow"),
             param("mscale", FLOAT, "1", "YaRN mscale"),
             param("mscale_all_dim", FLOAT, "1", "YaRN mscale_all_dim"),
+            param(
+                "layout",
+                ParamKind::Choice(&["interleaved", "half"]),
+                "interleaved",
+                "pairs (x[2i], x[2i+1]) or (x[i], x[i+d/2]) (V3.2's indexer: half)",
+            ),
         ],
     };
     fn validate(&self) -> Result<RopeDims> {

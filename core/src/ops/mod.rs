@@ -21,6 +21,7 @@ mod grouped;
 pub mod index;
 mod mla;
 mod rows;
+mod sparse;
 
 pub use copy::*;
 pub use decl::{OpDecl, ParamDecl, ParamDefault, ParamKind, Role, TensorDecl};
@@ -29,6 +30,7 @@ pub use ep::*;
 pub use grouped::*;
 pub use mla::*;
 pub use rows::*;
+pub use sparse::*;
 
 use crate::backend::{Backend, Tensor};
 use crate::comm::Communicator;
@@ -93,6 +95,10 @@ macro_rules! for_each_local_op {
             GatherRows => gather_rows,
             ReduceRows => reduce_rows,
             GetDispatchLayout => get_dispatch_layout,
+            IndexerLogits => indexer_logits,
+            IndexerTopk => indexer_topk,
+            SparseMlaDecode => sparse_mla_decode,
+            CacheQuant => cache_quant,
         }
     };
 }

@@ -336,11 +336,13 @@ pub fn rope(op: &mut Checked<Rope<'_>>) -> Result<()> {
             let angle = p * f; // in f32, as SPEC.md §8 fixes
             let c = (angle as f64).cos() * cs_scale;
             let s = (angle as f64).sin() * cs_scale;
+            let (c0, c1) = args.config.layout.pair(i, d);
             for h in 0..heads {
-                let base = (tok * heads + h) * d + 2 * i;
-                let (x0, x1) = (x[base] as f64, x[base + 1] as f64);
-                y[base] = x0 * c - x1 * s;
-                y[base + 1] = x0 * s + x1 * c;
+                let base = (tok * heads + h) * d;
+                let (i0, i1) = (base + c0, base + c1);
+                let (x0, x1) = (x[i0] as f64, x[i1] as f64);
+                y[i0] = x0 * c - x1 * s;
+                y[i1] = x0 * s + x1 * c;
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod copy;
 pub mod dense;
 pub mod ep;
 pub mod mla;
+pub mod sparse;
 
 use crate::CpuRef;
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
@@ -42,6 +43,7 @@ mod kernels {
     pub(crate) use super::dense::*;
     pub(crate) use super::ep::get_dispatch_layout;
     pub(crate) use super::mla::*;
+    pub(crate) use super::sparse::{cache_quant, indexer_logits, indexer_topk, sparse_mla_decode};
     // The grouped bf16/f32 GEMMs are plain loops already: one function is
     // both the specification and cpu-ref's kernel.
     pub(crate) use crate::grouped::{gemm_grouped_contiguous, gemm_grouped_masked};

@@ -617,6 +617,13 @@ pub(crate) fn yarn_ramp(theta: f32, y: &Yarn, d: usize) -> (f64, f64) {
 pub fn rope(cx: &dyn LaunchContext, op: &mut Checked<Rope<'_>>) -> Result<()> {
     const OP: &str = "rope";
     let (a, dims) = op.parts();
+    if a.config.layout != RopeLayout::Interleaved {
+        return Err(Error::not_supported(
+            "cuda",
+            OP,
+            "rope layout `half` (only interleaved pairs)",
+        ));
+    }
     let (tokens, heads, d) = (dims.tokens, dims.heads, dims.d);
     let dt = dtype_code(OP, a.x.dtype())?;
     let pos_dt = match a.positions.dtype() {
@@ -1039,6 +1046,7 @@ mod tests {
             mscale_all_dim: 1.0,
         };
         let config = RopeConfig {
+            layout: Default::default(),
             theta: 10000.0,
             yarn: Some(yarn),
         };

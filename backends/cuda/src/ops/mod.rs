@@ -5,10 +5,12 @@
 pub(crate) mod dense;
 pub(crate) mod mla;
 pub(crate) mod small;
+pub(crate) mod sparse;
 
 pub(crate) use dense::*;
 pub(crate) use mla::*;
 pub(crate) use small::*;
+pub(crate) use sparse::*;
 
 /// The op glue of every local op, public so that another backend whose
 /// device runs the same kernel sources (the ROCm backend, through
@@ -24,6 +26,7 @@ pub mod glue {
         add, copy_window, embedding, gather_rows, get_dispatch_layout, moe_gate, reduce_rows,
         rms_norm, silu_mul,
     };
+    pub use super::sparse::{cache_quant, indexer_logits, indexer_topk, sparse_mla_decode};
 }
 
 /// Every kernel source of the backend, for the module cache and

@@ -111,6 +111,13 @@ fn rms_norm(v: &Vulkan, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
 fn rope(v: &Vulkan, op: &mut Checked<Rope<'_>>) -> Result<()> {
     const OP: &str = "rope";
     let (a, d) = op.parts();
+    if a.config.layout != RopeLayout::Interleaved {
+        return Err(deepport_core::Error::not_supported(
+            "vulkan",
+            OP,
+            "rope layout `half` (only interleaved pairs)",
+        ));
+    }
     u32_of(OP, "numel", a.x.numel())?;
     let half = d.d / 2;
     let per_token = d.heads * d.d;

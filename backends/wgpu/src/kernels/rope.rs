@@ -18,6 +18,13 @@ pub(crate) fn register(t: &mut OpTable) {
 fn rope(w: &Wgpu, op: &mut Checked<Rope<'_>>) -> Result<()> {
     const OP: &str = "rope";
     let (a, d) = op.parts();
+    if a.config.layout != RopeLayout::Interleaved {
+        return Err(deepport_core::Error::not_supported(
+            "wgpu",
+            OP,
+            "rope layout `half` (only interleaved pairs)",
+        ));
+    }
     u32_of(OP, "numel", a.x.numel())?;
     let half = d.d / 2;
     let per_token = d.heads * d.d;

@@ -25,7 +25,7 @@ const FROM_FILES: [&str; 2] = ["golden_ops", "model"];
 
 /// Every family this module has an estimate for (a test checks that every
 /// family of [`crate::cases::FAMILIES`] is listed).
-pub const ESTIMATED: [&str; 17] = [
+pub const ESTIMATED: [&str; 21] = [
     "act_quant",
     "weight_dequant",
     "fp8_gemm",
@@ -43,6 +43,10 @@ pub const ESTIMATED: [&str; 17] = [
     "embedding",
     "copy_window",
     "ep",
+    "indexer_logits",
+    "indexer_topk",
+    "sparse_mla_decode",
+    "cache_quant",
 ];
 
 /// The element count of a case's tensors (inputs and outputs), computed in
@@ -159,6 +163,45 @@ pub fn elements(family: &str, params: &ParamMap) -> Option<f64> {
             };
             // Per rank: its tokens, the combined output, routing, layouts.
             r * (t * hidden * 2.0 + t * k * 2.0 + recv + r * e)
+        }
+        // DeepSeek-V3.2 (docs/spec-v32.md): paged caches of `block`-token
+        // pages (byte tensors charged by their size in 4-byte units).
+        "indexer_logits" | "sparse_mla_decode" => {
+            let b = i("b");
+            let block = i("block").max(1.0);
+            let (total_len, longest) = if p.has("lens") {
+                let v = p.ints("lens").ok().flatten().unwrap_or_default();
+                (
+                    sum_list("lens"),
+                    v.iter().max().copied().unwrap_or(0) as f64,
+                )
+            } else if p.flag("varlen").unwrap_or(false) {
+                (1.5 * b * i("s_k"), 3.0 * i("s_k"))
+            } else {
+                (b * i("s_k"), i("s_k"))
+            };
+            let pages = (total_len / block).ceil() + b + 3.0;
+            if family == "indexer_logits" {
+                let (nn, h, d) = (i("next_n").max(1.0), i("h"), i("d"));
+                let max_len = longest + 2.0 * block;
+                pages * block * (d + 4.0) / 4.0 + b * nn * (h * d / 4.0 + h + max_len) + b * pages
+            } else {
+                let (s_q, h_q, topk) = (i("s_q"), i("h_q"), i("topk"));
+                pages * block * 656.0 / 4.0
+                    + b * s_q * (h_q * (576.0 + 512.0 + 1.0) + topk)
+                    + 2.0 * topk * 576.0
+                    + b * pages
+            }
+        }
+        "indexer_topk" => i("rows") * (i("n") + i("topk") + 1.0),
+        "cache_quant" => {
+            let tokens = i("blocks") * i("block");
+            let (d, bytes) = if p.opt_text("layout").ok().flatten() == Some("latent") {
+                (576.0, 656.0)
+            } else {
+                (i("d"), i("d") + 4.0)
+            };
+            tokens * (d + bytes / 4.0)
         }
         f if FROM_FILES.contains(&f) => return None,
         // Unknown here: the builder reports an unknown family.

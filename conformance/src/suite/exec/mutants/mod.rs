@@ -63,6 +63,10 @@ pub enum Bug {
     RopeNoMscale,
     RopeMscaleNotRatio,
     RopeYarnIgnored,
+    RopeLayoutIgnored,
+    // DeepSeek-V3.2 FP8 caches
+    CacheScaleUe8m0,
+    SparseScaleUe8m0,
     // MoE gate
     GateNoBias,
     GateNoRouteScale,
@@ -161,6 +165,12 @@ pub const LIBRARY: &[MutantInfo] = &[
        "YaRN cos/sin multiplied by mscale(f, mscale) alone, without dividing by mscale(f, mscale_all_dim) (1.369 for V3 instead of 1)"),
     m!("rope_yarn_ignored", RopeYarnIgnored, &[OpKind::Rope],
        "rope_scaling not read: plain RoPE frequencies instead of YaRN's ramped ones"),
+    m!("rope_layout_ignored", RopeLayoutIgnored, &[OpKind::Rope],
+       "the rope layout is not read: interleaved pairs where half-split pairs are required (the first DeepSeek-V3.2 reference's indexer RoPE; a silent quality loss past 2048 tokens)"),
+    m!("cache_scale_ue8m0", CacheScaleUe8m0, &[OpKind::CacheQuant],
+       "the FP8 cache writer always rounds its scales up to powers of two (an e8m0 path taken for a cache whose scales are floats)"),
+    m!("sparse_scale_ue8m0", SparseScaleUe8m0, &[OpKind::SparseMlaDecode],
+       "sparse decode applies the latent cache's scales through an e8m0 path (rounded up to powers of two): right only when the writer's scales were powers of two"),
     m!("gate_no_bias", GateNoBias, &[OpKind::MoeGate],
        "e_score_correction_bias not added before selection (noaux_tc treated as plain top-k)"),
     m!("gate_no_route_scale", GateNoRouteScale, &[OpKind::MoeGate],
@@ -175,6 +185,15 @@ pub const LIBRARY: &[MutantInfo] = &[
        "low-latency combine sums the expert outputs without the gate weights"),
     m!("ll_combine_weights_twice", LlCombineWeightsTwice, &[OpKind::LowLatencyCombine],
        "gate weights applied twice (the expert already weighted its output and combine weights it again)"),
+];
+
+/// The mutants of DeepSeek-V3.2's failures: the cases that catch them
+/// (half-split rope, the V3.2 caches) are in `smoke`, `full` and `v32`,
+/// never in `v3-mustpass`.
+pub const BEYOND_V3: &[&str] = &[
+    "rope_layout_ignored",
+    "cache_scale_ue8m0",
+    "sparse_scale_ue8m0",
 ];
 
 /// The mutant of this name.
@@ -236,6 +255,9 @@ fn fixed_f32(op: OpKind, dtypes: &[DType]) -> usize {
         // x, weight, [bias,] topk_idx, topk_weights
         OpKind::MoeGate => 1 + usize::from(dtypes.len() == 5),
         OpKind::LowLatencyCombine => 1,
+        // weights, logits / logits / [attn_sink,] lse
+        OpKind::IndexerLogits | OpKind::SparseMlaDecode => 2,
+        OpKind::IndexerTopk => 1,
         _ => 0,
     }
 }
@@ -303,6 +325,52 @@ impl Backend for Semantic {
         gemm_grouped_contiguous: GemmGroupedContiguous, gemm_grouped_masked: GemmGroupedMasked,
         embedding: Embedding, add: Add, copy_window: CopyWindow,
         get_dispatch_layout: GetDispatchLayout, gather_rows: GatherRows, reduce_rows: ReduceRows,
+        indexer_logits: IndexerLogits, indexer_topk: IndexerTopk,
+    }
+
+    fn cache_quant(&self, op: &mut Checked<CacheQuant<'_>>) -> Result<()> {
+        if self.bug != Bug::CacheScaleUe8m0 {
+            return CpuRef.cache_quant(op);
+        }
+        let (a, _) = op.parts();
+        let mut c = CacheQuant {
+            x: a.x,
+            cache: &mut *a.cache,
+            layout: a.layout,
+            ue8m0: true,
+        }
+        .check()?;
+        CpuRef.cache_quant(&mut c)
+    }
+
+    fn sparse_mla_decode(&self, op: &mut Checked<SparseMlaDecode<'_>>) -> Result<()> {
+        if self.bug != Bug::SparseScaleUe8m0 {
+            return CpuRef.sparse_mla_decode(op);
+        }
+        let (a, _) = op.parts();
+        let h = dl(a.kcache)?;
+        let mut bytes = h.bytes().to_vec();
+        for tok in bytes.chunks_mut(V32_TOKEN_BYTES) {
+            for g in 0..V32_NOPE / QBLOCK {
+                let at = V32_NOPE + 4 * g;
+                let s = f32::from_le_bytes([tok[at], tok[at + 1], tok[at + 2], tok[at + 3]]);
+                let r = deepport_core::formats::ue8m0_round_up(s);
+                tok[at..at + 4].copy_from_slice(&r.to_le_bytes());
+            }
+        }
+        let k = up(&HostTensor::from_bytes(h.dtype(), h.shape(), bytes)?)?;
+        let mut c = SparseMlaDecode {
+            q: a.q,
+            kcache: &k,
+            indices: a.indices,
+            topk_length: a.topk_length,
+            attn_sink: a.attn_sink,
+            out: &mut *a.out,
+            lse: &mut *a.lse,
+            softmax_scale: a.softmax_scale,
+        }
+        .check()?;
+        CpuRef.sparse_mla_decode(&mut c)
     }
 
     fn act_quant(&self, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
@@ -531,6 +599,7 @@ impl Backend for Semantic {
             (Bug::RopeNoMscale, Some(y)) => y.mscale = y.mscale_all_dim,
             (Bug::RopeMscaleNotRatio, Some(y)) => y.mscale_all_dim = 0.0,
             (Bug::RopeYarnIgnored, Some(_)) => config.yarn = None,
+            (Bug::RopeLayoutIgnored, _) => config.layout = RopeLayout::Interleaved,
             _ => return CpuRef.rope(op),
         }
         let mut c = Rope {

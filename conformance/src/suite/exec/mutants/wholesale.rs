@@ -95,6 +95,8 @@ impl Backend for Mutant {
         rope: Rope, moe_gate: MoeGate, silu_mul: SiluMul, embedding: Embedding, add: Add,
         copy_window: CopyWindow, get_dispatch_layout: GetDispatchLayout,
         gather_rows: GatherRows, reduce_rows: ReduceRows,
+        indexer_logits: IndexerLogits, indexer_topk: IndexerTopk,
+        sparse_mla_decode: SparseMlaDecode, cache_quant: CacheQuant,
     }
 }
 
