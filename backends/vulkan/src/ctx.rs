@@ -198,6 +198,8 @@ pub struct Features {
     /// `vulkanMemoryModel` (what cooperative-matrix SPIR-V declares).
     pub memory_model: bool,
     pub timestamps: bool,
+    /// Valid bits of the compute queue's timestamps.
+    pub timestamp_bits: u32,
     /// Nanoseconds per timestamp tick.
     pub timestamp_period: f32,
 }
@@ -272,6 +274,20 @@ pub(crate) struct State {
     /// An error found while recording (reported at the next settle).
     deferred: Option<Error>,
     lost: Option<String>,
+    /// Timestamp queries around each op, while `set_timing(true)`.
+    timing: Option<Timing>,
+}
+
+/// Timestamps per batch (two per op; ops beyond them go untimed).
+const TIMING_QUERIES: u32 = 4096;
+
+/// Device timing: a timestamp query pool and the time measured so far.
+pub(crate) struct Timing {
+    pool: vk::QueryPool,
+    /// Queries written in the current batch.
+    used: u32,
+    /// Nanoseconds measured since the last `take_device_seconds`.
+    ns: f64,
 }
 
 /// Everything that tensors keep alive.
@@ -565,10 +581,12 @@ impl Shared {
             coopmat_configs,
             memory_model: mm.vulkan_memory_model == vk::TRUE,
             timestamp_period: lim.timestamp_period,
-            timestamps: lim.timestamp_compute_and_graphics == vk::TRUE
-                || fams
-                    .get(family as usize)
-                    .is_some_and(|f| f.timestamp_valid_bits > 0),
+            timestamps: fams
+                .get(family as usize)
+                .is_some_and(|f| f.timestamp_valid_bits > 0),
+            timestamp_bits: fams
+                .get(family as usize)
+                .map_or(0, |f| f.timestamp_valid_bits),
         };
         if lim.max_push_constants_size < PUSH_BYTES {
             return Err(unavailable("maxPushConstantsSize < 128"));
@@ -756,6 +774,7 @@ impl Shared {
                 checks: Vec::new(),
                 deferred: None,
                 lost,
+                timing: None,
             }),
             recorder: Mutex::new(None),
         }
@@ -852,6 +871,11 @@ impl Shared {
             // Fresh status entries for this batch.
             self.device
                 .cmd_fill_buffer(st.cmd, self.status.buf, 0, vk::WHOLE_SIZE, 0);
+            if let Some(t) = &mut st.timing {
+                self.device
+                    .cmd_reset_query_pool(st.cmd, t.pool, 0, TIMING_QUERIES);
+                t.used = 0;
+            }
         }
         st.recording = true;
         st.commands = 0;
@@ -1043,6 +1067,7 @@ impl Shared {
                     .device
                     .reset_command_buffer(st.cmd, vk::CommandBufferResetFlags::empty());
             }
+            self.read_timing(st);
             if let Some(hs) = hs {
                 let hb = &st.host_blocks[hs.block];
                 let mut words = vec![0u32; checks.len() * 4];
@@ -1090,6 +1115,93 @@ impl Shared {
         }
     }
 
+    /// Adds the completed batch's op times (pairs of timestamps) to the
+    /// timing total.
+    fn read_timing(&self, st: &mut State) {
+        let Some(t) = &mut st.timing else { return };
+        let n = std::mem::take(&mut t.used) & !1;
+        if n == 0 {
+            return;
+        }
+        let mut ticks = vec![0u64; n as usize];
+        // SAFETY: queries [0, n) were reset and written in the batch that
+        // has completed; `ticks` holds n 64-bit results.
+        let r = unsafe {
+            self.device.get_query_pool_results(
+                t.pool,
+                0,
+                &mut ticks,
+                vk::QueryResultFlags::TYPE_64 | vk::QueryResultFlags::WAIT,
+            )
+        };
+        if r.is_err() {
+            return;
+        }
+        let bits = self.features.timestamp_bits.min(64);
+        let mask = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
+        let period = self.features.timestamp_period as f64;
+        for pair in ticks.chunks_exact(2) {
+            let d = pair[1].wrapping_sub(pair[0]) & mask;
+            t.ns += d as f64 * period;
+        }
+    }
+
+    /// Turns device timing on or off; false when the device has no
+    /// timestamps on its compute queue. Settles the current batch first
+    /// (an error it finds is kept for the next settle).
+    pub(crate) fn set_timing(&self, on: bool) -> bool {
+        if on && !self.features.timestamps {
+            return false;
+        }
+        let Ok(mut st) = self.state("set_device_timing") else {
+            return false;
+        };
+        if let Err(e) = self.settle(&mut st, "set_device_timing") {
+            st.deferred.get_or_insert(e);
+        }
+        match (on, st.timing.take()) {
+            (true, Some(t)) => {
+                st.timing = Some(t);
+                true
+            }
+            (true, None) => {
+                let ci = vk::QueryPoolCreateInfo::default()
+                    .query_type(vk::QueryType::TIMESTAMP)
+                    .query_count(TIMING_QUERIES);
+                // SAFETY: a valid create info on a live device.
+                match unsafe { self.device.create_query_pool(&ci, None) } {
+                    Ok(pool) => {
+                        st.timing = Some(Timing {
+                            pool,
+                            used: 0,
+                            ns: 0.0,
+                        });
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            (false, Some(t)) => {
+                // SAFETY: settled above: no pending command uses the pool.
+                unsafe { self.device.destroy_query_pool(t.pool, None) };
+                false
+            }
+            (false, None) => false,
+        }
+    }
+
+    /// Seconds of device time measured since the last call (op by op,
+    /// timestamp to timestamp); `None` while timing is off.
+    pub(crate) fn take_device_seconds(&self) -> Option<f64> {
+        let mut st = self.state("take_device_seconds").ok()?;
+        let t = st.timing.as_mut()?;
+        Some(std::mem::take(&mut t.ns) * 1e-9)
+    }
+
     /// The variant of kernel `name` this instance runs: the subgroup
     /// reductions (`*_sg`) where [`Used::subgroup_reductions`].
     pub(crate) fn kernel(&self, name: &'static str) -> &'static str {
@@ -1109,12 +1221,15 @@ impl Shared {
         let mut st = self.state(op)?;
         self.begin_cmd(&mut st)?;
         *lock(&self.recorder) = Some(std::thread::current().id());
-        Ok(Rec {
+        let mut rec = Rec {
             ctx: self,
             op,
             st,
             scratch: Vec::new(),
-        })
+            timed: None,
+        };
+        rec.stamp_start();
+        Ok(rec)
     }
 
     /// A pipeline for kernel `name` with kernel constants `spec` (after the
@@ -1364,6 +1479,9 @@ impl Drop for Shared {
                 d.destroy_buffer(b.buf, None);
                 d.free_memory(b.mem, None);
             }
+            if let Some(t) = &st.timing {
+                d.destroy_query_pool(t.pool, None);
+            }
             d.destroy_buffer(self.status.buf, None);
             d.free_memory(self.status.mem, None);
             d.destroy_pipeline_cache(self.cache, None);
@@ -1386,10 +1504,57 @@ pub(crate) struct Rec<'a> {
     /// Scratch slots of this op, free for reuse once it is recorded (later
     /// commands are ordered after it by barriers).
     scratch: Vec<Slot>,
+    /// The query pool and end query of this op's timestamp pair, while
+    /// timing is on.
+    timed: Option<(vk::QueryPool, u32)>,
+}
+
+impl Rec<'_> {
+    /// Writes the start timestamp of this op (when timing is on and the
+    /// batch has queries left).
+    fn stamp_start(&mut self) {
+        let cmd = self.st.cmd;
+        if let Some(t) = &mut self.st.timing {
+            if t.used + 2 <= TIMING_QUERIES {
+                // SAFETY: `cmd` is recording; the query was reset at the
+                // start of this batch and is written once.
+                unsafe {
+                    self.ctx.device.cmd_write_timestamp(
+                        cmd,
+                        vk::PipelineStageFlags::TOP_OF_PIPE,
+                        t.pool,
+                        t.used,
+                    )
+                };
+                self.timed = Some((t.pool, t.used + 1));
+                t.used += 2;
+            }
+        }
+    }
+
+    /// Writes the end timestamp of the pair `stamp_start` began, so that
+    /// every started pair is complete before the batch is submitted.
+    fn stamp_end(&mut self) {
+        if let Some((pool, q)) = self.timed.take() {
+            // SAFETY: `cmd` is still recording (only a settle ends it, and
+            // that needs the state this op holds, see `entry`); query `q`
+            // was reset in this batch and is written once.
+            unsafe {
+                self.ctx.device.cmd_write_timestamp(
+                    self.st.cmd,
+                    vk::PipelineStageFlags::BOTTOM_OF_PIPE,
+                    pool,
+                    q,
+                )
+            };
+        }
+    }
 }
 
 impl Drop for Rec<'_> {
     fn drop(&mut self) {
+        // Also when the op failed: every started pair is completed.
+        self.stamp_end();
         for s in self.scratch.drain(..) {
             self.st.dev.free(s);
         }
@@ -1699,11 +1864,13 @@ impl Rec<'_> {
     ) -> Result<u32> {
         if self.st.checks.len() as u32 >= STATUS_ENTRIES {
             let ctx = self.ctx;
+            self.stamp_end();
             if let Err(e) = ctx.settle(&mut self.st, self.op) {
                 // Keep it for the next settle: the contract reports it later.
                 self.st.deferred.get_or_insert(e);
             }
             ctx.begin_cmd(&mut self.st)?;
+            self.stamp_start();
         }
         let entry = self.st.checks.len() as u32;
         self.st

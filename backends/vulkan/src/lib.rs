@@ -268,6 +268,16 @@ impl Backend for Vulkan {
         self.ctx.synchronize()
     }
 
+    /// Timestamp queries around every op (`TOP_OF_PIPE` before its first
+    /// command, `BOTTOM_OF_PIPE` after its last), scaled by `timestampPeriod`.
+    fn set_device_timing(&self, on: bool) -> bool {
+        self.ctx.set_timing(on)
+    }
+
+    fn take_device_seconds(&self) -> Option<f64> {
+        self.ctx.take_device_seconds()
+    }
+
     deepport_core::for_each_local_op!(table_local_ops);
 }
 

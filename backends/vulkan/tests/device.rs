@@ -309,3 +309,49 @@ fn device_paths_agree_with_the_portable_kernels() {
     native.synchronize().unwrap();
     portable.synchronize().unwrap();
 }
+
+/// Timestamp queries: with timing on, an op's device time comes back after
+/// the synchronize (positive, and below the wall time around it); off, none.
+#[test]
+fn timestamps_measure_op_time() {
+    let Some(v) = make(validation_available()) else {
+        return;
+    };
+    assert_eq!(v.take_device_seconds(), None, "timing is off by default");
+    if !v.features().timestamps {
+        assert!(!v.set_device_timing(true));
+        return;
+    }
+    assert!(v.set_device_timing(true));
+    assert_eq!(v.take_device_seconds(), Some(0.0), "nothing ran yet");
+    let n = 1 << 20;
+    let x = v
+        .upload(&HostTensor::from_f32(DType::F32, &[n], &vec![1.5; n]))
+        .unwrap();
+    let mut y = v.alloc(DType::F32, &[n]).unwrap();
+    v.synchronize().unwrap();
+    v.take_device_seconds();
+    let t0 = std::time::Instant::now();
+    for _ in 0..3 {
+        ops::run(
+            &v,
+            ops::Add {
+                a: &x,
+                b: &x,
+                out: &mut y,
+            },
+        )
+        .unwrap();
+    }
+    v.synchronize().unwrap();
+    let wall = t0.elapsed().as_secs_f64();
+    let dev = v.take_device_seconds().expect("timing is on");
+    assert!(
+        dev > 0.0 && dev <= wall * 1.5,
+        "device {dev} s, wall {wall} s"
+    );
+    assert_eq!(v.take_device_seconds(), Some(0.0), "taken once");
+    assert_eq!(v.download(&y).unwrap().to_f32_vec()[..2], [3.0, 3.0]);
+    assert!(!v.set_device_timing(false));
+    assert_eq!(v.take_device_seconds(), None);
+}
