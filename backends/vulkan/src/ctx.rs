@@ -17,7 +17,7 @@
 //! * **Pipelines** are created once per (kernel, specialization constants)
 //!   through a `VkPipelineCache`. Constant 0 is the device's subgroup size,
 //!   constant 1 the workgroup size; kernel constants follow.
-//! * **Deferred checks** ([`crate::checks`]): check kernels flag the first
+//! * **Deferred checks** ([`crate::checks`], decoded by `deepport-gpu-host`): check kernels flag the first
 //!   bad element of an index tensor in a status buffer; the error is
 //!   returned by the next `download`/`synchronize`, once.
 //! * **Validation.** With `VulkanOptions::validation` (tests turn it on when
@@ -25,10 +25,10 @@
 //!   collected by a debug-utils callback and returned as `Error::Device` at
 //!   the next settle.
 
-use crate::arena::{Arena, NeedBlock, Slot};
-use crate::checks::{Check, CheckKind, STATUS_ENTRIES};
+use crate::checks::{Check, CheckKind, ENTRY_WORDS, STATUS_ENTRIES};
 use ash::vk;
 use deepport_core::{Error, Result};
+use deepport_gpu_host::arena::{Arena, NeedBlock, Slot};
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,6 +86,11 @@ pub struct VulkanOptions {
     /// reductions), whatever the device offers: the fallback path, tested
     /// on devices that have the rest (`DEEPPORT_VULKAN_PORTABLE=1`).
     pub portable: bool,
+    /// Debugging: `alloc` fills new tensors with all-ones bytes (NaN in
+    /// f32, bf16, f16 and e4m3; -1 in integers) instead of zeros, so a
+    /// kernel that reads what nobody wrote shows up
+    /// (`DEEPPORT_VULKAN_POISON=1`).
+    pub poison: bool,
 }
 
 /// What the kernels of an instance use of the device, decided at creation
@@ -310,6 +315,7 @@ pub(crate) struct Shared {
     pub(crate) driver: String,
     pub(crate) vendor: u32,
     pub(crate) validation: bool,
+    pub(crate) poison: bool,
     /// Device slots of dropped tensors, returned to the arena under `state`.
     freed: Mutex<Vec<Slot>>,
     state: Mutex<State>,
@@ -758,6 +764,7 @@ impl Shared {
             driver: p.driver,
             vendor: p.vendor,
             validation: opts.validation,
+            poison: opts.poison,
             freed: Mutex::new(Vec::new()),
             state: Mutex::new(State {
                 dev: Arena::new(DEVICE_BLOCK, align),
@@ -911,6 +918,12 @@ impl Shared {
     /// return zeros and callers that read rows a kernel skipped (masked
     /// GEMM rows) would otherwise see whatever a freed tensor left there.
     pub(crate) fn zero_slot(&self, what: &str, slot: Slot) -> Result<()> {
+        self.fill_slot(what, slot, 0)
+    }
+
+    /// Fills a device slot with the 32-bit pattern `word`, ordered with the
+    /// recorded work.
+    pub(crate) fn fill_slot(&self, what: &str, slot: Slot, word: u32) -> Result<()> {
         let mut st = self.state(what)?;
         self.begin_cmd(&mut st)?;
         let buf = self.slot_buffer(&st, slot);
@@ -918,7 +931,7 @@ impl Shared {
         // multiple of 4 (the arena aligns sizes); `cmd` is recording.
         unsafe {
             self.device
-                .cmd_fill_buffer(st.cmd, buf, slot.offset, slot.size, 0)
+                .cmd_fill_buffer(st.cmd, buf, slot.offset, slot.size, word)
         };
         self.barrier(&st);
         Ok(())
@@ -1873,9 +1886,13 @@ impl Rec<'_> {
             self.stamp_start();
         }
         let entry = self.st.checks.len() as u32;
-        self.st
-            .checks
-            .push(Check::new(self.op, arg, shape, kind, entry));
+        self.st.checks.push(Check::new(
+            self.op,
+            arg,
+            shape,
+            kind,
+            entry as usize * ENTRY_WORDS,
+        ));
         Ok(entry)
     }
 

@@ -15,7 +15,8 @@
 //!   size is a specialization constant taken from the device.
 //! * Ops not implemented answer `NotSupported` (see `kernels`).
 
-pub mod arena;
+/// The sub-allocator (shared with other backends: `deepport-gpu-host`).
+pub use deepport_gpu_host::arena;
 pub mod checks;
 pub mod ctx;
 mod kernels;
@@ -221,7 +222,11 @@ impl Backend for Vulkan {
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let bytes = Self::nbytes(dtype, shape)?;
         let s = self.ctx.alloc("alloc", bytes)?;
-        self.ctx.zero_slot("alloc", s.slot)?;
+        if self.ctx.poison {
+            self.ctx.fill_slot("alloc", s.slot, u32::MAX)?;
+        } else {
+            self.ctx.zero_slot("alloc", s.slot)?;
+        }
         Ok(self.tensor(dtype, shape, s))
     }
 
@@ -305,6 +310,7 @@ pub fn register(reg: &mut deepport_core::registry::Registry) {
                 device: device.unwrap_or(0),
                 validation: std::env::var("DEEPPORT_VULKAN_VALIDATION").is_ok_and(|v| v == "1"),
                 portable: std::env::var("DEEPPORT_VULKAN_PORTABLE").is_ok_and(|v| v == "1"),
+                poison: std::env::var("DEEPPORT_VULKAN_POISON").is_ok_and(|v| v == "1"),
             })?))
         },
         devices,

@@ -355,3 +355,23 @@ fn timestamps_measure_op_time() {
     assert!(!v.set_device_timing(false));
     assert_eq!(v.take_device_seconds(), None);
 }
+
+/// `alloc` gives zeros; with `poison` all-ones bytes (NaN in every float
+/// format but e4m3fnuz), so a read of unwritten memory shows.
+#[test]
+fn alloc_zeroes_or_poisons() {
+    let Some(v) = make(false) else {
+        return;
+    };
+    let t = v.alloc(DType::F32, &[5]).unwrap();
+    assert_eq!(v.download(&t).unwrap().bytes(), &[0u8; 20][..]);
+    let p = Vulkan::with_options(VulkanOptions {
+        poison: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let t = p.alloc(DType::BF16, &[3]).unwrap();
+    let h = p.download(&t).unwrap();
+    assert_eq!(h.bytes(), &[0xffu8; 6][..]);
+    assert!(h.to_f32_vec().iter().all(|x| x.is_nan()));
+}

@@ -72,18 +72,13 @@ fn record(rec: &mut Rec<'_>, op: &'static str, x: &Operands<'_>, mode: Mode, dim
             unit = unit.max(per_group(sa));
         }
     }
-    let per = if unit * g as u64 <= max {
-        g
-    } else {
-        (max / unit.max(1)) as usize
-    };
-    if per == 0 {
+    let Some(per) = deepport_gpu_host::window::groups_per_window(g, unit, max) else {
         return Err(deepport_core::Error::not_supported(
             crate::ctx::BACKEND,
             op,
             format!("one group of {unit} bytes exceeds maxStorageBufferRange ({max} bytes)"),
         ));
-    }
+    };
     let used = rec.used().clone();
     if let (Mode::Dense, Some((sa, sb)), Some([tm, tn, tk])) = (mode, x.scales, used.coopmat) {
         // The cooperative-matrix tile kernel (one subgroup per tm×tn tile).
