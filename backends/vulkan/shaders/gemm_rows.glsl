@@ -6,8 +6,8 @@
 //             (block sums in f32, exact for FP8 products; e4m3/e4m3fnuz
 //             decoded by bit manipulation)
 //   FP8 = 0:  d[r, j] = Σ_k a[r, k] · b[g, j, k] in f32
-// MODE 0 dense (g = 0), 1 contiguous (g = m_indices[r]; -1 or a bad id:
-// the row is not written, the check kernel reports bad ids), 2 masked
+// MODE 0 dense (g = 0), 1 contiguous (g = m_indices[r]; -1: the row is
+// written with zeros; a bad id: not written, the check kernel reports it), 2 masked
 // (rows r ≥ masked_m[g] of group g are not written; masked_m clamped).
 // Rows are global: masked rows count `g · m + r`. Operands beyond
 // maxStorageBufferRange come in windows of whole groups [g0, g1): b and sb
@@ -56,6 +56,12 @@ void main() {
     uint g = 0u;
     if (MODE == 1u) {
         uvec2 id = LDI(idx, IDX_DT, r);
+        // -1 marks a padding row: its output is unspecified; write 0 (as
+        // cpu-ref does) so that no unwritten memory reaches a later op.
+        if (id.x == 0xffffffffu && id.y == 0xffffffffu) {
+            store((r - P.r0) * P.n + j, 0.0);
+            return;
+        }
         if (id.y != 0u || id.x >= P.groups) return;
         g = id.x;
     } else if (MODE == 2u) {

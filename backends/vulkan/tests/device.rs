@@ -375,3 +375,53 @@ fn alloc_zeroes_or_poisons() {
     assert_eq!(h.bytes(), &[0xffu8; 6][..]);
     assert!(h.to_f32_vec().iter().all(|x| x.is_nan()));
 }
+
+/// Padding rows (`m_indices = -1`) of a contiguous grouped GEMM come back
+/// as zeros even over poisoned memory: an fp8 forward pass feeds whole
+/// padded buffers to `act_quant`, which rejects NaN (found with
+/// `DEEPPORT_VULKAN_POISON=1`).
+#[test]
+fn contiguous_padding_rows_are_written() {
+    let Some(_) = make(false) else {
+        return;
+    };
+    let v = Vulkan::with_options(VulkanOptions {
+        poison: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let (m, n, k) = (4, 3, 8);
+    let a = v
+        .upload(&HostTensor::from_f32(
+            DType::F32,
+            &[m, k],
+            &vec![0.5; m * k],
+        ))
+        .unwrap();
+    let b = v
+        .upload(&HostTensor::from_f32(
+            DType::F32,
+            &[1, n, k],
+            &vec![2.0; n * k],
+        ))
+        .unwrap();
+    let idx = v
+        .upload(&HostTensor::from_i32(&[m], &[0, -1, 0, -1]))
+        .unwrap();
+    let mut d = v.alloc(DType::F32, &[m, n]).unwrap();
+    ops::run(
+        &v,
+        ops::GemmGroupedContiguous {
+            a: &a,
+            b: &b,
+            m_indices: &idx,
+            d: &mut d,
+        },
+    )
+    .unwrap();
+    let out = v.download(&d).unwrap().to_f32_vec();
+    assert_eq!(
+        out,
+        vec![8.0, 8.0, 8.0, 0.0, 0.0, 0.0, 8.0, 8.0, 8.0, 0.0, 0.0, 0.0]
+    );
+}
