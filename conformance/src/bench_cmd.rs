@@ -75,6 +75,9 @@ pub struct Measurement {
     pub device: String,
     pub shape: Shape,
     pub median_s: f64,
+    /// Median device-measured kernel time (timestamp queries), when the
+    /// backend measures it (`Backend::take_device_seconds`).
+    pub device_s: Option<f64>,
     pub iters: u32,
     pub tflops: f64,
     pub gbps: f64,
@@ -93,6 +96,7 @@ impl Measurement {
             "device": self.device,
             "shape": self.shape.0,
             "median_s": self.median_s,
+            "device_seconds": self.device_s,
             "iters": self.iters,
             "tflops": self.tflops,
             "gbps": self.gbps,
@@ -104,10 +108,40 @@ impl Measurement {
 
 /// Times `launch` + `synchronize`: one warm-up run, then runs until both
 /// `min_time` and `min_iters` are reached or `max_iters` is; returns the
-/// median and the count.
-fn time_case(be: &dyn Backend, p: &mut Prepared, args: &BenchArgs) -> Result<(f64, u32), Error> {
+/// median, the median device time (when the backend measures it) and the
+/// count.
+fn time_case(
+    be: &dyn Backend,
+    p: &mut Prepared,
+    args: &BenchArgs,
+) -> Result<(f64, Option<f64>, u32), Error> {
+    let timed = be.set_device_timing(true);
+    let r = time_runs(be, p, args);
+    if timed {
+        be.set_device_timing(false);
+    }
+    r
+}
+
+fn median_of(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+fn time_runs(
+    be: &dyn Backend,
+    p: &mut Prepared,
+    args: &BenchArgs,
+) -> Result<(f64, Option<f64>, u32), Error> {
     p.launch(be)?;
     be.synchronize()?;
+    be.take_device_seconds();
+    let mut device = Vec::new();
     let mut times = Vec::new();
     let start = Instant::now();
     while (times.len() as u32) < args.max_iters
@@ -117,15 +151,15 @@ fn time_case(be: &dyn Backend, p: &mut Prepared, args: &BenchArgs) -> Result<(f6
         p.launch(be)?;
         be.synchronize()?;
         times.push(t0.elapsed().as_secs_f64());
+        device.extend(be.take_device_seconds());
     }
-    times.sort_by(f64::total_cmp);
     let n = times.len();
-    let median = if n % 2 == 1 {
-        times[n / 2]
+    let device = if device.len() == n {
+        median_of(device)
     } else {
-        (times[n / 2 - 1] + times[n / 2]) / 2.0
+        None
     };
-    Ok((median, n as u32))
+    Ok((median_of(times).unwrap_or(0.0), device, n as u32))
 }
 
 /// Runs `deepport bench`.
@@ -213,10 +247,10 @@ pub fn run(args: &BenchArgs) -> Result<bool, CliError> {
                 continue;
             }
             let result = Prepared::new(be, op, shape).and_then(|mut p| {
-                let (median, iters) = time_case(be, &mut p, args)?;
-                Ok((p.workload.clone(), median, iters))
+                let (median, device_s, iters) = time_case(be, &mut p, args)?;
+                Ok((p.workload.clone(), median, device_s, iters))
             });
-            let (w, median, iters) = match result {
+            let (w, median, device_s, iters) = match result {
                 Ok(r) => r,
                 Err(e @ Error::NotSupported { .. }) => {
                     eprintln!("bench: {op}({shape}) on {}: {e}", be.name());
@@ -245,6 +279,7 @@ pub fn run(args: &BenchArgs) -> Result<bool, CliError> {
                 device: be.info().device,
                 shape: shape.clone(),
                 median_s: median,
+                device_s,
                 iters,
                 tflops: w.flops / median / 1e12,
                 gbps: w.bytes / median / 1e9,
@@ -254,10 +289,13 @@ pub fn run(args: &BenchArgs) -> Result<bool, CliError> {
             if json_out {
                 println!("{}", m.to_json());
             } else {
-                let ratio = match first {
+                let mut ratio = match first {
                     Some(f) => format!("  {:.2}× the time of {}", median / f, args.backend[0]),
                     None => String::new(),
                 };
+                if let Some(d) = device_s {
+                    ratio.push_str(&format!("  (device {:.3} ms)", d * 1e3));
+                }
                 println!(
                     "{:<24} {:<40} {:<10} {:>11.3} {:>9.4} {:>9.2} {:>8} {:>7}{ratio}",
                     m.op,

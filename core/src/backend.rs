@@ -114,6 +114,18 @@ pub trait Backend: Send + Sync {
     /// Waits until all submitted work has finished.
     fn synchronize(&self) -> Result<()>;
 
+    /// Turns device-side kernel timing (e.g. timestamp queries around each
+    /// op) on or off; returns whether the backend measures. Default: no.
+    fn set_device_timing(&self, _on: bool) -> bool {
+        false
+    }
+    /// Device time of the work completed since the last call, in seconds
+    /// (call after `synchronize`); `None` when not measuring. For
+    /// `deepport bench`.
+    fn take_device_seconds(&self) -> Option<f64> {
+        None
+    }
+
     // One method per local op (`act_quant`, `fp8_gemm`, …; the list is
     // `ops::for_each_local_op!`), each defaulting to `NotSupported`.
     crate::for_each_local_op!(default_local_methods);

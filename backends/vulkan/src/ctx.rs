@@ -17,7 +17,7 @@
 //! * **Pipelines** are created once per (kernel, specialization constants)
 //!   through a `VkPipelineCache`. Constant 0 is the device's subgroup size,
 //!   constant 1 the workgroup size; kernel constants follow.
-//! * **Deferred checks** ([`crate::checks`]): check kernels flag the first
+//! * **Deferred checks** ([`crate::checks`], decoded by `deepport-gpu-host`): check kernels flag the first
 //!   bad element of an index tensor in a status buffer; the error is
 //!   returned by the next `download`/`synchronize`, once.
 //! * **Validation.** With `VulkanOptions::validation` (tests turn it on when
@@ -25,10 +25,10 @@
 //!   collected by a debug-utils callback and returned as `Error::Device` at
 //!   the next settle.
 
-use crate::arena::{Arena, NeedBlock, Slot};
-use crate::checks::{Check, CheckKind, STATUS_ENTRIES};
+use crate::checks::{Check, CheckKind, ENTRY_WORDS, STATUS_ENTRIES};
 use ash::vk;
 use deepport_core::{Error, Result};
+use deepport_gpu_host::arena::{Arena, NeedBlock, Slot};
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -82,6 +82,103 @@ pub struct VulkanOptions {
     /// Enable `VK_LAYER_KHRONOS_validation` (fails creation when the layer
     /// is not installed) and report its errors as `Error::Device`.
     pub validation: bool,
+    /// Use only the portable kernels (32-bit words, shared-memory
+    /// reductions), whatever the device offers: the fallback path, tested
+    /// on devices that have the rest (`DEEPPORT_VULKAN_PORTABLE=1`).
+    pub portable: bool,
+    /// Debugging: `alloc` fills new tensors with all-ones bytes (NaN in
+    /// f32, bf16, f16 and e4m3; -1 in integers) instead of zeros, so a
+    /// kernel that reads what nobody wrote shows up
+    /// (`DEEPPORT_VULKAN_POISON=1`).
+    pub poison: bool,
+}
+
+/// What the kernels of an instance use of the device, decided at creation
+/// from [`Features`] (reported by `info()` and `deepport list`).
+#[derive(Clone, Debug, Default)]
+pub struct Used {
+    /// `subgroupAdd`/`subgroupMax` in the workgroup reductions of
+    /// `rms_norm`, `act_quant` and `mla_decode` (the `*_sg` kernels).
+    pub subgroup_reductions: bool,
+    /// FP8 GEMM operands read as `uint8_t` (8-bit storage) and decoded to
+    /// f16 with int8 arithmetic (`gemm_rows_s8`).
+    pub fp8_storage8: bool,
+    /// The cooperative-matrix `fp8_gemm` tile (M, N, K), when used.
+    pub coopmat: Option<[u32; 3]>,
+    /// Why the cooperative-matrix path is used or not.
+    pub coopmat_reason: String,
+}
+
+impl Used {
+    /// Decides from what the device offers.
+    pub fn decide(f: &Features, portable: bool) -> Used {
+        if portable {
+            return Used {
+                coopmat_reason: "portable kernels requested".into(),
+                ..Used::default()
+            };
+        }
+        let (coopmat, coopmat_reason) = if !f.cooperative_matrix {
+            (
+                None,
+                "the device lacks VK_KHR_cooperative_matrix".to_string(),
+            )
+        } else if !(f.shader_f16 && f.shader_i8 && f.storage8 && f.memory_model) {
+            (
+                None,
+                "f16, int8, 8-bit storage or the Vulkan memory model is missing".to_string(),
+            )
+        } else {
+            match pick_coopmat(&f.coopmat_configs, f.subgroup_size) {
+                Some(c) => (
+                    Some(c),
+                    format!("{}x{}x{} f16·f16→f32, subgroup scope", c[0], c[1], c[2]),
+                ),
+                None => (
+                    None,
+                    "no subgroup-scope (M, N, K, f16, f16, f32) configuration with K dividing 128"
+                        .to_string(),
+                ),
+            }
+        };
+        Used {
+            subgroup_reductions: f.subgroup_arith && f.subgroup_compute && f.subgroup_size <= 128,
+            fp8_storage8: f.storage8 && f.shader_i8 && f.shader_f16,
+            coopmat,
+            coopmat_reason,
+        }
+    }
+}
+
+/// A cooperative-matrix configuration `(M, N, K)` with f16 A/B and f32
+/// C/result at subgroup scope (as the device lists them), K dividing 128
+/// and tiles small enough for shared memory; the largest M·N wins.
+pub fn pick_coopmat(configs: &[CoopmatConfig], subgroup: u32) -> Option<[u32; 3]> {
+    configs
+        .iter()
+        .filter(|c| {
+            c.f16_f16_f32
+                && c.subgroup_scope
+                && c.k > 0
+                && 128 % c.k == 0
+                && c.m > 0
+                && c.n > 0
+                && c.m * c.n <= 64 * 64
+                && subgroup > 0
+        })
+        .max_by_key(|c| (c.m * c.n, c.k))
+        .map(|c| [c.m, c.n, c.k])
+}
+
+/// One `VkCooperativeMatrixPropertiesKHR`, reduced to what matters here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoopmatConfig {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    /// A and B f16, C and result f32, no saturation.
+    pub f16_f16_f32: bool,
+    pub subgroup_scope: bool,
 }
 
 /// What the device offers, as queried (reported in `info()` and README).
@@ -90,6 +187,8 @@ pub struct Features {
     pub api: u32,
     pub subgroup_size: u32,
     pub subgroup_arith: bool,
+    /// Subgroup operations are supported in compute shaders.
+    pub subgroup_compute: bool,
     pub shader_f16: bool,
     pub shader_i8: bool,
     pub storage16: bool,
@@ -98,7 +197,16 @@ pub struct Features {
     pub min_storage_align: u64,
     pub max_groups: [u32; 3],
     pub cooperative_matrix: bool,
+    /// The device's cooperative-matrix configurations (empty without the
+    /// extension).
+    pub coopmat_configs: Vec<CoopmatConfig>,
+    /// `vulkanMemoryModel` (what cooperative-matrix SPIR-V declares).
+    pub memory_model: bool,
     pub timestamps: bool,
+    /// Valid bits of the compute queue's timestamps.
+    pub timestamp_bits: u32,
+    /// Nanoseconds per timestamp tick.
+    pub timestamp_period: f32,
 }
 
 /// The collector the validation callback writes into.
@@ -171,6 +279,20 @@ pub(crate) struct State {
     /// An error found while recording (reported at the next settle).
     deferred: Option<Error>,
     lost: Option<String>,
+    /// Timestamp queries around each op, while `set_timing(true)`.
+    timing: Option<Timing>,
+}
+
+/// Timestamps per batch (two per op; ops beyond them go untimed).
+const TIMING_QUERIES: u32 = 4096;
+
+/// Device timing: a timestamp query pool and the time measured so far.
+pub(crate) struct Timing {
+    pool: vk::QueryPool,
+    /// Queries written in the current batch.
+    used: u32,
+    /// Nanoseconds measured since the last `take_device_seconds`.
+    ns: f64,
 }
 
 /// Everything that tensors keep alive.
@@ -188,10 +310,12 @@ pub(crate) struct Shared {
     dev_type: u32,
     host_type: u32,
     pub(crate) features: Features,
+    pub(crate) used: Used,
     pub(crate) name: String,
     pub(crate) driver: String,
     pub(crate) vendor: u32,
     pub(crate) validation: bool,
+    pub(crate) poison: bool,
     /// Device slots of dropped tensors, returned to the arena under `state`.
     freed: Mutex<Vec<Slot>>,
     state: Mutex<State>,
@@ -399,10 +523,15 @@ impl Shared {
         let mut f16i8 = vk::PhysicalDeviceShaderFloat16Int8Features::default();
         let mut s16 = vk::PhysicalDevice16BitStorageFeatures::default();
         let mut s8 = vk::PhysicalDevice8BitStorageFeatures::default();
+        let mut mm = vk::PhysicalDeviceVulkanMemoryModelFeatures::default();
+        let mut cm = vk::PhysicalDeviceCooperativeMatrixFeaturesKHR::default();
         let mut f2 = vk::PhysicalDeviceFeatures2::default()
             .push_next(&mut f16i8)
             .push_next(&mut s16)
             .push_next(&mut s8);
+        if props.api_version >= vk::API_VERSION_1_2 {
+            f2 = f2.push_next(&mut mm);
+        }
         // SAFETY: as above; unknown structs are ignored by the driver.
         unsafe { instance.get_physical_device_features2(pd, &mut f2) };
         // SAFETY: `pd` belongs to `instance`.
@@ -412,6 +541,31 @@ impl Shared {
             exts.iter()
                 .any(|e| e.extension_name_as_c_str().ok() == Some(n))
         };
+        let has_coopmat = has_ext(c"VK_KHR_cooperative_matrix");
+        let mut coopmat_configs = Vec::new();
+        if has_coopmat {
+            let mut cf2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut cm);
+            // SAFETY: as above.
+            unsafe { instance.get_physical_device_features2(pd, &mut cf2) };
+            let cmi = ash::khr::cooperative_matrix::Instance::new(entry, instance);
+            // SAFETY: the device lists the extension; `pd` belongs to `instance`.
+            let props = unsafe { cmi.get_physical_device_cooperative_matrix_properties(pd) }
+                .unwrap_or_default();
+            coopmat_configs = props
+                .iter()
+                .map(|p| CoopmatConfig {
+                    m: p.m_size,
+                    n: p.n_size,
+                    k: p.k_size,
+                    f16_f16_f32: p.a_type == vk::ComponentTypeKHR::FLOAT16
+                        && p.b_type == vk::ComponentTypeKHR::FLOAT16
+                        && p.c_type == vk::ComponentTypeKHR::FLOAT32
+                        && p.result_type == vk::ComponentTypeKHR::FLOAT32
+                        && p.saturating_accumulation == vk::FALSE,
+                    subgroup_scope: p.scope == vk::ScopeKHR::SUBGROUP,
+                })
+                .collect();
+        }
         // SAFETY: `pd` belongs to `instance`.
         let fams = unsafe { instance.get_physical_device_queue_family_properties(pd) };
         let lim = props.limits;
@@ -420,7 +574,8 @@ impl Shared {
             subgroup_size: sub.subgroup_size.max(1),
             subgroup_arith: sub
                 .supported_operations
-                .contains(vk::SubgroupFeatureFlags::ARITHMETIC),
+                .contains(vk::SubgroupFeatureFlags::ARITHMETIC | vk::SubgroupFeatureFlags::BASIC),
+            subgroup_compute: sub.supported_stages.contains(vk::ShaderStageFlags::COMPUTE),
             shader_f16: f16i8.shader_float16 == vk::TRUE,
             shader_i8: f16i8.shader_int8 == vk::TRUE,
             storage16: s16.storage_buffer16_bit_access == vk::TRUE,
@@ -428,11 +583,16 @@ impl Shared {
             max_storage_range: lim.max_storage_buffer_range as u64,
             min_storage_align: lim.min_storage_buffer_offset_alignment.max(4),
             max_groups: lim.max_compute_work_group_count,
-            cooperative_matrix: has_ext(c"VK_KHR_cooperative_matrix"),
-            timestamps: lim.timestamp_compute_and_graphics == vk::TRUE
-                || fams
-                    .get(family as usize)
-                    .is_some_and(|f| f.timestamp_valid_bits > 0),
+            cooperative_matrix: has_coopmat && cm.cooperative_matrix == vk::TRUE,
+            coopmat_configs,
+            memory_model: mm.vulkan_memory_model == vk::TRUE,
+            timestamp_period: lim.timestamp_period,
+            timestamps: fams
+                .get(family as usize)
+                .is_some_and(|f| f.timestamp_valid_bits > 0),
+            timestamp_bits: fams
+                .get(family as usize)
+                .map_or(0, |f| f.timestamp_valid_bits),
         };
         if lim.max_push_constants_size < PUSH_BYTES {
             return Err(unavailable("maxPushConstantsSize < 128"));
@@ -472,7 +632,39 @@ impl Shared {
         let qci = [vk::DeviceQueueCreateInfo::default()
             .queue_family_index(family)
             .queue_priorities(&prio)];
-        let dci = vk::DeviceCreateInfo::default().queue_create_infos(&qci);
+        // Enable what the kernels use (and nothing the device lacks).
+        let used = Used::decide(&features, opts.portable);
+        let mut en_f16i8 = vk::PhysicalDeviceShaderFloat16Int8Features::default()
+            .shader_float16(used.fp8_storage8 || used.coopmat.is_some())
+            .shader_int8(used.fp8_storage8 || used.coopmat.is_some());
+        let mut en_s8 = vk::PhysicalDevice8BitStorageFeatures::default()
+            .storage_buffer8_bit_access(used.fp8_storage8 || used.coopmat.is_some());
+        let mut en_mm = vk::PhysicalDeviceVulkanMemoryModelFeatures::default()
+            .vulkan_memory_model(used.coopmat.is_some());
+        let mut en_cm =
+            vk::PhysicalDeviceCooperativeMatrixFeaturesKHR::default().cooperative_matrix(true);
+        // The extensions behind those features (core in Vulkan 1.2, but
+        // the instance asks for 1.1): enabled where the device lists them.
+        let mut wanted: Vec<&CStr> = Vec::new();
+        if used.fp8_storage8 || used.coopmat.is_some() {
+            wanted.extend([c"VK_KHR_8bit_storage", c"VK_KHR_shader_float16_int8"]);
+        }
+        if used.coopmat.is_some() {
+            wanted.extend([c"VK_KHR_vulkan_memory_model", c"VK_KHR_cooperative_matrix"]);
+        }
+        let ext_names: Vec<*const std::ffi::c_char> = wanted
+            .iter()
+            .filter(|n| has_ext(n))
+            .map(|n| n.as_ptr())
+            .collect();
+        let mut dci = vk::DeviceCreateInfo::default()
+            .queue_create_infos(&qci)
+            .enabled_extension_names(&ext_names)
+            .push_next(&mut en_f16i8)
+            .push_next(&mut en_s8);
+        if used.coopmat.is_some() {
+            dci = dci.push_next(&mut en_mm).push_next(&mut en_cm);
+        }
         // SAFETY: `dci` and what it points to live until the call returns.
         let device = match unsafe { instance.create_device(pd, &dci, None) } {
             Ok(d) => d,
@@ -497,6 +689,7 @@ impl Shared {
                 .unwrap_or_default(),
             driver: version_string(props.driver_version),
             vendor: props.vendor_id,
+            used,
         })
     }
 
@@ -566,10 +759,12 @@ impl Shared {
             dev_type: p.dev_type,
             host_type: p.host_type,
             features: p.features,
+            used: p.used,
             name: p.name,
             driver: p.driver,
             vendor: p.vendor,
             validation: opts.validation,
+            poison: opts.poison,
             freed: Mutex::new(Vec::new()),
             state: Mutex::new(State {
                 dev: Arena::new(DEVICE_BLOCK, align),
@@ -586,6 +781,7 @@ impl Shared {
                 checks: Vec::new(),
                 deferred: None,
                 lost,
+                timing: None,
             }),
             recorder: Mutex::new(None),
         }
@@ -682,6 +878,11 @@ impl Shared {
             // Fresh status entries for this batch.
             self.device
                 .cmd_fill_buffer(st.cmd, self.status.buf, 0, vk::WHOLE_SIZE, 0);
+            if let Some(t) = &mut st.timing {
+                self.device
+                    .cmd_reset_query_pool(st.cmd, t.pool, 0, TIMING_QUERIES);
+                t.used = 0;
+            }
         }
         st.recording = true;
         st.commands = 0;
@@ -717,6 +918,12 @@ impl Shared {
     /// return zeros and callers that read rows a kernel skipped (masked
     /// GEMM rows) would otherwise see whatever a freed tensor left there.
     pub(crate) fn zero_slot(&self, what: &str, slot: Slot) -> Result<()> {
+        self.fill_slot(what, slot, 0)
+    }
+
+    /// Fills a device slot with the 32-bit pattern `word`, ordered with the
+    /// recorded work.
+    pub(crate) fn fill_slot(&self, what: &str, slot: Slot, word: u32) -> Result<()> {
         let mut st = self.state(what)?;
         self.begin_cmd(&mut st)?;
         let buf = self.slot_buffer(&st, slot);
@@ -724,7 +931,7 @@ impl Shared {
         // multiple of 4 (the arena aligns sizes); `cmd` is recording.
         unsafe {
             self.device
-                .cmd_fill_buffer(st.cmd, buf, slot.offset, slot.size, 0)
+                .cmd_fill_buffer(st.cmd, buf, slot.offset, slot.size, word)
         };
         self.barrier(&st);
         Ok(())
@@ -873,6 +1080,7 @@ impl Shared {
                     .device
                     .reset_command_buffer(st.cmd, vk::CommandBufferResetFlags::empty());
             }
+            self.read_timing(st);
             if let Some(hs) = hs {
                 let hb = &st.host_blocks[hs.block];
                 let mut words = vec![0u32; checks.len() * 4];
@@ -920,17 +1128,121 @@ impl Shared {
         }
     }
 
+    /// Adds the completed batch's op times (pairs of timestamps) to the
+    /// timing total.
+    fn read_timing(&self, st: &mut State) {
+        let Some(t) = &mut st.timing else { return };
+        let n = std::mem::take(&mut t.used) & !1;
+        if n == 0 {
+            return;
+        }
+        let mut ticks = vec![0u64; n as usize];
+        // SAFETY: queries [0, n) were reset and written in the batch that
+        // has completed; `ticks` holds n 64-bit results.
+        let r = unsafe {
+            self.device.get_query_pool_results(
+                t.pool,
+                0,
+                &mut ticks,
+                vk::QueryResultFlags::TYPE_64 | vk::QueryResultFlags::WAIT,
+            )
+        };
+        if r.is_err() {
+            return;
+        }
+        let bits = self.features.timestamp_bits.min(64);
+        let mask = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
+        let period = self.features.timestamp_period as f64;
+        for pair in ticks.chunks_exact(2) {
+            let d = pair[1].wrapping_sub(pair[0]) & mask;
+            t.ns += d as f64 * period;
+        }
+    }
+
+    /// Turns device timing on or off; false when the device has no
+    /// timestamps on its compute queue. Settles the current batch first
+    /// (an error it finds is kept for the next settle).
+    pub(crate) fn set_timing(&self, on: bool) -> bool {
+        if on && !self.features.timestamps {
+            return false;
+        }
+        let Ok(mut st) = self.state("set_device_timing") else {
+            return false;
+        };
+        if let Err(e) = self.settle(&mut st, "set_device_timing") {
+            st.deferred.get_or_insert(e);
+        }
+        match (on, st.timing.take()) {
+            (true, Some(t)) => {
+                st.timing = Some(t);
+                true
+            }
+            (true, None) => {
+                let ci = vk::QueryPoolCreateInfo::default()
+                    .query_type(vk::QueryType::TIMESTAMP)
+                    .query_count(TIMING_QUERIES);
+                // SAFETY: a valid create info on a live device.
+                match unsafe { self.device.create_query_pool(&ci, None) } {
+                    Ok(pool) => {
+                        st.timing = Some(Timing {
+                            pool,
+                            used: 0,
+                            ns: 0.0,
+                        });
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            (false, Some(t)) => {
+                // SAFETY: settled above: no pending command uses the pool.
+                unsafe { self.device.destroy_query_pool(t.pool, None) };
+                false
+            }
+            (false, None) => false,
+        }
+    }
+
+    /// Seconds of device time measured since the last call (op by op,
+    /// timestamp to timestamp); `None` while timing is off.
+    pub(crate) fn take_device_seconds(&self) -> Option<f64> {
+        let mut st = self.state("take_device_seconds").ok()?;
+        let t = st.timing.as_mut()?;
+        Some(std::mem::take(&mut t.ns) * 1e-9)
+    }
+
+    /// The variant of kernel `name` this instance runs: the subgroup
+    /// reductions (`*_sg`) where [`Used::subgroup_reductions`].
+    pub(crate) fn kernel(&self, name: &'static str) -> &'static str {
+        if !self.used.subgroup_reductions {
+            return name;
+        }
+        match name {
+            "rms_stats" => "rms_stats_sg",
+            "act_quant" => "act_quant_sg",
+            "mla_decode" => "mla_decode_sg",
+            other => other,
+        }
+    }
+
     /// Starts recording op `op`.
     pub(crate) fn begin(&self, op: &'static str) -> Result<Rec<'_>> {
         let mut st = self.state(op)?;
         self.begin_cmd(&mut st)?;
         *lock(&self.recorder) = Some(std::thread::current().id());
-        Ok(Rec {
+        let mut rec = Rec {
             ctx: self,
             op,
             st,
             scratch: Vec::new(),
-        })
+            timed: None,
+        };
+        rec.stamp_start();
+        Ok(rec)
     }
 
     /// A pipeline for kernel `name` with kernel constants `spec` (after the
@@ -1093,6 +1405,7 @@ struct Parts {
     name: String,
     driver: String,
     vendor: u32,
+    used: Used,
 }
 
 /// A `VkDeviceMemory` of `size` bytes with one buffer over all of it
@@ -1179,6 +1492,9 @@ impl Drop for Shared {
                 d.destroy_buffer(b.buf, None);
                 d.free_memory(b.mem, None);
             }
+            if let Some(t) = &st.timing {
+                d.destroy_query_pool(t.pool, None);
+            }
             d.destroy_buffer(self.status.buf, None);
             d.free_memory(self.status.mem, None);
             d.destroy_pipeline_cache(self.cache, None);
@@ -1201,10 +1517,57 @@ pub(crate) struct Rec<'a> {
     /// Scratch slots of this op, free for reuse once it is recorded (later
     /// commands are ordered after it by barriers).
     scratch: Vec<Slot>,
+    /// The query pool and end query of this op's timestamp pair, while
+    /// timing is on.
+    timed: Option<(vk::QueryPool, u32)>,
+}
+
+impl Rec<'_> {
+    /// Writes the start timestamp of this op (when timing is on and the
+    /// batch has queries left).
+    fn stamp_start(&mut self) {
+        let cmd = self.st.cmd;
+        if let Some(t) = &mut self.st.timing {
+            if t.used + 2 <= TIMING_QUERIES {
+                // SAFETY: `cmd` is recording; the query was reset at the
+                // start of this batch and is written once.
+                unsafe {
+                    self.ctx.device.cmd_write_timestamp(
+                        cmd,
+                        vk::PipelineStageFlags::TOP_OF_PIPE,
+                        t.pool,
+                        t.used,
+                    )
+                };
+                self.timed = Some((t.pool, t.used + 1));
+                t.used += 2;
+            }
+        }
+    }
+
+    /// Writes the end timestamp of the pair `stamp_start` began, so that
+    /// every started pair is complete before the batch is submitted.
+    fn stamp_end(&mut self) {
+        if let Some((pool, q)) = self.timed.take() {
+            // SAFETY: `cmd` is still recording (only a settle ends it, and
+            // that needs the state this op holds, see `entry`); query `q`
+            // was reset in this batch and is written once.
+            unsafe {
+                self.ctx.device.cmd_write_timestamp(
+                    self.st.cmd,
+                    vk::PipelineStageFlags::BOTTOM_OF_PIPE,
+                    pool,
+                    q,
+                )
+            };
+        }
+    }
 }
 
 impl Drop for Rec<'_> {
     fn drop(&mut self) {
+        // Also when the op failed: every started pair is completed.
+        self.stamp_end();
         for s in self.scratch.drain(..) {
             self.st.dev.free(s);
         }
@@ -1431,6 +1794,16 @@ impl Rec<'_> {
         Ok(())
     }
 
+    /// What this instance's kernels use of the device.
+    pub(crate) fn used(&self) -> &Used {
+        &self.ctx.used
+    }
+
+    /// The device's subgroup size.
+    pub(crate) fn subgroup_size(&self) -> u32 {
+        self.ctx.features.subgroup_size
+    }
+
     /// A device scratch range of `bytes` bytes, released when the op ends.
     pub(crate) fn scratch(&mut self, bytes: u64) -> Result<Bind> {
         let ctx = self.ctx;
@@ -1504,16 +1877,22 @@ impl Rec<'_> {
     ) -> Result<u32> {
         if self.st.checks.len() as u32 >= STATUS_ENTRIES {
             let ctx = self.ctx;
+            self.stamp_end();
             if let Err(e) = ctx.settle(&mut self.st, self.op) {
                 // Keep it for the next settle: the contract reports it later.
                 self.st.deferred.get_or_insert(e);
             }
             ctx.begin_cmd(&mut self.st)?;
+            self.stamp_start();
         }
         let entry = self.st.checks.len() as u32;
-        self.st
-            .checks
-            .push(Check::new(self.op, arg, shape, kind, entry));
+        self.st.checks.push(Check::new(
+            self.op,
+            arg,
+            shape,
+            kind,
+            entry as usize * ENTRY_WORDS,
+        ));
         Ok(entry)
     }
 
@@ -1563,5 +1942,79 @@ impl Rec<'_> {
             ctx.device.free_command_buffers(ctx.cmd_pool, &[cb]);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod capability_tests {
+    use super::*;
+
+    fn cfg(m: u32, n: u32, k: u32, ok: bool) -> CoopmatConfig {
+        CoopmatConfig {
+            m,
+            n,
+            k,
+            f16_f16_f32: ok,
+            subgroup_scope: true,
+        }
+    }
+
+    #[test]
+    fn coopmat_config_is_chosen_by_type_scope_and_k() {
+        assert_eq!(pick_coopmat(&[], 32), None);
+        // Wrong types, K not dividing 128, wrong scope: none usable.
+        let mut wrong_scope = cfg(16, 16, 16, true);
+        wrong_scope.subgroup_scope = false;
+        assert_eq!(
+            pick_coopmat(
+                &[cfg(16, 16, 16, false), cfg(16, 16, 24, true), wrong_scope],
+                32
+            ),
+            None
+        );
+        // The largest tile among the usable ones.
+        assert_eq!(
+            pick_coopmat(
+                &[
+                    cfg(16, 8, 16, true),
+                    cfg(16, 16, 16, true),
+                    cfg(8, 8, 32, true)
+                ],
+                32
+            ),
+            Some([16, 16, 16])
+        );
+    }
+
+    #[test]
+    fn used_follows_the_features_and_says_why() {
+        let mut f = Features {
+            subgroup_size: 8,
+            subgroup_arith: true,
+            subgroup_compute: true,
+            shader_f16: true,
+            shader_i8: true,
+            storage8: true,
+            ..Features::default()
+        };
+        let u = Used::decide(&f, false);
+        assert!(u.subgroup_reductions && u.fp8_storage8 && u.coopmat.is_none());
+        assert!(u.coopmat_reason.contains("lacks VK_KHR_cooperative_matrix"));
+        f.cooperative_matrix = true;
+        assert!(Used::decide(&f, false)
+            .coopmat_reason
+            .contains("memory model"));
+        f.memory_model = true;
+        assert!(Used::decide(&f, false)
+            .coopmat_reason
+            .contains("no subgroup-scope"));
+        f.coopmat_configs = vec![cfg(16, 16, 16, true)];
+        assert_eq!(Used::decide(&f, false).coopmat, Some([16, 16, 16]));
+        let p = Used::decide(&f, true);
+        assert!(!p.subgroup_reductions && !p.fp8_storage8 && p.coopmat.is_none());
+        f.subgroup_compute = false;
+        f.storage8 = false;
+        let u = Used::decide(&f, false);
+        assert!(!u.subgroup_reductions && !u.fp8_storage8);
     }
 }

@@ -15,12 +15,15 @@
 //!   size is a specialization constant taken from the device.
 //! * Ops not implemented answer `NotSupported` (see `kernels`).
 
-pub mod arena;
+/// The sub-allocator (shared with other backends: `deepport-gpu-host`).
+pub use deepport_gpu_host::arena;
 pub mod checks;
 pub mod ctx;
 mod kernels;
 
-pub use ctx::{validation_available, Features, VulkanOptions, VulkanStorage};
+pub use ctx::{
+    pick_coopmat, validation_available, CoopmatConfig, Features, Used, VulkanOptions, VulkanStorage,
+};
 
 use ctx::{dev_err, Ctx, Shared, BACKEND};
 use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Support, Tensor};
@@ -33,6 +36,10 @@ const SPIRV: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/spirv_list.r
 
 /// Where this build's SPIR-V came from: `glslangValidator` or `committed`.
 pub const SPIRV_SOURCE: &str = env!("DEEPPORT_VULKAN_SPIRV_SOURCE");
+
+/// Where the cooperative-matrix kernels' SPIR-V came from:
+/// `$DEEPPORT_GLSLANG_COOPMAT` or `committed`.
+pub const COOPMAT_SPIRV_SOURCE: &str = env!("DEEPPORT_VULKAN_COOPMAT_SPIRV_SOURCE");
 
 pub(crate) fn spirv(name: &str) -> Option<&'static [u8]> {
     SPIRV.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
@@ -89,6 +96,46 @@ impl Vulkan {
     /// What the device offers (subgroup size, f16/int8, storage widths, …).
     pub fn features(&self) -> &Features {
         &self.ctx.features
+    }
+
+    /// What this instance's kernels use of it.
+    pub fn used(&self) -> &Used {
+        &self.ctx.used
+    }
+
+    /// One line: what the device offers and what the kernels use
+    /// (`info().driver` and `deepport list` show it).
+    pub fn capabilities(&self) -> String {
+        let f = &self.ctx.features;
+        let u = &self.ctx.used;
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        let sg_ops = if f.subgroup_arith && f.subgroup_compute {
+            "arithmetic"
+        } else {
+            "no arithmetic"
+        };
+        format!(
+            "subgroup {} ({sg_ops}; reductions: {}), f16 {}, int8 {}, 16-bit storage {}, \
+             8-bit storage {} (FP8 GEMM operands: {}), cooperative matrix {} ({}), timestamps {}",
+            f.subgroup_size,
+            if u.subgroup_reductions {
+                "subgroupAdd/Max"
+            } else {
+                "shared memory"
+            },
+            yn(f.shader_f16),
+            yn(f.shader_i8),
+            yn(f.storage16),
+            yn(f.storage8),
+            if u.fp8_storage8 {
+                "uint8_t, decoded to f16 by int8 arithmetic"
+            } else {
+                "32-bit words"
+            },
+            yn(u.coopmat.is_some()),
+            u.coopmat_reason,
+            yn(f.timestamps),
+        )
     }
 
     /// Whether validation layers are on for this instance.
@@ -152,28 +199,17 @@ impl Backend for Vulkan {
 
     fn info(&self) -> DeviceInfo {
         let f = &self.ctx.features;
-        let mut used = vec![format!("subgroup {}", f.subgroup_size)];
-        for (on, n) in [
-            (f.shader_f16, "f16"),
-            (f.shader_i8, "int8"),
-            (f.storage16, "16-bit storage"),
-            (f.storage8, "8-bit storage"),
-            (f.cooperative_matrix, "cooperative matrix"),
-        ] {
-            if on {
-                used.push(n.to_string());
-            }
-        }
         DeviceInfo {
             backend: BACKEND.into(),
             device: self.ctx.name.clone(),
             driver: format!(
-                "{} (Vulkan {}.{}; has {}; SPIR-V from {})",
+                "{} (Vulkan {}.{}; {}; SPIR-V from {}, cooperative-matrix SPIR-V from {})",
                 self.ctx.driver,
                 ash::vk::api_version_major(f.api),
                 ash::vk::api_version_minor(f.api),
-                used.join(", "),
-                SPIRV_SOURCE
+                self.capabilities(),
+                SPIRV_SOURCE,
+                COOPMAT_SPIRV_SOURCE
             ),
             vendor: vendor_name(self.ctx.vendor),
         }
@@ -186,7 +222,11 @@ impl Backend for Vulkan {
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let bytes = Self::nbytes(dtype, shape)?;
         let s = self.ctx.alloc("alloc", bytes)?;
-        self.ctx.zero_slot("alloc", s.slot)?;
+        if self.ctx.poison {
+            self.ctx.fill_slot("alloc", s.slot, u32::MAX)?;
+        } else {
+            self.ctx.zero_slot("alloc", s.slot)?;
+        }
         Ok(self.tensor(dtype, shape, s))
     }
 
@@ -233,6 +273,16 @@ impl Backend for Vulkan {
         self.ctx.synchronize()
     }
 
+    /// Timestamp queries around every op (`TOP_OF_PIPE` before its first
+    /// command, `BOTTOM_OF_PIPE` after its last), scaled by `timestampPeriod`.
+    fn set_device_timing(&self, on: bool) -> bool {
+        self.ctx.set_timing(on)
+    }
+
+    fn take_device_seconds(&self) -> Option<f64> {
+        self.ctx.take_device_seconds()
+    }
+
     deepport_core::for_each_local_op!(table_local_ops);
 }
 
@@ -259,6 +309,8 @@ pub fn register(reg: &mut deepport_core::registry::Registry) {
             Ok(Box::new(Vulkan::with_options(VulkanOptions {
                 device: device.unwrap_or(0),
                 validation: std::env::var("DEEPPORT_VULKAN_VALIDATION").is_ok_and(|v| v == "1"),
+                portable: std::env::var("DEEPPORT_VULKAN_PORTABLE").is_ok_and(|v| v == "1"),
+                poison: std::env::var("DEEPPORT_VULKAN_POISON").is_ok_and(|v| v == "1"),
             })?))
         },
         devices,

@@ -14,5 +14,6 @@ deepport_testkit::backend_suite!("vulkan", |_rank| Ok(Box::new(Vulkan::with_opti
     VulkanOptions {
         device: 0,
         validation: validation_available(),
+        ..Default::default()
     }
 )?) as Box<dyn Backend>));

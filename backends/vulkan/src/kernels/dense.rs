@@ -34,7 +34,7 @@ fn act_quant(v: &Vulkan, op: &mut Checked<ActQuant<'_>>) -> Result<()> {
             .u32(groups_total)
             .f32(d.fp8_max)
             .u32((a.scale_fmt == ScaleFmt::Ue8m0) as u32);
-        rec.dispatch_wg("act_quant", 128, &spec, &binds, &p, groups_total)?;
+        rec.dispatch_wg(v.ctx.kernel("act_quant"), 128, &spec, &binds, &p, groups_total)?;
     }
     rec.finish()
 }
@@ -88,7 +88,7 @@ fn rms_norm(v: &Vulkan, op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
     let inv = rec.scratch(4 * d.rows as u64)?;
     let x = rec.whole(a.x)?;
     rec.dispatch_wg(
-        "rms_stats",
+        v.ctx.kernel("rms_stats"),
         256,
         &[dt(a.x.dtype())?],
         &[x, inv],

@@ -2,7 +2,10 @@
 //! `fp8_grouped_masked`) and the grouped plain GEMMs
 //! (`gemm_grouped_contiguous`, `gemm_grouped_masked`): one kernel,
 //! `shaders/gemm_rows.comp`, with the layout and operand format as
-//! specialization constants. e4m3/e4m3fnuz and bf16 are decoded by bit
+//! specialization constants (`gemm_rows_s8`, the same with FP8 operands
+//! read through 8-bit storage, where the device has it; `fp8_gemm` on the
+//! cooperative-matrix tile kernel where the device has a suitable
+//! configuration). e4m3/e4m3fnuz and bf16 are decoded by bit
 //! manipulation (lavapipe has neither FP8 nor bf16 types). Index arguments
 //! are checked on the device and reported at the next download or
 //! synchronize; the kernel skips bad rows and never reads out of bounds.
@@ -69,18 +72,43 @@ fn record(rec: &mut Rec<'_>, op: &'static str, x: &Operands<'_>, mode: Mode, dim
             unit = unit.max(per_group(sa));
         }
     }
-    let per = if unit * g as u64 <= max {
-        g
-    } else {
-        (max / unit.max(1)) as usize
-    };
-    if per == 0 {
+    let Some(per) = deepport_gpu_host::window::groups_per_window(g, unit, max) else {
         return Err(deepport_core::Error::not_supported(
             crate::ctx::BACKEND,
             op,
             format!("one group of {unit} bytes exceeds maxStorageBufferRange ({max} bytes)"),
         ));
+    };
+    let used = rec.used().clone();
+    if let (Mode::Dense, Some((sa, sb)), Some([tm, tn, tk])) = (mode, x.scales, used.coopmat) {
+        // The cooperative-matrix tile kernel (one subgroup per tm×tn tile).
+        let tiles_n = n.div_ceil(tn as usize);
+        let tiles = u32_of(op, "tiles", m.div_ceil(tm as usize) * tiles_n)?;
+        let spec = [dt(x.a.dtype())?, dt(x.b.dtype())?, dt(x.d.dtype())?, tm, tn, tk];
+        let binds = [
+            rec.whole(x.a)?,
+            rec.whole(sa)?,
+            rec.whole(x.b)?,
+            rec.whole(sb)?,
+            rec.whole(x.d)?,
+        ];
+        let p = Push::new()
+            .u32(m as u32)
+            .u32(n as u32)
+            .u32(k as u32)
+            .u32(k.div_ceil(128) as u32)
+            .u32(n.div_ceil(128) as u32)
+            .u32(tiles_n as u32)
+            .u32(tiles);
+        let wg = rec.subgroup_size();
+        return rec.dispatch_wg("fp8_gemm_coopmat", wg, &spec, &binds, &p, tiles);
     }
+    // FP8 operands through 8-bit storage where the device has it.
+    let kernel = if x.scales.is_some() && used.fp8_storage8 {
+        "gemm_rows_s8"
+    } else {
+        "gemm_rows"
+    };
     let whole_rows = mode != Mode::Masked;
     let idx = match x.idx {
         Some(t) => Some(rec.whole(t)?),
@@ -131,7 +159,7 @@ fn record(rec: &mut Rec<'_>, op: &'static str, x: &Operands<'_>, mode: Mode, dim
             .u32(r0 as u32);
         let count = u32_of(op, "d elements", nrows * n)?;
         let binds = [a, sa, b, sb, idx.unwrap_or(a), d];
-        rec.dispatch("gemm_rows", &spec, &binds, &p, groups(count))?;
+        rec.dispatch(kernel, &spec, &binds, &p, groups(count))?;
         g0 = g1;
     }
     Ok(())

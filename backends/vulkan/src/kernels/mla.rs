@@ -93,7 +93,7 @@ fn mla_decode(v: &Vulkan, op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
             .u32(d.max_blocks as u32)
             .u32(cap as u32)
             .f32(a.softmax_scale);
-        rec.dispatch("mla_decode", &spec, &binds, &p, items)?;
+        rec.dispatch(v.ctx.kernel("mla_decode"), &spec, &binds, &p, items)?;
     }
     rec.finish()
 }

@@ -18,8 +18,7 @@ use super::shader::{dtype_code, Params, Shader};
 use super::window::Win;
 use super::{dev_err, u32_of, Rec};
 use deepport_core::backend::Tensor;
-use deepport_core::tensor::unravel;
-use deepport_core::{Error, Result};
+use deepport_core::Result;
 
 /// Bytes of one status slot (16 entries of 4 words).
 pub(super) const STATUS_SLOT: u64 = 256;
@@ -28,66 +27,12 @@ pub(super) const STATUS_SLOTS: u32 = 1024;
 /// Entries in one status slot.
 pub(crate) const STATUS_ENTRIES: u32 = 16;
 
-/// What a check requires of each element.
-#[derive(Clone, Debug)]
-pub(crate) enum CheckKind {
-    /// Values must lie in `[lo, hi)` or equal `allow`.
-    Range {
-        lo: i64,
-        hi: i64,
-        allow: Option<i64>,
-    },
-    /// Values must be finite.
-    Finite,
-}
-
-/// A recorded check: where its status entry is and what to report.
-#[derive(Clone, Debug)]
-pub(super) struct Check {
-    op: &'static str,
-    arg: &'static str,
-    shape: Vec<usize>,
-    kind: CheckKind,
-    slot: u32,
-    entry: u32,
-}
-
-impl Check {
-    /// The error this check reports, given its status words.
-    pub(super) fn error(&self, words: &[u32]) -> Option<Error> {
-        let base = (self.slot * STATUS_ENTRIES * 4 + self.entry * 4) as usize;
-        let w = *words.get(base)?;
-        if w == 0 {
-            return None;
-        }
-        let idx = (u32::MAX - w) as usize;
-        let lo = words.get(base + 1).copied().unwrap_or(0) as u64;
-        let hi = words.get(base + 2).copied().unwrap_or(0) as u64;
-        let position = unravel(idx, &self.shape);
-        Some(match &self.kind {
-            CheckKind::Range {
-                lo: l,
-                hi: h,
-                allow,
-            } => Error::IndexOutOfRange {
-                op: self.op,
-                arg: self.arg,
-                position,
-                value: (lo | (hi << 32)) as i64,
-                range: match allow {
-                    Some(a) => format!("[{l}, {h}) or {a}"),
-                    None => format!("[{l}, {h})"),
-                },
-            },
-            CheckKind::Finite => Error::NonFinite {
-                op: self.op,
-                arg: self.arg,
-                position,
-                value: f32::from_bits(lo as u32) as f64,
-            },
-        })
-    }
-}
+pub(crate) use deepport_gpu_host::checks::CheckKind;
+/// A recorded check (shared with the vulkan backend: the status-entry
+/// layout and the error it reports live in `deepport-gpu-host`); its first
+/// word is `(slot · STATUS_ENTRIES + entry) · 4`.
+pub(super) use deepport_gpu_host::checks::StatusCheck as Check;
+use deepport_gpu_host::checks::ENTRY_WORDS;
 
 const CHECK_RANGE_WGSL: &str = include_str!("../shaders/check_range.wgsl");
 const CHECK_FINITE_WGSL: &str = include_str!("../shaders/check_finite.wgsl");
@@ -128,14 +73,13 @@ impl Rec<'_> {
         }
         let entry = self.entries;
         self.entries += 1;
-        self.checks.push(Check {
-            op: self.op,
+        self.checks.push(Check::new(
+            self.op,
             arg,
-            shape: shape.to_vec(),
+            shape,
             kind,
-            slot,
-            entry,
-        });
+            (slot * STATUS_ENTRIES + entry) as usize * ENTRY_WORDS,
+        ));
         Ok(entry)
     }
 

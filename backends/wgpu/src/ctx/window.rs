@@ -125,7 +125,8 @@ impl Ctx {
         rows: usize,
         row_bytes: &[u64],
     ) -> Result<Vec<(usize, usize)>> {
-        plan_rows(rows, row_bytes, self.max_binding, self.binding_align()).ok_or_else(|| {
+        deepport_gpu_host::window::plan_rows(rows, row_bytes, self.max_binding, self.binding_align())
+            .ok_or_else(|| {
             Error::not_supported(
                 BACKEND,
                 op.to_string(),
@@ -137,42 +138,4 @@ impl Ctx {
             )
         })
     }
-}
-
-/// See [`Ctx::plan_rows`]; `None` when a row cannot be placed.
-fn plan_rows(
-    rows: usize,
-    row_bytes: &[u64],
-    limit: u64,
-    align: u64,
-) -> Option<Vec<(usize, usize)>> {
-    if rows == 0 {
-        return Some(Vec::new());
-    }
-    let max_rb = row_bytes.iter().copied().max().unwrap_or(0).max(1);
-    let usable = limit.saturating_sub(4);
-    if rows as u64 * max_rb <= usable {
-        return Some(vec![(0, rows)]);
-    }
-    // Chunk starts r0 must make r0·rb a multiple of `align` for every
-    // operand: a multiple of align / gcd(align, rb) (powers of two).
-    let granule = row_bytes
-        .iter()
-        .map(|&rb| {
-            let tz = rb.trailing_zeros().min(align.trailing_zeros());
-            align >> tz
-        })
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let per = (usable / max_rb) / granule * granule;
-    if per == 0 {
-        return None;
-    }
-    let per = per as usize;
-    Some(
-        (0..rows.div_ceil(per))
-            .map(|c| (c * per, ((c + 1) * per).min(rows)))
-            .collect(),
-    )
 }

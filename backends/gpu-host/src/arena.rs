@@ -1,7 +1,7 @@
 //! Sub-allocation of tensors from a few large blocks: a first-fit free list
-//! per block with coalescing. Plain Rust with no Vulkan in it, so it is unit
-//! tested on any machine and could be shared with another backend (the wgpu
-//! backend allocates one buffer per tensor today).
+//! per block with coalescing. Plain Rust with no graphics API in it, unit
+//! tested on any machine (the vulkan backend uses it; the wgpu backend
+//! allocates one buffer per tensor).
 
 use std::collections::BTreeMap;
 

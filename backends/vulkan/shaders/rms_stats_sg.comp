@@ -1,0 +1,6 @@
+#version 450
+#extension GL_GOOGLE_include_directive : require
+#extension GL_KHR_shader_subgroup_arithmetic : require
+// rms_stats with subgroup reductions (reduce.glsl).
+#define DP_SUBGROUP 1
+#include "rms_stats.glsl"
