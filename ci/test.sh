@@ -138,7 +138,7 @@ export DEEPPORT_SPIRV_VAL="$PWD/$GLSLANG_VENV/bin/spirv-val"
 # the transport's own tests (backends/mpi/tests/mpirun.rs: 2, 4 and 8 ranks
 # against in-process ranks, a killed rank, a silent rank, a mismatch).
 log "cargo test (required: $DEEPPORT_REQUIRE)"
-cargo test --workspace --locked --features deepport-conformance/mpi
+cargo test --workspace --locked --no-fail-fast --features deepport-conformance/mpi
 
 # The Python bindings (python/: PyO3 built by maturin; not a workspace
 # member, so `cargo test --workspace` does not build them): installed with
