@@ -5,6 +5,9 @@
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
 
+/// SplitMix64's increment: the state after `k` draws is `seed + k · GAMMA`.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
@@ -12,11 +15,23 @@ impl Rng {
 
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// The generator as it will be `draws` draws from now (SplitMix64 is a
+    /// counter, so this is O(1)): lets a long stream be generated in
+    /// parallel pieces with exactly the values of one sequential pass.
+    pub fn ahead(&self, draws: u64) -> Rng {
+        Rng(self.0.wrapping_add(GAMMA.wrapping_mul(draws)))
+    }
+
+    /// Skips `draws` draws.
+    pub fn skip(&mut self, draws: u64) {
+        *self = self.ahead(draws);
     }
 
     /// Uniform in `[0, 1)` with 53 random bits.
@@ -75,6 +90,11 @@ mod tests {
             assert!(r.below(7) < 7);
         }
         let mut p = r.permutation(50);
+        let (mut seq, jump) = (Rng::new(3), Rng::new(3).ahead(12345));
+        for _ in 0..12345 {
+            seq.next_u64();
+        }
+        assert_eq!(seq.next_u64(), jump.clone().next_u64());
         p.sort_unstable();
         assert_eq!(p, (0..50).collect::<Vec<_>>());
     }

@@ -9,9 +9,33 @@ use deepport_core::{DType, HostTensor};
 /// Elements converted per chunk by [`tensor_from_fn`].
 const CHUNK: usize = 1 << 20;
 
+/// Buffers at least this long are filled by several threads.
+const PAR_MIN: usize = 1 << 16;
+
 /// Fills `out` with standard normal values times `scale` (Box–Muller, both
-/// values of each pair used).
+/// values of each pair used). Long buffers are split over threads, each
+/// piece starting from the generator jumped ahead to its first draw
+/// ([`Rng::ahead`]), so the values and the generator's final state are
+/// exactly those of one sequential pass.
 pub fn fill_normal(rng: &mut Rng, out: &mut [f32], scale: f32) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if out.len() < PAR_MIN || threads < 2 {
+        fill_normal_seq(rng, out, scale);
+        return;
+    }
+    // Even pieces: a pair never straddles two threads, and piece `i`
+    // starts at draw `i · per` (two draws per pair, two values per pair).
+    let per = out.len().div_ceil(threads).next_multiple_of(2);
+    std::thread::scope(|s| {
+        for (i, piece) in out.chunks_mut(per).enumerate() {
+            let mut r = rng.ahead((i * per) as u64);
+            s.spawn(move || fill_normal_seq(&mut r, piece, scale));
+        }
+    });
+    rng.skip(2 * out.len().div_ceil(2) as u64);
+}
+
+fn fill_normal_seq(rng: &mut Rng, out: &mut [f32], scale: f32) {
     let mut it = out.chunks_mut(2);
     for pair in &mut it {
         let u1 = 1.0 - rng.uniform();
@@ -58,6 +82,10 @@ pub fn tensor_from_fn(
         .unwrap_or_else(|_| HostTensor::from_f32(dtype, shape, &[]))
 }
 
+/// Values a [`NormalStream`] generates at a time (even, and a divisor of
+/// [`CHUNK`]).
+const STREAM_BLOCK: usize = 4096;
+
 /// A stream of normal values times a scale, generated in blocks.
 pub struct NormalStream<'r> {
     rng: &'r mut Rng,
@@ -71,8 +99,8 @@ impl<'r> NormalStream<'r> {
         NormalStream {
             rng,
             scale,
-            buf: vec![0.0; 4096],
-            at: 4096,
+            buf: vec![0.0; STREAM_BLOCK],
+            at: STREAM_BLOCK,
         }
     }
 
@@ -92,8 +120,22 @@ pub fn normal(rng: &mut Rng, dtype: DType, shape: &[usize], scale: f32) -> HostT
     if n <= CHUNK {
         return HostTensor::from_f32(dtype, shape, &normals(rng, n, scale));
     }
-    let mut s = NormalStream::new(rng, scale);
-    tensor_from_fn(dtype, shape, |_| s.next_value())
+    // The values of a `NormalStream` (which fills blocks of STREAM_BLOCK),
+    // generated CHUNK at a time (a multiple of the block) by the parallel
+    // `fill_normal`; the generator then skips what the stream's last block
+    // would have drawn beyond `n`, so later draws are unchanged too.
+    let mut bytes = Vec::with_capacity(n * dtype.size());
+    let mut buf = vec![0.0; CHUNK];
+    let mut drawn = 0;
+    for start in (0..n).step_by(CHUNK) {
+        let m = CHUNK.min(n - start);
+        fill_normal(rng, &mut buf[..m], scale);
+        drawn += 2 * m.div_ceil(2);
+        bytes.extend_from_slice(HostTensor::from_f32(dtype, &[m], &buf[..m]).bytes());
+    }
+    rng.skip((n.div_ceil(STREAM_BLOCK) * STREAM_BLOCK - drawn) as u64);
+    HostTensor::from_bytes(dtype, shape, bytes)
+        .unwrap_or_else(|_| HostTensor::from_f32(dtype, shape, &[]))
 }
 
 /// Random FP8 values (normal · 64, saturating at the format's maximum).
@@ -141,6 +183,36 @@ pub fn row_mask(rows: &[bool], width: usize) -> Vec<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_normals_are_the_sequential_stream() {
+        // Odd and even lengths, beyond PAR_MIN; the generator must end in
+        // the same state (the next draw equal).
+        for n in [PAR_MIN + 1, 3 * PAR_MIN + 6, 1_000_003] {
+            let (mut a, mut b) = (Rng::new(n as u64), Rng::new(n as u64));
+            let mut par = vec![0.0; n];
+            let mut seq = vec![0.0; n];
+            fill_normal(&mut a, &mut par, 0.5);
+            fill_normal_seq(&mut b, &mut seq, 0.5);
+            assert!(par
+                .iter()
+                .zip(&seq)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert_eq!(a.next_u64(), b.next_u64());
+        }
+        // `normal` beyond CHUNK equals the one-value-at-a-time stream it
+        // replaced, and leaves the generator where the stream left it.
+        for n in [CHUNK + 1, 2 * CHUNK + 4097] {
+            for dtype in [DType::BF16, DType::F32] {
+                let (mut a, mut b) = (Rng::new(9), Rng::new(9));
+                let fast = normal(&mut a, dtype, &[n], 2.0);
+                let mut s = NormalStream::new(&mut b, 2.0);
+                let slow = tensor_from_fn(dtype, &[n], |_| s.next_value());
+                assert_eq!(fast.bytes(), slow.bytes());
+                assert_eq!(a.next_u64(), b.next_u64());
+            }
+        }
+    }
 
     #[test]
     fn chunked_conversion_matches_direct() {
