@@ -210,10 +210,10 @@ fn attend(cx: &Ctx<'_>, b: usize, kvh: usize, pages: std::ops::Range<usize>) -> 
 
 /// The softmax update of one row of scores (`row`: the chunk's scores,
 /// already masked with −inf): new running max, rescale of `o`, and the
-/// row's probabilities in place; returns the probabilities' sum (0 when the
-/// row has nothing visible, then `row` is zeroed).
+/// row's probabilities in place; a row with nothing visible is zeroed and
+/// changes nothing.
 #[inline]
-fn softmax_step(m: &mut f32, l: &mut f32, o: &mut [f32], row: &mut [f32], round_bf16: bool) {
+fn softmax_step(m: &mut f32, l: &mut f32, o: &mut [f32], row: &mut [f32]) {
     let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if mx == f32::NEG_INFINITY {
         row.fill(0.0);
@@ -223,14 +223,7 @@ fn softmax_step(m: &mut f32, l: &mut f32, o: &mut [f32], row: &mut [f32], round_
     let alpha = exp_nonpos(*m - m_new);
     let mut sum = 0f32;
     for v in row.iter_mut() {
-        let p = exp_nonpos(*v - m_new);
-        // The P·V product takes P in bf16 (as FlashMLA does); the sum is
-        // of the same values, so the weights stay a convex combination.
-        *v = if round_bf16 {
-            half::bf16::from_f32(p).to_f32()
-        } else {
-            p
-        };
+        *v = exp_nonpos(*v - m_new);
         sum += *v;
     }
     if alpha != 1.0 {
@@ -245,8 +238,9 @@ fn softmax_step(m: &mut f32, l: &mut f32, o: &mut [f32], row: &mut [f32], round_
 /// [`attend`] on AMX-BF16: chunks of up to 128 tokens (whole pages);
 /// `Sᵀ = K·Qᵀ` with K rows (bf16, exact) as the row operand and Q as VNNI
 /// pairs over its rows (K = 576 padded to 640), the f32 online softmax, then
-/// `O += P·V` with P rounded to bf16 and V (the first `dv` channels) packed
-/// as token pairs.
+/// `O += P·V` with P split into two bf16 (`hi + lo`, 16 significant bits:
+/// FlashMLA's single bf16 rounding of P fails SPEC §4's elementwise bound
+/// on short sequences) and V (the first `dv` channels) packed as token pairs.
 fn attend_amx(
     cx: &Ctx<'_>,
     amx: &Amx,
@@ -302,8 +296,10 @@ fn attend_amx(
     // the chunk's tokens: a NaN there would reach P·V as 0·NaN).
     let mut kbuf = vec![0u16; TC * dpad];
     let mut scores = vec![0f32; rows * TC];
-    let mut p16 = vec![0u16; rp * TC];
-    let mut vv = vec![0u32; TC / 2 * dvp];
+    // P as bf16 hi ‖ lo halves, [rp][2·TC]: p ≈ hi + lo to 2^-17.
+    let mut p16 = vec![0u16; rp * 2 * TC];
+    // V as token pairs, twice ([2][TC/2][dvp]): the hi and lo K blocks.
+    let mut vv = vec![0u32; TC * dvp];
     let mut out: Block = [[0f32; BL]; BL];
     let kc = cx.kc;
 
@@ -350,13 +346,15 @@ fn attend_amx(
                 &mut part.l[r],
                 &mut part.o[r * dv..(r + 1) * dv],
                 row,
-                true,
             );
-            let prow = &mut p16[r * TC..(r + 1) * TC];
-            for (p, &v) in prow.iter_mut().zip(row.iter()) {
-                *p = (v.to_bits() >> 16) as u16; // exact: v is a bf16 value
+            let (hi, lo) = p16[r * 2 * TC..(r + 1) * 2 * TC].split_at_mut(TC);
+            for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(row.iter()) {
+                let vh = half::bf16::from_f32(v);
+                *h = vh.to_bits();
+                *l = half::bf16::from_f32(v - vh.to_f32()).to_bits();
             }
-            prow[tn..].fill(0);
+            hi[tn..].fill(0);
+            lo[tn..].fill(0);
         }
         // V as token pairs: vv[q][c] = V[2q][c] | V[2q+1][c] << 16.
         for q in 0..TC / 2 {
@@ -366,10 +364,11 @@ fn attend_amx(
                 *o = x as u32 | (y as u32) << 16;
             }
         }
+        vv.copy_within(..TC / 2 * dvp, TC / 2 * dvp);
         // O[r] += P[r]·V.
         for r0 in (0..rows).step_by(BL) {
             for c0 in (0..dv).step_by(BL) {
-                amx.block(&p16[r0 * TC..], TC, &vv[c0..], dvp, &mut out);
+                amx.block_k(2, &p16[r0 * 2 * TC..], 2 * TC, &vv[c0..], dvp, &mut out);
                 let cols = (dv - c0).min(BL);
                 for (i, orow) in out.iter().enumerate().take((rows - r0).min(BL)) {
                     let o = &mut part.o[(r0 + i) * dv + c0..][..cols];
