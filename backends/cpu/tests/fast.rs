@@ -590,6 +590,21 @@ fn forced_portable_path_is_used_and_named() {
     let info = Cpu.info();
     assert!(info.driver.contains("micro-kernel"), "{}", info.driver);
     assert!(info.driver.contains("threads"), "{}", info.driver);
+    // The AMX choice: on where usable (and named), else an error saying why.
+    match deepport_cpu::fast::amx::unavailable_reason() {
+        None => {
+            assert!(with_amx_kernels(deepport_cpu::fast::current_amx).unwrap());
+            assert!(!with_simd(Simd::Portable, deepport_cpu::fast::current_amx).unwrap());
+            if deepport_cpu::fast::process_amx() {
+                assert!(info.driver.contains("amx-bf16"), "{}", info.driver);
+            }
+        }
+        Some(why) => {
+            eprintln!("AMX part skipped: {why}");
+            assert!(with_amx_kernels(|| ()).is_err());
+            assert!(info.driver.contains("no amx"), "{}", info.driver);
+        }
+    }
 }
 
 #[test]

@@ -137,7 +137,7 @@ pub fn describe() -> String {
     let (name, mr, nr) = (s.name(), s.mr(), s.nr());
     let fp8 = if process_amx() {
         format!(
-            "fp8 gemm (dense/contiguous/masked) and bf16 gemm/gemm_grouped: amx-bf16 32x32 tdpbf16ps blocks \
+            "fp8 gemm (dense/contiguous/masked) and bf16 gemm/gemm_grouped: amx-bf16 32x32 tdpbf16ps micro-kernel \
              (e4m3 exact in bf16, f32 sums per 128-K block promoted in f32), >128 rows: B packed once in VNNI panels, \
              <=128 rows: D^T = B.A^T with B decoded per K block; f32 gemm: {name} {mr}x{nr} f32 FMA"
         )
@@ -157,8 +157,13 @@ pub fn describe() -> String {
         None if !process_amx() => format!("{fp8} (amx off: {SIMD_ENV})"),
         None => fp8,
     };
+    let decode = if process_amx() {
+        "amx-bf16 (bf16 q/cache: exact scores, P as bf16 hi+lo) else f32".to_string()
+    } else {
+        format!("{name} f32")
+    };
     format!(
-        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
+        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {decode}, all heads of a kv head per cache pass, split-K; \
          add/silu_mul/rms_norm/embedding/act_quant: parallel, bit-identical to cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )
