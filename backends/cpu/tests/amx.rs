@@ -177,7 +177,13 @@ fn fp8_grouped_layouts_match_reference() {
     let sb = f32h(&[g, nb, kb], &rng.scales(g * nb * kb));
     let mi = HostTensor::from_index(DType::I32, &[m], &idx);
     let run = |be: &dyn Backend, amx: bool| {
-        let (a, sa, b, sb, mi) = (up(be, &a), up(be, &sa), up(be, &b), up(be, &sb), up(be, &mi));
+        let (a, sa, b, sb, mi) = (
+            up(be, &a),
+            up(be, &sa),
+            up(be, &b),
+            up(be, &sb),
+            up(be, &mi),
+        );
         let mut d = be.alloc(DType::BF16, &[m, n]).unwrap();
         let mut go = || {
             ops::run(
@@ -217,7 +223,13 @@ fn fp8_grouped_layouts_match_reference() {
     let mm = HostTensor::from_index(DType::I32, &[g], &masked);
     let poison = poison_host(DType::F32, &[g, m_max, n]);
     let run = |be: &dyn Backend, amx: bool| {
-        let (a, sa, b, sb, mm) = (up(be, &a), up(be, &sa), up(be, &b), up(be, &sb), up(be, &mm));
+        let (a, sa, b, sb, mm) = (
+            up(be, &a),
+            up(be, &sa),
+            up(be, &b),
+            up(be, &sb),
+            up(be, &mm),
+        );
         let mut d = be.upload(&poison).unwrap();
         let mut go = || {
             ops::run(
@@ -253,7 +265,10 @@ fn fp8_grouped_layouts_match_reference() {
     for grp in 0..g {
         for i in masked[grp] as usize..m_max {
             let row = &got[(grp * m_max + i) * n..][..n];
-            assert!(row.iter().all(|v| v.is_nan()), "masked row {grp}/{i} written");
+            assert!(
+                row.iter().all(|v| v.is_nan()),
+                "masked row {grp}/{i} written"
+            );
         }
     }
 }
@@ -347,9 +362,18 @@ fn mla_decode_with_128_heads_matches_reference() {
     ] {
         let (d, dv, bs) = (576, 512, 64);
         let mut rng = Rng(97 + b as u64 + s_q as u64);
-        let max_blocks = lens.iter().map(|&l| (l as usize).div_ceil(bs)).max().unwrap() + 1;
+        let max_blocks = lens
+            .iter()
+            .map(|&l| (l as usize).div_ceil(bs))
+            .max()
+            .unwrap()
+            + 1;
         let num_blocks = b * max_blocks + 2;
-        let q = HostTensor::from_f32(DType::BF16, &[b, s_q, h_q, d], &rng.vec(b * s_q * h_q * d, 1.0));
+        let q = HostTensor::from_f32(
+            DType::BF16,
+            &[b, s_q, h_q, d],
+            &rng.vec(b * s_q * h_q * d, 1.0),
+        );
         let mut kc = vec![f32::NAN; num_blocks * bs * d];
         let mut table = vec![i64::from(i32::MAX); b * max_blocks];
         let mut next = num_blocks - 1; // pages in reverse order
@@ -407,7 +431,10 @@ fn mla_decode_with_128_heads_matches_reference() {
         ] {
             for (i, (&x, &y)) in got.iter().zip(want.iter()).enumerate() {
                 if y.is_infinite() || y.is_nan() {
-                    assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{what} {i}");
+                    assert!(
+                        x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                        "{what} {i}"
+                    );
                     continue;
                 }
                 let err = (x as f64 - y as f64).abs();

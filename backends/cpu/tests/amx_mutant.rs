@@ -49,7 +49,9 @@ fn swapped_vnni_pairs_are_caught() {
     }
     let mut s = 12345u64;
     let mut code = || loop {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let c = (s >> 56) as u8;
         if c & 0x7f != 0x7f {
             break c;
@@ -58,17 +60,28 @@ fn swapped_vnni_pairs_are_caught() {
     for &(m, n, k) in &[(20usize, 70usize, 256usize), (150, 70, 256)] {
         let kb = k / 128;
         let inputs = [
-            HostTensor::from_bytes(DType::F8E4M3, &[m, k], (0..m * k).map(|_| code()).collect()).unwrap(),
+            HostTensor::from_bytes(DType::F8E4M3, &[m, k], (0..m * k).map(|_| code()).collect())
+                .unwrap(),
             HostTensor::from_f32(DType::F32, &[m, kb], &vec![0.01; m * kb]),
-            HostTensor::from_bytes(DType::F8E4M3, &[n, k], (0..n * k).map(|_| code()).collect()).unwrap(),
+            HostTensor::from_bytes(DType::F8E4M3, &[n, k], (0..n * k).map(|_| code()).collect())
+                .unwrap(),
             HostTensor::from_f32(DType::F32, &[1, kb], &vec![0.02; kb]),
         ];
         let r = run(&CpuRef, &inputs, m, n, false);
-        assert!(close(&run(&Cpu, &inputs, m, n, true), &r), "{m} rows: AMX path wrong without the mutant");
+        assert!(
+            close(&run(&Cpu, &inputs, m, n, true), &r),
+            "{m} rows: AMX path wrong without the mutant"
+        );
         amx::set_vnni_mutant(true);
         let bad = run(&Cpu, &inputs, m, n, true);
         amx::set_vnni_mutant(false);
-        assert!(!close(&bad, &r), "{m} rows: swapped VNNI pairs went unnoticed");
-        assert!(close(&run(&Cpu, &inputs, m, n, true), &r), "{m} rows: hook not reset");
+        assert!(
+            !close(&bad, &r),
+            "{m} rows: swapped VNNI pairs went unnoticed"
+        );
+        assert!(
+            close(&run(&Cpu, &inputs, m, n, true), &r),
+            "{m} rows: hook not reset"
+        );
     }
 }

@@ -231,7 +231,15 @@ impl Amx {
     ///
     /// # Panics
     /// If `kb` is 0, a slice is too short or a stride too small.
-    pub fn block_k(&self, kb: usize, a: &[u16], lda: usize, b: &[u32], ldb: usize, out: &mut Block) {
+    pub fn block_k(
+        &self,
+        kb: usize,
+        a: &[u16],
+        lda: usize,
+        b: &[u32],
+        ldb: usize,
+        out: &mut Block,
+    ) {
         assert!(kb >= 1, "amx: no K block");
         assert!(lda >= K * kb, "amx: lda {lda} < {}", K * kb);
         assert!(ldb >= BLOCK, "amx: ldb {ldb} < {BLOCK}");

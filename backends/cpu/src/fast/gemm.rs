@@ -13,7 +13,8 @@
 
 use super::simd::{Simd, Tile, MR_MAX, NR_MAX};
 use super::{
-    bytes_mut_of, bytes_of, current_amx, current_simd, decode_into, encode_into, f32_values, fp8_lut,
+    bytes_mut_of, bytes_of, current_amx, current_simd, decode_into, encode_into, f32_values,
+    fp8_lut,
 };
 use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
@@ -616,7 +617,9 @@ fn fp8_common(
                 n,
                 k,
                 a16: &a16,
-                b: (0..g).map(|grp| &b_codes[grp * n * k..(grp + 1) * n * k]).collect(),
+                b: (0..g)
+                    .map(|grp| &b_codes[grp * n * k..(grp + 1) * n * k])
+                    .collect(),
                 dec,
                 scales: Some(Scales {
                     sa: &sa_v,
@@ -756,10 +759,7 @@ fn plain_amx(
     // taken only when every nonzero product is at least 2^-100 (then no
     // partial sum of bf16 products, whose ulp is ≥ 2^-115, is subnormal).
     let ea = min_bf16_exponent(a16.iter().copied());
-    let eb = min_bf16_exponent(
-        bb.chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]])),
-    );
+    let eb = min_bf16_exponent(bb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
     if ea + eb - 2 * 127 < -100 {
         return Ok(false);
     }
@@ -1215,8 +1215,10 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         .filter(|&i| probs[i].rows > 0 && probs[i].rows <= MC)
         .collect();
     if !small.is_empty() {
-        let apans: Vec<(Vec<u32>, usize)> =
-            small.par_iter().map(|&i| amx_pack_a(ops, &probs[i])).collect();
+        let apans: Vec<(Vec<u32>, usize)> = small
+            .par_iter()
+            .map(|&i| amx_pack_a(ops, &probs[i]))
+            .collect();
         let mut tasks = Vec::new();
         let mut pan = Vec::new();
         for (si, &i) in small.iter().enumerate() {

@@ -317,7 +317,10 @@ fn attend_amx(
                 let pg = page + tt / bs;
                 let blk = cx.table[b * max_blocks + pg] as usize; // checked by the caller
                 let off = ((blk * bs + tt % bs) * h_kv + kvh) * d;
-                for (o, c) in row.iter_mut().zip(kc[off * 2..(off + d) * 2].chunks_exact(2)) {
+                for (o, c) in row
+                    .iter_mut()
+                    .zip(kc[off * 2..(off + d) * 2].chunks_exact(2))
+                {
                     *o = u16::from_le_bytes([c[0], c[1]]);
                 }
             } else {
@@ -358,7 +361,10 @@ fn attend_amx(
         }
         // V as token pairs: vv[q][c] = V[2q][c] | V[2q+1][c] << 16.
         for q in 0..TC / 2 {
-            let (r0, r1) = (&kbuf[2 * q * dpad..][..dv], &kbuf[(2 * q + 1) * dpad..][..dv]);
+            let (r0, r1) = (
+                &kbuf[2 * q * dpad..][..dv],
+                &kbuf[(2 * q + 1) * dpad..][..dv],
+            );
             let dst = &mut vv[q * dvp..][..dv];
             for ((o, &x), &y) in dst.iter_mut().zip(r0).zip(r1) {
                 *o = x as u32 | (y as u32) << 16;

@@ -92,9 +92,7 @@ pub fn current_simd() -> Simd {
 
 /// Whether ops launched from this thread use the AMX kernels.
 pub fn current_amx() -> bool {
-    OVERRIDE
-        .with(|o| o.get())
-        .map_or_else(process_amx, |c| c.1)
+    OVERRIDE.with(|o| o.get()).map_or_else(process_amx, |c| c.1)
 }
 
 fn with_choice<R>(choice: (Simd, bool), f: impl FnOnce() -> R) -> R {
