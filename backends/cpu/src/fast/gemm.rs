@@ -1015,8 +1015,8 @@ fn bf16_lut(lut: &[f32; 256]) -> Option<[u16; 256]> {
 struct AmxOps<'a> {
     n: usize,
     k: usize,
-    /// A rows as bf16, `[rows + 32][kpad]` (zero padding), indexed by
-    /// [`Problem::abuf`].
+    /// A rows as bf16 in 32-row blocks ([`a16_at`], zero padding), indexed
+    /// by [`Problem::abuf`].
     a16: &'a [u16],
     /// B bytes of each group (`[n][k]` elements).
     b: Vec<&'a [u8]>,
@@ -1028,9 +1028,6 @@ impl AmxOps<'_> {
     fn kbn(&self) -> usize {
         blocks128(self.k)
     }
-    fn kpad(&self) -> usize {
-        self.kbn() * QBLOCK
-    }
     /// `sa[row, kb] · sb[group, col block, kb]`, or 1.
     fn scale(&self, row: usize, group: usize, nc: usize, kb: usize) -> f32 {
         let kbn = self.kbn();
@@ -1040,22 +1037,43 @@ impl AmxOps<'_> {
     }
 }
 
-/// Decodes the problems' A rows into the `a16` layout; sets `abuf`.
+/// Decodes the problems' A rows into the `a16` layout; sets `abuf` (a
+/// multiple of 32 for each problem).
 fn amx_decode_a(bytes: &[u8], dec: Dec<'_>, k: usize, probs: &mut [Problem]) -> Vec<u16> {
-    let kpad = blocks128(k) * QBLOCK;
-    let mut src = Vec::new();
+    let kbn = blocks128(k);
+    let mut src: Vec<Option<usize>> = Vec::new();
     for p in probs.iter_mut() {
         p.abuf = src.len();
-        src.extend(p.row0..p.row0 + p.rows);
+        src.extend((p.row0..p.row0 + p.rows).map(Some));
+        src.resize(src.len().div_ceil(amx::BLOCK) * amx::BLOCK, None);
     }
-    let mut a = vec![0u16; (src.len() + amx::BLOCK) * kpad];
+    let rb_len = kbn * amx::BLOCK * QBLOCK;
+    let mut a = vec![0u16; src.len() / amx::BLOCK * rb_len];
     let es = dec.size();
-    if kpad > 0 {
-        a.par_chunks_mut(kpad)
-            .zip(src.par_iter())
-            .for_each(|(row, &s)| dec.decode(&bytes[s * k * es..(s + 1) * k * es], &mut row[..k]));
+    if rb_len > 0 {
+        a.par_chunks_mut(rb_len)
+            .zip(src.par_chunks(amx::BLOCK))
+            .for_each(|(blk, rows)| {
+                for (ri, s) in rows.iter().enumerate() {
+                    let Some(s) = *s else { continue };
+                    for kb in 0..kbn {
+                        let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
+                        let at = (s * k + k0) * es;
+                        let dst = &mut blk[(kb * amx::BLOCK + ri) * QBLOCK..][..kl];
+                        dec.decode(&bytes[at..at + kl * es], dst);
+                    }
+                }
+            });
     }
     a
+}
+
+/// Where row `row` (of the `a16` numbering), K block `kb` starts in `a16`:
+/// 32-row blocks, each `[kb][32][128]`, so one block's tile rows lie 256
+/// bytes apart (long row strides thrash the L1 sets).
+#[inline]
+fn a16_at(kbn: usize, row: usize, kb: usize) -> usize {
+    ((row / amx::BLOCK * kbn + kb) * amx::BLOCK + row % amx::BLOCK) * QBLOCK
 }
 
 /// B of one group as VNNI panels of 32 columns: panel `P` at
@@ -1093,14 +1111,16 @@ fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize) -> Vec<u32> {
 /// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ`:
 /// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32 (zero columns).
 fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
-    let (kbn, kpad) = (ops.kbn(), ops.kpad());
+    let kbn = ops.kbn();
     let rp = p.rows.div_ceil(amx::BLOCK) * amx::BLOCK;
     let mut out = vec![0u32; kbn * amx::KP * rp];
     let mutant = amx::vnni_mutant();
     for r in 0..p.rows {
-        let row = &ops.a16[(p.abuf + r) * kpad..][..kpad];
-        for (i, pr) in row.chunks_exact(2).enumerate() {
-            out[i * rp + r] = amx::pair(pr[0], pr[1], mutant);
+        for kb in 0..kbn {
+            let seg = &ops.a16[a16_at(kbn, p.abuf + r, kb)..][..QBLOCK];
+            for (q, pr) in seg.chunks_exact(2).enumerate() {
+                out[(kb * amx::KP + q) * rp + r] = amx::pair(pr[0], pr[1], mutant);
+            }
         }
     }
     (out, rp)
@@ -1109,7 +1129,7 @@ fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
 /// One task of a large problem: rows `[mb·128, +128)` × columns
 /// `[nc·128, +128)` from B panels packed by [`amx_pack_b`].
 fn amx_task_rows(amx: &Amx, ops: &AmxOps<'_>, p: &Problem, t: Task, panels: &[u32]) -> Vec<f32> {
-    let (kbn, kpad) = (ops.kbn(), ops.kpad());
+    let kbn = ops.kbn();
     let r_lo = t.mb * MC;
     let rows = MC.min(p.rows - r_lo);
     let c_lo = t.nc * NC;
@@ -1127,9 +1147,9 @@ fn amx_task_rows(amx: &Amx, ops: &AmxOps<'_>, p: &Problem, t: Task, panels: &[u3
             let b = &panels[gp * pstride + kb * amx::KP * amx::BLOCK..];
             let jn = amx::BLOCK.min(cols - pi * amx::BLOCK);
             for r0 in (0..rows).step_by(amx::BLOCK) {
-                // 32 rows from here lie in `a16` (it has 32 rows of padding).
-                let a = &ops.a16[(p.abuf + r_lo + r0) * kpad + kb * QBLOCK..];
-                amx.block(a, kpad, b, amx::BLOCK, &mut out);
+                // A 32-row block (abuf, r_lo and r0 are multiples of 32).
+                let a = &ops.a16[a16_at(kbn, p.abuf + r_lo + r0, kb)..];
+                amx.block(a, QBLOCK, b, amx::BLOCK, &mut out);
                 for (r, orow) in out.iter().enumerate().take(amx::BLOCK.min(rows - r0)) {
                     let s = scale[r0 + r];
                     let dst = &mut c[(r0 + r) * NC + pi * amx::BLOCK..][..jn];
