@@ -14,8 +14,8 @@
 //!
 //! Device memory is host memory ([`HostStorage`]); both backends share it.
 
-// `unsafe` is allowed only in `fast::simd` and `peak` (intrinsics), each
-// block with a `// SAFETY:` line.
+// `unsafe` is allowed only in `fast::simd`, `fast::amx` and `peak`
+// (intrinsics, AMX `asm!`), each block with a `// SAFETY:` line.
 #![deny(unsafe_code)]
 
 mod copy;

@@ -6,7 +6,7 @@ use deepport_core::backend::{poison_host, Backend, Tensor};
 use deepport_core::formats::ulp_bf16;
 use deepport_core::ops::{self, *};
 use deepport_core::{DType, HostTensor};
-use deepport_cpu::fast::{with_simd, Simd};
+use deepport_cpu::fast::{with_amx_kernels, with_simd, Simd};
 use deepport_cpu::{Cpu, CpuRef};
 
 /// xorshift64*: deterministic test data.
@@ -42,12 +42,33 @@ impl Rng {
     }
 }
 
-/// Every instruction set this CPU runs.
-fn isas() -> Vec<Simd> {
-    [Simd::Avx512Bf16, Simd::Avx512, Simd::Avx2, Simd::Portable]
+/// A kernel choice: one SIMD set without AMX, or the AMX-BF16 kernels.
+#[derive(Clone, Copy, Debug)]
+enum Kern {
+    Set(Simd),
+    Amx,
+}
+
+/// Every kernel choice this CPU runs (AMX where usable; where not, says so).
+fn isas() -> Vec<Kern> {
+    let mut v: Vec<Kern> = [Simd::Avx512Bf16, Simd::Avx512, Simd::Avx2, Simd::Portable]
         .into_iter()
         .filter(|s| s.available())
-        .collect()
+        .map(Kern::Set)
+        .collect();
+    match deepport_cpu::fast::amx::unavailable_reason() {
+        None => v.insert(0, Kern::Amx),
+        Some(why) => eprintln!("AMX kernels skipped: {why}"),
+    }
+    v
+}
+
+/// Runs `f` with ops of this thread on `k`.
+fn with_kern<R>(k: Kern, f: impl FnOnce() -> R) -> deepport_core::Result<R> {
+    match k {
+        Kern::Set(s) => with_simd(s, f),
+        Kern::Amx => with_amx_kernels(f),
+    }
 }
 
 fn rms(v: &[f32]) -> f64 {
@@ -114,7 +135,7 @@ fn fp8_gemm_matches_reference() {
             let r = CpuRef.download(&dr).unwrap().to_f32_vec();
             for simd in isas() {
                 let mut d = Cpu.alloc(dtype, &[m, n]).unwrap();
-                with_simd(simd, || {
+                with_kern(simd, || {
                     ops::run(
                         &Cpu,
                         Fp8Gemm {
@@ -217,7 +238,7 @@ fn grouped_contiguous_matches_reference() {
     };
     for simd in isas() {
         let mut d = Cpu.alloc(DType::BF16, &[m, n]).unwrap();
-        with_simd(simd, || {
+        with_kern(simd, || {
             ops::run(
                 &Cpu,
                 Fp8GroupedContiguous {
@@ -302,7 +323,7 @@ fn grouped_masked_matches_reference_and_leaves_masked_rows() {
     };
     for simd in isas() {
         let mut d = Cpu.upload(&poison).unwrap();
-        with_simd(simd, || {
+        with_kern(simd, || {
             ops::run(
                 &Cpu,
                 Fp8GroupedMasked {
@@ -356,7 +377,7 @@ fn gemm_matches_reference() {
             let r = CpuRef.download(&dr).unwrap().to_f32_vec();
             for simd in isas() {
                 let mut d = Cpu.alloc(dtype, &[m, n]).unwrap();
-                with_simd(simd, || {
+                with_kern(simd, || {
                     ops::run(
                         &Cpu,
                         Gemm {
@@ -542,7 +563,7 @@ fn mla_decode_matches_reference() {
         let inputs = case.inputs(100 + ci as u64);
         let (ro, rl) = case.run(&CpuRef, &inputs);
         for simd in isas() {
-            let (o, l) = with_simd(simd, || case.run(&Cpu, &inputs)).unwrap();
+            let (o, l) = with_kern(simd, || case.run(&Cpu, &inputs)).unwrap();
             assert_mla_close(
                 &format!("{simd:?} case {ci} out"),
                 &o,
@@ -569,6 +590,21 @@ fn forced_portable_path_is_used_and_named() {
     let info = Cpu.info();
     assert!(info.driver.contains("micro-kernel"), "{}", info.driver);
     assert!(info.driver.contains("threads"), "{}", info.driver);
+    // The AMX choice: on where usable (and named), else an error saying why.
+    match deepport_cpu::fast::amx::unavailable_reason() {
+        None => {
+            assert!(with_amx_kernels(deepport_cpu::fast::current_amx).unwrap());
+            assert!(!with_simd(Simd::Portable, deepport_cpu::fast::current_amx).unwrap());
+            if deepport_cpu::fast::process_amx() {
+                assert!(info.driver.contains("amx-bf16"), "{}", info.driver);
+            }
+        }
+        Some(why) => {
+            eprintln!("AMX part skipped: {why}");
+            assert!(with_amx_kernels(|| ()).is_err());
+            assert!(info.driver.contains("no amx"), "{}", info.driver);
+        }
+    }
 }
 
 #[test]
@@ -1034,7 +1070,7 @@ fn gemm_grouped_contiguous_matches_reference() {
         let r = CpuRef.download(&dr).unwrap().to_f32_vec();
         for simd in isas() {
             let mut d = Cpu.upload(&poison).unwrap();
-            with_simd(simd, || {
+            with_kern(simd, || {
                 ops::run(
                     &Cpu,
                     GemmGroupedContiguous {
@@ -1133,7 +1169,7 @@ fn gemm_grouped_masked_matches_reference_and_leaves_masked_rows() {
         let r = CpuRef.download(&dr).unwrap().to_f32_vec();
         for simd in isas() {
             let mut d = Cpu.upload(&poison).unwrap();
-            with_simd(simd, || {
+            with_kern(simd, || {
                 ops::run(
                     &Cpu,
                     GemmGroupedMasked {

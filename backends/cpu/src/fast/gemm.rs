@@ -12,7 +12,10 @@
 //! * Tasks run on rayon's pool; each writes only its own tile.
 
 use super::simd::{Simd, Tile, MR_MAX, NR_MAX};
-use super::{bytes_mut_of, bytes_of, current_simd, decode_into, encode_into, f32_values, fp8_lut};
+use super::{
+    bytes_mut_of, bytes_of, current_amx, current_simd, decode_into, encode_into, f32_values,
+    fp8_lut,
+};
 use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
 use deepport_core::Result;
@@ -601,6 +604,33 @@ fn fp8_common(
     let sa_v = f32_values(sa)?;
     let sb_v = f32_values(sb)?;
     let simd = current_simd();
+    if current_amx() {
+        let lut16 = bf16_lut(&lut);
+        let dec = if a.dtype() == deepport_core::DType::F8E4M3 {
+            Some(Dec::E4m3fn(simd))
+        } else {
+            lut16.as_ref().map(Dec::Lut)
+        };
+        if let Some(dec) = dec {
+            let a16 = amx_decode_a(a_codes, dec, k, &mut probs);
+            let ops = AmxOps {
+                n,
+                k,
+                a16: &a16,
+                b: (0..g)
+                    .map(|grp| &b_codes[grp * n * k..(grp + 1) * n * k])
+                    .collect(),
+                dec,
+                scales: Some(Scales {
+                    sa: &sa_v,
+                    sb: &sb_v,
+                }),
+            };
+            let dtype = d.dtype();
+            run_amx(&ops, &probs, bytes_mut_of(d)?, dtype);
+            return Ok(());
+        }
+    }
     let fast_decode = (a.dtype() == deepport_core::DType::F8E4M3).then_some(simd);
     let a_f32 = decode_a(a_codes, &lut, fast_decode, k, &mut probs);
     // The bf16 dot kernel serves the problems of more than 16 rows.
@@ -699,9 +729,67 @@ pub(crate) fn fp8_grouped_masked(op: &mut Checked<Fp8GroupedMasked<'_>>) -> Resu
     fp8_common(args.a, args.sa, args.b, args.sb, args.d, dims, probs)
 }
 
+/// The smallest biased exponent field of the nonzero values (0 for a
+/// subnormal; 255 when all are zero).
+fn min_bf16_exponent(v: impl Iterator<Item = u16>) -> i32 {
+    v.filter(|&x| x & 0x7fff != 0)
+        .map(|x| ((x >> 7) & 0xff) as i32)
+        .min()
+        .unwrap_or(255)
+}
+
+/// The plain GEMMs on AMX when both operands are bf16 (exact products):
+/// `Ok(false)` when not taken.
+fn plain_amx(
+    a: &deepport_core::backend::Tensor,
+    b: &deepport_core::backend::Tensor,
+    d: &mut deepport_core::backend::Tensor,
+    dims: &GemmDims,
+    probs: &[Problem],
+) -> Result<bool> {
+    use deepport_core::DType::BF16;
+    if !(current_amx() && a.dtype() == BF16 && b.dtype() == BF16) {
+        return Ok(false);
+    }
+    let (g, n, k) = (dims.groups, dims.n, dims.k);
+    let mut probs = probs.to_vec();
+    let a16 = amx_decode_a(bytes_of(a)?, Dec::Bf16, k, &mut probs);
+    let bb = bytes_of(b)?;
+    // AMX reads bf16 subnormals as zero and flushes subnormal f32 results:
+    // taken only when every nonzero product is at least 2^-100 (then no
+    // partial sum of bf16 products, whose ulp is ≥ 2^-115, is subnormal).
+    let ea = min_bf16_exponent(a16.iter().copied());
+    let eb = min_bf16_exponent(bb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
+    if ea + eb - 2 * 127 < -100 {
+        return Ok(false);
+    }
+    let ops = AmxOps {
+        n,
+        k,
+        a16: &a16,
+        b: (0..g)
+            .map(|grp| &bb[grp * n * k * 2..(grp + 1) * n * k * 2])
+            .collect(),
+        dec: Dec::Bf16,
+        scales: None,
+    };
+    let dtype = d.dtype();
+    run_amx(&ops, &probs, bytes_mut_of(d)?, dtype);
+    Ok(true)
+}
+
 pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
     let (args, dims) = op.parts();
     let (m, n, k) = (dims.m, dims.n, dims.k);
+    let whole = [Problem {
+        row0: 0,
+        rows: m,
+        group: 0,
+        abuf: 0,
+    }];
+    if plain_amx(args.a, args.b, args.d, dims, &whole)? {
+        return Ok(());
+    }
     let a = f32_values(args.a)?;
     let b = f32_values(args.b)?;
     let probs = [Problem {
@@ -764,6 +852,9 @@ fn grouped_common(
     dims: &GemmDims,
     probs: &[Problem],
 ) -> Result<()> {
+    if plain_amx(a, b, d, dims, probs)? {
+        return Ok(());
+    }
     let (g, n, k) = (dims.groups, dims.n, dims.k);
     let a_v = f32_values(a)?;
     let b_groups = decode_used_groups(b, g, n, k, probs)?;
@@ -845,4 +936,351 @@ pub(crate) fn gemm_grouped_masked(op: &mut Checked<GemmGroupedMasked<'_>>) -> Re
         })
         .collect();
     grouped_common(args.a, args.b, args.d, dims, &probs)
+}
+
+// ---- AMX-BF16 ------------------------------------------------------------------
+//
+// Operands become bf16 exactly (e4m3/e4m3fnuz values are bf16 values; bf16
+// operands are copied), `fast::amx` forms the raw f32 sums of one 32 × 32
+// block per 128-wide K block, and the promotion is the f32 code of the
+// other paths: `d += sum · (sa · sb)` (plain GEMMs: `d += sum`).
+//
+// * A problem of more than 128 rows multiplies its A rows (bf16,
+//   row-major, K padded to a multiple of 128 with zeros) by B of its group
+//   packed once per call into VNNI panels of 32 columns (`[kb][64 pairs][32]`).
+// * A problem of at most 128 rows (decode, small MoE groups) computes
+//   `Dᵀ = B · Aᵀ`: B's rows are decoded straight into a 128 × 128 bf16
+//   scratch per K block (no transposition of the big operand), A is the
+//   VNNI panel (its rows padded to a multiple of 32, packed once).
+
+use super::amx::{self, Amx, Block};
+
+/// How operand bytes become bf16 bits.
+#[derive(Clone, Copy)]
+enum Dec<'a> {
+    /// OCP e4m3fn codes, vectorized bit decode.
+    E4m3fn(Simd),
+    /// Other 8-bit formats through a table (every entry exact in bf16).
+    Lut(&'a [u16; 256]),
+    /// bf16 values (little-endian pairs of bytes).
+    Bf16,
+}
+
+impl Dec<'_> {
+    /// Bytes per element.
+    fn size(self) -> usize {
+        match self {
+            Dec::Bf16 => 2,
+            _ => 1,
+        }
+    }
+    /// Decodes `out.len()` values from `bytes`.
+    fn decode(self, bytes: &[u8], out: &mut [u16]) {
+        match self {
+            Dec::E4m3fn(simd) => simd.decode_e4m3fn_bf16(bytes, out),
+            Dec::Lut(t) => {
+                for (o, &c) in out.iter_mut().zip(bytes) {
+                    *o = t[c as usize];
+                }
+            }
+            Dec::Bf16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = u16::from_le_bytes([c[0], c[1]]);
+                }
+            }
+        }
+    }
+}
+
+/// The 8-bit format's values as bf16 bits, or `None` if one is not exactly
+/// a bf16 value (then AMX is not used).
+fn bf16_lut(lut: &[f32; 256]) -> Option<[u16; 256]> {
+    let mut t = [0u16; 256];
+    for (o, &v) in t.iter_mut().zip(lut) {
+        let b = (v.to_bits() >> 16) as u16;
+        let back = f32::from_bits((b as u32) << 16);
+        if !(back.to_bits() == v.to_bits() || (v.is_nan() && back.is_nan())) {
+            return None;
+        }
+        // AMX reads bf16 subnormals as zero.
+        if v != 0.0 && v.is_finite() && v.abs() < f32::MIN_POSITIVE {
+            return None;
+        }
+        *o = b;
+    }
+    Some(t)
+}
+
+/// The operands of one AMX call.
+struct AmxOps<'a> {
+    n: usize,
+    k: usize,
+    /// A rows as bf16 in 32-row blocks ([`a16_at`], zero padding), indexed
+    /// by [`Problem::abuf`].
+    a16: &'a [u16],
+    /// B bytes of each group (`[n][k]` elements).
+    b: Vec<&'a [u8]>,
+    dec: Dec<'a>,
+    scales: Option<Scales<'a>>,
+}
+
+impl AmxOps<'_> {
+    fn kbn(&self) -> usize {
+        blocks128(self.k)
+    }
+    /// `sa[row, kb] · sb[group, col block, kb]`, or 1.
+    fn scale(&self, row: usize, group: usize, nc: usize, kb: usize) -> f32 {
+        let kbn = self.kbn();
+        self.scales.as_ref().map_or(1.0, |s| {
+            s.sa[row * kbn + kb] * s.sb[(group * blocks128(self.n) + nc) * kbn + kb]
+        })
+    }
+}
+
+/// Decodes the problems' A rows into the `a16` layout; sets `abuf` (a
+/// multiple of 32 for each problem).
+fn amx_decode_a(bytes: &[u8], dec: Dec<'_>, k: usize, probs: &mut [Problem]) -> Vec<u16> {
+    let kbn = blocks128(k);
+    let mut src: Vec<Option<usize>> = Vec::new();
+    for p in probs.iter_mut() {
+        p.abuf = src.len();
+        src.extend((p.row0..p.row0 + p.rows).map(Some));
+        src.resize(src.len().div_ceil(amx::BLOCK) * amx::BLOCK, None);
+    }
+    let rb_len = kbn * amx::BLOCK * QBLOCK;
+    let mut a = vec![0u16; src.len() / amx::BLOCK * rb_len];
+    let es = dec.size();
+    if rb_len > 0 {
+        a.par_chunks_mut(rb_len)
+            .zip(src.par_chunks(amx::BLOCK))
+            .for_each(|(blk, rows)| {
+                for (ri, s) in rows.iter().enumerate() {
+                    let Some(s) = *s else { continue };
+                    for kb in 0..kbn {
+                        let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
+                        let at = (s * k + k0) * es;
+                        let dst = &mut blk[(kb * amx::BLOCK + ri) * QBLOCK..][..kl];
+                        dec.decode(&bytes[at..at + kl * es], dst);
+                    }
+                }
+            });
+    }
+    a
+}
+
+/// Where row `row` (of the `a16` numbering), K block `kb` starts in `a16`:
+/// 32-row blocks, each `[kb][32][128]`, so one block's tile rows lie 256
+/// bytes apart (long row strides thrash the L1 sets).
+#[inline]
+fn a16_at(kbn: usize, row: usize, kb: usize) -> usize {
+    ((row / amx::BLOCK * kbn + kb) * amx::BLOCK + row % amx::BLOCK) * QBLOCK
+}
+
+/// B of one group as VNNI panels of 32 columns: panel `P` at
+/// `P·kbn·KP·32`, K block `kb` at `+ kb·KP·32`, pair row `q` at `+ q·32`.
+fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize) -> Vec<u32> {
+    let kbn = blocks128(k);
+    let pstride = kbn * amx::KP * amx::BLOCK;
+    let mut out = vec![0u32; n.div_ceil(amx::BLOCK) * pstride];
+    if pstride == 0 {
+        return out;
+    }
+    let es = dec.size();
+    let mutant = amx::vnni_mutant();
+    out.par_chunks_mut(pstride)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let mut col = [0u16; QBLOCK];
+            for c in 0..amx::BLOCK.min(n - p * amx::BLOCK) {
+                let j = p * amx::BLOCK + c;
+                for kb in 0..kbn {
+                    let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
+                    let at = (j * k + k0) * es;
+                    dec.decode(&bytes[at..at + kl * es], &mut col[..kl]);
+                    col[kl..].fill(0);
+                    let dst = &mut panel[kb * amx::KP * amx::BLOCK..];
+                    for q in 0..amx::KP {
+                        dst[q * amx::BLOCK + c] = amx::pair(col[2 * q], col[2 * q + 1], mutant);
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ`:
+/// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32 (zero columns).
+fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
+    let kbn = ops.kbn();
+    let rp = p.rows.div_ceil(amx::BLOCK) * amx::BLOCK;
+    let mut out = vec![0u32; kbn * amx::KP * rp];
+    let mutant = amx::vnni_mutant();
+    for r in 0..p.rows {
+        for kb in 0..kbn {
+            let seg = &ops.a16[a16_at(kbn, p.abuf + r, kb)..][..QBLOCK];
+            for (q, pr) in seg.chunks_exact(2).enumerate() {
+                out[(kb * amx::KP + q) * rp + r] = amx::pair(pr[0], pr[1], mutant);
+            }
+        }
+    }
+    (out, rp)
+}
+
+/// One task of a large problem: rows `[mb·128, +128)` × columns
+/// `[nc·128, +128)` from B panels packed by [`amx_pack_b`].
+fn amx_task_rows(amx: &Amx, ops: &AmxOps<'_>, p: &Problem, t: Task, panels: &[u32]) -> Vec<f32> {
+    let kbn = ops.kbn();
+    let r_lo = t.mb * MC;
+    let rows = MC.min(p.rows - r_lo);
+    let c_lo = t.nc * NC;
+    let cols = NC.min(ops.n - c_lo);
+    let pstride = kbn * amx::KP * amx::BLOCK;
+    let mut c = vec![0f32; rows * NC];
+    let mut out: Block = [[0f32; amx::BLOCK]; amx::BLOCK];
+    let mut scale = [0f32; MC];
+    for kb in 0..kbn {
+        for (r, s) in scale[..rows].iter_mut().enumerate() {
+            *s = ops.scale(p.row0 + r_lo + r, p.group, t.nc, kb);
+        }
+        for pi in 0..cols.div_ceil(amx::BLOCK) {
+            let gp = c_lo / amx::BLOCK + pi;
+            let b = &panels[gp * pstride + kb * amx::KP * amx::BLOCK..];
+            let jn = amx::BLOCK.min(cols - pi * amx::BLOCK);
+            for r0 in (0..rows).step_by(amx::BLOCK) {
+                // A 32-row block (abuf, r_lo and r0 are multiples of 32).
+                let a = &ops.a16[a16_at(kbn, p.abuf + r_lo + r0, kb)..];
+                amx.block(a, QBLOCK, b, amx::BLOCK, &mut out);
+                for (r, orow) in out.iter().enumerate().take(amx::BLOCK.min(rows - r0)) {
+                    let s = scale[r0 + r];
+                    let dst = &mut c[(r0 + r) * NC + pi * amx::BLOCK..][..jn];
+                    for (d, &v) in dst.iter_mut().zip(&orow[..jn]) {
+                        *d += v * s;
+                    }
+                }
+            }
+        }
+    }
+    c
+}
+
+/// One task of a problem of at most 128 rows: all its rows × columns
+/// `[nc·128, +128)`, as `Dᵀ = B·Aᵀ` with B's rows decoded per K block.
+fn amx_task_cols(
+    amx: &Amx,
+    ops: &AmxOps<'_>,
+    p: &Problem,
+    t: Task,
+    apan: &[u32],
+    rp: usize,
+) -> Vec<f32> {
+    let (kbn, k, es) = (ops.kbn(), ops.k, ops.dec.size());
+    let rows = p.rows;
+    let c_lo = t.nc * NC;
+    let cols = NC.min(ops.n - c_lo);
+    let bytes = ops.b[p.group];
+    let mut c = vec![0f32; rows * NC];
+    // B rows of this chunk, one K block: [128][128] bf16, zero past `cols`
+    // rows and past the K tail.
+    let mut bbuf = vec![0u16; NC * QBLOCK];
+    let mut out: Block = [[0f32; amx::BLOCK]; amx::BLOCK];
+    let mut scale = [0f32; MC];
+    for kb in 0..kbn {
+        let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
+        for j in 0..cols {
+            let at = ((c_lo + j) * k + k0) * es;
+            let row = &mut bbuf[j * QBLOCK..(j + 1) * QBLOCK];
+            ops.dec.decode(&bytes[at..at + kl * es], &mut row[..kl]);
+            row[kl..].fill(0);
+        }
+        for (i, s) in scale[..rows].iter_mut().enumerate() {
+            *s = ops.scale(p.row0 + i, p.group, t.nc, kb);
+        }
+        let apk = &apan[kb * amx::KP * rp..];
+        for bi in 0..cols.div_ceil(amx::BLOCK) {
+            let a = &bbuf[bi * amx::BLOCK * QBLOCK..];
+            let jn = amx::BLOCK.min(cols - bi * amx::BLOCK);
+            for r0 in (0..rows).step_by(amx::BLOCK) {
+                amx.block(a, QBLOCK, &apk[r0..], rp, &mut out);
+                for (jj, orow) in out.iter().enumerate().take(jn) {
+                    let col = bi * amx::BLOCK + jj;
+                    for (r, &v) in orow.iter().enumerate().take(amx::BLOCK.min(rows - r0)) {
+                        c[(r0 + r) * NC + col] += v * scale[r0 + r];
+                    }
+                }
+            }
+        }
+    }
+    c
+}
+
+/// [`run`] on AMX: every problem's rows of D (`[.., n]` in `dtype`).
+fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core::DType) {
+    let n = ops.n;
+    let ncs = n.div_ceil(NC);
+    let size = dtype.size();
+    let mut write = |tasks: &[Task], tiles: Vec<Vec<f32>>| {
+        for (t, tile) in tasks.iter().zip(tiles) {
+            let p = probs[t.prob];
+            let c_lo = t.nc * NC;
+            let cols = NC.min(n - c_lo);
+            for (r, row) in tile.chunks(NC).enumerate() {
+                let drow = p.row0 + t.mb * MC + r;
+                let at = (drow * n + c_lo) * size;
+                encode_into(dtype, &row[..cols], &mut d[at..at + cols * size]);
+            }
+        }
+    };
+    // Small problems: Dᵀ = B·Aᵀ, one task per (problem, column chunk).
+    let small: Vec<usize> = (0..probs.len())
+        .filter(|&i| probs[i].rows > 0 && probs[i].rows <= MC)
+        .collect();
+    if !small.is_empty() {
+        let apans: Vec<(Vec<u32>, usize)> = small
+            .par_iter()
+            .map(|&i| amx_pack_a(ops, &probs[i]))
+            .collect();
+        let mut tasks = Vec::new();
+        let mut pan = Vec::new();
+        for (si, &i) in small.iter().enumerate() {
+            for nc in 0..ncs {
+                tasks.push(Task { prob: i, mb: 0, nc });
+                pan.push(si);
+            }
+        }
+        let tiles: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .zip(pan.par_iter())
+            .map(|(&t, &si)| {
+                let (apan, rp) = &apans[si];
+                amx::with_amx(|amx| amx_task_cols(amx, ops, &probs[t.prob], t, apan, *rp))
+                    .expect("AMX checked by the caller")
+            })
+            .collect();
+        write(&tasks, tiles);
+    }
+    // Large problems, group by group: B packed once per group.
+    for g in 0..ops.b.len() {
+        let mut tasks = Vec::new();
+        for (i, p) in probs.iter().enumerate() {
+            if p.group == g && p.rows > MC {
+                for mb in 0..p.rows.div_ceil(MC) {
+                    for nc in 0..ncs {
+                        tasks.push(Task { prob: i, mb, nc });
+                    }
+                }
+            }
+        }
+        if tasks.is_empty() {
+            continue;
+        }
+        let panels = amx_pack_b(ops.b[g], ops.dec, n, ops.k);
+        let tiles: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&t| {
+                amx::with_amx(|amx| amx_task_rows(amx, ops, &probs[t.prob], t, &panels))
+                    .expect("AMX checked by the caller")
+            })
+            .collect();
+        write(&tasks, tiles);
+    }
 }

@@ -9,6 +9,7 @@
 //! pages are combined at the end (`lse`-weighted), so a few long sequences
 //! still use every thread.
 
+use super::amx::{self, Amx, Block};
 use super::simd::{Tile, MR_MAX, NR_MAX};
 use super::{bytes_mut_of, bytes_of, current_simd, decode_into, encode_into, f32_values};
 use deepport_core::ops::*;
@@ -61,6 +62,9 @@ struct Ctx<'a> {
     causal: bool,
     /// Chosen on the launching thread (the override is thread-local).
     simd: super::Simd,
+    /// Scores and `P·V` on AMX-BF16 ([`attend_amx`]): AMX chosen, q and the
+    /// cache bf16, pages of at most 128 tokens.
+    amx: bool,
 }
 
 fn attend(cx: &Ctx<'_>, b: usize, kvh: usize, pages: std::ops::Range<usize>) -> Partial {
@@ -204,6 +208,187 @@ fn attend(cx: &Ctx<'_>, b: usize, kvh: usize, pages: std::ops::Range<usize>) -> 
     part
 }
 
+/// The softmax update of one row of scores (`row`: the chunk's scores,
+/// already masked with −inf): new running max, rescale of `o`, and the
+/// row's probabilities in place; a row with nothing visible is zeroed and
+/// changes nothing.
+#[inline]
+fn softmax_step(m: &mut f32, l: &mut f32, o: &mut [f32], row: &mut [f32]) {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if mx == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let m_new = m.max(mx);
+    let alpha = exp_nonpos(*m - m_new);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = exp_nonpos(*v - m_new);
+        sum += *v;
+    }
+    if alpha != 1.0 {
+        for x in o.iter_mut() {
+            *x *= alpha;
+        }
+    }
+    *l = *l * alpha + sum;
+    *m = m_new;
+}
+
+/// [`attend`] on AMX-BF16: chunks of up to 128 tokens (whole pages);
+/// `Sᵀ = K·Qᵀ` with K rows (bf16, exact) as the row operand and Q as VNNI
+/// pairs over its rows (K = 576 padded to 640), the f32 online softmax, then
+/// `O += P·V` with P split into two bf16 (`hi + lo`, 16 significant bits:
+/// FlashMLA's single bf16 rounding of P fails SPEC §4's elementwise bound
+/// on short sequences) and V (the first `dv` channels) packed as token pairs.
+fn attend_amx(
+    cx: &Ctx<'_>,
+    amx: &Amx,
+    b: usize,
+    kvh: usize,
+    pages: std::ops::Range<usize>,
+) -> Partial {
+    const BL: usize = amx::BLOCK;
+    const TC: usize = amx::K; // tokens per chunk (the PV product's K)
+    let MlaDecodeDims {
+        s_q,
+        h_q,
+        h_kv,
+        d,
+        dv,
+        block_size: bs,
+        max_blocks,
+        ..
+    } = cx.dims;
+    let group = h_q / h_kv;
+    let rows = s_q * group;
+    let rp = rows.div_ceil(BL) * BL;
+    let kbd = d.div_ceil(amx::K);
+    let dpad = kbd * amx::K;
+    let dvp = dv.div_ceil(BL) * BL;
+    let seqlen = cx.seqlens[b] as usize;
+    let ppc = (TC / bs).max(1); // pages per chunk (bs ≤ 128, checked by the caller)
+
+    // Q as VNNI pairs over its rows: [dpad/2][rp].
+    let mut qv = vec![0u32; dpad / 2 * rp];
+    let mut visible = vec![0usize; rows];
+    for r in 0..rows {
+        let (s, h) = (r / group, kvh * group + r % group);
+        let qrow = &cx.q[((b * s_q + s) * h_q + h) * d..][..d];
+        for (i, pair) in qrow.chunks(2).enumerate() {
+            let lo = pair[0].to_bits() >> 16;
+            let hi = pair.get(1).map_or(0, |v| v.to_bits() >> 16);
+            qv[i * rp + r] = lo | hi << 16;
+        }
+        visible[r] = if cx.causal {
+            seqlen.saturating_sub(s_q - 1 - s)
+        } else {
+            seqlen
+        };
+    }
+    let max_visible = visible.iter().copied().max().unwrap_or(0);
+    let mut part = Partial {
+        m: vec![f32::NEG_INFINITY; rows],
+        l: vec![0f32; rows],
+        o: vec![0f32; rows * dv],
+    };
+    // K rows of a chunk, [TC][dpad] bf16 (zero padding and zero rows past
+    // the chunk's tokens: a NaN there would reach P·V as 0·NaN).
+    let mut kbuf = vec![0u16; TC * dpad];
+    let mut scores = vec![0f32; rows * TC];
+    // P as bf16 hi ‖ lo halves, [rp][2·TC]: p ≈ hi + lo to 2^-17.
+    let mut p16 = vec![0u16; rp * 2 * TC];
+    // V as token pairs, twice ([2][TC/2][dvp]): the hi and lo K blocks.
+    let mut vv = vec![0u32; TC * dvp];
+    let mut out: Block = [[0f32; BL]; BL];
+    let kc = cx.kc;
+
+    let mut page = pages.start;
+    while page < pages.end {
+        let t0 = page * bs;
+        if t0 >= max_visible {
+            break;
+        }
+        let np = ppc.min(pages.end - page);
+        let tn = (np * bs).min(seqlen - t0);
+        for tt in 0..TC {
+            let row = &mut kbuf[tt * dpad..][..d];
+            if tt < tn {
+                let pg = page + tt / bs;
+                let blk = cx.table[b * max_blocks + pg] as usize; // checked by the caller
+                let off = ((blk * bs + tt % bs) * h_kv + kvh) * d;
+                for (o, c) in row
+                    .iter_mut()
+                    .zip(kc[off * 2..(off + d) * 2].chunks_exact(2))
+                {
+                    *o = u16::from_le_bytes([c[0], c[1]]);
+                }
+            } else {
+                row.fill(0);
+            }
+        }
+        let tnp = tn.div_ceil(BL) * BL;
+        // Sᵀ[t][r] = K[t]·Q[r], stored as S[r][t] (row stride TC).
+        for tb in (0..tnp).step_by(BL) {
+            for r0 in (0..rows).step_by(BL) {
+                amx.block_k(kbd, &kbuf[tb * dpad..], dpad, &qv[r0..], rp, &mut out);
+                for (i, orow) in out.iter().enumerate().take(tn.saturating_sub(tb).min(BL)) {
+                    for (j, &v) in orow.iter().enumerate().take((rows - r0).min(BL)) {
+                        scores[(r0 + j) * TC + tb + i] = v * cx.scale;
+                    }
+                }
+            }
+        }
+        // Mask, the online softmax, P in bf16.
+        for r in 0..rows {
+            let row = &mut scores[r * TC..r * TC + tn];
+            let vis = visible[r].saturating_sub(t0).min(tn);
+            row[vis..].fill(f32::NEG_INFINITY);
+            softmax_step(
+                &mut part.m[r],
+                &mut part.l[r],
+                &mut part.o[r * dv..(r + 1) * dv],
+                row,
+            );
+            let (hi, lo) = p16[r * 2 * TC..(r + 1) * 2 * TC].split_at_mut(TC);
+            for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(row.iter()) {
+                let vh = half::bf16::from_f32(v);
+                *h = vh.to_bits();
+                *l = half::bf16::from_f32(v - vh.to_f32()).to_bits();
+            }
+            hi[tn..].fill(0);
+            lo[tn..].fill(0);
+        }
+        // V as token pairs: vv[q][c] = V[2q][c] | V[2q+1][c] << 16.
+        for q in 0..TC / 2 {
+            let (r0, r1) = (
+                &kbuf[2 * q * dpad..][..dv],
+                &kbuf[(2 * q + 1) * dpad..][..dv],
+            );
+            let dst = &mut vv[q * dvp..][..dv];
+            for ((o, &x), &y) in dst.iter_mut().zip(r0).zip(r1) {
+                *o = x as u32 | (y as u32) << 16;
+            }
+        }
+        vv.copy_within(..TC / 2 * dvp, TC / 2 * dvp);
+        // O[r] += P[r]·V.
+        for r0 in (0..rows).step_by(BL) {
+            for c0 in (0..dv).step_by(BL) {
+                amx.block_k(2, &p16[r0 * 2 * TC..], 2 * TC, &vv[c0..], dvp, &mut out);
+                let cols = (dv - c0).min(BL);
+                for (i, orow) in out.iter().enumerate().take((rows - r0).min(BL)) {
+                    let o = &mut part.o[(r0 + i) * dv + c0..][..cols];
+                    for (x, &t) in o.iter_mut().zip(&orow[..cols]) {
+                        *x += t;
+                    }
+                }
+            }
+        }
+        page += np;
+    }
+    part
+}
+
 pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
     const OP: &str = "mla_decode";
     let (a, dims) = op.parts();
@@ -260,6 +445,10 @@ pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
         scale: a.softmax_scale,
         causal: a.causal,
         simd: current_simd(),
+        amx: super::current_amx()
+            && a.q.dtype() == deepport_core::DType::BF16
+            && a.kcache.dtype() == deepport_core::DType::BF16
+            && block_size <= amx::K,
     };
     let group = h_q / h_kv;
     let rows = s_q * group;
@@ -287,7 +476,13 @@ pub(crate) fn mla_decode(op: &mut Checked<MlaDecode<'_>>) -> Result<()> {
         .par_iter()
         .map(|&(b, kvh, s)| {
             let pages = (seqlens[b] as usize).div_ceil(block_size);
-            attend(&cx, b, kvh, s * pages / splits..(s + 1) * pages / splits)
+            let range = s * pages / splits..(s + 1) * pages / splits;
+            if cx.amx {
+                if let Some(part) = amx::with_amx(|x| attend_amx(&cx, x, b, kvh, range.clone())) {
+                    return part;
+                }
+            }
+            attend(&cx, b, kvh, range)
         })
         .collect();
 

@@ -7,6 +7,7 @@
 //! method: the fast kernels written here, and the reference kernel for
 //! every op this module does not speed up.
 
+pub mod amx;
 pub mod simd;
 
 mod gemm;
@@ -22,36 +23,92 @@ use std::cell::Cell;
 use std::sync::OnceLock;
 
 /// The environment variable that forces an instruction set for the whole
-/// process (`avx512`, `avx512bf16`, `avx2`, `portable`); unset, the best
-/// one is used.
+/// process (`amx`, `avx512bf16`, `avx512`, `avx2`, `portable`); unset, the
+/// best one is used (AMX-BF16 for the bf16-exact GEMMs where present).
 pub const SIMD_ENV: &str = "DEEPPORT_CPU_SIMD";
 
 thread_local! {
-    static OVERRIDE: Cell<Option<Simd>> = const { Cell::new(None) };
+    /// The (SIMD set, AMX on) of this thread, set by [`with_simd`] /
+    /// [`with_amx_kernels`].
+    static OVERRIDE: Cell<Option<(Simd, bool)>> = const { Cell::new(None) };
+}
+
+/// The process-wide choice: (SIMD set, whether AMX kernels are used).
+fn process_choice() -> (Simd, bool) {
+    static CHOSEN: OnceLock<(Simd, bool)> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let forced = std::env::var(SIMD_ENV).ok();
+        match forced.as_deref().map(|v| v.trim().to_ascii_lowercase()) {
+            None => (Simd::detect(), amx::available()),
+            Some(v) if v == "amx" || v == "amx-bf16" || v == "amx_bf16" => {
+                if let Some(why) = amx::unavailable_reason() {
+                    eprintln!(
+                        "deepport cpu: {SIMD_ENV}=amx but AMX is not usable ({why}); using {}",
+                        Simd::detect().name()
+                    );
+                }
+                (Simd::detect(), amx::available())
+            }
+            Some(v) => match Simd::parse(&v) {
+                Some(s) if s.available() => (s, false),
+                Some(s) => {
+                    eprintln!(
+                        "deepport cpu: {SIMD_ENV}={v}: this CPU cannot run the {} kernels; using {}",
+                        s.name(),
+                        Simd::detect().name()
+                    );
+                    (Simd::detect(), false)
+                }
+                None => {
+                    eprintln!(
+                        "deepport cpu: {SIMD_ENV}={v} is not one of amx, avx512bf16, avx512, avx2, portable; using the best set"
+                    );
+                    (Simd::detect(), amx::available())
+                }
+            },
+        }
+    })
 }
 
 /// The instruction set of this process: [`SIMD_ENV`] when it names one
 /// this CPU runs, else the best one detected. Chosen once.
 pub fn process_simd() -> Simd {
-    static CHOSEN: OnceLock<Simd> = OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        std::env::var(SIMD_ENV)
-            .ok()
-            .and_then(|v| Simd::parse(&v))
-            .filter(|s| s.available())
-            .unwrap_or_else(Simd::detect)
-    })
+    process_choice().0
+}
+
+/// Whether this process uses the AMX-BF16 kernels ([`amx`]): AMX usable
+/// here, and [`SIMD_ENV`] unset or `amx`.
+pub fn process_amx() -> bool {
+    process_choice().1
 }
 
 /// The instruction set an op launched from this thread uses: the one set
 /// by [`with_simd`] if any, else [`process_simd`].
 pub fn current_simd() -> Simd {
-    OVERRIDE.with(|o| o.get()).unwrap_or_else(process_simd)
+    OVERRIDE
+        .with(|o| o.get())
+        .map_or_else(process_simd, |c| c.0)
 }
 
-/// Runs `f` with ops launched from this thread using `simd` (tests use it
-/// to exercise the portable path on every machine). Fails if this CPU
-/// cannot run `simd`.
+/// Whether ops launched from this thread use the AMX kernels.
+pub fn current_amx() -> bool {
+    OVERRIDE.with(|o| o.get()).map_or_else(process_amx, |c| c.1)
+}
+
+fn with_choice<R>(choice: (Simd, bool), f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<(Simd, bool)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(choice))));
+    f()
+}
+
+/// Runs `f` with ops launched from this thread using `simd` and no AMX
+/// (tests use it to exercise every path on every machine). Fails if this
+/// CPU cannot run `simd`.
 pub fn with_simd<R>(simd: Simd, f: impl FnOnce() -> R) -> Result<R> {
     if !simd.available() {
         return Err(Error::Other(format!(
@@ -59,21 +116,30 @@ pub fn with_simd<R>(simd: Simd, f: impl FnOnce() -> R) -> Result<R> {
             simd.name()
         )));
     }
-    struct Restore(Option<Simd>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            OVERRIDE.with(|o| o.set(self.0));
-        }
+    Ok(with_choice((simd, false), f))
+}
+
+/// Runs `f` with ops launched from this thread using the AMX-BF16 kernels
+/// (and the best SIMD set for the rest). Fails, saying why, where AMX is
+/// not usable.
+pub fn with_amx_kernels<R>(f: impl FnOnce() -> R) -> Result<R> {
+    if let Some(why) = amx::unavailable_reason() {
+        return Err(Error::Other(format!("AMX kernels unavailable: {why}")));
     }
-    let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(simd))));
-    Ok(f())
+    Ok(with_choice((Simd::detect(), true), f))
 }
 
 /// What the fast backend runs, for `DeviceInfo.driver`.
 pub fn describe() -> String {
     let s = process_simd();
     let (name, mr, nr) = (s.name(), s.mr(), s.nr());
-    let fp8 = if s.bf16_dot() {
+    let fp8 = if process_amx() {
+        format!(
+            "fp8 gemm (dense/contiguous/masked) and bf16 gemm/gemm_grouped: amx-bf16 32x32 tdpbf16ps micro-kernel \
+             (e4m3 exact in bf16, f32 sums per 128-K block promoted in f32), >128 rows: B packed once in VNNI panels, \
+             <=128 rows: D^T = B.A^T with B decoded per K block; f32 gemm: {name} {mr}x{nr} f32 FMA"
+        )
+    } else if s.bf16_dot() {
         format!(
             "fp8 gemm: {name} {mr}x{nr} vdpbf16ps micro-kernel (e4m3 exact in bf16, f32 sums per 128-K block), \
              <=16 rows: {mr}x16 f32 FMA on B rows; gemm: {mr}x{nr} f32 FMA"
@@ -84,8 +150,18 @@ pub fn describe() -> String {
              <=16 rows: {mr}x16 on B rows"
         )
     };
+    let fp8 = match amx::unavailable_reason() {
+        Some(why) => format!("{fp8} (no amx: {why})"),
+        None if !process_amx() => format!("{fp8} (amx off: {SIMD_ENV})"),
+        None => fp8,
+    };
+    let decode = if process_amx() {
+        "amx-bf16 (bf16 q/cache: exact scores, P as bf16 hi+lo) else f32".to_string()
+    } else {
+        format!("{name} f32")
+    };
     format!(
-        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
+        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {decode}, all heads of a kv head per cache pass, split-K; \
          add/silu_mul/rms_norm/embedding/act_quant: parallel, bit-identical to cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )

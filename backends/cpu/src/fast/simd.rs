@@ -269,6 +269,46 @@ impl Simd {
     }
 }
 
+/// OCP e4m3fn codes → bf16 bits, exactly (e4m3 values are bf16 values;
+/// NaN codes → a quiet NaN of the code's sign), branch-free for the
+/// vectorizer.
+#[inline(always)]
+fn e4m3fn_bf16_body(codes: &[u8], out: &mut [u16]) {
+    for (o, &c) in out.iter_mut().zip(codes) {
+        let c = c as u32;
+        let mag = c & 0x7f;
+        // Normal: exponent e + (127 − 7), the 3 mantissa bits on top of 7.
+        let normal = (mag << 4) + (120 << 7);
+        // Subnormal (exponent field 0): m · 2^-9, normal in bf16.
+        let sub = ((mag & 7) as f32 * (1.0 / 512.0)).to_bits() >> 16;
+        let v = if mag < 8 { sub } else { normal };
+        let v = if mag == 0x7f { 0x7fc0 } else { v };
+        *o = (v | ((c & 0x80) << 8)) as u16;
+    }
+}
+
+impl Simd {
+    /// Decodes OCP e4m3fn codes into bf16 bits (`min(len)` values), exactly.
+    pub fn decode_e4m3fn_bf16(self, codes: &[u8], out: &mut [u16]) {
+        let n = codes.len().min(out.len());
+        let (codes, out) = (&codes[..n], &mut out[..n]);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 | Simd::Avx512Bf16 if self.available() => {
+                // SAFETY: the CPU supports AVX-512F/BW (checked); the body
+                // is safe code over slices of equal length.
+                unsafe { x86::decode_bf16_avx512(codes, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 if self.available() => {
+                // SAFETY: the CPU supports AVX2 (checked); safe body.
+                unsafe { x86::decode_bf16_avx2(codes, out) }
+            }
+            _ => e4m3fn_bf16_body(codes, out),
+        }
+    }
+}
+
 /// The portable 4 × 16 kernel: fixed-size arrays the compiler keeps in
 /// vector registers.
 fn tile_portable(kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &mut Tile) {
@@ -294,8 +334,26 @@ fn tile_portable(kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{e4m3fn_body, Tile, MR_MAX};
+    use super::{e4m3fn_bf16_body, e4m3fn_body, Tile, MR_MAX};
     use std::arch::x86_64::*;
+
+    /// [`e4m3fn_bf16_body`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn decode_bf16_avx512(codes: &[u8], out: &mut [u16]) {
+        e4m3fn_bf16_body(codes, out)
+    }
+
+    /// [`e4m3fn_bf16_body`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn decode_bf16_avx2(codes: &[u8], out: &mut [u16]) {
+        e4m3fn_bf16_body(codes, out)
+    }
 
     /// [`e4m3fn_body`] compiled for AVX-512.
     ///
@@ -532,6 +590,26 @@ mod tests {
                 assert!(
                     v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
                     "{simd:?} code {c:#x}: {v} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn e4m3_bf16_decode_is_exact_on_every_code() {
+        let codes: Vec<u8> = (0..=255u8).collect();
+        for simd in [Simd::Avx512, Simd::Avx2, Simd::Portable] {
+            if !simd.available() {
+                continue;
+            }
+            let mut out = vec![0u16; 256];
+            simd.decode_e4m3fn_bf16(&codes, &mut out);
+            for (c, &v) in out.iter().enumerate() {
+                let want = deepport_core::formats::e4m3_to_f32(c as u8);
+                let got = f32::from_bits((v as u32) << 16);
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "{simd:?} code {c:#x}: {got} vs {want}"
                 );
             }
         }

@@ -1,0 +1,411 @@
+//! Intel AMX-BF16: run-time detection and one safe micro-kernel.
+//!
+//! [`available`] checks, once per process, that the CPU has AMX-TILE and
+//! AMX-BF16 (CPUID leaf 7), that the OS enabled the tile state (XCR0 bits
+//! 17 and 18) and that Linux granted this process the tile data
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, a raw syscall).
+//!
+//! [`with_amx`] loads the one tile configuration every kernel here uses
+//! (eight tiles of 16 rows × 64 bytes) for the duration of a closure and
+//! releases the tiles afterwards; inside it, [`Amx::block`] computes one
+//! 32 × 32 block of raw f32 inner sums over one 128-wide K block:
+//!
+//! `out[i][j] = Σ_{q<64} a[i·lda + 2q]·b[q·ldb + j].lo + a[i·lda + 2q + 1]·b[q·ldb + j].hi`
+//!
+//! `a` holds 32 rows of 128 bf16 (row `i` at `i·lda`), `b` 64 rows of 32
+//! bf16 pairs (`lo | hi << 16`, K positions `2q`, `2q + 1`: the VNNI layout
+//! `tdpbf16ps` wants) at stride `ldb`. Four tile steps of K = 32 feed 2 × 2
+//! accumulator tiles (`tmm0..3`); A rows go through `tmm4/5`, B through
+//! `tmm6/7`. The products of bf16 values are exact and the sums are f32;
+//! callers promote the block in f32 (`d += sum · scale`), so the FP8 GEMMs
+//! keep DeepGEMM's per-128-K semantics. AMX treats bf16 subnormal inputs as
+//! zero: e4m3 values are all normal in bf16, and callers use it only where
+//! that holds or is allowed.
+//!
+//! The instructions are written with `asm!` (stable Rust has no AMX
+//! intrinsics). Every `unsafe` block says why it is sound.
+
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::sync::OnceLock;
+
+/// bf16 values per row of `a` (one K block).
+pub const K: usize = 128;
+/// Rows of `a` and columns of `b` per block.
+pub const BLOCK: usize = 32;
+/// Pair rows of `b` per block (`K / 2`).
+pub const KP: usize = K / 2;
+
+/// One 32 × 32 block of f32 sums.
+pub type Block = [[f32; BLOCK]; BLOCK];
+
+/// Why AMX is not used on this machine, or `None` when it is usable.
+pub fn unavailable_reason() -> Option<&'static str> {
+    static STATE: OnceLock<Option<&'static str>> = OnceLock::new();
+    *STATE.get_or_init(probe)
+}
+
+/// Whether the AMX-BF16 kernels run here (CPU, OS and permission).
+pub fn available() -> bool {
+    unavailable_reason().is_none()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn probe() -> Option<&'static str> {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    // CPUID exists on every x86-64 CPU (the intrinsics are safe).
+    let max_leaf = __cpuid(0).eax;
+    if max_leaf < 0xd {
+        return Some("CPUID has no leaf 7/0xd");
+    }
+    let l7 = __cpuid_count(7, 0);
+    let (tile, bf16) = ((l7.edx >> 24) & 1 == 1, (l7.edx >> 22) & 1 == 1);
+    if !(tile && bf16) {
+        return Some("the CPU has no AMX-TILE/AMX-BF16");
+    }
+    let l1 = __cpuid(1);
+    if (l1.ecx >> 27) & 1 == 0 {
+        return Some("OSXSAVE is off: no XGETBV");
+    }
+    let xcr0 = xgetbv0();
+    if (xcr0 >> 17) & 3 != 3 {
+        return Some("the OS did not enable the AMX tile state (XCR0 bits 17/18)");
+    }
+    if !request_tile_permission() {
+        return Some("Linux refused arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)");
+    }
+    None
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn probe() -> Option<&'static str> {
+    Some("AMX is used on x86-64 Linux only")
+}
+
+/// XCR0 (the OS-enabled state components).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: XGETBV with ECX = 0 is valid when CPUID.1:ECX.OSXSAVE is set
+    // (checked by the caller); it only writes EAX/EDX.
+    unsafe {
+        std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags));
+    }
+    (lo as u64) | ((hi as u64) << 32)
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0`: asks Linux
+/// (5.16+) for the tile data state, for the whole process.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_permission() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+    const XFEATURE_XTILEDATA: u64 = 18;
+    let ret: i64;
+    // SAFETY: a raw Linux x86-64 syscall: number in RAX, arguments in
+    // RDI/RSI, result in RAX; the kernel clobbers RCX and R11 (declared). The
+    // request only changes which register state this process may use.
+    unsafe {
+        std::arch::asm!("syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack));
+    }
+    ret == 0
+}
+
+/// The tile configuration (palette 1): tiles 0..8 of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+const CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1; // palette 1
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // colsb (u16 LE)
+        c[48 + t] = 16; // rows
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// A deliberately wrong VNNI layout for the mutation test
+/// (`backends/cpu/tests/amx_mutant.rs`): when on, the GEMM packing swaps the
+/// two bf16 of every pair. Never set outside that test.
+static VNNI_MUTANT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the VNNI mutant on or off (test hook, process-wide).
+#[doc(hidden)]
+pub fn set_vnni_mutant(on: bool) {
+    VNNI_MUTANT.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// One VNNI pair (`lo` at the even K position), or the mutant's swap.
+#[inline]
+pub(crate) fn pair(lo: u16, hi: u16, mutant: bool) -> u32 {
+    if mutant {
+        hi as u32 | (lo as u32) << 16
+    } else {
+        lo as u32 | (hi as u32) << 16
+    }
+}
+
+/// Whether the mutant is on (read once per packing call).
+pub(crate) fn vnni_mutant() -> bool {
+    VNNI_MUTANT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+thread_local! {
+    /// Nesting depth of [`with_amx`] on this thread.
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Proof that this thread has the tile configuration of this module loaded
+/// (only [`with_amx`] makes one; it cannot leave the thread).
+pub struct Amx {
+    _not_send: PhantomData<*const ()>,
+}
+
+/// Runs `f` with the tiles configured; `None` (without calling `f`) where
+/// AMX is not [`available`]. Nested calls share the configuration; the
+/// outermost releases the tiles when `f` returns or unwinds.
+pub fn with_amx<R>(f: impl FnOnce(&Amx) -> R) -> Option<R> {
+    if !available() {
+        return None;
+    }
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let d = DEPTH.with(|d| {
+                let v = d.get() - 1;
+                d.set(v);
+                v
+            });
+            if d == 0 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AMX is available (checked before the guard was
+                // made); TILERELEASE only resets the tile state of this thread.
+                unsafe {
+                    std::arch::asm!("tilerelease", options(nostack, nomem))
+                };
+            }
+        }
+    }
+    // Load the configuration on every entry (also nested: the same one),
+    // so a tile state left by other code on this thread is replaced.
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX-TILE is available and permitted (checked above); CONFIG is
+    // a valid 64-byte, 64-aligned palette-1 configuration that LDTILECFG
+    // reads.
+    unsafe {
+        std::arch::asm!("ldtilecfg [{c}]", c = in(reg) CONFIG.0.as_ptr(),
+            options(nostack, readonly));
+    }
+    DEPTH.with(|d| d.set(d.get() + 1));
+    let _release = Release;
+    Some(f(&Amx {
+        _not_send: PhantomData,
+    }))
+}
+
+impl Amx {
+    /// One 32 × 32 block of f32 inner sums over one K block of 128 (see the
+    /// module docs): `a` needs `31·lda + 128` bf16 values (`lda ≥ 128`), `b`
+    /// `63·ldb + 32` pairs (`ldb ≥ 32`). The caller zero-pads ragged tails.
+    ///
+    /// # Panics
+    /// If a slice is too short or a stride too small (caller bugs).
+    pub fn block(&self, a: &[u16], lda: usize, b: &[u32], ldb: usize, out: &mut Block) {
+        self.block_k(1, a, lda, b, ldb, out)
+    }
+
+    /// [`Amx::block`] over `kb` consecutive K blocks (K = 128·kb, one sum):
+    /// row `i` of `a` holds its 128·kb values from `i·lda` (`lda ≥ 128·kb`),
+    /// pair row `q < 64·kb` of `b` lies at `q·ldb`.
+    ///
+    /// # Panics
+    /// If `kb` is 0, a slice is too short or a stride too small.
+    pub fn block_k(
+        &self,
+        kb: usize,
+        a: &[u16],
+        lda: usize,
+        b: &[u32],
+        ldb: usize,
+        out: &mut Block,
+    ) {
+        assert!(kb >= 1, "amx: no K block");
+        assert!(lda >= K * kb, "amx: lda {lda} < {}", K * kb);
+        assert!(ldb >= BLOCK, "amx: ldb {ldb} < {BLOCK}");
+        assert!(
+            a.len() >= (BLOCK - 1) * lda + K * kb,
+            "amx: a holds {} values, needs {}",
+            a.len(),
+            (BLOCK - 1) * lda + K * kb
+        );
+        assert!(
+            b.len() >= (KP * kb - 1) * ldb + BLOCK,
+            "amx: b holds {} pairs, needs {}",
+            b.len(),
+            (KP * kb - 1) * ldb + BLOCK
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `self` proves the tiles are configured on this thread
+        // (16 rows × 64 bytes each). Every tile load reads 16 rows of 64
+        // bytes: A rows i < 32 at byte offsets i·2·lda + 64s (s < 4·kb),
+        // i.e. bf16 values below 31·lda + 128·kb; B pair rows q < 64·kb at
+        // q·4·ldb + 64c (c < 2), i.e. pairs below (64·kb − 1)·ldb + 32 — both
+        // within the slices (checked above). The stores write 16 rows × 64
+        // bytes of `out` at a 128-byte stride: exactly its 32 × 32 f32.
+        unsafe {
+            block_asm(4 * kb, a.as_ptr(), lda * 2, b.as_ptr(), ldb * 4, out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (a, b, out);
+    }
+}
+
+/// The kernel: `steps` tile steps of K = 32. Strides in bytes.
+///
+/// # Safety
+/// The tiles must be configured by [`with_amx`] on this thread; `a` must be
+/// readable for 32 rows of `64·steps` bytes at stride `sa`, `b` for
+/// `16·steps` rows of 128 bytes at stride `sb`, and `out` writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn block_asm(
+    steps: usize,
+    a: *const u16,
+    sa: usize,
+    b: *const u32,
+    sb: usize,
+    out: &mut Block,
+) {
+    let a_hi = a.wrapping_byte_add(16 * sa);
+    // SAFETY (for the whole function): pointers and strides as the caller
+    // guarantees; tmm0..7 are not used by compiled code, so the asm blocks
+    // may keep values in them between statements of this function.
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for s in 0..steps {
+            let a0 = a.byte_add(64 * s);
+            let a1 = a_hi.byte_add(64 * s);
+            let b0 = b.byte_add(16 * s * sb);
+            let b1 = b0.byte_add(64);
+            std::arch::asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                sa = in(reg) sa, sb = in(reg) sb,
+                options(nostack, readonly)
+            );
+        }
+        let o = out.as_mut_ptr() as *mut f32;
+        std::arch::asm!(
+            "tilestored [{o00} + {st}*1], tmm0",
+            "tilestored [{o01} + {st}*1], tmm1",
+            "tilestored [{o10} + {st}*1], tmm2",
+            "tilestored [{o11} + {st}*1], tmm3",
+            o00 = in(reg) o,
+            o01 = in(reg) o.add(16),
+            o10 = in(reg) o.add(16 * BLOCK),
+            o11 = in(reg) o.add(16 * BLOCK + 16),
+            st = in(reg) BLOCK * 4,
+            options(nostack)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf(x: f32) -> u16 {
+        (x.to_bits() >> 16) as u16
+    }
+    fn unbf(x: u16) -> f32 {
+        f32::from_bits((x as u32) << 16)
+    }
+
+    /// The block against plain loops, with strides larger than the minimum
+    /// and values whose f32 sums are exact (so any order agrees).
+    #[test]
+    fn block_matches_plain_loops() {
+        if let Some(why) = unavailable_reason() {
+            eprintln!("skipped: AMX not usable here ({why})");
+            return;
+        }
+        for kb in [1usize, 3] {
+            let (lda, ldb) = (K * kb + 40, BLOCK + 8);
+            let val = |i: usize| ((i * 7 + 3) % 13) as f32 * 0.25 - 1.5;
+            let a: Vec<u16> = (0..31 * lda + K * kb).map(|i| bf(val(i))).collect();
+            let b: Vec<u32> = (0..(KP * kb - 1) * ldb + BLOCK)
+                .map(|i| bf(val(3 * i + 1)) as u32 | (bf(val(5 * i + 2)) as u32) << 16)
+                .collect();
+            let mut out = [[f32::NAN; BLOCK]; BLOCK];
+            with_amx(|amx| amx.block_k(kb, &a, lda, &b, ldb, &mut out)).unwrap();
+            for i in 0..BLOCK {
+                for j in 0..BLOCK {
+                    let want: f32 = (0..KP * kb)
+                        .map(|q| {
+                            let p = b[q * ldb + j];
+                            unbf(a[i * lda + 2 * q]) * unbf(p as u16)
+                                + unbf(a[i * lda + 2 * q + 1]) * unbf((p >> 16) as u16)
+                        })
+                        .sum();
+                    assert_eq!(out[i][j], want, "kb {kb} i {i} j {j}");
+                }
+            }
+        }
+        let (lda, ldb) = (K + 40, BLOCK + 8);
+        let val = |i: usize| ((i * 7 + 3) % 13) as f32 * 0.25 - 1.5;
+        let a: Vec<u16> = (0..31 * lda + K).map(|i| bf(val(i))).collect();
+        let b: Vec<u32> = (0..63 * ldb + BLOCK)
+            .map(|i| bf(val(3 * i + 1)) as u32 | (bf(val(5 * i + 2)) as u32) << 16)
+            .collect();
+        let mut out = [[f32::NAN; BLOCK]; BLOCK];
+        with_amx(|amx| amx.block(&a, lda, &b, ldb, &mut out)).unwrap();
+        // Nested sessions keep the configuration; the tiles work after the
+        // inner one ends.
+        let mut again = [[0f32; BLOCK]; BLOCK];
+        with_amx(|amx| {
+            with_amx(|_| ()).unwrap();
+            amx.block(&a, lda, &b, ldb, &mut again)
+        })
+        .unwrap();
+        assert_eq!(again, out);
+    }
+
+    #[test]
+    fn short_slices_panic_before_the_kernel() {
+        if !available() {
+            eprintln!("skipped: AMX not usable here");
+            return;
+        }
+        let a = vec![0u16; 31 * K + K - 1];
+        let b = vec![0u32; 63 * BLOCK + BLOCK];
+        let mut out = [[0f32; BLOCK]; BLOCK];
+        let r = std::panic::catch_unwind(move || {
+            with_amx(|amx| amx.block(&a, K, &b, BLOCK, &mut out));
+        });
+        assert!(r.is_err());
+    }
+}
