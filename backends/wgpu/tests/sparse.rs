@@ -12,7 +12,7 @@
 
 use deepport_core::backend::{Backend, Tensor};
 use deepport_core::ops::*;
-use deepport_core::{formats, DType, HostTensor, Result};
+use deepport_core::{DType, HostTensor, Result};
 use deepport_testkit::compare::{assert_bytes, assert_close, assert_index_error, calc_diff};
 use deepport_testkit::harness::{available, both, deferred_error, poisoned, run, up};
 use deepport_testkit::Rng;
