@@ -75,16 +75,21 @@ fn rope_half_matches_cpu_ref() {
         .expect("rope half runs");
         let xr = x.to_f32_vec();
         let d = shape[shape.len() - 1];
-        assert_close(&format!("rope half {shape:?}"), &got[0], &want[0], |i, v| {
-            let (c, row) = (i % d, i - i % d);
-            let j = c % (d / 2);
-            let ulp = match yd {
-                DType::F32 => 2f64.powi(-23),
-                _ => 2f64.powi(-8),
-            };
-            ulp * f64::from(v.abs())
-                + 2f64.powi(-21) * f64::from(xr[row + j].abs() + xr[row + j + d / 2].abs())
-        });
+        assert_close(
+            &format!("rope half {shape:?}"),
+            &got[0],
+            &want[0],
+            |i, v| {
+                let (c, row) = (i % d, i - i % d);
+                let j = c % (d / 2);
+                let ulp = match yd {
+                    DType::F32 => 2f64.powi(-23),
+                    _ => 2f64.powi(-8),
+                };
+                ulp * f64::from(v.abs())
+                    + 2f64.powi(-21) * f64::from(xr[row + j].abs() + xr[row + j + d / 2].abs())
+            },
+        );
     }
 }
 
@@ -187,8 +192,16 @@ fn logits_inputs(
         }
     }
     vec![
-        HostTensor::from_f32(DType::F8E4M3, &[b, next_n, h, d], &r.normals(b * next_n * h * d, 2.0)),
-        HostTensor::from_f32(DType::F32, &[b * next_n, h], &r.normals(b * next_n * h, 0.5)),
+        HostTensor::from_f32(
+            DType::F8E4M3,
+            &[b, next_n, h, d],
+            &r.normals(b * next_n * h * d, 2.0),
+        ),
+        HostTensor::from_f32(
+            DType::F32,
+            &[b * next_n, h],
+            &r.normals(b * next_n * h, 0.5),
+        ),
         HostTensor::from_bytes(DType::U8, &[nb, bs, d + 4], cache).unwrap(),
         i32s(&[b], lens),
         i32s(&[b, max_blocks], &table),
@@ -216,15 +229,19 @@ fn indexer_logits_matches_cpu_ref() {
     let Some(w) = own() else { return };
     let mut r = rng(3);
     for (dims, lens, max_len) in [
-        ((2usize, 1usize, 4usize, 32usize, 7usize, 7usize), vec![37i64, 5], 49usize),
+        (
+            (2usize, 1usize, 4usize, 32usize, 7usize, 7usize),
+            vec![37i64, 5],
+            49usize,
+        ),
         ((3, 2, 3, 64, 5, 30), vec![0, 1, 131], 140),
         ((2, 2, 8, 128, 64, 3), vec![65, 130], 150),
     ] {
         let inputs = logits_inputs(&mut r, dims, &lens);
         let refs: Vec<&HostTensor> = inputs.iter().collect();
         let rows = dims.0 * dims.1;
-        let (got, want) = both(&w, &refs, |b, t| run_logits(b, t, rows, max_len))
-            .expect("indexer_logits runs");
+        let (got, want) =
+            both(&w, &refs, |b, t| run_logits(b, t, rows, max_len)).expect("indexer_logits runs");
         let g = got[0].to_f32_vec();
         let x = want[0].to_f32_vec();
         let fin: (Vec<f32>, Vec<f32>) = g
@@ -236,9 +253,12 @@ fn indexer_logits_matches_cpu_ref() {
         let rms = (fin.1.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>()
             / fin.1.len().max(1) as f64)
             .sqrt();
-        assert_close(&format!("indexer_logits {dims:?}"), &got[0], &want[0], |_, v| {
-            1e-5 * f64::from(v.abs()) + 1e-5 * rms
-        });
+        assert_close(
+            &format!("indexer_logits {dims:?}"),
+            &got[0],
+            &want[0],
+            |_, v| 1e-5 * f64::from(v.abs()) + 1e-5 * rms,
+        );
         if !fin.1.is_empty() {
             assert!(calc_diff(&fin.0, &fin.1) < 1e-6);
         }
@@ -253,16 +273,38 @@ fn indexer_logits_reports_bad_blocks_and_lengths() {
     let inputs = logits_inputs(&mut r, dims, &[9, 3]);
     // A used entry out of range (row 0 uses ⌈9/4⌉ = 3 entries; row 1's
     // unused entries stay huge), then a length past the table (cap 12).
-    let cases: [(&str, [i64; 6], [i64; 2], &str, Vec<usize>, i64); 2] = [
-        ("block", [0, 1, 99, 3, i64::from(i32::MAX), -7], [9, 3], "block_table", vec![0, 2], 99),
-        ("length", [0, 1, 2, 3, 4, 5], [13, 3], "context_lens", vec![0], 13),
+    type Bad = (
+        &'static str,
+        [i64; 6],
+        [i64; 2],
+        &'static str,
+        Vec<usize>,
+        i64,
+    );
+    let cases: [Bad; 2] = [
+        (
+            "block",
+            [0, 1, 99, 3, i64::from(i32::MAX), -7],
+            [9, 3],
+            "block_table",
+            vec![0, 2],
+            99,
+        ),
+        (
+            "length",
+            [0, 1, 2, 3, 4, 5],
+            [13, 3],
+            "context_lens",
+            vec![0],
+            13,
+        ),
     ];
     for (what, bt, lens, arg, pos, value) in cases {
         let mut t: Vec<Tensor> = inputs.iter().map(|h| up(&w, h)).collect();
         t[3] = up(&w, &i32s(&[2], &lens));
         t[4] = up(&w, &i32s(&[2, 3], &bt));
-        let e = deferred_error(&w, what, || run_logits(&w, &t, 2, 12).map(|_| ()))
-            .expect("supported");
+        let e =
+            deferred_error(&w, what, || run_logits(&w, &t, 2, 12).map(|_| ())).expect("supported");
         assert_index_error(what, e, ("indexer_logits", arg), &pos, value, None);
     }
 }
@@ -304,11 +346,15 @@ fn indexer_topk_gives_cpu_refs_order() {
             .collect();
         let l = HostTensor::from_f32(DType::F32, &[rows, n], &v);
         let ln = i32s(&[rows], &lens);
-        let (got, want) = both(&w, &[&l, &ln], |b, t| run_topk(b, t, rows, topk))
-            .expect("indexer_topk runs");
+        let (got, want) =
+            both(&w, &[&l, &ln], |b, t| run_topk(b, t, rows, topk)).expect("indexer_topk runs");
         // Ties are broken to the lower position and NaN ranks last, so the
         // order is defined: the same bytes.
-        assert_bytes(&format!("indexer_topk {rows}x{n} k={topk}"), &got[0], &want[0]);
+        assert_bytes(
+            &format!("indexer_topk {rows}x{n} k={topk}"),
+            &got[0],
+            &want[0],
+        );
     }
 }
 
@@ -321,7 +367,14 @@ fn indexer_topk_reports_bad_lengths() {
         run_topk(&w, &[l, ln], 2, 4).map(|_| ())
     })
     .expect("supported");
-    assert_index_error("topk(length)", e, ("indexer_topk", "lengths"), &[1], 6, None);
+    assert_index_error(
+        "topk(length)",
+        e,
+        ("indexer_topk", "lengths"),
+        &[1],
+        6,
+        None,
+    );
 }
 
 // ---- sparse_mla_decode ------------------------------------------------------------------------------
@@ -392,12 +445,14 @@ fn sparse_mla_decode_matches_cpu_ref() {
         let readable: Vec<i64> = (0..slots as i64)
             .filter(|s| !unread.contains(&(*s as usize)))
             .collect();
-        let lens: Vec<i64> = (0..batch as i64).map(|i| (topk as i64 - 3 * i).max(0)).collect();
+        let lens: Vec<i64> = (0..batch as i64)
+            .map(|i| (topk as i64 - 3 * i).max(0))
+            .collect();
         let mut idx = Vec::new();
-        for b in 0..batch {
+        for (b, &len) in lens.iter().enumerate() {
             for s in 0..s_q {
                 for k in 0..topk {
-                    let past = with_len && k as i64 >= lens[b];
+                    let past = with_len && k as i64 >= len;
                     idx.push(if past {
                         // Past topk_length: never read, never checked.
                         [-1, 1 << 30, unread[0] as i64][k % 3]
@@ -410,7 +465,7 @@ fn sparse_mla_decode_matches_cpu_ref() {
             }
         }
         let n = batch * s_q * h_q * V32_D;
-        let inputs = vec![
+        let inputs = [
             HostTensor::from_f32(qd, &[batch, s_q, h_q, V32_D], &r.normals(n, 1.0)),
             HostTensor::from_bytes(DType::U8, &[nb, bs, V32_TOKEN_BYTES], cache).unwrap(),
             i32s(&[batch, s_q, topk], &idx),
@@ -418,7 +473,11 @@ fn sparse_mla_decode_matches_cpu_ref() {
             HostTensor::from_f32(DType::F32, &[h_q], &r.normals(h_q, 2.0)),
         ];
         let refs: Vec<&HostTensor> = inputs.iter().collect();
-        let out_dt = if qd == DType::BF16 { DType::BF16 } else { DType::F32 };
+        let out_dt = if qd == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         let dims = (batch, s_q, h_q);
         let (got, want) = both(&w, &refs, |b, t| {
             run_sparse(b, t, dims, out_dt, with_len, with_sink)
@@ -429,7 +488,10 @@ fn sparse_mla_decode_matches_cpu_ref() {
         assert_close(&format!("{what} out"), &got[0], &want[0], |_, v| {
             1e-3f64.max(2.01 / 128.0 * f64::from(v.abs()))
         });
-        assert!(calc_diff(&got[0].to_f32_vec(), &want[0].to_f32_vec()) < 5e-6, "{what}");
+        assert!(
+            calc_diff(&got[0].to_f32_vec(), &want[0].to_f32_vec()) < 5e-6,
+            "{what}"
+        );
         assert_close(&format!("{what} lse"), &got[1], &want[1], |_, v| {
             1e-6f64.max(8.01 / 65536.0 * f64::from(v.abs()))
         });
@@ -441,13 +503,21 @@ fn sparse_mla_decode_reports_bad_indices() {
     let Some(w) = own() else { return };
     let mut r = rng(7);
     let cache = latent_cache(&mut r, 6, &[]);
-    let q = HostTensor::from_f32(DType::F32, &[1, 2, 2, V32_D], &r.normals(2 * 2 * V32_D, 1.0));
+    let q = HostTensor::from_f32(
+        DType::F32,
+        &[1, 2, 2, V32_D],
+        &r.normals(2 * 2 * V32_D, 1.0),
+    );
     for (bad, at) in [(6i64, vec![0usize, 1, 2]), (-2, vec![0, 0, 1])] {
         let mut idx = vec![0i64, 1, 2, 3, 4, 5];
         idx[at[1] * 3 + at[2]] = bad;
         let t = vec![
             up(&w, &q),
-            up(&w, &HostTensor::from_bytes(DType::U8, &[2, 3, V32_TOKEN_BYTES], cache.clone()).unwrap()),
+            up(
+                &w,
+                &HostTensor::from_bytes(DType::U8, &[2, 3, V32_TOKEN_BYTES], cache.clone())
+                    .unwrap(),
+            ),
             up(&w, &i32s(&[1, 2, 3], &idx)),
             up(&w, &i32s(&[1], &[3])),
             up(&w, &HostTensor::from_f32(DType::F32, &[2], &[0.0, 0.0])),
@@ -456,12 +526,22 @@ fn sparse_mla_decode_reports_bad_indices() {
             run_sparse(&w, &t, (1, 2, 2), DType::F32, false, false).map(|_| ())
         })
         .expect("supported");
-        assert_index_error("sparse(index)", e, ("sparse_mla_decode", "indices"), &at, bad, None);
+        assert_index_error(
+            "sparse(index)",
+            e,
+            ("sparse_mla_decode", "indices"),
+            &at,
+            bad,
+            None,
+        );
     }
     // topk_length out of range.
     let t = vec![
         up(&w, &q),
-        up(&w, &HostTensor::from_bytes(DType::U8, &[2, 3, V32_TOKEN_BYTES], cache).unwrap()),
+        up(
+            &w,
+            &HostTensor::from_bytes(DType::U8, &[2, 3, V32_TOKEN_BYTES], cache).unwrap(),
+        ),
         up(&w, &i32s(&[1, 2, 3], &[0, 1, 2, 3, 4, 5])),
         up(&w, &i32s(&[1], &[4])),
         up(&w, &HostTensor::from_f32(DType::F32, &[2], &[0.0, 0.0])),
