@@ -266,6 +266,29 @@ fn indexer_logits_matches_cpu_ref() {
 }
 
 #[test]
+fn indexer_logits_windows_a_cache_beyond_the_binding_limit() {
+    // 4 KiB bindings: the 51-block cache (256 bytes a block) is bound in
+    // windows of 15 blocks, one dispatch each.
+    let Some(w) = available(
+        "wgpu",
+        Wgpu::with_options(WgpuOptions {
+            max_storage_binding: Some(4096),
+            ..Default::default()
+        }),
+    ) else {
+        return;
+    };
+    let mut r = rng(8);
+    let dims = (2usize, 2usize, 3usize, 60usize, 4usize, 40usize);
+    let inputs = logits_inputs(&mut r, dims, &[150, 37]);
+    let refs: Vec<&HostTensor> = inputs.iter().collect();
+    let (got, want) = both(&w, &refs, |b, t| run_logits(b, t, 4, 160)).expect("runs");
+    assert_close("indexer_logits in windows", &got[0], &want[0], |_, v| {
+        1e-5 * f64::from(v.abs()) + 1e-6
+    });
+}
+
+#[test]
 fn indexer_logits_reports_bad_blocks_and_lengths() {
     let Some(w) = own() else { return };
     let mut r = rng(4);

@@ -1,12 +1,13 @@
 //! `indexer_logits` (spec-v32 §9.1): the lightning indexer's logits over
 //! the paged FP8 index-k cache. Pass 1 (`indexer_q.wgsl`) decodes q to f32
 //! scratch; pass 2 (`indexer_logits.wgsl`) computes every column of every
-//! query row. `context_lens` and the used block-table entries are checked
+//! query row (one dispatch per window of cache blocks when the cache exceeds
+//! the storage binding limit). `context_lens` and the used block-table entries are checked
 //! on the device (deferred errors); the kernels never read outside the
 //! cache.
 
 use super::{groups, OpTable};
-use crate::ctx::{buffer, u32_of, CheckKind, Params, Shader};
+use crate::ctx::{buffer, u32_of, CheckKind, Params, Shader, Win};
 use crate::Wgpu;
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, Result};
@@ -104,29 +105,36 @@ fn indexer_logits(w: &Wgpu, op: &mut Checked<IndexerLogits<'_>>) -> Result<()> {
             .input("lens", DType::I32)
             .input("bt", DType::I32)
             .output("logits", DType::F32);
-        let p = Params::new()
-            .u32(d.next_n as u32)
-            .u32(d.heads as u32)
-            .u32(d.num_blocks as u32)
-            .u32(d.block_size as u32)
-            .u32(d.max_blocks as u32)
-            .u32(d.max_len as u32)
-            .u32(cap as u32)
-            .u32(tiles as u32)
-            .u32(total);
-        rec.dispatch(
-            &sh,
-            p,
-            &[
-                &qf,
-                buffer(a.weights)?,
-                buffer(a.kv_cache)?,
-                buffer(a.context_lens)?,
-                buffer(a.block_table)?,
-                buffer(a.logits)?,
-            ],
-            total,
-        )?;
+        let block_bytes = (d.block_size * (d.d + 4)) as u64;
+        let plan = w.ctx.plan_rows(OP, d.num_blocks.max(1), &[block_bytes])?;
+        for (i, &(b0, b1)) in plan.iter().enumerate() {
+            let p = Params::new()
+                .u32(d.next_n as u32)
+                .u32(d.heads as u32)
+                .u32(d.num_blocks as u32)
+                .u32(d.block_size as u32)
+                .u32(d.max_blocks as u32)
+                .u32(d.max_len as u32)
+                .u32(cap as u32)
+                .u32(tiles as u32)
+                .u32(total)
+                .u32(b0 as u32)
+                .u32(b1 as u32)
+                .u32((i == 0) as u32);
+            rec.dispatch_win(
+                &sh,
+                p,
+                &[
+                    Win::whole(&qf),
+                    Win::whole(buffer(a.weights)?),
+                    Win::rows(buffer(a.kv_cache)?, block_bytes, b0, b1),
+                    Win::whole(buffer(a.context_lens)?),
+                    Win::whole(buffer(a.block_table)?),
+                    Win::whole(buffer(a.logits)?),
+                ],
+                total,
+            )?;
+        }
     }
     rec.finish()
 }

@@ -9,6 +9,11 @@
 // address in every invocation). Lengths are clamped into [0, cap] and block
 // ids into [0, num_blocks): the check kernels report bad values, and tokens
 // at or past a sequence's length are never read.
+//
+// A cache beyond the storage binding limit is bound in windows of blocks
+// [blk_lo, blk_hi), one dispatch each: a dispatch computes the visible
+// columns whose block lies in its window, and the first one also writes the
+// −inf columns, so every element is written exactly once.
 struct Params {
     next_n: u32,
     heads: u32,
@@ -19,6 +24,9 @@ struct Params {
     cap: u32,      // min(max_len, max_blocks · block_size)
     tiles: u32,    // ceil(max_len / 64)
     total: u32,    // workgroups
+    blk_lo: u32,   // the window of the cache bound as `kv`
+    blk_hi: u32,
+    first: u32,    // 1: this dispatch writes the −inf columns
 }
 
 const TOK: u32 = 64u;
@@ -47,10 +55,15 @@ fn per_workgroup(wg: u32, lid: u32) {
     let d = D4 * 4u;
     var k: array<vec4<f32>, D4>;
     var s = 0.0;
+    var mine = false;
     if t < len {
         let blk = i64_clamp_index(ldi_bt(b * P.max_blocks + t / P.block_size), P.num_blocks);
+        mine = blk >= P.blk_lo && blk < P.blk_hi;
+    }
+    if mine {
+        let blk = i64_clamp_index(ldi_bt(b * P.max_blocks + t / P.block_size), P.num_blocks);
         let off = t % P.block_size;
-        let base = blk * P.block_size * (d + 4u);
+        let base = (blk - P.blk_lo) * P.block_size * (d + 4u);
         let kw = (base + off * d) / 4u;
         for (var c = 0u; c < D4; c = c + 1u) {
             let w = b_kv[kw + c];
@@ -67,7 +80,11 @@ fn per_workgroup(wg: u32, lid: u32) {
         let row = b * P.next_n + j;
         var v = f32_inf(true);
         // This row sees t < len + j + 1 − next_n.
-        if t + P.next_n < len + j + 1u {
+        let visible = t + P.next_n < len + j + 1u;
+        if (visible && !mine) || (!visible && P.first == 0u) {
+            continue;
+        }
+        if visible {
             var acc = 0.0;
             for (var h = 0u; h < P.heads; h = h + 1u) {
                 let qb = (row * P.heads + h) * d;
