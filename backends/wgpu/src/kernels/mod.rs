@@ -122,4 +122,8 @@ modules!(
     fp8_gemm,
     gemm_grouped,
     mla,
+    cache_quant,
+    indexer_logits,
+    indexer_topk,
+    sparse_mla_decode,
 );
