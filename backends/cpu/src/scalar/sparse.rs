@@ -257,8 +257,21 @@ pub(crate) fn sparse_row(
     scale: f64,
     sink: Option<f32>,
 ) -> (Vec<f64>, f64) {
+    let (o, lse, _) = sparse_row_max(q, keys, scale, sink);
+    (o, lse)
+}
+
+/// One row of sparse attention: `(out, lse, max_logit)` over the valid
+/// keys (`q` and each key hold `d_qk` values; V is a key's first 512).
+/// No valid key: `out = 0`, `lse = +inf`, `max_logit = −inf`.
+pub(crate) fn sparse_row_max(
+    q: &[f32],
+    keys: &[&[f64]],
+    scale: f64,
+    sink: Option<f32>,
+) -> (Vec<f64>, f64, f64) {
     if keys.is_empty() {
-        return (vec![0.0; V32_NOPE], f64::INFINITY);
+        return (vec![0.0; V32_NOPE], f64::INFINITY, f64::NEG_INFINITY);
     }
     let scores: Vec<f64> = keys
         .iter()
@@ -271,6 +284,7 @@ pub(crate) fn sparse_row(
             dot * scale
         })
         .collect();
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let (p, lse) = softmax(&scores);
     let mut o = vec![0.0f64; V32_NOPE];
     for (k, &pk) in keys.iter().zip(&p) {
@@ -284,7 +298,7 @@ pub(crate) fn sparse_row(
             *oc *= f;
         }
     }
-    (o, lse)
+    (o, lse, max)
 }
 
 /// The specification of `sparse_mla_decode`.
@@ -321,6 +335,85 @@ pub fn sparse_mla_decode(op: &mut Checked<SparseMlaDecode<'_>>) -> Result<()> {
         }
     }
     put_f64(a.out, &out)?;
+    put_f64(a.lse, &lse)
+}
+
+// ---- §9.7 sparse_mla_prefill ------------------------------------------------
+
+/// Reads `indices` and `topk_length` of `sparse_mla_prefill`: checks
+/// `topk_length` (in `[0, topk]`) and returns the indices with every
+/// invalid slot (outside `[0, s_kv)`, or at or past `topk_length`) set to −1.
+pub(crate) fn prefill_indices(
+    a: &SparseMlaPrefill<'_>,
+    d: &SparseMlaPrefillDims,
+) -> Result<Vec<i64>> {
+    let mut idx = i64s(a.indices)?;
+    let lens = match a.topk_length {
+        Some(t) => {
+            let l = i64s(t)?;
+            for (s, &v) in l.iter().enumerate() {
+                if v < 0 || v > d.topk as i64 {
+                    return Err(out_of_range(
+                        "sparse_mla_prefill",
+                        "topk_length",
+                        vec![s],
+                        v,
+                        format!("[0, {}] (topk)", d.topk),
+                    ));
+                }
+            }
+            l
+        }
+        None => vec![d.topk as i64; d.s_q],
+    };
+    for (e, v) in idx.iter_mut().enumerate() {
+        let (s, t) = (e / d.topk.max(1), e % d.topk.max(1));
+        if t as i64 >= lens[s] || *v < 0 || *v >= d.s_kv as i64 {
+            *v = -1;
+        }
+    }
+    Ok(idx)
+}
+
+/// The specification of `sparse_mla_prefill`.
+pub fn sparse_mla_prefill(op: &mut Checked<SparseMlaPrefill<'_>>) -> Result<()> {
+    let (a, d) = op.parts();
+    let idx = prefill_indices(a, d)?;
+    let q = f32s(a.q)?;
+    let kv = f32s(a.kv)?;
+    let sink = match a.attn_sink {
+        Some(t) => Some(f32s(t)?),
+        None => None,
+    };
+    let scale = f64::from(a.softmax_scale);
+    let (h_q, dq, topk) = (d.h_q, d.d_qk, d.topk);
+    let mut out = Vec::with_capacity(d.s_q * h_q * V32_NOPE);
+    let mut maxl = vec![0.0f64; d.s_q * h_q];
+    let mut lse = vec![0.0f64; d.s_q * h_q];
+    for s in 0..d.s_q {
+        let keys: Vec<Vec<f64>> = idx[s * topk..(s + 1) * topk]
+            .iter()
+            .filter(|&&v| v >= 0)
+            .map(|&v| {
+                let v = v as usize;
+                kv[v * dq..(v + 1) * dq]
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect()
+            })
+            .collect();
+        let keys: Vec<&[f64]> = keys.iter().map(|k| k.as_slice()).collect();
+        for h in 0..h_q {
+            let item = s * h_q + h;
+            let qr = &q[item * dq..(item + 1) * dq];
+            let (o, l, m) = sparse_row_max(qr, &keys, scale, sink.as_ref().map(|v| v[h]));
+            out.extend_from_slice(&o);
+            lse[item] = l;
+            maxl[item] = m;
+        }
+    }
+    put_f64(a.out, &out)?;
+    put_f64(a.max_logits, &maxl)?;
     put_f64(a.lse, &lse)
 }
 
