@@ -228,12 +228,9 @@ impl Ctx<'_> {
         self.index_rope(&mut k, 1, &step.positions)?;
         let q = self.index_hadamard(ix, &q)?;
         let k = self.index_hadamard(ix, &k)?;
-        if self.taps.is_some() {
-            let mut qt = self.window(&q, 0, 0, t * n, d)?;
-            qt.reshape(&[t, n * d])?;
-            self.tap("index_q", &qt)?;
-            self.tap("index_k", &k)?;
-        }
+        // index_q is judged flat: [T·n, d] holds the golden's [T, n·d].
+        self.tap("index_q", &q)?;
+        self.tap("index_k", &k)?;
         let w = self.linear(x, &ix.weights_proj)?;
         let scores = if ix.fp8 {
             self.index_scores_fp8(ix, &q, &k, &w)?

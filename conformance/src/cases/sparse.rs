@@ -554,7 +554,7 @@ fn build_prefill(spec: &CaseSpec) -> Result<Case, String> {
     let dtype = p.dtype("dtype")?;
     let mut rng = Rng::new(spec.seed);
     // FlashMLA's inputs: N(0, 0.1²) plus one offset in ±0.05 per tensor.
-    let mut values = |n: usize, rng: &mut Rng| {
+    let values = |n: usize, rng: &mut Rng| {
         let off = rng.range_f32(-0.05, 0.05);
         let mut g = NormalStream::new(rng, 0.1);
         (0..n).map(|_| g.next_value() + off).collect::<Vec<f32>>()

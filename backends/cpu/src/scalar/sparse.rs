@@ -583,6 +583,79 @@ mod tests {
         assert_eq!(l[0], f32::INFINITY);
     }
 
+    /// One query of `sparse_mla_prefill` over `kv` rows that are `row(t)`
+    /// everywhere: `(out[0], max_logits, lse)` per head.
+    fn prefill(
+        idx: &[i64],
+        s_kv: usize,
+        sink: Option<f32>,
+        topk_length: Option<i64>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let topk = idx.len();
+        let q = up(&HostTensor::from_f32(DType::F32, &[1, 1, V32_D], &[0.1; V32_D]));
+        let kv: Vec<f32> = (0..s_kv)
+            .flat_map(|t| std::iter::repeat_n(0.01 * t as f32, V32_D))
+            .collect();
+        let kv = up(&HostTensor::from_f32(DType::F32, &[s_kv, 1, V32_D], &kv));
+        let i = up(&HostTensor::from_index(DType::I32, &[1, 1, topk], idx));
+        let s = sink.map(|v| up(&HostTensor::from_f32(DType::F32, &[1], &[v])));
+        let l = topk_length.map(|v| up(&HostTensor::from_index(DType::I32, &[1], &[v])));
+        let mut out = CpuRef.alloc(DType::F32, &[1, 1, V32_NOPE])?;
+        let mut m = CpuRef.alloc(DType::F32, &[1, 1])?;
+        let mut lse = CpuRef.alloc(DType::F32, &[1, 1])?;
+        let mut c = SparseMlaPrefill {
+            q: &q,
+            kv: &kv,
+            indices: &i,
+            topk_length: l.as_ref(),
+            attn_sink: s.as_ref(),
+            out: &mut out,
+            max_logits: &mut m,
+            lse: &mut lse,
+            softmax_scale: 0.5,
+        }
+        .check()?;
+        sparse_mla_prefill(&mut c)?;
+        Ok((f32s(&out)?, f32s(&m)?, f32s(&lse)?))
+    }
+
+    #[test]
+    fn sparse_prefill_skips_every_value_outside_the_kv_and_reports_max_and_lse() {
+        // Tokens 2 and 3 valid; -1, s_kv, i32::MAX and i32::MIN invalid.
+        let idx = [2, -1, 4, 3, i64::from(i32::MAX), i64::from(i32::MIN)];
+        let (o, m, l) = prefill(&idx, 4, None, None).unwrap();
+        let s = |t: f64| 0.5 * 0.1 * 0.01 * t * V32_D as f64;
+        let lse = (s(2.0).exp() + s(3.0).exp()).ln();
+        assert!((f64::from(l[0]) - lse).abs() < 1e-5, "{} vs {lse}", l[0]);
+        assert!((f64::from(m[0]) - s(3.0)).abs() < 1e-6, "{}", m[0]);
+        let p3 = (s(3.0) - lse).exp();
+        let want = 0.02 * (1.0 - p3) + 0.03 * p3;
+        assert!((f64::from(o[0]) - want).abs() < 1e-7, "{} vs {want}", o[0]);
+        // topk_length 1: only token 2.
+        let (_, m, _) = prefill(&idx, 4, None, Some(1)).unwrap();
+        assert!((f64::from(m[0]) - s(2.0)).abs() < 1e-6);
+        // A +inf sink zeroes out, −inf leaves it; neither touches lse.
+        let (oz, _, lz) = prefill(&idx, 4, Some(f32::INFINITY), None).unwrap();
+        assert!(oz.iter().all(|&v| v == 0.0));
+        assert_eq!(lz, l);
+        let (on, _, _) = prefill(&idx, 4, Some(f32::NEG_INFINITY), None).unwrap();
+        assert_eq!(on, o);
+        // No valid slot (also with s_kv = 0): out 0, max −inf, lse +inf.
+        for s_kv in [0, 2] {
+            let (o, m, l) = prefill(&[2, -1], s_kv, Some(0.5), None).unwrap();
+            assert!(o.iter().all(|&v| v == 0.0));
+            assert_eq!((m[0], l[0]), (f32::NEG_INFINITY, f32::INFINITY));
+        }
+        // topk_length past topk is an error.
+        assert!(matches!(
+            prefill(&idx, 4, None, Some(7)),
+            Err(Error::IndexOutOfRange {
+                arg: "topk_length",
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn out_of_range_slots_are_errors_not_reads() {
         let cache = latent(3, 0x38, 0.25);
