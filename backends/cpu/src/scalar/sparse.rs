@@ -592,7 +592,11 @@ mod tests {
         topk_length: Option<i64>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let topk = idx.len();
-        let q = up(&HostTensor::from_f32(DType::F32, &[1, 1, V32_D], &[0.1; V32_D]));
+        let q = up(&HostTensor::from_f32(
+            DType::F32,
+            &[1, 1, V32_D],
+            &[0.1; V32_D],
+        ));
         let kv: Vec<f32> = (0..s_kv)
             .flat_map(|t| std::iter::repeat_n(0.01 * t as f32, V32_D))
             .collect();
