@@ -16,7 +16,13 @@ of the Rust code:
   defined;
 * sparse-mla-decode: FlashMLA's ``ref_sparse_attn_decode`` in float64 over
   the exactly dequantized latent cache, attention sink, topk_length,
-  +inf lse and zero output for rows without a valid index.
+  +inf lse and zero output for rows without a valid index;
+* sparse-mla-prefill: FlashMLA's ``ref_sparse_attn_fwd`` in float64 over
+  a plain bf16 latent KV: indices outside [0, s_kv) invalid, topk_length,
+  attention sink merged into the lse used for the output (+-inf sinks
+  included), max_logits -inf and lse +inf for rows without a valid index.
+  Drawn from its own generator (V32_SEED + 1), after the other cases, so
+  their files keep their bytes.
 
 Run by generate.py (``generate_all``), or alone to (re)write just these
 files: ``python golden/v32_ops.py [OUTDIR]`` prints their manifest entries.
@@ -275,6 +281,79 @@ def sparse_mla_decode_cases(outdir, names, rng):
                inputs, {"out": out, "lse": lse})
 
 
+def sparse_prefill_reference(q, kv, idx, topk_length, sink, scale):
+    """FlashMLA's ref_sparse_attn_fwd, in float64: q [s_q, h_q, d], kv
+    [s_kv, 1, d], idx [s_q, 1, topk] -> out (bf16), max_logits, lse (f32)."""
+    s_q, h_q, d = q.shape
+    s_kv, topk = kv.shape[0], idx.shape[2]
+    ind = idx[:, 0, :].to(torch.int64).clone()
+    if topk_length is not None:
+        past = torch.arange(topk).unsqueeze(0) >= topk_length.to(torch.int64).unsqueeze(1)
+        ind[past] = -1
+    invalid = (ind < 0) | (ind >= s_kv)
+    ind[invalid] = 0
+    kvd = kv[:, 0, :].to(torch.float64)
+    if s_kv == 0:
+        kvd = torch.zeros(1, d, dtype=torch.float64)
+    g = kvd.index_select(0, ind.flatten()).reshape(s_q, topk, d)
+    g[invalid] = 0.0  # never read: keeps NaN tokens out of the products
+    P = (q.to(torch.float64) @ g.transpose(1, 2)) * scale  # [s_q, h_q, topk]
+    P[invalid.unsqueeze(1).expand(P.shape)] = float("-inf")
+    lse = torch.logsumexp(P, dim=-1)
+    max_logits = P.max(dim=-1).values if topk > 0 else torch.full((s_q, h_q), float("-inf"),
+                                                                  dtype=torch.float64)
+    lse_o = lse.clone()
+    if sink is not None:
+        lse_o = torch.logsumexp(torch.stack([lse_o, sink.to(torch.float64).expand(s_q, h_q)]), dim=0)
+    lse_o[lse_o == float("-inf")] = float("inf")
+    out = torch.exp(P - lse_o.unsqueeze(-1)) @ g[..., :NOPE]
+    lse[lse == float("-inf")] = float("inf")
+    return to_bf16(out), max_logits.to(torch.float32), lse.to(torch.float32)
+
+
+def sparse_mla_prefill_cases(outdir, names, rng):
+    cases = [
+        ("sparse_mla_prefill_sink_topklen", 7, 40, 4, 24, 576, True, True,
+         "topk_length per query, attention sink with a -inf and a +inf head, an all-invalid query"),
+        ("sparse_mla_prefill_d512_oob", 5, 11, 2, 16, 512, False, False,
+         "d_qk = 512 (K = V), topk past s_kv: the remaining slots hold FlashMLA's invalid values"),
+    ]
+    bad = [-2147483648, -123456, -1, 114514, 1919810, 2147480000, 2147483647]
+    scale = 0.5
+    for name, s_q, s_kv, h_q, topk, d, sink_on, topk_len_on, desc in cases:
+        q = torch.from_numpy(rng.standard_normal((s_q, h_q, d)) * 0.1 + 0.02).to(torch.bfloat16)
+        kv = torch.from_numpy(rng.standard_normal((s_kv, 1, d)) * 0.1 - 0.01).to(torch.bfloat16)
+        idx = torch.zeros((s_q, 1, topk), dtype=torch.int32)
+        for s in range(s_q):
+            perm = list(rng.permutation(s_kv)[:topk])
+            perm += [bad[int(rng.integers(len(bad)))] if j % 3 else s_kv
+                     for j in range(topk - len(perm))]
+            idx[s, 0] = torch.tensor(perm, dtype=torch.int32)
+        idx[s_q // 2, 0, :] = -1  # a query with no valid index
+        named = torch.zeros(s_kv, dtype=torch.bool)
+        flat = idx.flatten().to(torch.int64)
+        named[flat[(flat >= 0) & (flat < s_kv)]] = True
+        kv[~named] = float("nan")  # tokens no slot names are never read
+        inputs = {"q": q, "kv": kv, "indices": idx}
+        tl = sink = None
+        if topk_len_on:
+            tl = torch.from_numpy(rng.integers(0, topk + 1, s_q)).to(torch.int32)
+            tl[0] = topk
+            inputs["topk_length"] = tl
+        if sink_on:
+            sink = torch.from_numpy(rng.standard_normal(h_q)).to(torch.float32)
+            sink[1] = float("-inf")
+            sink[2] = float("inf")
+            inputs["attn_sink"] = sink
+        out, max_logits, lse = sparse_prefill_reference(q, kv, idx, tl, sink, scale)
+        _write(outdir, names, name, "sparse-mla-prefill", {"softmax_scale": scale},
+               f"sparse_mla_prefill (FlashMLA flash_mla_sparse_fwd): {desc}. FlashMLA's "
+               "ref_sparse_attn_fwd in float64 from the bf16 inputs; tokens no index names are NaN; "
+               "expected out rounded once to bf16, max_logits and lse (natural log, without the sink) "
+               "to f32.",
+               inputs, {"out": out, "max_logits": max_logits, "lse": lse})
+
+
 def generate_all(outdir):
     outdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(V32_SEED)
@@ -283,6 +362,7 @@ def generate_all(outdir):
     indexer_logits_cases(outdir, names, rng)
     indexer_topk_cases(outdir, names, rng)
     sparse_mla_decode_cases(outdir, names, rng)
+    sparse_mla_prefill_cases(outdir, names, np.random.default_rng(V32_SEED + 1))
     return names
 
 

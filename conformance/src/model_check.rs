@@ -221,10 +221,15 @@ fn routing_mismatches(a: &HostTensor, r: &HostTensor) -> f64 {
 
 /// The per-layer taps in data-flow order: the order checks are reported in,
 /// so that the first failure is the earliest divergence.
-pub const TAP_ORDER: [&str; 11] = [
+pub const TAP_ORDER: [&str; 15] = [
     "input",
     "q",
     "kv_latent",
+    // DeepSeek-V3.2's indexer (golden/README.md, "DeepSeek-V3.2").
+    "index_q",
+    "index_k",
+    "index_score",
+    "index_topk",
     "attn_core",
     "attn_out",
     "gate_logits",
@@ -240,7 +245,55 @@ pub const TAP_ORDER: [&str; 11] = [
 const OPTIONAL_TAPS: [&str; 2] = ["expert_out", "shared_out"];
 
 /// Taps inside the attention block.
-const ATTN_TAPS: [&str; 4] = ["q", "kv_latent", "attn_core", "attn_out"];
+const ATTN_TAPS: [&str; 7] = [
+    "q",
+    "kv_latent",
+    "index_q",
+    "index_k",
+    "index_score",
+    "attn_core",
+    "attn_out",
+];
+
+/// Rows of two `[T, k]` index selections (−1 = none) whose sets of
+/// selected positions differ (order free); +inf when the shapes differ.
+/// The V3.2 golden prompt keeps every top-k boundary at a relative gap
+/// ≥ 1e-3 in every mode, so a correct indexer selects exactly these sets.
+pub fn set_mismatches(a: &HostTensor, r: &HostTensor) -> f64 {
+    let k = *r.shape().last().unwrap_or(&1);
+    let (av, rv) = (a.to_i64_vec(), r.to_i64_vec());
+    if a.shape() != r.shape() || k == 0 {
+        return f64::INFINITY;
+    }
+    let set = |row: &[i64]| {
+        let mut v: Vec<i64> = row.iter().copied().filter(|&x| x >= 0).collect();
+        v.sort_unstable();
+        v
+    };
+    av.chunks(k)
+        .zip(rv.chunks(k))
+        .filter(|(x, y)| set(x) != set(y))
+        .count() as f64
+}
+
+/// A metric over the finite positions of `r` after checking that every
+/// infinite position of `r` holds the same value in `a` (+inf otherwise):
+/// the indexer scores are −inf above the diagonal.
+fn masked(a: &[f32], r: &[f32], metric: fn(&[f32], &[f32]) -> f64) -> f64 {
+    if a.len() != r.len() {
+        return f64::INFINITY;
+    }
+    let (mut fa, mut fr) = (Vec::new(), Vec::new());
+    for (&x, &y) in a.iter().zip(r) {
+        if y.is_finite() {
+            fa.push(x);
+            fr.push(y);
+        } else if x != y {
+            return f64::INFINITY;
+        }
+    }
+    metric(&fa, &fr)
+}
 
 /// Runs the golden prompt through `model` and judges it against `golden`
 /// (the `golden_{mode}.safetensors` of the model's numerics mode).
@@ -286,9 +339,19 @@ pub fn check_forward(
                     });
                     continue;
                 }
+                if tap == "index_topk" {
+                    report.checks.push(TapCheck {
+                        value: mine.map_or(f64::INFINITY, |t| set_mismatches(t, gold)),
+                        name,
+                        metric: "set_mismatches",
+                        threshold: 0.0,
+                        at_least: false,
+                    });
+                    continue;
+                }
                 let a = mine.map(|t| t.to_f32_vec()).unwrap_or_default();
                 report.checks.push(TapCheck {
-                    value: max_abs(&a, &gold.to_f32_vec()),
+                    value: masked(&a, &gold.to_f32_vec(), max_abs),
                     name,
                     metric: "max_abs",
                     // Router weights: measured 7.2e-7 (golden/README.md).
@@ -344,6 +407,18 @@ pub fn check_forward(
                 });
                 continue;
             }
+            if tap == "index_topk" {
+                // Teacher forced from the golden input: the selection must
+                // be the golden's (boundary gaps ≥ 1e-3 in every mode).
+                report.checks.push(TapCheck {
+                    value: set_mismatches(mine, gold),
+                    name,
+                    metric: "set_mismatches",
+                    threshold: 0.0,
+                    at_least: false,
+                });
+                continue;
+            }
             if tap == "input" || tap == "topk_weights" {
                 continue;
             }
@@ -355,7 +430,7 @@ pub fn check_forward(
                 th.ffn_rel_rms
             };
             report.checks.push(TapCheck {
-                value: rel_rms(&mine.to_f32_vec(), &gold.to_f32_vec()),
+                value: masked(&mine.to_f32_vec(), &gold.to_f32_vec(), rel_rms),
                 name,
                 metric: "rel_rms",
                 threshold,

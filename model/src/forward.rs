@@ -99,6 +99,9 @@ use deepport_core::tensor::HostTensor;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
+#[path = "v32_forward.rs"]
+mod v32_forward;
+
 /// Tokens per page of the latent cache (FlashMLA's block size).
 pub const CACHE_BLOCK: usize = 64;
 
@@ -389,6 +392,8 @@ struct Attention {
     /// Per head `W_UV [dv, dc]` (so that `gemm(o_lat, ·)` = `o_lat·W_UVᵀ`).
     w_uv: Vec<Tensor>,
     o_proj: Linear,
+    /// DeepSeek-V3.2's lightning indexer (`v32_forward.rs`); `None` for V3.
+    indexer: Option<v32_forward::Indexer>,
 }
 
 struct Layer {
@@ -766,13 +771,13 @@ impl Ctx<'_> {
         } = self.d;
         let t = rows_of(x);
         let qk = dn + dr;
-        let mut q = match &a.q {
+        let (mut q, qr) = match &a.q {
             QProj::Lora { a: qa, norm, b: qb } => {
                 let c = self.linear(x, qa)?;
                 let cn = self.norm(&c, norm)?;
-                self.linear(&cn, qb)?
+                (self.linear(&cn, qb)?, Some(cn))
             }
-            QProj::Direct(l) => self.linear(x, l)?,
+            QProj::Direct(l) => (self.linear(x, l)?, None),
         };
         let kv = self.linear(x, &a.kv_a)?;
         let c_raw = self.window(&kv, 0, 0, t, dc)?;
@@ -790,6 +795,13 @@ impl Ctx<'_> {
             AttnPath::Fused { form, cache } => {
                 if let Some(cache) = cache {
                     self.write_cache(cache, step.start, &latent, &k_pe)?;
+                }
+                if let (Some(ix), Some(qr)) = (&a.indexer, &qr) {
+                    // DeepSeek-V3.2: attention over the indexer's selection.
+                    q.reshape(&[t, h * qk])?;
+                    let o = self.sparse_attention(a, ix, x, qr, &q, &q_pe, &latent, &k_pe, step)?;
+                    self.tap("attn_core", &o)?;
+                    return self.linear(&o, &a.o_proj);
                 }
                 let mut q_nope = self.window(&q, 0, 0, t * h, dn)?;
                 q_nope.reshape(&[t, h, dn])?;
@@ -811,6 +823,15 @@ impl Ctx<'_> {
                 out
             }
             AttnPath::Paged { cache } => {
+                if a.indexer.is_some() {
+                    return Err(Error::invalid(
+                        OP,
+                        "indexer",
+                        "DeepSeek-V3.2 sparse attention runs only the fused prefill from \
+                         position 0 so far (decode, --prefill paged and chunks after the \
+                         first need an index-k cache kept across steps)",
+                    ));
+                }
                 self.write_cache(cache, step.start, &latent, &k_pe)?;
                 q.reshape(&[t, h * qk])?;
                 self.decode_attention(a, &q, &q_pe, cache, step)?
@@ -1572,6 +1593,7 @@ impl Loader<'_> {
             w_uk_t,
             w_uv,
             o_proj: self.linear(&format!("{p}.o_proj"), hidden, h * d.dv)?,
+            indexer: self.indexer(cfg, i)?,
         })
     }
 
@@ -1722,20 +1744,6 @@ impl<'b> Model<'b> {
         opts: LoadOptions,
     ) -> Result<Self> {
         cfg.validate()?;
-        if let Some(ix) = &cfg.indexer {
-            // Dense attention would silently be a different model once a
-            // sequence exceeds index_topk.
-            return Err(Error::invalid(
-                OP,
-                "indexer",
-                format!(
-                    "DeepSeek-V3.2 sparse attention (index_topk = {}, {} indexer heads) is not \
-                     implemented by the forward pass yet (it needs the lightning indexer and \
-                     sparse MLA ops)",
-                    ix.topk, ix.n_heads
-                ),
-            ));
-        }
         let act = opts.numerics.act_dtype();
         let views = reads_views(backend);
         let ld = Loader {

@@ -11,8 +11,9 @@
 //!   teacher-forced per-layer runs for conformance, chunked prefill, expert
 //!   parallelism over any communicator;
 //! * [`memory`]: memory estimates made before allocating;
-//! * [`v32`]: DeepSeek-V3.2's indexer weights (loaded and checked; the
-//!   forward pass does not run V3.2 yet).
+//! * [`v32`]: DeepSeek-V3.2's indexer weights (loaded and checked); the
+//!   forward pass runs V3.2's fused prefill (indexer + sparse MLA,
+//!   `v32_forward.rs`), not yet its decode.
 
 #![forbid(unsafe_code)]
 

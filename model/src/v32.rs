@@ -1,7 +1,7 @@
 //! DeepSeek-V3.2's lightning-indexer weights (DeepSeek Sparse Attention),
-//! read and checked from a checkpoint. The forward pass does not run them
-//! yet (it refuses a V3.2 config, see `Model::load`); what it will need is
-//! written in `golden/README.md` ("DeepSeek-V3.2").
+//! read and checked from a checkpoint. The forward pass runs them in its
+//! fused prefill (`v32_forward.rs`); the steps are written in
+//! `golden/README.md` ("DeepSeek-V3.2").
 
 use crate::checkpoint::{Checkpoint, LinearWeight};
 use crate::config::{IndexerConfig, ModelConfig};

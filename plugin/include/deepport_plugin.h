@@ -56,6 +56,7 @@
  *       get_dispatch_layout  num_experts, world_size
  *       indexer_topk   topk
  *       sparse_mla_decode  softmax_scale
+ *       sparse_mla_prefill softmax_scale
  *       cache_quant    layout (0 index, 1 latent), ue8m0 (0/1)
  *   every other op has none.
  * - Ops may run asynchronously; `synchronize` waits for all submitted work
@@ -189,6 +190,7 @@ typedef struct dp_plugin_v1 {
   dp_op_fn indexer_topk;
   dp_op_fn sparse_mla_decode;
   dp_op_fn cache_quant;
+  dp_op_fn sparse_mla_prefill;
 } dp_plugin_v1;
 
 /* The entry point a plugin exports. Returns NULL when it cannot serve a host

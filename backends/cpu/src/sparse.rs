@@ -3,5 +3,5 @@
 //! function serving both.
 
 pub(crate) use crate::scalar::sparse::{
-    cache_quant, indexer_logits, indexer_topk, sparse_mla_decode,
+    cache_quant, indexer_logits, indexer_topk, sparse_mla_decode, sparse_mla_prefill,
 };

@@ -1182,6 +1182,78 @@ fn sparse_mla_decode(rng: &mut Rng) {
     }
 }
 
+fn sparse_mla_prefill(rng: &mut Rng) {
+    for (i, &(s_q, s_kv, h_q, topk, d)) in [
+        (3usize, 7usize, 2usize, 9usize, V32_D),
+        (2, 12, 3, 5, V32_NOPE),
+        (2, 0, 2, 4, V32_D),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ind: Vec<i64> = (0..s_q * topk)
+            .map(|_| match rng.below(5) {
+                0 => -1,
+                1 => s_kv as i64 + rng.below(3) as i64,
+                _ => rng.below(s_kv.max(1)) as i64,
+            })
+            .collect();
+        let it = idx(DType::I32, &[s_q, 1, topk], &ind);
+        let dt = ACT[i % 2];
+        let q = f32h(dt, &[s_q, h_q, d], &rng.vals(s_q * h_q * d, 0.3, false));
+        let kv = f32h(dt, &[s_kv, 1, d], &rng.vals(s_kv * d, 0.3, false));
+        let mut sv = rng.vals(h_q, 2.0, false);
+        sv[0] = f32::NEG_INFINITY;
+        let sink = f32h(DType::F32, &[h_q], &sv);
+        let tl = idx(
+            DType::I32,
+            &[s_q],
+            &(0..s_q)
+                .map(|_| rng.below(topk + 1) as i64)
+                .collect::<Vec<_>>(),
+        );
+        check(
+            &format!("sparse_mla_prefill s_q={s_q} s_kv={s_kv} d={d}"),
+            |be| {
+                let (qt, kt, ix, st, lt) = (
+                    up(be, &q),
+                    up(be, &kv),
+                    up(be, &it),
+                    up(be, &sink),
+                    up(be, &tl),
+                );
+                let od = if dt == DType::BF16 {
+                    DType::BF16
+                } else {
+                    DType::F32
+                };
+                let mut o = be.alloc(od, &[s_q, h_q, V32_NOPE])?;
+                let mut m = be.alloc(DType::F32, &[s_q, h_q])?;
+                let mut l = be.alloc(DType::F32, &[s_q, h_q])?;
+                ops::run(
+                    be,
+                    SparseMlaPrefill {
+                        q: &qt,
+                        kv: &kt,
+                        indices: &ix,
+                        topk_length: (i == 1).then_some(&lt),
+                        attn_sink: (i != 1).then_some(&st),
+                        out: &mut o,
+                        max_logits: &mut m,
+                        lse: &mut l,
+                        softmax_scale: 0.07,
+                    },
+                )?;
+                Ok(vec![
+                    ("out", down(be, &o)),
+                    ("max_logits", down(be, &m)),
+                    ("lse", down(be, &l)),
+                ])
+            },
+        );
+    }
+}
+
 /// The little-endian bytes of `x` rounded to bf16.
 fn half_bits(x: f32) -> [u8; 2] {
     ((deepport_core::formats::round_bf16(x).to_bits() >> 16) as u16).to_le_bytes()
@@ -1253,6 +1325,7 @@ const CASES: &[(OpKind, Cases)] = &[
     (OpKind::IndexerTopk, indexer_topk),
     (OpKind::SparseMlaDecode, sparse_mla_decode),
     (OpKind::CacheQuant, cache_quant),
+    (OpKind::SparseMlaPrefill, sparse_mla_prefill),
 ];
 
 #[test]

@@ -48,6 +48,12 @@ impl PluginParams for SparseMlaDecode<'_> {
     }
 }
 
+impl PluginParams for SparseMlaPrefill<'_> {
+    fn params(&self) -> Params {
+        vec![(c"softmax_scale", self.softmax_scale as f64)]
+    }
+}
+
 impl PluginParams for CacheQuant<'_> {
     fn params(&self) -> Params {
         let layout = match self.layout {

@@ -172,6 +172,7 @@ pub static FAMILIES: &[&Family] = &[
     &sparse::INDEXER_TOPK,
     &sparse::SPARSE_MLA_DECODE,
     &sparse::CACHE_QUANT,
+    &sparse::SPARSE_MLA_PREFILL,
     &ep::EP,
     &golden::GOLDEN_OPS_FAMILY,
     &model::MODEL,

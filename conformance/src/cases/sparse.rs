@@ -1,7 +1,8 @@
 //! DeepSeek-V3.2 sparse-attention families (docs/spec-v32.md §9):
 //! `indexer_logits` (DeepGEMM `fp8_paged_mqa_logits`), `indexer_topk`
 //! (judged as sets with near-tie bands), `sparse_mla_decode` (FlashMLA
-//! sparse decode over the 656-byte FP8 latent cache) and `cache_quant`
+//! sparse decode over the 656-byte FP8 latent cache), `sparse_mla_prefill`
+//! (FlashMLA sparse prefill over a plain latent KV) and `cache_quant`
 //! (both cache writers, bit-exact bytes).
 //!
 //! Inputs carry the adversarial features of DeepSeek's tests: permuted
@@ -35,6 +36,12 @@ fn k_topk(_: &ParamMap) -> Vec<OpKind> {
 }
 fn k_decode(_: &ParamMap) -> Vec<OpKind> {
     vec![OpKind::SparseMlaDecode]
+}
+fn k_prefill(_: &ParamMap) -> Vec<OpKind> {
+    vec![OpKind::SparseMlaPrefill]
+}
+fn o_prefill(_: &ParamMap) -> Vec<&'static str> {
+    vec!["out", "max_logits", "lse"]
 }
 fn k_quant(_: &ParamMap) -> Vec<OpKind> {
     vec![OpKind::CacheQuant]
@@ -494,6 +501,133 @@ fn build_decode(spec: &CaseSpec) -> Result<Case, String> {
         "sparse-mla-decode",
         tensors,
         vec![],
+        Judging::new(spec).into_fn(),
+    )
+}
+
+// ---- sparse_mla_prefill ------------------------------------------------------
+
+pub static SPARSE_MLA_PREFILL: Family = Family {
+    name: "sparse_mla_prefill",
+    keys: &[
+        req("s_q", Int),
+        req("s_kv", Int),
+        req("h_q", Int),
+        req("topk", Int),
+        def("d_qk", Int, "576"),
+        def("invalid", Flag, "0"),
+        def("sink", Flag, "0"),
+        def("topk_len", Flag, "0"),
+        def("dtype", Text(FLOAT_DTYPES), "bf16"),
+    ],
+    outputs: o_prefill,
+    ops: k_prefill,
+    source: super::generated,
+    build: build_prefill,
+};
+
+/// FlashMLA's invalid index values (`tests/lib.py`): negative, `s_kv`
+/// itself and far beyond it.
+fn invalid_index(rng: &mut Rng, s_kv: usize) -> i32 {
+    let c = [
+        i32::MIN,
+        -123_456,
+        -1,
+        s_kv as i32,
+        114_514,
+        1_919_810,
+        2_147_480_000,
+        i32::MAX,
+    ];
+    c[rng.below(c.len())]
+}
+
+fn build_prefill(spec: &CaseSpec) -> Result<Case, String> {
+    let p = P(&spec.params);
+    let (s_q, s_kv, h_q, topk, d_qk) = (
+        p.int("s_q")?,
+        p.int("s_kv")?,
+        p.int("h_q")?,
+        p.int("topk")?,
+        p.int("d_qk")?,
+    );
+    let dtype = p.dtype("dtype")?;
+    let mut rng = Rng::new(spec.seed);
+    // FlashMLA's inputs: N(0, 0.1²) plus one offset in ±0.05 per tensor.
+    let values = |n: usize, rng: &mut Rng| {
+        let off = rng.range_f32(-0.05, 0.05);
+        let mut g = NormalStream::new(rng, 0.1);
+        (0..n).map(|_| g.next_value() + off).collect::<Vec<f32>>()
+    };
+    let q = values(s_q * h_q * d_qk, &mut rng);
+    let mut kv = values(s_kv * d_qk, &mut rng);
+    // Per query: `topk` distinct tokens (FlashMLA's randperm), the slots
+    // past s_kv filled with FlashMLA's invalid values; with `invalid`,
+    // query 0 and about one in eight others have only invalid slots.
+    let mut idx = vec![0i32; s_q * topk];
+    for s in 0..s_q {
+        let row = &mut idx[s * topk..(s + 1) * topk];
+        let perm = rng.permutation(s_kv);
+        for (t, slot) in row.iter_mut().enumerate() {
+            *slot = match perm.get(t) {
+                Some(&v) => v as i32,
+                None => invalid_index(&mut rng, s_kv),
+            };
+        }
+        if p.flag("invalid")? && (s == 0 || rng.below(8) == 0) {
+            let v = invalid_index(&mut rng, s_kv);
+            row.fill(v);
+        }
+    }
+    let lens: Option<Vec<i32>> = if p.flag("topk_len")? {
+        Some(
+            (0..s_q)
+                .map(|_| rng.below(topk.max(63) + 1).min(topk) as i32)
+                .collect(),
+        )
+    } else {
+        None
+    };
+    // Tokens no slot names (valid or past topk_length) must not be read:
+    // NaN there.
+    let mut named = vec![false; s_kv];
+    for &v in &idx {
+        if v >= 0 && (v as usize) < s_kv {
+            named[v as usize] = true;
+        }
+    }
+    for (t, _) in named.iter().enumerate().filter(|(_, &n)| !n) {
+        kv[t * d_qk..(t + 1) * d_qk].fill(f32::NAN);
+    }
+    let mut tensors = vec![
+        ("q", HostTensor::from_f32(dtype, &[s_q, h_q, d_qk], &q)),
+        ("kv", HostTensor::from_f32(dtype, &[s_kv, 1, d_qk], &kv)),
+        ("indices", HostTensor::from_i32(&[s_q, 1, topk], &idx)),
+    ];
+    if let Some(l) = lens {
+        tensors.push(("topk_length", HostTensor::from_i32(&[s_q], &l)));
+    }
+    if p.flag("sink")? {
+        // FlashMLA: N(0, 1), a quarter-ish −inf (no effect) and +inf (out = 0).
+        let sink: Vec<f32> = (0..h_q)
+            .map(|_| {
+                let (v, m) = (rng.normal(), rng.normal());
+                if m < -0.5 {
+                    f32::NEG_INFINITY
+                } else if m > 0.5 {
+                    f32::INFINITY
+                } else {
+                    v
+                }
+            })
+            .collect();
+        tensors.push(("attn_sink", HostTensor::from_f32(DType::F32, &[h_q], &sink)));
+    }
+    op_case(
+        spec,
+        "sparse-mla-prefill",
+        tensors,
+        vec![("softmax_scale", Arg::Float(0.5))],
         Judging::new(spec).into_fn(),
     )
 }

@@ -16,6 +16,7 @@ pub(super) fn runner(kind: OpKind) -> Option<RunFn> {
         OpKind::IndexerTopk => run_indexer_topk,
         OpKind::SparseMlaDecode => run_sparse_mla_decode,
         OpKind::CacheQuant => run_cache_quant,
+        OpKind::SparseMlaPrefill => run_sparse_mla_prefill,
         _ => return None,
     })
 }
@@ -101,6 +102,44 @@ fn run_sparse_mla_decode(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResu
         },
     )?;
     outputs(b, &[("out", &o), ("lse", &lse)])
+}
+
+fn run_sparse_mla_prefill(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {
+    let qh = i.get("q")?;
+    let (s_q, h_q) = (dim(qh, 0), dim(qh, 1));
+    let scale = p.float_or("softmax_scale", (dim(qh, 2) as f32).powf(-0.5))?;
+    let q = up(b, qh)?;
+    let kv = up(b, i.get("kv")?)?;
+    let indices = up(b, &i.as_i32("indices")?)?;
+    let topk_length = match i.opt("topk_length") {
+        Some(_) => Some(up(b, &i.as_i32("topk_length")?)?),
+        None => None,
+    };
+    let attn_sink = match i.opt("attn_sink") {
+        Some(_) => Some(up(b, &i.as_f32("attn_sink")?)?),
+        None => None,
+    };
+    let mut o = out(b, attention_out_dtype(qh.dtype()), &[s_q, h_q, V32_NOPE])?;
+    let mut max_logits = out(b, DType::F32, &[s_q, h_q])?;
+    let mut lse = out(b, DType::F32, &[s_q, h_q])?;
+    launch(
+        b,
+        SparseMlaPrefill {
+            q: &q,
+            kv: &kv,
+            indices: &indices,
+            topk_length: topk_length.as_ref(),
+            attn_sink: attn_sink.as_ref(),
+            out: &mut o,
+            max_logits: &mut max_logits,
+            lse: &mut lse,
+            softmax_scale: scale,
+        },
+    )?;
+    outputs(
+        b,
+        &[("out", &o), ("max_logits", &max_logits), ("lse", &lse)],
+    )
 }
 
 fn run_cache_quant(b: &dyn Backend, i: &Inputs, p: &mut Params) -> CliResult<Outputs> {

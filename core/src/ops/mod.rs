@@ -99,6 +99,7 @@ macro_rules! for_each_local_op {
             IndexerTopk => indexer_topk,
             SparseMlaDecode => sparse_mla_decode,
             CacheQuant => cache_quant,
+            SparseMlaPrefill => sparse_mla_prefill,
         }
     };
 }

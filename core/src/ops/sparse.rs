@@ -2,7 +2,8 @@
 //! indexer's logits over a paged FP8 key cache (DeepGEMM
 //! `fp8_paged_mqa_logits`), its top-k selection, MLA decode over selected
 //! tokens of an FP8 latent cache (FlashMLA sparse decode, 656-byte layout,
-//! attention sink) and the writer that quantizes keys into either cache.
+//! attention sink), sparse MLA prefill over a plain latent KV (FlashMLA
+//! sparse prefill) and the writer that quantizes keys into either cache.
 
 use super::decl::*;
 use super::*;
@@ -388,6 +389,184 @@ impl OpArgs for SparseMlaDecode<'_> {
     }
     fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         vec![("out", &mut *self.out), ("lse", &mut *self.lse)]
+    }
+}
+
+/// Sparse MLA prefill over a plain latent KV (FlashMLA
+/// `flash_mla_sparse_fwd`, docs/spec-v32.md §9.7).
+///
+/// * `q [s_q, h_q, d_qk]`, `kv [s_kv, 1, d_qk]` (q's dtype), `d_qk` 576
+///   (V3.2: 512 latent ‖ 64 rope) or 512; V = `kv[.., ..512]`;
+/// * `indices [s_q, 1, topk]` i32: a value outside `[0, s_kv)` (−1, or
+///   ≥ s_kv) is an invalid slot, skipped — never an error;
+/// * `topk_length [s_q]` i32 (optional): slots at or past it are invalid;
+/// * `attn_sink [h_q]` f32 (optional): `out *= 1 / (1 + exp(sink − lse))`;
+/// * `out [s_q, h_q, 512]`, `max_logits [s_q, h_q]`, `lse [s_q, h_q]` f32
+///   (natural log, no sink); a row with no valid slot gives `out = 0`,
+///   `max_logits = −inf`, `lse = +inf`.
+#[derive(Debug)]
+pub struct SparseMlaPrefill<'a> {
+    pub q: &'a Tensor,
+    pub kv: &'a Tensor,
+    pub indices: &'a Tensor,
+    pub topk_length: Option<&'a Tensor>,
+    pub attn_sink: Option<&'a Tensor>,
+    pub out: &'a mut Tensor,
+    pub max_logits: &'a mut Tensor,
+    pub lse: &'a mut Tensor,
+    pub softmax_scale: f32,
+}
+
+#[derive(Clone, Debug)]
+pub struct SparseMlaPrefillDims {
+    pub s_q: usize,
+    pub s_kv: usize,
+    pub h_q: usize,
+    pub d_qk: usize,
+    pub topk: usize,
+}
+
+impl OpArgs for SparseMlaPrefill<'_> {
+    type Dims = SparseMlaPrefillDims;
+    const DECL: &'static OpDecl = &OpDecl {
+        kind: OpKind::SparseMlaPrefill,
+        summary: "MLA prefill over selected tokens of a plain latent KV, attention sink (FlashMLA flash_mla_sparse_fwd, spec-v32 §9.7)",
+        tensors: &[
+            input("q", ACT_DTYPES, "[s_q, h_q, d_qk] bf16/f32/f16, d_qk = 576 (V3.2) or 512"),
+            input(
+                "kv",
+                ACT_DTYPES,
+                "[s_kv, 1, d_qk] in q's dtype: latent ‖ rope key per token; V = the first 512 channels",
+            ),
+            input(
+                "indices",
+                I32_ONLY,
+                "[s_q, 1, topk] i32 token indices; outside [0, s_kv) (−1, ≥ s_kv) = invalid",
+            ),
+            optional_input(
+                "topk_length",
+                I32_ONLY,
+                "[s_q] i32 valid slots per query (in [0, topk]), optional",
+            ),
+            optional_input("attn_sink", F32_ONLY, "[h_q] f32 attention sink logits, optional"),
+            output(
+                "out",
+                ACT_DTYPES,
+                "[s_q, h_q, 512], bf16 when q is bf16, else f32",
+            ),
+            output(
+                "max_logits",
+                F32_ONLY,
+                "[s_q, h_q] f32 largest scaled logit; −inf for rows with no valid index",
+            ),
+            output(
+                "lse",
+                F32_ONLY,
+                "[s_q, h_q] f32, natural log without the sink; +inf for rows with no valid index",
+            ),
+        ],
+        params: &[computed(
+            "softmax_scale",
+            ParamKind::Float,
+            "d_qk^-0.5",
+            "scale of q·kᵀ",
+        )],
+    };
+    fn validate(&self) -> Result<SparseMlaPrefillDims> {
+        const OP: &str = "sparse_mla_prefill";
+        let qs = expect_rank(OP, "q", self.q, 3, "[s_q, h_q, d_qk]")?;
+        let (s_q, h_q, d_qk) = (qs[0], qs[1], qs[2]);
+        ensure(d_qk == V32_D || d_qk == V32_NOPE, OP, "q", || {
+            format!("d_qk must be {V32_D} or {V32_NOPE} (FlashMLA), got {d_qk}")
+        })?;
+        ensure(h_q > 0, OP, "q", || "h_q must be > 0".into())?;
+        let ks = expect_rank(OP, "kv", self.kv, 3, "[s_kv, 1, d_qk]")?;
+        let s_kv = ks[0];
+        expect_shape(
+            OP,
+            "kv",
+            self.kv,
+            &[s_kv, 1, d_qk],
+            "[s_kv, 1, d_qk] (h_kv = 1, d_qk from q)",
+        )?;
+        ensure(self.kv.dtype() == self.q.dtype(), OP, "kv", || {
+            format!(
+                "must have q's dtype {}, got {}",
+                self.q.dtype(),
+                self.kv.dtype()
+            )
+        })?;
+        let is = expect_rank(OP, "indices", self.indices, 3, "[s_q, 1, topk]")?;
+        let topk = is[2];
+        expect_shape(
+            OP,
+            "indices",
+            self.indices,
+            &[s_q, 1, topk],
+            "[s_q, 1, topk]",
+        )?;
+        if let Some(t) = self.topk_length {
+            expect_shape(OP, "topk_length", t, &[s_q], "[s_q]")?;
+        }
+        if let Some(t) = self.attn_sink {
+            expect_shape(OP, "attn_sink", t, &[h_q], "[h_q]")?;
+        }
+        expect_shape(
+            OP,
+            "out",
+            self.out,
+            &[s_q, h_q, V32_NOPE],
+            "[s_q, h_q, 512]",
+        )?;
+        let want = if self.q.dtype() == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        ensure(self.out.dtype() == want, OP, "out", || {
+            format!(
+                "must be {want} for q in {}, got {}",
+                self.q.dtype(),
+                self.out.dtype()
+            )
+        })?;
+        expect_shape(OP, "max_logits", self.max_logits, &[s_q, h_q], "[s_q, h_q]")?;
+        expect_shape(OP, "lse", self.lse, &[s_q, h_q], "[s_q, h_q]")?;
+        ensure(
+            self.softmax_scale.is_finite() && self.softmax_scale > 0.0,
+            OP,
+            "softmax_scale",
+            || format!("must be finite and > 0, got {}", self.softmax_scale),
+        )?;
+        Ok(SparseMlaPrefillDims {
+            s_q,
+            s_kv,
+            h_q,
+            d_qk,
+            topk,
+        })
+    }
+    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = vec![("q", self.q), ("kv", self.kv), ("indices", self.indices)];
+        if let Some(t) = self.topk_length {
+            v.push(("topk_length", t));
+        }
+        if let Some(t) = self.attn_sink {
+            v.push(("attn_sink", t));
+        }
+        v.extend([
+            ("out", &*self.out),
+            ("max_logits", &*self.max_logits),
+            ("lse", &*self.lse),
+        ]);
+        v
+    }
+    fn outputs_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![
+            ("out", &mut *self.out),
+            ("max_logits", &mut *self.max_logits),
+            ("lse", &mut *self.lse),
+        ]
     }
 }
 

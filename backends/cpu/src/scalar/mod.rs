@@ -43,7 +43,9 @@ mod kernels {
     pub(crate) use super::dense::*;
     pub(crate) use super::ep::get_dispatch_layout;
     pub(crate) use super::mla::*;
-    pub(crate) use super::sparse::{cache_quant, indexer_logits, indexer_topk, sparse_mla_decode};
+    pub(crate) use super::sparse::{
+        cache_quant, indexer_logits, indexer_topk, sparse_mla_decode, sparse_mla_prefill,
+    };
     // The grouped bf16/f32 GEMMs are plain loops already: one function is
     // both the specification and cpu-ref's kernel.
     pub(crate) use crate::grouped::{gemm_grouped_contiguous, gemm_grouped_masked};

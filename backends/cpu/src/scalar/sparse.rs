@@ -257,8 +257,21 @@ pub(crate) fn sparse_row(
     scale: f64,
     sink: Option<f32>,
 ) -> (Vec<f64>, f64) {
+    let (o, lse, _) = sparse_row_max(q, keys, scale, sink);
+    (o, lse)
+}
+
+/// One row of sparse attention: `(out, lse, max_logit)` over the valid
+/// keys (`q` and each key hold `d_qk` values; V is a key's first 512).
+/// No valid key: `out = 0`, `lse = +inf`, `max_logit = −inf`.
+pub(crate) fn sparse_row_max(
+    q: &[f32],
+    keys: &[&[f64]],
+    scale: f64,
+    sink: Option<f32>,
+) -> (Vec<f64>, f64, f64) {
     if keys.is_empty() {
-        return (vec![0.0; V32_NOPE], f64::INFINITY);
+        return (vec![0.0; V32_NOPE], f64::INFINITY, f64::NEG_INFINITY);
     }
     let scores: Vec<f64> = keys
         .iter()
@@ -271,6 +284,7 @@ pub(crate) fn sparse_row(
             dot * scale
         })
         .collect();
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let (p, lse) = softmax(&scores);
     let mut o = vec![0.0f64; V32_NOPE];
     for (k, &pk) in keys.iter().zip(&p) {
@@ -284,7 +298,7 @@ pub(crate) fn sparse_row(
             *oc *= f;
         }
     }
-    (o, lse)
+    (o, lse, max)
 }
 
 /// The specification of `sparse_mla_decode`.
@@ -321,6 +335,85 @@ pub fn sparse_mla_decode(op: &mut Checked<SparseMlaDecode<'_>>) -> Result<()> {
         }
     }
     put_f64(a.out, &out)?;
+    put_f64(a.lse, &lse)
+}
+
+// ---- §9.7 sparse_mla_prefill ------------------------------------------------
+
+/// Reads `indices` and `topk_length` of `sparse_mla_prefill`: checks
+/// `topk_length` (in `[0, topk]`) and returns the indices with every
+/// invalid slot (outside `[0, s_kv)`, or at or past `topk_length`) set to −1.
+pub(crate) fn prefill_indices(
+    a: &SparseMlaPrefill<'_>,
+    d: &SparseMlaPrefillDims,
+) -> Result<Vec<i64>> {
+    let mut idx = i64s(a.indices)?;
+    let lens = match a.topk_length {
+        Some(t) => {
+            let l = i64s(t)?;
+            for (s, &v) in l.iter().enumerate() {
+                if v < 0 || v > d.topk as i64 {
+                    return Err(out_of_range(
+                        "sparse_mla_prefill",
+                        "topk_length",
+                        vec![s],
+                        v,
+                        format!("[0, {}] (topk)", d.topk),
+                    ));
+                }
+            }
+            l
+        }
+        None => vec![d.topk as i64; d.s_q],
+    };
+    for (e, v) in idx.iter_mut().enumerate() {
+        let (s, t) = (e / d.topk.max(1), e % d.topk.max(1));
+        if t as i64 >= lens[s] || *v < 0 || *v >= d.s_kv as i64 {
+            *v = -1;
+        }
+    }
+    Ok(idx)
+}
+
+/// The specification of `sparse_mla_prefill`.
+pub fn sparse_mla_prefill(op: &mut Checked<SparseMlaPrefill<'_>>) -> Result<()> {
+    let (a, d) = op.parts();
+    let idx = prefill_indices(a, d)?;
+    let q = f32s(a.q)?;
+    let kv = f32s(a.kv)?;
+    let sink = match a.attn_sink {
+        Some(t) => Some(f32s(t)?),
+        None => None,
+    };
+    let scale = f64::from(a.softmax_scale);
+    let (h_q, dq, topk) = (d.h_q, d.d_qk, d.topk);
+    let mut out = Vec::with_capacity(d.s_q * h_q * V32_NOPE);
+    let mut maxl = vec![0.0f64; d.s_q * h_q];
+    let mut lse = vec![0.0f64; d.s_q * h_q];
+    for s in 0..d.s_q {
+        let keys: Vec<Vec<f64>> = idx[s * topk..(s + 1) * topk]
+            .iter()
+            .filter(|&&v| v >= 0)
+            .map(|&v| {
+                let v = v as usize;
+                kv[v * dq..(v + 1) * dq]
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect()
+            })
+            .collect();
+        let keys: Vec<&[f64]> = keys.iter().map(|k| k.as_slice()).collect();
+        for h in 0..h_q {
+            let item = s * h_q + h;
+            let qr = &q[item * dq..(item + 1) * dq];
+            let (o, l, m) = sparse_row_max(qr, &keys, scale, sink.as_ref().map(|v| v[h]));
+            out.extend_from_slice(&o);
+            lse[item] = l;
+            maxl[item] = m;
+        }
+    }
+    put_f64(a.out, &out)?;
+    put_f64(a.max_logits, &maxl)?;
     put_f64(a.lse, &lse)
 }
 
@@ -488,6 +581,83 @@ mod tests {
         let (o, l) = decode(&[-1, -1], Some(1.0), &cache).unwrap();
         assert!(o.iter().all(|&v| v == 0.0));
         assert_eq!(l[0], f32::INFINITY);
+    }
+
+    /// One query of `sparse_mla_prefill` over `kv` rows that are `row(t)`
+    /// everywhere: `(out[0], max_logits, lse)` per head.
+    fn prefill(
+        idx: &[i64],
+        s_kv: usize,
+        sink: Option<f32>,
+        topk_length: Option<i64>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let topk = idx.len();
+        let q = up(&HostTensor::from_f32(
+            DType::F32,
+            &[1, 1, V32_D],
+            &[0.1; V32_D],
+        ));
+        let kv: Vec<f32> = (0..s_kv)
+            .flat_map(|t| std::iter::repeat_n(0.01 * t as f32, V32_D))
+            .collect();
+        let kv = up(&HostTensor::from_f32(DType::F32, &[s_kv, 1, V32_D], &kv));
+        let i = up(&HostTensor::from_index(DType::I32, &[1, 1, topk], idx));
+        let s = sink.map(|v| up(&HostTensor::from_f32(DType::F32, &[1], &[v])));
+        let l = topk_length.map(|v| up(&HostTensor::from_index(DType::I32, &[1], &[v])));
+        let mut out = CpuRef.alloc(DType::F32, &[1, 1, V32_NOPE])?;
+        let mut m = CpuRef.alloc(DType::F32, &[1, 1])?;
+        let mut lse = CpuRef.alloc(DType::F32, &[1, 1])?;
+        let mut c = SparseMlaPrefill {
+            q: &q,
+            kv: &kv,
+            indices: &i,
+            topk_length: l.as_ref(),
+            attn_sink: s.as_ref(),
+            out: &mut out,
+            max_logits: &mut m,
+            lse: &mut lse,
+            softmax_scale: 0.5,
+        }
+        .check()?;
+        sparse_mla_prefill(&mut c)?;
+        Ok((f32s(&out)?, f32s(&m)?, f32s(&lse)?))
+    }
+
+    #[test]
+    fn sparse_prefill_skips_every_value_outside_the_kv_and_reports_max_and_lse() {
+        // Tokens 2 and 3 valid; -1, s_kv, i32::MAX and i32::MIN invalid.
+        let idx = [2, -1, 4, 3, i64::from(i32::MAX), i64::from(i32::MIN)];
+        let (o, m, l) = prefill(&idx, 4, None, None).unwrap();
+        let s = |t: f64| 0.5 * 0.1 * 0.01 * t * V32_D as f64;
+        let lse = (s(2.0).exp() + s(3.0).exp()).ln();
+        assert!((f64::from(l[0]) - lse).abs() < 1e-5, "{} vs {lse}", l[0]);
+        assert!((f64::from(m[0]) - s(3.0)).abs() < 1e-6, "{}", m[0]);
+        let p3 = (s(3.0) - lse).exp();
+        let want = 0.02 * (1.0 - p3) + 0.03 * p3;
+        assert!((f64::from(o[0]) - want).abs() < 1e-7, "{} vs {want}", o[0]);
+        // topk_length 1: only token 2.
+        let (_, m, _) = prefill(&idx, 4, None, Some(1)).unwrap();
+        assert!((f64::from(m[0]) - s(2.0)).abs() < 1e-6);
+        // A +inf sink zeroes out, −inf leaves it; neither touches lse.
+        let (oz, _, lz) = prefill(&idx, 4, Some(f32::INFINITY), None).unwrap();
+        assert!(oz.iter().all(|&v| v == 0.0));
+        assert_eq!(lz, l);
+        let (on, _, _) = prefill(&idx, 4, Some(f32::NEG_INFINITY), None).unwrap();
+        assert_eq!(on, o);
+        // No valid slot (also with s_kv = 0): out 0, max −inf, lse +inf.
+        for s_kv in [0, 2] {
+            let (o, m, l) = prefill(&[2, -1], s_kv, Some(0.5), None).unwrap();
+            assert!(o.iter().all(|&v| v == 0.0));
+            assert_eq!((m[0], l[0]), (f32::NEG_INFINITY, f32::INFINITY));
+        }
+        // topk_length past topk is an error.
+        assert!(matches!(
+            prefill(&idx, 4, None, Some(7)),
+            Err(Error::IndexOutOfRange {
+                arg: "topk_length",
+                ..
+            })
+        ));
     }
 
     #[test]

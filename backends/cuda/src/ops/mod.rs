@@ -26,7 +26,9 @@ pub mod glue {
         add, copy_window, embedding, gather_rows, get_dispatch_layout, moe_gate, reduce_rows,
         rms_norm, silu_mul,
     };
-    pub use super::sparse::{cache_quant, indexer_logits, indexer_topk, sparse_mla_decode};
+    pub use super::sparse::{
+        cache_quant, indexer_logits, indexer_topk, sparse_mla_decode, sparse_mla_prefill,
+    };
 }
 
 /// Every kernel source of the backend, for the module cache and

@@ -28,6 +28,14 @@ pub fn sparse_mla_decode(
     Err(missing("sparse_mla_decode"))
 }
 
+/// `sparse_mla_prefill`: not implemented.
+pub fn sparse_mla_prefill(
+    _cx: &dyn LaunchContext,
+    _op: &mut Checked<SparseMlaPrefill<'_>>,
+) -> Result<()> {
+    Err(missing("sparse_mla_prefill"))
+}
+
 /// `cache_quant`: not implemented.
 pub fn cache_quant(_cx: &dyn LaunchContext, _op: &mut Checked<CacheQuant<'_>>) -> Result<()> {
     Err(missing("cache_quant"))

@@ -25,7 +25,7 @@ const FROM_FILES: [&str; 2] = ["golden_ops", "model"];
 
 /// Every family this module has an estimate for (a test checks that every
 /// family of [`crate::cases::FAMILIES`] is listed).
-pub const ESTIMATED: [&str; 21] = [
+pub const ESTIMATED: [&str; 22] = [
     "act_quant",
     "weight_dequant",
     "fp8_gemm",
@@ -47,6 +47,7 @@ pub const ESTIMATED: [&str; 21] = [
     "indexer_topk",
     "sparse_mla_decode",
     "cache_quant",
+    "sparse_mla_prefill",
 ];
 
 /// The element count of a case's tensors (inputs and outputs), computed in
@@ -194,6 +195,16 @@ pub fn elements(family: &str, params: &ParamMap) -> Option<f64> {
             }
         }
         "indexer_topk" => i("rows") * (i("n") + i("topk") + 1.0),
+        // Plain tensors (twice: the tensors and the reference's f32
+        // copies of q and kv) and one query's gathered keys in f64.
+        "sparse_mla_prefill" => {
+            let (s_q, s_kv, h_q, topk) = (i("s_q"), i("s_kv"), i("h_q"), i("topk"));
+            let d = p.int("d_qk").map_or(576.0, |v| v as f64);
+            2.0 * (s_q * h_q * d + s_kv * d)
+                + s_q * (topk + 1.0)
+                + s_q * h_q * (512.0 + 2.0)
+                + 2.0 * topk.min(s_kv) * d
+        }
         "cache_quant" => {
             let tokens = i("blocks") * i("block");
             let (d, bytes) = if p.opt_text("layout").ok().flatten() == Some("latent") {

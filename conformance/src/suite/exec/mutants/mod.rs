@@ -258,6 +258,8 @@ fn fixed_f32(op: OpKind, dtypes: &[DType]) -> usize {
         // weights, logits / logits / [attn_sink,] lse
         OpKind::IndexerLogits | OpKind::SparseMlaDecode => 2,
         OpKind::IndexerTopk => 1,
+        // [attn_sink,] max_logits, lse
+        OpKind::SparseMlaPrefill => 3,
         _ => 0,
     }
 }

@@ -97,6 +97,7 @@ impl Backend for Mutant {
         gather_rows: GatherRows, reduce_rows: ReduceRows,
         indexer_logits: IndexerLogits, indexer_topk: IndexerTopk,
         sparse_mla_decode: SparseMlaDecode, cache_quant: CacheQuant,
+        sparse_mla_prefill: SparseMlaPrefill,
     }
 }
 
