@@ -261,7 +261,9 @@ impl Tensor {
     /// lives, nobody can write the storage ([`Tensor::storage_mut_for`]).
     pub fn host_bytes(&self) -> Option<&[u8]> {
         let a = self.offset_bytes();
-        self.storage.host_bytes()?.get(a..a.checked_add(self.nbytes())?)
+        self.storage
+            .host_bytes()?
+            .get(a..a.checked_add(self.nbytes())?)
     }
 
     /// The storage, downcast, without an ownership check. For backends that

@@ -26,15 +26,14 @@ mod grouped;
 mod mla;
 #[allow(unsafe_code)]
 pub mod peak;
+mod reduce;
 #[doc(hidden)]
 pub mod scalar;
 mod sparse;
 mod tiles;
 pub mod util;
 
-use deepport_core::backend::{
-    Backend, DeviceInfo, InstanceId, Recycler, Storage, Support, Tensor,
-};
+use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Recycler, Storage, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor, Result};
 use std::any::Any;

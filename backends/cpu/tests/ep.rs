@@ -1348,8 +1348,7 @@ impl Communicator for CountFlat {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Vec<u8>> {
-        self.flat
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.flat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.all_to_all_v_flat(send, send_counts, recv_counts)
     }
     fn all_to_all_v_rows(
@@ -1359,8 +1358,7 @@ impl Communicator for CountFlat {
         send_rows: &[usize],
         recv_rows: &[usize],
     ) -> Result<Vec<u8>> {
-        self.rows
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.rows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The default body (pack, then this transport's flat exchange).
         let (bytes, row) = deepport_core::comm::host_rows(self.rank(), src)?;
         let mut send = Vec::new();
@@ -1428,6 +1426,10 @@ fn host_memory_payloads_are_sent_in_place_and_give_the_same_bits() {
     use std::sync::atomic::Ordering::Relaxed;
     // Each of 4 ranks: one payload in dispatch, one in combine, each sent
     // from the tensor in place (`all_to_all_v_rows`), none downloaded.
-    assert_eq!(sum(&|d| d.rows.load(Relaxed)), 8, "payloads not sent in place");
+    assert_eq!(
+        sum(&|d| d.rows.load(Relaxed)),
+        8,
+        "payloads not sent in place"
+    );
     assert_eq!(sum(&|d| d.flat.load(Relaxed)), 8);
 }

@@ -23,7 +23,9 @@ fn host_view_reads_tensors_and_views_in_place() {
         );
     }
     // Another instance's tensor is not this backend's host memory.
-    let t = Cpu.upload(&HostTensor::from_f32(DType::F32, &[2], &[1.0, 2.0])).unwrap();
+    let t = Cpu
+        .upload(&HostTensor::from_f32(DType::F32, &[2], &[1.0, 2.0]))
+        .unwrap();
     assert!(CpuRef.host_view(&t).is_none());
 }
 
@@ -37,7 +39,9 @@ fn adopt_takes_the_buffer_and_hands_it_back_on_drop() {
         let mut buf = Vec::with_capacity(64);
         buf.extend_from_slice(h.bytes());
         let ptr = buf.as_ptr();
-        let t = b.adopt(DType::BF16, &[3, 2], buf, Some(rec.clone())).unwrap();
+        let t = b
+            .adopt(DType::BF16, &[3, 2], buf, Some(rec.clone()))
+            .unwrap();
         assert_eq!(b.host_view(&t).unwrap().as_ptr(), ptr, "copied");
         assert_eq!(b.download(&t).unwrap().bytes(), h.bytes());
         // A view keeps the storage (and the buffer) alive.

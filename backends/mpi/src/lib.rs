@@ -934,9 +934,7 @@ impl Transport for MpiComm {
                 sends.push((p, s));
             }
         }
-        let got = self.flat_round(&sends, &[], &[], 0, recv_counts, |r| {
-            r.copy_from_slice(own)
-        });
+        let got = self.flat_round(&sends, &[], &[], 0, recv_counts, |r| r.copy_from_slice(own));
         drop(sends);
         match got {
             Ok(recv) => {
@@ -966,11 +964,12 @@ impl Transport for MpiComm {
     ) -> Result<Vec<u8>> {
         let (world, me) = (self.world, self.rank);
         let (bytes, row) = host_rows(me, src)?;
-        let (sc, rc) = (row_counts(me, send_rows, row)?, row_counts(me, recv_rows, row)?);
+        let (sc, rc) = (
+            row_counts(me, send_rows, row)?,
+            row_counts(me, recv_rows, row)?,
+        );
         let nrows = bytes.len().checked_div(row).unwrap_or(0);
-        let total = send_rows
-            .iter()
-            .try_fold(0usize, |a, &n| a.checked_add(n));
+        let total = send_rows.iter().try_fold(0usize, |a, &n| a.checked_add(n));
         if send_rows.len() != world || total != Some(order.len()) {
             return Err(self.err(format!(
                 "all_to_all_v_rows: {} send counts summing to {total:?} for {} rows in a group of {world}",
@@ -1007,9 +1006,8 @@ impl Transport for MpiComm {
             parts.push((o, contiguous));
         }
         let in_place = parts.iter().all(|(_, c)| c.is_some());
-        let typed_ok = gather_with_datatypes()
-            && !order.contains(&-1)
-            && sc.iter().all(|&n| n <= MAX_PIECE);
+        let typed_ok =
+            gather_with_datatypes() && !order.contains(&-1) && sc.iter().all(|&n| n <= MAX_PIECE);
         if !in_place && !typed_ok {
             // Pack into a pooled buffer, then one flat exchange.
             let mut send = self.pool.take(order.len() * row).unwrap_or_default();
@@ -1034,14 +1032,14 @@ impl Transport for MpiComm {
         }
         let own = parts[me].0;
         let got = self.flat_round(&sends, &typed, bytes, row, &rc, |r| {
-                for (dst, &j) in r.chunks_exact_mut(row.max(1)).zip(own) {
-                    if j >= 0 {
-                        let j = j as usize;
-                        dst.copy_from_slice(&bytes[j * row..(j + 1) * row]);
-                    } else {
-                        dst.fill(0);
-                    }
+            for (dst, &j) in r.chunks_exact_mut(row.max(1)).zip(own) {
+                if j >= 0 {
+                    let j = j as usize;
+                    dst.copy_from_slice(&bytes[j * row..(j + 1) * row]);
+                } else {
+                    dst.fill(0);
                 }
+            }
         });
         match got {
             Ok(recv) => Ok(recv),
