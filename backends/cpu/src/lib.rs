@@ -14,8 +14,9 @@
 //!
 //! Device memory is host memory ([`HostStorage`]); both backends share it.
 
-// `unsafe` is allowed only in `fast::simd` and `peak` (intrinsics), each
-// block with a `// SAFETY:` line.
+// `unsafe` is allowed only in `fast::simd` and `peak` (intrinsics) and
+// `reduce` (calls of its loops compiled for a detected instruction set),
+// each block with a `// SAFETY:` line.
 #![deny(unsafe_code)]
 
 mod copy;
@@ -26,6 +27,7 @@ mod grouped;
 mod mla;
 #[allow(unsafe_code)]
 pub mod peak;
+#[allow(unsafe_code)]
 mod reduce;
 #[doc(hidden)]
 pub mod scalar;

@@ -6,9 +6,12 @@
 //! over plain slices that the compiler vectorizes across elements (each
 //! element's operations and their order are unchanged), and the bf16
 //! rounding branch-free, with the rare value outside the normal range
-//! (zero, subnormal, NaN, ±inf) redone by the reference rounding.
+//! (zero, subnormal, NaN, ±inf) redone by the reference rounding. The
+//! loops are compiled for AVX-512 and AVX2 too and chosen at run time
+//! ([`crate::fast::current_simd`]); the arithmetic is the same.
 //! `tests/oracle_bitexact.rs` compares it bit for bit with the loops.
 
+use crate::fast::simd::Simd;
 use crate::scalar::ep::round_once;
 use crate::util::{f32s, host};
 use deepport_core::ops::index::check_range;
@@ -47,38 +50,18 @@ pub(crate) fn reduce_rows(op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
     if n == 0 || h == 0 {
         return Ok(());
     }
-    let bf16_in = sdt == DType::BF16;
-    let bf16_out = odt == DType::BF16;
-    let reduce_token = |t: usize, dst: &mut [u8]| {
-        let mut acc = [0f64; BLOCK];
-        for c0 in (0..h).step_by(BLOCK) {
-            let len = BLOCK.min(h - c0);
-            let acc = &mut acc[..len];
-            acc.fill(0.0);
-            for j in 0..k {
-                let r = idx[t * k + j];
-                if r < 0 {
-                    continue;
-                }
-                let wt = w.as_ref().map_or(1.0, |w| w[t * k + j] as f64);
-                let at = (r as usize * h + c0) * sb;
-                let row = &src[at..at + len * sb];
-                if bf16_in {
-                    add_bf16(acc, row, wt);
-                } else {
-                    add_f32(acc, row, wt);
-                }
-            }
-            let dst = &mut dst[c0 * ob..(c0 + len) * ob];
-            if bf16_out {
-                store_bf16(acc, dst);
-            } else {
-                for (o, &v) in dst.chunks_exact_mut(4).zip(acc.iter()) {
-                    o.copy_from_slice(&(v as f32).to_le_bytes());
-                }
-            }
-        }
+    let ctx = Ctx {
+        src,
+        idx: &idx,
+        w: w.as_deref(),
+        k,
+        h,
+        sb,
+        ob,
+        bf16_in: sdt == DType::BF16,
+        bf16_out: odt == DType::BF16,
     };
+    let simd = crate::fast::current_simd();
     use rayon::prelude::*;
     // Tokens in chunks of about 64 KiB of output per task.
     let per = (65536 / (h * ob)).max(1);
@@ -86,10 +69,90 @@ pub(crate) fn reduce_rows(op: &mut Checked<ReduceRows<'_>>) -> Result<()> {
         .enumerate()
         .for_each(|(c, chunk)| {
             for (i, dst) in chunk.chunks_mut(h * ob).enumerate() {
-                reduce_token(c * per + i, dst);
+                ctx.token_with(simd, c * per + i, dst);
             }
         });
     Ok(())
+}
+
+/// One reduction's operands.
+struct Ctx<'a> {
+    src: &'a [u8],
+    idx: &'a [i64],
+    w: Option<&'a [f32]>,
+    k: usize,
+    h: usize,
+    sb: usize,
+    ob: usize,
+    bf16_in: bool,
+    bf16_out: bool,
+}
+
+impl Ctx<'_> {
+    /// Token `t` into `dst`, compiled for the instruction set `simd` (the
+    /// same operations in the same order whichever: only wider registers).
+    #[inline]
+    fn token_with(&self, simd: Simd, t: usize, dst: &mut [u8]) {
+        match simd {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 | Simd::Avx512Bf16 => {
+                // SAFETY: `current_simd` only answers an instruction set
+                // this CPU runs (`Simd::available`, checked at run time).
+                unsafe { token_avx512(self, t, dst) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => {
+                // SAFETY: as above.
+                unsafe { token_avx2(self, t, dst) }
+            }
+            _ => self.token(t, dst),
+        }
+    }
+
+    #[inline(always)]
+    fn token(&self, t: usize, dst: &mut [u8]) {
+        let (k, h, sb, ob) = (self.k, self.h, self.sb, self.ob);
+        let mut acc = [0f64; BLOCK];
+        for c0 in (0..h).step_by(BLOCK) {
+            let len = BLOCK.min(h - c0);
+            let acc = &mut acc[..len];
+            acc.fill(0.0);
+            for j in 0..k {
+                let r = self.idx[t * k + j];
+                if r < 0 {
+                    continue;
+                }
+                let wt = self.w.map_or(1.0, |w| w[t * k + j] as f64);
+                let at = (r as usize * h + c0) * sb;
+                let row = &self.src[at..at + len * sb];
+                if self.bf16_in {
+                    add_bf16(acc, row, wt);
+                } else {
+                    add_f32(acc, row, wt);
+                }
+            }
+            let dst = &mut dst[c0 * ob..(c0 + len) * ob];
+            if self.bf16_out {
+                store_bf16(acc, dst);
+            } else {
+                for (o, &v) in dst.chunks_exact_mut(4).zip(acc.iter()) {
+                    o.copy_from_slice(&(v as f32).to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+fn token_avx512(c: &Ctx<'_>, t: usize, dst: &mut [u8]) {
+    c.token(t, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn token_avx2(c: &Ctx<'_>, t: usize, dst: &mut [u8]) {
+    c.token(t, dst)
 }
 
 /// `acc[i] += wt · row[i]` for a bf16 row (the product is exact in f64).
@@ -117,24 +180,30 @@ fn add_f32(acc: &mut [f64], row: &[u8], wt: f64) {
 fn store_bf16(acc: &[f64], dst: &mut [u8]) {
     const MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
     const LOW: u64 = (1 << 45) - 1; // the f64 mantissa bits bf16 drops
-    let mut slow = false;
-    for (o, &v) in dst.chunks_exact_mut(2).zip(acc.iter()) {
-        let a = v.abs();
-        // NaN compares false: slow.
-        slow |= !(a >= MIN_NORMAL && a <= f64::MAX);
+    let len = acc.len().min(BLOCK);
+    let acc = &acc[..len];
+    let mut bits = [0u16; BLOCK];
+    let bits = &mut bits[..len];
+    for (o, &v) in bits.iter_mut().zip(acc) {
         let b = v.to_bits();
         let r = b.wrapping_add((LOW >> 1) + ((b >> 45) & 1)) & !LOW;
         // Exact in f32 (8 significant bits, normal or ±inf past the top).
-        let bits = (f64::from_bits(r) as f32).to_bits().wrapping_shr(16) as u16;
-        o.copy_from_slice(&bits.to_le_bytes());
+        *o = ((f64::from_bits(r) as f32).to_bits() >> 16) as u16;
     }
-    if slow {
-        for (o, &v) in dst.chunks_exact_mut(2).zip(acc.iter()) {
+    // Values outside the normal range (NaN compares false).
+    let slow = acc
+        .iter()
+        .map(|v| !(v.abs() >= MIN_NORMAL && v.abs() <= f64::MAX) as u32)
+        .sum::<u32>();
+    if slow > 0 {
+        for (o, &v) in bits.iter_mut().zip(acc) {
             let a = v.abs();
             if !(a >= MIN_NORMAL && a <= f64::MAX) {
-                let bits = half::bf16::from_f32(round_once(DType::BF16, v)).to_bits();
-                o.copy_from_slice(&bits.to_le_bytes());
+                *o = half::bf16::from_f32(round_once(DType::BF16, v)).to_bits();
             }
         }
+    }
+    for (o, &x) in dst.chunks_exact_mut(2).zip(bits.iter()) {
+        o.copy_from_slice(&x.to_le_bytes());
     }
 }
