@@ -193,12 +193,12 @@ fn store_bf16(acc: &[f64], dst: &mut [u8]) {
     // Values outside the normal range (NaN compares false).
     let slow = acc
         .iter()
-        .map(|v| !(v.abs() >= MIN_NORMAL && v.abs() <= f64::MAX) as u32)
+        .map(|v| !(MIN_NORMAL..=f64::MAX).contains(&v.abs()) as u32)
         .sum::<u32>();
     if slow > 0 {
         for (o, &v) in bits.iter_mut().zip(acc) {
             let a = v.abs();
-            if !(a >= MIN_NORMAL && a <= f64::MAX) {
+            if !(MIN_NORMAL..=f64::MAX).contains(&a) {
                 *o = half::bf16::from_f32(round_once(DType::BF16, v)).to_bits();
             }
         }

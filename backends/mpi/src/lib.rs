@@ -385,8 +385,9 @@ impl MpiComm {
     }
 
     /// One round of point-to-point traffic: posts a receive for every
-    /// `(peer, buffer)` of `recvs` and a send for every one of `sends`
-    /// (empty buffers are skipped), then polls them until all completed or
+    /// `(peer, buffer)` of `recvs`, a send for every one of `sends`
+    /// (empty buffers are skipped) and one of a derived datatype for every
+    /// one of `typed`, then polls them until all completed or
     /// the deadline passed. On failure the group is broken, and requests may
     /// still be pending: the caller must leak every buffer it passed.
     ///
@@ -395,6 +396,7 @@ impl MpiComm {
     /// tests (a rank waiting on an oversubscribed core hands it to the peer
     /// it waits for), and sleeps between tests only after a second without
     /// completion (a peer still busy elsewhere, e.g. loading a checkpoint).
+    #[allow(clippy::too_many_arguments)]
     fn round(
         &self,
         inner: &mut Inner,
