@@ -51,6 +51,10 @@ use crate::tensor::{numel, HostTensor};
 
 pub use crate::device::{InstanceId, Storage, Tensor};
 
+/// Where a buffer goes when its user is done with it (see
+/// [`Backend::adopt`] and [`crate::comm::Transport::recycler`]).
+pub type Recycler = std::sync::Arc<dyn Fn(Vec<u8>) + Send + Sync>;
+
 /// What a backend says about an op with given dtypes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Support {
@@ -113,6 +117,45 @@ pub trait Backend: Send + Sync {
     fn write(&self, dst: &mut Tensor, src: &HostTensor) -> Result<()>;
     /// Waits until all submitted work has finished.
     fn synchronize(&self) -> Result<()>;
+
+    // ---- host memory (optional) -------------------------------------------
+    //
+    // A backend whose memory *is* host memory (`cpu`, `cpu-ref`) lets core
+    // read a tensor in place and adopt a host buffer as a tensor, so that
+    // expert-parallel payloads move between the transport and the tensors
+    // with no download or upload copy ([`crate::ep`]). Every other backend
+    // keeps the defaults: `None`, and an upload.
+
+    /// `t`'s bytes read in place, when this backend's memory is host memory
+    /// and `t` is its tensor; `None` otherwise (the default answer for
+    /// every storage that does not implement [`Storage::host_bytes`]).
+    /// The bytes are current: a host backend runs its ops synchronously.
+    fn host_view<'t>(&self, t: &'t Tensor) -> Option<&'t [u8]> {
+        t.check_owner(self.instance(), self.name()).ok()?;
+        t.host_bytes()
+    }
+
+    /// A tensor of `dtype` and `shape` holding `bytes` (exactly
+    /// `numel(shape) · dtype.size()` of them; the capacity may be larger).
+    /// A host-memory backend takes the buffer as the tensor's storage,
+    /// without a copy, and hands it to `recycle` (when given) once the
+    /// storage is dropped, so the buffer can serve again (a transport's
+    /// receive buffer: no fresh pages to fault in). Default: an upload
+    /// (a copy), then the buffer goes to `recycle` at once.
+    fn adopt(
+        &self,
+        dtype: DType,
+        shape: &[usize],
+        bytes: Vec<u8>,
+        recycle: Option<Recycler>,
+    ) -> Result<Tensor> {
+        let host = HostTensor::from_bytes(dtype, shape, bytes)?;
+        let t = self.upload(&host)?;
+        if let Some(r) = recycle {
+            r(host.into_bytes());
+        }
+        Ok(t)
+    }
 
     /// Turns device-side kernel timing (e.g. timestamp queries around each
     /// op) on or off; returns whether the backend measures. Default: no.

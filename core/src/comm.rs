@@ -14,7 +14,7 @@
 //!   payload through the host otherwise — so ranks of different backends can
 //!   share one group.
 
-use crate::backend::{Backend, Tensor};
+use crate::backend::{Backend, Recycler, Tensor};
 use crate::error::{Error, Result};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -92,6 +92,42 @@ pub trait Transport: Send + Sync {
     fn recycle(&self, buf: Vec<u8>) {
         drop(buf);
     }
+    /// A handle that hands a buffer back to this transport from anywhere
+    /// (like [`Transport::recycle`], but usable after the call that made
+    /// it returned: core gives it to [`Backend::adopt`], so a received
+    /// payload adopted as a tensor comes back when the tensor is dropped).
+    /// Default: `None`.
+    fn recycler(&self) -> Option<Recycler> {
+        None
+    }
+    /// [`Transport::all_to_all_v_flat`] whose send buffer is rows of a
+    /// host-memory tensor ([`Tensor::host_bytes`]), read in place: the
+    /// rows `order` of `src` (rows along its first dimension; −1 sends a
+    /// zero row), `send_rows[r]` of them for rank `r`, back to back;
+    /// received rows arrive in rank order, `recv_rows[r]` from rank `r`.
+    /// Collective, with the same pairwise agreement of the counts.
+    ///
+    /// Core's protocol sends host-memory payloads with it (no download,
+    /// no pack pass where the rows for a rank are contiguous). The default
+    /// packs the rows into one buffer and calls `all_to_all_v_flat`; MPI
+    /// sends straight from `src`.
+    fn all_to_all_v_rows(
+        &self,
+        src: &Tensor,
+        order: &[i64],
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<Vec<u8>> {
+        let me = self.rank();
+        let (bytes, row) = host_rows(me, src)?;
+        let mut send = Vec::new();
+        pack_rows(me, bytes, row, order, &mut send)?;
+        let (sc, rc) = (
+            row_counts(me, send_rows, row)?,
+            row_counts(me, recv_rows, row)?,
+        );
+        self.all_to_all_v_flat(send, &sc, &rc)
+    }
     /// Waits until every rank arrives.
     fn barrier(&self) -> Result<()>;
     /// The device path, if this transport has one. Default: none (every
@@ -132,6 +168,64 @@ pub fn check_flat(
                 recv_counts.len()
             ),
         });
+    }
+    Ok(())
+}
+
+/// The bytes of a host-memory tensor read in place and the byte size of
+/// one of its rows (along the first dimension), for
+/// [`Transport::all_to_all_v_rows`] on rank `me`.
+pub fn host_rows(me: usize, src: &Tensor) -> Result<(&[u8], usize)> {
+    let bytes = src.host_bytes().ok_or_else(|| Error::Comm {
+        rank: me,
+        msg: format!("all_to_all_v_rows: {src:?} is not in host memory"),
+    })?;
+    let row = src.shape().iter().skip(1).product::<usize>() * src.dtype().size();
+    Ok((bytes, row))
+}
+
+/// Byte counts of `rows` rows of `row` bytes each (an overflow is an
+/// error).
+pub fn row_counts(me: usize, rows: &[usize], row: usize) -> Result<Vec<usize>> {
+    rows.iter()
+        .map(|&r| {
+            r.checked_mul(row).ok_or_else(|| Error::Comm {
+                rank: me,
+                msg: format!("{r} rows of {row} bytes overflow"),
+            })
+        })
+        .collect()
+}
+
+/// Appends rows `order` of `bytes` (rows of `row` bytes; −1: a zero row)
+/// to `out` (reserved fallibly first; an index outside `bytes` is an
+/// error).
+pub fn pack_rows(
+    me: usize,
+    bytes: &[u8],
+    row: usize,
+    order: &[i64],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let err = |msg: String| Error::Comm { rank: me, msg };
+    let n = order
+        .len()
+        .checked_mul(row)
+        .ok_or_else(|| err(format!("{} rows of {row} bytes overflow", order.len())))?;
+    out.try_reserve_exact(n)
+        .map_err(|_| err(format!("cannot allocate {n} bytes for the packed rows")))?;
+    let rows = bytes.len().checked_div(row).unwrap_or(0);
+    for &j in order {
+        if j < 0 {
+            out.resize(out.len() + row, 0);
+            continue;
+        }
+        let at = usize::try_from(j)
+            .ok()
+            .and_then(|j| j.checked_mul(row))
+            .and_then(|a| bytes.get(a..a.checked_add(row)?))
+            .ok_or_else(|| err(format!("row {j} of a tensor of {rows} rows")))?;
+        out.extend_from_slice(at);
     }
     Ok(())
 }

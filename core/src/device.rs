@@ -53,6 +53,13 @@ pub trait Storage: Any + Send + Sync {
     fn backend(&self) -> &str;
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// The whole storage's bytes, read in place, for a storage in host
+    /// memory whose bytes are current whenever no op of its backend is
+    /// running (a synchronous host backend: `cpu`, `cpu-ref`). Default:
+    /// `None` (device memory). See [`Tensor::host_bytes`].
+    fn host_bytes(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// A tensor in a backend's memory: dtype, shape and an opaque storage that
@@ -245,6 +252,18 @@ impl Tensor {
             ))
         })?;
         s.as_any_mut().downcast_mut::<S>().ok_or(foreign)
+    }
+
+    /// This tensor's bytes (a view's window) read in place, when its
+    /// storage is host memory ([`Storage::host_bytes`]); `None` otherwise.
+    /// No copy: core's expert-parallel protocol sends host-memory payloads
+    /// straight from them. While the borrow (or any view of this tensor)
+    /// lives, nobody can write the storage ([`Tensor::storage_mut_for`]).
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        let a = self.offset_bytes();
+        self.storage
+            .host_bytes()?
+            .get(a..a.checked_add(self.nbytes())?)
     }
 
     /// The storage, downcast, without an ownership check. For backends that

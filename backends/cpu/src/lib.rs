@@ -15,7 +15,8 @@
 //! Device memory is host memory ([`HostStorage`]); both backends share it.
 
 // `unsafe` is allowed only in `fast::simd`, `fast::amx` and `peak`
-// (intrinsics, AMX `asm!`), each block with a `// SAFETY:` line.
+// (intrinsics, AMX `asm!`) and `reduce` (calls of its loops compiled for a
+// detected instruction set), each block with a `// SAFETY:` line.
 #![deny(unsafe_code)]
 
 mod copy;
@@ -26,13 +27,15 @@ mod grouped;
 mod mla;
 #[allow(unsafe_code)]
 pub mod peak;
+#[allow(unsafe_code)]
+mod reduce;
 #[doc(hidden)]
 pub mod scalar;
 mod sparse;
 mod tiles;
 pub mod util;
 
-use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Storage, Support, Tensor};
+use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Recycler, Storage, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor, Result};
 use std::any::Any;
@@ -42,6 +45,9 @@ use std::sync::OnceLock;
 pub struct HostStorage {
     backend: &'static str,
     pub(crate) bytes: Vec<u8>,
+    /// Where the bytes go when the storage is dropped (a buffer adopted
+    /// from a transport, [`Backend::adopt`]); `None`: freed.
+    recycle: Option<Recycler>,
 }
 
 impl Storage for HostStorage {
@@ -53,6 +59,18 @@ impl Storage for HostStorage {
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+    /// Host memory, current whenever no op runs (ops are synchronous).
+    fn host_bytes(&self) -> Option<&[u8]> {
+        Some(&self.bytes)
+    }
+}
+
+impl Drop for HostStorage {
+    fn drop(&mut self) {
+        if let Some(r) = self.recycle.take() {
+            r(std::mem::take(&mut self.bytes));
+        }
     }
 }
 
@@ -141,6 +159,7 @@ macro_rules! memory_ops {
                 Box::new(HostStorage {
                     backend: $name,
                     bytes,
+                    recycle: None,
                 }),
                 Self::id(),
             ))
@@ -152,6 +171,28 @@ macro_rules! memory_ops {
                 Box::new(HostStorage {
                     backend: $name,
                     bytes: host.bytes().to_vec(),
+                    recycle: None,
+                }),
+                Self::id(),
+            ))
+        }
+        /// Takes the buffer as the tensor's storage: no copy.
+        fn adopt(
+            &self,
+            dtype: DType,
+            shape: &[usize],
+            bytes: Vec<u8>,
+            recycle: Option<Recycler>,
+        ) -> Result<Tensor> {
+            // Checks the length against the shape.
+            let bytes = HostTensor::from_bytes(dtype, shape, bytes)?.into_bytes();
+            Ok(Tensor::new(
+                dtype,
+                shape,
+                Box::new(HostStorage {
+                    backend: $name,
+                    bytes,
+                    recycle,
                 }),
                 Self::id(),
             ))

@@ -1323,3 +1323,113 @@ impl Communicator for Fwd {
         Some(self.0.as_ref())
     }
 }
+
+/// Counts the flat exchanges of a [`ThreadComm`] (the default bodies of
+/// `all_to_all_v_flat` and `all_to_all_v_rows` run on top of it).
+struct CountFlat {
+    inner: ThreadComm,
+    rows: std::sync::atomic::AtomicUsize,
+    flat: std::sync::atomic::AtomicUsize,
+}
+
+impl Communicator for CountFlat {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.inner.all_to_all_v(send)
+    }
+    fn all_to_all_v_flat(
+        &self,
+        send: Vec<u8>,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<u8>> {
+        self.flat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.all_to_all_v_flat(send, send_counts, recv_counts)
+    }
+    fn all_to_all_v_rows(
+        &self,
+        src: &Tensor,
+        order: &[i64],
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<Vec<u8>> {
+        self.rows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The default body (pack, then this transport's flat exchange).
+        let (bytes, row) = deepport_core::comm::host_rows(self.rank(), src)?;
+        let mut send = Vec::new();
+        deepport_core::comm::pack_rows(self.rank(), bytes, row, order, &mut send)?;
+        let c = |v: &[usize]| deepport_core::comm::row_counts(self.rank(), v, row);
+        self.all_to_all_v_flat(send, &c(send_rows)?, &c(recv_rows)?)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+}
+
+struct FwdCount(std::sync::Arc<CountFlat>);
+
+impl Communicator for FwdCount {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.0.all_to_all_v(send)
+    }
+    fn all_to_all_v_flat(&self, s: Vec<u8>, sc: &[usize], rc: &[usize]) -> Result<Vec<u8>> {
+        self.0.all_to_all_v_flat(s, sc, rc)
+    }
+    fn all_to_all_v_rows(
+        &self,
+        src: &Tensor,
+        order: &[i64],
+        sr: &[usize],
+        rr: &[usize],
+    ) -> Result<Vec<u8>> {
+        self.0.all_to_all_v_rows(src, order, sr, rr)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.0.barrier()
+    }
+}
+
+#[test]
+fn host_memory_payloads_are_sent_in_place_and_give_the_same_bits() {
+    let staged = ll_round_trip(4, &thread_comms);
+    let counters = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let c2 = counters.clone();
+    let counted = ll_round_trip(4, &move |world| {
+        ThreadComm::group(world)
+            .into_iter()
+            .map(|inner| {
+                let d = std::sync::Arc::new(CountFlat {
+                    inner,
+                    rows: Default::default(),
+                    flat: Default::default(),
+                });
+                c2.lock().unwrap().push(d.clone());
+                Box::new(FwdCount(d)) as Box<dyn Communicator>
+            })
+            .collect()
+    });
+    assert_eq!(counted, staged);
+    let sum = |f: &dyn Fn(&CountFlat) -> usize| -> usize {
+        counters.lock().unwrap().iter().map(|d| f(d)).sum()
+    };
+    use std::sync::atomic::Ordering::Relaxed;
+    // Each of 4 ranks: one payload in dispatch, one in combine, each sent
+    // from the tensor in place (`all_to_all_v_rows`), none downloaded.
+    assert_eq!(
+        sum(&|d| d.rows.load(Relaxed)),
+        8,
+        "payloads not sent in place"
+    );
+    assert_eq!(sum(&|d| d.flat.load(Relaxed)), 8);
+}

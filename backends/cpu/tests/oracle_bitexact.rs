@@ -952,26 +952,59 @@ fn gather_rows(rng: &mut Rng) {
 }
 
 fn reduce_rows(rng: &mut Rng) {
-    let (s, n, k, h) = (10, 4, 3, 33);
-    let src = f32h(DType::BF16, &[s, h], &rng.vals(s * h, 3.0, true));
-    let ix: Vec<i64> = (0..n * k).map(|_| rng.below(s + 1) as i64 - 1).collect();
+    // Small, then past one block of the hidden dimension (with a partial
+    // last block), values spread so that sums cancel, and every dtype pair.
+    for (i, &(s, n, k, h)) in [(10, 4, 3, 33), (40, 9, 5, 600)].iter().enumerate() {
+        for (sd, od) in [
+            (DType::BF16, DType::BF16),
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::F32),
+            (DType::F32, DType::BF16),
+        ] {
+            if i == 0 && (sd, od) != (DType::BF16, DType::BF16) {
+                continue;
+            }
+            reduce_rows_case(rng, s, n, k, h, sd, od);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reduce_rows_case(rng: &mut Rng, s: usize, n: usize, k: usize, h: usize, sd: DType, od: DType) {
+    let mut v = rng.vals(s * h, 3.0, true);
+    for (x, y) in v.iter_mut().zip(rng.wide(s * h)).step_by(3) {
+        *x = y;
+    }
+    // Rows of subnormal sums (rounded to bf16 by the reference's slow path).
+    for x in v.iter_mut().take(2 * h) {
+        *x *= 2f32.powi(-128);
+    }
+    let src = f32h(sd, &[s, h], &v);
+    let mut ix: Vec<i64> = (0..n * k).map(|_| rng.below(s + 1) as i64 - 1).collect();
+    // Token 0 sums only the subnormal rows.
+    for (j, x) in ix.iter_mut().take(k).enumerate() {
+        *x = [0, 1, -1][j % 3];
+    }
     let ih = idx(DType::I32, &[n, k], &ix);
     let w = f32h(DType::F32, &[n, k], &rng.vals(n * k, 1.0, false));
     for weighted in [false, true] {
-        check(&format!("reduce_rows weighted={weighted}"), |b| {
-            let (st, it, wt) = (up(b, &src), up(b, &ih), up(b, &w));
-            let mut out = b.alloc(DType::BF16, &[n, h])?;
-            ops::run(
-                b,
-                ReduceRows {
-                    src: &st,
-                    index: &it,
-                    weights: weighted.then_some(&wt),
-                    out: &mut out,
-                },
-            )?;
-            Ok(vec![("out", down(b, &out))])
-        });
+        check(
+            &format!("reduce_rows {s}x{h} {sd:?}->{od:?} weighted={weighted}"),
+            |b| {
+                let (st, it, wt) = (up(b, &src), up(b, &ih), up(b, &w));
+                let mut out = b.alloc(od, &[n, h])?;
+                ops::run(
+                    b,
+                    ReduceRows {
+                        src: &st,
+                        index: &it,
+                        weights: weighted.then_some(&wt),
+                        out: &mut out,
+                    },
+                )?;
+                Ok(vec![("out", down(b, &out))])
+            },
+        );
     }
 }
 

@@ -20,7 +20,9 @@
 //!   costs: packing and reducing each make at least one).
 //!
 //! Rank 0 prints the median times and the ratio raw / ours (1.0: no
-//! overhead over raw MPI; the target is ≥ 0.8).
+//! overhead over raw MPI; the target is ≥ 0.8). `DEEPPORT_MPI_GATHER=datatype`
+//! has MPI gather dispatch's rows itself (see `deepport_mpi::GATHER_ENV`);
+//! `DEEPPORT_EP_TRACE=1` prints the protocol's phases.
 
 use deepport_core::backend::Backend;
 use deepport_core::comm::Transport;

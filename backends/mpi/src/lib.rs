@@ -30,11 +30,12 @@
 //! flat exchange's send buffer) so that a steady stream of steps touches no
 //! fresh pages. Both use one poll loop ([`MpiComm`]'s `round`).
 
-use deepport_core::comm::{check_flat, Transport};
+use deepport_core::backend::{Recycler, Tensor};
+use deepport_core::comm::{check_flat, host_rows, row_counts, Transport};
 use deepport_core::{Error, Result};
 use mpi::ffi;
 use std::os::raw::{c_int, c_void};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The default collective deadline.
@@ -65,19 +66,70 @@ struct Inner {
     /// Set when a collective timed out or MPI failed: the group can no
     /// longer be used and must abort instead of finalizing.
     broken: Option<String>,
-    /// A buffer to receive the next flat exchange into (see
-    /// [`Transport::recycle`]): the largest handed back so far.
-    spare: Vec<u8>,
     universe: Option<mpi::environment::Universe>,
 }
 
-impl Inner {
-    /// Keeps `buf` as the spare receive buffer if it is larger.
-    fn keep(&mut self, buf: Vec<u8>) {
-        if buf.capacity() > self.spare.capacity() {
-            self.spare = buf;
+/// The most buffers a group keeps for later exchanges.
+const POOL_MAX: usize = 4;
+
+/// Buffers to receive (or pack) the next flat exchanges into, handed back
+/// by [`Transport::recycle`], by the exchanges themselves (a sent buffer)
+/// and by tensors adopted from received buffers ([`Transport::recycler`]):
+/// memory already mapped, so a steady stream of steps touches no fresh
+/// pages. At most [`POOL_MAX`] buffers, the largest kept; they live as
+/// long as the group.
+#[derive(Clone, Default)]
+struct Pool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Pool {
+    fn put(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
+        }
+        let mut v = match self.0.lock() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        v.push(buf);
+        if v.len() > POOL_MAX {
+            if let Some(i) = (0..v.len()).min_by_key(|&i| v[i].capacity()) {
+                let small = v.swap_remove(i);
+                drop(v);
+                drop(small);
+            }
         }
     }
+    /// The smallest kept buffer that holds `n` bytes, with length `n`
+    /// (its bytes initialized, their values unspecified).
+    fn take(&self, n: usize) -> Option<Vec<u8>> {
+        if n == 0 {
+            return None;
+        }
+        let mut v = self.0.lock().ok()?;
+        let i = (0..v.len())
+            .filter(|&i| v[i].capacity() >= n)
+            .min_by_key(|&i| v[i].capacity())?;
+        let mut b = v.swap_remove(i);
+        drop(v);
+        if b.len() >= n {
+            b.truncate(n);
+        } else {
+            b.resize(n, 0);
+        }
+        Some(b)
+    }
+}
+
+/// How [`MpiComm`]'s `all_to_all_v_rows` sends rows that are not
+/// contiguous in the source: packed into a pooled buffer first (`pack`,
+/// the default), or described to MPI as an `MPI_Type_create_hindexed`
+/// datatype per peer so that MPI gathers them itself (`datatype`). Set
+/// with `$DEEPPORT_MPI_GATHER`.
+pub const GATHER_ENV: &str = "DEEPPORT_MPI_GATHER";
+
+fn gather_with_datatypes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(GATHER_ENV).is_ok_and(|v| v.trim() == "datatype"))
 }
 
 // SAFETY: `MPI_Comm` is a handle (a pointer in Open MPI) that MPI lets any
@@ -91,6 +143,7 @@ pub struct MpiComm {
     rank: usize,
     world: usize,
     inner: Mutex<Inner>,
+    pool: Pool,
 }
 
 /// The collective deadline from `$DEEPPORT_MPI_TIMEOUT` (seconds, > 0), or
@@ -161,9 +214,9 @@ impl MpiComm {
                 timeout,
                 seq: 0,
                 broken: None,
-                spare: Vec::new(),
                 universe: Some(universe),
             }),
+            pool: Pool::default(),
         })
     }
 
@@ -332,8 +385,9 @@ impl MpiComm {
     }
 
     /// One round of point-to-point traffic: posts a receive for every
-    /// `(peer, buffer)` of `recvs` and a send for every one of `sends`
-    /// (empty buffers are skipped), then polls them until all completed or
+    /// `(peer, buffer)` of `recvs`, a send for every one of `sends`
+    /// (empty buffers are skipped) and one of a derived datatype for every
+    /// one of `typed`, then polls them until all completed or
     /// the deadline passed. On failure the group is broken, and requests may
     /// still be pending: the caller must leak every buffer it passed.
     ///
@@ -342,10 +396,12 @@ impl MpiComm {
     /// tests (a rank waiting on an oversubscribed core hands it to the peer
     /// it waits for), and sleeps between tests only after a second without
     /// completion (a peer still busy elsewhere, e.g. loading a checkpoint).
+    #[allow(clippy::too_many_arguments)]
     fn round(
         &self,
         inner: &mut Inner,
         sends: &[(usize, &[u8])],
+        typed: &[TypedSend],
         recvs: &mut [(usize, &mut [u8])],
         tag: c_int,
         what: &str,
@@ -362,6 +418,24 @@ impl MpiComm {
         for (p, buf) in sends {
             if code == 0 && !buf.is_empty() {
                 code = isend_pieces(comm, buf, *p, tag, &mut reqs, &mut peers);
+            }
+        }
+        for t in typed {
+            if code == 0 {
+                // SAFETY: a library constant.
+                let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+                // SAFETY: `t.base` with `t.dtype` (committed) addresses
+                // only bytes of a buffer the caller keeps alive until the
+                // request completes (or leaks on failure): the datatype's
+                // blocks were checked against that buffer's length when it
+                // was built; `comm` is live.
+                code = unsafe {
+                    ffi::MPI_Isend(t.base, 1, t.dtype, t.peer as c_int, tag, comm, &mut req)
+                };
+                if code == 0 {
+                    reqs.push(req);
+                    peers.push(t.peer);
+                }
             }
         }
         if code != 0 {
@@ -428,6 +502,82 @@ impl MpiComm {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
+    }
+
+    /// One flat round of a collective: sends `sends` (byte ranges) and, for
+    /// each `(peer, rows)` of `typed`, rows `rows` of `bytes` (rows of
+    /// `row` bytes, gathered by MPI through a derived datatype), and
+    /// returns the bytes from every rank in rank order, `recv_counts[r]`
+    /// from rank `r`, in a pooled buffer when one is large enough; `own`
+    /// fills this rank's part. On failure the group is broken and the
+    /// result buffer leaked (requests may still write it); the caller must
+    /// leak what `sends` and `bytes` borrow from.
+    #[allow(clippy::too_many_arguments)]
+    fn flat_round(
+        &self,
+        sends: &[(usize, &[u8])],
+        typed: &[(usize, &[i64])],
+        bytes: &[u8],
+        row: usize,
+        recv_counts: &[usize],
+        own: impl FnOnce(&mut [u8]),
+    ) -> Result<Vec<u8>> {
+        let (world, me) = (self.world, self.rank);
+        let total = recv_counts
+            .iter()
+            .try_fold(0usize, |a, &n| a.checked_add(n))
+            .filter(|_| recv_counts.len() == world)
+            .ok_or_else(|| {
+                self.err(format!(
+                    "{} receive counts for {world} ranks (or their sum overflows)",
+                    recv_counts.len()
+                ))
+            })?;
+        let (mut guard, deadline, base) = self.begin()?;
+        let inner = &mut *guard;
+        let mut recv = match self.pool.take(total) {
+            Some(b) => b,
+            None => self.zeroed(total as u64, "the received payload")?,
+        };
+        // Datatypes are built and freed under the group lock (MPI calls
+        // are serialized); freeing one that pending sends use is allowed.
+        let mut types = Vec::with_capacity(typed.len());
+        for &(peer, rows) in typed {
+            match TypedSend::rows(peer, bytes, row, rows) {
+                Ok(t) => types.push(t),
+                Err(code) => return Err(mpi_err(me, "building a row datatype", code)),
+            }
+        }
+        let mut recvs = Vec::with_capacity(world);
+        let mut own = Some(own);
+        let mut rest = &mut recv[..];
+        for (p, &n) in recv_counts.iter().enumerate() {
+            let (r, tail) = rest.split_at_mut(n);
+            rest = tail;
+            if p == me {
+                if let Some(f) = own.take() {
+                    f(r);
+                }
+            } else {
+                recvs.push((p, r));
+            }
+        }
+        let waited = self.round(
+            inner,
+            sends,
+            &types,
+            &mut recvs,
+            base,
+            "exchanging the payload",
+            deadline,
+        );
+        drop(recvs);
+        drop(types);
+        if let Err(e) = waited {
+            std::mem::forget(recv);
+            return Err(e);
+        }
+        Ok(recv)
     }
 
     /// Starts a collective: the lock, the broken check, the deadline and
@@ -530,6 +680,78 @@ pub fn first_difference(all: &[Vec<(String, String)>]) -> Option<String> {
         }
     }
     None
+}
+
+/// A send of rows that MPI gathers itself, through a derived datatype
+/// (`MPI_Type_create_hindexed`, one block per run of consecutive rows),
+/// freed on drop.
+struct TypedSend {
+    peer: usize,
+    base: *const c_void,
+    dtype: ffi::MPI_Datatype,
+}
+
+impl TypedSend {
+    /// Rows `order` of `bytes` (rows of `row` bytes) for `peer`. The
+    /// caller checked that every row lies in `bytes` and that the rows
+    /// total at most [`MAX_PIECE`] bytes (so every length fits an `int`).
+    fn rows(
+        peer: usize,
+        bytes: &[u8],
+        row: usize,
+        order: &[i64],
+    ) -> std::result::Result<Self, c_int> {
+        let mut lens: Vec<c_int> = Vec::new();
+        let mut displs: Vec<ffi::MPI_Aint> = Vec::new();
+        let mut prev: Option<i64> = None;
+        for &j in order {
+            match (prev, lens.last_mut()) {
+                (Some(p), Some(l)) if j == p + 1 => *l += row as c_int,
+                _ => {
+                    lens.push(row as c_int);
+                    displs.push(j as usize as ffi::MPI_Aint * row as ffi::MPI_Aint);
+                }
+            }
+            prev = Some(j);
+        }
+        // SAFETY: a library constant.
+        let mut dtype = unsafe { ffi::RSMPI_DATATYPE_NULL };
+        // SAFETY: `lens` and `displs` hold `lens.len()` entries each, live
+        // for the call; the out pointer is a live local.
+        let code = unsafe {
+            ffi::MPI_Type_create_hindexed(
+                lens.len() as c_int,
+                lens.as_ptr(),
+                displs.as_ptr(),
+                ffi::RSMPI_UINT8_T,
+                &mut dtype,
+            )
+        };
+        if code != 0 {
+            return Err(code);
+        }
+        let mut t = TypedSend {
+            peer,
+            base: bytes.as_ptr() as *const c_void,
+            dtype,
+        };
+        // SAFETY: `t.dtype` was just created.
+        let code = unsafe { ffi::MPI_Type_commit(&mut t.dtype) };
+        if code != 0 {
+            return Err(code);
+        }
+        Ok(t)
+    }
+}
+
+impl Drop for TypedSend {
+    fn drop(&mut self) {
+        // SAFETY: a datatype created in `TypedSend::rows` and freed once;
+        // MPI lets pending communication that uses it complete normally.
+        unsafe {
+            ffi::MPI_Type_free(&mut self.dtype);
+        }
+    }
 }
 
 /// Starts `MPI_Isend`s of `buf` to `peer` in pieces of at most
@@ -642,6 +864,7 @@ impl Transport for MpiComm {
         let waited = self.round(
             inner,
             &sends,
+            &[],
             &mut recvs,
             base,
             "exchanging message lengths",
@@ -675,6 +898,7 @@ impl Transport for MpiComm {
         let waited = self.round(
             inner,
             &sends,
+            &[],
             &mut recvs,
             base + 1,
             "exchanging messages",
@@ -690,7 +914,8 @@ impl Transport for MpiComm {
     }
 
     /// One round: the counts are known on both sides, so nothing but the
-    /// payload moves, straight from `send` and into the result.
+    /// payload moves, straight from `send` and into the result (a pooled
+    /// buffer when one is large enough); `send` joins the pool afterwards.
     fn all_to_all_v_flat(
         &self,
         send: Vec<u8>,
@@ -699,59 +924,143 @@ impl Transport for MpiComm {
     ) -> Result<Vec<u8>> {
         let (world, me) = (self.world, self.rank);
         check_flat(me, world, send.len(), send_counts, recv_counts)?;
-        let (mut guard, deadline, base) = self.begin()?;
-        let inner = &mut *guard;
-        let total: usize = recv_counts.iter().sum();
-        // Into the spare buffer when it is large enough (its bytes are
-        // initialized; MPI overwrites the first `total`).
-        let mut recv = std::mem::take(&mut inner.spare);
-        if recv.capacity() >= total {
-            if recv.len() >= total {
-                recv.truncate(total);
-            } else {
-                recv.resize(total, 0);
-            }
-        } else {
-            inner.keep(recv);
-            recv = self.zeroed(total as u64, "the received payload")?;
-        }
-        let (mut sends, mut recvs) = (Vec::with_capacity(world), Vec::with_capacity(world));
-        let (mut s_rest, mut r_rest) = (&send[..], &mut recv[..]);
-        for p in 0..world {
-            let (s, s_tail) = s_rest.split_at(send_counts[p]);
-            let (r, r_tail) = r_rest.split_at_mut(recv_counts[p]);
-            (s_rest, r_rest) = (s_tail, r_tail);
+        let mut sends = Vec::with_capacity(world);
+        let mut own: &[u8] = &[];
+        let mut rest = &send[..];
+        for (p, &n) in send_counts.iter().enumerate() {
+            let (s, tail) = rest.split_at(n);
+            rest = tail;
             if p == me {
-                r.copy_from_slice(s);
+                own = s;
             } else {
                 sends.push((p, s));
-                recvs.push((p, r));
             }
         }
-        let waited = self.round(
-            inner,
-            &sends,
-            &mut recvs,
-            base,
-            "exchanging the payload",
-            deadline,
-        );
-        drop((sends, recvs));
-        if let Err(e) = waited {
-            // As in `all_to_all_v`: pending requests may touch both.
-            std::mem::forget(send);
-            std::mem::forget(recv);
-            return Err(e);
+        let got = self.flat_round(&sends, &[], &[], 0, recv_counts, |r| r.copy_from_slice(own));
+        drop(sends);
+        match got {
+            Ok(recv) => {
+                // The sent rows are no longer needed: a later receive can
+                // go there.
+                self.pool.put(send);
+                Ok(recv)
+            }
+            Err(e) => {
+                // Pending requests may still read it.
+                std::mem::forget(send);
+                Err(e)
+            }
         }
-        // The sent rows are no longer needed: the next receive can go there.
-        inner.keep(send);
-        Ok(recv)
+    }
+
+    /// Rows for a peer that are contiguous in `src` are sent straight from
+    /// it; the others are packed into a pooled buffer first, or (with
+    /// `$DEEPPORT_MPI_GATHER=datatype`) gathered by MPI itself through an
+    /// `MPI_Type_create_hindexed` datatype per peer.
+    fn all_to_all_v_rows(
+        &self,
+        src: &Tensor,
+        order: &[i64],
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<Vec<u8>> {
+        let (world, me) = (self.world, self.rank);
+        let (bytes, row) = host_rows(me, src)?;
+        let (sc, rc) = (
+            row_counts(me, send_rows, row)?,
+            row_counts(me, recv_rows, row)?,
+        );
+        let nrows = bytes.len().checked_div(row).unwrap_or(0);
+        let total = send_rows.iter().try_fold(0usize, |a, &n| a.checked_add(n));
+        if send_rows.len() != world || total != Some(order.len()) {
+            return Err(self.err(format!(
+                "all_to_all_v_rows: {} send counts summing to {total:?} for {} rows in a group of {world}",
+                send_rows.len(),
+                order.len()
+            )));
+        }
+        if sc.get(me) != rc.get(me) {
+            return Err(self.err(format!(
+                "all_to_all_v_rows: rank {me} sends itself {:?} rows but receives {:?}",
+                send_rows.get(me),
+                recv_rows.get(me)
+            )));
+        }
+        if let Some(j) = order.iter().find(|&&j| j < -1 || j >= nrows as i64) {
+            return Err(self.err(format!(
+                "all_to_all_v_rows: row {j} of a tensor of {nrows} rows"
+            )));
+        }
+        // Each peer's rows: where they start in `order`, and the byte
+        // range of `bytes` when they are contiguous there.
+        let mut parts = Vec::with_capacity(world);
+        let mut at = 0;
+        for &n in send_rows {
+            let o = &order[at..at + n];
+            at += n;
+            let contiguous = match o.first() {
+                None => Some(0..0),
+                Some(&f) if f >= 0 && o.iter().enumerate().all(|(i, &j)| j == f + i as i64) => {
+                    Some(f as usize * row..(f as usize + n) * row)
+                }
+                Some(_) => None,
+            };
+            parts.push((o, contiguous));
+        }
+        let in_place = parts.iter().all(|(_, c)| c.is_some());
+        let typed_ok =
+            gather_with_datatypes() && !order.contains(&-1) && sc.iter().all(|&n| n <= MAX_PIECE);
+        if !in_place && !typed_ok {
+            // Pack into a pooled buffer, then one flat exchange.
+            let mut send = self.pool.take(order.len() * row).unwrap_or_default();
+            send.clear();
+            deepport_core::comm::pack_rows(me, bytes, row, order, &mut send)?;
+            return self.all_to_all_v_flat(send, &sc, &rc);
+        }
+        // In place: the rows stay readable until the requests complete,
+        // because a view holds the storage (leaked below on failure, so a
+        // pending request never reads freed memory).
+        let keep = src.view(0, src.shape())?;
+        let mut sends = Vec::new();
+        let mut typed = Vec::new();
+        for (p, (o, range)) in parts.iter().enumerate() {
+            if p == me || o.is_empty() {
+                continue;
+            }
+            match range {
+                Some(r) => sends.push((p, &bytes[r.clone()])),
+                None => typed.push((p, *o)),
+            }
+        }
+        let own = parts[me].0;
+        let got = self.flat_round(&sends, &typed, bytes, row, &rc, |r| {
+            for (dst, &j) in r.chunks_exact_mut(row.max(1)).zip(own) {
+                if j >= 0 {
+                    let j = j as usize;
+                    dst.copy_from_slice(&bytes[j * row..(j + 1) * row]);
+                } else {
+                    dst.fill(0);
+                }
+            }
+        });
+        match got {
+            Ok(recv) => Ok(recv),
+            Err(e) => {
+                if self.broken().is_some() {
+                    std::mem::forget(keep);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn recycle(&self, buf: Vec<u8>) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.keep(buf);
-        }
+        self.pool.put(buf);
+    }
+
+    fn recycler(&self) -> Option<Recycler> {
+        let pool = self.pool.clone();
+        Some(Arc::new(move |buf| pool.put(buf)))
     }
 
     fn barrier(&self) -> Result<()> {

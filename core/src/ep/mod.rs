@@ -26,12 +26,23 @@
 //!    once with [`Error::Comm`] naming it instead of waiting for the
 //!    transport's timeout). The payload follows on the transport's device
 //!    path when it [accepts](DeviceExchange::accepts) the backend, else
-//!    host-staged: downloaded before the control message (a failed download
-//!    is a local failure like any other), then one
-//!    [`all_to_all_v_flat`](Transport::all_to_all_v_flat) per payload
-//!    tensor, straight from the downloaded rows (packed in destination
-//!    order) into the rows to upload (in source order), with the counts
-//!    the control messages announced: no message is built or split.
+//!    host-staged, one flat exchange per payload tensor with the counts
+//!    the control messages announced (no message is built or split):
+//!    * a backend whose memory is host memory
+//!      ([`Backend::host_view`]: `cpu`, `cpu-ref`) is read in place:
+//!      [`all_to_all_v_rows`](Transport::all_to_all_v_rows) sends the
+//!      source tensor's rows (MPI straight from them where a peer's rows
+//!      are contiguous), and the buffer received (rows in source order) is
+//!      [adopted](Backend::adopt) as the received tensor, no copy, and goes
+//!      back to the transport ([`Transport::recycler`]) when that tensor is
+//!      dropped;
+//!    * any other backend's rows are downloaded before the control message
+//!      (a failed download is a local failure like any other), sent with
+//!      [`all_to_all_v_flat`](Transport::all_to_all_v_flat) from the
+//!      downloaded rows (packed in destination order), and the received
+//!      buffer is uploaded.
+//!
+//!    The bytes on the wire are the same either way.
 //! 3. *Receive*: parse with bounds checks, reject a peer whose parameters
 //!    differ, then place or reduce the rows on the device.
 //!
@@ -202,6 +213,14 @@ impl<'t> Rows<'t> {
     }
 }
 
+/// A host-staged payload before the flat exchange.
+enum Staged<'t> {
+    /// Downloaded and packed in destination order.
+    Bytes(Vec<u8>),
+    /// In host memory: the transport sends the rows in place.
+    InPlace(Rows<'t>),
+}
+
 /// What one rank sends in one step.
 struct Outgoing<'t> {
     /// Parameters every rank must agree on, with their names for messages.
@@ -278,7 +297,9 @@ fn exchange(
         for p in std::mem::take(&mut out.payloads) {
             match device {
                 Some(_) => packed.push(p.on_device(backend)?),
-                None => staged.push(p.on_host(backend, op)?),
+                // Host memory: the transport reads the rows in place.
+                None if backend.host_view(p.src()).is_some() => staged.push(Staged::InPlace(p)),
+                None => staged.push(Staged::Bytes(p.on_host(backend, op)?)),
             }
         }
         Ok((out, descs, packed, staged))
@@ -411,9 +432,12 @@ fn exchange(
         }
         None => {
             // One flat exchange per payload, from the downloaded bytes
-            // (already packed in destination order) into the bytes to
-            // upload (arriving in source order).
-            for ((dtype, shape), bytes) in descs.iter().zip(staged) {
+            // (already packed in destination order) or, in host memory,
+            // from the source tensor's rows in place, into one buffer
+            // (rows in source order) that becomes the received tensor:
+            // adopted as it is by a host-memory backend, uploaded by any
+            // other. The buffer goes back to the transport afterwards.
+            for ((dtype, shape), payload) in descs.iter().zip(staged) {
                 let row = desc_row_bytes(*dtype, shape);
                 let counts = |rows: &[usize]| -> Result<Vec<usize>> {
                     rows.iter()
@@ -425,15 +449,28 @@ fn exchange(
                         .collect()
                 };
                 trace.mark(op, "parse");
-                let got =
-                    comm.all_to_all_v_flat(bytes, &counts(&out.rows)?, &counts(&inc.rows)?)?;
+                let got = match payload {
+                    Staged::Bytes(bytes) => {
+                        comm.all_to_all_v_flat(bytes, &counts(&out.rows)?, &counts(&inc.rows)?)?
+                    }
+                    Staged::InPlace(p) => {
+                        let all: Vec<i64>;
+                        let order = match &p.order {
+                            Some(o) => o.as_slice(),
+                            None => {
+                                all = (0..shape[0] as i64).collect();
+                                &all
+                            }
+                        };
+                        comm.all_to_all_v_rows(p.src(), order, &out.rows, &inc.rows)?
+                    }
+                };
                 trace.mark(op, "payload exchange");
                 let mut shape = shape.clone();
                 shape[0] = total;
-                let host = HostTensor::from_bytes(*dtype, &shape, got)?;
-                inc.payloads.push(backend.upload(&host)?);
-                comm.recycle(host.into_bytes());
-                trace.mark(op, "upload");
+                inc.payloads
+                    .push(backend.adopt(*dtype, &shape, got, comm.recycler())?);
+                trace.mark(op, "adopt");
             }
         }
     }
