@@ -198,6 +198,8 @@ pub(crate) mod ops {
     };
     pub(crate) use super::mla::mla_decode;
     pub(crate) use super::prefill::mla_prefill;
-    pub(crate) use super::small::{act_quant, add, embedding, rms_norm, silu_mul};
+    pub(crate) use super::small::{
+        act_quant, add, copy_window, embedding, rms_norm, rope, silu_mul,
+    };
     pub(crate) use crate::kernels::*;
 }
