@@ -18,6 +18,7 @@ use crate::HostStorage;
 use deepport_core::backend::Tensor;
 use deepport_core::{DType, Error, HostTensor, Result};
 pub use simd::Simd;
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::sync::OnceLock;
 
@@ -171,11 +172,20 @@ fn encode_into(dtype: DType, values: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// A tensor's values as f32 (honoring views).
-fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+/// A tensor's values as f32 (honoring views): an f32 tensor's own bytes,
+/// read in place (no copy of a weight per call), else decoded into a new
+/// vector. In place needs a little-endian machine and 4-byte alignment
+/// (host allocations and f32 views have it); otherwise it decodes.
+fn f32_values(t: &Tensor) -> Result<Cow<'_, [f32]>> {
+    let bytes = bytes_of(t)?;
+    if t.dtype() == DType::F32 && cfg!(target_endian = "little") {
+        if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            return Ok(Cow::Borrowed(v));
+        }
+    }
     let mut v = vec![0f32; t.numel()];
-    decode_into(t.dtype(), bytes_of(t)?, &mut v);
-    Ok(v)
+    decode_into(t.dtype(), bytes, &mut v);
+    Ok(Cow::Owned(v))
 }
 
 /// The f32 value of each of the 256 codes of an 8-bit float dtype.

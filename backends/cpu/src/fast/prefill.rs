@@ -9,11 +9,11 @@
 //! `out = W_UV·o_lat`.
 //!
 //! The absorbed form runs per head on tiles of [`TILE`] tokens, so that a
-//! row of `W_UK`/`W_UV` is read once for the tile, and computes [`LANES`]
-//! independent dot products at a time (several latent positions, several
-//! output channels): the same operations in the same order per element as
-//! one `dot` at a time — only independent sums are interleaved, so the
-//! result does not change by a bit (a test keeps the one-at-a-time form).
+//! row of `W_UK` is read once for the tile's `q_nope·W_UK` (each token's
+//! sums still run over `W_UK`'s rows in order, so not a bit changes; a
+//! test keeps the one-token-at-a-time form). Interleaving several `dot`s
+//! to hide the add latency was measured slower on the SSE2 baseline the
+//! crate compiles for (LLVM transposes them).
 
 use super::{bytes_mut_of, encode_into, f32_values};
 use deepport_core::ops::*;
@@ -38,52 +38,13 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// `[Σ x_n·y]` for `N` vectors `x_n` against one `y`, each exactly as
-/// [`dot`] computes it (eight interleaved sums, the same final order); the
-/// `N` sums advance together, which gives the CPU independent work.
-#[inline(always)]
-fn dots<const N: usize>(x: [&[f32]; N], y: &[f32]) -> [f32; N] {
-    let len = x.iter().fold(y.len(), |m, v| m.min(v.len()));
-    let full = len - len % 8;
-    let mut acc = [[0f32; 8]; N];
-    let mut c = 0;
-    while c < full {
-        let yc: &[f32; 8] = y[c..c + 8].try_into().expect("8 lanes");
-        for (a, xn) in acc.iter_mut().zip(&x) {
-            let xc: &[f32; 8] = xn[c..c + 8].try_into().expect("8 lanes");
-            for i in 0..8 {
-                a[i] += xc[i] * yc[i];
-            }
-        }
-        c += 8;
-    }
-    let mut out = [0f32; N];
-    for ((o, a), xn) in out.iter_mut().zip(&acc).zip(&x) {
-        let mut tail = 0f32;
-        for (p, q) in xn[full..len].iter().zip(&y[full..len]) {
-            tail += p * q;
-        }
-        *o = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + tail;
-    }
-    out
-}
-
-/// `Σ x_i·y` for every `x_i` of `xs` into `out`, [`LANES`] at a time
-/// (each exactly [`dot`]).
+/// `out[i] = Σ x_i·y` for `i < n`, each by [`dot`].
 fn dot_many<'a>(xs: impl Fn(usize) -> &'a [f32], n: usize, y: &[f32], out: &mut [f32]) {
-    let mut i = 0;
-    while i + LANES <= n {
-        let r = dots([xs(i), xs(i + 1), xs(i + 2), xs(i + 3)], y);
-        out[i..i + LANES].copy_from_slice(&r);
-        i += LANES;
-    }
-    for (j, o) in out.iter_mut().enumerate().take(n).skip(i) {
-        *o = dot(xs(j), y);
+    for (i, o) in out.iter_mut().enumerate().take(n) {
+        *o = dot(xs(i), y);
     }
 }
 
-/// Dot products computed together by [`dot_many`].
-const LANES: usize = 4;
 /// Tokens of one head per task in the absorbed form.
 const TILE: usize = 8;
 
@@ -114,6 +75,7 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
         dc,
         dv,
     } = dims.clone();
+    // Read in place (f32) or decoded once.
     let q_nope = f32_values(a.q_nope)?;
     let q_pe = f32_values(a.q_pe)?;
     let latent = f32_values(a.latent)?;
@@ -217,7 +179,7 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    //! The tiled, interleaved kernel against the one-dot-at-a-time form it
+    //! The tiled kernel against the one-dot-at-a-time form it
     //! replaced: bit for bit.
     use super::*;
     use deepport_core::backend::{Backend, Tensor};
@@ -365,7 +327,7 @@ mod tests {
                 })
                 .collect()
         };
-        // Odd dims (tails of 8 and of LANES), S > T, T past one TILE, V3's dims.
+        // Odd dims (tails of 8), S > T, T past one TILE, V3's dims.
         let cases = [
             (7, 12, 3, 33, 17, 65, 23),
             (5, 5, 2, 16, 8, 32, 16),
@@ -388,27 +350,6 @@ mod tests {
                     let old = run(before::mla_prefill_one_at_a_time, dtype, dims, &vals, form);
                     assert!(new == old, "{dims:?} {dtype} {form:?}: outputs differ");
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn dots_are_dot() {
-        let x: Vec<Vec<f32>> = (0..4)
-            .map(|n| {
-                (0..37)
-                    .map(|i| ((i * 7 + n * 3) % 11) as f32 * 0.37 - 1.3)
-                    .collect()
-            })
-            .collect();
-        let y: Vec<f32> = (0..37).map(|i| (i % 5) as f32 * 1.1 - 2.0).collect();
-        for len in [0, 1, 7, 8, 9, 16, 37] {
-            let got = dots(
-                [&x[0][..len], &x[1][..len], &x[2][..len], &x[3][..len]],
-                &y[..len],
-            );
-            for n in 0..4 {
-                assert_eq!(got[n].to_bits(), dot(&x[n][..len], &y[..len]).to_bits());
             }
         }
     }

@@ -135,7 +135,7 @@ pub(crate) fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
                     ss += f64::from(v) * f64::from(v);
                 }
                 let inv = 1.0 / (ss / dim as f64 + eps).sqrt();
-                for ((o, &v), &wj) in yr.iter_mut().zip(xr).zip(&w) {
+                for ((o, &v), &wj) in yr.iter_mut().zip(xr).zip(w.iter()) {
                     *o = f64::from(v) * inv * f64::from(wj);
                 }
             }
