@@ -290,7 +290,8 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
                 tokens.len() as f64 / prefill_s
             );
             if args.op_times {
-                eprintln!("{}", times.report(cold, 1));
+                times.end_run(cold);
+                eprintln!("{}", times.report());
             }
         }
         if args.repeat > 0 {
@@ -299,7 +300,9 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
             for _ in 0..args.repeat {
                 let t = std::time::Instant::now();
                 let again = model.prefill_chunked(&tokens, chunk, all_logits, None)?;
-                warm.push(t.elapsed());
+                let took = t.elapsed();
+                warm.push(took);
+                times.end_run(took);
                 if again.bytes() != logits.bytes() {
                     return Err(Error::Other(
                         "forward --repeat: a warm prefill gave other logits than the first run"
@@ -307,7 +310,6 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
                     ));
                 }
             }
-            let total: std::time::Duration = warm.iter().sum();
             warm.sort();
             let med = warm[warm.len() / 2].as_secs_f64();
             if rank0 {
@@ -318,7 +320,7 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
                     tokens.len() as f64 / med
                 );
                 if args.op_times {
-                    eprintln!("{}", times.report(total, args.repeat));
+                    eprintln!("{}", times.report());
                 }
             }
         }

@@ -13,60 +13,101 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Calls and time per entry (an op's name, or `alloc`/`upload`/…).
+/// Calls and time per entry (an op's name, or `alloc`/`upload`/…), per run.
 #[derive(Default)]
 pub struct OpTimes {
-    by_name: Mutex<BTreeMap<&'static str, (u64, Duration)>>,
+    /// The run in progress.
+    current: Mutex<BTreeMap<&'static str, (u64, Duration)>>,
+    /// Finished runs: their wall time and entries.
+    runs: Mutex<Vec<(Duration, BTreeMap<&'static str, (u64, Duration)>)>>,
 }
 
 impl OpTimes {
     fn record(&self, name: &'static str, d: Duration) {
-        if let Ok(mut m) = self.by_name.lock() {
+        if let Ok(mut m) = self.current.lock() {
             let e = m.entry(name).or_default();
             e.0 += 1;
             e.1 += d;
         }
     }
 
-    /// Forgets what was recorded (e.g. the load's calls).
+    /// Forgets everything recorded (e.g. the load's calls).
     pub fn clear(&self) {
-        if let Ok(mut m) = self.by_name.lock() {
+        if let Ok(mut m) = self.current.lock() {
             m.clear();
+        }
+        if let Ok(mut r) = self.runs.lock() {
+            r.clear();
         }
     }
 
-    /// One line per entry, most time first, then the rest of `wall` (the
-    /// time outside every backend call), for `runs` runs.
-    pub fn report(&self, wall: Duration, runs: u32) -> String {
-        let m = match self.by_name.lock() {
-            Ok(m) => m.clone(),
+    /// Closes a run that took `wall`.
+    pub fn end_run(&self, wall: Duration) {
+        let m = match self.current.lock() {
+            Ok(mut m) => std::mem::take(&mut *m),
+            Err(_) => return,
+        };
+        if let Ok(mut r) = self.runs.lock() {
+            r.push((wall, m));
+        }
+    }
+
+    /// One line per entry, most time first, then the rest of the wall time
+    /// (outside every backend call): the median over the runs and the
+    /// fastest run's (on a loaded machine the fastest is the least
+    /// disturbed).
+    pub fn report(&self) -> String {
+        let runs = match self.runs.lock() {
+            Ok(r) => r.clone(),
             Err(_) => return "op times unavailable (poisoned lock)".into(),
         };
-        let runs = runs.max(1);
-        let mut rows: Vec<_> = m.into_iter().collect();
-        rows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
-        let total: Duration = rows.iter().map(|r| r.1 .1).sum();
-        let ms = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(runs);
-        let pct = |d: Duration| 100.0 * d.as_secs_f64() / wall.as_secs_f64().max(1e-12);
+        if runs.is_empty() {
+            return "forward: no op times recorded".into();
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let stats = |mut v: Vec<Duration>| -> (f64, f64) {
+            v.sort();
+            (ms(v[v.len() / 2]), ms(v[0]))
+        };
+        let mut names: Vec<&'static str> =
+            runs.iter().flat_map(|(_, m)| m.keys().copied()).collect();
+        names.sort();
+        names.dedup();
+        let per = |name: &str| -> Vec<Duration> {
+            runs.iter()
+                .map(|(_, m)| m.get(name).map_or(Duration::ZERO, |e| e.1))
+                .collect()
+        };
+        let calls = |name: &str| runs[0].1.get(name).map_or(0, |e| e.0);
+        let mut rows: Vec<(&str, u64, f64, f64)> = names
+            .iter()
+            .map(|&n| {
+                let (med, min) = stats(per(n));
+                (n, calls(n), med, min)
+            })
+            .collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let (wall_med, wall_min) = stats(runs.iter().map(|r| r.0).collect());
+        let rest: Vec<Duration> = runs
+            .iter()
+            .map(|(w, m)| w.saturating_sub(m.values().map(|e| e.1).sum()))
+            .collect();
+        let (rest_med, rest_min) = stats(rest);
         let mut s = format!(
-            "forward: backend calls per prefill ({runs} run(s); {:.3} ms wall each):\n",
-            ms(wall)
+            "forward: backend calls per prefill over {} run(s), ms: median (fastest); wall {wall_med:.3} ({wall_min:.3})\n",
+            runs.len()
         );
-        for (name, (n, d)) in &rows {
+        for (name, n, med, min) in rows {
             s += &format!(
-                "  {name:<26} {:>6} calls {:>9.3} ms {:>5.1}%\n",
-                n / u64::from(runs),
-                ms(*d),
-                pct(*d)
+                "  {name:<26} {n:>6} calls {med:>9.3} ({min:>8.3}) {:>5.1}%\n",
+                100.0 * med / wall_med.max(1e-12)
             );
         }
-        let rest = wall.saturating_sub(total);
         s += &format!(
-            "  {:<26} {:>6}       {:>9.3} ms {:>5.1}%",
+            "  {:<26} {:>6}       {rest_med:>9.3} ({rest_min:>8.3}) {:>5.1}%",
             "(outside backend calls)",
             "",
-            ms(rest),
-            pct(rest)
+            100.0 * rest_med / wall_med.max(1e-12)
         );
         s
     }

@@ -9,11 +9,12 @@
 //! `out = W_UV·o_lat`.
 //!
 //! The absorbed form runs per head on tiles of [`TILE`] tokens, so that a
-//! row of `W_UK` is read once for the tile's `q_nope·W_UK` (each token's
-//! sums still run over `W_UK`'s rows in order, so not a bit changes; a
-//! test keeps the one-token-at-a-time form). Interleaving several `dot`s
-//! to hide the add latency was measured slower on the SSE2 baseline the
-//! crate compiles for (LLVM transposes them).
+//! row of `W_UK` is read once for the tile's `q_nope·W_UK`, and computes
+//! the scores and the `W_UV` rows as [`dots_cols`] over transposed
+//! operands: every output's sums are still exactly those of [`dot`] (same
+//! products, same order, same final combination), only the independent
+//! outputs advance together, so not a bit changes (a test keeps the
+//! one-dot-at-a-time kernel and compares bytes).
 
 use super::{bytes_mut_of, encode_into, f32_values};
 use deepport_core::ops::*;
@@ -43,6 +44,46 @@ fn dot_many<'a>(xs: impl Fn(usize) -> &'a [f32], n: usize, y: &[f32], out: &mut 
     for (i, o) in out.iter_mut().enumerate().take(n) {
         *o = dot(xs(i), y);
     }
+}
+
+/// `out[i] = Σ_c xt[c·stride + i]·y[c]` for `i < n`: the dot products of
+/// `y` with the columns of a transposed matrix, each exactly as [`dot`]
+/// computes it — the sums of the eight phases `c mod 8` in `c` order, the
+/// tail past the last multiple of 8 on its own, the same final order — but
+/// run as row updates across the `n` outputs (vectorizable, no latency
+/// chain). `acc` is scratch.
+fn dots_cols(xt: &[f32], stride: usize, n: usize, y: &[f32], acc: &mut Vec<f32>, out: &mut [f32]) {
+    let len = y.len();
+    let full = len - len % 8;
+    acc.clear();
+    acc.resize(9 * n, 0.0);
+    let (phases, tail) = acc.split_at_mut(8 * n);
+    for (c, &yc) in y[..full].iter().enumerate() {
+        let a = &mut phases[(c % 8) * n..(c % 8 + 1) * n];
+        for (o, &x) in a.iter_mut().zip(&xt[c * stride..c * stride + n]) {
+            *o += x * yc;
+        }
+    }
+    for (c, &yc) in y.iter().enumerate().skip(full) {
+        for (o, &x) in tail.iter_mut().zip(&xt[c * stride..c * stride + n]) {
+            *o += x * yc;
+        }
+    }
+    for (i, o) in out.iter_mut().enumerate().take(n) {
+        let a = |p: usize| phases[p * n + i];
+        *o = ((a(0) + a(4)) + (a(1) + a(5))) + ((a(2) + a(6)) + (a(3) + a(7))) + tail[i];
+    }
+}
+
+/// `[cols, rows]` from `[rows, cols]`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (r, row) in x.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
 }
 
 /// Tokens of one head per task in the absorbed form.
@@ -117,6 +158,18 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
                 });
             }
             MlaForm::Absorbed => {
+                // Transposed once per call: the latent and rope key
+                // ([dc, S], [dr, S]) and each head's W_UV ([dc, dv]), so that
+                // scores and output rows run as `dots_cols`.
+                let lat_t = transpose(&latent, n_s, dc);
+                let kpe_t = transpose(&k_pe, n_s, dr);
+                let wuv_t: Vec<Vec<f32>> = (0..heads)
+                    .into_par_iter()
+                    .map(|h| {
+                        let r0 = h * (dn + dv) + dn;
+                        transpose(&w[r0 * dc..(r0 + dv) * dc], dv, dc)
+                    })
+                    .collect();
                 // Tasks: (head, tile of TILE tokens); each writes the rows
                 // of its tokens for its head.
                 let tiles = n_t.div_ceil(TILE);
@@ -137,9 +190,8 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
                         }
                         let mut o_rows = vec![0f32; nt * dv];
                         let mut o_lat = vec![0f32; dc];
-                        let mut scores = Vec::new();
-                        let mut pe = Vec::new();
-                        for (tt, o) in o_rows.chunks_exact_mut(dv.max(1)).enumerate() {
+                        let (mut scores, mut pe, mut acc) = (Vec::new(), Vec::new(), Vec::new());
+                        for (tt, o) in o_rows.chunks_exact_mut(dv).enumerate() {
                             let t = t0 + tt;
                             let item = t * heads + h;
                             let ql = &q_lat[tt * dc..(tt + 1) * dc];
@@ -149,8 +201,8 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
                             scores.resize(pos + 1, 0f32);
                             pe.clear();
                             pe.resize(pos + 1, 0f32);
-                            dot_many(lat, pos + 1, ql, &mut scores);
-                            dot_many(kpe, pos + 1, qp, &mut pe);
+                            dots_cols(&lat_t, n_s, pos + 1, ql, &mut acc, &mut scores);
+                            dots_cols(&kpe_t, n_s, pos + 1, qp, &mut acc, &mut pe);
                             for (sc, &p) in scores.iter_mut().zip(&pe) {
                                 *sc = (*sc + p) * scale;
                             }
@@ -158,7 +210,7 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
                             for (s, &p) in softmax(&scores).iter().enumerate() {
                                 axpy(&mut o_lat, p, lat(s));
                             }
-                            dot_many(|i| w_row(h, dn + i), dv, &o_lat, o);
+                            dots_cols(&wuv_t[h], dv, dv, &o_lat, &mut acc, o);
                         }
                         (h, t0, o_rows)
                     })
