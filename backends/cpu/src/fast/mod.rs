@@ -87,7 +87,7 @@ pub fn describe() -> String {
     };
     format!(
         "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {name} f32, all heads of a kv head per cache pass, split-K; \
-         add/silu_mul/rms_norm/embedding/act_quant: parallel, bit-identical to cpu-ref; {t} threads",
+         add/silu_mul/rms_norm/embedding/act_quant/rope/copy_window: parallel, bit-identical to cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )
 }
