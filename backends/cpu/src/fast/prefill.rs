@@ -183,7 +183,7 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
                         let mut q_lat = vec![0f32; nt * dc];
                         for i in 0..dn {
                             let wr = w_row(h, i);
-                            for (tt, ql) in q_lat.chunks_exact_mut(dc).enumerate() {
+                            for (tt, ql) in q_lat.chunks_exact_mut(dc.max(1)).enumerate() {
                                 let qi = q_nope[((t0 + tt) * heads + h) * dn + i];
                                 axpy(ql, qi, wr);
                             }
