@@ -13,13 +13,16 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Calls and total time per entry of one run.
+type Entries = BTreeMap<&'static str, (u64, Duration)>;
+
 /// Calls and time per entry (an op's name, or `alloc`/`upload`/…), per run.
 #[derive(Default)]
 pub struct OpTimes {
     /// The run in progress.
-    current: Mutex<BTreeMap<&'static str, (u64, Duration)>>,
+    current: Mutex<Entries>,
     /// Finished runs: their wall time and entries.
-    runs: Mutex<Vec<(Duration, BTreeMap<&'static str, (u64, Duration)>)>>,
+    runs: Mutex<Vec<(Duration, Entries)>>,
 }
 
 impl OpTimes {

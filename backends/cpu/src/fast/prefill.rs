@@ -349,20 +349,21 @@ mod tests {
             .map(|(sh, v)| be.upload(&HostTensor::from_f32(dtype, sh, v)).unwrap())
             .collect();
         let mut out = be.alloc(dtype, &[t, h, dv]).unwrap();
-        let mut op = (MlaPrefill {
-            q_nope: &up[0],
-            q_pe: &up[1],
-            latent: &up[2],
-            k_pe: &up[3],
-            wkv_b: &up[4],
-            out: &mut out,
-            softmax_scale: 1.0 / ((dn + dr) as f32).sqrt(),
-            form,
-        })
-        .check()
-        .unwrap();
-        f(&mut op).unwrap();
-        drop(op);
+        {
+            let mut op = (MlaPrefill {
+                q_nope: &up[0],
+                q_pe: &up[1],
+                latent: &up[2],
+                k_pe: &up[3],
+                wkv_b: &up[4],
+                out: &mut out,
+                softmax_scale: 1.0 / ((dn + dr) as f32).sqrt(),
+                form,
+            })
+            .check()
+            .unwrap();
+            f(&mut op).unwrap();
+        }
         be.download(&out).unwrap().into_bytes()
     }
 
