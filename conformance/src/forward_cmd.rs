@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod mtp;
+mod optimes;
 
 /// Arguments of `deepport forward`.
 #[derive(clap::Args, Debug)]
@@ -79,6 +80,18 @@ pub struct ForwardArgs {
     /// with --out write its logits as `mtp.logits`.
     #[arg(long)]
     pub mtp: bool,
+    /// After the first (cold) prefill, run the same prefill this many more
+    /// times in the same process (weights loaded, memory warm) and report
+    /// the median and fastest of those warm runs; each must give the first
+    /// run's logits bit for bit. For benchmarks (PyTorch's side is timed
+    /// the same way, after a warm-up run).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    pub repeat: u32,
+    /// Time every backend call (each op, alloc, upload, download) of the
+    /// prefills and print where the wall time went, op by op; the rest is
+    /// the model's own glue. One rank only (--ep 1).
+    #[arg(long)]
+    pub op_times: bool,
 }
 
 /// What one rank's run produced.
@@ -227,10 +240,24 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
     let golden_ref = golden.as_ref().map(|(g, p)| (g, p.as_path()));
     // `loaded` runs on every rank once its weights are in (MPI: a barrier,
     // then the steady-state deadline replaces the start-up one).
+    if args.op_times && ep != 1 {
+        return Err(CliError::usage("--op-times: only with --ep 1"));
+    }
     let rank_run = |backend: &dyn Backend,
                     comm: Option<&dyn Communicator>,
                     loaded: &dyn Fn() -> Result<(), Error>|
      -> Result<RankResult, Error> {
+        let times = optimes::OpTimes::default();
+        let timed;
+        let backend: &dyn Backend = if args.op_times {
+            timed = optimes::Timed {
+                inner: backend,
+                times: &times,
+            };
+            &timed
+        } else {
+            backend
+        };
         let t0 = std::time::Instant::now();
         let mut model = match comm {
             None => Model::load_with(backend, &ckpt, &cfg, opts)?,
@@ -249,17 +276,53 @@ pub fn run(args: &ForwardArgs) -> Result<bool, CliError> {
                 tokens.len()
             );
         }
+        times.clear();
         let t1 = std::time::Instant::now();
         let mut taps = Taps::new();
         let want_taps = args.taps && args.out.is_some();
         let logits =
             model.prefill_chunked(&tokens, chunk, all_logits, want_taps.then_some(&mut taps))?;
-        let prefill_s = t1.elapsed().as_secs_f64();
+        let cold = t1.elapsed();
+        let prefill_s = cold.as_secs_f64();
         if rank0 {
             eprintln!(
-                "forward: prefill took {prefill_s:.2} s ({:.1} tokens/s)",
+                "forward: prefill took {prefill_s:.4} s ({:.1} tokens/s)",
                 tokens.len() as f64 / prefill_s
             );
+            if args.op_times {
+                times.end_run(cold);
+                eprintln!("{}", times.report());
+            }
+        }
+        if args.repeat > 0 {
+            times.clear();
+            let mut warm = Vec::with_capacity(args.repeat as usize);
+            for _ in 0..args.repeat {
+                let t = std::time::Instant::now();
+                let again = model.prefill_chunked(&tokens, chunk, all_logits, None)?;
+                let took = t.elapsed();
+                warm.push(took);
+                times.end_run(took);
+                if again.bytes() != logits.bytes() {
+                    return Err(Error::Other(
+                        "forward --repeat: a warm prefill gave other logits than the first run"
+                            .into(),
+                    ));
+                }
+            }
+            warm.sort();
+            let med = warm[warm.len() / 2].as_secs_f64();
+            if rank0 {
+                eprintln!(
+                    "forward: warm prefill: median {med:.4} s, fastest {:.4} s over {} runs ({:.1} tokens/s)",
+                    warm[0].as_secs_f64(),
+                    warm.len(),
+                    tokens.len() as f64 / med
+                );
+                if args.op_times {
+                    eprintln!("{}", times.report());
+                }
+            }
         }
         let mut decoded = Vec::new();
         if args.decode > 0 {

@@ -19,6 +19,7 @@ use crate::HostStorage;
 use deepport_core::backend::Tensor;
 use deepport_core::{DType, Error, HostTensor, Result};
 pub use simd::Simd;
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::sync::OnceLock;
 
@@ -162,7 +163,7 @@ pub fn describe() -> String {
     };
     format!(
         "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {decode}, all heads of a kv head per cache pass, split-K; \
-         add/silu_mul/rms_norm/embedding/act_quant: parallel, bit-identical to cpu-ref; {t} threads",
+         add/silu_mul/rms_norm/embedding/act_quant/rope/copy_window: parallel, bit-identical to cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )
 }
@@ -247,11 +248,20 @@ fn encode_into(dtype: DType, values: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// A tensor's values as f32 (honoring views).
-fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+/// A tensor's values as f32 (honoring views): an f32 tensor's own bytes,
+/// read in place (no copy of a weight per call), else decoded into a new
+/// vector. In place needs a little-endian machine and 4-byte alignment
+/// (host allocations and f32 views have it); otherwise it decodes.
+fn f32_values(t: &Tensor) -> Result<Cow<'_, [f32]>> {
+    let bytes = bytes_of(t)?;
+    if t.dtype() == DType::F32 && cfg!(target_endian = "little") {
+        if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            return Ok(Cow::Borrowed(v));
+        }
+    }
     let mut v = vec![0f32; t.numel()];
-    decode_into(t.dtype(), bytes_of(t)?, &mut v);
-    Ok(v)
+    decode_into(t.dtype(), bytes, &mut v);
+    Ok(Cow::Owned(v))
 }
 
 /// The f32 value of each of the 256 codes of an 8-bit float dtype.
@@ -274,6 +284,8 @@ pub(crate) mod ops {
     };
     pub(crate) use super::mla::mla_decode;
     pub(crate) use super::prefill::mla_prefill;
-    pub(crate) use super::small::{act_quant, add, embedding, rms_norm, silu_mul};
+    pub(crate) use super::small::{
+        act_quant, add, copy_window, embedding, rms_norm, rope, silu_mul,
+    };
     pub(crate) use crate::kernels::*;
 }

@@ -97,7 +97,13 @@ pub(crate) fn add(op: &mut Checked<Add<'_>>) -> Result<()> {
 pub(crate) fn silu_mul(op: &mut Checked<SiluMul<'_>>) -> Result<()> {
     let args = op.args_mut();
     binary(args.gate, args.up, args.out, |g, u| {
-        g / (1.0 + (-g).exp()) * u
+        // exp(-0) is exactly 1: the same value without the call (the
+        // padding rows of the MoE's contiguous layout are zeros).
+        if g == 0.0 {
+            g / 2.0 * u
+        } else {
+            g / (1.0 + (-g).exp()) * u
+        }
     })
 }
 
@@ -129,7 +135,7 @@ pub(crate) fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
                     ss += f64::from(v) * f64::from(v);
                 }
                 let inv = 1.0 / (ss / dim as f64 + eps).sqrt();
-                for ((o, &v), &wj) in yr.iter_mut().zip(xr).zip(&w) {
+                for ((o, &v), &wj) in yr.iter_mut().zip(xr).zip(w.iter()) {
                     *o = f64::from(v) * inv * f64::from(wj);
                 }
             }
@@ -240,5 +246,93 @@ pub(crate) fn act_quant(op: &mut Checked<ActQuant<'_>>) -> Result<()> {
             qdst.copy_from_slice(HostTensor::from_f32(qd, &[rows * k], &q).bytes());
             sdst.copy_from_slice(HostTensor::from_f32(sd, &[rows * groups], &s).bytes());
         });
+    Ok(())
+}
+
+/// `rope` (SPEC.md §3) with the reference's arithmetic — the angle
+/// `position · inv_freq` in f32, its cosine and sine in f64 times the YaRN
+/// scale, the rotation in f64, one rounding to `y`'s dtype — so `y` equals
+/// `cpu-ref`'s bytes; tokens in parallel chunks, read from and written to
+/// the tensors' bytes. A negative position is `IndexOutOfRange`, as cpu-ref
+/// reports it.
+pub(crate) fn rope(op: &mut Checked<Rope<'_>>) -> Result<()> {
+    const OP: &str = "rope";
+    let (args, dims) = op.parts();
+    let (heads, d) = (dims.heads, dims.d);
+    let pos_host = crate::to_host(args.positions)?;
+    check_range(OP, "positions", &pos_host, 0, i64::MAX, None)?;
+    let pos = pos_host.to_i64_vec();
+    let row = heads * d;
+    if row == 0 || pos.is_empty() {
+        return Ok(());
+    }
+    let freq = args.config.inv_freq(d);
+    let cs_scale = f64::from(args.config.cos_sin_scale());
+    let layout = args.config.layout;
+    let (xd, od) = (args.x.dtype(), args.y.dtype());
+    let xb = bytes_of(args.x)?;
+    let yb = bytes_mut_of(args.y)?;
+    let (xs, os) = (xd.size(), od.size());
+    let per = (CHUNK / row).max(1);
+    yb.par_chunks_mut(per * row * os)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            let n = dst.len() / os / row;
+            let t0 = c * per;
+            let mut x = vec![0f32; n * row];
+            decode_into(xd, &xb[t0 * row * xs..(t0 + n) * row * xs], &mut x);
+            // Zeros where no pair writes (as the reference's output buffer).
+            let mut y = vec![0f64; n * row];
+            for (tok, (xt, yt)) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)).enumerate() {
+                let p = pos[t0 + tok] as f32;
+                for (i, &f) in freq.iter().enumerate() {
+                    let angle = p * f; // in f32, as SPEC.md §8 fixes
+                    let cs = (angle as f64).cos() * cs_scale;
+                    let sn = (angle as f64).sin() * cs_scale;
+                    let (c0, c1) = layout.pair(i, d);
+                    for h in 0..heads {
+                        let (i0, i1) = (h * d + c0, h * d + c1);
+                        let (x0, x1) = (f64::from(xt[i0]), f64::from(xt[i1]));
+                        yt[i0] = x0 * cs - x1 * sn;
+                        yt[i1] = x0 * sn + x1 * cs;
+                    }
+                }
+            }
+            encode_f64(od, &y, dst);
+        });
+    Ok(())
+}
+
+/// `copy_window` (SPEC.md §4): the window's elements through f32 into
+/// `dst`'s dtype (one rounding; a same-dtype f32 copy moves the bytes),
+/// row by row straight between the tensors' bytes. Elements of `dst`
+/// outside the window keep their bytes.
+pub(crate) fn copy_window(op: &mut Checked<CopyWindow<'_>>) -> Result<()> {
+    let (args, dims) = op.parts();
+    let (rows, cols) = args.size;
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let (sr, sc) = args.src_origin;
+    let (dr, dc) = args.dst_origin;
+    let (sw, dw) = (dims.src.1, dims.dst.1);
+    let (sd, dd) = (args.src.dtype(), args.dst.dtype());
+    let (ss, ds) = (sd.size(), dd.size());
+    let sb = bytes_of(args.src)?;
+    let db = bytes_mut_of(args.dst)?;
+    let raw = sd == dd && sd == DType::F32;
+    let mut buf = vec![0f32; if raw { 0 } else { cols }];
+    for r in 0..rows {
+        let s0 = ((sr + r) * sw + sc) * ss;
+        let d0 = ((dr + r) * dw + dc) * ds;
+        let src = &sb[s0..s0 + cols * ss];
+        let dst = &mut db[d0..d0 + cols * ds];
+        if raw {
+            dst.copy_from_slice(src);
+        } else {
+            decode_into(sd, src, &mut buf);
+            super::encode_into(dd, &buf, dst);
+        }
+    }
     Ok(())
 }
