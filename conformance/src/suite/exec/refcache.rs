@@ -444,19 +444,25 @@ mod tests {
                 &(0..65536).map(|i| i as f32).collect::<Vec<_>>(),
             ),
         )]);
+        // Readers go on until every writer is done (at least 200 reads
+        // each), so the last reads find the entry however the threads are
+        // scheduled on a loaded machine.
+        let writers_done = std::sync::atomic::AtomicUsize::new(0);
         let (seen, missing) = std::thread::scope(|sc| {
             for _ in 0..4 {
                 sc.spawn(|| {
                     for _ in 0..20 {
                         cache.write(&s, &big).unwrap();
                     }
+                    writers_done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
             let readers: Vec<_> = (0..4)
                 .map(|_| {
                     sc.spawn(|| {
                         let (mut seen, mut missing) = (0, 0);
-                        for _ in 0..200 {
+                        for i in 0.. {
+                            let done = writers_done.load(std::sync::atomic::Ordering::SeqCst) == 4;
                             match cache.read(&s) {
                                 Ok(Some(o)) => {
                                     assert_eq!(o, big);
@@ -464,6 +470,10 @@ mod tests {
                                 }
                                 Ok(None) => missing += 1,
                                 Err(e) => panic!("a torn entry was read: {e}"),
+                            }
+                            // This read began after the last write ended.
+                            if i >= 199 && done {
+                                break;
                             }
                         }
                         (seen, missing)
@@ -475,8 +485,8 @@ mod tests {
                 .map(|h| h.join().unwrap())
                 .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
         });
-        assert_eq!(seen + missing, 800);
-        assert!(seen > 0, "no read ever found the entry");
+        assert!(seen + missing >= 800);
+        assert!(seen >= 4, "every reader finds the entry once it is written");
         for e in std::fs::read_dir(&dir).unwrap() {
             let n = e.unwrap().file_name();
             assert!(!n.to_string_lossy().starts_with(".tmp"), "{n:?}");
