@@ -444,6 +444,12 @@ pub fn read_safetensors_within(path: impl AsRef<Path>, budget: MemoryBudget) -> 
 }
 
 /// Serializes tensors (and string metadata) to safetensors bytes.
+///
+/// The bytes depend only on the arguments: the safetensors crate writes
+/// `__metadata__` from a `HashMap` (an order that changes from run to run),
+/// so the header is written without it and the metadata, in key order, is
+/// put first into the header here. Tensor offsets are relative to the end
+/// of the header and do not move.
 pub fn serialize_safetensors(
     tensors: &BTreeMap<String, HostTensor>,
     metadata: &BTreeMap<String, String>,
@@ -456,17 +462,45 @@ pub fn serialize_safetensors(
                 .map_err(|e| Error::Other(format!("tensor `{name}`: {e}")))
         })
         .collect::<Result<_>>()?;
-    let meta: Option<HashMap<String, String>> = if metadata.is_empty() {
-        None
+    let bytes = safetensors::serialize(views, None::<HashMap<String, String>>)
+        .map_err(|e| Error::Other(format!("safetensors: {e}")))?;
+    if metadata.is_empty() {
+        return Ok(bytes);
+    }
+    with_sorted_metadata(bytes, metadata)
+}
+
+/// Puts `metadata` (in key order) first into the header of serialized
+/// safetensors `bytes` that have none, re-padding the header to 8 bytes.
+fn with_sorted_metadata(bytes: Vec<u8>, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let bad = || Error::Other("safetensors: unexpected header from the serializer".into());
+    let len = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    let end = usize::try_from(len)
+        .map_err(|_| bad())?
+        .checked_add(8)
+        .ok_or_else(bad)?;
+    let header = std::str::from_utf8(bytes.get(8..end).ok_or_else(bad)?).map_err(|_| bad())?;
+    let body = header.trim_end().strip_prefix('{').ok_or_else(bad)?;
+    let meta =
+        serde_json::to_string(metadata).map_err(|e| Error::Other(format!("safetensors: {e}")))?;
+    let sep = if body.trim_start().starts_with('}') {
+        ""
     } else {
-        Some(
-            metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
+        ","
     };
-    safetensors::serialize(views, meta).map_err(|e| Error::Other(format!("safetensors: {e}")))
+    let mut new_header = format!("{{\"__metadata__\":{meta}{sep}{body}");
+    new_header.push_str(&" ".repeat(new_header.len().next_multiple_of(8) - new_header.len()));
+    let mut out = Vec::with_capacity(8 + new_header.len() + bytes.len() - end);
+    out.extend_from_slice(&(new_header.len() as u64).to_le_bytes());
+    out.extend_from_slice(new_header.as_bytes());
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 /// Writes tensors (and string metadata) to a safetensors file.

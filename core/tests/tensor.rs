@@ -544,3 +544,44 @@ fn first_non_finite_reports_position() {
         .first_non_finite()
         .is_none());
 }
+
+/// `deepport forward --out` files must be comparable byte for byte: the
+/// same tensors and metadata give the same bytes, with the metadata in key
+/// order (the safetensors crate alone writes it in a `HashMap`'s order).
+#[test]
+fn serialized_bytes_are_deterministic_and_metadata_sorted() {
+    let meta: BTreeMap<String, String> = (0..12)
+        .map(|i| (format!("key{:02}", 11 - i), format!("value \"{i}\"\n")))
+        .collect();
+    let first = serialize_safetensors(&sample_tensors(), &meta).unwrap();
+    for _ in 0..16 {
+        assert_eq!(
+            serialize_safetensors(&sample_tensors(), &meta).unwrap(),
+            first
+        );
+    }
+    let header_len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+    assert_eq!(header_len % 8, 0, "the header is padded to 8 bytes");
+    let header = std::str::from_utf8(&first[8..8 + header_len]).unwrap();
+    let positions: Vec<usize> = meta
+        .keys()
+        .map(|k| header.find(k.as_str()).unwrap())
+        .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "metadata keys in order: {header}"
+    );
+    // Both the safetensors crate and deepport read it back.
+    let f = parse_safetensors(Path::new("m.safetensors"), &first).unwrap();
+    assert_eq!(f.metadata, meta);
+    for (name, t) in sample_tensors() {
+        assert_eq!(
+            f.get(Path::new("m.safetensors"), &name).unwrap().bytes(),
+            t.bytes()
+        );
+    }
+    // No tensors at all, metadata only.
+    let only = serialize_safetensors(&BTreeMap::new(), &meta).unwrap();
+    let f = parse_safetensors(Path::new("e.safetensors"), &only).unwrap();
+    assert_eq!(f.metadata, meta);
+}
