@@ -18,8 +18,12 @@ const PAR_MIN: usize = 1 << 16;
 /// ([`Rng::ahead`]), so the values and the generator's final state are
 /// exactly those of one sequential pass.
 pub fn fill_normal(rng: &mut Rng, out: &mut [f32], scale: f32) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if out.len() < PAR_MIN || threads < 2 {
+    if out.len() < PAR_MIN {
+        fill_normal_seq(rng, out, scale);
+        return;
+    }
+    let threads = threads();
+    if threads < 2 {
         fill_normal_seq(rng, out, scale);
         return;
     }
@@ -33,6 +37,13 @@ pub fn fill_normal(rng: &mut Rng, out: &mut [f32], scale: f32) {
         }
     });
     rng.skip(2 * out.len().div_ceil(2) as u64);
+}
+
+/// The threads input generation uses (asked once: the question reads
+/// cgroup files).
+fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn fill_normal_seq(rng: &mut Rng, out: &mut [f32], scale: f32) {
@@ -112,6 +123,161 @@ impl<'r> NormalStream<'r> {
         self.at += 1;
         self.buf[self.at - 1]
     }
+}
+
+/// The values of a [`NormalStream`] from its `first`-th value on, without
+/// drawing the ones before: a generator jumped ahead ([`Rng::ahead`]) to
+/// the pair holding value `first`, refilled in the stream's blocks.
+pub struct NormalCursor {
+    rng: Rng,
+    scale: f32,
+    buf: Vec<f32>,
+    at: usize,
+    taken: usize,
+}
+
+impl NormalCursor {
+    /// A cursor at value `first` of the stream `NormalStream::new(base, scale)`
+    /// would give (one draw per value).
+    pub fn at(base: &Rng, first: usize, scale: f32) -> Self {
+        let mut c = NormalCursor {
+            rng: base.ahead((first & !1) as u64),
+            scale,
+            buf: vec![0.0; STREAM_BLOCK],
+            at: STREAM_BLOCK,
+            taken: 0,
+        };
+        if first % 2 == 1 {
+            c.next_value();
+        }
+        c.taken = 0;
+        c
+    }
+
+    pub fn next_value(&mut self) -> f32 {
+        if self.at == self.buf.len() {
+            fill_normal_seq(&mut self.rng, &mut self.buf, self.scale);
+            self.at = 0;
+        }
+        self.at += 1;
+        self.taken += 1;
+        self.buf[self.at - 1]
+    }
+}
+
+/// Fills `out`, `row_bytes` bytes per row, in parallel: `fill(r, values,
+/// bytes)` writes row `r` and takes exactly `values_in(r)` values from
+/// `values`, which continues one [`NormalStream`] over `rng` (scale
+/// `scale`) across the rows in order. Afterwards `rng` is where that stream
+/// leaves it, so the bytes and every later draw equal one sequential pass
+/// with a `NormalStream` (tested).
+///
+/// # Panics
+/// If `fill` takes another number of values than `values_in` says (a bug
+/// in a case builder), or `out` is not `row_bytes` times the rows.
+pub fn fill_rows_from_stream(
+    rng: &mut Rng,
+    scale: f32,
+    out: &mut [u8],
+    row_bytes: usize,
+    values_in: impl Fn(usize) -> usize + Sync,
+    fill: impl Fn(usize, &mut NormalCursor, &mut [u8]) + Sync,
+) {
+    let rows = out.len().checked_div(row_bytes).unwrap_or(0);
+    assert_eq!(
+        rows * row_bytes,
+        out.len(),
+        "fill_rows_from_stream: ragged output"
+    );
+    // The stream offset of each row's first value.
+    let mut first = Vec::with_capacity(rows + 1);
+    let mut total = 0usize;
+    for r in 0..rows {
+        first.push(total);
+        total += values_in(r);
+    }
+    first.push(total);
+    let pieces = if total < PAR_MIN {
+        1
+    } else {
+        (threads() * 4).min(rows.max(1))
+    };
+    let per = rows.div_ceil(pieces.max(1)).max(1);
+    let base = rng.clone();
+    let (first, fill, values_in) = (&first, &fill, &values_in);
+    let run = |r0: usize, chunk: &mut [u8]| {
+        let mut cur = NormalCursor::at(&base, first[r0], scale);
+        for (i, bytes) in chunk.chunks_mut(row_bytes).enumerate() {
+            let before = cur.taken;
+            fill(r0 + i, &mut cur, bytes);
+            assert_eq!(
+                cur.taken - before,
+                values_in(r0 + i),
+                "row {} took another count of values",
+                r0 + i
+            );
+        }
+    };
+    if pieces <= 1 || row_bytes == 0 {
+        if rows > 0 {
+            run(0, out);
+        }
+    } else {
+        // Pieces are handed out in turn so uneven rows balance.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let chunks: Vec<std::sync::Mutex<Option<&mut [u8]>>> = out
+            .chunks_mut(per * row_bytes)
+            .map(|c| std::sync::Mutex::new(Some(c)))
+            .collect();
+        std::thread::scope(|s| {
+            for _ in 0..threads().min(chunks.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(slot) = chunks.get(i) else { break };
+                    let chunk = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(chunk) = chunk {
+                        run(i * per, chunk);
+                    }
+                });
+            }
+        });
+    }
+    rng.skip((total.div_ceil(STREAM_BLOCK) * STREAM_BLOCK) as u64);
+}
+
+/// A tensor of `rows` rows of `width` elements each: where `valid[r]`, the
+/// next `width` values of a [`NormalStream`] over `rng` (times `scale`,
+/// rounded to `dtype`), elsewhere NaN; `rng` ends where that stream leaves
+/// it. Generated in parallel ([`fill_rows_from_stream`]).
+pub fn masked_normal(
+    rng: &mut Rng,
+    dtype: DType,
+    shape: &[usize],
+    valid: &[bool],
+    scale: f32,
+) -> HostTensor {
+    let n: usize = shape.iter().product();
+    let width = if valid.is_empty() { 0 } else { n / valid.len() };
+    let row_bytes = width * dtype.size();
+    let mut bytes = vec![0u8; n * dtype.size()];
+    let nan = HostTensor::from_f32(dtype, &[width], &vec![f32::NAN; width]).into_bytes();
+    fill_rows_from_stream(
+        rng,
+        scale,
+        &mut bytes,
+        row_bytes,
+        |r| if valid[r] { width } else { 0 },
+        |r, g, out| {
+            if valid[r] {
+                let v: Vec<f32> = (0..width).map(|_| g.next_value()).collect();
+                out.copy_from_slice(HostTensor::from_f32(dtype, &[width], &v).bytes());
+            } else {
+                out.copy_from_slice(&nan);
+            }
+        },
+    );
+    HostTensor::from_bytes(dtype, shape, bytes)
+        .unwrap_or_else(|_| HostTensor::from_f32(dtype, shape, &[]))
 }
 
 /// Normal values times `scale`, rounded to `dtype`.
@@ -212,6 +378,50 @@ mod tests {
                 assert_eq!(a.next_u64(), b.next_u64());
             }
         }
+    }
+
+    #[test]
+    fn parallel_rows_are_the_sequential_stream() {
+        // Masked rows (NaN, no draws), odd widths (a piece may start in the
+        // middle of a Box–Muller pair), sizes below and beyond PAR_MIN: the
+        // bytes and the generator's final state equal one NormalStream.
+        for (rows, width) in [(7, 3), (1000, 577), (3001, 131), (64, 2048), (5, 0)] {
+            let valid: Vec<bool> = (0..rows).map(|r| r % 5 != 2 && r != 0).collect();
+            for dtype in [DType::BF16, DType::F32, DType::F8E4M3] {
+                let (mut a, mut b) = (Rng::new(rows as u64), Rng::new(rows as u64));
+                let fast = masked_normal(&mut a, dtype, &[rows, width], &valid, 1.5);
+                let mut s = NormalStream::new(&mut b, 1.5);
+                let slow = tensor_from_fn(dtype, &[rows, width], |e| {
+                    if valid[e / width.max(1)] {
+                        s.next_value()
+                    } else {
+                        f32::NAN
+                    }
+                });
+                drop(s);
+                assert_eq!(fast.bytes(), slow.bytes(), "{rows}x{width} {dtype}");
+                assert_eq!(a.next_u64(), b.next_u64(), "{rows}x{width} {dtype}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "took another count")]
+    fn a_row_taking_the_wrong_count_is_caught() {
+        let mut out = vec![0u8; 8];
+        fill_rows_from_stream(
+            &mut Rng::new(1),
+            1.0,
+            &mut out,
+            2,
+            |_| 2,
+            |r, g, _| {
+                g.next_value();
+                if r != 2 {
+                    g.next_value();
+                }
+            },
+        );
     }
 
     #[test]

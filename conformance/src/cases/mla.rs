@@ -117,15 +117,7 @@ fn build_decode(spec: &CaseSpec) -> Result<Case, String> {
             valid[blk * BLOCK..blk * BLOCK + filled].fill(true);
         }
     }
-    let row = h_kv * D;
-    let mut g = NormalStream::new(&mut rng, 1.0);
-    let kcache = gen::tensor_from_fn(dtype, &[num_blocks, BLOCK, h_kv, D], |e| {
-        if valid[e / row] {
-            g.next_value()
-        } else {
-            f32::NAN
-        }
-    });
+    let kcache = gen::masked_normal(&mut rng, dtype, &[num_blocks, BLOCK, h_kv, D], &valid, 1.0);
     let q = gen::normal(&mut rng, dtype, &[b, s_q, h_q, D], 1.0);
     let lens_i: Vec<i64> = lens.iter().map(|&l| l as i64).collect();
     let table_i: Vec<i32> = table.iter().map(|&x| x as i32).collect();

@@ -138,9 +138,9 @@ fn scale(rng: &mut Rng, ue8m0: bool) -> f32 {
     }
 }
 
-/// An e4m3 byte of a normal value (never NaN).
-fn e4m3_byte(g: &mut NormalStream<'_>) -> u8 {
-    f32_to_e4m3(g.next_value() * 64.0)
+/// The e4m3 byte of a normal value times 64 (never NaN).
+fn e4m3_byte(normal: f32) -> u8 {
+    f32_to_e4m3(normal * 64.0)
 }
 
 // ---- indexer_logits ---------------------------------------------------------
@@ -180,21 +180,32 @@ fn build_logits(spec: &CaseSpec) -> Result<Case, String> {
     let pg = paged(&mut rng, &lens, block);
     let row = block * (d + 4);
     let mut cache = vec![0xffu8; pg.num_blocks * row];
+    // Each valid slot: `d` values of one normal stream over `rng` (in slot
+    // order) and a scale from its own generator; filled a block at a time
+    // in parallel (`gen::fill_rows_from_stream`).
     let mut srng = Rng::new(spec.seed ^ 0x5ca1e);
-    let mut g = NormalStream::new(&mut rng, 1.0);
-    for slot in 0..pg.num_blocks * block {
-        if !pg.valid[slot] {
-            continue;
-        }
-        let (blk, off) = (slot / block, slot % block);
-        let base = blk * row;
-        for c in 0..d {
-            cache[base + off * d + c] = e4m3_byte(&mut g);
-        }
-        let s = scale(&mut srng, ue8m0);
-        let at = base + block * d + off * 4;
-        cache[at..at + 4].copy_from_slice(&s.to_le_bytes());
-    }
+    let scales: Vec<f32> = pg
+        .valid
+        .iter()
+        .map(|&v| if v { scale(&mut srng, ue8m0) } else { 0.0 })
+        .collect();
+    let valid = &pg.valid;
+    gen::fill_rows_from_stream(
+        &mut rng,
+        1.0,
+        &mut cache,
+        row,
+        |blk| (0..block).filter(|o| valid[blk * block + o]).count() * d,
+        |blk, g, bytes| {
+            for off in (0..block).filter(|o| valid[blk * block + o]) {
+                for c in 0..d {
+                    bytes[off * d + c] = e4m3_byte(g.next_value());
+                }
+                let at = block * d + off * 4;
+                bytes[at..at + 4].copy_from_slice(&scales[blk * block + off].to_le_bytes());
+            }
+        },
+    );
     let q = gen::fp8(&mut rng, DType::F8E4M3, &[b, next_n, h, d]);
     let weights = gen::normal(
         &mut rng,
@@ -439,26 +450,54 @@ fn build_decode(spec: &CaseSpec) -> Result<Case, String> {
     let pg = paged(&mut rng, &lens, block);
     let slots = pg.num_blocks * block;
     let mut cache = vec![0xffu8; slots * V32_TOKEN_BYTES];
+    // Each valid slot: 512 e4m3 values then 64 bf16 RoPE values of one
+    // normal stream over `rng` (in slot order), and four scales from their
+    // own generator; filled in parallel (`gen::fill_rows_from_stream`).
     let mut srng = Rng::new(spec.seed ^ 0x5ca1e);
-    let mut g = NormalStream::new(&mut rng, 1.0);
-    for slot in 0..slots {
-        if !pg.valid[slot] {
-            continue;
-        }
-        let t = &mut cache[slot * V32_TOKEN_BYTES..(slot + 1) * V32_TOKEN_BYTES];
-        for c in t[..V32_NOPE].iter_mut() {
-            *c = e4m3_byte(&mut g);
-        }
-        for s in 0..V32_NOPE / 128 {
-            let v = scale(&mut srng, ue8m0) * 8.0;
-            t[V32_NOPE + 4 * s..V32_NOPE + 4 * s + 4].copy_from_slice(&v.to_le_bytes());
-        }
-        let rope = V32_NOPE + 4 * (V32_NOPE / 128);
-        for i in 0..V32_ROPE {
-            let v = ((round_bf16(g.next_value()).to_bits() >> 16) as u16).to_le_bytes();
-            t[rope + 2 * i..rope + 2 * i + 2].copy_from_slice(&v);
-        }
-    }
+    let groups = V32_NOPE / 128;
+    let scales: Vec<f32> = pg
+        .valid
+        .iter()
+        .flat_map(|&v| {
+            let s: Vec<f32> = (0..groups)
+                .map(|_| {
+                    if v {
+                        scale(&mut srng, ue8m0) * 8.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            s
+        })
+        .collect();
+    let valid = &pg.valid;
+    gen::fill_rows_from_stream(
+        &mut rng,
+        1.0,
+        &mut cache,
+        V32_TOKEN_BYTES,
+        |slot| if valid[slot] { V32_NOPE + V32_ROPE } else { 0 },
+        |slot, g, t| {
+            if !valid[slot] {
+                return;
+            }
+            for c in t[..V32_NOPE].iter_mut() {
+                *c = e4m3_byte(g.next_value());
+            }
+            for (s, v) in scales[slot * groups..(slot + 1) * groups]
+                .iter()
+                .enumerate()
+            {
+                t[V32_NOPE + 4 * s..V32_NOPE + 4 * s + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            let rope = V32_NOPE + 4 * groups;
+            for i in 0..V32_ROPE {
+                let v = ((round_bf16(g.next_value()).to_bits() >> 16) as u16).to_le_bytes();
+                t[rope + 2 * i..rope + 2 * i + 2].copy_from_slice(&v);
+            }
+        },
+    );
     // Per (b, s): `topk` distinct positions of the sequence (FlashMLA's
     // randperm), −1 where the sequence is shorter, mapped to cache slots.
     // With `invalid`, every index of sequence 0 is −1 (FlashMLA's

@@ -194,7 +194,7 @@ fn bytes_mut_of(t: &mut Tensor) -> Result<&mut [u8]> {
 
 /// Decodes float values of `dtype` from little-endian `bytes` into `out`
 /// (`out.len()` values).
-fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+pub(crate) fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     match dtype {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
