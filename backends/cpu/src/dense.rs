@@ -38,7 +38,7 @@ const KC: usize = QBLOCK;
 
 /// How the products of one `k` block reach an element's accumulator.
 #[derive(Clone, Copy)]
-enum Accum<'s> {
+pub(crate) enum Accum<'s> {
     /// `acc += a·b` straight through `k` (the plain GEMM).
     Plain,
     /// Per 128-block: `inner` from 0, then `acc += inner · sa[r, blk] ·
@@ -50,7 +50,14 @@ enum Accum<'s> {
 /// `d[r][j]` for `r` in `rows` (indices of rows of `a [·, k]`) and `j <
 /// n` (rows of `b [n, k]`), in the order of `rows`: the GEMM of the scalar
 /// loops (`acc` from 0, products in `k` order), tile by tile.
-fn tiled(a: &[f32], rows: &[usize], b: &[f32], n: usize, k: usize, mode: Accum<'_>) -> Vec<f64> {
+pub(crate) fn tiled(
+    a: &[f32],
+    rows: &[usize],
+    b: &[f32],
+    n: usize,
+    k: usize,
+    mode: Accum<'_>,
+) -> Vec<f64> {
     let m = rows.len();
     let mut d = vec![0f64; m * n];
     if m == 0 || n == 0 {

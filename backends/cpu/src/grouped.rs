@@ -1,28 +1,21 @@
-//! Reference grouped plain GEMMs (f32/bf16): `gemm_grouped_contiguous` and
+//! `cpu-ref`'s grouped plain GEMMs (f32/bf16): `gemm_grouped_contiguous` and
 //! `gemm_grouped_masked` (semantics: `deepport_core::ops::GemmGroupedContiguous`,
 //! `GemmGroupedMasked`).
 //!
 //! Each computed row is exactly the reference `gemm` of that row against its
 //! group's `b`: products and sums in f64, one rounding to `d`'s dtype. Index
-//! values are checked before anything is written.
+//! values are checked before anything is written. The rows of a group run
+//! on the plain GEMM's tiles ([`crate::dense::tiled`]: the same sums in the
+//! same order as the specification's row loops in
+//! [`crate::scalar::grouped`], on several threads and register tiles;
+//! `tests/oracle_bitexact.rs` compares the bits).
 
+use crate::dense::{tiled, Accum};
 use crate::scalar::dense::round_f64;
 use crate::util::{f32s, host, i64s, put_host};
 use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
 use deepport_core::{DType, HostTensor, Result};
-
-/// `out[j] = Σ_k a_row[k]·b[j, k]` in f64 (`b` is one group's `[n, k]`).
-fn row_f64(a_row: &[f32], b: &[f32], k: usize, out: &mut [f64]) {
-    for (j, o) in out.iter_mut().enumerate() {
-        let b_row = &b[j * k..(j + 1) * k];
-        let mut acc = 0f64;
-        for (x, y) in a_row.iter().zip(b_row) {
-            acc += *x as f64 * *y as f64;
-        }
-        *o = acc;
-    }
-}
 
 /// Encodes f64 values rounded once to `dtype` into bytes.
 fn encode(dtype: DType, vals: &[f64]) -> HostTensor {
@@ -42,16 +35,12 @@ pub(crate) fn gemm_grouped_contiguous(op: &mut Checked<GemmGroupedContiguous<'_>
     let b_len = n * k;
     // Padding rows (-1): unspecified; the reference writes 0.
     let mut d = vec![0f64; m * n];
-    if n > 0 {
-        for (i, row) in d.chunks_mut(n).enumerate() {
-            if let Ok(grp) = usize::try_from(idx[i]) {
-                row_f64(
-                    &a[i * k..(i + 1) * k],
-                    &b[grp * b_len..(grp + 1) * b_len],
-                    k,
-                    row,
-                );
-            }
+    for grp in 0..g {
+        let rows: Vec<usize> = (0..m).filter(|&i| idx[i] == grp as i64).collect();
+        let b_g = &b[grp * b_len..(grp + 1) * b_len];
+        let vals = tiled(&a, &rows, b_g, n, k, Accum::Plain);
+        for (i, &r) in rows.iter().enumerate() {
+            d[r * n..(r + 1) * n].copy_from_slice(&vals[i * n..(i + 1) * n]);
         }
     }
     let dtype = args.d.dtype();
@@ -77,18 +66,15 @@ pub(crate) fn gemm_grouped_masked(op: &mut Checked<GemmGroupedMasked<'_>>) -> Re
     let row_bytes = n * dtype.size();
     for grp in 0..g {
         let rows = masked[grp] as usize; // checked to lie in [0, m_max]
-        let mut vals = vec![0f64; rows * n];
-        if n > 0 {
-            for (i, row) in vals.chunks_mut(n).enumerate() {
-                let r = grp * m_max + i;
-                row_f64(
-                    &a[r * k..(r + 1) * k],
-                    &b[grp * b_len..(grp + 1) * b_len],
-                    k,
-                    row,
-                );
-            }
-        }
+        let idx: Vec<usize> = (grp * m_max..grp * m_max + rows).collect();
+        let vals = tiled(
+            &a,
+            &idx,
+            &b[grp * b_len..(grp + 1) * b_len],
+            n,
+            k,
+            Accum::Plain,
+        );
         let enc = encode(dtype, &vals);
         let start = grp * m_max * row_bytes;
         d_host.bytes_mut()[start..start + rows * row_bytes].copy_from_slice(enc.bytes());

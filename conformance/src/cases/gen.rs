@@ -47,15 +47,26 @@ fn threads() -> usize {
 }
 
 fn fill_normal_seq(rng: &mut Rng, out: &mut [f32], scale: f32) {
-    let mut it = out.chunks_mut(2);
-    for pair in &mut it {
-        let u1 = 1.0 - rng.uniform();
-        let u2 = rng.uniform();
-        let r = (-2.0 * u1.ln()).sqrt() * scale as f64;
-        let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
-        pair[0] = (r * c) as f32;
-        if let Some(x) = pair.get_mut(1) {
-            *x = (r * s) as f32;
+    // Pairs in batches: the draws are sequential (u1 then u2, pair after
+    // pair), the arithmetic of a batch's independent pairs overlaps.
+    const PAIRS: usize = 8;
+    let scale = f64::from(scale);
+    for chunk in out.chunks_mut(2 * PAIRS) {
+        let pairs = chunk.len().div_ceil(2);
+        let (mut u1, mut u2) = ([1.0f64; PAIRS], [0.0f64; PAIRS]);
+        for i in 0..pairs {
+            u1[i] = 1.0 - rng.uniform();
+            u2[i] = rng.uniform();
+        }
+        let (mut a, mut b) = ([0.0f64; PAIRS], [0.0f64; PAIRS]);
+        for i in 0..PAIRS {
+            (a[i], b[i]) = crate::rng::box_muller(u1[i], u2[i]);
+        }
+        for (i, pair) in chunk.chunks_mut(2).enumerate() {
+            pair[0] = (a[i] * scale) as f32;
+            if let Some(x) = pair.get_mut(1) {
+                *x = (b[i] * scale) as f32;
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! plainest loops, one output element after another, f64 accumulation,
 //! one rounding.
 //!
-//! `cpu-ref`'s own kernels (`dense`, `mla`, `copy`, `ep` at the crate root)
+//! `cpu-ref`'s own kernels (`dense`, `grouped`, `mla`, `copy`, `ep`, `sparse` at the crate root)
 //! compute every output element with exactly this arithmetic (the same
 //! operations in the same order, the same single rounding), only in
 //! parallel across output elements and restructured so that independent
@@ -15,6 +15,7 @@
 pub mod copy;
 pub mod dense;
 pub mod ep;
+pub mod grouped;
 pub mod mla;
 pub mod sparse;
 
@@ -42,13 +43,11 @@ mod kernels {
     pub(crate) use super::copy::{copy_window, gather_rows, reduce_rows};
     pub(crate) use super::dense::*;
     pub(crate) use super::ep::get_dispatch_layout;
+    pub(crate) use super::grouped::{gemm_grouped_contiguous, gemm_grouped_masked};
     pub(crate) use super::mla::*;
     pub(crate) use super::sparse::{
         cache_quant, indexer_logits, indexer_topk, sparse_mla_decode, sparse_mla_prefill,
     };
-    // The grouped bf16/f32 GEMMs are plain loops already: one function is
-    // both the specification and cpu-ref's kernel.
-    pub(crate) use crate::grouped::{gemm_grouped_contiguous, gemm_grouped_masked};
 }
 
 impl Backend for CpuScalar {

@@ -1,0 +1,97 @@
+//! The specification of the grouped plain GEMMs (f32/bf16): `gemm_grouped_contiguous` and
+//! `gemm_grouped_masked` (semantics: `deepport_core::ops::GemmGroupedContiguous`,
+//! `GemmGroupedMasked`).
+//!
+//! Each computed row is exactly the reference `gemm` of that row against its
+//! group's `b`: products and sums in f64, one rounding to `d`'s dtype. Index
+//! values are checked before anything is written.
+
+use crate::scalar::dense::round_f64;
+use crate::util::{f32s, host, i64s, put_host};
+use deepport_core::ops::index::{check_range, check_value};
+use deepport_core::ops::*;
+use deepport_core::{DType, HostTensor, Result};
+
+/// `out[j] = Σ_k a_row[k]·b[j, k]` in f64 (`b` is one group's `[n, k]`).
+fn row_f64(a_row: &[f32], b: &[f32], k: usize, out: &mut [f64]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let b_row = &b[j * k..(j + 1) * k];
+        let mut acc = 0f64;
+        for (x, y) in a_row.iter().zip(b_row) {
+            acc += *x as f64 * *y as f64;
+        }
+        *o = acc;
+    }
+}
+
+/// Encodes f64 values rounded once to `dtype` into bytes.
+fn encode(dtype: DType, vals: &[f64]) -> HostTensor {
+    let rounded: Vec<f32> = vals.iter().map(|&x| round_f64(dtype, x)).collect();
+    HostTensor::from_f32(dtype, &[rounded.len()], &rounded)
+}
+
+pub fn gemm_grouped_contiguous(op: &mut Checked<GemmGroupedContiguous<'_>>) -> Result<()> {
+    const OP: &str = "gemm_grouped_contiguous";
+    let (args, dims) = op.parts();
+    let (g, m, n, k) = (dims.groups, dims.m, dims.n, dims.k);
+    let idx_host = host(args.m_indices)?;
+    check_range(OP, "m_indices", &idx_host, 0, g as i64, Some(-1))?;
+    let idx = idx_host.to_i64_vec();
+    let a = f32s(args.a)?;
+    let b = f32s(args.b)?;
+    let b_len = n * k;
+    // Padding rows (-1): unspecified; the reference writes 0.
+    let mut d = vec![0f64; m * n];
+    if n > 0 {
+        for (i, row) in d.chunks_mut(n).enumerate() {
+            if let Ok(grp) = usize::try_from(idx[i]) {
+                row_f64(
+                    &a[i * k..(i + 1) * k],
+                    &b[grp * b_len..(grp + 1) * b_len],
+                    k,
+                    row,
+                );
+            }
+        }
+    }
+    let dtype = args.d.dtype();
+    let enc = encode(dtype, &d);
+    let out = HostTensor::from_bytes(dtype, args.d.shape(), enc.bytes().to_vec())?;
+    put_host(args.d, &out)
+}
+
+pub fn gemm_grouped_masked(op: &mut Checked<GemmGroupedMasked<'_>>) -> Result<()> {
+    const OP: &str = "gemm_grouped_masked";
+    let (args, dims) = op.parts();
+    let (g, m_max, n, k) = (dims.groups, dims.m, dims.n, dims.k);
+    let masked = i64s(args.masked_m)?;
+    for (grp, &v) in masked.iter().enumerate() {
+        check_value(OP, "masked_m", &[grp], v, 0, m_max as i64 + 1)?;
+    }
+    let a = f32s(args.a)?;
+    let b = f32s(args.b)?;
+    let b_len = n * k;
+    // Rows at or past masked_m[g] keep their bytes: start from d as it is.
+    let mut d_host = host(args.d)?;
+    let dtype = d_host.dtype();
+    let row_bytes = n * dtype.size();
+    for grp in 0..g {
+        let rows = masked[grp] as usize; // checked to lie in [0, m_max]
+        let mut vals = vec![0f64; rows * n];
+        if n > 0 {
+            for (i, row) in vals.chunks_mut(n).enumerate() {
+                let r = grp * m_max + i;
+                row_f64(
+                    &a[r * k..(r + 1) * k],
+                    &b[grp * b_len..(grp + 1) * b_len],
+                    k,
+                    row,
+                );
+            }
+        }
+        let enc = encode(dtype, &vals);
+        let start = grp * m_max * row_bytes;
+        d_host.bytes_mut()[start..start + rows * row_bytes].copy_from_slice(enc.bytes());
+    }
+    put_host(args.d, &d_host)
+}
