@@ -101,6 +101,8 @@ use std::collections::BTreeMap;
 
 #[path = "v32_forward.rs"]
 mod v32_forward;
+#[doc(hidden)]
+pub use v32_forward::IndexFault;
 
 /// Tokens per page of the latent cache (FlashMLA's block size).
 pub const CACHE_BLOCK: usize = 64;
@@ -264,6 +266,15 @@ impl Taps {
             let merged = match self.tensors.remove(&name) {
                 None => t,
                 Some(prev) => {
+                    // DeepSeek-V3.2's index_score/index_topk: later chunks
+                    // see more keys; the narrower side is padded.
+                    let (prev, t) = match (prev.shape(), t.shape()) {
+                        ([_, a], [_, b]) if a != b && v32_forward::widens_between_chunks(&name) => {
+                            let w = *a.max(b);
+                            (v32_forward::pad_columns(&prev, w)?, v32_forward::pad_columns(&t, w)?)
+                        }
+                        _ => (prev, t),
+                    };
                     if prev.dtype() != t.dtype() || prev.shape().get(1..) != t.shape().get(1..) {
                         return Err(Error::Other(format!(
                             "model: tap {name} changes shape between chunks ({:?} then {:?})",
@@ -567,10 +578,16 @@ enum AttnPath<'c> {
     Fused {
         form: MlaForm,
         cache: Option<&'c mut Tensor>,
+        /// DeepSeek-V3.2's index-k cache (`v32_forward.rs`), written when given.
+        index: Option<&'c mut Tensor>,
     },
     /// Writes the cache, then `mla_decode` over it (causal when the step
-    /// has several tokens).
-    Paged { cache: &'c mut Tensor },
+    /// has several tokens); DeepSeek-V3.2: sparse attention over the
+    /// cache, with its index-k cache.
+    Paged {
+        cache: &'c mut Tensor,
+        index: Option<&'c mut Tensor>,
+    },
 }
 
 fn rows_of(t: &Tensor) -> usize {
@@ -792,14 +809,16 @@ impl Ctx<'_> {
         qpe_raw.reshape(&[t, h, dr])?;
         let q_pe = self.rope(&qpe_raw, &step.positions)?;
         let o = match path {
-            AttnPath::Fused { form, cache } => {
+            AttnPath::Fused { form, cache, index } => {
                 if let Some(cache) = cache {
                     self.write_cache(cache, step.start, &latent, &k_pe)?;
                 }
                 if let (Some(ix), Some(qr)) = (&a.indexer, &qr) {
                     // DeepSeek-V3.2: attention over the indexer's selection.
                     q.reshape(&[t, h * qk])?;
-                    let o = self.sparse_attention(a, ix, x, qr, &q, &q_pe, &latent, &k_pe, step)?;
+                    let kv = v32_forward::SparseKv::Own { index };
+                    let o =
+                        self.sparse_attention(a, ix, x, qr, &q, &q_pe, &latent, &k_pe, step, kv)?;
                     self.tap("attn_core", &o)?;
                     return self.linear(&o, &a.o_proj);
                 }
@@ -822,18 +841,22 @@ impl Ctx<'_> {
                 out.reshape(&[t, h * dv])?;
                 out
             }
-            AttnPath::Paged { cache } => {
-                if a.indexer.is_some() {
-                    return Err(Error::invalid(
-                        OP,
-                        "indexer",
-                        "DeepSeek-V3.2 sparse attention runs only the fused prefill from \
-                         position 0 so far (decode, --prefill paged and chunks after the \
-                         first need an index-k cache kept across steps)",
-                    ));
-                }
+            AttnPath::Paged { cache, index } => {
                 self.write_cache(cache, step.start, &latent, &k_pe)?;
                 q.reshape(&[t, h * qk])?;
+                if let (Some(ix), Some(qr)) = (&a.indexer, &qr) {
+                    let index = index.ok_or_else(|| {
+                        Error::Other("model: DeepSeek-V3.2 paged attention without its index-k cache".into())
+                    })?;
+                    let kv = v32_forward::SparseKv::Cached {
+                        latent: cache,
+                        index,
+                    };
+                    let o =
+                        self.sparse_attention(a, ix, x, qr, &q, &q_pe, &latent, &k_pe, step, kv)?;
+                    self.tap("attn_core", &o)?;
+                    return self.linear(&o, &a.o_proj);
+                }
                 self.decode_attention(a, &q, &q_pe, cache, step)?
             }
         };
@@ -1661,6 +1684,9 @@ pub struct Model<'b> {
     /// One `[blocks, 64, 1, dc + dr]` cache per layer (empty before the
     /// first step).
     caches: Vec<Tensor>,
+    /// DeepSeek-V3.2: one `[blocks·64, index_head_dim]` index-k cache per
+    /// layer (`v32_forward.rs`), grown with `caches`; empty for V3.
+    index_caches: Vec<Tensor>,
     blocks: usize,
     seq_len: usize,
     /// [`reads_views`] of the backend, probed at load.
@@ -1785,6 +1811,7 @@ impl<'b> Model<'b> {
             lm_head,
             comm,
             caches: Vec::new(),
+            index_caches: Vec::new(),
             blocks: 0,
             seq_len: 0,
             views,
@@ -1955,6 +1982,7 @@ impl<'b> Model<'b> {
                 AttnPath::Fused {
                     form: self.opts.form,
                     cache: None,
+                    index: None,
                 },
                 false,
             )?,
@@ -1962,6 +1990,7 @@ impl<'b> Model<'b> {
                 let blocks = t.div_ceil(CACHE_BLOCK);
                 let dl = self.dims.dc + self.dims.dr;
                 let mut scratch = ctx.alloc(&[blocks, CACHE_BLOCK, 1, dl])?;
+                let mut index = self.scratch_index_cache(blocks)?;
                 self.decoder_layer(
                     &ctx,
                     &mtp.layer,
@@ -1969,6 +1998,7 @@ impl<'b> Model<'b> {
                     &self.step(0, t, Some(blocks))?,
                     AttnPath::Paged {
                         cache: &mut scratch,
+                        index: index.as_mut(),
                     },
                     false,
                 )?
@@ -2071,8 +2101,52 @@ impl<'b> Model<'b> {
             caches.push(c);
         }
         self.caches = caches;
+        self.index_caches = self.grow_index_caches(blocks)?;
         self.blocks = blocks;
         Ok(())
+    }
+
+    /// DeepSeek-V3.2's index-k caches at `blocks` blocks: zeros (finite, for
+    /// `cache_quant`), the cached sequence's rows copied over.
+    fn grow_index_caches(&self, blocks: usize) -> Result<Vec<Tensor>> {
+        let Some(ix) = &self.cfg.indexer else {
+            return Ok(Vec::new());
+        };
+        let (ctx, d) = (self.ctx(), ix.head_dim);
+        let zeros = HostTensor::from_f32(ctx.act, &[blocks * CACHE_BLOCK, d], &vec![0f32; blocks * CACHE_BLOCK * d]);
+        let mut out = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            let mut c = self.b.upload(&zeros)?;
+            if self.seq_len > 0 {
+                if let Some(old) = self.index_caches.get(li) {
+                    ctx.copy(old, &mut c, (0, 0), (0, 0), (self.seq_len, d))?;
+                }
+            }
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// A zeroed index-k cache of `blocks` blocks for one call (V3.2; `None`
+    /// for V3).
+    fn scratch_index_cache(&self, blocks: usize) -> Result<Option<Tensor>> {
+        let Some(ix) = &self.cfg.indexer else {
+            return Ok(None);
+        };
+        let n = blocks * CACHE_BLOCK;
+        let zeros = HostTensor::from_f32(self.ctx().act, &[n, ix.head_dim], &vec![0f32; n * ix.head_dim]);
+        Ok(Some(self.b.upload(&zeros)?))
+    }
+
+    /// Breaks DeepSeek-V3.2's index-k cache on purpose ([`IndexFault`]),
+    /// so that tests can show they notice; `IndexFault::None` restores it.
+    #[doc(hidden)]
+    pub fn break_index_cache(&mut self, fault: IndexFault) {
+        for l in &mut self.layers {
+            if let Some(ix) = &mut l.attn.indexer {
+                ix.fault = fault;
+            }
+        }
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -2254,8 +2328,11 @@ impl<'b> Model<'b> {
         let want = taps.is_some();
         let cell = RefCell::new(taps.as_deref_mut().map(std::mem::take).unwrap_or_default());
         let mut caches = std::mem::take(&mut self.caches);
+        let mut index_caches = std::mem::take(&mut self.index_caches);
         let result = (|| -> Result<Tensor> {
+            let mut index_iter = index_caches.iter_mut();
             for (li, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+                let index = index_iter.next();
                 let lctx = Ctx {
                     taps: want.then_some(&cell),
                     li,
@@ -2265,11 +2342,12 @@ impl<'b> Model<'b> {
                     cell.borrow_mut().put(b, format!("layers.{li}.input"), &h)?;
                 }
                 let path = if paged {
-                    AttnPath::Paged { cache }
+                    AttnPath::Paged { cache, index }
                 } else {
                     AttnPath::Fused {
                         form,
                         cache: Some(cache),
+                        index,
                     }
                 };
                 h = self.decoder_layer(&lctx, layer, &h, &step, path, masked)?;
@@ -2277,6 +2355,7 @@ impl<'b> Model<'b> {
             Ok(h)
         })();
         self.caches = caches;
+        self.index_caches = index_caches;
         let h = result?;
         self.seq_len = total;
         let fnorm = ctx.norm(&h, &self.norm)?;
@@ -2362,6 +2441,7 @@ impl<'b> Model<'b> {
                 AttnPath::Fused {
                     form: self.opts.form,
                     cache: None,
+                    index: None,
                 },
             )?,
             PrefillPath::Paged => {
@@ -2369,12 +2449,14 @@ impl<'b> Model<'b> {
                 let blocks = t.div_ceil(CACHE_BLOCK);
                 let dl = self.dims.dc + self.dims.dr;
                 let mut scratch = ctx.alloc(&[blocks, CACHE_BLOCK, 1, dl])?;
+                let mut index = self.scratch_index_cache(blocks)?;
                 ctx.attention(
                     &layer.attn,
                     &xn,
                     &self.step(0, t, Some(blocks))?,
                     AttnPath::Paged {
                         cache: &mut scratch,
+                        index: index.as_mut(),
                     },
                 )?
             }
