@@ -36,6 +36,11 @@
 //! activation dtype between ops, which is where DeepSeek's absorbed
 //! attention (and the golden data) round them.
 //!
+//! DeepSeek-V3.2 layers attend only the keys their lightning indexer
+//! picks (`sparse_mla_prefill`; `v32_forward.rs`), in every path, and keep
+//! an index-k cache `[num_blocks·64, index_head_dim]` next to the latent
+//! cache (grown and written with it) for later steps.
+//!
 //! Each layer's cache is one device tensor `[num_blocks, 64, 1, 576]`
 //! (576 = `kv_lora_rank + qk_rope_head_dim`), written with `copy_window`
 //! on its `[num_blocks·64, 576]` matrix view. Pages are handed out in order
@@ -271,7 +276,10 @@ impl Taps {
                     let (prev, t) = match (prev.shape(), t.shape()) {
                         ([_, a], [_, b]) if a != b && v32_forward::widens_between_chunks(&name) => {
                             let w = *a.max(b);
-                            (v32_forward::pad_columns(&prev, w)?, v32_forward::pad_columns(&t, w)?)
+                            (
+                                v32_forward::pad_columns(&prev, w)?,
+                                v32_forward::pad_columns(&t, w)?,
+                            )
                         }
                         _ => (prev, t),
                     };
@@ -846,7 +854,9 @@ impl Ctx<'_> {
                 q.reshape(&[t, h * qk])?;
                 if let (Some(ix), Some(qr)) = (&a.indexer, &qr) {
                     let index = index.ok_or_else(|| {
-                        Error::Other("model: DeepSeek-V3.2 paged attention without its index-k cache".into())
+                        Error::Other(
+                            "model: DeepSeek-V3.2 paged attention without its index-k cache".into(),
+                        )
                     })?;
                     let kv = v32_forward::SparseKv::Cached {
                         latent: cache,
@@ -2113,7 +2123,11 @@ impl<'b> Model<'b> {
             return Ok(Vec::new());
         };
         let (ctx, d) = (self.ctx(), ix.head_dim);
-        let zeros = HostTensor::from_f32(ctx.act, &[blocks * CACHE_BLOCK, d], &vec![0f32; blocks * CACHE_BLOCK * d]);
+        let zeros = HostTensor::from_f32(
+            ctx.act,
+            &[blocks * CACHE_BLOCK, d],
+            &vec![0f32; blocks * CACHE_BLOCK * d],
+        );
         let mut out = Vec::with_capacity(self.layers.len());
         for li in 0..self.layers.len() {
             let mut c = self.b.upload(&zeros)?;
@@ -2134,7 +2148,11 @@ impl<'b> Model<'b> {
             return Ok(None);
         };
         let n = blocks * CACHE_BLOCK;
-        let zeros = HostTensor::from_f32(self.ctx().act, &[n, ix.head_dim], &vec![0f32; n * ix.head_dim]);
+        let zeros = HostTensor::from_f32(
+            self.ctx().act,
+            &[n, ix.head_dim],
+            &vec![0f32; n * ix.head_dim],
+        );
         Ok(Some(self.b.upload(&zeros)?))
     }
 

@@ -564,9 +564,7 @@ impl Ctx<'_> {
         };
         let (q8, weights) = self.index_fp8_queries(ix, q, w)?;
         let blocks = rows_of(index) / CACHE_BLOCK;
-        let mut fp8 = self
-            .b
-            .alloc(DType::U8, &[blocks, CACHE_BLOCK, d + 4])?;
+        let mut fp8 = self.b.alloc(DType::U8, &[blocks, CACHE_BLOCK, d + 4])?;
         index.reshape(&[blocks, CACHE_BLOCK, d])?;
         let quant = ops::run(
             self.b,

@@ -114,7 +114,10 @@ fn logits_stats(a: &[f32], r: &[f32], v: usize) -> (f64, f64, f64) {
     let argmax = |row: &[f32]| {
         row.iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
             .0
     };
     let (mut cmin, mut csum, mut agree, mut n) = (f64::INFINITY, 0f64, 0usize, 0usize);
@@ -234,7 +237,9 @@ fn chunked_prefill_matches_the_goldens_in_every_mode() {
         let t = toks.len();
         let mut m = fx.model(mode, PrefillPath::Fused);
         let mut fused_taps = Taps::new();
-        let fused = m.prefill_with_taps(&toks, &mut fused_taps).expect("prefill");
+        let fused = m
+            .prefill_with_taps(&toks, &mut fused_taps)
+            .expect("prefill");
         // Chunks of 7: the third chunk crosses index_topk = 16.
         let mut taps = Taps::new();
         let l = m
@@ -248,7 +253,11 @@ fn chunked_prefill_matches_the_goldens_in_every_mode() {
         // chunked score taps widened to [T, T] with −inf above the diagonal.
         for layer in 0..3 {
             let name = format!("layers.{layer}.index_topk");
-            assert_eq!(set_mismatches(&taps.tensors[&name], &fused_taps.tensors[&name]), 0, "{mode} {name}");
+            assert_eq!(
+                set_mismatches(&taps.tensors[&name], &fused_taps.tensors[&name]),
+                0,
+                "{mode} {name}"
+            );
             let name = format!("layers.{layer}.index_score");
             assert_eq!(taps.tensors[&name].shape(), &[t, t], "{mode} {name}");
         }
@@ -286,7 +295,11 @@ fn decode_teacher_forced_reproduces_the_golden_logits() {
                 let name = format!("layers.{layer}.index_topk");
                 let gold = &g.tensors[&name];
                 let row = HostTensor::from_i64(&[1, 16], &gold.to_i64_vec()[(t - 1) * 16..]);
-                assert_eq!(set_mismatches(&taps.tensors[&name], &row), 0, "decode {name}");
+                assert_eq!(
+                    set_mismatches(&taps.tensors[&name], &row),
+                    0,
+                    "decode {name}"
+                );
                 let name = format!("layers.{layer}.index_score");
                 let gold = g.tensors[&name].to_f32_vec();
                 let d = max_abs(&taps.tensors[&name].to_f32_vec(), &gold[(t - 1) * t..]);
@@ -303,8 +316,17 @@ fn paged_prefill_matches_the_f32_golden() {
     let toks = tokens(&g);
     let mut m = fx.model(Numerics::F32, PrefillPath::Paged);
     let mut taps = Taps::new();
-    let l = m.prefill_with_taps(&toks, &mut taps).expect("paged prefill");
-    let r = judge(Numerics::F32, &g, &l.to_f32_vec(), 0, toks.len(), Some(&taps));
+    let l = m
+        .prefill_with_taps(&toks, &mut taps)
+        .expect("paged prefill");
+    let r = judge(
+        Numerics::F32,
+        &g,
+        &l.to_f32_vec(),
+        0,
+        toks.len(),
+        Some(&taps),
+    );
     println!("f32 paged prefill vs golden: {r:?}");
     r.unwrap_or_else(|e| panic!("paged prefill: {e}"));
 }
@@ -324,7 +346,10 @@ fn decode_past_a_page_and_a_cache_growth_equals_one_prefill() {
     let argmax = |r: &[f32]| {
         r.iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
             .0 as u32
     };
     let mut rows = pre.to_f32_vec()[(toks.len() - 1) * v..].to_vec();
@@ -359,11 +384,28 @@ fn a_broken_index_cache_fails_the_golden_checks() {
     let l = m
         .prefill_chunked(&toks, 7, true, Some(&mut taps))
         .expect("chunked");
+    let r = judge(Numerics::F32, &g, &l.to_f32_vec(), 0, t, None);
+    println!("top-k over the chunk only, logits: {r:?}");
+    assert!(r.is_err(), "top-k over the chunk only passed: {r:?}");
     let r = judge(Numerics::F32, &g, &l.to_f32_vec(), 0, t, Some(&taps));
-    println!("top-k over the chunk only: {r:?}");
+    println!("top-k over the chunk only, taps: {r:?}");
     assert!(r.is_err(), "top-k over the chunk only passed: {r:?}");
     // Restored, the same model passes again.
     m.break_index_cache(IndexFault::None);
     let l = decode_forced(&mut m, &toks, 5);
     judge(Numerics::F32, &g, &l, 4, t, None).expect("restored");
+}
+
+#[test]
+fn the_memory_estimate_counts_the_index_cache() {
+    let Some(fx) = fixture() else { return };
+    let mut v3 = fx.cfg.clone();
+    v3.indexer = None;
+    let est =
+        |c: &ModelConfig| deepport_model::memory::estimate(c, Numerics::Bf16, 1, 100, 512, false);
+    let (a, b) = (est(&fx.cfg), est(&v3));
+    // 100 tokens = 2 blocks of 64 per layer, 128 bf16 index dims each.
+    assert_eq!(a.cache - b.cache, 2 * 64 * 128 * 2 * 3);
+    assert!(a.activations > b.activations);
+    assert!(a.weights > b.weights, "the indexer's weights");
 }
