@@ -279,9 +279,10 @@ fn decode_teacher_forced_reproduces_the_golden_logits() {
         let toks = tokens(&g);
         let t = toks.len();
         let mut m = fx.model(mode, PrefillPath::Fused);
-        // A 5-token prompt, then 35 decode steps: from position 16 on the
-        // indexer's top-16 is a real choice among the cached keys.
-        let k = 5;
+        // A short prompt, then one decode step per later token: from
+        // position 16 on the indexer's top-16 is a real choice among the
+        // cached keys (f32 from 5 tokens; bf16/fp8 from 12, to save time).
+        let k = if mode == Numerics::F32 { 5 } else { 12 };
         let l = decode_forced(&mut m, &toks, k);
         let r = judge(mode, &g, &l, k - 1, t, None);
         println!("{mode} decode from {k} vs golden: {r:?}");
