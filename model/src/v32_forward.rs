@@ -59,11 +59,14 @@
 //! The FP8 index keys of the cache come from `cache_quant` (`x · (1/s)`,
 //! DeepGEMM's writer), those of the fused prefill's own one-block cache
 //! from `act_quant` (`x / s`, the golden's and DeepSeek's step); the two
-//! can differ only where `x/s` and `x·(1/s)` round to different e4m3
-//! values (none on the golden prompt: chunked fp8 selects the golden's
-//! sets). There is no byte-window copy op, so the FP8 form is rewritten
-//! whole (`O(cached · d)`) at each step from the kept keys, below the
-//! `O(cached · heads · d)` of `indexer_logits` itself.
+//! differ where `x/s` and `x·(1/s)` round to neighbouring e4m3 values: 12
+//! of the golden prompt's 15360 index-key bytes, moving fp8 `index_score`
+//! by ≤ 2.8e-2 and no selection (chunked fp8 gives the fused prefill's
+//! logits bit for bit; `model/tests/v32_decode.rs`). Matching DeepSeek's
+//! bytes exactly would take a `cache_quant` that divides, or a byte-window
+//! copy of `act_quant`'s output. Without a byte-window copy op, the FP8
+//! form is also rewritten whole (`O(cached · d)`) at each step from the
+//! kept keys, below the `O(cached · heads · d)` of `indexer_logits`.
 
 use super::*;
 use deepport_core::formats;

@@ -260,6 +260,11 @@ fn chunked_prefill_matches_the_goldens_in_every_mode() {
             );
             let name = format!("layers.{layer}.index_score");
             assert_eq!(taps.tensors[&name].shape(), &[t, t], "{mode} {name}");
+            let d = max_abs(
+                &taps.tensors[&name].to_f32_vec(),
+                &fused_taps.tensors[&name].to_f32_vec(),
+            );
+            println!("{mode} {name}: chunked vs fused max abs {d:.3e}");
         }
         let d = max_abs(&l.to_f32_vec(), &fused.to_f32_vec());
         println!("{mode} chunked vs fused prefill: logits max abs {d:.3e}");
@@ -409,4 +414,67 @@ fn the_memory_estimate_counts_the_index_cache() {
     assert_eq!(a.cache - b.cache, 2 * 64 * 128 * 2 * 3);
     assert!(a.activations > b.activations);
     assert!(a.weights > b.weights, "the indexer's weights");
+}
+
+/// The FP8 index keys of the cache (`cache_quant`, DeepGEMM's `x·(1/s)`)
+/// against the fused prefill's and the golden's (`act_quant`, `x/s`) on the
+/// golden prompt's fp8 `index_k` (every layer): the same scales bit for bit,
+/// and no byte more than one e4m3 step apart. How many differ is printed
+/// (they move `index_score` by ≤ 3e-2 on this prompt, never a selection).
+#[test]
+fn cache_quant_and_act_quant_index_keys_agree_within_one_step() {
+    use deepport_core::backend::Backend;
+    use deepport_core::ops::{self, ActQuant, CacheLayout, CacheQuant};
+    use deepport_core::DType;
+    let Some(fx) = fixture() else { return };
+    let g = fx.golden(Numerics::Fp8);
+    let (mut differ, mut total) = (0usize, 0usize);
+    for layer in 0..3 {
+        let k = &g.tensors[&format!("layers.{layer}.index_k")];
+        let (t, d) = (k.shape()[0], k.shape()[1]);
+        let x = CPU.upload(&k.to_dtype(DType::BF16)).expect("upload");
+        let mut q8 = CPU.alloc(DType::F8E4M3, &[t, d]).expect("alloc");
+        let mut s = CPU.alloc(DType::F32, &[t, 1]).expect("alloc");
+        ops::run(
+            &CPU,
+            ActQuant {
+                x: &x,
+                q: &mut q8,
+                s: &mut s,
+                scale_fmt: ScaleFmt::Float,
+            },
+        )
+        .expect("act_quant");
+        let mut x3 = CPU.upload(&k.to_dtype(DType::BF16)).expect("upload");
+        x3.reshape(&[1, t, d]).expect("reshape");
+        let mut cache = CPU.alloc(DType::U8, &[1, t, d + 4]).expect("alloc");
+        ops::run(
+            &CPU,
+            CacheQuant {
+                x: &x3,
+                cache: &mut cache,
+                layout: CacheLayout::Index,
+                ue8m0: false,
+            },
+        )
+        .expect("cache_quant");
+        let a = CPU.download(&q8).expect("q8").into_bytes();
+        let sa = CPU.download(&s).expect("s").into_bytes();
+        let c = CPU.download(&cache).expect("cache").into_bytes();
+        assert_eq!(&c[t * d..], &sa[..], "layer {layer}: scales");
+        for (&p, &q) in a.iter().zip(&c[..t * d]) {
+            total += 1;
+            if p != q {
+                differ += 1;
+                // Same sign, adjacent codes: one rounding step apart.
+                assert!(
+                    p ^ q < 0x80 && p.abs_diff(q) == 1,
+                    "layer {layer}: {p:#x} vs {q:#x}"
+                );
+            }
+        }
+    }
+    println!(
+        "cache_quant vs act_quant index keys: {differ} of {total} e4m3 bytes differ (one step)"
+    );
 }
