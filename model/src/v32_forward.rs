@@ -683,6 +683,59 @@ impl Ctx<'_> {
     }
 }
 
+impl Model<'_> {
+    /// DeepSeek-V3.2's index-k caches at `blocks` blocks: zeros (finite, for
+    /// `cache_quant`), the cached sequence's rows copied over.
+    pub(super) fn grow_index_caches(&self, blocks: usize) -> Result<Vec<Tensor>> {
+        let Some(ix) = &self.cfg.indexer else {
+            return Ok(Vec::new());
+        };
+        let (ctx, d) = (self.ctx(), ix.head_dim);
+        let zeros = HostTensor::from_f32(
+            ctx.act,
+            &[blocks * CACHE_BLOCK, d],
+            &vec![0f32; blocks * CACHE_BLOCK * d],
+        );
+        let mut out = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            let mut c = self.b.upload(&zeros)?;
+            if self.seq_len > 0 {
+                if let Some(old) = self.index_caches.get(li) {
+                    ctx.copy(old, &mut c, (0, 0), (0, 0), (self.seq_len, d))?;
+                }
+            }
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// A zeroed index-k cache of `blocks` blocks for one call (V3.2; `None`
+    /// for V3).
+    pub(super) fn scratch_index_cache(&self, blocks: usize) -> Result<Option<Tensor>> {
+        let Some(ix) = &self.cfg.indexer else {
+            return Ok(None);
+        };
+        let n = blocks * CACHE_BLOCK;
+        let zeros = HostTensor::from_f32(
+            self.ctx().act,
+            &[n, ix.head_dim],
+            &vec![0f32; n * ix.head_dim],
+        );
+        Ok(Some(self.b.upload(&zeros)?))
+    }
+
+    /// Breaks DeepSeek-V3.2's index-k cache on purpose ([`IndexFault`]),
+    /// so that tests can show they notice; `IndexFault::None` restores it.
+    #[doc(hidden)]
+    pub fn break_index_cache(&mut self, fault: IndexFault) {
+        for l in &mut self.layers {
+            if let Some(ix) = &mut l.attn.indexer {
+                ix.fault = fault;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::hadamard;
