@@ -36,6 +36,11 @@
 //! activation dtype between ops, which is where DeepSeek's absorbed
 //! attention (and the golden data) round them.
 //!
+//! DeepSeek-V3.2 layers attend only the keys their lightning indexer
+//! picks (`sparse_mla_prefill`; `v32_forward.rs`), in every path, and keep
+//! an index-k cache `[num_blocks·64, index_head_dim]` next to the latent
+//! cache (grown and written with it) for later steps.
+//!
 //! Each layer's cache is one device tensor `[num_blocks, 64, 1, 576]`
 //! (576 = `kv_lora_rank + qk_rope_head_dim`), written with `copy_window`
 //! on its `[num_blocks·64, 576]` matrix view. Pages are handed out in order
@@ -101,6 +106,8 @@ use std::collections::BTreeMap;
 
 #[path = "v32_forward.rs"]
 mod v32_forward;
+#[doc(hidden)]
+pub use v32_forward::IndexFault;
 
 /// Tokens per page of the latent cache (FlashMLA's block size).
 pub const CACHE_BLOCK: usize = 64;
@@ -264,6 +271,18 @@ impl Taps {
             let merged = match self.tensors.remove(&name) {
                 None => t,
                 Some(prev) => {
+                    // DeepSeek-V3.2's index_score/index_topk: later chunks
+                    // see more keys; the narrower side is padded.
+                    let (prev, t) = match (prev.shape(), t.shape()) {
+                        ([_, a], [_, b]) if a != b && v32_forward::widens_between_chunks(&name) => {
+                            let w = *a.max(b);
+                            (
+                                v32_forward::pad_columns(&prev, w)?,
+                                v32_forward::pad_columns(&t, w)?,
+                            )
+                        }
+                        _ => (prev, t),
+                    };
                     if prev.dtype() != t.dtype() || prev.shape().get(1..) != t.shape().get(1..) {
                         return Err(Error::Other(format!(
                             "model: tap {name} changes shape between chunks ({:?} then {:?})",
@@ -567,10 +586,16 @@ enum AttnPath<'c> {
     Fused {
         form: MlaForm,
         cache: Option<&'c mut Tensor>,
+        /// DeepSeek-V3.2's index-k cache (`v32_forward.rs`), written when given.
+        index: Option<&'c mut Tensor>,
     },
     /// Writes the cache, then `mla_decode` over it (causal when the step
-    /// has several tokens).
-    Paged { cache: &'c mut Tensor },
+    /// has several tokens); DeepSeek-V3.2: sparse attention over the
+    /// cache, with its index-k cache.
+    Paged {
+        cache: &'c mut Tensor,
+        index: Option<&'c mut Tensor>,
+    },
 }
 
 fn rows_of(t: &Tensor) -> usize {
@@ -792,14 +817,16 @@ impl Ctx<'_> {
         qpe_raw.reshape(&[t, h, dr])?;
         let q_pe = self.rope(&qpe_raw, &step.positions)?;
         let o = match path {
-            AttnPath::Fused { form, cache } => {
+            AttnPath::Fused { form, cache, index } => {
                 if let Some(cache) = cache {
                     self.write_cache(cache, step.start, &latent, &k_pe)?;
                 }
                 if let (Some(ix), Some(qr)) = (&a.indexer, &qr) {
                     // DeepSeek-V3.2: attention over the indexer's selection.
                     q.reshape(&[t, h * qk])?;
-                    let o = self.sparse_attention(a, ix, x, qr, &q, &q_pe, &latent, &k_pe, step)?;
+                    let kv = v32_forward::SparseKv::Own { index };
+                    let o =
+                        self.sparse_attention(a, ix, x, qr, &q, &q_pe, &latent, &k_pe, step, kv)?;
                     self.tap("attn_core", &o)?;
                     return self.linear(&o, &a.o_proj);
                 }
@@ -822,18 +849,24 @@ impl Ctx<'_> {
                 out.reshape(&[t, h * dv])?;
                 out
             }
-            AttnPath::Paged { cache } => {
-                if a.indexer.is_some() {
-                    return Err(Error::invalid(
-                        OP,
-                        "indexer",
-                        "DeepSeek-V3.2 sparse attention runs only the fused prefill from \
-                         position 0 so far (decode, --prefill paged and chunks after the \
-                         first need an index-k cache kept across steps)",
-                    ));
-                }
+            AttnPath::Paged { cache, index } => {
                 self.write_cache(cache, step.start, &latent, &k_pe)?;
                 q.reshape(&[t, h * qk])?;
+                if let (Some(ix), Some(qr)) = (&a.indexer, &qr) {
+                    let index = index.ok_or_else(|| {
+                        Error::Other(
+                            "model: DeepSeek-V3.2 paged attention without its index-k cache".into(),
+                        )
+                    })?;
+                    let kv = v32_forward::SparseKv::Cached {
+                        latent: cache,
+                        index,
+                    };
+                    let o =
+                        self.sparse_attention(a, ix, x, qr, &q, &q_pe, &latent, &k_pe, step, kv)?;
+                    self.tap("attn_core", &o)?;
+                    return self.linear(&o, &a.o_proj);
+                }
                 self.decode_attention(a, &q, &q_pe, cache, step)?
             }
         };
@@ -1661,6 +1694,9 @@ pub struct Model<'b> {
     /// One `[blocks, 64, 1, dc + dr]` cache per layer (empty before the
     /// first step).
     caches: Vec<Tensor>,
+    /// DeepSeek-V3.2: one `[blocks·64, index_head_dim]` index-k cache per
+    /// layer (`v32_forward.rs`), grown with `caches`; empty for V3.
+    index_caches: Vec<Tensor>,
     blocks: usize,
     seq_len: usize,
     /// [`reads_views`] of the backend, probed at load.
@@ -1785,6 +1821,7 @@ impl<'b> Model<'b> {
             lm_head,
             comm,
             caches: Vec::new(),
+            index_caches: Vec::new(),
             blocks: 0,
             seq_len: 0,
             views,
@@ -1955,6 +1992,7 @@ impl<'b> Model<'b> {
                 AttnPath::Fused {
                     form: self.opts.form,
                     cache: None,
+                    index: None,
                 },
                 false,
             )?,
@@ -1962,6 +2000,7 @@ impl<'b> Model<'b> {
                 let blocks = t.div_ceil(CACHE_BLOCK);
                 let dl = self.dims.dc + self.dims.dr;
                 let mut scratch = ctx.alloc(&[blocks, CACHE_BLOCK, 1, dl])?;
+                let mut index = self.scratch_index_cache(blocks)?;
                 self.decoder_layer(
                     &ctx,
                     &mtp.layer,
@@ -1969,6 +2008,7 @@ impl<'b> Model<'b> {
                     &self.step(0, t, Some(blocks))?,
                     AttnPath::Paged {
                         cache: &mut scratch,
+                        index: index.as_mut(),
                     },
                     false,
                 )?
@@ -2071,6 +2111,7 @@ impl<'b> Model<'b> {
             caches.push(c);
         }
         self.caches = caches;
+        self.index_caches = self.grow_index_caches(blocks)?;
         self.blocks = blocks;
         Ok(())
     }
@@ -2254,8 +2295,11 @@ impl<'b> Model<'b> {
         let want = taps.is_some();
         let cell = RefCell::new(taps.as_deref_mut().map(std::mem::take).unwrap_or_default());
         let mut caches = std::mem::take(&mut self.caches);
+        let mut index_caches = std::mem::take(&mut self.index_caches);
         let result = (|| -> Result<Tensor> {
+            let mut index_iter = index_caches.iter_mut();
             for (li, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+                let index = index_iter.next();
                 let lctx = Ctx {
                     taps: want.then_some(&cell),
                     li,
@@ -2265,11 +2309,12 @@ impl<'b> Model<'b> {
                     cell.borrow_mut().put(b, format!("layers.{li}.input"), &h)?;
                 }
                 let path = if paged {
-                    AttnPath::Paged { cache }
+                    AttnPath::Paged { cache, index }
                 } else {
                     AttnPath::Fused {
                         form,
                         cache: Some(cache),
+                        index,
                     }
                 };
                 h = self.decoder_layer(&lctx, layer, &h, &step, path, masked)?;
@@ -2277,6 +2322,7 @@ impl<'b> Model<'b> {
             Ok(h)
         })();
         self.caches = caches;
+        self.index_caches = index_caches;
         let h = result?;
         self.seq_len = total;
         let fnorm = ctx.norm(&h, &self.norm)?;
@@ -2362,6 +2408,7 @@ impl<'b> Model<'b> {
                 AttnPath::Fused {
                     form: self.opts.form,
                     cache: None,
+                    index: None,
                 },
             )?,
             PrefillPath::Paged => {
@@ -2369,12 +2416,14 @@ impl<'b> Model<'b> {
                 let blocks = t.div_ceil(CACHE_BLOCK);
                 let dl = self.dims.dc + self.dims.dr;
                 let mut scratch = ctx.alloc(&[blocks, CACHE_BLOCK, 1, dl])?;
+                let mut index = self.scratch_index_cache(blocks)?;
                 ctx.attention(
                     &layer.attn,
                     &xn,
                     &self.step(0, t, Some(blocks))?,
                     AttnPath::Paged {
                         cache: &mut scratch,
+                        index: index.as_mut(),
                     },
                 )?
             }

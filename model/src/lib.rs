@@ -12,8 +12,9 @@
 //!   parallelism over any communicator;
 //! * [`memory`]: memory estimates made before allocating;
 //! * [`v32`]: DeepSeek-V3.2's indexer weights (loaded and checked); the
-//!   forward pass runs V3.2's fused prefill (indexer + sparse MLA,
-//!   `v32_forward.rs`), not yet its decode.
+//!   forward pass runs V3.2 (indexer + sparse MLA, `v32_forward.rs`) in
+//!   every path: fused, paged and chunked prefill and decode, with an
+//!   index-k cache per layer next to the latent cache.
 
 #![forbid(unsafe_code)]
 

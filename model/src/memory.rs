@@ -11,7 +11,8 @@ use std::fmt;
 pub struct MemoryEstimate {
     /// Weights of this rank after loading (in the mode's dtypes).
     pub weights: u64,
-    /// The paged latent cache of every layer for the whole sequence.
+    /// The paged latent cache of every layer for the whole sequence
+    /// (DeepSeek-V3.2: plus each layer's index-k cache).
     pub cache: u64,
     /// Activations of one chunk (the largest step), including the MoE
     /// dispatch buffers and attention scores.
@@ -87,12 +88,22 @@ pub fn estimate(
         } else {
             3 * h * u(cfg.intermediate_size) * lin
         };
-        weights = weights.saturating_add(attn_lin * lin + kvb + ffn);
+        // DeepSeek-V3.2's indexer: wq_b, wk, weights_proj and the three
+        // d×d helper matrices (centering, Hadamard, its scale).
+        let indexer = cfg.indexer.as_ref().map_or(0, |ix| {
+            let (n, d) = (u(ix.n_heads), u(ix.head_dim));
+            let q_lora = u(cfg.q_lora_rank.unwrap_or(0));
+            (n * d * q_lora + d * h) * lin + n * h * act + 3 * d * d * 4
+        });
+        weights = weights.saturating_add(attn_lin * lin + kvb + ffn + indexer);
     }
     let blocks = u(tokens.div_ceil(CACHE_BLOCK).max(1));
+    // DeepSeek-V3.2 keeps an index-k cache [blocks·64, d] per layer next
+    // to the latent one (model/src/v32_forward.rs).
+    let index_d = cfg.indexer.as_ref().map_or(0, |ix| u(ix.head_dim));
     let cache = blocks
         .saturating_mul(u(CACHE_BLOCK))
-        .saturating_mul(dc + dr)
+        .saturating_mul(dc + dr + index_d)
         .saturating_mul(act)
         .saturating_mul(u(cfg.num_hidden_layers));
     let c = u(chunk.min(tokens).max(1));
@@ -112,12 +123,22 @@ pub fn estimate(
         .saturating_mul(heads)
         .saturating_mul(u(tokens))
         .saturating_mul(4);
+    // V3.2's indexer per step: its queries [c, n, d] (f32 and FP8), the
+    // scores [c, tokens] f32 and, in fp8, the FP8 form of the index-k cache
+    // (d + 4 bytes per cached position) rebuilt each step.
+    let indexer = cfg.indexer.as_ref().map_or(0, |ix| {
+        let (n, d) = (u(ix.n_heads), u(ix.head_dim));
+        c.saturating_mul(n * d * 5)
+            .saturating_add(c.saturating_mul(u(tokens)).saturating_mul(4))
+            .saturating_add(blocks.saturating_mul(u(CACHE_BLOCK)).saturating_mul(d + 4))
+    });
     let activations = c
         .saturating_mul(per_token)
         .saturating_add(dispatch)
         .saturating_add(grouped)
         .saturating_mul(act.max(4))
-        .saturating_add(scores);
+        .saturating_add(scores)
+        .saturating_add(indexer);
     let logits = if all_logits {
         u(tokens).saturating_mul(v).saturating_mul(4)
     } else {
