@@ -124,9 +124,11 @@ def main():
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--min-iters", type=int, default=3)
     ap.add_argument("--skip-forward", action="store_true", help="only the GEMMs (no transformers needed)")
+    ap.add_argument("--skip-gemm", action="store_true", help="only the forward pass")
+    ap.add_argument("--gemm-m", default="16,128,4096", help="the GEMMs' m values (n = 2112, k = 7168)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    for m in (16, 128, 4096):
+    for m in ([] if args.skip_gemm else [int(x) for x in args.gemm_m.split(",") if x]):
         for dtype in (torch.float32, torch.bfloat16):
             print(json.dumps(gemm(m, 2112, 7168, dtype, args)), flush=True)
     if not args.skip_forward:
