@@ -267,7 +267,14 @@ impl Amx {
     ///
     /// # Panics
     /// As [`Amx::block`].
-    pub fn next_block(&self, prev: Option<&mut Block>, a: &[u16], lda: usize, b: &[u32], ldb: usize) {
+    pub fn next_block(
+        &self,
+        prev: Option<&mut Block>,
+        a: &[u16],
+        lda: usize,
+        b: &[u32],
+        ldb: usize,
+    ) {
         check(1, a, lda, b, ldb);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the tiles are configured (`self`); the store writes
@@ -398,8 +405,14 @@ pub fn promote_rows(out: &Block, nr: usize, nc: usize, scale: &[f32], acc: &mut 
     if nr == 0 || nc == 0 {
         return;
     }
-    assert!(nr <= BLOCK && nc <= BLOCK && scale.len() >= nr, "amx: promote_rows bounds");
-    assert!(acc.len() >= (nr - 1) * ld + nc && ld >= nc, "amx: promote_rows acc too short");
+    assert!(
+        nr <= BLOCK && nc <= BLOCK && scale.len() >= nr,
+        "amx: promote_rows bounds"
+    );
+    assert!(
+        acc.len() >= (nr - 1) * ld + nc && ld >= nc,
+        "amx: promote_rows acc too short"
+    );
     #[cfg(target_arch = "x86_64")]
     if nc == BLOCK && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present; rows r < nr of `acc` hold 32 values
@@ -425,8 +438,14 @@ pub fn promote_cols(out: &Block, nr: usize, nc: usize, scale: &[f32], acc: &mut 
     if nr == 0 || nc == 0 {
         return;
     }
-    assert!(nr <= BLOCK && nc <= BLOCK && scale.len() >= nc, "amx: promote_cols bounds");
-    assert!(acc.len() >= (nr - 1) * ld + nc && ld >= nc, "amx: promote_cols acc too short");
+    assert!(
+        nr <= BLOCK && nc <= BLOCK && scale.len() >= nc,
+        "amx: promote_cols bounds"
+    );
+    assert!(
+        acc.len() >= (nr - 1) * ld + nc && ld >= nc,
+        "amx: promote_cols acc too short"
+    );
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present; rows r < nr of `acc` hold nc ≤ 32
@@ -435,7 +454,11 @@ pub fn promote_cols(out: &Block, nr: usize, nc: usize, scale: &[f32], acc: &mut 
         return;
     }
     for r in 0..nr {
-        for ((d, &v), &s) in acc[r * ld..r * ld + nc].iter_mut().zip(&out[r][..nc]).zip(scale) {
+        for ((d, &v), &s) in acc[r * ld..r * ld + nc]
+            .iter_mut()
+            .zip(&out[r][..nc])
+            .zip(scale)
+        {
             *d += v * s;
         }
     }
@@ -452,7 +475,13 @@ mod x86 {
     /// AVX-512F; `nr ≤ 32`, `scale` holds `nr` values, `acc` is writable
     /// for 32 f32 at `r·ld`, `r < nr`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn promote_rows32(out: &Block, nr: usize, scale: &[f32], acc: *mut f32, ld: usize) {
+    pub(super) unsafe fn promote_rows32(
+        out: &Block,
+        nr: usize,
+        scale: &[f32],
+        acc: *mut f32,
+        ld: usize,
+    ) {
         for r in 0..nr.min(BLOCK) {
             let s = _mm512_set1_ps(scale[r]);
             // SAFETY: out[r] is 32 f32; acc row r holds 32 f32 (caller).
@@ -481,12 +510,25 @@ mod x86 {
         ld: usize,
     ) {
         let nc = nc.min(BLOCK);
-        let m0: __mmask16 = if nc >= 16 { 0xffff } else { ((1u32 << nc) - 1) as u16 };
-        let m1: __mmask16 = if nc <= 16 { 0 } else { ((1u32 << (nc - 16)) - 1) as u16 };
+        let m0: __mmask16 = if nc >= 16 {
+            0xffff
+        } else {
+            ((1u32 << nc) - 1) as u16
+        };
+        let m1: __mmask16 = if nc <= 16 {
+            0
+        } else {
+            ((1u32 << (nc - 16)) - 1) as u16
+        };
         let mut sc = [0f32; BLOCK];
         sc[..nc].copy_from_slice(&scale[..nc]);
         // SAFETY: `sc` is 32 f32.
-        let (s0, s1) = unsafe { (_mm512_loadu_ps(sc.as_ptr()), _mm512_loadu_ps(sc.as_ptr().add(16))) };
+        let (s0, s1) = unsafe {
+            (
+                _mm512_loadu_ps(sc.as_ptr()),
+                _mm512_loadu_ps(sc.as_ptr().add(16)),
+            )
+        };
         for r in 0..nr.min(BLOCK) {
             // SAFETY: out[r] is 32 f32; the masked loads and stores touch
             // acc row r's first nc f32 only (caller: writable).
@@ -626,7 +668,10 @@ mod tests {
             for i in 0..acc0.len() {
                 let (r, j) = (i / ld, i % ld);
                 let (wr, wc) = if r < nr && j < nc {
-                    (acc0[i] + out[r][j] * scale[r], acc0[i] + out[r][j] * scale[j])
+                    (
+                        acc0[i] + out[r][j] * scale[r],
+                        acc0[i] + out[r][j] * scale[j],
+                    )
                 } else {
                     (acc0[i], acc0[i])
                 };

@@ -1126,50 +1126,67 @@ fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
     (out, rp)
 }
 
-/// One task of a large problem: the 32 rows `[mb·32, +32)` × columns
-/// `[nc·128, +128)` from B panels packed by [`amx_pack_b`], over all of K.
-/// The task's f32 accumulator (16 KB) stays in L1 across the K loop, the
-/// A block of a K block (8 KB) serves its four 32-column panels, and each
-/// block's promotion overlaps the tile work of the next
-/// ([`Amx::next_block`]).
+/// Rows × columns of D per task of a large AMX problem (multiples of 32;
+/// the columns divide 128, so a task lies in one `sb` block). 32 × 128
+/// measured fastest at m = 4096 against 64 × 64, 64 × 128, 128 × 64 and
+/// 128 × 128 (benches/README.md): its accumulator is 16 KB.
+fn amx_task_shape() -> (usize, usize) {
+    (amx::BLOCK, NC)
+}
+
+/// One task of a large problem: the rows `[mb·R, +R)` × columns
+/// `[nc·C, +C)` ([`amx_task_shape`]) from B panels packed by
+/// [`amx_pack_b`], over all of K. The task's f32 accumulator stays in L1
+/// across the K loop, each K block's A blocks (8 KB per 32 rows) serve all
+/// its 32-column panels, and each block's promotion overlaps the tile work
+/// of the next ([`Amx::next_block`]).
 fn amx_task_rows(amx: &Amx, ops: &AmxOps<'_>, p: &Problem, t: Task, panels: &[u32]) -> Vec<f32> {
     const B: usize = amx::BLOCK;
+    let (tr, tc) = amx_task_shape();
     let kbn = ops.kbn();
-    let r_lo = t.mb * B;
-    let rows = B.min(p.rows - r_lo);
-    let c_lo = t.nc * NC;
-    let cols = NC.min(ops.n - c_lo);
+    let r_lo = t.mb * tr;
+    let rows = tr.min(p.rows - r_lo);
+    let c_lo = t.nc * tc;
+    let cols = tc.min(ops.n - c_lo);
+    let sb_block = c_lo / NC;
     let pstride = kbn * amx::KP * B;
-    let mut c = vec![0f32; rows * NC];
+    let mut c = vec![0f32; rows * tc];
     let mut out: Block = [[0f32; B]; B];
     // Row scales of two K blocks: the block in flight may be the previous
     // K block's.
-    let mut scale = [[0f32; B]; 2];
-    let mut pending: Option<(usize, usize)> = None; // (kb, panel)
+    let mut scale = vec![0f32; 2 * tr];
+    let mut pending: Option<(usize, usize, usize)> = None; // (kb, row block, panel)
+    let promote =
+        |out: &Block, c: &mut [f32], scale: &[f32], (pkb, ri, pi): (usize, usize, usize)| {
+            let jn = B.min(cols - pi * B);
+            let rn = B.min(rows - ri * B);
+            let s = &scale[(pkb & 1) * tr + ri * B..];
+            amx::promote_rows(out, rn, jn, s, &mut c[ri * B * tc + pi * B..], tc);
+        };
     for kb in 0..kbn {
-        for (r, s) in scale[kb & 1][..rows].iter_mut().enumerate() {
-            *s = ops.scale(p.row0 + r_lo + r, p.group, t.nc, kb);
+        for (r, s) in scale[(kb & 1) * tr..][..rows].iter_mut().enumerate() {
+            *s = ops.scale(p.row0 + r_lo + r, p.group, sb_block, kb);
         }
-        // A 32-row block (abuf and r_lo are multiples of 32).
-        let a = &ops.a16[a16_at(kbn, p.abuf + r_lo, kb)..];
         for pi in 0..cols.div_ceil(B) {
             let gp = c_lo / B + pi;
             let b = &panels[gp * pstride + kb * amx::KP * B..];
-            match pending {
-                Some((pkb, ppi)) => {
-                    amx.next_block(Some(&mut out), a, QBLOCK, b, B);
-                    let jn = B.min(cols - ppi * B);
-                    amx::promote_rows(&out, rows, jn, &scale[pkb & 1], &mut c[ppi * B..], NC);
+            for ri in 0..rows.div_ceil(B) {
+                // A 32-row block (abuf and r_lo are multiples of 32).
+                let a = &ops.a16[a16_at(kbn, p.abuf + r_lo + ri * B, kb)..];
+                match pending {
+                    Some(prev) => {
+                        amx.next_block(Some(&mut out), a, QBLOCK, b, B);
+                        promote(&out, &mut c, &scale, prev);
+                    }
+                    None => amx.next_block(None, a, QBLOCK, b, B),
                 }
-                None => amx.next_block(None, a, QBLOCK, b, B),
+                pending = Some((kb, ri, pi));
             }
-            pending = Some((kb, pi));
         }
     }
-    if let Some((pkb, ppi)) = pending {
+    if let Some(prev) = pending {
         amx.finish(&mut out);
-        let jn = B.min(cols - ppi * B);
-        amx::promote_rows(&out, rows, jn, &scale[pkb & 1], &mut c[ppi * B..], NC);
+        promote(&out, &mut c, &scale, prev);
     }
     c
 }
@@ -1290,15 +1307,15 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         write(&tasks, tiles, MC, B);
     }
     // Large problems, group by group: B packed once per group. Tasks of
-    // one 128-column chunk are consecutive, so a thread's B chunk stays in
-    // L2 while A streams.
-    let ncs = n.div_ceil(NC);
+    // one column chunk are consecutive, so a thread's B chunk stays in L2
+    // while A streams.
+    let (tr, tc) = amx_task_shape();
     for g in 0..ops.b.len() {
         let mut tasks = Vec::new();
-        for nc in 0..ncs {
+        for nc in 0..n.div_ceil(tc) {
             for (i, p) in probs.iter().enumerate() {
                 if p.group == g && p.rows > MC {
-                    for mb in 0..p.rows.div_ceil(B) {
+                    for mb in 0..p.rows.div_ceil(tr) {
                         tasks.push(Task { prob: i, mb, nc });
                     }
                 }
@@ -1315,6 +1332,6 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
                     .expect("AMX checked by the caller")
             })
             .collect();
-        write(&tasks, tiles, B, NC);
+        write(&tasks, tiles, tr, tc);
     }
 }
