@@ -482,13 +482,13 @@ mod x86 {
         acc: *mut f32,
         ld: usize,
     ) {
-        for r in 0..nr.min(BLOCK) {
-            let s = _mm512_set1_ps(scale[r]);
-            // SAFETY: out[r] is 32 f32; acc row r holds 32 f32 (caller).
+        for (r, (orow, &sr)) in out.iter().zip(scale).take(nr).enumerate() {
+            let s = _mm512_set1_ps(sr);
+            // SAFETY: orow is 32 f32; acc row r holds 32 f32 (caller).
             unsafe {
                 let d = acc.add(r * ld);
-                let v0 = _mm512_mul_ps(_mm512_loadu_ps(out[r].as_ptr()), s);
-                let v1 = _mm512_mul_ps(_mm512_loadu_ps(out[r].as_ptr().add(16)), s);
+                let v0 = _mm512_mul_ps(_mm512_loadu_ps(orow.as_ptr()), s);
+                let v1 = _mm512_mul_ps(_mm512_loadu_ps(orow.as_ptr().add(16)), s);
                 _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v0));
                 _mm512_storeu_ps(d.add(16), _mm512_add_ps(_mm512_loadu_ps(d.add(16)), v1));
             }
@@ -529,13 +529,13 @@ mod x86 {
                 _mm512_loadu_ps(sc.as_ptr().add(16)),
             )
         };
-        for r in 0..nr.min(BLOCK) {
-            // SAFETY: out[r] is 32 f32; the masked loads and stores touch
+        for (r, orow) in out.iter().take(nr).enumerate() {
+            // SAFETY: orow is 32 f32; the masked loads and stores touch
             // acc row r's first nc f32 only (caller: writable).
             unsafe {
                 let d = acc.add(r * ld);
-                let v0 = _mm512_mul_ps(_mm512_loadu_ps(out[r].as_ptr()), s0);
-                let v1 = _mm512_mul_ps(_mm512_loadu_ps(out[r].as_ptr().add(16)), s1);
+                let v0 = _mm512_mul_ps(_mm512_loadu_ps(orow.as_ptr()), s0);
+                let v1 = _mm512_mul_ps(_mm512_loadu_ps(orow.as_ptr().add(16)), s1);
                 let a0 = _mm512_maskz_loadu_ps(m0, d);
                 _mm512_mask_storeu_ps(d, m0, _mm512_add_ps(a0, v0));
                 if m1 != 0 {
