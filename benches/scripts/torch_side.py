@@ -30,13 +30,16 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "golden"))
 
 
+CLOCK = time.perf_counter
+
+
 def median_time(fn, min_time, min_iters, max_iters=50):
     fn()
     times, start = [], time.perf_counter()
     while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     times.sort()
     n = len(times)
     med = times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
@@ -124,9 +127,18 @@ def main():
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--min-iters", type=int, default=3)
     ap.add_argument("--skip-forward", action="store_true", help="only the GEMMs (no transformers needed)")
+    ap.add_argument("--skip-gemm", action="store_true", help="only the forward pass")
+    ap.add_argument("--gemm-m", default="16,128,4096", help="the GEMMs' m values (n = 2112, k = 7168)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    ap.add_argument("--process-time", action="store_true",
+                    help="time CPU seconds of this process (time.process_time) instead of wall clock: "
+                         "with --threads 1, a number a loaded machine barely moves")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    for m in (16, 128, 4096):
+    global CLOCK
+    if args.process_time:
+        CLOCK = time.process_time
+    torch.set_num_threads(args.threads)
+    for m in ([] if args.skip_gemm else [int(x) for x in args.gemm_m.split(",") if x]):
         for dtype in (torch.float32, torch.bfloat16):
             print(json.dumps(gemm(m, 2112, 7168, dtype, args)), flush=True)
     if not args.skip_forward:

@@ -1301,6 +1301,27 @@ fn mla_prefill_matches_reference() {
             for form in [MlaForm::Naive, MlaForm::Absorbed] {
                 let r = run_prefill(&CpuRef, dtype, dims, &vals, scale, form);
                 let got = run_prefill(&Cpu, dtype, dims, &vals, scale, form);
+                // The loops are compiled per instruction set (no fused
+                // multiply-add anywhere): every set gives the same bits.
+                let portable = with_simd(Simd::Portable, || {
+                    run_prefill(&Cpu, dtype, dims, &vals, scale, form)
+                })
+                .unwrap();
+                for set in [Simd::Avx512, Simd::Avx2] {
+                    if set.available() {
+                        let v =
+                            with_simd(set, || run_prefill(&Cpu, dtype, dims, &vals, scale, form))
+                                .unwrap();
+                        let same = v
+                            .iter()
+                            .zip(&portable)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{dims:?} {dtype} {form:?}: {set:?} differs from portable"
+                        );
+                    }
+                }
                 let rr = rms(&r);
                 assert!(rr > 0.0);
                 for (i, (&x, &y)) in got.iter().zip(&r).enumerate() {

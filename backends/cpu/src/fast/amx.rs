@@ -240,21 +240,7 @@ impl Amx {
         ldb: usize,
         out: &mut Block,
     ) {
-        assert!(kb >= 1, "amx: no K block");
-        assert!(lda >= K * kb, "amx: lda {lda} < {}", K * kb);
-        assert!(ldb >= BLOCK, "amx: ldb {ldb} < {BLOCK}");
-        assert!(
-            a.len() >= (BLOCK - 1) * lda + K * kb,
-            "amx: a holds {} values, needs {}",
-            a.len(),
-            (BLOCK - 1) * lda + K * kb
-        );
-        assert!(
-            b.len() >= (KP * kb - 1) * ldb + BLOCK,
-            "amx: b holds {} pairs, needs {}",
-            b.len(),
-            (KP * kb - 1) * ldb + BLOCK
-        );
+        check(kb, a, lda, b, ldb);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `self` proves the tiles are configured on this thread
         // (16 rows × 64 bytes each). Every tile load reads 16 rows of 64
@@ -264,33 +250,94 @@ impl Amx {
         // within the slices (checked above). The stores write 16 rows × 64
         // bytes of `out` at a 128-byte stride: exactly its 32 × 32 f32.
         unsafe {
-            block_asm(4 * kb, a.as_ptr(), lda * 2, b.as_ptr(), ldb * 4, out)
+            start_asm(4 * kb, a.as_ptr(), lda * 2, b.as_ptr(), ldb * 4);
+            store_asm(out);
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (a, b, out);
     }
+
+    /// The pipelined form of [`Amx::block`]: stores the sums of the block
+    /// in flight (the one the previous call started) into `prev` when one
+    /// is given, then starts this block (`a`, `lda`, `b`, `ldb` as for
+    /// [`Amx::block`]) in the accumulator tiles and returns without storing
+    /// it; [`Amx::finish`] stores the last one. The caller's work on `prev`
+    /// (the promotion) follows the new block's tile instructions in program
+    /// order, so the core overlaps the two.
+    ///
+    /// # Panics
+    /// As [`Amx::block`].
+    pub fn next_block(
+        &self,
+        prev: Option<&mut Block>,
+        a: &[u16],
+        lda: usize,
+        b: &[u32],
+        ldb: usize,
+    ) {
+        check(1, a, lda, b, ldb);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles are configured (`self`); the store writes
+        // exactly `prev`'s 32 × 32 f32; the loads read within `a` and `b`
+        // (checked above, as in `block_k`).
+        unsafe {
+            if let Some(prev) = prev {
+                store_asm(prev);
+            }
+            start_asm(4, a.as_ptr(), lda * 2, b.as_ptr(), ldb * 4);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (prev, a, b);
+    }
+
+    /// Stores the block in flight (the last [`Amx::next_block`]'s) into
+    /// `out`. Without a block in flight, `out` gets whatever the
+    /// accumulator tiles hold (a caller bug, not a memory error).
+    pub fn finish(&self, out: &mut Block) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles are configured (`self`); the store writes
+        // exactly `out`'s 32 × 32 f32.
+        unsafe {
+            store_asm(out)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = out;
+    }
 }
 
-/// The kernel: `steps` tile steps of K = 32. Strides in bytes.
+/// The slice and stride checks of [`Amx::block_k`].
+fn check(kb: usize, a: &[u16], lda: usize, b: &[u32], ldb: usize) {
+    assert!(kb >= 1, "amx: no K block");
+    assert!(lda >= K * kb, "amx: lda {lda} < {}", K * kb);
+    assert!(ldb >= BLOCK, "amx: ldb {ldb} < {BLOCK}");
+    assert!(
+        a.len() >= (BLOCK - 1) * lda + K * kb,
+        "amx: a holds {} values, needs {}",
+        a.len(),
+        (BLOCK - 1) * lda + K * kb
+    );
+    assert!(
+        b.len() >= (KP * kb - 1) * ldb + BLOCK,
+        "amx: b holds {} pairs, needs {}",
+        b.len(),
+        (KP * kb - 1) * ldb + BLOCK
+    );
+}
+
+/// Zeroes the accumulators and adds `steps` tile steps of K = 32.
+/// Strides in bytes.
 ///
 /// # Safety
 /// The tiles must be configured by [`with_amx`] on this thread; `a` must be
 /// readable for 32 rows of `64·steps` bytes at stride `sa`, `b` for
-/// `16·steps` rows of 128 bytes at stride `sb`, and `out` writable.
+/// `16·steps` rows of 128 bytes at stride `sb`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-unsafe fn block_asm(
-    steps: usize,
-    a: *const u16,
-    sa: usize,
-    b: *const u32,
-    sb: usize,
-    out: &mut Block,
-) {
+unsafe fn start_asm(steps: usize, a: *const u16, sa: usize, b: *const u32, sb: usize) {
     let a_hi = a.wrapping_byte_add(16 * sa);
     // SAFETY (for the whole function): pointers and strides as the caller
     // guarantees; tmm0..7 are not used by compiled code, so the asm blocks
-    // may keep values in them between statements of this function.
+    // may keep values in them between statements and calls.
     unsafe {
         std::arch::asm!(
             "tilezero tmm0",
@@ -318,7 +365,20 @@ unsafe fn block_asm(
                 options(nostack, readonly)
             );
         }
-        let o = out.as_mut_ptr() as *mut f32;
+    }
+}
+
+/// Stores the accumulators (2 × 2 tiles of 16 × 16 f32) into `out`.
+///
+/// # Safety
+/// The tiles must be configured by [`with_amx`] on this thread.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn store_asm(out: &mut Block) {
+    let o = out.as_mut_ptr() as *mut f32;
+    // SAFETY: four stores of 16 rows × 64 bytes at a 128-byte stride from
+    // o, o + 16, o + 512, o + 528 (f32): exactly the 32 × 32 f32 of `out`.
+    unsafe {
         std::arch::asm!(
             "tilestored [{o00} + {st}*1], tmm0",
             "tilestored [{o01} + {st}*1], tmm1",
@@ -331,6 +391,159 @@ unsafe fn block_asm(
             st = in(reg) BLOCK * 4,
             options(nostack)
         );
+    }
+}
+
+/// The promotion of one block's sums, rows scaled:
+/// `acc[r·ld + j] += out[r][j] · scale[r]` for `r < nr`, `j < nc` (a
+/// product, then a sum: two f32 roundings, as the scalar code).
+///
+/// # Panics
+/// If `nr` or `nc` exceeds 32, `scale` holds fewer than `nr` values or
+/// `acc` fewer than `(nr − 1)·ld + nc`.
+pub fn promote_rows(out: &Block, nr: usize, nc: usize, scale: &[f32], acc: &mut [f32], ld: usize) {
+    if nr == 0 || nc == 0 {
+        return;
+    }
+    assert!(
+        nr <= BLOCK && nc <= BLOCK && scale.len() >= nr,
+        "amx: promote_rows bounds"
+    );
+    assert!(
+        acc.len() >= (nr - 1) * ld + nc && ld >= nc,
+        "amx: promote_rows acc too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if nc == BLOCK && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; rows r < nr of `acc` hold 32 values
+        // from r·ld (checked above: (nr − 1)·ld + 32 ≤ len).
+        unsafe { x86::promote_rows32(out, nr, scale, acc.as_mut_ptr(), ld) };
+        return;
+    }
+    for r in 0..nr {
+        let s = scale[r];
+        for (d, &v) in acc[r * ld..r * ld + nc].iter_mut().zip(&out[r][..nc]) {
+            *d += v * s;
+        }
+    }
+}
+
+/// The promotion of one block's sums, columns scaled (the transposed
+/// problem `Dᵀ = B·Aᵀ`, where a row of A is a column of the block):
+/// `acc[r·ld + j] += out[r][j] · scale[j]` for `r < nr`, `j < nc`.
+///
+/// # Panics
+/// As [`promote_rows`], with `scale` holding `nc` values.
+pub fn promote_cols(out: &Block, nr: usize, nc: usize, scale: &[f32], acc: &mut [f32], ld: usize) {
+    if nr == 0 || nc == 0 {
+        return;
+    }
+    assert!(
+        nr <= BLOCK && nc <= BLOCK && scale.len() >= nc,
+        "amx: promote_cols bounds"
+    );
+    assert!(
+        acc.len() >= (nr - 1) * ld + nc && ld >= nc,
+        "amx: promote_cols acc too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; rows r < nr of `acc` hold nc ≤ 32
+        // values from r·ld and `scale` nc values (checked above).
+        unsafe { x86::promote_cols(out, nr, nc, scale, acc.as_mut_ptr(), ld) };
+        return;
+    }
+    for r in 0..nr {
+        for ((d, &v), &s) in acc[r * ld..r * ld + nc]
+            .iter_mut()
+            .zip(&out[r][..nc])
+            .zip(scale)
+        {
+            *d += v * s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Block, BLOCK};
+    use std::arch::x86_64::*;
+
+    /// [`super::promote_rows`] for 32 columns.
+    ///
+    /// # Safety
+    /// AVX-512F; `nr ≤ 32`, `scale` holds `nr` values, `acc` is writable
+    /// for 32 f32 at `r·ld`, `r < nr`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn promote_rows32(
+        out: &Block,
+        nr: usize,
+        scale: &[f32],
+        acc: *mut f32,
+        ld: usize,
+    ) {
+        for (r, (orow, &sr)) in out.iter().zip(scale).take(nr).enumerate() {
+            let s = _mm512_set1_ps(sr);
+            // SAFETY: orow is 32 f32; acc row r holds 32 f32 (caller).
+            unsafe {
+                let d = acc.add(r * ld);
+                let v0 = _mm512_mul_ps(_mm512_loadu_ps(orow.as_ptr()), s);
+                let v1 = _mm512_mul_ps(_mm512_loadu_ps(orow.as_ptr().add(16)), s);
+                _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v0));
+                _mm512_storeu_ps(d.add(16), _mm512_add_ps(_mm512_loadu_ps(d.add(16)), v1));
+            }
+        }
+    }
+
+    /// [`super::promote_cols`].
+    ///
+    /// # Safety
+    /// AVX-512F; `nr, nc ≤ 32`, `scale` holds `nc` values, `acc` is
+    /// writable for `nc` f32 at `r·ld`, `r < nr`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn promote_cols(
+        out: &Block,
+        nr: usize,
+        nc: usize,
+        scale: &[f32],
+        acc: *mut f32,
+        ld: usize,
+    ) {
+        let nc = nc.min(BLOCK);
+        let m0: __mmask16 = if nc >= 16 {
+            0xffff
+        } else {
+            ((1u32 << nc) - 1) as u16
+        };
+        let m1: __mmask16 = if nc <= 16 {
+            0
+        } else {
+            ((1u32 << (nc - 16)) - 1) as u16
+        };
+        let mut sc = [0f32; BLOCK];
+        sc[..nc].copy_from_slice(&scale[..nc]);
+        // SAFETY: `sc` is 32 f32.
+        let (s0, s1) = unsafe {
+            (
+                _mm512_loadu_ps(sc.as_ptr()),
+                _mm512_loadu_ps(sc.as_ptr().add(16)),
+            )
+        };
+        for (r, orow) in out.iter().take(nr).enumerate() {
+            // SAFETY: orow is 32 f32; the masked loads and stores touch
+            // acc row r's first nc f32 only (caller: writable).
+            unsafe {
+                let d = acc.add(r * ld);
+                let v0 = _mm512_mul_ps(_mm512_loadu_ps(orow.as_ptr()), s0);
+                let v1 = _mm512_mul_ps(_mm512_loadu_ps(orow.as_ptr().add(16)), s1);
+                let a0 = _mm512_maskz_loadu_ps(m0, d);
+                _mm512_mask_storeu_ps(d, m0, _mm512_add_ps(a0, v0));
+                if m1 != 0 {
+                    let a1 = _mm512_maskz_loadu_ps(m1, d.add(16));
+                    _mm512_mask_storeu_ps(d.add(16), m1, _mm512_add_ps(a1, v1));
+                }
+            }
+        }
     }
 }
 
@@ -392,6 +605,80 @@ mod tests {
         })
         .unwrap();
         assert_eq!(again, out);
+    }
+
+    /// The pipelined blocks give the same sums as one block at a time,
+    /// each stored into the buffer given with the next block.
+    #[test]
+    fn pipelined_blocks_match_single_blocks() {
+        if let Some(why) = unavailable_reason() {
+            eprintln!("skipped: AMX not usable here ({why})");
+            return;
+        }
+        let (lda, ldb) = (K + 8, BLOCK + 4);
+        let val = |i: usize| ((i * 11 + 5) % 17) as f32 * 0.125 - 1.0;
+        let a: Vec<u16> = (0..40 * lda + K).map(|i| bf(val(i))).collect();
+        let b: Vec<u32> = (0..(KP + 8) * ldb + BLOCK)
+            .map(|i| bf(val(3 * i + 1)) as u32 | (bf(val(7 * i + 2)) as u32) << 16)
+            .collect();
+        // Three different blocks: offsets into a and b.
+        let offs = [(0usize, 0usize), (3 * lda, 5 * ldb), (8 * lda + 1, 2)];
+        let mut want = Vec::new();
+        for &(oa, ob) in &offs {
+            let mut out = [[f32::NAN; BLOCK]; BLOCK];
+            with_amx(|amx| amx.block(&a[oa..], lda, &b[ob..], ldb, &mut out)).unwrap();
+            want.push(out);
+        }
+        let got = with_amx(|amx| {
+            let mut got = Vec::new();
+            let mut out = [[f32::NAN; BLOCK]; BLOCK];
+            for (i, &(oa, ob)) in offs.iter().enumerate() {
+                let prev = if i == 0 { None } else { Some(&mut out) };
+                amx.next_block(prev, &a[oa..], lda, &b[ob..], ldb);
+                if i > 0 {
+                    got.push(out);
+                }
+            }
+            amx.finish(&mut out);
+            got.push(out);
+            got
+        })
+        .unwrap();
+        assert_eq!(got, want);
+    }
+
+    /// The promotions against the scalar product-then-sum, bit for bit,
+    /// full and ragged.
+    #[test]
+    fn promotions_match_scalar_code() {
+        let val = |i: usize| (((i * 37 + 11) % 101) as f32 - 50.0) * 0.37;
+        let mut out = [[0f32; BLOCK]; BLOCK];
+        for (r, row) in out.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = val(r * BLOCK + j) * 1.0e3;
+            }
+        }
+        let scale: Vec<f32> = (0..BLOCK).map(|i| val(i + 7) * 1.0e-3 + 0.001).collect();
+        let ld = 40;
+        for (nr, nc) in [(32, 32), (7, 32), (32, 5), (3, 17), (1, 16), (16, 1)] {
+            let acc0: Vec<f32> = (0..BLOCK * ld).map(|i| val(i + 3)).collect();
+            let (mut rows, mut cols) = (acc0.clone(), acc0.clone());
+            promote_rows(&out, nr, nc, &scale, &mut rows, ld);
+            promote_cols(&out, nr, nc, &scale, &mut cols, ld);
+            for i in 0..acc0.len() {
+                let (r, j) = (i / ld, i % ld);
+                let (wr, wc) = if r < nr && j < nc {
+                    (
+                        acc0[i] + out[r][j] * scale[r],
+                        acc0[i] + out[r][j] * scale[j],
+                    )
+                } else {
+                    (acc0[i], acc0[i])
+                };
+                assert_eq!(rows[i].to_bits(), wr.to_bits(), "rows {nr}×{nc} at {r},{j}");
+                assert_eq!(cols[i].to_bits(), wc.to_bits(), "cols {nr}×{nc} at {r},{j}");
+            }
+        }
     }
 
     #[test]

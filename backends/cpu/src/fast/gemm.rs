@@ -1126,45 +1126,75 @@ fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
     (out, rp)
 }
 
-/// One task of a large problem: rows `[mb·128, +128)` × columns
-/// `[nc·128, +128)` from B panels packed by [`amx_pack_b`].
+/// Rows × columns of D per task of a large AMX problem (multiples of 32;
+/// the columns divide 128, so a task lies in one `sb` block). 32 × 128
+/// measured fastest at m = 4096 against 64 × 64, 64 × 128, 128 × 64 and
+/// 128 × 128 (benches/README.md): its accumulator is 16 KB.
+fn amx_task_shape() -> (usize, usize) {
+    (amx::BLOCK, NC)
+}
+
+/// One task of a large problem: the rows `[mb·R, +R)` × columns
+/// `[nc·C, +C)` ([`amx_task_shape`]) from B panels packed by
+/// [`amx_pack_b`], over all of K. The task's f32 accumulator stays in L1
+/// across the K loop, each K block's A blocks (8 KB per 32 rows) serve all
+/// its 32-column panels, and each block's promotion overlaps the tile work
+/// of the next ([`Amx::next_block`]).
 fn amx_task_rows(amx: &Amx, ops: &AmxOps<'_>, p: &Problem, t: Task, panels: &[u32]) -> Vec<f32> {
+    const B: usize = amx::BLOCK;
+    let (tr, tc) = amx_task_shape();
     let kbn = ops.kbn();
-    let r_lo = t.mb * MC;
-    let rows = MC.min(p.rows - r_lo);
-    let c_lo = t.nc * NC;
-    let cols = NC.min(ops.n - c_lo);
-    let pstride = kbn * amx::KP * amx::BLOCK;
-    let mut c = vec![0f32; rows * NC];
-    let mut out: Block = [[0f32; amx::BLOCK]; amx::BLOCK];
-    let mut scale = [0f32; MC];
+    let r_lo = t.mb * tr;
+    let rows = tr.min(p.rows - r_lo);
+    let c_lo = t.nc * tc;
+    let cols = tc.min(ops.n - c_lo);
+    let sb_block = c_lo / NC;
+    let pstride = kbn * amx::KP * B;
+    let mut c = vec![0f32; rows * tc];
+    let mut out: Block = [[0f32; B]; B];
+    // Row scales of two K blocks: the block in flight may be the previous
+    // K block's.
+    let mut scale = vec![0f32; 2 * tr];
+    let mut pending: Option<(usize, usize, usize)> = None; // (kb, row block, panel)
+    let promote =
+        |out: &Block, c: &mut [f32], scale: &[f32], (pkb, ri, pi): (usize, usize, usize)| {
+            let jn = B.min(cols - pi * B);
+            let rn = B.min(rows - ri * B);
+            let s = &scale[(pkb & 1) * tr + ri * B..];
+            amx::promote_rows(out, rn, jn, s, &mut c[ri * B * tc + pi * B..], tc);
+        };
     for kb in 0..kbn {
-        for (r, s) in scale[..rows].iter_mut().enumerate() {
-            *s = ops.scale(p.row0 + r_lo + r, p.group, t.nc, kb);
+        for (r, s) in scale[(kb & 1) * tr..][..rows].iter_mut().enumerate() {
+            *s = ops.scale(p.row0 + r_lo + r, p.group, sb_block, kb);
         }
-        for pi in 0..cols.div_ceil(amx::BLOCK) {
-            let gp = c_lo / amx::BLOCK + pi;
-            let b = &panels[gp * pstride + kb * amx::KP * amx::BLOCK..];
-            let jn = amx::BLOCK.min(cols - pi * amx::BLOCK);
-            for r0 in (0..rows).step_by(amx::BLOCK) {
-                // A 32-row block (abuf, r_lo and r0 are multiples of 32).
-                let a = &ops.a16[a16_at(kbn, p.abuf + r_lo + r0, kb)..];
-                amx.block(a, QBLOCK, b, amx::BLOCK, &mut out);
-                for (r, orow) in out.iter().enumerate().take(amx::BLOCK.min(rows - r0)) {
-                    let s = scale[r0 + r];
-                    let dst = &mut c[(r0 + r) * NC + pi * amx::BLOCK..][..jn];
-                    for (d, &v) in dst.iter_mut().zip(&orow[..jn]) {
-                        *d += v * s;
+        for pi in 0..cols.div_ceil(B) {
+            let gp = c_lo / B + pi;
+            let b = &panels[gp * pstride + kb * amx::KP * B..];
+            for ri in 0..rows.div_ceil(B) {
+                // A 32-row block (abuf and r_lo are multiples of 32).
+                let a = &ops.a16[a16_at(kbn, p.abuf + r_lo + ri * B, kb)..];
+                match pending {
+                    Some(prev) => {
+                        amx.next_block(Some(&mut out), a, QBLOCK, b, B);
+                        promote(&out, &mut c, &scale, prev);
                     }
+                    None => amx.next_block(None, a, QBLOCK, b, B),
                 }
+                pending = Some((kb, ri, pi));
             }
         }
+    }
+    if let Some(prev) = pending {
+        amx.finish(&mut out);
+        promote(&out, &mut c, &scale, prev);
     }
     c
 }
 
-/// One task of a problem of at most 128 rows: all its rows × columns
-/// `[nc·128, +128)`, as `Dᵀ = B·Aᵀ` with B's rows decoded per K block.
+/// One task of a problem of at most 128 rows: all its rows × the 32
+/// columns `[nc·32, +32)`, as `Dᵀ = B·Aᵀ` with B's rows decoded per K
+/// block (4 KB of bf16) and the transposed accumulator (`[32][rp]`) in L1
+/// across the K loop.
 fn amx_task_cols(
     amx: &Amx,
     ops: &AmxOps<'_>,
@@ -1173,17 +1203,21 @@ fn amx_task_cols(
     apan: &[u32],
     rp: usize,
 ) -> Vec<f32> {
+    const B: usize = amx::BLOCK;
     let (kbn, k, es) = (ops.kbn(), ops.k, ops.dec.size());
     let rows = p.rows;
-    let c_lo = t.nc * NC;
-    let cols = NC.min(ops.n - c_lo);
+    let c_lo = t.nc * B;
+    let cols = B.min(ops.n - c_lo);
+    let sb_block = c_lo / NC;
     let bytes = ops.b[p.group];
-    let mut c = vec![0f32; rows * NC];
-    // B rows of this chunk, one K block: [128][128] bf16, zero past `cols`
+    // Dᵀ: [32 columns][rp rows].
+    let mut acc = vec![0f32; B * rp];
+    // B rows of this chunk, one K block: [32][128] bf16, zero past `cols`
     // rows and past the K tail.
-    let mut bbuf = vec![0u16; NC * QBLOCK];
-    let mut out: Block = [[0f32; amx::BLOCK]; amx::BLOCK];
-    let mut scale = [0f32; MC];
+    let mut bbuf = vec![0u16; B * QBLOCK];
+    let mut out: Block = [[0f32; B]; B];
+    let mut scale = vec![0f32; 2 * MC];
+    let mut pending: Option<(usize, usize)> = None; // (kb, r0)
     for kb in 0..kbn {
         let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
         for j in 0..cols {
@@ -1192,22 +1226,35 @@ fn amx_task_cols(
             ops.dec.decode(&bytes[at..at + kl * es], &mut row[..kl]);
             row[kl..].fill(0);
         }
-        for (i, s) in scale[..rows].iter_mut().enumerate() {
-            *s = ops.scale(p.row0 + i, p.group, t.nc, kb);
+        let sc = &mut scale[(kb & 1) * MC..][..MC];
+        for (i, s) in sc[..rows].iter_mut().enumerate() {
+            *s = ops.scale(p.row0 + i, p.group, sb_block, kb);
         }
         let apk = &apan[kb * amx::KP * rp..];
-        for bi in 0..cols.div_ceil(amx::BLOCK) {
-            let a = &bbuf[bi * amx::BLOCK * QBLOCK..];
-            let jn = amx::BLOCK.min(cols - bi * amx::BLOCK);
-            for r0 in (0..rows).step_by(amx::BLOCK) {
-                amx.block(a, QBLOCK, &apk[r0..], rp, &mut out);
-                for (jj, orow) in out.iter().enumerate().take(jn) {
-                    let col = bi * amx::BLOCK + jj;
-                    for (r, &v) in orow.iter().enumerate().take(amx::BLOCK.min(rows - r0)) {
-                        c[(r0 + r) * NC + col] += v * scale[r0 + r];
-                    }
+        for r0 in (0..rows).step_by(B) {
+            match pending {
+                Some((pkb, pr0)) => {
+                    amx.next_block(Some(&mut out), &bbuf, QBLOCK, &apk[r0..], rp);
+                    let rn = B.min(rows - pr0);
+                    let s = &scale[(pkb & 1) * MC + pr0..];
+                    amx::promote_cols(&out, cols, rn, s, &mut acc[pr0..], rp);
                 }
+                None => amx.next_block(None, &bbuf, QBLOCK, &apk[r0..], rp),
             }
+            pending = Some((kb, r0));
+        }
+    }
+    if let Some((pkb, pr0)) = pending {
+        amx.finish(&mut out);
+        let rn = B.min(rows - pr0);
+        let s = &scale[(pkb & 1) * MC + pr0..];
+        amx::promote_cols(&out, cols, rn, s, &mut acc[pr0..], rp);
+    }
+    // Back to D's layout: [rows][32].
+    let mut c = vec![0f32; rows * B];
+    for (j, col) in acc.chunks(rp).enumerate().take(cols) {
+        for (i, &v) in col[..rows].iter().enumerate() {
+            c[i * B + j] = v;
         }
     }
     c
@@ -1215,22 +1262,23 @@ fn amx_task_cols(
 
 /// [`run`] on AMX: every problem's rows of D (`[.., n]` in `dtype`).
 fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core::DType) {
+    const B: usize = amx::BLOCK;
     let n = ops.n;
-    let ncs = n.div_ceil(NC);
     let size = dtype.size();
-    let mut write = |tasks: &[Task], tiles: Vec<Vec<f32>>| {
+    // Tiles of `rb` rows × `cb` columns (row-major, stride `cb`).
+    let mut write = |tasks: &[Task], tiles: Vec<Vec<f32>>, rb: usize, cb: usize| {
         for (t, tile) in tasks.iter().zip(tiles) {
             let p = probs[t.prob];
-            let c_lo = t.nc * NC;
-            let cols = NC.min(n - c_lo);
-            for (r, row) in tile.chunks(NC).enumerate() {
-                let drow = p.row0 + t.mb * MC + r;
+            let c_lo = t.nc * cb;
+            let cols = cb.min(n - c_lo);
+            for (r, row) in tile.chunks(cb).enumerate() {
+                let drow = p.row0 + t.mb * rb + r;
                 let at = (drow * n + c_lo) * size;
                 encode_into(dtype, &row[..cols], &mut d[at..at + cols * size]);
             }
         }
     };
-    // Small problems: Dᵀ = B·Aᵀ, one task per (problem, column chunk).
+    // Small problems: Dᵀ = B·Aᵀ, one task per (problem, 32 columns).
     let small: Vec<usize> = (0..probs.len())
         .filter(|&i| probs[i].rows > 0 && probs[i].rows <= MC)
         .collect();
@@ -1242,7 +1290,7 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         let mut tasks = Vec::new();
         let mut pan = Vec::new();
         for (si, &i) in small.iter().enumerate() {
-            for nc in 0..ncs {
+            for nc in 0..n.div_ceil(B) {
                 tasks.push(Task { prob: i, mb: 0, nc });
                 pan.push(si);
             }
@@ -1256,15 +1304,18 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
                     .expect("AMX checked by the caller")
             })
             .collect();
-        write(&tasks, tiles);
+        write(&tasks, tiles, MC, B);
     }
-    // Large problems, group by group: B packed once per group.
+    // Large problems, group by group: B packed once per group. Tasks of
+    // one column chunk are consecutive, so a thread's B chunk stays in L2
+    // while A streams.
+    let (tr, tc) = amx_task_shape();
     for g in 0..ops.b.len() {
         let mut tasks = Vec::new();
-        for (i, p) in probs.iter().enumerate() {
-            if p.group == g && p.rows > MC {
-                for mb in 0..p.rows.div_ceil(MC) {
-                    for nc in 0..ncs {
+        for nc in 0..n.div_ceil(tc) {
+            for (i, p) in probs.iter().enumerate() {
+                if p.group == g && p.rows > MC {
+                    for mb in 0..p.rows.div_ceil(tr) {
                         tasks.push(Task { prob: i, mb, nc });
                     }
                 }
@@ -1281,6 +1332,6 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
                     .expect("AMX checked by the caller")
             })
             .collect();
-        write(&tasks, tiles);
+        write(&tasks, tiles, tr, tc);
     }
 }

@@ -22,7 +22,7 @@ use deepport_core::Result;
 use rayon::prelude::*;
 
 /// `Σ x·y` in f32 with eight interleaved sums.
-#[inline]
+#[inline(always)]
 fn dot(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
@@ -40,6 +40,7 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// `out[i] = Σ x_i·y` for `i < n`, each by [`dot`].
+#[inline(always)]
 fn dot_many<'a>(xs: impl Fn(usize) -> &'a [f32], n: usize, y: &[f32], out: &mut [f32]) {
     for (i, o) in out.iter_mut().enumerate().take(n) {
         *o = dot(xs(i), y);
@@ -52,6 +53,7 @@ fn dot_many<'a>(xs: impl Fn(usize) -> &'a [f32], n: usize, y: &[f32], out: &mut 
 /// tail past the last multiple of 8 on its own, the same final order — but
 /// run as row updates across the `n` outputs (vectorizable, no latency
 /// chain). `acc` is scratch.
+#[inline(always)]
 fn dots_cols(xt: &[f32], stride: usize, n: usize, y: &[f32], acc: &mut Vec<f32>, out: &mut [f32]) {
     let len = y.len();
     let full = len - len % 8;
@@ -90,7 +92,7 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 const TILE: usize = 8;
 
 /// `o += p·x`.
-#[inline]
+#[inline(always)]
 fn axpy(o: &mut [f32], p: f32, x: &[f32]) {
     for (a, &b) in o.iter_mut().zip(x) {
         *a += p * b;
@@ -98,12 +100,140 @@ fn axpy(o: &mut [f32], p: f32, x: &[f32]) {
 }
 
 /// Softmax of `scores` (already scaled), in f64, as f32 weights.
+#[inline(always)]
 fn softmax(scores: &[f32]) -> Vec<f32> {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) as f64;
     let e: Vec<f64> = scores.iter().map(|&s| (s as f64 - max).exp()).collect();
     let sum: f64 = e.iter().sum();
     e.iter().map(|&x| (x / sum) as f32).collect()
 }
+
+/// The operands of one call (f32, read in place or decoded once).
+struct Inputs<'a> {
+    q_nope: &'a [f32],
+    q_pe: &'a [f32],
+    latent: &'a [f32],
+    k_pe: &'a [f32],
+    w: &'a [f32],
+    n_t: usize,
+    n_s: usize,
+    heads: usize,
+    dn: usize,
+    dr: usize,
+    dc: usize,
+    dv: usize,
+    scale: f32,
+}
+
+impl Inputs<'_> {
+    /// Row `i` of W_UK (i < dn) or W_UV (dn <= i < dn + dv) of head `h`.
+    #[inline(always)]
+    fn w_row(&self, h: usize, i: usize) -> &[f32] {
+        let r = h * (self.dn + self.dv) + i;
+        &self.w[r * self.dc..(r + 1) * self.dc]
+    }
+    #[inline(always)]
+    fn lat(&self, s: usize) -> &[f32] {
+        &self.latent[s * self.dc..(s + 1) * self.dc]
+    }
+    #[inline(always)]
+    fn kpe(&self, s: usize) -> &[f32] {
+        &self.k_pe[s * self.dr..(s + 1) * self.dr]
+    }
+}
+
+/// Naive form, row `hs = h·S + s` of `[H, S, dn + dv]`: K_nope then V of
+/// cached position `s` for head `h`.
+#[inline(always)]
+fn naive_kv_body(c: &Inputs<'_>, hs: usize, row: &mut [f32]) {
+    let (h, s) = (hs / c.n_s.max(1), hs % c.n_s.max(1));
+    let kv_len = c.dn + c.dv;
+    dot_many(|i| c.w_row(h, i), kv_len, c.lat(s), row);
+}
+
+/// Naive form, the output row of `item = t·H + h`.
+#[inline(always)]
+fn naive_out_body(c: &Inputs<'_>, kv: &[f32], item: usize, o: &mut [f32]) {
+    let (dn, dr, kv_len) = (c.dn, c.dr, c.dn + c.dv);
+    let (t, h) = (item / c.heads, item % c.heads);
+    let qn = &c.q_nope[item * dn..][..dn];
+    let qp = &c.q_pe[item * dr..][..dr];
+    let pos = c.n_s - c.n_t + t;
+    let kvh = |s: usize| &kv[(h * c.n_s + s) * kv_len..][..kv_len];
+    let scores: Vec<f32> = (0..=pos)
+        .map(|s| (dot(qn, &kvh(s)[..dn]) + dot(qp, c.kpe(s))) * c.scale)
+        .collect();
+    for (s, &p) in softmax(&scores).iter().enumerate() {
+        axpy(o, p, &kvh(s)[dn..]);
+    }
+}
+
+/// Absorbed form, one task: head `h`, tokens `[t0, t1)` of tile
+/// `task % tiles`; the rows of its tokens for its head.
+#[inline(always)]
+fn absorbed_body(
+    c: &Inputs<'_>,
+    lat_t: &[f32],
+    kpe_t: &[f32],
+    wuv_t: &[f32],
+    h: usize,
+    t0: usize,
+    t1: usize,
+) -> Vec<f32> {
+    let (heads, dn, dr, dc, dv, n_s) = (c.heads, c.dn, c.dr, c.dc, c.dv, c.n_s);
+    let nt = t1 - t0;
+    // q_lat = q_nope·W_UK per token, W_UK's rows in order.
+    let mut q_lat = vec![0f32; nt * dc];
+    for i in 0..dn {
+        let wr = c.w_row(h, i);
+        for (tt, ql) in q_lat.chunks_exact_mut(dc.max(1)).enumerate() {
+            let qi = c.q_nope[((t0 + tt) * heads + h) * dn + i];
+            axpy(ql, qi, wr);
+        }
+    }
+    let mut o_rows = vec![0f32; nt * dv];
+    let mut o_lat = vec![0f32; dc];
+    let (mut scores, mut pe, mut acc) = (Vec::new(), Vec::new(), Vec::new());
+    for (tt, o) in o_rows.chunks_exact_mut(dv).enumerate() {
+        let t = t0 + tt;
+        let item = t * heads + h;
+        let ql = &q_lat[tt * dc..(tt + 1) * dc];
+        let qp = &c.q_pe[item * dr..][..dr];
+        let pos = n_s - c.n_t + t;
+        scores.clear();
+        scores.resize(pos + 1, 0f32);
+        pe.clear();
+        pe.resize(pos + 1, 0f32);
+        dots_cols(lat_t, n_s, pos + 1, ql, &mut acc, &mut scores);
+        dots_cols(kpe_t, n_s, pos + 1, qp, &mut acc, &mut pe);
+        for (sc, &p) in scores.iter_mut().zip(&pe) {
+            *sc = (*sc + p) * c.scale;
+        }
+        o_lat.iter_mut().for_each(|v| *v = 0.0);
+        for (s, &p) in softmax(&scores).iter().enumerate() {
+            axpy(&mut o_lat, p, c.lat(s));
+        }
+        dots_cols(wuv_t, dv, dv, &o_lat, &mut acc, o);
+    }
+    o_rows
+}
+
+super::simd::isa_dispatch!(fn naive_kv(c: &Inputs<'_>, hs: usize, row: &mut [f32]) = naive_kv_body);
+super::simd::isa_dispatch!(
+    fn naive_out(c: &Inputs<'_>, kv: &[f32], item: usize, o: &mut [f32]) = naive_out_body
+);
+super::simd::isa_dispatch!(
+    #[allow(clippy::too_many_arguments)]
+    fn absorbed(
+        c: &Inputs<'_>,
+        lat_t: &[f32],
+        kpe_t: &[f32],
+        wuv_t: &[f32],
+        h: usize,
+        t0: usize,
+        t1: usize,
+    ) -> Vec<f32> = absorbed_body
+);
 
 pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
     let (a, dims) = op.parts();
@@ -116,20 +246,29 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
         dc,
         dv,
     } = dims.clone();
+    // The kernels are compiled per instruction set (same bits under each).
+    let simd = super::current_simd();
     // Read in place (f32) or decoded once.
     let q_nope = f32_values(a.q_nope)?;
     let q_pe = f32_values(a.q_pe)?;
     let latent = f32_values(a.latent)?;
     let k_pe = f32_values(a.k_pe)?;
     let w = f32_values(a.wkv_b)?;
-    let scale = a.softmax_scale;
-    // Row `i` of W_UK (i < dn) or W_UV (dn <= i < dn + dv) of head `h`.
-    let w_row = |h: usize, i: usize| -> &[f32] {
-        let r = h * (dn + dv) + i;
-        &w[r * dc..(r + 1) * dc]
+    let c = Inputs {
+        q_nope: &q_nope,
+        q_pe: &q_pe,
+        latent: &latent,
+        k_pe: &k_pe,
+        w: &w,
+        n_t,
+        n_s,
+        heads,
+        dn,
+        dr,
+        dc,
+        dv,
+        scale: a.softmax_scale,
     };
-    let lat = |s: usize| &latent[s * dc..(s + 1) * dc];
-    let kpe = |s: usize| &k_pe[s * dr..(s + 1) * dr];
     let mut out = vec![0f32; n_t * heads * dv];
     if dv > 0 {
         match a.form {
@@ -138,24 +277,13 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
                 let kv_len = dn + dv;
                 let mut kv = vec![0f32; heads * n_s * kv_len];
                 if kv_len > 0 {
-                    kv.par_chunks_mut(kv_len).enumerate().for_each(|(hs, row)| {
-                        let (h, s) = (hs / n_s.max(1), hs % n_s.max(1));
-                        dot_many(|i| w_row(h, i), kv_len, lat(s), row);
-                    });
+                    kv.par_chunks_mut(kv_len)
+                        .enumerate()
+                        .for_each(|(hs, row)| naive_kv(simd, &c, hs, row));
                 }
-                out.par_chunks_mut(dv).enumerate().for_each(|(item, o)| {
-                    let (t, h) = (item / heads, item % heads);
-                    let qn = &q_nope[item * dn..][..dn];
-                    let qp = &q_pe[item * dr..][..dr];
-                    let pos = n_s - n_t + t;
-                    let kvh = |s: usize| &kv[(h * n_s + s) * kv_len..][..kv_len];
-                    let scores: Vec<f32> = (0..=pos)
-                        .map(|s| (dot(qn, &kvh(s)[..dn]) + dot(qp, kpe(s))) * scale)
-                        .collect();
-                    for (s, &p) in softmax(&scores).iter().enumerate() {
-                        axpy(o, p, &kvh(s)[dn..]);
-                    }
-                });
+                out.par_chunks_mut(dv)
+                    .enumerate()
+                    .for_each(|(item, o)| naive_out(simd, &c, &kv, item, o));
             }
             MlaForm::Absorbed => {
                 // Transposed once per call: the latent and rope key
@@ -178,41 +306,8 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
                     .map(|task| {
                         let (h, tile) = (task / tiles, task % tiles);
                         let (t0, t1) = (tile * TILE, ((tile + 1) * TILE).min(n_t));
-                        let nt = t1 - t0;
-                        // q_lat = q_nope·W_UK per token, W_UK's rows in order.
-                        let mut q_lat = vec![0f32; nt * dc];
-                        for i in 0..dn {
-                            let wr = w_row(h, i);
-                            for (tt, ql) in q_lat.chunks_exact_mut(dc.max(1)).enumerate() {
-                                let qi = q_nope[((t0 + tt) * heads + h) * dn + i];
-                                axpy(ql, qi, wr);
-                            }
-                        }
-                        let mut o_rows = vec![0f32; nt * dv];
-                        let mut o_lat = vec![0f32; dc];
-                        let (mut scores, mut pe, mut acc) = (Vec::new(), Vec::new(), Vec::new());
-                        for (tt, o) in o_rows.chunks_exact_mut(dv).enumerate() {
-                            let t = t0 + tt;
-                            let item = t * heads + h;
-                            let ql = &q_lat[tt * dc..(tt + 1) * dc];
-                            let qp = &q_pe[item * dr..][..dr];
-                            let pos = n_s - n_t + t;
-                            scores.clear();
-                            scores.resize(pos + 1, 0f32);
-                            pe.clear();
-                            pe.resize(pos + 1, 0f32);
-                            dots_cols(&lat_t, n_s, pos + 1, ql, &mut acc, &mut scores);
-                            dots_cols(&kpe_t, n_s, pos + 1, qp, &mut acc, &mut pe);
-                            for (sc, &p) in scores.iter_mut().zip(&pe) {
-                                *sc = (*sc + p) * scale;
-                            }
-                            o_lat.iter_mut().for_each(|v| *v = 0.0);
-                            for (s, &p) in softmax(&scores).iter().enumerate() {
-                                axpy(&mut o_lat, p, lat(s));
-                            }
-                            dots_cols(&wuv_t[h], dv, dv, &o_lat, &mut acc, o);
-                        }
-                        (h, t0, o_rows)
+                        let rows = absorbed(simd, &c, &lat_t, &kpe_t, &wuv_t[h], h, t0, t1);
+                        (h, t0, rows)
                     })
                     .collect();
                 for (h, t0, rows) in done {

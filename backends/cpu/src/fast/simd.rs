@@ -332,6 +332,49 @@ fn tile_portable(kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &
     }
 }
 
+/// `isa_dispatch!(fn name(a: T, ...) -> R = body);` defines
+/// `fn name(simd: Simd, a: T, ...) -> R`, which runs `body(a, ...)`
+/// compiled for AVX-512F (`Simd::Avx512*`), for AVX2 (`Simd::Avx2`) or for
+/// the baseline target (`Simd::Portable`). `body` must be safe code marked
+/// `#[inline(always)]` (so it is compiled into each variant, with what it
+/// inlines); Rust never contracts a product and a sum into a fused
+/// multiply-add, so every variant computes the same bits — only the vector
+/// width the compiler picks changes.
+macro_rules! isa_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $body:path) => {
+        $(#[$m])*
+        #[allow(unsafe_code)]
+        $vis fn $name(simd: $crate::fast::simd::Simd, $($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($a: $t),*) $(-> $r)? {
+                    $body($($a),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($a: $t),*) $(-> $r)? {
+                    $body($($a),*)
+                }
+                match simd {
+                    $crate::fast::simd::Simd::Avx512 | $crate::fast::simd::Simd::Avx512Bf16 => {
+                        // SAFETY: a `Simd` other than `Portable` is only in
+                        // use where `Simd::available` found its features
+                        // (AVX-512F for both AVX-512 sets).
+                        return unsafe { avx512($($a),*) };
+                    }
+                    $crate::fast::simd::Simd::Avx2 => {
+                        // SAFETY: as above, AVX2.
+                        return unsafe { avx2($($a),*) };
+                    }
+                    $crate::fast::simd::Simd::Portable => {}
+                }
+            }
+            $body($($a),*)
+        }
+    };
+}
+pub(crate) use isa_dispatch;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{e4m3fn_bf16_body, e4m3fn_body, Tile, MR_MAX};
