@@ -1,6 +1,6 @@
 //! DeepSeek-V3.2's config fields (`index_n_heads`, `index_head_dim`,
-//! `index_topk`): parsed and validated; the forward pass refuses them
-//! until sparse attention exists.
+//! `index_topk`): parsed and validated, and a V3.2 config loads (its forward
+//! pass: `tests/v32_decode.rs`, `conformance/tests/forward_v32.rs`).
 
 use deepport_core::ops::MlaForm;
 use deepport_cpu::CpuRef;

@@ -15,8 +15,10 @@
 //! Device memory is host memory ([`HostStorage`]); both backends share it.
 
 // `unsafe` is allowed only in `fast::simd`, `fast::amx` and `peak`
-// (intrinsics, AMX `asm!`) and `reduce` (calls of its loops compiled for a
-// detected instruction set), each block with a `// SAFETY:` line.
+// (intrinsics, AMX `asm!`), `reduce` and `tiles` (calls of loops compiled
+// for a detected instruction set) and the wrappers `fast::simd`'s
+// `isa_dispatch!` generates for the same purpose (in `fast::prefill`),
+// each block with a `// SAFETY:` line.
 #![deny(unsafe_code)]
 
 mod copy;
