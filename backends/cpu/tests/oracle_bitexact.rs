@@ -1059,12 +1059,26 @@ fn indexer_logits(rng: &mut Rng) {
         let mut table: Vec<i64> = (0..nb as i64).collect();
         table.rotate_left(1);
         let table = &table[..b * max_blocks];
-        let q = rng.fp8(DType::F8E4M3, &[b, next_n, h, d], false);
-        let w = f32h(
-            DType::F32,
-            &[b * next_n, h],
-            &rng.vals(b * next_n * h, 1.0, false),
-        );
+        let mut q = rng.fp8(DType::F8E4M3, &[b, next_n, h, d], false);
+        let mut wv = rng.vals(b * next_n * h, 1.0, false);
+        if max_blocks > 4 {
+            // The head sum cancels: head 1 repeats head 0's query (the
+            // same dot product) with weight −2^40 against head 0's +2^40.
+            // In head order the two cancel exactly before the other heads
+            // come; in another order the others' terms are rounded against
+            // 2^40·dot first and leave a residue that shows.
+            let mut qb = q.bytes().to_vec();
+            for row in qb.chunks_exact_mut(h * d) {
+                let first = row[..d].to_vec();
+                row[d..2 * d].copy_from_slice(&first);
+            }
+            q = HostTensor::from_bytes(DType::F8E4M3, &[b, next_n, h, d], qb).unwrap();
+            for row in wv.chunks_exact_mut(h) {
+                row[0] = 2f32.powi(40);
+                row[1] = -(2f32.powi(40));
+            }
+        }
+        let w = f32h(DType::F32, &[b * next_n, h], &wv);
         let mut cache = rng.raw(DType::U8, &[nb, block, d + 4]).bytes().to_vec();
         let sc = rng.scales(nb * block, false);
         for blk in 0..nb {
@@ -1160,9 +1174,10 @@ fn latent_cache(rng: &mut Rng, nb: usize, block: usize) -> Vec<u8> {
 /// the same bytes, except that `b` negates channels 128..512, and both get
 /// those channels' scales times 2^40. Against [`cancelling_queries`]
 /// (zero past channel 128) the two have the same score, hence the same
-/// probability, and their values in channels 128..512 cancel: what is left
-/// is made of the rounding residues of the other keys' terms, which only
-/// the scalar order of additions reproduces.
+/// probability, and their values in channels 128..512 cancel. Selected
+/// first and second, they cancel exactly before the other keys' terms come
+/// in the scalar order; in another order those terms are rounded against
+/// the twins' 2^40-sized values first and leave a residue that shows.
 fn latent_twins(cache: &mut [u8], a: usize, b: usize) {
     let tok = V32_TOKEN_BYTES;
     for g in 1..4 {
@@ -1224,11 +1239,11 @@ fn sparse_mla_decode(rng: &mut Rng) {
             })
             .collect();
         if cancel {
-            // Twins at slots 0 and slots − 1, first and last in every row.
+            // Twins at slots 0 and slots − 1, first and second in every row.
             latent_twins(&mut cache, 0, slots - 1);
             for row in ind.chunks_exact_mut(topk) {
                 row[0] = 0;
-                row[topk - 1] = slots as i64 - 1;
+                row[1] = slots as i64 - 1;
             }
         }
         let cache =
@@ -1313,7 +1328,7 @@ fn sparse_mla_prefill(rng: &mut Rng) {
         let mut kvv = rng.vals(s_kv * d, 0.3, false);
         let qv = if cancel {
             // The latent twins of `latent_twins` in plain values: rows 0
-            // and s_kv − 1, first and last in every query's selection.
+            // and s_kv − 1, first and second in every query's selection.
             for k in kvv.chunks_exact_mut(d) {
                 k[2] = -k[0];
             }
@@ -1326,7 +1341,7 @@ fn sparse_mla_prefill(rng: &mut Rng) {
             last[128..V32_NOPE].iter_mut().for_each(|v| *v = -*v);
             for row in ind.chunks_exact_mut(topk) {
                 row[0] = 0;
-                row[topk - 1] = s_kv as i64 - 1;
+                row[1] = s_kv as i64 - 1;
             }
             cancelling_queries(rng, s_q * h_q, d)
         } else {
