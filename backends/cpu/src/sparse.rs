@@ -23,7 +23,9 @@
 //!   tokens): the block's keys decoded once, the dot products of every
 //!   (query, head) with every key on the tiles, then per (query, token) the
 //!   head sum in head order.
-//! * `indexer_topk`: the rows on several threads.
+//! * `indexer_topk`: the rows on several threads; per row a selection of
+//!   the `topk` first positions, then a sort of those (the order is total,
+//!   so the result is the full sort's).
 //!
 //! Index errors are found by the scalar code's own checks before any
 //! arithmetic, so they are reported exactly as the specification does.
@@ -33,13 +35,13 @@
 use crate::fast::Simd;
 use crate::scalar::mla::{put_f64, softmax};
 use crate::scalar::sparse::{
-    index_key, latent_key, logits_indices, prefill_indices, sparse_indices, topk_lengths,
-    topk_order,
+    index_key, logits_indices, prefill_indices, sparse_indices, topk_lengths, topk_order,
 };
 use crate::tiles::{panels, Tile, MR, NR};
 use crate::util::{f32s, host, par_map, put_i64, threads};
 use deepport_core::ops::*;
-use deepport_core::Result;
+use deepport_core::{formats, Result};
+use half::bf16;
 use std::ops::Range;
 
 pub(crate) use crate::scalar::sparse::cache_quant;
@@ -61,22 +63,51 @@ struct Keys {
 }
 
 impl Keys {
-    /// Packs `keys` (each `dq` values, in slot order).
-    fn pack(keys: &[Vec<f64>], dq: usize) -> Keys {
-        let n = keys.len();
+    /// Packs `n` keys of `dq` values: `key(t, buf)` writes key `t` (in
+    /// slot order) into `buf`. Keys are read NR at a time, so that both
+    /// packings write memory in order.
+    fn pack(n: usize, dq: usize, key: impl Fn(usize, &mut [f64])) -> Keys {
         let tg = n.div_ceil(NR);
         let mut kq = vec![0.0f64; tg * dq * NR];
         let mut kv = vec![0.0f64; (V32_NOPE / NR) * n * NR];
-        for (t, k) in keys.iter().enumerate() {
-            let panel = &mut kq[(t / NR) * dq * NR..(t / NR + 1) * dq * NR];
-            for (c, &v) in k[..dq].iter().enumerate() {
-                panel[c * NR + t % NR] = v;
+        let mut buf = vec![0.0f64; NR * dq];
+        for g in 0..tg {
+            let m = NR.min(n - g * NR);
+            for (jj, k) in buf.chunks_exact_mut(dq).take(m).enumerate() {
+                key(g * NR + jj, k);
             }
-            for (c, &v) in k[..V32_NOPE].iter().enumerate() {
-                kv[(c / NR) * n * NR + t * NR + c % NR] = v;
+            let panel = &mut kq[g * dq * NR..(g + 1) * dq * NR];
+            for (c, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                for (jj, v) in dst.iter_mut().take(m).enumerate() {
+                    *v = buf[jj * dq + c];
+                }
+            }
+            for cb in 0..V32_NOPE / NR {
+                let dst = &mut kv[cb * n * NR + g * NR * NR..][..m * NR];
+                for (jj, d8) in dst.chunks_exact_mut(NR).enumerate() {
+                    d8.copy_from_slice(&buf[jj * dq + cb * NR..jj * dq + (cb + 1) * NR]);
+                }
             }
         }
         Keys { n, dq, kq, kv }
+    }
+}
+
+/// One token of the V3.2 latent cache into `k` (576 values), with the
+/// arithmetic of `scalar::sparse::latent_key`: `e4m3 · scale` for the 512
+/// latent values (exact in f64), the 64 bf16 rope values widened.
+fn latent_into(cache: &[u8], slot: usize, k: &mut [f64]) {
+    let t = &cache[slot * V32_TOKEN_BYTES..(slot + 1) * V32_TOKEN_BYTES];
+    for (g, kg) in k[..V32_NOPE].chunks_exact_mut(QBLOCK).enumerate() {
+        let at = V32_NOPE + 4 * g;
+        let s = f64::from(f32::from_le_bytes([t[at], t[at + 1], t[at + 2], t[at + 3]]));
+        for (v, &code) in kg.iter_mut().zip(&t[g * QBLOCK..(g + 1) * QBLOCK]) {
+            *v = f64::from(formats::e4m3_to_f32(code)) * s;
+        }
+    }
+    let rope = V32_NOPE + 4 * (V32_NOPE / QBLOCK);
+    for (i, v) in k[V32_NOPE..V32_D].iter_mut().enumerate() {
+        *v = f64::from(bf16::from_le_bytes([t[rope + 2 * i], t[rope + 2 * i + 1]]).to_f32());
     }
 }
 
@@ -153,7 +184,7 @@ fn attend(
 }
 
 /// Every query row's heads: `rows` rows, row `r` with `keys_of(r)` (its
-/// valid keys in slot order) and its queries `q[r·h_q·dq ..]`. Rows run on
+/// valid keys in slot order, packed) and its queries `q[r·h_q·dq ..]`. Rows run on
 /// several threads; with fewer rows than threads, each row's heads are
 /// split over the threads instead. Returns the heads of row `r` at
 /// `[r·h_q ..]`.
@@ -165,14 +196,14 @@ fn attend_rows(
     q: &[f32],
     scale: f64,
     sink: Option<&[f32]>,
-    keys_of: impl Fn(usize) -> Vec<Vec<f64>> + Sync,
+    keys_of: impl Fn(usize) -> Keys + Sync,
 ) -> Vec<HeadOut> {
     let simd = crate::fast::current_simd();
     let row_q = |r: usize| &q[r * h_q * dq..(r + 1) * h_q * dq];
     let n_threads = threads();
     if rows >= n_threads || h_q < 2 * MR {
         return par_map(rows, |r| {
-            let keys = Keys::pack(&keys_of(r), dq);
+            let keys = keys_of(r);
             attend(simd, &keys, row_q(r), 0..h_q, scale, sink)
         })
         .into_iter()
@@ -185,7 +216,7 @@ fn attend_rows(
     let chunks = h_q.div_ceil(chunk);
     let mut all = Vec::with_capacity(rows * h_q);
     for r in 0..rows {
-        let keys = Keys::pack(&keys_of(r), dq);
+        let keys = keys_of(r);
         let parts = par_map(chunks, |c| {
             let hs = c * chunk..((c + 1) * chunk).min(h_q);
             attend(simd, &keys, row_q(r), hs, scale, sink)
@@ -210,11 +241,12 @@ pub(crate) fn sparse_mla_decode(op: &mut Checked<SparseMlaDecode<'_>>) -> Result
     let (s_q, h_q, topk) = (d.s_q, d.h_q, d.topk);
     let rows = d.batch * s_q;
     let heads = attend_rows(rows, h_q, V32_D, &q, scale, sink.as_deref(), |r| {
-        idx[r * topk..(r + 1) * topk]
+        let slots: Vec<usize> = idx[r * topk..(r + 1) * topk]
             .iter()
             .filter(|&&v| v >= 0)
-            .map(|&v| latent_key(cache, v as usize))
-            .collect()
+            .map(|&v| v as usize)
+            .collect();
+        Keys::pack(slots.len(), V32_D, |t, k| latent_into(cache, slots[t], k))
     });
     let mut out = Vec::with_capacity(rows * h_q * V32_NOPE);
     let mut lse = vec![0.0f64; rows * h_q];
@@ -241,17 +273,17 @@ pub(crate) fn sparse_mla_prefill(op: &mut Checked<SparseMlaPrefill<'_>>) -> Resu
     let scale = f64::from(a.softmax_scale);
     let (h_q, dq, topk) = (d.h_q, d.d_qk, d.topk);
     let heads = attend_rows(d.s_q, h_q, dq, &q, scale, sink.as_deref(), |s| {
-        idx[s * topk..(s + 1) * topk]
+        let rows: Vec<usize> = idx[s * topk..(s + 1) * topk]
             .iter()
             .filter(|&&v| v >= 0)
-            .map(|&v| {
-                let v = v as usize;
-                kv[v * dq..(v + 1) * dq]
-                    .iter()
-                    .map(|&x| f64::from(x))
-                    .collect()
-            })
-            .collect()
+            .map(|&v| v as usize)
+            .collect();
+        Keys::pack(rows.len(), dq, |t, k| {
+            let v = rows[t];
+            for (o, &x) in k.iter_mut().zip(&kv[v * dq..(v + 1) * dq]) {
+                *o = f64::from(x);
+            }
+        })
     });
     let mut out = Vec::with_capacity(d.s_q * h_q * V32_NOPE);
     let mut maxl = Vec::with_capacity(d.s_q * h_q);
@@ -355,10 +387,22 @@ pub(crate) fn indexer_topk(op: &mut Checked<IndexerTopk<'_>>) -> Result<()> {
     let logits = f32s(a.logits)?;
     let rows = par_map(d.rows, |r| {
         let row = &logits[r * d.n..(r + 1) * d.n];
-        let mut pos: Vec<usize> = (0..lens[r] as usize).collect();
+        let len = lens[r] as usize;
+        let k = d.topk.min(len);
+        let mut pos: Vec<usize> = (0..len).collect();
+        // `topk_order` is a total order (ties go to the lower position), so
+        // the k first after a selection are the k first after a full sort.
+        if k < len {
+            if k == 0 {
+                pos.clear();
+            } else {
+                pos.select_nth_unstable_by(k - 1, |&x, &y| topk_order(row, x, y));
+                pos.truncate(k);
+            }
+        }
         pos.sort_by(|&x, &y| topk_order(row, x, y));
         let mut out = vec![-1i64; d.topk];
-        for (slot, &p) in pos.iter().take(d.topk).enumerate() {
+        for (slot, &p) in pos.iter().enumerate() {
             out[slot] = p as i64;
         }
         out
