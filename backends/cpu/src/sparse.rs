@@ -43,6 +43,7 @@ use deepport_core::ops::*;
 use deepport_core::{formats, Result};
 use half::bf16;
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 pub(crate) use crate::scalar::sparse::cache_quant;
 
@@ -65,12 +66,18 @@ struct Keys {
 impl Keys {
     /// Packs `n` keys of `dq` values: `key(t, buf)` writes key `t` (in
     /// slot order) into `buf`. Keys are read NR at a time, so that both
-    /// packings write memory in order.
-    fn pack(n: usize, dq: usize, key: impl Fn(usize, &mut [f64])) -> Keys {
+    /// packings write memory in order. The panels are `scratch`'s (give
+    /// them back with [`Keys::release`]).
+    fn pack(s: &mut Scratch, n: usize, dq: usize, key: impl Fn(usize, &mut [f64])) -> Keys {
         let tg = n.div_ceil(NR);
-        let mut kq = vec![0.0f64; tg * dq * NR];
-        let mut kv = vec![0.0f64; (V32_NOPE / NR) * n * NR];
-        let mut buf = vec![0.0f64; NR * dq];
+        // Every element of both is written below (kq's lanes past n as 0).
+        let mut kq = std::mem::take(&mut s.kq);
+        let mut kv = std::mem::take(&mut s.kv);
+        kq.resize(tg * dq * NR, 0.0);
+        kq.truncate(tg * dq * NR);
+        kv.resize((V32_NOPE / NR) * n * NR, 0.0);
+        kv.truncate((V32_NOPE / NR) * n * NR);
+        let buf = filled(&mut s.buf, NR * dq, 0.0);
         for g in 0..tg {
             let m = NR.min(n - g * NR);
             for (jj, k) in buf.chunks_exact_mut(dq).take(m).enumerate() {
@@ -78,8 +85,8 @@ impl Keys {
             }
             let panel = &mut kq[g * dq * NR..(g + 1) * dq * NR];
             for (c, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                for (jj, v) in dst.iter_mut().take(m).enumerate() {
-                    *v = buf[jj * dq + c];
+                for (jj, v) in dst.iter_mut().enumerate() {
+                    *v = if jj < m { buf[jj * dq + c] } else { 0.0 };
                 }
             }
             for cb in 0..V32_NOPE / NR {
@@ -91,6 +98,46 @@ impl Keys {
         }
         Keys { n, dq, kq, kv }
     }
+
+    /// Hands the panels back to `s` for the next row.
+    fn release(self, s: &mut Scratch) {
+        s.kq = self.kq;
+        s.kv = self.kv;
+    }
+}
+
+/// Buffers a thread reuses from one unit to the next (fresh pages for
+/// every row's panels cost page faults and clearing).
+#[derive(Default)]
+struct Scratch {
+    kq: Vec<f64>,
+    kv: Vec<f64>,
+    buf: Vec<f64>,
+    qp: Vec<f64>,
+    pp: Vec<f64>,
+    dots: Vec<Tile>,
+    o: Vec<Tile>,
+}
+
+/// The scratch buffers of one op call: a unit takes one, gives it back.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Scratch>>);
+
+impl Pool {
+    fn with<R>(&self, f: impl FnOnce(&mut Scratch) -> R) -> R {
+        let lock = || self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut s = lock().pop().unwrap_or_default();
+        let r = f(&mut s);
+        lock().push(s);
+        r
+    }
+}
+
+/// `v` as `n` copies of `fill`.
+fn filled<T: Copy>(v: &mut Vec<T>, n: usize, fill: T) -> &mut [T] {
+    v.clear();
+    v.resize(n, fill);
+    v
 }
 
 /// One token of the V3.2 latent cache into `k` (576 values), with the
@@ -118,6 +165,7 @@ type HeadOut = (Vec<f64>, f64, f64);
 /// over `keys`: what `scalar::sparse::sparse_row_max` gives for each head.
 fn attend(
     simd: Simd,
+    scratch: &mut Scratch,
     keys: &Keys,
     q: &[f32],
     hs: Range<usize>,
@@ -133,7 +181,10 @@ fn attend(
     }
     // Queries: [rg][dq][MR] over the heads.
     let rg = nh.div_ceil(MR);
-    let mut qp = vec![0.0f64; rg * dq * MR];
+    let Scratch {
+        qp, pp, dots, o, ..
+    } = scratch;
+    let qp = filled(qp, rg * dq * MR, 0.0);
     for (hh, h) in hs.clone().enumerate() {
         let panel = &mut qp[(hh / MR) * dq * MR..(hh / MR + 1) * dq * MR];
         for (c, &v) in q[h * dq..(h + 1) * dq].iter().enumerate() {
@@ -142,11 +193,11 @@ fn attend(
     }
     // Dot products from −0.0, as `Iterator::sum` starts.
     let tg = n.div_ceil(NR);
-    let mut dots: Vec<Tile> = vec![[[-0.0f64; NR]; MR]; rg * tg];
-    panels(simd, &qp, dq * MR, rg, &keys.kq, dq * NR, tg, dq, &mut dots);
+    let dots = filled(dots, rg * tg, [[-0.0f64; NR]; MR]);
+    panels(simd, qp, dq * MR, rg, &keys.kq, dq * NR, tg, dq, dots);
 
     // Per head: scores, max, softmax; the probabilities packed [rg][n][MR].
-    let mut pp = vec![0.0f64; rg * n * MR];
+    let pp = filled(pp, rg * n * MR, 0.0);
     let mut stats = Vec::with_capacity(nh);
     for hh in 0..nh {
         let (g, i) = (hh / MR, hh % MR);
@@ -162,8 +213,8 @@ fn attend(
     }
     // o[h][c] = Σ_t p[h][t]·v[t][c], from 0, in slot order.
     let cg = V32_NOPE / NR;
-    let mut o: Vec<Tile> = vec![[[0.0f64; NR]; MR]; rg * cg];
-    panels(simd, &pp, n * MR, rg, &keys.kv, n * NR, cg, n, &mut o);
+    let o = filled(o, rg * cg, [[0.0f64; NR]; MR]);
+    panels(simd, pp, n * MR, rg, &keys.kv, n * NR, cg, n, o);
 
     hs.enumerate()
         .map(|(hh, h)| {
@@ -196,15 +247,20 @@ fn attend_rows(
     q: &[f32],
     scale: f64,
     sink: Option<&[f32]>,
-    keys_of: impl Fn(usize) -> Keys + Sync,
+    keys_of: impl Fn(&mut Scratch, usize) -> Keys + Sync,
 ) -> Vec<HeadOut> {
     let simd = crate::fast::current_simd();
+    let pool = Pool::default();
     let row_q = |r: usize| &q[r * h_q * dq..(r + 1) * h_q * dq];
     let n_threads = threads();
     if rows >= n_threads || h_q < 2 * MR {
         return par_map(rows, |r| {
-            let keys = keys_of(r);
-            attend(simd, &keys, row_q(r), 0..h_q, scale, sink)
+            pool.with(|s| {
+                let keys = keys_of(s, r);
+                let heads = attend(simd, s, &keys, row_q(r), 0..h_q, scale, sink);
+                keys.release(s);
+                heads
+            })
         })
         .into_iter()
         .flatten()
@@ -215,12 +271,14 @@ fn attend_rows(
     let chunk = h_q.div_ceil(2 * n_threads).div_ceil(MR) * MR;
     let chunks = h_q.div_ceil(chunk);
     let mut all = Vec::with_capacity(rows * h_q);
+    let mut ks = Scratch::default();
     for r in 0..rows {
-        let keys = keys_of(r);
+        let keys = keys_of(&mut ks, r);
         let parts = par_map(chunks, |c| {
             let hs = c * chunk..((c + 1) * chunk).min(h_q);
-            attend(simd, &keys, row_q(r), hs, scale, sink)
+            pool.with(|s| attend(simd, s, &keys, row_q(r), hs, scale, sink))
         });
+        keys.release(&mut ks);
         all.extend(parts.into_iter().flatten());
     }
     all
@@ -240,13 +298,15 @@ pub(crate) fn sparse_mla_decode(op: &mut Checked<SparseMlaDecode<'_>>) -> Result
     let scale = f64::from(a.softmax_scale);
     let (s_q, h_q, topk) = (d.s_q, d.h_q, d.topk);
     let rows = d.batch * s_q;
-    let heads = attend_rows(rows, h_q, V32_D, &q, scale, sink.as_deref(), |r| {
+    let heads = attend_rows(rows, h_q, V32_D, &q, scale, sink.as_deref(), |sc, r| {
         let slots: Vec<usize> = idx[r * topk..(r + 1) * topk]
             .iter()
             .filter(|&&v| v >= 0)
             .map(|&v| v as usize)
             .collect();
-        Keys::pack(slots.len(), V32_D, |t, k| latent_into(cache, slots[t], k))
+        Keys::pack(sc, slots.len(), V32_D, |t, k| {
+            latent_into(cache, slots[t], k)
+        })
     });
     let mut out = Vec::with_capacity(rows * h_q * V32_NOPE);
     let mut lse = vec![0.0f64; rows * h_q];
@@ -272,13 +332,13 @@ pub(crate) fn sparse_mla_prefill(op: &mut Checked<SparseMlaPrefill<'_>>) -> Resu
     };
     let scale = f64::from(a.softmax_scale);
     let (h_q, dq, topk) = (d.h_q, d.d_qk, d.topk);
-    let heads = attend_rows(d.s_q, h_q, dq, &q, scale, sink.as_deref(), |s| {
+    let heads = attend_rows(d.s_q, h_q, dq, &q, scale, sink.as_deref(), |sc, s| {
         let rows: Vec<usize> = idx[s * topk..(s + 1) * topk]
             .iter()
             .filter(|&&v| v >= 0)
             .map(|&v| v as usize)
             .collect();
-        Keys::pack(rows.len(), dq, |t, k| {
+        Keys::pack(sc, rows.len(), dq, |t, k| {
             let v = rows[t];
             for (o, &x) in k.iter_mut().zip(&kv[v * dq..(v + 1) * dq]) {
                 *o = f64::from(x);

@@ -1338,8 +1338,8 @@ fn sparse_mla_prefill(rng: &mut Rng) {
             for k in kvv.chunks_exact_mut(d) {
                 k[2] = -k[0];
             }
-            for c in 128..V32_NOPE {
-                kvv[c] *= 2f32.powi(40);
+            for v in &mut kvv[128..V32_NOPE] {
+                *v *= 2f32.powi(40);
             }
             let first: Vec<f32> = kvv[..d].to_vec();
             let last = &mut kvv[(s_kv - 1) * d..s_kv * d];
