@@ -1039,30 +1039,46 @@ fn get_dispatch_layout(rng: &mut Rng) {
 // ---- DeepSeek-V3.2 sparse ops ----------------------------------------------------
 
 fn indexer_logits(rng: &mut Rng) {
-    for &(b, next_n, h, d, block) in &[
-        (2usize, 1usize, 3usize, 16usize, 5usize),
-        (3, 2, 4, 128, 64),
+    // (b, next_n, h, d, block, max_blocks): the last one has sequences
+    // longer than cpu-ref's token blocks (256), lengths not a multiple of
+    // the register tile, and one of length 1 (its first query sees nothing).
+    for &(b, next_n, h, d, block, max_blocks) in &[
+        (2usize, 1usize, 3usize, 16usize, 5usize, 4usize),
+        (3, 2, 4, 128, 64, 4),
+        (3, 2, 7, 128, 64, 10),
     ] {
         let lens: Vec<i64> = (0..b)
-            .map(|i| {
-                if i == 0 {
-                    0
-                } else {
-                    1 + rng.below(3 * block) as i64
-                }
+            .map(|i| match i {
+                0 => 0,
+                1 if max_blocks > 4 => 1,
+                2 if max_blocks > 4 => 257 + rng.below((max_blocks - 5) * block) as i64,
+                _ => 1 + rng.below((max_blocks - 1) * block) as i64,
             })
             .collect();
-        let max_blocks = 4;
         let nb = b * max_blocks + 1;
         let mut table: Vec<i64> = (0..nb as i64).collect();
         table.rotate_left(1);
         let table = &table[..b * max_blocks];
-        let q = rng.fp8(DType::F8E4M3, &[b, next_n, h, d], false);
-        let w = f32h(
-            DType::F32,
-            &[b * next_n, h],
-            &rng.vals(b * next_n * h, 1.0, false),
-        );
+        let mut q = rng.fp8(DType::F8E4M3, &[b, next_n, h, d], false);
+        let mut wv = rng.vals(b * next_n * h, 1.0, false);
+        if max_blocks > 4 {
+            // The head sum cancels: head 1 repeats head 0's query (the
+            // same dot product) with weight −2^40 against head 0's +2^40.
+            // In head order the two cancel exactly before the other heads
+            // come; in another order the others' terms are rounded against
+            // 2^40·dot first and leave a residue that shows.
+            let mut qb = q.bytes().to_vec();
+            for row in qb.chunks_exact_mut(h * d) {
+                let first = row[..d].to_vec();
+                row[d..2 * d].copy_from_slice(&first);
+            }
+            q = HostTensor::from_bytes(DType::F8E4M3, &[b, next_n, h, d], qb).unwrap();
+            for row in wv.chunks_exact_mut(h) {
+                row[0] = 2f32.powi(40);
+                row[1] = -(2f32.powi(40));
+            }
+        }
+        let w = f32h(DType::F32, &[b * next_n, h], &wv);
         let mut cache = rng.raw(DType::U8, &[nb, block, d + 4]).bytes().to_vec();
         let sc = rng.scales(nb * block, false);
         for blk in 0..nb {
@@ -1103,11 +1119,17 @@ fn indexer_logits(rng: &mut Rng) {
 }
 
 fn indexer_topk(rng: &mut Rng) {
-    for &(rows, n, topk) in &[(3usize, 20usize, 8usize), (4, 9, 16)] {
+    // The last case: few distinct values (ties at the cut) and more NaN,
+    // topk below most lengths (cpu-ref selects, then sorts the selection).
+    for &(rows, n, topk) in &[(3usize, 20usize, 8usize), (4, 9, 16), (6, 64, 7)] {
         let mut v = rng.vals(rows * n, 2.0, true);
+        let every = if n == 64 { 1 } else { 3 };
         v.iter_mut()
-            .step_by(3)
+            .step_by(every)
             .for_each(|x| *x = (*x * 2.0).round());
+        if n == 64 {
+            v.iter_mut().step_by(17).for_each(|x| *x = f32::NAN);
+        }
         let l = f32h(DType::F32, &[rows, n], &v);
         let lens: Vec<i64> = (0..rows).map(|_| rng.below(n + 1) as i64).collect();
         let lt = idx(DType::I32, &[rows], &lens);
@@ -1127,36 +1149,93 @@ fn indexer_topk(rng: &mut Rng) {
     }
 }
 
-fn sparse_mla_decode(rng: &mut Rng) {
-    for (i, &(b, s_q, h_q, topk, block)) in
-        [(2usize, 1usize, 3usize, 6usize, 5usize), (1, 2, 2, 9, 3)]
-            .iter()
-            .enumerate()
-    {
-        let nb = 4;
-        let slots = nb * block;
-        let mut cache = rng
-            .raw(DType::U8, &[nb, block, V32_TOKEN_BYTES])
-            .bytes()
-            .to_vec();
-        for t in cache.chunks_mut(V32_TOKEN_BYTES) {
-            for c in t[..V32_NOPE].iter_mut() {
-                if *c & 0x7f == 0x7f {
-                    *c = 0x10;
-                }
-            }
-            let sc = rng.scales(4, false);
-            for (g, s) in sc.iter().enumerate() {
-                t[V32_NOPE + 4 * g..V32_NOPE + 4 * g + 4].copy_from_slice(&s.to_le_bytes());
-            }
-            for r in 0..V32_ROPE {
-                let v = half_bits(rng.sym());
-                t[528 + 2 * r..528 + 2 * r + 2].copy_from_slice(&v);
+/// A V3.2 latent cache of `nb · block` tokens: random e4m3 codes (no
+/// NaN), random scales, random bf16 rope values; in every token channel 2
+/// is −channel 0 (the scores' cancelling pair of [`cancelling_queries`]).
+fn latent_cache(rng: &mut Rng, nb: usize, block: usize) -> Vec<u8> {
+    let mut cache = rng
+        .raw(DType::U8, &[nb, block, V32_TOKEN_BYTES])
+        .bytes()
+        .to_vec();
+    for t in cache.chunks_mut(V32_TOKEN_BYTES) {
+        for c in t[..V32_NOPE].iter_mut() {
+            if *c & 0x7f == 0x7f {
+                *c = 0x10;
             }
         }
-        let cache =
-            HostTensor::from_bytes(DType::U8, &[nb, block, V32_TOKEN_BYTES], cache).unwrap();
-        let ind: Vec<i64> = (0..b * s_q * topk)
+        t[2] = t[0] ^ 0x80;
+        let sc = rng.scales(4, false);
+        for (g, s) in sc.iter().enumerate() {
+            t[V32_NOPE + 4 * g..V32_NOPE + 4 * g + 4].copy_from_slice(&s.to_le_bytes());
+        }
+        for r in 0..V32_ROPE {
+            let v = half_bits(rng.sym());
+            t[528 + 2 * r..528 + 2 * r + 2].copy_from_slice(&v);
+        }
+    }
+    cache
+}
+
+/// Makes latent tokens `a` and `b` twins for the outputs' cancellation:
+/// the same bytes, except that `b` negates channels 128..512, and both get
+/// those channels' scales times 2^40. Against [`cancelling_queries`]
+/// (zero past channel 128) the two have the same score, hence the same
+/// probability, and their values in channels 128..512 cancel. Selected
+/// first and second, they cancel exactly before the other keys' terms come
+/// in the scalar order; in another order those terms are rounded against
+/// the twins' 2^40-sized values first and leave a residue that shows.
+fn latent_twins(cache: &mut [u8], a: usize, b: usize) {
+    let tok = V32_TOKEN_BYTES;
+    for g in 1..4 {
+        let at = a * tok + V32_NOPE + 4 * g;
+        let s = f32::from_le_bytes(cache[at..at + 4].try_into().unwrap()) * 2f32.powi(40);
+        cache[at..at + 4].copy_from_slice(&s.to_le_bytes());
+    }
+    let ta: Vec<u8> = cache[a * tok..(a + 1) * tok].to_vec();
+    let tb = &mut cache[b * tok..(b + 1) * tok];
+    tb.copy_from_slice(&ta);
+    for c in &mut tb[128..V32_NOPE] {
+        *c ^= 0x80;
+    }
+}
+
+/// `n` query rows of `d` values whose scores cancel: channels 0 and 2 are
+/// 2^36 and every key holds `x, …, −x` there, so the small channel-1 and
+/// channel-3 terms are partly lost between the two cancelling ones and
+/// another order of the dot product gives another score. Channels 4..128
+/// are small random values, the rest 0 (see [`latent_twins`]).
+fn cancelling_queries(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
+    let mut q = vec![0f32; n * d];
+    for row in q.chunks_exact_mut(d) {
+        row[..128].copy_from_slice(&rng.vals(128, 1e-3, false));
+        row[0] = 2f32.powi(36);
+        row[1] = rng.sym();
+        row[2] = 2f32.powi(36);
+        row[3] = rng.sym();
+    }
+    q
+}
+
+/// (b, s_q, h_q, topk, block, cancelling, sink, topk_length)
+type SparseDecodeShape = (usize, usize, usize, usize, usize, bool, bool, bool);
+
+fn sparse_mla_decode(rng: &mut Rng) {
+    // One row with many heads (split over threads), several rows (rows
+    // over threads), topk not a multiple of the tile, cancelling sums
+    // (f32 outputs), sink and topk_length on and off.
+    let shapes: [SparseDecodeShape; 6] = [
+        (2, 1, 3, 6, 5, false, true, false),
+        (1, 2, 2, 9, 3, false, false, true),
+        (1, 1, 20, 37, 7, true, true, false),
+        (3, 2, 16, 45, 4, true, false, true),
+        (2, 1, 64, 29, 16, true, true, false),
+        (1, 1, 7, 1, 1, false, false, false),
+    ];
+    for (i, &(b, s_q, h_q, topk, block, cancel, with_sink, with_len)) in shapes.iter().enumerate() {
+        let nb = 4;
+        let slots = nb * block;
+        let mut cache = latent_cache(rng, nb, block);
+        let mut ind: Vec<i64> = (0..b * s_q * topk)
             .map(|_| {
                 if rng.below(4) == 0 {
                     -1
@@ -1165,13 +1244,25 @@ fn sparse_mla_decode(rng: &mut Rng) {
                 }
             })
             .collect();
+        if cancel {
+            // Twins at slots 0 and slots − 1, first and second in every row.
+            latent_twins(&mut cache, 0, slots - 1);
+            for row in ind.chunks_exact_mut(topk) {
+                row[0] = 0;
+                row[1] = slots as i64 - 1;
+            }
+        }
+        let cache =
+            HostTensor::from_bytes(DType::U8, &[nb, block, V32_TOKEN_BYTES], cache).unwrap();
         let it = idx(DType::I32, &[b, s_q, topk], &ind);
-        let dt = ACT[i % 2];
-        let q = f32h(
-            dt,
-            &[b, s_q, h_q, V32_D],
-            &rng.vals(b * s_q * h_q * V32_D, 0.3, false),
-        );
+        let dt = if cancel { DType::F32 } else { ACT[i % 2] };
+        let n = b * s_q * h_q;
+        let qv = if cancel {
+            cancelling_queries(rng, n, V32_D)
+        } else {
+            rng.vals(n * V32_D, 0.3, false)
+        };
+        let q = f32h(dt, &[b, s_q, h_q, V32_D], &qv);
         let sink = f32h(DType::F32, &[h_q], &rng.vals(h_q, 2.0, false));
         let tl = idx(
             DType::I32,
@@ -1180,61 +1271,91 @@ fn sparse_mla_decode(rng: &mut Rng) {
                 .map(|_| rng.below(topk + 1) as i64)
                 .collect::<Vec<_>>(),
         );
-        check(&format!("sparse_mla_decode b={b} s_q={s_q}"), |be| {
-            let (qt, ct, ix, st, lt) = (
-                up(be, &q),
-                up(be, &cache),
-                up(be, &it),
-                up(be, &sink),
-                up(be, &tl),
-            );
-            let mut o = be.alloc(
-                if dt == DType::BF16 {
-                    DType::BF16
-                } else {
-                    DType::F32
-                },
-                &[b, s_q, h_q, V32_NOPE],
-            )?;
-            let mut l = be.alloc(DType::F32, &[b, h_q, s_q])?;
-            ops::run(
-                be,
-                SparseMlaDecode {
-                    q: &qt,
-                    kcache: &ct,
-                    indices: &ix,
-                    topk_length: (i == 1).then_some(&lt),
-                    attn_sink: (i == 0).then_some(&st),
-                    out: &mut o,
-                    lse: &mut l,
-                    softmax_scale: 0.05,
-                },
-            )?;
-            Ok(vec![("out", down(be, &o)), ("lse", down(be, &l))])
-        });
+        let scale = if cancel { 2f32.powi(-12) } else { 0.05 };
+        check(
+            &format!("sparse_mla_decode b={b} s_q={s_q} h_q={h_q} topk={topk} cancelling={cancel}"),
+            |be| {
+                let (qt, ct, ix, st, lt) = (
+                    up(be, &q),
+                    up(be, &cache),
+                    up(be, &it),
+                    up(be, &sink),
+                    up(be, &tl),
+                );
+                let mut o = be.alloc(
+                    if dt == DType::BF16 {
+                        DType::BF16
+                    } else {
+                        DType::F32
+                    },
+                    &[b, s_q, h_q, V32_NOPE],
+                )?;
+                let mut l = be.alloc(DType::F32, &[b, h_q, s_q])?;
+                ops::run(
+                    be,
+                    SparseMlaDecode {
+                        q: &qt,
+                        kcache: &ct,
+                        indices: &ix,
+                        topk_length: with_len.then_some(&lt),
+                        attn_sink: with_sink.then_some(&st),
+                        out: &mut o,
+                        lse: &mut l,
+                        softmax_scale: scale,
+                    },
+                )?;
+                Ok(vec![("out", down(be, &o)), ("lse", down(be, &l))])
+            },
+        );
     }
 }
 
+/// (s_q, s_kv, h_q, topk, d_qk, cancelling)
+type SparsePrefillShape = (usize, usize, usize, usize, usize, bool);
+
 fn sparse_mla_prefill(rng: &mut Rng) {
-    for (i, &(s_q, s_kv, h_q, topk, d)) in [
-        (3usize, 7usize, 2usize, 9usize, V32_D),
-        (2, 12, 3, 5, V32_NOPE),
-        (2, 0, 2, 4, V32_D),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let ind: Vec<i64> = (0..s_q * topk)
+    let shapes: [SparsePrefillShape; 6] = [
+        (3, 7, 2, 9, V32_D, false),
+        (2, 12, 3, 5, V32_NOPE, false),
+        (2, 0, 2, 4, V32_D, false),
+        (1, 30, 16, 21, V32_D, true),
+        (5, 40, 7, 19, V32_NOPE, true),
+        (4, 50, 12, 33, V32_D, true),
+    ];
+    for (i, &(s_q, s_kv, h_q, topk, d, cancel)) in shapes.iter().enumerate() {
+        let mut ind: Vec<i64> = (0..s_q * topk)
             .map(|_| match rng.below(5) {
                 0 => -1,
                 1 => s_kv as i64 + rng.below(3) as i64,
                 _ => rng.below(s_kv.max(1)) as i64,
             })
             .collect();
+        let dt = if cancel { DType::F32 } else { ACT[i % 2] };
+        let mut kvv = rng.vals(s_kv * d, 0.3, false);
+        let qv = if cancel {
+            // The latent twins of `latent_twins` in plain values: rows 0
+            // and s_kv − 1, first and second in every query's selection.
+            for k in kvv.chunks_exact_mut(d) {
+                k[2] = -k[0];
+            }
+            for v in &mut kvv[128..V32_NOPE] {
+                *v *= 2f32.powi(40);
+            }
+            let first: Vec<f32> = kvv[..d].to_vec();
+            let last = &mut kvv[(s_kv - 1) * d..s_kv * d];
+            last.copy_from_slice(&first);
+            last[128..V32_NOPE].iter_mut().for_each(|v| *v = -*v);
+            for row in ind.chunks_exact_mut(topk) {
+                row[0] = 0;
+                row[1] = s_kv as i64 - 1;
+            }
+            cancelling_queries(rng, s_q * h_q, d)
+        } else {
+            rng.vals(s_q * h_q * d, 0.3, false)
+        };
         let it = idx(DType::I32, &[s_q, 1, topk], &ind);
-        let dt = ACT[i % 2];
-        let q = f32h(dt, &[s_q, h_q, d], &rng.vals(s_q * h_q * d, 0.3, false));
-        let kv = f32h(dt, &[s_kv, 1, d], &rng.vals(s_kv * d, 0.3, false));
+        let q = f32h(dt, &[s_q, h_q, d], &qv);
+        let kv = f32h(dt, &[s_kv, 1, d], &kvv);
         let mut sv = rng.vals(h_q, 2.0, false);
         sv[0] = f32::NEG_INFINITY;
         let sink = f32h(DType::F32, &[h_q], &sv);
@@ -1245,8 +1366,11 @@ fn sparse_mla_prefill(rng: &mut Rng) {
                 .map(|_| rng.below(topk + 1) as i64)
                 .collect::<Vec<_>>(),
         );
+        let (with_len, with_sink) = (i % 3 == 1, i % 3 != 1);
         check(
-            &format!("sparse_mla_prefill s_q={s_q} s_kv={s_kv} d={d}"),
+            &format!(
+                "sparse_mla_prefill s_q={s_q} s_kv={s_kv} h_q={h_q} d={d} cancelling={cancel}"
+            ),
             |be| {
                 let (qt, kt, ix, st, lt) = (
                     up(be, &q),
@@ -1269,12 +1393,12 @@ fn sparse_mla_prefill(rng: &mut Rng) {
                         q: &qt,
                         kv: &kt,
                         indices: &ix,
-                        topk_length: (i == 1).then_some(&lt),
-                        attn_sink: (i != 1).then_some(&st),
+                        topk_length: with_len.then_some(&lt),
+                        attn_sink: with_sink.then_some(&st),
                         out: &mut o,
                         max_logits: &mut m,
                         lse: &mut l,
-                        softmax_scale: 0.07,
+                        softmax_scale: if cancel { 4.0 } else { 0.07 },
                     },
                 )?;
                 Ok(vec![
@@ -1406,7 +1530,7 @@ fn the_comparison_sees_a_one_ulp_difference() {
 #[test]
 fn every_instruction_set_gives_the_scalar_loops_bits() {
     use deepport_cpu::fast::{with_simd, Simd};
-    let tiled: [(OpKind, Cases); 7] = [
+    let tiled: [(OpKind, Cases); 10] = [
         (OpKind::Fp8Gemm, fp8_gemm),
         (OpKind::Fp8GroupedContiguous, fp8_grouped_contiguous),
         (OpKind::Fp8GroupedMasked, fp8_grouped_masked),
@@ -1414,6 +1538,9 @@ fn every_instruction_set_gives_the_scalar_loops_bits() {
         (OpKind::GemmGroupedContiguous, gemm_grouped_contiguous),
         (OpKind::GemmGroupedMasked, gemm_grouped_masked),
         (OpKind::MlaDecode, mla_decode),
+        (OpKind::SparseMlaDecode, sparse_mla_decode),
+        (OpKind::SparseMlaPrefill, sparse_mla_prefill),
+        (OpKind::IndexerLogits, indexer_logits),
     ];
     let sets: Vec<Simd> = [Simd::Portable, Simd::Avx2, Simd::Avx512]
         .into_iter()
