@@ -242,11 +242,17 @@ fn attention<'q>(
                     .map(|p| p.m[h])
                     .fold(f32::NEG_INFINITY, f32::max);
                 maxl[h] = f64::from(m);
+                let o = &mut o[h * dv..(h + 1) * dv];
+                if chunk.iter().any(|p| p.nan[h]) {
+                    // A NaN score: the reference's softmax is NaN throughout.
+                    o.fill(f32::NAN);
+                    lse[h] = f64::NAN;
+                    continue;
+                }
                 if m == f32::NEG_INFINITY {
                     lse[h] = f64::INFINITY;
                     continue;
                 }
-                let o = &mut o[h * dv..(h + 1) * dv];
                 let mut l = 0f32;
                 for p in chunk {
                     if p.m[h] == f32::NEG_INFINITY {
@@ -257,11 +263,6 @@ fn attention<'q>(
                     for (x, &y) in o.iter_mut().zip(&p.o[h * dv..(h + 1) * dv]) {
                         *x += y * w;
                     }
-                }
-                if chunk.iter().any(|p| p.nan[h]) {
-                    o.fill(f32::NAN);
-                    lse[h] = f64::NAN;
-                    continue;
                 }
                 let inv = 1.0 / l;
                 for x in o.iter_mut() {
