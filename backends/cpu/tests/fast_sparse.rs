@@ -237,7 +237,13 @@ fn decode_case(
     }
     let lens: Option<Vec<i64>> = topk_len.then(|| {
         (0..b)
-            .map(|i| if i == 1 { 0 } else { rng.below(topk + 1) as i64 })
+            .map(|i| {
+                if i == 1 {
+                    0
+                } else {
+                    rng.below(topk + 1) as i64
+                }
+            })
             .collect()
     });
     let mut read = vec![false; slots];
@@ -250,7 +256,11 @@ fn decode_case(
     }
     let unread: Vec<bool> = read.iter().map(|r| !r).collect();
     let kcache = latent_cache(rng, blocks, bs, &unread);
-    let q = HostTensor::from_f32(dtype, &[b, s_q, h_q, V32_D], &rng.vec(b * s_q * h_q * V32_D, 0.5));
+    let q = HostTensor::from_f32(
+        dtype,
+        &[b, s_q, h_q, V32_D],
+        &rng.vec(b * s_q * h_q * V32_D, 0.5),
+    );
     let sink = sink.then(|| {
         let mut v = rng.vec(h_q, 2.0);
         v[0] = f32::NEG_INFINITY;
@@ -301,7 +311,11 @@ fn run_decode(be: &dyn Backend, c: &DecodeCase) -> deepport_core::Result<(Vec<f3
 }
 
 /// The suite's judge of sparse_mla_decode (conformance/cases/sparse_mla_decode.yaml).
-fn judge_decode(what: &str, got: &(Vec<f32>, Vec<f32>), r: &(Vec<f32>, Vec<f32>)) -> Result<(), String> {
+fn judge_decode(
+    what: &str,
+    got: &(Vec<f32>, Vec<f32>),
+    r: &(Vec<f32>, Vec<f32>),
+) -> Result<(), String> {
     calc_diff(&format!("{what} out"), &got.0, &r.0, 5e-6)?;
     abs_or_rel(&format!("{what} out"), &got.0, &r.0, 1e-3, 2.01 / 128.0)?;
     abs_or_rel(&format!("{what} lse"), &got.1, &r.1, 1e-6, 8.01 / 65536.0)
@@ -324,7 +338,10 @@ fn sparse_decode_matches_reference() {
         // Sanity: the case has finite outputs, and the rows the spec says.
         let finite = r.0.iter().filter(|&&v| v != 0.0 && v.is_finite()).count();
         let nan = r.0.iter().filter(|v| v.is_nan()).count();
-        assert!(finite > 0 && nan == 0, "{dims:?}: {finite} finite nonzero, {nan} NaN");
+        assert!(
+            finite > 0 && nan == 0,
+            "{dims:?}: {finite} finite nonzero, {nan} NaN"
+        );
         if invalid {
             assert_eq!(r.1[0], f32::INFINITY, "an all-invalid row: lse = +inf");
         }
@@ -339,14 +356,26 @@ fn sparse_decode_matches_reference() {
 #[test]
 fn sparse_decode_errors_match_reference() {
     let mut rng = Rng(3);
-    let mut c = decode_case(&mut rng, (2, 1, 4, 6), 3, 4, DType::BF16, false, true, false);
+    let mut c = decode_case(
+        &mut rng,
+        (2, 1, 4, 6),
+        3,
+        4,
+        DType::BF16,
+        false,
+        true,
+        false,
+    );
     let slots = 12;
     // Out-of-range slots (inside topk_length), then a bad topk_length.
     let idx = [0, slots, 1, -1, 2, 3, 4, -2, 5, 6, 7, 8];
     c.indices = HostTensor::from_index(DType::I32, &[2, 1, 6], &idx);
     c.topk_length = Some(HostTensor::from_index(DType::I32, &[2], &[6, 6]));
     let want = run_decode(&CpuRef, &c).unwrap_err();
-    assert!(matches!(want, Error::IndexOutOfRange { arg: "indices", .. }));
+    assert!(matches!(
+        want,
+        Error::IndexOutOfRange { arg: "indices", .. }
+    ));
     let got = run_decode(&Cpu, &c).unwrap_err();
     assert_eq!(format!("{got:?}"), format!("{want:?}"));
     // Past topk_length an out-of-range slot is never read: no error.
@@ -356,7 +385,13 @@ fn sparse_decode_errors_match_reference() {
     c.topk_length = Some(HostTensor::from_index(DType::I32, &[2], &[1, 7]));
     let want = run_decode(&CpuRef, &c).unwrap_err();
     let got = run_decode(&Cpu, &c).unwrap_err();
-    assert!(matches!(got, Error::IndexOutOfRange { arg: "topk_length", .. }));
+    assert!(matches!(
+        got,
+        Error::IndexOutOfRange {
+            arg: "topk_length",
+            ..
+        }
+    ));
     assert_eq!(format!("{got:?}"), format!("{want:?}"));
 }
 
@@ -365,7 +400,16 @@ fn broken_decode_fails_the_judge() {
     // The judge above can fail: a kernel that drops one scale group of a
     // token, or ignores the sink, is far outside it.
     let mut rng = Rng(17);
-    let c = decode_case(&mut rng, (1, 1, 8, 32), 4, 16, DType::BF16, false, false, true);
+    let c = decode_case(
+        &mut rng,
+        (1, 1, 8, 32),
+        4,
+        16,
+        DType::BF16,
+        false,
+        false,
+        true,
+    );
     let good = run_decode(&CpuRef, &c).unwrap();
     // One token's second scale doubled: what a kernel reading the wrong
     // group's scale would compute.
@@ -385,7 +429,10 @@ fn broken_decode_fails_the_judge() {
         ..c
     };
     let got = run_decode(&Cpu, &bad).unwrap();
-    assert!(judge_decode("scale", &got, &good).is_err(), "a wrong scale passed");
+    assert!(
+        judge_decode("scale", &got, &good).is_err(),
+        "a wrong scale passed"
+    );
     // The good cache without the sink: an ignored sink.
     let unsunk = DecodeCase {
         kcache: c.kcache.clone(),
@@ -393,7 +440,10 @@ fn broken_decode_fails_the_judge() {
         ..bad
     };
     let got = run_decode(&Cpu, &unsunk).unwrap();
-    assert!(judge_decode("sink", &got, &good).is_err(), "an ignored sink passed");
+    assert!(
+        judge_decode("sink", &got, &good).is_err(),
+        "an ignored sink passed"
+    );
 }
 
 // ---- sparse_mla_prefill ------------------------------------------------------------
@@ -515,7 +565,7 @@ fn judge_prefill(what: &str, got: &PrefillOut, r: &PrefillOut) -> Result<(), Str
 
 #[test]
 fn sparse_prefill_matches_reference() {
-    let mut rng = Rng(0x9e1f_111);
+    let mut rng = Rng(0x09e1_f111);
     // (s_q, s_kv, h_q, d_qk, topk), dtype, invalid, topk_length, sink
     let cases = [
         ((5, 40, 4, 576, 16), DType::BF16, true, false, true),
@@ -546,7 +596,13 @@ fn sparse_prefill_errors_and_broken_kernels() {
     c.topk_length = Some(HostTensor::from_index(DType::I32, &[2], &[3, 9]));
     let want = run_prefill(&CpuRef, &c).unwrap_err();
     let got = run_prefill(&Cpu, &c).unwrap_err();
-    assert!(matches!(got, Error::IndexOutOfRange { arg: "topk_length", .. }));
+    assert!(matches!(
+        got,
+        Error::IndexOutOfRange {
+            arg: "topk_length",
+            ..
+        }
+    ));
     assert_eq!(format!("{got:?}"), format!("{want:?}"));
     // An ignored topk_length fails the judge.
     c.topk_length = Some(HostTensor::from_index(DType::I32, &[2], &[3, 2]));
@@ -652,7 +708,8 @@ fn judge_logits(what: &str, got: &[f32], r: &[f32]) -> Result<(), String> {
 #[test]
 fn indexer_logits_matches_reference() {
     let mut rng = Rng(0x10917);
-    let cases: [((usize, usize, usize, usize), Vec<usize>, usize); 4] = [
+    type Case = ((usize, usize, usize, usize), Vec<usize>, usize);
+    let cases: [Case; 4] = [
         ((2, 1, 4, 32), vec![37, 5], 7),
         ((3, 2, 8, 128), vec![0, 65, 130], 64),
         ((2, 2, 3, 64), vec![1, 20], 5),
@@ -683,7 +740,10 @@ fn indexer_logits_errors_and_a_dropped_scale() {
     let bad = HostTensor::from_bytes(DType::U8, c.cache.shape(), bytes).unwrap();
     let good_cache = std::mem::replace(&mut c.cache, bad);
     let got = run_logits(&Cpu, &c).unwrap();
-    assert!(judge_logits("scale", &got, &r).is_err(), "a doubled scale passed");
+    assert!(
+        judge_logits("scale", &got, &r).is_err(),
+        "a doubled scale passed"
+    );
     c.cache = good_cache;
     // Errors: a length past the table, a used block out of range.
     let mut table = c.table.to_i64_vec();
@@ -702,7 +762,12 @@ fn indexer_logits_errors_and_a_dropped_scale() {
 
 // ---- indexer_topk and cache_quant: bit for bit ------------------------------------
 
-fn run_topk(be: &dyn Backend, logits: &HostTensor, lens: &HostTensor, topk: usize) -> deepport_core::Result<Vec<i64>> {
+fn run_topk(
+    be: &dyn Backend,
+    logits: &HostTensor,
+    lens: &HostTensor,
+    topk: usize,
+) -> deepport_core::Result<Vec<i64>> {
     let (l, n) = (be.upload(logits).unwrap(), be.upload(lens).unwrap());
     let mut o = be.alloc(DType::I32, &[logits.shape()[0], topk])?;
     ops::run(
@@ -721,7 +786,15 @@ fn indexer_topk_is_bit_identical() {
     let mut rng = Rng(0x70b);
     let (rows, n) = (9, 700);
     // Few distinct values (many exact ties), ±0, ±inf and NaN.
-    let specials = [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1.5, -1.5];
+    let specials = [
+        0.0f32,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1.5,
+        -1.5,
+    ];
     let v: Vec<f32> = (0..rows * n)
         .map(|_| match rng.below(4) {
             0 => specials[rng.below(specials.len())],
@@ -746,7 +819,12 @@ fn indexer_topk_is_bit_identical() {
     assert_eq!(format!("{got:?}"), format!("{want:?}"));
 }
 
-fn run_quant(be: &dyn Backend, x: &HostTensor, layout: CacheLayout, ue8m0: bool) -> deepport_core::Result<Vec<u8>> {
+fn run_quant(
+    be: &dyn Backend,
+    x: &HostTensor,
+    layout: CacheLayout,
+    ue8m0: bool,
+) -> deepport_core::Result<Vec<u8>> {
     let xt = be.upload(x).unwrap();
     let s = x.shape();
     let mut c = be.alloc(DType::U8, &[s[0], s[1], layout.token_bytes(s[2])])?;
@@ -765,7 +843,11 @@ fn run_quant(be: &dyn Backend, x: &HostTensor, layout: CacheLayout, ue8m0: bool)
 #[test]
 fn cache_quant_is_bit_identical() {
     let mut rng = Rng(0xca);
-    for (layout, d) in [(CacheLayout::Index, 128), (CacheLayout::Latent, 576), (CacheLayout::Index, 40)] {
+    for (layout, d) in [
+        (CacheLayout::Index, 128),
+        (CacheLayout::Latent, 576),
+        (CacheLayout::Index, 40),
+    ] {
         for (blocks, bs) in [(5, 7), (1, 64), (3, 1)] {
             for dtype in [DType::BF16, DType::F32] {
                 let mut v = rng.vec(blocks * bs * d, 3.0);
@@ -776,7 +858,10 @@ fn cache_quant_is_bit_identical() {
                     let r = run_quant(&CpuRef, &x, layout, ue8m0).unwrap();
                     for (simd, threads) in configs() {
                         let got = on(threads, simd, || run_quant(&Cpu, &x, layout, ue8m0)).unwrap();
-                        assert!(got == r, "{layout:?} {blocks}x{bs}x{d} {dtype} ue8m0 {ue8m0} {simd:?} {threads}");
+                        assert!(
+                            got == r,
+                            "{layout:?} {blocks}x{bs}x{d} {dtype} ue8m0 {ue8m0} {simd:?} {threads}"
+                        );
                     }
                 }
             }

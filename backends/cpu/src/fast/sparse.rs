@@ -540,28 +540,26 @@ pub(crate) fn indexer_topk(op: &mut Checked<IndexerTopk<'_>>) -> Result<()> {
     let (n, topk) = (dims.n, dims.topk);
     let mut out = vec![-1i64; dims.rows * topk];
     if topk > 0 {
-        out.par_chunks_mut(topk)
-            .enumerate()
-            .for_each(|(r, dst)| {
-                let row = &logits[r * n..(r + 1) * n];
-                let len = lens[r] as usize;
-                let k = topk.min(len);
-                if k == 0 {
-                    return;
-                }
-                let mut pos: Vec<usize> = (0..len).collect();
-                let order = |x: &usize, y: &usize| topk_order(row, *x, *y);
-                if k < len {
-                    // A total order (ties to the lower position): the first
-                    // k after the selection are exactly the full sort's.
-                    pos.select_nth_unstable_by(k - 1, order);
-                    pos.truncate(k);
-                }
-                pos.sort_unstable_by(order);
-                for (o, &p) in dst.iter_mut().zip(&pos) {
-                    *o = p as i64;
-                }
-            });
+        out.par_chunks_mut(topk).enumerate().for_each(|(r, dst)| {
+            let row = &logits[r * n..(r + 1) * n];
+            let len = lens[r] as usize;
+            let k = topk.min(len);
+            if k == 0 {
+                return;
+            }
+            let mut pos: Vec<usize> = (0..len).collect();
+            let order = |x: &usize, y: &usize| topk_order(row, *x, *y);
+            if k < len {
+                // A total order (ties to the lower position): the first
+                // k after the selection are exactly the full sort's.
+                pos.select_nth_unstable_by(k - 1, order);
+                pos.truncate(k);
+            }
+            pos.sort_unstable_by(order);
+            for (o, &p) in dst.iter_mut().zip(&pos) {
+                *o = p as i64;
+            }
+        });
     }
     put_i64(a.indices, &out)
 }
