@@ -20,7 +20,7 @@ use rayon::prelude::*;
 /// about 2 ulp, 0 below −87 (and for −inf). Written so that a loop over it
 /// vectorizes.
 #[inline(always)]
-fn exp_nonpos(x: f32) -> f32 {
+pub(crate) fn exp_nonpos(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

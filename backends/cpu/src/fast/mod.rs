@@ -14,6 +14,7 @@ mod gemm;
 mod mla;
 mod prefill;
 mod small;
+mod sparse;
 
 use crate::HostStorage;
 use deepport_core::backend::Tensor;
@@ -163,7 +164,9 @@ pub fn describe() -> String {
     };
     format!(
         "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {decode}, all heads of a kv head per cache pass, split-K; \
-         add/silu_mul/rms_norm/embedding/act_quant/rope/copy_window: parallel, bit-identical to cpu-ref; {t} threads",
+         sparse_mla decode/prefill: {name} f32, selected keys dequantized once per 64-token chunk for all heads, online softmax, split over slots; \
+         indexer_logits: {name} f32 dots (exact e4m3 products), f64 head sums; indexer_topk: partial selection in cpu-ref's order; \
+         add/silu_mul/rms_norm/embedding/act_quant/rope/copy_window/cache_quant: parallel, bit-identical to cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )
 }
@@ -286,6 +289,9 @@ pub(crate) mod ops {
     pub(crate) use super::prefill::mla_prefill;
     pub(crate) use super::small::{
         act_quant, add, copy_window, embedding, rms_norm, rope, silu_mul,
+    };
+    pub(crate) use super::sparse::{
+        cache_quant, indexer_logits, indexer_topk, sparse_mla_decode, sparse_mla_prefill,
     };
     pub(crate) use crate::kernels::*;
 }
