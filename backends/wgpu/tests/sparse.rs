@@ -788,3 +788,49 @@ fn sparse_mla_prefill_reports_bad_lengths() {
         None,
     );
 }
+
+/// Throughput of `sparse_mla_decode` on one shape (not a test: run with
+/// `DEEPPORT_SPARSE_BENCH=b,s_q,h_q,topk cargo test --release -p
+/// deepport-wgpu --test sparse -- --ignored --nocapture decode_throughput`).
+/// Prints GMAC/s (q·K and p·V: h_q·topk·(576 + 512) per query row).
+#[test]
+#[ignore]
+fn decode_throughput() {
+    let Ok(shape) = std::env::var("DEEPPORT_SPARSE_BENCH") else {
+        return;
+    };
+    let v: Vec<usize> = shape.split(',').map(|x| x.trim().parse().unwrap()).collect();
+    let (batch, s_q, h_q, topk) = (v[0], v[1], v[2], v[3]);
+    let Some(w) = own() else { return };
+    let mut r = rng(12);
+    let (nb, bs) = ((topk * batch).div_ceil(64), 64usize);
+    let cache = latent_cache(&mut r, nb * bs, &[]);
+    let idx: Vec<i64> = (0..batch * s_q * topk)
+        .map(|_| r.below(nb * bs) as i64)
+        .collect();
+    let n = batch * s_q * h_q * V32_D;
+    let t = vec![
+        up(&w, &HostTensor::from_f32(DType::BF16, &[batch, s_q, h_q, V32_D], &r.normals(n, 1.0))),
+        up(&w, &HostTensor::from_bytes(DType::U8, &[nb, bs, V32_TOKEN_BYTES], cache).unwrap()),
+        up(&w, &i32s(&[batch, s_q, topk], &idx)),
+        up(&w, &i32s(&[batch], &vec![topk as i64; batch])),
+        up(&w, &HostTensor::from_f32(DType::F32, &[h_q], &r.normals(h_q, 1.0))),
+    ];
+    let macs = (batch * s_q * h_q * topk * (V32_D + V32_NOPE)) as f64;
+    let mut times = Vec::new();
+    for i in 0..4 {
+        let t0 = std::time::Instant::now();
+        run_sparse(&w, &t, (batch, s_q, h_q), DType::BF16, false, true).expect("runs");
+        w.synchronize().expect("sync");
+        let s = t0.elapsed().as_secs_f64();
+        if i > 0 {
+            times.push(s);
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = times[times.len() / 2];
+    println!(
+        "sparse_mla_decode b={batch} s_q={s_q} h_q={h_q} topk={topk}: {med:.3} s, {:.3} GMAC/s (times {times:?})",
+        macs / med / 1e9
+    );
+}

@@ -16,7 +16,7 @@ use crate::Wgpu;
 use deepport_core::ops::*;
 use deepport_core::backend::Tensor;
 use deepport_core::{DType, Error, Result};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 const TEMPLATE: &str = include_str!("../shaders/sparse_attn.wgsl");
 const CHECK: &str = include_str!("../shaders/sparse_check.wgsl");
@@ -32,19 +32,70 @@ pub(crate) fn register(t: &mut OpTable) {
     t.sparse_mla_decode = Some(sparse_mla_decode);
 }
 
-/// The kernel body, with or without the `max_logits` store.
-fn body(max_logits: bool) -> &'static str {
-    static BODIES: OnceLock<[String; 2]> = OnceLock::new();
-    let b = BODIES.get_or_init(|| {
-        [
-            TEMPLATE.replace("{MAXL}\n", ""),
-            TEMPLATE.replace(
-                "{MAXL}\n",
-                "            stw_maxl(item, bitcast<u32>(mx));\n",
-            ),
-        ]
-    });
-    &b[max_logits as usize]
+/// The kernel body for `d` key channels (576 or 512), with or without the
+/// `max_logits` store: the template with its per-head and per-channel
+/// code written out (named registers, no dynamically indexed arrays).
+fn body(d: usize, max_logits: bool) -> &'static str {
+    type Bodies = Vec<((usize, bool), &'static str)>;
+    static CACHE: Mutex<Bodies> = Mutex::new(Vec::new());
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, b)) = c.iter().find(|(k, _)| *k == (d, max_logits)) {
+        return b;
+    }
+    let b: &'static str = Box::leak(generate(d, max_logits).into_boxed_str());
+    c.push(((d, max_logits), b));
+    b
+}
+
+fn generate(d: usize, max_logits: bool) -> String {
+    use std::fmt::Write;
+    // Rope vec4s per group: 4 (d = 576) or none.
+    let rg = (d - V32_NOPE) / 16;
+    let (mut q, mut score) = (String::new(), String::new());
+    for i in 0..32 {
+        let _ = writeln!(q, "    let q{i} = load_q4(qb + gg * 128u + {}u);", 4 * i);
+        let _ = writeln!(score, "        part = part + dot(q{i}, Kf[kb + {i}u]);");
+    }
+    for i in 0..rg {
+        let n = 32 + i;
+        let _ = writeln!(q, "    let q{n} = load_q4(qb + 512u + gg * {}u + {}u);", 4 * rg, 4 * i);
+        let _ = writeln!(score, "        part = part + dot(q{n}, Kf[rb + {i}u]);");
+    }
+    let xyzw = ["x", "y", "z", "w"];
+    let (mut decl, mut load, mut save, mut out, mut pv) =
+        (String::new(), String::new(), String::new(), String::new(), String::new());
+    for h in 0..HT {
+        let f = format!("{}.{}", h / 4, xyzw[h % 4]);
+        let _ = writeln!(decl, "    var a{h} = vec2<f32>(0.0);");
+        let _ = writeln!(load, "        a{h} = get_st2(row, h0 + {h}u, lid);");
+        let _ = writeln!(save, "        put_st2(row, h0 + {h}u, lid, a{h});");
+        let _ = writeln!(out, "    put_out2(row, h0 + {h}u, lid, a{h} * f{f});");
+        let _ = writeln!(pv, "        a{h} = a{h} * al{f};");
+    }
+    for n in 0..2 * HT {
+        let _ = writeln!(pv, "        let pr{n} = Pr[{n}];");
+    }
+    for t in 0..T {
+        let _ = writeln!(pv, "        let k{t} = Kf[{t}u * D4 + lid / 2u];");
+        let _ = writeln!(pv, "        let v{t} = select(k{t}.zw, k{t}.xy, lid % 2u == 0u);");
+        for h in 0..HT {
+            let _ = writeln!(pv, "        a{h} = a{h} + pr{}.{} * v{t};", 2 * h + t / 4, xyzw[t % 4]);
+        }
+    }
+    let maxl = if max_logits {
+        "            stw_maxl(item, bitcast<u32>(mx));\n"
+    } else {
+        ""
+    };
+    TEMPLATE
+        .replace("{Q}\n", &q)
+        .replace("{SCORE}\n", &score)
+        .replace("{A_DECL}\n", &decl)
+        .replace("{A_LOAD}\n", &load)
+        .replace("{A_SAVE}\n", &save)
+        .replace("{A_OUT}\n", &out)
+        .replace("{PV}\n", &pv)
+        .replace("{MAXL}\n", maxl)
 }
 
 /// Where the keys of [`attend`] come from.
@@ -124,7 +175,7 @@ pub(super) fn attend(
         Some(rec.scratch(4)?)
     };
     let st_buf = st.as_ref().unwrap_or(&dummy);
-    let mut sh = Shader::new(op, body(max_logits.is_some()))
+    let mut sh = Shader::new(op, body(d, max_logits.is_some()))
         .constant("D", format!("{d}u"))
         .constant("D4", format!("{}u", d / 4))
         .constant("FP8", kv_dt.is_none())

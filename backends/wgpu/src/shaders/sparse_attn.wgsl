@@ -45,11 +45,12 @@ const KN: u32 = T * D4;
 const RG: u32 = (D4 - 128u) / 4u;
 
 var<workgroup> Kf: array<vec4<f32>, KN>; // [T][D4] staged keys
-var<workgroup> Slot: array<u32, 8>;      // window-relative slot or INVALID
-var<workgroup> Part: array<f32, 256>;    // [HT][4 groups][T]
-var<workgroup> Pr: array<f32, 64>;       // [HT][T]
-var<workgroup> Al: array<f32, 8>;
-var<workgroup> Fac: array<f32, 8>;
+// Small tables as vec4s: llvmpipe loads a vec4 for the price of a scalar.
+var<workgroup> Slot: array<vec4<u32>, 2>; // window-relative slot or INVALID
+var<workgroup> Part: array<vec4<f32>, 64>; // [HT][4 groups][T]
+var<workgroup> Pr: array<vec4<f32>, 16>;   // [HT][T]
+var<workgroup> Al: array<vec4<f32>, 2>;    // [HT]
+var<workgroup> Fac: array<vec4<f32>, 2>;   // [HT]
 var<workgroup> klen_w: u32;
 
 // ln x for finite x ≥ 2^-126 (mla_combine.wgsl's).
@@ -113,6 +114,35 @@ fn load_q4(e: u32) -> vec4<f32> {
     return vec4<f32>(ld_q(e), ld_q(e + 1u), ld_q(e + 2u), ld_q(e + 3u));
 }
 
+// Stores channels e, e + 1 of `out` (o already scaled) for head h0 + h.
+fn put_out2(row: u32, hd: u32, lid: u32, o: vec2<f32>) {
+    if hd >= P.h_q {
+        return;
+    }
+    let e = (row * P.h_q + hd) * 512u + 2u * lid;
+    if OUT_PER == 1u {
+        stw_out(e, enc_out(o.x));
+        stw_out(e + 1u, enc_out(o.y));
+    } else {
+        stw_out(e / 2u, (enc_out(o.x) & 0xffffu) | (enc_out(o.y) << 16u));
+    }
+}
+
+// Saves a head's channels 2·lid, 2·lid + 1 into the carried state.
+fn put_st2(row: u32, hd: u32, lid: u32, o: vec2<f32>) {
+    if hd >= P.h_q {
+        return;
+    }
+    let sb = (row * P.h_q + hd) * 514u;
+    b_st[sb + 2u * lid] = bitcast<u32>(o.x);
+    b_st[sb + 2u * lid + 1u] = bitcast<u32>(o.y);
+}
+
+fn get_st2(row: u32, hd: u32, lid: u32) -> vec2<f32> {
+    let sb = (row * P.h_q + min(hd, P.h_q - 1u)) * 514u;
+    return bitcast<vec2<f32>>(vec2<u32>(b_st[sb + 2u * lid], b_st[sb + 2u * lid + 1u]));
+}
+
 fn per_workgroup(wg: u32, lid: u32) {
     if wg >= P.total {
         return;
@@ -138,37 +168,19 @@ fn per_workgroup(wg: u32, lid: u32) {
     let hh = lid / 32u;
     let gg = (lid / 8u) % 4u;
     let tt = lid % 8u;
-    var qv: array<vec4<f32>, 36>;
     let head = h0 + hh;
-    let qb = (row * P.h_q + head) * D;
-    for (var i = 0u; i < 32u; i = i + 1u) {
-        var v = vec4<f32>(0.0);
-        if head < P.h_q {
-            v = load_q4(qb + gg * 128u + 4u * i);
-        }
-        qv[i] = v;
-    }
-    for (var i = 0u; i < RG; i = i + 1u) {
-        var v = vec4<f32>(0.0);
-        if head < P.h_q {
-            v = load_q4(qb + 512u + gg * 4u * RG + 4u * i);
-        }
-        qv[32u + i] = v;
-    }
+    let qb = (row * P.h_q + min(head, P.h_q - 1u)) * D;
+    // q of head hh, group gg: latent channels gg·128 …, rope gg·16 … (q0 …).
+{Q}
     // Softmax state of head lid (lid < HT).
     var m = NEG_BIG;
     var l = 0.0;
     // Output role: channels 2·lid, 2·lid + 1 of every head.
-    var acc: array<vec2<f32>, 8>;
-    for (var h = 0u; h < HT; h = h + 1u) {
-        acc[h] = vec2<f32>(0.0);
-    }
+    // a0 … a7: named, not an array (a dynamically indexed array would be
+    // gathered lane by lane).
+{A_DECL}
     if P.first == 0u {
-        for (var h = 0u; h < HT; h = h + 1u) {
-            let hd = min(h0 + h, P.h_q - 1u);
-            let sb = (row * P.h_q + hd) * 514u;
-            acc[h] = bitcast<vec2<f32>>(vec2<u32>(b_st[sb + 2u * lid], b_st[sb + 2u * lid + 1u]));
-        }
+{A_LOAD}
         if lid < HT {
             let sb = (row * P.h_q + min(h0 + lid, P.h_q - 1u)) * 514u;
             m = bitcast<f32>(b_st[sb + 512u]);
@@ -188,11 +200,12 @@ fn per_workgroup(wg: u32, lid: u32) {
                     slot = v.x - P.lo;
                 }
             }
-            Slot[lid] = slot;
+            Slot[lid / 4u][lid % 4u] = slot;
         }
         workgroupBarrier();
         for (var e = lid; e < KN; e = e + 256u) {
-            let slot = Slot[e / D4];
+            let t = e / D4;
+            let slot = Slot[t / 4u][t % 4u];
             var v = vec4<f32>(0.0);
             if slot != INVALID {
                 v = key4(slot, e % D4);
@@ -202,56 +215,42 @@ fn per_workgroup(wg: u32, lid: u32) {
         workgroupBarrier();
         // Scores: partial dot of (head hh, key tt) over group gg.
         var part = 0.0;
-        if Slot[tt] != INVALID {
-            let kb = tt * D4 + gg * 32u;
-            for (var i = 0u; i < 32u; i = i + 1u) {
-                part = part + dot(qv[i], Kf[kb + i]);
-            }
-            let rb = tt * D4 + 128u + gg * RG;
-            for (var i = 0u; i < RG; i = i + 1u) {
-                part = part + dot(qv[32u + i], Kf[rb + i]);
-            }
-        }
-        Part[lid] = part;
+        let kb = tt * D4 + gg * 32u;
+        let rb = tt * D4 + 128u + gg * RG;
+{SCORE}
+        part = select(0.0, part, Slot[tt / 4u][tt % 4u] != INVALID);
+        Part[lid / 4u][lid % 4u] = part;
         workgroupBarrier();
         if lid < HT {
-            var sv: array<f32, 8>;
-            var mc = m;
-            for (var t = 0u; t < T; t = t + 1u) {
-                let pb = lid * 32u + t;
-                sv[t] = (Part[pb] + Part[pb + 8u] + Part[pb + 16u] + Part[pb + 24u]) * P.scale;
-                if Slot[t] != INVALID {
-                    mc = max(mc, sv[t]);
-                }
-            }
+            // Part[h][g][t]: vec4s 8h + 2g (t < 4) and 8h + 2g + 1.
+            let pb = lid * 8u;
+            let s_lo = (Part[pb] + Part[pb + 2u] + Part[pb + 4u] + Part[pb + 6u]) * P.scale;
+            let s_hi = (Part[pb + 1u] + Part[pb + 3u] + Part[pb + 5u] + Part[pb + 7u]) * P.scale;
+            let v_lo = Slot[0] != vec4<u32>(INVALID);
+            let v_hi = Slot[1] != vec4<u32>(INVALID);
+            let n_lo = select(vec4<f32>(NEG_BIG), s_lo, v_lo);
+            let n_hi = select(vec4<f32>(NEG_BIG), s_hi, v_hi);
+            let mx4 = max(n_lo, n_hi);
+            let mc = max(m, max(max(mx4.x, mx4.y), max(mx4.z, mx4.w)));
             var alpha = 1.0;
             if m != NEG_BIG {
                 alpha = exp_f32(m - mc);
             }
-            var sum = 0.0;
-            for (var t = 0u; t < T; t = t + 1u) {
-                var p = 0.0;
-                if Slot[t] != INVALID {
-                    p = exp_f32(sv[t] - mc);
-                }
-                Pr[lid * T + t] = p;
-                sum = sum + p;
-            }
-            l = l * alpha + sum;
+            let d_lo = s_lo - mc;
+            let d_hi = s_hi - mc;
+            let p_lo = select(vec4<f32>(0.0), vec4<f32>(exp_f32(d_lo.x), exp_f32(d_lo.y), exp_f32(d_lo.z), exp_f32(d_lo.w)), v_lo);
+            let p_hi = select(vec4<f32>(0.0), vec4<f32>(exp_f32(d_hi.x), exp_f32(d_hi.y), exp_f32(d_hi.z), exp_f32(d_hi.w)), v_hi);
+            Pr[2u * lid] = p_lo;
+            Pr[2u * lid + 1u] = p_hi;
+            let ps = p_lo + p_hi;
+            l = l * alpha + ((ps.x + ps.y) + (ps.z + ps.w));
             m = mc;
-            Al[lid] = alpha;
+            Al[lid / 4u][lid % 4u] = alpha;
         }
         workgroupBarrier();
-        for (var h = 0u; h < HT; h = h + 1u) {
-            acc[h] = acc[h] * Al[h];
-        }
-        for (var t = 0u; t < T; t = t + 1u) {
-            let k4 = Kf[t * D4 + lid / 2u];
-            let v = select(k4.zw, k4.xy, lid % 2u == 0u);
-            for (var h = 0u; h < HT; h = h + 1u) {
-                acc[h] = acc[h] + Pr[h * T + t] * v;
-            }
-        }
+        let al0 = Al[0];
+        let al1 = Al[1];
+{PV}
     }
     if P.last == 0u {
         // Carry the state to the next window.
@@ -260,13 +259,7 @@ fn per_workgroup(wg: u32, lid: u32) {
             b_st[sb + 512u] = bitcast<u32>(m);
             b_st[sb + 513u] = bitcast<u32>(l);
         }
-        for (var h = 0u; h < HT; h = h + 1u) {
-            if h0 + h < P.h_q {
-                let sb = (row * P.h_q + h0 + h) * 514u;
-                b_st[sb + 2u * lid] = bitcast<u32>(acc[h].x);
-                b_st[sb + 2u * lid + 1u] = bitcast<u32>(acc[h].y);
-            }
-        }
+{A_SAVE}
         return;
     }
     if lid < HT {
@@ -282,7 +275,7 @@ fn per_workgroup(wg: u32, lid: u32) {
                 f = f / (1.0 + exp_f32(ld_sink(hd) - lse));
             }
         }
-        Fac[lid] = f;
+        Fac[lid / 4u][lid % 4u] = f;
         if hd < P.h_q {
             let b = row / P.s_q;
             let s = row % P.s_q;
@@ -292,17 +285,7 @@ fn per_workgroup(wg: u32, lid: u32) {
         }
     }
     workgroupBarrier();
-    for (var h = 0u; h < HT; h = h + 1u) {
-        let hd = h0 + h;
-        if hd < P.h_q {
-            let o = acc[h] * Fac[h];
-            let e = (row * P.h_q + hd) * 512u + 2u * lid;
-            if OUT_PER == 1u {
-                stw_out(e, enc_out(o.x));
-                stw_out(e + 1u, enc_out(o.y));
-            } else {
-                stw_out(e / 2u, (enc_out(o.x) & 0xffffu) | (enc_out(o.y) << 16u));
-            }
-        }
-    }
+    let f0 = Fac[0];
+    let f1 = Fac[1];
+{A_OUT}
 }
