@@ -652,7 +652,14 @@ type PrefillCase = (usize, usize, usize, usize, usize, DType, bool, bool);
 
 /// FlashMLA's invalid index values: negative, `s_kv` and far beyond.
 fn invalid(s_kv: usize, k: usize) -> i64 {
-    [-1, s_kv as i64, i32::MAX as i64, i32::MIN as i64, -123_456, 114_514][k % 6]
+    [
+        -1,
+        s_kv as i64,
+        i32::MAX as i64,
+        i32::MIN as i64,
+        -123_456,
+        114_514,
+    ][k % 6]
 }
 
 /// Tokens 1 and `s_kv − 2` are NaN and named only past `topk_length`;
@@ -707,7 +714,8 @@ fn prefill_cases(w: &Wgpu, seed: u64, cases: &[PrefillCase]) {
             run_prefill(b, t, (s_q, h_q), out_dt, with_len, with_sink)
         })
         .expect("sparse_mla_prefill runs");
-        let what = format!("sparse_mla_prefill s_q={s_q} s_kv={s_kv} h_q={h_q} topk={topk} d={d} {dt}");
+        let what =
+            format!("sparse_mla_prefill s_q={s_q} s_kv={s_kv} h_q={h_q} topk={topk} d={d} {dt}");
         // FlashMLA's tolerances (spec-v32 §9.7).
         assert_close(&format!("{what} out"), &got[0], &want[0], |_, v| {
             8e-4f64.max(3.01 / 128.0 * f64::from(v.abs()))
@@ -770,8 +778,14 @@ fn sparse_mla_prefill_reports_bad_lengths() {
     let Some(w) = own() else { return };
     let mut r = rng(11);
     let t = vec![
-        up(&w, &HostTensor::from_f32(DType::F32, &[2, 1, V32_NOPE], &r.normals(2 * V32_NOPE, 1.0))),
-        up(&w, &HostTensor::from_f32(DType::F32, &[4, 1, V32_NOPE], &r.normals(4 * V32_NOPE, 1.0))),
+        up(
+            &w,
+            &HostTensor::from_f32(DType::F32, &[2, 1, V32_NOPE], &r.normals(2 * V32_NOPE, 1.0)),
+        ),
+        up(
+            &w,
+            &HostTensor::from_f32(DType::F32, &[4, 1, V32_NOPE], &r.normals(4 * V32_NOPE, 1.0)),
+        ),
         up(&w, &i32s(&[2, 1, 3], &[0, 1, 2, 3, -1, 9])),
         up(&w, &i32s(&[2], &[3, 4])),
     ];
@@ -799,7 +813,10 @@ fn decode_throughput() {
     let Ok(shape) = std::env::var("DEEPPORT_SPARSE_BENCH") else {
         return;
     };
-    let v: Vec<usize> = shape.split(',').map(|x| x.trim().parse().unwrap()).collect();
+    let v: Vec<usize> = shape
+        .split(',')
+        .map(|x| x.trim().parse().unwrap())
+        .collect();
     let (batch, s_q, h_q, topk) = (v[0], v[1], v[2], v[3]);
     let Some(w) = own() else { return };
     let mut r = rng(12);
@@ -810,11 +827,20 @@ fn decode_throughput() {
         .collect();
     let n = batch * s_q * h_q * V32_D;
     let t = vec![
-        up(&w, &HostTensor::from_f32(DType::BF16, &[batch, s_q, h_q, V32_D], &r.normals(n, 1.0))),
-        up(&w, &HostTensor::from_bytes(DType::U8, &[nb, bs, V32_TOKEN_BYTES], cache).unwrap()),
+        up(
+            &w,
+            &HostTensor::from_f32(DType::BF16, &[batch, s_q, h_q, V32_D], &r.normals(n, 1.0)),
+        ),
+        up(
+            &w,
+            &HostTensor::from_bytes(DType::U8, &[nb, bs, V32_TOKEN_BYTES], cache).unwrap(),
+        ),
         up(&w, &i32s(&[batch, s_q, topk], &idx)),
         up(&w, &i32s(&[batch], &vec![topk as i64; batch])),
-        up(&w, &HostTensor::from_f32(DType::F32, &[h_q], &r.normals(h_q, 1.0))),
+        up(
+            &w,
+            &HostTensor::from_f32(DType::F32, &[h_q], &r.normals(h_q, 1.0)),
+        ),
     ];
     let macs = (batch * s_q * h_q * topk * (V32_D + V32_NOPE)) as f64;
     let mut times = Vec::new();

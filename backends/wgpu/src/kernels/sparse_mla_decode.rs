@@ -13,8 +13,8 @@
 use super::OpTable;
 use crate::ctx::{buffer, u32_of, CheckKind, Params, Rec, Shader, Win};
 use crate::Wgpu;
-use deepport_core::ops::*;
 use deepport_core::backend::Tensor;
+use deepport_core::ops::*;
 use deepport_core::{DType, Error, Result};
 use std::sync::Mutex;
 
@@ -58,12 +58,22 @@ fn generate(d: usize, max_logits: bool) -> String {
     }
     for i in 0..rg {
         let n = 32 + i;
-        let _ = writeln!(q, "    let q{n} = load_q4(qb + 512u + gg * {}u + {}u);", 4 * rg, 4 * i);
+        let _ = writeln!(
+            q,
+            "    let q{n} = load_q4(qb + 512u + gg * {}u + {}u);",
+            4 * rg,
+            4 * i
+        );
         let _ = writeln!(score, "        part = part + dot(q{n}, Kf[rb + {i}u]);");
     }
     let xyzw = ["x", "y", "z", "w"];
-    let (mut decl, mut load, mut save, mut out, mut pv) =
-        (String::new(), String::new(), String::new(), String::new(), String::new());
+    let (mut decl, mut load, mut save, mut out, mut pv) = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
     for h in 0..HT {
         let f = format!("{}.{}", h / 4, xyzw[h % 4]);
         let _ = writeln!(decl, "    var a{h} = vec2<f32>(0.0);");
@@ -77,9 +87,17 @@ fn generate(d: usize, max_logits: bool) -> String {
     }
     for t in 0..T {
         let _ = writeln!(pv, "        let k{t} = Kf[{t}u * D4 + lid / 2u];");
-        let _ = writeln!(pv, "        let v{t} = select(k{t}.zw, k{t}.xy, lid % 2u == 0u);");
+        let _ = writeln!(
+            pv,
+            "        let v{t} = select(k{t}.zw, k{t}.xy, lid % 2u == 0u);"
+        );
         for h in 0..HT {
-            let _ = writeln!(pv, "        a{h} = a{h} + pr{}.{} * v{t};", 2 * h + t / 4, xyzw[t % 4]);
+            let _ = writeln!(
+                pv,
+                "        a{h} = a{h} + pr{}.{} * v{t};",
+                2 * h + t / 4,
+                xyzw[t % 4]
+            );
         }
     }
     let maxl = if max_logits {
@@ -103,7 +121,11 @@ pub(super) enum Keys<'t> {
     /// FlashMLA's FP8 latent cache: `slots` tokens of 656 bytes.
     Fp8 { cache: &'t Tensor, slots: usize },
     /// A plain `[s_kv, 1, d]` tensor (`d` = 576 or 512).
-    Plain { kv: &'t Tensor, s_kv: usize, d: usize },
+    Plain {
+        kv: &'t Tensor,
+        s_kv: usize,
+        d: usize,
+    },
 }
 
 /// The attention of both sparse MLA ops (see `shaders/sparse_attn.wgsl`).
@@ -129,7 +151,13 @@ pub(super) fn attend(
 ) -> Result<()> {
     let (kv, n_keys, d, row_bytes, kv_dt) = match keys {
         Keys::Fp8 { cache, slots } => (cache, slots, V32_D, V32_TOKEN_BYTES as u64, None),
-        Keys::Plain { kv, s_kv, d } => (kv, s_kv, d, (d * kv.dtype().size()) as u64, Some(kv.dtype())),
+        Keys::Plain { kv, s_kv, d } => (
+            kv,
+            s_kv,
+            d,
+            (d * kv.dtype().size()) as u64,
+            Some(kv.dtype()),
+        ),
     };
     let tiles = h_q.div_ceil(HT);
     let total = u32_of(op, "workgroups", rows.saturating_mul(tiles))?;
@@ -145,7 +173,11 @@ pub(super) fn attend(
             format!("the kernel stages {need} bytes of keys in workgroup memory; the adapter allows {have}"),
         ));
     }
-    u32_of(op, "q (elements)", rows.saturating_mul(h_q).saturating_mul(d))?;
+    u32_of(
+        op,
+        "q (elements)",
+        rows.saturating_mul(h_q).saturating_mul(d),
+    )?;
     u32_of(op, "key rows", n_keys.saturating_add(1))?;
     let dummy = rec.table(&[0u8; 4])?;
     let tl = match topk_length {
@@ -169,19 +201,21 @@ pub(super) fn attend(
                 ),
             ));
         }
-        Some(rec.scratch(bytes)?)
+        rec.scratch(bytes)?
     } else {
         // Never read or written, but bound read-write: its own buffer.
-        Some(rec.scratch(4)?)
+        rec.scratch(4)?
     };
-    let st_buf = st.as_ref().unwrap_or(&dummy);
     let mut sh = Shader::new(op, body(d, max_logits.is_some()))
         .constant("D", format!("{d}u"))
         .constant("D4", format!("{}u", d / 4))
         .constant("FP8", kv_dt.is_none())
         .constant(
             "KV_DT",
-            format!("{}u", crate::ctx::shader::dtype_code(kv_dt.unwrap_or(DType::U8))?),
+            format!(
+                "{}u",
+                crate::ctx::shader::dtype_code(kv_dt.unwrap_or(DType::U8))?
+            ),
         )
         .input("q", q.dtype())
         .raw("kv", false)
@@ -215,7 +249,7 @@ pub(super) fn attend(
             Win::whole(buffer(indices)?),
             Win::whole(tl),
             Win::whole(sink),
-            Win::whole(st_buf),
+            Win::whole(&st),
             Win::whole(buffer(out)?),
             Win::whole(buffer(lse)?),
         ];
@@ -264,12 +298,7 @@ fn sparse_mla_decode(w: &Wgpu, op: &mut Checked<SparseMlaDecode<'_>>) -> Result<
             .u32(slots32)
             .u32(a.topk_length.is_some() as u32)
             .u32(entry);
-        rec.dispatch(
-            &sh,
-            p,
-            &[buffer(a.indices)?, tl],
-            total_idx.div_ceil(256),
-        )?;
+        rec.dispatch(&sh, p, &[buffer(a.indices)?, tl], total_idx.div_ceil(256))?;
         rec.capture(entry, a.indices)?;
     }
     attend(
