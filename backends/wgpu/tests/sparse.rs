@@ -860,3 +860,25 @@ fn decode_throughput() {
         macs / med / 1e9
     );
 }
+
+/// `s_kv = 0`: every index is invalid (0 included), every row is empty.
+#[test]
+fn sparse_mla_prefill_without_keys() {
+    let Some(w) = own() else { return };
+    let mut r = rng(13);
+    let inputs = [
+        HostTensor::from_f32(DType::BF16, &[2, 2, V32_D], &r.normals(2 * 2 * V32_D, 1.0)),
+        HostTensor::from_f32(DType::BF16, &[0, 1, V32_D], &[]),
+        i32s(&[2, 1, 4], &[0, -1, 1, 5, 0, 0, 2, -7]),
+        i32s(&[2], &[4, 4]),
+        HostTensor::from_f32(DType::F32, &[2], &[0.5, -1.0]),
+    ];
+    let refs: Vec<&HostTensor> = inputs.iter().collect();
+    let (got, want) = both(&w, &refs, |b, t| {
+        run_prefill(b, t, (2, 2), DType::BF16, false, true)
+    })
+    .expect("sparse_mla_prefill runs");
+    for i in 0..3 {
+        assert_bytes("prefill s_kv = 0", &got[i], &want[i]);
+    }
+}

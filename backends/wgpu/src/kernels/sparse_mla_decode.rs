@@ -239,7 +239,8 @@ pub(super) fn attend(
             .u32(topk_length.is_some() as u32)
             .u32(attn_sink.is_some() as u32)
             .u32(k0 as u32)
-            .u32(k1 as u32)
+            // (n_keys = 0 plans one empty window.)
+            .u32(k1.min(n_keys) as u32)
             .u32((i == 0) as u32)
             .u32((i + 1 == n) as u32)
             .f32(scale);
