@@ -29,9 +29,10 @@
 //!
 //! * DeepSeek-V3.2's ops (docs/spec-v32.md): rope `layout = half`,
 //!   `cache_quant` (bit-exact), `indexer_logits`, `indexer_topk` (radix
-//!   select + bitonic sort per row) and `sparse_mla_decode` (the 656-byte
-//!   FP8 latent cache read as words); their index errors are deferred
-//!   checks like every other kernel's.
+//!   select + bitonic sort per row), `sparse_mla_decode` (the 656-byte
+//!   FP8 latent cache read as words) and `sparse_mla_prefill` (a plain
+//!   latent KV), one attention kernel for both; their index errors are
+//!   deferred checks like every other kernel's.
 //!
 //! Ops not implemented yet answer `NotSupported` (see `kernels`).
 

@@ -455,15 +455,49 @@ fn run_sparse(
 #[test]
 fn sparse_mla_decode_matches_cpu_ref() {
     let Some(w) = own() else { return };
-    let mut r = rng(6);
-    let (nb, bs) = (4usize, 5usize);
+    decode_cases(
+        &w,
+        6,
+        (4, 5),
+        &[
+            (2, 2, 5, 12, DType::BF16, true, true),
+            (1, 3, 9, 20, DType::F32, false, false),
+            (2, 1, 16, 9, DType::BF16, false, true),
+        ],
+    );
+}
+
+/// A cache of 60 slots (39 KiB) through 16 KiB bindings: windows of slots,
+/// the softmax state carried between them.
+#[test]
+fn sparse_mla_decode_windows_a_large_cache() {
+    let Some(w) = available(
+        "wgpu",
+        Wgpu::with_options(WgpuOptions {
+            max_storage_binding: Some(16384),
+            ..Default::default()
+        }),
+    ) else {
+        return;
+    };
+    decode_cases(
+        &w,
+        8,
+        (12, 5),
+        &[
+            (2, 1, 3, 40, DType::BF16, true, true),
+            (1, 2, 2, 33, DType::F32, false, false),
+        ],
+    );
+}
+
+type DecodeCase = (usize, usize, usize, usize, DType, bool, bool);
+
+fn decode_cases(w: &Wgpu, seed: u64, (nb, bs): (usize, usize), cases: &[DecodeCase]) {
+    let mut r = rng(seed);
     let slots = nb * bs;
     let unread = [3usize, 7, 19];
-    for (batch, s_q, h_q, topk, qd, with_len, with_sink) in [
-        (2usize, 2usize, 5usize, 12usize, DType::BF16, true, true),
-        (1, 3, 9, 20, DType::F32, false, false),
-        (2, 1, 16, 9, DType::BF16, false, true),
-    ] {
+    for &(batch, s_q, h_q, topk, qd, with_len, with_sink) in cases {
         let cache = latent_cache(&mut r, slots, &unread);
         let readable: Vec<i64> = (0..slots as i64)
             .filter(|s| !unread.contains(&(*s as usize)))
@@ -502,7 +536,7 @@ fn sparse_mla_decode_matches_cpu_ref() {
             DType::F32
         };
         let dims = (batch, s_q, h_q);
-        let (got, want) = both(&w, &refs, |b, t| {
+        let (got, want) = both(w, &refs, |b, t| {
             run_sparse(b, t, dims, out_dt, with_len, with_sink)
         })
         .expect("sparse_mla_decode runs");
@@ -581,4 +615,270 @@ fn sparse_mla_decode_reports_bad_indices() {
         4,
         None,
     );
+}
+
+// ---- sparse_mla_prefill ------------------------------------------------------------------------------
+
+fn run_prefill(
+    b: &dyn Backend,
+    t: &[Tensor],
+    (s_q, h_q): (usize, usize),
+    out_dt: DType,
+    with_len: bool,
+    with_sink: bool,
+) -> Result<Vec<Tensor>> {
+    let mut out = poisoned(b, out_dt, &[s_q, h_q, V32_NOPE]);
+    let mut maxl = poisoned(b, DType::F32, &[s_q, h_q]);
+    let mut lse = poisoned(b, DType::F32, &[s_q, h_q]);
+    run(
+        b,
+        SparseMlaPrefill {
+            q: &t[0],
+            kv: &t[1],
+            indices: &t[2],
+            topk_length: with_len.then(|| &t[3]),
+            attn_sink: with_sink.then(|| &t[4]),
+            out: &mut out,
+            max_logits: &mut maxl,
+            lse: &mut lse,
+            softmax_scale: 0.5,
+        },
+    )?;
+    Ok(vec![out, maxl, lse])
+}
+
+/// `(s_q, s_kv, h_q, topk, d_qk, dtype, topk_length, sink)`.
+type PrefillCase = (usize, usize, usize, usize, usize, DType, bool, bool);
+
+/// FlashMLA's invalid index values: negative, `s_kv` and far beyond.
+fn invalid(s_kv: usize, k: usize) -> i64 {
+    [
+        -1,
+        s_kv as i64,
+        i32::MAX as i64,
+        i32::MIN as i64,
+        -123_456,
+        114_514,
+    ][k % 6]
+}
+
+/// Tokens 1 and `s_kv − 2` are NaN and named only past `topk_length`;
+/// without `topk_length` query 0 has only invalid slots; about one slot in
+/// five is invalid; duplicates happen; the sink has +inf and −inf heads.
+fn prefill_cases(w: &Wgpu, seed: u64, cases: &[PrefillCase]) {
+    let mut r = rng(seed);
+    for &(s_q, s_kv, h_q, topk, d, dt, with_len, with_sink) in cases {
+        let unread = [1usize, s_kv - 2];
+        let readable: Vec<i64> = (0..s_kv as i64)
+            .filter(|t| !unread.contains(&(*t as usize)))
+            .collect();
+        let lens: Vec<i64> = (0..s_q)
+            .map(|s| [topk, 0, topk / 2 + 1, 3.min(topk)][s % 4] as i64)
+            .collect();
+        let mut idx = Vec::new();
+        for (s, &len) in lens.iter().enumerate() {
+            for k in 0..topk {
+                idx.push(if with_len && k as i64 >= len {
+                    // Past topk_length: never read.
+                    [-1, unread[0] as i64, readable[r.below(readable.len())]][k % 3]
+                } else if (s == 0 && !with_len) || (k + s) % 5 == 4 {
+                    invalid(s_kv, k + s)
+                } else {
+                    readable[r.below(readable.len())]
+                });
+            }
+        }
+        let mut kv = r.normals(s_kv * d, 0.3);
+        for &t in &unread {
+            kv[t * d..(t + 1) * d].fill(f32::NAN);
+        }
+        let mut sink = r.normals(h_q, 2.0);
+        sink[0] = f32::INFINITY;
+        if h_q > 1 {
+            sink[1] = f32::NEG_INFINITY;
+        }
+        let inputs = [
+            HostTensor::from_f32(dt, &[s_q, h_q, d], &r.normals(s_q * h_q * d, 0.3)),
+            HostTensor::from_f32(dt, &[s_kv, 1, d], &kv),
+            i32s(&[s_q, 1, topk], &idx),
+            i32s(&[s_q], &lens),
+            HostTensor::from_f32(DType::F32, &[h_q], &sink),
+        ];
+        let refs: Vec<&HostTensor> = inputs.iter().collect();
+        let out_dt = if dt == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let (got, want) = both(w, &refs, |b, t| {
+            run_prefill(b, t, (s_q, h_q), out_dt, with_len, with_sink)
+        })
+        .expect("sparse_mla_prefill runs");
+        let what =
+            format!("sparse_mla_prefill s_q={s_q} s_kv={s_kv} h_q={h_q} topk={topk} d={d} {dt}");
+        // FlashMLA's tolerances (spec-v32 §9.7).
+        assert_close(&format!("{what} out"), &got[0], &want[0], |_, v| {
+            8e-4f64.max(3.01 / 128.0 * f64::from(v.abs()))
+        });
+        assert!(
+            calc_diff(&got[0].to_f32_vec(), &want[0].to_f32_vec()) < 7e-6,
+            "{what}"
+        );
+        for (i, name) in [(1, "max_logits"), (2, "lse")] {
+            assert_close(&format!("{what} {name}"), &got[i], &want[i], |_, v| {
+                1e-6f64.max(2.01 / 65536.0 * f64::from(v.abs()))
+            });
+        }
+    }
+}
+
+#[test]
+fn sparse_mla_prefill_matches_cpu_ref() {
+    let Some(w) = own() else { return };
+    prefill_cases(
+        &w,
+        9,
+        &[
+            // All-invalid query 0, invalid values, ±inf sinks, h_q not a
+            // multiple of the head tile.
+            (5, 40, 5, 16, V32_D, DType::BF16, false, true),
+            // topk > s_kv, topk_length (0, full, partial).
+            (4, 9, 9, 24, V32_D, DType::F32, true, false),
+            // d_qk = 512 (K = V), f16, both options.
+            (4, 33, 16, 20, V32_NOPE, DType::F16, true, true),
+        ],
+    );
+}
+
+/// A KV beyond 16 KiB bindings: windows of tokens, the softmax state
+/// carried between them.
+#[test]
+fn sparse_mla_prefill_windows_a_large_kv() {
+    let Some(w) = available(
+        "wgpu",
+        Wgpu::with_options(WgpuOptions {
+            max_storage_binding: Some(16384),
+            ..Default::default()
+        }),
+    ) else {
+        return;
+    };
+    prefill_cases(
+        &w,
+        10,
+        &[
+            (2, 40, 3, 24, V32_D, DType::BF16, true, true),
+            (2, 30, 2, 16, V32_NOPE, DType::F32, false, false),
+        ],
+    );
+}
+
+#[test]
+fn sparse_mla_prefill_reports_bad_lengths() {
+    let Some(w) = own() else { return };
+    let mut r = rng(11);
+    let t = vec![
+        up(
+            &w,
+            &HostTensor::from_f32(DType::F32, &[2, 1, V32_NOPE], &r.normals(2 * V32_NOPE, 1.0)),
+        ),
+        up(
+            &w,
+            &HostTensor::from_f32(DType::F32, &[4, 1, V32_NOPE], &r.normals(4 * V32_NOPE, 1.0)),
+        ),
+        up(&w, &i32s(&[2, 1, 3], &[0, 1, 2, 3, -1, 9])),
+        up(&w, &i32s(&[2], &[3, 4])),
+    ];
+    let e = deferred_error(&w, "prefill(topk_length)", || {
+        run_prefill(&w, &t, (2, 1), DType::F32, true, false).map(|_| ())
+    })
+    .expect("supported");
+    assert_index_error(
+        "prefill(topk_length)",
+        e,
+        ("sparse_mla_prefill", "topk_length"),
+        &[1],
+        4,
+        None,
+    );
+}
+
+/// Throughput of `sparse_mla_decode` on one shape (not a test: run with
+/// `DEEPPORT_SPARSE_BENCH=b,s_q,h_q,topk cargo test --release -p
+/// deepport-wgpu --test sparse -- --ignored --nocapture decode_throughput`).
+/// Prints GMAC/s (q·K and p·V: h_q·topk·(576 + 512) per query row).
+#[test]
+#[ignore]
+fn decode_throughput() {
+    let Ok(shape) = std::env::var("DEEPPORT_SPARSE_BENCH") else {
+        return;
+    };
+    let v: Vec<usize> = shape
+        .split(',')
+        .map(|x| x.trim().parse().unwrap())
+        .collect();
+    let (batch, s_q, h_q, topk) = (v[0], v[1], v[2], v[3]);
+    let Some(w) = own() else { return };
+    let mut r = rng(12);
+    let (nb, bs) = ((topk * batch).div_ceil(64), 64usize);
+    let cache = latent_cache(&mut r, nb * bs, &[]);
+    let idx: Vec<i64> = (0..batch * s_q * topk)
+        .map(|_| r.below(nb * bs) as i64)
+        .collect();
+    let n = batch * s_q * h_q * V32_D;
+    let t = vec![
+        up(
+            &w,
+            &HostTensor::from_f32(DType::BF16, &[batch, s_q, h_q, V32_D], &r.normals(n, 1.0)),
+        ),
+        up(
+            &w,
+            &HostTensor::from_bytes(DType::U8, &[nb, bs, V32_TOKEN_BYTES], cache).unwrap(),
+        ),
+        up(&w, &i32s(&[batch, s_q, topk], &idx)),
+        up(&w, &i32s(&[batch], &vec![topk as i64; batch])),
+        up(
+            &w,
+            &HostTensor::from_f32(DType::F32, &[h_q], &r.normals(h_q, 1.0)),
+        ),
+    ];
+    let macs = (batch * s_q * h_q * topk * (V32_D + V32_NOPE)) as f64;
+    let mut times = Vec::new();
+    for i in 0..4 {
+        let t0 = std::time::Instant::now();
+        run_sparse(&w, &t, (batch, s_q, h_q), DType::BF16, false, true).expect("runs");
+        w.synchronize().expect("sync");
+        let s = t0.elapsed().as_secs_f64();
+        if i > 0 {
+            times.push(s);
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = times[times.len() / 2];
+    println!(
+        "sparse_mla_decode b={batch} s_q={s_q} h_q={h_q} topk={topk}: {med:.3} s, {:.3} GMAC/s (times {times:?})",
+        macs / med / 1e9
+    );
+}
+
+/// `s_kv = 0`: every index is invalid (0 included), every row is empty.
+#[test]
+fn sparse_mla_prefill_without_keys() {
+    let Some(w) = own() else { return };
+    let mut r = rng(13);
+    let inputs = [
+        HostTensor::from_f32(DType::BF16, &[2, 2, V32_D], &r.normals(2 * 2 * V32_D, 1.0)),
+        HostTensor::from_f32(DType::BF16, &[0, 1, V32_D], &[]),
+        i32s(&[2, 1, 4], &[0, -1, 1, 5, 0, 0, 2, -7]),
+        i32s(&[2], &[4, 4]),
+        HostTensor::from_f32(DType::F32, &[2], &[0.5, -1.0]),
+    ];
+    let refs: Vec<&HostTensor> = inputs.iter().collect();
+    let (got, want) = both(&w, &refs, |b, t| {
+        run_prefill(b, t, (2, 2), DType::BF16, false, true)
+    })
+    .expect("sparse_mla_prefill runs");
+    for i in 0..3 {
+        assert_bytes("prefill s_kv = 0", &got[i], &want[i]);
+    }
 }

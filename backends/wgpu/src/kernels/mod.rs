@@ -126,4 +126,5 @@ modules!(
     indexer_logits,
     indexer_topk,
     sparse_mla_decode,
+    sparse_mla_prefill,
 );
