@@ -418,22 +418,31 @@ fn fp8_grouped_masked(rng: &mut Rng) {
     }
 }
 
-/// A plain GEMM whose sums cancel: in every row, two products of ±2^60
-/// cancel exactly, with small products before, between and after them, so
-/// any other order of the additions gives another f32 result.
-fn gemm_cancelling(rng: &mut Rng, m: usize, n: usize, k: usize, dt: DType) {
+/// Rows of `a [m, k]` and `b [n, k]` whose dot products cancel: two
+/// products of ±2^60 at k/3 and 2k/3 cancel exactly, with small products
+/// before, between and after them, so any other order of the additions
+/// gives another f32 result.
+fn cancel_pair(rng: &mut Rng, m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
     let (p1, p2) = (k / 3, 2 * k / 3);
     let mut a = rng.vals(m * k, 1.0, false);
-    let mut b_ = rng.vals(n * k, 1.0, false);
+    let mut b = rng.vals(n * k, 1.0, false);
     for i in 0..m {
         a[i * k + p1] = 2f32.powi(30);
         a[i * k + p2] = 2f32.powi(30);
     }
     for j in 0..n {
         let v = [1.0, 1.5, 0.75][rng.below(3)] * 2f32.powi(30);
-        b_[j * k + p1] = v;
-        b_[j * k + p2] = -v;
+        b[j * k + p1] = v;
+        b[j * k + p2] = -v;
     }
+    (a, b)
+}
+
+/// A plain GEMM whose sums cancel: in every row, two products of ±2^60
+/// cancel exactly, with small products before, between and after them, so
+/// any other order of the additions gives another f32 result.
+fn gemm_cancelling(rng: &mut Rng, m: usize, n: usize, k: usize, dt: DType) {
+    let (a, b_) = cancel_pair(rng, m, n, k);
     let (a, b_) = (f32h(dt, &[m, k], &a), f32h(dt, &[n, k], &b_));
     check(
         &format!("gemm (cancelling) m={m} n={n} k={k} {dt:?}"),
@@ -486,16 +495,22 @@ fn gemm(rng: &mut Rng) {
     }
 }
 
-/// The grouped bf16/f32 GEMMs: one function is both specification and
-/// cpu-ref's kernel today; these cases keep it so when either changes.
+/// The grouped bf16/f32 GEMMs: cpu-ref runs each group's rows on the
+/// plain GEMM's tiles, the specification on its row loops.
 fn gemm_grouped_contiguous(rng: &mut Rng) {
     for (i, &(g, m, n, k)) in [(3usize, 7usize, 9usize, 130usize), (2, 40, 33, 77)]
         .iter()
         .enumerate()
     {
         let dt = [DType::F32, DType::BF16][i % 2];
-        let a = f32h(dt, &[m, k], &rng.vals(m * k, 2.0, i == 1));
-        let b_ = f32h(dt, &[g, n, k], &rng.vals(g * n * k, 2.0, false));
+        // Case 0: sums that cancel (`cancel_pair`), so any other order
+        // of the additions shows in the rounded result.
+        let (a, b_) = if i == 0 {
+            cancel_pair(rng, m, g * n, k)
+        } else {
+            (rng.vals(m * k, 2.0, true), rng.vals(g * n * k, 2.0, false))
+        };
+        let (a, b_) = (f32h(dt, &[m, k], &a), f32h(dt, &[g, n, k], &b_));
         let idx: Vec<i32> = (0..m).map(|_| rng.below(g + 1) as i32 - 1).collect();
         check(
             &format!("gemm_grouped_contiguous g={g} m={m} n={n} k={k} {dt:?}"),
@@ -524,8 +539,16 @@ fn gemm_grouped_masked(rng: &mut Rng) {
         .enumerate()
     {
         let dt = [DType::BF16, DType::F32][i % 2];
-        let a = f32h(dt, &[g, m, k], &rng.vals(g * m * k, 2.0, false));
-        let b_ = f32h(dt, &[g, n, k], &rng.vals(g * n * k, 2.0, i == 0));
+        // Case 1: sums that cancel (`cancel_pair`).
+        let (a, b_) = if i == 1 {
+            cancel_pair(rng, g * m, g * n, k)
+        } else {
+            (
+                rng.vals(g * m * k, 2.0, false),
+                rng.vals(g * n * k, 2.0, true),
+            )
+        };
+        let (a, b_) = (f32h(dt, &[g, m, k], &a), f32h(dt, &[g, n, k], &b_));
         let mm: Vec<i32> = (0..g).map(|_| rng.below(m + 1) as i32).collect();
         check(
             &format!("gemm_grouped_masked g={g} m={m} n={n} k={k} {dt:?}"),
