@@ -357,7 +357,11 @@ pub fn execute_some(
 ) -> Vec<(usize, CaseResult)> {
     let total = pending.len();
     let next = AtomicUsize::new(0);
-    let (tx, rx) = mpsc::channel::<(usize, CaseResult)>();
+    // Each result travels with an acknowledgement: a worker starts its next
+    // case only after `on_result` has taken this one (e.g. appended it to
+    // the journal), so a case that then kills the process cannot take the
+    // previous case's finished result down with it.
+    let (tx, rx) = mpsc::channel::<(usize, CaseResult, mpsc::SyncSender<()>)>();
     let mut out = Vec::with_capacity(total);
     if specs.is_empty() {
         return out;
@@ -369,37 +373,41 @@ pub fn execute_some(
         for _ in 0..opts.jobs.clamp(1, total.max(1)) {
             let tx = tx.clone();
             let (next, gate) = (&next, &gate);
-            scope.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= total {
-                    break;
-                }
-                let k = pending[i];
-                let (b, spec) = (&backends[k / specs.len()], &specs[k % specs.len()]);
-                let ticket = gate.enter_case(spec);
-                on_start(k);
-                let r = if opts.isolate || isolate.contains(&k) {
-                    child::run_isolated(spec, &b.name, &b.info, opts)
-                } else {
-                    run_in_thread(
-                        spec,
-                        &b.backend,
-                        &b.info,
-                        reference,
-                        &opts.refcache,
-                        opts.timeout,
-                    )
-                };
-                drop(ticket);
-                if tx.send((k, r)).is_err() {
-                    break;
+            scope.spawn(move || {
+                let (ack_tx, ack_rx) = mpsc::sync_channel::<()>(1);
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= total {
+                        break;
+                    }
+                    let k = pending[i];
+                    let (b, spec) = (&backends[k / specs.len()], &specs[k % specs.len()]);
+                    let ticket = gate.enter_case(spec);
+                    on_start(k);
+                    let r = if opts.isolate || isolate.contains(&k) {
+                        child::run_isolated(spec, &b.name, &b.info, opts)
+                    } else {
+                        run_in_thread(
+                            spec,
+                            &b.backend,
+                            &b.info,
+                            reference,
+                            &opts.refcache,
+                            opts.timeout,
+                        )
+                    };
+                    drop(ticket);
+                    if tx.send((k, r, ack_tx.clone())).is_err() || ack_rx.recv().is_err() {
+                        break;
+                    }
                 }
             });
         }
         drop(tx);
-        for (k, r) in rx {
+        for (k, r, ack) in rx {
             on_result(k, &r);
             out.push((k, r));
+            let _ = ack.send(());
         }
     });
     out

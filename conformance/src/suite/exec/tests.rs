@@ -451,3 +451,50 @@ fn the_shipped_waiver_file_parses() {
     assert_eq!(w.list[0].backend, "wgpu");
     assert_eq!(w.list[0].cases, vec!["mla_decode(*h_q=128*"]);
 }
+
+/// A worker starts its next case only after the previous case's result has
+/// been taken (journaled): a case that then kills the process cannot take
+/// a finished result down with it. `on_result` is made slow; without the
+/// acknowledgement the second case would start while it still runs.
+#[test]
+fn the_next_case_starts_after_the_previous_result_is_taken() {
+    let b: Arc<dyn Backend> = Arc::new(deepport_cpu::CpuRef);
+    let all = catalogue::load(&catalogue::default_dir()).unwrap();
+    let specs: Vec<CaseSpec> = catalogue::select(&all, "smoke", Some("a*"))
+        .into_iter()
+        .take(3)
+        .collect();
+    assert_eq!(specs.len(), 3);
+    let backends = [RunBackend {
+        name: "cpu-ref".into(),
+        backend: b.clone(),
+        info: info(),
+    }];
+    let opts = ExecOptions {
+        isolate: false,
+        jobs: 1,
+        timeout: Duration::from_secs(60),
+        cases_dir: catalogue::default_dir(),
+        refcache: RefCache::disabled(),
+    };
+    let events = std::sync::Mutex::new(Vec::new());
+    let pending: Vec<usize> = (0..specs.len()).collect();
+    let finished = execute_some(
+        &backends,
+        &specs,
+        &pending,
+        &std::collections::BTreeSet::new(),
+        &b,
+        &opts,
+        &|k| events.lock().unwrap().push(format!("start {k}")),
+        &mut |k, _| {
+            std::thread::sleep(Duration::from_millis(150));
+            events.lock().unwrap().push(format!("taken {k}"));
+        },
+    );
+    assert_eq!(finished.len(), 3);
+    assert_eq!(
+        *events.lock().unwrap(),
+        ["start 0", "taken 0", "start 1", "taken 1", "start 2", "taken 2"]
+    );
+}
