@@ -9,8 +9,8 @@
 //! (`tests/oracle_bitexact.rs` checks each one this CPU runs). What the
 //! instruction set changes is how many independent tiles advance together:
 //! the loop is compiled once per set (`#[target_feature]`) and runs
-//! `GA × GB` tiles at a time — 3 × 1 with AVX-512 (LLVM keeps 256-bit
-//! vectors there: 18 of the 32 ymm registers hold accumulators), 2 × 1
+//! `GA × GB` tiles at a time — 3 × 1 with AVX-512 (a row of `NR = 8` f64
+//! accumulators is one zmm register in the release build), 2 × 1
 //! with AVX2 (12 of 16 ymm), 1 × 1 on the baseline target (SSE2) — chosen
 //! at run time from the fast backend's [`Simd`] (so `DEEPPORT_CPU_SIMD`
 //! and [`crate::fast::with_simd`] select it too). Measured with
