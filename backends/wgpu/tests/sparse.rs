@@ -808,7 +808,7 @@ fn sparse_mla_prefill_reports_bad_lengths() {
 /// deepport-wgpu --test sparse -- --ignored --nocapture decode_throughput`).
 /// Prints GMAC/s (q·K and p·V: h_q·topk·(576 + 512) per query row).
 #[test]
-#[ignore]
+#[ignore = "a throughput probe, not a check: set DEEPPORT_SPARSE_BENCH=b,s_q,h_q,topk and run with --ignored (see the comment above)"]
 fn decode_throughput() {
     let Ok(shape) = std::env::var("DEEPPORT_SPARSE_BENCH") else {
         return;
