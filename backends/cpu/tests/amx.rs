@@ -154,6 +154,33 @@ fn fp8_gemm_ragged_shapes_match_reference() {
     }
 }
 
+/// The AMX path keeps its decoded operand buffers between calls on a
+/// thread: a call after one whose operands were all NaN codes must not see
+/// any of them (padding rows, padding columns and the K tail are rewritten).
+#[test]
+fn reused_operand_buffers_carry_nothing_between_calls() {
+    if !amx_here("reused_operand_buffers_carry_nothing_between_calls") {
+        return;
+    }
+    let mut rng = Rng(17);
+    let nan = |rows: usize, cols: usize| {
+        HostTensor::from_bytes(DType::F8E4M3, &[rows, cols], vec![0x7f; rows * cols]).unwrap()
+    };
+    // Larger than every later call in every dimension, both AMX paths.
+    for (m, n, k) in [(64, 200, 512), (300, 200, 512)] {
+        let [_, sa, _, sb] = fp8_operands(&mut rng, m, n, k);
+        let poisoned = fp8_gemm(&Cpu, true, &nan(m, k), &sa, &nan(n, k), &sb, DType::F32, m, n);
+        assert!(poisoned.iter().all(|v| v.is_nan()), "the poisoning call");
+        for (m, n, k) in [(20, 33, 130), (129, 70, 260)] {
+            let [a, sa, b, sb] = fp8_operands(&mut rng, m, n, k);
+            let r = fp8_gemm(&CpuRef, false, &a, &sa, &b, &sb, DType::F32, m, n);
+            let got = fp8_gemm(&Cpu, true, &a, &sa, &b, &sb, DType::F32, m, n);
+            assert!(got.iter().all(|v| v.is_finite()), "{m}x{n}x{k}: a stale NaN");
+            assert_close(&format!("after NaNs {m}x{n}x{k}"), DType::F32, &got, &r);
+        }
+    }
+}
+
 #[test]
 fn fp8_grouped_layouts_match_reference() {
     if !amx_here("fp8_grouped_layouts_match_reference") {

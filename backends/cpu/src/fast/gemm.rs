@@ -612,11 +612,12 @@ fn fp8_common(
             lut16.as_ref().map(Dec::Lut)
         };
         if let Some(dec) = dec {
-            let a16 = amx_decode_a(a_codes, dec, k, &mut probs);
+            let mut a16 = Scratch::take(&A16);
+            let used = amx_decode_a(a_codes, dec, k, &mut probs, &mut a16.buf);
             let ops = AmxOps {
                 n,
                 k,
-                a16: &a16,
+                a16: &a16.buf[..used],
                 b: (0..g)
                     .map(|grp| &b_codes[grp * n * k..(grp + 1) * n * k])
                     .collect(),
@@ -753,7 +754,9 @@ fn plain_amx(
     }
     let (g, n, k) = (dims.groups, dims.n, dims.k);
     let mut probs = probs.to_vec();
-    let a16 = amx_decode_a(bytes_of(a)?, Dec::Bf16, k, &mut probs);
+    let mut a16 = Scratch::take(&A16);
+    let used = amx_decode_a(bytes_of(a)?, Dec::Bf16, k, &mut probs, &mut a16.buf);
+    let a16 = &a16.buf[..used];
     let bb = bytes_of(b)?;
     // AMX reads bf16 subnormals as zero and flushes subnormal f32 results:
     // taken only when every nonzero product is at least 2^-100 (then no
@@ -766,7 +769,7 @@ fn plain_amx(
     let ops = AmxOps {
         n,
         k,
-        a16: &a16,
+        a16,
         b: (0..g)
             .map(|grp| &bb[grp * n * k * 2..(grp + 1) * n * k * 2])
             .collect(),
@@ -1037,9 +1040,64 @@ impl AmxOps<'_> {
     }
 }
 
-/// Decodes the problems' A rows into the `a16` layout; sets `abuf` (a
-/// multiple of 32 for each problem).
-fn amx_decode_a(bytes: &[u8], dec: Dec<'_>, k: usize, probs: &mut [Problem]) -> Vec<u16> {
+/// The calling thread's operand buffers of the AMX path, kept between
+/// calls: a fresh 30–60 MB buffer per call costs ~15 000 page faults (about
+/// a tenth of a 4096-row GEMM). Every value a call reads is written by that
+/// call (zero padding included), so a reused buffer needs no clearing.
+/// Buffers above [`Scratch::KEEP`] bytes are freed after the call.
+struct Scratch<T: 'static> {
+    buf: Vec<T>,
+    home: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+}
+
+thread_local! {
+    static A16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    static PANELS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl<T: 'static> Scratch<T> {
+    /// The largest buffer kept for reuse, in bytes.
+    const KEEP: usize = 256 << 20;
+
+    /// This thread's buffer (empty the first time, or while another
+    /// `Scratch` of the same kind is alive on this thread).
+    fn take(home: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>) -> Self {
+        Scratch {
+            buf: home.with(|c| c.take()),
+            home,
+        }
+    }
+}
+
+impl<T: 'static> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        if self.buf.capacity() * std::mem::size_of::<T>() <= Self::KEEP {
+            let buf = std::mem::take(&mut self.buf);
+            self.home.with(|c| c.set(buf));
+        }
+    }
+}
+
+/// Grows `buf` to at least `len` values (new values zero) and returns its
+/// first `len`, whose old contents the caller overwrites.
+fn scratch_of<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
+    &mut buf[..len]
+}
+
+/// Decodes the problems' A rows into the `a16` layout in `buf`; sets
+/// `abuf` (a multiple of 32 for each problem) and returns how many values
+/// of `buf` the layout uses. Padding rows and the K tail are written as
+/// zeros.
+fn amx_decode_a(
+    bytes: &[u8],
+    dec: Dec<'_>,
+    k: usize,
+    probs: &mut [Problem],
+    buf: &mut Vec<u16>,
+) -> usize {
     let kbn = blocks128(k);
     let mut src: Vec<Option<usize>> = Vec::new();
     for p in probs.iter_mut() {
@@ -1048,24 +1106,29 @@ fn amx_decode_a(bytes: &[u8], dec: Dec<'_>, k: usize, probs: &mut [Problem]) -> 
         src.resize(src.len().div_ceil(amx::BLOCK) * amx::BLOCK, None);
     }
     let rb_len = kbn * amx::BLOCK * QBLOCK;
-    let mut a = vec![0u16; src.len() / amx::BLOCK * rb_len];
+    let used = src.len() / amx::BLOCK * rb_len;
+    let a = scratch_of(buf, used);
     let es = dec.size();
     if rb_len > 0 {
         a.par_chunks_mut(rb_len)
             .zip(src.par_chunks(amx::BLOCK))
             .for_each(|(blk, rows)| {
                 for (ri, s) in rows.iter().enumerate() {
-                    let Some(s) = *s else { continue };
                     for kb in 0..kbn {
+                        let dst = &mut blk[(kb * amx::BLOCK + ri) * QBLOCK..][..QBLOCK];
+                        let Some(s) = *s else {
+                            dst.fill(0);
+                            continue;
+                        };
                         let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
                         let at = (s * k + k0) * es;
-                        let dst = &mut blk[(kb * amx::BLOCK + ri) * QBLOCK..][..kl];
-                        dec.decode(&bytes[at..at + kl * es], dst);
+                        dec.decode(&bytes[at..at + kl * es], &mut dst[..kl]);
+                        dst[kl..].fill(0);
                     }
                 }
             });
     }
-    a
+    used
 }
 
 /// Where row `row` (of the `a16` numbering), K block `kb` starts in `a16`:
@@ -1076,52 +1139,62 @@ fn a16_at(kbn: usize, row: usize, kb: usize) -> usize {
     ((row / amx::BLOCK * kbn + kb) * amx::BLOCK + row % amx::BLOCK) * QBLOCK
 }
 
-/// B of one group as VNNI panels of 32 columns: panel `P` at
+/// B of one group as VNNI panels of 32 columns, into `buf` (every value
+/// of the first `ceil(n/32)·kbn·KP·32` written): panel `P` at
 /// `P·kbn·KP·32`, K block `kb` at `+ kb·KP·32`, pair row `q` at `+ q·32`.
-fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize) -> Vec<u32> {
+/// Each K block of a panel is decoded row by row into a `[32][128]` bf16
+/// scratch (rows past `n` and the K tail zero) and then transposed in
+/// pairs.
+fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize, buf: &mut Vec<u32>) {
+    const B: usize = amx::BLOCK;
     let kbn = blocks128(k);
-    let pstride = kbn * amx::KP * amx::BLOCK;
-    let mut out = vec![0u32; n.div_ceil(amx::BLOCK) * pstride];
+    let pstride = kbn * amx::KP * B;
+    let out = scratch_of(buf, n.div_ceil(B) * pstride);
     if pstride == 0 {
-        return out;
+        return;
     }
     let es = dec.size();
     let mutant = amx::vnni_mutant();
     out.par_chunks_mut(pstride)
         .enumerate()
         .for_each(|(p, panel)| {
-            let mut col = [0u16; QBLOCK];
-            for c in 0..amx::BLOCK.min(n - p * amx::BLOCK) {
-                let j = p * amx::BLOCK + c;
-                for kb in 0..kbn {
-                    let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
-                    let at = (j * k + k0) * es;
-                    dec.decode(&bytes[at..at + kl * es], &mut col[..kl]);
-                    col[kl..].fill(0);
-                    let dst = &mut panel[kb * amx::KP * amx::BLOCK..];
-                    for q in 0..amx::KP {
-                        dst[q * amx::BLOCK + c] = amx::pair(col[2 * q], col[2 * q + 1], mutant);
+            let cols = B.min(n - p * B);
+            let mut rows = [[0u16; QBLOCK]; B];
+            for (kb, dst) in panel.chunks_exact_mut(amx::KP * B).enumerate() {
+                let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
+                for (c, row) in rows.iter_mut().enumerate().take(cols) {
+                    let at = ((p * B + c) * k + k0) * es;
+                    dec.decode(&bytes[at..at + kl * es], &mut row[..kl]);
+                    row[kl..].fill(0);
+                }
+                for (q, drow) in dst.chunks_exact_mut(B).enumerate() {
+                    for (d, row) in drow.iter_mut().zip(&rows) {
+                        *d = amx::pair(row[2 * q], row[2 * q + 1], mutant);
                     }
                 }
             }
         });
-    out
 }
 
 /// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ`:
-/// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32 (zero columns).
+/// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32 (zero columns),
+/// packed K block by K block in parallel.
 fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
     let kbn = ops.kbn();
     let rp = p.rows.div_ceil(amx::BLOCK) * amx::BLOCK;
     let mut out = vec![0u32; kbn * amx::KP * rp];
     let mutant = amx::vnni_mutant();
-    for r in 0..p.rows {
-        for kb in 0..kbn {
-            let seg = &ops.a16[a16_at(kbn, p.abuf + r, kb)..][..QBLOCK];
-            for (q, pr) in seg.chunks_exact(2).enumerate() {
-                out[(kb * amx::KP + q) * rp + r] = amx::pair(pr[0], pr[1], mutant);
-            }
-        }
+    if rp > 0 {
+        out.par_chunks_mut(amx::KP * rp)
+            .enumerate()
+            .for_each(|(kb, dst)| {
+                for r in 0..p.rows {
+                    let seg = &ops.a16[a16_at(kbn, p.abuf + r, kb)..][..QBLOCK];
+                    for (q, pr) in seg.chunks_exact(2).enumerate() {
+                        dst[q * rp + r] = amx::pair(pr[0], pr[1], mutant);
+                    }
+                }
+            });
     }
     (out, rp)
 }
@@ -1265,18 +1338,34 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
     const B: usize = amx::BLOCK;
     let n = ops.n;
     let size = dtype.size();
-    // Tiles of `rb` rows × `cb` columns (row-major, stride `cb`).
+    // Tiles of `rb` rows × `cb` columns (row-major, stride `cb`), encoded
+    // into D row by row in parallel.
     let mut write = |tasks: &[Task], tiles: Vec<Vec<f32>>, rb: usize, cb: usize| {
-        for (t, tile) in tasks.iter().zip(tiles) {
-            let p = probs[t.prob];
-            let c_lo = t.nc * cb;
-            let cols = cb.min(n - c_lo);
-            for (r, row) in tile.chunks(cb).enumerate() {
-                let drow = p.row0 + t.mb * rb + r;
-                let at = (drow * n + c_lo) * size;
-                encode_into(dtype, &row[..cols], &mut d[at..at + cols * size]);
+        let row_bytes = n * size;
+        if row_bytes == 0 {
+            return;
+        }
+        // (tile, row of the tile) for each row of D.
+        let mut parts: Vec<Vec<(usize, usize)>> = vec![Vec::new(); d.len() / row_bytes];
+        for (i, (t, tile)) in tasks.iter().zip(&tiles).enumerate() {
+            let r0 = probs[t.prob].row0 + t.mb * rb;
+            for r in 0..tile.len() / cb {
+                parts[r0 + r].push((i, r));
             }
         }
+        d.par_chunks_mut(row_bytes)
+            .zip(parts.par_iter())
+            .for_each(|(drow, parts)| {
+                for &(i, r) in parts {
+                    let c_lo = tasks[i].nc * cb;
+                    let cols = cb.min(n - c_lo);
+                    encode_into(
+                        dtype,
+                        &tiles[i][r * cb..r * cb + cols],
+                        &mut drow[c_lo * size..(c_lo + cols) * size],
+                    );
+                }
+            });
     };
     // Small problems: Dᵀ = B·Aᵀ, one task per (problem, 32 columns).
     let small: Vec<usize> = (0..probs.len())
@@ -1324,11 +1413,13 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         if tasks.is_empty() {
             continue;
         }
-        let panels = amx_pack_b(ops.b[g], ops.dec, n, ops.k);
+        let mut panels = Scratch::take(&PANELS);
+        amx_pack_b(ops.b[g], ops.dec, n, ops.k, &mut panels.buf);
+        let panels = &panels.buf[..];
         let tiles: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&t| {
-                amx::with_amx(|amx| amx_task_rows(amx, ops, &probs[t.prob], t, &panels))
+                amx::with_amx(|amx| amx_task_rows(amx, ops, &probs[t.prob], t, panels))
                     .expect("AMX checked by the caller")
             })
             .collect();
