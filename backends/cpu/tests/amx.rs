@@ -143,6 +143,9 @@ fn fp8_gemm_ragged_shapes_match_reference() {
         (129, 130, 256),
         (200, 64, 7 * 128 + 5),
         (300, 161, 384),
+        // 34 K blocks: two passes over K on the large path (the
+        // accumulator carried between them).
+        (160, 130, 33 * 128 + 7),
     ];
     for &(m, n, k) in &shapes {
         let [a, sa, b, sb] = fp8_operands(&mut rng, m, n, k);
@@ -169,13 +172,26 @@ fn reused_operand_buffers_carry_nothing_between_calls() {
     // Larger than every later call in every dimension, both AMX paths.
     for (m, n, k) in [(64, 200, 512), (300, 200, 512)] {
         let [_, sa, _, sb] = fp8_operands(&mut rng, m, n, k);
-        let poisoned = fp8_gemm(&Cpu, true, &nan(m, k), &sa, &nan(n, k), &sb, DType::F32, m, n);
+        let poisoned = fp8_gemm(
+            &Cpu,
+            true,
+            &nan(m, k),
+            &sa,
+            &nan(n, k),
+            &sb,
+            DType::F32,
+            m,
+            n,
+        );
         assert!(poisoned.iter().all(|v| v.is_nan()), "the poisoning call");
         for (m, n, k) in [(20, 33, 130), (129, 70, 260)] {
             let [a, sa, b, sb] = fp8_operands(&mut rng, m, n, k);
             let r = fp8_gemm(&CpuRef, false, &a, &sa, &b, &sb, DType::F32, m, n);
             let got = fp8_gemm(&Cpu, true, &a, &sa, &b, &sb, DType::F32, m, n);
-            assert!(got.iter().all(|v| v.is_finite()), "{m}x{n}x{k}: a stale NaN");
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "{m}x{n}x{k}: a stale NaN"
+            );
             assert_close(&format!("after NaNs {m}x{n}x{k}"), DType::F32, &got, &r);
         }
     }
