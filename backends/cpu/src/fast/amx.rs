@@ -303,6 +303,123 @@ impl Amx {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = out;
     }
+
+    /// [`Amx::next_block`] for at most 16 columns of B: `b` needs
+    /// `63·ldb + 16` pairs (`ldb ≥ 16`), and only columns 0..16 of `prev`
+    /// are written (by the sums of the block the previous
+    /// `next_block_n16` started). Half the tile work of a full block, for
+    /// operands of at most 16 columns (decode-sized batches).
+    ///
+    /// # Panics
+    /// If a slice is too short or a stride too small.
+    pub fn next_block_n16(
+        &self,
+        prev: Option<&mut Block>,
+        a: &[u16],
+        lda: usize,
+        b: &[u32],
+        ldb: usize,
+    ) {
+        check_n16(a, lda, b, ldb);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles are configured (`self`); the store writes 16
+        // rows × 64 bytes twice inside `prev`'s 32 × 32 f32; the loads read
+        // A rows i < 32 at bytes i·2·lda + 64s (s < 4) and B pair rows
+        // q < 64 at q·4·ldb + [0, 64), within the slices (checked above).
+        unsafe {
+            if let Some(prev) = prev {
+                store_n16_asm(prev);
+            }
+            start_n16_asm(a.as_ptr(), lda * 2, b.as_ptr(), ldb * 4);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (prev, a, b);
+    }
+
+    /// Stores the block in flight of [`Amx::next_block_n16`] into columns
+    /// 0..16 of `out`.
+    pub fn finish_n16(&self, out: &mut Block) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles are configured (`self`); the stores stay in
+        // `out`'s 32 × 32 f32.
+        unsafe {
+            store_n16_asm(out)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = out;
+    }
+}
+
+/// The slice and stride checks of [`Amx::next_block_n16`].
+fn check_n16(a: &[u16], lda: usize, b: &[u32], ldb: usize) {
+    const HALF: usize = BLOCK / 2;
+    assert!(lda >= K, "amx: lda {lda} < {K}");
+    assert!(ldb >= HALF, "amx: ldb {ldb} < {HALF}");
+    assert!(
+        a.len() >= (BLOCK - 1) * lda + K,
+        "amx: a holds {} values, needs {}",
+        a.len(),
+        (BLOCK - 1) * lda + K
+    );
+    assert!(
+        b.len() >= (KP - 1) * ldb + HALF,
+        "amx: b holds {} pairs, needs {}",
+        b.len(),
+        (KP - 1) * ldb + HALF
+    );
+}
+
+/// Zeroes `tmm0`/`tmm2` and adds the four tile steps of one K block for
+/// B's first 16 columns (strides in bytes).
+///
+/// # Safety
+/// As [`start_asm`] with `steps = 4`, B readable for 64 rows of 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn start_n16_asm(a: *const u16, sa: usize, b: *const u32, sb: usize) {
+    let a_hi = a.wrapping_byte_add(16 * sa);
+    // SAFETY (for the whole function): pointers and strides as the caller
+    // guarantees; the tiles are not used by compiled code.
+    unsafe {
+        std::arch::asm!("tilezero tmm0", "tilezero tmm2", options(nostack, nomem));
+        for s in 0..4 {
+            let a0 = a.byte_add(64 * s);
+            let a1 = a_hi.byte_add(64 * s);
+            let b0 = b.byte_add(16 * s * sb);
+            std::arch::asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0,
+                sa = in(reg) sa, sb = in(reg) sb,
+                options(nostack, readonly)
+            );
+        }
+    }
+}
+
+/// Stores `tmm0`/`tmm2` into columns 0..16 of `out`.
+///
+/// # Safety
+/// The tiles must be configured by [`with_amx`] on this thread.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn store_n16_asm(out: &mut Block) {
+    let o = out.as_mut_ptr() as *mut f32;
+    // SAFETY: two stores of 16 rows × 64 bytes at a 128-byte stride from
+    // o and o + 512 (f32): inside the 32 × 32 f32 of `out`.
+    unsafe {
+        std::arch::asm!(
+            "tilestored [{o00} + {st}*1], tmm0",
+            "tilestored [{o10} + {st}*1], tmm2",
+            o00 = in(reg) o,
+            o10 = in(reg) o.add(16 * BLOCK),
+            st = in(reg) BLOCK * 4,
+            options(nostack)
+        );
+    }
 }
 
 /// The slice and stride checks of [`Amx::block_k`].
@@ -645,6 +762,54 @@ mod tests {
         })
         .unwrap();
         assert_eq!(got, want);
+    }
+
+    /// The 16-column blocks equal the first 16 columns of full blocks
+    /// (the other columns untouched), pipelined.
+    #[test]
+    fn half_blocks_match_full_blocks() {
+        if let Some(why) = unavailable_reason() {
+            eprintln!("skipped: AMX not usable here ({why})");
+            return;
+        }
+        let (lda, ldb) = (K + 8, BLOCK + 4);
+        let val = |i: usize| ((i * 13 + 3) % 19) as f32 * 0.25 - 2.0;
+        let a: Vec<u16> = (0..40 * lda + K).map(|i| bf(val(i))).collect();
+        // B with 32 readable columns for the full block's reference; the
+        // half blocks get only what they may read.
+        let b: Vec<u32> = (0..(KP + 8) * ldb + BLOCK)
+            .map(|i| bf(val(5 * i + 1)) as u32 | (bf(val(3 * i + 2)) as u32) << 16)
+            .collect();
+        let offs = [(0usize, 0usize), (5 * lda, 3 * ldb), (2 * lda + 1, 1)];
+        let got = with_amx(|amx| {
+            let mut got = Vec::new();
+            let mut out = [[f32::NAN; BLOCK]; BLOCK];
+            for (i, &(oa, ob)) in offs.iter().enumerate() {
+                let prev = if i == 0 { None } else { Some(&mut out) };
+                amx.next_block_n16(prev, &a[oa..], lda, &b[ob..(KP - 1) * ldb + 16 + ob], ldb);
+                if i > 0 {
+                    got.push(out);
+                    out = [[f32::NAN; BLOCK]; BLOCK];
+                }
+            }
+            amx.finish_n16(&mut out);
+            got.push(out);
+            got
+        })
+        .unwrap();
+        for (&(oa, ob), g) in offs.iter().zip(&got) {
+            let mut want = [[0f32; BLOCK]; BLOCK];
+            with_amx(|amx| amx.block(&a[oa..], lda, &b[ob..], ldb, &mut want)).unwrap();
+            for (r, (gr, wr)) in g.iter().zip(&want).enumerate() {
+                for j in 0..16 {
+                    assert_eq!(gr[j].to_bits(), wr[j].to_bits(), "row {r} col {j}");
+                }
+                assert!(
+                    gr[16..].iter().all(|v| v.is_nan()),
+                    "row {r}: columns past 16 written"
+                );
+            }
+        }
     }
 
     /// The promotions against the scalar product-then-sum, bit for bit,

@@ -1177,12 +1177,21 @@ fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize, buf: &mut Vec<u32>
         });
 }
 
+/// Rows up to which a small problem runs on half blocks
+/// ([`Amx::next_block_n16`]: 16 output rows, half the tile work).
+const HALF: usize = amx::BLOCK / 2;
+
 /// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ`:
-/// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32 (zero columns),
+/// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32, or 16 for at most
+/// 16 rows (zero columns),
 /// packed K block by K block in parallel.
 fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
     let kbn = ops.kbn();
-    let rp = p.rows.div_ceil(amx::BLOCK) * amx::BLOCK;
+    let rp = if p.rows <= HALF {
+        HALF
+    } else {
+        p.rows.div_ceil(amx::BLOCK) * amx::BLOCK
+    };
     let mut out = vec![0u32; kbn * amx::KP * rp];
     let mutant = amx::vnni_mutant();
     if rp > 0 {
@@ -1304,6 +1313,8 @@ fn amx_task_cols(
     let cols = B.min(ops.n - c_lo);
     let sb_block = c_lo / NC;
     let bytes = ops.b[p.group];
+    // At most 16 rows: half blocks (the A panel is 16 wide).
+    let half = rp == HALF;
     // Dᵀ: [32 columns][rp rows].
     let mut acc = vec![0f32; B * rp];
     // B rows of this chunk, one K block: [32][128] bf16, zero past `cols`
@@ -1326,20 +1337,26 @@ fn amx_task_cols(
         }
         let apk = &apan[kb * amx::KP * rp..];
         for r0 in (0..rows).step_by(B) {
-            match pending {
-                Some((pkb, pr0)) => {
-                    amx.next_block(Some(&mut out), &bbuf, QBLOCK, &apk[r0..], rp);
-                    let rn = B.min(rows - pr0);
-                    let s = &scale[(pkb & 1) * MC + pr0..];
-                    amx::promote_cols(&out, cols, rn, s, &mut acc[pr0..], rp);
-                }
-                None => amx.next_block(None, &bbuf, QBLOCK, &apk[r0..], rp),
+            let prev = pending.map(|_| &mut out);
+            if half {
+                amx.next_block_n16(prev, &bbuf, QBLOCK, &apk[r0..], rp);
+            } else {
+                amx.next_block(prev, &bbuf, QBLOCK, &apk[r0..], rp);
+            }
+            if let Some((pkb, pr0)) = pending {
+                let rn = B.min(rows - pr0);
+                let s = &scale[(pkb & 1) * MC + pr0..];
+                amx::promote_cols(&out, cols, rn, s, &mut acc[pr0..], rp);
             }
             pending = Some((kb, r0));
         }
     }
     if let Some((pkb, pr0)) = pending {
-        amx.finish(&mut out);
+        if half {
+            amx.finish_n16(&mut out);
+        } else {
+            amx.finish(&mut out);
+        }
         let rn = B.min(rows - pr0);
         let s = &scale[(pkb & 1) * MC + pr0..];
         amx::promote_cols(&out, cols, rn, s, &mut acc[pr0..], rp);
