@@ -240,7 +240,7 @@ impl Amx {
         ldb: usize,
         out: &mut Block,
     ) {
-        check(kb, a, lda, b, ldb);
+        check(kb, a, lda, b, ldb, BLOCK);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `self` proves the tiles are configured on this thread
         // (16 rows × 64 bytes each). Every tile load reads 16 rows of 64
@@ -275,7 +275,7 @@ impl Amx {
         b: &[u32],
         ldb: usize,
     ) {
-        check(1, a, lda, b, ldb);
+        check(1, a, lda, b, ldb, BLOCK);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the tiles are configured (`self`); the store writes
         // exactly `prev`'s 32 × 32 f32; the loads read within `a` and `b`
@@ -320,7 +320,7 @@ impl Amx {
         b: &[u32],
         ldb: usize,
     ) {
-        check_n16(a, lda, b, ldb);
+        check(1, a, lda, b, ldb, BLOCK / 2);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the tiles are configured (`self`); the store writes 16
         // rows × 64 bytes twice inside `prev`'s 32 × 32 f32; the loads read
@@ -348,25 +348,6 @@ impl Amx {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = out;
     }
-}
-
-/// The slice and stride checks of [`Amx::next_block_n16`].
-fn check_n16(a: &[u16], lda: usize, b: &[u32], ldb: usize) {
-    const HALF: usize = BLOCK / 2;
-    assert!(lda >= K, "amx: lda {lda} < {K}");
-    assert!(ldb >= HALF, "amx: ldb {ldb} < {HALF}");
-    assert!(
-        a.len() >= (BLOCK - 1) * lda + K,
-        "amx: a holds {} values, needs {}",
-        a.len(),
-        (BLOCK - 1) * lda + K
-    );
-    assert!(
-        b.len() >= (KP - 1) * ldb + HALF,
-        "amx: b holds {} pairs, needs {}",
-        b.len(),
-        (KP - 1) * ldb + HALF
-    );
 }
 
 /// Zeroes `tmm0`/`tmm2` and adds the four tile steps of one K block for
@@ -422,11 +403,13 @@ unsafe fn store_n16_asm(out: &mut Block) {
     }
 }
 
-/// The slice and stride checks of [`Amx::block_k`].
-fn check(kb: usize, a: &[u16], lda: usize, b: &[u32], ldb: usize) {
+/// The slice and stride checks of [`Amx::block_k`] (`cols = 32`) and
+/// [`Amx::next_block_n16`] (`cols = 16`, one K block): B is read for
+/// `cols` pairs per row.
+fn check(kb: usize, a: &[u16], lda: usize, b: &[u32], ldb: usize, cols: usize) {
     assert!(kb >= 1, "amx: no K block");
     assert!(lda >= K * kb, "amx: lda {lda} < {}", K * kb);
-    assert!(ldb >= BLOCK, "amx: ldb {ldb} < {BLOCK}");
+    assert!(ldb >= cols, "amx: ldb {ldb} < {cols}");
     assert!(
         a.len() >= (BLOCK - 1) * lda + K * kb,
         "amx: a holds {} values, needs {}",
@@ -434,10 +417,10 @@ fn check(kb: usize, a: &[u16], lda: usize, b: &[u32], ldb: usize) {
         (BLOCK - 1) * lda + K * kb
     );
     assert!(
-        b.len() >= (KP * kb - 1) * ldb + BLOCK,
+        b.len() >= (KP * kb - 1) * ldb + cols,
         "amx: b holds {} pairs, needs {}",
         b.len(),
-        (KP * kb - 1) * ldb + BLOCK
+        (KP * kb - 1) * ldb + cols
     );
 }
 

@@ -1183,8 +1183,7 @@ const HALF: usize = amx::BLOCK / 2;
 
 /// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ`:
 /// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32, or 16 for at most
-/// 16 rows (zero columns),
-/// packed K block by K block in parallel.
+/// 16 rows (zero columns), packed K block by K block in parallel.
 fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
     let kbn = ops.kbn();
     let rp = if p.rows <= HALF {
@@ -1290,7 +1289,7 @@ fn amx_task_rows(
 fn amx_k_blocks_per_pass(kbn: usize) -> usize {
     let (_, tc) = amx_task_shape();
     let per = (1usize << 20) / (tc * QBLOCK * 2);
-    let passes = kbn.div_ceil(per.max(1)).max(1);
+    let passes = kbn.div_ceil(per).max(1);
     kbn.div_ceil(passes).max(1)
 }
 
