@@ -14,7 +14,7 @@
 use super::simd::{Simd, Tile, MR_MAX, NR_MAX};
 use super::{
     bytes_mut_of, bytes_of, current_amx, current_simd, decode_into, encode_into, f32_values,
-    fp8_lut,
+    fp8_lut, lines, lines_mut, zeroed_lines, Aligned, Lines,
 };
 use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
@@ -80,9 +80,9 @@ fn pack_b(
 
 /// B of one group packed for the whole call: panel `p` at `p·k·nr`, K block
 /// `kb` of it at `+ kb·128·nr`.
-fn pack_group(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Vec<f32> {
+fn pack_group(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Lines<f32> {
     let panels = n.div_ceil(nr);
-    let mut out = vec![0f32; panels * k * nr];
+    let mut out = zeroed_lines::<f32>(panels * k * nr);
     if k == 0 {
         return out;
     }
@@ -173,10 +173,10 @@ fn pack_b_bf16(
 
 /// B of one group packed once for the bf16 kernel: panel `p` at
 /// `p·kbn·KP·nr`, K block `kb` of it at `+ kb·KP·nr`.
-fn pack_group_bf16(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Vec<u32> {
+fn pack_group_bf16(src: BSrc<'_>, n: usize, k: usize, nr: usize) -> Lines<u32> {
     let kbn = blocks128(k);
     let panels = n.div_ceil(nr);
-    let mut out = vec![0u32; panels * kbn * KP * nr];
+    let mut out = zeroed_lines::<u32>(panels * kbn * KP * nr);
     if kbn == 0 {
         return out;
     }
@@ -214,11 +214,11 @@ fn run_task_bf16(
     let kstride = kbn * KP;
     let mut c = vec![0f32; rows * NC];
     let zeros = [0u32; KP];
-    let mut local = if packed.is_none() {
-        vec![0u32; panels * KP * nr]
+    let mut local = zeroed_lines::<u32>(if packed.is_none() {
+        panels * KP * nr
     } else {
-        Vec::new()
-    };
+        0
+    });
     let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
     for kb in 0..kbn {
         let k0 = kb * QBLOCK;
@@ -330,11 +330,11 @@ fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32
     let kbn = blocks128(k);
     let mut c = vec![0f32; rows * NC];
     let zeros = [0f32; QBLOCK];
-    let mut local = if packed.is_none() {
-        vec![0f32; panels * QBLOCK * nr]
+    let mut local = zeroed_lines::<f32>(if packed.is_none() {
+        panels * QBLOCK * nr
     } else {
-        Vec::new()
-    };
+        0
+    });
     let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
     let mut scale = [0f32; MR_MAX];
     for kb in 0..kbn {
@@ -617,7 +617,7 @@ fn fp8_common(
             let ops = AmxOps {
                 n,
                 k,
-                a16: &a16.buf[..used],
+                a16: lines(&a16.buf, used),
                 b: (0..g)
                     .map(|grp| &b_codes[grp * n * k..(grp + 1) * n * k])
                     .collect(),
@@ -756,7 +756,7 @@ fn plain_amx(
     let mut probs = probs.to_vec();
     let mut a16 = Scratch::take(&A16);
     let used = amx_decode_a(bytes_of(a)?, Dec::Bf16, k, &mut probs, &mut a16.buf);
-    let a16 = &a16.buf[..used];
+    let a16 = lines(&a16.buf, used);
     let bb = bytes_of(b)?;
     // AMX reads bf16 subnormals as zero and flushes subnormal f32 results:
     // taken only when every nonzero product is at least 2^-100 (then no
@@ -1079,15 +1079,6 @@ impl<T: 'static> Drop for Scratch<T> {
     }
 }
 
-/// Grows `buf` to at least `len` values (new values zero) and returns its
-/// first `len`, whose old contents the caller overwrites.
-fn scratch_of<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
-    if buf.len() < len {
-        buf.resize(len, T::default());
-    }
-    &mut buf[..len]
-}
-
 /// Decodes the problems' A rows into the `a16` layout in `buf`; sets
 /// `abuf` (a multiple of 32 for each problem) and returns how many values
 /// of `buf` the layout uses. Padding rows and the K tail are written as
@@ -1108,7 +1099,7 @@ fn amx_decode_a(
     }
     let rb_len = kbn * amx::BLOCK * QBLOCK;
     let used = src.len() / amx::BLOCK * rb_len;
-    let a = scratch_of(buf, used);
+    let a = lines_mut(buf, used);
     let es = dec.size();
     if rb_len > 0 {
         a.par_chunks_mut(rb_len)
@@ -1146,15 +1137,15 @@ fn a16_at(kbn: usize, row: usize, kb: usize) -> usize {
 /// Each K block of a panel is decoded row by row into a `[32][128]` bf16
 /// scratch (rows past `n` and the K tail zero) and then transposed in
 /// pairs.
-fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize, buf: &mut Vec<u32>) {
+fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize, buf: &mut Vec<u32>) -> usize {
     const B: usize = amx::BLOCK;
     let kbn = blocks128(k);
     let pstride = kbn * amx::KP * B;
-    let out = scratch_of(buf, n.div_ceil(B) * pstride);
+    let out = lines_mut(buf, n.div_ceil(B) * pstride);
     if pstride == 0 {
-        return;
+        return 0;
     }
-    let es = dec.size();
+    let (used, es) = (out.len(), dec.size());
     let mutant = amx::vnni_mutant();
     out.par_chunks_mut(pstride)
         .enumerate()
@@ -1175,6 +1166,7 @@ fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize, buf: &mut Vec<u32>
                 }
             }
         });
+    used
 }
 
 /// Rows up to which a small problem runs on half blocks
@@ -1184,14 +1176,14 @@ const HALF: usize = amx::BLOCK / 2;
 /// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ`:
 /// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32, or 16 for at most
 /// 16 rows (zero columns), packed K block by K block in parallel.
-fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Vec<u32>, usize) {
+fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Lines<u32>, usize) {
     let kbn = ops.kbn();
     let rp = if p.rows <= HALF {
         HALF
     } else {
         p.rows.div_ceil(amx::BLOCK) * amx::BLOCK
     };
-    let mut out = vec![0u32; kbn * amx::KP * rp];
+    let mut out = zeroed_lines::<u32>(kbn * amx::KP * rp);
     let mutant = amx::vnni_mutant();
     if rp > 0 {
         out.par_chunks_mut(amx::KP * rp)
@@ -1242,7 +1234,8 @@ fn amx_task_rows(
     let cols = tc.min(ops.n - c_lo);
     let sb_block = c_lo / NC;
     let pstride = kbn * amx::KP * B;
-    let mut out: Block = [[0f32; B]; B];
+    let mut out = Aligned::<Block>([[0f32; B]; B]);
+    let out = &mut out.0;
     // Row scales of two K blocks: the block in flight may be the previous
     // K block's.
     let mut scale = vec![0f32; 2 * tr];
@@ -1266,8 +1259,8 @@ fn amx_task_rows(
                 let a = &ops.a16[a16_at(kbn, p.abuf + r_lo + ri * B, kb)..];
                 match pending {
                     Some(prev) => {
-                        amx.next_block(Some(&mut out), a, QBLOCK, b, B);
-                        promote(&out, c, &scale, prev);
+                        amx.next_block(Some(out), a, QBLOCK, b, B);
+                        promote(out, c, &scale, prev);
                     }
                     None => amx.next_block(None, a, QBLOCK, b, B),
                 }
@@ -1276,8 +1269,8 @@ fn amx_task_rows(
         }
     }
     if let Some(prev) = pending {
-        amx.finish(&mut out);
-        promote(&out, c, &scale, prev);
+        amx.finish(out);
+        promote(out, c, &scale, prev);
     }
 }
 
@@ -1318,15 +1311,15 @@ fn amx_task_cols(
     let mut acc = vec![0f32; B * rp];
     // B rows of this chunk, one K block: [32][128] bf16, zero past `cols`
     // rows and past the K tail.
-    let mut bbuf = vec![0u16; B * QBLOCK];
-    let mut out: Block = [[0f32; B]; B];
+    let mut bbuf = Aligned([0u16; B * QBLOCK]);
+    let mut out = Aligned::<Block>([[0f32; B]; B]);
     let mut scale = vec![0f32; 2 * MC];
     let mut pending: Option<(usize, usize)> = None; // (kb, r0)
     for kb in 0..kbn {
         let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
         for j in 0..cols {
             let at = ((c_lo + j) * k + k0) * es;
-            let row = &mut bbuf[j * QBLOCK..(j + 1) * QBLOCK];
+            let row = &mut bbuf.0[j * QBLOCK..(j + 1) * QBLOCK];
             ops.dec.decode(&bytes[at..at + kl * es], &mut row[..kl]);
             row[kl..].fill(0);
         }
@@ -1336,29 +1329,29 @@ fn amx_task_cols(
         }
         let apk = &apan[kb * amx::KP * rp..];
         for r0 in (0..rows).step_by(B) {
-            let prev = pending.map(|_| &mut out);
+            let prev = pending.map(|_| &mut out.0);
             if half {
-                amx.next_block_n16(prev, &bbuf, QBLOCK, &apk[r0..], rp);
+                amx.next_block_n16(prev, &bbuf.0, QBLOCK, &apk[r0..], rp);
             } else {
-                amx.next_block(prev, &bbuf, QBLOCK, &apk[r0..], rp);
+                amx.next_block(prev, &bbuf.0, QBLOCK, &apk[r0..], rp);
             }
             if let Some((pkb, pr0)) = pending {
                 let rn = B.min(rows - pr0);
                 let s = &scale[(pkb & 1) * MC + pr0..];
-                amx::promote_cols(&out, cols, rn, s, &mut acc[pr0..], rp);
+                amx::promote_cols(&out.0, cols, rn, s, &mut acc[pr0..], rp);
             }
             pending = Some((kb, r0));
         }
     }
     if let Some((pkb, pr0)) = pending {
         if half {
-            amx.finish_n16(&mut out);
+            amx.finish_n16(&mut out.0);
         } else {
-            amx.finish(&mut out);
+            amx.finish(&mut out.0);
         }
         let rn = B.min(rows - pr0);
         let s = &scale[(pkb & 1) * MC + pr0..];
-        amx::promote_cols(&out, cols, rn, s, &mut acc[pr0..], rp);
+        amx::promote_cols(&out.0, cols, rn, s, &mut acc[pr0..], rp);
     }
     // Back to D's layout: [rows][32].
     let mut c = vec![0f32; rows * B];
@@ -1409,7 +1402,7 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         .filter(|&i| probs[i].rows > 0 && probs[i].rows <= MC)
         .collect();
     if !small.is_empty() {
-        let apans: Vec<(Vec<u32>, usize)> = small
+        let apans: Vec<(Lines<u32>, usize)> = small
             .par_iter()
             .map(|&i| amx_pack_a(ops, &probs[i]))
             .collect();
@@ -1452,11 +1445,11 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
             continue;
         }
         let mut panels = Scratch::take(&PANELS);
-        amx_pack_b(ops.b[g], ops.dec, n, ops.k, &mut panels.buf);
-        let panels = &panels.buf[..];
+        let used = amx_pack_b(ops.b[g], ops.dec, n, ops.k, &mut panels.buf);
+        let panels = lines(&panels.buf, used);
         let ncs = n.div_ceil(tc);
         let mut acc = Scratch::take(&ACC);
-        let acc = scratch_of(&mut acc.buf, ncs * row_tasks.len() * tr * tc);
+        let acc = lines_mut(&mut acc.buf, ncs * row_tasks.len() * tr * tc);
         if acc.is_empty() {
             continue;
         }

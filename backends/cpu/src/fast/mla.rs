@@ -11,7 +11,10 @@
 
 use super::amx::{self, Amx, Block};
 use super::simd::{Tile, MR_MAX, NR_MAX};
-use super::{bytes_mut_of, bytes_of, current_simd, decode_into, encode_into, f32_values};
+use super::{
+    bytes_mut_of, bytes_of, current_simd, decode_into, encode_into, f32_values, zeroed_lines,
+    Aligned,
+};
 use deepport_core::ops::*;
 use deepport_core::{Error, Result};
 use rayon::prelude::*;
@@ -270,7 +273,7 @@ fn attend_amx(
     let ppc = (TC / bs).max(1); // pages per chunk (bs ≤ 128, checked by the caller)
 
     // Q as VNNI pairs over its rows: [dpad/2][rp].
-    let mut qv = vec![0u32; dpad / 2 * rp];
+    let mut qv = zeroed_lines::<u32>(dpad / 2 * rp);
     let mut visible = vec![0usize; rows];
     for r in 0..rows {
         let (s, h) = (r / group, kvh * group + r % group);
@@ -294,13 +297,13 @@ fn attend_amx(
     };
     // K rows of a chunk, [TC][dpad] bf16 (zero padding and zero rows past
     // the chunk's tokens: a NaN there would reach P·V as 0·NaN).
-    let mut kbuf = vec![0u16; TC * dpad];
+    let mut kbuf = zeroed_lines::<u16>(TC * dpad);
     let mut scores = vec![0f32; rows * TC];
     // P as bf16 hi ‖ lo halves, [rp][2·TC]: p ≈ hi + lo to 2^-17.
-    let mut p16 = vec![0u16; rp * 2 * TC];
+    let mut p16 = zeroed_lines::<u16>(rp * 2 * TC);
     // V as token pairs, twice ([2][TC/2][dvp]): the hi and lo K blocks.
-    let mut vv = vec![0u32; TC * dvp];
-    let mut out: Block = [[0f32; BL]; BL];
+    let mut vv = zeroed_lines::<u32>(TC * dvp);
+    let mut out = Aligned::<Block>([[0f32; BL]; BL]);
     let kc = cx.kc;
 
     let mut page = pages.start;
@@ -331,8 +334,8 @@ fn attend_amx(
         // Sᵀ[t][r] = K[t]·Q[r], stored as S[r][t] (row stride TC).
         for tb in (0..tnp).step_by(BL) {
             for r0 in (0..rows).step_by(BL) {
-                amx.block_k(kbd, &kbuf[tb * dpad..], dpad, &qv[r0..], rp, &mut out);
-                for (i, orow) in out.iter().enumerate().take(tn.saturating_sub(tb).min(BL)) {
+                amx.block_k(kbd, &kbuf[tb * dpad..], dpad, &qv[r0..], rp, &mut out.0);
+                for (i, orow) in out.0.iter().enumerate().take(tn.saturating_sub(tb).min(BL)) {
                     for (j, &v) in orow.iter().enumerate().take((rows - r0).min(BL)) {
                         scores[(r0 + j) * TC + tb + i] = v * cx.scale;
                     }
@@ -374,9 +377,9 @@ fn attend_amx(
         // O[r] += P[r]·V.
         for r0 in (0..rows).step_by(BL) {
             for c0 in (0..dv).step_by(BL) {
-                amx.block_k(2, &p16[r0 * 2 * TC..], 2 * TC, &vv[c0..], dvp, &mut out);
+                amx.block_k(2, &p16[r0 * 2 * TC..], 2 * TC, &vv[c0..], dvp, &mut out.0);
                 let cols = (dv - c0).min(BL);
-                for (i, orow) in out.iter().enumerate().take((rows - r0).min(BL)) {
+                for (i, orow) in out.0.iter().enumerate().take((rows - r0).min(BL)) {
                     let o = &mut part.o[(r0 + i) * dv + c0..][..cols];
                     for (x, &t) in o.iter_mut().zip(&orow[..cols]) {
                         *x += t;

@@ -277,6 +277,75 @@ fn fp8_lut(dtype: DType) -> Result<[f32; 256]> {
     Ok(lut)
 }
 
+/// Bytes of a cache line: where AMX operands and stores start.
+const LINE: usize = 64;
+
+/// A value placed on a cache-line boundary (an AMX output block on the
+/// stack).
+#[repr(C, align(64))]
+pub(crate) struct Aligned<T>(pub T);
+
+/// The offset (in values) of the first cache-line boundary in `buf`, or 0
+/// where there is none within a line.
+fn line_offset<T>(buf: &[T]) -> usize {
+    let off = buf.as_ptr().align_offset(LINE);
+    if off.saturating_mul(std::mem::size_of::<T>()) < LINE {
+        off
+    } else {
+        0
+    }
+}
+
+/// `len` values of `buf` from a cache-line boundary, growing `buf` as
+/// needed (new values are `T::default()`; old ones are left as they are,
+/// for the caller to overwrite). AMX tile rows and vector stores that
+/// straddle two lines cost up to three times as much: a heap `Vec` is
+/// only 16-byte aligned (benches/README.md, "alignment").
+fn lines_mut<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    let pad = LINE / std::mem::size_of::<T>().max(1);
+    if buf.len() < len + pad {
+        buf.resize(len + pad, T::default());
+    }
+    let off = line_offset(buf);
+    &mut buf[off..off + len]
+}
+
+/// The `len` values [`lines_mut`] returned for the same, unchanged `buf`.
+fn lines<T>(buf: &[T], len: usize) -> &[T] {
+    &buf[line_offset(buf)..][..len]
+}
+
+/// A zeroed buffer of `len` values starting on a cache line.
+fn zeroed_lines<T: Copy + Default>(len: usize) -> Lines<T> {
+    let mut buf = Vec::new();
+    lines_mut(&mut buf, len);
+    Lines {
+        off: line_offset(&buf),
+        buf,
+        len,
+    }
+}
+
+/// An owned buffer whose values start on a cache line ([`zeroed_lines`]).
+struct Lines<T> {
+    buf: Vec<T>,
+    off: usize,
+    len: usize,
+}
+
+impl<T> std::ops::Deref for Lines<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl<T> std::ops::DerefMut for Lines<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
 /// One function per local op, named after its `Backend` method: the fast
 /// kernels, and (through the glob import, which local items shadow) the
 /// reference kernel of every other op.
@@ -294,4 +363,40 @@ pub(crate) mod ops {
         cache_quant, indexer_logits, indexer_topk, sparse_mla_decode, sparse_mla_prefill,
     };
     pub(crate) use crate::kernels::*;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_line<T>(s: &[T]) -> bool {
+        (s.as_ptr() as usize).is_multiple_of(LINE)
+    }
+
+    /// Every buffer the helpers hand out starts on a cache line, has the
+    /// length asked for, and `lines` finds the same values `lines_mut`
+    /// wrote, across regrowth of the vector.
+    #[test]
+    fn line_buffers_start_on_a_cache_line() {
+        let mut buf: Vec<u16> = Vec::new();
+        for len in [1usize, 31, 32, 33, 4096, 100_000, 7] {
+            let s = lines_mut(&mut buf, len);
+            assert_eq!(s.len(), len);
+            assert!(on_line(s), "u16 × {len} not on a line");
+            for (i, v) in s.iter_mut().enumerate() {
+                *v = i as u16;
+            }
+            let r = lines(&buf, len);
+            assert!(r.iter().enumerate().all(|(i, &v)| v == i as u16));
+        }
+        for len in [1usize, 17, 5000] {
+            let z = zeroed_lines::<u32>(len);
+            assert_eq!(z.len(), len);
+            assert!(on_line(&z) && z.iter().all(|&v| v == 0));
+            let f = zeroed_lines::<f32>(len);
+            assert!(on_line(&f));
+        }
+        let a = Aligned([0u8; 3]);
+        assert!(on_line(&a.0));
+    }
 }
