@@ -977,6 +977,20 @@ impl Dec<'_> {
             _ => 1,
         }
     }
+    /// Decodes `out.len() / ld` rows of `kl` values, row `i` from
+    /// `bytes[i·stride..]` (in bytes) into `out[i·ld..][..kl]`, and zeroes
+    /// the rest of each row.
+    fn decode_rows(self, bytes: &[u8], stride: usize, kl: usize, out: &mut [u16], ld: usize) {
+        if let Dec::E4m3fn(simd) = self {
+            return simd.decode_e4m3fn_bf16_rows(bytes, stride, kl, out, ld);
+        }
+        let es = self.size();
+        for (i, row) in out.chunks_exact_mut(ld.max(1)).enumerate() {
+            self.decode(&bytes[i * stride..][..kl * es], &mut row[..kl]);
+            row[kl..].fill(0);
+        }
+    }
+
     /// Decodes `out.len()` values from `bytes`.
     fn decode(self, bytes: &[u8], out: &mut [u16]) {
         match self {
@@ -1317,12 +1331,10 @@ fn amx_task_cols(
     let mut pending: Option<(usize, usize)> = None; // (kb, r0)
     for kb in 0..kbn {
         let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
-        for j in 0..cols {
-            let at = ((c_lo + j) * k + k0) * es;
-            let row = &mut bbuf.0[j * QBLOCK..(j + 1) * QBLOCK];
-            ops.dec.decode(&bytes[at..at + kl * es], &mut row[..kl]);
-            row[kl..].fill(0);
-        }
+        let at = (c_lo * k + k0) * es;
+        let rows_b = &mut bbuf.0[..cols * QBLOCK];
+        ops.dec
+            .decode_rows(&bytes[at..], k * es, kl, rows_b, QBLOCK);
         let sc = &mut scale[(kb & 1) * MC..][..MC];
         for (i, s) in sc[..rows].iter_mut().enumerate() {
             *s = ops.scale(p.row0 + i, p.group, sb_block, kb);
