@@ -41,7 +41,7 @@ fn main() {
         .collect();
     t.sort_by(f64::total_cmp);
     println!(
-        "{op} {shape}: median {:.4} s, min {:.4} s ({} runs)",
+        "{op} {shape}: median {:.6} s, min {:.6} s ({} runs)",
         t[t.len() / 2],
         t[0],
         t.len()
