@@ -1047,10 +1047,20 @@ impl AmxOps<'_> {
     }
     /// `sa[row, kb] · sb[group, col block, kb]`, or 1.
     fn scale(&self, row: usize, group: usize, nc: usize, kb: usize) -> f32 {
+        self.row_scale(row, kb) * self.col_scale(group, nc, kb)
+    }
+    /// `sa[row, kb]`, or 1.
+    fn row_scale(&self, row: usize, kb: usize) -> f32 {
+        self.scales
+            .as_ref()
+            .map_or(1.0, |s| s.sa[row * self.kbn() + kb])
+    }
+    /// `sb[group, col block, kb]`, or 1.
+    fn col_scale(&self, group: usize, nc: usize, kb: usize) -> f32 {
         let kbn = self.kbn();
-        self.scales.as_ref().map_or(1.0, |s| {
-            s.sa[row * kbn + kb] * s.sb[(group * blocks128(self.n) + nc) * kbn + kb]
-        })
+        self.scales
+            .as_ref()
+            .map_or(1.0, |s| s.sb[(group * blocks128(self.n) + nc) * kbn + kb])
     }
 }
 
@@ -1190,7 +1200,7 @@ const HALF: usize = amx::BLOCK / 2;
 /// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ`:
 /// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32, or 16 for at most
 /// 16 rows (zero columns), packed K block by K block in parallel.
-fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Lines<u32>, usize) {
+fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> APanel {
     let kbn = ops.kbn();
     let rp = if p.rows <= HALF {
         HALF
@@ -1211,7 +1221,23 @@ fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> (Lines<u32>, usize) {
                 }
             });
     }
-    (out, rp)
+    let mut sa = vec![1f32; kbn * rp];
+    for (kb, row) in sa.chunks_exact_mut(rp.max(1)).enumerate() {
+        for (r, v) in row[..p.rows].iter_mut().enumerate() {
+            *v = ops.row_scale(p.row0 + r, kb);
+        }
+    }
+    APanel { pairs: out, rp, sa }
+}
+
+/// A small problem's A as the B operand of `Dᵀ = B·Aᵀ` ([`amx_pack_a`]).
+struct APanel {
+    /// `[kb][KP][rp]` VNNI pairs.
+    pairs: Lines<u32>,
+    /// Rows rounded up to 32, or 16 for at most 16 rows.
+    rp: usize,
+    /// The row scales `sa[row, kb]` as `[kb][rp]` (1 without scales).
+    sa: Vec<f32>,
 }
 
 /// Rows × columns of D per task of a large AMX problem (multiples of 32;
@@ -1304,14 +1330,7 @@ fn amx_k_blocks_per_pass(kbn: usize) -> usize {
 /// columns `[nc·32, +32)`, as `Dᵀ = B·Aᵀ` with B's rows decoded per K
 /// block (4 KB of bf16) and the transposed accumulator (`[32][rp]`) in L1
 /// across the K loop.
-fn amx_task_cols(
-    amx: &Amx,
-    ops: &AmxOps<'_>,
-    p: &Problem,
-    t: Task,
-    apan: &[u32],
-    rp: usize,
-) -> Vec<f32> {
+fn amx_task_cols(amx: &Amx, ops: &AmxOps<'_>, p: &Problem, t: Task, apan: &APanel) -> Vec<f32> {
     const B: usize = amx::BLOCK;
     let (kbn, k, es) = (ops.kbn(), ops.k, ops.dec.size());
     let rows = p.rows;
@@ -1319,6 +1338,7 @@ fn amx_task_cols(
     let cols = B.min(ops.n - c_lo);
     let sb_block = c_lo / NC;
     let bytes = ops.b[p.group];
+    let rp = apan.rp;
     // At most 16 rows: half blocks (the A panel is 16 wide).
     let half = rp == HALF;
     // Dᵀ: [32 columns][rp rows].
@@ -1336,10 +1356,11 @@ fn amx_task_cols(
         ops.dec
             .decode_rows(&bytes[at..], k * es, kl, rows_b, QBLOCK);
         let sc = &mut scale[(kb & 1) * MC..][..MC];
-        for (i, s) in sc[..rows].iter_mut().enumerate() {
-            *s = ops.scale(p.row0 + i, p.group, sb_block, kb);
+        let sb = ops.col_scale(p.group, sb_block, kb);
+        for (s, &sa) in sc[..rows].iter_mut().zip(&apan.sa[kb * rp..]) {
+            *s = sa * sb;
         }
-        let apk = &apan[kb * amx::KP * rp..];
+        let apk = &apan.pairs[kb * amx::KP * rp..];
         for r0 in (0..rows).step_by(B) {
             let prev = pending.map(|_| &mut out.0);
             if half {
@@ -1414,7 +1435,7 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         .filter(|&i| probs[i].rows > 0 && probs[i].rows <= MC)
         .collect();
     if !small.is_empty() {
-        let apans: Vec<(Lines<u32>, usize)> = small
+        let apans: Vec<APanel> = small
             .par_iter()
             .map(|&i| amx_pack_a(ops, &probs[i]))
             .collect();
@@ -1430,8 +1451,7 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
             .par_iter()
             .zip(pan.par_iter())
             .map(|(&t, &si)| {
-                let (apan, rp) = &apans[si];
-                amx::with_amx(|amx| amx_task_cols(amx, ops, &probs[t.prob], t, apan, *rp))
+                amx::with_amx(|amx| amx_task_cols(amx, ops, &probs[t.prob], t, &apans[si]))
                     .expect("AMX checked by the caller")
             })
             .collect();
