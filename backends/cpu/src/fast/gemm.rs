@@ -1077,6 +1077,7 @@ struct Scratch<T: 'static> {
 thread_local! {
     static A16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
     static PANELS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static APAN: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
     static ACC: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
@@ -1197,17 +1198,22 @@ fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize, buf: &mut Vec<u32>
 /// ([`Amx::next_block_n16`]: 16 output rows, half the tile work).
 const HALF: usize = amx::BLOCK / 2;
 
-/// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ`:
-/// `[kb][KP][rp]` pairs, `rp` = rows rounded up to 32, or 16 for at most
-/// 16 rows (zero columns), packed K block by K block in parallel.
-fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> APanel {
-    let kbn = ops.kbn();
-    let rp = if p.rows <= HALF {
+/// `rp` of a small problem: rows rounded up to 32, or 16 for at most 16
+/// rows (half blocks).
+fn small_rp(rows: usize) -> usize {
+    if rows <= HALF {
         HALF
     } else {
-        p.rows.div_ceil(amx::BLOCK) * amx::BLOCK
-    };
-    let mut out = zeroed_lines::<u32>(kbn * amx::KP * rp);
+        rows.div_ceil(amx::BLOCK) * amx::BLOCK
+    }
+}
+
+/// A rows of a problem as the VNNI operand of `Dᵀ = B·Aᵀ` into `out`
+/// (`kbn·KP·rp` pairs, every one written): `[kb][KP][rp]` pairs, zero
+/// columns past the rows, packed K block by K block in parallel.
+fn amx_pack_a<'b>(ops: &AmxOps<'_>, p: &Problem, out: &'b mut [u32]) -> APanel<'b> {
+    let kbn = ops.kbn();
+    let rp = small_rp(p.rows);
     let mutant = amx::vnni_mutant();
     if rp > 0 {
         out.par_chunks_mut(amx::KP * rp)
@@ -1218,6 +1224,9 @@ fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> APanel {
                     for (q, pr) in seg.chunks_exact(2).enumerate() {
                         dst[q * rp + r] = amx::pair(pr[0], pr[1], mutant);
                     }
+                }
+                for q in 0..amx::KP {
+                    dst[q * rp + p.rows..(q + 1) * rp].fill(0);
                 }
             });
     }
@@ -1231,9 +1240,9 @@ fn amx_pack_a(ops: &AmxOps<'_>, p: &Problem) -> APanel {
 }
 
 /// A small problem's A as the B operand of `Dᵀ = B·Aᵀ` ([`amx_pack_a`]).
-struct APanel {
+struct APanel<'b> {
     /// `[kb][KP][rp]` VNNI pairs.
-    pairs: Lines<u32>,
+    pairs: &'b [u32],
     /// Rows rounded up to 32, or 16 for at most 16 rows.
     rp: usize,
     /// The row scales `sa[row, kb]` as `[kb][rp]` (1 without scales).
@@ -1435,9 +1444,25 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         .filter(|&i| probs[i].rows > 0 && probs[i].rows <= MC)
         .collect();
     if !small.is_empty() {
-        let apans: Vec<APanel> = small
-            .par_iter()
-            .map(|&i| amx_pack_a(ops, &probs[i]))
+        // Every problem's A panel in one reused buffer, each on a line
+        // (the sizes are multiples of 64 pairs).
+        let kbn = ops.kbn();
+        let sizes: Vec<usize> = small
+            .iter()
+            .map(|&i| kbn * amx::KP * small_rp(probs[i].rows))
+            .collect();
+        let mut buf = Scratch::take(&APAN);
+        let mut rest = lines_mut(&mut buf.buf, sizes.iter().sum());
+        let mut parts = Vec::with_capacity(sizes.len());
+        for &n in &sizes {
+            let (part, tail) = rest.split_at_mut(n);
+            parts.push(part);
+            rest = tail;
+        }
+        let apans: Vec<APanel<'_>> = parts
+            .into_par_iter()
+            .zip(small.par_iter())
+            .map(|(dst, &i)| amx_pack_a(ops, &probs[i], dst))
             .collect();
         let mut tasks = Vec::new();
         let mut pan = Vec::new();
