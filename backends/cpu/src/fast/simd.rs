@@ -525,20 +525,33 @@ mod x86 {
         out: &mut [u16],
         ld: usize,
     ) {
-        let (mut lo, mut hi) = ([0u8; 128], [0u8; 128]);
-        for (i, &v) in super::E4M3FN_BF16.iter().enumerate() {
-            lo[i] = v as u8;
-            hi[i] = (v >> 8) as u8;
-        }
-        // Byte i of the first (second) half of 64 values: lo[i] at 2i,
-        // hi[i] at 2i + 1 (index 64 + i picks the second operand).
-        let (mut i0, mut i1) = ([0u8; 64], [0u8; 64]);
-        for j in 0..32 {
-            i0[2 * j] = j as u8;
-            i0[2 * j + 1] = 64 + j as u8;
-            i1[2 * j] = 32 + j as u8;
-            i1[2 * j + 1] = 96 + j as u8;
-        }
+        /// The low and the high bytes of [`super::E4M3FN_BF16`].
+        const BYTES: [[u8; 128]; 2] = {
+            let mut t = [[0u8; 128]; 2];
+            let mut i = 0;
+            while i < 128 {
+                t[0][i] = super::E4M3FN_BF16[i] as u8;
+                t[1][i] = (super::E4M3FN_BF16[i] >> 8) as u8;
+                i += 1;
+            }
+            t
+        };
+        /// Byte i of the first (second) 32 values: lo[i] at 2i, hi[i] at
+        /// 2i + 1 (an index of 64 + i picks the second operand).
+        const INTERLEAVE: [[u8; 64]; 2] = {
+            let mut t = [[0u8; 64]; 2];
+            let mut j = 0;
+            while j < 32 {
+                t[0][2 * j] = j as u8;
+                t[0][2 * j + 1] = 64 + j as u8;
+                t[1][2 * j] = 32 + j as u8;
+                t[1][2 * j + 1] = 96 + j as u8;
+                j += 1;
+            }
+            t
+        };
+        let [lo, hi] = &BYTES;
+        let [i0, i1] = &INTERLEAVE;
         let rows = out.len().checked_div(ld).unwrap_or(0);
         assert!(kl <= ld && (rows == 0 || codes.len() >= (rows - 1) * stride + kl));
         // SAFETY (for the block): VBMI and AVX-512F/BW are enabled by the
@@ -583,8 +596,9 @@ mod x86 {
                     }
                     j += n;
                 }
-                let tail = std::slice::from_raw_parts_mut(dst.add(kl), ld - kl);
-                tail.fill(0);
+                if kl < ld {
+                    std::slice::from_raw_parts_mut(dst.add(kl), ld - kl).fill(0);
+                }
             }
         }
     }
