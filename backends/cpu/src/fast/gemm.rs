@@ -1176,16 +1176,19 @@ fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize, buf: &mut Vec<u32>
         .enumerate()
         .for_each(|(p, panel)| {
             let cols = B.min(n - p * B);
-            let mut rows = [[0u16; QBLOCK]; B];
+            let mut rows = Aligned([0u16; B * QBLOCK]);
             for (kb, dst) in panel.chunks_exact_mut(amx::KP * B).enumerate() {
                 let (k0, kl) = (kb * QBLOCK, QBLOCK.min(k - kb * QBLOCK));
-                for (c, row) in rows.iter_mut().enumerate().take(cols) {
-                    let at = ((p * B + c) * k + k0) * es;
-                    dec.decode(&bytes[at..at + kl * es], &mut row[..kl]);
-                    row[kl..].fill(0);
-                }
+                let at = (p * B * k + k0) * es;
+                dec.decode_rows(
+                    &bytes[at..],
+                    k * es,
+                    kl,
+                    &mut rows.0[..cols * QBLOCK],
+                    QBLOCK,
+                );
                 for (q, drow) in dst.chunks_exact_mut(B).enumerate() {
-                    for (d, row) in drow.iter_mut().zip(&rows) {
+                    for (d, row) in drow.iter_mut().zip(rows.0.chunks_exact(QBLOCK)) {
                         *d = amx::pair(row[2 * q], row[2 * q + 1], mutant);
                     }
                 }
