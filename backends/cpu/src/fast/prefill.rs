@@ -77,12 +77,19 @@ fn dots_cols(xt: &[f32], stride: usize, n: usize, y: &[f32], acc: &mut Vec<f32>,
     }
 }
 
-/// `[cols, rows]` from `[rows, cols]`.
+/// `[cols, rows]` from `[rows, cols]`, in 16 × 16 blocks (a row-at-a-time
+/// transpose writes one value per cache line of a 512-wide matrix).
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 16;
     let mut t = vec![0f32; rows * cols];
-    for (r, row) in x.chunks_exact(cols.max(1)).take(rows).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            t[c * rows + r] = v;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                let src = &x[r * cols..][c0..(c0 + T).min(cols)];
+                for (c, &v) in (c0..).zip(src) {
+                    t[c * rows + r] = v;
+                }
+            }
         }
     }
     t
