@@ -53,6 +53,27 @@ fn pack_b(
 ) {
     for p in 0..cols.div_ceil(nr) {
         let panel = &mut out[p * pstride..p * pstride + kl * nr];
+        if let BSrc::F32(v) = src {
+            // A transpose of [nr][kl] into [kl][nr], 16 K values at a time
+            // (the 16 × nr destination block stays in L1).
+            for k1 in (0..kl).step_by(16) {
+                let k2 = (k1 + 16).min(kl);
+                for c in 0..nr {
+                    let j = p * nr + c;
+                    if j < cols {
+                        let base = (col0 + j) * k + k0;
+                        for (kk, &x) in (k1..k2).zip(&v[base + k1..base + k2]) {
+                            panel[kk * nr + c] = x;
+                        }
+                    } else {
+                        for kk in k1..k2 {
+                            panel[kk * nr + c] = 0.0;
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         for c in 0..nr {
             let j = p * nr + c;
             if j < cols {
