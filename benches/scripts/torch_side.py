@@ -11,7 +11,8 @@ iters, tflops, gbps), so compare.py can put both sides in one table:
 * the tiny-V3 forward pass: transformers' eager DeepseekV3ForCausalLM in
   f32 on the golden checkpoint (golden/model) and its golden prompt.
 
-Timing: one warm-up run, then runs until --min-time seconds and
+Timing: warm-up runs for 0.2 s (at least one, as `deepport bench --warmup`),
+then runs until --min-time seconds and
 --min-iters runs have passed; the median is reported. Threads: all cores.
 """
 import argparse
@@ -33,8 +34,13 @@ sys.path.insert(0, str(ROOT / "golden"))
 CLOCK = time.perf_counter
 
 
-def median_time(fn, min_time, min_iters, max_iters=50):
+def median_time(fn, min_time, min_iters, max_iters=50, warmup=0.2):
+    """Median of timed runs after an untimed warm-up of `warmup` seconds (at
+    least one run), the same policy as `deepport bench --warmup`."""
+    start = time.perf_counter()
     fn()
+    while time.perf_counter() - start < warmup:
+        fn()
     times, start = [], time.perf_counter()
     while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
         t0 = CLOCK()

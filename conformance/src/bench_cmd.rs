@@ -52,7 +52,13 @@ pub struct BenchArgs {
     /// Keep timing a case until this many seconds have passed…
     #[arg(long, default_value_t = 1.0)]
     pub min_time: f64,
-    /// …and at least this many timed runs (after one warm-up run)…
+    /// Untimed warm-up before each case: runs until this many seconds
+    /// have passed (at least one run). A single run is not enough for a
+    /// sub-millisecond op on a CPU: the first tens of milliseconds can run
+    /// at half speed while the threads settle (benches/README.md, run 7).
+    #[arg(long, default_value_t = 0.2)]
+    pub warmup: f64,
+    /// …and at least this many timed runs (after the warm-up)…
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_iters: u32,
     /// …but no more than this many.
@@ -106,7 +112,8 @@ impl Measurement {
     }
 }
 
-/// Times `launch` + `synchronize`: one warm-up run, then runs until both
+/// Times `launch` + `synchronize`: warm-up runs for `warmup` seconds (at
+/// least one), then runs until both
 /// `min_time` and `min_iters` are reached or `max_iters` is; returns the
 /// median, the median device time (when the backend measures it) and the
 /// count.
@@ -138,8 +145,14 @@ fn time_runs(
     p: &mut Prepared,
     args: &BenchArgs,
 ) -> Result<(f64, Option<f64>, u32), Error> {
-    p.launch(be)?;
-    be.synchronize()?;
+    let warm = Instant::now();
+    loop {
+        p.launch(be)?;
+        be.synchronize()?;
+        if warm.elapsed().as_secs_f64() >= args.warmup {
+            break;
+        }
+    }
     be.take_device_seconds();
     let mut device = Vec::new();
     let mut times = Vec::new();
@@ -179,6 +192,11 @@ pub fn run(args: &BenchArgs) -> Result<bool, CliError> {
     if !(args.min_time.is_finite() && args.min_time >= 0.0) {
         return Err(CliError::usage(
             "--min-time must be a non-negative number of seconds",
+        ));
+    }
+    if !(args.warmup.is_finite() && args.warmup >= 0.0) {
+        return Err(CliError::usage(
+            "--warmup must be a non-negative number of seconds",
         ));
     }
     let cases: Vec<(String, Shape)> = if args.shape.is_empty() {

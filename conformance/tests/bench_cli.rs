@@ -37,6 +37,8 @@ fn bench_json_has_one_object_per_measurement() {
         "0",
         "--min-iters",
         "2",
+        "--warmup",
+        "0",
         "--no-peak",
     ]);
     assert_eq!(code, 0, "{out}{err}");
@@ -94,6 +96,14 @@ fn bench_rejects_bad_input_clearly() {
                 "g=1,m=4,expected_m=8,n=128,k=128",
             ],
             "exceeds",
+        ),
+        (
+            vec!["bench", "--op", "fp8_gemm", "--warmup=-1"],
+            "--warmup must be a non-negative",
+        ),
+        (
+            vec!["bench", "--op", "fp8_gemm", "--warmup", "inf"],
+            "--warmup must be a non-negative",
         ),
     ] {
         let (code, out, err) = deepport(&args);
