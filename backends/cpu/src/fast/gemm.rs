@@ -53,46 +53,29 @@ fn pack_b(
 ) {
     for p in 0..cols.div_ceil(nr) {
         let panel = &mut out[p * pstride..p * pstride + kl * nr];
-        if let BSrc::F32(v) = src {
-            // A transpose of [nr][kl] into [kl][nr], 16 K values at a time
-            // (the 16 × nr destination block stays in L1).
-            for k1 in (0..kl).step_by(16) {
-                let k2 = (k1 + 16).min(kl);
-                for c in 0..nr {
-                    let j = p * nr + c;
-                    if j < cols {
-                        let base = (col0 + j) * k + k0;
-                        for (kk, &x) in (k1..k2).zip(&v[base + k1..base + k2]) {
-                            panel[kk * nr + c] = x;
-                        }
-                    } else {
-                        for kk in k1..k2 {
-                            panel[kk * nr + c] = 0.0;
-                        }
-                    }
+        // A transpose of [nr][kl] into [kl][nr], 16 K values at a time: the
+        // 16 × nr block being written stays in L1.
+        for k1 in (0..kl).step_by(16) {
+            let k2 = (k1 + 16).min(kl);
+            for c in 0..nr {
+                let j = p * nr + c;
+                let dst = (k1..k2).map(|kk| kk * nr + c);
+                if j >= cols {
+                    dst.for_each(|i| panel[i] = 0.0);
+                    continue;
                 }
-            }
-            continue;
-        }
-        for c in 0..nr {
-            let j = p * nr + c;
-            if j < cols {
-                let base = (col0 + j) * k + k0;
+                let at = (col0 + j) * k + k0;
                 match src {
                     BSrc::Fp8 { codes, lut } => {
-                        for (kk, &code) in codes[base..base + kl].iter().enumerate() {
-                            panel[kk * nr + c] = lut[code as usize];
+                        for (i, &code) in dst.zip(&codes[at + k1..at + k2]) {
+                            panel[i] = lut[code as usize];
                         }
                     }
                     BSrc::F32(v) => {
-                        for (kk, &x) in v[base..base + kl].iter().enumerate() {
-                            panel[kk * nr + c] = x;
+                        for (i, &x) in dst.zip(&v[at + k1..at + k2]) {
+                            panel[i] = x;
                         }
                     }
-                }
-            } else {
-                for kk in 0..kl {
-                    panel[kk * nr + c] = 0.0;
                 }
             }
         }
