@@ -1358,7 +1358,7 @@ fn amx_task_cols(amx: &Amx, ops: &AmxOps<'_>, p: &Problem, t: Task, apan: &APane
     // At most 16 rows: half blocks (the A panel is 16 wide).
     let half = rp == HALF;
     // Dᵀ: [32 columns][rp rows].
-    let mut acc = vec![0f32; B * rp];
+    let mut acc = zeroed_lines::<f32>(B * rp);
     // B rows of this chunk, one K block: [32][128] bf16, zero past `cols`
     // rows and past the K tail.
     let mut bbuf = Aligned([0u16; B * QBLOCK]);
