@@ -139,7 +139,9 @@ pub fn describe() -> String {
         format!(
             "fp8 gemm (dense/contiguous/masked) and bf16 gemm/gemm_grouped: amx-bf16 32x32 tdpbf16ps micro-kernel \
              (e4m3 exact in bf16, f32 sums per 128-K block promoted in f32), >128 rows: B packed once in VNNI panels, \
-             <=128 rows: D^T = B.A^T with B decoded per K block; f32 gemm: {name} {mr}x{nr} f32 FMA"
+             <=128 rows: D^T = B.A^T with B decoded per K block; e4m3 -> bf16: {dec}; operands on cache lines; \
+             f32 gemm: {name} {mr}x{nr} f32 FMA",
+            dec = s.e4m3fn_bf16_decoder()
         )
     } else if s.bf16_dot() {
         format!(

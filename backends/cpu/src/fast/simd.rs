@@ -314,6 +314,22 @@ impl Simd {
         }
     }
 
+    /// How [`Simd::decode_e4m3fn_bf16`] decodes under this set, for
+    /// `deepport list`.
+    pub fn e4m3fn_bf16_decoder(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 | Simd::Avx512Bf16 if x86::vbmi() => "avx512-vbmi byte-table lookups",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 | Simd::Avx512Bf16 if self.available() => {
+                "avx512 shift-add, vpermw subnormals"
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 if self.available() => "avx2 (compiled loop)",
+            _ => "portable loop",
+        }
+    }
+
     /// [`Simd::decode_e4m3fn_bf16`] of `out.len() / ld` rows: row `i`'s
     /// `kl` codes start at `codes[i·stride]` and go to `out[i·ld..][..kl]`,
     /// the rest of each output row (`kl..ld`) is zeroed. One dispatch for
