@@ -55,25 +55,47 @@ fn dot_many<'a>(xs: impl Fn(usize) -> &'a [f32], n: usize, y: &[f32], out: &mut 
 /// chain). `acc` is scratch.
 #[inline(always)]
 fn dots_cols(xt: &[f32], stride: usize, n: usize, y: &[f32], acc: &mut Vec<f32>, out: &mut [f32]) {
-    let len = y.len();
+    dots_cols_batch(xt, stride, n, &[y], acc, out);
+}
+
+/// [`dots_cols`] for several vectors `ys` (of one length) at once: row
+/// `c` of `xt` is read once for all of them (`W_UV`, 256 KB per head, was
+/// streamed from L2 once per token). `out` holds `ys.len()` rows of `n`;
+/// each is exactly what [`dots_cols`] computes for its vector.
+#[inline(always)]
+fn dots_cols_batch(
+    xt: &[f32],
+    stride: usize,
+    n: usize,
+    ys: &[&[f32]],
+    acc: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let m = ys.len();
+    let Some(len) = ys.first().map(|y| y.len()) else {
+        return;
+    };
     let full = len - len % 8;
     acc.clear();
-    acc.resize(9 * n, 0.0);
-    let (phases, tail) = acc.split_at_mut(8 * n);
-    for (c, &yc) in y[..full].iter().enumerate() {
-        let a = &mut phases[(c % 8) * n..(c % 8 + 1) * n];
-        for (o, &x) in a.iter_mut().zip(&xt[c * stride..c * stride + n]) {
-            *o += x * yc;
+    acc.resize(m * 9 * n, 0.0);
+    // Per vector t: its eight phases, then its tail, `[t][9][n]`.
+    for c in 0..len {
+        let x = &xt[c * stride..c * stride + n];
+        let p = if c < full { c % 8 } else { 8 };
+        for (t, y) in ys.iter().enumerate() {
+            let yc = y[c];
+            let a = &mut acc[(t * 9 + p) * n..(t * 9 + p + 1) * n];
+            for (o, &xv) in a.iter_mut().zip(x) {
+                *o += xv * yc;
+            }
         }
     }
-    for (c, &yc) in y.iter().enumerate().skip(full) {
-        for (o, &x) in tail.iter_mut().zip(&xt[c * stride..c * stride + n]) {
-            *o += x * yc;
+    for (t, o_row) in out.chunks_exact_mut(n.max(1)).enumerate().take(m) {
+        let ph = &acc[t * 9 * n..(t + 1) * 9 * n];
+        for (i, o) in o_row.iter_mut().enumerate().take(n) {
+            let a = |p: usize| ph[p * n + i];
+            *o = ((a(0) + a(4)) + (a(1) + a(5))) + ((a(2) + a(6)) + (a(3) + a(7))) + a(8);
         }
-    }
-    for (i, o) in out.iter_mut().enumerate().take(n) {
-        let a = |p: usize| phases[p * n + i];
-        *o = ((a(0) + a(4)) + (a(1) + a(5))) + ((a(2) + a(6)) + (a(3) + a(7))) + tail[i];
     }
 }
 
@@ -199,9 +221,10 @@ fn absorbed_body(
         }
     }
     let mut o_rows = vec![0f32; nt * dv];
-    let mut o_lat = vec![0f32; dc];
+    // Each token's attention output in the latent space, `[nt][dc]`.
+    let mut o_lats = vec![0f32; nt * dc];
     let (mut scores, mut pe, mut acc) = (Vec::new(), Vec::new(), Vec::new());
-    for (tt, o) in o_rows.chunks_exact_mut(dv).enumerate() {
+    for (tt, o_lat) in o_lats.chunks_exact_mut(dc.max(1)).enumerate().take(nt) {
         let t = t0 + tt;
         let item = t * heads + h;
         let ql = &q_lat[tt * dc..(tt + 1) * dc];
@@ -216,12 +239,13 @@ fn absorbed_body(
         for (sc, &p) in scores.iter_mut().zip(&pe) {
             *sc = (*sc + p) * c.scale;
         }
-        o_lat.iter_mut().for_each(|v| *v = 0.0);
         for (s, &p) in softmax(&scores).iter().enumerate() {
-            axpy(&mut o_lat, p, c.lat(s));
+            axpy(o_lat, p, c.lat(s));
         }
-        dots_cols(wuv_t, dv, dv, &o_lat, &mut acc, o);
     }
+    // The output rows: W_UV applied to every token's o_lat in one pass.
+    let ys: Vec<&[f32]> = o_lats.chunks_exact(dc.max(1)).take(nt).collect();
+    dots_cols_batch(wuv_t, dv, dv, &ys, &mut acc, &mut o_rows);
     o_rows
 }
 
