@@ -1160,12 +1160,12 @@ fn a16_at(kbn: usize, row: usize, kb: usize) -> usize {
     ((row / amx::BLOCK * kbn + kb) * amx::BLOCK + row % amx::BLOCK) * QBLOCK
 }
 
-/// B of one group as VNNI panels of 32 columns, into `buf` (every value
-/// of the first `ceil(n/32)·kbn·KP·32` written): panel `P` at
-/// `P·kbn·KP·32`, K block `kb` at `+ kb·KP·32`, pair row `q` at `+ q·32`.
-/// Each K block of a panel is decoded row by row into a `[32][128]` bf16
-/// scratch (rows past `n` and the K tail zero) and then transposed in
-/// pairs.
+/// B of one group as VNNI panels of 32 columns, into `buf` from a cache
+/// line (every value of the first `ceil(n/32)·kbn·KP·32` written; that
+/// count is returned, for [`lines`]): panel `P` at `P·kbn·KP·32`, K block
+/// `kb` at `+ kb·KP·32`, pair row `q` at `+ q·32`. Each K block of a panel
+/// is decoded by one [`Dec::decode_rows`] into a `[32][128]` bf16 scratch
+/// (rows past `n` and the K tail zero) and then transposed in pairs.
 fn amx_pack_b(bytes: &[u8], dec: Dec<'_>, n: usize, k: usize, buf: &mut Vec<u32>) -> usize {
     const B: usize = amx::BLOCK;
     let kbn = blocks128(k);
