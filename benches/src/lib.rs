@@ -250,6 +250,16 @@ pub fn gemm_bf16(m: usize, n: usize, k: usize) -> Workload {
     }
 }
 
+/// A plain GEMM `d = a·bᵀ` in f32 (the f32 forward pass's linears).
+pub fn gemm_f32(m: usize, n: usize, k: usize) -> Workload {
+    let (mf, nf, kf) = (m as f64, n as f64, k as f64);
+    Workload {
+        id: format!("gemm_f32(m={m},n={n},k={k})"),
+        flops: 2.0 * mf * nf * kf,
+        bytes: 4.0 * (mf * kf + nf * kf + mf * nf),
+    }
+}
+
 /// FlashMLA dense decode over a bf16 latent cache (d = 576, dv = 512).
 pub fn mla_decode(b: usize, s_q: usize, h_q: usize, s_k: usize) -> Workload {
     let (d, dv) = (576.0, 512.0);
@@ -370,6 +380,7 @@ mod tests {
                 ]),
             ),
             ("gemm", Shape::of(&[("m", 3), ("n", 5), ("k", 7)])),
+            ("gemm_f32", Shape::of(&[("m", 3), ("n", 5), ("k", 7)])),
             (
                 "mla_decode",
                 Shape::of(&[("b", 2), ("s_q", 1), ("h_q", 2), ("s_k", 70)]),

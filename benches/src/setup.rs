@@ -14,6 +14,7 @@ pub const BENCH_OPS: &[(&str, &[&str])] = &[
     ("fp8_grouped_contiguous", &["g", "m", "n", "k"]),
     ("fp8_grouped_masked", &["g", "m", "n", "k", "expected_m"]),
     ("gemm", &["m", "n", "k"]),
+    ("gemm_f32", &["m", "n", "k"]),
     ("mla_decode", &["b", "s_q", "h_q", "s_k"]),
 ];
 
@@ -121,6 +122,7 @@ pub fn workload(op: &str, shape: &Shape) -> Result<Workload> {
             crate::fp8_grouped_masked(d("g")?, m, e, d("n")?, d("k")?)
         }
         "gemm" => crate::gemm_bf16(d("m")?, d("n")?, d("k")?),
+        "gemm_f32" => crate::gemm_f32(d("m")?, d("n")?, d("k")?),
         "mla_decode" => crate::mla_decode(d("b")?, d("s_q")?, d("h_q")?, d("s_k")?),
         _ => return Err(unknown(op)),
     })
@@ -233,19 +235,24 @@ impl Prepared {
                     d: dd,
                 }
             }
-            "gemm" => {
+            "gemm" | "gemm_f32" => {
+                let dt = if op == "gemm" {
+                    DType::BF16
+                } else {
+                    DType::F32
+                };
                 let (m, n, k) = (d("m")?, d("n")?, d("k")?);
                 let a = be.upload(&HostTensor::from_f32(
-                    DType::BF16,
+                    dt,
                     &[m, k],
                     &rand_f32(numel(op, &[m, k])?, 1, 1.0),
                 ))?;
                 let b = be.upload(&HostTensor::from_f32(
-                    DType::BF16,
+                    dt,
                     &[n, k],
                     &rand_f32(numel(op, &[n, k])?, 2, 1.0),
                 ))?;
-                let dd = alloc_poisoned(be, DType::BF16, &[m, n])?;
+                let dd = alloc_poisoned(be, dt, &[m, n])?;
                 Inputs::Gemm { a, b, d: dd }
             }
             "mla_decode" => {

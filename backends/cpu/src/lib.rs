@@ -34,49 +34,16 @@ mod reduce;
 #[doc(hidden)]
 pub mod scalar;
 mod sparse;
+mod storage;
 mod tiles;
 pub mod util;
 
-use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Recycler, Storage, Support, Tensor};
+use deepport_core::backend::{Backend, DeviceInfo, InstanceId, Recycler, Support, Tensor};
 use deepport_core::ops::*;
 use deepport_core::{DType, Error, HostTensor, Result};
-use std::any::Any;
 use std::sync::OnceLock;
-
-/// Bytes of a CPU tensor.
-pub struct HostStorage {
-    backend: &'static str,
-    pub(crate) bytes: Vec<u8>,
-    /// Where the bytes go when the storage is dropped (a buffer adopted
-    /// from a transport, [`Backend::adopt`]); `None`: freed.
-    recycle: Option<Recycler>,
-}
-
-impl Storage for HostStorage {
-    fn backend(&self) -> &str {
-        self.backend
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-    /// Host memory, current whenever no op runs (ops are synchronous).
-    fn host_bytes(&self) -> Option<&[u8]> {
-        Some(&self.bytes)
-    }
-}
-
-impl Drop for HostStorage {
-    fn drop(&mut self) {
-        let bytes = std::mem::take(&mut self.bytes);
-        match self.recycle.take() {
-            Some(r) => r(bytes),
-            None => pool::give(bytes),
-        }
-    }
-}
+pub(crate) use storage::DerivedKey;
+pub use storage::HostStorage;
 
 /// Freed tensor buffers kept for the next `alloc` of a similar size: a
 /// forward pass allocates ~90 intermediate tensors per prefill, and fresh
@@ -170,10 +137,10 @@ fn storage(t: &Tensor) -> Result<&HostStorage> {
 pub(crate) fn bytes_of(t: &Tensor) -> Result<&[u8]> {
     let s = storage(t)?;
     let (a, n) = (t.offset_bytes(), t.nbytes());
-    s.bytes.get(a..a + n).ok_or_else(|| {
+    s.bytes().get(a..a + n).ok_or_else(|| {
         Error::Other(format!(
             "internal: view {t:?} lies outside its storage of {} bytes",
-            s.bytes.len()
+            s.bytes().len()
         ))
     })
 }
@@ -201,7 +168,8 @@ pub(crate) fn store(t: &mut Tensor, h: &HostTensor) -> Result<()> {
 /// The bytes of a CPU tensor, for writing in place.
 pub(crate) fn bytes_mut_of(t: &mut Tensor) -> Result<&mut [u8]> {
     let instance = t.instance();
-    Ok(&mut t.storage_mut_for::<HostStorage>(instance, "cpu")?.bytes)
+    Ok(t.storage_mut_for::<HostStorage>(instance, "cpu")?
+        .bytes_mut())
 }
 
 fn device_name() -> String {
@@ -246,11 +214,7 @@ macro_rules! memory_ops {
             Ok(Tensor::new(
                 dtype,
                 shape,
-                Box::new(HostStorage {
-                    backend: $name,
-                    bytes,
-                    recycle: None,
-                }),
+                Box::new(HostStorage::new($name, bytes, None)),
                 Self::id(),
             ))
         }
@@ -258,11 +222,7 @@ macro_rules! memory_ops {
             Ok(Tensor::new(
                 host.dtype(),
                 host.shape(),
-                Box::new(HostStorage {
-                    backend: $name,
-                    bytes: host.bytes().to_vec(),
-                    recycle: None,
-                }),
+                Box::new(HostStorage::new($name, host.bytes().to_vec(), None)),
                 Self::id(),
             ))
         }
@@ -279,11 +239,7 @@ macro_rules! memory_ops {
             Ok(Tensor::new(
                 dtype,
                 shape,
-                Box::new(HostStorage {
-                    backend: $name,
-                    bytes,
-                    recycle,
-                }),
+                Box::new(HostStorage::new($name, bytes, recycle)),
                 Self::id(),
             ))
         }

@@ -20,6 +20,8 @@ use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
 use deepport_core::Result;
 use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Rows of A per task.
 const MC: usize = 128;
@@ -122,6 +124,41 @@ struct Operands<'a> {
     /// A as bf16 pairs for the bf16 dot kernel ([`Simd::bf16_dot`]): row
     /// stride `64·ceil(k/128)`, K block `kb` at `64·kb`, indexed like `a`.
     a_bf: Option<&'a [u32]>,
+    /// Per group, B's panels ([`pack_group`]) kept with the B tensor
+    /// ([`cached_panels`]); empty or `None` where B is packed per call.
+    cached: Vec<Option<Arc<Lines<f32>>>>,
+}
+
+/// The panels ([`pack_group`]) of each group of the plain GEMM's B that a
+/// problem of more than 16 rows uses, kept with the B tensor's storage
+/// ([`crate::HostStorage::derived`]): a weight is packed on its first call
+/// only, and again after a write. `None` for the other groups, and past
+/// the cache's budget (those are packed per call).
+fn cached_panels(
+    b: &deepport_core::backend::Tensor,
+    srcs: &[BSrc<'_>],
+    probs: &[Problem],
+    n: usize,
+    k: usize,
+    nr: usize,
+) -> Result<Vec<Option<Arc<Lines<f32>>>>> {
+    let s = crate::storage(b)?;
+    let mut out = vec![None; srcs.len()];
+    for p in probs.iter().filter(|p| p.rows > Simd::NARROW) {
+        let g = p.group;
+        if out[g].is_some() {
+            continue;
+        }
+        let key = crate::DerivedKey {
+            offset: b.offset_bytes(),
+            len: b.nbytes(),
+            kind: "gemm f32 panels",
+            params: [g, n, k, nr],
+        };
+        let bytes = n.div_ceil(nr) * k * nr * std::mem::size_of::<f32>();
+        out[g] = s.derived(key, bytes, || pack_group(srcs[g], n, k, nr));
+    }
+    Ok(out)
 }
 
 /// Pairs per 128-wide K block.
@@ -406,50 +443,74 @@ fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32
     c
 }
 
+/// A problem's rows packed for [`run_task_swapped`], once per call: per K
+/// block `kb`, the panel `[128][16]` at `kb·128·16`; zero past the rows
+/// and the K tail.
+fn pack_a_swapped(ops: &Operands<'_>, p: &Problem) -> Vec<f32> {
+    const NR: usize = Simd::NARROW;
+    let k = ops.k;
+    let mut out = vec![0f32; blocks128(k) * QBLOCK * NR];
+    for i in 0..p.rows {
+        let row = &ops.a[(p.abuf + i) * k..][..k];
+        for (kb, chunk) in row.chunks(QBLOCK).enumerate() {
+            let panel = &mut out[kb * QBLOCK * NR..][..QBLOCK * NR];
+            for (dst, &v) in panel.chunks_exact_mut(NR).zip(chunk) {
+                dst[i] = v;
+            }
+        }
+    }
+    out
+}
+
 /// [`run_task`] for a problem of at most 16 rows (decode, small MoE
 /// groups): computed as `Dᵀ = B · Aᵀ` on the 16-column kernel, so that B's
-/// rows are decoded contiguously (vectorized) and used directly as the
-/// broadcast operand, and A is the packed panel `[kl][16]` (its rows,
-/// zero-padded).
-fn run_task_swapped(ops: &Operands<'_>, probs: &[Problem], t: Task) -> Vec<f32> {
+/// rows are the broadcast operand — read in place when B is f32, else
+/// decoded contiguously (vectorized) — and A is `apack`
+/// ([`pack_a_swapped`]). The sums of each 128-K block are formed by the
+/// micro-kernel and added to the output in f32, as in [`run_task`].
+fn run_task_swapped(ops: &Operands<'_>, probs: &[Problem], t: Task, apack: &[f32]) -> Vec<f32> {
+    const NR: usize = Simd::NARROW;
     let (simd, n, k) = (ops.simd, ops.n, ops.k);
-    let (mr, nr) = (simd.mr(), Simd::NARROW);
+    let mr = simd.mr();
     let p = probs[t.prob];
     let rows = p.rows; // ≤ 16, one row block
     let c_lo = t.nc * NC;
     let cols = NC.min(n - c_lo);
     let kbn = blocks128(k);
-    let mut c = vec![0f32; rows * NC];
+    // Dᵀ, `[cols][16]`: a tile's rows are added as contiguous runs.
+    let mut ct = vec![0f32; cols * NR];
     let zeros = [0f32; QBLOCK];
-    // Padding columns (rows ≥ `rows`) of the A panel stay zero.
-    let mut apan = vec![0f32; QBLOCK * nr];
-    let mut bbuf = vec![0f32; cols * QBLOCK];
+    let in_place = matches!(ops.b[p.group], BSrc::F32(_));
+    let mut bbuf = vec![0f32; if in_place { 0 } else { cols * QBLOCK }];
     let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
-    let mut scale = [1f32; NR_MAX];
+    let mut scale = [1f32; NR];
     for kb in 0..kbn {
         let k0 = kb * QBLOCK;
         let kl = QBLOCK.min(k - k0);
-        for i in 0..rows {
-            let row = &ops.a[(p.abuf + i) * k + k0..][..kl];
-            for (kk, &v) in row.iter().enumerate() {
-                apan[kk * nr + i] = v;
-            }
-        }
-        for j in 0..cols {
-            let at = (c_lo + j) * k + k0;
-            let dst = &mut bbuf[j * QBLOCK..j * QBLOCK + kl];
-            match ops.b[p.group] {
-                BSrc::Fp8 { codes, .. } if ops.e4m3fn => {
-                    simd.decode_e4m3fn(&codes[at..at + kl], dst)
-                }
-                BSrc::Fp8 { codes, lut } => {
-                    for (o, &x) in dst.iter_mut().zip(&codes[at..at + kl]) {
-                        *o = lut[x as usize];
+        let apanel = &apack[kb * QBLOCK * NR..][..kl * NR];
+        if !in_place {
+            for j in 0..cols {
+                let at = (c_lo + j) * k + k0;
+                let dst = &mut bbuf[j * QBLOCK..j * QBLOCK + kl];
+                match ops.b[p.group] {
+                    BSrc::Fp8 { codes, .. } if ops.e4m3fn => {
+                        simd.decode_e4m3fn(&codes[at..at + kl], dst)
                     }
+                    BSrc::Fp8 { codes, lut } => {
+                        for (o, &x) in dst.iter_mut().zip(&codes[at..at + kl]) {
+                            *o = lut[x as usize];
+                        }
+                    }
+                    BSrc::F32(_) => unreachable!("f32 B is read in place"),
                 }
-                BSrc::F32(v) => dst.copy_from_slice(&v[at..at + kl]),
             }
         }
+        let b_row = |j: usize| -> &[f32] {
+            match ops.b[p.group] {
+                BSrc::F32(v) => &v[(c_lo + j) * k + k0..][..kl],
+                _ => &bbuf[j * QBLOCK..j * QBLOCK + kl],
+            }
+        };
         if let Some(s) = &ops.scales {
             // One sb block for the whole chunk (NC = 128, aligned).
             let sb = s.sb[(p.group * blocks128(n) + t.nc) * kbn + kb];
@@ -457,21 +518,27 @@ fn run_task_swapped(ops: &Operands<'_>, probs: &[Problem], t: Task) -> Vec<f32> 
                 *sc = s.sa[(p.row0 + i) * kbn + kb] * sb;
             }
         }
-        let apanel = &apan[..kl * nr];
         for j0 in (0..cols).step_by(mr) {
             let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| {
                 if r < mr && j0 + r < cols {
-                    &bbuf[(j0 + r) * QBLOCK..(j0 + r) * QBLOCK + kl]
+                    b_row(j0 + r)
                 } else {
                     &zeros[..kl]
                 }
             });
-            simd.tile_narrow(kl, &a, apanel, nr, &mut tile);
+            simd.tile_narrow(kl, &a, apanel, NR, &mut tile);
             for (r, trow) in tile.iter().enumerate().take(mr.min(cols - j0)) {
-                for i in 0..rows {
-                    c[i * NC + j0 + r] += trow[i] * scale[i];
+                let dst = &mut ct[(j0 + r) * NR..][..NR];
+                for ((d, &v), &s) in dst.iter_mut().zip(&trow[..NR]).zip(&scale) {
+                    *d += v * s;
                 }
             }
+        }
+    }
+    let mut c = vec![0f32; rows * NC];
+    for (j, col) in ct.chunks_exact(NR).enumerate() {
+        for (i, &v) in col[..rows].iter().enumerate() {
+            c[i * NC + j] = v;
         }
     }
     c
@@ -517,25 +584,32 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
             }
         }
     };
-    // Groups decoded on the fly: all their tiles in one parallel pass.
-    let tasks = tasks_of(&|g| !pack[g]);
+    let cached = |g: usize| ops.cached.get(g).and_then(|c| c.as_deref());
+    // Groups decoded on the fly or cached: all their tiles in one parallel
+    // pass.
+    let tasks = tasks_of(&|g| !pack[g] || cached(g).is_some());
     if !tasks.is_empty() {
+        let apacks: Vec<Option<Vec<f32>>> = probs
+            .iter()
+            .map(|p| (p.rows > 0 && p.rows <= Simd::NARROW).then(|| pack_a_swapped(ops, p)))
+            .collect();
         let tiles: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&t| {
-                if probs[t.prob].rows <= Simd::NARROW {
-                    run_task_swapped(ops, probs, t)
+                if let Some(apack) = &apacks[t.prob] {
+                    run_task_swapped(ops, probs, t, apack)
                 } else if let Some(a_bf) = ops.a_bf {
                     run_task_bf16(ops, a_bf, probs, t, None)
                 } else {
-                    run_task(ops, probs, t, None)
+                    let panels = cached(probs[t.prob].group).map(|l| &l[..]);
+                    run_task(ops, probs, t, panels)
                 }
             })
             .collect();
         write(&tasks, tiles);
     }
     // Packed groups, one at a time (a packed group is n·k f32).
-    for (g, _) in pack.iter().enumerate().filter(|(_, &p)| p) {
+    for (g, _) in (pack.iter().enumerate()).filter(|&(g, &p)| p && cached(g).is_none()) {
         let tasks = tasks_of(&|x| x == g);
         let tiles: Vec<Vec<f32>> = if let Some(a_bf) = ops.a_bf {
             let panels = pack_group_bf16(ops.b[g], n, k, ops.simd.nr());
@@ -655,6 +729,7 @@ fn fp8_common(
         b: bs,
         e4m3fn: fast_decode.is_some(),
         a_bf: a_bf.as_deref(),
+        cached: Vec::new(),
         scales: Some(Scales {
             sa: &sa_v,
             sb: &sb_v,
@@ -805,12 +880,15 @@ pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
         group: 0,
         abuf: 0,
     }];
+    let simd = current_simd();
+    let srcs = vec![BSrc::F32(&b)];
     let ops = Operands {
-        simd: current_simd(),
+        simd,
         n,
         k,
         a: &a,
-        b: vec![BSrc::F32(&b)],
+        cached: cached_panels(args.b, &srcs, &probs, n, k, simd.nr())?,
+        b: srcs,
         scales: None,
         e4m3fn: false,
         a_bf: None,
@@ -820,15 +898,20 @@ pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
     Ok(())
 }
 
-/// B of the groups some problem uses, decoded to f32 (`[n, k]` each, empty
-/// for an unused group), in parallel.
-fn decode_used_groups(
-    b: &deepport_core::backend::Tensor,
+/// B of the groups some problem uses as f32 (`[n, k]` each, empty for an
+/// unused group): f32 weights read in place, others decoded in parallel.
+fn decode_used_groups<'t>(
+    b: &'t deepport_core::backend::Tensor,
     groups: usize,
     n: usize,
     k: usize,
     probs: &[Problem],
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<Cow<'t, [f32]>>> {
+    if let Cow::Borrowed(all) = f32_values(b)? {
+        return Ok((0..groups)
+            .map(|grp| Cow::Borrowed(&all[grp * n * k..(grp + 1) * n * k]))
+            .collect());
+    }
     let bytes = bytes_of(b)?;
     let dtype = b.dtype();
     let len = n * k * dtype.size();
@@ -841,11 +924,11 @@ fn decode_used_groups(
         .enumerate()
         .map(|(grp, &u)| {
             if !u {
-                return Vec::new();
+                return Cow::Owned(Vec::new());
             }
             let mut v = vec![0f32; n * k];
             decode_into(dtype, &bytes[grp * len..(grp + 1) * len], &mut v);
-            v
+            Cow::Owned(v)
         })
         .collect())
 }
@@ -865,12 +948,15 @@ fn grouped_common(
     let (g, n, k) = (dims.groups, dims.n, dims.k);
     let a_v = f32_values(a)?;
     let b_groups = decode_used_groups(b, g, n, k, probs)?;
+    let simd = current_simd();
+    let srcs: Vec<BSrc<'_>> = b_groups.iter().map(|v| BSrc::F32(v)).collect();
     let ops = Operands {
-        simd: current_simd(),
+        simd,
         n,
         k,
         a: &a_v,
-        b: b_groups.iter().map(|v| BSrc::F32(v)).collect(),
+        cached: cached_panels(b, &srcs, probs, n, k, simd.nr())?,
+        b: srcs,
         scales: None,
         e4m3fn: false,
         a_bf: None,

@@ -179,10 +179,10 @@ pub fn describe() -> String {
 fn bytes_of(t: &Tensor) -> Result<&[u8]> {
     let s = crate::storage(t)?;
     let (a, n) = (t.offset_bytes(), t.nbytes());
-    s.bytes.get(a..a + n).ok_or_else(|| {
+    s.bytes().get(a..a + n).ok_or_else(|| {
         Error::Other(format!(
             "internal: view {t:?} lies outside its storage of {} bytes",
-            s.bytes.len()
+            s.bytes().len()
         ))
     })
 }
@@ -192,7 +192,7 @@ fn bytes_mut_of(t: &mut Tensor) -> Result<&mut [u8]> {
     let instance = t.instance();
     let n = t.nbytes();
     let s = t.storage_mut_for::<HostStorage>(instance, "cpu")?;
-    s.bytes
+    s.bytes_mut()
         .get_mut(..n)
         .ok_or_else(|| Error::Other("internal: output storage too small".into()))
 }
