@@ -360,6 +360,10 @@ fn main() -> ExitCode {
     if let Some(b) = cli.max_memory {
         MemoryBudget::set_global(b);
     }
+    // This thread runs the CPU backends' ops with their workers (see
+    // `join_worker_pool`): no hand-over and wake-up per op.
+    #[cfg(feature = "cpu")]
+    deepport_cpu::join_worker_pool();
     let result = match cli.command {
         Command::List { json } => cmd_list(json),
         Command::Op(c) => cmd_op(c),

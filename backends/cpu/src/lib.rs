@@ -392,6 +392,22 @@ fn host_device(name: &'static str, device: Option<usize>) -> Result<()> {
     }
 }
 
+/// Makes the calling thread one of the worker threads that `cpu` and
+/// `cpu-ref` run their ops on (rayon's global pool, otherwise as by
+/// default: one worker per CPU, this thread counted). An op called from
+/// this thread then runs its parallel parts here, with the other workers,
+/// instead of handing them to the pool and sleeping until they finish — a
+/// round trip through the scheduler per op (tens of microseconds on a VM;
+/// a tenth of the tiny model's forward pass). For a program's main thread,
+/// before any op runs: the thread must outlive every op. Returns `false`
+/// and changes nothing when the pool already exists.
+pub fn join_worker_pool() -> bool {
+    rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global()
+        .is_ok()
+}
+
 /// Registers `cpu` and `cpu-ref` (device 0: the host).
 pub fn register(reg: &mut deepport_core::registry::Registry) {
     use deepport_core::registry::single_device;

@@ -1425,3 +1425,66 @@ fn mla_prefill_matches_reference() {
         }
     }
 }
+
+/// `cpu` keeps `W_UV` transposed with the `wkv_b` tensor between
+/// `mla_prefill` calls: a write to `wkv_b` must reach the next call.
+#[test]
+fn mla_prefill_after_a_write_to_wkv_b_uses_the_new_weight() {
+    let mut rng = Rng(405);
+    let dims @ (t, s, h, dn, dr, dc, dv) = (9, 12, 2, 16, 8, 64, 16);
+    let shapes: [Vec<usize>; 5] = [
+        vec![t, h, dn],
+        vec![t, h, dr],
+        vec![s, dc],
+        vec![s, dr],
+        vec![h * (dn + dv), dc],
+    ];
+    let vals = [
+        rng.vec(t * h * dn, 1.0),
+        rng.vec(t * h * dr, 1.0),
+        rng.vec(s * dc, 1.0),
+        rng.vec(s * dr, 1.0),
+        rng.vec(h * (dn + dv) * dc, 0.1),
+    ];
+    let up: Vec<Tensor> = shapes
+        .iter()
+        .zip(&vals)
+        .map(|(sh, v)| Cpu.upload(&f32h(sh, v)).unwrap())
+        .collect();
+    let mut w = Cpu.upload(&f32h(&shapes[4], &vals[4])).unwrap();
+    let scale = 1.0 / ((dn + dr) as f32).sqrt();
+    let mut prefill = |w: &Tensor| {
+        let mut out = Cpu.alloc(DType::F32, &[t, h, dv]).unwrap();
+        ops::run(
+            &Cpu,
+            MlaPrefill {
+                q_nope: &up[0],
+                q_pe: &up[1],
+                latent: &up[2],
+                k_pe: &up[3],
+                wkv_b: w,
+                out: &mut out,
+                softmax_scale: scale,
+                form: MlaForm::Absorbed,
+            },
+        )
+        .unwrap();
+        Cpu.download(&out).unwrap().to_f32_vec()
+    };
+    let first = prefill(&w);
+    assert_eq!(first, prefill(&w), "the same call gave another output");
+    let w2 = rng.vec(h * (dn + dv) * dc, 0.1);
+    Cpu.write(&mut w, &f32h(&shapes[4], &w2)).unwrap();
+    let got = prefill(&w);
+    let mut vals2 = vals.clone();
+    vals2[4] = w2;
+    let want = run_prefill(&CpuRef, DType::F32, dims, &vals2, scale, MlaForm::Absorbed);
+    let rr = rms(&want);
+    for (i, (&x, &y)) in got.iter().zip(&want).enumerate() {
+        let tol = ulp_of(DType::F32, y) + 1e-5 * rr;
+        assert!(
+            (x as f64 - y as f64).abs() <= tol,
+            "element {i}: {x} vs reference {y} after the write"
+        );
+    }
+}

@@ -130,10 +130,11 @@ struct Operands<'a> {
 }
 
 /// The panels ([`pack_group`]) of each group of the plain GEMM's B that a
-/// problem of more than 16 rows uses, kept with the B tensor's storage
+/// problem uses, kept with the B tensor's storage
 /// ([`crate::HostStorage::derived`]): a weight is packed on its first call
 /// only, and again after a write. `None` for the other groups, and past
-/// the cache's budget (those are packed per call).
+/// the cache's budget (those are packed per call, or their rows read in
+/// place by [`run_task_swapped`] for a problem of at most 16 rows).
 fn cached_panels(
     b: &deepport_core::backend::Tensor,
     srcs: &[BSrc<'_>],
@@ -144,7 +145,7 @@ fn cached_panels(
 ) -> Result<Vec<Option<Arc<Lines<f32>>>>> {
     let s = crate::storage(b)?;
     let mut out = vec![None; srcs.len()];
-    for p in probs.iter().filter(|p| p.rows > Simd::NARROW) {
+    for p in probs.iter().filter(|p| p.rows > 0) {
         let g = p.group;
         if out[g].is_some() {
             continue;
@@ -591,7 +592,10 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
     if !tasks.is_empty() {
         let apacks: Vec<Option<Vec<f32>>> = probs
             .iter()
-            .map(|p| (p.rows > 0 && p.rows <= Simd::NARROW).then(|| pack_a_swapped(ops, p)))
+            .map(|p| {
+                let small = p.rows > 0 && p.rows <= Simd::NARROW;
+                (small && cached(p.group).is_none()).then(|| pack_a_swapped(ops, p))
+            })
             .collect();
         let tiles: Vec<Vec<f32>> = tasks
             .par_iter()

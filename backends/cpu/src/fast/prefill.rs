@@ -22,6 +22,7 @@ use deepport_core::ops::*;
 use deepport_core::Result;
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// `Σ x·y` in f32 with eight interleaved sums.
 #[inline(always)]
@@ -176,14 +177,16 @@ struct Absorbed<'a> {
     kpe_t: Vec<f32>,
     /// The latent as `[S][dcp]`.
     lat: Cow<'a, [f32]>,
-    /// Per head, `W_UV` transposed, `[dc][dvp]`.
-    wuv_t: Vec<Vec<f32>>,
+    /// Per head, `W_UV` transposed, `[dc][dvp]` (kept with `wkv_b`).
+    wuv_t: Arc<Vec<Vec<f32>>>,
     /// Zeros for the A rows past the last token.
     zeros: Vec<f32>,
 }
 
 impl<'a> Absorbed<'a> {
-    fn new(c: &Inputs<'a>, nr: usize) -> Self {
+    /// `wkv_b` is the weight tensor `c.w` was read from: the transposed
+    /// `W_UV` is kept with it ([`crate::HostStorage::derived`]).
+    fn new(c: &Inputs<'a>, wkv_b: &deepport_core::backend::Tensor, nr: usize) -> Result<Self> {
         let (dn, dc, dv, dr, n_s) = (c.dn, c.dc, c.dv, c.dr, c.n_s);
         let (dcp, sp, dvp) = (
             dc.next_multiple_of(nr),
@@ -194,16 +197,27 @@ impl<'a> Absorbed<'a> {
             let r0 = h * (dn + dv) + lo;
             &c.w[r0 * dc..(r0 + n) * dc]
         };
-        let (wuk, wuv_t): (Vec<_>, Vec<_>) = (0..c.heads)
-            .into_par_iter()
-            .map(|h| {
-                (
-                    pad_cols(head_rows(h, 0, dn), dn, dc, dcp),
-                    transpose_pad(head_rows(h, dn, dv), dv, dc, dvp),
-                )
-            })
-            .unzip();
-        Absorbed {
+        let wuk = (0..c.heads)
+            .map(|h| pad_cols(head_rows(h, 0, dn), dn, dc, dcp))
+            .collect();
+        let make_wuv_t = || -> Vec<Vec<f32>> {
+            (0..c.heads)
+                .into_par_iter()
+                .map(|h| transpose_pad(head_rows(h, dn, dv), dv, dc, dvp))
+                .collect()
+        };
+        let key = crate::DerivedKey {
+            offset: wkv_b.offset_bytes(),
+            len: wkv_b.nbytes(),
+            kind: "mla_prefill W_UV transposed",
+            params: [dn, dv, dc, nr],
+        };
+        let bytes = c.heads * dc * dvp * std::mem::size_of::<f32>();
+        let wuv_t = match crate::storage(wkv_b)?.derived(key, bytes, make_wuv_t) {
+            Some(kept) => kept,
+            None => Arc::new(make_wuv_t()),
+        };
+        Ok(Absorbed {
             nr,
             dcp,
             sp,
@@ -214,7 +228,7 @@ impl<'a> Absorbed<'a> {
             lat: pad_cols(c.latent, n_s, dc, dcp),
             wuv_t,
             zeros: vec![0f32; dn.max(dr).max(dcp).max(sp)],
-        }
+        })
     }
 }
 
@@ -366,7 +380,7 @@ pub(crate) fn mla_prefill(op: &mut Checked<MlaPrefill<'_>>) -> Result<()> {
                     .for_each(|(item, o)| naive_out(simd, &c, &kv, item, o));
             }
             MlaForm::Absorbed => {
-                let ab = Absorbed::new(&c, simd.nr());
+                let ab = Absorbed::new(&c, a.wkv_b, simd.nr())?;
                 // Tasks: (head, tile of `mr` tokens); each writes the rows
                 // of its tokens for its head.
                 let mr = simd.mr();
