@@ -1453,7 +1453,7 @@ fn mla_prefill_after_a_write_to_wkv_b_uses_the_new_weight() {
         .collect();
     let mut w = Cpu.upload(&f32h(&shapes[4], &vals[4])).unwrap();
     let scale = 1.0 / ((dn + dr) as f32).sqrt();
-    let mut prefill = |w: &Tensor| {
+    let prefill = |w: &Tensor| {
         let mut out = Cpu.alloc(DType::F32, &[t, h, dv]).unwrap();
         ops::run(
             &Cpu,
