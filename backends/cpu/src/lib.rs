@@ -17,8 +17,8 @@
 // `unsafe` is allowed only in `fast::simd`, `fast::amx` and `peak`
 // (intrinsics, AMX `asm!`), `reduce` and `tiles` (calls of loops compiled
 // for a detected instruction set) and the wrappers `fast::simd`'s
-// `isa_dispatch!` generates for the same purpose (in `fast::prefill`),
-// each block with a `// SAFETY:` line.
+// `isa_dispatch!` generates for the same purpose (in `fast::prefill` and
+// `fast::small`), each block with a `// SAFETY:` line.
 #![deny(unsafe_code)]
 
 mod copy;

@@ -165,10 +165,10 @@ pub fn describe() -> String {
         format!("{name} f32")
     };
     format!(
-        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: f32 sums, f64 softmax, rows in parallel; mla decode: {decode}, all heads of a kv head per cache pass, split-K; \
+        "{fp8}; gemm_grouped (contiguous/masked): {mr}x{nr} f32 FMA per group; mla prefill: {mr}x{nr} f32 FMA tiles (absorbed), f64 softmax, (head, token tile) in parallel; mla decode: {decode}, all heads of a kv head per cache pass, split-K; \
          sparse_mla decode/prefill: {name} f32, selected keys dequantized once per 64-token chunk for all heads, online softmax, split over slots; \
          indexer_logits: {name} f32 dots (exact e4m3 products), f64 head sums; indexer_topk: partial selection in cpu-ref's order; \
-         add/silu_mul/rms_norm/embedding/act_quant/rope/copy_window/cache_quant: parallel, bit-identical to cpu-ref; {t} threads",
+         add/rms_norm/embedding/act_quant/rope/copy_window/cache_quant: parallel, bit-identical to cpu-ref; silu_mul: f64 with a vectorized exp, within 1 ulp of cpu-ref; {t} threads",
         t = rayon::current_num_threads()
     )
 }
