@@ -27,6 +27,8 @@ fn main() {
         }
     };
     let iters: usize = args.get(2).map_or(5, |s| s.parse().expect("ITERS"));
+    // As the deepport CLI does: this thread runs ops with the workers.
+    deepport_cpu::join_worker_pool();
     let be = deepport_cpu::Cpu;
     let mut p = Prepared::new(&be, &op, &shape).expect("inputs");
     p.launch(&be).unwrap();

@@ -23,9 +23,69 @@ use deepport_core::ops::index::{check_range, check_value};
 use deepport_core::ops::*;
 use deepport_core::{HostTensor, Result};
 
-pub(crate) use crate::scalar::dense::{
-    act_quant, add, embedding, moe_gate, rms_norm, rope, silu_mul,
-};
+pub(crate) use crate::scalar::dense::{act_quant, add, embedding, rms_norm, rope, silu_mul};
+
+// ---- the MoE gate ------------------------------------------------------------
+
+/// `moe_gate` with the specification's arithmetic (`scalar::dense`): each
+/// logit is the same sequential f64 sum `Σ_j x_j·w_ej`, but the experts'
+/// sums advance together through `j` (independent chains instead of one
+/// latency-bound chain per expert, over `W` transposed once per call), and
+/// tokens run in parallel. The routing of each token is the
+/// specification's own (`route_token`).
+pub(crate) fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
+    use crate::scalar::dense::{check_finite, route_token};
+    const OP: &str = "moe_gate";
+    let (args, dims) = op.parts();
+    let (t, dim, e) = (dims.tokens, dims.dim, dims.experts);
+    let groups = (args.n_group, args.topk_group, args.topk);
+    let topk = args.topk;
+    let x = f32s(args.x)?;
+    check_finite(OP, "x", &x, &[t, dim])?;
+    let w = f32s(args.weight)?;
+    check_finite(OP, "weight", &w, &[e, dim])?;
+    let bias = match args.bias {
+        Some(b) => {
+            let b = f32s(b)?;
+            check_finite(OP, "bias", &b, &[e])?;
+            b
+        }
+        None => vec![0f32; e],
+    };
+    // W transposed, widened: `[dim][e]`.
+    let mut wt = vec![0f64; dim * e];
+    for (ex, row) in w.chunks_exact(dim.max(1)).enumerate().take(e) {
+        for (j, &v) in row.iter().enumerate() {
+            wt[j * e + ex] = f64::from(v);
+        }
+    }
+    use rayon::prelude::*;
+    let per_token: Vec<(Vec<i64>, Vec<f64>)> = (0..t)
+        .into_par_iter()
+        .map(|tok| {
+            let xs = &x[tok * dim..(tok + 1) * dim];
+            let mut logit = vec![0f64; e];
+            for (j, &xj) in xs.iter().enumerate() {
+                let xj = f64::from(xj);
+                for (l, &wv) in logit.iter_mut().zip(&wt[j * e..(j + 1) * e]) {
+                    *l += xj * wv;
+                }
+            }
+            let s: Vec<f32> = logit
+                .iter()
+                .map(|&l| (1.0 / (1.0 + (-l).exp())) as f32)
+                .collect();
+            let sb: Vec<f32> = s.iter().zip(&bias).map(|(&v, &b)| v + b).collect();
+            let (mut idx, mut wts) = (vec![0i64; topk], vec![0f64; topk]);
+            route_token(&s, &sb, groups, args.route_scale, &mut idx, &mut wts);
+            (idx, wts)
+        })
+        .collect();
+    let out_idx: Vec<i64> = per_token.iter().flat_map(|(i, _)| i.clone()).collect();
+    let out_w: Vec<f64> = per_token.into_iter().flat_map(|(_, w)| w).collect();
+    crate::util::put_i64(args.topk_idx, &out_idx)?;
+    put_f64(args.topk_weights, &out_w)
+}
 
 // ---- the tiled GEMMs ---------------------------------------------------------
 

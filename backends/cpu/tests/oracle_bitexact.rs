@@ -839,13 +839,33 @@ fn rope(rng: &mut Rng) {
 }
 
 fn moe_gate(rng: &mut Rng) {
-    for (i, &(t, dim, e, n_group, topk_group, topk)) in [(3, 16, 8, 2, 1, 2), (9, 40, 32, 4, 2, 6)]
-        .iter()
-        .enumerate()
+    for (i, &(t, dim, e, n_group, topk_group, topk)) in [
+        (3, 16, 8, 2, 1, 2),
+        (9, 40, 32, 4, 2, 6),
+        (4, 8, 8, 2, 1, 2),
+    ]
+    .iter()
+    .enumerate()
     {
         let dt = ACT[i % 3];
-        let x = f32h(dt, &[t, dim], &rng.vals(t * dim, 1.0, false));
-        let w = f32h(dt, &[e, dim], &rng.vals(e * dim, 1.0, false));
+        let (mut xv, mut wv) = (rng.vals(t * dim, 1.0, false), rng.vals(e * dim, 1.0, false));
+        let dt = if i == 2 {
+            // Cancelling logits: x_0·w_0 + 1e16 − 1e16 in the specification's
+            // order loses the first product (ties broken by the bias);
+            // any other order of the sum keeps it.
+            for tok in 0..t {
+                xv[tok * dim..(tok + 1) * dim]
+                    .copy_from_slice(&[1.0, 1e16, -1e16, 0.0, 0.0, 0.0, 0.0, 0.0]);
+            }
+            for ex in 0..e {
+                wv[ex * dim..ex * dim + 3].copy_from_slice(&[0.25 * (ex + 1) as f32, 1.0, 1.0]);
+            }
+            DType::F32
+        } else {
+            dt
+        };
+        let x = f32h(dt, &[t, dim], &xv);
+        let w = f32h(dt, &[e, dim], &wv);
         let bias = f32h(DType::F32, &[e], &rng.vals(e, 0.1, false));
         check(&format!("moe_gate t={t} e={e}"), |b| {
             let (xt, wt, bt) = (up(b, &x), up(b, &w), up(b, &bias));

@@ -247,8 +247,8 @@ fn run_task_bf16(
     let (simd, n, k) = (ops.simd, ops.n, ops.k);
     let (mr, nr) = (simd.mr(), simd.nr());
     let p = probs[t.prob];
-    let r_lo = t.mb * MC;
-    let rows = MC.min(p.rows - r_lo);
+    let r_lo = t.mb * t.mc;
+    let rows = t.mc.min(p.rows - r_lo);
     let c_lo = t.nc * NC;
     let cols = NC.min(n - c_lo);
     let panels = cols.div_ceil(nr);
@@ -351,21 +351,24 @@ struct Problem {
     abuf: usize,
 }
 
-/// One 128 × 128 output tile.
+/// One output tile: rows `[mb·mc, (mb+1)·mc)` of a problem (`mc` is
+/// [`MC`], or fewer for a plain GEMM of few tiles: see [`run`]) × 128
+/// columns.
 #[derive(Clone, Copy)]
 struct Task {
     prob: usize,
     mb: usize,
     nc: usize,
+    mc: usize,
 }
 
-/// Computes one tile: `[rows ≤ MC][NC]` f32 (row-major, stride NC).
+/// Computes one tile: `[rows ≤ t.mc][NC]` f32 (row-major, stride NC).
 fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32]>) -> Vec<f32> {
     let (simd, n, k) = (ops.simd, ops.n, ops.k);
     let (mr, nr) = (simd.mr(), simd.nr());
     let p = probs[t.prob];
-    let r_lo = t.mb * MC;
-    let rows = MC.min(p.rows - r_lo);
+    let r_lo = t.mb * t.mc;
+    let rows = t.mc.min(p.rows - r_lo);
     let c_lo = t.nc * NC;
     let cols = NC.min(n - c_lo);
     let panels = cols.div_ceil(nr);
@@ -558,15 +561,32 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
             pack[p.group] = true;
         }
     }
+    // A plain GEMM of few 128-row tiles (the model's linears on a short
+    // prompt) is cut into 32-row tiles, so that every thread has several.
+    let tiles_of = |mc: usize| -> usize {
+        let rows = probs.iter().filter(|p| p.rows > Simd::NARROW);
+        rows.map(|p| p.rows.div_ceil(mc) * ncs).sum()
+    };
+    let plain = ops.scales.is_none() && ops.a_bf.is_none();
+    let mc = if plain && tiles_of(MC) < 4 * rayon::current_num_threads() {
+        32
+    } else {
+        MC
+    };
     let tasks_of = |sel: &dyn Fn(usize) -> bool| -> Vec<Task> {
         let mut v = Vec::new();
         for (i, p) in probs.iter().enumerate() {
             if p.rows == 0 || !sel(p.group) {
                 continue;
             }
-            for mb in 0..p.rows.div_ceil(MC) {
+            for mb in 0..p.rows.div_ceil(mc) {
                 for nc in 0..ncs {
-                    v.push(Task { prob: i, mb, nc });
+                    v.push(Task {
+                        prob: i,
+                        mb,
+                        nc,
+                        mc,
+                    });
                 }
             }
         }
@@ -579,7 +599,7 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
             let c_lo = t.nc * NC;
             let cols = NC.min(n - c_lo);
             for (r, row) in tile.chunks(NC).enumerate() {
-                let drow = p.row0 + t.mb * MC + r;
+                let drow = p.row0 + t.mb * t.mc + r;
                 let at = (drow * n + c_lo) * size;
                 encode_into(dtype, &row[..cols], &mut d[at..at + cols * size]);
             }
@@ -1565,7 +1585,12 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         let mut pan = Vec::new();
         for (si, &i) in small.iter().enumerate() {
             for nc in 0..n.div_ceil(B) {
-                tasks.push(Task { prob: i, mb: 0, nc });
+                tasks.push(Task {
+                    prob: i,
+                    mb: 0,
+                    nc,
+                    mc: MC,
+                });
                 pan.push(si);
             }
         }
@@ -1616,7 +1641,12 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
                         if k0 == 0 {
                             c.fill(0.0);
                         }
-                        let t = Task { prob, mb, nc };
+                        let t = Task {
+                            prob,
+                            mb,
+                            nc,
+                            mc: MC,
+                        };
                         amx::with_amx(|amx| {
                             amx_task_rows(amx, ops, &probs[prob], t, panels, kbs.clone(), c)
                         })
@@ -1626,9 +1656,12 @@ fn run_amx(ops: &AmxOps<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_co
         }
         let tasks: Vec<Task> = (0..ncs)
             .flat_map(|nc| {
-                row_tasks
-                    .iter()
-                    .map(move |&(prob, mb)| Task { prob, mb, nc })
+                row_tasks.iter().map(move |&(prob, mb)| Task {
+                    prob,
+                    mb,
+                    nc,
+                    mc: MC,
+                })
             })
             .collect();
         let tiles: Vec<&[f32]> = acc

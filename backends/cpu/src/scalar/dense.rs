@@ -369,7 +369,6 @@ pub fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
         }
         None => vec![0f32; e],
     };
-    let gsz = e / n_group;
     let mut out_idx = vec![0i64; t * topk];
     let mut out_w = vec![0f64; t * topk];
     for tok in 0..t {
@@ -386,37 +385,63 @@ pub fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
             s[ex] = (1.0 / (1.0 + (-logit).exp())) as f32;
             sb[ex] = s[ex] + bias[ex];
         }
-        // Group score: sum of the two largest s' of the group (exact in f64).
-        let mut gscore: Vec<(f64, usize)> = (0..n_group)
-            .map(|grp| {
-                let mut v: Vec<f32> = sb[grp * gsz..(grp + 1) * gsz].to_vec();
-                v.sort_by(|p, q| q.total_cmp(p));
-                (v[0] as f64 + v[1] as f64, grp)
-            })
-            .collect();
-        // Descending score, ties to the lower group index.
-        gscore.sort_by(|p, q| q.0.total_cmp(&p.0).then(p.1.cmp(&q.1)));
-        let mut kept: Vec<usize> = Vec::with_capacity(topk_group * gsz);
-        for &(_, grp) in &gscore[..topk_group] {
-            kept.extend(grp * gsz..(grp + 1) * gsz);
-        }
-        // Descending s', ties to the lower expert index.
-        kept.sort_by(|&p, &q| sb[q].total_cmp(&sb[p]).then(p.cmp(&q)));
-        let chosen = &kept[..topk];
-        let mut sum = 0f64;
-        for &ex in chosen {
-            sum += s[ex] as f64;
-        }
-        for (slot, &ex) in chosen.iter().enumerate() {
-            out_idx[tok * topk + slot] = ex as i64;
-            out_w[tok * topk + slot] = s[ex] as f64 / (sum + 1e-20) * args.route_scale as f64;
-        }
+        route_token(
+            &s,
+            &sb,
+            (n_group, topk_group, topk),
+            args.route_scale,
+            &mut out_idx[tok * topk..(tok + 1) * topk],
+            &mut out_w[tok * topk..(tok + 1) * topk],
+        );
     }
     put_i64(args.topk_idx, &out_idx)?;
     put_f64(args.topk_weights, &out_w)
 }
 
 // ---- elementwise and gather ----------------------------------------------------
+
+/// One token's routing from its scores `s` (sigmoid, f32) and `sb`
+/// (`s + bias`, f32): the `topk_group` groups of the largest sums of their
+/// two largest `sb` (ties to the lower group), in them the `topk` experts
+/// of the largest `sb` (ties to the lower index), and their weights
+/// `s / Σ s · route_scale` in f64. `groups` is `(n_group, topk_group,
+/// topk)`.
+pub(crate) fn route_token(
+    s: &[f32],
+    sb: &[f32],
+    groups: (usize, usize, usize),
+    route_scale: f32,
+    idx: &mut [i64],
+    w: &mut [f64],
+) {
+    let (n_group, topk_group, topk) = groups;
+    let gsz = s.len() / n_group;
+    // Group score: sum of the two largest s' of the group (exact in f64).
+    let mut gscore: Vec<(f64, usize)> = (0..n_group)
+        .map(|grp| {
+            let mut v: Vec<f32> = sb[grp * gsz..(grp + 1) * gsz].to_vec();
+            v.sort_by(|p, q| q.total_cmp(p));
+            (v[0] as f64 + v[1] as f64, grp)
+        })
+        .collect();
+    // Descending score, ties to the lower group index.
+    gscore.sort_by(|p, q| q.0.total_cmp(&p.0).then(p.1.cmp(&q.1)));
+    let mut kept: Vec<usize> = Vec::with_capacity(topk_group * gsz);
+    for &(_, grp) in &gscore[..topk_group] {
+        kept.extend(grp * gsz..(grp + 1) * gsz);
+    }
+    // Descending s', ties to the lower expert index.
+    kept.sort_by(|&p, &q| sb[q].total_cmp(&sb[p]).then(p.cmp(&q)));
+    let chosen = &kept[..topk];
+    let mut sum = 0f64;
+    for &ex in chosen {
+        sum += s[ex] as f64;
+    }
+    for (slot, &ex) in chosen.iter().enumerate() {
+        idx[slot] = ex as i64;
+        w[slot] = s[ex] as f64 / (sum + 1e-20) * route_scale as f64;
+    }
+}
 
 /// The specification of `silu_mul`: `cpu-ref`'s kernel must give these bytes.
 pub fn silu_mul(op: &mut Checked<SiluMul<'_>>) -> Result<()> {
