@@ -374,6 +374,33 @@ fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32
     let panels = cols.div_ceil(nr);
     let kbn = blocks128(k);
     let mut c = vec![0f32; rows * NC];
+    if let (None, Some(all)) = (&ops.scales, packed) {
+        // A plain GEMM on panels packed for the whole K: one pass of the
+        // micro-kernel over all of K per register tile (no 128-K blocks to
+        // add up: nothing is promoted).
+        let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
+        let zeros = vec![0f32; k];
+        for pi in 0..panels {
+            let gp = (c_lo / nr) + pi; // c_lo is a multiple of nr
+            let bpanel = &all[gp * k * nr..][..k * nr];
+            let jn = nr.min(cols - pi * nr);
+            for r0 in (0..rows).step_by(mr) {
+                let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| {
+                    if r < mr && r0 + r < rows {
+                        let ar = p.abuf + r_lo + r0 + r;
+                        &ops.a[ar * k..(ar + 1) * k]
+                    } else {
+                        &zeros[..]
+                    }
+                });
+                simd.tile(k, &a, bpanel, nr, &mut tile);
+                for (r, trow) in tile.iter().enumerate().take(mr.min(rows - r0)) {
+                    c[(r0 + r) * NC + pi * nr..][..jn].copy_from_slice(&trow[..jn]);
+                }
+            }
+        }
+        return c;
+    }
     let zeros = [0f32; QBLOCK];
     let mut local = zeroed_lines::<f32>(if packed.is_none() {
         panels * QBLOCK * nr
