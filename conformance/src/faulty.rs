@@ -108,6 +108,9 @@ impl Backend for Faulty {
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         self.inner.alloc(dtype, shape)
     }
+    fn alloc_output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.inner.alloc_output(dtype, shape)
+    }
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         self.inner.upload(host)
     }

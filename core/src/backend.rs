@@ -109,6 +109,13 @@ pub trait Backend: Send + Sync {
 
     /// Allocates an uninitialised tensor.
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor>;
+    /// Allocates a tensor that the caller's next op overwrites entirely
+    /// (every element of an op's output) before anything reads it: a
+    /// backend that clears what [`Backend::alloc`] returns (the CPU
+    /// backends do) may skip that here. Defaults to [`Backend::alloc`].
+    fn alloc_output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.alloc(dtype, shape)
+    }
     /// Copies a host tensor to the device.
     fn upload(&self, host: &HostTensor) -> Result<Tensor>;
     /// Copies a device tensor to the host (waits for pending work on it).

@@ -941,9 +941,10 @@ impl Ctx<'_> {
     /// Row gather `out[i] = table[ids[i]]` (the `embedding` op).
     fn gather(&self, table: &Tensor, ids: &[i32]) -> Result<Tensor> {
         let ids_t = self.ids(ids)?;
+        // `embedding` writes every row.
         let mut out = self
             .b
-            .alloc(table.dtype(), &[ids.len(), table.shape()[1]])?;
+            .alloc_output(table.dtype(), &[ids.len(), table.shape()[1]])?;
         ops::run(
             self.b,
             Embedding {
@@ -1046,7 +1047,8 @@ impl Ctx<'_> {
             }
             Grouped::Dense { w } => match (m_indices, masked_m) {
                 (Some(m_indices), _) => {
-                    let mut d = self.alloc(&[m, n])?;
+                    // Every row is written (padding rows with anything).
+                    let mut d = self.b.alloc_output(self.act, &[m, n])?;
                     ops::run(
                         self.b,
                         GemmGroupedContiguous {
@@ -1089,7 +1091,8 @@ impl Ctx<'_> {
         let g = ex.local;
         let gt = self.grouped(&ex.gate, g, x, pre_quant, m_indices, masked_m)?;
         let up = self.grouped(&ex.up, g, x, pre_quant, m_indices, masked_m)?;
-        let mut a = self.alloc(gt.shape())?;
+        // `silu_mul` writes every element.
+        let mut a = self.b.alloc_output(self.act, gt.shape())?;
         ops::run(
             self.b,
             SiluMul {

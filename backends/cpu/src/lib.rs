@@ -74,8 +74,9 @@ mod pool {
     }
 
     /// An empty vector with room for `n` bytes (at most twice that, plus
-    /// a page), if the pool holds one.
-    pub(crate) fn take(n: usize) -> Option<Vec<u8>> {
+    /// a page), if the pool holds one; with `keep`, it still holds up to
+    /// `n` of its old bytes (for a tensor whose contents are unspecified).
+    pub(crate) fn take(n: usize, keep: bool) -> Option<Vec<u8>> {
         if n == 0 {
             return None;
         }
@@ -87,7 +88,11 @@ mod pool {
             .map(|(i, _)| i)?;
         let mut v = p.bufs.swap_remove(best);
         p.bytes -= v.capacity();
-        v.clear();
+        if keep {
+            v.truncate(n);
+        } else {
+            v.clear();
+        }
         Some(v)
     }
 
@@ -184,39 +189,56 @@ fn device_name() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
+/// A host tensor of `backend`: zeros, or with `keep` of unspecified
+/// contents (a pooled buffer's old bytes, zeros past them).
+fn alloc_host(
+    backend: &'static str,
+    id: InstanceId,
+    dtype: DType,
+    shape: &[usize],
+    keep: bool,
+) -> Result<Tensor> {
+    let n = deepport_core::tensor::numel(shape)
+        .checked_mul(dtype.size())
+        .ok_or_else(|| Error::Device {
+            backend: backend.into(),
+            msg: format!("tensor {shape:?} is too large"),
+        })?;
+    let mut bytes = match pool::take(n, keep) {
+        Some(v) => v,
+        None => {
+            let mut v = Vec::new();
+            if v.try_reserve_exact(n).is_err() {
+                pool::clear();
+            }
+            v.try_reserve_exact(n).map_err(|e| Error::Device {
+                backend: backend.into(),
+                msg: format!("out of memory allocating {n} bytes: {e}"),
+            })?;
+            v
+        }
+    };
+    bytes.resize(n, 0);
+    Ok(Tensor::new(
+        dtype,
+        shape,
+        Box::new(HostStorage::new(backend, bytes, None)),
+        id,
+    ))
+}
+
 macro_rules! memory_ops {
     ($name:expr) => {
         fn instance(&self) -> InstanceId {
             Self::id()
         }
         fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-            let n = deepport_core::tensor::numel(shape)
-                .checked_mul(dtype.size())
-                .ok_or_else(|| Error::Device {
-                    backend: $name.into(),
-                    msg: format!("tensor {shape:?} is too large"),
-                })?;
-            let mut bytes = match crate::pool::take(n) {
-                Some(v) => v,
-                None => {
-                    let mut v = Vec::new();
-                    if v.try_reserve_exact(n).is_err() {
-                        crate::pool::clear();
-                    }
-                    v.try_reserve_exact(n).map_err(|e| Error::Device {
-                        backend: $name.into(),
-                        msg: format!("out of memory allocating {n} bytes: {e}"),
-                    })?;
-                    v
-                }
-            };
-            bytes.resize(n, 0);
-            Ok(Tensor::new(
-                dtype,
-                shape,
-                Box::new(HostStorage::new($name, bytes, None)),
-                Self::id(),
-            ))
+            crate::alloc_host($name, Self::id(), dtype, shape, false)
+        }
+        /// Like `alloc`, but a buffer from the pool keeps its old bytes
+        /// (the contents are unspecified: no clearing).
+        fn alloc_output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+            crate::alloc_host($name, Self::id(), dtype, shape, true)
         }
         fn upload(&self, host: &HostTensor) -> Result<Tensor> {
             Ok(Tensor::new(
@@ -454,6 +476,22 @@ mod pool_tests {
             reused += usize::from(b.as_ptr() == before);
         }
         assert!(reused > 0, "no freed buffer was reused");
+    }
+
+    /// `alloc_output` skips the clearing (a pooled buffer may come back
+    /// with old bytes) but has the right size; `alloc` still clears.
+    #[test]
+    fn alloc_output_is_sized_and_alloc_still_clears() {
+        let be = Cpu;
+        let shape = [5usize, 30_011];
+        for _ in 0..4 {
+            let mut t = be.alloc_output(DType::U8, &shape).unwrap();
+            assert_eq!(bytes_of(&t).unwrap().len(), 5 * 30_011);
+            bytes_mut_of(&mut t).unwrap().fill(0x5a);
+            drop(t);
+            let t = be.alloc(DType::U8, &shape).unwrap();
+            assert!(bytes_of(&t).unwrap().iter().all(|&v| v == 0));
+        }
     }
 
     /// The pool stays within its bounds however much is freed into it.

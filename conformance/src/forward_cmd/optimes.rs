@@ -155,6 +155,9 @@ impl Backend for Timed<'_> {
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         self.timed("alloc", || self.inner.alloc(dtype, shape))
     }
+    fn alloc_output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.timed("alloc_output", || self.inner.alloc_output(dtype, shape))
+    }
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         self.timed("upload", || self.inner.upload(host))
     }

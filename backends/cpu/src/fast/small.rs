@@ -207,11 +207,13 @@ pub(crate) fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
     }
     let w = f32_values(args.weight)?;
     let eps = f64::from(args.eps);
+    let simd = super::current_simd();
     let (xd, od) = (args.x.dtype(), args.y.dtype());
     let xb = bytes_of(args.x)?;
     let yb = bytes_mut_of(args.y)?;
     let (xs, os) = (xd.size(), od.size());
-    let per = (CHUNK / dim).max(1);
+    // Chunks of a few rows (at least two per thread on a short prompt).
+    let per = (CHUNK / dim).clamp(1, rows.div_ceil(2 * rayon::current_num_threads()).max(8));
     yb.par_chunks_mut(per * dim * os)
         .enumerate()
         .for_each(|(c, dst)| {
@@ -220,12 +222,9 @@ pub(crate) fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
             let mut x = vec![0f32; n * dim];
             decode_into(xd, &xb[r0 * dim * xs..(r0 + n) * dim * xs], &mut x);
             let mut y = vec![0f64; n * dim];
-            for (xr, yr) in x.chunks(dim).zip(y.chunks_mut(dim)) {
-                // The reference's order: a sequential f64 sum.
-                let mut ss = 0f64;
-                for &v in xr {
-                    ss += f64::from(v) * f64::from(v);
-                }
+            let mut ss = vec![0f64; n];
+            sum_squares(simd, &x, dim, &mut ss);
+            for ((xr, yr), &ss) in x.chunks(dim).zip(y.chunks_mut(dim)).zip(&ss) {
                 let inv = 1.0 / (ss / dim as f64 + eps).sqrt();
                 for ((o, &v), &wj) in yr.iter_mut().zip(xr).zip(w.iter()) {
                     *o = f64::from(v) * inv * f64::from(wj);
@@ -235,6 +234,27 @@ pub(crate) fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
         });
     Ok(())
 }
+
+/// `ss[r] = Σ_j x[r][j]²` in f64, each the reference's sequential sum
+/// (`j` ascending from 0), eight rows advancing together (independent
+/// chains instead of one latency-bound chain per row).
+#[inline(always)]
+fn sum_squares_body(x: &[f32], dim: usize, ss: &mut [f64]) {
+    const R: usize = 8;
+    for (blk, out) in x.chunks(R * dim).zip(ss.chunks_mut(R)) {
+        let mut acc = [0f64; R];
+        let n = out.len();
+        for j in 0..dim {
+            for (r, a) in acc.iter_mut().enumerate().take(n) {
+                let v = f64::from(blk[r * dim + j]);
+                *a += v * v;
+            }
+        }
+        out.copy_from_slice(&acc[..n]);
+    }
+}
+
+super::simd::isa_dispatch!(fn sum_squares(x: &[f32], dim: usize, ss: &mut [f64]) = sum_squares_body);
 
 pub(crate) fn embedding(op: &mut Checked<Embedding<'_>>) -> Result<()> {
     const OP: &str = "embedding";
