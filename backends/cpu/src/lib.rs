@@ -359,7 +359,9 @@ impl Backend for CpuRef {
 macro_rules! fast_local_ops {
     ([] $($kind:ident => $method:ident),* $(,)?) => {$(
         fn $method(&self, op: &mut Checked<$kind<'_>>) -> Result<()> {
-            fast::ops::$method(op)
+            let r = fast::ops::$method(op);
+            fast::linger();
+            r
         }
     )*};
 }

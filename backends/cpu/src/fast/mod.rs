@@ -367,6 +367,39 @@ pub(crate) mod ops {
     pub(crate) use crate::kernels::*;
 }
 
+/// How long one idle worker keeps looking for work after an op (see
+/// [`linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
+
+/// Keeps one idle worker awake for [`LINGER`] after an op, taking any
+/// parallel work that appears meanwhile (`rayon::yield_now`), the way an
+/// OpenMP runtime spins before it blocks. A model's ops follow each other
+/// microseconds apart; without this, each one's parallel part woke a
+/// sleeping worker through the scheduler (tens of microseconds on a VM,
+/// about a sixth of the tiny model's forward pass). One such worker at a
+/// time; never the thread that calls the ops ([`crate::join_worker_pool`]:
+/// it would stall there), and not with a single worker.
+pub(crate) fn linger() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SPINNING: AtomicBool = AtomicBool::new(false);
+    if rayon::current_num_threads() < 2 || SPINNING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let caller = rayon::current_thread_index();
+    rayon::spawn(move || {
+        if caller.is_none() || rayon::current_thread_index() != caller {
+            let mut since = std::time::Instant::now();
+            while since.elapsed() < LINGER {
+                match rayon::yield_now() {
+                    Some(rayon::Yield::Executed) => since = std::time::Instant::now(),
+                    _ => std::hint::spin_loop(),
+                }
+            }
+        }
+        SPINNING.store(false, Ordering::Release);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
