@@ -7,8 +7,8 @@
 //! from: every write goes through [`HostStorage::bytes_mut`], which drops
 //! it, and it goes with the storage. The bytes are private to this module,
 //! so no other path can write them. All derived data together stays within
-//! [`DERIVED_MAX`] bytes; past that a kernel derives per call, as without
-//! the cache.
+//! [`DERIVED_MAX`] bytes (and an eighth of the memory budget, `--max-memory`);
+//! past that a kernel derives per call, as without the cache.
 
 use deepport_core::backend::{Recycler, Storage};
 use std::any::Any;
@@ -17,6 +17,13 @@ use std::sync::{Arc, Mutex};
 
 /// Most bytes of derived data held by all storages together.
 pub(crate) const DERIVED_MAX: usize = 512 << 20;
+
+/// The most derived data kept: [`DERIVED_MAX`], or an eighth of the
+/// process's memory budget (`--max-memory`) when that is less.
+fn derived_limit() -> usize {
+    let budget = deepport_core::budget::MemoryBudget::global().bytes() / 8;
+    DERIVED_MAX.min(usize::try_from(budget).unwrap_or(usize::MAX))
+}
 
 /// Bytes of derived data held now, by all storages.
 static DERIVED_BYTES: AtomicUsize = AtomicUsize::new(0);
@@ -84,9 +91,10 @@ impl HostStorage {
         if let Some(e) = lock().iter().find(|e| e.key == key) {
             return e.value.clone().downcast::<T>().ok();
         }
+        let max = derived_limit();
         DERIVED_BYTES
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
-                held.checked_add(bytes).filter(|&n| n <= DERIVED_MAX)
+                held.checked_add(bytes).filter(|&n| n <= max)
             })
             .ok()?;
         let value = Arc::new(make());

@@ -958,10 +958,12 @@ fn decode_used_groups<'t>(
     k: usize,
     probs: &[Problem],
 ) -> Result<Vec<Cow<'t, [f32]>>> {
-    if let Cow::Borrowed(all) = f32_values(b)? {
-        return Ok((0..groups)
-            .map(|grp| Cow::Borrowed(&all[grp * n * k..(grp + 1) * n * k]))
-            .collect());
+    if b.dtype() == deepport_core::DType::F32 {
+        if let Cow::Borrowed(all) = f32_values(b)? {
+            return Ok((0..groups)
+                .map(|grp| Cow::Borrowed(&all[grp * n * k..(grp + 1) * n * k]))
+                .collect());
+        }
     }
     let bytes = bytes_of(b)?;
     let dtype = b.dtype();
