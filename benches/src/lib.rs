@@ -240,24 +240,24 @@ pub fn fp8_grouped_masked(g: usize, m: usize, e: usize, n: usize, k: usize) -> W
     }
 }
 
-/// bf16 GEMM with bf16 output.
-pub fn gemm_bf16(m: usize, n: usize, k: usize) -> Workload {
+/// A plain GEMM `d = a·bᵀ` with every operand of `elem` bytes.
+fn plain_gemm(name: &str, elem: f64, m: usize, n: usize, k: usize) -> Workload {
     let (mf, nf, kf) = (m as f64, n as f64, k as f64);
     Workload {
-        id: format!("gemm(m={m},n={n},k={k})"),
+        id: format!("{name}(m={m},n={n},k={k})"),
         flops: 2.0 * mf * nf * kf,
-        bytes: 2.0 * (mf * kf + nf * kf + mf * nf),
+        bytes: elem * (mf * kf + nf * kf + mf * nf),
     }
 }
 
-/// A plain GEMM `d = a·bᵀ` in f32 (the f32 forward pass's linears).
+/// bf16 GEMM with bf16 output.
+pub fn gemm_bf16(m: usize, n: usize, k: usize) -> Workload {
+    plain_gemm("gemm", 2.0, m, n, k)
+}
+
+/// A plain GEMM in f32 (the f32 forward pass's linears).
 pub fn gemm_f32(m: usize, n: usize, k: usize) -> Workload {
-    let (mf, nf, kf) = (m as f64, n as f64, k as f64);
-    Workload {
-        id: format!("gemm_f32(m={m},n={n},k={k})"),
-        flops: 2.0 * mf * nf * kf,
-        bytes: 4.0 * (mf * kf + nf * kf + mf * nf),
-    }
+    plain_gemm("gemm_f32", 4.0, m, n, k)
 }
 
 /// FlashMLA dense decode over a bf16 latent cache (d = 576, dv = 512).

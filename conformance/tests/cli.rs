@@ -503,3 +503,41 @@ fn run_usage_errors() {
     assert!(s2.lines().any(|l| l.starts_with("rope(")), "{s2}");
     assert!(s2.lines().count() > s.lines().count());
 }
+
+/// The binary's main thread joins the CPU backends' worker pool, and then
+/// waits for the in-process expert-parallel ranks, whose ops need a worker:
+/// with one CPU's worth of threads (`RAYON_NUM_THREADS=1`, or an MPI rank
+/// bound to a core) it must stay out of the pool, or those ops never run.
+/// A forward pass over 2 in-process ranks finishes (it deadlocked).
+#[test]
+fn in_process_ranks_run_with_a_single_worker_thread() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../golden/model");
+    let model = model.to_str().unwrap();
+    for threads in ["1", "2"] {
+        let mut child = Command::new(BIN)
+            .args(["forward", "--backend", "cpu", "--checkpoint", model])
+            .args(["--mode", "f32", "--ep", "2", "--tokens", "1,2,3"])
+            .env("RAYON_NUM_THREADS", threads)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run deepport");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("RAYON_NUM_THREADS={threads}: forward --ep 2 still running after 300 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            status.success(),
+            "RAYON_NUM_THREADS={threads}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -34,24 +34,12 @@ pub(crate) use crate::scalar::dense::{act_quant, add, embedding, rms_norm, rope,
 /// tokens run in parallel. The routing of each token is the
 /// specification's own (`route_token`).
 pub(crate) fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
-    use crate::scalar::dense::{check_finite, route_token};
-    const OP: &str = "moe_gate";
+    use crate::scalar::dense::{gate_inputs, route_token};
     let (args, dims) = op.parts();
     let (t, dim, e) = (dims.tokens, dims.dim, dims.experts);
     let groups = (args.n_group, args.topk_group, args.topk);
     let topk = args.topk;
-    let x = f32s(args.x)?;
-    check_finite(OP, "x", &x, &[t, dim])?;
-    let w = f32s(args.weight)?;
-    check_finite(OP, "weight", &w, &[e, dim])?;
-    let bias = match args.bias {
-        Some(b) => {
-            let b = f32s(b)?;
-            check_finite(OP, "bias", &b, &[e])?;
-            b
-        }
-        None => vec![0f32; e],
-    };
+    let (x, w, bias) = gate_inputs(args, dims)?;
     // W transposed, widened: `[dim][e]`.
     let mut wt = vec![0f64; dim * e];
     for (ex, row) in w.chunks_exact(dim.max(1)).enumerate().take(e) {

@@ -424,9 +424,22 @@ fn host_device(name: &'static str, device: Option<usize>) -> Result<()> {
 /// round trip through the scheduler per op (tens of microseconds on a VM;
 /// a tenth of the tiny model's forward pass). For a program's main thread,
 /// before any op runs: the thread must outlive every op. Returns `false`
-/// and changes nothing when the pool already exists.
+/// and changes nothing when the pool already exists, or when it would
+/// have no other worker (one CPU, e.g. an MPI rank bound to a core, or
+/// `RAYON_NUM_THREADS=1`): ops called from other threads while this one
+/// waits for them (the in-process expert-parallel ranks) would have no
+/// worker left to run on.
 pub fn join_worker_pool() -> bool {
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads < 2 {
+        return false;
+    }
     rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
         .use_current_thread()
         .build_global()
         .is_ok()

@@ -1352,6 +1352,19 @@ fn gemm_grouped_masked_matches_reference_and_leaves_masked_rows() {
 
 /// Runs `mla_prefill` on `be`; returns `out` as f32.
 #[allow(clippy::too_many_arguments)]
+/// The shapes of `mla_prefill`'s inputs `(q_nope, q_pe, latent, k_pe,
+/// wkv_b)` for dims `(T, S, H, dn, dr, dc, dv)`.
+fn prefill_shapes(dims: (usize, usize, usize, usize, usize, usize, usize)) -> [Vec<usize>; 5] {
+    let (t, s, h, dn, dr, dc, dv) = dims;
+    [
+        vec![t, h, dn],
+        vec![t, h, dr],
+        vec![s, dc],
+        vec![s, dr],
+        vec![h * (dn + dv), dc],
+    ]
+}
+
 fn run_prefill(
     be: &dyn Backend,
     dtype: DType,
@@ -1360,14 +1373,8 @@ fn run_prefill(
     scale: f32,
     form: MlaForm,
 ) -> Vec<f32> {
-    let (t, s, h, dn, dr, dc, dv) = dims;
-    let shapes: [Vec<usize>; 5] = [
-        vec![t, h, dn],
-        vec![t, h, dr],
-        vec![s, dc],
-        vec![s, dr],
-        vec![h * (dn + dv), dc],
-    ];
+    let (t, h, dv) = (dims.0, dims.2, dims.6);
+    let shapes = prefill_shapes(dims);
     let up: Vec<Tensor> = shapes
         .iter()
         .zip(vals)
@@ -1468,13 +1475,7 @@ fn mla_prefill_matches_reference() {
 fn mla_prefill_after_a_write_to_wkv_b_uses_the_new_weight() {
     let mut rng = Rng(405);
     let dims @ (t, s, h, dn, dr, dc, dv) = (9, 12, 2, 16, 8, 64, 16);
-    let shapes: [Vec<usize>; 5] = [
-        vec![t, h, dn],
-        vec![t, h, dr],
-        vec![s, dc],
-        vec![s, dr],
-        vec![h * (dn + dv), dc],
-    ];
+    let shapes = prefill_shapes(dims);
     let vals = [
         rng.vec(t * h * dn, 1.0),
         rng.vec(t * h * dr, 1.0),

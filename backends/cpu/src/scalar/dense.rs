@@ -353,22 +353,10 @@ pub fn rope(op: &mut Checked<Rope<'_>>) -> Result<()> {
 
 /// The specification of `moe_gate`: `cpu-ref`'s kernel must give these bytes.
 pub fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
-    const OP: &str = "moe_gate";
     let (args, dims) = op.parts();
     let (t, dim, e) = (dims.tokens, dims.dim, dims.experts);
     let (n_group, topk_group, topk) = (args.n_group, args.topk_group, args.topk);
-    let x = f32s(args.x)?;
-    check_finite(OP, "x", &x, &[t, dim])?;
-    let w = f32s(args.weight)?;
-    check_finite(OP, "weight", &w, &[e, dim])?;
-    let bias = match args.bias {
-        Some(b) => {
-            let b = f32s(b)?;
-            check_finite(OP, "bias", &b, &[e])?;
-            b
-        }
-        None => vec![0f32; e],
-    };
+    let (x, w, bias) = gate_inputs(args, dims)?;
     let mut out_idx = vec![0i64; t * topk];
     let mut out_w = vec![0f64; t * topk];
     for tok in 0..t {
@@ -399,6 +387,29 @@ pub fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
 }
 
 // ---- elementwise and gather ----------------------------------------------------
+
+/// `moe_gate`'s `x`, `weight` and `bias` (zeros without one) as f32, each
+/// checked finite (`NonFinite` at the first position that is not).
+pub(crate) fn gate_inputs(
+    args: &MoeGate<'_>,
+    dims: &MoeGateDims,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    const OP: &str = "moe_gate";
+    let (t, dim, e) = (dims.tokens, dims.dim, dims.experts);
+    let x = f32s(args.x)?;
+    check_finite(OP, "x", &x, &[t, dim])?;
+    let w = f32s(args.weight)?;
+    check_finite(OP, "weight", &w, &[e, dim])?;
+    let bias = match args.bias {
+        Some(b) => {
+            let b = f32s(b)?;
+            check_finite(OP, "bias", &b, &[e])?;
+            b
+        }
+        None => vec![0f32; e],
+    };
+    Ok((x, w, bias))
+}
 
 /// One token's routing from its scores `s` (sigmoid, f32) and `sb`
 /// (`s + bias`, f32): the `topk_group` groups of the largest sums of their

@@ -908,7 +908,7 @@ mod tests {
         out
     }
 
-    /// cpu-ref's selection (backends/cpu/src/scalar/dense.rs, `moe_gate`).
+    /// cpu-ref's selection (backends/cpu/src/scalar/dense.rs, `route_token`).
     fn gate_select_ref(sb: &[f32], n_group: usize, topk_group: usize, topk: usize) -> Vec<usize> {
         let gsz = sb.len() / n_group;
         let mut gscore: Vec<(f64, usize)> = (0..n_group)
