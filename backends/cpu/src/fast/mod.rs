@@ -367,11 +367,30 @@ pub(crate) mod ops {
     pub(crate) use crate::kernels::*;
 }
 
-/// How long one idle worker keeps looking for work after an op (see
-/// [`linger`]).
-const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
+/// The environment variable that sets how long, in microseconds, an idle
+/// worker keeps looking for work after an op ([`linger`]; default
+/// [`LINGER_US`], `0` turns it off: e.g. for several processes sharing
+/// few cores).
+pub const LINGER_ENV: &str = "DEEPPORT_CPU_LINGER_US";
 
-/// Keeps one idle worker awake for [`LINGER`] after an op, taking any
+/// [`linger`]'s default, in microseconds.
+pub const LINGER_US: u64 = 300;
+
+/// How long an idle worker lingers: [`LINGER_ENV`] if it holds a number,
+/// else [`LINGER_US`] (read once).
+fn linger_time() -> std::time::Duration {
+    static T: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        let us = std::env::var(LINGER_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(LINGER_US);
+        std::time::Duration::from_micros(us)
+    })
+}
+
+/// Keeps one idle worker awake for [`LINGER_US`] µs (or
+/// [`LINGER_ENV`]'s) after an op, taking any
 /// parallel work that appears meanwhile (`rayon::yield_now`), the way an
 /// OpenMP runtime spins before it blocks. A model's ops follow each other
 /// microseconds apart; without this, each one's parallel part woke a
@@ -382,14 +401,16 @@ const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
 pub(crate) fn linger() {
     use std::sync::atomic::{AtomicBool, Ordering};
     static SPINNING: AtomicBool = AtomicBool::new(false);
-    if rayon::current_num_threads() < 2 || SPINNING.swap(true, Ordering::AcqRel) {
+    let linger = linger_time();
+    if linger.is_zero() || rayon::current_num_threads() < 2 || SPINNING.swap(true, Ordering::AcqRel)
+    {
         return;
     }
     let caller = rayon::current_thread_index();
     rayon::spawn(move || {
         if caller.is_none() || rayon::current_thread_index() != caller {
             let mut since = std::time::Instant::now();
-            while since.elapsed() < LINGER {
+            while since.elapsed() < linger {
                 match rayon::yield_now() {
                     Some(rayon::Yield::Executed) => since = std::time::Instant::now(),
                     _ => std::hint::spin_loop(),
