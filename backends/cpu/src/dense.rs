@@ -48,7 +48,7 @@ pub(crate) fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
         }
     }
     use rayon::prelude::*;
-    let per_token: Vec<(Vec<i64>, Vec<f64>)> = (0..t)
+    let (idx, wts): (Vec<Vec<i64>>, Vec<Vec<f64>>) = (0..t)
         .into_par_iter()
         .map(|tok| {
             let xs = &x[tok * dim..(tok + 1) * dim];
@@ -68,11 +68,9 @@ pub(crate) fn moe_gate(op: &mut Checked<MoeGate<'_>>) -> Result<()> {
             route_token(&s, &sb, groups, args.route_scale, &mut idx, &mut wts);
             (idx, wts)
         })
-        .collect();
-    let out_idx: Vec<i64> = per_token.iter().flat_map(|(i, _)| i.clone()).collect();
-    let out_w: Vec<f64> = per_token.into_iter().flat_map(|(_, w)| w).collect();
-    crate::util::put_i64(args.topk_idx, &out_idx)?;
-    put_f64(args.topk_weights, &out_w)
+        .unzip();
+    crate::util::put_i64(args.topk_idx, &idx.concat())?;
+    put_f64(args.topk_weights, &wts.concat())
 }
 
 // ---- the tiled GEMMs ---------------------------------------------------------

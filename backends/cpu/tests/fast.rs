@@ -1365,6 +1365,15 @@ fn prefill_shapes(dims: (usize, usize, usize, usize, usize, usize, usize)) -> [V
     ]
 }
 
+/// Random inputs of those shapes: amplitude 1, the weight 0.1.
+fn prefill_vals(
+    rng: &mut Rng,
+    dims: (usize, usize, usize, usize, usize, usize, usize),
+) -> [Vec<f32>; 5] {
+    let shapes = prefill_shapes(dims);
+    std::array::from_fn(|i| rng.vec(shapes[i].iter().product(), if i == 4 { 0.1 } else { 1.0 }))
+}
+
 fn run_prefill(
     be: &dyn Backend,
     dtype: DType,
@@ -1411,14 +1420,8 @@ fn mla_prefill_matches_reference() {
         (9, 16, 2, 128, 64, 512, 128),
     ];
     for &dims in &cases {
-        let (t, s, h, dn, dr, dc, dv) = dims;
-        let vals = [
-            rng.vec(t * h * dn, 1.0),
-            rng.vec(t * h * dr, 1.0),
-            rng.vec(s * dc, 1.0),
-            rng.vec(s * dr, 1.0),
-            rng.vec(h * (dn + dv) * dc, 0.1),
-        ];
+        let (dn, dr) = (dims.3, dims.4);
+        let vals = prefill_vals(&mut rng, dims);
         let scale = 1.0 / ((dn + dr) as f32).sqrt();
         for dtype in [DType::F32, DType::BF16] {
             for form in [MlaForm::Naive, MlaForm::Absorbed] {
@@ -1474,15 +1477,9 @@ fn mla_prefill_matches_reference() {
 #[test]
 fn mla_prefill_after_a_write_to_wkv_b_uses_the_new_weight() {
     let mut rng = Rng(405);
-    let dims @ (t, s, h, dn, dr, dc, dv) = (9, 12, 2, 16, 8, 64, 16);
+    let dims @ (t, _, h, dn, dr, dc, dv) = (9, 12, 2, 16, 8, 64, 16);
     let shapes = prefill_shapes(dims);
-    let vals = [
-        rng.vec(t * h * dn, 1.0),
-        rng.vec(t * h * dr, 1.0),
-        rng.vec(s * dc, 1.0),
-        rng.vec(s * dr, 1.0),
-        rng.vec(h * (dn + dv) * dc, 0.1),
-    ];
+    let vals = prefill_vals(&mut rng, dims);
     let up: Vec<Tensor> = shapes
         .iter()
         .zip(&vals)

@@ -59,40 +59,49 @@ fn encode_f64(dtype: DType, values: &[f64], dst: &mut [u8]) {
     }
 }
 
-/// `out[i] = f(x[i], y[i])` in f64, rounded once; x, y, out of equal
-/// element counts, in parallel chunks.
+/// `out = f(x, y)` elementwise in f64, rounded once; x, y, out of equal
+/// element counts. `f` maps a block of decoded `x` and `y` values to f64
+/// (blocks of at most 512, in L1); chunks of [`CHUNK`] run in parallel (a
+/// single chunk on the calling thread).
 fn binary(
     x: &deepport_core::backend::Tensor,
     y: &deepport_core::backend::Tensor,
     out: &mut deepport_core::backend::Tensor,
-    f: impl Fn(f64, f64) -> f64 + Sync,
+    f: impl Fn(&[f32], &[f32], &mut [f64]) + Sync,
 ) -> Result<()> {
+    const B: usize = 512;
     let (xd, yd, od) = (x.dtype(), y.dtype(), out.dtype());
     let (xb, yb) = (bytes_of(x)?, bytes_of(y)?);
     let ob = bytes_mut_of(out)?;
     let (xs, ys, os) = (xd.size(), yd.size(), od.size());
-    ob.par_chunks_mut(CHUNK * os)
-        .enumerate()
-        .for_each(|(c, dst)| {
-            let n = dst.len() / os;
-            let lo = c * CHUNK;
-            let mut a = vec![0f32; n];
-            let mut b = vec![0f32; n];
-            decode_into(xd, &xb[lo * xs..(lo + n) * xs], &mut a);
-            decode_into(yd, &yb[lo * ys..(lo + n) * ys], &mut b);
-            let v: Vec<f64> = a
-                .iter()
-                .zip(&b)
-                .map(|(&p, &q)| f(f64::from(p), f64::from(q)))
-                .collect();
-            encode_f64(od, &v, dst);
-        });
+    let run = |c: usize, dst: &mut [u8]| {
+        let (mut a, mut b, mut v) = ([0f32; B], [0f32; B], [0f64; B]);
+        for (j, d) in dst.chunks_mut(B * os).enumerate() {
+            let n = d.len() / os;
+            let at = c * CHUNK + j * B;
+            decode_into(xd, &xb[at * xs..(at + n) * xs], &mut a[..n]);
+            decode_into(yd, &yb[at * ys..(at + n) * ys], &mut b[..n]);
+            f(&a[..n], &b[..n], &mut v[..n]);
+            encode_f64(od, &v[..n], d);
+        }
+    };
+    if ob.len() <= CHUNK * os {
+        run(0, ob);
+    } else {
+        ob.par_chunks_mut(CHUNK * os)
+            .enumerate()
+            .for_each(|(c, dst)| run(c, dst));
+    }
     Ok(())
 }
 
 pub(crate) fn add(op: &mut Checked<Add<'_>>) -> Result<()> {
     let args = op.args_mut();
-    binary(args.a, args.b, args.out, |a, b| a + b)
+    binary(args.a, args.b, args.out, |a, b, o| {
+        for ((o, &p), &q) in o.iter_mut().zip(a).zip(b) {
+            *o = f64::from(p) + f64::from(q);
+        }
+    })
 }
 
 /// `e^x` in f64 without a libm call, so that a loop of it vectorizes: the
@@ -169,34 +178,10 @@ super::simd::isa_dispatch!(fn silu_chunk(g: &[f32], u: &[f32], out: &mut [f64]) 
 /// a few f64 ulps of a rounding boundary of the output dtype.
 pub(crate) fn silu_mul(op: &mut Checked<SiluMul<'_>>) -> Result<()> {
     let args = op.args_mut();
-    let (gt, ut) = (args.gate, args.up);
-    let (gd, ud, od) = (gt.dtype(), ut.dtype(), args.out.dtype());
-    let (gb, ub) = (bytes_of(gt)?, bytes_of(ut)?);
-    let ob = bytes_mut_of(args.out)?;
-    let (gs, us, os) = (gd.size(), ud.size(), od.size());
     let simd = super::current_simd();
-    let run = |c: usize, dst: &mut [u8]| {
-        // Blocks of 512 values through buffers that stay in L1.
-        const B: usize = 512;
-        let (mut a, mut b, mut v) = ([0f32; B], [0f32; B], [0f64; B]);
-        let lo = c * CHUNK;
-        for (j, d) in dst.chunks_mut(B * os).enumerate() {
-            let n = d.len() / os;
-            let at = lo + j * B;
-            decode_into(gd, &gb[at * gs..(at + n) * gs], &mut a[..n]);
-            decode_into(ud, &ub[at * us..(at + n) * us], &mut b[..n]);
-            silu_chunk(simd, &a[..n], &b[..n], &mut v[..n]);
-            encode_f64(od, &v[..n], d);
-        }
-    };
-    if ob.len() <= CHUNK * os {
-        run(0, ob);
-    } else {
-        ob.par_chunks_mut(CHUNK * os)
-            .enumerate()
-            .for_each(|(c, dst)| run(c, dst));
-    }
-    Ok(())
+    binary(args.gate, args.up, args.out, |g, u, o| {
+        silu_chunk(simd, g, u, o)
+    })
 }
 
 pub(crate) fn rms_norm(op: &mut Checked<RmsNorm<'_>>) -> Result<()> {
