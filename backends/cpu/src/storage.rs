@@ -29,12 +29,14 @@ fn derived_limit() -> usize {
 static DERIVED_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// What a derived value was made from and how: the window of the storage
-/// (a view's offset and length, in bytes), the kind of derivation, and its
-/// parameters (shape, group, panel width, ...).
+/// (a view's offset and length, in bytes) and the element type it was read
+/// as, the kind of derivation, and its parameters (shape, group, panel
+/// width, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DerivedKey {
     pub offset: usize,
     pub len: usize,
+    pub dtype: deepport_core::DType,
     pub kind: &'static str,
     pub params: [usize; 4],
 }
@@ -163,6 +165,7 @@ mod tests {
         DerivedKey {
             offset: 0,
             len: 8,
+            dtype: deepport_core::DType::U8,
             kind,
             params: [1, 2, 3, 4],
         }

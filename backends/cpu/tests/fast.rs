@@ -156,6 +156,95 @@ fn fp8_gemm_matches_reference() {
     }
 }
 
+/// `Fp8Gemm` on both backends: `cpu` (on `kern`) and `cpu-ref` outputs.
+fn fp8_gemm_both(
+    kern: Kern,
+    (a1, a2): (&Tensor, &Tensor),
+    (sa1, sa2): (&Tensor, &Tensor),
+    (b1, b2): (&Tensor, &Tensor),
+    (sb1, sb2): (&Tensor, &Tensor),
+    (m, n): (usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let mut d = Cpu.alloc(DType::F32, &[m, n]).unwrap();
+    let mut dr = CpuRef.alloc(DType::F32, &[m, n]).unwrap();
+    with_kern(kern, || {
+        ops::run(
+            &Cpu,
+            Fp8Gemm {
+                a: a1,
+                sa: sa1,
+                b: b1,
+                sb: sb1,
+                d: &mut d,
+            },
+        )
+    })
+    .unwrap()
+    .unwrap();
+    ops::run(
+        &CpuRef,
+        Fp8Gemm {
+            a: a2,
+            sa: sa2,
+            b: b2,
+            sb: sb2,
+            d: &mut dr,
+        },
+    )
+    .unwrap();
+    (
+        Cpu.download(&d).unwrap().to_f32_vec(),
+        CpuRef.download(&dr).unwrap().to_f32_vec(),
+    )
+}
+
+/// B decoded into panels is kept with the weight between calls (more than
+/// 16 rows); a write to B must drop it.
+#[test]
+fn fp8_gemm_after_a_write_to_b_uses_the_new_codes() {
+    let mut rng = Rng(78);
+    let (m, n, k): (usize, usize, usize) = (37, 150, 384);
+    let kb = k.div_ceil(128);
+    let (a1, a2) = up2(&codes(&[m, k], rng.e4m3(m * k)));
+    let (sa1, sa2) = up2(&f32h(&[m, kb], &rng.scales(m * kb)));
+    let nsb = n.div_ceil(128) * kb;
+    let (sb1, sb2) = up2(&f32h(&[n.div_ceil(128), kb], &rng.scales(nsb)));
+    for kern in isas() {
+        let (mut b1, mut b2) = up2(&codes(&[n, k], rng.e4m3(n * k)));
+        let mut first = Vec::new();
+        for _ in 0..2 {
+            let (got, want) = fp8_gemm_both(
+                kern,
+                (&a1, &a2),
+                (&sa1, &sa2),
+                (&b1, &b2),
+                (&sb1, &sb2),
+                (m, n),
+            );
+            assert_gemm_close(&format!("{kern:?} B as uploaded"), DType::F32, &got, &want);
+            first = got;
+        }
+        let nb = codes(&[n, k], rng.e4m3(n * k));
+        Cpu.write(&mut b1, &nb).unwrap();
+        CpuRef.write(&mut b2, &nb).unwrap();
+        let (got, want) = fp8_gemm_both(
+            kern,
+            (&a1, &a2),
+            (&sa1, &sa2),
+            (&b1, &b2),
+            (&sb1, &sb2),
+            (m, n),
+        );
+        assert_gemm_close(
+            &format!("{kern:?} after a write to B"),
+            DType::F32,
+            &got,
+            &want,
+        );
+        assert!(got != first, "{kern:?}: the new B gave the old output");
+    }
+}
+
 #[test]
 fn fp8_gemm_one_wrong_block_scale_is_visible() {
     // The comparison above can fail: a kernel that drops one K block's

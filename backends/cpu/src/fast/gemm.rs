@@ -129,23 +129,31 @@ struct Operands<'a> {
     cached: Vec<Option<Arc<Lines<f32>>>>,
 }
 
-/// The panels ([`pack_group`]) of each group of the plain GEMM's B that a
-/// problem uses, kept with the B tensor's storage
-/// ([`crate::HostStorage::derived`]): a weight is packed on its first call
-/// only, and again after a write. `None` for the other groups, and past
-/// the cache's budget (those are packed per call, or their rows read in
-/// place by [`run_task_swapped`] for a problem of at most 16 rows).
+impl Operands<'_> {
+    /// K block `kb` of decoded A row `ar`: `min(128, k − 128·kb)` values.
+    fn a_block(&self, ar: usize, kb: usize) -> &[f32] {
+        let k0 = kb * QBLOCK;
+        &self.a[ar * self.k + k0..][..QBLOCK.min(self.k - k0)]
+    }
+}
+
+/// The panels ([`pack_group`]) of each group of B that a problem of more
+/// than `min_rows` rows uses, kept with the B tensor's storage
+/// ([`crate::HostStorage::derived`]): a weight is packed (FP8 codes
+/// decoded to f32) on its first call only, and again after a write. `None`
+/// for the other groups, and past the cache's budget (those are packed per
+/// call or decoded on the fly, or their rows read in place by
+/// [`run_task_swapped`] for a problem of at most 16 rows).
 fn cached_panels(
     b: &deepport_core::backend::Tensor,
     srcs: &[BSrc<'_>],
     probs: &[Problem],
-    n: usize,
-    k: usize,
-    nr: usize,
+    (n, k, nr): (usize, usize, usize),
+    min_rows: usize,
 ) -> Result<Vec<Option<Arc<Lines<f32>>>>> {
     let s = crate::storage(b)?;
     let mut out = vec![None; srcs.len()];
-    for p in probs.iter().filter(|p| p.rows > 0) {
+    for p in probs.iter().filter(|p| p.rows > min_rows) {
         let g = p.group;
         if out[g].is_some() {
             continue;
@@ -153,6 +161,7 @@ fn cached_panels(
         let key = crate::DerivedKey {
             offset: b.offset_bytes(),
             len: b.nbytes(),
+            dtype: b.dtype(),
             kind: "gemm f32 panels",
             params: [g, n, k, nr],
         };
@@ -441,13 +450,11 @@ fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32
             for r0 in (0..rows).step_by(mr) {
                 let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| {
                     if r < mr && r0 + r < rows {
-                        let ar = p.abuf + r_lo + r0 + r;
-                        &ops.a[ar * k + k0..ar * k + k0 + kl]
+                        ops.a_block(p.abuf + r_lo + r0 + r, kb)
                     } else {
                         &zeros[..kl]
                     }
                 });
-                simd.tile(kl, &a, bpanel, nr, &mut tile);
                 let rn = mr.min(rows - r0);
                 for (r, sc) in scale[..rn].iter_mut().enumerate() {
                     *sc = match (&ops.scales, sb) {
@@ -455,6 +462,14 @@ fn run_task(ops: &Operands<'_>, probs: &[Problem], t: Task, packed: Option<&[f32
                         _ => 1.0,
                     };
                 }
+                if rn == mr && jn == nr {
+                    // A whole tile: promoted in the kernel (`v · 1` is `v`
+                    // for the plain GEMM).
+                    let dst = &mut c[r0 * NC + pi * nr..];
+                    simd.tile_promote(kl, &a, bpanel, nr, &scale, dst, NC);
+                    continue;
+                }
+                simd.tile(kl, &a, bpanel, nr, &mut tile);
                 for r in 0..rn {
                     let dst = &mut c[(r0 + r) * NC + pi * nr..][..jn];
                     let s = scale[r];
@@ -482,8 +497,8 @@ fn pack_a_swapped(ops: &Operands<'_>, p: &Problem) -> Vec<f32> {
     let k = ops.k;
     let mut out = vec![0f32; blocks128(k) * QBLOCK * NR];
     for i in 0..p.rows {
-        let row = &ops.a[(p.abuf + i) * k..][..k];
-        for (kb, chunk) in row.chunks(QBLOCK).enumerate() {
+        for kb in 0..blocks128(k) {
+            let chunk = ops.a_block(p.abuf + i, kb);
             let panel = &mut out[kb * QBLOCK * NR..][..QBLOCK * NR];
             for (dst, &v) in panel.chunks_exact_mut(NR).zip(chunk) {
                 dst[i] = v;
@@ -600,6 +615,14 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
     } else {
         MC
     };
+    // A multiple of the register tile's rows (126 for AVX2's 6), so that
+    // only a problem's last task has a partial register tile.
+    let mr = if ops.a_bf.is_some() {
+        MR_MAX
+    } else {
+        ops.simd.mr()
+    };
+    let mc = (mc / mr).max(1) * mr;
     let tasks_of = |sel: &dyn Fn(usize) -> bool| -> Vec<Task> {
         let mut v = Vec::new();
         for (i, p) in probs.iter().enumerate() {
@@ -772,6 +795,14 @@ fn fp8_common(
             lut: &lut,
         })
         .collect();
+    // B decoded to f32 panels is kept with the weight for the f32 kernel's
+    // problems of more than 16 rows (those of at most 16 decode B's rows
+    // on the fly, reading a quarter of the bytes).
+    let cached = if a_bf.is_none() {
+        cached_panels(b, &bs, &probs, (n, k, simd.nr()), Simd::NARROW)?
+    } else {
+        Vec::new()
+    };
     let ops = Operands {
         simd,
         n,
@@ -780,7 +811,7 @@ fn fp8_common(
         b: bs,
         e4m3fn: fast_decode.is_some(),
         a_bf: a_bf.as_deref(),
-        cached: Vec::new(),
+        cached,
         scales: Some(Scales {
             sa: &sa_v,
             sb: &sb_v,
@@ -938,7 +969,7 @@ pub(crate) fn gemm(op: &mut Checked<Gemm<'_>>) -> Result<()> {
         n,
         k,
         a: &a,
-        cached: cached_panels(args.b, &srcs, &probs, n, k, simd.nr())?,
+        cached: cached_panels(args.b, &srcs, &probs, (n, k, simd.nr()), 0)?,
         b: srcs,
         scales: None,
         e4m3fn: false,
@@ -1008,7 +1039,7 @@ fn grouped_common(
         n,
         k,
         a: &a_v,
-        cached: cached_panels(b, &srcs, probs, n, k, simd.nr())?,
+        cached: cached_panels(b, &srcs, probs, (n, k, simd.nr()), 0)?,
         b: srcs,
         scales: None,
         e4m3fn: false,

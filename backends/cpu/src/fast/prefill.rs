@@ -209,6 +209,7 @@ impl<'a> Absorbed<'a> {
         let key = crate::DerivedKey {
             offset: wkv_b.offset_bytes(),
             len: wkv_b.nbytes(),
+            dtype: wkv_b.dtype(),
             kind: "mla_prefill W_UV transposed",
             params: [dn, dv, dc, nr],
         };

@@ -162,6 +162,78 @@ impl Simd {
 }
 
 impl Simd {
+    /// [`Simd::tile`] for the whole `mr() × nr()` tile, promoted onto `c`
+    /// as DeepGEMM promotes a 128-K block's sums: `c[r·ldc + j] +=
+    /// tile[r][j] · scale[r]`, the product and then the sum each rounded to
+    /// f32 (the same bits as `tile` followed by that loop, without the
+    /// tile's round trip through memory).
+    ///
+    /// # Panics
+    /// As [`Simd::tile`], and if `c` holds fewer than `(mr() − 1)·ldc +
+    /// nr()` values or `ldc < nr()` (caller bugs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn tile_promote(
+        self,
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: &[f32],
+        ldb: usize,
+        scale: &[f32; MR_MAX],
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        let (mr, nr) = (self.mr(), self.nr());
+        assert!(
+            ldc >= nr && c.len() >= (mr - 1) * ldc + nr,
+            "micro-kernel: c holds {} values, needs {} (ldc {ldc})",
+            c.len(),
+            (mr - 1) * ldc + nr
+        );
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 | Simd::Avx512Bf16 | Simd::Avx2 => {
+                assert!(
+                    self.available(),
+                    "{} kernel on a CPU without it",
+                    self.name()
+                );
+                assert!(ldb >= nr, "micro-kernel: ldb {ldb} < nr {nr}");
+                assert!(
+                    kl == 0 || b.len() >= (kl - 1) * ldb + nr,
+                    "micro-kernel: b holds {} values, needs {}",
+                    b.len(),
+                    (kl.max(1) - 1) * ldb + nr
+                );
+                for row in &a[..mr] {
+                    assert!(row.len() >= kl, "micro-kernel: an a row is shorter than kl");
+                }
+                let (b, c) = (b.as_ptr(), c.as_mut_ptr());
+                if self == Simd::Avx2 {
+                    // SAFETY: AVX2 and FMA are present (checked above); `a`'s
+                    // 6 rows hold ≥ kl values, `b` ≥ (kl−1)·ldb + 16 and `c`
+                    // ≥ 5·ldc + 16 (all checked above).
+                    unsafe { x86::promote_avx2(kl, a, b, ldb, scale, c, ldc) }
+                } else {
+                    // SAFETY: AVX-512F is present (checked above); `a`'s 8
+                    // rows hold ≥ kl values, `b` ≥ (kl−1)·ldb + 32 and `c`
+                    // ≥ 7·ldc + 32 (all checked above).
+                    unsafe { x86::promote_avx512(kl, a, b, ldb, scale, c, ldc) }
+                }
+            }
+            _ => {
+                let mut tile: Tile = [[0f32; NR_MAX]; MR_MAX];
+                self.tile(kl, a, b, ldb, &mut tile);
+                for (r, trow) in tile.iter().enumerate().take(mr) {
+                    for (d, &v) in c[r * ldc..][..nr].iter_mut().zip(&trow[..nr]) {
+                        *d += v * scale[r];
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Simd {
     /// Columns of the narrow register tile ([`Simd::tile_narrow`]): 16.
     pub const NARROW: usize = 16;
 
@@ -653,29 +725,18 @@ mod x86 {
         e4m3fn_body(codes, out)
     }
 
-    /// 8 × 32 tile with AVX-512F FMAs.
+    /// The sums of the 8 × 32 AVX-512 tile, in registers.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F; every `a[r]` (r < 8) must hold `kl`
-    /// values and `b` must hold `(kl − 1)·ldb + 32` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_avx512(
+    /// As [`tile_avx512`].
+    #[inline(always)]
+    unsafe fn acc_avx512(
         kl: usize,
         a: &[&[f32]; MR_MAX],
         b: *const f32,
         ldb: usize,
-        tile: &mut Tile,
-    ) {
-        let p: [*const f32; 8] = [
-            a[0].as_ptr(),
-            a[1].as_ptr(),
-            a[2].as_ptr(),
-            a[3].as_ptr(),
-            a[4].as_ptr(),
-            a[5].as_ptr(),
-            a[6].as_ptr(),
-            a[7].as_ptr(),
-        ];
+    ) -> [[__m512; 2]; 8] {
+        let p: [*const f32; 8] = std::array::from_fn(|r| a[r].as_ptr());
         let mut c = [[_mm512_setzero_ps(); 2]; 8];
         for k in 0..kl {
             // SAFETY: k < kl, so b + k·ldb .. + 32 lies inside b (caller).
@@ -689,11 +750,60 @@ mod x86 {
                 c[r][1] = _mm512_fmadd_ps(av, b1, c[r][1]);
             }
         }
+        c
+    }
+
+    /// 8 × 32 tile with AVX-512F FMAs.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; every `a[r]` (r < 8) must hold `kl`
+    /// values and `b` must hold `(kl − 1)·ldb + 32` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        // SAFETY: the caller's contract is acc_avx512's.
+        let c = unsafe { acc_avx512(kl, a, b, ldb) };
         for r in 0..8 {
             // SAFETY: tile[r] is a [f32; 32]: two 16-lane stores fit.
             unsafe {
                 _mm512_storeu_ps(tile[r].as_mut_ptr(), c[r][0]);
                 _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), c[r][1]);
+            }
+        }
+    }
+
+    /// [`tile_avx512`] promoted onto `c`: `c[r·ldc + j] += sum · scale[r]`
+    /// (product, then sum, each rounded).
+    ///
+    /// # Safety
+    /// As [`tile_avx512`]; `c` must hold `7·ldc + 32` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn promote_avx512(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        scale: &[f32; MR_MAX],
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: the caller's contract is acc_avx512's.
+        let acc = unsafe { acc_avx512(kl, a, b, ldb) };
+        for (r, acc) in acc.iter().enumerate() {
+            let s = _mm512_set1_ps(scale[r]);
+            for (h, &v) in acc.iter().enumerate() {
+                // SAFETY: r < 8 and h < 2, so c + r·ldc + 16h .. + 16 lies
+                // within 7·ldc + 32 values (caller).
+                unsafe {
+                    let at = c.add(r * ldc + 16 * h);
+                    let sum = _mm512_add_ps(_mm512_loadu_ps(at), _mm512_mul_ps(v, s));
+                    _mm512_storeu_ps(at, sum);
+                }
             }
         }
     }
@@ -770,27 +880,18 @@ mod x86 {
         }
     }
 
-    /// 6 × 16 tile with AVX2 + FMA.
+    /// The sums of the 6 × 16 AVX2 tile, in registers.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; every `a[r]` (r < 6) must hold
-    /// `kl` values and `b` must hold `(kl − 1)·ldb + 16` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile_avx2(
+    /// As [`tile_avx2`].
+    #[inline(always)]
+    unsafe fn acc_avx2(
         kl: usize,
         a: &[&[f32]; MR_MAX],
         b: *const f32,
         ldb: usize,
-        tile: &mut Tile,
-    ) {
-        let p: [*const f32; 6] = [
-            a[0].as_ptr(),
-            a[1].as_ptr(),
-            a[2].as_ptr(),
-            a[3].as_ptr(),
-            a[4].as_ptr(),
-            a[5].as_ptr(),
-        ];
+    ) -> [[__m256; 2]; 6] {
+        let p: [*const f32; 6] = std::array::from_fn(|r| a[r].as_ptr());
         let mut c = [[_mm256_setzero_ps(); 2]; 6];
         for k in 0..kl {
             // SAFETY: k < kl, so b + k·ldb .. + 16 lies inside b (caller).
@@ -804,11 +905,60 @@ mod x86 {
                 c[r][1] = _mm256_fmadd_ps(av, b1, c[r][1]);
             }
         }
+        c
+    }
+
+    /// 6 × 16 tile with AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every `a[r]` (r < 6) must hold
+    /// `kl` values and `b` must hold `(kl − 1)·ldb + 16` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        tile: &mut Tile,
+    ) {
+        // SAFETY: the caller's contract is acc_avx2's.
+        let c = unsafe { acc_avx2(kl, a, b, ldb) };
         for r in 0..6 {
             // SAFETY: tile[r] is a [f32; 32]: two 8-lane stores fit.
             unsafe {
                 _mm256_storeu_ps(tile[r].as_mut_ptr(), c[r][0]);
                 _mm256_storeu_ps(tile[r].as_mut_ptr().add(8), c[r][1]);
+            }
+        }
+    }
+
+    /// [`tile_avx2`] promoted onto `c`: `c[r·ldc + j] += sum · scale[r]`
+    /// (product, then sum, each rounded).
+    ///
+    /// # Safety
+    /// As [`tile_avx2`]; `c` must hold `5·ldc + 16` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn promote_avx2(
+        kl: usize,
+        a: &[&[f32]; MR_MAX],
+        b: *const f32,
+        ldb: usize,
+        scale: &[f32; MR_MAX],
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: the caller's contract is acc_avx2's.
+        let acc = unsafe { acc_avx2(kl, a, b, ldb) };
+        for (r, acc) in acc.iter().enumerate() {
+            let s = _mm256_set1_ps(scale[r]);
+            for (h, &v) in acc.iter().enumerate() {
+                // SAFETY: r < 6 and h < 2, so c + r·ldc + 8h .. + 8 lies
+                // within 5·ldc + 16 values (caller).
+                unsafe {
+                    let at = c.add(r * ldc + 8 * h);
+                    let sum = _mm256_add_ps(_mm256_loadu_ps(at), _mm256_mul_ps(v, s));
+                    _mm256_storeu_ps(at, sum);
+                }
             }
         }
     }
@@ -852,6 +1002,47 @@ mod tests {
                     let want: f32 = (0..kl).map(|k| a_rows[r][k] * b[k * ldb + j]).sum();
                     assert_eq!(tile[r][j], want, "{simd:?} narrow r {r} j {j}");
                 }
+            }
+        }
+    }
+
+    /// `tile_promote` is `tile` followed by `c += tile · scale` (product,
+    /// then sum, each rounded), bit for bit, on random values; the rest of
+    /// `c` (between rows, past the tile) is untouched.
+    #[test]
+    fn tile_promote_is_tile_then_promotion() {
+        let (kl, ldb, ldc) = (128, 48, 40);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut val = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let a_rows: Vec<Vec<f32>> = (0..MR_MAX)
+            .map(|_| (0..kl).map(|_| val()).collect())
+            .collect();
+        let b: Vec<f32> = (0..kl * ldb).map(|_| val()).collect();
+        let scale: [f32; MR_MAX] = std::array::from_fn(|_| val() * 0.01);
+        let c0: Vec<f32> = (0..MR_MAX * ldc).map(|_| val()).collect();
+        let a: [&[f32]; MR_MAX] = std::array::from_fn(|r| a_rows[r].as_slice());
+        for simd in [Simd::Avx512Bf16, Simd::Avx512, Simd::Avx2, Simd::Portable] {
+            if !simd.available() {
+                continue;
+            }
+            let (mr, nr) = (simd.mr(), simd.nr());
+            let mut tile = [[f32::NAN; NR_MAX]; MR_MAX];
+            simd.tile(kl, &a, &b, ldb, &mut tile);
+            let mut want = c0.clone();
+            for r in 0..mr {
+                for j in 0..nr {
+                    want[r * ldc + j] += tile[r][j] * scale[r];
+                }
+            }
+            let mut got = c0.clone();
+            simd.tile_promote(kl, &a, &b, ldb, &scale, &mut got, ldc);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "{simd:?}: c[{i}] {g} vs {w}");
             }
         }
     }
