@@ -156,6 +156,14 @@ fn fp8_gemm_matches_reference() {
     }
 }
 
+/// The values of `cpu`'s `d` and `cpu-ref`'s `dr`, as f32.
+fn downloads(d: &Tensor, dr: &Tensor) -> (Vec<f32>, Vec<f32>) {
+    (
+        Cpu.download(d).unwrap().to_f32_vec(),
+        CpuRef.download(dr).unwrap().to_f32_vec(),
+    )
+}
+
 /// `Fp8Gemm` on both backends: `cpu` (on `kern`) and `cpu-ref` outputs.
 fn fp8_gemm_both(
     kern: Kern,
@@ -192,10 +200,7 @@ fn fp8_gemm_both(
         },
     )
     .unwrap();
-    (
-        Cpu.download(&d).unwrap().to_f32_vec(),
-        CpuRef.download(&dr).unwrap().to_f32_vec(),
-    )
+    downloads(&d, &dr)
 }
 
 /// B decoded into panels is kept with the weight between calls (more than
@@ -512,10 +517,7 @@ fn gemm_both(
         },
     )
     .unwrap();
-    (
-        Cpu.download(&d).unwrap().to_f32_vec(),
-        CpuRef.download(&dr).unwrap().to_f32_vec(),
-    )
+    downloads(&d, &dr)
 }
 
 /// `cpu` keeps a weight's packed panels with the tensor between calls: a

@@ -127,17 +127,7 @@ impl Simd {
     /// # Panics
     /// If a slice is shorter than that (a caller bug, never bad user input).
     pub fn tile(self, kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize, tile: &mut Tile) {
-        let (mr, nr) = (self.mr(), self.nr());
-        assert!(ldb >= nr, "micro-kernel: ldb {ldb} < nr {nr}");
-        assert!(
-            kl == 0 || b.len() >= (kl - 1) * ldb + nr,
-            "micro-kernel: b holds {} values, needs {}",
-            b.len(),
-            (kl.max(1) - 1) * ldb + nr
-        );
-        for row in &a[..mr] {
-            assert!(row.len() >= kl, "micro-kernel: an a row is shorter than kl");
-        }
+        self.check_tile(kl, a, b, ldb);
         match self {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512 | Simd::Avx512Bf16 => {
@@ -162,6 +152,23 @@ impl Simd {
 }
 
 impl Simd {
+    /// The slice lengths [`Simd::tile`] reads: `ldb ≥ nr()`, `b` with
+    /// `nr()` values at each of its `kl` rows, every used row of `a` with
+    /// `kl` values (a shortfall is a caller bug: panics).
+    fn check_tile(self, kl: usize, a: &[&[f32]; MR_MAX], b: &[f32], ldb: usize) {
+        let (mr, nr) = (self.mr(), self.nr());
+        assert!(ldb >= nr, "micro-kernel: ldb {ldb} < nr {nr}");
+        assert!(
+            kl == 0 || b.len() >= (kl - 1) * ldb + nr,
+            "micro-kernel: b holds {} values, needs {}",
+            b.len(),
+            (kl.max(1) - 1) * ldb + nr
+        );
+        for row in &a[..mr] {
+            assert!(row.len() >= kl, "micro-kernel: an a row is shorter than kl");
+        }
+    }
+
     /// [`Simd::tile`] for the whole `mr() × nr()` tile, promoted onto `c`
     /// as DeepGEMM promotes a 128-K block's sums: `c[r·ldc + j] +=
     /// tile[r][j] · scale[r]`, the product and then the sum each rounded to
@@ -197,16 +204,7 @@ impl Simd {
                     "{} kernel on a CPU without it",
                     self.name()
                 );
-                assert!(ldb >= nr, "micro-kernel: ldb {ldb} < nr {nr}");
-                assert!(
-                    kl == 0 || b.len() >= (kl - 1) * ldb + nr,
-                    "micro-kernel: b holds {} values, needs {}",
-                    b.len(),
-                    (kl.max(1) - 1) * ldb + nr
-                );
-                for row in &a[..mr] {
-                    assert!(row.len() >= kl, "micro-kernel: an a row is shorter than kl");
-                }
+                self.check_tile(kl, a, b, ldb);
                 let (b, c) = (b.as_ptr(), c.as_mut_ptr());
                 if self == Simd::Avx2 {
                     // SAFETY: AVX2 and FMA are present (checked above); `a`'s
