@@ -111,6 +111,9 @@ impl Backend for Faulty {
     fn alloc_output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         self.inner.alloc_output(dtype, shape)
     }
+    fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.inner.alloc_zeroed(dtype, shape)
+    }
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         self.inner.upload(host)
     }

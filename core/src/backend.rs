@@ -116,6 +116,17 @@ pub trait Backend: Send + Sync {
     fn alloc_output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         self.alloc(dtype, shape)
     }
+    /// Allocates a tensor of zero bytes (0.0 in every float dtype): for an
+    /// output an op writes only in part whose other elements are read
+    /// later — the model's masked grouped GEMM outputs, whose masked-off
+    /// rows `silu_mul` and `act_quant` go over whole. Defaults to
+    /// [`Backend::alloc`] and a [`Backend::write`] of zeros from the host;
+    /// a device backend should clear on the device instead (a memset).
+    fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let mut t = self.alloc(dtype, shape)?;
+        self.write(&mut t, &HostTensor::zeros(dtype, shape))?;
+        Ok(t)
+    }
     /// Copies a host tensor to the device.
     fn upload(&self, host: &HostTensor) -> Result<Tensor>;
     /// Copies a device tensor to the host (waits for pending work on it).

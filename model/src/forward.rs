@@ -1026,7 +1026,10 @@ impl Ctx<'_> {
                         Ok(d)
                     }
                     (None, Some(masked_m)) => {
-                        let mut d = self.alloc(&[g, cap, n])?;
+                        // Zeros: the masked-off rows reach `silu_mul` and
+                        // the down projection's `act_quant`, which refuses
+                        // what an allocator may leave there (NaN).
+                        let mut d = self.b.alloc_zeroed(self.act, &[g, cap, n])?;
                         ops::run(
                             self.b,
                             Fp8GroupedMasked {

@@ -240,6 +240,10 @@ macro_rules! memory_ops {
         fn alloc_output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
             crate::alloc_host($name, Self::id(), dtype, shape, true)
         }
+        /// `alloc` clears already.
+        fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+            self.alloc(dtype, shape)
+        }
         fn upload(&self, host: &HostTensor) -> Result<Tensor> {
             Ok(Tensor::new(
                 host.dtype(),

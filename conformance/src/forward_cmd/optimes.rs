@@ -158,6 +158,9 @@ impl Backend for Timed<'_> {
     fn alloc_output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         self.timed("alloc_output", || self.inner.alloc_output(dtype, shape))
     }
+    fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.timed("alloc_zeroed", || self.inner.alloc_zeroed(dtype, shape))
+    }
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         self.timed("upload", || self.inner.upload(host))
     }
