@@ -415,32 +415,81 @@ impl Transport for ThreadComm {
 }
 
 /// Runs `f(rank, comm)` on `world` threads and collects the results in rank
-/// order. A panic in any rank becomes an error instead of a hang.
+/// order: rank 0 on the calling thread (which would otherwise only wait —
+/// when it is one of a thread pool's workers, as the `deepport` binary's
+/// main thread is, the pool keeps it working), the others on new threads.
+/// A panic in any rank becomes an error instead of a hang.
 pub fn run_ranks<T: Send>(
     world: usize,
     f: impl Fn(usize, &ThreadComm) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let comms = ThreadComm::group(world);
+    let mut comms = ThreadComm::group(world).into_iter();
+    let Some(first) = comms.next() else {
+        return Ok(Vec::new());
+    };
+    let panicked = |rank: usize| Error::Comm {
+        rank,
+        msg: "rank panicked".into(),
+    };
     std::thread::scope(|s| {
+        let f = &f;
         let handles: Vec<_> = comms
-            .into_iter()
             .enumerate()
-            .map(|(r, c)| {
-                let f = &f;
-                s.spawn(move || f(r, &c))
-            })
+            .map(|(i, c)| s.spawn(move || f(i + 1, &c)))
             .collect();
-        handles
+        // `first` is dropped when rank 0 ends, by return or by panic: the
+        // others then fail their next collective instead of waiting.
+        let r0 = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let c = first;
+            f(0, &c)
+        }))
+        .unwrap_or_else(|_| Err(panicked(0)));
+        // Every rank is joined before the first error is returned (a
+        // panicked thread left unjoined would make the scope panic).
+        let rest: Vec<Result<T>> = handles
             .into_iter()
             .enumerate()
-            .map(|(r, h)| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::Comm {
-                        rank: r,
-                        msg: "rank panicked".into(),
-                    })
-                })
-            })
-            .collect()
+            .map(|(i, h)| h.join().unwrap_or_else(|_| Err(panicked(i + 1))))
+            .collect();
+        std::iter::once(r0).chain(rest).collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Results come back in rank order; rank 0 runs on the caller's thread.
+    #[test]
+    fn run_ranks_orders_results_and_runs_rank_0_on_the_caller() {
+        let caller = std::thread::current().id();
+        let got = run_ranks(3, |r, c| {
+            c.barrier()?;
+            Ok((r, c.rank(), std::thread::current().id() == caller))
+        })
+        .unwrap();
+        assert_eq!(got, vec![(0, 0, true), (1, 1, false), (2, 2, false)]);
+        assert!(run_ranks(0, |_, _| Ok(())).unwrap().is_empty());
+    }
+
+    /// A rank that panics — on the caller's thread or another — is an
+    /// error, and the ranks waiting for it in a collective fail at once
+    /// instead of waiting out the timeout.
+    #[test]
+    fn a_panicking_rank_is_an_error_and_frees_the_others() {
+        for bad in [0usize, 2] {
+            let t0 = std::time::Instant::now();
+            let res = run_ranks(3, |r, c| {
+                if r == bad {
+                    panic!("rank {r} fails (deliberate)");
+                }
+                c.barrier()
+            });
+            assert!(res.is_err(), "rank {bad} panicked, yet Ok");
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "the other ranks waited for the timeout"
+            );
+        }
+    }
 }
