@@ -3,13 +3,20 @@
 //!
 //! * A rows are decoded once per call to f32 (e4m3 is exact in f32).
 //! * B is decoded (through a 256-entry table) into panels of `nr` columns ×
-//!   K, `[k][nr]` each: once per call for a group that several 128-row
-//!   blocks of A use, else on the fly, one 128 × 128 block at a time, by the
+//!   K, `[k][nr]` each. A group that a problem of more than 16 rows uses
+//!   keeps its panels with the weight's storage between calls
+//!   ([`cached_panels`], within the derived-data budget); past the budget
+//!   they are packed once per call for a group that several row blocks of
+//!   A use, else decoded on the fly, one 128 × 128 block at a time, by the
 //!   only task that reads it.
-//! * A task computes a 128-row × 128-column tile of D. For each 128-wide K
-//!   block the micro-kernel forms the raw f32 inner sums, which are then
-//!   promoted in f32 as DeepGEMM does: `d += sum · (sa[i,kb] · sb[j/128,kb])`.
+//! * A task computes a tile of D: 128 rows (a multiple of the register
+//!   tile's rows: 126 on AVX2) × 128 columns. For each 128-wide K block the
+//!   micro-kernel forms the raw f32 inner sums, which are then promoted in
+//!   f32 as DeepGEMM does, `d += sum · (sa[i,kb] · sb[j/128,kb])` — inside
+//!   the kernel for a whole register tile ([`Simd::tile_promote`]).
 //! * Tasks run on rayon's pool; each writes only its own tile.
+//! * With AMX ([`run_amx`]) the FP8 operands are decoded to bf16 (exact)
+//!   instead, per call.
 
 use super::simd::{Simd, Tile, MR_MAX, NR_MAX};
 use super::{
