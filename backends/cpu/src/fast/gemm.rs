@@ -622,13 +622,10 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
     } else {
         MC
     };
-    // A multiple of the register tile's rows (126 for AVX2's 6), so that
-    // only a problem's last task has a partial register tile.
-    let mr = if ops.a_bf.is_some() {
-        MR_MAX
-    } else {
-        ops.simd.mr()
-    };
+    // A multiple of the register tile's rows (126 for AVX2's 6; the bf16
+    // tile of `Avx512Bf16` has its set's 8), so that only a problem's last
+    // task has a partial register tile.
+    let mr = ops.simd.mr();
     let mc = (mc / mr).max(1) * mr;
     let tasks_of = |sel: &dyn Fn(usize) -> bool| -> Vec<Task> {
         let mut v = Vec::new();
