@@ -79,6 +79,7 @@ macro_rules! backend_suite {
             local::moe_gate_matches_reference,
             local::moe_gate_rejects_non_finite,
             local::local_ops_are_deterministic,
+            local::alloc_zeroed_is_zero_after_reuse,
             rows::gather_rows_is_bit_exact,
             rows::reduce_rows_matches_cpu_ref_and_is_reproducible,
             rows::rows_bad_indices_are_index_errors,

@@ -1167,3 +1167,46 @@ pub fn local_ops_are_deterministic(h: &Harness) {
         }
     }
 }
+
+// ---- memory ---------------------------------------------------------------------
+
+/// `Backend::alloc_zeroed` gives zero bytes, also where the memory was
+/// just another tensor's: each round fills tensors with `0xff` (NaN in
+/// every float dtype), drops them, then allocates the same sizes zeroed —
+/// a backend that reuses freed memory (pools, arenas) and skips the clear
+/// fails here. Sizes cover an odd byte count and a multi-megabyte tensor.
+pub fn alloc_zeroed_is_zero_after_reuse(h: &Harness) {
+    let Some(bk) = h.shared() else { return };
+    let w: &dyn Backend = &*bk;
+    let sizes: [(DType, Vec<usize>); 4] = [
+        (DType::F32, vec![7, 33]),
+        (DType::BF16, vec![3, 5, 129]),
+        (DType::F8E4M3, vec![1, 1001]),
+        (DType::F32, vec![512, 1024]),
+    ];
+    for round in 0..3 {
+        let filled: Vec<Tensor> = sizes
+            .iter()
+            .map(|(d, s)| {
+                let ones = HostTensor::from_bytes(
+                    *d,
+                    s,
+                    vec![0xff; d.size() * s.iter().product::<usize>()],
+                )
+                .expect("host tensor");
+                up(w, &ones)
+            })
+            .collect();
+        w.synchronize().expect("synchronize");
+        drop(filled);
+        for (d, s) in &sizes {
+            let t = w.alloc_zeroed(*d, s).expect("alloc_zeroed");
+            let got = down(w, &t);
+            assert_bytes(
+                &format!("alloc_zeroed {d} {s:?} (round {round})"),
+                &got,
+                &HostTensor::zeros(*d, s),
+            );
+        }
+    }
+}

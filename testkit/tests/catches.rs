@@ -24,6 +24,9 @@ enum Mode {
     Dishonest(OpKind),
     /// Every second run of this op is off by one ulp somewhere.
     Flaky(OpKind),
+    /// `alloc` hands out stale bytes (as a pool or arena does) and
+    /// `alloc_zeroed` returns them without the clear.
+    SkipsClear,
 }
 
 struct Broken {
@@ -102,7 +105,19 @@ impl Backend for Broken {
         }
     }
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-        self.inner.alloc(dtype, shape)
+        let mut t = self.inner.alloc(dtype, shape)?;
+        if let Mode::SkipsClear = self.mode {
+            let stale = vec![0xab; t.nbytes()];
+            self.inner
+                .write(&mut t, &HostTensor::from_bytes(dtype, shape, stale)?)?;
+        }
+        Ok(t)
+    }
+    fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        match self.mode {
+            Mode::SkipsClear => self.alloc(dtype, shape),
+            _ => self.inner.alloc_zeroed(dtype, shape),
+        }
     }
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         self.inner.upload(host)
@@ -212,6 +227,11 @@ fn nondeterminism_fails() {
 }
 
 #[test]
+fn an_alloc_zeroed_without_the_clear_fails() {
+    fails(Mode::SkipsClear, local::alloc_zeroed_is_zero_after_reuse);
+}
+
+#[test]
 fn supports_must_agree_with_the_op() {
     fails(Mode::Dishonest(OpKind::Rope), local::rope_matches_reference);
 }
@@ -225,4 +245,5 @@ fn the_unbroken_wrapper_passes() {
     ep::layout_matches_cpu_ref(&h);
     local::embedding_out_of_range_is_an_error(&h);
     local::local_ops_are_deterministic(&h);
+    local::alloc_zeroed_is_zero_after_reuse(&h);
 }

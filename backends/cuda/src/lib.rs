@@ -244,6 +244,14 @@ impl Backend for Cuda {
         Ok(self.tensor(dtype, shape, s))
     }
 
+    fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        // cuMemsetD8Async on the stream, not a host upload of zeros.
+        let bytes = Self::nbytes(dtype, shape)?;
+        let s = self.cx.storage("alloc_zeroed", bytes)?;
+        self.cx.device().zero("alloc_zeroed", s.ptr(), bytes)?;
+        Ok(self.tensor(dtype, shape, s))
+    }
+
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         let s = self.cx.storage("upload", host.bytes().len())?;
         self.cx.device().upload("upload", s.ptr(), host.bytes())?;

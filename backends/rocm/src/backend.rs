@@ -239,6 +239,23 @@ impl Backend for Rocm {
         Ok(self.tensor(dtype, shape, s))
     }
 
+    fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        // hipMemset on the device, not a host upload of zeros.
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                dev_err(format!(
+                    "alloc_zeroed: tensor {shape:?} of {dtype} is too large"
+                ))
+            })?;
+        let s = self.storage("alloc_zeroed", bytes)?;
+        // SAFETY: `s` is a fresh allocation of exactly `bytes` bytes.
+        unsafe { self.cx.runtime().memset(s.ptr, 0, bytes) }
+            .map_err(|e| dev_err(format!("alloc_zeroed: {e}")))?;
+        Ok(self.tensor(dtype, shape, s))
+    }
+
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         let s = self.storage("upload", host.bytes().len())?;
         // SAFETY: `s` is a fresh allocation of exactly `host.bytes().len()` bytes.

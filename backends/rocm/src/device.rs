@@ -411,6 +411,17 @@ mod tests {
     use deepport_core::{DType, HostTensor};
 
     #[test]
+    fn alloc_zeroed_clears_what_alloc_leaves() {
+        let (_fake, b) = backend("gfx90a", fake_compiler);
+        // The fake's fresh memory is 0xa5, like a reused device allocation.
+        let u = b.alloc(DType::BF16, &[3, 5]).unwrap();
+        assert!(b.download(&u).unwrap().bytes().iter().all(|&x| x == 0xa5));
+        let t = b.alloc_zeroed(DType::BF16, &[3, 5]).unwrap();
+        let got = b.download(&t).unwrap();
+        assert_eq!(got.bytes(), HostTensor::zeros(DType::BF16, &[3, 5]).bytes());
+    }
+
+    #[test]
     fn every_op_family_launches_through_the_cuda_glue() {
         let (fake, b) = backend("gfx90a", fake_compiler);
         let errs = run_ops(&b);

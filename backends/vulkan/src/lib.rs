@@ -230,6 +230,15 @@ impl Backend for Vulkan {
         Ok(self.tensor(dtype, shape, s))
     }
 
+    fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        // A fill on the device (also under DEEPPORT_VULKAN_POISON, which
+        // poisons only what `alloc` hands out).
+        let bytes = Self::nbytes(dtype, shape)?;
+        let s = self.ctx.alloc("alloc_zeroed", bytes)?;
+        self.ctx.zero_slot("alloc_zeroed", s.slot)?;
+        Ok(self.tensor(dtype, shape, s))
+    }
+
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         let s = self.ctx.alloc("upload", host.bytes().len() as u64)?;
         self.ctx.write_bytes("upload", s.slot, host.bytes())?;

@@ -219,6 +219,12 @@ impl Backend for Wgpu {
         Ok(self.tensor(dtype, shape, buf, bytes))
     }
 
+    fn alloc_zeroed(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        // wgpu zero-initializes every new buffer (WebGPU's rule), and
+        // `alloc` always creates one: no second clear from the host.
+        self.alloc(dtype, shape)
+    }
+
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         let buf = self.ctx.upload_bytes("upload", host.bytes())?;
         Ok(self.tensor(host.dtype(), host.shape(), buf, host.bytes().len() as u64))
