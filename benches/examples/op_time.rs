@@ -3,6 +3,8 @@
 //!
 //! `cargo run --release -p deepport-benches --example op_time -- fp8_gemm m=4096,n=2112,k=7168 [ITERS]`
 //!
+//! `OP_TIME_BACKEND=cpu-ref` times the oracle instead.
+//!
 //! Prints the median and fastest wall time of ITERS launches (default 5)
 //! after one warm-up, each synchronized. It builds only `deepport-core`,
 //! `deepport-cpu` and this crate: a quick loop while changing a kernel
@@ -29,14 +31,22 @@ fn main() {
     let iters: usize = args.get(2).map_or(5, |s| s.parse().expect("ITERS"));
     // As the deepport CLI does: this thread runs ops with the workers.
     deepport_cpu::join_worker_pool();
-    let be = deepport_cpu::Cpu;
-    let mut p = Prepared::new(&be, &op, &shape).expect("inputs");
-    p.launch(&be).unwrap();
+    let be: Box<dyn Backend> = match std::env::var("OP_TIME_BACKEND").as_deref() {
+        Ok("cpu-ref") => Box::new(deepport_cpu::CpuRef),
+        Ok("cpu") | Err(_) => Box::new(deepport_cpu::Cpu),
+        Ok(other) => {
+            eprintln!("OP_TIME_BACKEND: `{other}` is neither cpu nor cpu-ref");
+            std::process::exit(2);
+        }
+    };
+    let be = &*be;
+    let mut p = Prepared::new(be, &op, &shape).expect("inputs");
+    p.launch(be).unwrap();
     be.synchronize().unwrap();
     let mut t: Vec<f64> = (0..iters.max(1))
         .map(|_| {
             let t0 = Instant::now();
-            p.launch(&be).unwrap();
+            p.launch(be).unwrap();
             be.synchronize().unwrap();
             t0.elapsed().as_secs_f64()
         })

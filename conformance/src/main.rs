@@ -347,6 +347,16 @@ fn cmd_golden_verify(dir: Option<PathBuf>) -> Result<ExitCode, CliError> {
     })
 }
 
+/// Whether `command` runs its ops on the main thread (`case-exec` runs its
+/// one case there).
+#[cfg(feature = "cpu")]
+fn ops_on_main_thread(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Op(_) | Command::Forward(_) | Command::Bench(_) | Command::CaseExec(_)
+    )
+}
+
 fn main() -> ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
@@ -360,10 +370,16 @@ fn main() -> ExitCode {
     if let Some(b) = cli.max_memory {
         MemoryBudget::set_global(b);
     }
-    // This thread runs the CPU backends' ops with their workers (see
-    // `join_worker_pool`): no hand-over and wake-up per op.
+    // The commands whose ops run on this thread run them with the CPU
+    // backends' workers (see `join_worker_pool`): no hand-over and wake-up
+    // per op. Not `run` or `mutants`: their cases run on threads of their
+    // own while this one waits, so a pool that counted it would have one
+    // worker fewer for every op (the full profile ran `cpu` on one of two
+    // cores that way).
     #[cfg(feature = "cpu")]
-    deepport_cpu::join_worker_pool();
+    if ops_on_main_thread(&cli.command) {
+        deepport_cpu::join_worker_pool();
+    }
     let result = match cli.command {
         Command::List { json } => cmd_list(json),
         Command::Op(c) => cmd_op(c),

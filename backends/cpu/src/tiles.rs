@@ -10,14 +10,18 @@
 //! instruction set changes is how many independent tiles advance together:
 //! the loop is compiled once per set (`#[target_feature]`) and runs
 //! `GA × GB` tiles at a time — 3 × 1 with AVX-512 (a row of `NR = 8` f64
-//! accumulators is one zmm register in the release build), 2 × 1
-//! with AVX2 (12 of 16 ymm), 1 × 1 on the baseline target (SSE2) — chosen
-//! at run time from the fast backend's [`Simd`] (so `DEEPPORT_CPU_SIMD`
-//! and [`crate::fast::with_simd`] select it too). Measured with
-//! `examples/oracle_speed --quick` on one thread of the 2-vCPU Xeon
-//! (loaded): FP8 GEMM 128 × 2112 × 7168 at 3.1–3.5 GMAC per CPU-second on
-//! the baseline, 5.0–6.1 with AVX2, 6.9 with AVX-512; MLA decode 2.8–3.4,
-//! 5.6–6.0 and 5.7–7.6. (2 × 2 with AVX-512 spilled: 2.0.)
+//! accumulators is one zmm register in the release build), 1 × 1 with
+//! AVX2 (6 ymm; 2 × 1 needed 12 of the 16 and spilled three), 1 × 1 on the
+//! baseline target (SSE2) — chosen at run time from the fast backend's
+//! [`Simd`] (so `DEEPPORT_CPU_SIMD` and [`crate::fast::with_simd`] select
+//! it too). Measured with `examples/oracle_speed --quick` on one thread of
+//! the 2-vCPU Xeon (loaded): FP8 GEMM 128 × 2112 × 7168 at 3.1–3.5 GMAC
+//! per CPU-second on the baseline, 5.0–6.1 with AVX2 (2 × 1), 6.9 with
+//! AVX-512; MLA decode 2.8–3.4, 5.6–6.0 and 5.7–7.6. (2 × 2 with AVX-512
+//! spilled: 2.0.) On a 2-vCPU AMD EPYC (Zen 2), `op_time` with
+//! `OP_TIME_BACKEND=cpu-ref`, alternated: AVX2 1 × 1 against 2 × 1 is
+//! 0.54–0.57 against 0.58–0.59 s for MLA decode b=16, h_q=128, s_k=4096
+//! and 0.177–0.178 against 0.185–0.187 s for that FP8 GEMM.
 //!
 //! `unsafe` here: calling the `#[target_feature]` instances, after
 //! checking that the CPU has the feature.
@@ -119,7 +123,9 @@ unsafe fn run_avx512(p: &Panels<'_>, c: &mut [Tile]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn run_avx2(p: &Panels<'_>, c: &mut [Tile]) {
-    run::<2, 1>(p, c)
+    // 1 × 1: 2 × 1 needs 12 of the 16 ymm registers for its sums, and
+    // LLVM spilled three of them (a store and a reload per step).
+    run::<1, 1>(p, c)
 }
 
 /// Walks the panels `GA × GB` tiles at a time (edges one at a time).

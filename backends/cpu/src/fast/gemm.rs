@@ -633,13 +633,17 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
             if p.rows == 0 || !sel(p.group) {
                 continue;
             }
-            for mb in 0..p.rows.div_ceil(mc) {
+            // The problem's rows in row blocks of equal size (a multiple
+            // of `mr`, at most `mc`): 128 rows are 66 + 62, not 126 + 2.
+            let blocks = p.rows.div_ceil(mc);
+            let pmc = p.rows.div_ceil(blocks).div_ceil(mr) * mr;
+            for mb in 0..p.rows.div_ceil(pmc) {
                 for nc in 0..ncs {
                     v.push(Task {
                         prob: i,
                         mb,
                         nc,
-                        mc,
+                        mc: pmc,
                     });
                 }
             }
@@ -647,15 +651,26 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
         v
     };
     let size = dtype.size();
-    let mut write = |tasks: &[Task], tiles: Vec<Vec<f32>>| {
+    // A task's tile (`[rows][NC]` f32) encoded by the task itself, in
+    // parallel: `[rows][cols]` in `dtype`. What is left for the calling
+    // thread is a copy of bytes.
+    let encode = |t: &Task, tile: Vec<f32>| -> Vec<u8> {
+        let cols = NC.min(n - t.nc * NC);
+        let mut out = vec![0u8; tile.len() / NC * cols * size];
+        for (row, dst) in tile.chunks_exact(NC).zip(out.chunks_exact_mut(cols * size)) {
+            encode_into(dtype, &row[..cols], dst);
+        }
+        out
+    };
+    let mut write = |tasks: &[Task], tiles: Vec<Vec<u8>>| {
         for (t, tile) in tasks.iter().zip(tiles) {
             let p = probs[t.prob];
             let c_lo = t.nc * NC;
             let cols = NC.min(n - c_lo);
-            for (r, row) in tile.chunks(NC).enumerate() {
+            for (r, row) in tile.chunks_exact(cols * size).enumerate() {
                 let drow = p.row0 + t.mb * t.mc + r;
                 let at = (drow * n + c_lo) * size;
-                encode_into(dtype, &row[..cols], &mut d[at..at + cols * size]);
+                d[at..at + cols * size].copy_from_slice(row);
             }
         }
     };
@@ -671,17 +686,18 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
                 (small && cached(p.group).is_none()).then(|| pack_a_swapped(ops, p))
             })
             .collect();
-        let tiles: Vec<Vec<f32>> = tasks
+        let tiles: Vec<Vec<u8>> = tasks
             .par_iter()
             .map(|&t| {
-                if let Some(apack) = &apacks[t.prob] {
+                let tile = if let Some(apack) = &apacks[t.prob] {
                     run_task_swapped(ops, probs, t, apack)
                 } else if let Some(a_bf) = ops.a_bf {
                     run_task_bf16(ops, a_bf, probs, t, None)
                 } else {
                     let panels = cached(probs[t.prob].group).map(|l| &l[..]);
                     run_task(ops, probs, t, panels)
-                }
+                };
+                encode(&t, tile)
             })
             .collect();
         write(&tasks, tiles);
@@ -689,17 +705,17 @@ fn run(ops: &Operands<'_>, probs: &[Problem], d: &mut [u8], dtype: deepport_core
     // Packed groups, one at a time (a packed group is n·k f32).
     for (g, _) in (pack.iter().enumerate()).filter(|&(g, &p)| p && cached(g).is_none()) {
         let tasks = tasks_of(&|x| x == g);
-        let tiles: Vec<Vec<f32>> = if let Some(a_bf) = ops.a_bf {
+        let tiles: Vec<Vec<u8>> = if let Some(a_bf) = ops.a_bf {
             let panels = pack_group_bf16(ops.b[g], n, k, ops.simd.nr());
             tasks
                 .par_iter()
-                .map(|&t| run_task_bf16(ops, a_bf, probs, t, Some(&panels)))
+                .map(|&t| encode(&t, run_task_bf16(ops, a_bf, probs, t, Some(&panels))))
                 .collect()
         } else {
             let panels = pack_group(ops.b[g], n, k, ops.simd.nr());
             tasks
                 .par_iter()
-                .map(|&t| run_task(ops, probs, t, Some(&panels)))
+                .map(|&t| encode(&t, run_task(ops, probs, t, Some(&panels))))
                 .collect()
         };
         write(&tasks, tiles);
