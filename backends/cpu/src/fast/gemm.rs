@@ -9,12 +9,15 @@
 //!   they are packed once per call for a group that several row blocks of
 //!   A use, else decoded on the fly, one 128 × 128 block at a time, by the
 //!   only task that reads it.
-//! * A task computes a tile of D: 128 rows (a multiple of the register
-//!   tile's rows: 126 on AVX2) × 128 columns. For each 128-wide K block the
+//! * A task computes a tile of D: at most 128 rows (a multiple of the
+//!   register tile's rows: 126 on AVX2; a problem's rows are split into
+//!   blocks of equal size, 128 rows as 66 + 62) × 128 columns. For each
+//!   128-wide K block the
 //!   micro-kernel forms the raw f32 inner sums, which are then promoted in
 //!   f32 as DeepGEMM does, `d += sum · (sa[i,kb] · sb[j/128,kb])` — inside
 //!   the kernel for a whole register tile ([`Simd::tile_promote`]).
-//! * Tasks run on rayon's pool; each writes only its own tile.
+//! * Tasks run on rayon's pool; each encodes its own tile into D's
+//!   element type, and the calling thread copies the bytes into place.
 //! * With AMX ([`run_amx`]) the FP8 operands are decoded to bf16 (exact)
 //!   instead, per call.
 
