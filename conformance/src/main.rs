@@ -416,3 +416,29 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(all(test, feature = "cpu"))]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn command(args: &[&str]) -> Command {
+        Cli::try_parse_from(args).expect("arguments").command
+    }
+
+    /// `run` and `mutants` call the ops from case threads while the main
+    /// thread waits: counting it as a CPU worker left the suite's ops one
+    /// worker (the full profile's `cpu` ran on one of two cores).
+    #[test]
+    fn only_commands_that_call_ops_on_the_main_thread_join_the_pool() {
+        assert!(!ops_on_main_thread(&command(&["deepport", "run"])));
+        assert!(!ops_on_main_thread(&command(&["deepport", "list"])));
+        assert!(ops_on_main_thread(&command(&["deepport", "bench"])));
+        assert!(ops_on_main_thread(&command(&[
+            "deepport",
+            "forward",
+            "--checkpoint",
+            "x"
+        ])));
+    }
+}
